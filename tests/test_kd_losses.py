@@ -1,0 +1,247 @@
+"""KD/CE losses: the reference against independent textbook math, and the fused path against the
+reference (value, gradients, stats) for every loss kind, sparse and dense targets."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vpmoe.config import ConfigError, from_dict
+from vpmoe.kd.fused import fused_span_loss
+from vpmoe.kd.losses import (DenseTarget, LossSpec, SparseTarget, count_span_tokens,
+                             divergence_reference, span_loss_reference, span_means)
+
+KINDS = ["ce", "fkl", "rkl", "jsd", "tvd", "cwce"]
+
+
+def make_problem(n=29, d=12, vocab=97, k=6, dtype=torch.float64, seed=0, pad_every=3, spans=None):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=dtype)
+    weight = torch.randn(vocab, d, generator=g, dtype=dtype) * 0.7
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    span = torch.randint(0, 3, (n,), generator=g) if spans is None else spans
+    labels[span == 0] = -100  # ignored positions may carry any label
+    t_logits = torch.randn(n, vocab, generator=g, dtype=dtype) * 2.5
+    t_logp = torch.log_softmax(t_logits.double(), -1)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    if pad_every:
+        ids[::pad_every, -2:] = -1  # padding slots after slot 0
+    safe = torch.where(ids >= 0, ids, ids[:, :1])
+    known = torch.zeros(n, vocab, dtype=torch.bool).scatter_(1, safe, True)
+    rest = torch.logsumexp(t_logp.masked_fill(known, -math.inf), -1)
+    lab_lp = t_logp.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+    sparse = SparseTarget(ids, t_logp.gather(1, safe).to(dtype), rest.to(dtype), lab_lp.to(dtype))
+    return hidden, weight, labels, span, sparse, DenseTarget(logits=t_logits)
+
+
+def loss_and_grads(fn, hidden, weight, *args, **kwargs):
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, stats = fn(h, w, *args, **kwargs)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    return loss.detach(), gh, gw, stats
+
+
+def assert_close_all(a, b, rtol, atol):
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x.to(y.dtype), y, rtol=rtol, atol=atol)
+    for key in a[3]:
+        torch.testing.assert_close(a[3][key].double(), b[3][key].double(), rtol=rtol, atol=atol * 10)
+
+
+# ------------------------------------------------------------------ reference vs textbook math
+
+def test_reference_ce_is_span_normalised_cross_entropy():
+    hidden, weight, labels, span, _, _ = make_problem()
+    loss, stats = span_loss_reference(hidden, weight, labels, span, LossSpec(), w_r=0.3, w_f=2.0)
+    logits = hidden @ weight.T
+    expect = 0.0
+    for s, w in ((1, 0.3), (2, 2.0)):
+        m = span == s
+        expect += w * F.cross_entropy(logits[m], labels[m])
+    torch.testing.assert_close(loss, expect)
+    assert stats["count"].tolist() == [0, int((span == 1).sum()), int((span == 2).sum())]
+
+
+def test_reference_dense_fkl_matches_kl_div_and_t2_scaling():
+    hidden, weight, labels, span, _, dense = make_problem()
+    spans = torch.ones_like(span)
+    spec = LossSpec(kind="fkl", temperature=2.0)
+    loss, _ = span_loss_reference(hidden, weight, labels.clamp_min(0), spans, spec, dense, w_r=1.0)
+    s = torch.log_softmax(hidden @ weight.T / 2.0, -1)
+    t = torch.log_softmax(dense.logits / 2.0, -1)
+    expect = 4.0 * F.kl_div(s, t, log_target=True, reduction="batchmean")
+    torch.testing.assert_close(loss, expect)
+
+
+def test_divergence_reference_textbook_values():
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(4, 7, generator=g, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(4, 7, generator=g, dtype=torch.float64), -1)
+    lp, lq = p.log(), q.log()
+    torch.testing.assert_close(divergence_reference("tvd", lp, lq, 0.5), 0.5 * (p - q).abs().sum(-1))
+    torch.testing.assert_close(divergence_reference("rkl", lp, lq, 0.5), (q * (lq - lp)).sum(-1))
+    m = 0.5 * (p + q)  # beta = 0.5: the symmetric Jensen-Shannon divergence
+    js = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+    torch.testing.assert_close(divergence_reference("jsd", lp, lq, 0.5), js)
+    torch.testing.assert_close(divergence_reference("jsd", lq, lp, 0.5), js)  # symmetric
+    assert (divergence_reference("fkl", lp, lp, 0.5).abs() < 1e-12).all()
+
+
+def test_sparse_tail_target_with_all_ids_but_one_equals_dense_fkl():
+    # with K = V - 1 known ids the rest bucket is a single token: coarse == full distribution
+    hidden, weight, labels, span, _, dense = make_problem(vocab=11, k=10, pad_every=0)
+    t_logp = torch.log_softmax(dense.logits, -1)
+    order = torch.argsort(t_logp, -1, descending=True)
+    sparse = SparseTarget(order[:, :10], t_logp.gather(1, order[:, :10]), t_logp.gather(1, order[:, 10:]).squeeze(1))
+    spec = LossSpec(kind="fkl")
+    a, _ = span_loss_reference(hidden, weight, labels, span, spec, sparse)
+    b, _ = span_loss_reference(hidden, weight, labels, span, spec, dense)
+    torch.testing.assert_close(a, b)
+
+
+def test_sparse_loss_is_zero_when_student_equals_teacher():
+    hidden, weight, labels, span, _, _ = make_problem(pad_every=0)
+    s_logp = torch.log_softmax(hidden @ weight.T, -1)
+    top = torch.topk(s_logp, 6, -1)
+    known = torch.zeros_like(s_logp, dtype=torch.bool).scatter_(1, top.indices, True)
+    rest = torch.logsumexp(s_logp.masked_fill(known, -math.inf), -1)
+    target = SparseTarget(top.indices, top.values, rest)
+    for kind in ("fkl", "rkl", "jsd", "tvd"):
+        for mode in ("tail", "renorm"):
+            loss, _ = span_loss_reference(hidden, weight, labels, span,
+                                          LossSpec(kind=kind, sparse_mode=mode, temperature=1.7), target)
+            assert abs(loss.item()) < 1e-10, (kind, mode)
+
+
+# ------------------------------------------------------------------ fused vs reference
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dense", [False, True])
+def test_fused_matches_reference_fp64(kind, dense):
+    hidden, weight, labels, span, sparse, dense_t = make_problem(seed=KINDS.index(kind) + 10 * dense)
+    target = dense_t if dense else sparse
+    for temp, mode, alpha in ((1.0, "tail", 0.0), (2.0, "renorm", 0.3), (0.6, "tail", 0.5)):
+        spec = LossSpec(kind=kind, temperature=temp, sparse_mode=mode, ce_weight=alpha, beta=0.3)
+        ref = loss_and_grads(span_loss_reference, hidden, weight, labels, span, spec, target, 0.7, 1.3)
+        out = loss_and_grads(fused_span_loss, hidden, weight, labels, span, spec, target, 0.7, 1.3,
+                             chunk_size=4)  # many chunks, a ragged last one
+        assert_close_all(out, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_matches_reference_fp32_with_supervised_rows_target(kind):
+    hidden, weight, labels, span, sparse, dense = make_problem(dtype=torch.float32, seed=3, n=40, vocab=300)
+    sel = torch.nonzero(span > 0).squeeze(1)
+    for target in (sparse.select(sel), DenseTarget(logits=dense.logits[sel])):  # M-row form
+        spec = LossSpec(kind=kind, temperature=1.5, ce_weight=0.2)
+        h64, w64 = hidden.double(), weight.double()
+        t64 = (SparseTarget(target.ids, target.logprobs.double(), target.rest_logmass.double(),
+                            target.label_logprob.double())
+               if isinstance(target, SparseTarget) else DenseTarget(logits=target.logits.double()))
+        ref = loss_and_grads(span_loss_reference, h64, w64, labels, span, spec, t64)
+        out = loss_and_grads(fused_span_loss, hidden, weight, labels, span, spec, target, chunk_size=7)
+        assert_close_all(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_dense_from_teacher_hidden_matches_logits_form():
+    hidden, weight, labels, span, _, _ = make_problem(seed=5)
+    g = torch.Generator().manual_seed(9)
+    t_hidden, t_head = torch.randn(29, 20, generator=g, dtype=torch.float64), torch.randn(97, 20, generator=g, dtype=torch.float64)
+    spec = LossSpec(kind="jsd", temperature=1.3)
+    a = loss_and_grads(fused_span_loss, hidden, weight, labels, span, spec,
+                       DenseTarget(hidden=t_hidden, head_weight=t_head), chunk_size=5)
+    b = loss_and_grads(span_loss_reference, hidden, weight, labels, span, spec,
+                       DenseTarget(logits=t_hidden @ t_head.T))
+    assert_close_all(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("missing", [1, 2, None])
+def test_empty_spans_contribute_zero(missing):
+    n = 24
+    span = torch.where(torch.arange(n) % 3 == 0, 0, torch.where(torch.arange(n) % 3 == 1, 1, 2))
+    if missing is None:
+        span = torch.zeros(n, dtype=torch.long)
+    else:
+        span[span == missing] = 0
+    hidden, weight, labels, span, sparse, _ = make_problem(n=n, spans=span, seed=7)
+    spec = LossSpec(kind="fkl", ce_weight=0.5)
+    ref = loss_and_grads(span_loss_reference, hidden, weight, labels, span, spec, sparse, 1.0, 1.0)
+    out = loss_and_grads(fused_span_loss, hidden, weight, labels, span, spec, sparse, 1.0, 1.0, chunk_size=5)
+    assert_close_all(out, ref, rtol=1e-9, atol=1e-10)
+    if missing is None:
+        assert out[0].item() == 0.0 and out[1].abs().max() == 0 and out[2].abs().max() == 0
+    else:  # only the present span counts: equals the mean over it alone
+        present = 3 - missing
+        loss_only, _ = span_loss_reference(hidden, weight, labels, torch.where(span == present, 1, 0), spec, sparse)
+        torch.testing.assert_close(out[0], loss_only)
+
+
+def test_global_normalisers_make_microbatch_sums_exact():
+    hidden, weight, labels, span, sparse, _ = make_problem(n=36, seed=11)
+    spec = LossSpec(kind="rkl", ce_weight=0.25)
+    full = loss_and_grads(fused_span_loss, hidden, weight, labels, span, spec, sparse, 0.4, 1.6)
+    counts = count_span_tokens(span)
+    total, gw = 0.0, torch.zeros_like(weight)
+    for part in torch.arange(36).chunk(3):
+        out = loss_and_grads(fused_span_loss, hidden[part], weight, labels[part], span[part], spec,
+                             sparse.select(part), 0.4, 1.6, span_token_counts=counts)
+        total, gw = total + out[0], gw + out[2]
+    torch.testing.assert_close(total, full[0])
+    torch.testing.assert_close(gw, full[2])
+
+
+def test_stats_and_span_means():
+    hidden, weight, labels, span, sparse, _ = make_problem(seed=2)
+    _, stats = fused_span_loss(hidden, weight, labels, span, LossSpec(kind="fkl"), sparse)
+    means = span_means(stats)
+    sel = span == 2
+    torch.testing.assert_close(torch.tensor(means["teacher_logp/final"], dtype=torch.float64),
+                               sparse.label_logprob[sel].mean())
+    assert means["kl/reasoning"] > 0 and means["loss/final"] == pytest.approx(means["kd/final"])
+
+
+def test_no_grad_forward_matches_and_skips_gradients():
+    hidden, weight, labels, span, sparse, _ = make_problem(seed=4)
+    spec = LossSpec(kind="tvd")
+    with torch.no_grad():
+        a, _ = fused_span_loss(hidden, weight, labels, span, spec, sparse)
+    b, _ = span_loss_reference(hidden, weight, labels, span, spec, sparse)
+    torch.testing.assert_close(a, b)
+
+
+def test_upstream_gradient_scale_is_applied():
+    hidden, weight, labels, span, sparse, _ = make_problem(seed=6)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = fused_span_loss(h, weight, labels, span, LossSpec(kind="jsd"), sparse)
+    (3.5 * loss).backward()
+    h2 = hidden.clone().requires_grad_(True)
+    ref, _ = span_loss_reference(h2, weight, labels, span, LossSpec(kind="jsd"), sparse)
+    (3.5 * ref).backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+
+
+def test_bf16_fused_close_to_fp32_reference():
+    hidden, weight, labels, span, sparse, _ = make_problem(dtype=torch.float32, seed=8, n=64, vocab=500, d=32)
+    spec = LossSpec(kind="fkl", ce_weight=0.5)
+    ref = loss_and_grads(span_loss_reference, hidden, weight, labels, span, spec, sparse)
+    out = loss_and_grads(fused_span_loss, hidden.bfloat16(), weight.bfloat16(), labels, span, spec, sparse)
+    torch.testing.assert_close(out[0].float(), ref[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out[1].float(), ref[1], rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(out[2].float(), ref[2], rtol=5e-2, atol=5e-3)
+
+
+def test_bad_inputs_are_named():
+    hidden, weight, labels, span, sparse, _ = make_problem()
+    bad = labels.clone()
+    pos = int(torch.nonzero(span > 0)[0])
+    bad[pos] = -100
+    with pytest.raises(ValueError, match=f"position {pos}"):
+        fused_span_loss(hidden, weight, bad, span, LossSpec())
+    with pytest.raises(ValueError, match="needs a teacher target"):
+        fused_span_loss(hidden, weight, labels, span, LossSpec(kind="fkl"))
+    with pytest.raises(ValueError, match="rows"):
+        fused_span_loss(hidden, weight, labels, span, LossSpec(kind="fkl"), sparse.select(slice(0, 3)))
+    with pytest.raises(ConfigError, match="beta"):
+        from_dict(LossSpec, {"kind": "jsd", "beta": 1.0})
+    with pytest.raises(ConfigError, match="kind"):
+        from_dict(LossSpec, {"kind": "kl"})

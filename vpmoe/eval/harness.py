@@ -1,0 +1,201 @@
+"""Log-likelihood scoring and greedy generation through the HF causal-LM interface.
+
+Design choices:
+- A request is a (context, continuation) pair of strings, tokenised the way lm-evaluation-harness
+  does for causal models: trailing whitespace of the context moves into the continuation, the whole
+  string is encoded, the context is encoded, and the continuation is the tail of the whole beyond
+  the context's length. So our per-choice log-likelihoods can be checked against lm-eval's
+  `HFLM.loglikelihood` on the same pairs (tests/test_eval_crosscheck.py).
+- Each scored request yields the summed log-prob of the continuation, its token count (so callers
+  can take the per-token mean that DCLM CORE ranks choices by), whether every continuation token is
+  the greedy argmax, and how many are.
+- Batches keep request order (deterministic), are right-padded and bounded by a token budget.
+  Right padding needs no attention mask in a causal model: padding sits after every real position.
+  When the model's forward takes `logits_to_keep`, only the positions that score continuations get
+  logits, which keeps [rows, positions, 201088] small on long few-shot prompts.
+- Sequences longer than the model's context are cut from the left, as lm-eval does.
+- Greedy generation uses `generate()` (with a fresh greedy GenerationConfig, so a checkpoint's
+  sampling defaults never leak in) when the model has it, else a plain full-recompute loop.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vpmoe.cli import UserError
+
+
+@dataclass(frozen=True)
+class Request:
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class Scored:
+    logprob: float  # sum over continuation tokens of log p(token | prefix)
+    n_tokens: int
+    is_greedy: bool  # every continuation token is the argmax
+    n_greedy: int  # continuation tokens that are the argmax
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / self.n_tokens
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's causal `_encode_pair`; an empty context is
+    replaced by the end-of-text id so the first continuation token still has something to follow."""
+    if context == "":
+        cont = tokenizer.encode_ordinary(continuation)
+        return [tokenizer.eos_id], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def model_max_length(model) -> int | None:
+    """The longest sequence the model accepts, from its config (None: no known limit)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def forward_kwargs(model) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def logits_of(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)):
+        logits = out[0]
+    if logits is None:
+        raise UserError(f"the model's forward returned {type(out).__name__} without logits")
+    return logits
+
+
+@torch.no_grad()
+def call_logits(model, input_ids: torch.Tensor, keep: int = 0, **extra) -> torch.Tensor:
+    """Logits of the last `keep` positions (all positions when keep is 0 or unsupported)."""
+    params = forward_kwargs(model)
+    kwargs = dict(extra)
+    if "use_cache" in params or "kwargs" in params:
+        kwargs["use_cache"] = False
+    if keep and "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep
+    logits = logits_of(model(input_ids=input_ids, **kwargs))
+    return logits[:, -keep:] if keep else logits
+
+
+def truncate_left(ctx: list[int], cont: list[int], max_len: int | None) -> tuple[list[int], int]:
+    """(model input ids, continuation length): input is (ctx + cont)[:-1], cut from the left."""
+    if not cont:
+        raise ValueError("empty continuation: nothing to score")
+    seq = ctx + cont
+    if max_len is not None:
+        if len(cont) > max_len:
+            raise UserError(f"a continuation of {len(cont)} tokens exceeds the model's {max_len}-token context")
+        seq = seq[-(max_len + 1):]
+    return seq[:-1], len(cont)
+
+
+@torch.no_grad()
+def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_tokens: int = 8192,
+                      max_rows: int = 64, pad_id: int = 0) -> list[Scored]:
+    """Score (context ids, continuation ids) pairs; results in input order."""
+    max_len = model_max_length(model)
+    device = model_device(model)
+    rows = []
+    for ctx, cont in pairs:
+        inp, n_cont = truncate_left(list(ctx), list(cont), max_len)
+        rows.append((inp, list(cont), n_cont))
+    results: list[Scored] = []
+    start = 0
+    while start < len(rows):
+        end, longest = start, 0
+        while end < len(rows) and end - start < max_rows:
+            longest_if = max(longest, len(rows[end][0]))
+            if end > start and longest_if * (end - start + 1) > batch_tokens:
+                break
+            longest, end = longest_if, end + 1
+        batch = rows[start:end]
+        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        for i, (inp, _, _) in enumerate(batch):
+            ids[i, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+        # position p predicts token p+1; row i's continuation is predicted by its last n_cont positions
+        first_needed = min(len(inp) - n for inp, _, n in batch)
+        keep = longest - first_needed
+        logits = call_logits(model, ids.to(device), keep=keep)
+        offset = longest - logits.shape[1]  # absolute position of logits[:, 0]
+        for i, (inp, cont, n) in enumerate(batch):
+            lo = len(inp) - n - offset
+            logp = F.log_softmax(logits[i, lo:lo + n].float(), dim=-1)
+            target = torch.tensor(cont, device=logp.device)
+            token_logp = logp.gather(-1, target[:, None]).squeeze(-1)
+            greedy = logp.argmax(-1) == target
+            results.append(Scored(float(token_logp.sum()), n, bool(greedy.all()), int(greedy.sum())))
+        start = end
+    return results
+
+
+def score_requests(model, tokenizer, requests: list[Request], batch_tokens: int = 8192) -> list[Scored]:
+    pairs = [encode_pair(tokenizer, r.context, r.continuation) for r in requests]
+    return score_token_pairs(model, pairs, batch_tokens=batch_tokens, pad_id=tokenizer.eos_id)
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                    seed: int = 0) -> list[int]:
+    """Greedy continuation of one prompt, cut after the first stop id (which is kept)."""
+    torch.manual_seed(seed)  # greedy needs no randomness; fixed anyway so nothing can vary
+    device = model_device(model)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    max_len = model_max_length(model)
+    if max_len is not None:
+        max_new_tokens = max(0, min(max_new_tokens, max_len - len(prompt_ids)))
+    if max_new_tokens == 0:
+        return []
+    if hasattr(model, "generate") and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                                  eos_token_id=list(stop_ids), pad_token_id=stop_ids[0],
+                                  num_beams=1, temperature=None, top_p=None, top_k=None)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        new = out[0, len(prompt_ids):].tolist()
+    else:
+        new = []
+        for _ in range(max_new_tokens):
+            logits = call_logits(model, ids, keep=1)
+            nxt = int(logits[0, -1].float().argmax())
+            new.append(nxt)
+            if nxt in stop_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    for i, t in enumerate(new):
+        if t in stop_ids:
+            return new[:i + 1]
+    return new

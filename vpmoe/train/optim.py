@@ -1,0 +1,207 @@
+"""Muon for hidden matrices, AdamW for everything else, in one `torch.optim.Optimizer`.
+
+Design choices:
+- One optimizer object with two kinds of param groups (`kind = "muon" | "adamw"`), so DCP's
+  `get/set_optimizer_state_dict` checkpoint it like any torch optimizer and one lr schedule drives it.
+- Which parameters get Muon: every parameter with 2 or more dimensions except the input embedding
+  and the output head (their rows are per-token vectors, not a linear map between hidden spaces).
+  That covers attention projections (GQA and the TPA factors), dense/shared FFN linears, the router
+  (configurable: `optim.router_muon`), and the routed experts' 3-D tensors `w_up [E, d, H]` /
+  `w_down [E, H, d]`, treated as a batch of E independent matrices (Newton-Schulz runs batched
+  over the leading dimension; a test checks batch == per-matrix). AdamW gets the embeddings, head,
+  norms, biases (including the experts' 2-D `b_up`/`b_down`, which are per-expert vectors), sinks,
+  GRAPE log-frequencies and value-residual mixes.
+- Muon update: momentum `m = mu * m + g`, Nesterov `u = g + mu * m`, orthogonalise each matrix
+  with 5 quintic Newton-Schulz iterations, scale by `0.2 * sqrt(max(rows, cols))` so its RMS
+  matches AdamW's (Moonlight's rule: one lr works for both kinds), decoupled weight decay.
+  Newton-Schulz runs in bf16 on CUDA (as in the public Muon implementations) and fp32 on CPU.
+- FSDP2 / expert parallelism: parameters may be DTensors. All arithmetic runs on local shards;
+  optimizer state is created with `zeros_like(param)` so it carries the same placements and DCP
+  saves it sharded. A tensor sharded only on dim 0 with 3+ dims (experts under FSDP2 or EP) holds
+  whole matrices locally, so it is orthogonalised without communication. A 2-D matrix sharded by
+  rows is all-gathered (`full_tensor`), orthogonalised redundantly on every rank (identical
+  results), and each rank keeps its own row chunk. For vpMoE the gathered matrices are the small
+  attention/router/shared-FFN ones; the 5.4B expert parameters never move.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from vpmoe.config import ConfigError
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic iteration tuned for fast convergence of singular values
+ADAMW_ONLY = ("embed.weight", "lm_head.weight")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak lr of the Muon groups
+    adamw_lr: float = 3e-3  # peak lr of the AdamW groups
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    ns_steps: int = 5
+    muon_weight_decay: float = 0.1
+    adamw_weight_decay: float = 0.0
+    router_muon: bool = True  # router weight by Muon (True) or AdamW (False)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+
+    def validate(self) -> None:
+        for name in ("lr", "adamw_lr", "eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ConfigError(f"betas: expected two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
+        if self.ns_steps < 1:
+            raise ConfigError(f"ns_steps: must be >= 1, got {self.ns_steps}")
+        if self.grad_clip < 0 or self.muon_weight_decay < 0 or self.adamw_weight_decay < 0:
+            raise ConfigError("grad_clip / weight decays: must be >= 0")
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise each matrix in g [..., m, n]: U S V^T -> U S' V^T with S' near 1.
+
+    Batched over leading dims; each matrix is normalised by its own Frobenius norm, so the result
+    for a batch equals the result for each matrix alone.
+    """
+    a, b, c = NS_COEFFS
+    dtype = torch.bfloat16 if g.is_cuda else torch.float32
+    x = g.to(dtype)
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    if transposed:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+def muon_scale(shape: torch.Size) -> float:
+    """Moonlight's RMS match: an orthogonal m x n update has RMS 1/sqrt(max(m, n))."""
+    return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _whole_matrices_local(p: torch.Tensor) -> bool:
+    """True when each rank's local shard of p holds whole matrices (no gather needed)."""
+    if not isinstance(p, DTensor):
+        return True
+    for placement in p.placements:
+        if isinstance(placement, Replicate):
+            continue
+        if isinstance(placement, Shard) and placement.dim == 0 and p.ndim >= 3:
+            continue
+        return False
+    return True
+
+
+def orthogonalised_update(p: torch.Tensor, update: torch.Tensor, steps: int) -> torch.Tensor:
+    """The local shard of NS(update) for parameter p (update is the local shard of the momentum)."""
+    if _whole_matrices_local(p):
+        return newton_schulz(update, steps)
+    full = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+    ortho = newton_schulz(full, steps)
+    # every rank computed the same full matrix; keep this rank's chunk without communication
+    return distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def split_params(model: nn.Module, router_muon: bool = True) -> tuple[list, list]:
+    """(muon, adamw) lists of (name, param), by the rule in the module docstring."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_router = name.endswith("router.weight")
+        if p.ndim >= 2 and name not in ADAMW_ONLY and (router_muon or not is_router):
+            muon.append((name, p))
+        else:
+            adamw.append((name, p))
+    return muon, adamw
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups carry `kind`; `base_lr` is the peak lr that the schedule multiplies into `lr`."""
+
+    def __init__(self, param_groups: list[dict]):
+        defaults = dict(lr=1e-3, base_lr=1e-3, weight_decay=0.0, kind="adamw", betas=(0.9, 0.95), eps=1e-8,
+                        momentum=0.95, nesterov=True, ns_steps=5)
+        super().__init__(param_groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_group(group)
+            elif group["kind"] == "adamw":
+                self._adamw_group(group)
+            else:
+                raise ValueError(f"unknown param group kind {group['kind']!r}")
+
+    def _muon_group(self, group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(p)
+            g, buf, w = _local(p.grad), _local(state["momentum"]), _local(p)
+            buf.mul_(mu).add_(g)
+            update = g.add(buf, alpha=mu) if group["nesterov"] else buf.clone()
+            ortho = orthogonalised_update(p, update, group["ns_steps"])
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.add_(ortho, alpha=-lr * muon_scale(p.shape))
+
+    def _adamw_group(self, group: dict) -> None:
+        lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"].item()
+            g, m, v, w = _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(p)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
+    muon, adamw = split_params(model, cfg.router_muon)
+    groups = []
+    if muon:
+        groups.append(dict(params=[p for _, p in muon], kind="muon", lr=cfg.lr, base_lr=cfg.lr,
+                           weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum,
+                           nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps))
+    if adamw:
+        groups.append(dict(params=[p for _, p in adamw], kind="adamw", lr=cfg.adamw_lr, base_lr=cfg.adamw_lr,
+                           weight_decay=cfg.adamw_weight_decay, betas=tuple(cfg.betas), eps=cfg.eps))
+    return MuonAdamW(groups)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor

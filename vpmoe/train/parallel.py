@@ -1,0 +1,190 @@
+"""Process groups, device meshes, FSDP2 sharding and the distributed reductions the trainer needs.
+
+Design choices:
+- Launch is always torchrun (or a single plain process): `init_distributed` reads RANK /
+  WORLD_SIZE / LOCAL_RANK, picks NCCL on CUDA and gloo on CPU, and builds the meshes. Multi-node
+  is torchrun's rendezvous; nothing here knows about nodes.
+- Data parallel is FSDP2 (`fully_shard`) over all ranks: each transformer block is its own unit,
+  then the root (embedding, final norm, head). Gradient reduction *sums* over ranks
+  (`set_gradient_divide_factor(1)`): the trainer normalises every micro-batch loss by the global
+  batch's token counts, so the sum of per-rank gradients is the gradient of the global loss.
+- Mixed precision is `torch.autocast(bf16)` around forward with fp32 parameters (no FSDP param
+  cast): the model keeps some parameters deliberately fp32 in use (GRAPE log-frequencies, the
+  router) and autocast respects that, at the price of fp32 all-gathers.
+- Expert parallelism (`parallel.expert_parallel = ep > 1`) uses a second mesh (world/ep, ep)
+  named ("edp", "ep"): experts are split over "ep" (see expert_parallel.py) and replicated over
+  "edp"; their gradients are summed over "edp" here. FSDP2 ignores those parameters.
+- Global grad norm: local sums of squares, bucketed by the mesh dims they are sharded over, one
+  all-reduce per bucket; replicated tensors are counted once.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from vpmoe.config import ConfigError
+
+
+@dataclass
+class ParallelConfig:
+    expert_parallel: int = 1  # size of the expert-parallel group; 1 = experts sharded by FSDP2
+    reshard_after_forward: bool = True  # FSDP2: free gathered block params after forward
+    timeout_minutes: int = 30  # collective timeout (a hung rank fails the job instead of waiting)
+
+    def validate(self) -> None:
+        if self.expert_parallel < 1:
+            raise ConfigError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
+        if self.timeout_minutes < 1:
+            raise ConfigError(f"timeout_minutes: must be >= 1, got {self.timeout_minutes}")
+
+
+@dataclass
+class DistState:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    dp_mesh: DeviceMesh | None  # 1-D over all ranks (FSDP2); None when world == 1
+    ep_mesh: DeviceMesh | None  # 2-D ("edp", "ep"); None when expert_parallel == 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ep_size(self) -> int:
+        return 1 if self.ep_mesh is None else self.ep_mesh.size(1)
+
+    @property
+    def ep_rank(self) -> int:
+        return 0 if self.ep_mesh is None else self.ep_mesh.get_local_rank("ep")
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"train.device: expected auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+def init_distributed(device_name: str, cfg: ParallelConfig) -> DistState:
+    """Join the torchrun job (if any) and build the meshes. Safe to call once per process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    ep = cfg.expert_parallel
+    if world % ep != 0:
+        raise ConfigError(f"parallel.expert_parallel={ep} does not divide the world size {world}")
+    if world == 1:
+        return DistState(0, 1, 0, device, None, None)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    dp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    ep_mesh = None
+    if ep > 1:
+        ep_mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    return DistState(rank, world, local_rank, device, dp_mesh, ep_mesh)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def expert_param_names() -> tuple[str, ...]:
+    return ("w_up", "b_up", "w_down", "b_down")
+
+
+def shard_model(model: nn.Module, ds: DistState, cfg: ParallelConfig) -> nn.Module:
+    """FSDP2 over ds.dp_mesh: one unit per block, then the root. Expert-parallel params are left out."""
+    if ds.dp_mesh is None:
+        return model
+    ignored: set[nn.Parameter] = set()
+    if ds.ep_mesh is not None:
+        for moe in model.moe_layers():
+            ignored.update(getattr(moe, n) for n in expert_param_names())
+    for block in model.layers:
+        block_ignored = {p for p in block.parameters() if p in ignored}
+        fully_shard(block, mesh=ds.dp_mesh, reshard_after_forward=cfg.reshard_after_forward,
+                    ignored_params=block_ignored or None)
+    fully_shard(model, mesh=ds.dp_mesh, ignored_params=ignored or None)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def all_reduce_sum(t: torch.Tensor, ds: DistState) -> torch.Tensor:
+    """In-place sum over all ranks (no-op on one rank); returns t."""
+    if ds.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def sync_expert_grads(model: nn.Module, ds: DistState) -> None:
+    """Sum expert-parallel gradients over the expert-data-parallel ("edp") replicas."""
+    if ds.ep_mesh is None or ds.ep_mesh.size(0) == 1:
+        return
+    group = ds.ep_mesh.get_group("edp")
+    for moe in model.moe_layers():
+        for name in expert_param_names():
+            p = getattr(moe, name)
+            if p.grad is not None:
+                dist.all_reduce(p.grad.to_local(), op=dist.ReduceOp.SUM, group=group)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded_dims(t: torch.Tensor) -> tuple:
+    if not isinstance(t, DTensor):
+        return ()
+    return tuple(i for i, pl in enumerate(t.placements) if isinstance(pl, Shard))
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients of `params` (plain tensors or DTensors), as an fp32 scalar."""
+    buckets: dict[tuple, list] = {}
+    for p in params:  # every param makes its bucket, grad or not, so ranks reduce in the same order
+        key = (id(p.device_mesh), _sharded_dims(p)) if isinstance(p, DTensor) else (None, ())
+        bucket = buckets.setdefault(key, [p, [torch.zeros((), device=_local(p).device)]])
+        if p.grad is not None:
+            bucket[1].append(_local(p.grad).detach().float().pow(2).sum())
+    total = None
+    for (_, dims), (example, squares) in buckets.items():
+        s = torch.stack(squares).sum()
+        for d in dims:  # sum over every mesh dim the tensors are sharded along
+            dist.all_reduce(s, op=dist.ReduceOp.SUM, group=example.device_mesh.get_group(d))
+        total = s if total is None else total + s.to(total.device)
+    if total is None:
+        return torch.zeros(())
+    return total.sqrt()
+
+
+def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale gradients so their global norm is at most max_norm (given the precomputed norm)."""
+    if max_norm <= 0:
+        return
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            g = _local(p.grad)
+            g.mul_(coef.to(g.device))
