@@ -245,3 +245,16 @@ def test_bad_inputs_are_named():
         from_dict(LossSpec, {"kind": "jsd", "beta": 1.0})
     with pytest.raises(ConfigError, match="kind"):
         from_dict(LossSpec, {"kind": "kl"})
+
+
+def test_gradient_only_for_inputs_that_need_it():
+    hidden, weight, labels, span, sparse, _ = make_problem(seed=12)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = fused_span_loss(h, weight, labels, span, LossSpec(kind="fkl"), sparse)  # frozen head
+    (gh,) = torch.autograd.grad(loss, [h])
+    ref = loss_and_grads(span_loss_reference, hidden, weight, labels, span, LossSpec(kind="fkl"), sparse)
+    torch.testing.assert_close(gh, ref[1])
+    w = weight.clone().requires_grad_(True)
+    loss, _ = fused_span_loss(hidden, w, labels, span, LossSpec(kind="fkl"), sparse)  # frozen trunk
+    (gw,) = torch.autograd.grad(loss, [w])
+    torch.testing.assert_close(gw, ref[2])

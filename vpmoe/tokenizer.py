@@ -80,12 +80,13 @@ class TokenizerError(RuntimeError):
 
 
 def _packaged_vocab_gz() -> Path:
-    try:
-        import bpe_openai
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("bpe_openai")  # locate the package data without importing it
+    if spec is None or spec.origin is None:
         raise TokenizerError("package bpe-openai is not installed; it ships the o200k vocabulary "
-                             "(pip install bpe-openai)") from None
-    path = Path(bpe_openai.__file__).parent / "data" / (VOCAB_FILE_NAME + ".gz")
+                             "(pip install bpe-openai)")
+    path = Path(spec.origin).parent / "data" / (VOCAB_FILE_NAME + ".gz")
     if not path.is_file():
         raise TokenizerError(f"{path}: o200k vocabulary missing from the bpe-openai package")
     return path

@@ -1,8 +1,9 @@
 """Evaluation of vpMoE (and any Hugging Face causal LM): `vpmoe eval MODEL --suite NAME --out REPORT.json`.
 
-Suites: `core8` (DCLM CORE subset, core.py), `ppl` (held-out span NLL, ppl.py), `format` (Harmony
-validity of greedy generations, format.py), `numeric` (number tokenisation and copying, numeric.py),
-`router` (expert load health, router.py), `all`. Everything talks to the model through the HF
-causal-LM interface (`model(input_ids=...).logits`, `generate`), see harness.py; loading.py turns a
-path into (model, tokenizer); report.py writes the JSON + PNG; docs/eval.md explains the metrics.
+Files: `loading.py` (MODEL path -> model + tokenizer + hashes), `harness.py` (log-likelihood scoring
+and greedy generation through the HF causal-LM interface), `core.py` (the CORE eval bundle and the
+CORE-8 suite), `ppl.py` (the held-out split and span NLL), `format.py` (Harmony validity of greedy
+generations), `numeric.py` (number tokenisation and copying), `router.py` (expert load health),
+`report.py` (JSON + PNG, deltas, reference row), `lm_eval_bridge.py` (optional lm-evaluation-harness
+bridge), `cli.py` (`vpmoe eval`, `vpmoe eval fetch-bundle`). docs/eval.md explains the metrics.
 """

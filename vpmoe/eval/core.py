@@ -1,6 +1,21 @@
-"""CORE-8: the DCLM CORE subset nanochat reports, scored like DCLM / nanochat.
+"""CORE-8: the DCLM CORE subset nanochat reports, read from the eval bundle and scored like DCLM / nanochat.
+
+The bundle (DCLM / nanochat layout; the official `eval_bundle.zip` unpacks to `eval_bundle/`):
+    core.yaml               icl_tasks: [{label, dataset_uri, num_fewshot: [k], icl_task_type,
+                                         continuation_delimiter}, ...]
+    eval_meta_data.csv      one row per task: "Eval Task" (= label), "Random baseline" (percent)
+    eval_data/<dataset_uri> one JSON object per line
 
 Design choices:
+- The bundle is read from a local folder: `--bundle`, else $VPMOE_EVAL_BUNDLE, else the folder
+  `vpmoe eval fetch-bundle` writes (~/.cache/vpmoe/eval_bundle). With none, the error says how to
+  get one; nothing is downloaded implicitly. `fetch_bundle` downloads the zip nanochat uses, checks
+  its sha256 before unpacking (a mismatch leaves nothing behind), refuses members that would
+  escape the target folder, and moves the folder into place only when complete.
+- A task is described entirely by its core.yaml entry, so tasks this code has never seen run as
+  long as their type is multiple_choice, schema or language_modeling. A task whose file is missing
+  (or whose type is unknown) is reported missing, not crashed on; a malformed line is an error
+  naming file and line. Every file read is hashed into the report.
 - Prompts follow nanochat's core_eval templates: k few-shot examples, each rendered as
   `prompt + delimiter + answer` and followed by a blank line, then the item. Multiple choice: one
   request per choice (context = few-shot + query + delimiter, continuation = choice). Schema: one
@@ -20,11 +35,232 @@ Design choices:
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
+import os
 import random
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from vpmoe.eval.bundle import TASK_TYPES, TaskSpec, read_task_items, read_task_specs, sha256_file
+from vpmoe.cli import UserError
 from vpmoe.eval.harness import Request, Scored, score_requests
+
+# the bundle nanochat's scripts/base_eval.py downloads; sha256 pinned by independent public copies
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+BUNDLE_SHA256 = "90a7c19e28ee7a52b4f6e1f87658deb9fde7f63deba2379045bdb1fe9ea5d200"
+BUNDLE_ENV = "VPMOE_EVAL_BUNDLE"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+# the fields each item type must carry
+ITEM_FIELDS = {"multiple_choice": ("query", "choices", "gold"),
+               "schema": ("context_options", "continuation", "gold"),
+               "language_modeling": ("context", "continuation")}
+
+
+def default_bundle_dir() -> Path:
+    root = os.environ.get("VPMOE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vpmoe")
+    return Path(root) / "eval_bundle"
+
+
+HOW_TO_GET = (f"run `vpmoe eval fetch-bundle` (downloads {BUNDLE_URL}, checks sha256 {BUNDLE_SHA256[:12]}..., "
+              f"unpacks to {default_bundle_dir()}), or pass --bundle DIR / set {BUNDLE_ENV} to a folder "
+              "holding core.yaml, eval_meta_data.csv and eval_data/")
+
+
+def resolve_bundle_dir(explicit: str | None) -> Path:
+    """The bundle folder to use, or UserError saying how to get one."""
+    if explicit:
+        candidates = [("--bundle", Path(explicit))]
+    elif os.environ.get(BUNDLE_ENV):
+        candidates = [(f"${BUNDLE_ENV}", Path(os.environ[BUNDLE_ENV]))]
+    else:
+        candidates = [("default", default_bundle_dir())]
+    source, path = candidates[0]
+    if not path.is_dir():
+        raise UserError(f"no CORE eval bundle at {path} ({source}); {HOW_TO_GET}")
+    if not (path / "core.yaml").is_file():
+        nested = path / "eval_bundle"  # the zip's own top folder
+        if (nested / "core.yaml").is_file():
+            return nested
+        raise UserError(f"{path}: not a CORE eval bundle (no core.yaml); {HOW_TO_GET}")
+    return path
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    label: str
+    dataset_uri: str
+    task_type: str
+    num_fewshot: int
+    delimiter: str
+    random_baseline: float | None  # percent, from eval_meta_data.csv
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_baselines(bundle: Path) -> dict[str, float]:
+    path = bundle / "eval_meta_data.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (the bundle's random baselines); {HOW_TO_GET}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for column in ("Eval Task", "Random baseline"):
+            if column not in (reader.fieldnames or []):
+                raise UserError(f"{path}: no '{column}' column (have {reader.fieldnames})")
+        out = {}
+        for lineno, row in enumerate(reader, 2):
+            try:
+                out[row["Eval Task"].strip()] = float(row["Random baseline"])
+            except (TypeError, ValueError):
+                raise UserError(f"{path}:{lineno}: Random baseline {row['Random baseline']!r} is not a number") from None
+    return out
+
+
+def read_task_specs(bundle: Path) -> dict[str, TaskSpec]:
+    """label -> TaskSpec for every entry of core.yaml (any label, any of the three types)."""
+    import yaml  # PyYAML, a dependency of transformers
+
+    path = bundle / "core.yaml"
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    tasks = config.get("icl_tasks") if isinstance(config, dict) else None
+    if not isinstance(tasks, list):
+        raise UserError(f"{path}: expected a top-level 'icl_tasks' list")
+    baselines = read_baselines(bundle)
+    specs = {}
+    for i, entry in enumerate(tasks):
+        where = f"{path}: icl_tasks[{i}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: expected a mapping")
+        for key in ("label", "dataset_uri", "icl_task_type"):
+            if key not in entry:
+                raise UserError(f"{where}: missing '{key}'")
+        shots = entry.get("num_fewshot", [0])
+        shots = shots if isinstance(shots, list) else [shots]
+        if not shots or not all(isinstance(s, int) and s >= 0 for s in shots):
+            raise UserError(f"{where} ({entry['label']}): num_fewshot must be a list of integers >= 0, got {shots!r}")
+        label = str(entry["label"])
+        specs[label] = TaskSpec(label=label, dataset_uri=str(entry["dataset_uri"]),
+                                task_type=str(entry["icl_task_type"]), num_fewshot=shots[0],
+                                delimiter=str(entry.get("continuation_delimiter", " ")),
+                                random_baseline=baselines.get(label))
+    return specs
+
+
+def validate_item(item, spec: TaskSpec, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    for key in ITEM_FIELDS[spec.task_type]:
+        if key not in item:
+            raise UserError(f"{where}: {spec.task_type} item has no '{key}' field")
+    options = item.get("choices") if spec.task_type == "multiple_choice" else item.get("context_options")
+    if options is not None:
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+            raise UserError(f"{where}: needs a list of at least two strings as options")
+        gold = item["gold"]
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
+            raise UserError(f"{where}: gold {gold!r} is not an index into its {len(options)} options")
+    return item
+
+
+def read_task_items(bundle: Path, spec: TaskSpec) -> list[dict]:
+    path = bundle / "eval_data" / spec.dataset_uri
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON: {e}") from None
+            items.append(validate_item(item, spec, f"{path}:{lineno}"))
+    if not items:
+        raise UserError(f"{path}: no items")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# fetching the bundle
+
+
+def download(url: str, target: Path) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"cannot download {url}: {reason} (no network? download it elsewhere and run "
+                        "`vpmoe eval fetch-bundle --zip PATH`)") from None
+
+
+def safe_extract(archive: Path, into: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        root = into.resolve()
+        for member in zf.namelist():
+            dest = (into / member).resolve()
+            if dest != root and root not in dest.parents:
+                raise UserError(f"{archive}: member {member!r} would unpack outside {into}; refusing")
+        zf.extractall(into)
+
+
+def install_bundle_zip(archive: Path, out_dir: Path, sha256: str | None = BUNDLE_SHA256) -> Path:
+    """Check `archive` against `sha256` (None skips the check), unpack it, move its bundle folder to
+    `out_dir`. Returns `out_dir`. Nothing is left at `out_dir` unless every step succeeds."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise UserError(f"{archive}: no such zip file")
+    digest = sha256_file(archive)
+    if sha256 is not None and digest != sha256:
+        raise UserError(f"{archive}: sha256 {digest} does not match the expected {sha256}; "
+                        "refusing to unpack (corrupt download or a different bundle)")
+    if out_dir.exists():
+        raise UserError(f"{out_dir}: already exists; remove it or pick another --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".bundle-") as tmp:
+        try:
+            safe_extract(archive, Path(tmp))
+        except zipfile.BadZipFile as e:
+            raise UserError(f"{archive}: not a valid zip ({e})") from None
+        found = sorted(p.parent for p in Path(tmp).rglob("core.yaml"))
+        if not found:
+            raise UserError(f"{archive}: contains no core.yaml; not a CORE eval bundle")
+        source = found[0]
+        for required in ("eval_meta_data.csv", "eval_data"):
+            if not (source / required).exists():
+                raise UserError(f"{archive}: bundle folder has no {required}")
+        shutil.move(str(source), str(out_dir))
+    return out_dir
+
+
+def fetch_bundle(out_dir: str | None = None, url: str = BUNDLE_URL, sha256: str | None = BUNDLE_SHA256,
+                 zip_path: str | None = None) -> Path:
+    """Download (or take `zip_path`), verify and unpack the bundle; returns the bundle folder."""
+    target = Path(out_dir) if out_dir else default_bundle_dir()
+    if zip_path:
+        return install_bundle_zip(Path(zip_path), target, sha256)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        archive = Path(tmp) / "eval_bundle.zip"
+        download(url, archive)
+        return install_bundle_zip(archive, target, sha256)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
 
 CORE8 = ("arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "boolq", "commonsense_qa", "piqa", "winogrande")
 FEWSHOT_SEPARATOR = "\n\n"

@@ -47,11 +47,13 @@ class Scored:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval's causal `_encode_pair`; an empty context is
-    replaced by the end-of-text id so the first continuation token still has something to follow."""
+    """(context ids, continuation ids) as lm-eval's causal `_encode_pair`; an empty context becomes
+    the tokenizer's prefix token (BOS, else end-of-text), as in lm-eval's `loglikelihood`."""
     if context == "":
         cont = tokenizer.encode_ordinary(continuation)
-        return [tokenizer.eos_id], cont
+        if cont and cont[0] == tokenizer.prefix_id:
+            return cont[:1], cont[1:]
+        return [tokenizer.prefix_id], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation

@@ -89,13 +89,18 @@ def lm_eval_continuation_lengths(hflm, pairs: list[tuple[str, str]]) -> list[int
 
 def run_lm_eval_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None,
                       limit: int | None = None, batch_size: int = 1, seed: int = 0) -> dict:
-    """Run lm-eval's registry tasks (e.g. ["arc_challenge", "hellaswag"]) on an in-memory model.
-    Returns lm-eval's `results` table. Needs the task datasets (HF hub network access)."""
+    """Run lm-eval tasks on an in-memory model: registry names (e.g. ["arc_challenge", "hellaswag"],
+    whose datasets come from the HF hub: network) or inline task-config dicts (a local dataset works
+    offline). Returns lm-eval's `results` table."""
     require_lm_eval()
     import lm_eval
 
+    from lm_eval.tasks import TaskManager
+
     hflm = make_hflm(model, tokenizer, batch_size=batch_size)
+    # task configs given inline (dicts) need no scan of lm-eval's thousands of built-in task files
+    manager = TaskManager(include_defaults=not all(isinstance(t, dict) for t in tasks))
     out = lm_eval.simple_evaluate(model=hflm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, log_samples=False)
+                                  fewshot_random_seed=seed, log_samples=False, task_manager=manager)
     return {} if out is None else out.get("results", {})

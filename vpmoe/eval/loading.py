@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from vpmoe.cli import UserError
+from vpmoe.config import ConfigError
 
 # files that mean "this HF directory ships its own tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
@@ -46,6 +47,7 @@ class EvalTokenizer:
     sha256: str
     eos_id: int
     o200k_compatible: bool
+    prefix_id: int | None = None  # conditions a continuation with no context (lm-eval: BOS, else EOS)
     _encode: object = field(repr=False, default=None)
     _encode_ordinary: object = field(repr=False, default=None)
     _decode: object = field(repr=False, default=None)
@@ -62,6 +64,10 @@ class EvalTokenizer:
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
+
+    def __post_init__(self):
+        if self.prefix_id is None:
+            self.prefix_id = self.eos_id
 
     def describe(self) -> dict:
         return {"name": self.name, "sha256": self.sha256, "o200k_compatible": self.o200k_compatible}
@@ -118,6 +124,7 @@ def hf_dir_tokenizer(directory: Path) -> EvalTokenizer:
     if eos is None:
         raise UserError(f"{directory}: its tokenizer defines no eos_token; set eos_token in tokenizer_config.json")
     return EvalTokenizer(name=name, sha256=sha, eos_id=int(eos), o200k_compatible=compatible,
+                         prefix_id=hf_tok.bos_token_id if hf_tok.bos_token_id is not None else int(eos),
                          _encode=lambda s: hf_tok.encode(s),
                          _encode_ordinary=lambda s: hf_tok.encode(s, add_special_tokens=False),
                          _decode=lambda ids: hf_tok.decode(ids), hf=hf_tok)
@@ -159,7 +166,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 over the state dict in name order: equal weights give equal hashes, whatever the format."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -192,20 +199,26 @@ class LoadedModel:
     info: dict
 
 
-def load_checkpoint_model(path: Path) -> torch.nn.Module:
+def checkpoint_loader():
+    """`vpmoe.train.checkpoint.load_model_for_eval` when this install has it, else None."""
     if importlib.util.find_spec("vpmoe.train") is None or importlib.util.find_spec("vpmoe.train.checkpoint") is None:
-        raise UserError(f"{path}: not a Hugging Face model directory (no config.json) and this install has "
-                        "no vpmoe.train.checkpoint to read a training checkpoint; run `vpmoe export "
-                        f"{path} OUT_DIR` and evaluate OUT_DIR")
-    module = importlib.import_module("vpmoe.train.checkpoint")
-    loader = getattr(module, "load_model_for_eval", None)
+        return None
+    return getattr(importlib.import_module("vpmoe.train.checkpoint"), "load_model_for_eval", None)
+
+
+def load_checkpoint_model(path: Path) -> torch.nn.Module:
+    loader = checkpoint_loader()
     if loader is None:
-        raise UserError(f"{path}: vpmoe.train.checkpoint has no load_model_for_eval(path); run "
-                        f"`vpmoe export {path} OUT_DIR` and evaluate OUT_DIR")
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json), and this install "
+                        "cannot read training checkpoints (no vpmoe.train.checkpoint.load_model_for_eval); "
+                        f"run `vpmoe export {path} OUT_DIR` and evaluate OUT_DIR")
     try:
         return loader(str(path))
     except UserError:
         raise
+    except ConfigError as e:  # the checkpoint module's own errors name the file; say what else was tried
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json), and not a usable "
+                        f"vpmoe training checkpoint: {e}") from None
     except Exception as e:
         raise UserError(f"{path}: could not load the training checkpoint ({type(e).__name__}: {e}); "
                         "if it is not a vpmoe checkpoint, pass a Hugging Face model directory") from None

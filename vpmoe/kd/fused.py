@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from vpmoe.kd.losses import (STAT_KEYS, TEACHER_LOGP_FLOOR, DenseTarget, LossSpec, SparseTarget,
-                             check_inputs, count_span_tokens, span_coefficients, stats_from_rows)
+                             check_inputs, count_span_tokens, span_coefficients, stat_keys,
+                             stats_from_rows)
 
 CHUNK_BYTES = 256 * 2**20  # budget for one [C, V] logits chunk in the compute dtype
 NEG_INF = float("-inf")
@@ -61,8 +62,49 @@ def _rest_grad(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch
     return (torch.exp(z.to(lse.dtype) - lse[:, None]) * scale[:, None]).to(z.dtype)
 
 
-def _dense_rows(zs, zt, labels, coef, kind: str, temp: float, beta: float, alpha: float,
-                scale: float, center: float, cw_min: float, cw_max: float, need_grad: bool):
+def _divergence_and_grad(zs, t_logp, valid, kind: str, temp: float, beta: float):
+    """D(teacher, student) per row and dD/dzs, for student logits zs [C, n] and teacher log-probs
+    t_logp [C, n] (any normalisation), both tempered by `temp` and renormalised over the valid
+    entries (valid: bool [C, n] or None = all). Explicit formulas: the softmax Jacobian applied
+    to dD/dq gives q * (h - <q, h>) with h = dD/dq."""
+    u, t = zs / temp, t_logp / temp
+    if valid is not None:
+        u, t = u.masked_fill(~valid, NEG_INF), t.masked_fill(~valid, NEG_INF)
+    lq = u - torch.logsumexp(u, -1, keepdim=True)
+    lp = t - torch.logsumexp(t, -1, keepdim=True)
+    if valid is not None:  # invalid entries: probability 0, finite logs (no inf - inf)
+        lq, lp = torch.where(valid, lq, 0.0), torch.where(valid, lp, 0.0)
+        q, p = torch.where(valid, lq.exp(), 0.0), torch.where(valid, lp.exp(), 0.0)
+    else:
+        q, p = lq.exp(), lp.exp()
+    if kind == "fkl":
+        return (p * (lp - lq)).sum(-1), (q - p) / temp
+    if kind == "rkl":
+        h = lq - lp
+        div = (q * h).sum(-1)
+    elif kind == "jsd":
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
+        div = beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
+        h = (1 - beta) * (lq - lm)
+    elif kind == "tvd":  # sign(0) = 0 is the subgradient at ties
+        div = 0.5 * (p - q).abs().sum(-1)
+        h = 0.5 * torch.sign(q - p)
+    else:
+        raise ValueError(f"unknown divergence {kind!r}")
+    return div, q * (h - (q * h).sum(-1, keepdim=True)) / temp
+
+
+def _kd_term(kind, ce, t_lab, center, temp, scale, cw_min, cw_max, div_and_grad):
+    """(kd per token, its gradient wrt the divergence's student logits or None, cwce weight or 0)."""
+    if kind == "cwce":
+        weight = torch.exp((t_lab - center) / temp).clamp(cw_min, cw_max)
+        return weight * ce, None, weight
+    div, grad = div_and_grad()
+    return scale * div, scale * grad, torch.zeros_like(ce)
+
+
+def _dense_rows(zs, zt, labels, coef, center, kind: str, temp: float, beta: float, alpha: float,
+                scale: float, cw_min: float, cw_max: float, need_grad: bool):
     """Per-token loss pieces and d(sum coef * loss)/d zs for full student/teacher rows."""
     acc = _acc(zs.dtype)
     zs, zt = zs.to(acc), zt.to(acc)
@@ -70,37 +112,46 @@ def _dense_rows(zs, zt, labels, coef, kind: str, temp: float, beta: float, alpha
     ce = -ls1.gather(1, labels[:, None]).squeeze(1)
     t_lab = lt1.gather(1, labels[:, None]).squeeze(1)
     kl = (lt1.exp() * (lt1 - ls1)).sum(-1)
-    q1 = ls1.exp()
-    if kind == "cwce":
-        weight = torch.exp((t_lab - center) / temp).clamp(cw_min, cw_max)
-        kd, g_kd = weight * ce, weight[:, None] * q1  # the one-hot part is added with CE's below
-        onehot_coef = weight * (1 - alpha) + alpha
-    else:
-        lq = ls1 if temp == 1.0 else torch.log_softmax(zs / temp, -1)
-        lp = lt1 if temp == 1.0 else torch.log_softmax(zt / temp, -1)
-        q, p = lq.exp(), lp.exp()
-        if kind == "fkl":
-            div, g_u = (p * (lp - lq)).sum(-1), q - p
-        else:
-            if kind == "rkl":
-                h = lq - lp
-                div = (q * h).sum(-1)
-            elif kind == "jsd":
-                lm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
-                div = beta * (p * (lp - lm)).sum(-1) + (1 - beta) * (q * (lq - lm)).sum(-1)
-                h = (1 - beta) * (lq - lm)
-            else:  # tvd; sign(0) = 0 is the subgradient at ties
-                div = 0.5 * (p - q).abs().sum(-1)
-                h = 0.5 * torch.sign(q - p)
-            g_u = q * (h - (q * h).sum(-1, keepdim=True))  # softmax Jacobian applied to dD/dq
-        kd, g_kd = scale * div, (scale / temp) * g_u
-        onehot_coef = torch.full_like(ce, alpha)
+    kd, g_kd, weight = _kd_term(kind, ce, t_lab, center, temp, scale, cw_min, cw_max,
+                                lambda: _divergence_and_grad(zs, lt1, None, kind, temp, beta))
     loss = (1 - alpha) * kd + alpha * ce
     grad = None
-    if need_grad:
-        grad = ((1 - alpha) * g_kd + alpha * q1) * coef[:, None]
-        grad.scatter_add_(1, labels[:, None], (-onehot_coef * coef)[:, None])
+    if need_grad:  # CE (and cwce, a weighted CE) contribute softmax(zs) - onehot(label)
+        ce_coef = alpha + (1 - alpha) * weight
+        grad = ce_coef[:, None] * ls1.exp()
+        if g_kd is not None:
+            grad = grad + (1 - alpha) * g_kd
+        grad = grad * coef[:, None]
+        grad.scatter_add_(1, labels[:, None], (-ce_coef * coef)[:, None])
     return {"loss_sum": loss, "ce_sum": ce, "kd_sum": kd, "kl_sum": kl, "teacher_logp_sum": t_lab}, grad
+
+
+def _sparse_rows(g_lab, g_ids, rest, valid, t_lp, t_rest, t_lab, coef, center, kind: str, mode: str,
+                 temp: float, beta: float, alpha: float, scale: float, cw_min: float, cw_max: float):
+    """The small per-token problem of a sparse target, solved in closed form.
+
+    Student logits over K + 1 coarse categories: x = [z at the known ids, R] (R = logsumexp of z
+    outside them), so lse(x) = lse(z), coarse log-probs = log_softmax(x), CE = lse(x) - z[label].
+    'renorm' restricts the divergence to the K ids. Returns (rows, dF/dz[label] [C],
+    dF/dx [C, K + 1]) for F = sum coef * loss."""
+    ones = torch.ones_like(valid[:, :1])
+    cat_valid = torch.cat([valid, ones], 1)
+    x = torch.cat([g_ids, rest[:, None]], 1).masked_fill(~cat_valid, NEG_INF)
+    ce = torch.logsumexp(x, -1) - g_lab
+    tl = torch.cat([t_lp, t_rest[:, None]], 1).clamp_min(TEACHER_LOGP_FLOOR)
+    kd_valid = cat_valid if mode == "tail" else torch.cat([valid, ~ones], 1)
+    kl, _ = _divergence_and_grad(x, tl, kd_valid, "fkl", 1.0, 0.5)
+    kd, g_kd, weight = _kd_term(kind, ce, t_lab, center, temp, scale, cw_min, cw_max,
+                                lambda: _divergence_and_grad(x, tl, kd_valid, kind, temp, beta))
+    loss = (1 - alpha) * kd + alpha * ce
+    ce_coef = alpha + (1 - alpha) * weight
+    grad_x = ce_coef[:, None] * torch.softmax(x, -1)
+    if g_kd is not None:
+        grad_x = grad_x + (1 - alpha) * g_kd
+    rows = {"loss_sum": loss, "ce_sum": ce, "kd_sum": kd, "kl_sum": kl}
+    if t_lab is not None:
+        rows["teacher_logp_sum"] = t_lab
+    return rows, -ce_coef * coef, grad_x * coef[:, None]
 
 
 _COMPILED: dict = {}
@@ -122,95 +173,42 @@ def _fast(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-# ---------------------------------------------------------------- the small per-token problem
-
-def _masked_log_softmax(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over valid entries; invalid entries come out as 0 (callers mask them)."""
-    x = x.masked_fill(~valid, NEG_INF)
-    return torch.where(valid, x - torch.logsumexp(x, -1, keepdim=True), 0.0)
-
-
-def _divergence_log(kind: str, a, b, valid, beta: float) -> torch.Tensor:
-    """D(teacher a, student b) from log-probs over valid categories, in log space."""
-    pa, pb = torch.where(valid, a.exp(), 0.0), torch.where(valid, b.exp(), 0.0)
-    if kind == "fkl":
-        return (pa * (a - b)).sum(-1)
-    if kind == "rkl":
-        return (pb * (b - a)).sum(-1)
-    if kind == "jsd":
-        m = torch.logaddexp(a + math.log(beta), b + math.log(1 - beta))
-        return beta * (pa * (a - m)).sum(-1) + (1 - beta) * (pb * (b - m)).sum(-1)
-    if kind == "tvd":
-        return 0.5 * (pa - pb).abs().sum(-1)
-    raise ValueError(f"unknown divergence {kind!r}")
-
-
-def _sparse_token_losses(g_lab, g_ids, rest, valid, tgt, spec: LossSpec, center):
-    """Loss pieces from gathered student logits and the masked rest logsumexp (see docstring)."""
-    if g_ids is None:  # plain CE: the rest is the whole row
-        ce = rest - g_lab
-        return {"loss_sum": ce, "ce_sum": ce}
-    g_masked = g_ids.masked_fill(~valid, NEG_INF)
-    lse_all = torch.logaddexp(rest, torch.logsumexp(g_masked, -1))
-    ce = lse_all - g_lab
-    t_lp = tgt.logprobs.to(g_ids.dtype).clamp_min(TEACHER_LOGP_FLOOR)
-    t_rest = tgt.rest_logmass.to(g_ids.dtype).clamp_min(TEACHER_LOGP_FLOOR)
-    if spec.sparse_mode == "tail":
-        cat_valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
-        s1 = torch.cat([g_ids - lse_all[:, None], (rest - lse_all)[:, None]], 1)
-        s1 = torch.where(cat_valid, s1, 0.0)
-        t1 = _masked_log_softmax(torch.cat([t_lp, t_rest[:, None]], 1), cat_valid)
-    else:
-        cat_valid = valid
-        s1, t1 = _masked_log_softmax(g_ids, valid), _masked_log_softmax(t_lp, valid)
-    out = {"ce_sum": ce, "kl_sum": _divergence_log("fkl", t1, s1, cat_valid, 0.5)}
-    t_lab = None if tgt.label_logprob is None else tgt.label_logprob.to(g_ids.dtype)
-    if t_lab is not None:
-        out["teacher_logp_sum"] = t_lab
-    temp = spec.temperature
-    if spec.kind == "cwce":
-        weight = torch.exp((t_lab - center) / temp).clamp(spec.cwce_min, spec.cwce_max)
-        kd = weight * ce
-    else:
-        sT = s1 if temp == 1.0 else _masked_log_softmax(s1 / temp, cat_valid)
-        tT = t1 if temp == 1.0 else _masked_log_softmax(t1 / temp, cat_valid)
-        kd = spec.kd_scale * _divergence_log(spec.kind, tT, sT, cat_valid, spec.beta)
-    out["kd_sum"] = kd
-    out["loss_sum"] = (1 - spec.ce_weight) * kd + spec.ce_weight * ce
-    return out
-
-
 def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad):
     """z: this chunk's logits [C, V] (owned, overwritten). Returns (rows, grad_z or None)."""
     acc = _acc(z.dtype)
     lab = labels[:, None]
     g_lab = z.gather(1, lab).squeeze(1).to(acc)
-    ids = valid = g_ids = None
-    if tgt is not None:
-        valid = tgt.ids >= 0
-        ids = torch.where(valid, tgt.ids, tgt.ids[:, :1])  # padding repeats slot 0 (harmless)
-        g_ids = z.gather(1, ids).to(acc)
-        z.scatter_(1, ids, NEG_INF)
-    rest = _fast(_row_lse, z)
-    leaves = [t for t in (g_lab, g_ids, rest) if t is not None]
-    with torch.enable_grad():
-        for t in leaves:
-            t.requires_grad_(True)
-        rows = _sparse_token_losses(g_lab, g_ids, rest, valid, tgt, spec, center)
+    if tgt is None:  # plain CE: loss = lse(z) - z[label], grad = softmax(z) - onehot(label)
+        lse = _fast(_row_lse, z)
+        ce = lse - g_lab
+        rows = {"loss_sum": ce, "ce_sum": ce}
         if not need_grad:
-            return {k: v.detach() for k, v in rows.items()}, None
-        grads = torch.autograd.grad((coef * rows["loss_sum"]).sum(), leaves)
-    d_lab, d_rest = grads[0], grads[-1]
-    grad_z = _fast(_rest_grad, z, rest.detach(), d_rest)  # exp(-inf) = 0 at the known ids
-    if ids is not None:
-        grad_z.scatter_add_(1, ids, grads[1].to(z.dtype))
+            return rows, None
+        grad_z = _fast(_rest_grad, z, lse, coef)
+        grad_z.scatter_add_(1, lab, (-coef)[:, None].to(z.dtype))
+        return rows, grad_z
+    valid = tgt.ids >= 0
+    ids = torch.where(valid, tgt.ids, tgt.ids[:, :1])  # padding repeats slot 0 (harmless)
+    g_ids = z.gather(1, ids).to(acc)
+    z.scatter_(1, ids, NEG_INF)
+    rest = _fast(_row_lse, z)
+    t_lab = None if tgt.label_logprob is None else tgt.label_logprob.to(acc)
+    rows, d_lab, d_x = _fast(_sparse_rows, g_lab, g_ids, rest, valid, tgt.logprobs.to(acc),
+                             tgt.rest_logmass.to(acc), t_lab, coef, center, spec.kind, spec.sparse_mode,
+                             spec.temperature, spec.beta, spec.ce_weight, spec.kd_scale, spec.cwce_min,
+                             spec.cwce_max)
+    if not need_grad:
+        return rows, None
+    # dF/dz_v = dF/dR * exp(z_v - R) outside the known ids (exp(-inf) = 0 at them), plus the gathers
+    grad_z = _fast(_rest_grad, z, rest, d_x[:, -1].contiguous())
+    grad_z.scatter_add_(1, ids, torch.where(valid, d_x[:, :-1], 0.0).to(z.dtype))
     grad_z.scatter_add_(1, lab, d_lab[:, None].to(z.dtype))
-    return {k: v.detach() for k, v in rows.items()}, grad_z
+    return rows, grad_z
 
 
 def _dense_chunk(z, t_logits, labels, coef, spec, center, need_grad):
-    return _fast(_dense_rows, z, t_logits, labels, coef, spec.kind, spec.temperature, spec.beta,
-                 spec.ce_weight, spec.kd_scale, float(center), spec.cwce_min, spec.cwce_max, need_grad)
+    return _fast(_dense_rows, z, t_logits, labels, coef, center, spec.kind, spec.temperature, spec.beta,
+                 spec.ce_weight, spec.kd_scale, spec.cwce_min, spec.cwce_max, need_grad)
 
 
 def _teacher_logits(target: DenseTarget, r0: int, r1: int, dtype) -> torch.Tensor:
@@ -245,9 +243,9 @@ class _FusedSpanLoss(torch.autograd.Function):
         w = weight.to(cdtype)
         h_sel = hidden[sel]
         coef = plan.coef.to(_acc(cdtype))
-        center = _cwce_center(spec, target, labels, chunk)
-        grad_hidden = torch.zeros_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight) if need_grad else None
+        center = torch.tensor(_cwce_center(spec, target, labels, chunk), dtype=coef.dtype, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if need_grad and plan.grad_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_grad and plan.grad_weight else None
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         sums = {k: [] for k in STAT_KEYS}
         for r0 in range(0, sel.numel(), chunk):
@@ -266,27 +264,27 @@ class _FusedSpanLoss(torch.autograd.Function):
                 sums[k].append(rows.get(k))
             if grad_z is not None:
                 grad_z = grad_z.to(cdtype)
-                grad_hidden.index_copy_(0, sel[r0:r1], grad_z @ w)
-                if grad_weight.dtype == cdtype:
+                if grad_hidden is not None:
+                    grad_hidden.index_copy_(0, sel[r0:r1], grad_z @ w)
+                if grad_weight is None:
+                    pass
+                elif grad_weight.dtype == cdtype:
                     grad_weight.addmm_(grad_z.T, h)
                 else:
                     grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
         stat_rows = {k: torch.cat(v) for k, v in sums.items() if v and v[0] is not None}
-        stats = stats_from_rows(plan.span_sel, stat_rows)
-        packed = torch.stack([stats[k] for k in STAT_KEYS])
+        stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
+        packed = torch.stack([stats[k] for k in plan.keys])
         ctx.mark_non_differentiable(packed)
         return loss.to(_acc(cdtype)), packed
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         grad_hidden, grad_weight = ctx.grads
-        if grad_hidden is None:
-            raise RuntimeError("fused_span_loss: backward after a forward without gradients")
-        ctx.grads = None
-        g = grad_loss.to(grad_hidden.dtype)
-        gh = grad_hidden.mul_(g) if ctx.needs_input_grad[0] else None
-        gw = grad_weight.mul_(g.to(grad_weight.dtype)) if ctx.needs_input_grad[1] else None
+        ctx.grads = None  # computed in forward; scaled in place (backward runs once)
+        gh = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
+        gw = grad_weight.mul_(grad_loss.to(grad_weight.dtype)) if ctx.needs_input_grad[1] else None
         return gh, gw, None
 
 
@@ -302,6 +300,9 @@ class _Plan:
     spec: LossSpec
     chunk: int
     need_grad: bool
+    grad_hidden: bool  # which gradients to produce
+    grad_weight: bool
+    keys: tuple[str, ...]  # the stats this call reports (losses.stat_keys)
 
 
 def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
@@ -326,8 +327,9 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     dense = isinstance(target, DenseTarget)
     chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, dense)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
-    plan = _Plan(sel, span_sel, labels[sel], coef, target, spec, chunk, need_grad)
+    plan = _Plan(sel, span_sel, labels[sel], coef, target, spec, chunk, need_grad, hidden.requires_grad,
+                 head_weight.requires_grad, stat_keys(spec, target))
     loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
     stats = {"count": torch.bincount(span_sel, minlength=3)[:3].to(torch.int64)}
-    stats.update({k: packed[i] for i, k in enumerate(STAT_KEYS)})
+    stats.update({k: packed[i] for i, k in enumerate(plan.keys)})
     return loss, stats

@@ -164,14 +164,22 @@ def span_coefficients(span_sel: torch.Tensor, w_r: float, w_f: float,
     return per_span[span_sel]
 
 
-def stats_from_rows(span_sel, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def stat_keys(spec: LossSpec, target) -> tuple[str, ...]:
+    """The per-span sums a call reports: CE calls only loss/ce; KD calls add kd, kl and, when the
+    teacher's label log-prob is known, teacher_logp."""
+    if spec.kind == "ce":
+        return ("loss_sum", "ce_sum")
+    has_label = isinstance(target, DenseTarget) or target.label_logprob is not None
+    return STAT_KEYS if has_label else STAT_KEYS[:-1]
+
+
+def stats_from_rows(span_sel, rows: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
     """Per-span sums ([3], float64, index = span id) of per-token quantities, plus counts."""
     out = {"count": torch.bincount(span_sel, minlength=3)[:3].to(torch.int64)}
-    for key in STAT_KEYS:
-        value = rows.get(key)
+    for key in keys:
         acc = torch.zeros(3, dtype=torch.float64, device=span_sel.device)
-        if value is not None:
-            acc.index_add_(0, span_sel, value.detach().to(torch.float64))
+        if key in rows:
+            acc.index_add_(0, span_sel, rows[key].detach().to(torch.float64))
         out[key] = acc
     return out
 
@@ -181,6 +189,8 @@ def span_means(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     names = {1: "reasoning", 2: "final"}
     out = {}
     for key in STAT_KEYS:
+        if key not in stats:
+            continue
         for s, name in names.items():
             n = int(stats["count"][s])
             if n:
@@ -282,4 +292,4 @@ def span_loss_reference(hidden, head_weight, labels, span_id, spec: LossSpec, ta
         target = target.select(sel)
     rows = token_losses_reference(logits, labels[sel], spec, target)
     loss = (coef * rows["loss_sum"]).sum()
-    return loss, stats_from_rows(span_id[sel], rows)
+    return loss, stats_from_rows(span_id[sel], rows, stat_keys(spec, target))

@@ -331,7 +331,9 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, d)
         topk_idx, topk_weight, scores = route_reference(flat, self.router.weight, self.expert_bias, self.cfg)
         aux = sequence_aux_loss(scores, topk_idx, B, self.cfg) if self.cfg.aux_loss_coef > 0 else scores.new_zeros(())
-        load = torch.bincount(topk_idx.flatten(), minlength=self.cfg.n_experts)
+        flat_idx = topk_idx.flatten()  # scatter_add, not bincount: a static shape for torch.compile
+        load = torch.zeros(self.cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx))
         routed = self.dispatcher(self, flat, topk_idx, topk_weight)
         return (self.shared(flat) + routed).view(B, T, d), aux, load
 

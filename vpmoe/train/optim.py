@@ -36,6 +36,7 @@ from vpmoe.config import ConfigError
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic iteration tuned for fast convergence of singular values
 ADAMW_ONLY = ("embed.weight", "lm_head.weight")
+EXPERT_BIASES = ("b_up", "b_down")  # [E, width]: a vector per expert, not a matrix
 
 
 @dataclass
@@ -126,8 +127,10 @@ def split_params(model: nn.Module, router_muon: bool = True) -> tuple[list, list
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        leaf = name.rsplit(".", 1)[-1]
         is_router = name.endswith("router.weight")
-        if p.ndim >= 2 and name not in ADAMW_ONLY and (router_muon or not is_router):
+        is_bias = leaf in EXPERT_BIASES or leaf.endswith("bias")
+        if p.ndim >= 2 and not is_bias and name not in ADAMW_ONLY and (router_muon or not is_router):
             muon.append((name, p))
         else:
             adamw.append((name, p))

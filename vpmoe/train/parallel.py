@@ -5,15 +5,19 @@ Design choices:
   WORLD_SIZE / LOCAL_RANK, picks NCCL on CUDA and gloo on CPU, and builds the meshes. Multi-node
   is torchrun's rendezvous; nothing here knows about nodes.
 - Data parallel is FSDP2 (`fully_shard`) over all ranks: each transformer block is its own unit,
-  then the root (embedding, final norm, head). Gradient reduction *sums* over ranks
-  (`set_gradient_divide_factor(1)`): the trainer normalises every micro-batch loss by the global
-  batch's token counts, so the sum of per-rank gradients is the gradient of the global loss.
+  then the root (embedding, final norm, head). The trainer normalises every micro-batch loss by
+  the global batch's token counts, so the gradient of the global loss is the *sum* of per-rank
+  gradients; FSDP2 averages, so the trainer multiplies the loss by the world size
+  (`GRAD_SCALE`; a custom divide factor would need PREMUL_SUM, which gloo lacks). Gradients
+  FSDP2 does not reduce are summed and divided by the world size here, the same convention.
 - Mixed precision is `torch.autocast(bf16)` around forward with fp32 parameters (no FSDP param
   cast): the model keeps some parameters deliberately fp32 in use (GRAPE log-frequencies, the
   router) and autocast respects that, at the price of fp32 all-gathers.
 - Expert parallelism (`parallel.expert_parallel = ep > 1`) uses a second mesh (world/ep, ep)
   named ("edp", "ep"): experts are split over "ep" (see expert_parallel.py) and replicated over
-  "edp"; their gradients are summed over "edp" here. FSDP2 ignores those parameters.
+  "edp"; their gradients are summed over "edp" here. FSDP2 ignores those parameters, and the
+  0-D ones (value-residual mixes; FSDP2 cannot shard scalars), which stay replicated with their
+  gradients all-reduced here.
 - Global grad norm: local sums of squares, bucketed by the mesh dims they are sharded over, one
   all-reduce per bucket; replicated tensors are counted once.
 """
@@ -27,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from vpmoe.config import ConfigError
@@ -112,11 +116,19 @@ def expert_param_names() -> tuple[str, ...]:
     return ("w_up", "b_up", "w_down", "b_down")
 
 
+def scalar_params(model: nn.Module) -> list[nn.Parameter]:
+    """0-D parameters (e.g. value-residual mixes): FSDP2 cannot shard them, so they stay replicated."""
+    return [p for p in model.parameters() if p.ndim == 0]
+
+
 def shard_model(model: nn.Module, ds: DistState, cfg: ParallelConfig) -> nn.Module:
-    """FSDP2 over ds.dp_mesh: one unit per block, then the root. Expert-parallel params are left out."""
+    """FSDP2 over ds.dp_mesh: one unit per block, then the root.
+
+    Left out (and reduced by `sync_unsharded_grads`): expert-parallel tensors and 0-D parameters.
+    """
     if ds.dp_mesh is None:
         return model
-    ignored: set[nn.Parameter] = set()
+    ignored: set[nn.Parameter] = set(scalar_params(model))
     if ds.ep_mesh is not None:
         for moe in model.moe_layers():
             ignored.update(getattr(moe, n) for n in expert_param_names())
@@ -125,9 +137,6 @@ def shard_model(model: nn.Module, ds: DistState, cfg: ParallelConfig) -> nn.Modu
         fully_shard(block, mesh=ds.dp_mesh, reshard_after_forward=cfg.reshard_after_forward,
                     ignored_params=block_ignored or None)
     fully_shard(model, mesh=ds.dp_mesh, ignored_params=ignored or None)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
     return model
 
 
@@ -138,16 +147,30 @@ def all_reduce_sum(t: torch.Tensor, ds: DistState) -> torch.Tensor:
     return t
 
 
-def sync_expert_grads(model: nn.Module, ds: DistState) -> None:
-    """Sum expert-parallel gradients over the expert-data-parallel ("edp") replicas."""
-    if ds.ep_mesh is None or ds.ep_mesh.size(0) == 1:
+def sync_unsharded_grads(model: nn.Module, ds: DistState) -> None:
+    """Reduce the gradients FSDP2 leaves alone, like FSDP2 does (sum / world, the loss being
+    scaled by the world size): replicated 0-D params over all ranks (one flattened all-reduce),
+    expert-parallel tensors over their "edp" replicas (the all-to-all backward already summed
+    over the "ep" group)."""
+    if ds.world == 1:
         return
-    group = ds.ep_mesh.get_group("edp")
+    scalars = [p for p in scalar_params(model) if p.grad is not None]
+    if scalars:
+        flat = torch.stack([p.grad for p in scalars])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for p, g in zip(scalars, flat):
+            p.grad.copy_(g / ds.world)
+    if ds.ep_mesh is None:
+        return
+    edp = ds.ep_mesh.get_group("edp") if ds.ep_mesh.size(0) > 1 else None
     for moe in model.moe_layers():
         for name in expert_param_names():
             p = getattr(moe, name)
             if p.grad is not None:
-                dist.all_reduce(p.grad.to_local(), op=dist.ReduceOp.SUM, group=group)
+                g = p.grad.to_local()
+                if edp is not None:
+                    dist.all_reduce(g, op=dist.ReduceOp.SUM, group=edp)
+                g.div_(ds.world)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

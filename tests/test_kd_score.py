@@ -1,0 +1,222 @@
+"""End to end on CPU: a tiny random HF teacher (Qwen3, vocab 201088) scores packed rows built by
+`vpmoe data build`; verify, read back aligned to loader batches, compare with the teacher's true
+distribution (computed independently, one plain forward per document), resume, work split,
+refusals (mismatched data/settings, truncated shard), the CLI, and the objective on top."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from vpmoe.cli import main as vpmoe_main
+from vpmoe.kd.cache import CacheError, CacheSpec, TeacherCache, verify_cache
+from vpmoe.kd.losses import LossSpec, span_means
+from vpmoe.kd.score import score
+from vpmoe.kd.teacher import TeacherConfig, load_teacher_config, targets_from_logits
+
+V = 201088
+K = 16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from vpmoe.data.build import build
+
+    root = tmp_path_factory.mktemp("kd_e2e")
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran far away to see sun rise over green hills".split()
+    rows = [{"synth_id": f"id{i}", "query": " ".join(rng.choices(words, k=6)),
+             "synthetic_reasoning": " ".join(rng.choices(words, k=rng.randint(8, 30))),
+             "synthetic_answer": " ".join(rng.choices(words, k=rng.randint(3, 10)))} for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(rows), root / "synth.parquet")
+    build(root / "synth.parquet", root / "data", seq_len=256, valid_fraction=0.0, chunk_rows=4, progress=False)
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaky distributions, like a trained LM's
+    model.save_pretrained(root / "teacher")
+    toml = root / "teacher.toml"
+    toml.write_text(f'[teacher]\nbackend = "hf"\nname = "tiny-qwen3"\npath = "{root / "teacher"}"\n'
+                    'dtype = "float32"\ndevice = "cpu"\nmax_batch_tokens = 1024\n')
+    tcfg = load_teacher_config(toml)
+    spec = CacheSpec(top_k=K)
+    first = score(root / "data", tcfg, root / "cache", spec, rank=1, world=2, progress=False)
+    second = score(root / "data", tcfg, root / "cache", spec, rank=0, world=2, progress=False)
+    return {"root": root, "model": model.eval(), "toml": toml, "tcfg": tcfg, "spec": spec,
+            "runs": (first, second)}
+
+
+def test_work_split_and_resume(world):
+    first, second = world["runs"]
+    n = first["shards_total"]
+    assert n >= 2 and first["shards_mine"] + second["shards_mine"] == n
+    assert first["positions"] > 0 and second["positions"] > 0
+    again = score(world["root"] / "data", world["tcfg"], world["root"] / "cache", world["spec"], rank=0,
+                  world=1, progress=False)
+    assert again["shards_skipped"] == n and again["positions"] == 0
+    report = verify_cache(world["root"] / "cache")
+    assert report["positions"] == first["positions"] + second["positions"]
+
+
+def test_cache_matches_true_teacher_distribution(world):
+    from vpmoe.data.loader import SplitData
+    from vpmoe.kd.score import data_manifest, data_split_hash, tokenizer_sha
+
+    data = SplitData(world["root"] / "data", "train")
+    manifest = data_manifest(world["root"] / "data")
+    cache = TeacherCache(world["root"] / "cache", tokenizer_sha(manifest), data_split_hash(manifest, "train"))
+    picks = [len(data) - 1, 0, 2]
+    batch = data.batch(picks)
+    target = cache.batch_target(batch["sample_index"], batch["loss_mask"], tokens=batch["tokens"])
+    # the truth, independently: one plain forward per document, full logits
+    true_lp = []
+    with torch.no_grad():
+        for b in range(len(picks)):
+            doc_ids, mask = batch["doc_ids"][b], batch["loss_mask"][b].bool()
+            for d in torch.unique(doc_ids):
+                where = torch.nonzero(doc_ids == d).squeeze(1)
+                sup = where[mask[where]]
+                if len(sup):
+                    logits = world["model"](batch["tokens"][b, where][None]).logits[0].double()
+                    true_lp.append(torch.log_softmax(logits, -1)[sup - where[0]])
+    true_lp = torch.cat(true_lp)
+    assert true_lp.shape[0] == target.ids.shape[0] == int(batch["loss_mask"].sum())
+    top = true_lp.topk(K, -1)
+    assert torch.equal(torch.sort(top.indices, 1).values, torch.sort(target.ids, 1).values)
+    labels = batch["labels"][batch["loss_mask"].bool()]
+    torch.testing.assert_close(target.label_logprob.double(), true_lp.gather(1, labels[:, None]).squeeze(1),
+                               atol=0.02, rtol=2e-3)
+    rest = torch.logsumexp(true_lp.scatter(1, top.indices, -math.inf), -1)
+    torch.testing.assert_close(target.rest_logmass.double(), rest.clamp_min(-100), atol=0.02, rtol=2e-3)
+    # coarse KL (top-k + rest) between the truth and the decoded cache: quantisation only
+    exact = torch.log_softmax(torch.cat([top.values, rest[:, None]], 1), -1)
+    order = torch.argsort(torch.argsort(top.indices, 1), 1)  # cache (id-sorted) -> rank order
+    cached = torch.cat([target.logprobs.double().gather(1, order), target.rest_logmass.double()[:, None]], 1)
+    cached = torch.log_softmax(cached, -1)
+    kl = (exact.exp() * (exact - cached)).sum(1).mean().item()
+    assert 0 <= kl < 2e-3, kl
+
+
+def test_hf_backend_rows_equal_plain_forward(world):
+    from vpmoe.kd.teacher import HFTeacher
+
+    teacher = HFTeacher(world["tcfg"], top_k=4, tail_samples=3, seed=0)
+    g = torch.Generator().manual_seed(1)
+    docs = [(torch.randint(0, 1000, (n,), generator=g).numpy(), np.array(p)) for n, p in
+            ((17, [0, 5, 15]), (9, [2, 7]), (30, list(range(0, 29, 4))))]
+    scores = teacher.score_docs(docs)
+    with torch.no_grad():
+        for (tokens, positions), s in zip(docs, scores):
+            lp = torch.log_softmax(world["model"](torch.as_tensor(tokens)[None]).logits[0].double(), -1)[positions]
+            top = lp.topk(4, -1)
+            assert np.array_equal(s.ids[:, :4], top.indices.numpy())
+            np.testing.assert_allclose(s.logprobs, lp.gather(1, torch.as_tensor(s.ids)).numpy(), atol=1e-4)
+            samples = torch.as_tensor(s.ids[:, 4:])
+            assert not (samples[:, :, None] == top.indices[:, None, :]).any()  # drawn outside the top-k
+            assert all(len(set(row)) == 7 for row in s.ids.tolist())
+            outside = lp.scatter(1, torch.as_tensor(s.ids), -math.inf)
+            np.testing.assert_allclose(s.rest_logmass, torch.logsumexp(outside, -1).numpy(), atol=1e-4)
+            labels = torch.as_tensor(tokens)[positions + 1]
+            np.testing.assert_allclose(s.label_logprob, lp.gather(1, labels[:, None]).squeeze(1).numpy(), atol=1e-4)
+
+
+def test_tail_samples_follow_the_tail_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    ids, lps, _, rest = targets_from_logits(logits, torch.zeros(4000, dtype=torch.long), top_k=2,
+                                            tail_samples=1, generator=g)
+    freq = torch.bincount(ids[:, 2], minlength=6).double() / 4000
+    tail = torch.softmax(logits[0, 2:].double(), 0)
+    torch.testing.assert_close(freq[2:], tail, atol=0.03, rtol=0)
+    assert freq[:2].sum() == 0
+
+
+def test_refusals_and_truncation_named(world, tmp_path):
+    root = world["root"]
+    other = CacheSpec(top_k=K + 1)
+    with pytest.raises(CacheError, match="another spec"):
+        score(root / "data", world["tcfg"], root / "cache", other, progress=False)
+    with pytest.raises(CacheError, match="data manifest.*the training data has bogus"):
+        TeacherCache(root / "cache", data_hash="bogus")
+    import shutil
+
+    broken = tmp_path / "cache"
+    shutil.copytree(root / "cache", broken)
+    victim = sorted(broken.glob("*.kdc"))[1]
+    victim.write_bytes(victim.read_bytes()[:-3])
+    with pytest.raises(CacheError, match=f"{victim.stem}.*truncated"):
+        verify_cache(broken)
+    assert vpmoe_main(["teacher", "verify", str(broken)]) == 2
+    assert vpmoe_main(["teacher", "verify", str(root / "cache"), "--data", str(root / "data")]) == 0
+
+
+def test_cli_score_resumes(world, capsys):
+    root = world["root"]
+    code = vpmoe_main(["teacher", "score", "--data", str(root / "data"), "--teacher", str(world["toml"]),
+                       "--out", str(root / "cache"), "--top-k", str(K), "--quiet"])
+    assert code == 0 and '"shards_skipped"' in capsys.readouterr().out
+
+
+def test_objective_offline_on_loader_batches(world):
+    from vpmoe.data.loader import SplitData
+    from vpmoe.kd.objective import KDConfig, KDObjective, is_kd_step
+    from vpmoe.config import from_dict
+
+    cfg = from_dict(KDConfig, {"mode": "offline", "cache": str(world["root"] / "cache"),
+                               "loss": {"kind": "fkl", "ce_weight": 0.2}, "kd_fraction": 0.6})
+    objective = KDObjective(cfg, data_dir=world["root"] / "data")
+    batch = SplitData(world["root"] / "data", "train").batch([1, 0])
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 256, 8, generator=g, requires_grad=True)
+    head = torch.randn(V, 8, generator=g) * 0.1
+    loss, stats = objective(hidden, head, batch, step=0, kd=True)
+    loss.backward()
+    assert stats["kd"].item() == 1 and torch.isfinite(loss) and hidden.grad.abs().sum() > 0
+    means = span_means(stats)
+    assert means["teacher_logp/final"] < 0 and means["kl/reasoning"] > 0
+    ce_loss, ce_stats = objective(hidden, head, batch, step=0, kd=False)
+    assert ce_stats["kd"].item() == 0 and "kl/final" not in span_means(ce_stats)
+    share = np.mean([is_kd_step(cfg, s) for s in range(4000)])
+    assert abs(share - 0.6) < 0.03
+    with pytest.raises(CacheError, match="data manifest"):
+        other = world["root"] / "data_valid_only"
+        other.mkdir(exist_ok=True)
+        from vpmoe.kd.cache import TeacherCache as TC
+        TC(world["root"] / "cache", data_hash="0" * 64)
+
+
+def test_online_teacher_dense_target(world):
+    from vpmoe.data.loader import SplitData
+    from vpmoe.kd.objective import KDConfig, KDObjective
+    from vpmoe.config import from_dict
+
+    cfg = from_dict(KDConfig, {"mode": "online", "teacher": str(world["toml"]), "loss": {"kind": "rkl"}})
+    objective = KDObjective(cfg)
+    batch = SplitData(world["root"] / "data", "train").batch([0])
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 256, 8, generator=g, requires_grad=True)
+    head = torch.randn(V, 8, generator=g) * 0.1
+    loss, stats = objective(hidden, head, batch, step=0, kd=True)
+    # the same loss from the teacher's plain per-document logits (the reference, materialised)
+    from vpmoe.kd.losses import DenseTarget, span_loss_reference
+
+    mask = batch["loss_mask"][0].bool()
+    rows = []
+    with torch.no_grad():
+        for d in torch.unique(batch["doc_ids"][0]):
+            where = torch.nonzero(batch["doc_ids"][0] == d).squeeze(1)
+            sup = where[mask[where]]
+            if len(sup):
+                rows.append(world["model"](batch["tokens"][0, where][None]).logits[0][sup - where[0]])
+    span = torch.where(mask, batch["span_id"][0], 0)
+    ref, _ = span_loss_reference(hidden[0].detach(), head, batch["labels"][0], span, LossSpec(kind="rkl"),
+                                 DenseTarget(logits=torch.cat(rows)))
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)

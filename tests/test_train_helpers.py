@@ -1,0 +1,162 @@
+"""Shared pieces of the training tests: tiny datasets built by `vpmoe data build`, a tiny run
+config, `vpmoe train` subprocesses (plain and torchrun) and run-directory snapshots.
+
+The synthetic SYNTH-schema parquet (short additions, ~128-token conversations) makes steps cheap
+on CPU while still going through the real renderer, packer, manifest and loader.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SYNTH_SAMPLE = SHARED / "data" / "synth_sample" / "synth_train.parquet"
+
+TEST_MODEL = """
+[model]
+vocab_size = 201088
+d_model = 32
+n_layers = 4
+n_heads = 2
+n_kv_heads = 1
+head_dim = 16
+window = 16
+n_dense_layers = 1
+dense_ffn = 32
+n_experts = 8
+expert_ffn = 16
+shared_ffn = 16
+top_k = 2
+n_groups = 2
+topk_groups = 2
+max_seq_len = 128
+"""
+
+TEST_RUN = """
+[data]
+path = "{data}"
+seq_len = 128
+micro_batch_size = 2
+
+[optim]
+lr = 0.02
+adamw_lr = 0.01
+
+[schedule]
+warmup_steps = 2
+decay_fraction = 0.5
+
+[train]
+run_dir = "{run_dir}"
+steps = {steps}
+grad_accum = 2
+device = "cpu"
+eval_every = 2
+eval_rows = 8
+progress = false
+tensorboard = false
+
+[checkpoint]
+every = 2
+keep = 3
+"""
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")  # the same thread count for every run: bitwise-repeatable CPU math
+    e["PYTHONWARNINGS"] = "ignore"
+    return e
+
+
+def vpmoe(*args: str, ranks: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `vpmoe ARGS` in a subprocess; ranks > 0 runs it under torchrun with that many ranks."""
+    if ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-port", str(29500 + os.getpid() % 2000), "-m", "vpmoe.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "vpmoe.cli", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write_synthetic_parquet(path: Path, rows: int = 240) -> Path:
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    table = []
+    for i in range(rows):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        table.append({"row_id": f"syn-{i:05d}", "query": f"What is {a} plus {b}?",
+                      "synthetic_reasoning": f"{a} + {b} = {a + b}.", "synthetic_answer": f"{a + b}"})
+    pq.write_table(pa.Table.from_pylist(table), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A dataset (seq_len 128, train + valid) built by `vpmoe data build` from synthetic rows."""
+    root = tmp_path_factory.mktemp("train_data")
+    parquet = write_synthetic_parquet(root / "syn.parquet")
+    out = root / "syn128"
+    vpmoe("data", "build", "--input", str(parquet), "--out", str(out), "--seq-len", "128",
+          "--valid-fraction", "0.1", "--quiet")
+    return out
+
+
+def require_shared() -> Path:
+    """The real SYNTH sample; FAIL when absent unless VPMOE_NO_SHARED=1 (then skip)."""
+    if SYNTH_SAMPLE.is_file():
+        return SYNTH_SAMPLE
+    if os.environ.get("VPMOE_NO_SHARED") == "1":
+        pytest.skip(f"{SYNTH_SAMPLE} absent and VPMOE_NO_SHARED=1")
+    pytest.fail(f"{SYNTH_SAMPLE} is missing: these tests need the shared SYNTH sample beside the repo "
+                "(set VPMOE_NO_SHARED=1 to skip them deliberately)")
+
+
+def write_config(path: Path, data: Path, run_dir: Path, steps: int = 4, extra: str = "") -> Path:
+    path.write_text(TEST_MODEL + TEST_RUN.format(data=data, run_dir=run_dir, steps=steps) + extra)
+    return path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss (the last record of a step wins)."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "grad_norm" in r}
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file under a directory with its size, mtime and sha256: to prove nothing changed."""
+    out = {}
+    for p in sorted(Path(directory).rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(directory))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[str(p.relative_to(directory))] = "dir"
+    return out
+
+
+def test_helpers_build_a_dataset(synth_data):
+    """The fixture itself: a manifest with both splits and supervised tokens of both spans."""
+    manifest = json.loads((synth_data / "manifest.json").read_text())
+    assert manifest["seq_len"] == 128
+    for split in ("train", "valid"):
+        counts = manifest["counts"]["splits"][split]
+        assert counts["rows"] > 0 and all(v > 0 for v in counts["supervised_tokens"].values())

@@ -1,0 +1,163 @@
+"""Exact resume after SIGKILL, refused resumes that leave the run directory untouched, and a
+diverging run that stops with the last good checkpoint kept."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_train_helpers import (ROOT, env, metrics, snapshot, synth_data, train_losses, vpmoe,  # noqa: F401
+                                      write_config)
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def reference(synth_data, tmp_path_factory):  # noqa: F811
+    """An uninterrupted run of STEPS steps (checkpoints every 2)."""
+    root = tmp_path_factory.mktemp("resume")
+    cfg = write_config(root / "run.toml", synth_data, root / "ref", steps=STEPS)
+    vpmoe("train", str(cfg))
+    return cfg, root / "ref"
+
+
+def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
+    cfg, ref_dir = reference
+    run_dir = tmp_path / "killed"
+    kill_after = random.Random(time.time_ns()).randint(3, STEPS - 2)
+    cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(cfg), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            done = train_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+            if done and max(done) >= kill_after:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before step {kill_after}: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    from vpmoe.train.checkpoint import latest_checkpoint
+
+    resumed_from = latest_checkpoint(run_dir)
+    assert resumed_from is not None, "no checkpoint completed before the kill"
+    result = vpmoe("train", str(cfg), "--run-dir", str(run_dir), "--resume")
+    assert f"resumed from {resumed_from}" in result.stdout + result.stderr
+    ref, got = train_losses(ref_dir), train_losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == ref[step], f"step {step} (killed after {kill_after}, resumed from {resumed_from.name})"
+    steps_logged = [r["step"] for r in metrics(run_dir) if "grad_norm" in r]
+    assert steps_logged == sorted(set(steps_logged)), "records of the killed run after the checkpoint were kept"
+    ref_valid = [(r["step"], r["valid/loss"]) for r in metrics(ref_dir) if "valid/loss" in r]
+    got_valid = [(r["step"], r["valid/loss"]) for r in metrics(run_dir) if "valid/loss" in r]
+    assert got_valid == ref_valid
+    # the newest `keep` checkpoints remain, and no temporary directory is left behind
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step_000004", "step_000006", "step_000008"]
+
+
+@pytest.fixture()
+def finished(reference, tmp_path):
+    """A private copy of the reference run to damage."""
+    import shutil
+
+    cfg, ref_dir = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    return cfg, run_dir
+
+
+def main(*args: str) -> int:
+    """`vpmoe ARGS` in this process (refusals happen before any heavy work)."""
+    from vpmoe.cli import main as vpmoe_main
+
+    return vpmoe_main(list(args))
+
+
+def refused(capsys, cfg, run_dir, *extra) -> str:
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    code = main("train", str(cfg), "--run-dir", str(run_dir), "--resume", "--set", "train.steps=10", *extra)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert snapshot(run_dir) == before, "a refused resume changed the run directory"
+    return err
+
+
+def test_resume_refuses_a_different_model(finished, capsys):
+    cfg, run_dir = finished
+    err = refused(capsys, cfg, run_dir, "--set", "model.d_model=64", "--set", "model.n_experts=16")
+    assert "model config differs" in err and "d_model: 32 != 64" in err and "n_experts: 8 != 16" in err
+
+
+def test_resume_refuses_a_missing_shard(finished, capsys):
+    cfg, run_dir = finished
+    shard = run_dir / "checkpoints" / "step_000008" / "__0_0.distcp"
+    shard.unlink()
+    err = refused(capsys, cfg, run_dir)
+    assert str(shard) in err and "missing" in err
+
+
+def test_resume_refuses_a_corrupt_checkpoint(finished, capsys):
+    cfg, run_dir = finished
+    shard = run_dir / "checkpoints" / "step_000008" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte deep inside the tensor data
+    shard.write_bytes(bytes(data))
+    err = refused(capsys, cfg, run_dir)
+    assert str(shard) in err and "sha256" in err and "corrupt" in err
+    with open(shard, "r+b") as f:  # truncated
+        f.truncate(len(data) // 3)
+    err = refused(capsys, cfg, run_dir)
+    assert str(shard) in err and "truncated" in err
+
+
+def test_resume_refuses_a_corrupt_provenance_or_other_tokenizer(finished, capsys):
+    cfg, run_dir = finished
+    prov = run_dir / "checkpoints" / "step_000008" / "provenance.json"
+    original = prov.read_text()
+    data = json.loads(original)
+    data["tokenizer_sha"] = "0" * 64
+    prov.write_text(json.dumps(data))
+    err = refused(capsys, cfg, run_dir)
+    assert "tokenizer sha256" in err and str(run_dir / "checkpoints" / "step_000008") in err
+    prov.write_text(original[: len(original) // 2])
+    err = refused(capsys, cfg, run_dir)
+    assert str(prov) in err and "corrupt" in err
+
+
+def test_fresh_start_in_a_used_run_dir_is_refused(finished, capsys):
+    cfg, run_dir = finished
+    before = snapshot(run_dir)
+    assert main("train", str(cfg), "--run-dir", str(run_dir)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_divergence_stops_with_last_good_checkpoint(synth_data, tmp_path, capsys):  # noqa: F811
+    """An absurd AdamW lr blows the logits up to inf at step 2: the run stops (exit 3) naming the
+    quantity, writes no checkpoint for the bad step, and step 1's checkpoint stays verifiable."""
+    from vpmoe.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+    cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "nan", steps=4)
+    code = main("train", str(cfg), "--set", "checkpoint.every=1", "--set", "optim.adamw_lr=1e30",
+                "--set", "schedule.warmup_steps=0", "--set", "optim.grad_clip=0.0")
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "not finite" in err and "last good one" in err
+    latest = latest_checkpoint(tmp_path / "nan")
+    assert latest is not None and latest.name == "step_000001"
+    assert verify_checkpoint(latest)["step"] == 1
+    assert not list((tmp_path / "nan" / "checkpoints").glob("*.tmp"))

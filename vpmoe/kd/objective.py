@@ -1,0 +1,140 @@
+"""The trainer-facing KD objective: `KDConfig` and `KDObjective(hidden, head_weight, batch)`.
+
+Design choices:
+- `mode = "none"`: plain span-normalised CE. `"offline"`: sparse targets read from a teacher
+  cache (checked against the training data's tokenizer sha and split hash at start-up, and each
+  row against its token crc32 at lookup). `"online"`: an in-process HF teacher runs on the batch
+  and gives a dense target as teacher hidden states + head (the fused loss recomputes teacher
+  logits chunk by chunk, never holding [tokens, vocab]).
+- Stage-2 mixing: a step is a KD step with probability `kd_fraction`, decided by a hash of
+  (seed, step) so every rank and micro-batch of a step agree without communication, and a
+  resumed run makes the same choices. CE steps use plain CE (`LossSpec(kind="ce")`).
+- The objective takes the student's final hidden states and head weight, never logits; it returns
+  `(loss, stats)` from `vpmoe.kd.fused.fused_span_loss`, plus `stats["kd"]` (1 on KD steps).
+  Logging: `vpmoe.kd.losses.span_means(stats)` after summing stats over micro-batches and ranks
+  gives loss/ce/kd/kl (forward KL teacher||student at T = 1, on the coarse distribution for
+  sparse targets) and teacher_logp per span.
+- Positions supervised = loss_mask = 1 and span_id > 0; cache rows are per loss_mask = 1 position.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from vpmoe.config import ConfigError
+from vpmoe.kd.fused import fused_span_loss
+from vpmoe.kd.losses import DenseTarget, LossSpec
+
+
+@dataclass
+class KDConfig:
+    mode: Literal["none", "offline", "online"] = "none"
+    cache: str = ""  # offline: teacher cache directory (vpmoe teacher score --out)
+    teacher: str = ""  # online: teacher TOML ([teacher] table, backend = "hf")
+    loss: LossSpec = field(default_factory=lambda: LossSpec(kind="fkl"))
+    kd_fraction: float = 0.7  # share of steps that use the KD loss (stage 2 plan: 0.5-0.8)
+    include_label: bool = False  # offline: add the actual token to the known ids when outside them
+    check_tokens: bool = True  # offline: compare each batch row's crc32 with the cached row's
+    seed: int = 0  # of the KD/CE step choice
+    chunk_size: int = 0  # fused loss rows per chunk; 0 = automatic
+
+    def validate(self) -> None:
+        if self.mode == "offline" and not self.cache:
+            raise ConfigError("cache: mode 'offline' needs a teacher cache directory")
+        if self.mode == "online" and not self.teacher:
+            raise ConfigError("teacher: mode 'online' needs a teacher config TOML")
+        if self.mode != "none" and self.loss.kind == "ce":
+            raise ConfigError("loss.kind: a KD mode needs a KD loss (fkl, rkl, jsd, tvd, cwce)")
+        if not 0.0 <= self.kd_fraction <= 1.0:
+            raise ConfigError(f"kd_fraction: must be in [0, 1], got {self.kd_fraction}")
+        if self.chunk_size < 0:
+            raise ConfigError(f"chunk_size: must be >= 0, got {self.chunk_size}")
+
+
+def is_kd_step(cfg: KDConfig, step: int) -> bool:
+    """Deterministic per (seed, step) Bernoulli(kd_fraction)."""
+    if cfg.mode == "none":
+        return False
+    digest = hashlib.sha256(f"{cfg.seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < cfg.kd_fraction
+
+
+class KDObjective:
+    """Built once per run; called per micro-batch."""
+
+    def __init__(self, cfg: KDConfig, data_dir=None, split: str = "train", device=None):
+        self.cfg, self.device = cfg, device
+        self.cache = self.teacher = None
+        if cfg.mode == "offline":
+            from vpmoe.kd.cache import TeacherCache
+            from vpmoe.kd.score import data_manifest, data_split_hash, tokenizer_sha
+
+            tok = data = None
+            if data_dir is not None:  # refuse a cache scored on other data or another tokenizer
+                manifest = data_manifest(data_dir)
+                tok, data = tokenizer_sha(manifest), data_split_hash(manifest, split)
+            self.cache = TeacherCache(cfg.cache, tokenizer_sha=tok, data_hash=data)
+        elif cfg.mode == "online":
+            from vpmoe.kd.teacher import HFTeacher, load_teacher_config
+
+            tcfg = load_teacher_config(cfg.teacher)
+            if tcfg.backend != "hf":
+                raise ConfigError(f"{cfg.teacher}: online KD needs backend = 'hf'")
+            self.teacher = HFTeacher(tcfg, top_k=1)
+            if self.teacher.softcap:
+                raise ConfigError(f"{cfg.teacher}: online KD does not support logit soft-capping teachers")
+
+    def __call__(self, hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict, step: int,
+                 w_r: float = 1.0, w_f: float = 1.0, span_token_counts: torch.Tensor | None = None,
+                 kd: bool | None = None):
+        """(loss, stats) for one micro-batch. hidden [B, T, d] (final-normed), head_weight [V, d];
+        batch: tokens, labels, loss_mask, span_id, doc_ids, sample_index (docs/interfaces.md).
+        `span_token_counts` ([3], index = span id): global-batch normalisers for exact gradient
+        accumulation (see fused_span_loss). `kd` overrides the per-step KD/CE choice."""
+        kd = is_kd_step(self.cfg, step) if kd is None else kd
+        b, t, d = hidden.shape
+        mask = batch["loss_mask"].bool()
+        span = torch.where(mask, batch["span_id"], torch.zeros_like(batch["span_id"]))
+        labels = batch["labels"].reshape(-1)
+        target, spec = None, LossSpec(kind="ce")
+        if kd:
+            spec = self.cfg.loss
+            target = self._target(batch, mask, span)
+        loss, stats = fused_span_loss(hidden.reshape(b * t, d), head_weight, labels, span.reshape(-1), spec,
+                                      target, w_r, w_f, chunk_size=self.cfg.chunk_size or None,
+                                      span_token_counts=span_token_counts)
+        stats["kd"] = torch.tensor(int(kd))
+        return loss, stats
+
+    def _target(self, batch, mask, span):
+        if self.cache is not None:
+            labels = batch["labels"] if self.cfg.include_label else None
+            target = self.cache.batch_target(batch["sample_index"], mask,
+                                             tokens=batch["tokens"] if self.cfg.check_tokens else None,
+                                             device=batch["labels"].device,
+                                             include_label=self.cfg.include_label, label_ids=labels)
+            keep = torch.nonzero(span[mask] > 0).squeeze(1).to(target.ids.device)
+            return target.select(keep)
+        return self._online_target(batch, span)
+
+    @torch.no_grad()
+    def _online_target(self, batch, span) -> DenseTarget:
+        """Teacher hidden states at the supervised positions, one document at a time."""
+        tokens, doc_ids = batch["tokens"].cpu().numpy(), batch["doc_ids"].cpu().numpy()
+        sup = (span > 0).cpu().numpy()
+        docs = []
+        for r in range(tokens.shape[0]):
+            for doc in np.unique(doc_ids[r][doc_ids[r] >= 0]):
+                where = np.flatnonzero(doc_ids[r] == doc)
+                positions = np.flatnonzero(sup[r][where])
+                if positions.size:
+                    docs.append((tokens[r][where], positions))
+        if not docs:
+            return DenseTarget(hidden=torch.zeros(0, self.teacher.head.weight.shape[1], device=batch["tokens"].device),
+                               head_weight=self.teacher.head.weight)
+        hidden, _ = self.teacher.hidden_at(docs)
+        return DenseTarget(hidden=hidden.to(batch["tokens"].device), head_weight=self.teacher.head.weight)

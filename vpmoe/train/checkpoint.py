@@ -1,0 +1,318 @@
+"""Checkpoints: DCP save/load with provenance, atomic directories, verification, HF export.
+
+Design choices:
+- Layout: `RUN/checkpoints/step_000123/` holds the DCP files (model incl. router-bias buffers,
+  optimizer incl. param groups, trainer counters; sharded however the job was sharded),
+  `rank_00000.pt` per rank (python/numpy/torch RNG states and the loader's state: these are
+  per-rank by nature) and `provenance.json` (git sha, config + model + data + tokenizer hashes,
+  world size, and the size and sha256 of every file in the directory).
+- Atomic: everything is written into `step_N.tmp/`; rank 0 writes provenance.json last and
+  renames the directory. A directory without `.tmp` is complete by construction; a crash leaves
+  only a `.tmp` that the next save of that step removes. The newest `keep` checkpoints are kept.
+- Verification before use: provenance parses, every listed file exists with the recorded size
+  and sha256 (hashing is split over ranks), model config and tokenizer match the run (differences
+  are named through `model_diff`). Nothing is written while verifying or loading, so a refused
+  resume leaves the run directory exactly as it was.
+- Model-only loads (`init_from`, eval, export) read only the `model.*` keys, into any sharding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from vpmoe.config import ConfigError, ModelConfig, from_dict, model_diff
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+PROVENANCE = "provenance.json"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, incomplete, corrupt or incompatible; the message says which file."""
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dcp(fn, state: dict, path: Path) -> None:
+    """dcp.save / dcp.load, single-process without DCP's 'assuming single process' warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        fn(state, checkpoint_id=str(path), no_dist=not _dist_on())
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def _gather(obj) -> list:
+    if not _dist_on():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- listing
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (no .tmp suffix) of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, rank_state: dict, provenance: dict, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    rank, world = _rank_world()
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    if rank == 0:
+        if final.exists():
+            raise CheckpointError(f"{final}: already exists; refusing to overwrite a complete checkpoint")
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+             "trainer": dict(trainer_state)}
+    _dcp(dcp.save, state, tmp)
+    torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+    _barrier()
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in names[rank::world]}
+    files = {}
+    for part in _gather(mine):
+        files.update(part)
+    if rank == 0:
+        prov = dict(provenance, step=step, world_size=world, files=files)
+        _write_json_atomic(tmp / PROVENANCE, prov)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- verifying
+
+
+def read_provenance(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    prov_path = path / PROVENANCE
+    if not prov_path.is_file():
+        raise CheckpointError(f"{prov_path}: missing; {path} is not a complete checkpoint")
+    try:
+        prov = json.loads(prov_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{prov_path}: corrupt ({e})") from None
+    for key in ("step", "files", "model", "world_size"):
+        if key not in prov:
+            raise CheckpointError(f"{prov_path}: field {key!r} missing")
+    return prov
+
+
+def verify_checkpoint(path: str | Path, hashes: bool = True) -> dict:
+    """Collective when distributed. Check every file against provenance; return the provenance."""
+    path = Path(path)
+    prov = read_provenance(path)
+    if ".metadata" not in prov["files"]:
+        raise CheckpointError(f"{path / PROVENANCE}: lists no DCP .metadata file")
+    rank, world = _rank_world()
+    problems = []
+    for name in sorted(prov["files"])[rank::world]:
+        want, f = prov["files"][name], path / name
+        if not f.is_file():
+            problems.append(f"{f}: missing (a shard of the checkpoint)")
+        elif f.stat().st_size != want["bytes"]:
+            problems.append(f"{f}: {f.stat().st_size} bytes, provenance says {want['bytes']} (truncated or corrupt)")
+        elif hashes and sha256_file(f) != want["sha256"]:
+            problems.append(f"{f}: sha256 does not match provenance (corrupt)")
+    problems = [p for part in _gather(problems) for p in part]
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    return prov
+
+
+def check_compatible(prov: dict, path: str | Path, model_cfg: ModelConfig, tokenizer_sha: str | None) -> None:
+    """Refuse a checkpoint whose model semantics or tokenizer differ from this run's."""
+    try:
+        ckpt_cfg = from_dict(ModelConfig, prov["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}/{PROVENANCE}: model config unreadable: {e}") from None
+    diff = model_diff(ckpt_cfg, model_cfg)
+    if diff:
+        raise CheckpointError(f"{path}: model config differs from the run's (checkpoint != run): " + "; ".join(diff))
+    ckpt_tok = prov.get("tokenizer_sha")
+    if tokenizer_sha and ckpt_tok and ckpt_tok != tokenizer_sha:
+        raise CheckpointError(f"{path}: tokenizer sha256 {ckpt_tok[:12]}... != the data's {tokenizer_sha[:12]}...")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Load model + optimizer + trainer counters (collective); return (trainer_state, this rank's state)."""
+    path = Path(path)
+    rank, _ = _rank_world()
+    rank_file = path / f"rank_{rank:05d}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(f"{rank_file}: missing (checkpoint written by a different world size?)")
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+             "trainer": {"step": 0, "tokens": 0, "elapsed": 0.0}}
+    try:
+        _dcp(dcp.load, state, path)
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; name the checkpoint
+        raise CheckpointError(f"{path}: DCP load failed: {str(e).strip().splitlines()[-1][:500]}") from e
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    rank_state = torch.load(rank_file, weights_only=False)
+    return state["trainer"], rank_state
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> None:
+    """Model weights (and router biases) only, from a DCP checkpoint, into any sharding."""
+    state = {"model": get_model_state_dict(model)}
+    try:
+        _dcp(dcp.load, state, path)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: DCP load failed: {str(e).strip().splitlines()[-1][:500]}") from e
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (its latest checkpoint)."""
+    path = Path(path)
+    if (path / PROVENANCE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint (no {PROVENANCE}) nor a run dir with checkpoints")
+    return latest
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory: config.json naming a model_type."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file() or (Path(path) / PROVENANCE).is_file():
+        return False
+    try:
+        return "model_type" in json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A `VpMoE` in eval mode from a checkpoint dir, a run dir (latest checkpoint) or an HF dir."""
+    from vpmoe.model.model import VpMoE
+
+    if is_hf_dir(path):
+        from vpmoe.model.hf import VpMoEForCausalLM, register
+        register()
+        return VpMoEForCausalLM.from_pretrained(str(path)).model.to(device).eval()
+    ckpt = resolve_checkpoint(path)
+    prov = verify_checkpoint(ckpt)
+    cfg = from_dict(ModelConfig, prov["model"], "model")
+    model = VpMoE(cfg)
+    load_model_weights(ckpt, model)
+    return model.to(device).eval()
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write an HF directory (AutoModelForCausalLM-loadable) from a checkpoint; atomic rename."""
+    from vpmoe.model.hf import register, to_hf
+
+    out = Path(out)
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists; choose a new output directory")
+    model = load_model_for_eval(checkpoint)
+    register()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    hf = to_hf(model)
+    hf.save_pretrained(str(tmp))
+    prov = read_provenance(resolve_checkpoint(checkpoint))
+    _write_json_atomic(tmp / "vpmoe_provenance.json", {k: v for k, v in prov.items() if k != "files"})
+    os.replace(tmp, out)
+    return out

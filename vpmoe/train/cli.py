@@ -1,0 +1,81 @@
+"""`vpmoe train`, `vpmoe report`, `vpmoe export`: the training component's subcommands.
+
+Design choices:
+- `vpmoe train CONFIG` is the same command on one process and under `torchrun --nproc-per-node N`
+  (multi-node: torchrun's rendezvous flags); `--resume` continues from the newest complete
+  checkpoint in the run directory (a fresh start when there is none, so a requeued job can
+  always pass it).
+- Errors the user can fix (bad config, refused checkpoint, bad data) are ConfigError and print
+  as one line (exit 2); a diverged run prints which quantity went non-finite (exit 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vpmoe.config import ConfigError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vpmoe.train.config import load_run_config
+    from vpmoe.train.parallel import shutdown_distributed
+    from vpmoe.train.trainer import Trainer, TrainingDiverged
+
+    overrides = list(args.set or [])
+    if args.run_dir:
+        overrides.append(f"train.run_dir={json.dumps(args.run_dir)}")  # a TOML string
+    cfg = load_run_config(args.config, overrides)
+    try:
+        try:
+            trainer = Trainer(cfg, resume=args.resume)
+            result = trainer.run()
+        except TrainingDiverged as e:
+            print(f"vpmoe train: stopped: {e}", file=sys.stderr)
+            return 3
+        except ValueError as e:  # vpmoe.data.DataError and friends: bad data on disk
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e)) from None
+    finally:
+        shutdown_distributed()
+    if trainer.ds.is_main:
+        msg = f"vpmoe train: done at step {result['step']}"
+        if "valid/loss" in result:
+            msg += f"; held-out loss {result['valid/loss']:.4f}"
+        print(msg)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vpmoe.train.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"wrote {path} and plots in {path.parent}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vpmoe.train.checkpoint import export_hf
+
+    out = export_hf(args.checkpoint, args.hf)
+    print(f"wrote {out} (load with vpmoe.model.hf.register(); AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train (stage 1: span-normalised CE) from a run config")
+    p.add_argument("config", help="run TOML ([model], [data], [optim], [schedule], [train], [checkpoint], ...)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.steps=10")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    p.add_argument("--run-dir", help="shorthand for --set train.run_dir=...")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("report", help="plots + markdown summary of a training run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("export", help="write a Hugging Face directory from a training checkpoint")
+    p.add_argument("checkpoint", help="checkpoint dir (RUN/checkpoints/step_N) or run dir (its newest)")
+    p.add_argument("--hf", required=True, help="output directory (must not exist)")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,60 @@
+"""The trainer's view of the data component: batch sources over `vpmoe data build` output.
+
+Design choices:
+- Training batches come from `vpmoe.data.loader.DataLoader`: deterministic, rank-sharded by
+  global sample positions, its whole state one integer. A step's global batch is the same
+  samples whatever the world size (rank r of W takes the r-th block of each W * B positions), so
+  1-rank and N-rank runs over the same global batch see the same rows.
+- Held-out batches: the first `eval_rows` rows of the valid split (all when 0), rank r taking rows
+  r, r + W, ...; so the held-out loss is the same number whatever the world size, and evaluation
+  never touches the training stream or its RNG.
+- The manifest's sha256 and tokenizer sha go into checkpoint provenance; `data.seq_len` must
+  equal the built sequence length (the shards are packed for it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vpmoe.config import ConfigError
+from vpmoe.data.loader import DataLoader, SplitData, read_manifest
+
+
+def dataset_fingerprint(path: str | Path) -> dict:
+    """{'manifest_sha', 'tokenizer_sha', 'seq_len'} of a built dataset (DataError if not one)."""
+    manifest, sha = read_manifest(path)
+    return {"manifest_sha": sha, "tokenizer_sha": manifest["tokenizer"]["sha256"],
+            "seq_len": int(manifest["seq_len"])}
+
+
+class BatchSource:
+    """Training batches of one split for one rank: `next()`, `state_dict()`, `load_state_dict()`."""
+
+    def __init__(self, data_cfg, split: str, rank: int, world: int):
+        check_seq_len(data_cfg)
+        self.loader = DataLoader(data_cfg.path, data_cfg.micro_batch_size, split=split,
+                                 seed=data_cfg.shuffle_seed, rank=rank, world_size=world, shuffle=True)
+
+    def next(self) -> dict:
+        return next(self.loader)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def check_seq_len(data_cfg) -> None:
+    fp = dataset_fingerprint(data_cfg.path)
+    if fp["seq_len"] != data_cfg.seq_len:
+        raise ConfigError(f"data.seq_len={data_cfg.seq_len} but {data_cfg.path} was built with "
+                          f"seq_len={fp['seq_len']}")
+
+
+def eval_batches(data_cfg, split: str, rank: int, world: int, rows: int):
+    """This rank's micro-batches of the first `rows` rows of `split` (all rows when 0)."""
+    data = SplitData(data_cfg.path, split)
+    total = len(data) if rows == 0 else min(rows, len(data))
+    mine = list(range(rank, total, world))
+    for i in range(0, len(mine), data_cfg.micro_batch_size):
+        yield data.batch(mine[i:i + data_cfg.micro_batch_size])

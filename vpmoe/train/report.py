@@ -1,0 +1,149 @@
+"""`vpmoe report RUN_DIR`: PNG plots and a short markdown summary of a training run.
+
+Design choices:
+- Reads only the run's own files (`metrics.jsonl`, `expert_load.jsonl`, `run_config.json`), so a
+  report can be made while the run is going, after it died, or on another machine.
+- When a step was logged twice (a run resumed after being killed), the last record wins.
+- Plots (matplotlib, Agg backend, into `RUN/report/`): loss per span with the held-out loss per
+  span on the same axes; lr and grad norm; tokens/s and MFU; router health (aux loss, load
+  entropy, dead experts); the expert-load heatmap (layer x expert, share of the layer's tokens,
+  latest logged step) and the per-layer load entropy over steps. Every file is written under a
+  temporary name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vpmoe.config import ConfigError
+from vpmoe.train.metrics import read_jsonl
+
+
+def _by_step(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    latest: dict[int, float] = {}
+    for rec in records:
+        if key in rec and isinstance(rec[key], (int, float)):
+            latest[int(rec["step"])] = float(rec[key])
+    steps = sorted(latest)
+    return steps, [latest[s] for s in steps]
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _plot_lines(plt, path: Path, title: str, series: list[tuple[str, str, list, list]], ylabel: str = "",
+                log_y: bool = False) -> bool:
+    series = [s for s in series if s[2]]
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, style, xs, ys in series:
+        ax.plot(xs, ys, style, label=label, markersize=4)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report/*.png and RUN/report/summary.md; returns the summary path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    if not records:
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: missing or empty; is {run_dir} a training run directory?")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    made = []
+    spans = ("reasoning", "final")
+    loss_series = [(f"train {s}", "-", *_by_step(records, f"loss/{s}")) for s in spans]
+    loss_series += [(f"held-out {s}", "o--", *_by_step(records, f"valid/loss/{s}")) for s in spans]
+    if _plot_lines(plt, out / "loss.png", "loss per span (train and held-out)", loss_series, "nats/token"):
+        made.append("loss.png")
+    if _plot_lines(plt, out / "lr_gradnorm.png", "learning rate and grad norm",
+                   [("lr", "-", *_by_step(records, "lr")), ("grad norm", "-", *_by_step(records, "grad_norm"))],
+                   log_y=True):
+        made.append("lr_gradnorm.png")
+    if _plot_lines(plt, out / "throughput.png", "throughput", [("tokens/s", "-", *_by_step(records, "tokens_per_s"))]):
+        made.append("throughput.png")
+    if _plot_lines(plt, out / "router.png", "router health",
+                   [("load entropy (mean, 1 = even)", "-", *_by_step(records, "router/entropy_mean")),
+                    ("load entropy (worst layer)", "-", *_by_step(records, "router/entropy_min")),
+                    ("min load / mean (worst layer)", "-", *_by_step(records, "router/min_over_mean"))]):
+        made.append("router.png")
+    loads = read_jsonl(run_dir / "expert_load.jsonl")
+    if loads:
+        last = {int(r["step"]): r for r in loads}
+        final = last[max(last)]
+        load = np.asarray(final["load"], dtype=np.float64)
+        share = load / np.maximum(load.sum(1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * load.shape[0] + 1.5)))
+        im = ax.imshow(share * load.shape[1], aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(f"expert load at step {final['step']} (share x n_experts; 1 = even)")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=ax)
+        _save(fig, out / "expert_load.png")
+        plt.close(fig)
+        made.append("expert_load.png")
+    entropy_rows = [(int(r["step"]), r["router/entropy_per_layer"]) for r in records if "router/entropy_per_layer" in r]
+    if entropy_rows:
+        latest = dict(entropy_rows)
+        steps = sorted(latest)
+        grid = np.asarray([latest[s] for s in steps]).T
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * grid.shape[0] + 1.5)))
+        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest",
+                       extent=(steps[0], steps[-1], grid.shape[0] - 0.5, -0.5))
+        ax.set_title("expert-load entropy per MoE layer (1 = even)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=ax)
+        _save(fig, out / "expert_entropy.png")
+        plt.close(fig)
+        made.append("expert_entropy.png")
+    summary = _summary(run_dir, records, made)
+    path = out / "summary.md"
+    tmp = path.with_name("summary.md.tmp")
+    tmp.write_text(summary)
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def _summary(run_dir: Path, records: list[dict], images: list[str]) -> str:
+    steps = sorted({int(r["step"]) for r in records})
+    first = lambda key: next(iter(_by_step(records, key)[1]), None)  # noqa: E731
+    last = lambda key: (_by_step(records, key)[1] or [None])[-1]  # noqa: E731
+    tps = _by_step(records, "tokens_per_s")[1]
+    cfg_path = run_dir / "run_config.json"
+    model = json.loads(cfg_path.read_text()).get("model", {}) if cfg_path.is_file() else {}
+    lines = [f"# Training report: {run_dir.name}", "",
+             f"- steps logged: {steps[0]}..{steps[-1]} ({len(steps)} steps)",
+             f"- tokens seen: {_fmt(last('tokens'))}",
+             f"- model: d_model={model.get('d_model')}, layers={model.get('n_layers')}, "
+             f"experts={model.get('n_experts')} top-{model.get('top_k')}",
+             f"- median tokens/s: {_fmt(float(np.median(tps)) if tps else None)}; last MFU: {_fmt(last('mfu'))}", "",
+             "| quantity | first | last |", "|---|---|---|"]
+    for key in ("loss", "loss/reasoning", "loss/final", "valid/loss", "valid/loss/reasoning", "valid/loss/final",
+                "aux_loss", "grad_norm", "router/entropy_min", "router/dead_experts"):
+        lines.append(f"| {key} | {_fmt(first(key))} | {_fmt(last(key))} |")
+    lines += ["", *[f"![{name}]({name})" for name in images], ""]
+    return "\n".join(lines)

@@ -1,0 +1,323 @@
+"""The training loop every stage uses: span-normalised loss, router balancing, DP/EP, checkpoints.
+
+Design choices:
+- Setup order makes a refused resume harmless: config -> process groups -> data -> (resume:
+  verify the checkpoint, check model config / tokenizer / data / world size) -> model (init or
+  `init_from`) -> expert parallel -> FSDP2 -> optimizer -> load state. Only after all of that
+  succeeded is anything written to the run directory.
+- Loss (training plan): `w_r * mean over reasoning positions + w_f * mean over final positions`
+  of the *global* batch. Before any forward, the step's micro-batches are fetched and their
+  per-span token counts summed and all-reduced; every micro-batch's `fused_span_loss` is then
+  normalised by those global counts, so gradients summed over micro-batches and ranks equal the
+  single-rank full-batch gradient (tests check 1 rank vs 2 ranks, FSDP2 and EP).
+- Router: the sequence aux loss (`out.aux_loss`, a mean over the micro-batch's rows) is weighted
+  by rows / global rows, giving the global batch's mean. Expert loads are summed over
+  micro-batches, all-reduced, and applied once per optimizer step (`update_router_biases`).
+- Numerics: fp32 master weights; bf16 autocast around the model on CUDA (configurable), the
+  loss in the hidden states' dtype. NaN/inf in the loss or the gradient norm stops the run
+  before the optimizer step (the last good checkpoint stays the newest one).
+- Exact resume: the checkpoint after step k holds everything the next step depends on (weights,
+  optimizer, router biases, loader position, RNG); the lr is a function of the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vpmoe.config import ConfigError, ModelConfig, config_hash, model_diff
+from vpmoe.kd.fused import fused_span_loss
+from vpmoe.kd.losses import STAT_KEYS, LossSpec, count_span_tokens
+from vpmoe.train import checkpoint as ckpt
+from vpmoe.train.config import RunConfig, run_config_dict
+from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches
+from vpmoe.train.expert_parallel import apply_expert_parallel
+from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, router_stats
+from vpmoe.train.optim import build_optimizer, set_lr
+from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
+                                  sync_unsharded_grads)
+from vpmoe.train.schedule import wsd_factor
+
+N_STATS = 1 + len(STAT_KEYS)  # count + sums, each [3] by span id
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm is NaN/inf; the message names the step and the quantity."""
+
+
+def _pack_stats(stats: dict) -> torch.Tensor:
+    """Fixed layout (count, then every STAT_KEY; zeros for keys this loss does not report)."""
+    zeros = torch.zeros(3, dtype=torch.float64, device=stats["count"].device)
+    return torch.cat([stats["count"].double()] + [stats.get(k, zeros).double() for k in STAT_KEYS])
+
+
+def _unpack_stats(packed: torch.Tensor) -> dict:
+    parts = packed.view(N_STATS, 3)
+    return {"count": parts[0], **{k: parts[i + 1] for i, k in enumerate(STAT_KEYS)}}
+
+
+def span_report(stats: dict, w_r: float, w_f: float, prefix: str = "") -> dict:
+    """Global per-span means and the weighted total (an empty span contributes 0)."""
+    out, total = {}, 0.0
+    for span, name, weight in ((1, "reasoning", w_r), (2, "final", w_f)):
+        n = float(stats["count"][span])
+        out[f"{prefix}tokens/{name}"] = int(n)
+        if n > 0:
+            mean = float(stats["loss_sum"][span]) / n
+            out[f"{prefix}loss/{name}"] = mean
+            total += weight * mean
+    out[f"{prefix}loss"] = total
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ds: DistState = init_distributed(cfg.train.device, cfg.parallel)
+        self.device = self.ds.device
+        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if bf16 else None
+        self._seed_everything(cfg.train.seed)
+        self.spec = LossSpec(kind="ce")
+        if cfg.kd.get("mode", "none") != "none":
+            raise ConfigError(f"kd.mode={cfg.kd['mode']!r}: KD training goes through vpmoe.kd.objective, "
+                              "which this trainer does not wire yet (stage 1 is kd.mode = 'none')")
+
+        self.train_data = BatchSource(cfg.data, cfg.data.train_split, self.ds.rank, self.ds.world)
+        self.fingerprint = dataset_fingerprint(cfg.data.path)
+        if not resume and (ckpt.list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()):
+            raise ConfigError(f"train.run_dir {self.run_dir} already holds a run; pass --resume to continue it "
+                              "or choose a new run directory")
+        self.start_ckpt = self._find_resume() if resume else None
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        from vpmoe.model.model import VpMoE
+        model = VpMoE(cfg.model)
+        if cfg.train.init_from and self.start_ckpt is None:
+            self._init_from(model, cfg.train.init_from)
+        model.to(self.device)
+        model.gradient_checkpointing = cfg.train.activation_checkpointing
+        apply_expert_parallel(model, self.ds)
+        self.model = shard_model(model, self.ds, cfg.parallel)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.start_ckpt is not None:
+            trainer_state, rank_state = ckpt.load_checkpoint(self.start_ckpt, self.model, self.optimizer)
+            self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
+            self.elapsed = float(trainer_state.get("elapsed", 0.0))
+            self.train_data.load_state_dict(rank_state["loader"])
+            ckpt.set_rng_state(rank_state["rng"])
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+
+        # everything above only read; from here on the run directory is written
+        self.metrics = MetricsLogger(self.run_dir, self.ds.is_main, self.step, cfg.train.tensorboard)
+        if self.ds.is_main:
+            self._write_config()
+
+    # ------------------------------------------------------------------------------ setup helpers
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _find_resume(self) -> Path | None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        prov = ckpt.verify_checkpoint(path, hashes=self.cfg.checkpoint.verify == "sha256")
+        ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
+        if prov["world_size"] != self.ds.world:
+            raise ckpt.CheckpointError(
+                f"{path}: written by {prov['world_size']} ranks, this run has {self.ds.world}; exact resume "
+                "needs the same world size (start a new run with train.init_from to change it)")
+        if prov.get("expert_parallel", 1) != self.ds.ep_size:
+            raise ckpt.CheckpointError(f"{path}: written with parallel.expert_parallel="
+                                       f"{prov.get('expert_parallel', 1)}, this run uses {self.ds.ep_size}")
+        old, new = prov.get("data_manifest_sha"), self.fingerprint.get("manifest_sha")
+        if old and new and old != new:
+            raise ckpt.CheckpointError(f"{path}: trained on a different dataset (manifest sha256 {old[:12]}... "
+                                       f"!= {new[:12]}... of {self.cfg.data.path})")
+        return path
+
+    def _init_from(self, model: torch.nn.Module, source: str) -> None:
+        """Weights only (fresh optimizer and step 0) from an HF dir, a checkpoint or a run dir."""
+        if ckpt.is_hf_dir(source):
+            from vpmoe.model.hf import VpMoEForCausalLM, register
+            register()
+            hf = VpMoEForCausalLM.from_pretrained(source)
+            diff = model_diff(hf.model.cfg, self.cfg.model)
+            if diff:
+                raise ConfigError(f"train.init_from {source}: model config differs: " + "; ".join(diff))
+            model.load_state_dict(hf.model.state_dict())
+            return
+        path = ckpt.resolve_checkpoint(source)
+        prov = ckpt.verify_checkpoint(path, hashes=self.cfg.checkpoint.verify == "sha256")
+        ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
+        ckpt.load_model_weights(path, model)
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "run_config.json.tmp"
+        tmp.write_text(json.dumps(run_config_dict(self.cfg), indent=1, default=str))
+        tmp.replace(self.run_dir / "run_config.json")
+
+    def provenance(self) -> dict:
+        return {"git_sha": ckpt.git_sha(), "config_hash": config_hash(self.cfg),
+                "model": dataclasses.asdict(self.cfg.model), "model_hash": config_hash(self.cfg.model),
+                "tokenizer_sha": self.fingerprint.get("tokenizer_sha"),
+                "data_manifest_sha": self.fingerprint.get("manifest_sha"), "data_path": str(self.cfg.data.path),
+                "expert_parallel": self.ds.ep_size, "torch": torch.__version__,
+                "config": run_config_dict(self.cfg)}
+
+    # ------------------------------------------------------------------------------ one step
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+
+    def _forward_loss(self, batch: dict, span_counts: torch.Tensor | None):
+        """(loss tensor, stats, aux_loss, expert_load) for one micro-batch."""
+        with self._autocast():
+            out = self.model(batch["tokens"], doc_ids=batch["doc_ids"], return_hidden=True)
+        hidden = out.hidden
+        if self.amp_dtype is not None:
+            hidden = hidden.to(self.amp_dtype)
+        span = batch["span_id"].long() * (batch["loss_mask"] != 0).long()
+        loss, stats = fused_span_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight,
+                                      batch["labels"].reshape(-1), span.reshape(-1), self.spec,
+                                      w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
+                                      span_token_counts=span_counts)
+        return loss, stats, out.aux_loss, out.expert_load
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        cfg, ds = self.cfg, self.ds
+        set_lr(self.optimizer, wsd_factor(self.step, cfg.train.steps, cfg.schedule))
+        micro_batches = [self._to_device(b) for b in micro_batches]
+        # count first: the global batch's per-span tokens and rows normalise every micro-batch
+        header = torch.zeros(4, dtype=torch.int64, device=self.device)
+        for b in micro_batches:
+            span = b["span_id"].long() * (b["loss_mask"] != 0).long()
+            header[:3] += count_span_tokens(span)
+            header[3] += b["tokens"].shape[0]
+        all_reduce_sum(header, ds)
+        span_counts, global_rows = header[:3], int(header[3])
+
+        stats_sum = torch.zeros(3 * N_STATS + 1, dtype=torch.float64, device=self.device)
+        load_sum = None
+        for b in micro_batches:
+            loss, stats, aux, load = self._forward_loss(b, span_counts)
+            aux_part = aux * (b["tokens"].shape[0] / global_rows)
+            ((loss + aux_part) * ds.world).backward()  # FSDP2 averages; see parallel.py
+            stats_sum[:-1] += _pack_stats(stats).to(self.device)
+            stats_sum[-1] += aux_part.detach().double()
+            load_sum = load if load_sum is None else load_sum + load
+        all_reduce_sum(stats_sum, ds)
+        all_reduce_sum(load_sum, ds)
+        sync_unsharded_grads(self.model, ds)
+
+        stats = _unpack_stats(stats_sum[:-1])
+        report = span_report(stats, cfg.train.w_reasoning, cfg.train.w_final)
+        gnorm = grad_norm(self.params)
+        if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
+            raise TrainingDiverged(f"step {self.step + 1}: loss is not finite ({report['loss']}); stopping. "
+                                   f"The newest checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
+        if not torch.isfinite(gnorm):
+            raise TrainingDiverged(f"step {self.step + 1}: gradient norm is not finite ({float(gnorm)}); stopping. "
+                                   f"The newest checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
+        clip_grads(self.params, cfg.optim.grad_clip, gnorm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_router_biases(load_sum)
+        self.step += 1
+        report.update({"aux_loss": float(stats_sum[-1]), "grad_norm": float(gnorm),
+                       "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
+                       "tokens_step": global_rows * cfg.data.seq_len})
+        report["_load"] = load_sum
+        return report
+
+    # ------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out per-span loss over the first `eval_rows` rows of the valid split."""
+        cfg, ds = self.cfg, self.ds
+        batches = eval_batches(cfg.data, cfg.data.valid_split, ds.rank, ds.world, cfg.train.eval_rows)
+        stats_sum = torch.zeros(3 * N_STATS, dtype=torch.float64, device=self.device)
+        while True:
+            batch = next(batches, None)
+            have = torch.tensor([0 if batch is None else 1], device=self.device)
+            if ds.world > 1:  # every rank must run the same number of forwards (FSDP/EP collectives)
+                torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+            if int(have) == 0:
+                break
+            _, stats, _, _ = self._forward_loss(self._to_device(batch), None)
+            stats_sum += _pack_stats(stats).to(self.device)
+        all_reduce_sum(stats_sum, ds)
+        return span_report(_unpack_stats(stats_sum), cfg.train.w_reasoning, cfg.train.w_final, prefix="valid/")
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def save(self) -> Path:
+        trainer_state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed}
+        rank_state = {"rng": ckpt.rng_state(), "loader": self.train_data.state_dict()}
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
+                                    rank_state, self.provenance(), self.cfg.checkpoint.keep)
+
+    def _log_step(self, report: dict, step_time: float, progress: Progress) -> None:
+        cfg = self.cfg
+        load = report.pop("_load")
+        tokens_per_s = report["tokens_step"] / max(step_time, 1e-9)
+        report.update({"tokens_per_s": tokens_per_s, "step_time_s": step_time, "tokens": self.tokens_seen,
+                       "mfu": self.flops_per_token * tokens_per_s / (cfg.train.peak_flops * self.ds.world)})
+        if self.device.type == "cuda":
+            report["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        report.update(router_stats(load))
+        if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            self.metrics.log(self.step, report)
+        if self.step % cfg.train.expert_load_every == 0 or self.step == cfg.train.steps:
+            self.metrics.log_expert_load(self.step, load.cpu())
+        progress.update(self.step, report["loss"], tokens_per_s)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        progress = Progress(cfg.train.steps, self.step, self.ds.is_main, cfg.train.progress)
+        last_eval: dict = {}
+        try:
+            if self.start_ckpt is not None:
+                progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                batches = [self.train_data.next() for _ in range(cfg.train.grad_accum)]
+                report = self.train_step(batches)
+                step_time = time.perf_counter() - t0
+                self.elapsed += step_time
+                self.tokens_seen += report["tokens_step"]
+                self._log_step(report, step_time, progress)
+                last_step = self.step == cfg.train.steps
+                if ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                                               or last_step):
+                    last_eval = self.evaluate()
+                    self.metrics.log(self.step, last_eval)
+                    progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step:
+                    path = self.save()
+                    progress.print(f"step {self.step}: checkpoint {path}")
+        finally:
+            progress.close()
+            self.metrics.close()
+        return {"step": self.step, **last_eval}
