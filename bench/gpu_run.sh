@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
 # One GPU-machine command: fast-path tests, the peer baseline, then our train-step benchmark, in
 # the same run so ratios compare like with like. The peer script is carried in .carry/ (it lives
-# in ../shared, which does not travel). Usage: bash bench/gpu_run.sh [cases] [steps]
+# in ../shared, which does not travel), and so is the git sha (.git may not travel):
+#   git rev-parse --short=12 HEAD > .carry/GIT_SHA   (append +dirty by hand if the tree is dirty)
+# Usage: bash bench/gpu_run.sh [cases] [steps]
+# Env: SKIP_TESTS=1, SKIP_PEER=1, BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
+#      KD_BENCH=1 (also bench/kd_loss.py), NS_CHUNK=64, TESTS=tests/gpu (pytest selection).
 set -uo pipefail
 cases=${1:-a,b,c}
-steps=${2:-6}
+steps=${2:-8}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+[ -f .carry/GIT_SHA ] && export VPMOE_GIT_SHA=$(cat .carry/GIT_SHA)
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (liger-kernel for bench/kd_loss.py)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+t0=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -x tests/gpu 2>&1 | tee "$out/gpu_tests.log" | tail -15
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu} 2>&1 \
+    | tee "$out/gpu_tests.log" | grep -v -i warn | tail -25
+  echo "# tests done at +$(( $(date +%s) - t0 ))s"
 fi
 : > "$out/peer.jsonl"
 if [ "${SKIP_PEER:-0}" != 1 ]; then
-  for b in 2 8; do
-    case "$cases" in *a*|*b*) python3 .carry/peer_hf_afmoe.py --layers 20 --batch $b --seq 2048 --impl grouped_mm 2>&1 | grep '^{' | tee -a "$out/peer.jsonl";; esac
+  for spec in a:2 b:8; do
+    case "$cases" in *${spec%%:*}*)
+      timeout 180 python3 .carry/peer_hf_afmoe.py --layers 20 --batch ${spec##*:} --seq 2048 --impl grouped_mm 2>&1 \
+        | grep '^{' | tee -a "$out/peer.jsonl" | cut -c1-300;;
+    esac
   done
+  echo "# peer done at +$(( $(date +%s) - t0 ))s"
 fi
-python3 bench/train_step.py --cases "$cases" --steps "$steps" --peer "$out/peer.jsonl" --record 2>&1 | tee "$out/train_step.log" | grep -v Warning | tail -40
-cp bench/RESULTS.md "$out/RESULTS.md"
+opt=""
+[ "${OPT_SWEEP:-0}" = 1 ] && opt="--opt-sweep"
+timeout "${BENCH_TIMEOUT:-480}" python3 bench/train_step.py --cases "$cases" --steps "$steps" --peer "$out/peer.jsonl" \
+  --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-64}" $opt --record 2>&1 | tee "$out/train_step.log" \
+  | grep -v -i -e warn -e '^ ' | cut -c1-1500 | tail -40
+echo "# train_step done at +$(( $(date +%s) - t0 ))s"
+if [ "${KD_BENCH:-0}" = 1 ]; then
+  timeout "${KD_TIMEOUT:-240}" python3 bench/kd_loss.py 2>&1 | tee "$out/kd_loss.log" | grep -v -i warn | tail -25
+  echo "# kd_loss done at +$(( $(date +%s) - t0 ))s"
+fi
+cp bench/RESULTS.md "$out/RESULTS.md" 2>/dev/null

@@ -15,15 +15,20 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def git_sha() -> str:
+    """HEAD's short sha (+dirty); where git or .git is missing (the GPU machine gets no .git),
+    the sha that bench/gpu_run.sh exports from .carry/GIT_SHA (written before the run)."""
+    env = os.environ.get("VPMOE_GIT_SHA")
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
-        sha = out.stdout.strip() or "unknown"
+        sha = out.stdout.strip()
+        if not sha:
+            return env or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("VPMOE_GIT_SHA", "unknown")
+        return env or "unknown"
 
 
 def device_name() -> str:

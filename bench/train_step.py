@@ -1,19 +1,25 @@
 """The vpMoE train step on one GPU: tokens/s, MFU, peak memory and a per-component breakdown.
 
 Run on the GPU machine in one command with the peer (HF Afmoe at vpMoE dims), so the ratio is
-taken in one run (see bench/gpu_run.sh). Cases:
-  (a) 20 layers, 2 x 2048 tokens   (b) 20 layers, 8 x 2048 tokens   (c) 80 layers (the full model)
+taken in one run (bench/gpu_run.sh). Cases:
+  (a) 20 layers, 2 x 2048 tokens   (b) 20 layers, 8 x 2048 tokens
+  (c) 80 layers (the full model), 8 x 2048 tokens as 2 micro-batches of 4 x 2048
+Variants: `graphed` (vpmoe.model.graphed: forward and backward+optimizer as CUDA graphs, the loss
+eager between) and `compiled` (the same compiled blocks launched from Python, micro-batches allowed).
 
 What is measured:
 - the bf16 matmul rate of this GPU (8192^3, median of repeats), the MFU denominator;
-- a full train step: forward, span-normalised CE through the fused chunked head+loss, backward,
-  grad clip, Muon+AdamW step, router-bias update; median of timed steps after warm-up (CUDA
-  events around the whole step);
+- a full train step: fused forward (vpmoe.model.fast), span-normalised CE through the fused
+  chunked head+loss, backward, global-norm clip (1.0) + Muon/AdamW (vpmoe.train.optim_fast), the
+  router-bias update; median of timed steps after warm-up (CUDA events around the whole step);
 - model FLOPs per token: 6 x (active non-embedding params + head) + attention (12 x keys x H x D
-  per layer, keys = the mean number of unmasked keys of this batch's layout), the standard
-  "useful work" count: no credit for recomputation, masked blocks or padding;
-- a breakdown: each component timed alone (forward + backward) at the step's shapes, times the
-  number of layers that have it, so the shares show where a step goes.
+  per layer, keys = the mean number of unmasked keys of this batch's layout): useful work only,
+  no credit for recomputation, masked blocks, padding or the optimizer's Newton-Schulz;
+- a breakdown: each component of the fused path alone (compiled, forward + backward, replayed as
+  a CUDA graph so launch gaps drop out: GPU time) at the step's shapes, times its layer count;
+  head+loss and the optimizer as run in the step. `other` = step - sum (norms, residual adds,
+  embedding, the loss's host syncs, launch gaps);
+- the optimizer alone for several Newton-Schulz chunk sizes, eager and graphed (--opt-sweep).
 """
 from __future__ import annotations
 
@@ -27,12 +33,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from vpmoe.config import load_model_config  # noqa: E402
+from vpmoe.kd.fused import fused_span_loss  # noqa: E402
+from vpmoe.kd.losses import LossSpec  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
-from vpmoe.model.model import VpMoE, positions_from_docs, route_reference  # noqa: E402
+from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # noqa: E402
+from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
+from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, sequence_aux_loss  # noqa: E402
 from vpmoe.model.params import count_params  # noqa: E402
+from vpmoe.train.optim import OptimConfig, build_optimizer  # noqa: E402
+from vpmoe.train.optim_fast import FastMuonAdamW  # noqa: E402
+
+CASES = {"a": (20, 2, 2048, 1), "b": (20, 8, 2048, 1), "c": (80, 8, 2048, 2)}  # layers, batch, seq, micro
 
 
 def cuda_time(fn, warmup=2, iters=5) -> float:
@@ -50,6 +65,25 @@ def cuda_time(fn, warmup=2, iters=5) -> float:
     return statistics.median(times)
 
 
+def graph_time(fn, iters=10) -> tuple[float, str]:
+    """GPU seconds of fn() replayed from a CUDA graph (eager timing if capture fails)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return cuda_time(g.replay, warmup=2, iters=iters), "graph"
+    except Exception as e:  # noqa: BLE001
+        print(f"# graph capture failed ({e!r:.200}); eager timing", flush=True)
+        torch.cuda.synchronize()
+        return cuda_time(fn, warmup=1, iters=iters), "eager"
+
+
 def matmul_tflops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -57,14 +91,12 @@ def matmul_tflops() -> float:
     return 2 * 8192 ** 3 / t / 1e12
 
 
-def make_batch(cfg, batch, seq, docs_per_row=4, seed=0):
+def make_batch(batch, seq, docs_per_row=4, seed=0, vocab=200000):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 200000, (batch, seq), generator=g)
-    # documents of random lengths, packed: boundaries drawn per row
-    doc_ids = torch.zeros(batch, seq, dtype=torch.long)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    doc_ids = torch.zeros(batch, seq, dtype=torch.long)  # documents of random lengths, packed
     for r in range(batch):
-        cuts = sorted(torch.randperm(seq - 1, generator=g)[: docs_per_row - 1].add(1).tolist())
-        for c in cuts:
+        for c in sorted(torch.randperm(seq - 1, generator=g)[: docs_per_row - 1].add(1).tolist()):
             doc_ids[r, c:] += 1
     labels = torch.roll(tokens, -1, 1)
     span_id = torch.ones(batch, seq, dtype=torch.long)
@@ -73,172 +105,243 @@ def make_batch(cfg, batch, seq, docs_per_row=4, seed=0):
     return {k: v.cuda() for k, v in dict(tokens=tokens, doc_ids=doc_ids, labels=labels, span_id=span_id).items()}
 
 
-def attention_flops_per_token(cfg, doc_ids) -> float:
+def flops_per_token(cfg, doc_ids) -> float:
     pos = positions_from_docs(doc_ids.cpu()).float()
     keys_global = (pos + 1).mean().item()
     keys_local = torch.clamp(pos + 1, max=cfg.window).mean().item()
     n_global = sum(cfg.is_global(i) for i in range(cfg.n_layers))
     per_key = 12 * cfg.n_heads * cfg.head_dim  # fwd 2 matmuls x 2 flops, backward twice that
-    return per_key * (n_global * keys_global + (cfg.n_layers - n_global) * keys_local)
+    attn = per_key * (n_global * keys_global + (cfg.n_layers - n_global) * keys_local)
+    return 6 * (count_params(cfg)["active_non_embedding"] + cfg.vocab_size * cfg.d_model) + attn
 
 
-def build(cfg, fast=True, compile_blocks=True):
-    from vpmoe.train.optim import OptimConfig, build_optimizer
+class Trainer:
+    """Model + optimizer + one step variant."""
 
-    torch.manual_seed(0)
-    model = VpMoE(cfg).cuda()
-    if fast:
-        K.use_fast_paths(model)
-    if compile_blocks:
-        for block in model.layers:
-            block.compile(dynamic=False)
-    opt = build_optimizer(model, OptimConfig())
-    return model, opt
+    def __init__(self, cfg, variant: str, ns_chunk: int):
+        torch.manual_seed(0)
+        self.cfg, self.variant = cfg, variant
+        self.model = VpMoE(cfg).cuda()
+        self.opt = build_optimizer(self.model, OptimConfig())
+        self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk)
+        self.fopt.init_state()
+        self.body = FastBody(self.model, static_masks=variant == "graphed")
+        self.graphed = (GraphedTrainStep(self.body, self.loss, self.fopt, [self.model.lm_head.weight])
+                        if variant == "graphed" else None)
+
+    def loss(self, hidden, batch, scale=1.0):
+        d = hidden.shape[-1]
+        loss, _ = fused_span_loss(hidden.reshape(-1, d), self.model.lm_head.weight.bfloat16(),
+                                  batch["labels"].flatten(), batch["span_id"].flatten(), LossSpec(kind="ce"))
+        return loss * scale
+
+    def step(self, micro: list[dict]):
+        if self.graphed is not None:
+            assert len(micro) == 1, "the graphed step takes one micro-batch"
+            return self.graphed(micro[0])
+        load, total = 0, 0.0
+        for mb in micro:
+            hidden, aux, lo = self.body(mb["tokens"], mb["doc_ids"])
+            loss = self.loss(hidden, mb, 1.0 / len(micro)) + aux / len(micro)
+            loss.backward()
+            load, total = load + lo, total + loss.detach()
+        self.fopt.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_router_biases(self.model, load)
+        return total
 
 
-def train_step(model, opt, batch):
-    from vpmoe.kd.fused import fused_span_loss
-    from vpmoe.kd.losses import LossSpec
-
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(batch["tokens"], doc_ids=batch["doc_ids"], return_hidden=True)
-    d = out.hidden.shape[-1]
-    loss, _ = fused_span_loss(out.hidden.reshape(-1, d).bfloat16(), model.lm_head.weight.bfloat16(),
-                              batch["labels"].flatten(), batch["span_id"].flatten(), LossSpec(kind="ce"))
-    loss = loss + out.aux_loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.update_router_biases(out.expert_load)
-    return loss
+def split(batch, micro: int) -> list[dict]:
+    return [{k: v.chunk(micro)[i] for k, v in batch.items()} for i in range(micro)]
 
 
-def breakdown(model, opt, batch, cfg) -> dict[str, float]:
-    """Each component alone, forward + backward at the step's shapes, times its layer count (ms)."""
-    from vpmoe.kd.fused import fused_span_loss
-    from vpmoe.kd.losses import LossSpec
+def dynamo_stats() -> dict:
+    from torch._dynamo.utils import counters
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
+
+def breakdown(tr: Trainer, batch) -> dict:
+    """GPU ms per step of each component alone (see the module docstring)."""
+    cfg, body, dt = tr.cfg, tr.body, torch.bfloat16
     B, T = batch["tokens"].shape
-    N, d = B * T, cfg.d_model
-    doc = batch["doc_ids"]
+    N, d, k, dev = B * T, cfg.d_model, cfg.top_k, "cuda"
+    doc, local, glob = body.doc_masks(batch["doc_ids"])
     pos = positions_from_docs(doc)
-    x = torch.randn(B, T, d, device="cuda", requires_grad=True)
-    res = {}
-    local = next(b for b in model.layers if not b.attn.is_global)
-    glob = next((b for b in model.layers if b.attn.is_global), None)
-    moe = model.moe_layers()[0]
+    n_global = sum(cfg.is_global(i) for i in range(cfg.n_layers))
+    res, how = {}, set()
 
-    def fb(fn):
+    def timed(name, fn, count):
+        t, h = graph_time(fn)
+        res[name] = res.get(name, 0.0) + t * 1e3 * count
+        how.add(h)
+
+    def fwd_bwd(fn, inputs, params):
+        """fn(*inputs) -> tensor or tuple; backward of sum(out * fixed random) into inputs + params."""
+        probe = {}
+
         def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = fn()
-            y.float().sum().backward()
+            out = fn(*inputs)
+            outs = out if isinstance(out, tuple) else (out,)
+            outs = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if "g" not in probe:
+                probe["g"] = [torch.randn_like(o) for o in outs]
+            leaves = [t for t in list(inputs) + list(params) if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad(outs, leaves, probe["g"], allow_unused=True)
         return run
 
-    v1 = torch.randn(B, cfg.n_kv_heads, T, cfg.head_dim, device="cuda")
-    n_global = sum(cfg.is_global(i) for i in range(cfg.n_layers))
-    res["attention"] = cuda_time(fb(lambda: local.attn(x, pos, doc, v1)[0])) * (cfg.n_layers - n_global)
-    if glob is not None:
-        res["attention"] += cuda_time(fb(lambda: glob.attn(x, pos, doc, v1)[0])) * n_global
-    flat = torch.randn(N, d, device="cuda", requires_grad=True)
-    route = torch.compile(lambda h: route_reference(h, moe.router.weight, moe.expert_bias, cfg))
+    v1 = torch.randn(B, cfg.n_kv_heads, T, cfg.head_dim, device=dev)
+    h = torch.randn(B, T, d, device=dev, requires_grad=True)
+    for layer, mask, slopes, count in ((1, local, None, cfg.n_layers - n_global), (3, glob, body.slopes, n_global)):
+        if count == 0 or layer >= cfg.n_layers:
+            continue
+        fn = torch.compile(make_block_fn(cfg, layer, dt, True).attention, dynamic=False)
+        p = body.params[layer]
+        timed("attention", fwd_bwd(lambda hh: fn(p, hh, pos, doc, v1, mask, slopes)[0], [h], p.values()), count)
     L = cfg.n_moe_layers
-    res["router"] = cuda_time(fb(lambda: route(flat)[1])) * L
-    idx, w, _ = route(flat)
-    idx, w = idx.detach(), w.detach().requires_grad_(True)
-    k = cfg.top_k
+    moe = tr.model.moe_layers()[0]
+    flat = torch.randn(N, d, device=dev, requires_grad=True)
 
-    def permute():
-        order, eor, offs = K.permute_by_expert(idx, cfg.n_experts)
-        return flat.to(torch.bfloat16)[order // k]
-    res["permute"] = cuda_time(fb(permute)) * L
-    order, eor, offs = K.permute_by_expert(idx, cfg.n_experts)
-    xs = flat.detach().to(torch.bfloat16)[order // k].requires_grad_(True)
-    res["experts"] = cuda_time(fb(lambda: K.grouped_expert_ffn(xs, eor, offs, moe.w_up, moe.b_up, moe.w_down,
-                                                                 moe.b_down))) * L
-    out = torch.randn(N * k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    def router(x):
+        idx, w, scores = route_reference(x, moe.router.weight, moe.expert_bias, cfg)
+        return w, sequence_aux_loss(scores, idx, B, cfg)
+    timed("router", fwd_bwd(torch.compile(router, dynamic=False), [flat], [moe.router.weight]), L)
+    with torch.no_grad():
+        idx, w, _ = route_reference(flat, moe.router.weight, moe.expert_bias, cfg)
+    w = w.detach().requires_grad_(True)
+    xb = flat.detach().to(dt).requires_grad_(True)
 
-    def combine():
-        o = out * w.flatten()[order, None].to(out.dtype)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return o[inverse].view(N, k, -1).sum(1)
-    res["combine"] = cuda_time(fb(combine)) * L
-    res["shared_expert"] = cuda_time(fb(lambda: moe.shared(flat))) * L
-    hidden = torch.randn(N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    res["head+loss"] = cuda_time(lambda: fused_span_loss(hidden, model.lm_head.weight.bfloat16(), batch["labels"].flatten(),
-                                                         batch["span_id"].flatten(), LossSpec(kind="ce"))[0].backward())
-    for p in model.parameters():
+    def permute(x):
+        r = K.Routing(idx, cfg.n_experts)
+        return K._Dispatch.apply(x, r.token, r.inverse, k)
+    timed("permute", fwd_bwd(torch.compile(permute, dynamic=False), [xb], []), L)
+    r = K.Routing(idx, cfg.n_experts)
+    xs = K._Dispatch.apply(xb, r.token, r.inverse, k).detach().requires_grad_(True)
+    ex = [moe.w_up, moe.b_up, moe.w_down, moe.b_down]
+    experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.expert, r.offsets, *ex), dynamic=False)
+    timed("experts", fwd_bwd(experts, [xs], ex), L)
+    out = torch.randn(N * k, d, device=dev, dtype=dt, requires_grad=True)
+    combine = torch.compile(lambda o, ww: K._Combine.apply(o, ww, r.inverse, r.token, r.order), dynamic=False)
+    timed("combine", fwd_bwd(combine, [out, w], []), L)
+    sh = [moe.shared.up.weight, moe.shared.up.bias, moe.shared.down.weight, moe.shared.down.bias]
+    shared = torch.compile(lambda x: make_block_fn(cfg, 1, dt, True).ffn(body.params[1], "ffn.shared.", x),
+                           dynamic=False)
+    timed("shared_expert", fwd_bwd(shared, [flat], sh), L)
+    hidden = torch.randn(B, T, d, device=dev, dtype=dt, requires_grad=True)
+    res["head+loss"] = cuda_time(lambda: tr.loss(hidden, batch).backward(), warmup=2, iters=5) * 1e3
+    for p in tr.model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    res["optimizer"] = cuda_time(lambda: opt.step(), warmup=1, iters=3)
-    opt.zero_grad(set_to_none=True)
-    return {k: v * 1e3 for k, v in res.items()}
+    res["optimizer"] = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)[0] * 1e3
+    res["optimizer_eager"] = cuda_time(tr.fopt.step, warmup=1, iters=3) * 1e3
+    tr.opt.zero_grad(set_to_none=True)
+    moe_ms = sum(res[c] for c in ("router", "permute", "experts", "combine", "shared_expert"))
+    res["routing_share_of_moe"] = (res["router"] + res["permute"] + res["combine"]) / moe_ms
+    res["timing"] = "+".join(sorted(how))
+    return res
 
 
-def run_case(name, layers, batch_size, seq, steps, peak_tflops, do_breakdown=True) -> dict:
-    cfg = dataclasses.replace(load_model_config(Path(__file__).resolve().parents[1] / "configs/vpmoe.toml"),
-                              n_layers=layers)
+def opt_sweep(tr: Trainer, chunks=(32, 64, 128, 256)) -> list[dict]:
+    rows = []
+    for p in tr.model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    for c in chunks:
+        tr.fopt.ns_chunk = c
+        eager = cuda_time(tr.fopt.step, warmup=1, iters=3)
+        graphed, how = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)
+        rows.append({"ns_chunk": c, "eager_ms": eager * 1e3, "graphed_ms": graphed * 1e3, "timing": how})
+        print(json.dumps(rows[-1]), flush=True)
+    tr.opt.zero_grad(set_to_none=True)
+    return rows
+
+
+def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep) -> tuple[dict, list]:
+    layers, batch_size, seq, micro = CASES[name]
+    if variant == "graphed":
+        micro = 1
+    cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    row = {"case": name, "layers": layers, "batch": batch_size, "seq": seq}
+    row = {"case": name, "variant": variant, "layers": layers, "batch": batch_size, "seq": seq, "micro": micro}
+    extra = []
+    tr = None
     try:
-        model, opt = build(cfg)
-        batch = make_batch(cfg, batch_size, seq)
-        t_compile = time.perf_counter()
-        train_step(model, opt, batch)
+        tr = Trainer(cfg, variant, ns_chunk)
+        batches = [split(make_batch(batch_size, seq, seed=s), micro) for s in range(3)]
+        t0 = time.perf_counter()
+        tr.step(batches[0])
         torch.cuda.synchronize()
-        row["first_step_s"] = time.perf_counter() - t_compile
-        step = cuda_time(lambda: train_step(model, opt, batch), warmup=2, iters=steps)
-        counts = count_params(cfg)
-        head = cfg.vocab_size * cfg.d_model
-        flops_tok = 6 * (counts["active_non_embedding"] + head) + attention_flops_per_token(cfg, batch["doc_ids"])
+        row["first_step_s"] = time.perf_counter() - t0
+        it = iter(range(10 ** 6))
+        step = cuda_time(lambda: tr.step(batches[next(it) % 3]), warmup=3, iters=steps)
         tokens = batch_size * seq
-        row.update(step_ms=step * 1e3, tokens_per_s=tokens / step,
-                   mfu=flops_tok * tokens / step / (peak_tflops * 1e12),
-                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+        flops = flops_per_token(cfg, batches[0][0]["doc_ids"]) * tokens
+        row.update(step_ms=step * 1e3, tokens_per_s=tokens / step, mfu=flops / step / (peak * 1e12),
+                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile=tr.body.compile_modes(),
+                   **dynamo_stats())
+        print(json.dumps(row), flush=True)
         if do_breakdown:
-            parts = breakdown(model, opt, batch, cfg)
-            moe_total = sum(parts[k] for k in ("router", "permute", "experts", "combine", "shared_expert"))
-            row["routing_share_of_moe"] = (parts["router"] + parts["permute"] + parts["combine"]) / moe_total
-            row.update({f"{k}_ms": v for k, v in parts.items()})
-        del model, opt
+            parts = breakdown(tr, batches[0][0])
+            parts["other"] = row["step_ms"] - sum(v for k_, v in parts.items() if k_ in (
+                "attention", "router", "permute", "experts", "combine", "shared_expert", "head+loss", "optimizer"))
+            row.update({f"{k_}_ms" if not k_.startswith(("routing", "timing")) else k_: v for k_, v in parts.items()})
+            print(json.dumps(parts), flush=True)
+        if do_sweep:
+            extra = opt_sweep(tr)
     except torch.OutOfMemoryError as e:
-        row["error"] = "out of memory: " + str(e)[:120]
+        row["error"] = "out of memory: " + str(e)[:160]
+    except Exception as e:  # noqa: BLE001 - report and go on with the next case
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    row.setdefault("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30)
+    del tr
     torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
-    return row
+    return row, extra
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="a,b,c", help="comma list of a,b,c")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--cases", default="a,b,c", help="comma list of a,b,c; case:variant picks one variant")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--ns-chunk", type=int, default=64)
     ap.add_argument("--peer", default="", help="JSON lines file with the peer's results, to add the ratio")
-    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--breakdown", default="a", help="cases that get the component breakdown")
+    ap.add_argument("--opt-sweep", action="store_true", help="NS chunk-size sweep of the optimizer on case a")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = matmul_tflops()
-    print(json.dumps({"bf16_matmul_tflops": peak}), flush=True)
-    specs = {"a": (20, 2, 2048), "b": (20, 8, 2048), "c": (80, 8, 2048)}
-    rows = [run_case(c, *specs[c], a.steps, peak, not a.no_breakdown) for c in a.cases.split(",")]
+    print(json.dumps({"bf16_matmul_tflops": peak, "device": torch.cuda.get_device_name(0)}), flush=True)
+    rows, sweep = [], []
+    for spec in a.cases.split(","):
+        name, _, variant = spec.partition(":")
+        variants = [variant] if variant else (["compiled"] if CASES[name][3] > 1 else ["graphed", "compiled"])
+        for v in variants:
+            row, extra = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
+                                  a.opt_sweep and name == "a" and v == variants[0])
+            rows.append(row)
+            sweep += extra
     peer = {}
     if a.peer and Path(a.peer).exists():
         for line in Path(a.peer).read_text().splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
-                if "tokens_per_s" in r:
-                    peer[(r["layers"], r["batch"], r["impl"])] = r["tokens_per_s"]
+                peer[(r.get("layers"), r.get("batch"), r.get("impl"))] = r.get("tokens_per_s", r.get("error"))
     for r in rows:
         p = peer.get((r["layers"], r["batch"], "grouped_mm"))
-        if p and "tokens_per_s" in r:
+        if isinstance(p, float) and "tokens_per_s" in r:
             r["x_peer_grouped_mm"] = r["tokens_per_s"] / p
         r["bf16_peak_tflops"] = peak
+        r.pop("compile", None)
     if a.record:
         from bench.results import append_results
-        append_results("train_step", "bash bench/gpu_run.sh", rows,
-                       notes=f"peer (HF Afmoe, same run): {json.dumps({str(k): v for k, v in peer.items()})}")
+        cmd = "bash bench/gpu_run.sh " + a.cases
+        append_results("train_step", cmd, rows,
+                       notes=f"peer (HF Afmoe grouped_mm, same run): {json.dumps({str(k): v for k, v in peer.items()})}")
+        if sweep:
+            append_results("optimizer_ns_chunk_sweep (case a model)", cmd, sweep)
+    else:
+        from bench.results import markdown_table
+        print(markdown_table(rows))
 
 
 if __name__ == "__main__":

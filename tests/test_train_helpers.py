@@ -1,7 +1,7 @@
 """Shared pieces of the training tests: tiny datasets built by `vpmoe data build`, a tiny run
 config, `vpmoe train` subprocesses (plain and torchrun) and run-directory snapshots.
 
-The synthetic SYNTH-schema parquet (short additions, ~128-token conversations) makes steps cheap
+The synthetic SYNTH-schema parquet (short additions, 110-170-token conversations) makes steps cheap
 on CPU while still going through the real renderer, packer, manifest and loader.
 """
 from __future__ import annotations
@@ -36,13 +36,13 @@ shared_ffn = 16
 top_k = 2
 n_groups = 2
 topk_groups = 2
-max_seq_len = 128
+max_seq_len = 192
 """
 
 TEST_RUN = """
 [data]
 path = "{data}"
-seq_len = 128
+seq_len = 192
 micro_batch_size = 2
 
 [optim]
@@ -100,19 +100,21 @@ def write_synthetic_parquet(path: Path, rows: int = 240) -> Path:
     table = []
     for i in range(rows):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
+        steps = " ".join(f"Check {a} + {b} again." for _ in range(rng.randint(0, 4)))  # varied span lengths
+        answer = f"{a + b}" + (f" since {a} + {b} = {a + b}" if rng.random() < 0.5 else "")
         table.append({"row_id": f"syn-{i:05d}", "query": f"What is {a} plus {b}?",
-                      "synthetic_reasoning": f"{a} + {b} = {a + b}.", "synthetic_answer": f"{a + b}"})
+                      "synthetic_reasoning": f"{a} + {b} = {a + b}. {steps}".strip(), "synthetic_answer": answer})
     pq.write_table(pa.Table.from_pylist(table), path)
     return path
 
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
-    """A dataset (seq_len 128, train + valid) built by `vpmoe data build` from synthetic rows."""
+    """A dataset (seq_len 192, train + valid) built by `vpmoe data build` from synthetic rows."""
     root = tmp_path_factory.mktemp("train_data")
     parquet = write_synthetic_parquet(root / "syn.parquet")
-    out = root / "syn128"
-    vpmoe("data", "build", "--input", str(parquet), "--out", str(out), "--seq-len", "128",
+    out = root / "syn192"
+    vpmoe("data", "build", "--input", str(parquet), "--out", str(out), "--seq-len", "192",
           "--valid-fraction", "0.1", "--quiet")
     return out
 
@@ -156,7 +158,7 @@ def snapshot(directory: Path) -> dict:
 def test_helpers_build_a_dataset(synth_data):
     """The fixture itself: a manifest with both splits and supervised tokens of both spans."""
     manifest = json.loads((synth_data / "manifest.json").read_text())
-    assert manifest["seq_len"] == 128
+    assert manifest["seq_len"] == 192
     for split in ("train", "valid"):
         counts = manifest["counts"]["splits"][split]
         assert counts["rows"] > 0 and all(v > 0 for v in counts["supervised_tokens"].values())

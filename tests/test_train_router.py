@@ -68,14 +68,14 @@ def test_one_step_equals_full_batch_hand_computation(trainer):
     cfg = trainer.cfg
     model0 = copy.deepcopy(trainer.model)
     micro = [trainer.train_data.next() for _ in range(cfg.train.grad_accum)]
-    counts = [int(((b["span_id"] == 1) & (b["loss_mask"] != 0)).sum()) for b in micro]
+    counts = [tuple(int(((b["span_id"] == s) & (b["loss_mask"] != 0)).sum()) for s in (1, 2)) for b in micro]
     assert counts[0] != counts[1], "micro-batches with equal span counts would not test the global normalisation"
     full = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
 
     report = trainer.train_step(micro)
 
     loss, aux, load = hand_loss(model0, full, cfg.train.w_reasoning, cfg.train.w_final)
-    assert report["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert report["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
     aux_by_hand = hand_aux(model0, full)
     assert float(aux_by_hand) > 0
     assert report["aux_loss"] == pytest.approx(float(aux_by_hand), rel=1e-5)

@@ -68,5 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m vpmoe.cli`: run the importable module, so its classes are the ones caught
+    from vpmoe.cli import main as _main
+
+    sys.exit(_main())

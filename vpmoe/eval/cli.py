@@ -153,8 +153,9 @@ def builtin_router_documents(tok) -> list[list[int]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.model == "fetch-bundle":
         from vpmoe.eval.core import fetch_bundle
-        sha = None if (args.sha256 or "").lower() == "none" else (args.sha256 or None)
-        kwargs = {"sha256": sha} if args.sha256 else {}
+        kwargs = {}
+        if args.sha256:  # 'none' skips the check (a bundle you built yourself)
+            kwargs["sha256"] = None if args.sha256.lower() == "none" else args.sha256
         if args.url:
             kwargs["url"] = args.url
         path = fetch_bundle(args.out, zip_path=args.zip, **kwargs)

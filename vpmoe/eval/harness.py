@@ -126,10 +126,17 @@ def truncate_left(ctx: list[int], cont: list[int], max_len: int | None) -> tuple
 
 @torch.no_grad()
 def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_tokens: int = 8192,
-                      max_rows: int = 64, pad_id: int = 0) -> list[Scored]:
-    """Score (context ids, continuation ids) pairs; results in input order."""
+                      max_rows: int = 64, pad_id: int = 0, logit_positions: int = 2048) -> list[Scored]:
+    """Score (context ids, continuation ids) pairs; results in input order.
+
+    A batch grows while its padded size stays within `batch_tokens` and, when the model can return
+    only the last positions' logits, while rows x kept positions stays within `logit_positions`
+    (so rows whose continuations sit far apart, e.g. different items, do not make every row pay
+    the head and the [rows, positions, vocab] tensor for the whole span between them).
+    """
     max_len = model_max_length(model)
     device = model_device(model)
+    can_keep = "logits_to_keep" in forward_kwargs(model)
     rows = []
     for ctx, cont in pairs:
         inp, n_cont = truncate_left(list(ctx), list(cont), max_len)
@@ -137,18 +144,21 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_tok
     results: list[Scored] = []
     start = 0
     while start < len(rows):
-        end, longest = start, 0
+        # position p predicts token p+1: row i's continuation is predicted by its last n_cont positions
+        end, longest, first_needed = start, 0, None
         while end < len(rows) and end - start < max_rows:
-            longest_if = max(longest, len(rows[end][0]))
-            if end > start and longest_if * (end - start + 1) > batch_tokens:
+            inp, _, n = rows[end]
+            longest_if = max(longest, len(inp))
+            first_if = len(inp) - n if first_needed is None else min(first_needed, len(inp) - n)
+            n_rows = end - start + 1
+            if end > start and (longest_if * n_rows > batch_tokens
+                                or can_keep and (longest_if - first_if) * n_rows > logit_positions):
                 break
-            longest, end = longest_if, end + 1
+            longest, first_needed, end = longest_if, first_if, end + 1
         batch = rows[start:end]
         ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
         for i, (inp, _, _) in enumerate(batch):
             ids[i, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-        # position p predicts token p+1; row i's continuation is predicted by its last n_cont positions
-        first_needed = min(len(inp) - n for inp, _, n in batch)
         keep = longest - first_needed
         logits = call_logits(model, ids.to(device), keep=keep)
         offset = longest - logits.shape[1]  # absolute position of logits[:, 0]

@@ -1,0 +1,235 @@
+"""The train step's forward, fused: same parameters and function as `VpMoE.forward`, restructured.
+
+`FastBody(model)(tokens, doc_ids) -> (hidden [B, T, d] bf16, aux_loss, expert_load)` reads the
+model's own parameters (nothing is copied, state dicts and optimizers are untouched) and computes
+what `model(tokens, doc_ids=doc_ids, return_hidden=True)` computes under bf16 autocast; the head
+and loss run after it (`vpmoe.kd.fused.fused_span_loss`). tests/test_kernels.py (CPU, fp32) and
+tests/gpu/ (bf16) check it against the reference.
+
+Design choices:
+- One function per block kind (dense / local MoE / global MoE) taking the block's parameters as a
+  dict, compiled once per kind with `torch.compile(fullgraph=True)` (it falls back to graph breaks,
+  then eager, with a warning, if that fails) and reused by every layer of the kind: compile
+  time does not grow with depth. No graph breaks: block masks, positions and the ALiBi slopes are
+  made outside and passed in.
+- Compute: GEMMs in bf16 with fp32 accumulation; norms, TPA products, rotary, softmax gates,
+  routing, biases and activations in fp32, fused by Inductor around the GEMMs; the residual
+  stream stays fp32 like the reference's under autocast.
+- Attention projections are one GEMM per layer: local layers concatenate the six TPA factor
+  matrices (1064 output columns), global layers wq/wk/wv; the split and the rank-4/2 TPA
+  contraction are pointwise work fused with bias, QK-norm and GRAPE rotation.
+- Attention: FlexAttention with the sink folded in through the LSE (`kernels.flex_with_sinks`);
+  the CPU path (tests) uses the reference attention.
+- MoE: the reference router (fp32 sigmoid, bias, group-limited top-k) traced into the block, then
+  `kernels.routed_experts` (device-side sort, grouped GEMMs, gather-only dispatch/combine). The
+  shared expert is two dense GEMMs on the same normed input; inside one compiled graph there is no
+  second stream, so it is not overlapped with the routed path (see docs/performance.md).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from vpmoe.model import kernels as K
+from vpmoe.model import model as M
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.to(_acc(x))
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+
+
+def tpa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., h, R], b [..., R, D] -> [..., h, D] = mean_r a[h, r] * b[r, :] (pointwise, fusable)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2) / a.shape[-1]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
+    return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
+
+
+def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool):
+    """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes)."""
+    H, G, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    Rq, Rkv, eps = cfg.tpa_q_rank, cfg.tpa_kv_rank, cfg.norm_eps
+    is_global, is_moe, first = cfg.is_global(layer), cfg.is_moe(layer), layer == 0
+    window = None if is_global else cfg.window
+
+    def attention(p, h, pos, doc, v_first, mask, slopes):
+        B, T, _ = h.shape
+        acc = _acc(h)
+        if is_global:
+            w = torch.cat([p["attn.wq.weight"], p["attn.wk.weight"], p["attn.wv.weight"]])
+            b = torch.cat([p["attn.wq.bias"], p["attn.wk.bias"], p["attn.wv.bias"]])
+            q, k, v = linear(h, w, b, dt).to(acc).split([H * D, G * D, G * D], dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
+        else:
+            names = ("a_q", "b_q", "a_k", "b_k", "a_v", "b_v")
+            w = torch.cat([p[f"attn.{n}.weight"] for n in names])
+            parts = linear(h, w, None, dt).to(acc).split([x.shape[0] for x in
+                                                          (p[f"attn.{n}.weight"] for n in names)], dim=-1)
+            aq, bq, ak, bk, av, bv = parts
+            q = tpa(aq.view(B, T, H, Rq), bq.view(B, T, Rq, D)) + p["attn.q_bias"].view(H, D)
+            k = tpa(ak.view(B, T, G, Rkv), bk.view(B, T, Rkv, D)) + p["attn.k_bias"].view(G, D)
+            v = tpa(av.view(B, T, G, Rkv), bv.view(B, T, Rkv, D)) + p["attn.v_bias"].view(G, D)
+        q = rms(q, p["attn.q_norm.weight"], eps).transpose(1, 2)  # [B, H, T, D]
+        k = rms(k, p["attn.k_norm.weight"], eps).transpose(1, 2)
+        v = v.transpose(1, 2)
+        v_raw = v
+        if not first:
+            lam = p["attn.value_mix"].to(acc)
+            v = lam * v + (1 - lam) * v_first
+        if not is_global:
+            freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
+            angles = pos.to(acc)[:, None, :, None] * freq
+            cos, sin = angles.cos(), angles.sin()
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if flex:
+            out = K.flex_with_sinks(q.to(dt), k.to(dt), v.to(dt), p["attn.sinks"], mask, slopes)
+        else:
+            out = M.attention_reference(q, k, v, p["attn.sinks"], pos, pos, doc, doc, window, slopes)
+        out = out.transpose(1, 2).reshape(B, T, H * D)
+        return linear(out, p["attn.wo.weight"], p["attn.wo.bias"], dt).to(acc), v_raw
+
+    def ffn(p, prefix, h):
+        up = linear(h, p[f"{prefix}up.weight"], p[f"{prefix}up.bias"], dt).to(_acc(h))
+        return linear(M.squared_relu(up), p[f"{prefix}down.weight"], p[f"{prefix}down.bias"], dt).to(_acc(h))
+
+    def block(p, x, pos, doc, v_first, mask, slopes):
+        B, T, _ = x.shape
+        a, v_raw = attention(p, rms(x, p["attn_norm.weight"], eps), pos, doc, v_first, mask, slopes)
+        x = x + a
+        h = rms(x, p["ffn_norm.weight"], eps)
+        if not is_moe:
+            return x + ffn(p, "ffn.", h), v_raw, None, None
+        flat = h.view(B * T, d)
+        idx, weight, scores = M.route_reference(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg)
+        aux = M.sequence_aux_loss(scores, idx, B, cfg) if cfg.aux_loss_coef > 0 else scores.new_zeros(())
+        flat_idx = idx.flatten()
+        load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx))
+        routed = K.routed_experts(flat.to(dt), idx, weight, p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"],
+                                  p["ffn.b_down"])
+        f = ffn(p, "ffn.shared.", flat) + routed.to(flat.dtype)
+        return x + f.view(B, T, d), v_raw, aux, load
+
+    block.attention, block.ffn = attention, ffn  # pieces, for bench/train_step.py's breakdown
+    return block
+
+
+class _CompileLadder:
+    """torch.compile(fullgraph) -> torch.compile (graph breaks allowed) -> eager, on first failure."""
+
+    def __init__(self, fn, enabled: bool):
+        self.fn = fn
+        self.rungs = ([("fullgraph", torch.compile(fn, dynamic=False, fullgraph=True)),
+                       ("graph-breaks", torch.compile(fn, dynamic=False))] if enabled else []) + [("eager", fn)]
+        self.failures: list[str] = []
+
+    @property
+    def mode(self) -> str:
+        return self.rungs[0][0]
+
+    def __call__(self, *args):
+        while True:
+            try:
+                return self.rungs[0][1](*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                if len(self.rungs) == 1:
+                    raise
+                self.failures.append(f"{self.rungs[0][0]}: {e!r:.400}")
+                warnings.warn(f"vpmoe.model.fast: {self.rungs[0][0]} failed ({e!r:.400}); trying {self.rungs[1][0]}")
+                self.rungs.pop(0)
+
+
+class FastBody:
+    """Embedding + blocks + final norm of a VpMoE, on the fused path (see the module docstring)."""
+
+    def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
+                 static_masks: bool = False):
+        self.model, self.cfg = model, model.cfg
+        p0 = model.embed.weight
+        self.flex = p0.is_cuda
+        self.dtype = dtype or (torch.bfloat16 if p0.is_cuda else p0.dtype)
+        use_compile = p0.is_cuda if compile is None else compile
+        self.static_masks = static_masks
+        self._masks: dict = {}
+        self.slopes = M.alibi_slopes(self.cfg.n_heads).to(p0.device)
+        self.fns, self.kind_of = {}, []
+        for i in range(self.cfg.n_layers):
+            kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
+            if kind not in self.fns:
+                self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex), use_compile)
+            self.kind_of.append(kind)
+        self.params = [self._block_params(b) for b in model.layers]
+
+    @staticmethod
+    def _block_params(block) -> dict:
+        p = dict(block.named_parameters())
+        if isinstance(block.ffn, M.MoE):
+            p["ffn.expert_bias"] = block.ffn.expert_bias
+        return p
+
+    def compile_modes(self) -> dict:
+        return {str(k): f.mode for k, f in self.fns.items()}
+
+    def doc_masks(self, doc_ids: torch.Tensor, rebuild: bool = True):
+        """(doc buffer, local mask, global mask) for this shape; rebuilt from doc_ids unless not asked."""
+        key = tuple(doc_ids.shape)
+        dm = self._masks.get(key)
+        if dm is None:
+            dm = self._masks[key] = K.DocMasks(key, doc_ids.device, self.cfg.window, static=self.static_masks)
+            rebuild = True
+        if rebuild:
+            dm.update(doc_ids)
+        return dm.doc, dm.local, dm.glob
+
+    def __call__(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, rebuild_masks: bool = True):
+        model, cfg = self.model, self.cfg
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(tokens)
+        if self.flex:
+            doc_ids, local, glob = self.doc_masks(doc_ids, rebuild_masks)
+        else:
+            local = glob = None
+        pos = M.positions_from_docs(doc_ids)
+        x = model.embed(tokens)
+        x = x.to(torch.float32) if x.dtype != torch.float64 else x
+        v_first, aux_total, loads = None, x.new_zeros(()), []
+        for i, block in enumerate(model.layers):
+            kind = self.kind_of[i]
+            mask, slopes = (glob, self.slopes) if kind[0] else (local, None)
+            x, v, aux, load = self.fns[kind](self.params[i], x, pos, doc_ids, v_first, mask, slopes)
+            if v_first is None:
+                v_first = v
+            if aux is not None:
+                aux_total = aux_total + aux
+                loads.append(load)
+        hidden = rms(x, model.norm.weight, cfg.norm_eps).to(self.dtype)
+        expert_load = (torch.stack(loads) if loads else
+                       torch.zeros(0, cfg.n_experts, dtype=torch.long, device=x.device))
+        return hidden, aux_total * cfg.aux_loss_coef, expert_load
+
+
+@torch.no_grad()
+def update_router_biases(model: M.VpMoE, expert_load: torch.Tensor) -> None:
+    """`model.update_router_biases` in two launches (foreach over the layers' bias buffers)."""
+    biases = [m.expert_bias for m in model.moe_layers()]
+    if not biases:
+        return
+    load = expert_load.float().to(biases[0].device)
+    signs = torch.sign(load.mean(1, keepdim=True) - load) * model.cfg.bias_update_rate
+    torch._foreach_add_(biases, list(signs.unbind(0)))
