@@ -17,9 +17,7 @@ setting the exact top-k + rest is encoded, decoded and compared:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 

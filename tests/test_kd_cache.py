@@ -86,9 +86,9 @@ def test_encode_decode_row(codec):
 
 def test_bytes_per_token_and_reconstruction_kl_at_k64():
     ids, lps, lab, rest, true_lp = teacher_rows(64, 64, seed=4, scale=5.0)
-    spec = CacheSpec(top_k=64)  # rice, 6-bit log-probs: the default
+    spec = CacheSpec(top_k=64)  # rice, 5-bit log-probs: the default
     buf = encode_row(ids, lps, lab, rest, spec)
-    assert len(buf) / 64 < 160  # uniformly random ids are the worst case for gap coding
+    assert len(buf) / 64 <= 150  # the goal at k=64, even for uniform random ids (gap coding's worst case)
     d = decode_row(buf, 64, spec)
     d = [torch.from_numpy(np.asarray(x)) for x in d]  # (ids, lps, label_lp, rest)
     target = SparseTarget(d[0], d[1], d[3], d[2])
@@ -100,7 +100,7 @@ def test_bytes_per_token_and_reconstruction_kl_at_k64():
         return torch.log_softmax(x, -1)
     a, b = coarse(exact), coarse(target)
     kl = (a.exp() * (a - b)).sum(1).mean().item()
-    assert 0 < kl < 1.2e-3
+    assert 0 < kl < 5e-3
     full = reconstruct_logprobs(target, V)
     torch.testing.assert_close(full.exp().sum(1), torch.ones(64, dtype=torch.float64))
     kl_full = (true_lp.exp() * (true_lp - full)).sum(1).mean().item()

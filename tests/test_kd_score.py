@@ -13,7 +13,7 @@ from vpmoe.cli import main as vpmoe_main
 from vpmoe.kd.cache import CacheError, CacheSpec, TeacherCache, verify_cache
 from vpmoe.kd.losses import LossSpec, span_means
 from vpmoe.kd.score import score
-from vpmoe.kd.teacher import TeacherConfig, load_teacher_config, targets_from_logits
+from vpmoe.kd.teacher import load_teacher_config, targets_from_logits
 
 V = 201088
 K = 16
@@ -186,11 +186,18 @@ def test_objective_offline_on_loader_batches(world):
     assert ce_stats["kd"].item() == 0 and "kl/final" not in span_means(ce_stats)
     share = np.mean([is_kd_step(cfg, s) for s in range(4000)])
     assert abs(share - 0.6) < 0.03
-    with pytest.raises(CacheError, match="data manifest"):
-        other = world["root"] / "data_valid_only"
-        other.mkdir(exist_ok=True)
-        from vpmoe.kd.cache import TeacherCache as TC
-        TC(world["root"] / "cache", data_hash="0" * 64)
+    # a cache scored on other data is refused when the objective is built, showing both hashes
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vpmoe.data.build import build
+
+    other = world["root"] / "other"
+    pq.write_table(pa.Table.from_pylist([{"synth_id": "x", "query": "q", "synthetic_reasoning": "r r",
+                                          "synthetic_answer": "a"}]), world["root"] / "other.parquet")
+    build(world["root"] / "other.parquet", other, seq_len=256, valid_fraction=0.0, progress=False)
+    with pytest.raises(CacheError, match="another data manifest: cache has data_manifest_hash=.*, the training"):
+        KDObjective(cfg, data_dir=other)
 
 
 def test_online_teacher_dense_target(world):

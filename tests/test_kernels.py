@@ -1,7 +1,7 @@
 """Fast paths against the reference on the CPU (the GPU versions: tests/gpu/)."""
 import torch
 
-from vpmoe.model.kernels import experts_grouped, permute_by_expert
+from vpmoe.model.kernels import Routing, _Combine, _Dispatch, experts_grouped, permute_by_expert
 from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference
 from tests.test_model import randomize, small
 
@@ -42,3 +42,118 @@ def test_model_with_fast_paths_matches_reference_on_cpu():
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 20])
     torch.testing.assert_close(fast(ids, doc_ids=doc).logits, ref(ids, doc_ids=doc).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the fused train-step path
+
+def test_routing_offsets_and_inverse():
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 6, (23, 3), generator=g)
+    r = Routing(idx, 8)  # experts 6 and 7 get no rows
+    counts = torch.bincount(idx.flatten(), minlength=8)
+    assert r.offsets.tolist() == counts.cumsum(0).tolist()
+    assert r.expert.tolist() == sorted(idx.flatten().tolist())
+    assert torch.equal(r.order[r.inverse], torch.arange(idx.numel()))
+    assert torch.equal(r.token, r.order // 3)
+
+
+def test_dispatch_and_combine_match_indexing_autograd():
+    """The gather-only backward passes equal autograd through plain indexing (float64)."""
+    g = torch.Generator().manual_seed(6)
+    N, k, d, E = 13, 3, 5, 4
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    r = Routing(idx, E)
+    x = torch.randn(N, d, dtype=torch.float64, generator=g, requires_grad=True)
+    rows = torch.randn(N * k, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(N, k, dtype=torch.float64, generator=g, requires_grad=True)
+    gx = torch.randn(N * k, d, dtype=torch.float64, generator=g)
+    gy = torch.randn(N, d, dtype=torch.float64, generator=g)
+    fast = [_Dispatch.apply(x, r.token, r.inverse, k), _Combine.apply(rows, w, r.inverse, r.token, r.order)]
+    plain = [x[r.order // k], (rows[r.inverse].view(N, k, d) * w[..., None]).sum(1)]
+    for outs in (fast, plain):
+        for t in (x, rows, w):
+            t.grad = None
+        ((outs[0] * gx).sum() + (outs[1] * gy).sum()).backward()
+        outs.append([outs[0].detach(), outs[1].detach(), x.grad.clone(), rows.grad.clone(), w.grad.clone()])
+    for a, b in zip(fast[-1], plain[-1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_fast_body_matches_reference_forward_and_backward():
+    """FastBody (merged projections, pointwise TPA, routed_experts, fused MoE block) computes
+    `VpMoE.forward(return_hidden=True)`: hidden, aux, loads and every parameter's gradient (fp32)."""
+    import copy
+
+    from vpmoe.model.fast import FastBody
+    cfg = small(n_layers=5)
+    ref = randomize(VpMoE(cfg))
+    fast = copy.deepcopy(ref)
+    body = FastBody(fast)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 3 + [1] * 17])
+    out = ref(ids, doc_ids=doc, return_hidden=True)
+    hidden, aux, load = body(ids, doc)
+    torch.testing.assert_close(hidden, out.hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux, out.aux_loss)
+    assert torch.equal(load, out.expert_load)
+    g = torch.randn_like(hidden)
+    ((out.hidden * g).sum() + out.aux_loss).backward()
+    ((hidden * g).sum() + aux).backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        if name == "lm_head.weight":
+            continue
+        assert a.grad is not None and b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fast_router_bias_update_matches_model():
+    import copy
+
+    from vpmoe.model.fast import update_router_biases
+    cfg = small()
+    a = randomize(VpMoE(cfg))
+    b = copy.deepcopy(a)
+    load = torch.randint(0, 50, (cfg.n_moe_layers, cfg.n_experts))
+    a.update_router_biases(load)
+    update_router_biases(b, load)
+    for ma, mb in zip(a.moe_layers(), b.moe_layers()):
+        assert ma.expert_bias.abs().sum() > 0
+        torch.testing.assert_close(mb.expert_bias, ma.expert_bias)
+
+
+def test_newton_schulz_batched_matches_reference():
+    from vpmoe.train.optim import newton_schulz
+    from vpmoe.train.optim_fast import newton_schulz_batched
+    g = torch.Generator().manual_seed(7)
+    for shape in ((3, 6, 10), (4, 12, 5)):
+        x = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(newton_schulz_batched(x), newton_schulz(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fast_optimizer_matches_reference_step():
+    """FastMuonAdamW.step == clip_grad_norm_ + MuonAdamW.step over 3 steps (clip active), with
+    Newton-Schulz chunks that do not divide the expert count."""
+    import copy
+
+    from vpmoe.train.optim import OptimConfig, build_optimizer
+    from vpmoe.train.optim_fast import FastMuonAdamW
+    cfg = small()
+    m1 = randomize(VpMoE(cfg))
+    m2 = copy.deepcopy(m1)
+    o1, o2 = build_optimizer(m1, OptimConfig()), build_optimizer(m2, OptimConfig())
+    fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    for _ in range(3):
+        for m in (m1, m2):
+            out = m(ids)
+            (out.logits.square().mean() + out.aux_loss).backward()
+        n1 = torch.nn.utils.clip_grad_norm_(m1.parameters(), 0.2)
+        assert n1 > 0.2  # clipping is active
+        o1.step()
+        n2 = fast.step()
+        torch.testing.assert_close(n2, n1)
+        o1.zero_grad()
+        o2.zero_grad()
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert o2.state[m2.embed.weight]["step"].item() == 3

@@ -69,22 +69,23 @@ keep = 3
 """
 
 
-def env() -> dict:
+def env(threads: int = 1) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("OMP_NUM_THREADS", "1")  # the same thread count for every run: bitwise-repeatable CPU math
+    e["OMP_NUM_THREADS"] = str(threads)  # the same thread count for every run: bitwise-repeatable CPU math
     e["PYTHONWARNINGS"] = "ignore"
     return e
 
 
-def vpmoe(*args: str, ranks: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def vpmoe(*args: str, ranks: int = 0, check: bool = True, timeout: int = 600,
+          threads: int = 1) -> subprocess.CompletedProcess:
     """Run `vpmoe ARGS` in a subprocess; ranks > 0 runs it under torchrun with that many ranks."""
     if ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                "--master-port", str(29500 + os.getpid() % 2000), "-m", "vpmoe.cli", *args]
     else:
         cmd = [sys.executable, "-m", "vpmoe.cli", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(threads), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -32,7 +32,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     teacher = load_teacher_config(args.teacher)
     spec = from_dict(CacheSpec, {"top_k": args.top_k, "tail_samples": args.tail_samples, "codec": args.codec,
-                                 "lp_bits": args.lp_bits if args.lp_bits else (6 if args.codec == "rice" else 8)})
+                                 "lp_bits": args.lp_bits if args.lp_bits else (5 if args.codec == "rice" else 8)})
     summary = score(args.data, teacher, args.out, spec, split=args.split, rank=args.rank, world=args.world,
                     progress=not args.quiet, seed=args.seed)
     print(json.dumps(summary))
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
     s.add_argument("--top-k", type=int, default=64)
     s.add_argument("--tail-samples", type=int, default=0, help="ids sampled from outside the top-k (hf only)")
     s.add_argument("--codec", choices=["rice", "fixed"], default="rice")
-    s.add_argument("--lp-bits", type=int, default=0, help="log-prob code bits (default 6 rice, 8 fixed)")
+    s.add_argument("--lp-bits", type=int, default=0, help="log-prob code bits (default 5 rice, 8 fixed)")
     s.add_argument("--split", default="train")
     s.add_argument("--rank", type=int, default=None, help="this process's rank (default $RANK or 0)")
     s.add_argument("--world", type=int, default=None, help="number of processes (default $WORLD_SIZE or 1)")

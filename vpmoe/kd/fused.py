@@ -15,9 +15,10 @@ Design choices:
 - CE and every sparse-target loss depend on the student logits z only through z at a few ids
   (the label and the K known ids) and R = logsumexp of z over the *other* ids. So per chunk the
   vocab-wide work is: gather, write -inf at the K ids, one row logsumexp, and one elementwise
-  pass `exp(z - R) * dF/dR` for the gradient, plus scatters of dF/d(gathered values). The small
-  [C, K + 1] problem F is solved with autograd. R is computed exactly (masked), never as
-  `log(1 - sum of known probs)`, which cancels catastrophically when the rest mass is small.
+  pass `exp(z - R) * dF/dR` (in place: the logits chunk becomes its gradient), plus scatters of
+  dF/d(gathered values). The small [C, K + 1] problem F (a softmax over [z at the ids, R]) is
+  solved in closed form. R is computed exactly (masked), never as `log(1 - sum of known
+  probs)`, which cancels catastrophically when the rest mass is small.
 - Dense targets use explicit gradient formulas per divergence over full rows (smaller chunks).
 - On CUDA the vocab-wide row functions are compiled with torch.compile (fused upcast + reduce /
   elementwise, bf16 in and out, fp32 math); anything failing to compile falls back to eager.
@@ -57,9 +58,10 @@ def _row_lse(z: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(z.to(_acc(z.dtype)), dim=-1)
 
 
-def _rest_grad(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """scale * exp(z - lse) per row, in z's dtype (entries at -inf give exactly 0)."""
-    return (torch.exp(z.to(lse.dtype) - lse[:, None]) * scale[:, None]).to(z.dtype)
+def _rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """z <- scale * exp(z - lse) per row, in place (the logits chunk becomes its gradient; entries
+    at -inf give exactly 0). In place saves one [C, V] buffer; compiled it is one pass."""
+    return z.copy_((torch.exp(z.to(lse.dtype) - lse[:, None]) * scale[:, None]).to(z.dtype))
 
 
 def _divergence_and_grad(zs, t_logp, valid, kind: str, temp: float, beta: float):
@@ -174,7 +176,7 @@ def _fast(fn, *args, **kwargs):
 
 
 def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad):
-    """z: this chunk's logits [C, V] (owned, overwritten). Returns (rows, grad_z or None)."""
+    """z: this chunk's logits [C, V] (owned; overwritten, then returned as grad_z)."""
     acc = _acc(z.dtype)
     lab = labels[:, None]
     g_lab = z.gather(1, lab).squeeze(1).to(acc)
@@ -184,7 +186,7 @@ def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad):
         rows = {"loss_sum": ce, "ce_sum": ce}
         if not need_grad:
             return rows, None
-        grad_z = _fast(_rest_grad, z, lse, coef)
+        grad_z = _fast(_rest_grad_, z, lse, coef)
         grad_z.scatter_add_(1, lab, (-coef)[:, None].to(z.dtype))
         return rows, grad_z
     valid = tgt.ids >= 0
@@ -200,7 +202,7 @@ def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad):
     if not need_grad:
         return rows, None
     # dF/dz_v = dF/dR * exp(z_v - R) outside the known ids (exp(-inf) = 0 at them), plus the gathers
-    grad_z = _fast(_rest_grad, z, rest, d_x[:, -1].contiguous())
+    grad_z = _fast(_rest_grad_, z, rest, d_x[:, -1].contiguous())
     grad_z.scatter_add_(1, ids, torch.where(valid, d_x[:, :-1], 0.0).to(z.dtype))
     grad_z.scatter_add_(1, lab, d_lab[:, None].to(z.dtype))
     return rows, grad_z
@@ -211,7 +213,7 @@ def _dense_chunk(z, t_logits, labels, coef, spec, center, need_grad):
                  spec.ce_weight, spec.kd_scale, spec.cwce_min, spec.cwce_max, need_grad)
 
 
-def _teacher_logits(target: DenseTarget, r0: int, r1: int, dtype) -> torch.Tensor:
+def _teacher_logits(target: DenseTarget, r0: int, r1: int) -> torch.Tensor:
     if target.logits is not None:
         return target.logits[r0:r1]
     return target.hidden[r0:r1] @ target.head_weight.to(target.hidden.dtype).T
@@ -227,7 +229,7 @@ def _cwce_center(spec: LossSpec, target, labels_sel, chunk: int) -> float:
         return float(target.label_logprob.double().mean())
     total = 0.0
     for r0 in range(0, labels_sel.numel(), chunk):
-        t = _teacher_logits(target, r0, r0 + chunk, None)
+        t = _teacher_logits(target, r0, r0 + chunk)
         t = t.to(_acc(t.dtype))
         lab = labels_sel[r0:r0 + chunk, None]
         total += float((t.gather(1, lab).squeeze(1) - torch.logsumexp(t, -1)).double().sum())
@@ -253,7 +255,7 @@ class _FusedSpanLoss(torch.autograd.Function):
             h = h_sel[r0:r1]
             z = h @ w.T
             if isinstance(target, DenseTarget):
-                tz = _teacher_logits(target, r0, r1, cdtype)
+                tz = _teacher_logits(target, r0, r1)
                 rows, grad_z = _dense_chunk(z, tz, labels[r0:r1], coef[r0:r1], spec, center, need_grad)
             else:
                 tgt = None if target is None else target.select(slice(r0, r1))
@@ -266,11 +268,9 @@ class _FusedSpanLoss(torch.autograd.Function):
                 grad_z = grad_z.to(cdtype)
                 if grad_hidden is not None:
                     grad_hidden.index_copy_(0, sel[r0:r1], grad_z @ w)
-                if grad_weight is None:
-                    pass
-                elif grad_weight.dtype == cdtype:
+                if grad_weight is not None and grad_weight.dtype == cdtype:
                     grad_weight.addmm_(grad_z.T, h)
-                else:
+                elif grad_weight is not None:  # e.g. fp32 master head, bf16 compute
                     grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
         stat_rows = {k: torch.cat(v) for k, v in sums.items() if v and v[0] is not None}

@@ -136,5 +136,5 @@ class KDObjective:
         if not docs:
             return DenseTarget(hidden=torch.zeros(0, self.teacher.head.weight.shape[1], device=batch["tokens"].device),
                                head_weight=self.teacher.head.weight)
-        hidden, _ = self.teacher.hidden_at(docs)
+        hidden = self.teacher.hidden_at_docs(docs)
         return DenseTarget(hidden=hidden.to(batch["tokens"].device), head_weight=self.teacher.head.weight)

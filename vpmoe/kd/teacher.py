@@ -154,20 +154,35 @@ class HFTeacher:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def _batches(self, docs):
+        """Document index groups, longest first, each within max_batch_tokens padded tokens."""
+        order = sorted(range(len(docs)), key=lambda i: -len(docs[i][0]))
+        batch: list[int] = []
+        for i in order:
+            if batch and len(docs[batch[0]][0]) * (len(batch) + 1) > self.cfg.max_batch_tokens:
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
     @torch.no_grad()
     def score_docs(self, docs) -> list[DocScores]:
-        order = sorted(range(len(docs)), key=lambda i: -len(docs[i][0]))
         results: list[DocScores | None] = [None] * len(docs)
-        batch: list[int] = []
-        for i in order + [None]:
-            longest = len(docs[batch[0]][0]) if batch else 0
-            if batch and (i is None or longest * (len(batch) + 1) > self.cfg.max_batch_tokens):
-                for j, scores in zip(batch, self._forward([docs[j] for j in batch])):
-                    results[j] = scores
-                batch = []
-            if i is not None:
-                batch.append(i)
+        for batch in self._batches(docs):
+            for j, scores in zip(batch, self._forward([docs[j] for j in batch])):
+                results[j] = scores
         return results
+
+    @torch.no_grad()
+    def hidden_at_docs(self, docs) -> torch.Tensor:
+        """hidden_at over any number of documents (batched by length), rows in document order."""
+        per_doc: list[torch.Tensor | None] = [None] * len(docs)
+        for batch in self._batches(docs):
+            hidden, _ = self.hidden_at([docs[j] for j in batch])
+            for j, part in zip(batch, hidden.split([len(docs[j][1]) for j in batch])):
+                per_doc[j] = part
+        return torch.cat(per_doc)
 
     def hidden_at(self, docs):
         """Final hidden states [n, d_t] at the documents' supervised positions, and their labels [n]."""

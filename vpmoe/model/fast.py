@@ -128,6 +128,11 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool):
     return block
 
 
+def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    x = F.embedding(tokens, weight)
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class _CompileLadder:
     """torch.compile(fullgraph) -> torch.compile (graph breaks allowed) -> eager, on first failure."""
 
@@ -175,6 +180,9 @@ class FastBody:
                 self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex), use_compile)
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
+        # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
+        # backward can be captured in a CUDA graph (the eager CUDA embedding backward may sync)
+        self.embed = _CompileLadder(_embed, use_compile)
 
     @staticmethod
     def _block_params(block) -> dict:
@@ -206,8 +214,7 @@ class FastBody:
         else:
             local = glob = None
         pos = M.positions_from_docs(doc_ids)
-        x = model.embed(tokens)
-        x = x.to(torch.float32) if x.dtype != torch.float64 else x
+        x = self.embed(model.embed.weight, tokens)
         v_first, aux_total, loads = None, x.new_zeros(()), []
         for i, block in enumerate(model.layers):
             kind = self.kind_of[i]

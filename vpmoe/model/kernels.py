@@ -65,6 +65,10 @@ def permute_by_expert(topk_idx: torch.Tensor, n_experts: int, first: int = 0):
     return r.order, r.expert, r.offsets
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class _Dispatch(torch.autograd.Function):
     """x [N, d] -> rows [M, d] with rows[r] = x[token[r]]; backward sums each token's k rows."""
 
@@ -78,7 +82,7 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, g):
         (inverse,) = ctx.saved_tensors
         N = inverse.numel() // ctx.k
-        return g[inverse].view(N, ctx.k, -1).float().sum(1).to(g.dtype), None, None, None
+        return g[inverse].view(N, ctx.k, -1).to(_acc(g)).sum(1).to(g.dtype), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -89,15 +93,17 @@ class _Combine(torch.autograd.Function):
         N, k = weight.shape
         picked = rows[inverse].view(N, k, -1)
         ctx.save_for_backward(rows, weight, inverse, token, order)
-        return (picked.float() * weight.float().unsqueeze(-1)).sum(1)
+        acc = _acc(rows)
+        return (picked.to(acc) * weight.to(acc).unsqueeze(-1)).sum(1)
 
     @staticmethod
     def backward(ctx, g):
         rows, weight, inverse, token, order = ctx.saved_tensors
         N, k = weight.shape
-        g = g.float()
-        g_rows = (g[token] * weight.float().flatten()[order].unsqueeze(-1)).to(rows.dtype)
-        g_weight = (rows[inverse].view(N, k, -1).float() * g.unsqueeze(1)).sum(-1).to(weight.dtype)
+        acc = _acc(rows)
+        g = g.to(acc)
+        g_rows = (g[token] * weight.to(acc).flatten()[order].unsqueeze(-1)).to(rows.dtype)
+        g_weight = (rows[inverse].view(N, k, -1).to(acc) * g.unsqueeze(1)).sum(-1).to(weight.dtype)
         return g_rows, g_weight, None, None, None
 
 
@@ -119,8 +125,7 @@ def grouped_expert_ffn(xs: torch.Tensor, expert_of_row: torch.Tensor, offsets: t
 
     GEMMs in xs's dtype; bias + activation in fp32 (fused by compile); output in xs's dtype.
     """
-    dt = xs.dtype
-    acc = torch.float64 if dt == torch.float64 else torch.float32
+    dt, acc = xs.dtype, _acc(xs)
     h = grouped_mm(xs, w_up.to(dt), offsets).to(acc) + b_up.to(acc)[expert_of_row]
     h = M.squared_relu(h).to(dt)
     return (grouped_mm(h, w_down.to(dt), offsets).to(acc) + b_down.to(acc)[expert_of_row]).to(dt)

@@ -61,11 +61,14 @@ class TrainSection:
     eval_every: int = 100  # held-out loss every N steps (0: only at the end)
     eval_rows: int = 64  # held-out rows per evaluation, over all ranks (0: the whole valid split)
     expert_load_every: int = 10  # per-layer expert loads to expert_load.jsonl every N steps
+    loss_chunk_rows: int = 0  # rows per chunk of the fused loss (0: its own choice; small helps CPU)
     peak_flops: float = 989e12  # per device, for MFU (H100 SXM dense bf16)
     progress: bool = True
     tensorboard: bool = True
 
     def validate(self) -> None:
+        if self.loss_chunk_rows < 0:
+            raise ConfigError(f"loss_chunk_rows: must be >= 0, got {self.loss_chunk_rows}")
         for name in ("steps", "grad_accum", "log_every", "expert_load_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

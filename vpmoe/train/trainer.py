@@ -201,7 +201,7 @@ class Trainer:
         loss, stats = fused_span_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight,
                                       batch["labels"].reshape(-1), span.reshape(-1), self.spec,
                                       w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
-                                      span_token_counts=span_counts)
+                                      span_token_counts=span_counts, chunk_size=self.cfg.train.loss_chunk_rows or None)
         return loss, stats, out.aux_loss, out.expert_load
 
     def train_step(self, micro_batches: list[dict]) -> dict:
@@ -300,6 +300,10 @@ class Trainer:
         try:
             if self.start_ckpt is not None:
                 progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
+            elif self.step == 0 and cfg.train.eval_every:  # the baseline of the held-out curve
+                last_eval = self.evaluate()
+                self.metrics.log(0, last_eval)
+                progress.print(f"step 0: held-out loss {last_eval['valid/loss']:.4f}")
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 batches = [self.train_data.next() for _ in range(cfg.train.grad_accum)]
