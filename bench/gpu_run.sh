@@ -4,7 +4,7 @@
 # in ../shared, which does not travel), and so is the git sha (.git may not travel):
 #   git rev-parse --short=12 HEAD > .carry/GIT_SHA   (append +dirty by hand if the tree is dirty)
 # Usage: bash bench/gpu_run.sh [cases] [steps]
-# Env: SKIP_TESTS=1, SKIP_PEER=1, BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
+# Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
 #      KD_BENCH=1 (also bench/kd_loss.py), NS_CHUNK=64, TESTS=tests/gpu (pytest selection).
 set -uo pipefail
 cases=${1:-a,b,c}
@@ -20,11 +20,12 @@ fi
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu} 2>&1 \
-    | tee "$out/gpu_tests.log" | grep -v -i warn | tail -25
+run_tests() {
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/gpu} 2>&1 \
+    | tee "$out/gpu_tests.log" | grep -v -i warn | grep -e 'rel err' -e passed -e failed -e Error -e '^E ' | cut -c1-600 | tail -30
   echo "# tests done at +$(( $(date +%s) - t0 ))s"
-fi
+}
+[ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" != 1 ] && run_tests
 : > "$out/peer.jsonl"
 if [ "${SKIP_PEER:-0}" != 1 ]; then
   for spec in a:2 b:8; do
@@ -45,4 +46,6 @@ if [ "${KD_BENCH:-0}" = 1 ]; then
   timeout "${KD_TIMEOUT:-240}" python3 bench/kd_loss.py 2>&1 | tee "$out/kd_loss.log" | grep -v -i warn | tail -25
   echo "# kd_loss done at +$(( $(date +%s) - t0 ))s"
 fi
+[ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" = 1 ] && run_tests
 cp bench/RESULTS.md "$out/RESULTS.md" 2>/dev/null
+true

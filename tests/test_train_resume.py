@@ -161,3 +161,28 @@ def test_divergence_stops_with_last_good_checkpoint(synth_data, tmp_path, capsys
     assert latest is not None and latest.name == "step_000001"
     assert verify_checkpoint(latest)["step"] == 1
     assert not list((tmp_path / "nan" / "checkpoints").glob("*.tmp"))
+
+
+def test_export_loads_with_automodel_and_matches_the_checkpoint(reference, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vpmoe.model.hf import register
+    from vpmoe.train.checkpoint import latest_checkpoint, load_model_for_eval
+
+    _, ref_dir = reference
+    ckpt = latest_checkpoint(ref_dir)
+    out = tmp_path / "hf"
+    assert main("export", str(ckpt), "--hf", str(out)) == 0
+    register()
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    native = load_model_for_eval(ckpt)
+    tokens = torch.randint(0, 200000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = native(tokens).logits
+        got = hf(tokens, use_cache=False).logits
+    assert torch.equal(got, expected)
+    for a, b in zip(native.moe_layers(), hf.model.moe_layers()):  # router biases travel too
+        assert torch.equal(a.expert_bias, b.expert_bias) and a.expert_bias.abs().sum() > 0
+    assert main("export", str(ckpt), "--hf", str(out)) == 2  # never overwrites an export
+    assert "already exists" in capsys.readouterr().err

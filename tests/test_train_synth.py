@@ -1,15 +1,18 @@
-"""A tiny-config stage-1 run on the real SYNTH sample (shared folder): the held-out loss of both
-spans falls, TensorBoard and the JSONL agree, and `vpmoe report` writes PNGs that open and a
-summary that shows the fall. Fails when the sample is absent unless VPMOE_NO_SHARED=1."""
+"""`configs/train_tiny.toml` on the real SYNTH sample (shared folder), on the data's vocabulary
+subset: the held-out loss of both spans falls, TensorBoard and the JSONL agree, `vpmoe report`
+writes PNGs that open and a summary that shows the fall, and the export carries the subset.
+Fails when the sample is absent unless VPMOE_NO_SHARED=1."""
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import pytest
 
 from tests.test_train_helpers import ROOT, metrics, require_shared, vpmoe
 
-STEPS = 24
+STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -20,19 +23,22 @@ def synth_run(tmp_path_factory):
     vpmoe("data", "build", "--input", str(sample), "--out", str(data), "--seq-len", "512",
           "--valid-fraction", "0.1", "--quiet")
     run_dir = root / "run"
-    # the tiny config with a narrower model and one row per step, so it fits a shared 2-core CPU
+    # the shipped tiny config, shorter, two rows per step
     vpmoe("train", str(ROOT / "configs" / "train_tiny.toml"), "--run-dir", str(run_dir),
-          "--set", f'data.path="{data}"', "--set", f"train.steps={STEPS}", "--set", "train.eval_every=8",
-          "--set", "train.eval_rows=8", "--set", "model.d_model=16", "--set", "data.micro_batch_size=1",
-          "--set", "train.progress=false", "--set", "checkpoint.every=0", threads=2)
+          "--set", f'data.path="{data}"', "--set", f"train.steps={STEPS}", "--set", "train.eval_every=10",
+          "--set", "train.eval_rows=16", "--set", "data.micro_batch_size=2", "--set", "train.progress=false",
+          "--set", "checkpoint.every=0", threads=2)
     return run_dir
 
 
 def test_held_out_loss_falls_on_real_synth(synth_run):
     valid = {r["step"]: r for r in metrics(synth_run) if "valid/loss" in r}
-    assert sorted(valid) == [0, 8, 16, 24]
+    assert sorted(valid) == [0, 10, 20, 30]
     first, last = valid[0], valid[STEPS]
-    assert first["valid/loss"] == pytest.approx(2 * 12.21, abs=0.2)  # ~ 2 * ln(201088) at init (two spans)
+    subset = json.loads((synth_run / "checkpoints" / f"step_{STEPS:06d}" / "vocab_subset.json").read_text())
+    assert 1000 < len(subset["ids"]) < 201088
+    # at init the model is near uniform over the subset: ~ ln(V) per span, two spans
+    assert first["valid/loss"] == pytest.approx(2 * math.log(len(subset["ids"])), abs=0.3)
     assert last["valid/loss"] < first["valid/loss"] - 2.0
     for span in ("reasoning", "final"):
         assert last[f"valid/loss/{span}"] < first[f"valid/loss/{span}"] - 0.5, span
@@ -55,6 +61,21 @@ def test_tensorboard_has_the_same_scalars(synth_run):
     for step, value in jsonl.items():
         assert tb[step] == pytest.approx(value, rel=1e-6)
     assert len(acc.Scalars("valid/loss")) == 4
+
+
+def test_export_of_a_subset_run_loads_and_keeps_the_subset(synth_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from vpmoe.data.vocab_subset import VocabSubset
+    from vpmoe.model.hf import register
+
+    out = tmp_path / "hf"
+    vpmoe("export", str(synth_run), "--hf", str(out))
+    subset = VocabSubset.find(out)
+    assert subset is not None
+    register()
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.get_output_embeddings().weight.shape[0] == len(subset)
 
 
 def test_report_writes_plots_and_summary(synth_run):

@@ -15,6 +15,9 @@ Design choices:
   gives loss/ce/kd/kl (forward KL teacher||student at T = 1, on the coarse distribution for
   sparse targets) and teacher_logp per span.
 - Positions supervised = loss_mask = 1 and span_id > 0; cache rows are per loss_mask = 1 position.
+- Vocabulary subsets (vpmoe.data.vocab_subset): the batch keeps full o200k ids (the cache checks
+  and looks rows up by them); labels and the cached target ids are mapped to the student's compact
+  ids here, and teacher mass on ids outside the subset joins the target's rest mass.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 
 from vpmoe.config import ConfigError
 from vpmoe.kd.fused import fused_span_loss
-from vpmoe.kd.losses import DenseTarget, LossSpec
+from vpmoe.kd.losses import DenseTarget, LossSpec, SparseTarget
 
 
 @dataclass
@@ -66,8 +69,8 @@ def is_kd_step(cfg: KDConfig, step: int) -> bool:
 class KDObjective:
     """Built once per run; called per micro-batch."""
 
-    def __init__(self, cfg: KDConfig, data_dir=None, split: str = "train", device=None):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: KDConfig, data_dir=None, split: str = "train", device=None, subset=None):
+        self.cfg, self.device, self.subset = cfg, device, subset
         self.cache = self.teacher = None
         if cfg.mode == "offline":
             from vpmoe.kd.cache import TeacherCache
@@ -87,6 +90,10 @@ class KDObjective:
             self.teacher = HFTeacher(tcfg, top_k=1)
             if self.teacher.softcap:
                 raise ConfigError(f"{cfg.teacher}: online KD does not support logit soft-capping teachers")
+            t_sha = None if self.teacher.subset is None else self.teacher.subset.sha256
+            s_sha = None if subset is None else subset.sha256
+            if t_sha != s_sha:  # dense targets compare logits row by row: one vocabulary for both
+                raise ConfigError(f"{cfg.teacher}: teacher vocab subset {t_sha} != student vocab subset {s_sha}")
 
     def __call__(self, hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict, step: int,
                  w_r: float = 1.0, w_f: float = 1.0, span_token_counts: torch.Tensor | None = None,
@@ -100,6 +107,8 @@ class KDObjective:
         mask = batch["loss_mask"].bool()
         span = torch.where(mask, batch["span_id"], torch.zeros_like(batch["span_id"]))
         labels = batch["labels"].reshape(-1)
+        if self.subset is not None:
+            labels = self.subset.to_compact(torch.where(mask.reshape(-1), labels, torch.full_like(labels, -100)))
         target, spec = None, LossSpec(kind="ce")
         if kd:
             spec = self.cfg.loss
@@ -118,7 +127,8 @@ class KDObjective:
                                              device=batch["labels"].device,
                                              include_label=self.cfg.include_label, label_ids=labels)
             keep = torch.nonzero(span[mask] > 0).squeeze(1).to(target.ids.device)
-            return target.select(keep)
+            target = target.select(keep)
+            return target if self.subset is None else compact_sparse_target(target, self.subset)
         return self._online_target(batch, span)
 
     @torch.no_grad()
@@ -138,3 +148,23 @@ class KDObjective:
                                head_weight=self.teacher.head.weight)
         hidden = self.teacher.hidden_at_docs(docs)
         return DenseTarget(hidden=hidden.to(batch["tokens"].device), head_weight=self.teacher.head.weight)
+
+
+def compact_sparse_target(target: SparseTarget, subset) -> SparseTarget:
+    """Map a cached target's full-vocabulary ids to the subset's compact ids; known ids outside the
+    subset become padding slots and their teacher mass joins the rest mass."""
+    ids = subset.to_compact(target.ids, missing=-1)
+    dropped = (ids < 0) & (target.ids >= 0)
+    if dropped.any():
+        lost = torch.logsumexp(target.logprobs.float().masked_fill(~dropped, float("-inf")), dim=1)
+        rest = torch.logaddexp(target.rest_logmass.float(), lost).to(target.rest_logmass.dtype)
+        slot0_lost = dropped[:, 0]
+        if slot0_lost.any():  # slot 0 must stay valid: move the first surviving id there
+            order = torch.argsort((ids < 0).to(torch.int8), dim=1, stable=True)
+            ids, lps = ids.gather(1, order), target.logprobs.gather(1, order)
+            if (ids[:, 0] < 0).any():
+                raise ValueError("a cached position has no known id inside the vocab subset")
+        else:
+            lps = target.logprobs
+        return SparseTarget(ids, lps, rest, target.label_logprob)
+    return SparseTarget(ids, target.logprobs, target.rest_logmass, target.label_logprob)

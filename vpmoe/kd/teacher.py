@@ -147,6 +147,9 @@ class HFTeacher:
         if top_k + tail_samples >= vocab:
             raise TeacherError(f"top_k + tail_samples = {top_k + tail_samples} must be < teacher vocab {vocab}")
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # a model trained on a vocabulary subset (vpmoe.data.vocab_subset) reads and writes full ids
+        from vpmoe.data.vocab_subset import VocabSubset
+        self.subset = VocabSubset.find(cfg.path)
 
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
@@ -192,6 +195,8 @@ class HFTeacher:
         for b, (tokens, _) in enumerate(docs):
             ids[b, :len(tokens)] = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
             mask[b, :len(tokens)] = 1
+        if self.subset is not None:
+            ids = self.subset.to_compact(ids)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.base(input_ids=ids, attention_mask=mask).last_hidden_state
         rows = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, (_, p) in enumerate(docs)])
@@ -208,6 +213,8 @@ class HFTeacher:
                                       self.cfg.temperature, self.generator)
             parts.append([t.cpu() for t in out])
         merged = [torch.cat([p[i] for p in parts]) for i in range(4)]
+        if self.subset is not None:  # the cache stores full-vocabulary ids
+            merged[0] = self.subset.to_full(merged[0])
         results, start = [], 0
         for _, positions in docs:
             sl = slice(start, start + len(positions))

@@ -369,6 +369,10 @@ class ModelOutput:
     expert_load: torch.Tensor  # [n_moe_layers, n_experts] tokens routed per expert
     cache: KVCache | None = None
 
+    @property
+    def last_hidden_state(self) -> torch.Tensor:  # the name HF code reads from a base model
+        return self.hidden
+
 
 class VpMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):

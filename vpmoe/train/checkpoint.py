@@ -14,6 +14,8 @@ Design choices:
   are named through `model_diff`). Nothing is written while verifying or loading, so a refused
   resume leaves the run directory exactly as it was.
 - Model-only loads (`init_from`, eval, export) read only the `model.*` keys, into any sharding.
+- A run on a vocabulary subset keeps `vocab_subset.json` in every checkpoint and export, so
+  whoever loads the model can map ids (vpmoe.data.vocab_subset.VocabSubset.find).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from vpmoe.config import ConfigError, ModelConfig, from_dict, model_diff
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PROVENANCE = "provenance.json"
+SUBSET_FILE = "vocab_subset.json"  # vpmoe.data.vocab_subset.FILENAME
 
 
 class CheckpointError(ConfigError):
@@ -130,8 +133,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, rank_state: dict, provenance: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+                    trainer_state: dict, rank_state: dict, provenance: dict, keep: int,
+                    extra_writer=None) -> Path:
+    """Collective: every rank calls it. `extra_writer(dir)` (rank 0) adds files such as the vocab
+    subset before the directory is hashed. Returns the final directory."""
     rank, world = _rank_world()
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
@@ -147,6 +152,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
              "trainer": dict(trainer_state)}
     _dcp(dcp.save, state, tmp)
     torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+    if rank == 0 and extra_writer is not None:
+        extra_writer(tmp)
     _barrier()
     names = sorted(p.name for p in tmp.iterdir() if p.is_file())
     mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in names[rank::world]}
@@ -312,6 +319,9 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         shutil.rmtree(tmp)
     hf = to_hf(model)
     hf.save_pretrained(str(tmp))
+    subset = resolve_checkpoint(checkpoint) / SUBSET_FILE
+    if subset.is_file():  # a model trained on a vocab subset reads and writes compact ids
+        shutil.copyfile(subset, tmp / SUBSET_FILE)
     prov = read_provenance(resolve_checkpoint(checkpoint))
     _write_json_atomic(tmp / "vpmoe_provenance.json", {k: v for k, v in prov.items() if k != "files"})
     os.replace(tmp, out)

@@ -3,8 +3,8 @@
 Design choices:
 - `RunConfig` nests the component dataclasses: `[model]` (vpmoe.config.ModelConfig), `[data]`,
   `[optim]` (optim.OptimConfig), `[schedule]` (schedule.ScheduleConfig), `[train]`,
-  `[checkpoint]`, `[parallel]` (parallel.ParallelConfig) and `[kd]` (kept as a table and
-  validated by the KD component's own config when `kd.mode` is not `none`).
+  `[checkpoint]`, `[parallel]` (parallel.ParallelConfig) and `[kd]` (kept as a table here and
+  validated as vpmoe.kd.objective.KDConfig, which owns its fields).
 - `--set section.key=value` overrides are applied to the parsed TOML before validation, so an
   override is checked exactly like a file value and errors name the dotted key.
 - Relative paths in `[data]` and `train.init_from` resolve against the config file's directory
@@ -24,9 +24,6 @@ from vpmoe.train.optim import OptimConfig
 from vpmoe.train.parallel import ParallelConfig
 from vpmoe.train.schedule import ScheduleConfig
 
-KD_MODES = ("none", "offline", "online")
-
-
 @dataclass
 class DataSection:
     path: str = ""  # dataset directory written by `vpmoe data build` (manifest + splits)
@@ -35,6 +32,7 @@ class DataSection:
     seq_len: int = 2048
     micro_batch_size: int = 4  # rows per rank per micro-batch
     shuffle_seed: int = 0
+    vocab_subset: str = ""  # "" full vocabulary | "auto" (ids of this dataset) | path to vocab_subset.json
 
     def validate(self) -> None:
         if not self.path:
@@ -54,6 +52,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
+    fast_path: str = "auto"  # auto (on CUDA) | on | off: the model's fused kernels and fused optimizer step
     w_reasoning: float = 1.0
     w_final: float = 1.0
     init_from: str = ""  # checkpoint dir, run dir or HF dir to start from (fresh optimizer)
@@ -76,6 +75,8 @@ class TrainSection:
             raise ConfigError("eval_every / eval_rows: must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+        if self.fast_path not in ("auto", "on", "off"):
+            raise ConfigError(f"fast_path: expected auto, on or off, got {self.fast_path!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype: expected auto, bf16 or fp32, got {self.dtype!r}")
         if self.w_reasoning < 0 or self.w_final < 0:
@@ -111,11 +112,15 @@ class RunConfig:
     kd: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
 
     def validate(self) -> None:
-        mode = self.kd.get("mode", "none")
-        if mode not in KD_MODES:
-            raise ConfigError(f"kd.mode: expected one of {list(KD_MODES)}, got {mode!r}")
+        self.kd_config()  # the KD component validates its own table (names kd.<key> on errors)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+    def kd_config(self):
+        from vpmoe.kd.objective import KDConfig
+
+        return from_dict(KDConfig, dict(self.kd), "kd")
 
 
 def _resolve_path(value: str, base: Path) -> str:
@@ -135,6 +140,11 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         data["data"]["path"] = _resolve_path(data["data"]["path"], base)
     if "train" in data and isinstance(data["train"].get("init_from"), str):
         data["train"]["init_from"] = _resolve_path(data["train"]["init_from"], base)
+    if "data" in data and data["data"].get("vocab_subset") not in (None, "", "auto"):
+        data["data"]["vocab_subset"] = _resolve_path(str(data["data"]["vocab_subset"]), base)
+    for key in ("cache", "teacher"):
+        if "kd" in data and isinstance(data["kd"].get(key), str):
+            data["kd"][key] = _resolve_path(data["kd"][key], base)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as e:

@@ -10,6 +10,9 @@ Design choices:
   never touches the training stream or its RNG.
 - The manifest's sha256 and tokenizer sha go into checkpoint provenance; `data.seq_len` must
   equal the built sequence length (the shards are packed for it).
+- Vocabulary subsets (`data.vocab_subset`, a CPU speed-up; vpmoe.data.vocab_subset): `auto` takes
+  every id of the train and valid shards plus the special tokens, or a path names a saved subset.
+  The trainer maps model inputs to compact ids; the loss maps labels (vpmoe.kd.objective).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from vpmoe.config import ConfigError
 from vpmoe.data.loader import DataLoader, SplitData, read_manifest
+from vpmoe.data.vocab_subset import VocabSubset
 
 
 def dataset_fingerprint(path: str | Path) -> dict:
@@ -58,3 +62,18 @@ def eval_batches(data_cfg, split: str, rank: int, world: int, rows: int):
     mine = list(range(rank, total, world))
     for i in range(0, len(mine), data_cfg.micro_batch_size):
         yield data.batch(mine[i:i + data_cfg.micro_batch_size])
+
+
+def resolve_vocab_subset(data_cfg) -> VocabSubset | None:
+    """None (full vocabulary), the dataset's own ids (`auto`), or a saved subset file."""
+    spec = data_cfg.vocab_subset
+    if not spec:
+        return None
+    if spec == "auto":
+        arrays = [shard.arrays["tokens"] for split in (data_cfg.train_split, data_cfg.valid_split)
+                  for shard in SplitData(data_cfg.path, split).shards]
+        return VocabSubset.from_token_arrays(arrays)
+    try:
+        return VocabSubset.load(spec)
+    except ValueError as e:
+        raise ConfigError(f"data.vocab_subset: {e}") from None

@@ -97,6 +97,7 @@ def write_report(run_dir: str | Path) -> Path:
         ax.set_title(f"expert load at step {final['step']} (share x n_experts; 1 = even)")
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
+        ax.set_yticks(range(0, load.shape[0], max(1, load.shape[0] // 16)))
         fig.colorbar(im, ax=ax)
         _save(fig, out / "expert_load.png")
         plt.close(fig)
@@ -112,6 +113,7 @@ def write_report(run_dir: str | Path) -> Path:
         ax.set_title("expert-load entropy per MoE layer (1 = even)")
         ax.set_xlabel("step")
         ax.set_ylabel("MoE layer")
+        ax.set_yticks(range(0, grid.shape[0], max(1, grid.shape[0] // 16)))
         fig.colorbar(im, ax=ax)
         _save(fig, out / "expert_entropy.png")
         plt.close(fig)
@@ -125,7 +127,12 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _fmt(v) -> str:
-    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return f"{int(v):,}"
+    return f"{v:.4g}" if isinstance(v, float) and (abs(v) < 1e-3 or abs(v) >= 1e5) else (
+        f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
 def _summary(run_dir: Path, records: list[dict], images: list[str]) -> str:

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from vpmoe.config import ConfigError, ModelConfig, config_hash, model_diff
-from vpmoe.kd.fused import fused_span_loss
-from vpmoe.kd.losses import STAT_KEYS, LossSpec, count_span_tokens
+from vpmoe.kd.losses import STAT_KEYS, count_span_tokens, span_means
+from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
-from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches
+from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
 from vpmoe.train.expert_parallel import apply_expert_parallel
 from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
@@ -86,13 +86,13 @@ class Trainer:
         bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if bf16 else None
         self._seed_everything(cfg.train.seed)
-        self.spec = LossSpec(kind="ce")
-        if cfg.kd.get("mode", "none") != "none":
-            raise ConfigError(f"kd.mode={cfg.kd['mode']!r}: KD training goes through vpmoe.kd.objective, "
-                              "which this trainer does not wire yet (stage 1 is kd.mode = 'none')")
 
         self.train_data = BatchSource(cfg.data, cfg.data.train_split, self.ds.rank, self.ds.world)
         self.fingerprint = dataset_fingerprint(cfg.data.path)
+        self.subset = resolve_vocab_subset(cfg.data)
+        if self.subset is not None and cfg.model.vocab_size != len(self.subset):
+            # the head and embedding have one row per kept id; the subset size comes from the data
+            cfg.model = dataclasses.replace(cfg.model, vocab_size=len(self.subset))
         if not resume and (ckpt.list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()):
             raise ConfigError(f"train.run_dir {self.run_dir} already holds a run; pass --resume to continue it "
                               "or choose a new run directory")
@@ -106,10 +106,16 @@ class Trainer:
             self._init_from(model, cfg.train.init_from)
         model.to(self.device)
         model.gradient_checkpointing = cfg.train.activation_checkpointing
+        self.body = self._fast_paths(model)
         apply_expert_parallel(model, self.ds)
         self.model = shard_model(model, self.ds, cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.fast_opt = None
+        if self.body is not None:
+            from vpmoe.train.optim_fast import FastMuonAdamW, supported
+            if supported(self.optimizer):
+                self.fast_opt = FastMuonAdamW(self.optimizer, max_grad_norm=cfg.optim.grad_clip)
         if self.start_ckpt is not None:
             trainer_state, rank_state = ckpt.load_checkpoint(self.start_ckpt, self.model, self.optimizer)
             self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
@@ -117,6 +123,12 @@ class Trainer:
             self.train_data.load_state_dict(rank_state["loader"])
             ckpt.set_rng_state(rank_state["rng"])
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        kd_cfg = cfg.kd_config()
+        if not kd_cfg.chunk_size:
+            kd_cfg.chunk_size = cfg.train.loss_chunk_rows
+        self.kd_mode = kd_cfg.mode
+        self.objective = KDObjective(kd_cfg, data_dir=cfg.data.path, split=cfg.data.train_split,
+                                     device=self.device, subset=self.subset)
 
         # everything above only read; from here on the run directory is written
         self.metrics = MetricsLogger(self.run_dir, self.ds.is_main, self.step, cfg.train.tensorboard)
@@ -136,6 +148,10 @@ class Trainer:
         if path is None:
             return None
         prov = ckpt.verify_checkpoint(path, hashes=self.cfg.checkpoint.verify == "sha256")
+        old_subset, new_subset = prov.get("vocab_subset_sha"), self.subset and self.subset.sha256
+        if old_subset != new_subset:
+            raise ckpt.CheckpointError(f"{path}: trained with vocab subset {old_subset or 'none (full vocabulary)'}, "
+                                       f"this run uses {new_subset or 'none (full vocabulary)'} (data.vocab_subset)")
         ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
         if prov["world_size"] != self.ds.world:
             raise ckpt.CheckpointError(
@@ -150,9 +166,19 @@ class Trainer:
                                        f"!= {new[:12]}... of {self.cfg.data.path})")
         return path
 
+    def _check_subset(self, found, source) -> None:
+        mine = self.subset.sha256 if self.subset is not None else None
+        if found != mine:
+            raise ConfigError(f"train.init_from {source}: vocab subset {found or 'none (full vocabulary)'} != "
+                              f"this run's {mine or 'none (full vocabulary)'} (data.vocab_subset)")
+
     def _init_from(self, model: torch.nn.Module, source: str) -> None:
         """Weights only (fresh optimizer and step 0) from an HF dir, a checkpoint or a run dir."""
+        from vpmoe.data.vocab_subset import VocabSubset
+
         if ckpt.is_hf_dir(source):
+            found = VocabSubset.find(source)
+            self._check_subset(found.sha256 if found is not None else None, source)
             from vpmoe.model.hf import VpMoEForCausalLM, register
             register()
             hf = VpMoEForCausalLM.from_pretrained(source)
@@ -163,8 +189,23 @@ class Trainer:
             return
         path = ckpt.resolve_checkpoint(source)
         prov = ckpt.verify_checkpoint(path, hashes=self.cfg.checkpoint.verify == "sha256")
+        self._check_subset(prov.get("vocab_subset_sha"), path)
         ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
         ckpt.load_model_weights(path, model)
+
+    def _fast_paths(self, model):
+        """Pick the compute path. One device: the fused body (`vpmoe.model.fast.FastBody`) and the
+        fused optimizer step; FSDP2/EP (module hooks must run) or activation checkpointing: the
+        model's fast kernels inside its own modules. Returns the fused body or None."""
+        mode = self.cfg.train.fast_path
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        if self.ds.world == 1 and not self.cfg.train.activation_checkpointing:
+            from vpmoe.model.fast import FastBody
+            return FastBody(model)
+        from vpmoe.model.kernels import use_fast_paths
+        use_fast_paths(model)  # expert parallelism then replaces the MoE dispatcher with its own
+        return None
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +219,7 @@ class Trainer:
                 "tokenizer_sha": self.fingerprint.get("tokenizer_sha"),
                 "data_manifest_sha": self.fingerprint.get("manifest_sha"), "data_path": str(self.cfg.data.path),
                 "expert_parallel": self.ds.ep_size, "torch": torch.__version__,
+                "vocab_subset_sha": self.subset.sha256 if self.subset is not None else None,
                 "config": run_config_dict(self.cfg)}
 
     # ------------------------------------------------------------------------------ one step
@@ -190,19 +232,22 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
 
-    def _forward_loss(self, batch: dict, span_counts: torch.Tensor | None):
-        """(loss tensor, stats, aux_loss, expert_load) for one micro-batch."""
-        with self._autocast():
-            out = self.model(batch["tokens"], doc_ids=batch["doc_ids"], return_hidden=True)
-        hidden = out.hidden
+    def _forward_loss(self, batch: dict, span_counts: torch.Tensor | None, kd: bool | None = None):
+        """(loss tensor, stats, aux_loss, expert_load) for one micro-batch. The batch keeps full
+        o200k ids; with a vocab subset the model reads compact ids (the objective maps labels)."""
+        tokens = batch["tokens"] if self.subset is None else self.subset.to_compact(batch["tokens"])
+        if self.body is not None:
+            hidden, aux, load = self.body(tokens, batch["doc_ids"])
+        else:
+            with self._autocast():
+                out = self.model(tokens, doc_ids=batch["doc_ids"], return_hidden=True)
+            hidden, aux, load = out.hidden, out.aux_loss, out.expert_load
         if self.amp_dtype is not None:
             hidden = hidden.to(self.amp_dtype)
-        span = batch["span_id"].long() * (batch["loss_mask"] != 0).long()
-        loss, stats = fused_span_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight,
-                                      batch["labels"].reshape(-1), span.reshape(-1), self.spec,
-                                      w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
-                                      span_token_counts=span_counts, chunk_size=self.cfg.train.loss_chunk_rows or None)
-        return loss, stats, out.aux_loss, out.expert_load
+        loss, stats = self.objective(hidden, self.model.lm_head.weight, batch, self.step,
+                                     w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
+                                     span_token_counts=span_counts, kd=kd)
+        return loss, stats, aux, load
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         cfg, ds = self.cfg, self.ds
@@ -232,23 +277,33 @@ class Trainer:
 
         stats = _unpack_stats(stats_sum[:-1])
         report = span_report(stats, cfg.train.w_reasoning, cfg.train.w_final)
-        gnorm = grad_norm(self.params)
         if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
-            raise TrainingDiverged(f"step {self.step + 1}: loss is not finite ({report['loss']}); stopping. "
-                                   f"The newest checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
-        if not torch.isfinite(gnorm):
-            raise TrainingDiverged(f"step {self.step + 1}: gradient norm is not finite ({float(gnorm)}); stopping. "
-                                   f"The newest checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
-        clip_grads(self.params, cfg.optim.grad_clip, gnorm)
-        self.optimizer.step()
+            self._diverged(f"loss is not finite ({report['loss']})")
+        if self.fast_opt is not None:  # clipping folded into the fused step; the norm is checked after
+            gnorm = self.fast_opt.step()  # (the weights in memory are then lost, never saved)
+            if not torch.isfinite(gnorm):
+                self._diverged(f"gradient norm is not finite ({float(gnorm)})")
+        else:
+            gnorm = grad_norm(self.params)
+            if not torch.isfinite(gnorm):
+                self._diverged(f"gradient norm is not finite ({float(gnorm)})")
+            clip_grads(self.params, cfg.optim.grad_clip, gnorm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_router_biases(load_sum)
         self.step += 1
+        if self.kd_mode != "none":  # kd / kl / teacher log-prob per span, and whether this was a KD step
+            report.update({k: v for k, v in span_means(stats).items() if not k.startswith("loss/")})
+            report["kd_step"] = int(is_kd_step(self.objective.cfg, self.step - 1))
         report.update({"aux_loss": float(stats_sum[-1]), "grad_norm": float(gnorm),
                        "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
                        "tokens_step": global_rows * cfg.data.seq_len})
         report["_load"] = load_sum
         return report
+
+    def _diverged(self, what: str) -> None:
+        raise TrainingDiverged(f"step {self.step + 1}: {what}; stopping. The newest checkpoint in "
+                               f"{ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
 
     # ------------------------------------------------------------------------------ evaluation
 
@@ -265,7 +320,7 @@ class Trainer:
                 torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
             if int(have) == 0:
                 break
-            _, stats, _, _ = self._forward_loss(self._to_device(batch), None)
+            _, stats, _, _ = self._forward_loss(self._to_device(batch), None, kd=False)
             stats_sum += _pack_stats(stats).to(self.device)
         all_reduce_sum(stats_sum, ds)
         return span_report(_unpack_stats(stats_sum), cfg.train.w_reasoning, cfg.train.w_final, prefix="valid/")
@@ -276,7 +331,8 @@ class Trainer:
         trainer_state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed}
         rank_state = {"rng": ckpt.rng_state(), "loader": self.train_data.state_dict()}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
-                                    rank_state, self.provenance(), self.cfg.checkpoint.keep)
+                                    rank_state, self.provenance(), self.cfg.checkpoint.keep,
+                                    extra_writer=self.subset.save if self.subset is not None else None)
 
     def _log_step(self, report: dict, step_time: float, progress: Progress) -> None:
         cfg = self.cfg
