@@ -150,7 +150,8 @@ def snapshot(directory: Path) -> dict:
     for p in sorted(Path(directory).rglob("*")):
         if p.is_file():
             st = p.stat()
-            out[str(p.relative_to(directory))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[str(p.relative_to(directory))] = (st.st_size, st.st_mtime_ns, digest)
         else:
             out[str(p.relative_to(directory))] = "dir"
     return out

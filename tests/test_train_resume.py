@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -186,3 +185,29 @@ def test_export_loads_with_automodel_and_matches_the_checkpoint(reference, tmp_p
         assert torch.equal(a.expert_bias, b.expert_bias) and a.expert_bias.abs().sum() > 0
     assert main("export", str(ckpt), "--hf", str(out)) == 2  # never overwrites an export
     assert "already exists" in capsys.readouterr().err
+
+
+def test_online_kd_from_the_teacher_itself_has_zero_divergence(reference, tmp_path):
+    """init_from an HF export and distil online from that same export: at step 1 student and
+    teacher are the same function, so the KD loss (forward KL) is ~0 while plain CE is not; the
+    trainer routes every loss through vpmoe.kd.objective."""
+    cfg, ref_dir = reference
+    hf = tmp_path / "teacher_hf"
+    assert main("export", str(ref_dir), "--hf", str(hf)) == 0
+    teacher = tmp_path / "teacher.toml"
+    teacher.write_text(f'[teacher]\nbackend = "hf"\npath = "{hf}"\ndtype = "float32"\ndevice = "cpu"\n')
+    run_dir = tmp_path / "kd"
+    code = main("train", str(cfg), "--run-dir", str(run_dir), "--set", "train.steps=2",
+                "--set", f'train.init_from="{hf}"', "--set", 'kd.mode="online"',
+                "--set", f'kd.teacher="{teacher}"', "--set", "kd.kd_fraction=1.0", "--set", "train.eval_every=2")
+    assert code == 0
+    step1 = next(r for r in metrics(run_dir) if r["step"] == 1 and "grad_norm" in r)
+    assert step1["kd_step"] == 1
+    for span in ("reasoning", "final"):
+        assert abs(step1[f"kd/{span}"]) < 1e-5 and abs(step1[f"kl/{span}"]) < 1e-5, step1
+        assert step1[f"ce/{span}"] > 5.0
+    assert abs(step1["loss"]) < 2e-5
+    # the student started from the teacher's weights (held-out CE at step 0 = the reference's last)
+    ref_last = next(r["valid/loss"] for r in metrics(ref_dir) if r["step"] == STEPS and "valid/loss" in r)
+    kd_first = next(r["valid/loss"] for r in metrics(run_dir) if r["step"] == 0 and "valid/loss" in r)
+    assert kd_first == pytest.approx(ref_last, rel=1e-6)

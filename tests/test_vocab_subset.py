@@ -29,3 +29,42 @@ def test_subset_keeps_data_ids_and_all_specials_and_maps_both_ways(tmp_path):
     (tmp_path / "vocab_subset.json").write_text((tmp_path / "vocab_subset.json").read_text().replace('"ids": [0', '"ids": [1'))
     with pytest.raises(ValueError, match="sha256 mismatch|not a readable"):
         VocabSubset.load(tmp_path)
+
+
+def test_generate_matches_full_forward_greedy_with_and_without_subset():
+    from vpmoe.model.generate import generate
+    from vpmoe.model.model import VpMoE
+    from tests.test_model import randomize, small
+
+    sub = VocabSubset(list(range(0, 40)) + list(range(199998, 200022)) , 201088)
+    cfg = small(vocab_size=len(sub), window=4)
+    model = randomize(VpMoE(cfg)).eval()
+    prompts = [[1, 5, 7, 9, 11, 2], [3, 4]]
+    outs = generate(model, prompts, max_new_tokens=6, stop_ids=(), subset=sub)
+    for p, o in zip(prompts, outs):  # greedy by full forwards over compact ids, mapped back
+        seq = sub.to_compact(torch.tensor([p]))
+        for _ in range(6):
+            with torch.no_grad():
+                nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        assert o == sub.to_full(seq[0, len(p):]).tolist()
+    # a stop token ends its row (kept), the other row runs on
+    first = outs[0][0]
+    stopped = generate(model, prompts, max_new_tokens=6, stop_ids=(first,), subset=sub)
+    assert stopped[0] == [first] and len(stopped[1]) >= 1
+
+
+def test_compact_sparse_target_folds_mass_outside_the_subset():
+    from vpmoe.kd.losses import SparseTarget
+    from vpmoe.kd.objective import compact_sparse_target
+
+    sub = VocabSubset([2, 5, 9, 199999], 201088)
+    ids = torch.tensor([[5, 7, 2], [8, 9, -1]])
+    lps = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.4, 0.0]]) + 1e-30)
+    rest = torch.log(torch.tensor([0.2, 0.3]))
+    out = compact_sparse_target(SparseTarget(ids, lps, rest), sub)
+    pairs = [{(int(i), round(float(p), 4)) for i, p in zip(r_ids, r_lps.exp()) if i >= 0}
+             for r_ids, r_lps in zip(out.ids, out.logprobs)]
+    assert pairs == [{(1, 0.5), (0, 0.1)}, {(2, 0.4)}]  # compact ids keep their probabilities
+    assert (out.ids[:, 0] >= 0).all()  # slot 0 stays a known id (row 2: 9 moved there)
+    torch.testing.assert_close(out.rest_logmass.exp(), torch.tensor([0.4, 0.6]))  # + the dropped mass

@@ -18,6 +18,7 @@ from vpmoe.config import ConfigError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from vpmoe.data import DataError
     from vpmoe.train.config import load_run_config
     from vpmoe.train.parallel import shutdown_distributed
     from vpmoe.train.trainer import Trainer, TrainingDiverged
@@ -33,9 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except TrainingDiverged as e:
             print(f"vpmoe train: stopped: {e}", file=sys.stderr)
             return 3
-        except ValueError as e:  # vpmoe.data.DataError and friends: bad data on disk
-            if isinstance(e, ConfigError):
-                raise
+        except DataError as e:  # bad or corrupt data on disk: the message names the file
             raise ConfigError(str(e)) from None
     finally:
         shutdown_distributed()

@@ -89,12 +89,14 @@ class EPDispatcher:
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_splits, recv_splits = send.tolist(), recv.tolist()
-        rows_in = AllToAll.apply(x[token_sorted], recv_splits, send_splits, self.group)
+        # under autocast the experts compute in bf16 anyway: send bf16 rows (half the traffic)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rows_in = AllToAll.apply(x[token_sorted].to(dt), recv_splits, send_splits, self.group)
         expert_in = _all_to_all_ints(expert_sorted, recv_splits, send_splits, self.group)
         rows_out = run_local_experts(moe, rows_in, expert_in - first)
         back = AllToAll.apply(rows_out, send_splits, recv_splits, self.group)
         weight = topk_weight.reshape(-1)[order].to(x.dtype)
-        return torch.zeros_like(x).index_add(0, token_sorted, back * weight[:, None])
+        return torch.zeros_like(x).index_add(0, token_sorted, back.to(x.dtype) * weight[:, None])
 
 
 @torch.no_grad()

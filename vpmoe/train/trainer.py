@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vpmoe.config import ConfigError, ModelConfig, config_hash, model_diff
+from vpmoe.config import ConfigError, config_hash, model_diff
 from vpmoe.kd.losses import STAT_KEYS, count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.train import checkpoint as ckpt
@@ -341,7 +341,9 @@ class Trainer:
         report.update({"tokens_per_s": tokens_per_s, "step_time_s": step_time, "tokens": self.tokens_seen,
                        "mfu": self.flops_per_token * tokens_per_s / (cfg.train.peak_flops * self.ds.world)})
         if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
             report["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            report["mem_headroom_gib"] = (total - torch.cuda.max_memory_reserved(self.device)) / 2**30
         report.update(router_stats(load))
         if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
             self.metrics.log(self.step, report)

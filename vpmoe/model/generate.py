@@ -1,0 +1,66 @@
+"""Sampling from a VpMoE with its KV cache: batched, left-padded, greedy or temperature/top-p.
+
+Design choices:
+- One function, `generate`, used by the eval, the demo and (later) on-policy distillation rollouts:
+  prompts of different lengths are left-padded into one batch and prefilled in one forward; then
+  one token per step through the cache (local layers keep only their window).
+- Ids in and out are full o200k ids; with a vocabulary subset (vpmoe.data.vocab_subset) the model
+  sees compact ids and sampled ids are mapped back, so callers never handle compact ids.
+- A row stops at its first stop token (kept in the output); finished rows keep running as padding
+  until all rows stop or `max_new_tokens` is reached (simple, and the batch shape stays static).
+- Sampling uses a `torch.Generator` seeded by the caller, so rollouts are reproducible.
+"""
+from __future__ import annotations
+
+import torch
+
+from vpmoe.model.model import VpMoE
+
+HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
+
+
+@torch.no_grad()
+def generate(model: VpMoE, prompts: list[list[int]], max_new_tokens: int, stop_ids=HARMONY_STOPS,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, subset=None,
+             pad_id: int = 199999) -> list[list[int]]:
+    """Continuations (without the prompt) for each prompt; greedy when temperature == 0."""
+    device = next(model.parameters()).device
+    B = len(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[b, width - len(p):] = 1
+    if subset is not None:
+        ids = subset.to_compact(ids)
+    ids, mask = ids.to(device), mask.to(device)
+    stops = torch.as_tensor(list(stop_ids), device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(B)
+    logits = model(ids, cache=cache, attention_mask=mask).logits[:, -1]
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        nxt = sample(logits.float(), temperature, top_p, gen)
+        full = subset.to_full(nxt) if subset is not None else nxt
+        out = torch.cat([out, torch.where(done, torch.full_like(full, -1), full)[:, None]], 1)
+        done |= torch.isin(full, stops)
+        if bool(done.all()):
+            break
+        logits = model(nxt[:, None], cache=cache).logits[:, -1]
+    model.train(was_training)
+    return [[int(t) for t in row if t >= 0] for row in out.cpu()]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted probs whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
