@@ -8,7 +8,8 @@ Design choices:
   world size, and the size and sha256 of every file in the directory).
 - Atomic: everything is written into `step_N.tmp/`; rank 0 writes provenance.json last and
   renames the directory. A directory without `.tmp` is complete by construction; a crash leaves
-  only a `.tmp` that the next save of that step removes. The newest `keep` checkpoints are kept.
+  only a `.tmp` that the next save of that step removes. The newest `keep` checkpoints are kept
+  (older ones are renamed `.deleting` before removal, so no half-deleted `step_N` ever exists).
 - Verification before use: provenance parses, every listed file exists with the recorded size
   and sha256 (hashing is split over ranks), model config and tokenizer match the run (differences
   are named through `model_diff`). Nothing is written while verifying or loading, so a refused
@@ -120,7 +121,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := STEP_DIR.match(p.name)) and (p / PROVENANCE).is_file()]
     return sorted(found)
 
 
@@ -146,6 +148,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             raise CheckpointError(f"{final}: already exists; refusing to overwrite a complete checkpoint")
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
+        for doomed in root.glob("step_*.deleting") if root.is_dir() else []:
+            shutil.rmtree(doomed, ignore_errors=True)  # a crash during pruning
         tmp.mkdir(parents=True)
     _barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
@@ -165,7 +169,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         _write_json_atomic(tmp / PROVENANCE, prov)
         os.replace(tmp, final)
         for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.with_name(old.name + ".deleting")  # never a half-deleted step_N
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     _barrier()
     return final
 

@@ -42,6 +42,7 @@ def router_stats(load: torch.Tensor) -> dict:
         "router/entropy_mean": float(entropy.mean()), "router/entropy_min": float(entropy.min()),
         "router/max_over_mean": float((load.max(1).values / mean).max()),
         "router/min_over_mean": float((load.min(1).values / mean).min()),
+        "router/max_over_min": float((load.max(1).values / load.min(1).values.clamp_min(1)).max()),  # min >= 1 token
         "router/dead_experts": int(dead.sum()),
         "router/entropy_per_layer": [round(float(e), 5) for e in entropy],
         "router/dead_per_layer": [int(d) for d in dead],
