@@ -5,7 +5,7 @@
 #   git rev-parse --short=12 HEAD > .carry/GIT_SHA   (append +dirty by hand if the tree is dirty)
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), NS_CHUNK=64, TESTS=tests/gpu (pytest selection).
+#      KD_BENCH=1 (also bench/kd_loss.py), PROFILE=1 (top kernels), RECORD=0, NS_CHUNK=64, TESTS=tests/gpu (pytest selection).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -38,9 +38,11 @@ if [ "${SKIP_PEER:-0}" != 1 ]; then
 fi
 opt=""
 [ "${OPT_SWEEP:-0}" = 1 ] && opt="--opt-sweep"
+[ "${PROFILE:-0}" = 1 ] && opt="$opt --profile $out"
+[ "${RECORD:-1}" = 1 ] && opt="$opt --record"
 timeout "${BENCH_TIMEOUT:-480}" python3 bench/train_step.py --cases "$cases" --steps "$steps" --peer "$out/peer.jsonl" \
-  --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-64}" $opt --record 2>&1 | tee "$out/train_step.log" \
-  | grep -v -i -e warn -e '^ ' | cut -c1-1500 | tail -40
+  --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-64}" $opt 2>&1 | tee "$out/train_step.log" \
+  | grep -v -i -e warn -e '^ ' | cut -c1-1500 | tail -${BENCH_TAIL:-40}
 echo "# train_step done at +$(( $(date +%s) - t0 ))s"
 if [ "${KD_BENCH:-0}" = 1 ]; then
   timeout "${KD_TIMEOUT:-240}" python3 bench/kd_loss.py 2>&1 | tee "$out/kd_loss.log" | grep -v -i warn | tail -25

@@ -253,7 +253,34 @@ def opt_sweep(tr: Trainer, chunks=(32, 64, 128, 256)) -> list[dict]:
     return rows
 
 
-def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep) -> tuple[dict, list]:
+def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
+    """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def top(fn, label, rows=28):
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events)
+        events.sort(key=lambda e: -e.self_device_time_total)
+        path = Path(out_dir) / f"profile_{tag}_{label}.txt"
+        path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80,
+                                                   max_name_column_width=160))
+        print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
+        for e in events[:rows]:
+            print(f"#  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
+
+    top(lambda: [tr.step(micro) for _ in range(2)], "2steps")
+    for p in tr.model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    top(tr.fopt.step, "optimizer", rows=14)
+    tr.opt.zero_grad(set_to_none=True)
+
+
+def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="") -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     if variant == "graphed":
         micro = 1
@@ -284,6 +311,8 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep) -> tu
                 "attention", "router", "permute", "experts", "combine", "shared_expert", "head+loss", "optimizer"))
             row.update({f"{k_}_ms" if not k_.startswith(("routing", "timing")) else k_: v for k_, v in parts.items()})
             print(json.dumps(parts), flush=True)
+        if profile_dir:
+            profile(tr, batches[0], profile_dir, f"{name}_{variant}")
         if do_sweep:
             extra = opt_sweep(tr)
     except torch.OutOfMemoryError as e:
@@ -305,6 +334,7 @@ def main():
     ap.add_argument("--peer", default="", help="JSON lines file with the peer's results, to add the ratio")
     ap.add_argument("--breakdown", default="a", help="cases that get the component breakdown")
     ap.add_argument("--opt-sweep", action="store_true", help="NS chunk-size sweep of the optimizer on case a")
+    ap.add_argument("--profile", default="", help="folder: profile each case's first variant into it")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -317,7 +347,8 @@ def main():
         variants = [variant] if variant else (["compiled"] if CASES[name][3] > 1 else ["graphed", "compiled"])
         for v in variants:
             row, extra = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
-                                  a.opt_sweep and name == "a" and v == variants[0])
+                                  a.opt_sweep and name == "a" and v == variants[0],
+                                  a.profile if v == variants[0] else "")
             rows.append(row)
             sweep += extra
     peer = {}

@@ -164,39 +164,53 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
         assert e_fast <= 1.5 * e_ref + 5e-3, (name, e_ref, e_fast)
 
 
-def test_fast_optimizer_matches_reference_step():
+def test_fast_optimizer_no_worse_than_reference_step():
+    """FastMuonAdamW (compiled fused kernels, chunked bf16 Newton-Schulz via baddbmm) vs
+    clip_grad_norm_ + MuonAdamW.step on the GPU, both against the reference step in fp32 on the CPU:
+    the fast update's error is at most ~1.5x the reference GPU step's own bf16 error."""
     cfg = small_cfg(n_layers=3)
     torch.manual_seed(1)
-    m1 = VpMoE(cfg).to(DEV)
-    m2 = copy.deepcopy(m1)
-    o1, o2 = build_optimizer(m1, OptimConfig()), build_optimizer(m2, OptimConfig())
-    fast = FastMuonAdamW(o2, max_grad_norm=1.0, ns_chunk=16)
-    p0 = [p.detach().clone() for p in m1.parameters()]
+    m_ref = VpMoE(cfg).to(DEV)
+    m_fast, m_cpu = copy.deepcopy(m_ref), copy.deepcopy(m_ref).cpu()
+    o_ref, o_fast, o_cpu = (build_optimizer(m, OptimConfig()) for m in (m_ref, m_fast, m_cpu))
+    fast = FastMuonAdamW(o_fast, max_grad_norm=1.0, ns_chunk=16)
+    p0 = [p.detach().clone() for p in m_ref.parameters()]
     for step in range(2):
-        for a, b in zip(m1.parameters(), m2.parameters()):
+        for a, b, c in zip(m_ref.parameters(), m_fast.parameters(), m_cpu.parameters()):
             a.grad = torch.randn_like(a) * (0.05 if step == 0 else 1e-4)  # clip active, then not
-            b.grad = a.grad.clone()
-        n1 = torch.nn.utils.clip_grad_norm_(m1.parameters(), 1.0)
-        o1.step()
-        n2 = fast.step()
-        assert abs(n1.item() - n2.item()) <= 1e-4 * n1.item()
-    kinds = {id(p): g["kind"] for g in o1.param_groups for p in g["params"]}
-    for (name, a), b, p in zip(m1.named_parameters(), m2.parameters(), p0):
-        tol = 3e-2 if kinds[id(a)] == "muon" else 1e-4  # Muon: two bf16 Newton-Schulz variants
-        assert rel_err(b - p, a - p) < tol, (name, rel_err(b - p, a - p))
+            b.grad, c.grad = a.grad.clone(), a.grad.cpu()
+        n_ref = torch.nn.utils.clip_grad_norm_(m_ref.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(m_cpu.parameters(), 1.0)
+        o_ref.step()
+        o_cpu.step()
+        n_fast = fast.step()
+        assert abs(n_ref.item() - n_fast.item()) <= 1e-4 * n_ref.item()
+    worst = []
+    for (name, a), b, c, p in zip(m_ref.named_parameters(), m_fast.parameters(), m_cpu.parameters(), p0):
+        exact = c.to(DEV) - p
+        e_ref, e_fast = rel_err(a - p, exact), rel_err(b - p, exact)
+        worst.append((e_fast - 1.5 * e_ref, name, e_ref, e_fast))
+        assert e_fast <= 1.5 * e_ref + 1e-3, (name, e_ref, e_fast)
+    print("optimizer: worst (fast - 1.5 ref) margin:", max(worst))
 
 
 def test_graphed_step_matches_eager_step():
     """Five steps on five different batches: eager-launched compiled steps vs the CUDA-graph step
-    (2 eager warm-up steps, capture, replays): same losses and the same parameter updates."""
+    (2 eager warm-up steps, capture, replays). Same losses; parameter updates as close to the
+    eager run as a second eager run is (atomics and bf16 make runs differ; AdamW's first steps
+    are nearly sign(g), so tiny gradient differences flip whole elements)."""
     cfg = small_cfg()
     batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5)]
-    eager, graphed = Trainer(cfg, "compiled", 16), Trainer(cfg, "graphed", 16)
-    p0 = [p.detach().clone() for p in eager.model.parameters()]
-    le = [eager.step([b]).item() for b in batches]
-    lg = [graphed.step([b]).item() for b in batches]
-    assert graphed.graphed.graphs is not None
-    for i, (x, y) in enumerate(zip(le, lg)):
-        assert abs(x - y) <= 2e-3 * abs(x), (i, le, lg)
-    for (name, a), b, p in zip(eager.model.named_parameters(), graphed.model.parameters(), p0):
-        assert rel_err(b - p, a - p) < 5e-2, (name, rel_err(b - p, a - p))
+    runs = [Trainer(cfg, v, 16) for v in ("compiled", "compiled", "graphed")]
+    p0 = [p.detach().clone() for p in runs[0].model.parameters()]
+    losses = [[tr.step([b]).item() for b in batches] for tr in runs]
+    assert runs[2].graphed.graphs is not None
+    for i, (x, y) in enumerate(zip(losses[0], losses[2])):
+        assert abs(x - y) <= 2e-3 * abs(x), (i, losses)
+    report = []
+    for (name, a), b, c, p in zip(runs[0].model.named_parameters(), runs[1].model.parameters(),
+                                  runs[2].model.parameters(), p0):
+        e_noise, e_graph = rel_err(b - p, a - p), rel_err(c - p, a - p)
+        report.append((e_graph - 3 * e_noise, name, e_noise, e_graph))
+        assert e_graph <= 3 * e_noise + 2e-2, (name, e_noise, e_graph)
+    print("graphed vs eager: worst margin", max(report), "losses", losses)

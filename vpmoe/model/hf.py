@@ -36,8 +36,9 @@ class VpMoEConfig(PretrainedConfig):
             hf_name = HF_NAMES.get(name, name)
             setattr(self, hf_name, kwargs.pop(hf_name, defaults[name]))
         kwargs.setdefault("tie_word_embeddings", False)
-        kwargs.setdefault("eos_token_id", [200002, 199999, 200012])  # <|return|>, <|endoftext|>, <|call|>
-        kwargs.setdefault("pad_token_id", 199999)
+        if self.vocab_size > 200012:  # full o200k ids (a vocab-subset model has compact ids: none set)
+            kwargs.setdefault("eos_token_id", [200002, 199999, 200012])  # <|return|>, <|endoftext|>, <|call|>
+            kwargs.setdefault("pad_token_id", 199999)
         super().__init__(**kwargs)
 
     @classmethod
