@@ -118,7 +118,7 @@ def flops_per_token(cfg, doc_ids) -> float:
 class Trainer:
     """Model + optimizer + one step variant."""
 
-    def __init__(self, cfg, variant: str, ns_chunk: int):
+    def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
         self.model = VpMoE(cfg).cuda()
@@ -126,7 +126,7 @@ class Trainer:
         self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk)
         self.fopt.init_state()
         self.body = FastBody(self.model, static_masks=variant == "graphed")
-        self.graphed = (GraphedTrainStep(self.body, self.loss, self.fopt, [self.model.lm_head.weight])
+        self.graphed = (GraphedTrainStep(self.body, self.loss, self.fopt, [self.model.lm_head.weight], micro=micro)
                         if variant == "graphed" else None)
 
     def loss(self, hidden, batch, scale=1.0):
@@ -137,8 +137,7 @@ class Trainer:
 
     def step(self, micro: list[dict]):
         if self.graphed is not None:
-            assert len(micro) == 1, "the graphed step takes one micro-batch"
-            return self.graphed(micro[0])
+            return self.graphed(micro)
         load, total = 0, 0.0
         for mb in micro:
             hidden, aux, lo = self.body(mb["tokens"], mb["doc_ids"])
@@ -282,8 +281,6 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="") -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
-    if variant == "graphed":
-        micro = 1
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -291,7 +288,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     extra = []
     tr = None
     try:
-        tr = Trainer(cfg, variant, ns_chunk)
+        tr = Trainer(cfg, variant, ns_chunk, micro)
         batches = [split(make_batch(batch_size, seq, seed=s), micro) for s in range(3)]
         t0 = time.perf_counter()
         tr.step(batches[0])
@@ -344,7 +341,7 @@ def main():
     rows, sweep = [], []
     for spec in a.cases.split(","):
         name, _, variant = spec.partition(":")
-        variants = [variant] if variant else (["compiled"] if CASES[name][3] > 1 else ["graphed", "compiled"])
+        variants = [variant] if variant else ["graphed", "compiled"]
         for v in variants:
             row, extra = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],

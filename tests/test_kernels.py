@@ -1,7 +1,7 @@
 """Fast paths against the reference on the CPU (the GPU versions: tests/gpu/)."""
 import torch
 
-from vpmoe.model.kernels import Routing, _Combine, _Dispatch, experts_grouped, permute_by_expert
+from vpmoe.model.kernels import Routing, _Combine, _Dispatch, _GroupBias, experts_grouped, permute_by_expert
 from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference
 from tests.test_model import randomize, small
 
@@ -77,6 +77,21 @@ def test_dispatch_and_combine_match_indexing_autograd():
         outs.append([outs[0].detach(), outs[1].detach(), x.grad.clone(), rows.grad.clone(), w.grad.clone()])
     for a, b in zip(fast[-1], plain[-1]):
         torch.testing.assert_close(a, b)
+
+
+def test_group_bias_gradient_matches_indexing():
+    g = torch.Generator().manual_seed(8)
+    expert = torch.sort(torch.randint(0, 5, (17,), generator=g)).values  # expert 5 of 6 gets no rows
+    y = torch.randn(17, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    gout = torch.randn(17, 4, dtype=torch.float64, generator=g)
+    grads = []
+    for out in (_GroupBias.apply(y, b, expert), y + b[expert]):
+        y.grad = b.grad = None
+        (out * gout).sum().backward()
+        grads.append((out.detach(), y.grad.clone(), b.grad.clone()))
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c)
 
 
 def test_fast_body_matches_reference_forward_and_backward():

@@ -211,3 +211,15 @@ def test_params_cli_matches_reference_budget_and_allocated_model():
     assert c["total"] == sum(p.numel() for p in real.parameters())
     routed = sum(m.w_up.numel() + m.b_up.numel() + m.w_down.numel() + m.b_down.numel() for m in real.moe_layers())
     assert c["active"] == c["total"] - routed + routed * cfg.top_k // cfg.n_experts
+
+
+@pytest.mark.parametrize("order", ["vpmoe first", "transformers first"])
+def test_auto_classes_know_vpmoe_whatever_the_import_order(order):
+    first, second = ("import vpmoe", "import transformers") if order == "vpmoe first" else ("import transformers", "import vpmoe")
+    code = (f"{first}\n{second}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+            "from vpmoe.model.hf import VpMoEForCausalLM\n"
+            "cfg = AutoConfig.for_model('vpmoe', n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16,"
+            " vocab_size=300, n_experts=8, n_groups=4, topk_groups=2, num_experts_per_tok=2)\n"
+            "assert isinstance(AutoModelForCausalLM.from_config(cfg), VpMoEForCausalLM)\nprint('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

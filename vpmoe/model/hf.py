@@ -133,6 +133,9 @@ def register() -> None:
         pass
 
 
+register()  # importing this module is enough to make the Auto classes know vpmoe
+
+
 def to_hf(model: VpMoE) -> VpMoEForCausalLM:
     """Wrap an existing VpMoE (sharing its weights) for save_pretrained / generate."""
     hf = VpMoEForCausalLM.__new__(VpMoEForCausalLM)

@@ -17,7 +17,7 @@ Design choices:
   per token`) are autograd Functions whose backward passes are gathers too (no atomics, no
   index_put), and the combine accumulates in fp32 like the reference's fp32 `index_add_`.
 - Experts: two grouped GEMMs (`torch._grouped_mm`, one launch for all experts, offsets on the
-  device). CUDA's grouped GEMM takes bf16 only; the bias add and squared ReLU run in fp32 and are
+  device); the bias gradients are a one-hot GEMM over the sorted rows (`_GroupBias`), not atomics. CUDA's grouped GEMM takes bf16 only; the bias add and squared ReLU run in fp32 and are
   fused by torch.compile around the GEMMs. `torch._grouped_mm` also runs on CPU in fp32, so CI
   checks this path against the loop reference; fp32 on CUDA (tests only) falls back to a loop.
 """
@@ -107,6 +107,25 @@ class _Combine(torch.autograd.Function):
         return g_rows, g_weight, None, None, None
 
 
+class _GroupBias(torch.autograd.Function):
+    """y [M, n] + bias[expert[r]] per row. The bias gradient is one dense GEMM, one_hot(expert)^T @ g
+    ([E, M] @ [M, n]), instead of the scatter-add that indexing's backward does: rows are sorted
+    by expert, so a scatter-add sends each expert's ~M/E consecutive rows at the same addresses
+    (serialised atomics, measured ~0.12 ms per layer at 16k rows on an H200)."""
+
+    @staticmethod
+    def forward(ctx, y, bias, expert):
+        ctx.save_for_backward(expert)
+        ctx.n_groups = bias.shape[0]
+        return y + bias[expert]
+
+    @staticmethod
+    def backward(ctx, g):
+        (expert,) = ctx.saved_tensors
+        one_hot = (expert[None, :] == torch.arange(ctx.n_groups, device=g.device)[:, None]).to(g.dtype)
+        return g, one_hot @ g, None
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, a] (rows sorted by group) @ w[g] [a, b] per group; offsets = group ends (int32)."""
     if x.is_cuda and x.dtype != torch.bfloat16:  # CUDA's kernel is bf16-only: loop (tests only)
@@ -126,9 +145,9 @@ def grouped_expert_ffn(xs: torch.Tensor, expert_of_row: torch.Tensor, offsets: t
     GEMMs in xs's dtype; bias + activation in fp32 (fused by compile); output in xs's dtype.
     """
     dt, acc = xs.dtype, _acc(xs)
-    h = grouped_mm(xs, w_up.to(dt), offsets).to(acc) + b_up.to(acc)[expert_of_row]
+    h = _GroupBias.apply(grouped_mm(xs, w_up.to(dt), offsets).to(acc), b_up.to(acc), expert_of_row)
     h = M.squared_relu(h).to(dt)
-    return (grouped_mm(h, w_down.to(dt), offsets).to(acc) + b_down.to(acc)[expert_of_row]).to(dt)
+    return _GroupBias.apply(grouped_mm(h, w_down.to(dt), offsets).to(acc), b_down.to(acc), expert_of_row).to(dt)
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,

@@ -10,7 +10,8 @@ Design choices:
   rewrites every gradient (for 6B fp32 params that pass alone moves 48 GB).
 - Muon on the routed experts' 3-D tensors `[E, m, n]` runs in chunks of `ns_chunk` matrices: one
   fused kernel (torch.compile) does momentum, Nesterov and the bf16 cast; Newton-Schulz runs
-  batched on the chunk (bf16, `baddbmm` folds `a*X + P@X` into one GEMM); one fused kernel applies
+  batched on the chunk (bf16, one GEMM per iteration over the big operand, see
+  `newton_schulz_batched`); one fused kernel applies
   weight decay and the update. A chunk of 32-64 matrices (8-16 MB in bf16) stays in the 50 MB L2,
   so the five iterations do not stream the whole tensor through HBM five times.
 - Muon on 2-D matrices: same-shape matrices are stacked and orthogonalised in one batched call;
@@ -35,17 +36,32 @@ from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale
 
 
 def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """`optim.newton_schulz` for a batch [b, m, n] already in the iteration dtype, with the
-    update `a*X + P@X` and `b*G + c*G@G` as single `baddbmm` calls (one rounding instead of three)."""
+    """`optim.newton_schulz` for a batch [b, m, n] already in the iteration dtype, with fewer passes
+    over the big [b, m, n] operand (the [b, m, m] Gram-side work is small):
+    - each iteration is X <- Q @ X with Q = a*I + b*G + c*G@G: one GEMM, no separate `a*X + ...`
+      pass and no copy of X into a `baddbmm` accumulator;
+    - the Frobenius normalisation comes from the first Gram matrix (||X||^2 = trace(X X^T)) and is
+      folded into the first Q, so X is never divided in a separate pass;
+    - for tall matrices the last product is taken transposed (X^T Q^T), so the result comes out
+      contiguous in the parameter's own layout for the update kernel."""
     a, b, c = NS_COEFFS
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    eye = torch.eye(x.shape[-2], device=x.device, dtype=torch.float32)
+    for i in range(steps):
         gram = torch.bmm(x, x.mT)
+        if i == 0:
+            norm = gram.diagonal(dim1=-2, dim2=-1).float().sum(-1).clamp_min(0).sqrt() + eps  # [b]
+            gram = (gram.float() / norm[:, None, None] ** 2).to(x.dtype)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a)
+        q = poly.float() + a * eye
+        if i == 0:
+            q = q / norm[:, None, None]
+        q = q.to(x.dtype)
+        if transposed and i == steps - 1:
+            return torch.bmm(x.mT, q.mT)
+        x = torch.bmm(q, x)
     return x.mT if transposed else x
 
 
