@@ -5,7 +5,7 @@
 #   git rev-parse --short=12 HEAD > .carry/GIT_SHA   (append +dirty by hand if the tree is dirty)
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), PROFILE=1 (top kernels), RECORD=0, NS_CHUNK=64, TESTS=tests/gpu (pytest selection).
+#      KD_BENCH=1 (also bench/kd_loss.py), PROFILE=1 (top kernels), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -21,7 +21,7 @@ t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run_tests() {
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/gpu} 2>&1 \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} 2>&1 \
     | tee "$out/gpu_tests.log" | grep -v -i warn | grep -e 'rel err' -e passed -e failed -e Error -e '^E ' | cut -c1-600 | tail -30
   echo "# tests done at +$(( $(date +%s) - t0 ))s"
 }
@@ -41,7 +41,7 @@ opt=""
 [ "${PROFILE:-0}" = 1 ] && opt="$opt --profile $out"
 [ "${RECORD:-1}" = 1 ] && opt="$opt --record"
 timeout "${BENCH_TIMEOUT:-480}" python3 bench/train_step.py --cases "$cases" --steps "$steps" --peer "$out/peer.jsonl" \
-  --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-64}" $opt 2>&1 | tee "$out/train_step.log" \
+  --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-256}" $opt 2>&1 | tee "$out/train_step.log" \
   | grep -v -i -e warn -e '^ ' | cut -c1-1500 | tail -${BENCH_TAIL:-40}
 echo "# train_step done at +$(( $(date +%s) - t0 ))s"
 if [ "${KD_BENCH:-0}" = 1 ]; then

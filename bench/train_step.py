@@ -327,7 +327,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="a,b,c", help="comma list of a,b,c; case:variant picks one variant")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--ns-chunk", type=int, default=64)
+    ap.add_argument("--ns-chunk", type=int, default=256)
     ap.add_argument("--peer", default="", help="JSON lines file with the peer's results, to add the ratio")
     ap.add_argument("--breakdown", default="a", help="cases that get the component breakdown")
     ap.add_argument("--opt-sweep", action="store_true", help="NS chunk-size sweep of the optimizer on case a")
@@ -362,7 +362,7 @@ def main():
         r.pop("compile", None)
     if a.record:
         from bench.results import append_results
-        cmd = "bash bench/gpu_run.sh " + a.cases
+        cmd = "python3 bench/train_step.py " + " ".join(sys.argv[1:]) + " (run by bench/gpu_run.sh)"
         append_results("train_step", cmd, rows,
                        notes=f"peer (HF Afmoe grouped_mm, same run): {json.dumps({str(k): v for k, v in peer.items()})}")
         if sweep:

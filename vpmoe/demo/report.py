@@ -111,9 +111,10 @@ def write_report(out: Path, results: dict, settings) -> Path:
         f"- data: {steps['rows_kept']} generated exercises (5 families, 4 languages) -> Harmony -> packed rows of "
         f"{settings.seq_len} tokens; held-out accuracy on {settings.heldout_rows} exercises from another seed",
         f"- teacher: tiny vpMoE d=128, {settings.teacher_steps} CE steps; cache: top-{settings.top_k} + tail mass",
-        f"- students: tiny vpMoE d=64; per seed, CE-only and KD (forward KL from the cache on "
-        f"{settings.kd_fraction:.0%} of steps, CE otherwise) from the same init, {settings.student_steps} steps "
-        f"= {tokens:,} token slots each", "",
+        f"- students: tiny vpMoE d=64; per seed, CE-only and KD from the same init and data order, "
+        f"{settings.student_steps} steps = {tokens:,} token slots each; KD loss = {1 - settings.ce_weight:g} x forward KL "
+        f"to the cached teacher (top-{settings.top_k} + label + tail mass) + {settings.ce_weight:g} x CE, on "
+        f"{settings.kd_fraction:.0%} of steps", "",
         "## Results", "",
         "| model | held-out loss | reasoning | final | exact-answer acc | Harmony valid |",
         "|---|---|---|---|---|---|"]

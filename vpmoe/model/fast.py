@@ -170,6 +170,8 @@ class FastBody:
         self.flex = p0.is_cuda
         self.dtype = dtype or (torch.bfloat16 if p0.is_cuda else p0.dtype)
         use_compile = p0.is_cuda if compile is None else compile
+        if use_compile:  # one code object serves every block kind and shape: room for all of them
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.static_masks = static_masks
         self._masks: dict = {}
         self.slopes = M.alibi_slopes(self.cfg.n_heads).to(p0.device)

@@ -11,9 +11,9 @@ Design choices:
 - Muon on the routed experts' 3-D tensors `[E, m, n]` runs in chunks of `ns_chunk` matrices: one
   fused kernel (torch.compile) does momentum, Nesterov and the bf16 cast; Newton-Schulz runs
   batched on the chunk (bf16, one GEMM per iteration over the big operand, see
-  `newton_schulz_batched`); one fused kernel applies
-  weight decay and the update. A chunk of 32-64 matrices (8-16 MB in bf16) stays in the 50 MB L2,
-  so the five iterations do not stream the whole tensor through HBM five times.
+  `newton_schulz_batched`); one fused kernel applies weight decay and the update. Measured on an
+  H200 (bench/RESULTS.md, optimizer sweep): whole tensors (256 matrices) beat L2-sized chunks
+  (32-64), eager and in a CUDA graph alike, so 256 is the default.
 - Muon on 2-D matrices: same-shape matrices are stacked and orthogonalised in one batched call;
   momentum and updates use `_foreach` ops (few launches for hundreds of small tensors).
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
@@ -84,7 +84,7 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 
 
 class FastMuonAdamW:
-    def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 64,
+    def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None):
         if not supported(opt):
             raise ValueError("FastMuonAdamW needs a MuonAdamW over plain (non-DTensor) parameters")
