@@ -40,12 +40,12 @@ STUDENT_MODEL = dict(TEACHER_MODEL, d_model=64, head_dim=16, dense_ffn=128, expe
 
 @dataclass
 class DemoSettings:
-    train_rows: int = 3000
+    train_rows: int = 4000
     heldout_rows: int = 96
     seq_len: int = 384
     micro_batch: int = 8
-    teacher_steps: int = 150
-    student_steps: int = 100
+    teacher_steps: int = 300
+    student_steps: int = 150
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     top_k: int = 16
     kd_fraction: float = 1.0  # share of KD steps; each KD step mixes CE in at the token level:

@@ -14,8 +14,10 @@ Design choices:
   preallocated `.grad` that the captured optimizer step zeroes after use.
 - The optimizer (`FastMuonAdamW`) is captured inside graph 2; its learning rates are device
   tensors refreshed eagerly before each replay, so a schedule still applies.
-- Micro-batches (`micro > 1`): gradients live outside the pool and accumulate (`+=`) over the
-  replays of graphs 1 and 2 for each micro-batch; a third graph runs the optimizer, the router-bias
+- Micro-batches (`micro > 1`): gradients live outside the pool and accumulate over the replays of
+  graphs 1 and 2 for each micro-batch, through `autograd.grad` + one `_foreach_add_` captured on
+  the capture stream (AccumulateGrad's in-place add runs on the stream the node was created on,
+  the warm-up's, and was not replayed: tests/gpu caught the difference); a third graph runs the optimizer, the router-bias
   update (on the summed loads) and zeroes the gradients for the next step. The pool is shared and
   the graphs replay in capture order per micro-batch (1, 2, 1, 2, ..., 3), and nothing allocated in
   it lives from one graph to a later one except graph 1's outputs, which graph 2 consumes.
@@ -89,10 +91,14 @@ class GraphedTrainStep:
             hidden, aux, load = self.body(self.tokens, doc, rebuild_masks=False)
         grad_hidden, aux_grad = torch.zeros_like(hidden), torch.full_like(aux, 1.0 / self.micro)
         with torch.cuda.graph(gb, pool=gf.pool()):
-            torch.autograd.backward([hidden, aux], [grad_hidden, aux_grad])
-            if self.accumulate:
+            if self.accumulate:  # explicit adds on the capture stream, not AccumulateGrad's (see above)
+                grads = torch.autograd.grad([hidden, aux], self.body_params, [grad_hidden, aux_grad],
+                                            allow_unused=True)
+                pairs = [(p.grad, g) for p, g in zip(self.body_params, grads) if g is not None]
+                torch._foreach_add_([a for a, _ in pairs], [b for _, b in pairs])
                 self.load_sum += load
             else:
+                torch.autograd.backward([hidden, aux], [grad_hidden, aux_grad])
                 self._optimizer_part(load, refresh_lr=False)
         go = None
         if self.accumulate:
