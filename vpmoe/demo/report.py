@@ -48,10 +48,11 @@ def _plots(out: Path, models: dict, seeds: list[int]) -> list[str]:
     for seed in seeds:
         for kind, style in (("ce", "-"), ("kd", "--")):
             run = out / "runs" / f"student_{kind}_seed{seed}"
-            axes[0].plot(*_series(run, "loss/ce" if kind == "kd" else "loss"), style, label=f"{kind.upper()} seed {seed}")
+            axes[0].plot(*_series(run, "loss"), style, label=f"{kind.upper()} seed {seed}")
             axes[1].plot(*_series(run, "valid/loss"), style, marker="o", label=f"{kind.upper()} seed {seed}")
-    axes[0].set(title="training CE loss (span-normalised)", xlabel="step", ylabel="loss")
-    axes[1].set(title="held-out loss (reasoning + final)", xlabel="step", ylabel="loss")
+    axes[0].set(title="training loss (CE; KD runs: their KD+CE objective)", xlabel="step", ylabel="loss",
+                yscale="log")
+    axes[1].set(title="held-out CE loss (reasoning + final)", xlabel="step", ylabel="loss", yscale="log")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
