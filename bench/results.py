@@ -8,27 +8,11 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import subprocess
 from pathlib import Path
 
+from vpmoe.utils import git_sha
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def git_sha() -> str:
-    """HEAD's short sha (+dirty); where git or .git is missing (the GPU machine gets no .git),
-    the sha that bench/gpu_run.sh exports from .carry/GIT_SHA (written before the run)."""
-    env = os.environ.get("VPMOE_GIT_SHA")
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        sha = out.stdout.strip()
-        if not sha:
-            return env or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return env or "unknown"
 
 
 def device_name() -> str:
@@ -55,7 +39,7 @@ def append_results(name: str, command: str, rows: list[dict], notes: str = "") -
     """Print and append a section; returns the markdown. Set VPMOE_RESULTS to redirect (tests)."""
     path = Path(os.environ.get("VPMOE_RESULTS", RESULTS))
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = (f"\n## {name}: {stamp}\n\n- device: {device_name()}\n- git: {git_sha()}\n"
+    text = (f"\n## {name}: {stamp}\n\n- device: {device_name()}\n- git: {git_sha(short=12)}\n"
             f"- command: `{command}`\n" + (f"- notes: {notes}\n" if notes else "") + "\n" + markdown_table(rows))
     print(markdown_table(rows))
     if not path.exists():

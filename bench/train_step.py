@@ -4,8 +4,9 @@ Run on the GPU machine in one command with the peer (HF Afmoe at vpMoE dims), so
 taken in one run (bench/gpu_run.sh). Cases:
   (a) 20 layers, 2 x 2048 tokens   (b) 20 layers, 8 x 2048 tokens
   (c) 80 layers (the full model), 8 x 2048 tokens as 2 micro-batches of 4 x 2048
-Variants: `graphed` (vpmoe.model.graphed: forward and backward+optimizer as CUDA graphs, the loss
-eager between) and `compiled` (the same compiled blocks launched from Python, micro-batches allowed).
+  (d) 80 layers, the stage-1 global batch: 64 x 2048 tokens per optimizer step, 16 micro-batches
+Variants: `graphed` (vpmoe.model.graphed: per micro-batch one CUDA graph for forward + loss +
+backward, one for the optimizer) and `compiled` (the same compiled blocks launched from Python).
 
 What is measured:
 - the bf16 matmul rate of this GPU (8192^3, median of repeats), the MFU denominator;
@@ -47,7 +48,9 @@ from vpmoe.model.params import count_params  # noqa: E402
 from vpmoe.train.optim import OptimConfig, build_optimizer  # noqa: E402
 from vpmoe.train.optim_fast import FastMuonAdamW  # noqa: E402
 
-CASES = {"a": (20, 2, 2048, 1), "b": (20, 8, 2048, 1), "c": (80, 8, 2048, 2)}  # layers, batch, seq, micro
+# layers, rows per step, seq, micro-batches per step; d = the stage-1 global batch (configs/stage1.toml:
+# 64 rows of 2048 per optimizer step) on one GPU, as 16 accumulated micro-batches of 4 rows
+CASES = {"a": (20, 2, 2048, 1), "b": (20, 8, 2048, 1), "c": (80, 8, 2048, 2), "d": (80, 64, 2048, 16)}
 
 
 def cuda_time(fn, warmup=2, iters=5) -> float:
@@ -118,7 +121,7 @@ def flops_per_token(cfg, doc_ids) -> float:
 class Trainer:
     """Model + optimizer + one step variant."""
 
-    def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1):
+    def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
         self.model = VpMoE(cfg).cuda()
@@ -126,13 +129,17 @@ class Trainer:
         self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk)
         self.fopt.init_state()
         self.body = FastBody(self.model, static_masks=variant == "graphed")
-        self.graphed = (GraphedTrainStep(self.body, self.loss, self.fopt, [self.model.lm_head.weight], micro=micro)
+        self.loss_chunk = loss_chunk
+        self.graphed = (GraphedTrainStep(self.body, self.loss, self.fopt, micro=micro)
                         if variant == "graphed" else None)
 
     def loss(self, hidden, batch, scale=1.0):
+        """Span-normalised CE through the fused head+loss, in its sync-free (static) form for both
+        variants: the graphed step needs it, and the eager one then computes the same numbers."""
         d = hidden.shape[-1]
         loss, _ = fused_span_loss(hidden.reshape(-1, d), self.model.lm_head.weight.bfloat16(),
-                                  batch["labels"].flatten(), batch["span_id"].flatten(), LossSpec(kind="ce"))
+                                  batch["labels"].flatten(), batch["span_id"].flatten(), LossSpec(kind="ce"),
+                                  chunk_size=self.loss_chunk, static=True)
         return loss * scale
 
     def step(self, micro: list[dict]):
@@ -200,8 +207,8 @@ def breakdown(tr: Trainer, batch) -> dict:
     moe = tr.model.moe_layers()[0]
     flat = torch.randn(N, d, device=dev, requires_grad=True)
 
-    def router(x):
-        idx, w, scores = route_reference(x, moe.router.weight, moe.expert_bias, cfg)
+    def router(x):  # the fast path's router (bf16x3 logits where available, fusable top-k)
+        idx, w, scores = K.route_fast(x, moe.router.weight, moe.expert_bias, cfg, body.bf16x3)
         return w, sequence_aux_loss(scores, idx, B, cfg)
     timed("router", fwd_bwd(torch.compile(router, dynamic=False), [flat], [moe.router.weight]), L)
     with torch.no_grad():
@@ -216,7 +223,7 @@ def breakdown(tr: Trainer, batch) -> dict:
     r = K.Routing(idx, cfg.n_experts)
     xs = K._Dispatch.apply(xb, r.token, r.inverse, k).detach().requires_grad_(True)
     ex = [moe.w_up, moe.b_up, moe.w_down, moe.b_down]
-    experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.expert, r.offsets, *ex), dynamic=False)
+    experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.offsets, *ex), dynamic=False)
     timed("experts", fwd_bwd(experts, [xs], ex), L)
     out = torch.randn(N * k, d, device=dev, dtype=dt, requires_grad=True)
     combine = torch.compile(lambda o, ww: K._Combine.apply(o, ww, r.inverse, r.token, r.order), dynamic=False)
@@ -227,6 +234,11 @@ def breakdown(tr: Trainer, batch) -> dict:
     timed("shared_expert", fwd_bwd(shared, [flat], sh), L)
     hidden = torch.randn(B, T, d, device=dev, dtype=dt, requires_grad=True)
     res["head+loss"] = cuda_time(lambda: tr.loss(hidden, batch).backward(), warmup=2, iters=5) * 1e3
+    keep = tr.loss_chunk
+    for c in (512, 1024, 2048, 4096):  # the fused loss's rows per chunk ([c, V] logits)
+        tr.loss_chunk = c
+        res[f"head+loss_chunk{c}"] = cuda_time(lambda: tr.loss(hidden, batch).backward(), warmup=1, iters=3) * 1e3
+    tr.loss_chunk = keep
     for p in tr.model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     res["optimizer"] = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)[0] * 1e3
@@ -279,7 +291,8 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
     tr.opt.zero_grad(set_to_none=True)
 
 
-def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="") -> tuple[dict, list]:
+def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
+             loss_chunk=None) -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
     torch.cuda.empty_cache()
@@ -288,7 +301,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     extra = []
     tr = None
     try:
-        tr = Trainer(cfg, variant, ns_chunk, micro)
+        tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk)
         batches = [split(make_batch(batch_size, seq, seed=s), micro) for s in range(3)]
         t0 = time.perf_counter()
         tr.step(batches[0])
@@ -333,8 +346,9 @@ def main():
     ap.add_argument("--opt-sweep", action="store_true", help="NS chunk-size sweep of the optimizer on case a")
     ap.add_argument("--profile", default="", help="folder: profile each case's first variant into it")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="rows per fused-loss chunk (0: auto)")
     a = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
+    # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = matmul_tflops()
     print(json.dumps({"bf16_matmul_tflops": peak, "device": torch.cuda.get_device_name(0)}), flush=True)
@@ -345,7 +359,7 @@ def main():
         for v in variants:
             row, extra = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],
-                                  a.profile if v == variants[0] else "")
+                                  a.profile if v == variants[0] else "", a.loss_chunk or None)
             rows.append(row)
             sweep += extra
     peer = {}

@@ -1,7 +1,7 @@
 """Fast paths against the reference on the CPU (the GPU versions: tests/gpu/)."""
 import torch
 
-from vpmoe.model.kernels import Routing, _Combine, _Dispatch, _GroupBias, experts_grouped, permute_by_expert
+from vpmoe.model.kernels import Routing, _Combine, _Dispatch, experts_grouped, permute_by_expert, route_fast
 from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference
 from tests.test_model import randomize, small
 
@@ -28,7 +28,8 @@ def test_grouped_experts_match_loop_forward_and_backward():
         y = fn(moe, x, idx, w)
         g = torch.randn_like(y, generator=torch.Generator().manual_seed(3))
         (y * g).sum().backward()
-        results.append((y.detach(), x.grad.clone(), moe.w_up.grad.clone(), moe.b_down.grad.clone()))
+        results.append((y.detach(), x.grad.clone(), moe.w_up.grad.clone(), moe.b_up.grad.clone(),
+                        moe.w_down.grad.clone(), moe.b_down.grad.clone()))
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -79,19 +80,32 @@ def test_dispatch_and_combine_match_indexing_autograd():
         torch.testing.assert_close(a, b)
 
 
-def test_group_bias_gradient_matches_indexing():
-    g = torch.Generator().manual_seed(8)
-    expert = torch.sort(torch.randint(0, 5, (17,), generator=g)).values  # expert 5 of 6 gets no rows
-    y = torch.randn(17, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    gout = torch.randn(17, 4, dtype=torch.float64, generator=g)
+def test_route_fast_matches_reference():
+    """Same experts (in order), weights and scores as the reference's three torch.topk calls, for
+    the locked grouping (8 groups, keep 4, group score = top-1) and a top-2 group score."""
+    for kw in (dict(n_experts=256, n_groups=8, topk_groups=4, top_k=4),
+               dict(n_experts=64, n_groups=8, topk_groups=2, top_k=6),
+               dict(n_experts=16, n_groups=1, topk_groups=1, top_k=3)):
+        cfg = small(**kw)
+        g = torch.Generator().manual_seed(kw["top_k"])
+        x = torch.randn(300, cfg.d_model, generator=g)
+        w = torch.randn(cfg.n_experts, cfg.d_model, generator=g) * 0.3
+        bias = torch.randn(cfg.n_experts, generator=g) * 0.05
+        ref = route_reference(x, w, bias, cfg)
+        got = route_fast(x, w, bias, cfg)
+        assert torch.equal(got[0], ref[0]), kw
+        for a, b in zip(got[1:], ref[1:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    xg = x.clone().requires_grad_()  # gradients flow through the scores exactly as in the reference
+    wg = w.clone().requires_grad_()
     grads = []
-    for out in (_GroupBias.apply(y, b, expert), y + b[expert]):
-        y.grad = b.grad = None
-        (out * gout).sum().backward()
-        grads.append((out.detach(), y.grad.clone(), b.grad.clone()))
-    for a, c in zip(*grads):
-        torch.testing.assert_close(a, c)
+    for fn in (route_reference, route_fast):
+        xg.grad = wg.grad = None
+        _, weight, scores = fn(xg, wg, bias, cfg)
+        (weight.sum() + (scores * torch.randn(scores.shape, generator=torch.Generator().manual_seed(1))).sum()).backward()
+        grads.append((xg.grad.clone(), wg.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_fast_body_matches_reference_forward_and_backward():
@@ -119,8 +133,10 @@ def test_fast_body_matches_reference_forward_and_backward():
         if name == "lm_head.weight":
             continue
         assert a.grad is not None and b.grad is not None, name
-        err = ((b.grad - a.grad).norm() / a.grad.norm()).item()  # fp32 sums in another order
-        assert err < 1e-5, (name, err)
+        # fp32 sums in another order (biases inside the expert GEMMs, fused projections); the
+        # rotary frequencies' gradient sums many cancelling terms, so allow a few fp32 ulps more
+        err = ((b.grad - a.grad).norm() / a.grad.norm()).item()
+        assert err < 3e-5, (name, err)
 
 
 def test_fast_router_bias_update_matches_model():

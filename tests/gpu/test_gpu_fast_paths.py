@@ -123,6 +123,34 @@ def _fast_run(model, ids, doc, g, **kw):
     return [hidden.detach().float()] + [t.clone() for t in _grads(model)], load, body
 
 
+def test_router_logits_bf16x3_near_fp32():
+    """bf16x3 router GEMMs (forward and both gradients) against float64: far closer than TF32
+    or bf16 would be, and the flag is on where torch supports `mm(out_dtype=)`."""
+    assert K.bf16x3_available(torch.device(DEV))
+    x = torch.randn(4096, 1024, device=DEV, requires_grad=True)
+    w = (torch.randn(256, 1024, device=DEV) * 0.03).requires_grad_()
+    g = torch.randn(4096, 256, device=DEV)
+    out = K.router_logits(x, w, bf16x3=True)
+    out.backward(g)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = x64 @ w64.t()
+    ref.backward(g.double())
+    errs = [rel_err(a, b) for a, b in ((out, ref), (x.grad, x64.grad), (w.grad, w64.grad))]
+    print("bf16x3 rel err (logits, dx, dw):", errs)
+    assert max(errs) < 5e-5, errs
+
+
+def test_route_fast_cuda_matches_reference():
+    cfg = small_cfg(n_experts=256)
+    x = torch.randn(4096, cfg.d_model, device=DEV)
+    w = torch.randn(cfg.n_experts, cfg.d_model, device=DEV) * 0.05
+    bias = torch.randn(cfg.n_experts, device=DEV) * 0.01
+    ref = K.M.route_reference(x, w, bias, cfg)
+    got = torch.compile(K.route_fast, dynamic=False)(x, w, bias, cfg)
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
 def test_fast_body_fp32_matches_reference():
     """fp32, tf32 off: the fused body (Flex attention, merged projections, TPA, routing, loop
     experts) computes the reference function; eager (no compile)."""
@@ -194,11 +222,10 @@ def test_fast_optimizer_no_worse_than_reference_step():
     print("optimizer: worst (fast - 1.5 ref) margin:", max(worst))
 
 
-@pytest.mark.parametrize("micro", [1, pytest.param(2, marks=pytest.mark.xfail(
-    strict=True, reason="open: accumulating 3-graph step differs ~2% from eager (vpmoe/model/graphed.py)"))])
+@pytest.mark.parametrize("micro", [1, 2])
 def test_graphed_step_matches_eager_step(micro):
     """Steps on different batches: eager-launched compiled steps vs the CUDA-graph step (2 eager
-    warm-up steps, capture, replays; with micro=2 the accumulating three-graph variant). Same
+    warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays). Same
     losses; parameter updates as close to the eager run as a second eager run is (atomics and bf16
     make runs differ, and AdamW's first steps are nearly sign(g), so tiny gradient differences flip
     whole elements)."""
@@ -216,5 +243,38 @@ def test_graphed_step_matches_eager_step(micro):
                                   runs[2].model.parameters(), p0):
         e_noise, e_graph = rel_err(b - p, a - p), rel_err(c - p, a - p)
         report.append((e_graph - 3 * e_noise, name, e_noise, e_graph))
-        assert e_graph <= 3 * e_noise + 2e-2, (name, e_noise, e_graph)
+    bad = [r for r in report if r[3] > 3 * r[2] + 2e-2]
+    assert not bad, bad
     print(f"graphed (micro={micro}) vs eager: worst margin", max(report), "losses", losses)
+
+
+def test_trainer_cuda_graphs_match_eager(tmp_path):
+    """`vpmoe train` on the GPU with train.cuda_graphs on vs off: 2 eager warm-up steps, capture,
+    replays with 2 accumulated micro-batches; the per-step losses agree (bf16, so not bitwise) and
+    the graphed run logs the same metrics. The dataset is the tests' synthetic one, built here or
+    carried in (VPMOE_GPU_DATA) where the GPU machine lacks the tokenizer packages."""
+    import os
+    from pathlib import Path
+
+    from tests.test_train_helpers import metrics, train_losses, vpmoe, write_config, write_synthetic_parquet
+    data = os.environ.get("VPMOE_GPU_DATA")
+    if not data:
+        parquet = write_synthetic_parquet(tmp_path / "syn.parquet")
+        data = tmp_path / "syn192"
+        vpmoe("data", "build", "--input", str(parquet), "--out", str(data), "--seq-len", "192",
+              "--valid-fraction", "0.1", "--quiet")
+    runs = {}
+    for mode in ("off", "on"):
+        run_dir = tmp_path / f"run_{mode}"
+        cfg = write_config(tmp_path / f"{mode}.toml", Path(data), run_dir, steps=6)
+        text = cfg.read_text().replace('device = "cpu"', f'device = "cuda"\ncuda_graphs = "{mode}"')
+        cfg.write_text(text)
+        vpmoe("train", str(cfg))
+        runs[mode] = train_losses(run_dir)
+        steps = [r for r in metrics(run_dir) if "grad_norm" in r]
+        assert len(steps) == 6 and all(r["grad_norm"] > 0 and "aux_loss" in r for r in steps)
+    print("losses off:", runs["off"], "\nlosses on:", runs["on"])
+    assert runs["off"].keys() == runs["on"].keys() and len(runs["on"]) == 6
+    for step in runs["off"]:
+        a, b = runs["off"][step], runs["on"][step]
+        assert abs(a - b) <= 2e-2 * abs(a), (step, a, b)

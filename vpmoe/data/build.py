@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from vpmoe.data.prompt import load_prompt, prompt_from_dict
 from vpmoe.data.render import SKIP_REASONS, SPAN_NAMES, RowSkipped, check_row, make_document, make_renderer
 from vpmoe.data.shards import FORMAT, write_atomic, write_shard
 from vpmoe.data.sources import SPLIT_RULE, Chunk, open_source, read_parquet_chunk, split_of
+from vpmoe.utils import git_sha
 
 SPLITS = ("train", "valid")
 TRUNCATIONS = ("analysis", "analysis+user")
@@ -168,15 +167,6 @@ def _write_split(out: Path, name: str, items: list, seq_len: int) -> dict:
 
 
 # --- the whole build (main process) ---
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or os.environ.get("VPMOE_GIT_SHA", "unknown")
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("VPMOE_GIT_SHA", "unknown")
-
 
 def _marker_complete(out: Path, marker: dict, cfg_hash: str) -> bool:
     if marker.get("config_hash") != cfg_hash:

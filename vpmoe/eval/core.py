@@ -36,7 +36,6 @@ Design choices:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import random
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpmoe.cli import UserError
+from vpmoe.data.shards import file_sha256
 from vpmoe.eval.harness import Request, Scored, score_requests
 
 # the bundle nanochat's scripts/base_eval.py downloads; sha256 pinned by independent public copies
@@ -99,14 +99,6 @@ class TaskSpec:
     num_fewshot: int
     delimiter: str
     random_baseline: float | None  # percent, from eval_meta_data.csv
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_baselines(bundle: Path) -> dict[str, float]:
@@ -223,7 +215,7 @@ def install_bundle_zip(archive: Path, out_dir: Path, sha256: str | None = BUNDLE
     archive = Path(archive)
     if not archive.is_file():
         raise UserError(f"{archive}: no such zip file")
-    digest = sha256_file(archive)
+    digest = file_sha256(archive)
     if sha256 is not None and digest != sha256:
         raise UserError(f"{archive}: sha256 {digest} does not match the expected {sha256}; "
                         "refusing to unpack (corrupt download or a different bundle)")
@@ -376,8 +368,8 @@ def run_core(model, tokenizer, bundle: Path, tasks: list[str] | None = None, see
     """
     specs = read_task_specs(bundle)
     wanted = list(CORE8) if not tasks else (list(specs) if tasks == ["all"] else list(tasks))
-    results, missing, files = {}, {}, {"core.yaml": sha256_file(bundle / "core.yaml"),
-                                        "eval_meta_data.csv": sha256_file(bundle / "eval_meta_data.csv")}
+    results, missing, files = {}, {}, {"core.yaml": file_sha256(bundle / "core.yaml"),
+                                        "eval_meta_data.csv": file_sha256(bundle / "eval_meta_data.csv")}
     for label in wanted:
         spec = specs.get(label)
         if spec is None:
@@ -393,7 +385,7 @@ def run_core(model, tokenizer, bundle: Path, tasks: list[str] | None = None, see
         if progress:
             progress(f"core: {label} ({spec.task_type}, {spec.num_fewshot}-shot)")
         items = read_task_items(bundle, spec)
-        files[f"eval_data/{spec.dataset_uri}"] = sha256_file(path)
+        files[f"eval_data/{spec.dataset_uri}"] = file_sha256(path)
         results[label] = evaluate_task(model, tokenizer, spec, items, seed, max_per_task, batch_tokens, details)
     mean = suite_mean(results)
     return {"tasks": results, "missing": missing, "n_tasks_run": len(results), "n_tasks_wanted": len(wanted),

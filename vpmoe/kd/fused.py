@@ -24,6 +24,15 @@ Design choices:
   elementwise, bf16 in and out, fp32 math); anything failing to compile falls back to eager.
   Set VPMOE_KD_COMPILE=0 to disable. Math is fp32 (fp64 when the inputs are fp64).
 - grad_weight accumulates in the head weight's dtype (bf16 weights accumulate in bf16, as Liger).
+- `static=True`: no host synchronisation and no data-dependent shape in forward or backward, so
+  the whole train step can be captured in one CUDA graph. All N rows are computed (chunk bounds
+  depend only on N): unsupervised rows (span 0) get coefficient 0, label 0 and a harmless sparse
+  target (ids 0..K-1, log-probs 0), so they add exactly 0 to the loss, gradients (their
+  grad_hidden rows are 0) and stats. Span counts use scatter_add (bincount syncs on CUDA); no
+  constant is copied from the host. The price: N rows of work instead of M, and no validation
+  that needs the data (span ids in {0, 1, 2}, labels and target ids of supervised rows in range):
+  the caller validates (the data loader does). Sparse targets must have N rows; dense targets are
+  refused. cwce with cwce_center None: the mean teacher label log-prob is computed on the device.
 """
 from __future__ import annotations
 
@@ -39,12 +48,16 @@ from vpmoe.kd.losses import (STAT_KEYS, TEACHER_LOGP_FLOOR, DenseTarget, LossSpe
                              stats_from_rows)
 
 CHUNK_BYTES = 256 * 2**20  # budget for one [C, V] logits chunk in the compute dtype
+# on a GPU a bigger chunk pays: each chunk's grad_weight GEMM reads and writes the whole [V, d]
+# head gradient, so fewer chunks move less (measured on an H200 at 4096 tokens, bench/RESULTS.md:
+# 512 rows 15.0 ms, 2048 rows 13.7 ms, 4096 rows 13.4 ms); 1 GiB = 2048 rows at V = 201088 bf16
+CUDA_CHUNK_BYTES = 2**30
 NEG_INF = float("-inf")
 
 
-def auto_chunk_size(vocab: int, dtype: torch.dtype, dense: bool) -> int:
-    """Largest power-of-two row count whose [C, V] logits fit CHUNK_BYTES (a quarter for dense)."""
-    rows = CHUNK_BYTES // (vocab * dtype.itemsize) // (4 if dense else 1)
+def auto_chunk_size(vocab: int, dtype: torch.dtype, dense: bool, cuda: bool = False) -> int:
+    """Largest power-of-two row count whose [C, V] logits fit the byte budget (a quarter for dense)."""
+    rows = (CUDA_CHUNK_BYTES if cuda else CHUNK_BYTES) // (vocab * dtype.itemsize) // (4 if dense else 1)
     return 1 << int(math.log2(max(16, rows)))
 
 
@@ -219,6 +232,84 @@ def _teacher_logits(target: DenseTarget, r0: int, r1: int) -> torch.Tensor:
     return target.hidden[r0:r1] @ target.head_weight.to(target.hidden.dtype).T
 
 
+def _cwce_center_static(spec: LossSpec, target, span_id, dtype, device) -> torch.Tensor:
+    """The cwce m as a 0-d device tensor without a host sync (sparse targets with N rows only):
+    the masked mean of the teacher label log-prob over supervised rows (0 if there are none)."""
+    if spec.kind != "cwce" or spec.cwce_center is not None:
+        return torch.full((), spec.cwce_center or 0.0, dtype=dtype, device=device)
+    sup = span_id > 0
+    total = torch.where(sup, target.label_logprob.double(), 0.0).sum()
+    return (total / sup.sum().clamp_min(1)).to(dtype)
+
+
+def _static_sparse_target(target: SparseTarget, sup: torch.Tensor) -> SparseTarget:
+    """Unsupervised rows (sup False) get ids 0..K-1 and log-probs 0: finite, in range, whatever
+    the caller stored there (e.g. -1 padding everywhere); their coefficient is 0 anyway."""
+    k = target.ids.shape[1]
+    m = sup[:, None]
+    ids = torch.where(m, target.ids, torch.arange(k, dtype=target.ids.dtype, device=target.ids.device))
+    lab = None if target.label_logprob is None else torch.where(sup, target.label_logprob, 0.0)
+    return SparseTarget(ids, torch.where(m, target.logprobs, 0.0), torch.where(sup, target.rest_logmass, 0.0), lab)
+
+
+def _static_count(span_id: torch.Tensor) -> torch.Tensor:
+    """[3] int64 tokens per span id, index 0 reported as 0 (bincount syncs on CUDA; this does not)."""
+    return torch.zeros(3, dtype=torch.int64, device=span_id.device).scatter_add_(
+        0, span_id, (span_id > 0).to(torch.int64))
+
+
+def _static_coefficients(span_id, w_r: float, w_f: float, counts) -> torch.Tensor:
+    """As losses.span_coefficients over all N rows (span 0 -> 0), with no host-to-device copy."""
+    counts = torch.as_tensor(counts, dtype=torch.float64, device=span_id.device).reshape(-1)
+    if counts.numel() != 3:
+        raise ValueError(f"span_token_counts: expected 3 entries indexed by span id, got {counts.numel()}")
+    weights = torch.zeros(3, dtype=torch.float64, device=span_id.device)
+    weights[1].fill_(w_r)
+    weights[2].fill_(w_f)
+    per_span = torch.where(counts > 0, weights / counts.clamp_min(1), torch.zeros_like(weights))
+    return per_span.index_select(0, span_id)
+
+
+def _static_stats(span_id, rows: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
+    """As losses.stats_from_rows over all N rows; span-0 rows are masked to 0 (bucket 0 stays 0)."""
+    sup = span_id > 0
+    out = {}
+    for key in keys:
+        acc = torch.zeros(3, dtype=torch.float64, device=span_id.device)
+        if key in rows:
+            acc.index_add_(0, span_id, torch.where(sup, rows[key].detach().to(torch.float64), 0.0))
+        out[key] = acc
+    return out
+
+
+def _check_static(hidden, head_weight, labels, span_id, spec: LossSpec, target) -> None:
+    """Shape checks only (Python ints): static mode never reads the data on the host."""
+    n = hidden.shape[0]
+    if hidden.dim() != 2 or head_weight.dim() != 2 or hidden.shape[1] != head_weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and head_weight {tuple(head_weight.shape)}: "
+                         "expected [N, d] and [V, d]")
+    if labels.shape != (n,) or span_id.shape != (n,):
+        raise ValueError(f"labels {tuple(labels.shape)} / span_id {tuple(span_id.shape)}: expected [{n}]")
+    if spec.kind == "ce":
+        return
+    if target is None:
+        raise ValueError(f"loss kind {spec.kind!r} needs a teacher target (SparseTarget or DenseTarget)")
+    if isinstance(target, DenseTarget):
+        raise ValueError("fused_span_loss(static=True) supports sparse targets only (a dense target "
+                         "would be computed for every position); use static=False")
+    if target.rows != n:
+        raise ValueError(f"fused_span_loss(static=True): the sparse target needs N={n} rows (one per "
+                         f"position), got {target.rows}")
+    k = target.ids.shape[1]
+    if not 1 <= k < head_weight.shape[0]:
+        raise ValueError(f"sparse target: K={k} ids per row, need 1 <= K < vocab={head_weight.shape[0]}")
+    if (target.ids.shape != (n, k) or target.logprobs.shape != (n, k) or target.rest_logmass.shape != (n,)
+            or (target.label_logprob is not None and target.label_logprob.shape != (n,))):
+        raise ValueError("sparse target: expected ids/logprobs [N, K], rest_logmass and label_logprob [N]")
+    if spec.kind == "cwce" and target.label_logprob is None:
+        raise ValueError("loss kind 'cwce' needs target.label_logprob (teacher log-prob of the actual token)")
+
+
 def _cwce_center(spec: LossSpec, target, labels_sel, chunk: int) -> float:
     """m of the cwce weight: the configured constant or the mean teacher label log-prob."""
     if spec.kind != "cwce" or spec.cwce_center is not None:
@@ -243,15 +334,19 @@ class _FusedSpanLoss(torch.autograd.Function):
                                                       plan.chunk, plan.need_grad)
         cdtype = hidden.dtype
         w = weight.to(cdtype)
-        h_sel = hidden[sel]
+        h_sel = hidden if sel is None else hidden[sel]  # static: all N rows
         coef = plan.coef.to(_acc(cdtype))
-        center = torch.tensor(_cwce_center(spec, target, labels, chunk), dtype=coef.dtype, device=hidden.device)
+        if sel is None:
+            center = _cwce_center_static(spec, target, plan.span_sel, coef.dtype, hidden.device)
+        else:
+            center = torch.tensor(_cwce_center(spec, target, labels, chunk), dtype=coef.dtype, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_grad and plan.grad_hidden else None
         grad_weight = torch.zeros_like(weight) if need_grad and plan.grad_weight else None
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         sums = {k: [] for k in STAT_KEYS}
-        for r0 in range(0, sel.numel(), chunk):
-            r1 = min(r0 + chunk, sel.numel())
+        rows_n = h_sel.shape[0]
+        for r0 in range(0, rows_n, chunk):
+            r1 = min(r0 + chunk, rows_n)
             h = h_sel[r0:r1]
             z = h @ w.T
             if isinstance(target, DenseTarget):
@@ -266,7 +361,9 @@ class _FusedSpanLoss(torch.autograd.Function):
                 sums[k].append(rows.get(k))
             if grad_z is not None:
                 grad_z = grad_z.to(cdtype)
-                if grad_hidden is not None:
+                if grad_hidden is not None and sel is None:
+                    grad_hidden[r0:r1] = grad_z @ w  # span-0 rows: exactly 0 (coefficient 0)
+                elif grad_hidden is not None:
                     grad_hidden.index_copy_(0, sel[r0:r1], grad_z @ w)
                 if grad_weight is not None and grad_weight.dtype == cdtype:
                     grad_weight.addmm_(grad_z.T, h)
@@ -274,7 +371,10 @@ class _FusedSpanLoss(torch.autograd.Function):
                     grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
         stat_rows = {k: torch.cat(v) for k, v in sums.items() if v and v[0] is not None}
-        stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
+        if sel is None:
+            stats = _static_stats(plan.span_sel, stat_rows, plan.keys)
+        else:
+            stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
         packed = torch.stack([stats[k] for k in plan.keys])
         ctx.mark_non_differentiable(packed)
         return loss.to(_acc(cdtype)), packed
@@ -290,13 +390,14 @@ class _FusedSpanLoss(torch.autograd.Function):
 
 @dataclass
 class _Plan:
-    """Everything forward needs besides the two differentiable inputs (rows = supervised only)."""
+    """Everything forward needs besides the two differentiable inputs (rows = supervised only, or
+    all N rows in static mode)."""
 
-    sel: torch.Tensor  # [M] supervised row indices into hidden
-    span_sel: torch.Tensor  # [M] their span ids
-    labels: torch.Tensor  # [M]
-    coef: torch.Tensor  # [M] w_span / n_span
-    target: SparseTarget | DenseTarget | None  # M rows
+    sel: torch.Tensor | None  # [M] supervised row indices into hidden; None = all N rows (static)
+    span_sel: torch.Tensor  # [M] their span ids ([N] static)
+    labels: torch.Tensor  # [M] ([N] static, span-0 rows set to 0)
+    coef: torch.Tensor  # [M] w_span / n_span ([N] static, span-0 rows 0)
+    target: SparseTarget | DenseTarget | None  # M rows (N static)
     spec: LossSpec
     chunk: int
     need_grad: bool
@@ -308,14 +409,22 @@ class _Plan:
 def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
                     span_id: torch.Tensor, spec: LossSpec, target=None, w_r: float = 1.0,
                     w_f: float = 1.0, chunk_size: int | None = None,
-                    span_token_counts: torch.Tensor | None = None):
+                    span_token_counts: torch.Tensor | None = None, static: bool = False):
     """Span-normalised CE/KD loss from hidden [N, d] and head [V, d]; returns (loss, stats).
 
     `target`: SparseTarget / DenseTarget with N rows or M rows (supervised positions only, in
     order). `span_token_counts` ([3], index = span id): normalisers for the whole global batch
     (default: this call's counts). `stats`: per-span (index = span id) detached float64 sums of
     loss/ce/kd/kl/teacher_logp and int64 `count`; see `vpmoe.kd.losses.span_means`.
+
+    `static=True`: no host sync and no data-dependent shapes (CUDA-graph capturable; see the module
+    docstring). Only shapes are checked: span ids must be in {0, 1, 2} and supervised labels /
+    target ids in range (the caller validates); targets must be sparse with N rows;
+    `span_token_counts`, if given, should be a device tensor.
     """
+    if static:
+        return _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, w_r, w_f,
+                                       chunk_size, span_token_counts)
     sel = check_inputs(hidden, head_weight, labels, span_id, spec, target)
     counts = count_span_tokens(span_id) if span_token_counts is None else span_token_counts
     span_sel = span_id[sel]
@@ -325,11 +434,29 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     elif target.rows != sel.numel():
         target = target.select(sel)
     dense = isinstance(target, DenseTarget)
-    chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, dense)
+    chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, dense, hidden.is_cuda)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     plan = _Plan(sel, span_sel, labels[sel], coef, target, spec, chunk, need_grad, hidden.requires_grad,
                  head_weight.requires_grad, stat_keys(spec, target))
     loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
     stats = {"count": torch.bincount(span_sel, minlength=3)[:3].to(torch.int64)}
+    stats.update({k: packed[i] for i, k in enumerate(plan.keys)})
+    return loss, stats
+
+
+def _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, w_r, w_f, chunk_size,
+                            span_token_counts):
+    _check_static(hidden, head_weight, labels, span_id, spec, target)
+    span_id = span_id.long()
+    sup = span_id > 0
+    counts = _static_count(span_id) if span_token_counts is None else span_token_counts
+    coef = _static_coefficients(span_id, w_r, w_f, counts)
+    target = None if spec.kind == "ce" else _static_sparse_target(target, sup)
+    chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, False, hidden.is_cuda)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
+    plan = _Plan(None, span_id, torch.where(sup, labels, 0), coef, target, spec, chunk, need_grad,
+                 hidden.requires_grad, head_weight.requires_grad, stat_keys(spec, target))
+    loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
+    stats = {"count": _static_count(span_id)}
     stats.update({k: packed[i] for i, k in enumerate(plan.keys)})
     return loss, stats

@@ -97,11 +97,12 @@ class KDObjective:
 
     def __call__(self, hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict, step: int,
                  w_r: float = 1.0, w_f: float = 1.0, span_token_counts: torch.Tensor | None = None,
-                 kd: bool | None = None):
+                 kd: bool | None = None, static: bool = False):
         """(loss, stats) for one micro-batch. hidden [B, T, d] (final-normed), head_weight [V, d];
         batch: tokens, labels, loss_mask, span_id, doc_ids, sample_index (docs/interfaces.md).
         `span_token_counts` ([3], index = span id): global-batch normalisers for exact gradient
-        accumulation (see fused_span_loss). `kd` overrides the per-step KD/CE choice."""
+        accumulation (see fused_span_loss). `kd` overrides the per-step KD/CE choice. `static`:
+        the sync-free loss for a captured CUDA-graph step (CE steps only)."""
         kd = is_kd_step(self.cfg, step) if kd is None else kd
         b, t, d = hidden.shape
         mask = batch["loss_mask"].bool()
@@ -110,12 +111,14 @@ class KDObjective:
         if self.subset is not None:
             labels = self.subset.to_compact(torch.where(mask.reshape(-1), labels, torch.full_like(labels, -100)))
         target, spec = None, LossSpec(kind="ce")
+        if kd and static:
+            raise ValueError("KDObjective(static=True): KD steps read host-side teacher targets; CE steps only")
         if kd:
             spec = self.cfg.loss
             target = self._target(batch, mask, span)
         loss, stats = fused_span_loss(hidden.reshape(b * t, d), head_weight, labels, span.reshape(-1), spec,
                                       target, w_r, w_f, chunk_size=self.cfg.chunk_size or None,
-                                      span_token_counts=span_token_counts)
+                                      span_token_counts=span_token_counts, static=static)
         stats["kd"] = torch.tensor(int(kd))
         return loss, stats
 

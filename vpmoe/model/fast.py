@@ -20,7 +20,8 @@ Design choices:
   contraction are pointwise work fused with bias, QK-norm and GRAPE rotation.
 - Attention: FlexAttention with the sink folded in through the LSE (`kernels.flex_with_sinks`);
   the CPU path (tests) uses the reference attention.
-- MoE: the reference router (fp32 sigmoid, bias, group-limited top-k) traced into the block, then
+- MoE: the router (`kernels.route_fast`: the reference's math, fp32 sigmoid, bias, group-limited
+  top-k by fusable rounds of max instead of `torch.topk`) traced into the block, then
   `kernels.routed_experts` (device-side sort, grouped GEMMs, gather-only dispatch/combine). The
   shared expert is two dense GEMMs on the same normed input; inside one compiled graph there is no
   second stream, so it is not overlapped with the routed path (see docs/performance.md).
@@ -59,7 +60,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.d
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
 
 
-def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool):
+def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False):
     """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes)."""
     H, G, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     Rq, Rkv, eps = cfg.tpa_q_rank, cfg.tpa_kv_rank, cfg.norm_eps
@@ -114,7 +115,7 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool):
         if not is_moe:
             return x + ffn(p, "ffn.", h), v_raw, None, None
         flat = h.view(B * T, d)
-        idx, weight, scores = M.route_reference(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg)
+        idx, weight, scores = K.route_fast(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg, bf16x3)
         aux = M.sequence_aux_loss(scores, idx, B, cfg) if cfg.aux_loss_coef > 0 else scores.new_zeros(())
         flat_idx = idx.flatten()
         load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
@@ -175,11 +176,13 @@ class FastBody:
         self.static_masks = static_masks
         self._masks: dict = {}
         self.slopes = M.alibi_slopes(self.cfg.n_heads).to(p0.device)
+        self.bf16x3 = K.bf16x3_available(p0.device)  # near-fp32 router GEMMs on tensor cores
         self.fns, self.kind_of = {}, []
         for i in range(self.cfg.n_layers):
             kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
             if kind not in self.fns:
-                self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex), use_compile)
+                self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex, self.bf16x3),
+                                                use_compile)
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the

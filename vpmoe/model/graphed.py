@@ -1,31 +1,33 @@
-"""The train step as two CUDA graphs: (1) the model body's forward, (2) its backward + the optimizer.
+"""The train step as CUDA graphs: one per micro-batch (forward, loss, backward), one for the update.
 
-Between them the head + loss run eagerly (the fused CE picks supervised rows with a host sync and
-data-dependent shapes, which a graph cannot hold). Everything else in a step has static shapes and
-no host sync: routing is dropless and the grouped GEMMs take their group offsets on the device.
+At vpMoE's sizes an eagerly launched step is CPU-bound (thousands of small kernels: 256 experts,
+80 layers, Muon over 40k matrices), so the whole step is captured and replayed:
+  graph 1, the first micro-batch: embedding + blocks (`FastBody`), head + loss through the
+    sync-free fused CE/KD (`fused_span_loss(static=True)`), backward; the backward writes the
+    gradients (they live in the graph's memory pool, so there is one set and no zeroing pass);
+  graph 2 (micro > 1), every other micro-batch: the same, accumulating (`+=`) into the gradients;
+    the expert loads, loss and stats go into static sums;
+  graph 3, once per step: the optimizer (`FastMuonAdamW`, clipping folded in), the router-bias
+    update from the summed loads, zeroed load sums.
 
 Design choices:
-- Static inputs: token ids are copied into a fixed buffer; document ids into the `DocMasks`
-  buffer that the block masks' `mask_mod` closes over, and the block tables are rebuilt eagerly
-  and copied into the captured masks' tensors (`FastBody(static_masks=True)`).
-- Gradients: before capture the body's `.grad`s are set to None, so the captured backward
-  allocates them in the graph's pool; they keep those addresses and every replay overwrites them
-  (no zeroing pass, single micro-batch). The head's gradient comes from the eager loss and accumulates into a
-  preallocated `.grad` that the captured optimizer step zeroes after use.
-- The optimizer (`FastMuonAdamW`) is captured inside graph 2; its learning rates are device
-  tensors refreshed eagerly before each replay, so a schedule still applies.
-- Micro-batches (`micro > 1`): gradients live outside the pool and accumulate (`+=`) over the
-  replays of graphs 1 and 2 for each micro-batch; a third graph runs the optimizer, the router-bias
-  update (on the summed loads) and zeroes the gradients for the next step.
-  KNOWN ISSUE (open): on the GPU this mode's forward matches the eager step exactly, the eager
-  warm-up steps match bitwise, but from the first replayed step every parameter's update differs
-  by ~2% (relative) from the eager micro-batch step (tests/gpu, xfail). The single-micro-batch mode
-  matches to 1e-6. Replacing AccumulateGrad by `autograd.grad` + `_foreach_add_` inside the
-  capture did not change it. Until found, use micro=1 or the eager-launched compiled step.
+- Static inputs: every tensor of a micro-batch (tokens, doc ids, labels, span ids, targets...) is
+  copied into a fixed buffer before its replay; the block masks' tables are rebuilt eagerly and
+  copied into the captured masks' tensors (`FastBody(static_masks=True)`), so new data never needs
+  a new capture. All micro-batches of a run must share shapes (the data loader packs fixed rows).
+- Nothing in either graph syncs with the host: routing is dropless with device-side offsets, the
+  fused loss processes every row (unsupervised rows weigh 0) and counts spans on the device.
+- Learning rates are device tensors (`FastMuonAdamW.lr_tensors`) refreshed before graph 2, so a
+  schedule still applies; everything else a step reads is already on the device.
+- The first `warmup` steps run eagerly on a side stream (compilation, allocator warm-up, lazy
+  optimizer state), then both graphs are captured from the next step's first micro-batch.
+- The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
+  0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
+  per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
+- `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
+  gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -33,123 +35,129 @@ from vpmoe.model.fast import FastBody, update_router_biases
 
 
 class GraphedTrainStep:
-    def __init__(self, body: FastBody, loss_fn, optimizer, head_params: list, warmup: int = 2,
-                 update_biases: bool = True, micro: int = 1):
-        """loss_fn(hidden [B, T, d] leaf, batch, scale) -> scalar loss through the head (eager).
-        optimizer: a `FastMuonAdamW` over all parameters (body and head). micro: micro-batches
-        per step; with more than one, gradients accumulate (see the module docstring)."""
+    def __init__(self, body: FastBody, loss_fn, optimizer, micro: int = 1, warmup: int = 2,
+                 update_biases: bool = True):
+        """loss_fn(hidden [B, T, d], batch: dict, scale: float) -> 0-dim loss (head included).
+        optimizer: a `FastMuonAdamW` over all trainable parameters; micro: micro-batches per step."""
         if not body.static_masks:
             raise ValueError("GraphedTrainStep needs FastBody(static_masks=True)")
         self.body, self.loss_fn, self.opt, self.micro = body, loss_fn, optimizer, micro
-        if micro > 1:
-            warnings.warn("GraphedTrainStep(micro > 1): updates differ ~2% from the eager step (open issue, "
-                          "see the module docstring); use micro=1 or the compiled eager step for training")
-        self.head = list(head_params)
-        head_ids = {id(p) for p in self.head}
-        self.body_params = [p for p in body.model.parameters() if id(p) not in head_ids and p.requires_grad]
+        self.params = [p for g in optimizer.opt.param_groups for p in g["params"] if p.requires_grad]
         self.warmup, self.update_biases = warmup, update_biases
         self.calls = 0
+        self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
-        self.tokens = None
-        self.load_sum = None
+        self.loss_sum = self.load_sum = self.stats_sum = self.grad_norm = None
 
-    @property
-    def accumulate(self) -> bool:
-        return self.micro > 1
+    # ------------------------------------------------------------------ pieces (eager or captured)
 
-    def _stage(self, batch):
-        if self.tokens is None:
-            self.tokens = batch["tokens"].clone()
-        else:
-            self.tokens.copy_(batch["tokens"])
-        doc, _, _ = self.body.doc_masks(batch["doc_ids"])
-        return doc
+    def _micro_part(self) -> None:
+        """Forward, loss, backward of the staged micro-batch; sums the loss and the expert loads."""
+        hidden, aux, load = self.body(self.static["tokens"], self.body_doc, rebuild_masks=False)
+        out = self.loss_fn(hidden, self.static, 1.0 / self.micro)
+        loss, stats = out if isinstance(out, tuple) else (out, None)
+        (loss + aux / self.micro).backward()
+        self.loss_sum += loss.detach()
+        self.aux_sum += aux.detach() / self.micro
+        self.load_sum += load
+        if stats is not None:
+            if self.stats_sum is None:  # first (eager) call: the buffer's shape comes from the loss
+                self.stats_sum = torch.zeros_like(stats)
+            self.stats_sum += stats
 
-    def _optimizer_part(self, load, refresh_lr: bool):
-        self.opt.step(refresh_lr=refresh_lr)
+    def _update_part(self) -> None:
+        norm = self.opt.step(refresh_lr=False)
+        if self.grad_norm is None:
+            self.grad_norm = torch.zeros_like(norm)
+        self.grad_norm.copy_(norm)
         if self.update_biases:
-            update_router_biases(self.body.model, load)
-        if self.accumulate:
-            torch._foreach_zero_([p.grad for p in self.body_params + self.head])
-            self.load_sum.zero_()
+            update_router_biases(self.body.model, self.load_sum)
+        self.load_sum.zero_()
+
+    # ------------------------------------------------------------------ staging and capture
+
+    def _stage(self, batch: dict) -> None:
+        if self.static is None:
+            self.static = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+            n_moe = len(self.body.model.moe_layers())
+            dev = self.static["tokens"].device
+            self.loss_sum, self.aux_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+            self.load_sum = torch.zeros(n_moe, self.body.cfg.n_experts, dtype=torch.long, device=dev)
         else:
-            torch._foreach_zero_([p.grad for p in self.head])
+            for k, v in self.static.items():
+                if batch[k].shape != v.shape:
+                    raise ValueError(f"GraphedTrainStep: micro-batch field {k!r} has shape {tuple(batch[k].shape)}, "
+                                     f"the captured step has {tuple(v.shape)}: every micro-batch needs one shape")
+                v.copy_(batch[k])
+        self.body_doc, _, _ = self.body.doc_masks(self.static["doc_ids"])
 
-    def _eager_micro(self, batch, doc):
-        hidden, aux, load = self.body(self.tokens, doc, rebuild_masks=False)
-        h = hidden.detach().requires_grad_()
-        loss = self.loss_fn(h, batch, 1.0 / self.micro)
-        loss.backward()
-        torch.autograd.backward([hidden, aux], [h.grad, torch.full_like(aux, 1.0 / self.micro)])
-        if self.accumulate:
-            self.load_sum += load
-        return loss.detach() + aux.detach() / self.micro, load
-
-    def _capture(self, doc):
+    def _capture(self) -> None:
+        """Graphs: first micro-batch (its backward allocates the gradients in the graph's pool,
+        AccumulateGrad takes them as `.grad`; every replay overwrites them: no zeroing pass), the
+        other micro-batches (accumulate into those), the update. All share one memory pool."""
         torch.cuda.synchronize()
-        if not self.accumulate:
-            for p in self.body_params:
-                p.grad = None  # the captured backward allocates them in the pool; replays overwrite
-        gf, gb = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gf):
-            hidden, aux, load = self.body(self.tokens, doc, rebuild_masks=False)
-        grad_hidden, aux_grad = torch.zeros_like(hidden), torch.full_like(aux, 1.0 / self.micro)
-        with torch.cuda.graph(gb, pool=gf.pool()):
-            torch.autograd.backward([hidden, aux], [grad_hidden, aux_grad])
-            if self.accumulate:
-                self.load_sum += load
-            else:
-                self._optimizer_part(load, refresh_lr=False)
-        go = None
-        if self.accumulate:
-            go = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(go, pool=gf.pool()):
-                self._optimizer_part(self.load_sum, refresh_lr=False)
-        self.graphs = (gf, gb, go, hidden, aux, grad_hidden)
+        for p in self.params:
+            p.grad = None
+        g_first = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_first):
+            self._micro_part()
+        pool = g_first.pool()
+        g_rest = None
+        if self.micro > 1:
+            g_rest = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g_rest, pool=pool):
+                self._micro_part()
+        g_update = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_update, pool=pool):
+            self._update_part()
+        self.graphs = (g_first, g_rest, g_update)
+
+    def accumulate(self, batches) -> None:
+        """Forward, loss and backward of every micro-batch of a step (`batches`: a dict, or a list
+        of `micro` dicts of equal shapes); the sums are in `loss_sum`, `aux_sum`, `load_sum`,
+        `stats_sum` until `update()`."""
+        batches = [batches] if isinstance(batches, dict) else list(batches)
+        if len(batches) != self.micro:
+            raise ValueError(f"GraphedTrainStep: got {len(batches)} micro-batches, built for {self.micro}")
+        self.calls += 1
+        if self.calls <= self.warmup:
+            for p in self.params:
+                p.grad = None  # the first micro-batch's backward allocates them
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for mb in batches:
+                    self._stage(mb)
+                    self._micro_part()
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        for i, mb in enumerate(batches):
+            self._stage(mb)
+            if self.graphs is None:
+                self._capture()
+            self.graphs[0 if i == 0 else 1].replay()
+
+    def update(self) -> None:
+        """The optimizer step, the router-bias update, and zeroed sums for the next step."""
+        self.opt.refresh_lr()
+        if self.graphs is None:  # warm-up steps
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._update_part()
+            torch.cuda.current_stream().wait_stream(side)
+            for p in self.params:
+                p.grad = None  # the next step's first backward allocates them afresh
+        else:
+            self.graphs[2].replay()
+        self.loss_sum.zero_()
+        self.aux_sum.zero_()
+        if self.stats_sum is not None:
+            self.stats_sum.zero_()
 
     def __call__(self, batches) -> torch.Tensor:
-        """One train step over `batches` (a batch dict, or a list of `micro` micro-batch dicts with
-        tokens, doc_ids and whatever loss_fn reads); returns the loss."""
-        batches = [batches] if isinstance(batches, dict) else list(batches)
-        assert len(batches) == self.micro, (len(batches), self.micro)
-        for p in self.head + (self.body_params if self.accumulate else []):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if self.accumulate and self.load_sum is None:
-            n_moe = len(self.body.model.moe_layers())
-            self.load_sum = torch.zeros(n_moe, self.body.cfg.n_experts, dtype=torch.long, device=self.head[0].device)
-        self.calls += 1
-        total = 0.0
-        if self.calls <= self.warmup:
-            for mb in batches:
-                doc = self._stage(mb)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    loss, load = self._eager_micro(mb, doc)
-                    if mb is batches[-1]:
-                        self._optimizer_part(self.load_sum if self.accumulate else load, refresh_lr=True)
-                        if not self.accumulate:
-                            for p in self.body_params:
-                                p.grad = None
-                torch.cuda.current_stream().wait_stream(side)
-                total = total + loss
-            return total
-        for mb in batches:
-            doc = self._stage(mb)
-            if self.graphs is None:
-                self._capture(doc)
-            gf, gb, go, hidden, aux, grad_hidden = self.graphs
-            gf.replay()
-            h = hidden.detach().requires_grad_()
-            loss = self.loss_fn(h, mb, 1.0 / self.micro)
-            loss.backward()
-            grad_hidden.copy_(h.grad)
-            if not self.accumulate:
-                self.opt.refresh_lr()
-            gb.replay()
-            total = total + loss.detach() + aux.detach() / self.micro
-        if self.accumulate:
-            self.opt.refresh_lr()
-            go.replay()
-        return total
+        """One whole train step; returns its loss (CE/KD part + aux; a device tensor)."""
+        self.accumulate(batches)
+        loss = self.loss_sum + self.aux_sum
+        self.update()
+        return loss

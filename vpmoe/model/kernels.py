@@ -17,8 +17,10 @@ Design choices:
   per token`) are autograd Functions whose backward passes are gathers too (no atomics, no
   index_put), and the combine accumulates in fp32 like the reference's fp32 `index_add_`.
 - Experts: two grouped GEMMs (`torch._grouped_mm`, one launch for all experts, offsets on the
-  device); the bias gradients are a one-hot GEMM over the sorted rows (`_GroupBias`), not atomics. CUDA's grouped GEMM takes bf16 only; the bias add and squared ReLU run in fp32 and are
-  fused by torch.compile around the GEMMs. `torch._grouped_mm` also runs on CPU in fp32, so CI
+  device); the biases ride inside the GEMMs (a ones column on the inputs, the bias as an extra
+  weight row), so their gradients come from the GEMMs' weight gradients: no atomics, no separate
+  reduction. CUDA's grouped GEMM takes bf16 only; the squared ReLU runs in fp32, fused by
+  torch.compile around the GEMMs. `torch._grouped_mm` also runs on CPU in fp32, so CI
   checks this path against the loop reference; fp32 on CUDA (tests only) falls back to a loop.
 """
 from __future__ import annotations
@@ -37,6 +39,107 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _top_by_max(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row, largest first: k rounds of argmax + mask.
+    For small k this fuses into a few reductions under torch.compile; `torch.topk`'s radix select
+    took ~0.2 ms per call on [16k, 256] (3 calls per MoE layer)."""
+    cols = torch.arange(x.shape[-1], device=x.device)
+    picks = []
+    for i in range(k):
+        j = x.argmax(-1)
+        picks.append(j)
+        if i + 1 < k:
+            x = x.masked_fill(cols == j[:, None], float("-inf"))
+    return torch.stack(picks, -1)
+
+
+def _split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = t.to(torch.bfloat16)
+    return hi, (t - hi.float()).to(torch.bfloat16)
+
+
+def mm_bf16x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] for fp32 operands on bf16 tensor cores at near-fp32 precision: with
+    a = ah + al and b = bh + bl split into bf16 pairs, a @ b ~ ah@bh + ah@bl + al@bh (the dropped
+    al@bl term and the splits leave ~2^-16 relative error, vs 2^-11 for TF32), as ONE GEMM over
+    the concatenated K with fp32 accumulation and fp32 output (`torch.mm(out_dtype=)`)."""
+    ah, al = _split_bf16(a)
+    bh, bl = _split_bf16(b)
+    return torch.mm(torch.cat([ah, ah, al], 1), torch.cat([bh, bl, bh], 0), out_dtype=torch.float32)
+
+
+class _RouterLogits(torch.autograd.Function):
+    """x [N, d] @ w [E, d]^T in near-fp32 (`mm_bf16x3`), forward and both gradients. The router's
+    three fp32 GEMMs ran as SIMT SGEMMs (~45 TFLOP/s on an H200: ~0.1 ms per layer per 8k tokens,
+    7% of the full model's step); bf16x3 runs them on tensor cores."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return mm_bf16x3(x, w.t())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return mm_bf16x3(g, w), mm_bf16x3(g.t(), x)
+
+
+_BF16X3_OK: bool | None = None
+
+
+def bf16x3_available(device: torch.device) -> bool:
+    """Whether `torch.mm(out_dtype=float32)` on bf16 runs here (CUDA, torch >= 2.8); probed once, eagerly."""
+    global _BF16X3_OK
+    if device.type != "cuda":
+        return False
+    if _BF16X3_OK is None:
+        try:
+            a = torch.randn(16, 16, device=device)
+            _BF16X3_OK = bool(torch.allclose(mm_bf16x3(a, a), a @ a, rtol=1e-3, atol=1e-3))
+        except Exception:  # noqa: BLE001 - older torch: plain fp32
+            _BF16X3_OK = False
+    return _BF16X3_OK
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
+    """fp32 router logits x @ w^T (autocast off): plain fp32, or bf16x3 on CUDA where asked."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if bf16x3 and x.is_cuda and x.dtype == torch.float32:
+            return _RouterLogits.apply(x, w.float())
+        return M.wide(x) @ M.wide(w).t()
+
+
+def route_fast(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, cfg,
+               bf16x3: bool = False):
+    """`model.route_reference` (same contract and math: fp32 sigmoid scores, bias for selection
+    only, group-limited top-k, weights from unbiased scores scaled to route_scale) with the three
+    `torch.topk` calls replaced by fusable work: the group score as the sum of the top
+    `top_k // topk_groups` entries by rounds of max, the kept groups by pairwise rank (a group is
+    kept if fewer than `topk_groups` groups beat it; ties go to the lower index), the experts by
+    rounds of argmax. Selections equal the reference's except on exact ties. `bf16x3`: the logits
+    GEMMs on tensor cores at near-fp32 precision (`router_logits`)."""
+    scores = torch.sigmoid(router_logits(x, router_weight, bf16x3))
+    N, E = scores.shape
+    G, per = cfg.n_groups, E // cfg.n_groups
+    biased = scores + expert_bias.to(scores.dtype)
+    grouped = biased.view(N, G, per)
+    m = cfg.top_k // cfg.topk_groups
+    if m == 1:
+        group_score = grouped.amax(-1)
+    else:
+        gidx = _top_by_max(grouped.reshape(N * G, per), m).view(N, G, m)
+        group_score = grouped.gather(-1, gidx).sum(-1)
+    a, b = group_score.unsqueeze(-1), group_score.unsqueeze(-2)  # [N, G, 1] vs [N, 1, G]
+    lower = torch.arange(G, device=x.device)
+    beats = (b > a) | ((b == a) & (lower[None, None, :] < lower[None, :, None]))
+    keep = beats.sum(-1) < cfg.topk_groups  # [N, G]
+    masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
+    topk_idx = _top_by_max(masked, cfg.top_k)
+    chosen = scores.gather(1, topk_idx)
+    topk_weight = chosen / chosen.sum(-1, keepdim=True) * cfg.route_scale
+    return topk_idx, topk_weight, scores
 
 
 class Routing:
@@ -107,25 +210,6 @@ class _Combine(torch.autograd.Function):
         return g_rows, g_weight, None, None, None
 
 
-class _GroupBias(torch.autograd.Function):
-    """y [M, n] + bias[expert[r]] per row. The bias gradient is one dense GEMM, one_hot(expert)^T @ g
-    ([E, M] @ [M, n]), instead of the scatter-add that indexing's backward does: rows are sorted
-    by expert, so a scatter-add sends each expert's ~M/E consecutive rows at the same addresses
-    (serialised atomics, measured ~0.12 ms per layer at 16k rows on an H200)."""
-
-    @staticmethod
-    def forward(ctx, y, bias, expert):
-        ctx.save_for_backward(expert)
-        ctx.n_groups = bias.shape[0]
-        return y + bias[expert]
-
-    @staticmethod
-    def backward(ctx, g):
-        (expert,) = ctx.saved_tensors
-        one_hot = (expert[None, :] == torch.arange(ctx.n_groups, device=g.device)[:, None]).to(g.dtype)
-        return g, one_hot @ g, None
-
-
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, a] (rows sorted by group) @ w[g] [a, b] per group; offsets = group ends (int32)."""
     if x.is_cuda and x.dtype != torch.bfloat16:  # CUDA's kernel is bf16-only: loop (tests only)
@@ -138,24 +222,63 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     return torch._grouped_mm(x, w, offs=offsets)
 
 
-def grouped_expert_ffn(xs: torch.Tensor, expert_of_row: torch.Tensor, offsets: torch.Tensor,
-                       w_up, b_up, w_down, b_down) -> torch.Tensor:
-    """Rows already sorted by expert: squared-ReLU expert FFN with biases via two grouped GEMMs.
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
 
-    GEMMs in xs's dtype; bias + activation in fp32 (fused by compile); output in xs's dtype.
-    """
+
+def with_ones(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [..., a] -> [..., width]: x, a column of ones, zeros (the bias row's input; 16-byte rows)."""
+    tail = x.new_zeros(*x.shape[:-1], width - x.shape[-1])
+    tail[..., 0] = 1
+    return torch.cat([x, tail], -1)
+
+
+class _WithBias(torch.autograd.Function):
+    """w [E, a, n], b [E, n] -> [E, width, n]: the rows of w, then b, then zero rows. The gradients
+    are returned contiguous: as slices of the [E, width, n] gradient they would reach
+    AccumulateGrad strided, whose add then runs unvectorised (measured: ~50 ms per full-model
+    step on an H200); compiled, the copy fuses with the bf16 -> fp32 cast before it."""
+
+    @staticmethod
+    def forward(ctx, w, b, width: int):
+        E, a, n = w.shape
+        ctx.a = a
+        return torch.cat([w, b.unsqueeze(1), w.new_zeros(E, width - a - 1, n)], 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        a = ctx.a
+        return g[:, :a].contiguous(), g[:, a].contiguous(), None
+
+
+def with_bias(w: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
+    return _WithBias.apply(w, b, width)
+
+
+def grouped_expert_ffn(xs: torch.Tensor, offsets: torch.Tensor, w_up, b_up, w_down, b_down) -> torch.Tensor:
+    """Rows already sorted by expert (group ends `offsets`): the squared-ReLU expert FFN with biases,
+    as two grouped GEMMs in xs's dtype; output in xs's dtype.
+
+    The biases ride inside the GEMMs: each input row gets a ones column (`with_ones`, padded to a
+    multiple of 8 columns for the kernel's 16-byte alignment) and each weight its bias as an extra
+    row (`with_bias`). So the bias add is part of the fp32 accumulation, and the bias gradient
+    comes out of the grouped GEMM's own weight gradient, with no per-row scatter (atomics) and no
+    separate reduction. xs may arrive already widened (`routed_experts` widens before dispatch)."""
     dt, acc = xs.dtype, _acc(xs)
-    h = _GroupBias.apply(grouped_mm(xs, w_up.to(dt), offsets).to(acc), b_up.to(acc), expert_of_row)
-    h = M.squared_relu(h).to(dt)
-    return _GroupBias.apply(grouped_mm(h, w_down.to(dt), offsets).to(acc), b_down.to(acc), expert_of_row).to(dt)
+    k_up, k_down = _round8(w_up.shape[1] + 1), _round8(w_down.shape[1] + 1)
+    if xs.shape[-1] != k_up:
+        xs = with_ones(xs, k_up)
+    h = grouped_mm(xs, with_bias(w_up, b_up, k_up).to(dt), offsets)
+    h = M.squared_relu(h.to(acc)).to(dt)
+    return grouped_mm(with_ones(h, k_down), with_bias(w_down, b_down, k_down).to(dt), offsets)
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,
                    b_down, first: int = 0) -> torch.Tensor:
     """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d]."""
     r = Routing(topk_idx, w_up.shape[0], first)
-    xs = _Dispatch.apply(x, r.token, r.inverse, r.k)
-    out = grouped_expert_ffn(xs, r.expert, r.offsets, w_up, b_up, w_down, b_down)
+    xs = _Dispatch.apply(with_ones(x, _round8(w_up.shape[1] + 1)), r.token, r.inverse, r.k)
+    out = grouped_expert_ffn(xs, r.offsets, w_up, b_up, w_down, b_down)
     return _Combine.apply(out, topk_weight, r.inverse, r.token, r.order)
 
 

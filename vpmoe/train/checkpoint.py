@@ -20,13 +20,11 @@ Design choices:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -39,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from vpmoe.config import ConfigError, ModelConfig, from_dict, model_diff
+from vpmoe.data.shards import file_sha256
+from vpmoe.utils import git_sha  # noqa: F401  (also used as ckpt.git_sha by the trainer)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PROVENANCE = "provenance.json"
@@ -47,15 +47,6 @@ SUBSET_FILE = "vocab_subset.json"  # vpmoe.data.vocab_subset.FILENAME
 
 class CheckpointError(ConfigError):
     """A checkpoint is missing, incomplete, corrupt or incompatible; the message says which file."""
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _dist_on() -> bool:
@@ -84,14 +75,6 @@ def _gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -160,7 +143,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         extra_writer(tmp)
     _barrier()
     names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in names[rank::world]}
+    mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in names[rank::world]}
     files = {}
     for part in _gather(mine):
         files.update(part)
@@ -219,7 +202,7 @@ def verify_checkpoint(path: str | Path, hashes: bool = True) -> dict:
             problems.append(f"{f}: missing (a shard of the checkpoint)")
         elif f.stat().st_size != want["bytes"]:
             problems.append(f"{f}: {f.stat().st_size} bytes, provenance says {want['bytes']} (truncated or corrupt)")
-        elif hashes and sha256_file(f) != want["sha256"]:
+        elif hashes and file_sha256(f) != want["sha256"]:
             problems.append(f"{f}: sha256 does not match provenance (corrupt)")
     problems = [p for part in _gather(problems) for p in part]
     if problems:

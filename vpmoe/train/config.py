@@ -53,6 +53,7 @@ class TrainSection:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     fast_path: str = "auto"  # auto (on CUDA) | on | off: the model's fused kernels and fused optimizer step
+    cuda_graphs: str = "auto"  # auto | on | off: the step as CUDA graphs (one device, fast path, CE steps)
     w_reasoning: float = 1.0
     w_final: float = 1.0
     init_from: str = ""  # checkpoint dir, run dir or HF dir to start from (fresh optimizer)
@@ -77,6 +78,8 @@ class TrainSection:
             raise ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
         if self.fast_path not in ("auto", "on", "off"):
             raise ConfigError(f"fast_path: expected auto, on or off, got {self.fast_path!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graphs: expected auto, on or off, got {self.cuda_graphs!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype: expected auto, bf16 or fp32, got {self.dtype!r}")
         if self.w_reasoning < 0 or self.w_final < 0:

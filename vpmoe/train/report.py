@@ -57,6 +57,21 @@ def _plot_lines(plt, path: Path, title: str, series: list[tuple[str, str, list, 
     return True
 
 
+def _plot_layer_heatmap(plt, path: Path, grid: np.ndarray, title: str, xlabel: str, **imshow_kw) -> None:
+    """One heatmap with a row per MoE layer (rows = grid's first axis) and a colorbar; `imshow_kw`
+    (cmap, vmin/vmax, extent) go to imshow."""
+    n_layers = grid.shape[0]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * n_layers + 1.5)))
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", **imshow_kw)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)
+    plt.close(fig)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report/*.png and RUN/report/summary.md; returns the summary path."""
     import matplotlib
@@ -92,31 +107,18 @@ def write_report(run_dir: str | Path) -> Path:
         final = last[max(last)]
         load = np.asarray(final["load"], dtype=np.float64)
         share = load / np.maximum(load.sum(1, keepdims=True), 1)
-        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * load.shape[0] + 1.5)))
-        im = ax.imshow(share * load.shape[1], aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_title(f"expert load at step {final['step']} (share x n_experts; 1 = even)")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
-        ax.set_yticks(range(0, load.shape[0], max(1, load.shape[0] // 16)))
-        fig.colorbar(im, ax=ax)
-        _save(fig, out / "expert_load.png")
-        plt.close(fig)
+        _plot_layer_heatmap(plt, out / "expert_load.png", share * load.shape[1],
+                            f"expert load at step {final['step']} (share x n_experts; 1 = even)", "expert",
+                            cmap="viridis")
         made.append("expert_load.png")
     entropy_rows = [(int(r["step"]), r["router/entropy_per_layer"]) for r in records if "router/entropy_per_layer" in r]
     if entropy_rows:
         latest = dict(entropy_rows)
         steps = sorted(latest)
         grid = np.asarray([latest[s] for s in steps]).T
-        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * grid.shape[0] + 1.5)))
-        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest",
-                       extent=(steps[0], steps[-1], grid.shape[0] - 0.5, -0.5))
-        ax.set_title("expert-load entropy per MoE layer (1 = even)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("MoE layer")
-        ax.set_yticks(range(0, grid.shape[0], max(1, grid.shape[0] // 16)))
-        fig.colorbar(im, ax=ax)
-        _save(fig, out / "expert_entropy.png")
-        plt.close(fig)
+        _plot_layer_heatmap(plt, out / "expert_entropy.png", grid, "expert-load entropy per MoE layer (1 = even)",
+                            "step", cmap="magma", vmin=0, vmax=1,
+                            extent=(steps[0], steps[-1], grid.shape[0] - 0.5, -0.5))
         made.append("expert_entropy.png")
     summary = _summary(run_dir, records, made)
     path = out / "summary.md"

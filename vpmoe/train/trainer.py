@@ -116,6 +116,7 @@ class Trainer:
             from vpmoe.train.optim_fast import FastMuonAdamW, supported
             if supported(self.optimizer):
                 self.fast_opt = FastMuonAdamW(self.optimizer, max_grad_norm=cfg.optim.grad_clip)
+        self.graphed = self._cuda_graphs()
         if self.start_ckpt is not None:
             trainer_state, rank_state = ckpt.load_checkpoint(self.start_ckpt, self.model, self.optimizer)
             self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
@@ -193,6 +194,42 @@ class Trainer:
         ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
         ckpt.load_model_weights(path, model)
 
+    def _graphs_wanted(self) -> tuple[bool, str]:
+        """(use CUDA graphs?, why not). Graphs need one CUDA device, the fused body and optimizer
+        step, and CE steps only (KD targets come from the host with data-dependent shapes)."""
+        cfg = self.cfg
+        reasons = [why for bad, why in (
+            (self.device.type != "cuda", "the device is not CUDA"),
+            (self.ds.world != 1, "more than one process (FSDP2/EP run their own hooks)"),
+            (cfg.train.fast_path == "off", "train.fast_path is off"),
+            (cfg.train.activation_checkpointing, "activation checkpointing is on"),
+            (cfg.kd_config().mode != "none", "KD steps read host-side targets"),
+            (self.subset is not None, "a vocab subset is in use")) if bad]
+        return not reasons, "; ".join(reasons)
+
+    def _cuda_graphs(self):
+        """The graphed step (`vpmoe.model.graphed`) where `train.cuda_graphs` asks for it and it can run."""
+        mode = self.cfg.train.cuda_graphs
+        ok, why = self._graphs_wanted()
+        if mode == "off" or (mode == "auto" and not ok):
+            return None
+        if not ok or self.fast_opt is None:
+            raise ConfigError(f"train.cuda_graphs = on, but {why or 'the fused optimizer step is unavailable'}; "
+                              "set it to auto or off")
+        from vpmoe.model.graphed import GraphedTrainStep
+        self.body.static_masks = True
+        return GraphedTrainStep(self.body, self._graph_loss, self.fast_opt, micro=self.cfg.train.grad_accum)
+
+    def _graph_loss(self, hidden, batch, scale):
+        """The CE objective inside the captured step: sync-free, normalised by the global span
+        counts staged in `_graph_counts` (so `scale` is not needed)."""
+        if self.amp_dtype is not None:
+            hidden = hidden.to(self.amp_dtype)
+        loss, stats = self.objective(hidden, self.model.lm_head.weight, batch, self.step,
+                                     w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
+                                     span_token_counts=self._graph_counts, kd=False, static=True)
+        return loss, _pack_stats(stats)
+
     def _fast_paths(self, model):
         """Pick the compute path. One device: the fused body (`vpmoe.model.fast.FastBody`) and the
         fused optimizer step; FSDP2/EP (module hooks must run) or activation checkpointing: the
@@ -262,6 +299,8 @@ class Trainer:
         all_reduce_sum(header, ds)
         span_counts, global_rows = header[:3], int(header[3])
 
+        if self.graphed is not None:
+            return self._graphed_step(micro_batches, span_counts, global_rows)
         stats_sum = torch.zeros(3 * N_STATS + 1, dtype=torch.float64, device=self.device)
         load_sum = None
         for b in micro_batches:
@@ -299,6 +338,28 @@ class Trainer:
                        "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
                        "tokens_step": global_rows * cfg.data.seq_len})
         report["_load"] = load_sum
+        return report
+
+    def _graphed_step(self, micro_batches, span_counts, global_rows) -> dict:
+        """`train_step` through the CUDA graphs: same sums, same checks, same report."""
+        cfg, g = self.cfg, self.graphed
+        if getattr(self, "_graph_counts", None) is None:
+            self._graph_counts = span_counts.clone()
+        self._graph_counts.copy_(span_counts)
+        g.accumulate(micro_batches)
+        stats_sum = torch.cat([g.stats_sum, g.aux_sum.double().view(1)])
+        load_sum = g.load_sum.clone()
+        stats = _unpack_stats(stats_sum[:-1])
+        report = span_report(stats, cfg.train.w_reasoning, cfg.train.w_final)
+        if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
+            self._diverged(f"loss is not finite ({report['loss']})")
+        g.update()
+        if not torch.isfinite(g.grad_norm):
+            self._diverged(f"gradient norm is not finite ({float(g.grad_norm)})")
+        self.step += 1
+        report.update({"aux_loss": float(stats_sum[-1]), "grad_norm": float(g.grad_norm),
+                       "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
+                       "tokens_step": global_rows * cfg.data.seq_len, "_load": load_sum})
         return report
 
     def _diverged(self, what: str) -> None:

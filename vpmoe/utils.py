@@ -1,0 +1,29 @@
+"""Small helpers shared across vpmoe and bench/ that belong to no one subpackage.
+
+`git_sha` records which code produced a dataset manifest, a checkpoint or a benchmark figure.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+GIT_SHA_ENV = "VPMOE_GIT_SHA"
+
+
+def git_sha(short: int | None = None) -> str:
+    """HEAD's sha (its first `short` hex digits when given), plus "+dirty" when tracked files differ
+    from HEAD. Where git or .git is missing (the GPU machine gets no .git), $VPMOE_GIT_SHA (which
+    bench/gpu_run.sh exports from .carry/GIT_SHA, written before the run), else "unknown"."""
+    here = Path(__file__).resolve().parent
+    fallback = os.environ.get(GIT_SHA_ENV) or "unknown"
+    rev_parse = ["git", "rev-parse", *([f"--short={short}"] if short else []), "HEAD"]
+    try:
+        sha = subprocess.run(rev_parse, capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
+        if not sha:
+            return fallback
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return fallback
