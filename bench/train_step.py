@@ -157,6 +157,16 @@ class Trainer:
         return total
 
 
+def release_graphs(tr: Trainer) -> None:
+    """Drop the captured graphs and their memory pool (gradients live there)."""
+    if tr.graphed is not None:
+        tr.graphed.graphs = None
+    for p in tr.model.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
 def split(batch, micro: int) -> list[dict]:
     return [{k: v.chunk(micro)[i] for k, v in batch.items()} for i in range(micro)]
 
@@ -316,6 +326,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
                    **dynamo_stats())
         print(json.dumps(row), flush=True)
         if do_breakdown:
+            release_graphs(tr)  # the components run alone; the full model needs the graphs' memory back
             parts = breakdown(tr, batches[0][0])
             parts["other"] = row["step_ms"] - sum(v for k_, v in parts.items() if k_ in (
                 "attention", "router", "permute", "experts", "combine", "shared_expert", "head+loss", "optimizer"))
@@ -330,6 +341,8 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     except Exception as e:  # noqa: BLE001 - report and go on with the next case
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row.setdefault("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30)
+    if tr is not None:
+        release_graphs(tr)
     del tr
     torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
