@@ -176,8 +176,9 @@ def dynamo_stats() -> dict:
     return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
-def breakdown(tr: Trainer, batch) -> dict:
-    """GPU ms per step of each component alone (see the module docstring)."""
+def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
+    """GPU ms per step of each component alone (see the module docstring): measured on one
+    micro-batch, times the micro-batch count (the optimizer runs once per step)."""
     cfg, body, dt = tr.cfg, tr.body, torch.bfloat16
     B, T = batch["tokens"].shape
     N, d, k, dev = B * T, cfg.d_model, cfg.top_k, "cuda"
@@ -254,6 +255,9 @@ def breakdown(tr: Trainer, batch) -> dict:
     res["optimizer"] = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)[0] * 1e3
     res["optimizer_eager"] = cuda_time(tr.fopt.step, warmup=1, iters=3) * 1e3
     tr.opt.zero_grad(set_to_none=True)
+    for k_ in list(res):
+        if not k_.startswith("optimizer"):
+            res[k_] *= micro
     moe_ms = sum(res[c] for c in ("router", "permute", "experts", "combine", "shared_expert"))
     res["routing_share_of_moe"] = (res["router"] + res["permute"] + res["combine"]) / moe_ms
     res["timing"] = "+".join(sorted(how))
@@ -327,7 +331,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
         print(json.dumps(row), flush=True)
         if do_breakdown:
             release_graphs(tr)  # the components run alone; the full model needs the graphs' memory back
-            parts = breakdown(tr, batches[0][0])
+            parts = breakdown(tr, batches[0][0], micro)
             parts["other"] = row["step_ms"] - sum(v for k_, v in parts.items() if k_ in (
                 "attention", "router", "permute", "experts", "combine", "shared_expert", "head+loss", "optimizer"))
             row.update({f"{k_}_ms" if not k_.startswith(("routing", "timing")) else k_: v for k_, v in parts.items()})

@@ -74,6 +74,14 @@ class GraphedTrainStep:
             update_router_biases(self.body.model, self.load_sum)
         self.load_sum.zero_()
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        """One side stream for every eager warm-up call: the caching allocator keeps freed blocks
+        per stream, so a fresh stream per call would strand the previous calls' memory."""
+        if getattr(self, "_side", None) is None:
+            self._side = torch.cuda.Stream()
+        self._side.wait_stream(torch.cuda.current_stream())
+        return self._side
+
     # ------------------------------------------------------------------ staging and capture
 
     def _stage(self, batch: dict) -> None:
@@ -123,8 +131,7 @@ class GraphedTrainStep:
         if self.calls <= self.warmup:
             for p in self.params:
                 p.grad = None  # the first micro-batch's backward allocates them
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side = self._side_stream()
             with torch.cuda.stream(side):
                 for mb in batches:
                     self._stage(mb)
@@ -141,8 +148,7 @@ class GraphedTrainStep:
         """The optimizer step, the router-bias update, and zeroed sums for the next step."""
         self.opt.refresh_lr()
         if self.graphs is None:  # warm-up steps
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side = self._side_stream()
             with torch.cuda.stream(side):
                 self._update_part()
             torch.cuda.current_stream().wait_stream(side)
