@@ -25,6 +25,7 @@ What is measured:
 from __future__ import annotations
 
 import argparse
+import gc
 import dataclasses
 import json
 import statistics
@@ -348,6 +349,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     if tr is not None:
         release_graphs(tr)
     del tr
+    gc.collect()  # Trainer <-> its graphed step (the bound loss) is a cycle: free the model now
     torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row, extra
