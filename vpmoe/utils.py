@@ -12,11 +12,13 @@ GIT_SHA_ENV = "VPMOE_GIT_SHA"
 
 
 def git_sha(short: int | None = None) -> str:
-    """HEAD's sha (its first `short` hex digits when given), plus "+dirty" when tracked files differ
-    from HEAD. Where git or .git is missing (the GPU machine gets no .git), $VPMOE_GIT_SHA (which
-    bench/gpu_run.sh exports from .carry/GIT_SHA, written before the run), else "unknown"."""
+    """$VPMOE_GIT_SHA when set (bench/gpu_run.sh exports it from .carry/GIT_SHA, written before a
+    GPU run: the copy of the tree there may carry a stale .git), else HEAD's sha (its first
+    `short` hex digits when given) plus "+dirty" when tracked files differ from HEAD, else "unknown"."""
     here = Path(__file__).resolve().parent
-    fallback = os.environ.get(GIT_SHA_ENV) or "unknown"
+    if os.environ.get(GIT_SHA_ENV):
+        return os.environ[GIT_SHA_ENV]
+    fallback = "unknown"
     rev_parse = ["git", "rev-parse", *([f"--short={short}"] if short else []), "HEAD"]
     try:
         sha = subprocess.run(rev_parse, capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
