@@ -177,6 +177,32 @@ def test_strict_names_file_row_and_field(tmp_path, capsys):
     assert f"{src / 'a.parquet'}: row 0: field row_id: missing_id" in err
 
 
+def _inputs_with_a_repeated_id(directory: Path) -> Path:
+    rows = sample_rows()[:6]
+    table = {k: [r[k] for r in rows] for k in ("row_id", "query", "synthetic_reasoning", "synthetic_answer")}
+    directory.mkdir()
+    pq.write_table(pa.table({k: v[:3] for k, v in table.items()}), directory / "a.parquet")
+    second = {k: v[3:] for k, v in table.items()}
+    second["row_id"] = [second["row_id"][0], table["row_id"][1], second["row_id"][2]]  # b row 1 repeats a row 1
+    pq.write_table(pa.table(second), directory / "b.parquet")
+    return directory
+
+
+def test_repeated_row_ids_are_counted_and_named(tmp_path, capsys):
+    src = _inputs_with_a_repeated_id(tmp_path / "src")
+    manifest = build(src, tmp_path / "out", seq_len=2048, valid_fraction=0.0, chunk_rows=2, progress=False)
+    counts = manifest["counts"]
+    assert counts["duplicate_row_ids"] == 1 and counts["rows_kept"] == 6
+    assert counts["duplicate_examples"] == [
+        f"field row_id: {sample_rows()[1]['row_id']!r} repeats at {src / 'a.parquet'}: row 1, {src / 'b.parquet'}: row 1"]
+    rc = main(["data", "build", "--input", str(src), "--out", str(tmp_path / "strict"), "--seq-len", "2048",
+               "--strict", "--quiet", "--chunk-rows", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "1 repeated row ids" in err and f"{src / 'b.parquet'}: row 1" in err
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
 def test_interrupted_build_resumes_to_identical_output(built, tmp_path, monkeypatch):
     reference, _ = built
     out = tmp_path / "ds"

@@ -231,6 +231,33 @@ def _run_chunks(chunks, workers: int, settings: dict):
             yield pending.popleft().get()
 
 
+def duplicate_row_ids(out: Path, markers: list[dict], limit: int = 5) -> tuple[int, list[str]]:
+    """(extra copies of repeated row ids, up to `limit` descriptions naming file and rows).
+
+    Chunks are built independently (in parallel), so repeats are found afterwards from the shards'
+    row sidecars: a hash count over all ids (pyarrow, in C++), then the few repeated ids located."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    tables = [(m["source"], pq.read_table(out / f"{shard['name']}.rows.parquet", columns=["row_id", "source_row"]))
+              for m in markers for shard in m["shards"].values()]
+    if not tables:
+        return 0, []
+    counts = pc.value_counts(pa.chunked_array([t["row_id"] for _, t in tables]))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    extra = int(pc.sum(repeated.field("counts")).as_py() or 0) - len(repeated)
+    if not extra:
+        return 0, []
+    shown = repeated.field("values")[:limit]
+    where: dict[str, list[str]] = {v: [] for v in shown.to_pylist()}
+    for label, t in tables:
+        hit = t.filter(pc.is_in(t["row_id"], value_set=shown))
+        for row_id, source_row in zip(hit["row_id"].to_pylist(), hit["source_row"].to_pylist()):
+            where[row_id].append(f"{label}: row {source_row}")
+    return extra, [f"field row_id: {v!r} repeats at " + ", ".join(sorted(w)) for v, w in where.items()]
+
+
 def assemble_manifest(cfg: BuildConfig, described: dict, markers: list[dict]) -> dict:
     counts = {"rows_in": 0, "rows_kept": 0, "rows_skipped": {r: 0 for r in SKIP_REASONS},
               "rows_truncated": {t: 0 for t in TRUNCATIONS}, "skip_examples": {}, "splits": {}}
@@ -291,6 +318,14 @@ def build(input_spec, out: str | Path, seq_len: int, prompt_path: str | Path | N
     missing = [i for i in range(n_chunks) if i not in markers]
     if missing:
         raise DataError(f"{out}: chunks {missing[:5]} produced no marker (build incomplete)")
-    manifest = assemble_manifest(cfg, described, [markers[i] for i in range(n_chunks)])
+    ordered = [markers[i] for i in range(n_chunks)]
+    extra, examples = duplicate_row_ids(out, ordered)
+    if extra and strict:  # no manifest is written, so the output is not a usable dataset
+        raise DataError(f"{described.get('path', input_spec)}: {extra} repeated row ids; "
+                        + "; ".join(examples[:3]) + ". Remove the repeats, or build without --strict "
+                        "(they are then kept and counted in the manifest)")
+    manifest = assemble_manifest(cfg, described, ordered)
+    manifest["counts"]["duplicate_row_ids"] = extra
+    manifest["counts"]["duplicate_examples"] = examples
     write_atomic(out / "manifest.json", [json.dumps(manifest, indent=1, sort_keys=True).encode()])
     return manifest

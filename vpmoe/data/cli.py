@@ -55,6 +55,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"{split:>5}: {c['docs']} docs in {c['rows']} rows of {args.seq_len}, {c['tokens']:,} tokens, "
               f"packing {100 * c['packing_efficiency']:.1f}%, supervised reasoning "
               f"{c['supervised_tokens']['reasoning']:,} final {c['supervised_tokens']['final']:,}")
+    if counts.get("duplicate_row_ids"):
+        print(f"warning: {counts['duplicate_row_ids']} repeated row ids kept (they weigh double): "
+              + "; ".join(counts["duplicate_examples"][:3]), file=sys.stderr)
     print(f"manifest: {args.out}/manifest.json")
     return 0
 
