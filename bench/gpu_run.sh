@@ -4,7 +4,7 @@
 # in ../shared, which does not travel), and so is the git sha (.git may not travel):
 #   git rev-parse --short=12 HEAD > .carry/GIT_SHA   (append +dirty by hand if the tree is dirty)
 # Usage: bash bench/gpu_run.sh [cases] [steps]
-# Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
+# Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
 #      KD_BENCH=1 (also bench/kd_loss.py), PROFILE=1 (top kernels), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
@@ -30,7 +30,7 @@ run_tests() {
 if [ "${SKIP_PEER:-0}" != 1 ]; then
   for spec in a:2 b:8; do
     case "$cases" in *${spec%%:*}*)
-      timeout 180 python3 .carry/peer_hf_afmoe.py --layers 20 --batch ${spec##*:} --seq 2048 --impl grouped_mm 2>&1 \
+      timeout 240 python3 .carry/peer_hf_afmoe.py --layers 20 --batch ${spec##*:} --seq 2048 --impl grouped_mm --steps ${PEER_STEPS:-12} 2>&1 \
         | grep '^{' | tee -a "$out/peer.jsonl" | cut -c1-300;;
     esac
   done

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from vpmoe.kd.losses import (STAT_KEYS, TEACHER_LOGP_FLOOR, DenseTarget, LossSpec, SparseTarget,
-                             check_inputs, count_span_tokens, span_coefficients, stat_keys,
+                             check_inputs, check_shapes, count_span_tokens, span_coefficients, stat_keys,
                              stats_from_rows)
 
 CHUNK_BYTES = 256 * 2**20  # budget for one [C, V] logits chunk in the compute dtype
@@ -284,12 +284,7 @@ def _static_stats(span_id, rows: dict[str, torch.Tensor], keys) -> dict[str, tor
 
 def _check_static(hidden, head_weight, labels, span_id, spec: LossSpec, target) -> None:
     """Shape checks only (Python ints): static mode never reads the data on the host."""
-    n = hidden.shape[0]
-    if hidden.dim() != 2 or head_weight.dim() != 2 or hidden.shape[1] != head_weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and head_weight {tuple(head_weight.shape)}: "
-                         "expected [N, d] and [V, d]")
-    if labels.shape != (n,) or span_id.shape != (n,):
-        raise ValueError(f"labels {tuple(labels.shape)} / span_id {tuple(span_id.shape)}: expected [{n}]")
+    n = check_shapes(hidden, head_weight, labels, span_id)
     if spec.kind == "ce":
         return
     if target is None:

@@ -117,14 +117,20 @@ def count_span_tokens(span_id: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def check_inputs(hidden, head_weight, labels, span_id, spec: LossSpec, target) -> torch.Tensor:
-    """Validate shapes/ids; return the index of supervised rows (span 1 or 2)."""
+def check_shapes(hidden, head_weight, labels, span_id) -> int:
+    """Shape checks on Python ints only (no host sync); returns N."""
     n = hidden.shape[0]
     if hidden.dim() != 2 or head_weight.dim() != 2 or hidden.shape[1] != head_weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and head_weight {tuple(head_weight.shape)}: "
                          "expected [N, d] and [V, d]")
     if labels.shape != (n,) or span_id.shape != (n,):
         raise ValueError(f"labels {tuple(labels.shape)} / span_id {tuple(span_id.shape)}: expected [{n}]")
+    return n
+
+
+def check_inputs(hidden, head_weight, labels, span_id, spec: LossSpec, target) -> torch.Tensor:
+    """Validate shapes/ids; return the index of supervised rows (span 1 or 2)."""
+    n = check_shapes(hidden, head_weight, labels, span_id)
     if span_id.numel() and (span_id.min() < 0 or span_id.max() > 2):
         raise ValueError("span_id: values must be 0 (ignore), 1 (reasoning) or 2 (final)")
     sel = torch.nonzero(span_id > 0).squeeze(1)
