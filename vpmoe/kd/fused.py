@@ -28,7 +28,8 @@ Design choices:
   the whole train step can be captured in one CUDA graph. All N rows are computed (chunk bounds
   depend only on N): unsupervised rows (span 0) get coefficient 0, label 0 and a harmless sparse
   target (ids 0..K-1, log-probs 0), so they add exactly 0 to the loss, gradients (their
-  grad_hidden rows are 0) and stats. Span counts use scatter_add (bincount syncs on CUDA); no
+  grad_hidden rows are 0) and stats. The shared span bookkeeping (`losses.count_span_tokens`,
+  `span_coefficients`, `stats_from_rows`) is sync-free for both forms; no
   constant is copied from the host. The price: N rows of work instead of M, and no validation
   that needs the data (span ids in {0, 1, 2}, labels and target ids of supervised rows in range):
   the caller validates (the data loader does). Sparse targets must have N rows; dense targets are
@@ -252,36 +253,6 @@ def _static_sparse_target(target: SparseTarget, sup: torch.Tensor) -> SparseTarg
     return SparseTarget(ids, torch.where(m, target.logprobs, 0.0), torch.where(sup, target.rest_logmass, 0.0), lab)
 
 
-def _static_count(span_id: torch.Tensor) -> torch.Tensor:
-    """[3] int64 tokens per span id, index 0 reported as 0 (bincount syncs on CUDA; this does not)."""
-    return torch.zeros(3, dtype=torch.int64, device=span_id.device).scatter_add_(
-        0, span_id, (span_id > 0).to(torch.int64))
-
-
-def _static_coefficients(span_id, w_r: float, w_f: float, counts) -> torch.Tensor:
-    """As losses.span_coefficients over all N rows (span 0 -> 0), with no host-to-device copy."""
-    counts = torch.as_tensor(counts, dtype=torch.float64, device=span_id.device).reshape(-1)
-    if counts.numel() != 3:
-        raise ValueError(f"span_token_counts: expected 3 entries indexed by span id, got {counts.numel()}")
-    weights = torch.zeros(3, dtype=torch.float64, device=span_id.device)
-    weights[1].fill_(w_r)
-    weights[2].fill_(w_f)
-    per_span = torch.where(counts > 0, weights / counts.clamp_min(1), torch.zeros_like(weights))
-    return per_span.index_select(0, span_id)
-
-
-def _static_stats(span_id, rows: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
-    """As losses.stats_from_rows over all N rows; span-0 rows are masked to 0 (bucket 0 stays 0)."""
-    sup = span_id > 0
-    out = {}
-    for key in keys:
-        acc = torch.zeros(3, dtype=torch.float64, device=span_id.device)
-        if key in rows:
-            acc.index_add_(0, span_id, torch.where(sup, rows[key].detach().to(torch.float64), 0.0))
-        out[key] = acc
-    return out
-
-
 def _check_static(hidden, head_weight, labels, span_id, spec: LossSpec, target) -> None:
     """Shape checks only (Python ints): static mode never reads the data on the host."""
     n = check_shapes(hidden, head_weight, labels, span_id)
@@ -367,7 +338,7 @@ class _FusedSpanLoss(torch.autograd.Function):
         ctx.grads = (grad_hidden, grad_weight)
         stat_rows = {k: torch.cat(v) for k, v in sums.items() if v and v[0] is not None}
         if sel is None:
-            stats = _static_stats(plan.span_sel, stat_rows, plan.keys)
+            stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
         else:
             stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
         packed = torch.stack([stats[k] for k in plan.keys])
@@ -434,7 +405,7 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     plan = _Plan(sel, span_sel, labels[sel], coef, target, spec, chunk, need_grad, hidden.requires_grad,
                  head_weight.requires_grad, stat_keys(spec, target))
     loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
-    stats = {"count": torch.bincount(span_sel, minlength=3)[:3].to(torch.int64)}
+    stats = {"count": count_span_tokens(span_sel)}
     stats.update({k: packed[i] for i, k in enumerate(plan.keys)})
     return loss, stats
 
@@ -444,14 +415,14 @@ def _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, 
     _check_static(hidden, head_weight, labels, span_id, spec, target)
     span_id = span_id.long()
     sup = span_id > 0
-    counts = _static_count(span_id) if span_token_counts is None else span_token_counts
-    coef = _static_coefficients(span_id, w_r, w_f, counts)
+    counts = count_span_tokens(span_id) if span_token_counts is None else span_token_counts
+    coef = span_coefficients(span_id, w_r, w_f, counts)
     target = None if spec.kind == "ce" else _static_sparse_target(target, sup)
     chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, False, hidden.is_cuda)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     plan = _Plan(None, span_id, torch.where(sup, labels, 0), coef, target, spec, chunk, need_grad,
                  hidden.requires_grad, head_weight.requires_grad, stat_keys(spec, target))
     loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
-    stats = {"count": _static_count(span_id)}
+    stats = {"count": count_span_tokens(span_id)}
     stats.update({k: packed[i] for i, k in enumerate(plan.keys)})
     return loss, stats

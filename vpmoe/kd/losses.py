@@ -111,10 +111,10 @@ class DenseTarget:
 # ---------------------------------------------------------------- span bookkeeping (shared)
 
 def count_span_tokens(span_id: torch.Tensor) -> torch.Tensor:
-    """[3] int64 counts indexed by span id (index 0 = ignored positions, reported as 0)."""
-    counts = torch.bincount(span_id.reshape(-1).clamp(0, 2), minlength=3)[:3].clone()
-    counts[0] = 0
-    return counts
+    """[3] int64 counts indexed by span id (index 0 = ignored positions, reported as 0). A
+    scatter-add, not bincount: no host sync on CUDA (the CUDA-graph step counts with it too)."""
+    span = span_id.reshape(-1).clamp(0, 2)
+    return torch.zeros(3, dtype=torch.int64, device=span.device).scatter_add_(0, span, (span > 0).to(torch.int64))
 
 
 def check_shapes(hidden, head_weight, labels, span_id) -> int:
@@ -161,13 +161,15 @@ def check_inputs(hidden, head_weight, labels, span_id, spec: LossSpec, target) -
 
 def span_coefficients(span_sel: torch.Tensor, w_r: float, w_f: float,
                       counts: torch.Tensor) -> torch.Tensor:
-    """Per supervised token weight w_span / n_span (float64); an empty span gets no weight."""
+    """Per token weight w_span / n_span (float64); an empty span and span 0 get no weight."""
     counts = torch.as_tensor(counts, dtype=torch.float64, device=span_sel.device).reshape(-1)
     if counts.numel() != 3:
         raise ValueError(f"span_token_counts: expected 3 entries indexed by span id, got {counts.numel()}")
-    weights = torch.tensor([0.0, w_r, w_f], dtype=torch.float64, device=span_sel.device)
+    weights = torch.zeros(3, dtype=torch.float64, device=span_sel.device)  # no host-to-device copy
+    weights[1].fill_(w_r)
+    weights[2].fill_(w_f)
     per_span = torch.where(counts > 0, weights / counts.clamp_min(1), torch.zeros_like(weights))
-    return per_span[span_sel]
+    return per_span.index_select(0, span_sel)
 
 
 def stat_keys(spec: LossSpec, target) -> tuple[str, ...]:
@@ -180,12 +182,14 @@ def stat_keys(spec: LossSpec, target) -> tuple[str, ...]:
 
 
 def stats_from_rows(span_sel, rows: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
-    """Per-span sums ([3], float64, index = span id) of per-token quantities, plus counts."""
-    out = {"count": torch.bincount(span_sel, minlength=3)[:3].to(torch.int64)}
+    """Per-span sums ([3], float64, index = span id) of per-token quantities, plus counts. Rows of
+    span 0 (present when every row was computed, as in the static loss) add nothing; no host sync."""
+    sup = span_sel > 0
+    out = {"count": count_span_tokens(span_sel)}
     for key in keys:
         acc = torch.zeros(3, dtype=torch.float64, device=span_sel.device)
         if key in rows:
-            acc.index_add_(0, span_sel, rows[key].detach().to(torch.float64))
+            acc.index_add_(0, span_sel, torch.where(sup, rows[key].detach().to(torch.float64), 0.0))
         out[key] = acc
     return out
 
