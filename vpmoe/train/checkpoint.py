@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from vpmoe.config import ConfigError, ModelConfig, from_dict, model_diff
 from vpmoe.data.shards import file_sha256
-from vpmoe.utils import git_sha  # noqa: F401  (also used as ckpt.git_sha by the trainer)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PROVENANCE = "provenance.json"

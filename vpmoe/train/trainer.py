@@ -44,6 +44,7 @@ from vpmoe.train.optim import build_optimizer, set_lr
 from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
                                   sync_unsharded_grads)
 from vpmoe.train.schedule import wsd_factor
+from vpmoe.utils import git_sha
 
 N_STATS = 1 + len(STAT_KEYS)  # count + sums, each [3] by span id
 
@@ -218,6 +219,7 @@ class Trainer:
                               "set it to auto or off")
         from vpmoe.model.graphed import GraphedTrainStep
         self.body.static_masks = True
+        self._graph_counts = None  # the step's global span counts, staged for the captured loss
         return GraphedTrainStep(self.body, self._graph_loss, self.fast_opt, micro=self.cfg.train.grad_accum)
 
     def _graph_loss(self, hidden, batch, scale):
@@ -251,7 +253,7 @@ class Trainer:
         tmp.replace(self.run_dir / "run_config.json")
 
     def provenance(self) -> dict:
-        return {"git_sha": ckpt.git_sha(), "config_hash": config_hash(self.cfg),
+        return {"git_sha": git_sha(), "config_hash": config_hash(self.cfg),
                 "model": dataclasses.asdict(self.cfg.model), "model_hash": config_hash(self.cfg.model),
                 "tokenizer_sha": self.fingerprint.get("tokenizer_sha"),
                 "data_manifest_sha": self.fingerprint.get("manifest_sha"), "data_path": str(self.cfg.data.path),
@@ -300,7 +302,28 @@ class Trainer:
         span_counts, global_rows = header[:3], int(header[3])
 
         if self.graphed is not None:
-            return self._graphed_step(micro_batches, span_counts, global_rows)
+            stats_sum, load_sum = self._graphed_accumulate(micro_batches, span_counts)
+        else:
+            stats_sum, load_sum = self._accumulate(micro_batches, span_counts, global_rows)
+        stats = _unpack_stats(stats_sum[:-1])
+        report = span_report(stats, cfg.train.w_reasoning, cfg.train.w_final)
+        if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
+            self._diverged(f"loss is not finite ({report['loss']})")
+        gnorm = self._optimizer_step(load_sum)
+        self.step += 1
+        if self.kd_mode != "none":  # kd / kl / teacher log-prob per span, and whether this was a KD step
+            report.update({k: v for k, v in span_means(stats).items() if not k.startswith("loss/")})
+            report["kd_step"] = int(is_kd_step(self.objective.cfg, self.step - 1))
+        report.update({"aux_loss": float(stats_sum[-1]), "grad_norm": float(gnorm),
+                       "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
+                       "tokens_step": global_rows * cfg.data.seq_len})
+        report["_load"] = load_sum
+        return report
+
+    def _accumulate(self, micro_batches, span_counts, global_rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of every micro-batch, launched eagerly; returns the all-reduced
+        (packed per-span stats + aux loss, expert loads)."""
+        ds = self.ds
         stats_sum = torch.zeros(3 * N_STATS + 1, dtype=torch.float64, device=self.device)
         load_sum = None
         for b in micro_batches:
@@ -313,54 +336,37 @@ class Trainer:
         all_reduce_sum(stats_sum, ds)
         all_reduce_sum(load_sum, ds)
         sync_unsharded_grads(self.model, ds)
+        return stats_sum, load_sum
 
-        stats = _unpack_stats(stats_sum[:-1])
-        report = span_report(stats, cfg.train.w_reasoning, cfg.train.w_final)
-        if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
-            self._diverged(f"loss is not finite ({report['loss']})")
-        if self.fast_opt is not None:  # clipping folded into the fused step; the norm is checked after
-            gnorm = self.fast_opt.step()  # (the weights in memory are then lost, never saved)
-            if not torch.isfinite(gnorm):
-                self._diverged(f"gradient norm is not finite ({float(gnorm)})")
-        else:
-            gnorm = grad_norm(self.params)
-            if not torch.isfinite(gnorm):
-                self._diverged(f"gradient norm is not finite ({float(gnorm)})")
-            clip_grads(self.params, cfg.optim.grad_clip, gnorm)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_router_biases(load_sum)
-        self.step += 1
-        if self.kd_mode != "none":  # kd / kl / teacher log-prob per span, and whether this was a KD step
-            report.update({k: v for k, v in span_means(stats).items() if not k.startswith("loss/")})
-            report["kd_step"] = int(is_kd_step(self.objective.cfg, self.step - 1))
-        report.update({"aux_loss": float(stats_sum[-1]), "grad_norm": float(gnorm),
-                       "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
-                       "tokens_step": global_rows * cfg.data.seq_len})
-        report["_load"] = load_sum
-        return report
-
-    def _graphed_step(self, micro_batches, span_counts, global_rows) -> dict:
-        """`train_step` through the CUDA graphs: same sums, same checks, same report."""
-        cfg, g = self.cfg, self.graphed
-        if getattr(self, "_graph_counts", None) is None:
+    def _graphed_accumulate(self, micro_batches, span_counts) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_accumulate` through the CUDA graphs (one process: nothing to reduce)."""
+        g = self.graphed
+        if self._graph_counts is None:
             self._graph_counts = span_counts.clone()
         self._graph_counts.copy_(span_counts)
         g.accumulate(micro_batches)
-        stats_sum = torch.cat([g.stats_sum, g.aux_sum.double().view(1)])
-        load_sum = g.load_sum.clone()
-        stats = _unpack_stats(stats_sum[:-1])
-        report = span_report(stats, cfg.train.w_reasoning, cfg.train.w_final)
-        if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
-            self._diverged(f"loss is not finite ({report['loss']})")
-        g.update()
-        if not torch.isfinite(g.grad_norm):
-            self._diverged(f"gradient norm is not finite ({float(g.grad_norm)})")
-        self.step += 1
-        report.update({"aux_loss": float(stats_sum[-1]), "grad_norm": float(g.grad_norm),
-                       "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
-                       "tokens_step": global_rows * cfg.data.seq_len, "_load": load_sum})
-        return report
+        return torch.cat([g.stats_sum, g.aux_sum.double().view(1)]), g.load_sum.clone()
+
+    def _optimizer_step(self, load_sum) -> torch.Tensor:
+        """Clip + step + router-bias update; returns the gradient norm. A non-finite norm stops the
+        run: before the step on the reference path; after it on the fused ones (clipping is folded
+        in there; the weights in memory are then lost, never saved)."""
+        if self.graphed is not None:
+            self.graphed.update()  # optimizer and bias update inside graph 3
+            gnorm = self.graphed.grad_norm
+        elif self.fast_opt is not None:
+            gnorm = self.fast_opt.step()
+        else:
+            gnorm = grad_norm(self.params)
+            if torch.isfinite(gnorm):
+                clip_grads(self.params, self.cfg.optim.grad_clip, gnorm)
+                self.optimizer.step()
+        if not torch.isfinite(gnorm):
+            self._diverged(f"gradient norm is not finite ({float(gnorm)})")
+        if self.graphed is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.update_router_biases(load_sum)
+        return gnorm
 
     def _diverged(self, what: str) -> None:
         raise TrainingDiverged(f"step {self.step + 1}: {what}; stopping. The newest checkpoint in "
