@@ -130,7 +130,7 @@ class GraphedTrainStep:
         self.calls += 1
         if self.calls <= self.warmup:
             for p in self.params:
-                p.grad = None  # the first micro-batch's backward allocates them
+                p.grad = None  # every step's first backward allocates them afresh
             side = self._side_stream()
             with torch.cuda.stream(side):
                 for mb in batches:
@@ -152,8 +152,6 @@ class GraphedTrainStep:
             with torch.cuda.stream(side):
                 self._update_part()
             torch.cuda.current_stream().wait_stream(side)
-            for p in self.params:
-                p.grad = None  # the next step's first backward allocates them afresh
         else:
             self.graphs[2].replay()
         self.loss_sum.zero_()
