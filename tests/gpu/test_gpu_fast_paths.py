@@ -141,14 +141,55 @@ def test_router_logits_bf16x3_near_fp32():
 
 
 def test_route_fast_cuda_matches_reference():
+    """Compiled, the sigmoid and sums may round differently from eager by an ulp, so a token whose
+    top-k boundary is a near-tie (gap below 1e-5) may pick differently; every other token must
+    pick the same experts with the same weights. (Exact equality failed once in 4096 tokens.)"""
     cfg = small_cfg(n_experts=256)
     x = torch.randn(4096, cfg.d_model, device=DEV)
     w = torch.randn(cfg.n_experts, cfg.d_model, device=DEV) * 0.05
     bias = torch.randn(cfg.n_experts, device=DEV) * 0.01
     ref = K.M.route_reference(x, w, bias, cfg)
     got = torch.compile(K.route_fast, dynamic=False)(x, w, bias, cfg)
-    assert torch.equal(got[0], ref[0])
-    torch.testing.assert_close(got[1], ref[1])
+    same = (got[0] == ref[0]).all(-1)
+    biased = ref[2] + bias
+    ranked = biased.sort(-1, descending=True).values  # any near-tie among the leading candidates
+    groups = biased.view(len(x), cfg.n_groups, -1).topk(cfg.top_k // cfg.topk_groups, -1).values.sum(-1)
+    near_tie = ((ranked[:, :4 * cfg.top_k].diff(dim=-1).abs() < 1e-5).any(-1)
+                | (groups.sort(-1).values.diff(dim=-1).abs() < 1e-5).any(-1))
+    assert (same | near_tie).all(), (~same & ~near_tie).nonzero()[:5]
+    assert same.float().mean() > 0.995
+    torch.testing.assert_close(got[1][same], ref[1][same])
+
+
+def test_gram_newton_schulz_no_worse_than_standard():
+    """The optimizer's Gram-side Newton-Schulz (fp16 small side, bf16 products, one restart) vs the
+    X-side bf16 iteration, both against the same iteration in float64, at the experts' shape, on
+    Gaussian, low-rank (few tokens reached the expert) and wide-spectrum inputs."""
+    from vpmoe.train.optim import NS_COEFFS
+    from vpmoe.train.optim_fast import gram_newton_schulz, newton_schulz_batched
+    a, b, c = NS_COEFFS
+
+    def exact(x):
+        x = x.double().mT
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        for _ in range(5):
+            g = x @ x.mT
+            x = a * x + (b * g + c * g @ g) @ x
+        return x.mT
+
+    torch.manual_seed(3)
+    u, _, v = torch.linalg.svd(torch.randn(64, 1024, 128, device=DEV), full_matrices=False)
+    spectra = {"gaussian": None,
+               "rank4+noise": torch.cat([torch.ones(4), torch.full((124,), 1e-3)]).to(DEV),
+               "log-uniform 1e-5..1": torch.logspace(-5, 0, 128, device=DEV)}
+    for name, s in spectra.items():
+        x = torch.randn(64, 1024, 128, device=DEV) if s is None else u @ torch.diag_embed(s.expand(64, -1)) @ v
+        x = (x * 3e-4).bfloat16()  # gradient-like magnitude, and the bf16 input both methods get
+        ref = exact(x)
+        e_std = rel_err(newton_schulz_batched(x), ref)
+        e_gram = rel_err(torch.compile(gram_newton_schulz, dynamic=False)(x), ref)
+        print(f"NS rel err vs fp64 ({name}): standard {e_std:.2e}, gram {e_gram:.2e}")
+        assert e_gram <= 1.25 * e_std + 2e-3, (name, e_std, e_gram)
 
 
 def test_fast_body_fp32_matches_reference():

@@ -47,8 +47,13 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def tpa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [..., h, R], b [..., R, D] -> [..., h, D] = mean_r a[h, r] * b[r, :] (pointwise, fusable)."""
-    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2) / a.shape[-1]
+    """a [..., h, R], b [..., R, D] -> [..., h, D] = mean_r a[h, r] * b[r, :], written as R
+    multiply-adds: pure pointwise work for Inductor (a product summed over the rank axis became
+    reduction kernels; this form measured 4% faster for a whole local attention sub-block)."""
+    out = a[..., 0:1] * b[..., 0, :].unsqueeze(-2)
+    for r in range(1, a.shape[-1]):
+        out = out + a[..., r:r + 1] * b[..., r, :].unsqueeze(-2)
+    return out / a.shape[-1]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,11 @@ Design choices:
   rewrites every gradient (for 6B fp32 params that pass alone moves 48 GB).
 - Muon on the routed experts' 3-D tensors `[E, m, n]` runs in chunks of `ns_chunk` matrices: one
   fused kernel (torch.compile) does momentum, Nesterov and the bf16 cast; Newton-Schulz runs
-  batched on the chunk (bf16, one GEMM per iteration over the big operand, see
-  `newton_schulz_batched`); one fused kernel applies weight decay and the update. Measured on an
+  batched on the chunk, compiled; one fused kernel applies weight decay and the update.
+  Newton-Schulz for matrices 4x (or more) wider than tall (the experts' 128 x 1024) iterates on the
+  Gram side (`gram_newton_schulz`: the big operand is read twice per restart segment instead of
+  twice per step); `ns_method="standard"` keeps the X-side iteration (`newton_schulz_batched`,
+  one GEMM per step over the big operand) everywhere. Measured on an
   H200 (bench/RESULTS.md, optimizer sweep): whole tensors (256 matrices) beat L2-sized chunks
   (32-64), eager and in a CUDA graph alike, so 256 is the default.
 - Muon on 2-D matrices: same-shape matrices are stacked and orthogonalised in one batched call;
@@ -65,6 +68,62 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
     return x.mT if transposed else x
 
 
+def _gram_f32(x: torch.Tensor) -> torch.Tensor:
+    """x @ x^T with fp32 accumulation and fp32 (or fp64) output; bf16/fp16 on CUDA keep the exact
+    fp32 sum instead of a half-precision rounded Gram (`bmm(out_dtype=)`)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(x, x.mT, out_dtype=torch.float32)
+    return torch.bmm(x, x.mT).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, restart_at: tuple[int, ...] = (2,),
+                       small_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`optim.newton_schulz` for a batch [b, m, n] (bf16 on CUDA), iterating on the small Gram side.
+
+    Each quintic step is X <- Z X with Z = a*I + b*R + c*R^2 and R = X X^T. Z is a polynomial in R,
+    so after steps 1..k, X_k = Q_k X_0 with Q_k = Z_k ... Z_1 and R_{k+1} = Z_k R_k Z_k: the big
+    rectangular operand (here 128 x 1024 per expert) enters only the first Gram and the final Q X,
+    and the iteration is n x n matrix products (n = the short side). Same result in exact
+    arithmetic (fp64 test: equal to the reference); FLOPs per 128 x 1024 matrix 335M -> ~190M and
+    two passes over X instead of ten. Half-precision Gram iterations can grow spurious negative
+    eigenvalues (each step multiplies a negative one by ~a^2 = 12), so the iteration restarts
+    (X <- Q X, R recomputed from X) before step `restart_at` (Dao lab's Gram Newton-Schulz, whose
+    stabilised form restarts at step 2). The n x n side runs in fp16 on CUDA (11 mantissa bits vs
+    bf16's 8; R's eigenvalues stay in [0, ~1.5] after the Frobenius normalisation, Q's norm <= a^3),
+    the scale and the big products in bf16 (the input's range is arbitrary)."""
+    a, b, c = NS_COEFFS
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = x.mT
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    small = small_dtype or (torch.float16 if x.is_cuda else acc)
+    eye = torch.eye(x.shape[-2], device=x.device, dtype=acc)
+    r = _gram_f32(x)
+    scale = 1.0 / (r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() + eps)  # X_true = scale * x
+    r = (r * scale[:, None, None] ** 2).to(small)
+    q = None
+    for i in range(steps):
+        if i in restart_at and q is not None:
+            x = torch.bmm((q.to(acc) * scale[:, None, None]).to(x.dtype), x)
+            scale = torch.ones_like(scale)
+            r, q = _gram_f32(x).to(small), None
+        z = torch.baddbmm((r.to(acc) * b + eye * a).to(small), r, r, alpha=c)
+        q = z if q is None else torch.bmm(z, q)
+        if i + 1 < steps and (i + 1) not in restart_at:
+            r = torch.bmm(torch.bmm(z, r), z)
+    q = (q.to(acc) * scale[:, None, None]).to(x.dtype)
+    return torch.bmm(x.mT, q.mT) if transposed else torch.bmm(q, x)
+
+
+def orthogonalise(u: torch.Tensor, steps: int, method: str) -> torch.Tensor:
+    """Batched Newton-Schulz [b, m, n] by `method`: "gram" for matrices at least 4x wider than tall
+    (or taller than wide), where it saves work; the X-side iteration otherwise."""
+    short, long = sorted(u.shape[-2:])
+    if method == "gram" and long >= 4 * short:
+        return gram_newton_schulz(u, steps)
+    return newton_schulz_batched(u, steps)
+
+
 def _muon_pre(g, buf, coef, mu: float, nesterov: bool, out_dtype: torch.dtype):
     """buf <- mu * buf + coef * g (in place); returns the Nesterov (or plain) update in out_dtype."""
     g = g * coef
@@ -85,7 +144,9 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
-                 compile: bool | None = None):
+                 compile: bool | None = None, ns_method: str = "gram"):
+        if ns_method not in ("gram", "standard"):
+            raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if not supported(opt):
             raise ValueError("FastMuonAdamW needs a MuonAdamW over plain (non-DTensor) parameters")
         self.opt, self.max_norm, self.ns_chunk = opt, float(max_grad_norm), int(ns_chunk)
@@ -96,6 +157,9 @@ class FastMuonAdamW:
         use_compile = p0.is_cuda if compile is None else compile
         self._pre = _Compiled(_muon_pre, use_compile)
         self._post = _Compiled(_muon_post, use_compile)
+        self.ns_method = ns_method
+        # the experts' Newton-Schulz: bmm + small pointwise work, fused around the GEMMs when compiled
+        self._ns = _Compiled(orthogonalise, use_compile)
 
     # ------------------------------------------------------------------ state
 
@@ -163,7 +227,7 @@ class FastMuonAdamW:
             for c0 in range(0, g.shape[0], self.ns_chunk):
                 c1 = min(c0 + self.ns_chunk, g.shape[0])
                 u = self._pre(g[c0:c1], buf[c0:c1], coef, mu, nesterov, self.ns_dtype)
-                self._post(w[c0:c1], newton_schulz_batched(u, steps), decay, step)
+                self._post(w[c0:c1], self._ns(u, steps, self.ns_method), decay, step)
         for shape, items in flat2d.items():
             ps, bufs = [p for p, _ in items], [b for _, b in items]
             scaled = torch._foreach_mul([p.grad for p in ps], coef)
@@ -172,7 +236,7 @@ class FastMuonAdamW:
             upd = torch._foreach_add(scaled, bufs, alpha=mu) if nesterov else bufs
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
-                ortho = newton_schulz_batched(torch.stack(upd[sl]).to(self.ns_dtype), steps)
+                ortho = orthogonalise(torch.stack(upd[sl]).to(self.ns_dtype), steps, self.ns_method)
                 ortho = [o.to(p.dtype) for o, p in zip(ortho.unbind(0), ps[sl])]
                 if wd:
                     torch._foreach_mul_(ps[sl], decay)

@@ -1,0 +1,107 @@
+"""Benchmark of the attention sub-block alone (projections, TPA, QK-norm, GRAPE, Flex attention with
+sinks, output projection), forward + backward, per layer kind, and its top kernels.
+
+    python bench/attention.py --tokens 8192 --record         (GPU)
+
+Variants (each compiled as the train step compiles it, replayed from a CUDA graph):
+- `current`: `vpmoe.model.fast` as it is (the rank-R TPA contraction as R multiply-adds: pure
+  pointwise work);
+- `tpa-reduction`: the earlier form, a product summed over the rank axis (reduction kernels for
+  Inductor; measured 4% slower for the local sub-block, bench/RESULTS.md `attention`).
+Tried and dropped (docs/LOG.md): 64 x 64 block masks and Flex tile options for the window-128
+layers; torch 2.11's Flex rejects them (no valid backward kernel / block size not divisible).
+Columns: ms per layer (fwd + bwd), kernels per layer, and the implied ms per step for the full
+80-layer model at this token count.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.optim_step import kernel_count  # noqa: E402
+from bench.train_step import graph_time, make_batch  # noqa: E402
+from vpmoe.config import load_model_config  # noqa: E402
+from vpmoe.model import fast as F  # noqa: E402
+from vpmoe.model.model import VpMoE, positions_from_docs  # noqa: E402
+
+
+def tpa_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2) / a.shape[-1]
+
+
+VARIANTS = {"current": F.tpa, "tpa-reduction": tpa_reduction}
+
+
+def top_kernels(fn, rows: int = 14) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    return [f"{e.self_device_time_total:9.1f} us {e.count:4d}x {e.key[:120]}" for e in ev[:rows]]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (rows of 2048)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA GPU")
+    cfg = dataclasses.replace(load_model_config("configs/vpmoe.toml"), n_layers=4)  # dense, local x2, global
+    with torch.device("cuda"):
+        model = VpMoE(cfg)
+    batch = make_batch(a.tokens // 2048, 2048)
+    n_global = sum(cfg.is_global(i) for i in range(80))
+    rows, original = [], F.tpa
+    for name in a.variants.split(","):
+        F.tpa = VARIANTS[name]
+        try:
+            body = F.FastBody(model)
+            doc, local, glob = body.doc_masks(batch["doc_ids"].cuda())
+            pos = positions_from_docs(doc)
+            B, T = doc.shape
+            for layer, mask, slopes, count in ((1, local, None, 80 - n_global), (3, glob, body.slopes, n_global)):
+                fn = torch.compile(F.make_block_fn(cfg, layer, torch.bfloat16, True).attention, dynamic=False)
+                p = body.params[layer]
+                h = torch.randn(B, T, cfg.d_model, device="cuda", requires_grad=True)
+                v1 = torch.randn(B, cfg.n_kv_heads, T, cfg.head_dim, device="cuda")
+                g = torch.randn(B, T, cfg.d_model, device="cuda")
+                leaves = [h] + [t for t in p.values() if t.requires_grad]
+
+                def run():
+                    out = fn(p, h, pos, doc, v1, mask, slopes)[0]
+                    torch.autograd.grad([out], leaves, [g], allow_unused=True)
+
+                t, how = graph_time(run)
+                kernels = kernel_count(run)
+                kind = "global" if slopes is not None else "local"
+                row = dict(variant=name, kind=kind, tokens=B * T, ms_per_layer=t * 1e3, kernels=kernels,
+                           ms_per_step_80_layers=t * 1e3 * count, timing=how)
+                print(row, flush=True)
+                if name == "current":
+                    print("\n".join(f"#  {kind}: {line}" for line in top_kernels(run)), flush=True)
+                rows.append(row)
+        except Exception as e:  # noqa: BLE001 - a tiling Flex rejects is a result too
+            print(f"# variant {name} failed: {e!r:.400}", flush=True)
+            rows.append(dict(variant=name, error=repr(e)[:120]))
+        finally:
+            F.tpa = original
+    if a.record:
+        from bench.results import append_results
+        append_results("attention", "python bench/attention.py " + " ".join(sys.argv[1:]), rows)
+    else:
+        from bench.results import markdown_table
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Benchmark of the optimizer step alone: FastMuonAdamW over a vpMoE of N layers, per Newton-Schulz
+method, graphed and eager, plus the experts' Newton-Schulz alone.
+
+    python bench/optim_step.py --layers 20,80 --record      (GPU; 80 layers needs ~80 GB: H200)
+
+Gradients are random (1e-3 scale, clipping active); the step reads and writes the same state as in
+training, so the figures are what `vpmoe train` and bench/train_step.py pay per optimizer step.
+Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `kernels`
+(launches per step, from the profiler), `ns_ms` (one expert tensor's Newton-Schulz, 256 matrices
+of 128 x 1024, compiled as in the step) and `ns_err` (its relative error against the same
+iteration in float64 on a Gaussian input).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.train_step import cuda_time, graph_time  # noqa: E402
+from vpmoe.config import load_model_config  # noqa: E402
+from vpmoe.model.model import VpMoE  # noqa: E402
+from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer  # noqa: E402
+from vpmoe.train.optim_fast import FastMuonAdamW, _Compiled, orthogonalise  # noqa: E402
+
+
+def ns_exact(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    a, b, c = NS_COEFFS
+    x = x.double().mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        g = x @ x.mT
+        x = a * x + (b * g + c * g @ g) @ x
+    return x.mT
+
+
+def kernel_count(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def ns_alone(method: str) -> tuple[float, float]:
+    torch.manual_seed(0)
+    x = (torch.randn(256, 1024, 128, device="cuda") * 3e-4).bfloat16()
+    fn = _Compiled(orthogonalise, True)
+    ms = cuda_time(lambda: fn(x, 5, method), warmup=3, iters=20) * 1e3
+    ref = ns_exact(x)
+    err = ((fn(x, 5, method).double() - ref).norm() / ref.norm()).item()
+    return ms, err
+
+
+def run(layers: int, methods: list[str]) -> list[dict]:
+    cfg = dataclasses.replace(load_model_config("configs/vpmoe.toml"), n_layers=layers)
+    with torch.device("cuda"):
+        model = VpMoE(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for method in methods:
+        opt = build_optimizer(model, OptimConfig())
+        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method)
+        fast.init_state()
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        eager = cuda_time(fast.step, warmup=2, iters=3) * 1e3  # the first calls compile
+        kernels = kernel_count(fast.step)
+        graphed, timing = graph_time(fast.step)
+        ns_ms, ns_err = ns_alone(method)
+        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, step_ms=graphed * 1e3,
+                   eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
+                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        print(row, flush=True)
+        rows.append(row)
+        for p in model.parameters():
+            p.grad = None
+        del fast, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="20", help="comma-separated layer counts")
+    ap.add_argument("--methods", default="standard,gram")
+    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/optim_step.py needs a CUDA GPU")
+    rows = []
+    for n in (int(x) for x in a.layers.split(",")):
+        rows += run(n, a.methods.split(","))
+    if a.record:
+        from bench.results import append_results
+        append_results("optim_step", "python bench/optim_step.py " + " ".join(sys.argv[1:]), rows)
+    else:
+        from bench.results import markdown_table
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
