@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.optim_step import kernel_count  # noqa: E402
+from bench.optim_step import kernel_count, top_kernels  # noqa: E402
 from bench.train_step import graph_time, make_batch  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model import fast as F  # noqa: E402
@@ -35,17 +35,6 @@ def tpa_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 VARIANTS = {"current": F.tpa, "tpa-reduction": tpa_reduction}
-
-
-def top_kernels(fn, rows: int = 14) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ev.sort(key=lambda e: -e.self_device_time_total)
-    return [f"{e.self_device_time_total:9.1f} us {e.count:4d}x {e.key[:120]}" for e in ev[:rows]]
 
 
 def main():

@@ -5,6 +5,9 @@ method, graphed and eager, plus the experts' Newton-Schulz alone.
 
 Gradients are random (1e-3 scale, clipping active); the step reads and writes the same state as in
 training, so the figures are what `vpmoe train` and bench/train_step.py pay per optimizer step.
+Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side) and `ns_chunk` (matrices per
+call; 256 = one expert tensor). Packing several layers' tensors into one call (chunks of 1024 and
+2048) was measured slower and dropped (docs/LOG.md).
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `kernels`
 (launches per step, from the profiler), `ns_ms` (one expert tensor's Newton-Schulz, 256 matrices
 of 128 x 1024, compiled as in the step) and `ns_err` (its relative error against the same
@@ -47,6 +50,17 @@ def kernel_count(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def top_kernels(fn, rows: int = 14) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    return [f"{e.self_device_time_total:9.1f} us {e.count:4d}x {e.key[:120]}" for e in ev[:rows]]
+
+
 def ns_alone(method: str) -> tuple[float, float]:
     torch.manual_seed(0)
     x = (torch.randn(256, 1024, 128, device="cuda") * 3e-4).bfloat16()
@@ -63,18 +77,20 @@ def run(layers: int, methods: list[str]) -> list[dict]:
         model = VpMoE(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
-    for method in methods:
+    for spec in methods:
+        method, chunk = spec.split(":") if ":" in spec else (spec, "256")
         opt = build_optimizer(model, OptimConfig())
-        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method)
+        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk))
         fast.init_state()
         torch.manual_seed(0)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         eager = cuda_time(fast.step, warmup=2, iters=3) * 1e3  # the first calls compile
         kernels = kernel_count(fast.step)
+        print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, 10)), flush=True)
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
-        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, step_ms=graphed * 1e3,
+        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), step_ms=graphed * 1e3,
                    eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         print(row, flush=True)
@@ -93,7 +109,8 @@ def run(layers: int, methods: list[str]) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="20", help="comma-separated layer counts")
-    ap.add_argument("--methods", default="standard,gram")
+    ap.add_argument("--methods", default="standard:256,gram:256",
+                    help="ns_method:ns_chunk (matrices per Newton-Schulz call) pairs")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     a = ap.parse_args()
     if not torch.cuda.is_available():

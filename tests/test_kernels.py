@@ -1,4 +1,5 @@
 """Fast paths against the reference on the CPU (the GPU versions: tests/gpu/)."""
+import pytest
 import torch
 
 from vpmoe.model.kernels import Routing, _Combine, _Dispatch, experts_grouped, permute_by_expert, route_fast
@@ -186,9 +187,11 @@ def test_gram_newton_schulz_equals_reference_in_float64():
         assert s.min() > 0.5 and s.max() < 1.3, s
 
 
-def test_fast_optimizer_matches_reference_step():
+@pytest.mark.parametrize("ns_chunk,ns_method", [(3, "gram"), (32, "gram"), (32, "standard")])
+def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method):
     """FastMuonAdamW.step == clip_grad_norm_ + MuonAdamW.step over 3 steps (clip active), with
-    Newton-Schulz chunks that do not divide the expert count."""
+    Newton-Schulz chunks that cut a tensor (3: does not divide the 8 experts) or hold it whole (32),
+    by either iteration (the small model's 8 x 32 expert matrices take the Gram-side one)."""
     import copy
 
     from vpmoe.train.optim import OptimConfig, build_optimizer
@@ -197,7 +200,7 @@ def test_fast_optimizer_matches_reference_step():
     m1 = randomize(VpMoE(cfg))
     m2 = copy.deepcopy(m1)
     o1, o2 = build_optimizer(m1, OptimConfig()), build_optimizer(m2, OptimConfig())
-    fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=3)
+    fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=ns_chunk, ns_method=ns_method)
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     for _ in range(3):
         for m in (m1, m2):
