@@ -13,6 +13,8 @@ Design choices:
   built with o200k is refused for it.
 - The model hash is a sha256 over the state dict (names, dtypes, shapes, bytes), so a training
   checkpoint and its HF export of the same weights hash the same.
+- A model trained on a vocabulary subset (its directory holds `vocab_subset.json`) is wrapped in
+  `SubsetCausalLM`: o200k ids in, full-vocabulary logits out (-inf outside the subset).
 """
 from __future__ import annotations
 
@@ -192,6 +194,55 @@ def as_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class SubsetCausalLM(torch.nn.Module):
+    """A model trained on a vocabulary subset (vpmoe.data.vocab_subset), seen in o200k ids.
+
+    Inputs are mapped full -> compact; logits come back over the full vocabulary with -inf outside
+    the subset (probability 0: the model cannot emit those ids), so likelihood scoring and greedy
+    decoding see an ordinary o200k model. An input id outside the subset has no embedding row: it
+    is refused with the id named (such a model can only be scored on text its subset covers).
+    No `generate` here: greedy decoding takes the harness's step-by-step path."""
+
+    def __init__(self, model: torch.nn.Module, subset, source: str):
+        super().__init__()
+        self.inner, self.subset, self.source = model, subset, source
+        self.config = getattr(model, "config", None)
+        self.cfg = getattr(inner_vpmoe(model), "cfg", None)
+        self.register_buffer("kept", torch.from_numpy(subset.ids), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        try:
+            compact = self.subset.to_compact(input_ids)
+        except ValueError as e:
+            raise UserError(f"{self.source}: {e}: this model was trained on a vocabulary subset and has no "
+                            "embedding for that token; evaluate it on text inside its subset, or train "
+                            "without data.vocab_subset") from None
+        out = self.inner(input_ids=compact, **kwargs)
+        logits = out.logits
+        full = logits.new_full((*logits.shape[:-1], self.subset.full_vocab_size), float("-inf"))
+        out.logits = full.index_copy_(-1, self.kept.to(logits.device), logits)
+        return out
+
+
+def with_vocab_subset(model: torch.nn.Module, path: Path, info: dict) -> torch.nn.Module:
+    """Wrap `model` in SubsetCausalLM when its directory (or the run's latest checkpoint) holds a
+    vocab subset; the report's model entry names the subset."""
+    from vpmoe.data.vocab_subset import VocabSubset
+
+    directory = path
+    if not (path / "config.json").is_file():
+        try:
+            from vpmoe.train.checkpoint import resolve_checkpoint
+            directory = resolve_checkpoint(path)
+        except Exception:  # noqa: BLE001 - the model loaded already; no checkpoint dir means no subset
+            directory = path
+    subset = VocabSubset.find(directory)
+    if subset is None:
+        return model
+    info["vocab_subset"] = {"ids": len(subset), "sha256": subset.sha256}
+    return SubsetCausalLM(model, subset, str(path))
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -249,7 +300,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> L
         kind, tok_dir = "checkpoint", None
     model = model.to(dev).eval()
     tokenizer = tokenizer_for(tok_dir)
-    return LoadedModel(model, tokenizer, describe_model(model, tokenizer, str(path), kind, dev, dt))
+    info = describe_model(model, tokenizer, str(path), kind, dev, dt)
+    return LoadedModel(with_vocab_subset(model, path, info).eval(), tokenizer, info)
 
 
 def describe_model(model, tokenizer: EvalTokenizer, path: str, kind: str, device, dtype) -> dict:

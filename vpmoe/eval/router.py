@@ -91,6 +91,16 @@ def summarize_load(load: torch.Tensor) -> dict:
 
 def run_router(model, documents: list[list[int]], source: str = "builtin") -> dict:
     documents = [d for d in documents if d]
+    skipped = 0
+    subset = getattr(model, "subset", None)
+    if subset is not None:  # a vocab-subset model (eval.loading.SubsetCausalLM): its own ids, whole documents only
+        kept = [subset.to_compact(torch.tensor(d), missing=-1) for d in documents]
+        skipped = sum(bool((k < 0).any()) for k in kept)
+        documents = [k.tolist() for k in kept if not (k < 0).any()]
+        model = model.inner
+        if not documents:
+            return {"applicable": False, "reason": f"every document has tokens outside the model's vocabulary "
+                                                   f"subset ({len(subset)} ids)"}
     inner = inner_vpmoe(model)
     if inner is not None:
         load = vpmoe_load(inner, documents)
@@ -101,5 +111,7 @@ def run_router(model, documents: list[list[int]], source: str = "builtin") -> di
                                                    "or router_logits): not a mixture-of-experts model"}
     result = summarize_load(load)
     result.update({"source": source, "n_documents": len(documents), "n_tokens": sum(len(d) for d in documents)})
+    if subset is not None:
+        result["documents_skipped_outside_vocab_subset"] = skipped
     return result
 
