@@ -111,3 +111,29 @@ def test_first_bias_update_matches_hand_computation(runs):
     # and the logged router health of step 1 describes exactly these loads
     rec = next(r for r in metrics(run) if r["step"] == 1 and "grad_norm" in r)
     assert rec["router/dead_experts"] == int((load == 0).sum())
+
+
+def test_ep_local_experts_grouped_match_the_loop():
+    """The EP dispatcher's local experts as grouped GEMMs == the per-expert loop, forward and every
+    parameter gradient, with an expert that receives no rows; an empty input takes the loop."""
+    from tests.test_model import randomize, small
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train.expert_parallel import run_local_experts, run_local_experts_loop
+
+    moe = randomize(VpMoE(small(n_experts=8, expert_ffn=16))).moe_layers()[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, moe.w_up.shape[1], generator=g)
+    local = torch.randint(0, 8, (40,), generator=g)
+    local[local == 3] = 4  # expert 3 gets nothing
+    grads = []
+    for fn in (run_local_experts, run_local_experts_loop):
+        xi = x.clone().requires_grad_(True)
+        moe.zero_grad()
+        y = fn(moe, xi, local)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([y.detach(), xi.grad] + [getattr(moe, n).grad.clone() for n in ("w_up", "b_up", "w_down", "b_down")])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads[0][2][3].abs().sum() == 0 and grads[0][2][4].abs().sum() > 0
+    empty = run_local_experts(moe, x[:0], local[:0])
+    assert empty.shape == (0, x.shape[1])
