@@ -17,6 +17,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (liger-kernel for bench
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+# sections go straight into $OUT/RESULTS.md as each benchmark case finishes, so a run cut short by
+# the device's time limit still brings back what it measured (copy new sections into bench/RESULTS.md)
+cp bench/RESULTS.md "$out/RESULTS.md" && export VPMOE_RESULTS="$out/RESULTS.md"
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
@@ -49,5 +52,4 @@ if [ "${KD_BENCH:-0}" = 1 ]; then
   echo "# kd_loss done at +$(( $(date +%s) - t0 ))s"
 fi
 [ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" = 1 ] && run_tests
-cp bench/RESULTS.md "$out/RESULTS.md" 2>/dev/null
 true

@@ -371,38 +371,35 @@ def main():
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = matmul_tflops()
     print(json.dumps({"bf16_matmul_tflops": peak, "device": torch.cuda.get_device_name(0)}), flush=True)
-    rows, sweep = [], []
-    for spec in a.cases.split(","):
-        name, _, variant = spec.partition(":")
-        variants = [variant] if variant else ["graphed", "compiled"]
-        for v in variants:
-            row, extra = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
-                                  a.opt_sweep and name == "a" and v == variants[0],
-                                  a.profile if v == variants[0] else "", a.loss_chunk or None)
-            rows.append(row)
-            sweep += extra
     peer = {}
     if a.peer and Path(a.peer).exists():
         for line in Path(a.peer).read_text().splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
                 peer[(r.get("layers"), r.get("batch"), r.get("impl"))] = r.get("tokens_per_s", r.get("error"))
-    for r in rows:
-        p = peer.get((r["layers"], r["batch"], "grouped_mm"))
-        if isinstance(p, float) and "tokens_per_s" in r:
-            r["x_peer_grouped_mm"] = r["tokens_per_s"] / p
-        r["bf16_peak_tflops"] = peak
-        r.pop("compile", None)
-    if a.record:
-        from bench.results import append_results
-        cmd = "python3 bench/train_step.py " + " ".join(sys.argv[1:]) + " (run by bench/gpu_run.sh)"
-        append_results("train_step", cmd, rows,
-                       notes=f"peer (HF Afmoe grouped_mm, same run): {json.dumps({str(k): v for k, v in peer.items()})}")
-        if sweep:
-            append_results("optimizer_ns_chunk_sweep (case a model)", cmd, sweep)
-    else:
-        from bench.results import markdown_table
-        print(markdown_table(rows))
+    cmd = "python3 bench/train_step.py " + " ".join(sys.argv[1:]) + " (run by bench/gpu_run.sh)"
+    notes = f"peer (HF Afmoe grouped_mm, same run): {json.dumps({str(k): v for k, v in peer.items()})}"
+    rows = []
+    for spec in a.cases.split(","):
+        name, _, variant = spec.partition(":")
+        variants = [variant] if variant else ["graphed", "compiled"]
+        for v in variants:
+            row, sweep = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
+                                  a.opt_sweep and name == "a" and v == variants[0],
+                                  a.profile if v == variants[0] else "", a.loss_chunk or None)
+            p = peer.get((row["layers"], row["batch"], "grouped_mm"))
+            if isinstance(p, float) and "tokens_per_s" in row:
+                row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
+            row["bf16_peak_tflops"] = peak
+            row.pop("compile", None)
+            rows.append(row)
+            if a.record:  # one section per case, written as soon as it is measured (a cut run keeps it)
+                from bench.results import append_results
+                append_results("train_step", cmd, [row], notes=notes)
+                if sweep:
+                    append_results("optimizer_ns_chunk_sweep (case a model)", cmd, sweep)
+    from bench.results import markdown_table
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":
