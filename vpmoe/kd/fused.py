@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import torch
 
 from vpmoe.kd.losses import (STAT_KEYS, TEACHER_LOGP_FLOOR, DenseTarget, LossSpec, SparseTarget,
-                             check_inputs, check_shapes, count_span_tokens, span_coefficients, stat_keys,
-                             stats_from_rows)
+                             check_inputs, check_shapes, check_target, count_span_tokens, span_coefficients,
+                             stat_keys, stats_from_rows)
 
 CHUNK_BYTES = 256 * 2**20  # budget for one [C, V] logits chunk in the compute dtype
 # on a GPU a bigger chunk pays: each chunk's grad_weight GEMM reads and writes the whole [V, d]
@@ -258,8 +258,7 @@ def _check_static(hidden, head_weight, labels, span_id, spec: LossSpec, target) 
     n = check_shapes(hidden, head_weight, labels, span_id)
     if spec.kind == "ce":
         return
-    if target is None:
-        raise ValueError(f"loss kind {spec.kind!r} needs a teacher target (SparseTarget or DenseTarget)")
+    check_target(spec, target, head_weight.shape[0])
     if isinstance(target, DenseTarget):
         raise ValueError("fused_span_loss(static=True) supports sparse targets only (a dense target "
                          "would be computed for every position); use static=False")
@@ -267,13 +266,9 @@ def _check_static(hidden, head_weight, labels, span_id, spec: LossSpec, target) 
         raise ValueError(f"fused_span_loss(static=True): the sparse target needs N={n} rows (one per "
                          f"position), got {target.rows}")
     k = target.ids.shape[1]
-    if not 1 <= k < head_weight.shape[0]:
-        raise ValueError(f"sparse target: K={k} ids per row, need 1 <= K < vocab={head_weight.shape[0]}")
     if (target.ids.shape != (n, k) or target.logprobs.shape != (n, k) or target.rest_logmass.shape != (n,)
             or (target.label_logprob is not None and target.label_logprob.shape != (n,))):
         raise ValueError("sparse target: expected ids/logprobs [N, K], rest_logmass and label_logprob [N]")
-    if spec.kind == "cwce" and target.label_logprob is None:
-        raise ValueError("loss kind 'cwce' needs target.label_logprob (teacher log-prob of the actual token)")
 
 
 def _cwce_center(spec: LossSpec, target, labels_sel, chunk: int) -> float:
@@ -337,10 +332,7 @@ class _FusedSpanLoss(torch.autograd.Function):
                     grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
         stat_rows = {k: torch.cat(v) for k, v in sums.items() if v and v[0] is not None}
-        if sel is None:
-            stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
-        else:
-            stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
+        stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)
         packed = torch.stack([stats[k] for k in plan.keys])
         ctx.mark_non_differentiable(packed)
         return loss.to(_acc(cdtype)), packed

@@ -128,6 +128,19 @@ def check_shapes(hidden, head_weight, labels, span_id) -> int:
     return n
 
 
+def check_target(spec: LossSpec, target, vocab: int) -> None:
+    """The target checks both loss forms share, on shapes only: a KD kind has a target; a sparse
+    one has 1 <= K < vocab ids per row and, for cwce, the teacher's label log-prob."""
+    if target is None:
+        raise ValueError(f"loss kind {spec.kind!r} needs a teacher target (SparseTarget or DenseTarget)")
+    if isinstance(target, SparseTarget):
+        k = target.ids.shape[1]
+        if not 1 <= k < vocab:
+            raise ValueError(f"sparse target: K={k} ids per row, need 1 <= K < vocab={vocab}")
+        if spec.kind == "cwce" and target.label_logprob is None:
+            raise ValueError("loss kind 'cwce' needs target.label_logprob (teacher log-prob of the actual token)")
+
+
 def check_inputs(hidden, head_weight, labels, span_id, spec: LossSpec, target) -> torch.Tensor:
     """Validate shapes/ids; return the index of supervised rows (span 1 or 2)."""
     n = check_shapes(hidden, head_weight, labels, span_id)
@@ -142,20 +155,14 @@ def check_inputs(hidden, head_weight, labels, span_id, spec: LossSpec, target) -
                          f"but its label {labels[bad].item()} is outside [0, {vocab})")
     if spec.kind == "ce":
         return sel
-    if target is None:
-        raise ValueError(f"loss kind {spec.kind!r} needs a teacher target (SparseTarget or DenseTarget)")
+    check_target(spec, target, vocab)
     if target.rows not in (n, sel.numel()):
         raise ValueError(f"target has {target.rows} rows; expected N={n} (all positions) or "
                          f"M={sel.numel()} (supervised positions only)")
     if isinstance(target, SparseTarget):
-        k = target.ids.shape[1]
-        if not 1 <= k < vocab:
-            raise ValueError(f"sparse target: K={k} ids per row, need 1 <= K < vocab={vocab}")
         rows = target.ids if target.rows == sel.numel() else target.ids[sel]
         if rows.numel() and (rows[:, 0].min() < 0 or rows.max() >= vocab):
             raise ValueError(f"sparse target: ids must be in [0, {vocab}) with slot 0 valid (-1 pads later slots)")
-        if spec.kind == "cwce" and target.label_logprob is None:
-            raise ValueError("loss kind 'cwce' needs target.label_logprob (teacher log-prob of the actual token)")
     return sel
 
 
