@@ -23,6 +23,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from vpmoe.utils import file_sha256
+
 VOCAB_FILE_NAME = "o200k_base.tiktoken"  # the name openai-harmony looks for
 VOCAB_FILE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 VOCAB_SIZE = 201088  # padded: 200019 real ids rounded up; ids >= 200013 are reserved tokens
@@ -112,8 +114,9 @@ def cache_dir() -> Path:
 
 
 def _file_sha256(path: Path) -> str | None:
+    """The file's sha256, or None where it cannot be read (absent: the vocab gets written)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 

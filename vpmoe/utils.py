@@ -1,9 +1,11 @@
 """Small helpers shared across vpmoe and bench/ that belong to no one subpackage.
 
-`git_sha` records which code produced a dataset manifest, a checkpoint or a benchmark figure.
+`git_sha` records which code produced a dataset manifest, a checkpoint or a benchmark figure;
+`file_sha256` fingerprints shards, checkpoints, source files, eval bundles and the tokenizer vocab.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -29,3 +31,12 @@ def git_sha(short: int | None = None) -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return fallback
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, read in `block`-byte pieces (shards and checkpoints are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

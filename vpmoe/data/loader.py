@@ -28,7 +28,8 @@ import torch
 
 from vpmoe import tokenizer as tok
 from vpmoe.data import DataError
-from vpmoe.data.shards import FORMAT, Shard, file_sha256
+from vpmoe.data.shards import FORMAT, Shard
+from vpmoe.utils import file_sha256
 
 MANIFEST = "manifest.json"
 IGNORE_LABEL = -100

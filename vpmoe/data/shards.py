@@ -177,10 +177,3 @@ class Shard:
         lengths = self.sequence_lengths[self.document_indices[r]:self.document_indices[r + 1]]
         return {field: array[lo:hi] for field, array in self.arrays.items()}, lengths
 
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vpmoe.data import DataError
 from vpmoe.data.render import ID_FIELDS, TEXT_FIELDS, id_column
-from vpmoe.data.shards import file_sha256
+from vpmoe.utils import file_sha256
 
 
 @dataclass

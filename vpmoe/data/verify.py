@@ -17,7 +17,8 @@ import numpy as np
 from vpmoe import tokenizer as tok
 from vpmoe.data import DataError
 from vpmoe.data.loader import MANIFEST, read_manifest
-from vpmoe.data.shards import Shard, file_sha256
+from vpmoe.data.shards import Shard
+from vpmoe.utils import file_sha256
 
 
 def _check_content(shard: Shard, seq_len: int) -> None:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpmoe.cli import UserError
-from vpmoe.data.shards import file_sha256
+from vpmoe.utils import file_sha256
 from vpmoe.eval.harness import Request, Scored, score_requests
 
 # the bundle nanochat's scripts/base_eval.py downloads; sha256 pinned by independent public copies

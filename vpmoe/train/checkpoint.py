@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from vpmoe.config import ConfigError, ModelConfig, from_dict, model_diff
-from vpmoe.data.shards import file_sha256
+from vpmoe.utils import file_sha256
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 PROVENANCE = "provenance.json"
