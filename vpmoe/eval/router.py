@@ -19,7 +19,7 @@ import math
 import torch
 
 from vpmoe.eval.harness import forward_kwargs, model_device
-from vpmoe.eval.loading import inner_vpmoe
+from vpmoe.eval.loading import SubsetCausalLM, inner_vpmoe
 
 
 @torch.no_grad()
@@ -91,9 +91,9 @@ def summarize_load(load: torch.Tensor) -> dict:
 
 def run_router(model, documents: list[list[int]], source: str = "builtin") -> dict:
     documents = [d for d in documents if d]
-    skipped = 0
-    subset = getattr(model, "subset", None)
-    if subset is not None:  # a vocab-subset model (eval.loading.SubsetCausalLM): its own ids, whole documents only
+    skipped, subset = 0, None
+    if isinstance(model, SubsetCausalLM):  # a vocab-subset model: its own ids, whole documents only
+        subset = model.subset
         kept = [subset.to_compact(torch.tensor(d), missing=-1) for d in documents]
         skipped = sum(bool((k < 0).any()) for k in kept)
         documents = [k.tolist() for k in kept if not (k < 0).any()]

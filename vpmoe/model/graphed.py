@@ -20,7 +20,7 @@ Design choices:
 - Learning rates are device tensors (`FastMuonAdamW.lr_tensors`) refreshed before graph 2, so a
   schedule still applies; everything else a step reads is already on the device.
 - The first `warmup` steps run eagerly on a side stream (compilation, allocator warm-up, lazy
-  optimizer state), then both graphs are captured from the next step's first micro-batch.
+  optimizer state), then the graphs are captured from the next step's first micro-batch.
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).

@@ -108,7 +108,6 @@ class Trainer:
             model = VpMoE(cfg.model)
         if cfg.train.init_from and self.start_ckpt is None:
             self._init_from(model, cfg.train.init_from)
-        model.to(self.device)
         model.gradient_checkpointing = cfg.train.activation_checkpointing
         self.body = self._fast_paths(model)
         apply_expert_parallel(model, self.ds)
@@ -346,7 +345,8 @@ class Trainer:
         g = self.graphed
         if self._graph_counts is None:
             self._graph_counts = span_counts.clone()
-        self._graph_counts.copy_(span_counts)
+        else:
+            self._graph_counts.copy_(span_counts)
         g.accumulate(micro_batches)
         return torch.cat([g.stats_sum, g.aux_sum.double().view(1)]), g.load_sum.clone()
 
