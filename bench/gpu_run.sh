@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine command: fast-path tests, the peer baseline, then our train-step benchmark, in
 # the same run so ratios compare like with like. The peer script is carried in .carry/ (it lives
-# in ../shared, which does not travel), and so is the git sha (.git may not travel):
-#   git rev-parse --short=12 HEAD > .carry/GIT_SHA   (append +dirty by hand if the tree is dirty)
+# in ../shared, which does not travel), and so are the git sha (.git may not travel) and the GPU
+# tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
 #      KD_BENCH=1 (also bench/kd_loss.py), PROFILE=1 (top kernels), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
@@ -13,6 +13,9 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 [ -f .carry/GIT_SHA ] && export VPMOE_GIT_SHA=$(cat .carry/GIT_SHA)
+# the GPU tests' dataset and teacher cache, prepared by bench/gpu_carry.sh (no tokenizer packages there)
+[ -d .carry/syn192 ] && export VPMOE_GPU_DATA=${VPMOE_GPU_DATA:-$PWD/.carry/syn192}
+[ -d .carry/syn192_kd/cache ] && export VPMOE_GPU_KD_CACHE=${VPMOE_GPU_KD_CACHE:-$PWD/.carry/syn192_kd/cache}
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (liger-kernel for bench/kd_loss.py)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site

@@ -112,15 +112,18 @@ def test_static_mode_never_syncs(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("host sync / data-dependent shape in static mode")
 
-    cases = [(LossSpec(), None), (LossSpec(kind="jsd", ce_weight=0.3), target), (LossSpec(kind="cwce"), target)]
+    gate = torch.zeros(())
+    cases = [(LossSpec(), None, None), (LossSpec(kind="jsd", ce_weight=0.3), target, None),
+             (LossSpec(kind="cwce"), target, None), (LossSpec(kind="fkl", ce_weight=0.5), target, gate)]
     with monkeypatch.context() as m:
         for name in ("item", "tolist", "nonzero", "__bool__", "__float__", "__int__", "__index__"):
             m.setattr(torch.Tensor, name, forbidden)
         for name in ("nonzero", "bincount", "unique", "masked_select"):
             m.setattr(torch, name, forbidden)
-        for spec, tgt in cases:
+        for spec, tgt, kd_gate in cases:
             h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-            loss, stats = fused_span_loss(h, w, labels, span, spec, tgt, chunk_size=CHUNK, static=True)
+            loss, stats = fused_span_loss(h, w, labels, span, spec, tgt, chunk_size=CHUNK, static=True,
+                                          kd_gate=kd_gate)
             loss.backward()
             assert h.grad is not None and w.grad is not None
     with pytest.raises(AssertionError, match="host sync"):  # the patch works: default mode does sync
@@ -140,3 +143,35 @@ def test_static_rejects_what_it_cannot_do():
         fused_span_loss(hidden, weight, labels, span, LossSpec(kind="fkl"), static=True)
     with pytest.raises(ValueError, match="expected"):
         fused_span_loss(hidden, weight, labels[:-1], span, LossSpec(), static=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("spec", SPECS[1:], ids=lambda s: f"{s.kind}-{s.sparse_mode}-{s.cwce_center}")
+def test_kd_gate_is_the_kd_loss_or_plain_ce(spec, dtype, tol):
+    """One static KD call, two steps: gate 1 = the KD loss itself; gate 0 = the plain CE loss (its
+    loss, gradients, loss/ce sums) with zero KD stats, whatever the target holds."""
+    hidden, weight, labels, span, target = make_problem(dtype, seed=30 + SPECS.index(spec))
+    clean = make_problem(dtype, seed=30 + SPECS.index(spec), garbage=False)[4]
+    one, zero = torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)
+    kd_ref = run(hidden, weight, labels, span, spec, clean, 0.7, 1.3, chunk_size=CHUNK)
+    kd_out = run(hidden, weight, labels, span, spec, target, 0.7, 1.3, chunk_size=CHUNK, static=True, kd_gate=one)
+    assert_same(kd_out, kd_ref, tol)
+    ce_ref = run(hidden, weight, labels, span, LossSpec(), None, 0.7, 1.3, chunk_size=CHUNK)
+    ce_out = run(hidden, weight, labels, span, spec, target, 0.7, 1.3, chunk_size=CHUNK, static=True, kd_gate=zero)
+    for x, y in zip(ce_out[:3], ce_ref[:3]):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    for key in ("count", "loss_sum", "ce_sum"):
+        torch.testing.assert_close(ce_out[3][key], ce_ref[3][key], rtol=tol, atol=tol)
+    assert all(torch.all(ce_out[3][k] == 0) for k in ("kd_sum", "kl_sum", "teacher_logp_sum") if k in ce_out[3])
+    assert kd_out[3]["kl_sum"][1:].abs().sum() > 0  # so the zeros above are the gate's doing
+
+
+def test_kd_gate_refusals():
+    hidden, weight, labels, span, target = make_problem(torch.float64, seed=40)
+    gate = torch.ones((), dtype=torch.float64)
+    with pytest.raises(ValueError, match="kd_gate is for static=True"):
+        fused_span_loss(hidden, weight, labels, span, LossSpec(kind="fkl"), target, kd_gate=gate)
+    with pytest.raises(ValueError, match="0-d tensor and needs a KD loss"):
+        fused_span_loss(hidden, weight, labels, span, LossSpec(), None, static=True, kd_gate=gate)
+    with pytest.raises(ValueError, match="0-d tensor"):
+        fused_span_loss(hidden, weight, labels, span, LossSpec(kind="fkl"), target, static=True, kd_gate=gate[None])

@@ -227,3 +227,82 @@ def test_online_teacher_dense_target(world):
     ref, _ = span_loss_reference(hidden[0].detach(), head, batch["labels"][0], span, LossSpec(kind="rkl"),
                                  DenseTarget(logits=torch.cat(rows)))
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("include_label", [False, True])
+def test_objective_static_inputs_match_eager(world, include_label):
+    """The captured-step form of offline KD (targets staged over all positions, one gated loss for
+    KD and CE steps) gives the eager objective's loss, gradients and per-span stats on real cached
+    rows, for a KD step and a CE step."""
+    from vpmoe.config import from_dict
+    from vpmoe.data.loader import SplitData
+    from vpmoe.kd.objective import KDConfig, KDObjective
+    from vpmoe.train.trainer import _pack_stats
+
+    cfg = from_dict(KDConfig, {"mode": "offline", "cache": str(world["root"] / "cache"), "chunk_size": 128,
+                               "include_label": include_label, "loss": {"kind": "jsd", "ce_weight": 0.3}})
+    objective = KDObjective(cfg, data_dir=world["root"] / "data")
+    batch = SplitData(world["root"] / "data", "train").batch([2, 0, 1])
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 256, 8, generator=g, dtype=torch.float64)
+    head = torch.randn(V, 8, generator=g, dtype=torch.float64) * 0.3
+
+    def run(kd, static):
+        h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
+        b = dict(batch, **objective.static_inputs(batch, kd)) if static else batch
+        loss, stats = objective(h, w, b, step=0, kd=kd, w_r=0.6, w_f=1.4, static=static)
+        gh, gw = torch.autograd.grad(loss, [h, w])
+        return loss.detach(), gh, gw, _pack_stats(stats), stats["kd"]
+
+    for kd in (True, False):
+        ref, out = run(kd, static=False), run(kd, static=True)
+        for x, y in zip(ref[:4], out[:4]):
+            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-9)
+        assert float(out[4]) == float(ref[4]) == float(kd)
+    staged = objective.static_inputs(batch, True)
+    assert staged["kd_ids"].shape == (3 * 256, K + include_label)
+    with pytest.raises(CacheError, match="batch tokens differ"):  # the token check still runs
+        objective.static_inputs(dict(batch, tokens=batch["tokens"].roll(1, 1)), True)
+
+
+def test_trainer_graph_batches_and_loss_match_eager(world, tmp_path):
+    """The trainer's captured-step glue on the CPU (the graphs themselves need CUDA: tests/gpu):
+    `_graph_batches` stages this step's cached targets or a CE dummy, and `_graph_loss` on them
+    gives the eager objective's loss, stats and head/hidden gradients on a KD and on a CE step."""
+    from tests.test_train_helpers import TEST_MODEL, TEST_RUN
+    from vpmoe.data.loader import SplitData
+    from vpmoe.kd.objective import is_kd_step
+    from vpmoe.kd.losses import count_span_tokens
+    from vpmoe.train.config import load_run_config
+    from vpmoe.train.trainer import Trainer, _pack_stats
+
+    text = (TEST_MODEL.replace("max_seq_len = 192", "max_seq_len = 256")
+            + TEST_RUN.format(data=world["root"] / "data", run_dir=tmp_path / "run", steps=2)
+            .replace("seq_len = 192", "seq_len = 256")
+            + f'\n[kd]\nmode = "offline"\ncache = "{world["root"] / "cache"}"\nkd_fraction = 0.5\n'
+              '[kd.loss]\nkind = "fkl"\nce_weight = 0.25\n')
+    (tmp_path / "run.toml").write_text(text)
+    tr = Trainer(load_run_config(tmp_path / "run.toml"))
+    ok, why = tr._graphs_wanted()
+    assert not ok and "the device is not CUDA" in why and "cuda_graphs = on to graph offline KD" in why
+    batches = [SplitData(world["root"] / "data", "train").batch(rows) for rows in ([0, 2], [1, 3])]
+    counts = sum(count_span_tokens(b["span_id"].long() * b["loss_mask"].long()) for b in batches)
+    kd_steps = [is_kd_step(tr.objective.cfg, s) for s in range(20)]
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 256, 32, generator=g)
+    head = tr.model.lm_head.weight
+    for step in (kd_steps.index(True), kd_steps.index(False)):
+        tr.step, tr._graph_counts = step, counts
+        staged = tr._graph_batches(batches)
+        assert all(float(b["kd_gate"]) == kd_steps[step] for b in staged)
+        for b, sb in zip(batches, staged):
+            h1 = hidden.clone().requires_grad_(True)
+            loss, packed = tr._graph_loss(h1, sb, 0.5)
+            gh, gw = torch.autograd.grad(loss, [h1, head])
+            h2 = hidden.clone().requires_grad_(True)
+            ref, stats = tr.objective(h2, head, b, step, span_token_counts=counts)
+            rh, rw = torch.autograd.grad(ref, [h2, head])
+            torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(packed, _pack_stats(stats), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-7)

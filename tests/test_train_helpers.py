@@ -109,6 +109,29 @@ def write_synthetic_parquet(path: Path, rows: int = 240) -> Path:
     return path
 
 
+def build_tiny_teacher_cache(data: Path, out: Path, top_k: int = 16) -> Path:
+    """A teacher cache for `data`, scored by `vpmoe teacher score` with a tiny random Qwen3
+    (o200k vocabulary, peaky head) saved beside it; returns the cache directory."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=201088, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(out / "teacher")
+    toml = out / "teacher.toml"
+    toml.write_text(f'[teacher]\nbackend = "hf"\nname = "tiny-qwen3"\npath = "{out / "teacher"}"\n'
+                    'dtype = "float32"\ndevice = "cpu"\nmax_batch_tokens = 2048\n')
+    vpmoe("teacher", "score", "--data", str(data), "--teacher", str(toml), "--out", str(out / "cache"),
+          "--top-k", str(top_k), "--quiet", threads=2)
+    return out / "cache"
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """A dataset (seq_len 192, train + valid) built by `vpmoe data build` from synthetic rows."""

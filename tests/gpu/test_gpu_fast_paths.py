@@ -319,3 +319,40 @@ def test_trainer_cuda_graphs_match_eager(tmp_path):
     for step in runs["off"]:
         a, b = runs["off"][step], runs["on"][step]
         assert abs(a - b) <= 2e-2 * abs(a), (step, a, b)
+
+
+def test_trainer_cuda_graphs_offline_kd_match_eager(tmp_path):
+    """Offline KD through the captured step (`cuda_graphs = on`: cached targets staged per
+    micro-batch, one gated loss for KD and CE steps) vs the eagerly launched step: the same KD/CE
+    choices and per-step losses, KD and KL metrics. Data and cache are carried in
+    (VPMOE_GPU_DATA, VPMOE_GPU_KD_CACHE: bench/gpu_carry.sh) or built here."""
+    import os
+    from pathlib import Path
+
+    from tests.test_train_helpers import build_tiny_teacher_cache, metrics, train_losses, vpmoe, write_config
+    data, cache = os.environ.get("VPMOE_GPU_DATA"), os.environ.get("VPMOE_GPU_KD_CACHE")
+    if not data:
+        from tests.test_train_helpers import write_synthetic_parquet
+        parquet = write_synthetic_parquet(tmp_path / "syn.parquet")
+        data = tmp_path / "syn192"
+        vpmoe("data", "build", "--input", str(parquet), "--out", str(data), "--seq-len", "192",
+              "--valid-fraction", "0.1", "--quiet")
+    if not cache:
+        cache = build_tiny_teacher_cache(Path(data), tmp_path / "kd")
+    kd = f'\n[kd]\nmode = "offline"\ncache = "{cache}"\nkd_fraction = 0.5\n[kd.loss]\nkind = "fkl"\nce_weight = 0.2\n'
+    runs = {}
+    for mode in ("off", "on"):
+        run_dir = tmp_path / f"run_{mode}"
+        cfg = write_config(tmp_path / f"{mode}.toml", Path(data), run_dir, steps=8, extra=kd)
+        cfg.write_text(cfg.read_text().replace('device = "cpu"', f'device = "cuda"\ncuda_graphs = "{mode}"'))
+        vpmoe("train", str(cfg))
+        runs[mode] = [r for r in metrics(run_dir) if "grad_norm" in r]
+        assert len(runs[mode]) == 8
+    off, on = runs["off"], runs["on"]
+    print("kd steps:", [r["kd_step"] for r in on], "\nlosses off:", train_losses(tmp_path / "run_off"),
+          "\nlosses on:", train_losses(tmp_path / "run_on"))
+    assert [r["kd_step"] for r in off] == [r["kd_step"] for r in on] and 0 < sum(r["kd_step"] for r in on) < 8
+    for a, b in zip(off, on):
+        for key in ("loss", "kl/reasoning", "kl/final", "teacher_logp/final"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 2e-2 * abs(a[key]) + 1e-3, (a["step"], key, a[key], b[key])

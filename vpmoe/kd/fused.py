@@ -34,6 +34,10 @@ Design choices:
   that needs the data (span ids in {0, 1, 2}, labels and target ids of supervised rows in range):
   the caller validates (the data loader does). Sparse targets must have N rows; dense targets are
   refused. cwce with cwce_center None: the mean teacher label log-prob is computed on the device.
+- `kd_gate` (static only): a 0-d device tensor that turns one captured KD loss into the CE loss of a
+  CE step (gate 0: token loss = CE, the KD stats are 0) or the configured mix (gate 1), so one
+  CUDA graph serves both kinds of step of a stage-2 run. Gate 0 still gathers the (dummy) target,
+  a [N, K] side cost next to the vocabulary-wide passes.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ CHUNK_BYTES = 256 * 2**20  # budget for one [C, V] logits chunk in the compute d
 # 512 rows 15.0 ms, 2048 rows 13.7 ms, 4096 rows 13.4 ms); 1 GiB = 2048 rows at V = 201088 bf16
 CUDA_CHUNK_BYTES = 2**30
 NEG_INF = float("-inf")
+_KD_ROWS = ("kd_sum", "kl_sum", "teacher_logp_sum")  # per-token quantities a CE step does not report
 
 
 def auto_chunk_size(vocab: int, dtype: torch.dtype, dense: bool, cuda: bool = False) -> int:
@@ -189,8 +194,9 @@ def _fast(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad):
-    """z: this chunk's logits [C, V] (owned; overwritten, then returned as grad_z)."""
+def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad, alpha=None):
+    """z: this chunk's logits [C, V] (owned; overwritten, then returned as grad_z). `alpha`: the CE
+    share (default spec.ce_weight; a 0-d tensor under a KD gate)."""
     acc = _acc(z.dtype)
     lab = labels[:, None]
     g_lab = z.gather(1, lab).squeeze(1).to(acc)
@@ -211,7 +217,8 @@ def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad):
     t_lab = None if tgt.label_logprob is None else tgt.label_logprob.to(acc)
     rows, d_lab, d_x = _fast(_sparse_rows, g_lab, g_ids, rest, valid, tgt.logprobs.to(acc),
                              tgt.rest_logmass.to(acc), t_lab, coef, center, spec.kind, spec.sparse_mode,
-                             spec.temperature, spec.beta, spec.ce_weight, spec.kd_scale, spec.cwce_min,
+                             spec.temperature, spec.beta, spec.ce_weight if alpha is None else alpha,
+                             spec.kd_scale, spec.cwce_min,
                              spec.cwce_max)
     if not need_grad:
         return rows, None
@@ -304,6 +311,11 @@ class _FusedSpanLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_grad and plan.grad_hidden else None
         grad_weight = torch.zeros_like(weight) if need_grad and plan.grad_weight else None
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        gate = plan.kd_gate
+        alpha = None
+        if gate is not None:  # gate 1: the configured CE share; gate 0: all CE
+            gate = gate.to(coef.dtype)
+            alpha = 1.0 - gate * (1.0 - spec.ce_weight)
         sums = {k: [] for k in STAT_KEYS}
         rows_n = h_sel.shape[0]
         for r0 in range(0, rows_n, chunk):
@@ -315,7 +327,9 @@ class _FusedSpanLoss(torch.autograd.Function):
                 rows, grad_z = _dense_chunk(z, tz, labels[r0:r1], coef[r0:r1], spec, center, need_grad)
             else:
                 tgt = None if target is None else target.select(slice(r0, r1))
-                rows, grad_z = _sparse_chunk(z, labels[r0:r1], tgt, coef[r0:r1], spec, center, need_grad)
+                rows, grad_z = _sparse_chunk(z, labels[r0:r1], tgt, coef[r0:r1], spec, center, need_grad, alpha)
+                if gate is not None:  # a CE step reports no KD quantities (as a plain CE call)
+                    rows = {k: v * gate if k in _KD_ROWS else v for k, v in rows.items()}
             del z
             loss += (coef[r0:r1] * rows["loss_sum"]).sum().double()
             for k in STAT_KEYS:
@@ -362,12 +376,14 @@ class _Plan:
     grad_hidden: bool  # which gradients to produce
     grad_weight: bool
     keys: tuple[str, ...]  # the stats this call reports (losses.stat_keys)
+    kd_gate: torch.Tensor | None = None  # static KD only: 0-d, 1 = KD step, 0 = CE step
 
 
 def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
                     span_id: torch.Tensor, spec: LossSpec, target=None, w_r: float = 1.0,
                     w_f: float = 1.0, chunk_size: int | None = None,
-                    span_token_counts: torch.Tensor | None = None, static: bool = False):
+                    span_token_counts: torch.Tensor | None = None, static: bool = False,
+                    kd_gate: torch.Tensor | None = None):
     """Span-normalised CE/KD loss from hidden [N, d] and head [V, d]; returns (loss, stats).
 
     `target`: SparseTarget / DenseTarget with N rows or M rows (supervised positions only, in
@@ -378,11 +394,14 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     `static=True`: no host sync and no data-dependent shapes (CUDA-graph capturable; see the module
     docstring). Only shapes are checked: span ids must be in {0, 1, 2} and supervised labels /
     target ids in range (the caller validates); targets must be sparse with N rows;
-    `span_token_counts`, if given, should be a device tensor.
+    `span_token_counts`, if given, should be a device tensor. `kd_gate` (static, sparse KD only):
+    a 0-d device tensor, 1 for the configured KD loss, 0 for plain CE (module docstring).
     """
     if static:
         return _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, w_r, w_f,
-                                       chunk_size, span_token_counts)
+                                       chunk_size, span_token_counts, kd_gate)
+    if kd_gate is not None:
+        raise ValueError("fused_span_loss: kd_gate is for static=True (choose spec and target per call otherwise)")
     sel = check_inputs(hidden, head_weight, labels, span_id, spec, target)
     counts = count_span_tokens(span_id) if span_token_counts is None else span_token_counts
     span_sel = span_id[sel]
@@ -403,8 +422,10 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
 
 
 def _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, w_r, w_f, chunk_size,
-                            span_token_counts):
+                            span_token_counts, kd_gate=None):
     _check_static(hidden, head_weight, labels, span_id, spec, target)
+    if kd_gate is not None and (spec.kind == "ce" or kd_gate.dim() != 0):
+        raise ValueError("fused_span_loss: kd_gate must be a 0-d tensor and needs a KD loss kind (not 'ce')")
     span_id = span_id.long()
     sup = span_id > 0
     counts = count_span_tokens(span_id) if span_token_counts is None else span_token_counts
@@ -413,7 +434,7 @@ def _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, 
     chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, False, hidden.is_cuda)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     plan = _Plan(None, span_id, torch.where(sup, labels, 0), coef, target, spec, chunk, need_grad,
-                 hidden.requires_grad, head_weight.requires_grad, stat_keys(spec, target))
+                 hidden.requires_grad, head_weight.requires_grad, stat_keys(spec, target), kd_gate)
     loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
     stats = {"count": count_span_tokens(span_id)}
     stats.update({k: packed[i] for i, k in enumerate(plan.keys)})

@@ -53,7 +53,7 @@ class TrainSection:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     fast_path: str = "auto"  # auto (on CUDA) | on | off: the model's fused kernels and fused optimizer step
-    cuda_graphs: str = "auto"  # auto | on | off: the step as CUDA graphs (one device, fast path, CE steps)
+    cuda_graphs: str = "auto"  # auto (one device, fast path, CE runs) | on (also offline KD) | off: CUDA graphs
     w_reasoning: float = 1.0
     w_final: float = 1.0
     init_from: str = ""  # checkpoint dir, run dir or HF dir to start from (fresh optimizer)

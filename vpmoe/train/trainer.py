@@ -199,14 +199,19 @@ class Trainer:
 
     def _graphs_wanted(self) -> tuple[bool, str]:
         """(use CUDA graphs?, why not). Graphs need one CUDA device, the fused body and optimizer
-        step, and CE steps only (KD targets come from the host with data-dependent shapes)."""
+        step, and targets staged before the replay: CE, or offline KD (cached targets staged over
+        all positions, `KDObjective.static_inputs`); online KD runs a teacher inside the step.
+        Offline KD is graphed only when asked for (`on`) until its GPU test has run (docs/training.md)."""
         cfg = self.cfg
+        kd_mode = cfg.kd_config().mode
         reasons = [why for bad, why in (
             (self.device.type != "cuda", "the device is not CUDA"),
             (self.ds.world != 1, "more than one process (FSDP2/EP run their own hooks)"),
             (cfg.train.fast_path == "off", "train.fast_path is off"),
             (cfg.train.activation_checkpointing, "activation checkpointing is on"),
-            (cfg.kd_config().mode != "none", "KD steps read host-side targets"),
+            (kd_mode == "online", "online KD runs the teacher inside the step"),
+            (kd_mode == "offline" and cfg.train.cuda_graphs == "auto",
+             "auto graphs CE runs only; set train.cuda_graphs = on to graph offline KD steps"),
             (self.subset is not None, "a vocab subset is in use")) if bad]
         return not reasons, "; ".join(reasons)
 
@@ -225,14 +230,22 @@ class Trainer:
         return GraphedTrainStep(self.body, self._graph_loss, self.fast_opt, micro=self.cfg.train.grad_accum)
 
     def _graph_loss(self, hidden, batch, scale):
-        """The CE objective inside the captured step: sync-free, normalised by the global span
-        counts staged in `_graph_counts` (so `scale` is not needed)."""
+        """The objective inside the captured step: sync-free, normalised by the global span counts
+        staged in `_graph_counts` (so `scale` is not needed); CE, or gated KD/CE (`_graph_batches`)."""
         if self.amp_dtype is not None:
             hidden = hidden.to(self.amp_dtype)
         loss, stats = self.objective(hidden, self.model.lm_head.weight, batch, self.step,
                                      w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
                                      span_token_counts=self._graph_counts, kd=False, static=True)
         return loss, _pack_stats(stats)
+
+    def _graph_batches(self, micro_batches: list[dict]) -> list[dict]:
+        """Micro-batches as the captured step reads them: offline KD runs add this step's teacher
+        targets (or a dummy on CE steps) and the KD/CE gate."""
+        if self.kd_mode != "offline":
+            return micro_batches
+        kd = is_kd_step(self.objective.cfg, self.step)
+        return [dict(b, **self.objective.static_inputs(b, kd)) for b in micro_batches]
 
     def _fast_paths(self, model):
         """Pick the compute path. One device: the fused body (`vpmoe.model.fast.FastBody`) and the
@@ -347,7 +360,7 @@ class Trainer:
             self._graph_counts = span_counts.clone()
         else:
             self._graph_counts.copy_(span_counts)
-        g.accumulate(micro_batches)
+        g.accumulate(self._graph_batches(micro_batches))
         return torch.cat([g.stats_sum, g.aux_sum.double().view(1)]), g.load_sum.clone()
 
     def _optimizer_step(self, load_sum) -> torch.Tensor:

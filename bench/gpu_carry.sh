@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Prepare .carry/ on this (CPU) machine for a GPU-machine run of bench/gpu_run.sh, which lacks the
+# tokenizer packages and ../shared: the peer script, the git sha, the GPU tests' dataset
+# (syn192, built by `vpmoe data build`) and its teacher cache (a tiny random Qwen3 scored by
+# `vpmoe teacher score`). Then: run `bash bench/gpu_run.sh ...` on the device with carry [".carry"].
+# .carry/ must be listed in .git/info/exclude. Idempotent; reuses what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .carry
+cp ../shared/bench/peer_hf_afmoe.py .carry/
+sha=$(git rev-parse --short=12 HEAD)
+[ -n "$(git status --porcelain --untracked-files=no)" ] && sha="$sha+dirty"
+echo "$sha" > .carry/GIT_SHA
+PYTHONPATH=$PWD python3 - <<'PY'
+from pathlib import Path
+from tests.test_train_helpers import build_tiny_teacher_cache, vpmoe, write_synthetic_parquet
+carry = Path(".carry")
+if not (carry / "syn192" / "manifest.json").exists():
+    parquet = write_synthetic_parquet(carry / "syn.parquet")
+    vpmoe("data", "build", "--input", str(parquet), "--out", str(carry / "syn192"), "--seq-len", "192",
+          "--valid-fraction", "0.1", "--quiet")
+if not (carry / "syn192_kd" / "cache" / "manifest.json").exists():
+    build_tiny_teacher_cache(carry / "syn192", carry / "syn192_kd")
+PY
+rm -rf .carry/syn192_kd/teacher  # only the cache travels (the teacher is 50 MB)
+du -sh .carry
+echo "carry ready: $(cat .carry/GIT_SHA)"
