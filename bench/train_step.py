@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.kd.fused import fused_span_loss  # noqa: E402
-from vpmoe.kd.losses import LossSpec  # noqa: E402
+from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # noqa: E402
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
@@ -95,7 +95,9 @@ def matmul_tflops() -> float:
     return 2 * 8192 ** 3 / t / 1e12
 
 
-def make_batch(batch, seq, docs_per_row=4, seed=0, vocab=200000):
+def make_batch(batch, seq, docs_per_row=4, seed=0, vocab=200000, kd_k=0):
+    """Random packed rows; with kd_k > 0 also a staged teacher target as an offline KD run's
+    captured step reads it (`KDObjective.static_inputs`: top-k ids, log-probs, rest, gate 1)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq), generator=g)
     doc_ids = torch.zeros(batch, seq, dtype=torch.long)  # documents of random lengths, packed
@@ -106,7 +108,13 @@ def make_batch(batch, seq, docs_per_row=4, seed=0, vocab=200000):
     span_id = torch.ones(batch, seq, dtype=torch.long)
     span_id[:, seq // 2:] = 2
     span_id[:, -1] = 0
-    return {k: v.cuda() for k, v in dict(tokens=tokens, doc_ids=doc_ids, labels=labels, span_id=span_id).items()}
+    out = dict(tokens=tokens, doc_ids=doc_ids, labels=labels, span_id=span_id)
+    if kd_k:
+        n = batch * seq
+        lp = torch.log_softmax(torch.randn(n, kd_k + 1, generator=g) * 3, -1).sort(-1, descending=True).values
+        out.update(kd_ids=torch.randint(0, vocab, (n, kd_k), generator=g), kd_logprobs=lp[:, :kd_k],
+                   kd_rest=lp[:, -1], kd_label_logprob=lp[:, 0], kd_gate=torch.ones(()))
+    return {k: v.cuda() for k, v in out.items()}
 
 
 def flops_per_token(cfg, doc_ids) -> float:
@@ -138,9 +146,13 @@ class Trainer:
         """Span-normalised CE through the fused head+loss, in its sync-free (static) form for both
         variants: the graphed step needs it, and the eager one then computes the same numbers."""
         d = hidden.shape[-1]
+        spec, target, gate = LossSpec(kind="ce"), None, None
+        if "kd_gate" in batch:  # offline KD's gated loss (fkl + 0.2 CE), as the trainer captures it
+            spec, gate = LossSpec(kind="fkl", ce_weight=0.2), batch["kd_gate"]
+            target = SparseTarget(batch["kd_ids"], batch["kd_logprobs"], batch["kd_rest"], batch["kd_label_logprob"])
         loss, _ = fused_span_loss(hidden.reshape(-1, d), self.model.lm_head.weight.bfloat16(),
-                                  batch["labels"].flatten(), batch["span_id"].flatten(), LossSpec(kind="ce"),
-                                  chunk_size=self.loss_chunk, static=True)
+                                  batch["labels"].flatten(), batch["span_id"].flatten(), spec, target,
+                                  chunk_size=self.loss_chunk, static=True, kd_gate=gate)
         return loss * scale
 
     def step(self, micro: list[dict]):
@@ -169,7 +181,10 @@ def release_graphs(tr: Trainer) -> None:
 
 
 def split(batch, micro: int) -> list[dict]:
-    return [{k: v.chunk(micro)[i] for k, v in batch.items()} for i in range(micro)]
+    """Micro-batches of rows (per-position KD fields [B*T, ...] split by rows too; the gate is shared)."""
+    rows = batch["tokens"].shape[0]
+    return [{k: v if v.dim() == 0 else v.view(rows, -1, *v.shape[1:]).chunk(micro)[i].flatten(0, 1)
+             if k.startswith("kd_") else v.chunk(micro)[i] for k, v in batch.items()} for i in range(micro)]
 
 
 def dynamo_stats() -> dict:
@@ -307,17 +322,18 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
-             loss_chunk=None) -> tuple[dict, list]:
+             loss_chunk=None, kd_k=0) -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    row = {"case": name, "variant": variant, "layers": layers, "batch": batch_size, "seq": seq, "micro": micro}
+    row = {"case": name, "variant": variant, "layers": layers, "batch": batch_size, "seq": seq, "micro": micro,
+           "loss": f"kd-fkl-top{kd_k}" if kd_k else "ce"}
     extra = []
     tr = None
     try:
         tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk)
-        batches = [split(make_batch(batch_size, seq, seed=s), micro) for s in range(3)]
+        batches = [split(make_batch(batch_size, seq, seed=s, kd_k=kd_k), micro) for s in range(3)]
         t0 = time.perf_counter()
         tr.step(batches[0])
         torch.cuda.synchronize()
@@ -366,6 +382,7 @@ def main():
     ap.add_argument("--profile", default="", help="folder: profile each case's first variant into it")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--loss-chunk", type=int, default=0, help="rows per fused-loss chunk (0: auto)")
+    ap.add_argument("--kd", type=int, default=0, help="top-k of an offline KD loss (0: CE), as a KD step")
     a = ap.parse_args()
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -386,7 +403,7 @@ def main():
         for v in variants:
             row, sweep = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],
-                                  a.profile if v == variants[0] else "", a.loss_chunk or None)
+                                  a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
