@@ -6,7 +6,7 @@ method, graphed and eager, plus the experts' Newton-Schulz alone.
 Gradients are random (1e-3 scale, clipping active); the step reads and writes the same state as in
 training, so the figures are what `vpmoe train` and bench/train_step.py pay per optimizer step.
 Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side) and `ns_chunk` (matrices per
-call; 256 = one expert tensor). Packing several layers' tensors into one call (chunks of 1024 and
+call; 256 = one expert tensor) and the stored Muon momentum's dtype (`gram:256:bfloat16`). Packing several layers' tensors into one call (chunks of 1024 and
 2048) was measured slower and dropped (docs/LOG.md).
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `kernels`
 (launches per step, from the profiler), `ns_ms` (one expert tensor's Newton-Schulz, 256 matrices
@@ -78,8 +78,9 @@ def run(layers: int, methods: list[str]) -> list[dict]:
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
     for spec in methods:
-        method, chunk = spec.split(":") if ":" in spec else (spec, "256")
-        opt = build_optimizer(model, OptimConfig())
+        parts = spec.split(":")
+        method, chunk, momentum = parts[0], (parts[1:2] or ["256"])[0], (parts[2:3] or ["float32"])[0]
+        opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
         fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk))
         fast.init_state()
         torch.manual_seed(0)
@@ -90,7 +91,8 @@ def run(layers: int, methods: list[str]) -> list[dict]:
         print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, 10)), flush=True)
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
-        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), step_ms=graphed * 1e3,
+        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), momentum=momentum,
+                   step_ms=graphed * 1e3,
                    eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         print(row, flush=True)
@@ -109,8 +111,8 @@ def run(layers: int, methods: list[str]) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="20", help="comma-separated layer counts")
-    ap.add_argument("--methods", default="standard:256,gram:256",
-                    help="ns_method:ns_chunk (matrices per Newton-Schulz call) pairs")
+    ap.add_argument("--methods", default="gram:256,gram:256:bfloat16",
+                    help="ns_method:ns_chunk[:momentum dtype] (matrices per Newton-Schulz call; float32 | bfloat16)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     a = ap.parse_args()
     if not torch.cuda.is_available():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vpmoe.config import ModelConfig
+from vpmoe.config import ConfigError, ModelConfig
 from vpmoe.train.optim import MuonAdamW, OptimConfig, build_optimizer, muon_scale, newton_schulz, split_params
 from vpmoe.train.schedule import ScheduleConfig, wsd_factor
 
@@ -138,3 +138,64 @@ def test_bad_optim_and_schedule_values_are_named():
         from_dict(OptimConfig, {"muon_momentum": 1.5}, "optim")
     with pytest.raises(ConfigError, match="schedule.decay_shape"):
         from_dict(ScheduleConfig, {"decay_shape": "step"}, "schedule")
+
+
+def _random_grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_momentum_is_the_rounded_fp32_recurrence(fast, tmp_path):
+    """muon_momentum_dtype = bfloat16: the stored momentum is bf16 and equals, bit for bit, the
+    recurrence m = bf16(mu * m + g) computed in fp32 from the stored value (an independent loop
+    over the same gradients); AdamW state stays fp32; the weights move as with fp32 momentum up to
+    that rounding; a checkpoint round trip keeps the dtype and the values."""
+    import copy
+
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train import checkpoint as ckpt
+    from vpmoe.train.optim_fast import FastMuonAdamW
+
+    torch.manual_seed(0)
+    m16 = VpMoE(TINY)
+    m32 = copy.deepcopy(m16)
+    o16 = build_optimizer(m16, OptimConfig(lr=0.02, muon_momentum_dtype="bfloat16"))
+    o32 = build_optimizer(m32, OptimConfig(lr=0.02))
+    step16 = FastMuonAdamW(o16).step if fast else o16.step
+    step32 = FastMuonAdamW(o32).step if fast else o32.step
+    muon_params = {id(p) for p in o16.param_groups[0]["params"]}
+    mirror = {name: torch.zeros_like(p, dtype=torch.bfloat16) for name, p in m16.named_parameters()}
+    w0 = [p.detach().clone() for p in m16.parameters()]
+    for seed in range(3):
+        _random_grads(m16, seed)
+        _random_grads(m32, seed)
+        for name, p in m16.named_parameters():
+            if id(p) in muon_params:
+                mirror[name] = (mirror[name].float() * 0.95 + p.grad).bfloat16()
+        step16()
+        step32()
+    for (name, p), p32, p0 in zip(m16.named_parameters(), m32.parameters(), w0):
+        state = o16.state[p]
+        if id(p) in muon_params:
+            assert state["momentum"].dtype == torch.bfloat16 and o32.state[p32]["momentum"].dtype == torch.float32
+            assert torch.equal(state["momentum"], mirror[name]), name
+            err = (p - p32).norm() / (p32 - p0).norm()
+            assert err < 0.05, (name, float(err))  # same step up to the momentum's rounding
+        else:
+            assert state["exp_avg"].dtype == torch.float32
+            torch.testing.assert_close(p, p32, rtol=1e-6, atol=1e-7)
+    saved = ckpt.save_checkpoint(tmp_path, 3, m16, o16, {"step": 3, "tokens": 0, "elapsed": 0.0}, {}, {}, keep=1)
+    m_new = VpMoE(TINY)
+    o_new = build_optimizer(m_new, OptimConfig(lr=0.02, muon_momentum_dtype="bfloat16"))
+    ckpt.load_checkpoint(saved, m_new, o_new)
+    for (name, p), q in zip(m16.named_parameters(), m_new.parameters()):
+        if id(p) in muon_params:
+            a, b = o16.state[p]["momentum"], o_new.state[q]["momentum"]
+            assert b.dtype == torch.bfloat16 and torch.equal(a, b), name
+
+
+def test_momentum_dtype_refused_with_the_field_named():
+    with pytest.raises(ConfigError, match="muon_momentum_dtype: expected one of"):
+        OptimConfig(muon_momentum_dtype="fp8").validate()

@@ -35,7 +35,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import DTensor
 
-from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale
+from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 
 
 def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -125,10 +125,12 @@ def orthogonalise(u: torch.Tensor, steps: int, method: str) -> torch.Tensor:
 
 
 def _muon_pre(g, buf, coef, mu: float, nesterov: bool, out_dtype: torch.dtype):
-    """buf <- mu * buf + coef * g (in place); returns the Nesterov (or plain) update in out_dtype."""
+    """buf <- mu * buf + coef * g (in place; computed in g's precision, rounded once where buf is
+    narrower); returns the Nesterov (or plain) update from the unrounded momentum, in out_dtype."""
     g = g * coef
-    buf.mul_(mu).add_(g)
-    u = g + mu * buf if nesterov else buf
+    m = buf.to(g.dtype) * mu + g
+    buf.copy_(m)
+    u = g + mu * m if nesterov else m
     return u.to(out_dtype)
 
 
@@ -173,7 +175,7 @@ class FastMuonAdamW:
         state = self.opt.state[p]
         if group["kind"] == "muon":
             if "momentum" not in state:
-                state["momentum"] = torch.zeros_like(p)
+                state["momentum"] = new_momentum(p, group)
         else:
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
@@ -231,9 +233,14 @@ class FastMuonAdamW:
         for shape, items in flat2d.items():
             ps, bufs = [p for p, _ in items], [b for _, b in items]
             scaled = torch._foreach_mul([p.grad for p in ps], coef)
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, scaled)
-            upd = torch._foreach_add(scaled, bufs, alpha=mu) if nesterov else bufs
+            if bufs[0].dtype == scaled[0].dtype:
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, scaled)
+                ms = bufs
+            else:  # narrower stored momentum: as `_muon_pre`, one rounding when stored
+                ms = torch._foreach_add(torch._foreach_mul([b.to(s.dtype) for b, s in zip(bufs, scaled)], mu), scaled)
+                torch._foreach_copy_(bufs, ms)
+            upd = torch._foreach_add(scaled, ms, alpha=mu) if nesterov else ms
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
                 ortho = orthogonalise(torch.stack(upd[sl]).to(self.ns_dtype), steps, self.ns_method)
