@@ -97,7 +97,7 @@ def matmul_tflops() -> float:
 
 def make_batch(batch, seq, docs_per_row=4, seed=0, vocab=200000, kd_k=0):
     """Random packed rows; with kd_k > 0 also a staged teacher target as an offline KD run's
-    captured step reads it (`KDObjective.static_inputs`: top-k ids, log-probs, rest, gate 1)."""
+    captured step reads it (`KDObjective.staged_target`: top-k ids, log-probs, rest, gate 1)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq), generator=g)
     doc_ids = torch.zeros(batch, seq, dtype=torch.long)  # documents of random lengths, packed

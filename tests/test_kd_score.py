@@ -230,7 +230,7 @@ def test_online_teacher_dense_target(world):
 
 
 @pytest.mark.parametrize("include_label", [False, True])
-def test_objective_static_inputs_match_eager(world, include_label):
+def test_objective_staged_target_match_eager(world, include_label):
     """The captured-step form of offline KD (targets staged over all positions, one gated loss for
     KD and CE steps) gives the eager objective's loss, gradients and per-span stats on real cached
     rows, for a KD step and a CE step."""
@@ -247,22 +247,23 @@ def test_objective_static_inputs_match_eager(world, include_label):
     hidden = torch.randn(3, 256, 8, generator=g, dtype=torch.float64)
     head = torch.randn(V, 8, generator=g, dtype=torch.float64) * 0.3
 
-    def run(kd, static):
+    def run(kd, static, staged=None):
         h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-        b = dict(batch, **objective.static_inputs(batch, kd)) if static else batch
+        b = dict(batch, **objective.staged_target(batch, kd)) if (static or staged) else batch
         loss, stats = objective(h, w, b, step=0, kd=kd, w_r=0.6, w_f=1.4, static=static)
         gh, gw = torch.autograd.grad(loss, [h, w])
         return loss.detach(), gh, gw, _pack_stats(stats), stats["kd"]
 
     for kd in (True, False):
-        ref, out = run(kd, static=False), run(kd, static=True)
-        for x, y in zip(ref[:4], out[:4]):
-            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-9)
-        assert float(out[4]) == float(ref[4]) == float(kd)
-    staged = objective.static_inputs(batch, True)
+        ref = run(kd, static=False)
+        for out in (run(kd, static=True), run(kd, static=False, staged=True)):  # captured / eager staged
+            for x, y in zip(ref[:4], out[:4]):
+                torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-9)
+            assert float(out[4]) == float(ref[4]) == float(kd)
+    staged = objective.staged_target(batch, True)
     assert staged["kd_ids"].shape == (3 * 256, K + include_label)
     with pytest.raises(CacheError, match="batch tokens differ"):  # the token check still runs
-        objective.static_inputs(dict(batch, tokens=batch["tokens"].roll(1, 1)), True)
+        objective.staged_target(dict(batch, tokens=batch["tokens"].roll(1, 1)), True)
 
 
 def test_trainer_graph_batches_and_loss_match_eager(world, tmp_path):

@@ -15,10 +15,12 @@ Design choices:
   gives loss/ce/kd/kl (forward KL teacher||student at T = 1, on the coarse distribution for
   sparse targets) and teacher_logp per span.
 - Positions supervised = loss_mask = 1 and span_id > 0; cache rows are per loss_mask = 1 position.
-- Captured steps (CUDA graphs, `static=True`): offline KD runs stage the target of every micro-batch
-  as fixed-shape tensors over all B*T positions (`static_inputs`: the cache is read on the host as
-  always, before the replay) plus a 0-d gate, 1 on KD steps and 0 on CE steps, so one captured loss
-  serves both (`fused_span_loss(kd_gate=...)`); CE steps stage a dummy target and skip the cache.
+- Staged targets: offline KD reads and decodes the cache rows of a micro-batch ahead of its step
+  (`staged_target`, called by the trainer's prefetch thread) as fixed-shape tensors over all B*T
+  positions plus a 0-d gate (1 on KD steps, 0 on CE steps, which stage a dummy target and skip
+  the cache). The eager step selects the supervised rows; a captured step (CUDA graphs,
+  `static=True`) uses all of them, with the gate making one captured loss the KD loss or plain CE
+  (`fused_span_loss(kd_gate=...)`). Without staged fields the cache is read in the call.
 - Vocabulary subsets (vpmoe.data.vocab_subset): the batch keeps full o200k ids (the cache checks
   and looks rows up by them); labels and the cached target ids are mapped to the student's compact
   ids here, and teacher mass on ids outside the subset joins the target's rest mass.
@@ -106,7 +108,7 @@ class KDObjective:
         batch: tokens, labels, loss_mask, span_id, doc_ids, sample_index (docs/interfaces.md).
         `span_token_counts` ([3], index = span id): global-batch normalisers for exact gradient
         accumulation (see fused_span_loss). `kd` overrides the per-step KD/CE choice. `static`:
-        the sync-free loss for a captured CUDA-graph step: CE, or with `static_inputs` staged in
+        the sync-free loss for a captured CUDA-graph step: CE, or with `staged_target` staged in
         the batch, the gated KD/CE loss of an offline KD run (`kd` and `step` are then ignored)."""
         kd = is_kd_step(self.cfg, step) if kd is None else kd
         b, t, d = hidden.shape
@@ -116,6 +118,8 @@ class KDObjective:
         if self.subset is not None:
             labels = self.subset.to_compact(torch.where(mask.reshape(-1), labels, torch.full_like(labels, -100)))
         if static and "kd_gate" in batch:
+            if self.subset is not None:
+                raise ValueError("KDObjective(static=True): staged KD targets need the full vocabulary")
             target = SparseTarget(batch["kd_ids"], batch["kd_logprobs"], batch["kd_rest"], batch["kd_label_logprob"])
             loss, stats = fused_span_loss(hidden.reshape(b * t, d), head_weight, labels, span.reshape(-1),
                                           self.cfg.loss, target, w_r, w_f, chunk_size=self.cfg.chunk_size or None,
@@ -135,13 +139,13 @@ class KDObjective:
         stats["kd"] = torch.tensor(int(kd))
         return loss, stats
 
-    def static_inputs(self, batch: dict, kd: bool) -> dict[str, torch.Tensor]:
-        """One micro-batch's teacher target for a captured step: ids/log-probs [B*T, K], rest and
-        label log-prob [B*T], gate [] (1 = KD step). KD steps read the cache (token checks included)
-        and place its rows at the loss_mask positions; other rows, and every row of a CE step, hold
-        a dummy target (ids 0..K-1, log-probs 0) that the loss weighs 0."""
-        if self.cache is None or self.subset is not None:
-            raise ValueError("KDObjective.static_inputs: needs an offline teacher cache and the full vocabulary")
+    def staged_target(self, batch: dict, kd: bool) -> dict[str, torch.Tensor]:
+        """One micro-batch's teacher target, staged ahead of its step: ids (full o200k) / log-probs
+        [B*T, K], rest and label log-prob [B*T], gate [] (1 = KD step). KD steps read the cache
+        (token checks included) and place its rows at the loss_mask positions; other rows, and every
+        row of a CE step, hold a dummy target (ids 0..K-1, log-probs 0) that the loss weighs 0."""
+        if self.cache is None:
+            raise ValueError("KDObjective.staged_target: needs an offline teacher cache")
         mask = batch["loss_mask"].bool().reshape(-1)
         n, dev = mask.numel(), batch["labels"].device
         k = self.cache.spec.known + int(self.cfg.include_label)
@@ -158,6 +162,11 @@ class KDObjective:
                 "kd_gate": torch.tensor(float(kd), device=dev)}
 
     def _target(self, batch, mask, span):
+        if "kd_ids" in batch:  # staged ahead (`staged_target`): its supervised rows, in order
+            keep = torch.nonzero((span > 0).reshape(-1)).squeeze(1)
+            target = SparseTarget(batch["kd_ids"][keep], batch["kd_logprobs"][keep], batch["kd_rest"][keep],
+                                  batch["kd_label_logprob"][keep])
+            return target if self.subset is None else compact_sparse_target(target, self.subset)
         if self.cache is not None:
             labels = batch["labels"] if self.cfg.include_label else None
             target = self.cache.batch_target(batch["sample_index"], mask,

@@ -43,6 +43,7 @@ from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, router
 from vpmoe.train.optim import build_optimizer, set_lr
 from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
                                   sync_unsharded_grads)
+from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.schedule import wsd_factor
 from vpmoe.utils import git_sha
 
@@ -126,6 +127,9 @@ class Trainer:
             self.elapsed = float(trainer_state.get("elapsed", 0.0))
             self.train_data.load_state_dict(rank_state["loader"])
             ckpt.set_rng_state(rank_state["rng"])
+        # the loader state after the last consumed step (what a checkpoint saves; the prefetch
+        # thread reads ahead, so the loader itself is one step further)
+        self._loader_state = self.train_data.state_dict()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         kd_cfg = cfg.kd_config()
         if not kd_cfg.chunk_size:
@@ -200,7 +204,7 @@ class Trainer:
     def _graphs_wanted(self) -> tuple[bool, str]:
         """(use CUDA graphs?, why not). Graphs need one CUDA device, the fused body and optimizer
         step, and targets staged before the replay: CE, or offline KD (cached targets staged over
-        all positions, `KDObjective.static_inputs`); online KD runs a teacher inside the step.
+        all positions, `KDObjective.staged_target`); online KD runs a teacher inside the step.
         Offline KD is graphed only when asked for (`on`) until its GPU test has run (docs/training.md)."""
         cfg = self.cfg
         kd_mode = cfg.kd_config().mode
@@ -240,12 +244,26 @@ class Trainer:
         return loss, _pack_stats(stats)
 
     def _graph_batches(self, micro_batches: list[dict]) -> list[dict]:
-        """Micro-batches as the captured step reads them: offline KD runs add this step's teacher
-        targets (or a dummy on CE steps) and the KD/CE gate."""
+        """Micro-batches as the captured step reads them: offline KD runs need this step's teacher
+        targets (or a dummy on CE steps) and the KD/CE gate, staged by `_produce_step` or here."""
         if self.kd_mode != "offline":
             return micro_batches
         kd = is_kd_step(self.objective.cfg, self.step)
-        return [dict(b, **self.objective.static_inputs(b, kd)) for b in micro_batches]
+        return [b if "kd_gate" in b else dict(b, **self.objective.staged_target(b, kd)) for b in micro_batches]
+
+    def _produce_step(self, step: int) -> tuple[list[dict], dict]:
+        """Step `step`'s micro-batches and the loader state after them, on the prefetch thread
+        (vpmoe/train/prefetch.py): packed rows plus, for offline KD, the decoded cache rows (every
+        step when graphed: CE steps get the dummy target and gate 0). Pinned for async copies on CUDA."""
+        batches = [self.train_data.next() for _ in range(self.cfg.train.grad_accum)]
+        state = self.train_data.state_dict()
+        if self.kd_mode == "offline":
+            kd = is_kd_step(self.objective.cfg, step)
+            if kd or self.graphed is not None:
+                batches = [dict(b, **self.objective.staged_target(b, kd)) for b in batches]
+        if self.device.type == "cuda":
+            batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        return batches, state
 
     def _fast_paths(self, model):
         """Pick the compute path. One device: the fused body (`vpmoe.model.fast.FastBody`) and the
@@ -412,7 +430,7 @@ class Trainer:
 
     def save(self) -> Path:
         trainer_state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed}
-        rank_state = {"rng": ckpt.rng_state(), "loader": self.train_data.state_dict()}
+        rank_state = {"rng": ckpt.rng_state(), "loader": self._loader_state}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
                                     rank_state, self.provenance(), self.cfg.checkpoint.keep,
                                     extra_writer=self.subset.save if self.subset is not None else None)
@@ -438,6 +456,7 @@ class Trainer:
         cfg = self.cfg
         progress = Progress(cfg.train.steps, self.step, self.ds.is_main, cfg.train.progress)
         last_eval: dict = {}
+        prefetch = StepPrefetcher(self._produce_step, self.step, cfg.train.steps)
         try:
             if self.start_ckpt is not None:
                 progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
@@ -447,8 +466,9 @@ class Trainer:
                 progress.print(f"step 0: held-out loss {last_eval['valid/loss']:.4f}")
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
-                batches = [self.train_data.next() for _ in range(cfg.train.grad_accum)]
+                batches, self._loader_state, waited = prefetch.get(self.step)
                 report = self.train_step(batches)
+                report["data_wait_s"] = waited
                 step_time = time.perf_counter() - t0
                 self.elapsed += step_time
                 self.tokens_seen += report["tokens_step"]
@@ -463,6 +483,7 @@ class Trainer:
                     path = self.save()
                     progress.print(f"step {self.step}: checkpoint {path}")
         finally:
+            prefetch.close()
             progress.close()
             self.metrics.close()
         return {"step": self.step, **last_eval}
