@@ -2,8 +2,9 @@
 kernels), on 2 ranks with expert parallelism, and on 1 rank through the fused body + fused
 optimizer step, gives the same per-step losses, held-out losses, weights and router biases as the
 1-rank reference run on the same global batch (1 rank x 2 micro-batches == 2 ranks x 1
-micro-batch); the first step's router-bias update equals a hand computation; and a 2-rank run
-resumed from a checkpoint continues bit-identically."""
+micro-batch); the first step's router-bias update equals a hand computation; a 2-rank run
+resumed from a checkpoint continues bit-identically; a run resumes on another number of ranks
+(1 -> 2, 2 -> 1) when the global batch is kept, and is refused with the fix when it is not."""
 from __future__ import annotations
 
 import shutil
@@ -41,7 +42,50 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     vpmoe("train", str(cfg), "--run-dir", str(root / "ep_resumed"), "--set", "train.grad_accum=1",
           "--set", "parallel.expert_parallel=2", "--resume", ranks=2)
     out["ep_resumed"] = root / "ep_resumed"
+    # resume on another world size, keeping the global batch: the 1-rank run from its step-2
+    # checkpoint on 2 ranks (FSDP2), and the 2-rank FSDP2 run from its step-2 checkpoint on 1 rank
+    shutil.copytree(root / "one", root / "one_to_two")
+    for step in (3, 4):
+        shutil.rmtree(root / "one_to_two" / "checkpoints" / f"step_{step:06d}")
+    vpmoe("train", str(cfg), "--run-dir", str(root / "one_to_two"), "--set", "train.grad_accum=1",
+          "--set", "checkpoint.every=1", "--set", "checkpoint.keep=10", "--resume", ranks=2)
+    out["one_to_two"] = root / "one_to_two"
+    shutil.copytree(root / "fsdp", root / "two_to_one")
+    shutil.rmtree(root / "two_to_one" / "checkpoints" / f"step_{STEPS:06d}")
+    vpmoe("train", str(cfg), "--run-dir", str(root / "two_to_one"), "--resume")
+    out["two_to_one"] = root / "two_to_one"
+    out["cfg"] = cfg
     return out
+
+
+@pytest.mark.parametrize("name", ["one_to_two", "two_to_one"])
+def test_resume_on_another_world_size(runs, name):
+    """1 -> 2 and 2 -> 1 ranks from a step-2 checkpoint (same global batch): DCP reshards weights
+    and optimizer state, the loader continues at its global position; steps 3-4 and the final
+    weights match the 1-rank reference as closely as a 2-rank run from the start does."""
+    ref, got = train_losses(runs["one"]), train_losses(runs[name])
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in (3, 4):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), f"{name} step {step}"
+    assert got[3] != got[2]  # the resumed steps trained on new rows
+    a, b = final_state(runs["one"]), final_state(runs[name])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-6, msg=f"{name}: {key}")
+
+
+def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
+    """The 2-rank checkpoint (2 ranks x 2 rows) on 1 rank with grad_accum 1 (2 rows): refused
+    before anything is written, naming the grad_accum that keeps the global batch."""
+    from tests.test_train_helpers import snapshot
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["fsdp"], run)
+    before = snapshot(run)
+    proc = vpmoe("train", str(runs["cfg"]), "--run-dir", str(run), "--set", "train.grad_accum=1", "--resume",
+                 check=False)
+    assert proc.returncode != 0
+    assert "global batch of 4 rows per step (2 ranks)" in proc.stderr and "set train.grad_accum = 2" in proc.stderr
+    assert snapshot(run) == before
 
 
 def test_two_rank_resume_is_bit_identical(runs):

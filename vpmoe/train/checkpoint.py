@@ -229,10 +229,13 @@ def check_compatible(prov: dict, path: str | Path, model_cfg: ModelConfig, token
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Load model + optimizer + trainer counters (collective); return (trainer_state, this rank's state)."""
     path = Path(path)
-    rank, _ = _rank_world()
-    rank_file = path / f"rank_{rank:05d}.pt"
+    rank, world = _rank_world()
+    saved_world = read_provenance(path).get("world_size", world)
+    # the loader state is global (the same in every rank file); the RNG state is per rank and is
+    # only carried over when the world size is unchanged
+    rank_file = path / f"rank_{rank if saved_world == world else 0:05d}.pt"
     if not rank_file.is_file():
-        raise CheckpointError(f"{rank_file}: missing (checkpoint written by a different world size?)")
+        raise CheckpointError(f"{rank_file}: missing (checkpoint incomplete?)")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
              "trainer": {"step": 0, "tokens": 0, "elapsed": 0.0}}
     try:
@@ -242,6 +245,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rank_state = torch.load(rank_file, weights_only=False)
+    if saved_world != world:
+        rank_state["rng"] = None
     return state["trainer"], rank_state
 
 

@@ -18,6 +18,12 @@ Design choices:
   before the optimizer step (the last good checkpoint stays the newest one).
 - Exact resume: the checkpoint after step k holds everything the next step depends on (weights,
   optimizer, router biases, loader position, RNG); the lr is a function of the step.
+- Resume on another number of ranks (one GPU today, a cluster tomorrow): DCP reshards weights and
+  optimizer state, and the loader state is one global position, so a run may continue on any
+  world size that keeps the global batch (ranks x micro_batch_size x grad_accum rows; a different
+  one is refused, naming the grad_accum that keeps it). The same trajectory up to reduction
+  order (tests: 1 -> 2 and 2 -> 1 ranks); the per-rank RNG states are not carried over (no
+  training op draws from them). The expert-parallel size must stay the same.
 """
 from __future__ import annotations
 
@@ -126,7 +132,8 @@ class Trainer:
             self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
             self.elapsed = float(trainer_state.get("elapsed", 0.0))
             self.train_data.load_state_dict(rank_state["loader"])
-            ckpt.set_rng_state(rank_state["rng"])
+            if rank_state.get("rng") is not None:  # None: written by another world size
+                ckpt.set_rng_state(rank_state["rng"])
         # the loader state after the last consumed step (what a checkpoint saves; the prefetch
         # thread reads ahead, so the loader itself is one step further)
         self._loader_state = self.train_data.state_dict()
@@ -161,10 +168,16 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path}: trained with vocab subset {old_subset or 'none (full vocabulary)'}, "
                                        f"this run uses {new_subset or 'none (full vocabulary)'} (data.vocab_subset)")
         ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
-        if prov["world_size"] != self.ds.world:
+        old_rows = prov["world_size"] * prov["config"]["data"]["micro_batch_size"] * prov["config"]["train"]["grad_accum"]
+        rows = self.ds.world * self.cfg.data.micro_batch_size * self.cfg.train.grad_accum
+        if old_rows != rows:
+            per_step = self.ds.world * self.cfg.data.micro_batch_size
+            fix = (f"set train.grad_accum = {old_rows // per_step}" if old_rows % per_step == 0 else
+                   "no grad_accum gives it with this world size and micro_batch_size")
             raise ckpt.CheckpointError(
-                f"{path}: written by {prov['world_size']} ranks, this run has {self.ds.world}; exact resume "
-                "needs the same world size (start a new run with train.init_from to change it)")
+                f"{path}: written with a global batch of {old_rows} rows per step ({prov['world_size']} ranks), "
+                f"this run has {rows} ({self.ds.world} ranks x {self.cfg.data.micro_batch_size} rows x "
+                f"{self.cfg.train.grad_accum} micro-batches); resume keeps the global batch: {fix}")
         if prov.get("expert_parallel", 1) != self.ds.ep_size:
             raise ckpt.CheckpointError(f"{path}: written with parallel.expert_parallel="
                                        f"{prov.get('expert_parallel', 1)}, this run uses {self.ds.ep_size}")
