@@ -230,7 +230,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Load model + optimizer + trainer counters (collective); return (trainer_state, this rank's state)."""
     path = Path(path)
     rank, world = _rank_world()
-    saved_world = read_provenance(path).get("world_size", world)
+    try:  # the world size it was written by (verify_checkpoint has checked the whole record)
+        saved_world = int(json.loads((path / PROVENANCE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / PROVENANCE}: unreadable world_size ({e!r})") from None
     # the loader state is global (the same in every rank file); the RNG state is per rank and is
     # only carried over when the world size is unchanged
     rank_file = path / f"rank_{rank if saved_world == world else 0:05d}.pt"
