@@ -181,3 +181,61 @@ def test_ep_local_experts_grouped_match_the_loop():
     assert grads[0][2][3].abs().sum() == 0 and grads[0][2][4].abs().sum() > 0
     empty = run_local_experts(moe, x[:0], local[:0])
     assert empty.shape == (0, x.shape[1])
+
+
+def test_stop_signal_on_one_rank_stops_every_rank(runs, tmp_path):
+    """SIGUSR1 to one of two FSDP2 workers only: both finish the step in flight, agree to stop after
+    the same step and write one complete checkpoint there; the 2-rank --resume then matches the
+    1-rank reference run like an uninterrupted 2-rank run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_train_helpers import ROOT, env
+    from vpmoe.train.checkpoint import list_checkpoints, verify_checkpoint
+
+    run_dir = tmp_path / "stopped"
+    args = ["train", str(runs["cfg"]), "--run-dir", str(run_dir), "--set", "train.grad_accum=1",
+            "--set", "checkpoint.every=100"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(29500 + (os.getpid() + 7) % 2000), "-m", "vpmoe.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and train_losses(run_dir):
+                break
+            time.sleep(0.02)
+        workers = children(proc.pid)
+        assert proc.poll() is None and len(workers) == 2, (workers, proc.poll())
+        os.kill(max(workers), signal.SIGUSR1)  # one worker only
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "SIGUSR1 received: stopped after step" in err and "a stop signal on another rank" in err, err[-3000:]
+    steps = [s for s, _ in list_checkpoints(run_dir)]
+    assert len(steps) == 1 and 1 <= steps[0] < STEPS
+    verify_checkpoint(list_checkpoints(run_dir)[0][1])  # complete: every rank's files, sizes, hashes
+    vpmoe("train", *args[1:], "--resume", ranks=2)
+    ref, got = train_losses(runs["one"]), train_losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc: no procps needed)."""
+    from pathlib import Path
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

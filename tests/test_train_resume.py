@@ -211,3 +211,37 @@ def test_online_kd_from_the_teacher_itself_has_zero_divergence(reference, tmp_pa
     ref_last = next(r["valid/loss"] for r in metrics(ref_dir) if r["step"] == STEPS and "valid/loss" in r)
     kd_first = next(r["valid/loss"] for r in metrics(run_dir) if r["step"] == 0 and "valid/loss" in r)
     assert kd_first == pytest.approx(ref_last, rel=1e-6)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_after_the_step_and_resumes(reference, tmp_path, signum):
+    """SIGTERM / SIGUSR1 mid-run: the step in flight finishes, a checkpoint is written at that step
+    (whatever checkpoint.every says), the process exits 75 naming the step; --resume then gives
+    the uninterrupted run's losses bit for bit."""
+    cfg, ref_dir = reference
+    run_dir = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(cfg), "--run-dir", str(run_dir),
+           "--set", "checkpoint.every=100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            done = train_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+            if done and max(done) >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended early: {proc.stderr.read()[-2000:]}"
+        os.kill(proc.pid, signum)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-2000:]
+    import re
+
+    from vpmoe.train.checkpoint import list_checkpoints
+
+    stopped = int(re.search(rf"{signal.Signals(signum).name} received: stopped after step (\d+) of {STEPS}", err)[1])
+    assert 2 <= stopped < STEPS and [s for s, _ in list_checkpoints(run_dir)] == [stopped]
+    vpmoe("train", str(cfg), "--run-dir", str(run_dir), "--set", "checkpoint.every=100", "--resume")
+    assert train_losses(run_dir) == train_losses(ref_dir)

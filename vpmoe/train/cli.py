@@ -6,7 +6,9 @@ Design choices:
   checkpoint in the run directory (a fresh start when there is none, so a requeued job can
   always pass it).
 - Errors the user can fix (bad config, refused checkpoint, bad data) are ConfigError and print
-  as one line (exit 2); a diverged run prints which quantity went non-finite (exit 3).
+  as one line (exit 2); a diverged run prints which quantity went non-finite (exit 3); a run
+  stopped by SIGTERM / SIGUSR1 checkpoints after the step in flight and exits 75 (EX_TEMPFAIL:
+  not done, `--resume` continues; under torchrun the agent reports the workers' exit as a failure).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vpmoe.data import DataError
     from vpmoe.train.config import load_run_config
     from vpmoe.train.parallel import shutdown_distributed
-    from vpmoe.train.trainer import Trainer, TrainingDiverged
+    from vpmoe.train.trainer import Trainer, TrainingDiverged, TrainingStopped
 
     overrides = list(args.set or [])
     if args.run_dir:
@@ -34,6 +36,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         except TrainingDiverged as e:
             print(f"vpmoe train: stopped: {e}", file=sys.stderr)
             return 3
+        except TrainingStopped as e:
+            print(f"vpmoe train: {e}", file=sys.stderr)
+            return 75
         except DataError as e:  # bad or corrupt data on disk: the message names the file
             raise ConfigError(str(e)) from None
     finally:

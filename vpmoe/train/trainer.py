@@ -16,6 +16,10 @@ Design choices:
 - Numerics: fp32 master weights; bf16 autocast around the model on CUDA (configurable), the
   loss in the hidden states' dtype. NaN/inf in the loss or the gradient norm stops the run
   before the optimizer step (the last good checkpoint stays the newest one).
+- Stop signals (SIGTERM: preemption, a cluster's time limit, torchrun forwarding; SIGUSR1): the
+  step in flight finishes, every rank agrees to stop after the same step (a one-flag all-reduce
+  per step), a checkpoint is written, and the run exits with `TrainingStopped` (`vpmoe train`
+  exit code 75); `--resume` continues as after any checkpoint. A second signal is not needed.
 - Exact resume: the checkpoint after step k holds everything the next step depends on (weights,
   optimizer, router biases, loader position, RNG); the lr is a function of the step.
 - Resume on another number of ranks (one GPU today, a cluster tomorrow): DCP reshards weights and
@@ -32,6 +36,8 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +64,30 @@ N_STATS = 1 + len(STAT_KEYS)  # count + sums, each [3] by span id
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm is NaN/inf; the message names the step and the quantity."""
+
+
+class TrainingStopped(RuntimeError):
+    """A stop signal arrived; the run checkpointed after the step in flight (the message names it)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Record SIGTERM / SIGUSR1 (yielded list of signal numbers) instead of dying; the previous
+    handlers come back afterwards. Python delivers signals to the main thread only: elsewhere
+    (a caller's thread) nothing is installed."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield got
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _pack_stats(stats: dict) -> torch.Tensor:
@@ -465,38 +495,52 @@ class Trainer:
             self.metrics.log_expert_load(self.step, load.cpu())
         progress.update(self.step, report["loss"], tokens_per_s)
 
+    def _stop_agreed(self, mine: bool) -> bool:
+        """Whether any rank got a stop signal (all ranks must stop after the same step)."""
+        if self.ds.world == 1:
+            return mine
+        flag = torch.tensor([int(mine)], device=self.device)
+        return bool(all_reduce_sum(flag, self.ds).item() > 0)
+
     def run(self) -> dict:
         cfg = self.cfg
         progress = Progress(cfg.train.steps, self.step, self.ds.is_main, cfg.train.progress)
         last_eval: dict = {}
         prefetch = StepPrefetcher(self._produce_step, self.step, cfg.train.steps)
-        try:
-            if self.start_ckpt is not None:
-                progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
-            elif self.step == 0 and cfg.train.eval_every:  # the baseline of the held-out curve
-                last_eval = self.evaluate()
-                self.metrics.log(0, last_eval)
-                progress.print(f"step 0: held-out loss {last_eval['valid/loss']:.4f}")
-            while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                batches, self._loader_state, waited = prefetch.get(self.step)
-                report = self.train_step(batches)
-                report["data_wait_s"] = waited
-                step_time = time.perf_counter() - t0
-                self.elapsed += step_time
-                self.tokens_seen += report["tokens_step"]
-                self._log_step(report, step_time, progress)
-                last_step = self.step == cfg.train.steps
-                if ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
-                                               or last_step):
+        with stop_signals() as received:  # SIGTERM / SIGUSR1: checkpoint after this step, exit
+            try:
+                if self.start_ckpt is not None:
+                    progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
+                elif self.step == 0 and cfg.train.eval_every:  # the baseline of the held-out curve
                     last_eval = self.evaluate()
-                    self.metrics.log(self.step, last_eval)
-                    progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
-                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step:
-                    path = self.save()
-                    progress.print(f"step {self.step}: checkpoint {path}")
-        finally:
-            prefetch.close()
-            progress.close()
-            self.metrics.close()
+                    self.metrics.log(0, last_eval)
+                    progress.print(f"step 0: held-out loss {last_eval['valid/loss']:.4f}")
+                while self.step < cfg.train.steps:
+                    t0 = time.perf_counter()
+                    batches, self._loader_state, waited = prefetch.get(self.step)
+                    report = self.train_step(batches)
+                    report["data_wait_s"] = waited
+                    step_time = time.perf_counter() - t0
+                    self.elapsed += step_time
+                    self.tokens_seen += report["tokens_step"]
+                    self._log_step(report, step_time, progress)
+                    last_step = self.step == cfg.train.steps
+                    if ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                                                   or last_step):
+                        last_eval = self.evaluate()
+                        self.metrics.log(self.step, last_eval)
+                        progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
+                    saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step
+                    if saved:
+                        path = self.save()
+                        progress.print(f"step {self.step}: checkpoint {path}")
+                    if not last_step and self._stop_agreed(bool(received)):
+                        path = path if saved else self.save()
+                        why = signal.Signals(received[0]).name if received else "a stop signal on another rank"
+                        raise TrainingStopped(f"{why} received: stopped after step {self.step} of {cfg.train.steps}; "
+                                              f"checkpoint {path}; `vpmoe train ... --resume` continues")
+            finally:
+                prefetch.close()
+                progress.close()
+                self.metrics.close()
         return {"step": self.step, **last_eval}
