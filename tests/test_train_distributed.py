@@ -4,7 +4,8 @@ optimizer step, gives the same per-step losses, held-out losses, weights and rou
 1-rank reference run on the same global batch (1 rank x 2 micro-batches == 2 ranks x 1
 micro-batch); the first step's router-bias update equals a hand computation; a 2-rank run
 resumed from a checkpoint continues bit-identically; a run resumes on another number of ranks
-(1 -> 2, 2 -> 1) when the global batch is kept, and is refused with the fix when it is not."""
+(1 -> 2, 2 -> 1) and another expert-parallel size (2 -> 1, 1 -> 2) when the global batch is kept,
+and is refused with the fix when it is not."""
 from __future__ import annotations
 
 import shutil
@@ -54,15 +55,28 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     shutil.rmtree(root / "two_to_one" / "checkpoints" / f"step_{STEPS:06d}")
     vpmoe("train", str(cfg), "--run-dir", str(root / "two_to_one"), "--resume")
     out["two_to_one"] = root / "two_to_one"
+    # resume with another expert-parallel size: the EP=2 run from step 2 on 1 rank (experts whole),
+    # and the 1-rank run from step 2 on 2 ranks with EP=2 (DCP reshards the expert DTensors)
+    shutil.copytree(root / "ep", root / "ep_to_one")
+    shutil.rmtree(root / "ep_to_one" / "checkpoints" / f"step_{STEPS:06d}")
+    vpmoe("train", str(cfg), "--run-dir", str(root / "ep_to_one"), "--resume")
+    out["ep_to_one"] = root / "ep_to_one"
+    shutil.copytree(root / "one", root / "one_to_ep")
+    for step in (3, 4):
+        shutil.rmtree(root / "one_to_ep" / "checkpoints" / f"step_{step:06d}")
+    vpmoe("train", str(cfg), "--run-dir", str(root / "one_to_ep"), "--set", "train.grad_accum=1",
+          "--set", "parallel.expert_parallel=2", "--resume", ranks=2)
+    out["one_to_ep"] = root / "one_to_ep"
     out["cfg"] = cfg
     return out
 
 
-@pytest.mark.parametrize("name", ["one_to_two", "two_to_one"])
+@pytest.mark.parametrize("name", ["one_to_two", "two_to_one", "ep_to_one", "one_to_ep"])
 def test_resume_on_another_world_size(runs, name):
-    """1 -> 2 and 2 -> 1 ranks from a step-2 checkpoint (same global batch): DCP reshards weights
-    and optimizer state, the loader continues at its global position; steps 3-4 and the final
-    weights match the 1-rank reference as closely as a 2-rank run from the start does."""
+    """1 -> 2 and 2 -> 1 ranks, and expert parallelism 2 -> none and none -> 2, from a step-2
+    checkpoint (same global batch): DCP reshards weights and optimizer state (expert tensors
+    included), the loader continues at its global position; steps 3-4 and the final weights
+    match the 1-rank reference as closely as a 2-rank run from the start does."""
     ref, got = train_losses(runs["one"]), train_losses(runs[name])
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in (3, 4):

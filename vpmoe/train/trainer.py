@@ -27,7 +27,8 @@ Design choices:
   world size that keeps the global batch (ranks x micro_batch_size x grad_accum rows; a different
   one is refused, naming the grad_accum that keeps it). The same trajectory up to reduction
   order (tests: 1 -> 2 and 2 -> 1 ranks); the per-rank RNG states are not carried over (no
-  training op draws from them). The expert-parallel size must stay the same.
+  training op draws from them). The expert-parallel size may change too (expert tensors are
+  DTensors sharded on the expert dim; DCP reshards them like the rest).
 """
 from __future__ import annotations
 
@@ -208,9 +209,6 @@ class Trainer:
                 f"{path}: written with a global batch of {old_rows} rows per step ({prov['world_size']} ranks), "
                 f"this run has {rows} ({self.ds.world} ranks x {self.cfg.data.micro_batch_size} rows x "
                 f"{self.cfg.train.grad_accum} micro-batches); resume keeps the global batch: {fix}")
-        if prov.get("expert_parallel", 1) != self.ds.ep_size:
-            raise ckpt.CheckpointError(f"{path}: written with parallel.expert_parallel="
-                                       f"{prov.get('expert_parallel', 1)}, this run uses {self.ds.ep_size}")
         old, new = prov.get("data_manifest_sha"), self.fingerprint.get("manifest_sha")
         if old and new and old != new:
             raise ckpt.CheckpointError(f"{path}: trained on a different dataset (manifest sha256 {old[:12]}... "
