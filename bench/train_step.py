@@ -5,6 +5,8 @@ taken in one run (bench/gpu_run.sh). Cases:
   (a) 20 layers, 2 x 2048 tokens   (b) 20 layers, 8 x 2048 tokens
   (c) 80 layers (the full model), 8 x 2048 tokens as 2 micro-batches of 4 x 2048
   (d) 80 layers, the stage-1 global batch: 64 x 2048 tokens per optimizer step, 16 micro-batches
+Options: --ac (activation checkpointing: what lets the 80-layer model train on an 80 GB GPU),
+--momentum-dtype bfloat16 (Muon momentum in bf16), --kd K (offline-KD steps).
 Variants: `graphed` (vpmoe.model.graphed: per micro-batch one CUDA graph for forward + loss +
 backward, one for the optimizer) and `compiled` (the same compiled blocks launched from Python).
 
@@ -130,14 +132,15 @@ def flops_per_token(cfg, doc_ids) -> float:
 class Trainer:
     """Model + optimizer + one step variant."""
 
-    def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None):
+    def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None,
+                 checkpoint: bool = False, momentum_dtype: str = "float32"):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
         self.model = VpMoE(cfg).cuda()
-        self.opt = build_optimizer(self.model, OptimConfig())
+        self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype))
         self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk)
         self.fopt.init_state()
-        self.body = FastBody(self.model, static_masks=variant == "graphed")
+        self.body = FastBody(self.model, static_masks=variant == "graphed", checkpoint=checkpoint)
         self.loss_chunk = loss_chunk
         self.graphed = (GraphedTrainStep(self.body, self.loss, self.fopt, micro=micro)
                         if variant == "graphed" else None)
@@ -322,17 +325,18 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
-             loss_chunk=None, kd_k=0) -> tuple[dict, list]:
+             loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32") -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     row = {"case": name, "variant": variant, "layers": layers, "batch": batch_size, "seq": seq, "micro": micro,
-           "loss": f"kd-fkl-top{kd_k}" if kd_k else "ce"}
+           "loss": f"kd-fkl-top{kd_k}" if kd_k else "ce", "activation_checkpointing": checkpoint,
+           "muon_momentum": momentum_dtype}
     extra = []
     tr = None
     try:
-        tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk)
+        tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk, checkpoint, momentum_dtype)
         batches = [split(make_batch(batch_size, seq, seed=s, kd_k=kd_k), micro) for s in range(3)]
         t0 = time.perf_counter()
         tr.step(batches[0])
@@ -383,6 +387,9 @@ def main():
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--loss-chunk", type=int, default=0, help="rows per fused-loss chunk (0: auto)")
     ap.add_argument("--kd", type=int, default=0, help="top-k of an offline KD loss (0: CE), as a KD step")
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing (FastBody recomputes each block)")
+    ap.add_argument("--momentum-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="Muon momentum storage (optim.muon_momentum_dtype)")
     a = ap.parse_args()
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -403,7 +410,8 @@ def main():
         for v in variants:
             row, sweep = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],
-                                  a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd)
+                                  a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd,
+                                  a.ac, a.momentum_dtype)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p

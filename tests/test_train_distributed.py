@@ -2,8 +2,9 @@
 kernels), on 2 ranks with expert parallelism, and on 1 rank through the fused body + fused
 optimizer step, gives the same per-step losses, held-out losses, weights and router biases as the
 1-rank reference run on the same global batch (1 rank x 2 micro-batches == 2 ranks x 1
-micro-batch); the first step's router-bias update equals a hand computation; a 2-rank run
-resumed from a checkpoint continues bit-identically; a run resumes on another number of ranks
+micro-batch), and the fused path with activation checkpointing gives its run without it; the
+first step's router-bias update equals a hand computation; a 2-rank run resumed from a
+checkpoint continues bit-identically; a run resumes on another number of ranks
 (1 -> 2, 2 -> 1) and another expert-parallel size (2 -> 1, 1 -> 2) when the global batch is kept,
 and is refused with the fix when it is not."""
 from __future__ import annotations
@@ -34,6 +35,10 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     # one device, fused body + fused optimizer step (what `fast_path = "auto"` picks on one GPU)
     vpmoe("train", str(cfg), "--run-dir", str(root / "fused"), "--set", 'train.fast_path="on"')
     out["fused"] = root / "fused"
+    # the same with activation checkpointing: FastBody recomputes each block in backward
+    vpmoe("train", str(cfg), "--run-dir", str(root / "fused_ac"), "--set", 'train.fast_path="on"',
+          "--set", "train.activation_checkpointing=true")
+    out["fused_ac"] = root / "fused_ac"
     vpmoe("train", str(cfg), "--run-dir", str(root / "ep"), "--set", "train.grad_accum=1",
           "--set", "parallel.expert_parallel=2", ranks=2)
     out["ep"] = root / "ep"
@@ -106,6 +111,16 @@ def test_two_rank_resume_is_bit_identical(runs):
     assert train_losses(runs["ep_resumed"]) == train_losses(runs["ep"])
     a, b = final_state(runs["ep"]), final_state(runs["ep_resumed"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_path_with_activation_checkpointing_is_the_same_run(runs):
+    """train.activation_checkpointing on the fused path (FastBody recomputing its blocks): the
+    same per-step losses and final weights as the fused run without it (fp32, deterministic)."""
+    a, b = train_losses(runs["fused"]), train_losses(runs["fused_ac"])
+    assert len(a) == STEPS and a == b
+    x, y = final_state(runs["fused"]), final_state(runs["fused_ac"])
+    for key in x:
+        torch.testing.assert_close(y[key], x[key], rtol=1e-6, atol=1e-8, msg=key)
 
 
 def final_state(run_dir):

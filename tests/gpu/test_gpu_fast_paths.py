@@ -263,17 +263,18 @@ def test_fast_optimizer_no_worse_than_reference_step():
     print("optimizer: worst (fast - 1.5 ref) margin:", max(worst))
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_graphed_step_matches_eager_step(micro):
+@pytest.mark.parametrize("micro,ac", [(1, False), (2, False), (2, True)])
+def test_graphed_step_matches_eager_step(micro, ac):
     """Steps on different batches: eager-launched compiled steps vs the CUDA-graph step (2 eager
-    warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays). Same
+    warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays; with ac
+    the graphed step checkpoints its blocks, recomputing them inside the captured backward). Same
     losses; parameter updates as close to the eager run as a second eager run is (atomics and bf16
     make runs differ, and AdamW's first steps are nearly sign(g), so tiny gradient differences flip
     whole elements)."""
     cfg = small_cfg()
     batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5 if micro == 1 else 4)]
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
-    runs = [Trainer(cfg, v, 16, micro) for v in ("compiled", "compiled", "graphed")]
+    runs = [Trainer(cfg, v, 16, micro, checkpoint=ac and v == "graphed") for v in ("compiled", "compiled", "graphed")]
     p0 = [p.detach().clone() for p in runs[0].model.parameters()]
     losses = [[float(tr.step(b)) for b in batches] for tr in runs]
     assert runs[2].graphed.graphs is not None
@@ -286,13 +287,15 @@ def test_graphed_step_matches_eager_step(micro):
         report.append((e_graph - 3 * e_noise, name, e_noise, e_graph))
     bad = [r for r in report if r[3] > 3 * r[2] + 2e-2]
     assert not bad, bad
-    print(f"graphed (micro={micro}) vs eager: worst margin", max(report), "losses", losses)
+    print(f"graphed (micro={micro}, ac={ac}) vs eager: worst margin", max(report), "losses", losses)
 
 
-def test_trainer_cuda_graphs_match_eager(tmp_path):
+@pytest.mark.parametrize("ac", [False, True])
+def test_trainer_cuda_graphs_match_eager(tmp_path, ac):
     """`vpmoe train` on the GPU with train.cuda_graphs on vs off: 2 eager warm-up steps, capture,
     replays with 2 accumulated micro-batches; the per-step losses agree (bf16, so not bitwise) and
-    the graphed run logs the same metrics. The dataset is the tests' synthetic one, built here or
+    the graphed run logs the same metrics. With ac, both runs checkpoint their blocks
+    (train.activation_checkpointing; `on` graphs such runs, `auto` waits for this test). The dataset is the tests' synthetic one, built here or
     carried in (VPMOE_GPU_DATA) where the GPU machine lacks the tokenizer packages."""
     import os
     from pathlib import Path
@@ -308,7 +311,8 @@ def test_trainer_cuda_graphs_match_eager(tmp_path):
     for mode in ("off", "on"):
         run_dir = tmp_path / f"run_{mode}"
         cfg = write_config(tmp_path / f"{mode}.toml", Path(data), run_dir, steps=6)
-        text = cfg.read_text().replace('device = "cpu"', f'device = "cuda"\ncuda_graphs = "{mode}"')
+        text = cfg.read_text().replace('device = "cpu"', f'device = "cuda"\ncuda_graphs = "{mode}"'
+                                       + ("\nactivation_checkpointing = true" if ac else ""))
         cfg.write_text(text)
         vpmoe("train", str(cfg))
         runs[mode] = train_losses(run_dir)

@@ -25,6 +25,12 @@ Design choices:
   `kernels.routed_experts` (device-side sort, grouped GEMMs, gather-only dispatch/combine). The
   shared expert is two dense GEMMs on the same normed input; inside one compiled graph there is no
   second stream, so it is not overlapped with the routed path (see docs/performance.md).
+- Activation checkpointing (`checkpoint=True`, `train.activation_checkpointing`): each block's
+  compiled call is wrapped in non-reentrant `torch.utils.checkpoint`, so a block keeps only its
+  inputs (the fp32 residual stream, the first layer's values) and recomputes the rest in
+  backward. This is what lets the 80-layer model's activations fit next to its optimizer state
+  on an 80 GB GPU; it costs one more forward per block. Recomputation is deterministic (stable
+  sort, no dropout), so recomputed routing equals the first pass's.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
@@ -170,8 +177,9 @@ class FastBody:
     """Embedding + blocks + final norm of a VpMoE, on the fused path (see the module docstring)."""
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
-                 static_masks: bool = False):
+                 static_masks: bool = False, checkpoint: bool = False):
         self.model, self.cfg = model, model.cfg
+        self.checkpoint = checkpoint
         p0 = model.embed.weight
         self.flex = p0.is_cuda
         self.dtype = dtype or (torch.bfloat16 if p0.is_cuda else p0.dtype)
@@ -229,7 +237,13 @@ class FastBody:
         for i, block in enumerate(model.layers):
             kind = self.kind_of[i]
             mask, slopes = (glob, self.slopes) if kind[0] else (local, None)
-            x, v, aux, load = self.fns[kind](self.params[i], x, pos, doc_ids, v_first, mask, slopes)
+            args = (self.params[i], x, pos, doc_ids, v_first, mask, slopes)
+            if self.checkpoint and torch.is_grad_enabled():
+                # no RNG in a block: skipping the RNG save/restore also keeps CUDA-graph capture legal
+                x, v, aux, load = torch.utils.checkpoint.checkpoint(self.fns[kind], *args, use_reentrant=False,
+                                                                    preserve_rng_state=False)
+            else:
+                x, v, aux, load = self.fns[kind](*args)
             if v_first is None:
                 v_first = v
             if aux is not None:

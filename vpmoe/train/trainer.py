@@ -246,14 +246,16 @@ class Trainer:
         """(use CUDA graphs?, why not). Graphs need one CUDA device, the fused body and optimizer
         step, and targets staged before the replay: CE, or offline KD (cached targets staged over
         all positions, `KDObjective.staged_target`); online KD runs a teacher inside the step.
-        Offline KD is graphed only when asked for (`on`) until its GPU test has run (docs/training.md)."""
+        Offline KD and activation checkpointing are graphed only when asked for (`on`) until their
+        GPU tests have run (docs/training.md)."""
         cfg = self.cfg
         kd_mode = cfg.kd_config().mode
         reasons = [why for bad, why in (
             (self.device.type != "cuda", "the device is not CUDA"),
             (self.ds.world != 1, "more than one process (FSDP2/EP run their own hooks)"),
             (cfg.train.fast_path == "off", "train.fast_path is off"),
-            (cfg.train.activation_checkpointing, "activation checkpointing is on"),
+            (cfg.train.activation_checkpointing and cfg.train.cuda_graphs == "auto",
+             "auto does not yet graph activation-checkpointed runs; set train.cuda_graphs = on"),
             (kd_mode == "online", "online KD runs the teacher inside the step"),
             (kd_mode == "offline" and cfg.train.cuda_graphs == "auto",
              "auto graphs CE runs only; set train.cuda_graphs = on to graph offline KD steps"),
@@ -307,15 +309,16 @@ class Trainer:
         return batches, state
 
     def _fast_paths(self, model):
-        """Pick the compute path. One device: the fused body (`vpmoe.model.fast.FastBody`) and the
-        fused optimizer step; FSDP2/EP (module hooks must run) or activation checkpointing: the
-        model's fast kernels inside its own modules. Returns the fused body or None."""
+        """Pick the compute path. One device: the fused body (`vpmoe.model.fast.FastBody`, which
+        checkpoints its blocks when `train.activation_checkpointing` asks) and the fused optimizer
+        step; FSDP2/EP (module hooks must run): the model's fast kernels inside its own modules.
+        Returns the fused body or None."""
         mode = self.cfg.train.fast_path
         if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
             return None
-        if self.ds.world == 1 and not self.cfg.train.activation_checkpointing:
+        if self.ds.world == 1:
             from vpmoe.model.fast import FastBody
-            return FastBody(model)
+            return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing)
         from vpmoe.model.kernels import use_fast_paths
         use_fast_paths(model)  # expert parallelism then replaces the MoE dispatcher with its own
         return None
