@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vpmoe.model import kernels as K
 from vpmoe.model.kernels import Routing, _Combine, _Dispatch, experts_grouped, permute_by_expert, route_fast
 from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference
 from tests.test_model import randomize, small
@@ -252,3 +253,13 @@ def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method):
     for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert o2.state[m2.embed.weight]["step"].item() == 3
+
+
+def test_hardware_gates_for_the_fast_path_and_graphs():
+    """Which GPUs get bf16 + the fused path (sm80+) and CUDA graphs (torch._grouped_mm without a
+    host sync: sm90 and sm100 only; an A100 or an sm120 card would fail the capture)."""
+    table = {None: (False, False), (7, 0): (False, False), (8, 0): (True, False), (8, 9): (True, False),
+             (9, 0): (True, True), (10, 0): (True, True), (12, 0): (True, False)}
+    got = {cap: (K.bf16_fast_path_ok(cap), K.grouped_mm_graphable(cap)) for cap in table}
+    assert got == table
+    assert K.cuda_capability(torch.device("cpu")) is None

@@ -32,6 +32,28 @@ import torch
 from vpmoe.model import model as M
 
 # ----------------------------------------------------------------------------------------------
+# what the hardware allows
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device; None for any other device."""
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def bf16_fast_path_ok(capability: tuple[int, int] | None) -> bool:
+    """bf16 tensor cores and FlexAttention's kernels: Ampere (sm80) and newer."""
+    return capability is not None and capability >= (8, 0)
+
+
+def grouped_mm_graphable(capability: tuple[int, int] | None) -> bool:
+    """Whether `torch._grouped_mm` runs without a host sync, so a CUDA graph can capture it: its
+    fused kernel serves sm90 and sm100 only (H100/H200, B200); elsewhere (A100, RTX, sm12x) torch
+    loops over the groups after copying the offsets to the host, which capture forbids."""
+    return capability is not None and capability[0] in (9, 10)
+
+
+# ----------------------------------------------------------------------------------------------
 # MoE
 
 

@@ -48,6 +48,7 @@ import torch
 from vpmoe.config import ConfigError, config_hash, model_diff
 from vpmoe.kd.losses import STAT_KEYS, count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
+from vpmoe.model import kernels as K
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
@@ -122,7 +123,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ds: DistState = init_distributed(cfg.train.device, cfg.parallel)
         self.device = self.ds.device
-        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        self.capability = K.cuda_capability(self.device)  # None on the CPU
+        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and K.bf16_fast_path_ok(self.capability))
         self.amp_dtype = torch.bfloat16 if bf16 else None
         self._seed_everything(cfg.train.seed)
 
@@ -252,6 +254,9 @@ class Trainer:
         kd_mode = cfg.kd_config().mode
         reasons = [why for bad, why in (
             (self.device.type != "cuda", "the device is not CUDA"),
+            (self.device.type == "cuda" and not K.grouped_mm_graphable(self.capability),
+             f"torch._grouped_mm syncs the host on compute capability {self.capability} (its loop "
+             "fallback; sync-free on sm90/sm100 only), which a CUDA graph cannot capture"),
             (self.ds.world != 1, "more than one process (FSDP2/EP run their own hooks)"),
             (cfg.train.fast_path == "off", "train.fast_path is off"),
             (cfg.train.activation_checkpointing and cfg.train.cuda_graphs == "auto",
@@ -314,13 +319,12 @@ class Trainer:
         step; FSDP2/EP (module hooks must run): the model's fast kernels inside its own modules.
         Returns the fused body or None."""
         mode = self.cfg.train.fast_path
-        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
-            return None
+        if mode == "off" or (mode == "auto" and not K.bf16_fast_path_ok(self.capability)):
+            return None  # auto: CUDA sm80+ (bf16 tensor cores, Flex kernels)
         if self.ds.world == 1:
             from vpmoe.model.fast import FastBody
             return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing)
-        from vpmoe.model.kernels import use_fast_paths
-        use_fast_paths(model)  # expert parallelism then replaces the MoE dispatcher with its own
+        K.use_fast_paths(model)  # expert parallelism then replaces the MoE dispatcher with its own
         return None
 
     def _write_config(self) -> None:
