@@ -2,12 +2,11 @@
 import dataclasses
 import math
 
-import pytest
 import torch
 
 from vpmoe.config import ModelConfig, load_model_config
 from vpmoe.model.model import (Attention, MoE, VpMoE, alibi_slopes, apply_rotary, attention_reference,
-                               positions_from_docs, route_reference, sequence_aux_loss, tpa_product)
+                               positions_from_docs, tpa_product)
 
 TINY = load_model_config("configs/tiny.toml")
 

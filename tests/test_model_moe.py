@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vpmoe.config import ConfigError, ModelConfig, from_dict, load_model_config
-from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference, sequence_aux_loss
+from vpmoe.model.model import MoE, VpMoE, route_reference, sequence_aux_loss
 from tests.test_model import randomize, small
 
 
