@@ -68,7 +68,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train (stage 1: span-normalised CE) from a run config")
+    p = subparsers.add_parser("train", help="train from a run config: span-normalised CE (stage 1), offline or online KD (stage 2, [kd])")
     p.add_argument("config", help="run TOML ([model], [data], [optim], [schedule], [train], [checkpoint], ...)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.steps=10")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
