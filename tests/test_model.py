@@ -160,3 +160,45 @@ def test_layer_schedule():
     m = VpMoE(model_cfg)
     assert [b.attn.is_global for b in m.layers] == [False, False, False, True] * 2
     assert not isinstance(m.layers[0].ffn, MoE) and all(isinstance(b.ffn, MoE) for b in m.layers[1:])
+
+
+def test_initialisation_rules_and_meta_build():
+    """The init rules (Normal(0, init_std) weights, output projections / sqrt(2 * layers), zero
+    biases and sinks, ones for norms and value mixes, RoPE log-frequencies, zero router biases);
+    a model built on "meta" and materialised draws exactly the weights of one built directly; a
+    deeper model with the same seed shares every common parameter (per-name streams)."""
+    cfg = small(n_layers=4, d_model=64, n_experts=16, expert_ffn=32)
+    torch.manual_seed(3)
+    model = VpMoE(cfg)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "log_freq":
+            expected = (torch.log(1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64)
+                                                            / cfg.head_dim)) * cfg.grape_log_scale).float()
+            assert torch.equal(p, expected), name
+        elif leaf == "value_mix" or ("norm" in name and leaf == "weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif leaf == "sinks" or leaf.startswith("b_") or leaf.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            std = out_std if (".wo." in name or ".down." in name or leaf == "w_down") else cfg.init_std
+            assert p.numel() >= 256 and abs(p.mean().item()) < 4 * std / p.numel() ** 0.5, name
+            assert abs(p.std().item() / std - 1) < 6 / (2 * p.numel()) ** 0.5 + 0.01, (name, p.std().item(), std)
+    assert all(m.expert_bias.eq(0).all() for m in model.moe_layers())
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2]
+    assert len({float(p.detach().flatten()[0]) for p in weights}) == len(weights)  # no two share a stream
+
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        lazy = VpMoE(cfg)
+    assert lazy.init_seed == model.init_seed and lazy.embed.weight.is_meta
+    lazy.to_empty(device="cpu")
+    lazy.reset_parameters()
+    a, b = model.state_dict(), lazy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    deeper = VpMoE(dataclasses.replace(cfg, n_layers=6), init_seed=model.init_seed).state_dict()
+    for k, v in a.items():  # output projections scale with depth; everything else is the same draw
+        scale = math.sqrt(6 / 4) if (".wo." in k or ".down." in k or k.endswith("w_down")) else 1.0
+        torch.testing.assert_close(deeper[k] * scale, v, rtol=1e-6, atol=0, msg=k)

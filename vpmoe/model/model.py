@@ -24,6 +24,7 @@ Design choices (docs/architecture.md is the spec; docs/model.md explains the cod
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -374,33 +375,58 @@ class ModelOutput:
         return self.hidden
 
 
+def _name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one parameter: its own stream, whatever else the model holds."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def initial_value(cfg: ModelConfig, name: str, shape: tuple, seed: int, device) -> torch.Tensor:
+    """The initial fp32 value of parameter `name` (its full shape): Normal(0, init_std) weights,
+    output projections scaled by 1/sqrt(2 * layers), zero biases and sinks, ones for norms and
+    value mixes, RoPE log-frequencies for GRAPE. Drawn from a generator seeded by (seed, name)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "log_freq":
+        return (rope_inv_freq(cfg.head_dim, cfg.rope_base).log() * cfg.grape_log_scale).float().to(device)
+    if leaf == "value_mix" or ("norm" in name and leaf == "weight"):
+        return torch.ones(shape, device=device)
+    if leaf == "sinks" or leaf.startswith("b_") or leaf.endswith("bias"):
+        return torch.zeros(shape, device=device)
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if (".wo." in name or ".down." in name or leaf == "w_down") \
+        else cfg.init_std
+    gen = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
+    return torch.randn(shape, generator=gen, device=device) * std
+
+
 class VpMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
+        # drawn first, from the CPU generator, so `torch.manual_seed(s)` fixes the weights whichever
+        # device the model is built on (or "meta": initialised later by reset_parameters)
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu")) if init_seed is None else init_seed
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero biases; output projections scaled by 1/sqrt(2 * layers)."""
-        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        """Every parameter from `initial_value` (seeded per parameter name by `init_seed`), router
+        biases zero. Sharded parameters (FSDP2 / expert-parallel DTensors) get their shard of the
+        same full tensor, so the weights do not depend on the number of ranks or the parallelism;
+        one full tensor exists at a time. The draws happen on the parameter's device (a CPU and a
+        GPU generator give different numbers for the same seed)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("log_freq",) or "norm" in name and leaf == "weight":
-                continue  # set by their constructors (RoPE frequencies, ones)
-            if leaf == "value_mix":
-                p.fill_(1.0)
-            elif leaf in ("sinks",) or leaf.startswith("b_") or leaf.endswith("bias"):
-                p.zero_()
-            elif ".wo." in name or ".down." in name or leaf == "w_down":
-                nn.init.normal_(p, 0.0, out_std)
-            else:
-                nn.init.normal_(p, 0.0, std)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            full = initial_value(self.cfg, name, tuple(p.shape), self.init_seed, local.device)
+            if isinstance(p, DTensor):
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            local.copy_(full)
         for layer in self.layers:
             if isinstance(layer.ffn, MoE):
                 layer.ffn.expert_bias.zero_()

@@ -296,8 +296,10 @@ def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu") ->
     ckpt = resolve_checkpoint(path)
     prov = verify_checkpoint(ckpt)
     cfg = from_dict(ModelConfig, prov["model"], "model")
-    model = VpMoE(cfg)
-    load_model_weights(ckpt, model)
+    with torch.device("meta"):  # no random init: every parameter and router bias comes from the checkpoint
+        model = VpMoE(cfg)
+    model.to_empty(device="cpu")
+    load_model_weights(ckpt, model)  # strict: a tensor the checkpoint lacks is an error, never garbage
     return model.to(device).eval()
 
 

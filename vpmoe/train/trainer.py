@@ -2,8 +2,9 @@
 
 Design choices:
 - Setup order makes a refused resume harmless: config -> process groups -> data -> (resume:
-  verify the checkpoint, check model config / tokenizer / data / world size) -> model (init or
-  `init_from`) -> expert parallel -> FSDP2 -> optimizer -> load state. Only after all of that
+  verify the checkpoint, check model config / tokenizer / data / global batch) -> model on
+  "meta" -> expert parallel -> FSDP2 -> each rank allocates and draws its shards (or `init_from`)
+  -> optimizer -> load state. Only after all of that
   succeeded is anything written to the run directory.
 - Loss (training plan): `w_r * mean over reasoning positions + w_f * mean over final positions`
   of the *global* batch. Before any forward, the step's micro-batches are fetched and their
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from vpmoe.config import ConfigError, config_hash, model_diff
 from vpmoe.kd.losses import STAT_KEYS, count_span_tokens, span_means
@@ -140,18 +142,21 @@ class Trainer:
         self.start_ckpt = self._find_resume() if resume else None
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
 
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        torch.manual_seed(cfg.train.seed)  # the init seed, the same on every rank
         from vpmoe.model.model import VpMoE
-        # built on its device: on the host, initialisation runs ~0.9B params per 14 s on 2 threads
-        # (6B: minutes when 8 ranks share a host's cores) and takes 24 GB of host memory per rank
-        with torch.device(self.device):
+        # shapes only: experts are split and FSDP2 shards on "meta", then each rank allocates its
+        # shards and draws them (VpMoE.reset_parameters: the full tensor one parameter at a time)
+        with torch.device("meta"):
             model = VpMoE(cfg.model)
-        if cfg.train.init_from and self.start_ckpt is None:
-            self._init_from(model, cfg.train.init_from)
         model.gradient_checkpointing = cfg.train.activation_checkpointing
-        self.body = self._fast_paths(model)
+        self._module_fast_paths(model)
         apply_expert_parallel(model, self.ds)
         self.model = shard_model(model, self.ds, cfg.parallel)
+        model.to_empty(device=self.device)
+        model.reset_parameters()
+        if cfg.train.init_from and self.start_ckpt is None:
+            self._init_from(model, cfg.train.init_from)
+        self.body = self._fused_body(model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.fast_opt = None
@@ -236,7 +241,8 @@ class Trainer:
             diff = model_diff(hf.model.cfg, self.cfg.model)
             if diff:
                 raise ConfigError(f"train.init_from {source}: model config differs: " + "; ".join(diff))
-            model.load_state_dict(hf.model.state_dict())
+            # every rank holds the full HF weights; each keeps its shards
+            set_model_state_dict(model, hf.model.state_dict(), options=StateDictOptions(full_state_dict=True, strict=True))
             return
         path = ckpt.resolve_checkpoint(source)
         prov = ckpt.verify_checkpoint(path, hashes=self.cfg.checkpoint.verify == "sha256")
@@ -313,19 +319,24 @@ class Trainer:
             batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         return batches, state
 
-    def _fast_paths(self, model):
-        """Pick the compute path. One device: the fused body (`vpmoe.model.fast.FastBody`, which
-        checkpoints its blocks when `train.activation_checkpointing` asks) and the fused optimizer
-        step; FSDP2/EP (module hooks must run): the model's fast kernels inside its own modules.
-        Returns the fused body or None."""
-        mode = self.cfg.train.fast_path
-        if mode == "off" or (mode == "auto" and not K.bf16_fast_path_ok(self.capability)):
-            return None  # auto: CUDA sm80+ (bf16 tensor cores, Flex kernels)
-        if self.ds.world == 1:
-            from vpmoe.model.fast import FastBody
-            return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing)
-        K.use_fast_paths(model)  # expert parallelism then replaces the MoE dispatcher with its own
-        return None
+    def _fast_path_on(self) -> bool:
+        mode = self.cfg.train.fast_path  # auto: CUDA sm80+ (bf16 tensor cores, Flex kernels)
+        return mode == "on" or (mode == "auto" and K.bf16_fast_path_ok(self.capability))
+
+    def _module_fast_paths(self, model) -> None:
+        """Several ranks (FSDP2/EP module hooks must run): the model's fast kernels inside its own
+        modules; expert parallelism then replaces the MoE dispatcher with its own."""
+        if self._fast_path_on() and self.ds.world > 1:
+            K.use_fast_paths(model)
+
+    def _fused_body(self, model):
+        """One device: the fused body (`vpmoe.model.fast.FastBody`, which checkpoints its blocks
+        when `train.activation_checkpointing` asks) and, later, the fused optimizer step. Built on
+        the materialised model (it holds its parameters). None where it does not apply."""
+        if not self._fast_path_on() or self.ds.world > 1:
+            return None
+        from vpmoe.model.fast import FastBody
+        return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing)
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
