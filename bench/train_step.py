@@ -136,7 +136,8 @@ class Trainer:
                  checkpoint: bool = False, momentum_dtype: str = "float32"):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
-        self.model = VpMoE(cfg).cuda()
+        with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
+            self.model = VpMoE(cfg)
         self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype))
         self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk)
         self.fopt.init_state()
