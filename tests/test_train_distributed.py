@@ -123,6 +123,25 @@ def test_fused_path_with_activation_checkpointing_is_the_same_run(runs):
         torch.testing.assert_close(y[key], x[key], rtol=1e-6, atol=1e-8, msg=key)
 
 
+def test_init_from_hf_export_on_two_ranks(runs, tmp_path):
+    """train.init_from an HF export (the 1-rank run's final weights) on 2 FSDP2 ranks: every rank
+    reads the full HF weights and keeps its shards (set_model_state_dict over the model built on
+    meta), giving the same first steps as on 1 rank; step 1 starts from the trained weights."""
+    hf = tmp_path / "hf"
+    vpmoe("export", str(runs["one"]), "--hf", str(hf))
+    got = {}
+    for name, ranks, accum in (("one", 0, 2), ("two", 2, 1)):
+        vpmoe("train", str(runs["cfg"]), "--run-dir", str(tmp_path / name), "--set", f'train.init_from="{hf}"',
+              "--set", f"train.grad_accum={accum}", "--set", "train.steps=2", "--set", "train.eval_every=0",
+              ranks=ranks)
+        got[name] = train_losses(tmp_path / name)
+    assert sorted(got["one"]) == [1, 2]
+    for step in (1, 2):
+        assert got["two"][step] == pytest.approx(got["one"][step], rel=1e-6, abs=0), step
+    fresh = train_losses(runs["one"])
+    assert got["one"][1] < fresh[1] - 0.5  # the export's trained weights, not a fresh init
+
+
 def final_state(run_dir):
     from vpmoe.train.checkpoint import load_model_for_eval
 
