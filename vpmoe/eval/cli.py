@@ -1,4 +1,5 @@
-"""`vpmoe eval MODEL --suite NAME --out REPORT.json` and `vpmoe eval fetch-bundle`.
+"""`vpmoe eval MODEL --suite NAME --out REPORT.json`, `vpmoe eval RUN_DIR --every-checkpoint
+[--watch]` (one report per checkpoint, curves: vpmoe/eval/watch.py) and `vpmoe eval fetch-bundle`.
 
 Design choices:
 - One command, one report: MODEL is an HF causal-LM directory (our export, a parent Qwen3, a
@@ -161,16 +162,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         path = fetch_bundle(args.out, zip_path=args.zip, **kwargs)
         print(f"CORE eval bundle ready at {path} (use --bundle {path} or set VPMOE_EVAL_BUNDLE)")
         return 0
-    if not args.out:
+    if args.watch and not args.every_checkpoint:
+        raise UserError("--watch goes with --every-checkpoint (a training run directory as MODEL)")
+    if not args.out and not args.every_checkpoint:
         raise UserError("--out REPORT.json is required")
     if args.max_per_task is not None and args.max_per_task < 1:
         raise UserError(f"--max-per-task must be >= 1, got {args.max_per_task}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    report = run_eval(args.model, args.suite, args.out, baseline=args.baseline, bundle=args.bundle, data=args.data,
-                      max_per_task=args.max_per_task, seed=args.seed, device=args.device, dtype=args.dtype,
-                      tasks=tasks, batch_tokens=args.batch_tokens, format_n=args.format_n,
-                      format_max_new_tokens=args.format_max_new_tokens, numeric_n=args.numeric_n,
-                      ppl_max_rows=args.ppl_max_rows, details=args.details, png=args.png)
+    kwargs = dict(suite=args.suite, baseline=args.baseline, bundle=args.bundle, data=args.data,
+                  max_per_task=args.max_per_task, seed=args.seed, device=args.device, dtype=args.dtype,
+                  tasks=tasks, batch_tokens=args.batch_tokens, format_n=args.format_n,
+                  format_max_new_tokens=args.format_max_new_tokens, numeric_n=args.numeric_n,
+                  ppl_max_rows=args.ppl_max_rows, details=args.details)
+    if args.every_checkpoint:
+        from vpmoe.eval.watch import evaluate_run
+        curves = evaluate_run(args.model, args.out, watch=args.watch, poll_seconds=args.poll_seconds, log=log,
+                              **kwargs)
+        log(f"{len(curves['steps'])} checkpoints evaluated: steps {curves['steps']}")
+        return 0
+    report = run_eval(args.model, out=args.out, png=args.png, **kwargs)
     print_summary(report)
     return 0
 
@@ -207,6 +217,12 @@ def register(subparsers) -> None:
     p.add_argument("--ppl-max-rows", type=int, default=None, help="cap on valid rows for ppl (default all)")
     p.add_argument("--details", action="store_true", help="keep per-item CORE records in the report")
     p.add_argument("--png", help="summary PNG path (default: the report path with .png)")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="MODEL is a training run dir: evaluate each checkpoint without a report in --out "
+                        "(default RUN/eval/step_N.json), then write curves.json/png and TensorBoard eval/*")
+    p.add_argument("--watch", action="store_true",
+                   help="with --every-checkpoint: keep polling until the run's last step is evaluated")
+    p.add_argument("--poll-seconds", type=float, default=60.0, help="--watch: seconds between looks")
     p.add_argument("--zip", help="fetch-bundle: install from this local zip instead of downloading")
     p.add_argument("--url", help="fetch-bundle: download from this URL instead of nanochat's")
     p.add_argument("--sha256", help="fetch-bundle: expected sha256 (default the pinned one; 'none' skips)")

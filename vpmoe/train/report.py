@@ -155,4 +155,12 @@ def _summary(run_dir: Path, records: list[dict], images: list[str]) -> str:
                 "aux_loss", "grad_norm", "router/entropy_min", "router/dead_experts"):
         lines.append(f"| {key} | {_fmt(first(key))} | {_fmt(last(key))} |")
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
+    curves_path = run_dir / "eval" / "curves.json"
+    curves = json.loads(curves_path.read_text()) if curves_path.is_file() else {"steps": []}
+    if curves["steps"]:  # written by `vpmoe eval RUN --every-checkpoint`
+        lines += ["## Evaluations", "", f"checkpoints evaluated at steps {curves['steps']} (`{run_dir.name}/eval/`)", "",
+                  f"| metric | step {curves['steps'][0]} | step {curves['steps'][-1]} |", "|---|---|---|"]
+        for name, values in curves["metrics"].items():
+            lines.append(f"| {name} | {_fmt(values[0])} | {_fmt(values[-1])} |")
+        lines += ["", "![eval curves](../eval/curves.png)", ""]
     return "\n".join(lines)
