@@ -37,7 +37,10 @@ def test_quick_demo_end_to_end_and_rerun_skips(tmp_path, capsys):
     report = Demo(out, DemoSettings.quick(), progress=False).run()
     assert report.exists() and (out / "report" / "student_loss.png").stat().st_size > 1000
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["verdict"]["n_seeds"] == 2
+    v = summary["verdict"]
+    assert v["n_seeds"] == 2
+    gains = [p["ce_loss"] - p["kd_loss"] for p in v["pairs"]]
+    assert v["loss_gain_se"] == pytest.approx(abs(gains[0] - gains[1]) / 2, rel=1e-9)  # sd/sqrt(2) for two
     assert set(summary["models"]) == {"teacher", "student_ce_seed0", "student_kd_seed0", "student_ce_seed1",
                                       "student_kd_seed1"}
     for m in summary["models"].values():

@@ -2,8 +2,8 @@
 
 The verdict on KD vs CE is computed, not written: per seed, the held-out loss (the sum of the
 reasoning and final span means, as trained) and the exact-answer accuracy of each pair of students
-that share an init and a token budget; then the mean difference and in how many seeds KD was
-better. The text says exactly that and nothing more.
+that share an init and a token budget; then the mean difference, its standard error over the
+seeds, and in how many seeds KD was better. The text says exactly that and nothing more.
 """
 from __future__ import annotations
 
@@ -33,9 +33,16 @@ def verdict(models: dict, seeds: list[int]) -> dict:
                       "ce_acc": ce["accuracy"], "kd_acc": kd["accuracy"]})
     loss_gain = [p["ce_loss"] - p["kd_loss"] for p in pairs]
     acc_gain = [p["kd_acc"] - p["ce_acc"] for p in pairs]
-    return {"pairs": pairs, "mean_loss_gain": float(np.mean(loss_gain)), "kd_lower_loss_seeds": sum(g > 0 for g in loss_gain),
+    # the spread of the paired gains says how far the mean can be trusted (None with one seed)
+    se = float(np.std(loss_gain, ddof=1) / np.sqrt(len(loss_gain))) if len(loss_gain) > 1 else None
+    return {"pairs": pairs, "mean_loss_gain": float(np.mean(loss_gain)), "loss_gain_se": se,
+            "kd_lower_loss_seeds": sum(g > 0 for g in loss_gain),
             "mean_acc_gain": float(np.mean(acc_gain)), "kd_higher_acc_seeds": sum(g > 0 for g in acc_gain),
             "n_seeds": len(pairs)}
+
+
+def _se(v: dict) -> str:
+    return "" if v.get("loss_gain_se") is None else f" ± {v['loss_gain_se']:.4f} standard error"
 
 
 def _plots(out: Path, models: dict, seeds: list[int]) -> list[str]:
@@ -127,10 +134,11 @@ def write_report(out: Path, results: dict, settings) -> Path:
         lines.append(f"- seed {p['seed']}: held-out loss CE {p['ce_loss']:.4f} vs KD {p['kd_loss']:.4f} "
                      f"({p['ce_loss'] - p['kd_loss']:+.4f}); accuracy CE {p['ce_acc']:.3f} vs KD {p['kd_acc']:.3f}")
     lines += ["", f"Over {v['n_seeds']} seeds, KD gave a {better} held-out loss on average "
-              f"({abs(v['mean_loss_gain']):.4f} nats {'better' if v['mean_loss_gain'] > 0 else 'worse'}), and was lower "
+              f"({abs(v['mean_loss_gain']):.4f} nats {'better' if v['mean_loss_gain'] > 0 else 'worse'}{_se(v)}), "
+              "and was lower "
               f"in {v['kd_lower_loss_seeds']} of {v['n_seeds']} seeds; exact-answer accuracy changed by "
               f"{v['mean_acc_gain']:+.3f} on average (KD higher in {v['kd_higher_acc_seeds']} of {v['n_seeds']}).",
-              "Two seeds and a few minutes of CPU training are a smoke-scale comparison: these numbers say the",
+              f"{v['n_seeds']} seeds and a few minutes of CPU training are a smoke-scale comparison: these numbers say the",
               "pipeline works end to end, not how KD compares at scale.", "",
               "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [
               "", "## A greedy sample (teacher, first held-out prompt)", "", "```",
@@ -149,6 +157,6 @@ def write_report(out: Path, results: dict, settings) -> Path:
     for name, m in models.items():
         table.add_row(name, f"{m['valid_loss']:.4f}", f"{m['accuracy']:.3f}", f"{m['harmony_valid']:.3f}")
     Console().print(table)
-    print(f"KD vs CE over {v['n_seeds']} seeds: mean held-out loss gain {v['mean_loss_gain']:+.4f} "
+    print(f"KD vs CE over {v['n_seeds']} seeds: mean held-out loss gain {v['mean_loss_gain']:+.4f}{_se(v)} "
           f"(KD lower in {v['kd_lower_loss_seeds']}/{v['n_seeds']}), accuracy gain {v['mean_acc_gain']:+.3f}")
     return path
