@@ -1,0 +1,73 @@
+"""The GPU path's compiled pieces trace as whole graphs (no graph breaks) on the CPU, so a CPU-side
+edit that would break `torch.compile(fullgraph=True)` fails here instead of falling back (with a
+warning) to a slow path on the GPU. `aot_eager` runs dynamo and AOTAutograd (forward and
+backward graphs) without generating kernels; results are checked against the eager function.
+FlexAttention is the one GPU-only piece (CPU blocks use the reference attention)."""
+import pytest
+import torch
+
+from tests.test_model import randomize, small
+from vpmoe.model.fast import FastBody, make_block_fn
+from vpmoe.model.model import VpMoE, alibi_slopes, positions_from_docs
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3], ids=["dense-local-first", "moe-local", "moe-global"])
+def test_block_traces_whole_and_matches_eager(layer):
+    torch._dynamo.reset()
+    cfg = small(n_layers=4, d_model=32, n_experts=8, expert_ffn=8)
+    model = randomize(VpMoE(cfg))
+    params = FastBody._block_params(model.layers[layer])
+    fn = make_block_fn(cfg, layer, torch.bfloat16, flex=False)  # GEMMs in bf16, as on the GPU
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+    torch.manual_seed(layer)
+    B, T = 2, 20
+    doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 5 + [1] * 15])
+    pos = positions_from_docs(doc)
+    v_first = None if layer == 0 else torch.randn(B, cfg.n_kv_heads, T, cfg.head_dim)
+    slopes = alibi_slopes(cfg.n_heads) if cfg.is_global(layer) else None
+    results = []
+    for f in (fn, compiled):
+        x = torch.randn(B, T, cfg.d_model, generator=torch.Generator().manual_seed(7), requires_grad=True)
+        for p in params.values():
+            p.grad = None
+        y, v, aux, load = f(params, x, pos, doc, v_first, None, slopes)
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + v.square().sum()
+        if aux is not None:
+            loss = loss + aux
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+        results.append((y.detach(), v.detach(), x.grad.clone(), grads, load))
+    (y0, v0, gx0, g0, l0), (y1, v1, gx1, g1, l1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 5
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    if l0 is not None:
+        assert torch.equal(l1, l0)
+
+
+@pytest.mark.parametrize("momentum", [torch.float32, torch.bfloat16])
+def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
+    """FastMuonAdamW's compiled pieces (momentum + Nesterov + cast, both Newton-Schulz forms, the
+    decayed update) as whole graphs, equal to their eager selves."""
+    from vpmoe.train.optim_fast import _muon_post, _muon_pre, orthogonalise
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randn(6, 16, 64, generator=gen)
+    buf0 = torch.randn(6, 16, 64, generator=gen).to(momentum)
+    coef, decay, step = torch.tensor(0.7), torch.tensor(0.999), torch.tensor(-0.01)
+    outs = []
+    for compiled in (False, True):
+        pre, post, ns = ((torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False) if compiled else f)
+                         for f in (_muon_pre, _muon_post, orthogonalise))
+        buf, w = buf0.clone(), torch.randn(6, 16, 64, generator=torch.Generator().manual_seed(12))
+        u = pre(g, buf, coef, 0.95, True, torch.float32)
+        o_gram, o_std = ns(u, 5, "gram"), ns(u, 5, "standard")
+        post(w, o_gram, decay, step)
+        outs.append((buf, u, o_gram, o_std, w))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
