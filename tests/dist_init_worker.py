@@ -24,9 +24,9 @@ def main(out: str, ep: int) -> None:
     model.reset_parameters()
     full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in model.named_parameters()}
-    local_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
     if ds.rank == 0:
-        torch.save({"params": full, "local_numel": local_bytes}, out)
+        torch.save({"params": full, "local_numel": local_numel}, out)
     shutdown_distributed()
 
 

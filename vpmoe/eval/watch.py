@@ -31,11 +31,13 @@ def _report_path(out: Path, step: int) -> Path:
 
 
 def final_step(checkpoint: Path) -> int | None:
-    """train.steps of the run that wrote `checkpoint` (its provenance record)."""
+    """train.steps of the run that wrote `checkpoint` (its provenance record); None if unreadable
+    (e.g. rotated away meanwhile)."""
+    from vpmoe.train.checkpoint import CheckpointError, read_provenance
+
     try:
-        prov = json.loads((checkpoint / "provenance.json").read_text())
-        return int(prov["config"]["train"]["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_provenance(checkpoint)["config"]["train"]["steps"])
+    except (CheckpointError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -112,11 +114,11 @@ def evaluate_run(run_dir: str | Path, out: str | Path | None, watch: bool = Fals
     RUN_DIR/eval), oldest first; with `watch`, keep polling until the run's last step is done.
     `eval_kwargs` go to `vpmoe.eval.cli.run_eval`. Returns the curves."""
     from vpmoe.eval.cli import run_eval
-    from vpmoe.train.checkpoint import list_checkpoints
+    from vpmoe.train.checkpoint import checkpoint_dir, list_checkpoints
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "eval"
-    if not (run_dir / "checkpoints").is_dir() and not watch:
+    if not checkpoint_dir(run_dir).is_dir() and not watch:
         raise UserError(f"{run_dir}: no checkpoints/ folder; --every-checkpoint takes a training run directory")
     out.mkdir(parents=True, exist_ok=True)
     writer = None

@@ -91,6 +91,11 @@ def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
 
+def grape_log_freq_init(cfg: ModelConfig) -> torch.Tensor:
+    """GRAPE-M's learnable log-frequencies at init (fp32): RoPE's, scaled by grape_log_scale."""
+    return (rope_inv_freq(cfg.head_dim, cfg.rope_base).log() * cfg.grape_log_scale).float()
+
+
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, h, T, D] by angle pos * freq (half-split pairs (i, i + D/2)), in fp32 (fp64 for fp64 x)."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -199,7 +204,7 @@ class Attention(nn.Module):
             self.k_bias = nn.Parameter(torch.zeros(G * D))
             self.v_bias = nn.Parameter(torch.zeros(G * D))
             # GRAPE-M: learnable log-frequencies, scaled so they move at a sensible rate; fp32
-            self.log_freq = nn.Parameter((rope_inv_freq(D, cfg.rope_base).log() * cfg.grape_log_scale).float())
+            self.log_freq = nn.Parameter(grape_log_freq_init(cfg))
         self.wo = nn.Linear(H * D, d, bias=True)
         self.q_norm = RMSNorm(D, cfg.norm_eps)
         self.k_norm = RMSNorm(D, cfg.norm_eps)
@@ -386,7 +391,7 @@ def initial_value(cfg: ModelConfig, name: str, shape: tuple, seed: int, device) 
     value mixes, RoPE log-frequencies for GRAPE. Drawn from a generator seeded by (seed, name)."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "log_freq":
-        return (rope_inv_freq(cfg.head_dim, cfg.rope_base).log() * cfg.grape_log_scale).float().to(device)
+        return grape_log_freq_init(cfg).to(device)
     if leaf == "value_mix" or ("norm" in name and leaf == "weight"):
         return torch.ones(shape, device=device)
     if leaf == "sinks" or leaf.startswith("b_") or leaf.endswith("bias"):

@@ -3,8 +3,8 @@
 Design choices:
 - Setup order makes a refused resume harmless: config -> process groups -> data -> (resume:
   verify the checkpoint, check model config / tokenizer / data / global batch) -> model on
-  "meta" -> expert parallel -> FSDP2 -> each rank allocates and draws its shards (or `init_from`)
-  -> optimizer -> load state. Only after all of that
+  "meta" -> expert parallel -> FSDP2 -> each rank allocates its shards and draws them (a fresh
+  run) or fills them from `init_from` / the resumed checkpoint -> optimizer -> load state. Only after all of that
   succeeded is anything written to the run directory.
 - Loss (training plan): `w_r * mean over reasoning positions + w_f * mean over final positions`
   of the *global* batch. Before any forward, the step's micro-batches are fetched and their
@@ -153,9 +153,11 @@ class Trainer:
         apply_expert_parallel(model, self.ds)
         self.model = shard_model(model, self.ds, cfg.parallel)
         model.to_empty(device=self.device)
-        model.reset_parameters()
-        if cfg.train.init_from and self.start_ckpt is None:
-            self._init_from(model, cfg.train.init_from)
+        if self.start_ckpt is None and cfg.train.init_from:
+            self._init_from(model, cfg.train.init_from)  # strict: fills every tensor
+        elif self.start_ckpt is None:
+            model.reset_parameters()
+        # else: load_checkpoint below fills every tensor (strict), so no random draw first
         self.body = self._fused_body(model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
