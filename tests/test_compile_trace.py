@@ -71,3 +71,36 @@ def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
     for a, b in zip(*outs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointed_compiled_blocks_stay_compiled_and_match():
+    """FastBody(checkpoint=True) with compiled blocks: the backward's recomputation runs the
+    compiled block again and must not be taken for a compile failure (non-reentrant checkpoint's
+    early stop raises through the compiled call; on the GPU that once demoted every block to eager
+    and then broke the recompute). Same hidden states and gradients as without checkpointing."""
+    import copy
+
+    torch._dynamo.reset()
+    cfg = small(n_layers=4, d_model=32, n_experts=8, expert_ffn=8)
+    plain = randomize(VpMoE(cfg))
+    ckpt = copy.deepcopy(plain)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=gen)
+    doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 5 + [1] * 15])
+    g = torch.randn(2, 20, cfg.d_model, generator=gen)
+    outs = []
+    for model, flag in ((plain, False), (ckpt, True)):
+        body = FastBody(model, compile=True, checkpoint=flag, compile_backend="aot_eager",
+                        dtype=torch.bfloat16)  # _grouped_mm traces in bf16 only
+        for _ in range(2):  # the second step reuses the compiled graphs
+            model.zero_grad(set_to_none=True)
+            hidden, aux, _ = body(ids, doc)
+            ((hidden * g).sum() + aux).backward()
+        assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
+        assert not any(f.failures for f in body.fns.values()), [f.failures for f in body.fns.values()]
+        outs.append(hidden.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -78,8 +78,8 @@ def test_grouped_experts_match_loop_bf16():
         assert rel_err(got, ref) < 2e-2, (name, rel_err(got, ref))
 
 
-def _pair(cfg, decisive_router: bool):
-    torch.manual_seed(0)
+def _pair(cfg, decisive_router: bool, seed: int = 0):
+    torch.manual_seed(seed)
     ref = VpMoE(cfg).to(DEV)
     with torch.no_grad():
         for name, p in ref.named_parameters():  # no zero biases / sinks hiding a term
@@ -212,24 +212,38 @@ def test_fast_body_fp32_matches_reference():
 
 def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
     """bf16: the compiled fast body's error against fp32 is at most ~1.5x the reference's own
-    bf16-autocast error (+ a small floor), forward and backward; and it compiles without breaks."""
+    bf16-autocast error (+ a small floor), forward and backward, averaged over three random models
+    (one model alone is noisy: a few flipped expert choices move a small gradient such as the
+    sinks' by 2x either way); and it compiles without breaks."""
     cfg = small_cfg()
     torch.backends.cuda.matmul.allow_tf32 = False
-    errs = {}
+    errs: dict[str, list] = {}
+    fast_model = body = None
     try:
-        base, _ = _pair(cfg, decisive_router=True)
-        ids, doc = _inputs(cfg)
-        g = torch.randn(*ids.shape, cfg.d_model, device=DEV)
-        exact, _ = _reference_run(copy.deepcopy(base), ids, doc, g, False)
-        ref_bf16, _ = _reference_run(copy.deepcopy(base), ids, doc, g, True)
-        fast, _, body = _fast_run(copy.deepcopy(base), ids, doc, g)
+        for seed in range(3):
+            base, _ = _pair(cfg, decisive_router=True, seed=seed)
+            ids, doc = _inputs(cfg)
+            g = torch.randn(*ids.shape, cfg.d_model, device=DEV)
+            exact, _ = _reference_run(copy.deepcopy(base), ids, doc, g, False)
+            ref_bf16, _ = _reference_run(copy.deepcopy(base), ids, doc, g, True)
+            if body is None:  # one fast body (one compilation); later models are loaded into it
+                fast_model = copy.deepcopy(base)
+                body = FastBody(fast_model)
+            else:
+                fast_model.load_state_dict(base.state_dict())
+                fast_model.zero_grad(set_to_none=True)
+            hidden, aux, _ = body(ids, doc)
+            ((hidden.float() * g).sum() + aux).backward()
+            fast = [hidden.detach().float()] + [t.clone() for t in _grads(fast_model)]
+            for name, x, r, f in zip(["hidden"] + GRAD_NAMES, exact, ref_bf16, fast):
+                errs.setdefault(name, []).append((rel_err(r, x), rel_err(f, x)))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = True
     assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
-    for name, x, r, f in zip(["hidden"] + GRAD_NAMES, exact, ref_bf16, fast):
-        errs[name] = (rel_err(r, x), rel_err(f, x))
-    print("rel err vs fp32 (reference bf16, fast bf16):", {k: (f"{a:.2e}", f"{b:.2e}") for k, (a, b) in errs.items()})
-    for name, (e_ref, e_fast) in errs.items():
+    print("rel err vs fp32 per seed (reference bf16, fast bf16):",
+          {k: [(f"{a:.2e}", f"{b:.2e}") for a, b in v] for k, v in errs.items()})
+    for name, pairs in errs.items():
+        e_ref, e_fast = (sum(col) / len(col) for col in zip(*pairs))
         assert e_fast <= 1.5 * e_ref + 5e-3, (name, e_ref, e_fast)
 
 

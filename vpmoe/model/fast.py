@@ -149,10 +149,11 @@ def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 class _CompileLadder:
     """torch.compile(fullgraph) -> torch.compile (graph breaks allowed) -> eager, on first failure."""
 
-    def __init__(self, fn, enabled: bool):
+    def __init__(self, fn, enabled: bool, backend: str = "inductor"):
         self.fn = fn
-        self.rungs = ([("fullgraph", torch.compile(fn, dynamic=False, fullgraph=True)),
-                       ("graph-breaks", torch.compile(fn, dynamic=False))] if enabled else []) + [("eager", fn)]
+        self.rungs = ([("fullgraph", torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)),
+                       ("graph-breaks", torch.compile(fn, dynamic=False, backend=backend))]
+                      if enabled else []) + [("eager", fn)]
         self.failures: list[str] = []
 
     @property
@@ -177,7 +178,7 @@ class FastBody:
     """Embedding + blocks + final norm of a VpMoE, on the fused path (see the module docstring)."""
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
-                 static_masks: bool = False, checkpoint: bool = False):
+                 static_masks: bool = False, checkpoint: bool = False, compile_backend: str = "inductor"):
         self.model, self.cfg = model, model.cfg
         self.checkpoint = checkpoint
         p0 = model.embed.weight
@@ -195,12 +196,12 @@ class FastBody:
             kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
             if kind not in self.fns:
                 self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex, self.bf16x3),
-                                                use_compile)
+                                                use_compile, compile_backend)
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
         # backward can be captured in a CUDA graph (the eager CUDA embedding backward may sync)
-        self.embed = _CompileLadder(_embed, use_compile)
+        self.embed = _CompileLadder(_embed, use_compile, compile_backend)
 
     @staticmethod
     def _block_params(block) -> dict:
@@ -239,9 +240,13 @@ class FastBody:
             mask, slopes = (glob, self.slopes) if kind[0] else (local, None)
             args = (self.params[i], x, pos, doc_ids, v_first, mask, slopes)
             if self.checkpoint and torch.is_grad_enabled():
-                # no RNG in a block: skipping the RNG save/restore also keeps CUDA-graph capture legal
-                x, v, aux, load = torch.utils.checkpoint.checkpoint(self.fns[kind], *args, use_reentrant=False,
-                                                                    preserve_rng_state=False)
+                # no RNG in a block: skipping the RNG save/restore also keeps CUDA-graph capture legal.
+                # No early stop: it ends the recompute by raising through the compiled call, which
+                # the compile ladder would take for a compile failure (and a compiled block saves
+                # its tensors all at once, so stopping early saves nothing).
+                with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                    x, v, aux, load = torch.utils.checkpoint.checkpoint(
+                        self.fns[kind], *args, use_reentrant=False, preserve_rng_state=False)
             else:
                 x, v, aux, load = self.fns[kind](*args)
             if v_first is None:
