@@ -5,7 +5,7 @@
 # tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, SKIP_BENCH=1 (tests only), PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), MOMENTUM=bfloat16 (Muon momentum dtype), PROFILE=1 (top kernels), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
+#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -49,6 +49,7 @@ opt=""
 [ -n "${KD_K:-}" ] && opt="$opt --kd $KD_K"
 [ "${AC:-0}" = 1 ] && opt="$opt --ac"
 [ -n "${MOMENTUM:-}" ] && opt="$opt --momentum-dtype $MOMENTUM"
+[ -n "${MICRO:-}" ] && opt="$opt --micro $MICRO"
 [ "${SKIP_BENCH:-0}" != 1 ] && timeout "${BENCH_TIMEOUT:-480}" python3 bench/train_step.py --cases "$cases" --steps "$steps" --peer "$out/peer.jsonl" \
   --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-256}" $opt 2>&1 | tee "$out/train_step.log" \
   | grep -v -i -e warn -e '^ ' | cut -c1-1500 | tail -${BENCH_TAIL:-40}

@@ -326,8 +326,10 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
-             loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32") -> tuple[dict, list]:
+             loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
+             micro_override=0) -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
+    micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -391,6 +393,8 @@ def main():
     ap.add_argument("--ac", action="store_true", help="activation checkpointing (FastBody recomputes each block)")
     ap.add_argument("--momentum-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="Muon momentum storage (optim.muon_momentum_dtype)")
+    ap.add_argument("--micro", type=int, default=0,
+                    help="micro-batches per step for every case (0: the case's own; with --ac, fewer fit)")
     a = ap.parse_args()
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -412,7 +416,7 @@ def main():
             row, sweep = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],
                                   a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd,
-                                  a.ac, a.momentum_dtype)
+                                  a.ac, a.momentum_dtype, a.micro)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
