@@ -53,7 +53,7 @@ class TrainSection:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA sm80+, else fp32) | bf16 | fp32
     activation_checkpointing: bool = False
     fast_path: str = "auto"  # auto (on CUDA sm80+) | on | off: the model's fused kernels and fused optimizer step
-    cuda_graphs: str = "auto"  # auto (one sm90/sm100 device, fast path, CE runs) | on (also offline KD) | off: CUDA graphs
+    cuda_graphs: str = "auto"  # auto (one sm90/sm100 device, fast path, no online KD) | on (refuses where it cannot) | off
     w_reasoning: float = 1.0
     w_final: float = 1.0
     init_from: str = ""  # checkpoint dir, run dir or HF dir to start from (fresh optimizer)
