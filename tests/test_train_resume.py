@@ -162,6 +162,52 @@ def test_divergence_stops_with_last_good_checkpoint(synth_data, tmp_path, capsys
     assert not list((tmp_path / "nan" / "checkpoints").glob("*.tmp"))
 
 
+def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A GPU out-of-memory error in step 3 (raised here by a wrapped train_step) stops the run with
+    exit 4 and one message naming the step, the memory settings and the changes that fit (halved
+    micro-batch with the global batch kept, checkpointing, bf16 momentum); step 2's checkpoint is
+    intact and `--resume` finishes the run. With every change already made, only more GPUs remain."""
+    import dataclasses
+
+    import torch
+
+    from vpmoe.train.checkpoint import latest_checkpoint, verify_checkpoint
+    from vpmoe.train.config import load_run_config
+    from vpmoe.train.trainer import Trainer, out_of_memory_advice
+
+    cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "oom", steps=4)
+    real_step = Trainer.train_step
+    calls = []
+
+    def train_step(self, batches):
+        calls.append(self.step)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_step(self, batches)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    code = main("train", str(cfg), "--set", "checkpoint.every=1")
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "ran out of memory after 2 completed steps (2 rows x 192 tokens per micro-batch, 2 micro-batches" in err
+    assert "--set data.micro_batch_size=1 --set train.grad_accum=4 (the same 4 rows per step" in err
+    assert "train.activation_checkpointing=true" in err and "optim.muon_momentum_dtype=bfloat16" in err
+    assert err.strip().endswith("--resume.") and "Traceback" not in err
+    latest = latest_checkpoint(tmp_path / "oom")
+    assert latest.name == "step_000002" and verify_checkpoint(latest)["step"] == 2
+    assert not list((tmp_path / "oom" / "checkpoints").glob("*.tmp"))
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main("train", str(cfg), "--resume") == 0
+    assert latest_checkpoint(tmp_path / "oom").name == "step_000004"
+
+    run = load_run_config(cfg)
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, micro_batch_size=1),
+                              train=dataclasses.replace(run.train, activation_checkpointing=True),
+                              optim=dataclasses.replace(run.optim, muon_momentum_dtype="bfloat16"))
+    advice = out_of_memory_advice(run, None, 8)
+    assert advice.startswith("the GPU ran out of memory while building the model and optimizer (1 rows")
+    assert "To fit, try: more GPUs" in advice and "--set" not in advice
+
+
 def test_export_loads_with_automodel_and_matches_the_checkpoint(reference, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM

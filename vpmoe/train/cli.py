@@ -8,12 +8,14 @@ Design choices:
 - Errors the user can fix (bad config, refused checkpoint, bad data) are ConfigError and print
   as one line (exit 2); a diverged run prints which quantity went non-finite (exit 3); a run
   stopped by SIGTERM / SIGUSR1 checkpoints after the step in flight and exits 75 (EX_TEMPFAIL:
-  not done, `--resume` continues; under torchrun the agent reports the workers' exit as a failure).
+  not done, `--resume` continues; under torchrun the agent reports the workers' exit as a failure);
+  a GPU out of memory prints the settings that decide memory and the changes that would fit (exit 4).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vpmoe.config import ConfigError
@@ -23,16 +25,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vpmoe.data import DataError
     from vpmoe.train.config import load_run_config
     from vpmoe.train.parallel import shutdown_distributed
-    from vpmoe.train.trainer import Trainer, TrainingDiverged, TrainingStopped
+    import torch
+
+    from vpmoe.train.trainer import Trainer, TrainingDiverged, TrainingStopped, out_of_memory_advice
 
     overrides = list(args.set or [])
     if args.run_dir:
         overrides.append(f"train.run_dir={json.dumps(args.run_dir)}")  # a TOML string
     cfg = load_run_config(args.config, overrides)
+    trainer = None
     try:
         try:
             trainer = Trainer(cfg, resume=args.resume)
             result = trainer.run()
+        except torch.OutOfMemoryError:
+            world = trainer.ds.world if trainer is not None else int(os.environ.get("WORLD_SIZE", "1"))
+            advice = out_of_memory_advice(cfg, trainer.step if trainer is not None else None, world)
+            print(f"vpmoe train: stopped: {advice}", file=sys.stderr)
+            return 4
         except TrainingDiverged as e:
             print(f"vpmoe train: stopped: {e}", file=sys.stderr)
             return 3
