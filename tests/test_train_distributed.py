@@ -25,8 +25,9 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     cfg = write_config(root / "run.toml", synth_data, root / "unused", steps=STEPS,
                        extra="")
     out = {}
-    vpmoe("train", str(cfg), "--run-dir", str(root / "one"), "--set", "checkpoint.every=1",
-          "--set", "checkpoint.keep=10")
+    logs = out["logs"] = {}
+    logs["one"] = vpmoe("train", str(cfg), "--run-dir", str(root / "one"), "--set", "checkpoint.every=1",
+                        "--set", "checkpoint.keep=10")
     out["one"] = root / "one"
     # FSDP2 with the model's fast kernels inside its modules (what `fast_path = "auto"` picks on GPUs)
     vpmoe("train", str(cfg), "--run-dir", str(root / "fsdp"), "--set", "train.grad_accum=1",
@@ -36,11 +37,11 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     vpmoe("train", str(cfg), "--run-dir", str(root / "fused"), "--set", 'train.fast_path="on"')
     out["fused"] = root / "fused"
     # the same with activation checkpointing: FastBody recomputes each block in backward
-    vpmoe("train", str(cfg), "--run-dir", str(root / "fused_ac"), "--set", 'train.fast_path="on"',
-          "--set", "train.activation_checkpointing=true")
+    logs["fused_ac"] = vpmoe("train", str(cfg), "--run-dir", str(root / "fused_ac"), "--set", 'train.fast_path="on"',
+                             "--set", "train.activation_checkpointing=true")
     out["fused_ac"] = root / "fused_ac"
-    vpmoe("train", str(cfg), "--run-dir", str(root / "ep"), "--set", "train.grad_accum=1",
-          "--set", "parallel.expert_parallel=2", ranks=2)
+    logs["ep"] = vpmoe("train", str(cfg), "--run-dir", str(root / "ep"), "--set", "train.grad_accum=1",
+                       "--set", "parallel.expert_parallel=2", ranks=2)
     out["ep"] = root / "ep"
     # distributed resume: the EP run again from its step-2 checkpoint (FSDP2 + EP DTensor state)
     shutil.copytree(root / "ep", root / "ep_resumed")
@@ -74,6 +75,20 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     out["one_to_ep"] = root / "one_to_ep"
     out["cfg"] = cfg
     return out
+
+
+def test_runs_say_how_they_compute(runs):
+    """Each run's first line says how it computes (device, precision, path, graphs and why not,
+    checkpointing, processes), once, from the main rank."""
+    want = {"one": "compute: cpu, fp32, module path, no CUDA graphs (the device is not CUDA), 1 process(es)",
+            "fused_ac": "compute: cpu, fp32, fused body + fused optimizer, no CUDA graphs (the device is not "
+                        "CUDA), activation checkpointing, 1 process(es)",
+            "ep": "compute: cpu, fp32, module path, no CUDA graphs (the device is not CUDA; more than one process "
+                  "(FSDP2/EP run their own hooks)), 2 process(es), expert parallel 2"}
+    for name, line in want.items():
+        proc = runs["logs"][name]
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("compute:")]
+        assert lines == [line], (name, lines)
 
 
 @pytest.mark.parametrize("name", ["one_to_two", "two_to_one", "ep_to_one", "one_to_ep"])

@@ -367,6 +367,28 @@ class Trainer:
         from vpmoe.model.fast import FastBody
         return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing)
 
+    def compute_summary(self) -> str:
+        """One line on how this run computes: device, precision, code path, CUDA graphs (and why
+        not, where `auto` left them off), checkpointing, processes. Printed at the start of a run."""
+        cfg, dev = self.cfg, self.device
+        where = str(dev)
+        if dev.type == "cuda":
+            where += f" ({torch.cuda.get_device_name(dev)}, sm{self.capability[0]}{self.capability[1]})"
+        parts = [where, "bf16 autocast" if self.amp_dtype is not None else "fp32",
+                 ("fused body + fused optimizer" if self.fast_opt is not None else "fused body")
+                 if self.body is not None else "module path" + (" with fused kernels" if self._fast_path_on() else "")]
+        if self.graphed is not None:
+            parts.append("CUDA graphs")
+        else:
+            why = "train.cuda_graphs = off" if cfg.train.cuda_graphs == "off" else self._graphs_wanted()[1]
+            parts.append(f"no CUDA graphs ({why or 'the fused optimizer step is unavailable'})")
+        if cfg.train.activation_checkpointing:
+            parts.append("activation checkpointing")
+        parts.append(f"{self.ds.world} process(es)")
+        if self.ds.ep_size > 1:
+            parts.append(f"expert parallel {self.ds.ep_size}")
+        return ", ".join(parts)
+
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / "run_config.json.tmp"
@@ -554,6 +576,7 @@ class Trainer:
         prefetch = StepPrefetcher(self._produce_step, self.step, cfg.train.steps)
         with stop_signals() as received:  # SIGTERM / SIGUSR1: checkpoint after this step, exit
             try:
+                progress.print(f"compute: {self.compute_summary()}")
                 if self.start_ckpt is not None:
                     progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
                 elif self.step == 0 and cfg.train.eval_every:  # the baseline of the held-out curve
