@@ -173,7 +173,8 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
 
     from vpmoe.train.checkpoint import latest_checkpoint, verify_checkpoint
     from vpmoe.train.config import load_run_config
-    from vpmoe.train.trainer import Trainer, out_of_memory_advice
+    from vpmoe.train.cli import out_of_memory_advice
+    from vpmoe.train.trainer import Trainer
 
     cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "oom", steps=4)
     real_step = Trainer.train_step
