@@ -2,7 +2,8 @@
 # Prepare .carry/ on this (CPU) machine for a GPU-machine run of bench/gpu_run.sh, which lacks the
 # tokenizer packages and ../shared: the peer script, the git sha, the GPU tests' dataset
 # (syn192, built by `vpmoe data build`) and its teacher cache (a tiny random Qwen3 scored by
-# `vpmoe teacher score`). Then: run `bash bench/gpu_run.sh ...` on the device with carry [".carry"].
+# `vpmoe teacher score`), and the SYNTH sample at 2048 tokens (bench/trainer_run.py). Then: run
+# `bash bench/gpu_run.sh ...` on the device with carry [".carry"].
 # .carry/ must be listed in .git/info/exclude. Idempotent; reuses what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,10 @@ if not (carry / "syn192" / "manifest.json").exists():
           "--valid-fraction", "0.1", "--quiet")
 if not (carry / "syn192_kd" / "cache" / "manifest.json").exists():
     build_tiny_teacher_cache(carry / "syn192", carry / "syn192_kd")
+# the real SYNTH sample packed at the model's 2048 tokens, for bench/trainer_run.py (`vpmoe train` timed)
+if not (carry / "synth2048" / "manifest.json").exists():
+    vpmoe("data", "build", "--input", "../shared/data/synth_sample/synth_train.parquet", "--out",
+          str(carry / "synth2048"), "--seq-len", "2048", "--valid-fraction", "0.1", "--quiet")
 PY
 rm -rf .carry/syn192_kd/teacher  # only the cache travels (the teacher is 50 MB)
 du -sh .carry

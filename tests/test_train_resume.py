@@ -292,3 +292,30 @@ def test_stop_signal_checkpoints_after_the_step_and_resumes(reference, tmp_path,
     assert 2 <= stopped < STEPS and [s for s, _ in list_checkpoints(run_dir)] == [stopped]
     vpmoe("train", str(cfg), "--run-dir", str(run_dir), "--set", "checkpoint.every=100", "--resume")
     assert train_losses(run_dir) == train_losses(ref_dir)
+
+
+def test_trainer_run_bench_reads_the_runs_own_metrics(synth_data, tmp_path):  # noqa: F811
+    """bench/trainer_run.py (`vpmoe train` timed through its own metrics.jsonl) on the CPU: it runs
+    the real command with its overrides and its table's figures are the run's logged ones."""
+    import statistics
+
+    cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "unused", steps=4)
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "bench/trainer_run.py", "--config", str(cfg), "--data", str(synth_data),
+                           "--steps", "4", "--skip", "1", "--no-recipe", "--set", "train.grad_accum=1", "--record",
+                           "--run-dir", str(tmp_path / "run")],
+                          cwd=ROOT, env={**env(), "VPMOE_RESULTS": str(results)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compute: cpu, fp32, module path" in proc.stdout
+    text = results.read_text()
+    header, _, values = [ln for ln in text.splitlines() if ln.startswith("|")][:3]
+    row = dict(zip(header.strip("|").split(" | "), values.strip("|").split(" | ")))
+    row = {k.strip(): v.strip() for k, v in row.items()}
+    assert row["steps"] == "4" and row["steady_steps"] == "3" and row["micro"] == "1" and "mfu" not in row
+    logged = {r["step"]: r for r in metrics(tmp_path / "run") if "grad_norm" in r}
+    assert sorted(logged) == [1, 2, 3, 4]
+    want = sorted(logged[s]["tokens_per_s"] for s in (2, 3, 4))[1]  # the median of the steady steps
+    assert float(row["tokens_per_s"]) == pytest.approx(want, rel=1e-3)
+    assert float(row["outside_steps_s"]) > 0
+    assert "train.grad_accum=1" in text and "trainer_run" in text

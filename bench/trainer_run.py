@@ -1,0 +1,126 @@
+"""`vpmoe train` itself, timed: the figures a user's run would log, beside bench/train_step.py's.
+
+bench/train_step.py assembles the trainer's single-GPU pieces (FastBody, the static fused loss,
+FastMuonAdamW, GraphedTrainStep) around random batches; this runs the real command on real packed
+data (data path, prefetch thread, logging, evaluation and the final checkpoint included) and
+reads the run's own metrics.jsonl. Design choices:
+- The run is a subprocess (`python -m vpmoe.cli train`), exactly what a user types; overrides come
+  through `--set`, so any recipe can be timed (the default is the one-GPU stage-1 recipe of
+  configs/stage1.toml: activation checkpointing, bf16 Muon momentum, 16 rows x 4 micro-batches).
+- Steady state = the median over steps after the first `--skip` (compilation, graph capture).
+- MFU is recomputed against the bf16 matmul rate measured in the same process (the trainer's own
+  `mfu` uses `train.peak_flops`, a spec figure); on the CPU it is left out.
+- The time after the last step (final evaluation + checkpoint write) is reported separately.
+
+Usage (GPU machine, data carried by bench/gpu_carry.sh):
+  python3 bench/trainer_run.py --data .carry/synth2048 --steps 12 --record
+  python3 bench/trainer_run.py --data .carry/synth2048 --set model.n_layers=20 --set data.micro_batch_size=8 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ONE_GPU_RECIPE = ["train.activation_checkpointing=true", "optim.muon_momentum_dtype=\"bfloat16\"",
+                  "data.micro_batch_size=16", "train.grad_accum=4"]
+
+
+def measured_peak_tflops() -> float | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    rate = 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+def summarise(run_dir: Path, skip: int, peak_tflops: float | None, peak_flops_cfg: float) -> dict:
+    """Steady-state figures from the run's metrics.jsonl (training records carry grad_norm)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r for r in records if "grad_norm" in r]
+    steady = [r for r in steps if r["step"] > skip] or steps
+    med = lambda key: statistics.median(r[key] for r in steady)  # noqa: E731
+    row = {"steps": len(steps), "steady_steps": len(steady), "step_s": med("step_time_s"),
+           "tokens_per_s": med("tokens_per_s"), "data_wait_ms": 1e3 * med("data_wait_s"),
+           "first_step_s": steps[0]["step_time_s"]}
+    if peak_tflops:  # the trainer's mfu is against train.peak_flops; rescale to the measured rate
+        row["mfu"] = med("mfu") * peak_flops_cfg / (peak_tflops * 1e12)
+        row["bf16_peak_tflops"] = peak_tflops
+    if "mem_gib" in steps[-1]:
+        row["peak_mem_gib"] = max(r["mem_gib"] for r in steps)
+    valid = [r for r in records if "valid/loss" in r]
+    if valid:
+        row["valid_loss"] = valid[-1]["valid/loss"]
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs/stage1.toml"))
+    ap.add_argument("--data", required=True, help="a dataset made by `vpmoe data build` (seq_len of the config)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--skip", type=int, default=3, help="steps left out of the steady state (compile, capture)")
+    ap.add_argument("--set", action="append", default=[], help="more config overrides (after the recipe)")
+    ap.add_argument("--no-recipe", action="store_true", help="leave out the one-GPU recipe's overrides")
+    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--run-dir", default="", help="keep the run here (default: a temporary folder, removed)")
+    a = ap.parse_args()
+
+    from vpmoe.train.config import load_run_config
+    peak = measured_peak_tflops()
+    sets = ([] if a.no_recipe else ONE_GPU_RECIPE) + [
+        f"data.path={json.dumps(str(Path(a.data).resolve()))}", f"train.steps={a.steps}", "train.eval_every=0",
+        "train.eval_rows=64", "checkpoint.every=0", "checkpoint.keep=1"] + a.set
+    cfg = load_run_config(a.config, sets)  # fails here, with the config's own message, on a bad override
+    with tempfile.TemporaryDirectory(prefix="trainer_run_") as tmp:
+        run_dir = Path(a.run_dir) if a.run_dir else Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "vpmoe.cli", "train", a.config, "--run-dir", str(run_dir)]
+        for s in sets:
+            cmd += ["--set", s]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
+            raise SystemExit(f"vpmoe train exited {proc.returncode}")
+        compute = next((ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
+                        if ln.startswith("compute:")), "compute: ?")
+        row = summarise(run_dir, a.skip, peak, cfg.train.peak_flops)
+        step_sum = sum(json.loads(ln).get("step_time_s", 0.0) for ln in
+                       (run_dir / "metrics.jsonl").read_text().splitlines() if ln and "grad_norm" in ln)
+    row = {"layers": cfg.model.n_layers, "rows": cfg.data.micro_batch_size, "micro": cfg.train.grad_accum,
+           "seq": cfg.data.seq_len, **row, "wall_s": wall, "outside_steps_s": wall - step_sum}
+    command = "python3 bench/trainer_run.py " + " ".join(sys.argv[1:])
+    if a.record:
+        from bench.results import append_results
+        append_results("trainer_run", command, [row], notes=f"{compute}; overrides: {' '.join(sets)}")
+    else:
+        from bench.results import markdown_table
+        print(markdown_table([row]))
+    print(compute)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
