@@ -87,7 +87,6 @@ def main() -> int:
     a = ap.parse_args()
 
     from vpmoe.train.config import load_run_config
-    peak = measured_peak_tflops()
     sets = ([] if a.no_recipe else ONE_GPU_RECIPE) + [
         f"data.path={json.dumps(str(Path(a.data).resolve()))}", f"train.steps={a.steps}", "train.eval_every=0",
         "train.eval_rows=64", "checkpoint.every=0", "checkpoint.keep=1"] + a.set
@@ -106,6 +105,7 @@ def main() -> int:
             raise SystemExit(f"vpmoe train exited {proc.returncode}")
         compute = next((ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
                         if ln.startswith("compute:")), "compute: ?")
+        peak = measured_peak_tflops()  # after the run: this process holds no GPU memory during it
         row = summarise(run_dir, a.skip, peak, cfg.train.peak_flops)
         step_sum = sum(json.loads(ln).get("step_time_s", 0.0) for ln in
                        (run_dir / "metrics.jsonl").read_text().splitlines() if ln and "grad_norm" in ln)
