@@ -199,3 +199,41 @@ def test_bf16_momentum_is_the_rounded_fp32_recurrence(fast, tmp_path):
 def test_momentum_dtype_refused_with_the_field_named():
     with pytest.raises(ConfigError, match="muon_momentum_dtype: expected one of"):
         OptimConfig(muon_momentum_dtype="fp8").validate()
+
+
+def test_resume_uses_the_configs_optimizer_settings(tmp_path):
+    """Loading a checkpoint keeps the state tensors but this run's settings: a checkpoint written
+    with fp32 momentum and weight decay 0.1, loaded by an optimizer configured with bf16 momentum
+    and decay 0.05, has bf16 momentum equal to the saved one rounded once, decay 0.05, and names
+    both changes in `changed_on_load`; the reverse (bf16 -> fp32) is exact and lists no change
+    when the settings agree."""
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    model = VpMoE(TINY)
+    opt = build_optimizer(model, OptimConfig(lr=0.02, muon_weight_decay=0.1))
+    for seed in range(2):
+        _random_grads(model, seed)
+        opt.step()
+    saved = ckpt.save_checkpoint(tmp_path / "a", 2, model, opt, {"step": 2, "tokens": 0, "elapsed": 0.0}, {}, {},
+                                 keep=1)
+    muon = opt.param_groups[0]["params"]
+    m16 = VpMoE(TINY)
+    o16 = build_optimizer(m16, OptimConfig(lr=0.02, muon_weight_decay=0.05, muon_momentum_dtype="bfloat16"))
+    ckpt.load_checkpoint(saved, m16, o16)
+    assert o16.param_groups[0]["weight_decay"] == 0.05 and o16.param_groups[0]["momentum_dtype"] == "bfloat16"
+    assert sorted(o16.changed_on_load) == ["muon.momentum_dtype 'float32' -> 'bfloat16'",
+                                           "muon.weight_decay 0.1 -> 0.05"]
+    for p, q in zip(muon, o16.param_groups[0]["params"]):
+        a, b = opt.state[p]["momentum"], o16.state[q]["momentum"]
+        assert a.dtype == torch.float32 and b.dtype == torch.bfloat16 and torch.equal(b, a.bfloat16())
+    saved16 = ckpt.save_checkpoint(tmp_path / "b", 2, m16, o16, {"step": 2, "tokens": 0, "elapsed": 0.0}, {}, {},
+                                   keep=1)
+    m32 = VpMoE(TINY)
+    o32 = build_optimizer(m32, OptimConfig(lr=0.02, muon_weight_decay=0.05))
+    ckpt.load_checkpoint(saved16, m32, o32)
+    assert o32.changed_on_load == ["muon.momentum_dtype 'bfloat16' -> 'float32'"]
+    for p, q in zip(o16.param_groups[0]["params"], o32.param_groups[0]["params"]):
+        a, b = o16.state[p]["momentum"], o32.state[q]["momentum"]
+        assert b.dtype == torch.float32 and torch.equal(b, a.float())

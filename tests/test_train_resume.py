@@ -197,8 +197,18 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     assert latest.name == "step_000002" and verify_checkpoint(latest)["step"] == 2
     assert not list((tmp_path / "oom" / "checkpoints").glob("*.tmp"))
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert main("train", str(cfg), "--resume") == 0
-    assert latest_checkpoint(tmp_path / "oom").name == "step_000004"
+    # the advice taken: the resumed run uses the new settings (bf16 momentum is what gets written)
+    assert main("train", str(cfg), "--resume", "--set", "data.micro_batch_size=1", "--set", "train.grad_accum=4",
+                "--set", "train.activation_checkpointing=true", "--set", 'optim.muon_momentum_dtype="bfloat16"') == 0
+    out = capsys.readouterr().out
+    assert "optimizer settings changed since the checkpoint: muon.momentum_dtype 'float32' -> 'bfloat16'" in out
+    final = latest_checkpoint(tmp_path / "oom")
+    assert final.name == "step_000004"
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(str(final)).read_metadata().state_dict_metadata
+    momentum = {k: m.properties.dtype for k, m in meta.items()
+                if k.startswith("optim.") and k.endswith(".momentum") and hasattr(m, "properties")}
+    assert momentum and set(momentum.values()) == {torch.bfloat16}, momentum
 
     run = load_run_config(cfg)
     run = dataclasses.replace(run, data=dataclasses.replace(run.data, micro_batch_size=1),

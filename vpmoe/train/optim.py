@@ -156,10 +156,20 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts loaded floating state to the parameter's dtype; a bf16 Muon momentum is cast
-        back (exactly: bf16 -> fp32 -> bf16), so a resumed run keeps its smaller state."""
+        """State tensors come from the checkpoint; settings (lr, decay, betas, momentum, Newton-Schulz
+        steps, the momentum's dtype) stay this optimizer's, i.e. the run config's: torch would
+        otherwise restore the saved ones and silently ignore a changed config on resume (e.g. bf16
+        momentum chosen to fit memory). What changed is kept in `changed_on_load` for the log.
+        The Muon momentum is then stored in the configured dtype (torch loads floating state in the
+        parameter's dtype; bf16 -> fp32 -> bf16 is exact, fp32 -> bf16 rounds once)."""
+        mine = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        self.changed_on_load = []
+        for group, settings in zip(self.param_groups, mine):
+            for key, value in settings.items():
+                if key != "lr" and group.get(key) != value:  # lr: the schedule's current value
+                    self.changed_on_load.append(f"{group['kind']}.{key} {group.get(key)!r} -> {value!r}")
+                group[key] = value
             for p in group["params"] if group["kind"] == "muon" else ():
                 state = self.state.get(p, {})
                 dtype = MOMENTUM_DTYPES[group.get("momentum_dtype", "float32")]

@@ -547,6 +547,9 @@ class Trainer:
                 progress.print(f"compute: {self.compute_summary()}")
                 if self.start_ckpt is not None:
                     progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
+                    changed = getattr(self.optimizer, "changed_on_load", [])
+                    if changed:  # the config's settings are used; say which differ from the checkpoint's
+                        progress.print("optimizer settings changed since the checkpoint: " + "; ".join(changed))
                 elif self.step == 0 and cfg.train.eval_every:  # the baseline of the held-out curve
                     last_eval = self.evaluate()
                     self.metrics.log(0, last_eval)
