@@ -8,8 +8,8 @@ reads the run's own metrics.jsonl. Design choices:
   through `--set`, so any recipe can be timed (the default is the one-GPU stage-1 recipe of
   configs/stage1.toml: activation checkpointing, bf16 Muon momentum, 16 rows x 4 micro-batches).
 - Steady state = the median over steps after the first `--skip` (compilation, graph capture).
-- MFU is recomputed against the bf16 matmul rate measured in the same process (the trainer's own
-  `mfu` uses `train.peak_flops`, a spec figure); on the CPU it is left out.
+- MFU is the run's own: against the matmul rate the trainer measures at its start (the default
+  `train.peak_flops = 0`), named in its `compute:` line.
 - The time after the last step (final evaluation + checkpoint write) is reported separately.
 
 Usage (GPU machine, data carried by bench/gpu_carry.sh):
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,26 +36,7 @@ ONE_GPU_RECIPE = ["train.activation_checkpointing=true", "optim.muon_momentum_dt
                   "data.micro_batch_size=16", "train.grad_accum=4"]
 
 
-def measured_peak_tflops() -> float | None:
-    import torch
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    rate = 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0) / 1e12
-    del a, b
-    torch.cuda.empty_cache()
-    return rate
-
-
-def summarise(run_dir: Path, skip: int, peak_tflops: float | None, peak_flops_cfg: float) -> dict:
+def summarise(run_dir: Path, skip: int, compute_line: str) -> dict:
     """Steady-state figures from the run's metrics.jsonl (training records carry grad_norm)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     steps = [r for r in records if "grad_norm" in r]
@@ -63,9 +45,9 @@ def summarise(run_dir: Path, skip: int, peak_tflops: float | None, peak_flops_cf
     row = {"steps": len(steps), "steady_steps": len(steady), "step_s": med("step_time_s"),
            "tokens_per_s": med("tokens_per_s"), "data_wait_ms": 1e3 * med("data_wait_s"),
            "first_step_s": steps[0]["step_time_s"]}
-    if peak_tflops:  # the trainer's mfu is against train.peak_flops; rescale to the measured rate
-        row["mfu"] = med("mfu") * peak_flops_cfg / (peak_tflops * 1e12)
-        row["bf16_peak_tflops"] = peak_tflops
+    peak = re.search(r"MFU against ([\d.]+) TFLOP/s", compute_line)  # the run's own denominator
+    if peak and float(peak.group(1)) > 0:
+        row["mfu"], row["peak_tflops"] = med("mfu"), float(peak.group(1))
     if "mem_gib" in steps[-1]:
         row["peak_mem_gib"] = max(r["mem_gib"] for r in steps)
     valid = [r for r in records if "valid/loss" in r]
@@ -105,8 +87,7 @@ def main() -> int:
             raise SystemExit(f"vpmoe train exited {proc.returncode}")
         compute = next((ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
                         if ln.startswith("compute:")), "compute: ?")
-        peak = measured_peak_tflops()  # after the run: this process holds no GPU memory during it
-        row = summarise(run_dir, a.skip, peak, cfg.train.peak_flops)
+        row = summarise(run_dir, a.skip, compute)
         step_sum = sum(json.loads(ln).get("step_time_s", 0.0) for ln in
                        (run_dir / "metrics.jsonl").read_text().splitlines() if ln and "grad_norm" in ln)
     row = {"layers": cfg.model.n_layers, "rows": cfg.data.micro_batch_size, "micro": cfg.train.grad_accum,

@@ -9,6 +9,7 @@ checkpoint continues bit-identically; a run resumes on another number of ranks
 and is refused with the fix when it is not."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -79,7 +80,7 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
 
 def test_runs_say_how_they_compute(runs):
     """Each run's first line says how it computes (device, precision, path, graphs and why not,
-    checkpointing, processes), once, from the main rank."""
+    checkpointing, processes, the MFU denominator), once, from the main rank."""
     want = {"one": "compute: cpu, fp32, module path, no CUDA graphs (the device is not CUDA), 1 process(es)",
             "fused_ac": "compute: cpu, fp32, fused body + fused optimizer, no CUDA graphs (the device is not "
                         "CUDA), activation checkpointing, 1 process(es)",
@@ -88,7 +89,8 @@ def test_runs_say_how_they_compute(runs):
     for name, line in want.items():
         proc = runs["logs"][name]
         lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("compute:")]
-        assert lines == [line], (name, lines)
+        assert len(lines) == 1 and lines[0].startswith(line + ", MFU against "), (name, lines)
+        assert re.fullmatch(r".*, MFU against \d+\.\d TFLOP/s per device \(matmul rate measured here\)", lines[0])
 
 
 @pytest.mark.parametrize("name", ["one_to_two", "two_to_one", "ep_to_one", "one_to_ep"])

@@ -322,10 +322,12 @@ def test_trainer_run_bench_reads_the_runs_own_metrics(synth_data, tmp_path):  # 
     header, _, values = [ln for ln in text.splitlines() if ln.startswith("|")][:3]
     row = dict(zip(header.strip("|").split(" | "), values.strip("|").split(" | ")))
     row = {k.strip(): v.strip() for k, v in row.items()}
-    assert row["steps"] == "4" and row["steady_steps"] == "3" and row["micro"] == "1" and "mfu" not in row
+    assert row["steps"] == "4" and row["steady_steps"] == "3" and row["micro"] == "1"
     logged = {r["step"]: r for r in metrics(tmp_path / "run") if "grad_norm" in r}
     assert sorted(logged) == [1, 2, 3, 4]
     want = sorted(logged[s]["tokens_per_s"] for s in (2, 3, 4))[1]  # the median of the steady steps
     assert float(row["tokens_per_s"]) == pytest.approx(want, rel=1e-3)
+    mfu = sorted(logged[s]["mfu"] for s in (2, 3, 4))[1]  # against the rate the run measured (its compute line)
+    assert float(row["mfu"]) == pytest.approx(mfu, rel=1e-3) and float(row["peak_tflops"]) > 0
     assert float(row["outside_steps_s"]) > 0
     assert "train.grad_accum=1" in text and "trainer_run" in text

@@ -62,7 +62,7 @@ class TrainSection:
     eval_rows: int = 64  # held-out rows per evaluation, over all ranks (0: the whole valid split)
     expert_load_every: int = 10  # per-layer expert loads to expert_load.jsonl every N steps
     loss_chunk_rows: int = 0  # rows per chunk of the fused loss (0: its own choice; small helps CPU)
-    peak_flops: float = 989e12  # per device, for MFU (H100 SXM dense bf16)
+    peak_flops: float = 0.0  # per device, for MFU; 0: measured at the start (a bf16 matmul on GPUs)
     progress: bool = True
     tensorboard: bool = True
 
@@ -84,8 +84,8 @@ class TrainSection:
             raise ConfigError(f"dtype: expected auto, bf16 or fp32, got {self.dtype!r}")
         if self.w_reasoning < 0 or self.w_final < 0:
             raise ConfigError("w_reasoning / w_final: must be >= 0")
-        if self.peak_flops <= 0:
-            raise ConfigError(f"peak_flops: must be > 0, got {self.peak_flops}")
+        if self.peak_flops < 0:
+            raise ConfigError(f"peak_flops: must be >= 0 (0: measured), got {self.peak_flops}")
 
 
 @dataclass

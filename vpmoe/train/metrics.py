@@ -10,7 +10,10 @@ Design choices:
 - On resume from step k, records after k (written by the interrupted run) are dropped by
   rewriting the files under a temporary name and renaming, and TensorBoard purges them
   (`purge_step`), so curves never double back.
-- MFU = (6 * active non-embedding-lookup params + attention flops) * tokens / time / peak.
+- MFU = (6 * active non-embedding-lookup params + attention flops) * tokens / time / peak, where
+  peak is `train.peak_flops` or, when that is 0 (the default), this device's matmul rate measured
+  at the start in the run's compute dtype (the issue's definition; a spec sheet figure is wrong on
+  any other GPU than the one it was written for).
   Attention flops per token per layer are 12 * heads * head_dim * mean context (QK^T and PV,
   forward + backward); mean context is the causal average T/2 for global layers and the sliding
   window's average for local ones (an upper bound with packed documents).
@@ -64,6 +67,25 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
             ctx = w - (w * w - w) / (2 * seq_len)  # mean over positions of min(i + 1, window)
         attn += 12 * cfg.n_heads * cfg.head_dim * ctx
     return 6.0 * matmul_params + attn
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """This device's dense matmul rate in flop/s, in the dtype the run computes in (bf16 on GPUs):
+    the MFU denominator when `train.peak_flops = 0`, as the benchmarks measure it (8192^2 on CUDA,
+    1024^2 on the CPU, after a warm-up). ~0.1 s on an H100."""
+    n = 8192 if device.type == "cuda" else 1024
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, t0 = 10, time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync()
+    return 2.0 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
 def _rewrite_until(path: Path, step: int) -> None:

@@ -55,7 +55,7 @@ from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
 from vpmoe.train.expert_parallel import apply_expert_parallel
-from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, router_stats
+from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
 from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
                                   sync_unsharded_grads)
@@ -178,6 +178,7 @@ class Trainer:
         # thread reads ahead, so the loader itself is one step further)
         self._loader_state = self.train_data.state_dict()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = cfg.train.peak_flops or measure_matmul_flops(self.device, self.amp_dtype or torch.float32)
         kd_cfg = cfg.kd_config()
         if not kd_cfg.chunk_size:
             kd_cfg.chunk_size = cfg.train.loss_chunk_rows
@@ -355,6 +356,8 @@ class Trainer:
         parts.append(f"{self.ds.world} process(es)")
         if self.ds.ep_size > 1:
             parts.append(f"expert parallel {self.ds.ep_size}")
+        how = "train.peak_flops" if cfg.train.peak_flops else "matmul rate measured here"
+        parts.append(f"MFU against {self.peak_flops / 1e12:.1f} TFLOP/s per device ({how})")
         return ", ".join(parts)
 
     def _write_config(self) -> None:
@@ -518,7 +521,7 @@ class Trainer:
         load = report.pop("_load")
         tokens_per_s = report["tokens_step"] / max(step_time, 1e-9)
         report.update({"tokens_per_s": tokens_per_s, "step_time_s": step_time, "tokens": self.tokens_seen,
-                       "mfu": self.flops_per_token * tokens_per_s / (cfg.train.peak_flops * self.ds.world)})
+                       "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.ds.world)})
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
             report["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

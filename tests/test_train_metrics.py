@@ -1,0 +1,33 @@
+"""The MFU pieces: flops per token against a brute-force count, and the measured matmul rate."""
+import dataclasses
+
+import torch
+
+from vpmoe.config import load_model_config
+from vpmoe.model.params import count_params
+from vpmoe.train.metrics import flops_per_token, measure_matmul_flops
+
+
+def test_flops_per_token_equals_a_position_by_position_count():
+    """6 x (active parameters without the embedding lookup) + attention: for every layer and every
+    position i of a row, QK^T and PV over the keys it sees (i + 1 on global layers, min(i + 1,
+    window) on local ones), 4 flops per key per head dimension forward, x3 with the backward."""
+    cfg = dataclasses.replace(load_model_config("configs/vpmoe.toml"), n_layers=8)
+    for seq in (64, 2048):
+        attn = 0
+        for layer in range(cfg.n_layers):
+            for i in range(seq):
+                keys = i + 1 if cfg.is_global(layer) else min(i + 1, cfg.window)
+                attn += 3 * 4 * cfg.n_heads * cfg.head_dim * keys
+        dense = 6 * (count_params(cfg)["active"] - cfg.vocab_size * cfg.d_model)
+        assert abs(flops_per_token(cfg, seq) - (dense + attn / seq)) <= 1e-9 * flops_per_token(cfg, seq)
+
+
+def test_measured_matmul_rate_leaves_the_run_untouched():
+    """The MFU denominator measured at a run's start draws from its own generator: the global RNG
+    (which a resumed run must continue bit for bit) is unchanged; the rate is a positive number."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    rate = measure_matmul_flops(torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert 1e6 < rate < 1e16, rate
