@@ -48,6 +48,7 @@ from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # no
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, sequence_aux_loss  # noqa: E402
 from vpmoe.model.params import count_params  # noqa: E402
+from vpmoe.train.metrics import measure_matmul_flops  # noqa: E402
 from vpmoe.train.optim import OptimConfig, build_optimizer  # noqa: E402
 from vpmoe.train.optim_fast import FastMuonAdamW  # noqa: E402
 
@@ -88,13 +89,6 @@ def graph_time(fn, iters=10) -> tuple[float, str]:
         print(f"# graph capture failed ({e!r:.200}); eager timing", flush=True)
         torch.cuda.synchronize()
         return cuda_time(fn, warmup=1, iters=iters), "eager"
-
-
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = cuda_time(lambda: a @ b, warmup=3, iters=10)
-    return 2 * 8192 ** 3 / t / 1e12
 
 
 def make_batch(batch, seq, docs_per_row=4, seed=0, vocab=200000, kd_k=0):
@@ -398,7 +392,7 @@ def main():
     a = ap.parse_args()
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    peak = matmul_tflops()
+    peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
     print(json.dumps({"bf16_matmul_tflops": peak, "device": torch.cuda.get_device_name(0)}), flush=True)
     peer = {}
     if a.peer and Path(a.peer).exists():
