@@ -154,6 +154,7 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = dict(lr=1e-3, base_lr=1e-3, weight_decay=0.0, kind="adamw", betas=(0.9, 0.95), eps=1e-8,
                         momentum=0.95, nesterov=True, ns_steps=5, momentum_dtype="float32")
         super().__init__(param_groups, defaults)
+        self.changed_on_load: list[str] = []  # settings the run config changed since the loaded checkpoint
 
     def load_state_dict(self, state_dict: dict) -> None:
         """State tensors come from the checkpoint; settings (lr, decay, betas, momentum, Newton-Schulz

@@ -267,6 +267,7 @@ class Trainer:
              "fallback; sync-free on sm90/sm100 only), which a CUDA graph cannot capture"),
             (self.ds.world != 1, "more than one process (FSDP2/EP run their own hooks)"),
             (cfg.train.fast_path == "off", "train.fast_path is off"),
+            (self.body is not None and self.fast_opt is None, "the fused optimizer step is unavailable"),
             (kd_mode == "online", "online KD runs the teacher inside the step"),
             (self.subset is not None, "a vocab subset is in use")) if bad]
         return not reasons, "; ".join(reasons)
@@ -277,9 +278,8 @@ class Trainer:
         ok, why = self._graphs_wanted()
         if mode == "off" or (mode == "auto" and not ok):
             return None
-        if not ok or self.fast_opt is None:
-            raise ConfigError(f"train.cuda_graphs = on, but {why or 'the fused optimizer step is unavailable'}; "
-                              "set it to auto or off")
+        if not ok:
+            raise ConfigError(f"train.cuda_graphs = on, but {why}; set it to auto or off")
         from vpmoe.model.graphed import GraphedTrainStep
         self.body.static_masks = True
         self._graph_counts = None  # the step's global span counts, staged for the captured loss
@@ -350,7 +350,7 @@ class Trainer:
             parts.append("CUDA graphs")
         else:
             why = "train.cuda_graphs = off" if cfg.train.cuda_graphs == "off" else self._graphs_wanted()[1]
-            parts.append(f"no CUDA graphs ({why or 'the fused optimizer step is unavailable'})")
+            parts.append(f"no CUDA graphs ({why})")
         if cfg.train.activation_checkpointing:
             parts.append("activation checkpointing")
         parts.append(f"{self.ds.world} process(es)")
@@ -550,9 +550,9 @@ class Trainer:
                 progress.print(f"compute: {self.compute_summary()}")
                 if self.start_ckpt is not None:
                     progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
-                    changed = getattr(self.optimizer, "changed_on_load", [])
-                    if changed:  # the config's settings are used; say which differ from the checkpoint's
-                        progress.print("optimizer settings changed since the checkpoint: " + "; ".join(changed))
+                    if self.optimizer.changed_on_load:  # the config's settings are used: say which differ
+                        progress.print("optimizer settings changed since the checkpoint: "
+                                       + "; ".join(self.optimizer.changed_on_load))
                 elif self.step == 0 and cfg.train.eval_every:  # the baseline of the held-out curve
                     last_eval = self.evaluate()
                     self.metrics.log(0, last_eval)
