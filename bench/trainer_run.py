@@ -36,15 +36,19 @@ ONE_GPU_RECIPE = ["train.activation_checkpointing=true", "optim.muon_momentum_dt
                   "data.micro_batch_size=16", "train.grad_accum=4"]
 
 
-def summarise(run_dir: Path, skip: int, compute_line: str) -> dict:
-    """Steady-state figures from the run's metrics.jsonl (training records carry grad_norm)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+def summarise(run_dir: Path, skip: int, compute_line: str, wall: float) -> dict:
+    """Steady-state figures from the run's metrics.jsonl (training records carry grad_norm), and
+    the time of the command outside its steps (start-up, evaluation, checkpoints)."""
+    from vpmoe.train.metrics import read_jsonl
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in records if "grad_norm" in r]
     steady = [r for r in steps if r["step"] > skip] or steps
     med = lambda key: statistics.median(r[key] for r in steady)  # noqa: E731
     row = {"steps": len(steps), "steady_steps": len(steady), "step_s": med("step_time_s"),
            "tokens_per_s": med("tokens_per_s"), "data_wait_ms": 1e3 * med("data_wait_s"),
-           "first_step_s": steps[0]["step_time_s"]}
+           "first_step_s": steps[0]["step_time_s"], "wall_s": wall,
+           "outside_steps_s": wall - sum(r["step_time_s"] for r in steps)}
     peak = re.search(r"MFU against ([\d.]+) TFLOP/s", compute_line)  # the run's own denominator
     if peak and float(peak.group(1)) > 0:
         row["mfu"], row["peak_tflops"] = med("mfu"), float(peak.group(1))
@@ -68,11 +72,15 @@ def main() -> int:
     ap.add_argument("--run-dir", default="", help="keep the run here (default: a temporary folder, removed)")
     a = ap.parse_args()
 
+    from vpmoe.config import ConfigError
     from vpmoe.train.config import load_run_config
     sets = ([] if a.no_recipe else ONE_GPU_RECIPE) + [
         f"data.path={json.dumps(str(Path(a.data).resolve()))}", f"train.steps={a.steps}", "train.eval_every=0",
         "train.eval_rows=64", "checkpoint.every=0", "checkpoint.keep=1"] + a.set
-    cfg = load_run_config(a.config, sets)  # fails here, with the config's own message, on a bad override
+    try:  # a bad override fails here, with the config's own message naming the key
+        cfg = load_run_config(a.config, sets)
+    except ConfigError as e:
+        raise SystemExit(f"trainer_run: {e}") from None
     with tempfile.TemporaryDirectory(prefix="trainer_run_") as tmp:
         run_dir = Path(a.run_dir) if a.run_dir else Path(tmp) / "run"
         cmd = [sys.executable, "-m", "vpmoe.cli", "train", a.config, "--run-dir", str(run_dir)]
@@ -87,11 +95,9 @@ def main() -> int:
             raise SystemExit(f"vpmoe train exited {proc.returncode}")
         compute = next((ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
                         if ln.startswith("compute:")), "compute: ?")
-        row = summarise(run_dir, a.skip, compute)
-        step_sum = sum(json.loads(ln).get("step_time_s", 0.0) for ln in
-                       (run_dir / "metrics.jsonl").read_text().splitlines() if ln and "grad_norm" in ln)
+        row = summarise(run_dir, a.skip, compute, wall)
     row = {"layers": cfg.model.n_layers, "rows": cfg.data.micro_batch_size, "micro": cfg.train.grad_accum,
-           "seq": cfg.data.seq_len, **row, "wall_s": wall, "outside_steps_s": wall - step_sum}
+           "seq": cfg.data.seq_len, **row}
     command = "python3 bench/trainer_run.py " + " ".join(sys.argv[1:])
     if a.record:
         from bench.results import append_results
