@@ -4,10 +4,13 @@ sinks, output projection), forward + backward, per layer kind, and its top kerne
     python bench/attention.py --tokens 8192 --record         (GPU)
 
 Variants (each compiled as the train step compiles it, replayed from a CUDA graph):
-- `current`: `vpmoe.model.fast` as it is (the rank-R TPA contraction as R multiply-adds: pure
-  pointwise work);
-- `tpa-reduction`: the earlier form, a product summed over the rank axis (reduction kernels for
-  Inductor; measured 4% slower for the local sub-block, bench/RESULTS.md `attention`).
+- `fused-prologue`: the train step's default on CUDA: local layers' TPA + bias + QK-norm + GRAPE
+  rotation as one Triton kernel each way (`vpmoe.model.tpa_fused`);
+- `torch-prologue`: the same in torch, fused by Inductor (the rank-R TPA contraction as R
+  multiply-adds: pure pointwise work); what the step ran before the kernel;
+- `tpa-reduction`: the earlier torch form, a product summed over the rank axis (reduction kernels
+  for Inductor; measured 4% slower for the local sub-block, bench/RESULTS.md `attention`).
+Global layers have no TPA; their rows are the same code in every variant.
 Tried and dropped (docs/LOG.md): 64 x 64 block masks and Flex tile options for the window-128
 layers; torch 2.11's Flex rejects them (no valid backward kernel / block size not divisible).
 Columns: ms per layer (fwd + bwd), kernels per layer, and the implied ms per step for the full
@@ -34,7 +37,7 @@ def tpa_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2) / a.shape[-1]
 
 
-VARIANTS = {"current": F.tpa, "tpa-reduction": tpa_reduction}
+VARIANTS = {"fused-prologue": (F.tpa, True), "torch-prologue": (F.tpa, False), "tpa-reduction": (tpa_reduction, False)}
 
 
 def main():
@@ -52,14 +55,16 @@ def main():
     n_global = sum(cfg.is_global(i) for i in range(80))
     rows, original = [], F.tpa
     for name in a.variants.split(","):
-        F.tpa = VARIANTS[name]
+        F.tpa, fused = VARIANTS[name]
         try:
             body = F.FastBody(model)
             doc, local, glob = body.doc_masks(batch["doc_ids"].cuda())
             pos = positions_from_docs(doc)
             B, T = doc.shape
-            for layer, mask, slopes, count in ((1, local, None, 80 - n_global), (3, glob, body.slopes, n_global)):
-                fn = torch.compile(F.make_block_fn(cfg, layer, torch.bfloat16, True).attention, dynamic=False)
+            kinds = ((1, local, None, 80 - n_global),) + (((3, glob, body.slopes, n_global),) if name == "fused-prologue" else ())
+            for layer, mask, slopes, count in kinds:
+                fn = torch.compile(F.make_block_fn(cfg, layer, torch.bfloat16, True, fused_prologue=fused).attention,
+                                   dynamic=False)
                 p = body.params[layer]
                 h = torch.randn(B, T, cfg.d_model, device="cuda", requires_grad=True)
                 v1 = torch.randn(B, cfg.n_kv_heads, T, cfg.head_dim, device="cuda")
@@ -76,7 +81,7 @@ def main():
                 row = dict(variant=name, kind=kind, tokens=B * T, ms_per_layer=t * 1e3, kernels=kernels,
                            ms_per_step_80_layers=t * 1e3 * count, timing=how)
                 print(row, flush=True)
-                if name == "current":
+                if name != "tpa-reduction":
                     print("\n".join(f"#  {kind}: {line}" for line in top_kernels(run)), flush=True)
                 rows.append(row)
         except Exception as e:  # noqa: BLE001 - a tiling Flex rejects is a result too

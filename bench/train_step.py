@@ -225,7 +225,7 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
     for layer, mask, slopes, count in ((1, local, None, cfg.n_layers - n_global), (3, glob, body.slopes, n_global)):
         if count == 0 or layer >= cfg.n_layers:
             continue
-        fn = torch.compile(make_block_fn(cfg, layer, dt, True).attention, dynamic=False)
+        fn = torch.compile(make_block_fn(cfg, layer, dt, True, fused_prologue=body.fused_prologue).attention, dynamic=False)
         p = body.params[layer]
         timed("attention", fwd_bwd(lambda hh: fn(p, hh, pos, doc, v1, mask, slopes)[0], [h], p.values()), count)
     L = cfg.n_moe_layers

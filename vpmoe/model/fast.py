@@ -42,6 +42,7 @@ import torch.utils.checkpoint
 
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
+from vpmoe.model import tpa_fused as TF
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -72,48 +73,66 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.d
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
 
 
-def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False):
-    """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes)."""
+def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False, fused_prologue: bool = False):
+    """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes).
+    `fused_prologue`: local layers' TPA + bias + QK-norm + rotation by `tpa_fused.local_qkv`."""
     H, G, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     Rq, Rkv, eps = cfg.tpa_q_rank, cfg.tpa_kv_rank, cfg.norm_eps
     is_global, is_moe, first = cfg.is_global(layer), cfg.is_moe(layer), layer == 0
     window = None if is_global else cfg.window
+    tpa_names = ("a_q", "b_q", "a_k", "b_k", "a_v", "b_v")
 
-    def attention(p, h, pos, doc, v_first, mask, slopes):
+    def local_fused(p, h, pos):
+        """q, k [B, H|G, T, D] normed and rotated, v [B, G, T, D] fp32, by one kernel each way."""
+        B, T, _ = h.shape
+        proj = linear(h, torch.cat([p[f"attn.{n}.weight"] for n in tpa_names]), None, dt).view(B * T, -1)
+        acc = _acc(h)
+        freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
+        angles = pos.reshape(B * T, 1).to(acc) * freq
+        return TF.local_qkv(proj, p["attn.q_bias"], p["attn.k_bias"], p["attn.v_bias"], p["attn.q_norm.weight"],
+                            p["attn.k_norm.weight"], angles.cos(), angles.sin(), T, eps, [H, G, D, Rq, Rkv])
+
+    def project(p, h, pos):
+        """q [B, H, T, D], k [B, G, T, D] normed (and rotated on local layers); v [B, G, T, D]."""
         B, T, _ = h.shape
         acc = _acc(h)
+        if not is_global and fused_prologue:
+            return local_fused(p, h, pos)
         if is_global:
             w = torch.cat([p["attn.wq.weight"], p["attn.wk.weight"], p["attn.wv.weight"]])
             b = torch.cat([p["attn.wq.bias"], p["attn.wk.bias"], p["attn.wv.bias"]])
             q, k, v = linear(h, w, b, dt).to(acc).split([H * D, G * D, G * D], dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
         else:
-            names = ("a_q", "b_q", "a_k", "b_k", "a_v", "b_v")
-            w = torch.cat([p[f"attn.{n}.weight"] for n in names])
+            w = torch.cat([p[f"attn.{n}.weight"] for n in tpa_names])
             parts = linear(h, w, None, dt).to(acc).split([x.shape[0] for x in
-                                                          (p[f"attn.{n}.weight"] for n in names)], dim=-1)
+                                                          (p[f"attn.{n}.weight"] for n in tpa_names)], dim=-1)
             aq, bq, ak, bk, av, bv = parts
             q = tpa(aq.view(B, T, H, Rq), bq.view(B, T, Rq, D)) + p["attn.q_bias"].view(H, D)
             k = tpa(ak.view(B, T, G, Rkv), bk.view(B, T, Rkv, D)) + p["attn.k_bias"].view(G, D)
             v = tpa(av.view(B, T, G, Rkv), bv.view(B, T, Rkv, D)) + p["attn.v_bias"].view(G, D)
         q = rms(q, p["attn.q_norm.weight"], eps).transpose(1, 2)  # [B, H, T, D]
         k = rms(k, p["attn.k_norm.weight"], eps).transpose(1, 2)
-        v = v.transpose(1, 2)
-        v_raw = v
-        if not first:
-            lam = p["attn.value_mix"].to(acc)
-            v = lam * v + (1 - lam) * v_first
         if not is_global:
             freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
             angles = pos.to(acc)[:, None, :, None] * freq
             cos, sin = angles.cos(), angles.sin()
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        return q, k, v.transpose(1, 2)
+
+    def attention(p, h, pos, doc, v_first, mask, slopes):
+        B, T, _ = h.shape
+        q, k, v = project(p, h, pos)
+        v_raw = v
+        if not first:
+            lam = p["attn.value_mix"].to(v.dtype)
+            v = lam * v + (1 - lam) * v_first
         if flex:
             out = K.flex_with_sinks(q.to(dt), k.to(dt), v.to(dt), p["attn.sinks"], mask, slopes)
         else:
             out = M.attention_reference(q, k, v, p["attn.sinks"], pos, pos, doc, doc, window, slopes)
         out = out.transpose(1, 2).reshape(B, T, H * D)
-        return linear(out, p["attn.wo.weight"], p["attn.wo.bias"], dt).to(acc), v_raw
+        return linear(out, p["attn.wo.weight"], p["attn.wo.bias"], dt).to(_acc(h)), v_raw
 
     def ffn(p, prefix, h):
         up = linear(h, p[f"{prefix}up.weight"], p[f"{prefix}up.bias"], dt).to(_acc(h))
@@ -178,7 +197,8 @@ class FastBody:
     """Embedding + blocks + final norm of a VpMoE, on the fused path (see the module docstring)."""
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
-                 static_masks: bool = False, checkpoint: bool = False, compile_backend: str = "inductor"):
+                 static_masks: bool = False, checkpoint: bool = False, compile_backend: str = "inductor",
+                 fused_prologue: bool | None = None):
         self.model, self.cfg = model, model.cfg
         self.checkpoint = checkpoint
         p0 = model.embed.weight
@@ -191,11 +211,17 @@ class FastBody:
         self._masks: dict = {}
         self.slopes = M.alibi_slopes(self.cfg.n_heads).to(p0.device)
         self.bf16x3 = K.bf16x3_available(p0.device)  # near-fp32 router GEMMs on tensor cores
+        c = self.cfg
+        dims = [c.n_heads, c.n_kv_heads, c.head_dim, c.tpa_q_rank, c.tpa_kv_rank]
+        # the Triton prologue wherever it runs (CUDA with Triton); None = that default
+        self.fused_prologue = ((self.flex and TF.available(p0.device) and TF.supported(dims))
+                               if fused_prologue is None else fused_prologue)
         self.fns, self.kind_of = {}, []
         for i in range(self.cfg.n_layers):
             kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
             if kind not in self.fns:
-                self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex, self.bf16x3),
+                self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex, self.bf16x3,
+                                                              self.fused_prologue),
                                                 use_compile, compile_backend)
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]

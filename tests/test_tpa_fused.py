@@ -1,0 +1,155 @@
+"""The local-attention prologue's Triton kernels (vpmoe/model/tpa_fused.py) against the float64
+reference, on the CPU through the Triton interpreter (TRITON_INTERPRET=1, which must be set
+before the kernels are defined: each check runs in a fresh interpreter process). The GPU runs
+the same kernels compiled: tests/gpu/test_gpu_fast_paths.py::test_tpa_prologue_kernel_cuda.
+
+Triton is a test dependency (`pip install -e .[test]`); the kernels run where the product runs
+them, on CUDA, and the CPU product falls back to the reference (`local_qkv`)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _in_interpreter(check: str) -> None:
+    code = f"import tests.test_tpa_fused as t; t.{check}()"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "checked" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_triton_is_installed_for_these_tests():
+    """Not a skip: without Triton the interpreter checks below cannot run, and that is a failure."""
+    import triton  # noqa: F401  (pip install -e .[test])
+
+
+def random_inputs(N: int, dims, gen, width_pad: int = 0):
+    from vpmoe.model.tpa_fused import column_layout
+
+    H, G, D = dims[:3]
+    W = sum(column_layout(*dims))
+    big = torch.randn(N, W + width_pad, generator=gen)
+    proj = big[:, :W]  # a row stride wider than the row when width_pad > 0
+    qb, kb, vb = (0.3 * torch.randn(n * D, generator=gen) for n in (H, G, G))
+    qw, kw = (1 + 0.2 * torch.randn(D, generator=gen) for _ in range(2))
+    angles = 6 * torch.rand(N, D // 2, generator=gen)
+    return [proj, qb, kb, vb, qw, kw, angles.cos(), angles.sin()]
+
+
+def check_kernels() -> None:
+    """Forward outputs and all eight gradients, fp32 kernels vs float64 autograd of the reference:
+    a token count that leaves a partial block, a padded row stride, non-contiguous output grads."""
+    from vpmoe.model import tpa_fused as TF
+
+    assert TF.interpreting()
+    gen = torch.Generator().manual_seed(3)
+    for dims, B, T, pad in (([4, 2, 32, 4, 2], 2, 21, 0), ([8, 2, 64, 4, 2], 1, 37, 8), ([2, 1, 32, 2, 1], 3, 5, 0)):
+        ins = random_inputs(B * T, dims, gen, pad)
+        leaves = [x.detach().clone().requires_grad_(True) if i else x for i, x in enumerate(ins)]
+        leaves[0] = ins[0].detach().requires_grad_(True)  # the strided view itself
+        out = TF.tpa_prologue(*leaves, T, 1e-5, dims)
+        ref_leaves = [x.detach().double().requires_grad_(True) for x in ins]
+        ref = TF.tpa_prologue_reference(*ref_leaves, T, 1e-5, dims)
+        assert [o.dtype for o in out] == [torch.float32, torch.float32, torch.float32]
+        for name, o, r in zip("qkv", out, ref):
+            assert o.shape == r.shape, (name, o.shape, r.shape)
+            torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5, msg=name)
+        # output gradients as transposed views (Flex's backward hands back strided tensors)
+        grads = [torch.randn(r.shape[0], r.shape[2], r.shape[1], r.shape[3], generator=gen,
+                             dtype=torch.float64).transpose(1, 2) for r in ref]
+        got = torch.autograd.grad(out, leaves, [g.float() for g in grads])
+        want = torch.autograd.grad(ref, ref_leaves, grads)
+        names = "proj q_bias k_bias v_bias q_w k_w cos sin".split()
+        for name, a, b in zip(names, got, want):
+            assert a.shape == b.shape, name
+            scale = b.abs().max().item()
+            err = (a.double() - b).abs().max().item() / scale
+            assert scale > 0 and err < 2e-6, (dims, name, err)
+    print("checked")
+
+
+def check_fast_body() -> None:
+    """FastBody with the fused prologue vs without (its torch form), fp32: hidden state, aux loss
+    and every parameter gradient, on a model whose local layers take the kernel (head_dim 32)."""
+    from tests.test_model import randomize, small
+    from vpmoe.model.fast import FastBody
+    from vpmoe.model.model import VpMoE
+
+    cfg = small(n_layers=4, d_model=32, head_dim=32, n_heads=4, n_kv_heads=2)
+    model = randomize(VpMoE(cfg), seed=5)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
+    doc = torch.tensor([[0] * 11 + [1] * 8, [0] * 4 + [1] * 15])
+    results = []
+    for fused in (False, True):
+        body = FastBody(model, compile=False, dtype=torch.float32, fused_prologue=fused)
+        assert body.fused_prologue is fused
+        model.zero_grad(set_to_none=True)
+        hidden, aux, load = body(tokens, doc)
+        w = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
+        ((hidden * w).sum() + aux).backward()
+        results.append((hidden.detach(), aux.detach(), load, {n: p.grad.clone() for n, p in
+                                                              model.named_parameters() if p.grad is not None}))
+    (h0, a0, l0, g0), (h1, a1, l1, g1) = results
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-7)
+    assert torch.equal(l1, l0)
+    assert g0.keys() == g1.keys() and any("log_freq" in n for n in g0) and any("q_bias" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
+    print("checked")
+
+
+def check_compiled_block() -> None:
+    """A local block with the fused prologue traces as one graph (the op is opaque to dynamo:
+    0 graph breaks) and equals its eager self, forward and backward."""
+    from tests.test_model import randomize, small
+    from vpmoe.model.fast import FastBody, make_block_fn
+    from vpmoe.model.model import VpMoE, positions_from_docs
+
+    torch._dynamo.reset()
+    cfg = small(n_layers=4, d_model=32, head_dim=32)
+    model = randomize(VpMoE(cfg), seed=2)
+    params = FastBody._block_params(model.layers[1])
+    fn = make_block_fn(cfg, 1, torch.bfloat16, flex=False, fused_prologue=True)  # bf16 GEMMs, as on the GPU
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+    doc = torch.tensor([[0] * 9 + [1] * 7])
+    pos = positions_from_docs(doc)
+    v_first = torch.randn(1, cfg.n_kv_heads, 16, cfg.head_dim, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for f in (fn, compiled):
+        x = torch.randn(1, 16, cfg.d_model, generator=torch.Generator().manual_seed(7), requires_grad=True)
+        for p in params.values():
+            p.grad = None
+        y, v, aux, _ = f(params, x, pos, doc, v_first, None, None)
+        ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + v.square().sum() + aux).backward()
+        outs.append((y.detach(), x.grad.clone(), params["attn.log_freq"].grad.clone(), params["attn.b_q.weight"].grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    print("checked")
+
+
+@pytest.mark.parametrize("check", ["check_kernels", "check_fast_body", "check_compiled_block"])
+def test_in_triton_interpreter(check):
+    _in_interpreter(check)
+
+
+def test_local_qkv_falls_back_to_the_reference_on_cpu():
+    """Without the interpreter, CPU tensors take the reference (the product's CPU path)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("run this file without TRITON_INTERPRET (its checks set it in subprocesses)")
+    from vpmoe.model import tpa_fused as TF
+
+    dims = [4, 2, 32, 4, 2]
+    ins = random_inputs(12, dims, torch.Generator().manual_seed(0))
+    assert not TF.available(torch.device("cpu"))
+    for a, b in zip(TF.local_qkv(*ins, 6, 1e-5, dims), TF.tpa_prologue_reference(*ins, 6, 1e-5, dims)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        TF._check(ins[0], 6, [4, 2, 24, 4, 2]) if TF.triton is not None else TF.tpa_prologue(*ins, 6, 1e-5, [4, 2, 24, 4, 2])

@@ -1,0 +1,348 @@
+"""The local-attention prologue as one Triton kernel each way: TPA contraction, bias, QK-norm and
+GRAPE rotation, from the projection GEMM's output straight to Flex's [B, heads, T, D] inputs.
+
+Local layers compute q, k, v from one GEMM output `proj` [N, 1064] (N = B * T tokens; the columns
+are a_q | b_q | a_k | b_k | a_v | b_v), then per token and head
+    x[h, :] = sum_r a[h, r] * b[r, :] / R + bias[h, :]            (q, k and v)
+    n = x * rsqrt(mean(x^2) + eps) * w;  out = rotate(n, cos, sin)  (q and k)
+Written as Inductor pointwise and reduction work this measured ~450 us forward + backward per
+layer per 8k tokens on an H200, several times its memory traffic (docs/performance.md). Here one
+program handles a block of tokens for all heads: it reads the token's 1064 values once and writes
+q and k in bf16 and v in fp32 (v is mixed with the first layer's values in fp32 afterwards), and the
+backward recomputes the forward from `proj` instead of saving anything.
+
+Design choices:
+- `tpa_prologue` is a `torch.library.custom_op` with a registered backward (another custom op):
+  opaque to torch.compile (fullgraph blocks keep 0 graph breaks), capturable in CUDA graphs (no host
+  sync, fixed grid for fixed shapes), and it runs under activation checkpointing like any op.
+- Reductions over tokens (bias and norm-weight gradients) are written per program into a
+  [programs, 1792] fp32 buffer and summed by torch afterwards: no atomics, deterministic.
+- cos/sin [N, D/2] are inputs (computed by torch from positions and the learnable GRAPE
+  frequencies), so the op returns their gradients and autograd carries them to `log_freq`.
+- Math in fp32 whatever the storage dtype. `tpa_prologue_reference` is the same function in plain
+  torch (any dtype, float64 for tests); `local_qkv` (the entry point) runs it wherever the
+  kernels cannot (CPU without the Triton interpreter, other head sizes), so callers work everywhere. Tests: tests/test_tpa_fused.py runs the
+  kernels under the Triton interpreter (CPU) against float64; tests/gpu/ on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the op falls back to the reference
+    triton = None
+
+BLOCK_TOKENS = 16  # tokens per program; the backward keeps [BLOCK_TOKENS, R, D] gradients in registers
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton kernels serve tensors on `device` (CUDA with Triton, or the interpreter)."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or interpreting()
+
+
+def interpreting() -> bool:
+    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def column_layout(H: int, G: int, D: int, Rq: int, Rkv: int) -> list[int]:
+    """Widths of a_q | b_q | a_k | b_k | a_v | b_v in `proj` (the fast body's concatenation order)."""
+    return [H * Rq, Rq * D, G * Rkv, Rkv * D, G * Rkv, Rkv * D]
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def tpa_prologue_reference(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: int, eps: float,
+                           dims: list[int]):
+    """Plain torch: proj [N, 1064], biases [heads * D], norm weights [D], cos/sin [N, D/2] ->
+    q [B, H, T, D] and k [B, G, T, D] in proj's dtype, v [B, G, T, D] in fp32 (fp64 for fp64)."""
+    H, G, D, Rq, Rkv = dims
+    acc = torch.float64 if proj.dtype == torch.float64 else torch.float32
+    N = proj.shape[0]
+    aq, bq, ak, bk, av, bv = proj.to(acc).split(column_layout(H, G, D, Rq, Rkv), dim=-1)
+
+    def tpa(a, b, heads, R, bias):
+        x = (a.view(N, heads, R, 1) * b.view(N, 1, R, D)).sum(2) / R
+        return x + bias.to(acc).view(heads, D)
+
+    def norm_rotate(x, w):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.to(acc)
+        return _rotate(x, cos.to(acc)[:, None, :], sin.to(acc)[:, None, :])
+
+    def heads_first(x, heads, dtype):
+        return x.view(N // T, T, heads, D).transpose(1, 2).contiguous().to(dtype)
+
+    q = norm_rotate(tpa(aq, bq, H, Rq, q_bias), q_w)
+    k = norm_rotate(tpa(ak, bk, G, Rkv, k_bias), k_w)
+    v = tpa(av, bv, G, Rkv, v_bias)
+    return heads_first(q, H, proj.dtype), heads_first(k, G, proj.dtype), heads_first(v, G, acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+if triton is not None:
+    @triton.jit
+    def _load_b(proj_ptr, rows, row_ok, stride_n, B_COL: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+        """The token block's shared factors b [BN, R, D/2] as two halves (for the rotation)."""
+        HALF: tl.constexpr = D // 2
+        r = tl.arange(0, R)[None, :, None]
+        d = tl.arange(0, HALF)[None, None, :]
+        ptr = proj_ptr + rows[:, None, None] * stride_n + B_COL + r * D + d
+        ok = row_ok[:, None, None]
+        b1 = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+        b2 = tl.load(ptr + HALF, mask=ok, other=0.0).to(tl.float32)
+        return b1, b2
+
+    @triton.jit
+    def _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b1, b2, A_COL: tl.constexpr, R: tl.constexpr,
+             D: tl.constexpr):
+        """One head's a [BN, R] and pre-norm x = a . b / R + bias as halves [BN, D/2]."""
+        HALF: tl.constexpr = D // 2
+        a = tl.load(proj_ptr + rows[:, None] * stride_n + A_COL + h * R + tl.arange(0, R)[None, :],
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        d = tl.arange(0, HALF)
+        x1 = tl.sum(a[:, :, None] * b1, axis=1) / R + tl.load(bias_ptr + h * D + d)[None, :].to(tl.float32)
+        x2 = tl.sum(a[:, :, None] * b2, axis=1) / R + tl.load(bias_ptr + h * D + HALF + d)[None, :].to(tl.float32)
+        return a, x1, x2
+
+    @triton.jit
+    def _forward_group(proj_ptr, rows, row_ok, stride_n, bias_ptr, w_ptr, cos, sin, out_ptr, out_row, out_sh,
+                       eps, A_COL: tl.constexpr, B_COL: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr,
+                       D: tl.constexpr, NORM: tl.constexpr):
+        HALF: tl.constexpr = D // 2
+        b1, b2 = _load_b(proj_ptr, rows, row_ok, stride_n, B_COL, R, D)
+        d = tl.arange(0, HALF)
+        for h in tl.static_range(HEADS):
+            a, x1, x2 = _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b1, b2, A_COL, R, D)
+            if NORM:
+                rs = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
+                n1 = x1 * rs * tl.load(w_ptr + d)[None, :].to(tl.float32)
+                n2 = x2 * rs * tl.load(w_ptr + HALF + d)[None, :].to(tl.float32)
+                x1 = n1 * cos - n2 * sin
+                x2 = n2 * cos + n1 * sin
+            ptr = out_ptr + out_row[:, None] + h * out_sh + d[None, :]
+            tl.store(ptr, x1.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(ptr + HALF, x2.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _forward_kernel(proj_ptr, qb_ptr, kb_ptr, vb_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+                        N, T, stride_n, eps, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                        RQ: tl.constexpr, RKV: tl.constexpr, BN: tl.constexpr):
+        HALF: tl.constexpr = D // 2
+        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        row_ok = rows < N
+        d = tl.arange(0, HALF)
+        cs_ptr = rows[:, None] * HALF + d[None, :]
+        cos = tl.load(cos_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        batch, t = rows // T, rows % T
+        c_bq: tl.constexpr = H * RQ
+        c_ak: tl.constexpr = c_bq + RQ * D
+        c_bk: tl.constexpr = c_ak + G * RKV
+        c_av: tl.constexpr = c_bk + RKV * D
+        c_bv: tl.constexpr = c_av + G * RKV
+        _forward_group(proj_ptr, rows, row_ok, stride_n, qb_ptr, qw_ptr, cos, sin, q_ptr,
+                       (batch * H * T + t) * D, T * D, eps, 0, c_bq, H, RQ, D, True)
+        _forward_group(proj_ptr, rows, row_ok, stride_n, kb_ptr, kw_ptr, cos, sin, k_ptr,
+                       (batch * G * T + t) * D, T * D, eps, c_ak, c_bk, G, RKV, D, True)
+        _forward_group(proj_ptr, rows, row_ok, stride_n, vb_ptr, kw_ptr, cos, sin, v_ptr,
+                       (batch * G * T + t) * D, T * D, eps, c_av, c_bv, G, RKV, D, False)
+
+    @triton.jit
+    def _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, bias_ptr, w_ptr, cos, sin, go_ptr, go_row,
+                        go_sh, part_ptr, BIAS_OFF: tl.constexpr, W_OFF: tl.constexpr, eps,
+                        A_COL: tl.constexpr, B_COL: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr,
+                        D: tl.constexpr, NORM: tl.constexpr):
+        """Gradients of one group: writes its proj columns and per-program bias/weight sums;
+        returns its contributions to the cos and sin gradients."""
+        HALF: tl.constexpr = D // 2
+        b1, b2 = _load_b(proj_ptr, rows, row_ok, stride_n, B_COL, R, D)
+        gb1 = tl.zeros_like(b1)
+        gb2 = tl.zeros_like(b2)
+        d = tl.arange(0, HALF)
+        gcos = tl.zeros_like(cos)
+        gsin = tl.zeros_like(cos)
+        gw1 = tl.zeros([HALF], dtype=tl.float32)
+        gw2 = tl.zeros([HALF], dtype=tl.float32)
+        w1 = tl.load(w_ptr + d)[None, :].to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + d)[None, :].to(tl.float32)
+        for h in tl.static_range(HEADS):
+            a, x1, x2 = _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b1, b2, A_COL, R, D)
+            ptr = go_ptr + go_row[:, None] + h * go_sh + d[None, :]
+            g1 = tl.load(ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            g2 = tl.load(ptr + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            if NORM:
+                rs = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
+                n1, n2 = x1 * rs * w1, x2 * rs * w2
+                gcos += g1 * n1 + g2 * n2
+                gsin += g2 * n1 - g1 * n2
+                gn1 = g1 * cos + g2 * sin  # rotation transposed
+                gn2 = g2 * cos - g1 * sin
+                gw1 += tl.sum(gn1 * x1 * rs, axis=0)
+                gw2 += tl.sum(gn2 * x2 * rs, axis=0)
+                wg1, wg2 = gn1 * w1, gn2 * w2
+                dot = ((tl.sum(wg1 * x1, axis=1) + tl.sum(wg2 * x2, axis=1)) / D)[:, None]
+                g1 = rs * wg1 - x1 * rs * rs * rs * dot
+                g2 = rs * wg2 - x2 * rs * rs * rs * dot
+            tl.store(part_ptr + BIAS_OFF + h * D + d, tl.sum(g1, axis=0))
+            tl.store(part_ptr + BIAS_OFF + h * D + HALF + d, tl.sum(g2, axis=0))
+            ga = (tl.sum(g1[:, None, :] * b1, axis=2) + tl.sum(g2[:, None, :] * b2, axis=2)) / R
+            tl.store(gproj_ptr + rows[:, None] * stride_g + A_COL + h * R + tl.arange(0, R)[None, :],
+                     ga.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None])
+            gb1 += g1[:, None, :] * a[:, :, None] / R
+            gb2 += g2[:, None, :] * a[:, :, None] / R
+        ptr = (gproj_ptr + rows[:, None, None] * stride_g + B_COL + tl.arange(0, R)[None, :, None] * D
+               + d[None, None, :])
+        tl.store(ptr, gb1.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None, None])
+        tl.store(ptr + HALF, gb2.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None, None])
+        if NORM:
+            tl.store(part_ptr + W_OFF + d, gw1)
+            tl.store(part_ptr + W_OFF + HALF + d, gw2)
+        return gcos, gsin
+
+    @triton.jit
+    def _backward_kernel(proj_ptr, qb_ptr, kb_ptr, vb_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr, gv_ptr,
+                         gproj_ptr, gcos_ptr, gsin_ptr, part_ptr, N, T, stride_n, stride_g, eps,
+                         gq_sb, gq_sh, gq_st, gk_sb, gk_sh, gk_st, gv_sb, gv_sh, gv_st,
+                         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, RQ: tl.constexpr, RKV: tl.constexpr,
+                         BN: tl.constexpr, PART: tl.constexpr):
+        HALF: tl.constexpr = D // 2
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BN + tl.arange(0, BN)
+        row_ok = rows < N
+        d = tl.arange(0, HALF)
+        cs_ptr = rows[:, None] * HALF + d[None, :]
+        cos = tl.load(cos_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        batch, t = rows // T, rows % T
+        part = part_ptr + pid * PART  # q bias | k bias | v bias | q weight | k weight
+        c_bq: tl.constexpr = H * RQ
+        c_ak: tl.constexpr = c_bq + RQ * D
+        c_bk: tl.constexpr = c_ak + G * RKV
+        c_av: tl.constexpr = c_bk + RKV * D
+        c_bv: tl.constexpr = c_av + G * RKV
+        o_kb: tl.constexpr = H * D
+        o_vb: tl.constexpr = o_kb + G * D
+        o_qw: tl.constexpr = o_vb + G * D
+        o_kw: tl.constexpr = o_qw + D
+        gc_q, gs_q = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, qb_ptr, qw_ptr, cos, sin, gq_ptr,
+                                     batch * gq_sb + t * gq_st, gq_sh, part, 0, o_qw, eps, 0, c_bq, H, RQ, D, True)
+        gc_k, gs_k = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, kb_ptr, kw_ptr, cos, sin, gk_ptr,
+                                     batch * gk_sb + t * gk_st, gk_sh, part, o_kb, o_kw, eps, c_ak, c_bk, G, RKV, D,
+                                     True)
+        _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, vb_ptr, kw_ptr, cos, sin, gv_ptr,
+                        batch * gv_sb + t * gv_st, gv_sh, part, o_vb, o_kw, eps, c_av, c_bv, G, RKV, D, False)
+        tl.store(gcos_ptr + cs_ptr, gc_q + gc_k, mask=row_ok[:, None])
+        tl.store(gsin_ptr + cs_ptr, gs_q + gs_k, mask=row_ok[:, None])
+
+
+def local_qkv(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: int, eps: float, dims: list[int]):
+    """The entry point: the Triton op where it runs (CUDA, or the interpreter), else the reference."""
+    if available(proj.device) and supported(dims):
+        return tpa_prologue(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T, eps, dims)
+    return tpa_prologue_reference(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T, eps, dims)
+
+
+def supported(dims: list[int]) -> bool:
+    """Power-of-two head_dim (>= 32) and TPA ranks: tl.arange extents."""
+    D, Rq, Rkv = dims[2:]
+    return all(n > 0 and n & (n - 1) == 0 for n in (D, Rq, Rkv)) and D >= 32
+
+
+def _check(proj: torch.Tensor, T: int, dims: list[int]) -> None:
+    if triton is None:
+        raise RuntimeError("tpa_prologue: Triton is not installed (call local_qkv, which falls back)")
+    H, G, D, Rq, Rkv = dims
+    if not supported(dims):
+        raise ValueError(f"tpa_prologue: the Triton kernels need power-of-two head_dim (>= 32) and TPA ranks; "
+                         f"got head_dim={D}, ranks {Rq}/{Rkv} (use the torch prologue)")
+    if proj.stride(-1) != 1 or proj.shape[-1] != sum(column_layout(*dims)) or proj.shape[0] % T:
+        raise ValueError(f"tpa_prologue: proj {tuple(proj.shape)} (stride {proj.stride()}) does not match "
+                         f"{dims} with T={T}")
+
+
+def _outputs(proj: torch.Tensor, T: int, dims: list[int]):
+    H, G, D = dims[:3]
+    B = proj.shape[0] // T
+    return (proj.new_empty(B, H, T, D), proj.new_empty(B, G, T, D),
+            proj.new_empty(B, G, T, D, dtype=torch.float64 if proj.dtype == torch.float64 else torch.float32))
+
+
+@torch.library.custom_op("vpmoe::tpa_prologue", mutates_args=())
+def tpa_prologue(proj: torch.Tensor, q_bias: torch.Tensor, k_bias: torch.Tensor, v_bias: torch.Tensor,
+                 q_w: torch.Tensor, k_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, eps: float,
+                 dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, H, T, D], k [B, G, T, D] (proj's dtype) and v [B, G, T, D] (fp32) from the local layer's
+    projection; see the module docstring. Same function as `tpa_prologue_reference`."""
+    _check(proj, T, dims)
+    H, G, D, Rq, Rkv = dims
+    q, k, v = _outputs(proj, T, dims)
+    N = proj.shape[0]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _forward_kernel[(triton.cdiv(N, BLOCK_TOKENS),)](
+        proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, q, k, v, N, T, proj.stride(0), eps,
+        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, BN=BLOCK_TOKENS, num_warps=4)
+    return q, k, v
+
+
+@tpa_prologue.register_fake
+def _(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T, eps, dims):
+    return _outputs(proj, T, dims)
+
+
+@torch.library.custom_op("vpmoe::tpa_prologue_backward", mutates_args=())
+def tpa_prologue_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, proj: torch.Tensor,
+                          q_bias: torch.Tensor, k_bias: torch.Tensor, v_bias: torch.Tensor, q_w: torch.Tensor,
+                          k_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, eps: float,
+                          dims: list[int]) -> list[torch.Tensor]:
+    """Gradients of `tpa_prologue` for (proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin)."""
+    _check(proj, T, dims)
+    H, G, D, Rq, Rkv = dims
+    N = proj.shape[0]
+    programs = triton.cdiv(N, BLOCK_TOKENS)
+    part_width = (H + 2 * G) * D + 2 * D
+    part = proj.new_empty(programs, part_width, dtype=torch.float32)
+    gproj = proj.new_empty(proj.shape)  # contiguous, whatever proj's row stride
+    cos, sin = cos.contiguous(), sin.contiguous()
+    gcos, gsin = torch.empty_like(cos, dtype=torch.float32), torch.empty_like(sin, dtype=torch.float32)
+    gq, gk, gv = (g if g.stride(-1) == 1 else g.contiguous() for g in (gq, gk, gv))
+    _backward_kernel[(programs,)](
+        proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, gq, gk, gv, gproj, gcos, gsin, part, N, T,
+        proj.stride(0), gproj.stride(0), eps, gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
+        gv.stride(0), gv.stride(1), gv.stride(2),
+        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, BN=BLOCK_TOKENS, PART=part_width, num_warps=8)
+    sums = part.sum(0).split([H * D, G * D, G * D, D, D])  # views of one tensor: returned as copies
+    small = [g.to(x.dtype, copy=True) for g, x in zip(sums, (q_bias, k_bias, v_bias, q_w, k_w))]
+    return [gproj, *small, gcos.to(cos.dtype), gsin.to(sin.dtype)]
+
+
+@tpa_prologue_backward.register_fake
+def _(gq, gk, gv, proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T, eps, dims):
+    return [proj.new_empty(proj.shape)] + [torch.empty_like(t) for t in (q_bias, k_bias, v_bias, q_w, k_w, cos, sin)]
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, T, eps, dims = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.T, ctx.eps, ctx.dims = T, eps, dims
+
+
+def _backward(ctx, gq, gk, gv):
+    grads = tpa_prologue_backward(gq, gk, gv, *ctx.saved_tensors, ctx.T, ctx.eps, ctx.dims)
+    return (*grads, None, None, None)
+
+
+tpa_prologue.register_autograd(_backward, setup_context=_setup_context)
