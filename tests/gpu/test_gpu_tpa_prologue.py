@@ -41,8 +41,10 @@ def test_tpa_prologue_kernel_cuda(dtype, tol):
 
 
 def test_tpa_prologue_in_compiled_graphed_block():
-    """A local MoE block compiled (fullgraph, the custom op opaque) and replayed from a CUDA graph
-    gives the eager block's outputs and gradients."""
+    """A local MoE block in bf16, compiled (fullgraph, the custom op opaque) and replayed from a CUDA
+    graph, is no further from the fp32 eager block than the bf16 eager block is (outputs and the
+    attention's gradients; compiled and eager round to bf16 at different places, so they are
+    compared through the fp32 run, not with each other)."""
     from tests.gpu.test_gpu_fast_paths import small_cfg
     from vpmoe.model.fast import FastBody, make_block_fn
     from vpmoe.model.model import VpMoE, positions_from_docs
@@ -66,12 +68,13 @@ def test_tpa_prologue_in_compiled_graphed_block():
     # the attention's parameters: routing parameters' gradients move with near-tied expert choices
     leaves = [x] + [p for n, p in params.items() if n.startswith("attn.")]
     fn = make_block_fn(cfg, 1, torch.bfloat16, True, fused_prologue=True)
+    exact_fn = make_block_fn(cfg, 1, torch.float32, True, fused_prologue=True)
 
     def run(f):
         y = f(params, x, pos, docbuf, v_first, local, None)[0]
         return [y.detach()] + list(torch.autograd.grad([y], leaves, [g], allow_unused=True))
 
-    eager = run(fn)
+    eager, exact = run(fn), run(exact_fn)
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -84,8 +87,10 @@ def test_tpa_prologue_in_compiled_graphed_block():
         static = run(compiled)
     graph.replay()
     torch.cuda.synchronize()
-    for i, (a, b) in enumerate(zip(eager, static)):
-        if a is None:
-            assert b is None
+    names = ["y", "x"] + [n for n in params if n.startswith("attn.")]
+    for name, x32, a, b in zip(names, exact, eager, static):
+        if x32 is None:  # a parameter this block does not use
+            assert a is None and b is None, name
             continue
-        assert rel_err(b, a) < 2e-2, (i, rel_err(b, a))
+        e_eager, e_graph = rel_err(a, x32), rel_err(b, x32)
+        assert e_graph <= 1.5 * e_eager + 1e-2, (name, e_eager, e_graph)

@@ -36,7 +36,11 @@ try:
 except ImportError:  # CPU-only installs: the op falls back to the reference
     triton = None
 
-BLOCK_TOKENS = 16  # tokens per program; the backward keeps [BLOCK_TOKENS, R, D] gradients in registers
+# tokens per program (BN) and warps, tuned per token count on first use (the backward keeps
+# [BN, R, D] tiles in registers: too many tokens per program spill, too few re-read the weights)
+FORWARD_CONFIGS = [(4, 2), (8, 2), (8, 4), (16, 4), (32, 4)]
+BACKWARD_CONFIGS = [(2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]
+MIN_BN = min(bn for bn, _ in BACKWARD_CONFIGS)  # the partial-sum buffer has room for the most programs
 
 
 def available(device: torch.device) -> bool:
@@ -249,6 +253,27 @@ if triton is not None:
         tl.store(gsin_ptr + cs_ptr, gs_q + gs_k, mask=row_ok[:, None])
 
 
+_kernels: dict = {}
+
+
+def _tuned(which: str):
+    """The kernel, autotuned over its (BN, warps) configs per token count on CUDA; the interpreter
+    (no driver to time with) runs it as is with `_untuned_config`."""
+    if which not in _kernels:
+        kernel = _forward_kernel if which == "forward" else _backward_kernel
+        if not interpreting():
+            pairs = FORWARD_CONFIGS if which == "forward" else BACKWARD_CONFIGS
+            kernel = triton.autotune([triton.Config({"BN": bn}, num_warps=w) for bn, w in pairs], key=["N", "T"],
+                                     reset_to_zero=["part_ptr"] if which == "backward" else None)(kernel)
+        _kernels[which] = kernel
+    return _kernels[which]
+
+
+def _untuned_config(which: str) -> dict:
+    """The interpreter's config: few tokens per program, so tests cross program boundaries."""
+    return {"BN": MIN_BN if which == "backward" else 4} if interpreting() else {}
+
+
 def local_qkv(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: int, eps: float, dims: list[int]):
     """The entry point: the Triton op where it runs (CUDA, or the interpreter), else the reference."""
     if available(proj.device) and supported(dims):
@@ -292,9 +317,9 @@ def tpa_prologue(proj: torch.Tensor, q_bias: torch.Tensor, k_bias: torch.Tensor,
     q, k, v = _outputs(proj, T, dims)
     N = proj.shape[0]
     cos, sin = cos.contiguous(), sin.contiguous()
-    _forward_kernel[(triton.cdiv(N, BLOCK_TOKENS),)](
+    _tuned("forward")[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, q, k, v, N, T, proj.stride(0), eps,
-        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, BN=BLOCK_TOKENS, num_warps=4)
+        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, **_untuned_config("forward"))
     return q, k, v
 
 
@@ -312,18 +337,18 @@ def tpa_prologue_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, 
     _check(proj, T, dims)
     H, G, D, Rq, Rkv = dims
     N = proj.shape[0]
-    programs = triton.cdiv(N, BLOCK_TOKENS)
+    programs = triton.cdiv(N, MIN_BN)  # rows past the chosen config's programs stay zero
     part_width = (H + 2 * G) * D + 2 * D
-    part = proj.new_empty(programs, part_width, dtype=torch.float32)
+    part = proj.new_zeros(programs, part_width, dtype=torch.float32)
     gproj = proj.new_empty(proj.shape)  # contiguous, whatever proj's row stride
     cos, sin = cos.contiguous(), sin.contiguous()
     gcos, gsin = torch.empty_like(cos, dtype=torch.float32), torch.empty_like(sin, dtype=torch.float32)
     gq, gk, gv = (g if g.stride(-1) == 1 else g.contiguous() for g in (gq, gk, gv))
-    _backward_kernel[(programs,)](
+    _tuned("backward")[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, gq, gk, gv, gproj, gcos, gsin, part, N, T,
         proj.stride(0), gproj.stride(0), eps, gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
         gv.stride(0), gv.stride(1), gv.stride(2),
-        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, BN=BLOCK_TOKENS, PART=part_width, num_warps=8)
+        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, PART=part_width, **_untuned_config("backward"))
     sums = part.sum(0).split([H * D, G * D, G * D, D, D])  # views of one tensor: returned as copies
     small = [g.to(x.dtype, copy=True) for g, x in zip(sums, (q_bias, k_bias, v_bias, q_w, k_w))]
     return [gproj, *small, gcos.to(cos.dtype), gsin.to(sin.dtype)]
