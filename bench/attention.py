@@ -61,7 +61,9 @@ def main():
             doc, local, glob = body.doc_masks(batch["doc_ids"].cuda())
             pos = positions_from_docs(doc)
             B, T = doc.shape
-            kinds = ((1, local, None, 80 - n_global),) + (((3, glob, body.slopes, n_global),) if name == "fused-prologue" else ())
+            kinds = [(1, local, None, 80 - n_global)]
+            if name == "fused-prologue":  # global layers: no TPA, the same code in every variant
+                kinds.append((3, glob, body.slopes, n_global))
             for layer, mask, slopes, count in kinds:
                 fn = torch.compile(F.make_block_fn(cfg, layer, torch.bfloat16, True, fused_prologue=fused).attention,
                                    dynamic=False)

@@ -87,14 +87,19 @@ def main() -> int:
         for s in sets:
             cmd += ["--set", s]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        # the run's output is passed through as it comes (a run cut short by a time limit still
+        # shows how far it got) and kept for its compute: line
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            print(f"  | {lines[-1]}", flush=True)
+        returncode = proc.wait()
         wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
-            raise SystemExit(f"vpmoe train exited {proc.returncode}")
-        compute = next((ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines()
-                        if ln.startswith("compute:")), "compute: ?")
+        if returncode != 0:
+            raise SystemExit(f"vpmoe train exited {returncode}")
+        compute = next((ln for ln in lines if ln.startswith("compute:")), "compute: ?")
         row = summarise(run_dir, a.skip, compute, wall)
     row = {"layers": cfg.model.n_layers, "rows": cfg.data.micro_batch_size, "micro": cfg.train.grad_accum,
            "seq": cfg.data.seq_len, **row}

@@ -16,8 +16,10 @@ Design choices:
   routing, biases and activations in fp32, fused by Inductor around the GEMMs; the residual
   stream stays fp32 like the reference's under autocast.
 - Attention projections are one GEMM per layer: local layers concatenate the six TPA factor
-  matrices (1064 output columns), global layers wq/wk/wv; the split and the rank-4/2 TPA
-  contraction are pointwise work fused with bias, QK-norm and GRAPE rotation.
+  matrices (1064 output columns), global layers wq/wk/wv. On CUDA the local layers' TPA
+  contraction, bias, QK-norm and GRAPE rotation are one Triton kernel each way
+  (`tpa_fused.local_qkv`, `fused_prologue`); elsewhere (and on global layers) they are pointwise
+  work for Inductor to fuse around the GEMMs.
 - Attention: FlexAttention with the sink folded in through the LSE (`kernels.flex_with_sinks`);
   the CPU path (tests) uses the reference attention.
 - MoE: the router (`kernels.route_fast`: the reference's math, fp32 sigmoid, bias, group-limited

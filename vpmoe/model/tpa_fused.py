@@ -16,13 +16,18 @@ Design choices:
   opaque to torch.compile (fullgraph blocks keep 0 graph breaks), capturable in CUDA graphs (no host
   sync, fixed grid for fixed shapes), and it runs under activation checkpointing like any op.
 - Reductions over tokens (bias and norm-weight gradients) are written per program into a
-  [programs, 1792] fp32 buffer and summed by torch afterwards: no atomics, deterministic.
+  [programs, (H + 2G) * D + 2D] fp32 buffer (1792 columns at vpMoE's dims) and summed by torch
+  afterwards: no atomics, deterministic.
+- Tokens per program and warps are autotuned per (token count, sequence length, dtypes) at first
+  use on CUDA (`triton.autotune`; the tuning runs reset the partial sums): the first untuned
+  backward (16 tokens x 8 warps) took 293 us per 8k tokens, its [16, R, D/2] fp32 tiles spilling.
 - cos/sin [N, D/2] are inputs (computed by torch from positions and the learnable GRAPE
   frequencies), so the op returns their gradients and autograd carries them to `log_freq`.
 - Math in fp32 whatever the storage dtype. `tpa_prologue_reference` is the same function in plain
   torch (any dtype, float64 for tests); `local_qkv` (the entry point) runs it wherever the
-  kernels cannot (CPU without the Triton interpreter, other head sizes), so callers work everywhere. Tests: tests/test_tpa_fused.py runs the
-  kernels under the Triton interpreter (CPU) against float64; tests/gpu/ on the GPU.
+  kernels cannot (CPU without the Triton interpreter, other head sizes), so callers work
+  everywhere. Tests: tests/test_tpa_fused.py runs the kernels under the Triton interpreter (CPU)
+  against float64; tests/gpu/test_gpu_tpa_prologue.py on the GPU.
 """
 from __future__ import annotations
 
@@ -99,6 +104,17 @@ def tpa_prologue_reference(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: 
 
 if triton is not None:
     @triton.jit
+    def _token_block(pid, cos_ptr, sin_ptr, N, BN: tl.constexpr, D: tl.constexpr):
+        """This program's token rows, their validity, and their cos/sin [BN, D/2] in fp32."""
+        HALF: tl.constexpr = D // 2
+        rows = pid * BN + tl.arange(0, BN)
+        row_ok = rows < N
+        cs_ptr = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        cos = tl.load(cos_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        return rows, row_ok, cs_ptr, cos, sin
+
+    @triton.jit
     def _load_b(proj_ptr, rows, row_ok, stride_n, B_COL: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
         """The token block's shared factors b [BN, R, D/2] as two halves (for the rotation)."""
         HALF: tl.constexpr = D // 2
@@ -144,20 +160,10 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(proj_ptr, qb_ptr, kb_ptr, vb_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                         N, T, stride_n, eps, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                        RQ: tl.constexpr, RKV: tl.constexpr, BN: tl.constexpr):
-        HALF: tl.constexpr = D // 2
-        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-        row_ok = rows < N
-        d = tl.arange(0, HALF)
-        cs_ptr = rows[:, None] * HALF + d[None, :]
-        cos = tl.load(cos_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                        RQ: tl.constexpr, RKV: tl.constexpr, c_bq: tl.constexpr, c_ak: tl.constexpr,
+                        c_bk: tl.constexpr, c_av: tl.constexpr, c_bv: tl.constexpr, BN: tl.constexpr):
+        rows, row_ok, cs_ptr, cos, sin = _token_block(tl.program_id(0).to(tl.int64), cos_ptr, sin_ptr, N, BN, D)
         batch, t = rows // T, rows % T
-        c_bq: tl.constexpr = H * RQ
-        c_ak: tl.constexpr = c_bq + RQ * D
-        c_bk: tl.constexpr = c_ak + G * RKV
-        c_av: tl.constexpr = c_bk + RKV * D
-        c_bv: tl.constexpr = c_av + G * RKV
         _forward_group(proj_ptr, rows, row_ok, stride_n, qb_ptr, qw_ptr, cos, sin, q_ptr,
                        (batch * H * T + t) * D, T * D, eps, 0, c_bq, H, RQ, D, True)
         _forward_group(proj_ptr, rows, row_ok, stride_n, kb_ptr, kw_ptr, cos, sin, k_ptr,
@@ -166,7 +172,8 @@ if triton is not None:
                        (batch * G * T + t) * D, T * D, eps, c_av, c_bv, G, RKV, D, False)
 
     @triton.jit
-    def _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, bias_ptr, w_ptr, cos, sin, go_ptr, go_row,
+    def _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, bias_ptr, w_ptr, cos, sin, go_ptr,
+                        go_row,
                         go_sh, part_ptr, BIAS_OFF: tl.constexpr, W_OFF: tl.constexpr, eps,
                         A_COL: tl.constexpr, B_COL: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr,
                         D: tl.constexpr, NORM: tl.constexpr):
@@ -222,29 +229,21 @@ if triton is not None:
                          gproj_ptr, gcos_ptr, gsin_ptr, part_ptr, N, T, stride_n, stride_g, eps,
                          gq_sb, gq_sh, gq_st, gk_sb, gk_sh, gk_st, gv_sb, gv_sh, gv_st,
                          H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, RQ: tl.constexpr, RKV: tl.constexpr,
-                         BN: tl.constexpr, PART: tl.constexpr):
-        HALF: tl.constexpr = D // 2
+                         c_bq: tl.constexpr, c_ak: tl.constexpr, c_bk: tl.constexpr, c_av: tl.constexpr,
+                         c_bv: tl.constexpr, PART: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
-        rows = pid * BN + tl.arange(0, BN)
-        row_ok = rows < N
-        d = tl.arange(0, HALF)
-        cs_ptr = rows[:, None] * HALF + d[None, :]
-        cos = tl.load(cos_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        rows, row_ok, cs_ptr, cos, sin = _token_block(pid, cos_ptr, sin_ptr, N, BN, D)
         batch, t = rows // T, rows % T
         part = part_ptr + pid * PART  # q bias | k bias | v bias | q weight | k weight
-        c_bq: tl.constexpr = H * RQ
-        c_ak: tl.constexpr = c_bq + RQ * D
-        c_bk: tl.constexpr = c_ak + G * RKV
-        c_av: tl.constexpr = c_bk + RKV * D
-        c_bv: tl.constexpr = c_av + G * RKV
         o_kb: tl.constexpr = H * D
         o_vb: tl.constexpr = o_kb + G * D
         o_qw: tl.constexpr = o_vb + G * D
         o_kw: tl.constexpr = o_qw + D
-        gc_q, gs_q = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, qb_ptr, qw_ptr, cos, sin, gq_ptr,
+        gc_q, gs_q = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, qb_ptr, qw_ptr, cos, sin,
+                                     gq_ptr,
                                      batch * gq_sb + t * gq_st, gq_sh, part, 0, o_qw, eps, 0, c_bq, H, RQ, D, True)
-        gc_k, gs_k = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, kb_ptr, kw_ptr, cos, sin, gk_ptr,
+        gc_k, gs_k = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, kb_ptr, kw_ptr, cos, sin,
+                                     gk_ptr,
                                      batch * gk_sb + t * gk_st, gk_sh, part, o_kb, o_kw, eps, c_ak, c_bk, G, RKV, D,
                                      True)
         _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, vb_ptr, kw_ptr, cos, sin, gv_ptr,
@@ -267,6 +266,15 @@ def _tuned(which: str):
                                      reset_to_zero=["part_ptr"] if which == "backward" else None)(kernel)
         _kernels[which] = kernel
     return _kernels[which]
+
+
+def _column_starts(dims: list[int]) -> dict:
+    """Where b_q, a_k, b_k, a_v, b_v start in proj's row (a_q starts at 0)."""
+    starts, at = {}, 0
+    for name, width in zip(("c_bq", "c_ak", "c_bk", "c_av", "c_bv"), column_layout(*dims)):
+        at += width
+        starts[name] = at
+    return starts
 
 
 def _untuned_config(which: str) -> dict:
@@ -319,7 +327,7 @@ def tpa_prologue(proj: torch.Tensor, q_bias: torch.Tensor, k_bias: torch.Tensor,
     cos, sin = cos.contiguous(), sin.contiguous()
     _tuned("forward")[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, q, k, v, N, T, proj.stride(0), eps,
-        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, **_untuned_config("forward"))
+        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, **_column_starts(dims), **_untuned_config("forward"))
     return q, k, v
 
 
@@ -346,9 +354,8 @@ def tpa_prologue_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, 
     gq, gk, gv = (g if g.stride(-1) == 1 else g.contiguous() for g in (gq, gk, gv))
     _tuned("backward")[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, gq, gk, gv, gproj, gcos, gsin, part, N, T,
-        proj.stride(0), gproj.stride(0), eps, gq.stride(0), gq.stride(1), gq.stride(2), gk.stride(0), gk.stride(1), gk.stride(2),
-        gv.stride(0), gv.stride(1), gv.stride(2),
-        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, PART=part_width, **_untuned_config("backward"))
+        proj.stride(0), gproj.stride(0), eps, *gq.stride()[:3], *gk.stride()[:3], *gv.stride()[:3],
+        H=H, G=G, D=D, RQ=Rq, RKV=Rkv, PART=part_width, **_column_starts(dims), **_untuned_config("backward"))
     sums = part.sum(0).split([H * D, G * D, G * D, D, D])  # views of one tensor: returned as copies
     small = [g.to(x.dtype, copy=True) for g, x in zip(sums, (q_bias, k_bias, v_bias, q_w, k_w))]
     return [gproj, *small, gcos.to(cos.dtype), gsin.to(sin.dtype)]
