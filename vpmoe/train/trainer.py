@@ -343,9 +343,12 @@ class Trainer:
         where = str(dev)
         if dev.type == "cuda":
             where += f" ({torch.cuda.get_device_name(dev)}, sm{self.capability[0]}{self.capability[1]})"
-        parts = [where, "bf16 autocast" if self.amp_dtype is not None else "fp32",
-                 ("fused body + fused optimizer" if self.fast_opt is not None else "fused body")
-                 if self.body is not None else "module path" + (" with fused kernels" if self._fast_path_on() else "")]
+        if self.body is not None:
+            path = "fused body" + (" (Triton attention prologue)" if self.body.fused_prologue else "")
+            path += " + fused optimizer" if self.fast_opt is not None else ""
+        else:
+            path = "module path" + (" with fused kernels" if self._fast_path_on() else "")
+        parts = [where, "bf16 autocast" if self.amp_dtype is not None else "fp32", path]
         if self.graphed is not None:
             parts.append("CUDA graphs")
         else:
