@@ -373,6 +373,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, gq, gk, gv):
+    proj = ctx.saved_tensors[0]
+    H, G, D = ctx.dims[:3]
+    B = proj.shape[0] // ctx.T
+    # an output that did not reach the loss has no gradient: zeros (kept in the output's dtype)
+    gq, gk, gv = (g if g is not None else torch.zeros(B, n, ctx.T, D, device=proj.device, dtype=dt)
+                  for g, n, dt in ((gq, H, proj.dtype), (gk, G, proj.dtype), (gv, G, torch.float32)))
     grads = tpa_prologue_backward(gq, gk, gv, *ctx.saved_tensors, ctx.T, ctx.eps, ctx.dims)
     return (*grads, None, None, None)
 
