@@ -1,5 +1,6 @@
 """The MFU pieces: flops per token against a brute-force count, and the measured matmul rate."""
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -31,3 +32,22 @@ def test_measured_matmul_rate_leaves_the_run_untouched():
     rate = measure_matmul_flops(torch.device("cpu"), torch.float32)
     assert torch.equal(torch.get_rng_state(), before)
     assert 1e6 < rate < 1e16, rate
+
+
+def test_progress_messages_stay_one_line_beside_the_bar():
+    """With the progress bar on and output to a file or pipe (rich's width is then 80), a long
+    message (the `compute:` line) is printed unwrapped: one line, as logs and
+    bench/trainer_run.py read it."""
+    import subprocess
+    import sys
+
+    line = "compute: " + ", ".join(f"part {i} of a long description" for i in range(12))
+    code = ("from vpmoe.train.metrics import Progress\n"
+            "p = Progress(4, 0, True, True)\n"
+            f"p.print({line!r})\n"
+            "p.update(1, 1.0, 10.0)\n"
+            "p.close()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    assert len(line) > 200 and line in proc.stdout.splitlines(), proc.stdout

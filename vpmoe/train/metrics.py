@@ -196,8 +196,8 @@ class Progress:
             self.bar.update(self.task, completed=step, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
 
     def print(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(text)
+        if self.bar is not None:  # unwrapped: a log line stays one line in a file (grep, bench/trainer_run.py)
+            self.bar.console.print(text, soft_wrap=True)
         elif self.is_main:
             print(text, flush=True)
 
