@@ -20,7 +20,8 @@ Design choices:
   afterwards: no atomics, deterministic.
 - Tokens per program and warps are autotuned per (token count, sequence length, dtypes) at first
   use on CUDA (`triton.autotune`; the tuning runs reset the partial sums): the first untuned
-  backward (16 tokens x 8 warps) took 293 us per 8k tokens, its [16, R, D/2] fp32 tiles spilling.
+  backward (16 tokens x 8 warps) took 293 us per 8k tokens on an H200 (its [16, R, D/2] fp32 tiles
+  likely spill).
 - cos/sin [N, D/2] are inputs (computed by torch from positions and the learnable GRAPE
   frequencies), so the op returns their gradients and autograd carries them to `log_freq`.
 - Math in fp32 whatever the storage dtype. `tpa_prologue_reference` is the same function in plain
