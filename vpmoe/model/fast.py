@@ -66,11 +66,6 @@ def tpa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out / a.shape[-1]
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
 
@@ -119,7 +114,7 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
             freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
             angles = pos.to(acc)[:, None, :, None] * freq
             cos, sin = angles.cos(), angles.sin()
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = M.rotate(q, cos, sin), M.rotate(k, cos, sin)
         return q, k, v.transpose(1, 2)
 
     def attention(p, h, pos, doc, v_first, mask, slopes):

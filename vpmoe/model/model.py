@@ -96,15 +96,17 @@ def grape_log_freq_init(cfg: ModelConfig) -> torch.Tensor:
     return (rope_inv_freq(cfg.head_dim, cfg.rope_base).log() * cfg.grape_log_scale).float()
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the half-split pairs (i, i + D/2) of x [..., D] by angles given as cos/sin [..., D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, h, T, D] by angle pos * freq (half-split pairs (i, i + D/2)), in fp32 (fp64 for fp64 x)."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     angles = positions.to(dt)[:, None, :, None] * freq.to(dt)[None, None, None, :]  # [B,1,T,D/2]
-    cos, sin = angles.cos(), angles.sin()
-    xf = x.to(dt)
-    x1, x2 = xf.chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+    return rotate(x.to(dt), angles.cos(), angles.sin()).to(x.dtype)
 
 
 def positions_from_docs(doc_ids: torch.Tensor) -> torch.Tensor:

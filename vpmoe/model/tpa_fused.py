@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from vpmoe.model.model import rotate, tpa_product
+
 try:
     import triton
     import triton.language as tl
@@ -69,27 +71,22 @@ def column_layout(H: int, G: int, D: int, Rq: int, Rkv: int) -> list[int]:
 # reference
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
 def tpa_prologue_reference(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: int, eps: float,
                            dims: list[int]):
-    """Plain torch: proj [N, 1064], biases [heads * D], norm weights [D], cos/sin [N, D/2] ->
-    q [B, H, T, D] and k [B, G, T, D] in proj's dtype, v [B, G, T, D] in fp32 (fp64 for fp64)."""
+    """Plain torch, the model's own TPA product and rotation: proj [N, 1064], biases [heads * D],
+    norm weights [D], cos/sin [N, D/2] -> q [B, H, T, D] and k [B, G, T, D] in proj's dtype,
+    v [B, G, T, D] in fp32 (fp64 for fp64)."""
     H, G, D, Rq, Rkv = dims
     acc = torch.float64 if proj.dtype == torch.float64 else torch.float32
     N = proj.shape[0]
     aq, bq, ak, bk, av, bv = proj.to(acc).split(column_layout(H, G, D, Rq, Rkv), dim=-1)
 
     def tpa(a, b, heads, R, bias):
-        x = (a.view(N, heads, R, 1) * b.view(N, 1, R, D)).sum(2) / R
-        return x + bias.to(acc).view(heads, D)
+        return tpa_product(a.view(N, heads, R), b.view(N, R, D)) + bias.to(acc).view(heads, D)
 
     def norm_rotate(x, w):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.to(acc)
-        return _rotate(x, cos.to(acc)[:, None, :], sin.to(acc)[:, None, :])
+        return rotate(x, cos.to(acc)[:, None, :], sin.to(acc)[:, None, :])
 
     def heads_first(x, heads, dtype):
         return x.view(N // T, T, heads, D).transpose(1, 2).contiguous().to(dtype)
