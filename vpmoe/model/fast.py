@@ -77,43 +77,37 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
     Rq, Rkv, eps = cfg.tpa_q_rank, cfg.tpa_kv_rank, cfg.norm_eps
     is_global, is_moe, first = cfg.is_global(layer), cfg.is_moe(layer), layer == 0
     window = None if is_global else cfg.window
-    tpa_names = ("a_q", "b_q", "a_k", "b_k", "a_v", "b_v")
-
-    def local_fused(p, h, pos):
-        """q, k [B, H|G, T, D] normed and rotated, v [B, G, T, D] fp32, by one kernel each way."""
-        B, T, _ = h.shape
-        proj = linear(h, torch.cat([p[f"attn.{n}.weight"] for n in tpa_names]), None, dt).view(B * T, -1)
-        acc = _acc(h)
-        freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
-        angles = pos.reshape(B * T, 1).to(acc) * freq
-        return TF.local_qkv(proj, p["attn.q_bias"], p["attn.k_bias"], p["attn.v_bias"], p["attn.q_norm.weight"],
-                            p["attn.k_norm.weight"], angles.cos(), angles.sin(), T, eps, [H, G, D, Rq, Rkv])
+    tpa_names = ("a_q", "b_q", "a_k", "b_k", "a_v", "b_v")  # tpa_fused.column_layout's order
+    dims = [H, G, D, Rq, Rkv]
 
     def project(p, h, pos):
-        """q [B, H, T, D], k [B, G, T, D] normed (and rotated on local layers); v [B, G, T, D]."""
+        """q [B, H, T, D], k [B, G, T, D] normed (and rotated on local layers); v [B, G, T, D].
+        Local layers: one GEMM for the six TPA factors, then the Triton prologue (`fused_prologue`)
+        or the same math in torch for Inductor."""
         B, T, _ = h.shape
         acc = _acc(h)
-        if not is_global and fused_prologue:
-            return local_fused(p, h, pos)
         if is_global:
             w = torch.cat([p["attn.wq.weight"], p["attn.wk.weight"], p["attn.wv.weight"]])
             b = torch.cat([p["attn.wq.bias"], p["attn.wk.bias"], p["attn.wv.bias"]])
             q, k, v = linear(h, w, b, dt).to(acc).split([H * D, G * D, G * D], dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
         else:
-            w = torch.cat([p[f"attn.{n}.weight"] for n in tpa_names])
-            parts = linear(h, w, None, dt).to(acc).split([x.shape[0] for x in
-                                                          (p[f"attn.{n}.weight"] for n in tpa_names)], dim=-1)
-            aq, bq, ak, bk, av, bv = parts
+            proj = linear(h, torch.cat([p[f"attn.{n}.weight"] for n in tpa_names]), None, dt)
+            freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
+            angles = pos.to(acc)[:, :, None] * freq  # [B, T, D/2]
+            cos, sin = angles.cos(), angles.sin()
+            if fused_prologue:
+                return TF.local_qkv(proj.view(B * T, -1), p["attn.q_bias"], p["attn.k_bias"], p["attn.v_bias"],
+                                    p["attn.q_norm.weight"], p["attn.k_norm.weight"], cos.view(B * T, -1),
+                                    sin.view(B * T, -1), T, eps, dims)
+            aq, bq, ak, bk, av, bv = proj.to(acc).split(TF.column_layout(*dims), dim=-1)
             q = tpa(aq.view(B, T, H, Rq), bq.view(B, T, Rq, D)) + p["attn.q_bias"].view(H, D)
             k = tpa(ak.view(B, T, G, Rkv), bk.view(B, T, Rkv, D)) + p["attn.k_bias"].view(G, D)
             v = tpa(av.view(B, T, G, Rkv), bv.view(B, T, Rkv, D)) + p["attn.v_bias"].view(G, D)
         q = rms(q, p["attn.q_norm.weight"], eps).transpose(1, 2)  # [B, H, T, D]
         k = rms(k, p["attn.k_norm.weight"], eps).transpose(1, 2)
         if not is_global:
-            freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
-            angles = pos.to(acc)[:, None, :, None] * freq
-            cos, sin = angles.cos(), angles.sin()
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D/2]: every head
             q, k = M.rotate(q, cos, sin), M.rotate(k, cos, sin)
         return q, k, v.transpose(1, 2)
 
