@@ -52,8 +52,8 @@ def check_kernels() -> None:
     gen = torch.Generator().manual_seed(3)
     for dims, B, T, pad in (([4, 2, 32, 4, 2], 2, 21, 0), ([8, 2, 64, 4, 2], 1, 37, 8), ([2, 1, 32, 2, 1], 3, 5, 0)):
         ins = random_inputs(B * T, dims, gen, pad)
-        leaves = [x.detach().clone().requires_grad_(True) if i else x for i, x in enumerate(ins)]
-        leaves[0] = ins[0].detach().requires_grad_(True)  # the strided view itself
+        # proj stays the strided view itself; the rest are fresh leaves
+        leaves = [ins[0].detach().requires_grad_(True)] + [x.detach().clone().requires_grad_(True) for x in ins[1:]]
         out = TF.tpa_prologue(*leaves, T, 1e-5, dims)
         ref_leaves = [x.detach().double().requires_grad_(True) for x in ins]
         ref = TF.tpa_prologue_reference(*ref_leaves, T, 1e-5, dims)
