@@ -20,9 +20,11 @@ Design choices:
   solved in closed form. R is computed exactly (masked), never as `log(1 - sum of known
   probs)`, which cancels catastrophically when the rest mass is small.
 - Dense targets use explicit gradient formulas per divergence over full rows (smaller chunks).
-- On CUDA the vocab-wide row functions are compiled with torch.compile (fused upcast + reduce /
-  elementwise, bf16 in and out, fp32 math); anything failing to compile falls back to eager.
-  Set VPMOE_KD_COMPILE=0 to disable. Math is fp32 (fp64 when the inputs are fp64).
+- On CUDA the two vocab-wide passes (row logsumexp, the in-place rest gradient) are Triton kernels
+  at memory speed (`vpmoe.kd.row_kernels`); the other row functions are compiled with
+  torch.compile (fused upcast + reduce / elementwise, bf16 in and out, fp32 math); anything
+  failing to compile falls back to eager. Set VPMOE_KD_COMPILE=0 to disable compilation. Math is
+  fp32 (fp64 when the inputs are fp64).
 - grad_weight accumulates in the head weight's dtype (bf16 weights accumulate in bf16, as Liger).
 - `static=True`: no host synchronisation and no data-dependent shape in forward or backward, so
   the whole train step can be captured in one CUDA graph. All N rows are computed (chunk bounds
@@ -48,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vpmoe.kd import row_kernels as RK
 from vpmoe.kd.losses import (STAT_KEYS, TEACHER_LOGP_FLOOR, DenseTarget, LossSpec, SparseTarget,
                              check_inputs, check_shapes, check_target, count_span_tokens, span_coefficients,
                              stat_keys, stats_from_rows)
@@ -74,13 +77,16 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- vocab-wide row functions
 
 def _row_lse(z: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(z.to(_acc(z.dtype)), dim=-1)
+    """Row logsumexp: the Triton kernel where it serves (CUDA), else compiled/eager torch."""
+    return RK.row_lse(z) if RK.kernels_serve(z) else _fast(RK.row_lse_reference, z)
 
 
 def _rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """z <- scale * exp(z - lse) per row, in place (the logits chunk becomes its gradient; entries
-    at -inf give exactly 0). In place saves one [C, V] buffer; compiled it is one pass."""
-    return z.copy_((torch.exp(z.to(lse.dtype) - lse[:, None]) * scale[:, None]).to(z.dtype))
+    at -inf give exactly 0): the Triton kernel where it serves, else compiled/eager torch."""
+    if RK.kernels_serve(z) and lse.dtype == torch.float32:
+        return RK.rest_grad_(z, lse, scale)
+    return _fast(RK.rest_grad_reference_, z, lse, scale)
 
 
 def _divergence_and_grad(zs, t_logp, valid, kind: str, temp: float, beta: float):
@@ -201,19 +207,19 @@ def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad, alpha=None):
     lab = labels[:, None]
     g_lab = z.gather(1, lab).squeeze(1).to(acc)
     if tgt is None:  # plain CE: loss = lse(z) - z[label], grad = softmax(z) - onehot(label)
-        lse = _fast(_row_lse, z)
+        lse = _row_lse(z)
         ce = lse - g_lab
         rows = {"loss_sum": ce, "ce_sum": ce}
         if not need_grad:
             return rows, None
-        grad_z = _fast(_rest_grad_, z, lse, coef)
+        grad_z = _rest_grad_(z, lse, coef)
         grad_z.scatter_add_(1, lab, (-coef)[:, None].to(z.dtype))
         return rows, grad_z
     valid = tgt.ids >= 0
     ids = torch.where(valid, tgt.ids, tgt.ids[:, :1])  # padding repeats slot 0 (harmless)
     g_ids = z.gather(1, ids).to(acc)
     z.scatter_(1, ids, NEG_INF)
-    rest = _fast(_row_lse, z)
+    rest = _row_lse(z)
     t_lab = None if tgt.label_logprob is None else tgt.label_logprob.to(acc)
     rows, d_lab, d_x = _fast(_sparse_rows, g_lab, g_ids, rest, valid, tgt.logprobs.to(acc),
                              tgt.rest_logmass.to(acc), t_lab, coef, center, spec.kind, spec.sparse_mode,
@@ -223,7 +229,7 @@ def _sparse_chunk(z, labels, tgt, coef, spec, center, need_grad, alpha=None):
     if not need_grad:
         return rows, None
     # dF/dz_v = dF/dR * exp(z_v - R) outside the known ids (exp(-inf) = 0 at them), plus the gathers
-    grad_z = _fast(_rest_grad_, z, rest, d_x[:, -1].contiguous())
+    grad_z = _rest_grad_(z, rest, d_x[:, -1].contiguous())
     grad_z.scatter_add_(1, ids, torch.where(valid, d_x[:, :-1], 0.0).to(z.dtype))
     grad_z.scatter_add_(1, lab, d_lab[:, None].to(z.dtype))
     return rows, grad_z

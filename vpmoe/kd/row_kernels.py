@@ -1,0 +1,109 @@
+"""The fused loss's two vocabulary-wide passes as Triton kernels: the row log-sum-exp and the
+in-place "rest" gradient, each at memory speed.
+
+Per [C, V] logits chunk (V = 201088) the fused CE/KD loss (`vpmoe.kd.fused`) needs
+    lse[c]  = logsumexp_v z[c, v]                      (entries at -inf are skipped)
+    z[c, v] <- scale[c] * exp(z[c, v] - lse[c])        (in place: the chunk becomes its gradient)
+Compiled by Inductor (dynamic shapes) these ran at ~1.2 and ~1.6 TB/s on an H200, 112 ms of a
+3.1 s 80-layer step (bench/RESULTS.md `profile`, 2026-12-01): the max and the sum of exponentials
+were two passes over the chunk. Here:
+- `row_lse`: one program per row, one pass: each block of BLOCK columns updates a running
+  (max, sum of exp(z - max)) pair: one exponential per element, the row read once.
+- `rest_grad_`: a 2-D grid of (row, column block) programs, read once, written once, in place.
+Both keep fp32 math for bf16/fp16/fp32 storage. The plain torch functions beside them are the
+reference (and the fallback: CPU, float64, no Triton); tests/test_row_kernels.py runs the kernels
+in the Triton interpreter against float64 on the CPU, tests/gpu/ on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference serves
+    triton = None
+
+BLOCK = 4096  # columns per step (row_lse) / per program (rest_grad_): 8-16 KB of a row
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def row_lse_reference(z: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim in fp32 (fp64 for fp64): [C, V] -> [C]."""
+    return torch.logsumexp(z.to(torch.float64 if z.dtype == torch.float64 else torch.float32), dim=-1)
+
+
+def rest_grad_reference_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """z <- scale * exp(z - lse) per row, in place; -inf entries give exactly 0."""
+    return z.copy_((torch.exp(z.to(lse.dtype) - lse[:, None]) * scale[:, None]).to(z.dtype))
+
+
+def interpreting() -> bool:
+    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_serve(z: torch.Tensor) -> bool:
+    """Whether the Triton kernels take this chunk: CUDA (or the interpreter), a kernel dtype, 2-D
+    with unit column stride."""
+    return (triton is not None and (z.is_cuda or interpreting()) and z.dtype in KERNEL_DTYPES
+            and z.dim() == 2 and z.stride(1) == 1)
+
+
+if triton is not None:
+    @triton.jit
+    def _row_lse_kernel(z_ptr, out_ptr, stride, V: tl.constexpr, BLOCK: tl.constexpr):
+        # V is a constexpr: the loop stays a loop, and the Triton interpreter (CPU tests) can run it
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * stride
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # running max, 0-d
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # running sum of exp(z - m)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # an all -inf prefix keeps m_new = -inf: nothing to rescale or add (avoids inf - inf)
+            finite = m_new > float("-inf")
+            shift = tl.where(finite, m_new, 0.0)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+            m = m_new
+        tl.store(out_ptr + row, tl.where(m > float("-inf"), m + tl.log(s), m))
+
+    @triton.jit
+    def _rest_grad_kernel(z_ptr, lse_ptr, scale_ptr, V, stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ptr = z_ptr + row * stride + cols
+        ok = cols < V
+        x = tl.load(ptr, mask=ok, other=float("-inf")).to(tl.float32)
+        lse = tl.load(lse_ptr + row).to(tl.float32)
+        scale = tl.load(scale_ptr + row).to(tl.float32)
+        tl.store(ptr, (tl.exp(x - lse) * scale).to(z_ptr.dtype.element_ty), mask=ok)
+
+
+def _block(V: int) -> int:
+    return min(BLOCK, triton.next_power_of_2(V))
+
+
+def row_lse(z: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of z [C, V] in fp32 (fp64 for fp64); Triton where `kernels_serve`."""
+    if not kernels_serve(z):
+        return row_lse_reference(z)
+    C, V = z.shape
+    out = torch.empty(C, dtype=torch.float32, device=z.device)
+    if C:
+        _row_lse_kernel[(C,)](z, out, z.stride(0), V=V, BLOCK=_block(V), num_warps=8)
+    return out
+
+
+def rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """z <- scale[:, None] * exp(z - lse[:, None]) in place (returns z); Triton where `kernels_serve`."""
+    if not kernels_serve(z) or lse.dtype != torch.float32:
+        return rest_grad_reference_(z, lse, scale)
+    C, V = z.shape
+    if C:
+        block = _block(V)
+        _rest_grad_kernel[(C, triton.cdiv(V, block))](z, lse.contiguous(), scale.contiguous(), V, z.stride(0),
+                                                    BLOCK=block, num_warps=8)
+    return z
