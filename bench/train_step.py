@@ -127,7 +127,7 @@ class Trainer:
     """Model + optimizer + one step variant."""
 
     def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None,
-                 checkpoint: bool = False, momentum_dtype: str = "float32"):
+                 checkpoint: bool | int = False, momentum_dtype: str = "float32"):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
@@ -384,7 +384,8 @@ def main():
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--loss-chunk", type=int, default=0, help="rows per fused-loss chunk (0: auto)")
     ap.add_argument("--kd", type=int, default=0, help="top-k of an offline KD loss (0: CE), as a KD step")
-    ap.add_argument("--ac", action="store_true", help="activation checkpointing (FastBody recomputes each block)")
+    ap.add_argument("--ac", nargs="?", type=int, const=-1, default=0,
+                    help="activation checkpointing: --ac every block (FastBody recomputes each), --ac N the first N")
     ap.add_argument("--momentum-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="Muon momentum storage (optim.muon_momentum_dtype)")
     ap.add_argument("--micro", type=int, default=0,
@@ -410,7 +411,7 @@ def main():
             row, sweep = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],
                                   a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd,
-                                  a.ac, a.momentum_dtype, a.micro)
+                                  True if a.ac == -1 else a.ac, a.momentum_dtype, a.micro)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p

@@ -144,19 +144,20 @@ def test_fast_body_matches_reference_forward_and_backward():
 def test_fast_body_activation_checkpointing_recomputes_the_same_step():
     """FastBody(checkpoint=True) (train.activation_checkpointing on the fused path): the same
     hidden states, aux loss, loads and parameter gradients as without it (fp32, recomputation is
-    deterministic), while autograd keeps far fewer bytes outside the recomputed blocks."""
+    deterministic), while autograd keeps far fewer bytes outside the recomputed blocks;
+    checkpoint=3 (the first 3 of 5 blocks) the same numbers with a byte count in between."""
     import copy
 
     from vpmoe.model.fast import FastBody
     cfg = small(n_layers=5)
     plain = randomize(VpMoE(cfg))
-    ckpt = copy.deepcopy(plain)
+    ckpt, part = copy.deepcopy(plain), copy.deepcopy(plain)
     torch.manual_seed(12)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     doc = torch.tensor([[0] * 10 + [1] * 14, [0] * 5 + [1] * 19])
     g = torch.randn(2, 24, cfg.d_model)
     saved = {}
-    for name, model, flag in (("plain", plain, False), ("ckpt", ckpt, True)):
+    for name, model, flag in (("plain", plain, False), ("ckpt", ckpt, True), ("part", part, 3)):
         body = FastBody(model, checkpoint=flag)
         total = [0]
 
@@ -168,13 +169,18 @@ def test_fast_body_activation_checkpointing_recomputes_the_same_step():
         saved[name] = (hidden, aux, load, total[0])
         ((hidden * g).sum() + aux).backward()
     (h0, a0, l0, bytes0), (h1, a1, l1, bytes1) = saved["plain"], saved["ckpt"]
-    assert torch.equal(h1, h0) and torch.equal(a1, a0) and torch.equal(l1, l0)
-    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
-        if a.grad is None:
-            assert b.grad is None, name
-            continue
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
+    for other in (ckpt, part):
+        h1, a1, l1, _ = saved["ckpt" if other is ckpt else "part"]
+        assert torch.equal(h1, h0) and torch.equal(a1, a0) and torch.equal(l1, l0)
+        for (name, a), b in zip(plain.named_parameters(), other.parameters()):
+            if a.grad is None:
+                assert b.grad is None, name
+                continue
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
+    bytes2 = saved["part"][3]
     assert bytes1 < bytes0 / 3, (bytes1, bytes0)
+    # 2 of 5 blocks keep their activations: about 2/5 of the plain run's bytes, well above all-checkpointed
+    assert bytes1 + (bytes0 - bytes1) / 5 < bytes2 < bytes0 * 0.6, (bytes1, bytes2, bytes0)
 
 
 def test_fast_router_bias_update_matches_model():
@@ -263,3 +269,41 @@ def test_hardware_gates_for_the_fast_path_and_graphs():
     got = {cap: (K.bf16_fast_path_ok(cap), K.grouped_mm_graphable(cap)) for cap in table}
     assert got == table
     assert K.cuda_capability(torch.device("cpu")) is None
+
+
+def test_activation_checkpointing_setting(monkeypatch):
+    """true / false / a block count: how many blocks it covers, in words, and a config error
+    naming the key for a count outside [0, n_layers]; the module path takes the same setting."""
+    from vpmoe.config import ConfigError
+    from vpmoe.model.model import checkpointed_blocks, describe_checkpointing
+    from vpmoe.train.config import load_run_config
+
+    assert [checkpointed_blocks(s, 80) for s in (True, False, 0, 64, 80)] == [80, 0, 0, 64, 80]
+    assert [describe_checkpointing(s, 80) for s in (True, False, 64)] == ["on", "off", "on for the first 64 of 80 blocks"]
+    cfg = load_run_config("configs/stage1.toml", ["train.activation_checkpointing=64"])
+    assert cfg.train.activation_checkpointing == 64
+    for bad in ("81", "-1", '"yes"'):
+        with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+            load_run_config("configs/stage1.toml", [f"train.activation_checkpointing={bad}"])
+    # the module path: the first 2 of 3 blocks checkpointed, the same gradients as none
+    cfg3 = small(n_layers=3)
+    torch.manual_seed(4)
+    ids = torch.randint(0, cfg3.vocab_size, (2, 16))
+    grads, calls = [], []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    for setting in (False, 2):
+        torch.manual_seed(5)
+        model = randomize(VpMoE(cfg3))
+        model.gradient_checkpointing = setting
+        model.train()
+        out = model(ids)
+        (out.logits.float().square().mean() + out.aux_loss).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(calls) == 2  # the second run's first two blocks
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -31,7 +31,8 @@ Design choices:
   compiled call is wrapped in non-reentrant `torch.utils.checkpoint`, so a block keeps only its
   inputs (the fp32 residual stream, the first layer's values) and recomputes the rest in
   backward. This is what lets the 80-layer model's activations fit next to its optimizer state
-  on an 80 GB GPU; it costs one more forward per block. Recomputation is deterministic (stable
+  on an 80 GB GPU; it costs one more forward per block. `checkpoint=N` covers the first N blocks
+  only: on a bigger GPU the rest keep their activations and skip the recompute. Recomputation is deterministic (stable
   sort, no dropout), so recomputed routing equals the first pass's.
 """
 from __future__ import annotations
@@ -188,10 +189,10 @@ class FastBody:
     """Embedding + blocks + final norm of a VpMoE, on the fused path (see the module docstring)."""
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
-                 static_masks: bool = False, checkpoint: bool = False, compile_backend: str = "inductor",
+                 static_masks: bool = False, checkpoint: bool | int = False, compile_backend: str = "inductor",
                  fused_prologue: bool | None = None):
         self.model, self.cfg = model, model.cfg
-        self.checkpoint = checkpoint
+        self.checkpoint = M.checkpointed_blocks(checkpoint, model.cfg.n_layers)  # the first blocks
         p0 = model.embed.weight
         self.flex = p0.is_cuda
         self.dtype = dtype or (torch.bfloat16 if p0.is_cuda else p0.dtype)
@@ -256,7 +257,7 @@ class FastBody:
             kind = self.kind_of[i]
             mask, slopes = (glob, self.slopes) if kind[0] else (local, None)
             args = (self.params[i], x, pos, doc_ids, v_first, mask, slopes)
-            if self.checkpoint and torch.is_grad_enabled():
+            if i < self.checkpoint and torch.is_grad_enabled():
                 # no RNG in a block: skipping the RNG save/restore also keeps CUDA-graph capture legal.
                 # No early stop: it ends the recompute by raising through the compiled call, which
                 # the compile ladder would take for a compile failure (and a compiled block saves

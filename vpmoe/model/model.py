@@ -404,6 +404,23 @@ def initial_value(cfg: ModelConfig, name: str, shape: tuple, seed: int, device) 
     return torch.randn(shape, generator=gen, device=device) * std
 
 
+def checkpointed_blocks(setting: bool | int, n_layers: int) -> int:
+    """How many blocks activation checkpointing covers, the first ones: true = all, false = none,
+    N = the first N (the rest keep their activations: memory to spare buys a shorter backward)."""
+    if isinstance(setting, bool):
+        return n_layers if setting else 0
+    if not 0 <= setting <= n_layers:
+        raise ValueError(f"activation checkpointing: expected true, false or a block count in "
+                         f"[0, {n_layers}], got {setting}")
+    return setting
+
+
+def describe_checkpointing(setting: bool | int, n_layers: int) -> str:
+    """"on", "off" or "on for the first N of L blocks" (logs and advice)."""
+    n = checkpointed_blocks(setting, n_layers)
+    return "on" if n == n_layers else "off" if n == 0 else f"on for the first {n} of {n_layers} blocks"
+
+
 class VpMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, init_seed: int | None = None):
         super().__init__()
@@ -415,7 +432,7 @@ class VpMoE(nn.Module):
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: bool | int = False  # see checkpointed_blocks
         if not self.embed.weight.is_meta:
             self.reset_parameters()
 
@@ -482,8 +499,9 @@ class VpMoE(nn.Module):
         v_first = None
         aux_total = x.new_zeros((), dtype=torch.float32)
         loads = []
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
+        n_checkpointed = checkpointed_blocks(self.gradient_checkpointing, len(self.layers))
+        for i, block in enumerate(self.layers):
+            if i < n_checkpointed and self.training and cache is None:
                 x, v, aux, load = torch.utils.checkpoint.checkpoint(
                     block, x, positions, doc_ids, v_first, None, use_reentrant=False)
             else:

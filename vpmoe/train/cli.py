@@ -61,6 +61,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ac_text(cfg) -> str:
+    from vpmoe.model.model import describe_checkpointing
+
+    return describe_checkpointing(cfg.train.activation_checkpointing, cfg.model.n_layers)
+
+
 def out_of_memory_advice(cfg, step: int | None, world: int) -> str:
     """What to tell a user whose run hit `torch.OutOfMemoryError`: the settings that decide memory,
     the peak, and the changes that fit it in a smaller budget (each only if not already made).
@@ -68,8 +74,8 @@ def out_of_memory_advice(cfg, step: int | None, world: int) -> str:
     where = "while building the model and optimizer" if step is None else f"after {step} completed steps"
     rows, accum = cfg.data.micro_batch_size, cfg.train.grad_accum
     msg = (f"the GPU ran out of memory {where} ({rows} rows x {cfg.data.seq_len} tokens per micro-batch, "
-           f"{accum} micro-batches per step, {world} process(es), activation checkpointing "
-           f"{'on' if cfg.train.activation_checkpointing else 'off'}, Muon momentum {cfg.optim.muon_momentum_dtype}")
+           f"{accum} micro-batches per step, {world} process(es), activation checkpointing {_ac_text(cfg)}, "
+           f"Muon momentum {cfg.optim.muon_momentum_dtype}")
     import torch  # here, as in cmd_train: `vpmoe --help` should not pay for importing torch
 
     if torch.cuda.is_available():
@@ -77,8 +83,8 @@ def out_of_memory_advice(cfg, step: int | None, world: int) -> str:
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         msg += f"; peak {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} of {total:.1f} GiB"
     fixes = []
-    if not cfg.train.activation_checkpointing:
-        fixes.append("--set train.activation_checkpointing=true (keeps only each block's input; "
+    if _ac_text(cfg) != "on":
+        fixes.append("--set train.activation_checkpointing=true (every block keeps only its input; "
                      "with bf16 momentum the 80-layer model peaks at 71.4 GiB at 16 x 2048 tokens per micro-batch)")
     if cfg.optim.muon_momentum_dtype == "float32":
         fixes.append("--set optim.muon_momentum_dtype=bfloat16 (half the Muon state: -11.2 GB for vpMoE)")

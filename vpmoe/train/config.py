@@ -51,7 +51,7 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA sm80+, else fp32) | bf16 | fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | int = False  # true: every block; N: the first N blocks (the rest keep activations)
     fast_path: str = "auto"  # auto (on CUDA sm80+) | on | off: the model's fused kernels and fused optimizer step
     cuda_graphs: str = "auto"  # auto (one sm90/sm100 device, fast path, no online KD) | on (refuses where it cannot) | off
     w_reasoning: float = 1.0
@@ -118,6 +118,10 @@ class RunConfig:
         self.kd_config()  # the KD component validates its own table (names kd.<key> on errors)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        ac = self.train.activation_checkpointing
+        if not isinstance(ac, bool) and not 0 <= ac <= self.model.n_layers:
+            raise ConfigError(f"train.activation_checkpointing: true, false or a block count in "
+                              f"[0, {self.model.n_layers}] (the first N blocks), got {ac}")
 
 
     def kd_config(self):

@@ -51,6 +51,7 @@ from vpmoe.config import ConfigError, config_hash, model_diff
 from vpmoe.kd.losses import STAT_KEYS, count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
+from vpmoe.model.model import describe_checkpointing
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
@@ -354,8 +355,9 @@ class Trainer:
         else:
             why = "train.cuda_graphs = off" if cfg.train.cuda_graphs == "off" else self._graphs_wanted()[1]
             parts.append(f"no CUDA graphs ({why})")
-        if cfg.train.activation_checkpointing:
-            parts.append("activation checkpointing")
+        ac = describe_checkpointing(cfg.train.activation_checkpointing, cfg.model.n_layers)
+        if ac != "off":
+            parts.append("activation checkpointing" + ("" if ac == "on" else ac[2:]))
         parts.append(f"{self.ds.world} process(es)")
         if self.ds.ep_size > 1:
             parts.append(f"expert parallel {self.ds.ep_size}")
