@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run_tests() {
   timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} 2>&1 \
-    | tee "$out/gpu_tests.log" | grep -v -i warn | grep -e 'rel err' -e passed -e failed -e Error -e '^E ' | cut -c1-600 | tail -30
+    | tee "$out/gpu_tests.log" | grep -e 'rel err' -e 'max err' -e passed -e failed -e Error -e '^E ' | cut -c1-600 | tail -30
   echo "# tests done at +$(( $(date +%s) - t0 ))s"
 }
 [ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" != 1 ] && run_tests

@@ -30,14 +30,14 @@ def random_logits(C: int, V: int, gen, n_inf: int = 0, row_pad: int = 0, dtype=t
     return z.to(dtype)[:, :V]
 
 
-def check_kernels(block: int = 0) -> None:
+def check_kernels(block: int = 0, segment_blocks: int = 0) -> None:
     """row_lse and rest_grad_ vs float64: fp32 and bf16 storage, V not a multiple of the block,
     -inf entries, a padded row stride; rest_grad_ writes in place and leaves the padding alone."""
     from vpmoe.kd import row_kernels as RK
 
     assert RK.interpreting()
-    if block:
-        RK.BLOCK = block  # several blocks per row, the last one partial
+    if block:  # several blocks and segments per row, the last ones partial
+        RK.BLOCK, RK.SEGMENT_BLOCKS = block, segment_blocks
     gen = torch.Generator().manual_seed(5)
     for C, V, n_inf, pad in ((3, 1000, 0, 0), (5, 777, 9, 16), (1, 64, 63, 0)):
         for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
@@ -105,7 +105,7 @@ def test_row_kernels_several_blocks_per_row():
 
 
 def check_kernels_small_block() -> None:
-    check_kernels(block=128)
+    check_kernels(block=128, segment_blocks=2)
 
 
 def test_fused_loss_with_row_kernels():

@@ -7,8 +7,10 @@ Per [C, V] logits chunk (V = 201088) the fused CE/KD loss (`vpmoe.kd.fused`) nee
 Compiled by Inductor (dynamic shapes) these ran at ~1.2 and ~1.6 TB/s on an H200, 112 ms of a
 3.1 s 80-layer step (bench/RESULTS.md `profile`, 2026-12-01): the max and the sum of exponentials
 were two passes over the chunk. Here:
-- `row_lse`: one program per row, one pass: each block of BLOCK columns updates a running
-  (max, sum of exp(z - max)) pair: one exponential per element, the row read once.
+- `row_lse`: one pass, one exponential per element: a program per (row, segment of
+  SEGMENT_BLOCKS x BLOCK columns) keeps a running (max, sum of exp(z - max)) over its blocks and
+  writes the pair; torch combines the few pairs per row. Segments rather than a program per row:
+  ~14k programs per 2048-row chunk keep enough loads in flight to stream at memory speed.
 - `rest_grad_`: a 2-D grid of (row, column block) programs, read once, written once, in place.
 Both keep fp32 math for bf16/fp16/fp32 storage. The plain torch functions beside them are the
 reference (and the fallback: CPU, float64, no Triton); tests/test_row_kernels.py runs the kernels
@@ -27,6 +29,7 @@ except ImportError:  # CPU-only installs: the reference serves
     triton = None
 
 BLOCK = 4096  # columns per step (row_lse) / per program (rest_grad_): 8-16 KB of a row
+SEGMENT_BLOCKS = 8  # blocks per row_lse program (32k columns: 7 segments per row at V = 201088)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -53,14 +56,16 @@ def kernels_serve(z: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _row_lse_kernel(z_ptr, out_ptr, stride, V: tl.constexpr, BLOCK: tl.constexpr):
-        # V is a constexpr: the loop stays a loop, and the Triton interpreter (CPU tests) can run it
+    def _row_lse_kernel(z_ptr, max_ptr, sum_ptr, stride, V: tl.constexpr, SEGMENT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        # constexpr bounds: the loop stays a loop, and the Triton interpreter (CPU tests) can run it
         row = tl.program_id(0).to(tl.int64)
+        seg = tl.program_id(1)
         base = z_ptr + row * stride
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # running max, 0-d
         s = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # running sum of exp(z - m)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+        for start in range(0, SEGMENT, BLOCK):
+            cols = seg * SEGMENT + start + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
             # an all -inf prefix keeps m_new = -inf: nothing to rescale or add (avoids inf - inf)
@@ -68,7 +73,9 @@ if triton is not None:
             shift = tl.where(finite, m_new, 0.0)
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             m = m_new
-        tl.store(out_ptr + row, tl.where(m > float("-inf"), m + tl.log(s), m))
+        out = row * tl.num_programs(1) + seg
+        tl.store(max_ptr + out, m)
+        tl.store(sum_ptr + out, s)
 
     @triton.jit
     def _rest_grad_kernel(z_ptr, lse_ptr, scale_ptr, V, stride, BLOCK: tl.constexpr):
@@ -91,10 +98,17 @@ def row_lse(z: torch.Tensor) -> torch.Tensor:
     if not kernels_serve(z):
         return row_lse_reference(z)
     C, V = z.shape
-    out = torch.empty(C, dtype=torch.float32, device=z.device)
+    block = _block(V)
+    segment = block * SEGMENT_BLOCKS
+    n_seg = triton.cdiv(V, segment)
+    maxes = torch.empty(C, n_seg, dtype=torch.float32, device=z.device)
+    sums = torch.empty_like(maxes)
     if C:
-        _row_lse_kernel[(C,)](z, out, z.stride(0), V=V, BLOCK=_block(V), num_warps=8)
-    return out
+        _row_lse_kernel[(C, n_seg)](z, maxes, sums, z.stride(0), V=V, SEGMENT=segment, BLOCK=block, num_warps=8)
+    m = maxes.amax(1)
+    shift = torch.where(m > float("-inf"), m, 0.0)  # an all -inf row: lse -inf, no inf - inf
+    total = (sums * torch.exp(maxes - shift[:, None])).sum(1)
+    return torch.where(m > float("-inf"), shift + torch.log(total), m)
 
 
 def rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
