@@ -44,11 +44,13 @@ try:
 except ImportError:  # CPU-only installs: the op falls back to the reference
     triton = None
 
-# tokens per program (BN) and warps, tuned per token count on first use (the backward keeps
-# [BN, R, D] tiles in registers: too many tokens per program spill, too few re-read the weights)
-FORWARD_CONFIGS = [(4, 2), (8, 2), (8, 4), (16, 4), (32, 4)]
-BACKWARD_CONFIGS = [(2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]
-MIN_BN = min(bn for bn, _ in BACKWARD_CONFIGS)  # the partial-sum buffer has room for the most programs
+# Tuned per token count on first use. Forward: (tokens per program, warps). Backward: (tokens per
+# block, blocks per program, warps): a program sums its blocks' bias/norm-weight gradients before
+# writing one partial-sum row, so fewer, longer programs write fewer rows.
+FORWARD_CONFIGS = [(4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]
+BACKWARD_CONFIGS = [(2, 16, 2), (2, 16, 4), (4, 8, 4), (4, 16, 4), (8, 8, 8)]
+MIN_PROGRAM_TOKENS = min(bn * blocks for bn, blocks, _ in BACKWARD_CONFIGS)  # sizes the partial-sum buffer
+MAX_RANK = 4  # rank slots of the kernels
 
 
 def available(device: torch.device) -> bool:
@@ -101,50 +103,67 @@ def tpa_prologue_reference(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: 
 # kernels
 
 if triton is not None:
+    # Tiles are 2-D [BN tokens, D/2] (the rotation pairs column d with d + D/2, so q and k are kept
+    # as two halves); the rank axis of the TPA product is unrolled into up to four slots of such
+    # tiles (r0..r3, unused slots compiled out). The first version held [BN, R, D/2] tiles: ptxas
+    # reported 191-255 registers per thread for every configuration (spilling from 4 tokens x 2
+    # warps up), so at most a few warps per SM were resident.
+
     @triton.jit
-    def _token_block(pid, cos_ptr, sin_ptr, N, BN: tl.constexpr, D: tl.constexpr):
-        """This program's token rows, their validity, and their cos/sin [BN, D/2] in fp32."""
-        HALF: tl.constexpr = D // 2
-        rows = pid * BN + tl.arange(0, BN)
-        row_ok = rows < N
-        cs_ptr = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        cos = tl.load(cos_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        return rows, row_ok, cs_ptr, cos, sin
+    def _half_tiles(ptr, rows, row_ok, stride, col, HALF: tl.constexpr):
+        """Columns [col, col + D) of each token row as two [BN, HALF] fp32 tiles."""
+        p = ptr + rows[:, None] * stride + col + tl.arange(0, HALF)[None, :]
+        lo = tl.load(p, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(p + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        return lo, hi
 
     @triton.jit
     def _load_b(proj_ptr, rows, row_ok, stride_n, B_COL: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
-        """The token block's shared factors b [BN, R, D/2] as two halves (for the rotation)."""
+        """The token block's shared factors b_r (r < R) as half tiles; slots r >= R are never read."""
         HALF: tl.constexpr = D // 2
-        r = tl.arange(0, R)[None, :, None]
-        d = tl.arange(0, HALF)[None, None, :]
-        ptr = proj_ptr + rows[:, None, None] * stride_n + B_COL + r * D + d
-        ok = row_ok[:, None, None]
-        b1 = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
-        b2 = tl.load(ptr + HALF, mask=ok, other=0.0).to(tl.float32)
-        return b1, b2
+        b0l, b0h = _half_tiles(proj_ptr, rows, row_ok, stride_n, B_COL, HALF)
+        b1l, b1h, b2l, b2h, b3l, b3h = b0l, b0h, b0l, b0h, b0l, b0h
+        if R > 1:
+            b1l, b1h = _half_tiles(proj_ptr, rows, row_ok, stride_n, B_COL + D, HALF)
+        if R > 2:
+            b2l, b2h = _half_tiles(proj_ptr, rows, row_ok, stride_n, B_COL + 2 * D, HALF)
+        if R > 3:
+            b3l, b3h = _half_tiles(proj_ptr, rows, row_ok, stride_n, B_COL + 3 * D, HALF)
+        return b0l, b0h, b1l, b1h, b2l, b2h, b3l, b3h
 
     @triton.jit
-    def _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b1, b2, A_COL: tl.constexpr, R: tl.constexpr,
-             D: tl.constexpr):
-        """One head's a [BN, R] and pre-norm x = a . b / R + bias as halves [BN, D/2]."""
+    def _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b0l, b0h, b1l, b1h, b2l, b2h, b3l, b3h,
+             A_COL: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+        """One head's a_r [BN] and pre-norm x = sum_r a_r b_r / R + bias as halves [BN, D/2]."""
         HALF: tl.constexpr = D // 2
-        a = tl.load(proj_ptr + rows[:, None] * stride_n + A_COL + h * R + tl.arange(0, R)[None, :],
-                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        a_ptr = proj_ptr + rows * stride_n + A_COL + h * R
+        a0 = tl.load(a_ptr, mask=row_ok, other=0.0).to(tl.float32)
+        x1, x2 = a0[:, None] * b0l, a0[:, None] * b0h
+        a1, a2, a3 = a0, a0, a0
+        if R > 1:
+            a1 = tl.load(a_ptr + 1, mask=row_ok, other=0.0).to(tl.float32)
+            x1, x2 = x1 + a1[:, None] * b1l, x2 + a1[:, None] * b1h
+        if R > 2:
+            a2 = tl.load(a_ptr + 2, mask=row_ok, other=0.0).to(tl.float32)
+            x1, x2 = x1 + a2[:, None] * b2l, x2 + a2[:, None] * b2h
+        if R > 3:
+            a3 = tl.load(a_ptr + 3, mask=row_ok, other=0.0).to(tl.float32)
+            x1, x2 = x1 + a3[:, None] * b3l, x2 + a3[:, None] * b3h
         d = tl.arange(0, HALF)
-        x1 = tl.sum(a[:, :, None] * b1, axis=1) / R + tl.load(bias_ptr + h * D + d)[None, :].to(tl.float32)
-        x2 = tl.sum(a[:, :, None] * b2, axis=1) / R + tl.load(bias_ptr + h * D + HALF + d)[None, :].to(tl.float32)
-        return a, x1, x2
+        x1 = x1 / R + tl.load(bias_ptr + h * D + d)[None, :].to(tl.float32)
+        x2 = x2 / R + tl.load(bias_ptr + h * D + HALF + d)[None, :].to(tl.float32)
+        return a0, a1, a2, a3, x1, x2
 
     @triton.jit
     def _forward_group(proj_ptr, rows, row_ok, stride_n, bias_ptr, w_ptr, cos, sin, out_ptr, out_row, out_sh,
                        eps, A_COL: tl.constexpr, B_COL: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr,
                        D: tl.constexpr, NORM: tl.constexpr):
         HALF: tl.constexpr = D // 2
-        b1, b2 = _load_b(proj_ptr, rows, row_ok, stride_n, B_COL, R, D)
+        b0l, b0h, b1l, b1h, b2l, b2h, b3l, b3h = _load_b(proj_ptr, rows, row_ok, stride_n, B_COL, R, D)
         d = tl.arange(0, HALF)
-        for h in tl.static_range(HEADS):
-            a, x1, x2 = _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b1, b2, A_COL, R, D)
+        for h in range(HEADS):  # a loop, not unrolled: one head's tiles live at a time
+            _, _, _, _, x1, x2 = _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b0l, b0h, b1l, b1h, b2l,
+                                      b2h, b3l, b3h, A_COL, R, D)
             if NORM:
                 rs = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
                 n1 = x1 * rs * tl.load(w_ptr + d)[None, :].to(tl.float32)
@@ -156,11 +175,22 @@ if triton is not None:
             tl.store(ptr + HALF, x2.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
+    def _token_block(blk, cos_ptr, sin_ptr, N, BN: tl.constexpr, D: tl.constexpr):
+        """Token rows of block `blk`, their validity, and their cos/sin [BN, D/2] in fp32."""
+        HALF: tl.constexpr = D // 2
+        rows = blk * BN + tl.arange(0, BN)
+        row_ok = rows < N
+        cs_ptr = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        cos = tl.load(cos_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + cs_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        return rows, row_ok, cs_ptr, cos, sin
+
+    @triton.jit
     def _forward_kernel(proj_ptr, qb_ptr, kb_ptr, vb_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                         N, T, stride_n, eps, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                         RQ: tl.constexpr, RKV: tl.constexpr, c_bq: tl.constexpr, c_ak: tl.constexpr,
                         c_bk: tl.constexpr, c_av: tl.constexpr, c_bv: tl.constexpr, BN: tl.constexpr):
-        rows, row_ok, cs_ptr, cos, sin = _token_block(tl.program_id(0).to(tl.int64), cos_ptr, sin_ptr, N, BN, D)
+        rows, row_ok, cs_ptr, cos, sin = _token_block(tl.program_id(0), cos_ptr, sin_ptr, N, BN, D)
         batch, t = rows // T, rows % T
         _forward_group(proj_ptr, rows, row_ok, stride_n, qb_ptr, qw_ptr, cos, sin, q_ptr,
                        (batch * H * T + t) * D, T * D, eps, 0, c_bq, H, RQ, D, True)
@@ -170,57 +200,76 @@ if triton is not None:
                        (batch * G * T + t) * D, T * D, eps, c_av, c_bv, G, RKV, D, False)
 
     @triton.jit
+    def _grad_b_slot(gproj_ptr, rows, row_ok, stride_g, col, lo, hi, HALF: tl.constexpr):
+        p = gproj_ptr + rows[:, None] * stride_g + col + tl.arange(0, HALF)[None, :]
+        tl.store(p, lo.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(p + HALF, hi.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
     def _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, bias_ptr, w_ptr, cos, sin, go_ptr,
-                        go_row,
-                        go_sh, part_ptr, BIAS_OFF: tl.constexpr, W_OFF: tl.constexpr, eps,
-                        A_COL: tl.constexpr, B_COL: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr,
-                        D: tl.constexpr, NORM: tl.constexpr):
-        """Gradients of one group: writes its proj columns and per-program bias/weight sums;
-        returns its contributions to the cos and sin gradients."""
+                        go_row, go_sh, part, BIAS_OFF: tl.constexpr, eps, A_COL: tl.constexpr,
+                        B_COL: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                        NORM: tl.constexpr):
+        """Gradients of one group for one token block: writes its proj columns, adds the bias
+        gradients into this program's partial-sum row; returns its cos/sin gradient contributions
+        and its norm-weight gradient [D/2] halves."""
         HALF: tl.constexpr = D // 2
-        b1, b2 = _load_b(proj_ptr, rows, row_ok, stride_n, B_COL, R, D)
-        gb1 = tl.zeros_like(b1)
-        gb2 = tl.zeros_like(b2)
+        b0l, b0h, b1l, b1h, b2l, b2h, b3l, b3h = _load_b(proj_ptr, rows, row_ok, stride_n, B_COL, R, D)
+        g0l, g0h = tl.zeros_like(b0l), tl.zeros_like(b0l)  # gradients of b_r, summed over heads
+        g1l, g1h, g2l, g2h, g3l, g3h = g0l, g0h, g0l, g0h, g0l, g0h
         d = tl.arange(0, HALF)
-        gcos = tl.zeros_like(cos)
-        gsin = tl.zeros_like(cos)
+        gcos, gsin = tl.zeros_like(cos), tl.zeros_like(cos)
         gw1 = tl.zeros([HALF], dtype=tl.float32)
         gw2 = tl.zeros([HALF], dtype=tl.float32)
         w1 = tl.load(w_ptr + d)[None, :].to(tl.float32)
         w2 = tl.load(w_ptr + HALF + d)[None, :].to(tl.float32)
-        for h in tl.static_range(HEADS):
-            a, x1, x2 = _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b1, b2, A_COL, R, D)
+        for h in range(HEADS):  # a loop, not unrolled: one head's tiles live at a time
+            a0, a1, a2, a3, x1, x2 = _pre(proj_ptr, rows, row_ok, stride_n, bias_ptr, h, b0l, b0h, b1l, b1h,
+                                          b2l, b2h, b3l, b3h, A_COL, R, D)
             ptr = go_ptr + go_row[:, None] + h * go_sh + d[None, :]
-            g1 = tl.load(ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            g2 = tl.load(ptr + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            e1 = tl.load(ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)  # d loss / d output
+            e2 = tl.load(ptr + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32)
             if NORM:
                 rs = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
                 n1, n2 = x1 * rs * w1, x2 * rs * w2
-                gcos += g1 * n1 + g2 * n2
-                gsin += g2 * n1 - g1 * n2
-                gn1 = g1 * cos + g2 * sin  # rotation transposed
-                gn2 = g2 * cos - g1 * sin
+                gcos += e1 * n1 + e2 * n2
+                gsin += e2 * n1 - e1 * n2
+                gn1 = e1 * cos + e2 * sin  # rotation transposed
+                gn2 = e2 * cos - e1 * sin
                 gw1 += tl.sum(gn1 * x1 * rs, axis=0)
                 gw2 += tl.sum(gn2 * x2 * rs, axis=0)
                 wg1, wg2 = gn1 * w1, gn2 * w2
                 dot = ((tl.sum(wg1 * x1, axis=1) + tl.sum(wg2 * x2, axis=1)) / D)[:, None]
-                g1 = rs * wg1 - x1 * rs * rs * rs * dot
-                g2 = rs * wg2 - x2 * rs * rs * rs * dot
-            tl.store(part_ptr + BIAS_OFF + h * D + d, tl.sum(g1, axis=0))
-            tl.store(part_ptr + BIAS_OFF + h * D + HALF + d, tl.sum(g2, axis=0))
-            ga = (tl.sum(g1[:, None, :] * b1, axis=2) + tl.sum(g2[:, None, :] * b2, axis=2)) / R
-            tl.store(gproj_ptr + rows[:, None] * stride_g + A_COL + h * R + tl.arange(0, R)[None, :],
-                     ga.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None])
-            gb1 += g1[:, None, :] * a[:, :, None] / R
-            gb2 += g2[:, None, :] * a[:, :, None] / R
-        ptr = (gproj_ptr + rows[:, None, None] * stride_g + B_COL + tl.arange(0, R)[None, :, None] * D
-               + d[None, None, :])
-        tl.store(ptr, gb1.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None, None])
-        tl.store(ptr + HALF, gb2.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None, None])
-        if NORM:
-            tl.store(part_ptr + W_OFF + d, gw1)
-            tl.store(part_ptr + W_OFF + HALF + d, gw2)
-        return gcos, gsin
+                e1 = rs * wg1 - x1 * rs * rs * rs * dot
+                e2 = rs * wg2 - x2 * rs * rs * rs * dot
+            # e = d loss / d x: the bias gradient (this program's running sums), then the factors'
+            bp = part + BIAS_OFF + h * D + d
+            tl.store(bp, tl.load(bp) + tl.sum(e1, axis=0))
+            tl.store(bp + HALF, tl.load(bp + HALF) + tl.sum(e2, axis=0))
+            a_ptr = gproj_ptr + rows * stride_g + A_COL + h * R
+            tl.store(a_ptr, ((tl.sum(e1 * b0l, axis=1) + tl.sum(e2 * b0h, axis=1)) / R).to(
+                gproj_ptr.dtype.element_ty), mask=row_ok)
+            g0l, g0h = g0l + e1 * (a0 / R)[:, None], g0h + e2 * (a0 / R)[:, None]
+            if R > 1:
+                tl.store(a_ptr + 1, ((tl.sum(e1 * b1l, axis=1) + tl.sum(e2 * b1h, axis=1)) / R).to(
+                    gproj_ptr.dtype.element_ty), mask=row_ok)
+                g1l, g1h = g1l + e1 * (a1 / R)[:, None], g1h + e2 * (a1 / R)[:, None]
+            if R > 2:
+                tl.store(a_ptr + 2, ((tl.sum(e1 * b2l, axis=1) + tl.sum(e2 * b2h, axis=1)) / R).to(
+                    gproj_ptr.dtype.element_ty), mask=row_ok)
+                g2l, g2h = g2l + e1 * (a2 / R)[:, None], g2h + e2 * (a2 / R)[:, None]
+            if R > 3:
+                tl.store(a_ptr + 3, ((tl.sum(e1 * b3l, axis=1) + tl.sum(e2 * b3h, axis=1)) / R).to(
+                    gproj_ptr.dtype.element_ty), mask=row_ok)
+                g3l, g3h = g3l + e1 * (a3 / R)[:, None], g3h + e2 * (a3 / R)[:, None]
+        _grad_b_slot(gproj_ptr, rows, row_ok, stride_g, B_COL, g0l, g0h, HALF)
+        if R > 1:
+            _grad_b_slot(gproj_ptr, rows, row_ok, stride_g, B_COL + D, g1l, g1h, HALF)
+        if R > 2:
+            _grad_b_slot(gproj_ptr, rows, row_ok, stride_g, B_COL + 2 * D, g2l, g2h, HALF)
+        if R > 3:
+            _grad_b_slot(gproj_ptr, rows, row_ok, stride_g, B_COL + 3 * D, g3l, g3h, HALF)
+        return gcos, gsin, gw1, gw2
 
     @triton.jit
     def _backward_kernel(proj_ptr, qb_ptr, kb_ptr, vb_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr, gv_ptr,
@@ -228,26 +277,39 @@ if triton is not None:
                          gq_sb, gq_sh, gq_st, gk_sb, gk_sh, gk_st, gv_sb, gv_sh, gv_st,
                          H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, RQ: tl.constexpr, RKV: tl.constexpr,
                          c_bq: tl.constexpr, c_ak: tl.constexpr, c_bk: tl.constexpr, c_av: tl.constexpr,
-                         c_bv: tl.constexpr, PART: tl.constexpr, BN: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        rows, row_ok, cs_ptr, cos, sin = _token_block(pid, cos_ptr, sin_ptr, N, BN, D)
-        batch, t = rows // T, rows % T
+                         c_bv: tl.constexpr, PART: tl.constexpr, BN: tl.constexpr, BLOCKS: tl.constexpr):
+        """BLOCKS consecutive blocks of BN tokens per program: the bias and norm-weight gradients
+        are summed over them before they reach the [programs, PART] partial-sum buffer."""
+        HALF: tl.constexpr = D // 2
+        pid = tl.program_id(0)  # int32 offsets (half the registers of int64): _check bounds the sizes
         part = part_ptr + pid * PART  # q bias | k bias | v bias | q weight | k weight
         o_kb: tl.constexpr = H * D
         o_vb: tl.constexpr = o_kb + G * D
         o_qw: tl.constexpr = o_vb + G * D
         o_kw: tl.constexpr = o_qw + D
-        gc_q, gs_q = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, qb_ptr, qw_ptr, cos, sin,
-                                     gq_ptr,
-                                     batch * gq_sb + t * gq_st, gq_sh, part, 0, o_qw, eps, 0, c_bq, H, RQ, D, True)
-        gc_k, gs_k = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, kb_ptr, kw_ptr, cos, sin,
-                                     gk_ptr,
-                                     batch * gk_sb + t * gk_st, gk_sh, part, o_kb, o_kw, eps, c_ak, c_bk, G, RKV, D,
-                                     True)
-        _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, vb_ptr, kw_ptr, cos, sin, gv_ptr,
-                        batch * gv_sb + t * gv_st, gv_sh, part, o_vb, o_kw, eps, c_av, c_bv, G, RKV, D, False)
-        tl.store(gcos_ptr + cs_ptr, gc_q + gc_k, mask=row_ok[:, None])
-        tl.store(gsin_ptr + cs_ptr, gs_q + gs_k, mask=row_ok[:, None])
+        gwq1 = tl.zeros([HALF], dtype=tl.float32)
+        gwq2, gwk1, gwk2 = gwq1, gwq1, gwq1
+        for i in range(BLOCKS):
+            rows, row_ok, cs_ptr, cos, sin = _token_block(pid * BLOCKS + i, cos_ptr, sin_ptr, N, BN, D)
+            batch, t = rows // T, rows % T
+            gc_q, gs_q, w1, w2 = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, qb_ptr,
+                                                 qw_ptr, cos, sin, gq_ptr, batch * gq_sb + t * gq_st, gq_sh, part, 0,
+                                                 eps, 0, c_bq, H, RQ, D, True)
+            gwq1, gwq2 = gwq1 + w1, gwq2 + w2
+            gc_k, gs_k, w1, w2 = _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, kb_ptr,
+                                                 kw_ptr, cos, sin, gk_ptr, batch * gk_sb + t * gk_st, gk_sh, part,
+                                                 o_kb, eps, c_ak, c_bk, G, RKV, D, True)
+            gwk1, gwk2 = gwk1 + w1, gwk2 + w2
+            _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, vb_ptr, kw_ptr, cos, sin, gv_ptr,
+                            batch * gv_sb + t * gv_st, gv_sh, part, o_vb, eps, c_av, c_bv, G, RKV, D, False)
+            tl.store(gcos_ptr + cs_ptr, gc_q + gc_k, mask=row_ok[:, None])
+            tl.store(gsin_ptr + cs_ptr, gs_q + gs_k, mask=row_ok[:, None])
+            tl.debug_barrier()  # the next block reads the partial sums this one wrote
+        d = tl.arange(0, HALF)
+        tl.store(part + o_qw + d, gwq1)
+        tl.store(part + o_qw + HALF + d, gwq2)
+        tl.store(part + o_kw + d, gwk1)
+        tl.store(part + o_kw + HALF + d, gwk2)
 
 
 _kernels: dict = {}
@@ -259,8 +321,12 @@ def _tuned(which: str):
     if which not in _kernels:
         kernel = _forward_kernel if which == "forward" else _backward_kernel
         if not interpreting():
-            pairs = FORWARD_CONFIGS if which == "forward" else BACKWARD_CONFIGS
-            kernel = triton.autotune([triton.Config({"BN": bn}, num_warps=w) for bn, w in pairs], key=["N", "T"],
+            if which == "forward":
+                configs = [triton.Config({"BN": bn}, num_warps=w) for bn, w in FORWARD_CONFIGS]
+            else:
+                configs = [triton.Config({"BN": bn, "BLOCKS": blocks}, num_warps=w)
+                           for bn, blocks, w in BACKWARD_CONFIGS]
+            kernel = triton.autotune(configs, key=["N", "T"],
                                      reset_to_zero=["part_ptr"] if which == "backward" else None)(kernel)
         _kernels[which] = kernel
     return _kernels[which]
@@ -276,8 +342,11 @@ def _column_starts(dims: list[int]) -> dict:
 
 
 def _untuned_config(which: str) -> dict:
-    """The interpreter's config: few tokens per program, so tests cross program boundaries."""
-    return {"BN": MIN_BN if which == "backward" else 4} if interpreting() else {}
+    """The interpreter's config: few tokens per block and program, so tests cross block and program
+    boundaries (and the partial-sum buffer, sized for MIN_PROGRAM_TOKENS, has room)."""
+    if not interpreting():
+        return {}
+    return {"BN": 2, "BLOCKS": 2} if which == "backward" else {"BN": 4}
 
 
 def local_qkv(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: int, eps: float, dims: list[int]):
@@ -288,9 +357,9 @@ def local_qkv(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T: int, eps: flo
 
 
 def supported(dims: list[int]) -> bool:
-    """Power-of-two head_dim (>= 32) and TPA ranks: tl.arange extents."""
+    """Power-of-two head_dim (>= 32: a tl.arange extent) and TPA ranks 1..4 (the kernels' slots)."""
     D, Rq, Rkv = dims[2:]
-    return all(n > 0 and n & (n - 1) == 0 for n in (D, Rq, Rkv)) and D >= 32
+    return D >= 32 and D & (D - 1) == 0 and all(1 <= r <= MAX_RANK for r in (Rq, Rkv))
 
 
 def _check(proj: torch.Tensor, T: int, dims: list[int]) -> None:
@@ -298,8 +367,11 @@ def _check(proj: torch.Tensor, T: int, dims: list[int]) -> None:
         raise RuntimeError("tpa_prologue: Triton is not installed (call local_qkv, which falls back)")
     H, G, D, Rq, Rkv = dims
     if not supported(dims):
-        raise ValueError(f"tpa_prologue: the Triton kernels need power-of-two head_dim (>= 32) and TPA ranks; "
-                         f"got head_dim={D}, ranks {Rq}/{Rkv} (use the torch prologue)")
+        raise ValueError(f"tpa_prologue: the Triton kernels need a power-of-two head_dim (>= 32) and TPA ranks "
+                         f"1..{MAX_RANK}; got head_dim={D}, ranks {Rq}/{Rkv} (use the torch prologue)")
+    if proj.shape[0] * max(proj.stride(0), (H + 2 * G) * D) >= 2**31:  # the kernels' offsets are int32
+        raise ValueError(f"tpa_prologue: {proj.shape[0]} tokens is too many for one call (int32 offsets); "
+                         f"split the batch")
     if proj.stride(-1) != 1 or proj.shape[-1] != sum(column_layout(*dims)) or proj.shape[0] % T:
         raise ValueError(f"tpa_prologue: proj {tuple(proj.shape)} (stride {proj.stride()}) does not match "
                          f"{dims} with T={T}")
@@ -343,14 +415,15 @@ def tpa_prologue_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, 
     _check(proj, T, dims)
     H, G, D, Rq, Rkv = dims
     N = proj.shape[0]
-    programs = triton.cdiv(N, MIN_BN)  # rows past the chosen config's programs stay zero
+    # rows past the chosen config's programs stay zero (the interpreter's config: 4 tokens a program)
+    programs = triton.cdiv(N, 4 if interpreting() else MIN_PROGRAM_TOKENS)
     part_width = (H + 2 * G) * D + 2 * D
     part = proj.new_zeros(programs, part_width, dtype=torch.float32)
     gproj = proj.new_empty(proj.shape)  # contiguous, whatever proj's row stride
     cos, sin = cos.contiguous(), sin.contiguous()
     gcos, gsin = torch.empty_like(cos, dtype=torch.float32), torch.empty_like(sin, dtype=torch.float32)
     gq, gk, gv = (g if g.stride(-1) == 1 else g.contiguous() for g in (gq, gk, gv))
-    _tuned("backward")[lambda meta: (triton.cdiv(N, meta["BN"]),)](
+    _tuned("backward")[lambda meta: (triton.cdiv(N, meta["BN"] * meta["BLOCKS"]),)](
         proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, gq, gk, gv, gproj, gcos, gsin, part, N, T,
         proj.stride(0), gproj.stride(0), eps, *gq.stride()[:3], *gk.stride()[:3], *gv.stride()[:3],
         H=H, G=G, D=D, RQ=Rq, RKV=Rkv, PART=part_width, **_column_starts(dims), **_untuned_config("backward"))
