@@ -15,13 +15,19 @@ Design choices:
 - `tpa_prologue` is a `torch.library.custom_op` with a registered backward (another custom op):
   opaque to torch.compile (fullgraph blocks keep 0 graph breaks), capturable in CUDA graphs (no host
   sync, fixed grid for fixed shapes), and it runs under activation checkpointing like any op.
-- Reductions over tokens (bias and norm-weight gradients) are written per program into a
-  [programs, (H + 2G) * D + 2D] fp32 buffer (1792 columns at vpMoE's dims) and summed by torch
+- Registers decide the speed: tiles are 2-D [tokens, D/2] (q and k as two halves, for the
+  rotation), the TPA rank is unrolled into up to four slots of such tiles, heads are a loop (one
+  head's tiles live at a time), offsets are int32. The first version's [BN, R, D/2] tiles took
+  191-255 registers per thread (ptxas, sm_90) in every configuration, spilling in half of them;
+  this one 114-188 in the backward, none spilling. H200, per local layer per 8k tokens: backward
+  215 -> 179 us, forward 33 -> 21 us (bench/RESULTS.md, 2026-12-01 14:46), still several times
+  its memory traffic.
+- Reductions over tokens (bias and norm-weight gradients): each backward program sums them over
+  its token blocks (read-modify-write of its own row, a barrier between blocks) into a
+  [programs, (H + 2G) * D + 2D] fp32 buffer (1792 columns at vpMoE's dims), summed by torch
   afterwards: no atomics, deterministic.
-- Tokens per program and warps are autotuned per (token count, sequence length, dtypes) at first
-  use on CUDA (`triton.autotune`; the tuning runs reset the partial sums): the first untuned
-  backward (16 tokens x 8 warps) took 293 us per 8k tokens on an H200 (its [16, R, D/2] fp32 tiles
-  likely spill).
+- Tokens per block, blocks per program and warps are autotuned per (token count, sequence length,
+  dtypes) at first use on CUDA (`triton.autotune`; the tuning runs reset the partial sums).
 - cos/sin [N, D/2] are inputs (computed by torch from positions and the learnable GRAPE
   frequencies), so the op returns their gradients and autograd carries them to `log_freq`.
 - Math in fp32 whatever the storage dtype. `tpa_prologue_reference` is the same function in plain
