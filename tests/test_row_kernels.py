@@ -1,24 +1,14 @@
 """The fused loss's row kernels (vpmoe/kd/row_kernels.py) against float64, on the CPU through the
 Triton interpreter (TRITON_INTERPRET=1 must be set before the kernels are defined: each check runs
 in a fresh process), and the fused loss with them against the loss without them. The GPU runs the
-same kernels compiled: tests/gpu/test_gpu_fast_paths.py::test_row_kernels_cuda."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+same kernels compiled: tests/gpu/test_gpu_row_kernels.py."""
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_in_interpreter
 
 
 def _in_interpreter(check: str) -> None:
-    code = f"import tests.test_row_kernels as t; t.{check}()"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "checked" in proc.stdout, proc.stdout[-2000:]
+    run_in_interpreter("tests.test_row_kernels", check, timeout=600)
 
 
 def random_logits(C: int, V: int, gen, n_inf: int = 0, row_pad: int = 0, dtype=torch.float32) -> torch.Tensor:

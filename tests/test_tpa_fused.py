@@ -1,28 +1,20 @@
 """The local-attention prologue's Triton kernels (vpmoe/model/tpa_fused.py) against the float64
 reference, on the CPU through the Triton interpreter (TRITON_INTERPRET=1, which must be set
 before the kernels are defined: each check runs in a fresh interpreter process). The GPU runs
-the same kernels compiled: tests/gpu/test_gpu_fast_paths.py::test_tpa_prologue_kernel_cuda.
+the same kernels compiled: tests/gpu/test_gpu_tpa_prologue.py.
 
 Triton is a test dependency (`pip install -e .[test]`); the kernels run where the product runs
 them, on CUDA, and the CPU product falls back to the reference (`local_qkv`)."""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_in_interpreter
 
 
 def _in_interpreter(check: str) -> None:
-    code = f"import tests.test_tpa_fused as t; t.{check}()"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "checked" in proc.stdout, proc.stdout[-2000:]
+    run_in_interpreter("tests.test_tpa_fused", check, timeout=900)
 
 
 def test_triton_is_installed_for_these_tests():
@@ -50,7 +42,8 @@ def check_kernels() -> None:
 
     assert TF.interpreting()
     gen = torch.Generator().manual_seed(3)
-    for dims, B, T, pad in (([4, 2, 32, 4, 2], 2, 21, 0), ([8, 2, 64, 4, 2], 1, 37, 8), ([2, 1, 32, 2, 1], 3, 5, 0)):
+    for dims, B, T, pad in (([4, 2, 32, 4, 2], 2, 21, 0), ([8, 2, 64, 4, 2], 1, 37, 8), ([2, 1, 32, 2, 1], 3, 5, 0),
+                            ([3, 1, 32, 3, 3], 1, 9, 0)):
         ins = random_inputs(B * T, dims, gen, pad)
         # proj stays the strided view itself; the rest are fresh leaves
         leaves = [ins[0].detach().requires_grad_(True)] + [x.detach().clone().requires_grad_(True) for x in ins[1:]]
@@ -160,6 +153,8 @@ def test_local_qkv_falls_back_to_the_reference_on_cpu():
     assert not TF.available(torch.device("cpu"))
     for a, b in zip(TF.local_qkv(*ins, 6, 1e-5, dims), TF.tpa_prologue_reference(*ins, 6, 1e-5, dims)):
         assert torch.equal(a, b)
-    assert not TF.supported([4, 2, 24, 4, 2]) and not TF.supported([4, 2, 32, 3, 2]) and TF.supported(dims)
+    # head_dim a power of two >= 32, ranks 1..4 (the kernels' rank slots)
+    assert not TF.supported([4, 2, 24, 4, 2]) and not TF.supported([4, 2, 32, 5, 2]) and not TF.supported([4, 2, 32, 4, 0])
+    assert TF.supported(dims) and TF.supported([4, 2, 32, 3, 1])
     with pytest.raises(ValueError, match="power-of-two head_dim"):  # the op itself says why
         TF._check(ins[0], 6, [4, 2, 24, 4, 2])

@@ -32,8 +32,8 @@ Design choices:
   inputs (the fp32 residual stream, the first layer's values) and recomputes the rest in
   backward. This is what lets the 80-layer model's activations fit next to its optimizer state
   on an 80 GB GPU; it costs one more forward per block. `checkpoint=N` covers the first N blocks
-  only: on a bigger GPU the rest keep their activations and skip the recompute. Recomputation is deterministic (stable
-  sort, no dropout), so recomputed routing equals the first pass's.
+  only: on a bigger GPU the rest keep their activations and skip the recompute. Recomputation is
+  deterministic (stable sort, no dropout), so recomputed routing equals the first pass's.
 """
 from __future__ import annotations
 
