@@ -1,0 +1,104 @@
+"""Registers and spills of the project's Triton kernels for sm_90, per autotuning configuration,
+compiled on any machine: no GPU needed (the Triton wheel ships ptxas).
+
+    python bench/kernel_registers.py --record            (CPU or GPU machine)
+
+Why: a kernel's registers per thread decide how many warps an SM keeps resident, and so how much
+memory latency it hides. The attention prologue's first backward used 191-255 registers in every
+configuration (spilling in half of them) and ran at ~15x its memory traffic; this is how that was
+found and how its rewrite was checked before any GPU time (docs/performance.md). Columns: kernel,
+configuration, registers per thread, spill stores/loads (bytes), stack frame (bytes), and the
+resident warps per SM that the registers allow (65,536 registers per SM, 64 warps at most).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import append_results  # noqa: E402
+from vpmoe.kd import row_kernels as RK  # noqa: E402
+from vpmoe.model import tpa_fused as TF  # noqa: E402
+
+DIMS = [8, 2, 128, 4, 2]  # vpMoE's local layers: q heads, kv heads, head_dim, TPA ranks
+
+
+def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> dict:
+    """Compile `kernel` for sm_<arch> and read ptxas -v: registers, spills, stack."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                                        constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        info = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    stack = re.search(r"(\d+) bytes stack frame", info)
+    warps = min(64, (65536 // (regs * 32 * num_warps)) * num_warps)
+    return {"registers": regs, "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
+            "stack_bytes": int(stack.group(1)), "warps_per_sm": warps}
+
+
+def prologue_cases():
+    starts = TF._column_starts(DIMS)
+    H, G, D, Rq, Rkv = DIMS
+    common = dict(H=H, G=G, D=D, RQ=Rq, RKV=Rkv, **starts)
+    pointers = ["proj_ptr", "qb_ptr", "kb_ptr", "vb_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr"]
+    types = ["*bf16"] * 6 + ["*fp32"] * 2
+    fwd = dict(zip(pointers + ["q_ptr", "k_ptr", "v_ptr"], types + ["*bf16", "*bf16", "*fp32"]))
+    fwd.update(N="i32", T="i32", stride_n="i32", eps="fp32")
+    for bn, w in TF.FORWARD_CONFIGS:
+        yield "tpa prologue forward", f"{bn} tokens, {w} warps", TF._forward_kernel, fwd, dict(common, BN=bn), w
+    bwd = dict(zip(pointers + ["gq_ptr", "gk_ptr", "gv_ptr", "gproj_ptr", "gcos_ptr", "gsin_ptr", "part_ptr"],
+                   types + ["*bf16", "*bf16", "*fp32", "*bf16", "*fp32", "*fp32", "*fp32"]))
+    bwd.update(N="i32", T="i32", stride_n="i32", stride_g="i32", eps="fp32")
+    bwd.update({f"{g}_s{a}": "i32" for g in ("gq", "gk", "gv") for a in ("b", "h", "t")})
+    part = (H + 2 * G) * D + 2 * D
+    for bn, blocks, w in TF.BACKWARD_CONFIGS:
+        yield ("tpa prologue backward", f"{bn} tokens x {blocks} blocks, {w} warps", TF._backward_kernel, bwd,
+               dict(common, PART=part, BN=bn, BLOCKS=blocks), w)
+
+
+def row_cases(vocab: int = 201088):
+    block = min(RK.BLOCK, 1 << (vocab - 1).bit_length())
+    yield ("loss row logsumexp", f"{block}-column blocks, 8 warps", RK._row_lse_kernel,
+           {"z_ptr": "*bf16", "max_ptr": "*fp32", "sum_ptr": "*fp32", "stride": "i32"},
+           dict(V=vocab, SEGMENT=block * RK.SEGMENT_BLOCKS, BLOCK=block), 8)
+    yield ("loss rest gradient", f"{block}-column blocks, 8 warps", RK._rest_grad_kernel,
+           {"z_ptr": "*bf16", "lse_ptr": "*fp32", "scale_ptr": "*fp32", "V": "i32", "stride": "i32"},
+           dict(BLOCK=block), 8)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    if TF.triton is None:
+        sys.exit("bench/kernel_registers.py needs Triton (pip install -e .[test])")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
+    rows = []
+    for name, config, kernel, sig, consts, warps in [*prologue_cases(), *row_cases()]:
+        row = {"kernel": name, "config": config, **ptxas_report(kernel, sig, consts, warps, a.arch)}
+        print(row, flush=True)
+        rows.append(row)
+    if a.record:
+        append_results("kernel_registers", f"python bench/kernel_registers.py --arch {a.arch} --record", rows,
+                       notes=f"ptxas -v for sm_{a.arch}a from the Triton wheel; compiled without a GPU")
+
+
+if __name__ == "__main__":
+    main()
