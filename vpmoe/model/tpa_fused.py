@@ -421,8 +421,9 @@ def tpa_prologue_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, 
     _check(proj, T, dims)
     H, G, D, Rq, Rkv = dims
     N = proj.shape[0]
-    # rows past the chosen config's programs stay zero (the interpreter's config: 4 tokens a program)
-    programs = triton.cdiv(N, 4 if interpreting() else MIN_PROGRAM_TOKENS)
+    # room for the most programs any config launches; rows past the chosen config's stay zero
+    untuned = _untuned_config("backward")
+    programs = triton.cdiv(N, untuned["BN"] * untuned["BLOCKS"] if untuned else MIN_PROGRAM_TOKENS)
     part_width = (H + 2 * G) * D + 2 * D
     part = proj.new_zeros(programs, part_width, dtype=torch.float32)
     gproj = proj.new_empty(proj.shape)  # contiguous, whatever proj's row stride
