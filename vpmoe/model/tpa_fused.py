@@ -212,6 +212,14 @@ if triton is not None:
         tl.store(p + HALF, hi.to(gproj_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
+    def _rank_slot_grads(ga_ptr, row_ok, e1, e2, bl, bh, a, gl, gh, R: tl.constexpr):
+        """One rank slot r of one head: stores d loss / d a_r [BN] (at ga_ptr, one column of the
+        proj gradient) and returns the b_r gradient halves with this head's share added."""
+        tl.store(ga_ptr, ((tl.sum(e1 * bl, axis=1) + tl.sum(e2 * bh, axis=1)) / R).to(ga_ptr.dtype.element_ty),
+                 mask=row_ok)
+        return gl + e1 * (a / R)[:, None], gh + e2 * (a / R)[:, None]
+
+    @triton.jit
     def _backward_group(proj_ptr, gproj_ptr, rows, row_ok, stride_n, stride_g, bias_ptr, w_ptr, cos, sin, go_ptr,
                         go_row, go_sh, part, BIAS_OFF: tl.constexpr, eps, A_COL: tl.constexpr,
                         B_COL: tl.constexpr, HEADS: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
@@ -253,21 +261,13 @@ if triton is not None:
             tl.store(bp, tl.load(bp) + tl.sum(e1, axis=0))
             tl.store(bp + HALF, tl.load(bp + HALF) + tl.sum(e2, axis=0))
             a_ptr = gproj_ptr + rows * stride_g + A_COL + h * R
-            tl.store(a_ptr, ((tl.sum(e1 * b0l, axis=1) + tl.sum(e2 * b0h, axis=1)) / R).to(
-                gproj_ptr.dtype.element_ty), mask=row_ok)
-            g0l, g0h = g0l + e1 * (a0 / R)[:, None], g0h + e2 * (a0 / R)[:, None]
+            g0l, g0h = _rank_slot_grads(a_ptr, row_ok, e1, e2, b0l, b0h, a0, g0l, g0h, R)
             if R > 1:
-                tl.store(a_ptr + 1, ((tl.sum(e1 * b1l, axis=1) + tl.sum(e2 * b1h, axis=1)) / R).to(
-                    gproj_ptr.dtype.element_ty), mask=row_ok)
-                g1l, g1h = g1l + e1 * (a1 / R)[:, None], g1h + e2 * (a1 / R)[:, None]
+                g1l, g1h = _rank_slot_grads(a_ptr + 1, row_ok, e1, e2, b1l, b1h, a1, g1l, g1h, R)
             if R > 2:
-                tl.store(a_ptr + 2, ((tl.sum(e1 * b2l, axis=1) + tl.sum(e2 * b2h, axis=1)) / R).to(
-                    gproj_ptr.dtype.element_ty), mask=row_ok)
-                g2l, g2h = g2l + e1 * (a2 / R)[:, None], g2h + e2 * (a2 / R)[:, None]
+                g2l, g2h = _rank_slot_grads(a_ptr + 2, row_ok, e1, e2, b2l, b2h, a2, g2l, g2h, R)
             if R > 3:
-                tl.store(a_ptr + 3, ((tl.sum(e1 * b3l, axis=1) + tl.sum(e2 * b3h, axis=1)) / R).to(
-                    gproj_ptr.dtype.element_ty), mask=row_ok)
-                g3l, g3h = g3l + e1 * (a3 / R)[:, None], g3h + e2 * (a3 / R)[:, None]
+                g3l, g3h = _rank_slot_grads(a_ptr + 3, row_ok, e1, e2, b3l, b3h, a3, g3l, g3h, R)
         _grad_b_slot(gproj_ptr, rows, row_ok, stride_g, B_COL, g0l, g0h, HALF)
         if R > 1:
             _grad_b_slot(gproj_ptr, rows, row_ok, stride_g, B_COL + D, g1l, g1h, HALF)
