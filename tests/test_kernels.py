@@ -275,7 +275,7 @@ def test_activation_checkpointing_setting(monkeypatch):
     """true / false / a block count: how many blocks it covers, in words, and a config error
     naming the key for a count outside [0, n_layers]; the module path takes the same setting."""
     from vpmoe.config import ConfigError
-    from vpmoe.model.model import checkpointed_blocks, describe_checkpointing
+    from vpmoe.config import checkpointed_blocks, describe_checkpointing
     from vpmoe.train.config import load_run_config
 
     assert [checkpointed_blocks(s, 80) for s in (True, False, 0, 64, 80)] == [80, 0, 0, 64, 80]

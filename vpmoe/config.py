@@ -160,6 +160,25 @@ def _require(cond: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
+
+def checkpointed_blocks(setting: bool | int, n_layers: int) -> int:
+    """How many blocks `train.activation_checkpointing` covers, the first ones: true = all, false =
+    none, N = the first N (the rest keep their activations: memory to spare buys a shorter
+    backward). A count outside [0, n_layers] is a ConfigError naming the key."""
+    if isinstance(setting, bool):
+        return n_layers if setting else 0
+    if not 0 <= setting <= n_layers:
+        raise ConfigError(f"train.activation_checkpointing: true, false or a block count in [0, {n_layers}] "
+                          f"(the first N blocks), got {setting}")
+    return setting
+
+
+def describe_checkpointing(setting: bool | int, n_layers: int) -> str:
+    """"on", "off" or "on for the first N of L blocks" (logs and advice)."""
+    n = checkpointed_blocks(setting, n_layers)
+    return "on" if n == n_layers else "off" if n == 0 else f"on for the first {n} of {n_layers} blocks"
+
+
 @dataclass
 class ModelConfig:
     """The vpMoE architecture. Defaults are the locked model (docs/architecture.md)."""

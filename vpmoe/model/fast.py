@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from vpmoe.config import checkpointed_blocks
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
 from vpmoe.model import tpa_fused as TF
@@ -192,7 +193,7 @@ class FastBody:
                  static_masks: bool = False, checkpoint: bool | int = False, compile_backend: str = "inductor",
                  fused_prologue: bool | None = None):
         self.model, self.cfg = model, model.cfg
-        self.checkpoint = M.checkpointed_blocks(checkpoint, model.cfg.n_layers)  # the first blocks
+        self.checkpoint = checkpointed_blocks(checkpoint, model.cfg.n_layers)  # the first blocks
         p0 = model.embed.weight
         self.flex = p0.is_cuda
         self.dtype = dtype or (torch.bfloat16 if p0.is_cuda else p0.dtype)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpmoe.config import ModelConfig
+from vpmoe.config import ModelConfig, checkpointed_blocks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,23 +402,6 @@ def initial_value(cfg: ModelConfig, name: str, shape: tuple, seed: int, device) 
         else cfg.init_std
     gen = torch.Generator(device=device).manual_seed(_name_seed(seed, name))
     return torch.randn(shape, generator=gen, device=device) * std
-
-
-def checkpointed_blocks(setting: bool | int, n_layers: int) -> int:
-    """How many blocks activation checkpointing covers, the first ones: true = all, false = none,
-    N = the first N (the rest keep their activations: memory to spare buys a shorter backward)."""
-    if isinstance(setting, bool):
-        return n_layers if setting else 0
-    if not 0 <= setting <= n_layers:
-        raise ValueError(f"activation checkpointing: expected true, false or a block count in "
-                         f"[0, {n_layers}], got {setting}")
-    return setting
-
-
-def describe_checkpointing(setting: bool | int, n_layers: int) -> str:
-    """"on", "off" or "on for the first N of L blocks" (logs and advice)."""
-    n = checkpointed_blocks(setting, n_layers)
-    return "on" if n == n_layers else "off" if n == 0 else f"on for the first {n} of {n_layers} blocks"
 
 
 class VpMoE(nn.Module):

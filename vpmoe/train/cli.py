@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from vpmoe.config import ConfigError
+from vpmoe.config import ConfigError, describe_checkpointing
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -61,20 +61,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ac_text(cfg) -> str:
-    from vpmoe.model.model import describe_checkpointing
-
-    return describe_checkpointing(cfg.train.activation_checkpointing, cfg.model.n_layers)
-
-
 def out_of_memory_advice(cfg, step: int | None, world: int) -> str:
     """What to tell a user whose run hit `torch.OutOfMemoryError`: the settings that decide memory,
     the peak, and the changes that fit it in a smaller budget (each only if not already made).
     Checkpoints are never touched by an out-of-memory step, so the advice ends in `--resume`."""
     where = "while building the model and optimizer" if step is None else f"after {step} completed steps"
     rows, accum = cfg.data.micro_batch_size, cfg.train.grad_accum
+    ac = describe_checkpointing(cfg.train.activation_checkpointing, cfg.model.n_layers)
     msg = (f"the GPU ran out of memory {where} ({rows} rows x {cfg.data.seq_len} tokens per micro-batch, "
-           f"{accum} micro-batches per step, {world} process(es), activation checkpointing {_ac_text(cfg)}, "
+           f"{accum} micro-batches per step, {world} process(es), activation checkpointing {ac}, "
            f"Muon momentum {cfg.optim.muon_momentum_dtype}")
     import torch  # here, as in cmd_train: `vpmoe --help` should not pay for importing torch
 
@@ -83,7 +78,7 @@ def out_of_memory_advice(cfg, step: int | None, world: int) -> str:
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         msg += f"; peak {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} of {total:.1f} GiB"
     fixes = []
-    if _ac_text(cfg) != "on":
+    if ac != "on":
         fixes.append("--set train.activation_checkpointing=true (every block keeps only its input; "
                      "with bf16 momentum the 80-layer model peaks at 71.4 GiB at 16 x 2048 tokens per micro-batch)")
     if cfg.optim.muon_momentum_dtype == "float32":

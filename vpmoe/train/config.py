@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpmoe.config import ConfigError, ModelConfig, apply_overrides, from_dict, read_toml
+from vpmoe.config import ConfigError, ModelConfig, apply_overrides, checkpointed_blocks, from_dict, read_toml
 from vpmoe.train.optim import OptimConfig
 from vpmoe.train.parallel import ParallelConfig
 from vpmoe.train.schedule import ScheduleConfig
@@ -118,10 +118,7 @@ class RunConfig:
         self.kd_config()  # the KD component validates its own table (names kd.<key> on errors)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        ac = self.train.activation_checkpointing
-        if not isinstance(ac, bool) and not 0 <= ac <= self.model.n_layers:
-            raise ConfigError(f"train.activation_checkpointing: true, false or a block count in "
-                              f"[0, {self.model.n_layers}] (the first N blocks), got {ac}")
+        checkpointed_blocks(self.train.activation_checkpointing, self.model.n_layers)  # the count's range
 
 
     def kd_config(self):

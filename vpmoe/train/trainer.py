@@ -47,11 +47,10 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from vpmoe.config import ConfigError, config_hash, model_diff
+from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_diff
 from vpmoe.kd.losses import STAT_KEYS, count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
-from vpmoe.model.model import describe_checkpointing
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
@@ -355,9 +354,10 @@ class Trainer:
         else:
             why = "train.cuda_graphs = off" if cfg.train.cuda_graphs == "off" else self._graphs_wanted()[1]
             parts.append(f"no CUDA graphs ({why})")
-        ac = describe_checkpointing(cfg.train.activation_checkpointing, cfg.model.n_layers)
-        if ac != "off":
-            parts.append("activation checkpointing" + ("" if ac == "on" else ac[2:]))
+        n_layers = cfg.model.n_layers
+        n_ac = checkpointed_blocks(cfg.train.activation_checkpointing, n_layers)
+        if n_ac:
+            parts.append("activation checkpointing" + ("" if n_ac == n_layers else f" for the first {n_ac} of {n_layers} blocks"))
         parts.append(f"{self.ds.world} process(es)")
         if self.ds.ep_size > 1:
             parts.append(f"expert parallel {self.ds.ep_size}")
