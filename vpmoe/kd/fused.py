@@ -21,7 +21,7 @@ Design choices:
   probs)`, which cancels catastrophically when the rest mass is small.
 - Dense targets use explicit gradient formulas per divergence over full rows (smaller chunks).
 - On CUDA the two vocab-wide passes (row logsumexp, the in-place rest gradient) are Triton kernels
-  at memory speed (`vpmoe.kd.row_kernels`); the other row functions are compiled with
+  (`vpmoe.kd.row_kernels`, 3.0-3.9 TB/s on an H200); the other row functions are compiled with
   torch.compile (fused upcast + reduce / elementwise, bf16 in and out, fp32 math); anything
   failing to compile falls back to eager. Set VPMOE_KD_COMPILE=0 to disable compilation. Math is
   fp32 (fp64 when the inputs are fp64).
@@ -84,7 +84,7 @@ def _row_lse(z: torch.Tensor) -> torch.Tensor:
 def _rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """z <- scale * exp(z - lse) per row, in place (the logits chunk becomes its gradient; entries
     at -inf give exactly 0): the Triton kernel where it serves, else compiled/eager torch."""
-    if RK.kernels_serve(z) and lse.dtype == torch.float32:
+    if RK.kernels_serve(z, lse):
         return RK.rest_grad_(z, lse, scale)
     return _fast(RK.rest_grad_reference_, z, lse, scale)
 

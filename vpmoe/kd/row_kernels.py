@@ -1,16 +1,17 @@
 """The fused loss's two vocabulary-wide passes as Triton kernels: the row log-sum-exp and the
-in-place "rest" gradient, each at memory speed.
+in-place "rest" gradient, each in one pass at 3.0-3.9 TB/s on an H200.
 
 Per [C, V] logits chunk (V = 201088) the fused CE/KD loss (`vpmoe.kd.fused`) needs
     lse[c]  = logsumexp_v z[c, v]                      (entries at -inf are skipped)
     z[c, v] <- scale[c] * exp(z[c, v] - lse[c])        (in place: the chunk becomes its gradient)
 Compiled by Inductor (dynamic shapes) these ran at ~1.2 and ~1.6 TB/s on an H200, 112 ms of a
-3.1 s 80-layer step (bench/RESULTS.md `profile`, 2026-12-01): the max and the sum of exponentials
-were two passes over the chunk. Here:
+3.1 s 80-layer step (bench/RESULTS.md `profile`, 2026-12-01; likely a max pass and a sum pass
+over the chunk, not verified). Here:
 - `row_lse`: one pass, one exponential per element: a program per (row, segment of
   SEGMENT_BLOCKS x BLOCK columns) keeps a running (max, sum of exp(z - max)) over its blocks and
   writes the pair; torch combines the few pairs per row. Segments rather than a program per row:
-  ~14k programs per 2048-row chunk keep enough loads in flight to stream at memory speed.
+  ~14k programs per 2048-row chunk instead of 2,048, for more loads in flight (the per-row
+  version was not measured).
 - `rest_grad_`: a 2-D grid of (row, column block) programs, read once, written once, in place.
 Both keep fp32 math for bf16/fp16/fp32 storage. The plain torch functions beside them are the
 reference (and the fallback: CPU, float64, no Triton); tests/test_row_kernels.py runs the kernels
@@ -47,11 +48,11 @@ def interpreting() -> bool:
     return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def kernels_serve(z: torch.Tensor) -> bool:
+def kernels_serve(z: torch.Tensor, lse: torch.Tensor | None = None) -> bool:
     """Whether the Triton kernels take this chunk: CUDA (or the interpreter), a kernel dtype, 2-D
-    with unit column stride."""
+    with unit column stride (and, for `rest_grad_`, an fp32 lse)."""
     return (triton is not None and (z.is_cuda or interpreting()) and z.dtype in KERNEL_DTYPES
-            and z.dim() == 2 and z.stride(1) == 1)
+            and z.dim() == 2 and z.stride(1) == 1 and (lse is None or lse.dtype == torch.float32))
 
 
 if triton is not None:
@@ -113,7 +114,7 @@ def row_lse(z: torch.Tensor) -> torch.Tensor:
 
 def rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """z <- scale[:, None] * exp(z - lse[:, None]) in place (returns z); Triton where `kernels_serve`."""
-    if not kernels_serve(z) or lse.dtype != torch.float32:
+    if not kernels_serve(z, lse):
         return rest_grad_reference_(z, lse, scale)
     C, V = z.shape
     if C:
