@@ -5,7 +5,7 @@
 # tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, SKIP_BENCH=1 (tests only), PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
+#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), MOE=grouped (the train step's routed experts), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -51,6 +51,7 @@ opt=""
 [ -n "${AC_BLOCKS:-}" ] && opt="$opt --ac $AC_BLOCKS"
 [ -n "${MOMENTUM:-}" ] && opt="$opt --momentum-dtype $MOMENTUM"
 [ -n "${MICRO:-}" ] && opt="$opt --micro $MICRO"
+[ -n "${MOE:-}" ] && opt="$opt --moe $MOE"
 [ "${SKIP_BENCH:-0}" != 1 ] && timeout "${BENCH_TIMEOUT:-480}" python3 bench/train_step.py --cases "$cases" --steps "$steps" --peer "$out/peer.jsonl" \
   --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-256}" $opt 2>&1 | tee "$out/train_step.log" \
   | grep -v -i -e warn -e '^ ' | cut -c1-1500 | tail -${BENCH_TAIL:-40}
@@ -64,6 +65,11 @@ if [ "${ATTN_BENCH:-0}" = 1 ]; then  # the attention sub-block alone, per prolog
   timeout "${ATTN_TIMEOUT:-300}" python3 bench/attention.py --variants "${ATTN_VARIANTS:-fused-prologue,torch-prologue}" \
     --record 2>&1 | tee "$out/attention.log" | grep -v -i warn | tail -40
   echo "# attention done at +$(( $(date +%s) - t0 ))s"
+fi
+if [ "${MOE_BENCH:-0}" = 1 ]; then  # one MoE layer's routed part alone, grouped vs fused, with top kernels
+  timeout "${MOE_TIMEOUT:-300}" python3 bench/moe.py --tokens "${MOE_TOKENS:-65536,8192}" --record 2>&1 \
+    | tee "$out/moe.log" | grep -v -i warn | tail -60
+  echo "# moe done at +$(( $(date +%s) - t0 ))s"
 fi
 if [ "${KD_BENCH:-0}" = 1 ]; then
   timeout "${KD_TIMEOUT:-240}" python3 bench/kd_loss.py 2>&1 | tee "$out/kd_loss.log" | grep -v -i warn | tail -25

@@ -23,12 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append_results  # noqa: E402
 from vpmoe.kd import row_kernels as RK  # noqa: E402
+from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import tpa_fused as TF  # noqa: E402
 
 DIMS = [8, 2, 128, 4, 2]  # vpMoE's local layers: q heads, kv heads, head_dim, TPA ranks
 
 
-def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> dict:
+def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
     """Compile `kernel` for sm_<arch> and read ptxas -v: registers, spills, stack."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -36,7 +37,7 @@ def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch
 
     compiled = triton.compile(ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
                                         constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
@@ -81,18 +82,56 @@ def row_cases(vocab: int = 201088):
            dict(BLOCK=block), 8)
 
 
+# the fused MoE kernels' four GEMMs per direction at vpMoE's dims (d 1024, width 128, 256 experts, top-4)
+MOE_ROWS = {  # name: (A dtype, out dtype, N, K, flags)
+    "moe up (gather x)": ("bf16", "bf16", 128, 1024, dict(GATHER_A=True, HAS_BIAS=True)),
+    "moe down (act, scale, scatter)": ("bf16", "bf16", 1024, 128, dict(ACT_A=True, HAS_BIAS=True, SCALE=True, SCATTER=True)),
+    "moe down backward (gather gy)": ("fp32", "bf16", 128, 1024, dict(GATHER_A=True, DOWN_BACKWARD=True)),
+    "moe up dgrad (scatter)": ("bf16", "bf16", 1024, 128, dict(SCATTER=True)),
+}
+MOE_WGRAD = {  # name: (A dtype, B dtype, flags)
+    "moe down wgrad (act, gather gy)": ("bf16", "fp32", dict(ACT_A=True, GATHER_B=True, SCALE_B=True, HAS_DB=True)),
+    "moe up wgrad (gather x)": ("bf16", "bf16", dict(GATHER_A=True, HAS_DB=True)),
+}
+
+
+def moe_cases():
+    off = dict(GATHER_A=False, ACT_A=False, HAS_BIAS=False, SCALE=False, SCATTER=False, DOWN_BACKWARD=False)
+    for name, (a_t, o_t, n, k, flags) in MOE_ROWS.items():
+        sig = {"a_ptr": f"*{a_t}", "stride_a": "i32", "order_ptr": "*i64", "w_ptr": "*fp32", "s_we": "i32",
+               "s_wk": "i32", "s_wn": "i32", "bias_ptr": "*fp32", "s_be": "i32", "scale_ptr": "*fp32",
+               "out_ptr": f"*{o_t}", "stride_o": "i32", "offsets_ptr": "*i32", "h_ptr": "*bf16", "stride_h": "i32",
+               "gw_ptr": "*fp32", "N": "i32", "M": "i32"}
+        for bm, bn, bk, w, st in MF.ROWS_CONFIGS:
+            bn = n if flags.get("DOWN_BACKWARD") else min(bn, n)
+            consts = dict(off, **flags, K=k, E=256, E_P2=256, TOPK=4, FP32=False, BM=bm, BN=bn, BK=bk)
+            yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", MF._rows_kernel, sig, consts, w, st
+    off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False, HAS_DB=False)
+    for name, (a_t, b_t, flags) in MOE_WGRAD.items():
+        sig = {"a_ptr": f"*{a_t}", "stride_a": "i32", "b_ptr": f"*{b_t}", "stride_b": "i32", "order_ptr": "*i64",
+               "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "KA": "i32",
+               "NB": "i32", "M": "i32"}
+        for bm, bn, bk, w, st in MF.WGRAD_CONFIGS:
+            consts = dict(off, **flags, TOPK=4, FP32=False, BM=bm, BN=bn, BK=bk)
+            yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", MF._wgrad_kernel, sig, consts, w, st
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--only", default="", help="kernels whose name contains this")
     a = ap.parse_args()
     if TF.triton is None:
         sys.exit("bench/kernel_registers.py needs Triton (pip install -e .[test])")
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
     rows = []
-    for name, config, kernel, sig, consts, warps in [*prologue_cases(), *row_cases()]:
-        row = {"kernel": name, "config": config, **ptxas_report(kernel, sig, consts, warps, a.arch)}
+    cases = [(*c, 3) for c in [*prologue_cases(), *row_cases()]] + list(moe_cases())
+    for name, config, kernel, sig, consts, warps, stages in cases:
+        if a.only not in name:
+            continue
+        row = {"kernel": name, "config": config, **ptxas_report(kernel, sig, consts, warps, a.arch, stages)}
         print(row, flush=True)
         rows.append(row)
     if a.record:

@@ -23,8 +23,10 @@ Design choices:
 - Attention: FlexAttention with the sink folded in through the LSE (`kernels.flex_with_sinks`);
   the CPU path (tests) uses the reference attention.
 - MoE: the router (`kernels.route_fast`: the reference's math, fp32 sigmoid, bias, group-limited
-  top-k by fusable rounds of max instead of `torch.topk`) traced into the block, then
-  `kernels.routed_experts` (device-side sort, grouped GEMMs, gather-only dispatch/combine). The
+  top-k by fusable rounds of max instead of `torch.topk`) traced into the block, then on CUDA
+  `moe_fused.routed_experts` (device-side sort; Triton grouped GEMMs that gather the token rows,
+  scale and scatter the outputs themselves, keeping only the [N*k, 128] expert activations for
+  backward), elsewhere `kernels.routed_experts` (grouped GEMMs, gather-only dispatch/combine). The
   shared expert is two dense GEMMs on the same normed input; inside one compiled graph there is no
   second stream, so it is not overlapped with the routed path (see docs/performance.md).
 - Activation checkpointing (`checkpoint=True`, `train.activation_checkpointing`): each block's
@@ -46,6 +48,7 @@ import torch.utils.checkpoint
 from vpmoe.config import checkpointed_blocks
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
+from vpmoe.model import moe_fused as MF
 from vpmoe.model import tpa_fused as TF
 
 
@@ -72,13 +75,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.d
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
 
 
-def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False, fused_prologue: bool = False):
+def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False, fused_prologue: bool = False,
+                  fused_moe: bool = False):
     """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes).
-    `fused_prologue`: local layers' TPA + bias + QK-norm + rotation by `tpa_fused.local_qkv`."""
+    `fused_prologue`: local layers' TPA + bias + QK-norm + rotation by `tpa_fused.local_qkv`;
+    `fused_moe`: the routed experts by `moe_fused.routed_experts` (else `kernels.routed_experts`)."""
     H, G, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     Rq, Rkv, eps = cfg.tpa_q_rank, cfg.tpa_kv_rank, cfg.norm_eps
     is_global, is_moe, first = cfg.is_global(layer), cfg.is_moe(layer), layer == 0
     window = None if is_global else cfg.window
+    routed_experts = MF.routed_experts if fused_moe else K.routed_experts
     tpa_names = ("a_q", "b_q", "a_k", "b_k", "a_v", "b_v")  # tpa_fused.column_layout's order
     dims = [H, G, D, Rq, Rkv]
 
@@ -144,7 +150,7 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         flat_idx = idx.flatten()
         load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_idx, torch.ones_like(flat_idx))
-        routed = K.routed_experts(flat.to(dt), idx, weight, p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"],
+        routed = routed_experts(flat.to(dt), idx, weight, p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"],
                                   p["ffn.b_down"])
         f = ffn(p, "ffn.shared.", flat) + routed.to(flat.dtype)
         return x + f.view(B, T, d), v_raw, aux, load
@@ -191,7 +197,7 @@ class FastBody:
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
                  static_masks: bool = False, checkpoint: bool | int = False, compile_backend: str = "inductor",
-                 fused_prologue: bool | None = None):
+                 fused_prologue: bool | None = None, fused_moe: bool | None = None):
         self.model, self.cfg = model, model.cfg
         self.checkpoint = checkpointed_blocks(checkpoint, model.cfg.n_layers)  # the first blocks
         p0 = model.embed.weight
@@ -209,12 +215,15 @@ class FastBody:
         # the Triton prologue wherever it runs (CUDA with Triton); None = that default
         self.fused_prologue = ((self.flex and TF.available(p0.device) and TF.supported(dims))
                                if fused_prologue is None else fused_prologue)
+        # the Triton routed experts likewise (moe_fused: gathers and scatters inside the GEMMs)
+        self.fused_moe = ((self.flex and MF.available(p0.device) and MF.supported(c.d_model, c.expert_ffn))
+                          if fused_moe is None else fused_moe)
         self.fns, self.kind_of = {}, []
         for i in range(self.cfg.n_layers):
             kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
             if kind not in self.fns:
                 self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex, self.bf16x3,
-                                                              self.fused_prologue),
+                                                              self.fused_prologue, self.fused_moe),
                                                 use_compile, compile_backend)
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]

@@ -164,6 +164,15 @@ def route_fast(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.
     return topk_idx, topk_weight, scores
 
 
+def sort_by_expert(topk_idx: torch.Tensor, n_experts: int, first: int = 0):
+    """(expert, order, offsets): the N*k (token, slot) pairs' experts sorted (stable), the flat
+    index of each sorted row and the int32 group ends, on the device (see `Routing`)."""
+    flat = topk_idx.flatten() - first
+    expert, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(1, n_experts + 1, device=flat.device, dtype=flat.dtype)
+    return expert, order, torch.searchsorted(expert, bounds - 1, right=True).to(torch.int32)
+
+
 class Routing:
     """Where each of the N*k (token, slot) pairs goes; everything on the device, static shapes.
 
@@ -174,12 +183,9 @@ class Routing:
 
     def __init__(self, topk_idx: torch.Tensor, n_experts: int, first: int = 0):
         N, k = topk_idx.shape
-        flat = topk_idx.flatten() - first
-        self.expert, self.order = torch.sort(flat, stable=True)
-        bounds = torch.arange(1, n_experts + 1, device=flat.device, dtype=flat.dtype)
-        self.offsets = torch.searchsorted(self.expert, bounds - 1, right=True).to(torch.int32)
+        self.expert, self.order, self.offsets = sort_by_expert(topk_idx, n_experts, first)
         self.inverse = torch.empty_like(self.order).scatter_(
-            0, self.order, torch.arange(self.order.numel(), device=flat.device))
+            0, self.order, torch.arange(self.order.numel(), device=self.order.device))
         self.token = self.order // k
         self.n_tokens, self.k = N, k
 

@@ -1,0 +1,117 @@
+"""The fused routed-expert kernels (vpmoe/model/moe_fused.py) against a float64 reference, on the
+CPU through the Triton interpreter (each check in a fresh process, see tests/triton_interpreter.py).
+The GPU runs them compiled: tests/gpu/test_gpu_moe_fused.py."""
+import pytest
+import torch
+
+from tests.triton_interpreter import run_in_interpreter
+
+
+def experts_reference(x, idx, weight, w_up, b_up, w_down, b_down):
+    """y[t] = sum_s weight[t, s] * (relu(x[t] @ W_up[e] + b_up[e])^2 @ W_down[e] + b_down[e]),
+    e = idx[t, s]: every (token, slot) with its own expert's weights, no sorting."""
+    h = torch.einsum("nd,nkdh->nkh", x, w_up[idx]) + b_up[idx]
+    out = torch.einsum("nkh,nkhd->nkd", torch.relu(h) ** 2, w_down[idx]) + b_down[idx]
+    return (out * weight.unsqueeze(-1)).sum(1)
+
+
+def random_case(N: int, d: int, H: int, E: int, k: int, gen, x_dtype=torch.float32):
+    """Uneven routing: expert 1 gets no rows, expert 0 many (several row tiles), the rest at random."""
+    scores = torch.rand(N, E, generator=gen)
+    scores[:, 0] += 0.6
+    scores[:, 1] = -1.0
+    idx = scores.topk(k, dim=-1).indices
+    weight = torch.rand(N, k, generator=gen) + 0.1
+    params = [torch.randn(E, d, H, generator=gen) / d**0.5, 0.3 * torch.randn(E, H, generator=gen),
+              torch.randn(E, H, d, generator=gen) / H**0.5, 0.3 * torch.randn(E, d, generator=gen)]
+    x = torch.randn(N, d, generator=gen).to(x_dtype)
+    return x, idx, weight, params
+
+
+def _grads(fn, x, weight, params, gy):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, *params)]
+    y = fn(leaves[0], leaves[1], *leaves[2:])
+    return y, torch.autograd.grad(y, leaves, gy.to(y.dtype))
+
+
+def check_against_float64() -> None:
+    from vpmoe.model import moe_fused as MF
+
+    assert MF.interpreting()
+    gen = torch.Generator().manual_seed(0)
+    names = ["x", "weight", "w_up", "b_up", "w_down", "b_down"]
+    for N, d, H, E, k in ((37, 64, 32, 8, 3), (20, 32, 16, 4, 1)):
+        x, idx, weight, params = random_case(N, d, H, E, k, gen)
+        gy = torch.randn(N, d, generator=gen, dtype=torch.float64)
+        y, got = _grads(lambda x, w, *p: MF.routed_experts(x, idx, w, *p), x, weight, params, gy)
+        y_ref, ref = _grads(lambda x, w, *p: experts_reference(x, idx, w, *p), x.double(), weight.double(),
+                            [p.double() for p in params], gy)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+        for name, g, r in zip(names, got, ref):
+            assert g.dtype == torch.float32, name
+            torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5, msg=name)
+        assert ref[3][1].abs().max() == 0 and got[3][1].abs().max() == 0  # the expert without rows
+    print("checked")
+
+
+def check_bf16_inputs() -> None:
+    """bf16 x (the GPU's GEMM dtype) with fp32 weights: rounding-level agreement with float64 of the
+    same bf16 x (weights and activations are rounded to bf16 inside the GEMMs)."""
+    from vpmoe.model import moe_fused as MF
+
+    gen = torch.Generator().manual_seed(1)
+    x, idx, weight, params = random_case(45, 64, 32, 8, 4, gen, torch.bfloat16)
+    gy = torch.randn(45, 64, generator=gen, dtype=torch.float64)
+    y, got = _grads(lambda x, w, *p: MF.routed_experts(x, idx, w, *p), x, weight, params, gy)
+    y_ref, ref = _grads(lambda x, w, *p: experts_reference(x, idx, w, *p), x.double(), weight.double(),
+                        [p.double() for p in params], gy)
+    assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[1:])
+    for g, r in zip([y, *got], [y_ref, *ref]):
+        err = ((g.double() - r).norm() / r.norm()).item()
+        assert err < 1e-2, err  # bf16 rounding of the GEMM operands and of h: ~0.3-0.5%
+    print("checked")
+
+
+def check_compiled() -> None:
+    """Under torch.compile(fullgraph) the op is one opaque node: same values and gradients."""
+    from vpmoe.model import moe_fused as MF
+
+    gen = torch.Generator().manual_seed(2)
+    x, idx, weight, params = random_case(24, 32, 16, 4, 2, gen)
+    gy = torch.randn(24, 32, generator=gen, dtype=torch.float64)
+
+    def f(x, w, *p):
+        return MF.routed_experts(x, idx, w, *p) * 2 + 1
+
+    eager = _grads(f, x, weight, params, gy)
+    compiled = _grads(torch.compile(f, fullgraph=True, backend="aot_eager"), x, weight, params, gy)
+    for a, b in zip([eager[0], *eager[1]], [compiled[0], *compiled[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    print("checked")
+
+
+def test_triton_is_installed_for_these_tests():
+    import triton  # noqa: F401  (pip install -e .[test])
+
+
+@pytest.mark.parametrize("check", ["check_against_float64", "check_bf16_inputs", "check_compiled"])
+def test_in_triton_interpreter(check):
+    run_in_interpreter("tests.test_moe_fused", check, timeout=900)
+
+
+def test_bad_inputs_are_refused_with_the_shapes():
+    from vpmoe.model import moe_fused as MF
+    from vpmoe.model.kernels import sort_by_expert
+
+    gen = torch.Generator().manual_seed(3)
+    x, idx, weight, params = random_case(8, 32, 16, 4, 2, gen)
+    _, order, offsets = sort_by_expert(idx, 4)
+    with pytest.raises(ValueError, match="do not match x"):
+        MF.moe_experts(x[:, :16], weight, order, offsets, *params)
+    with pytest.raises(ValueError, match="int32"):
+        MF.moe_experts(x, weight, order, offsets.long(), *params)
+    with pytest.raises(ValueError, match="power of two"):
+        MF.moe_experts(x, weight, order, offsets, torch.zeros(4, 32, 24), torch.zeros(4, 24),
+                       torch.zeros(4, 24, 32), params[3])
+    assert MF.supported(1024, 128) and not MF.supported(1024, 96)
