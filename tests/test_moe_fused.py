@@ -108,10 +108,10 @@ def test_bad_inputs_are_refused_with_the_shapes():
     x, idx, weight, params = random_case(8, 32, 16, 4, 2, gen)
     _, order, offsets = sort_by_expert(idx, 4)
     with pytest.raises(ValueError, match="do not match x"):
-        MF.moe_experts(x[:, :16], weight, order, offsets, *params)
+        MF.moe_experts(x[:, :16], weight, order, offsets, *params, params[0], params[2])
     with pytest.raises(ValueError, match="int32"):
-        MF.moe_experts(x, weight, order, offsets.long(), *params)
+        MF.moe_experts(x, weight, order, offsets.long(), *params, params[0], params[2])
     with pytest.raises(ValueError, match="power of two"):
         MF.moe_experts(x, weight, order, offsets, torch.zeros(4, 32, 24), torch.zeros(4, 24),
-                       torch.zeros(4, 24, 32), params[3])
+                       torch.zeros(4, 24, 32), params[3], torch.zeros(4, 32, 24), torch.zeros(4, 24, 32))
     assert MF.supported(1024, 128) and not MF.supported(1024, 96)

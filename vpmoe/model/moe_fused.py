@@ -57,6 +57,7 @@ except ImportError:  # CPU-only installs: callers use kernels.routed_experts
 # (BM, BN, BK, warps, stages), autotuned per shape on CUDA; BN is capped at the output width
 ROWS_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                 (64, 128, 128, 4, 3), (128, 256, 64, 8, 3)]
+WIDE_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (128, 256, 8, 3)]  # BM, BN, warps, stages
 WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 5),
                  (128, 64, 64, 4, 4)]
 
@@ -184,6 +185,54 @@ if triton is not None:
         tl.store(out_ptr + out_rows[:, None] * stride_o + cols[None, :], _stored(acc, out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _wide_rows_kernel(a_ptr, stride_a, order_ptr, w_ptr, s_we, s_wk, s_wn, bias_ptr, s_be, scale_ptr, out_ptr,
+                          stride_o, offsets_ptr, N, M, K: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr,
+                          TOPK: tl.constexpr, ACT_A: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
+                          SCATTER: tl.constexpr, FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """`_rows_kernel` without the gather and the down-backward epilogue, for a short K (the expert
+        width, 128) and a wide N (d_model): one program loads its [BM, K] row tile once and loops
+        over the output's column tiles, so the weight tiles stream through a pipelined loop instead
+        of each of N / BN programs reloading the rows for a two-step K loop."""
+        e, row0, end = _expert_tile(tl.program_id(0), offsets_ptr, E, E_P2, BM)
+        if e >= E:
+            return
+        rows = row0 + tl.arange(0, BM)
+        row_ok = rows < end
+        flat = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+        ks = tl.arange(0, K)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None], other=0.0)
+        if ACT_A:
+            r = tl.maximum(a.to(tl.float32), 0.0)
+            a = r * r
+        if SCALE:
+            scale = tl.load(scale_ptr + flat, mask=row_ok, other=0.0).to(tl.float32)
+        out_rows = flat if SCATTER else rows
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            col_ok = cols < N
+            w = tl.load(w_ptr + e * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=col_ok[None, :], other=0.0)
+            acc = _dot(a, w, tl.zeros([BM, BN], dtype=tl.float32), FP32)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + e * s_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if SCALE:
+                acc *= scale[:, None]
+            tl.store(out_ptr + out_rows[:, None] * stride_o + cols[None, :], _stored(acc, out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _sum_slots_kernel(rows_ptr, out_ptr, NT, D: tl.constexpr, TOPK: tl.constexpr, BT: tl.constexpr,
+                          BD: tl.constexpr):
+        """out[t] = sum_s rows[t * TOPK + s] in fp32 (stored in out's dtype), a [BT, BD] tile per program:
+        the combine's sum over a token's slots. torch's sum(1) over [N, k, d] bf16 ran at 1.8 TB/s."""
+        ts = tl.program_id(0) * BT + tl.arange(0, BT)
+        cs = tl.program_id(1) * BD + tl.arange(0, BD)
+        ok = (ts < NT)[:, None] & (cs < D)[None, :]
+        acc = tl.zeros([BT, BD], dtype=tl.float32)
+        for slot in tl.static_range(TOPK):
+            acc += tl.load(rows_ptr + (ts * TOPK + slot)[:, None] * D + cs[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + ts[:, None] * D + cs[None, :], _stored(acc, out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr,
                       KA, NB, M, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
                       GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr,
@@ -227,6 +276,7 @@ if triton is not None:
 
 _kernels: dict = {}
 _ROWS_KEY = ["N", "M", "K", "GATHER_A", "ACT_A", "SCALE", "SCATTER", "DOWN_BACKWARD", "FP32"]
+_WIDE_KEY = ["N", "M", "K", "ACT_A", "SCALE", "SCATTER", "FP32"]
 _WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32"]
 
 
@@ -246,12 +296,14 @@ def _prune_rows(configs, nargs, **kwargs):
 def _tuned(which: str):
     """The kernel, autotuned per shape and flags on CUDA; the interpreter runs `_untuned_config`."""
     if which not in _kernels:
-        kernel = _rows_kernel if which == "rows" else _wgrad_kernel
+        kernel = {"rows": _rows_kernel, "wide": _wide_rows_kernel, "wgrad": _wgrad_kernel}[which]
         if not interpreting():
-            specs = ROWS_CONFIGS if which == "rows" else WGRAD_CONFIGS
-            configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                       for bm, bn, bk, w, s in specs]
-            kernel = triton.autotune(configs, key=_ROWS_KEY if which == "rows" else _WGRAD_KEY,
+            if which == "wide":
+                configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in WIDE_CONFIGS]
+            else:
+                configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                           for bm, bn, bk, w, s in (ROWS_CONFIGS if which == "rows" else WGRAD_CONFIGS)]
+            kernel = triton.autotune(configs, key={"rows": _ROWS_KEY, "wide": _WIDE_KEY, "wgrad": _WGRAD_KEY}[which],
                                      prune_configs_by={"early_config_prune": _prune_rows} if which == "rows" else None
                                      )(kernel)
         _kernels[which] = kernel
@@ -264,12 +316,21 @@ def _untuned_config(which: str, n: int = 0, down_backward: bool = False) -> dict
         return {}
     if which == "rows":
         return {"BM": 16, "BN": max(16, _p2(n)) if down_backward else 16, "BK": 16}
+    if which == "wide":
+        return {"BM": 16, "BN": 16}
     return {"BM": 16, "BN": 16, "BK": 16}
 
 
 def _rows(a, order, offsets, w, w_strides, out, N: int, K: int, topk: int, fp32: bool, *, gather=False, act=False,
           bias=None, scale=None, scatter=False, h=None, gw=None):
     M, E = order.numel(), offsets.numel()
+    if K <= 256 and K & (K - 1) == 0 and not gather and h is None:  # short K, wide N: the row tile stays, columns loop
+        _tuned("wide")[lambda meta: (triton.cdiv(M, meta["BM"]) + E,)](
+            a, a.stride(0), order, w, *w_strides, out if bias is None else bias, 0 if bias is None else bias.stride(0),
+            out if scale is None else scale, out, out.stride(0), offsets, N, M, K=K, E=E, E_P2=_p2(E), TOPK=topk,
+            ACT_A=act, HAS_BIAS=bias is not None, SCALE=scale is not None, SCATTER=scatter, FP32=fp32,
+            **_untuned_config("wide"))
+        return
     _tuned("rows")[lambda meta: (triton.cdiv(M, meta["BM"]) + E, triton.cdiv(N, meta["BN"]))](
         a, a.stride(0), order, w, *w_strides, out if bias is None else bias, 0 if bias is None else bias.stride(0),
         out if scale is None else scale, out, out.stride(0), offsets, out if h is None else h,
@@ -286,6 +347,16 @@ def _wgrad(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
         KA, NB, M=order.numel(), TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
         SCALE_B=scale is not None, HAS_DB=db is not None, FP32=fp32, **_untuned_config("wgrad"))
+
+
+def _sum_slots(rows: torch.Tensor, N: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N * k, d] -> [N, d] in `dtype`: each token's k slot rows summed in fp32."""
+    d = rows.shape[1]
+    out = rows.new_empty(N, d, dtype=dtype)
+    bt, bd = (4, 16) if interpreting() else (8, 512)
+    _sum_slots_kernel[(triton.cdiv(N, bt), triton.cdiv(d, bd))](rows, out, N, D=d, TOPK=k, BT=bt, BD=bd,
+                                                               **({} if interpreting() else {"num_warps": 8}))
+    return out
 
 
 def _check(x, weight, order, offsets, w_up, b_up, w_down, b_down) -> None:
@@ -315,23 +386,26 @@ def _check(x, weight, order, offsets, w_up, b_up, w_down, b_down) -> None:
 
 @torch.library.custom_op("vpmoe::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                w_up: torch.Tensor, b_up: torch.Tensor, w_down: torch.Tensor,
-                b_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                w_up: torch.Tensor, b_up: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
+                w_up_gemm: torch.Tensor, w_down_gemm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [N, d] fp32, h [N*k, H] in x's dtype): y[t] = sum_s weight[t, s] * expert(x[t]) for the
-    experts the routing sorted into `order` / `offsets` (see the module docstring)."""
+    experts the routing sorted into `order` / `offsets` (see the module docstring). The GEMMs read
+    `w_*_gemm`, copies of the (fp32 master) weights in the GEMM dtype: loading fp32 tiles and rounding
+    them in the kernel ran the up GEMM at 184 instead of 322 TFLOP/s (bench/RESULTS.md moe_sweep);
+    the weights' gradients are returned for `w_up` / `w_down` in their own dtype."""
     _check(x, weight, order, offsets, w_up, b_up, w_down, b_down)
     (N, d), (E, _, H), k = x.shape, w_up.shape, weight.shape[1]
     fp32 = x.dtype == torch.float32
     h = x.new_empty(N * k, H)
-    _rows(x, order, offsets, w_up, w_up.stride(), h, H, d, k, fp32, gather=True, bias=b_up)
+    _rows(x, order, offsets, w_up_gemm, w_up_gemm.stride(), h, H, d, k, fp32, gather=True, bias=b_up)
     rows = x.new_empty(N * k, d)  # weighted expert outputs, at each (token, slot)'s own place
-    _rows(h, order, offsets, w_down, w_down.stride(), rows, d, H, k, fp32, act=True, bias=b_down,
+    _rows(h, order, offsets, w_down_gemm, w_down_gemm.stride(), rows, d, H, k, fp32, act=True, bias=b_down,
           scale=weight.view(-1), scatter=True)
-    return rows.view(N, k, d).sum(1, dtype=torch.float32), h
+    return _sum_slots(rows, N, k, torch.float32), h
 
 
 @moe_experts.register_fake
-def _(x, weight, order, offsets, w_up, b_up, w_down, b_down):
+def _(x, weight, order, offsets, w_up, b_up, w_down, b_down, w_up_gemm, w_down_gemm):
     N, k, H = x.shape[0], weight.shape[1], w_up.shape[-1]
     return x.new_empty(N, x.shape[1], dtype=torch.float32), x.new_empty(N * k, H)
 
@@ -351,7 +425,7 @@ def moe_experts_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     g_rows = x.new_empty(N * k, d)
     w_up_t = (w_up.stride(0), w_up.stride(2), w_up.stride(1))  # W_up[e]^T as [H, d]
     _rows(g_h, order, offsets, w_up, w_up_t, g_rows, d, H, k, fp32, scatter=True)
-    g_x = g_rows.view(N, k, d).sum(1, dtype=torch.float32)
+    g_x = _sum_slots(g_rows, N, k, torch.float32)
     dw_down, db_down = gy.new_empty(E, H, d), gy.new_empty(E, d)
     _wgrad(h, gy, order, offsets, dw_down, db_down, k, fp32, act=True, gather_b=True, scale=weight.view(-1))
     dw_up, db_up = gy.new_empty(E, d, H), gy.new_empty(E, H)
@@ -368,8 +442,8 @@ def _(gy, x, weight, order, offsets, h, w_up, w_down, b_down):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, order, offsets, w_up, b_up, w_down, b_down = inputs
-    ctx.save_for_backward(x, weight, order, offsets, output[1], w_up, w_down, b_down)
+    x, weight, order, offsets, w_up, b_up, w_down, b_down, w_up_gemm, w_down_gemm = inputs
+    ctx.save_for_backward(x, weight, order, offsets, output[1], w_up_gemm, w_down_gemm, b_down)
     ctx.dtypes = [t.dtype for t in (x, weight, w_up, b_up, w_down, b_down)]
 
 
@@ -379,7 +453,7 @@ def _backward(ctx, gy, _gh):
         gy = x.new_zeros(x.shape, dtype=torch.float32)
     grads = moe_experts_backward(gy, x, weight, order, offsets, h, w_up, w_down, b_down)
     g_x, g_weight, dw_up, db_up, dw_down, db_down = (g.to(dt) for g, dt in zip(grads, ctx.dtypes))
-    return g_x, g_weight, None, None, dw_up, db_up, dw_down, db_down
+    return g_x, g_weight, None, None, dw_up, db_up, dw_down, db_down, None, None
 
 
 moe_experts.register_autograd(_backward, setup_context=_setup_context)
@@ -396,5 +470,9 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     from vpmoe.model.kernels import sort_by_expert
 
     _, order, offsets = sort_by_expert(topk_idx, w_up.shape[0])
-    y, _ = moe_experts(x, topk_weight.float().contiguous(), order, offsets, w_up, b_up, w_down, b_down)
+    # the GEMM-dtype weight copies carry no gradient (the op returns it for the masters); compiled,
+    # the casts fuse into one kernel each
+    w_up_gemm, w_down_gemm = (w.detach().to(x.dtype) for w in (w_up, w_down))
+    y, _ = moe_experts(x, topk_weight.float().contiguous(), order, offsets, w_up, b_up, w_down, b_down,
+                       w_up_gemm, w_down_gemm)
     return y
