@@ -5,7 +5,7 @@
 # tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, SKIP_BENCH=1 (tests only), PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), MOE=grouped (the train step's routed experts), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
+#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), MOE=fused (the train step with moe_fused), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}

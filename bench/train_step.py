@@ -127,7 +127,7 @@ class Trainer:
     """Model + optimizer + one step variant."""
 
     def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None,
-                 checkpoint: bool | int = False, momentum_dtype: str = "float32", fused_moe: bool = True):
+                 checkpoint: bool | int = False, momentum_dtype: str = "float32", fused_moe: bool = False):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
@@ -325,7 +325,7 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
-             micro_override=0, moe="fused") -> tuple[dict, list]:
+             micro_override=0, moe="grouped") -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
@@ -394,8 +394,8 @@ def main():
                     help="Muon momentum storage (optim.muon_momentum_dtype)")
     ap.add_argument("--micro", type=int, default=0,
                     help="micro-batches per step for every case (0: the case's own; with --ac, fewer fit)")
-    ap.add_argument("--moe", default="fused", choices=["fused", "grouped"],
-                    help="routed experts: moe_fused's Triton kernels (the default on CUDA) or the grouped-GEMM path")
+    ap.add_argument("--moe", default="grouped", choices=["grouped", "fused"],
+                    help="routed experts: the grouped-GEMM path (FastBody's default) or moe_fused's Triton kernels")
     a = ap.parse_args()
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

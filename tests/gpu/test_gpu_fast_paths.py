@@ -192,9 +192,10 @@ def test_gram_newton_schulz_no_worse_than_standard():
         assert e_gram <= 1.25 * e_std + 2e-3, (name, e_std, e_gram)
 
 
-def test_fast_body_fp32_matches_reference():
+@pytest.mark.parametrize("fused_moe", [False, True])
+def test_fast_body_fp32_matches_reference(fused_moe):
     """fp32, tf32 off: the fused body (Flex attention, merged projections, TPA, routing, loop
-    experts) computes the reference function; eager (no compile)."""
+    experts, or moe_fused's kernels) computes the reference function; eager (no compile)."""
     cfg = small_cfg()
     ref, fast = _pair(cfg, decisive_router=False)
     ids, doc = _inputs(cfg)
@@ -202,7 +203,8 @@ def test_fast_body_fp32_matches_reference():
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         a, load_a = _reference_run(ref, ids, doc, g, False)
-        b, load_b, _ = _fast_run(fast, ids, doc, g, compile=False, dtype=torch.float32)
+        b, load_b, body = _fast_run(fast, ids, doc, g, compile=False, dtype=torch.float32, fused_moe=fused_moe)
+        assert body.fused_moe == fused_moe
     finally:
         torch.backends.cuda.matmul.allow_tf32 = True
     assert torch.equal(load_a, load_b)

@@ -23,10 +23,11 @@ Design choices:
 - Attention: FlexAttention with the sink folded in through the LSE (`kernels.flex_with_sinks`);
   the CPU path (tests) uses the reference attention.
 - MoE: the router (`kernels.route_fast`: the reference's math, fp32 sigmoid, bias, group-limited
-  top-k by fusable rounds of max instead of `torch.topk`) traced into the block, then on CUDA
-  `moe_fused.routed_experts` (device-side sort; Triton grouped GEMMs that gather the token rows,
+  top-k by fusable rounds of max instead of `torch.topk`) traced into the block, then
+  `kernels.routed_experts` (device-side sort, grouped GEMMs, gather-only dispatch/combine), or with
+  `fused_moe=True` `moe_fused.routed_experts` (Triton grouped GEMMs that gather the token rows,
   scale and scatter the outputs themselves, keeping only the [N*k, 128] expert activations for
-  backward), elsewhere `kernels.routed_experts` (grouped GEMMs, gather-only dispatch/combine). The
+  backward; not yet faster in the whole step, docs/performance.md). The
   shared expert is two dense GEMMs on the same normed input; inside one compiled graph there is no
   second stream, so it is not overlapped with the routed path (see docs/performance.md).
 - Activation checkpointing (`checkpoint=True`, `train.activation_checkpointing`): each block's
@@ -197,7 +198,7 @@ class FastBody:
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
                  static_masks: bool = False, checkpoint: bool | int = False, compile_backend: str = "inductor",
-                 fused_prologue: bool | None = None, fused_moe: bool | None = None):
+                 fused_prologue: bool | None = None, fused_moe: bool = False):
         self.model, self.cfg = model, model.cfg
         self.checkpoint = checkpointed_blocks(checkpoint, model.cfg.n_layers)  # the first blocks
         p0 = model.embed.weight
@@ -215,9 +216,10 @@ class FastBody:
         # the Triton prologue wherever it runs (CUDA with Triton); None = that default
         self.fused_prologue = ((self.flex and TF.available(p0.device) and TF.supported(dims))
                                if fused_prologue is None else fused_prologue)
-        # the Triton routed experts likewise (moe_fused: gathers and scatters inside the GEMMs)
-        self.fused_moe = ((self.flex and MF.available(p0.device) and MF.supported(c.d_model, c.expert_ffn))
-                          if fused_moe is None else fused_moe)
+        # the Triton routed experts (moe_fused) only when asked: faster for one MoE layer alone and
+        # 1 GiB less activation memory per layer at 64k tokens, but the whole 80-layer step measured
+        # 3,102 vs 2,790 ms with the grouped-GEMM path (docs/performance.md)
+        self.fused_moe = bool(fused_moe) and self.flex and MF.available(p0.device) and MF.supported(c.d_model, c.expert_ffn)
         self.fns, self.kind_of = {}, []
         for i in range(self.cfg.n_layers):
             kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
