@@ -44,9 +44,9 @@ Design choices:
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401 - the same test for every Triton op
 
 try:
     import triton
@@ -60,17 +60,6 @@ ROWS_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
 WIDE_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (128, 256, 8, 3)]  # BM, BN, warps, stages
 WGRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 5),
                  (128, 64, 64, 4, 4)]
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels serve tensors on `device` (CUDA with Triton, or the interpreter)."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or interpreting()
-
-
-def interpreting() -> bool:
-    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supported(d_model: int, width: int) -> bool:
@@ -87,6 +76,15 @@ def _p2(n: int) -> int:
 
 if triton is not None:
     INTERPRETING = tl.constexpr(interpreting())
+
+    @triton.jit
+    def _tile_rows(pid, offsets_ptr, order_ptr, E: tl.constexpr, E_P2: tl.constexpr, BM: tl.constexpr):
+        """(expert, rows, row mask, their flat (token * k + slot) indices) of row tile `pid`; expert
+        >= E (and no row) for the programs past the last tile."""
+        e, row0, end = _expert_tile(pid, offsets_ptr, E, E_P2, BM)
+        rows = row0 + tl.arange(0, BM)
+        row_ok = rows < end
+        return e, rows, row_ok, tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int32)
 
     @triton.jit
     def _expert_tile(pid, offsets_ptr, E: tl.constexpr, E_P2: tl.constexpr, BM: tl.constexpr):
@@ -143,12 +141,9 @@ if triton is not None:
         Epilogue: + bias[e], * scale[order[r]], stored at order[r] (SCATTER) or r. DOWN_BACKWARD
         (A = gy, W = W_down^T, bias = b_down, BN = the whole width): out = g_h, gw[order[r]] = the
         combine's weight gradient (see the module docstring)."""
-        e, row0, end = _expert_tile(tl.program_id(0), offsets_ptr, E, E_P2, BM)
+        e, rows, row_ok, flat = _tile_rows(tl.program_id(0), offsets_ptr, order_ptr, E, E_P2, BM)
         if e >= E:
             return
-        rows = row0 + tl.arange(0, BM)
-        row_ok = rows < end
-        flat = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int32)
         a_rows = (flat // TOPK) if GATHER_A else rows
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         col_ok = cols < N
@@ -193,12 +188,9 @@ if triton is not None:
         width, 128) and a wide N (d_model): one program loads its [BM, K] row tile once and loops
         over the output's column tiles, so the weight tiles stream through a pipelined loop instead
         of each of N / BN programs reloading the rows for a two-step K loop."""
-        e, row0, end = _expert_tile(tl.program_id(0), offsets_ptr, E, E_P2, BM)
+        e, rows, row_ok, flat = _tile_rows(tl.program_id(0), offsets_ptr, order_ptr, E, E_P2, BM)
         if e >= E:
             return
-        rows = row0 + tl.arange(0, BM)
-        row_ok = rows < end
-        flat = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int32)
         ks = tl.arange(0, K)
         a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None], other=0.0)
         if ACT_A:
