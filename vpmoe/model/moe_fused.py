@@ -78,15 +78,6 @@ if triton is not None:
     INTERPRETING = tl.constexpr(interpreting())
 
     @triton.jit
-    def _tile_rows(pid, offsets_ptr, order_ptr, E: tl.constexpr, E_P2: tl.constexpr, BM: tl.constexpr):
-        """(expert, rows, row mask, their flat (token * k + slot) indices) of row tile `pid`; expert
-        >= E (and no row) for the programs past the last tile."""
-        e, row0, end = _expert_tile(pid, offsets_ptr, E, E_P2, BM)
-        rows = row0 + tl.arange(0, BM)
-        row_ok = rows < end
-        return e, rows, row_ok, tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-
-    @triton.jit
     def _expert_tile(pid, offsets_ptr, E: tl.constexpr, E_P2: tl.constexpr, BM: tl.constexpr):
         """(expert, first row, group end) of row tile `pid` when each expert's rows are cut into
         BM-row tiles in expert order; expert >= E for the programs past the last tile."""
@@ -141,9 +132,12 @@ if triton is not None:
         Epilogue: + bias[e], * scale[order[r]], stored at order[r] (SCATTER) or r. DOWN_BACKWARD
         (A = gy, W = W_down^T, bias = b_down, BN = the whole width): out = g_h, gw[order[r]] = the
         combine's weight gradient (see the module docstring)."""
-        e, rows, row_ok, flat = _tile_rows(tl.program_id(0), offsets_ptr, order_ptr, E, E_P2, BM)
+        e, row0, end = _expert_tile(tl.program_id(0), offsets_ptr, E, E_P2, BM)
         if e >= E:
             return
+        rows = row0 + tl.arange(0, BM)
+        row_ok = rows < end
+        flat = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int32)
         a_rows = (flat // TOPK) if GATHER_A else rows
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         col_ok = cols < N
@@ -188,9 +182,12 @@ if triton is not None:
         width, 128) and a wide N (d_model): one program loads its [BM, K] row tile once and loops
         over the output's column tiles, so the weight tiles stream through a pipelined loop instead
         of each of N / BN programs reloading the rows for a two-step K loop."""
-        e, rows, row_ok, flat = _tile_rows(tl.program_id(0), offsets_ptr, order_ptr, E, E_P2, BM)
+        e, row0, end = _expert_tile(tl.program_id(0), offsets_ptr, E, E_P2, BM)
         if e >= E:
             return
+        rows = row0 + tl.arange(0, BM)
+        row_ok = rows < end
+        flat = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int32)
         ks = tl.arange(0, K)
         a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None], other=0.0)
         if ACT_A:
