@@ -219,7 +219,7 @@ class FastBody:
         # the Triton routed experts (moe_fused) only when asked: faster for one MoE layer alone and
         # 1 GiB less activation memory per layer at 64k tokens, but the whole 80-layer step measured
         # 3,102 vs 2,790 ms with the grouped-GEMM path (docs/performance.md)
-        self.fused_moe = bool(fused_moe) and self.flex and MF.available(p0.device) and MF.supported(c.d_model, c.expert_ffn)
+        self.fused_moe = bool(fused_moe) and MF.available(p0.device) and MF.supported(c.d_model, c.expert_ffn)
         self.fns, self.kind_of = {}, []
         for i in range(self.cfg.n_layers):
             kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
