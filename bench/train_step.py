@@ -21,7 +21,8 @@ What is measured:
 - a breakdown: each component of the fused path alone (compiled, forward + backward, replayed as
   a CUDA graph so launch gaps drop out: GPU time) at the step's shapes, times its layer count;
   head+loss and the optimizer as run in the step. `other` = step - sum (norms, residual adds,
-  embedding, the loss's host syncs, launch gaps);
+  embedding, the loss's host syncs, launch gaps). With `--moe fused` the permute column is the
+  sort alone and `experts` includes the gathers, scatters and slot sums (combine 0);
 - the optimizer alone for several Newton-Schulz chunk sizes, eager and graphed (--opt-sweep).
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.kd.fused import fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
+from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # noqa: E402
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, sequence_aux_loss  # noqa: E402
@@ -241,18 +243,24 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
     w = w.detach().requires_grad_(True)
     xb = flat.detach().to(dt).requires_grad_(True)
 
-    def permute(x):
-        r = K.Routing(idx, cfg.n_experts)
-        return K._Dispatch.apply(x, r.token, r.inverse, k)
-    timed("permute", fwd_bwd(torch.compile(permute, dynamic=False), [xb], []), L)
-    r = K.Routing(idx, cfg.n_experts)
-    xs = K._Dispatch.apply(xb, r.token, r.inverse, k).detach().requires_grad_(True)
     ex = [moe.w_up, moe.b_up, moe.w_down, moe.b_down]
-    experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.offsets, *ex), dynamic=False)
-    timed("experts", fwd_bwd(experts, [xs], ex), L)
-    out = torch.randn(N * k, d, device=dev, dtype=dt, requires_grad=True)
-    combine = torch.compile(lambda o, ww: K._Combine.apply(o, ww, r.inverse, r.token, r.order), dynamic=False)
-    timed("combine", fwd_bwd(combine, [out, w], []), L)
+    if body.fused_moe:  # the sort alone; the gather, scatter and slot sum run inside the expert kernels
+        res["combine"] = 0.0
+        timed("permute", lambda: K.sort_by_expert(idx, cfg.n_experts), L)
+        experts = torch.compile(lambda x, ww: MF.routed_experts(x, idx, ww, *ex), dynamic=False)
+        timed("experts", fwd_bwd(experts, [xb, w], ex), L)
+    else:
+        def permute(x):
+            r = K.Routing(idx, cfg.n_experts)
+            return K._Dispatch.apply(x, r.token, r.inverse, k)
+        timed("permute", fwd_bwd(torch.compile(permute, dynamic=False), [xb], []), L)
+        r = K.Routing(idx, cfg.n_experts)
+        xs = K._Dispatch.apply(xb, r.token, r.inverse, k).detach().requires_grad_(True)
+        experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.offsets, *ex), dynamic=False)
+        timed("experts", fwd_bwd(experts, [xs], ex), L)
+        out = torch.randn(N * k, d, device=dev, dtype=dt, requires_grad=True)
+        combine = torch.compile(lambda o, ww: K._Combine.apply(o, ww, r.inverse, r.token, r.order), dynamic=False)
+        timed("combine", fwd_bwd(combine, [out, w], []), L)
     sh = [moe.shared.up.weight, moe.shared.up.bias, moe.shared.down.weight, moe.shared.down.bias]
     shared = torch.compile(lambda x: make_block_fn(cfg, 1, dt, True).ffn(body.params[1], "ffn.shared.", x),
                            dynamic=False)

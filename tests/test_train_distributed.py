@@ -90,7 +90,7 @@ def test_runs_say_how_they_compute(runs):
         proc = runs["logs"][name]
         lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("compute:")]
         assert len(lines) == 1 and lines[0].startswith(line + ", MFU against "), (name, lines)
-        assert re.fullmatch(r".*, MFU against \d+\.\d TFLOP/s per device \(matmul rate measured here\)", lines[0])
+        assert re.fullmatch(r".*, MFU against \d+\.\d+ TFLOP/s per device \(matmul rate measured here\)", lines[0])
 
 
 @pytest.mark.parametrize("name", ["one_to_two", "two_to_one", "ep_to_one", "one_to_ep"])

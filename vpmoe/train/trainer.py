@@ -362,7 +362,8 @@ class Trainer:
         if self.ds.ep_size > 1:
             parts.append(f"expert parallel {self.ds.ep_size}")
         how = "train.peak_flops" if cfg.train.peak_flops else "matmul rate measured here"
-        parts.append(f"MFU against {self.peak_flops / 1e12:.1f} TFLOP/s per device ({how})")
+        tflops = self.peak_flops / 1e12  # four decimals below 10: a CPU's ~0.05 must not print as 0.0
+        parts.append(f"MFU against {tflops:.{1 if tflops >= 10 else 4}f} TFLOP/s per device ({how})")
         return ", ".join(parts)
 
     def _write_config(self) -> None:
