@@ -257,7 +257,8 @@ if triton is not None:
         base = e * KA * NB
         tl.store(dw_ptr + base + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         if HAS_DB:
-            tl.store(db_ptr + e * NB + ns, db, mask=n_ok & (tl.program_id(1) == 0))
+            if tl.program_id(1) == 0:  # the bias gradient once per column tile
+                tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
 
 
 # ----------------------------------------------------------------------------------------------
