@@ -7,6 +7,8 @@ GEMM (squared ReLU on load, [128 -> 1024], scaled and scattered), each tile conf
 `moe_fused.ROWS_CONFIGS` is timed with fp32 weights (the master weights, rounded on load) and bf16
 weights, and the up GEMM also without the gather (rows materialised first); `grouped_mm` is
 CUTLASS's grouped GEMM on the materialised bf16 rows. Columns: microseconds per call, TFLOP/s.
+The down GEMM here runs `_rows_kernel`'s K loop (what the first version used); `moe_experts` now
+runs it with `_wide_rows_kernel`, which `bench/moe.py` measures inside the whole layer.
 """
 from __future__ import annotations
 
