@@ -33,6 +33,31 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def fast_body_step(model, tokens, doc, **body_kw):
+    """One fp32, eager FastBody forward + backward with fixed output weights: (body, (hidden, aux
+    loss, expert load, {parameter name: gradient})). For comparing FastBody variants."""
+    from vpmoe.model.fast import FastBody
+
+    body = FastBody(model, compile=False, dtype=torch.float32, **body_kw)
+    model.zero_grad(set_to_none=True)
+    hidden, aux, load = body(tokens, doc)
+    w = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
+    ((hidden * w).sum() + aux).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return body, (hidden.detach(), aux.detach(), load, grads)
+
+
+def assert_same_fast_body_step(got, want) -> None:
+    """Two `fast_body_step` results agree: hidden, aux loss, expert load and every gradient."""
+    (h1, a1, l1, g1), (h0, a0, l0, g0) = got, want
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-7)
+    assert torch.equal(l1, l0)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 # ---------------------------------------------------------------- attention semantics
 
 def test_window_includes_current_token_and_no_cross_document_attention():
