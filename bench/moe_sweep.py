@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from triton import cdiv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_step import cuda_time  # noqa: E402
@@ -29,6 +30,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/moe_sweep.py needs a CUDA GPU")
     N, d, H, E, k = a.tokens, 1024, 128, 256, 4
     g = torch.Generator(device="cuda").manual_seed(0)
     idx = torch.rand(N, E, device="cuda", generator=g).topk(k, dim=-1).indices
@@ -61,7 +64,7 @@ def main():
                 bn_up = min(bn, H)
 
                 def up(a_in=a_in, gather=gather, wu=wu, bn_up=bn_up):
-                    MF._rows_kernel[(triton_cdiv(M, bm) + E, triton_cdiv(H, bn_up))](
+                    MF._rows_kernel[(cdiv(M, bm) + E, cdiv(H, bn_up))](
                         a_in, a_in.stride(0), order, wu, *wu.stride(), b_up, b_up.stride(0), weight, out_h,
                         out_h.stride(0), offsets, out_h, 0, out_h, H, M, K=d, E=E, E_P2=E, TOPK=k, GATHER_A=gather,
                         ACT_A=False, HAS_BIAS=True, SCALE=False, SCATTER=False, DOWN_BACKWARD=False, FP32=False,
@@ -69,7 +72,7 @@ def main():
                 add("up", f"{'gather' if gather else 'rows'} {str(wdt)[6:]} weights", name, up)
 
             def down(wd=wd):
-                MF._rows_kernel[(triton_cdiv(M, bm) + E, triton_cdiv(d, bn))](
+                MF._rows_kernel[(cdiv(M, bm) + E, cdiv(d, bn))](
                     h, h.stride(0), order, wd, *wd.stride(), b_down, b_down.stride(0), weight, out_y, out_y.stride(0),
                     offsets, out_y, 0, out_y, d, M, K=H, E=E, E_P2=E, TOPK=k, GATHER_A=False, ACT_A=True,
                     HAS_BIAS=True, SCALE=True, SCATTER=True, DOWN_BACKWARD=False, FP32=False, BN=bn, **cfg)
@@ -78,10 +81,6 @@ def main():
         from bench.results import append_results
         append_results("moe_sweep", "python bench/moe_sweep.py " + " ".join(sys.argv[1:]), rows,
                        notes=f"{N} tokens, top-{k} of {E} experts, d {d}, width {H}; flops = 2 * rows * d * width")
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 if __name__ == "__main__":
