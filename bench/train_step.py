@@ -250,17 +250,28 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
         experts = torch.compile(lambda x, ww: MF.routed_experts(x, idx, ww, *ex), dynamic=False)
         timed("experts", fwd_bwd(experts, [xb, w], ex), L)
     else:
-        def permute(x):
-            r = K.Routing(idx, cfg.n_experts)
-            return K._Dispatch.apply(x, r.token, r.inverse, k)
-        timed("permute", fwd_bwd(torch.compile(permute, dynamic=False), [xb], []), L)
         r = K.Routing(idx, cfg.n_experts)
-        xs = K._Dispatch.apply(xb, r.token, r.inverse, k).detach().requires_grad_(True)
+        width = K._round8(d + 1)
+
+        class Dispatch(torch.autograd.Function):  # the rows' gather alone (inside `_GatherGemm` in the step)
+            @staticmethod
+            def forward(ctx, x):
+                return K.with_ones(x, width)[r.token]
+
+            @staticmethod
+            def backward(ctx, g):
+                return g[r.inverse, :d].view(N, k, d).float().sum(1).to(g.dtype)
+
+        def permute(x):
+            K.Routing(idx, cfg.n_experts)
+            return Dispatch.apply(x)
+        timed("permute", fwd_bwd(torch.compile(permute, dynamic=False), [xb], []), L)
+        xs = Dispatch.apply(xb).detach().requires_grad_(True)
         experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.offsets, *ex), dynamic=False)
         timed("experts", fwd_bwd(experts, [xs], ex), L)
         out = torch.randn(N * k, d, device=dev, dtype=dt, requires_grad=True)
-        combine = torch.compile(lambda o, ww: K._Combine.apply(o, ww, r.inverse, r.token, r.order), dynamic=False)
-        timed("combine", fwd_bwd(combine, [out, w], []), L)
+        combine = torch.compile(lambda o: K._SumSlots.apply(o, r.inverse, r.token, k), dynamic=False)
+        timed("combine", fwd_bwd(combine, [out], []), L)
     sh = [moe.shared.up.weight, moe.shared.up.bias, moe.shared.down.weight, moe.shared.down.bias]
     shared = torch.compile(lambda x: make_block_fn(cfg, 1, dt, True).ffn(body.params[1], "ffn.shared.", x),
                            dynamic=False)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vpmoe.model import kernels as K
-from vpmoe.model.kernels import Routing, _Combine, _Dispatch, experts_grouped, permute_by_expert, route_fast
+from vpmoe.model.kernels import Routing, _GatherGemm, _SumSlots, experts_grouped, permute_by_expert, route_fast, with_bias
 from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference
 from tests.test_model import randomize, small
 
@@ -60,26 +60,38 @@ def test_routing_offsets_and_inverse():
     assert torch.equal(r.token, r.order // 3)
 
 
-def test_dispatch_and_combine_match_indexing_autograd():
-    """The gather-only backward passes equal autograd through plain indexing (float64)."""
+def test_gather_gemm_and_slot_sum_match_indexing_autograd():
+    """The gather-again backward of the up GEMM and the gather-only slot sum equal autograd through
+    plain indexing and per-expert matmuls (float64), including an expert with no rows."""
     g = torch.Generator().manual_seed(6)
-    N, k, d, E = 13, 3, 5, 4
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    N, k, d, n, E = 13, 3, 5, 4, 5
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(N)])  # expert 4: no rows
     r = Routing(idx, E)
     x = torch.randn(N, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(E, d, n, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(E, n, dtype=torch.float64, generator=g, requires_grad=True)
     rows = torch.randn(N * k, d, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.rand(N, k, dtype=torch.float64, generator=g, requires_grad=True)
-    gx = torch.randn(N * k, d, dtype=torch.float64, generator=g)
+    gh = torch.randn(N * k, n, dtype=torch.float64, generator=g)
     gy = torch.randn(N, d, dtype=torch.float64, generator=g)
-    fast = [_Dispatch.apply(x, r.token, r.inverse, k), _Combine.apply(rows, w, r.inverse, r.token, r.order)]
-    plain = [x[r.order // k], (rows[r.inverse].view(N, k, d) * w[..., None]).sum(1)]
-    for outs in (fast, plain):
-        for t in (x, rows, w):
+
+    def plain():
+        xs = x[r.token]
+        h = torch.cat([xs[r.expert == e] @ w[e] + b[e] for e in range(E)])  # rows are sorted by expert
+        return h, rows[r.inverse].view(N, k, d).sum(1)
+
+    def fast():
+        return _GatherGemm.apply(x, with_bias(w, b, d + 3), r.token, r.inverse, r.offsets, k), _SumSlots.apply(rows, r.inverse, r.token, k)
+
+    results = []
+    for fn in (fast, plain):
+        for t in (x, w, b, rows):
             t.grad = None
-        ((outs[0] * gx).sum() + (outs[1] * gy).sum()).backward()
-        outs.append([outs[0].detach(), outs[1].detach(), x.grad.clone(), rows.grad.clone(), w.grad.clone()])
-    for a, b in zip(fast[-1], plain[-1]):
-        torch.testing.assert_close(a, b)
+        h, y = fn()
+        ((h * gh).sum() + (y * gy).sum()).backward()
+        results.append([h.detach(), y.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone(), rows.grad.clone()])
+    assert results[0][3][4].abs().max() == 0 and results[0][4][4].abs().max() == 0  # the empty expert
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
 
 
 def test_route_fast_matches_reference():

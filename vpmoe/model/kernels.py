@@ -200,47 +200,70 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-class _Dispatch(torch.autograd.Function):
-    """x [N, d] -> rows [M, d] with rows[r] = x[token[r]]; backward sums each token's k rows."""
+@torch.library.custom_op("vpmoe::gather_rows_with_ones", mutates_args=())
+def gather_rows_with_ones(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """with_ones(x[index], width), opaque to the compiler: `_GatherGemm`'s backward gathers its rows
+    again through this op so that the partitioner cannot merge the gather with the forward's
+    identical one (and then keep the [N*k, width] rows after all, which it did). Widened before
+    the gather: one pass over the N*k rows in eager mode."""
+    return with_ones(x, width).index_select(0, index)
+
+
+@gather_rows_with_ones.register_fake
+def _(x, index, width):
+    return x.new_empty(index.shape[0], width)
+
+
+class _GatherGemm(torch.autograd.Function):
+    """h = [x[token[r]], 1, 0..] @ w[e] for each sorted row r of expert group e (group ends
+    `offsets`; w [E, width, n] carries the bias as its row `a`, see `with_bias`).
+
+    Keeps x [N, a] for backward, not the gathered rows [N*k, width]: backward gathers them again for
+    the weight gradient (one more gather, a memory-bound copy), so a layer keeps 2 rather than 8 KB
+    per token for its up GEMM. The input gradient sums each token's k rows (gather-only, no atomics).
+    """
 
     @staticmethod
-    def forward(ctx, x, token, inverse, k: int):
-        ctx.save_for_backward(inverse)
+    def forward(ctx, x, w, token, inverse, offsets, k: int):
+        ctx.save_for_backward(x, w, token, inverse, offsets)
         ctx.k = k
-        return x[token]
+        return grouped_mm(with_ones(x[token], w.shape[1]), w, offsets)
 
     @staticmethod
     def backward(ctx, g):
-        (inverse,) = ctx.saved_tensors
-        N = inverse.numel() // ctx.k
-        return g[inverse].view(N, ctx.k, -1).to(_acc(g)).sum(1).to(g.dtype), None, None, None
+        x, w, token, inverse, offsets = ctx.saved_tensors
+        g = g.contiguous()
+        g_w = grouped_mm_wgrad(gather_rows_with_ones(x, token, w.shape[1]), g, offsets)
+        g_rows = grouped_mm(g, w.transpose(-2, -1), offsets)[:, :x.shape[1]]
+        g_x = g_rows[inverse].view(x.shape[0], ctx.k, -1).to(_acc(g)).sum(1).to(x.dtype)
+        return g_x, g_w, None, None, None, None
 
 
-class _Combine(torch.autograd.Function):
-    """rows [M, d], weights [N, k] -> y [N, d] fp32, y[t] = sum_s w[t, s] * rows[inverse[t*k+s]]."""
+class _SumSlots(torch.autograd.Function):
+    """rows [N*k, d] sorted by expert -> y [N, d] (fp32), y[t] = sum_s rows[inverse[t*k+s]];
+    backward gathers each sorted row's token gradient (no atomics, nothing kept but indices)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, inverse, token, order):
-        N, k = weight.shape
-        picked = rows[inverse].view(N, k, -1)
-        ctx.save_for_backward(rows, weight, inverse, token, order)
-        acc = _acc(rows)
-        return (picked.to(acc) * weight.to(acc).unsqueeze(-1)).sum(1)
+    def forward(ctx, rows, inverse, token, k: int):
+        ctx.save_for_backward(token)
+        ctx.dtype = rows.dtype
+        N = inverse.numel() // k
+        return rows[inverse].view(N, k, -1).to(_acc(rows)).sum(1)
 
     @staticmethod
     def backward(ctx, g):
-        rows, weight, inverse, token, order = ctx.saved_tensors
-        N, k = weight.shape
-        acc = _acc(rows)
-        g = g.to(acc)
-        g_rows = (g[token] * weight.to(acc).flatten()[order].unsqueeze(-1)).to(rows.dtype)
-        g_weight = (rows[inverse].view(N, k, -1).to(acc) * g.unsqueeze(1)).sum(-1).to(weight.dtype)
-        return g_rows, g_weight, None, None, None
+        (token,) = ctx.saved_tensors
+        return g.to(ctx.dtype)[token], None, None, None
+
+
+def _loop_groups(x: torch.Tensor) -> bool:
+    """CUDA's grouped kernel is bf16-only and the CPU's takes no float64: those loop (tests only)."""
+    return (x.is_cuda and x.dtype != torch.bfloat16) or x.dtype == torch.float64
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, a] (rows sorted by group) @ w[g] [a, b] per group; offsets = group ends (int32)."""
-    if x.is_cuda and x.dtype != torch.bfloat16:  # CUDA's kernel is bf16-only: loop (tests only)
+    if _loop_groups(x):
         out, start = x.new_zeros(x.shape[0], w.shape[-1]), 0
         for g, end in enumerate(offsets.tolist()):
             if end > start:
@@ -248,6 +271,18 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
             start = end
         return out
     return torch._grouped_mm(x, w, offs=offsets)
+
+
+def grouped_mm_wgrad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[G, a, b] with out[g] = x[rows of g]^T @ g[rows of g] (zero for an empty group): the weight
+    gradient of `grouped_mm`, in the form torch's own autograd formula calls."""
+    if _loop_groups(x):
+        out, start = x.new_zeros(offsets.numel(), x.shape[1], g.shape[1]), 0
+        for grp, end in enumerate(offsets.tolist()):
+            out[grp] = x[start:end].T @ g[start:end]
+            start = end
+        return out
+    return torch._grouped_mm(x.t(), g, offs=offsets)
 
 
 def _round8(n: int) -> int:
@@ -303,11 +338,22 @@ def grouped_expert_ffn(xs: torch.Tensor, offsets: torch.Tensor, w_up, b_up, w_do
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,
                    b_down, first: int = 0) -> torch.Tensor:
-    """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d]."""
+    """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d].
+
+    Written so that no [N*k, d] tensor is kept for backward (a layer keeps ~3 KB per token here,
+    against ~19 KB with the dispatched rows and the down GEMM's output kept): the up GEMM gathers
+    its rows and gathers them again in backward (`_GatherGemm`); each row's routing weight scales the
+    down GEMM's input, w * [act, 1] (the ones column carries the bias, so this is w * (act W + b)),
+    instead of its output, so the weight's gradient is <[act, 1], the GEMM's input gradient>, 136
+    wide, and the slot sum needs no weights (`_SumSlots`)."""
     r = Routing(topk_idx, w_up.shape[0], first)
-    xs = _Dispatch.apply(with_ones(x, _round8(w_up.shape[1] + 1)), r.token, r.inverse, r.k)
-    out = grouped_expert_ffn(xs, r.offsets, w_up, b_up, w_down, b_down)
-    return _Combine.apply(out, topk_weight, r.inverse, r.token, r.order)
+    dt, acc = x.dtype, _acc(x)
+    k_up, k_down = _round8(w_up.shape[1] + 1), _round8(w_down.shape[1] + 1)
+    h = _GatherGemm.apply(x, with_bias(w_up, b_up, k_up).to(dt), r.token, r.inverse, r.offsets, r.k)
+    row_weight = topk_weight.flatten()[r.order].to(acc).unsqueeze(-1)
+    act = (with_ones(M.squared_relu(h.to(acc)), k_down) * row_weight).to(dt)
+    out = grouped_mm(act, with_bias(w_down, b_down, k_down).to(dt), r.offsets)
+    return _SumSlots.apply(out, r.inverse, r.token, r.k)
 
 
 def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
