@@ -1,0 +1,70 @@
+"""The six grouped GEMMs of the routed experts' forward and backward, alone, as `torch._grouped_mm`
+(CUTLASS) runs them, with and without the bias columns:
+
+    python bench/expert_gemms.py --tokens 65536 --record        (GPU)
+
+`kernels.routed_experts` carries each bias inside its GEMM: a ones column on the input (padded to
+8 columns for 16-byte rows) and the bias as an extra weight row. That makes the contraction or
+output width 1032 instead of 1024 (up) and 136 instead of 128 (down), off the 64/128 tile grid.
+This times each GEMM at both widths (`biased` = what the step runs, `plain` = without the bias
+columns) to show what the trick costs: fwd up [M, K] @ [K, 128], fwd down [M, 136] @ [136, 1024],
+their input gradients (dgrad) and weight gradients (wgrad, contraction over each expert's rows).
+Columns: microseconds per call and TFLOP/s of the unpadded work (2 * rows * 1024 * 128).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.train_step import cuda_time  # noqa: E402
+from vpmoe.model.kernels import sort_by_expert  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/expert_gemms.py needs a CUDA GPU")
+    N, d, H, E, k = a.tokens, 1024, 128, 256, 4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    idx = torch.rand(N, E, device="cuda", generator=g).topk(k, dim=-1).indices
+    _, _, offs = sort_by_expert(idx, E)
+    M, bf = N * k, torch.bfloat16
+    flops = 2 * M * d * H
+    rows = []
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).to(bf)
+
+    for variant, kd, kh in (("biased", d + 8, H + 8), ("plain", d, H)):
+        xs, w_up, h = rand(M, kd), rand(E, kd, H), rand(M, kh)
+        w_down, gy, gh = rand(E, kh, d), rand(M, d), rand(M, H)
+        gemms = {
+            "up fwd": lambda: torch._grouped_mm(xs, w_up, offs=offs),
+            "up dgrad": lambda: torch._grouped_mm(gh, w_up.transpose(-2, -1), offs=offs),
+            "up wgrad": lambda: torch._grouped_mm(xs.t(), gh, offs=offs),
+            "down fwd": lambda: torch._grouped_mm(h, w_down, offs=offs),
+            "down dgrad": lambda: torch._grouped_mm(gy, w_down.transpose(-2, -1), offs=offs),
+            "down wgrad": lambda: torch._grouped_mm(h.t(), gy, offs=offs),
+        }
+        for name, fn in gemms.items():
+            t = cuda_time(fn, warmup=3, iters=20)
+            rows.append(dict(gemm=name, variant=variant, up_k=kd, down_k=kh, us=t * 1e6, tflops=flops / t / 1e12))
+            print(rows[-1], flush=True)
+    total = {v: sum(r["us"] for r in rows if r["variant"] == v) for v in ("biased", "plain")}
+    print(f"# all six: biased {total['biased']:.0f} us, plain {total['plain']:.0f} us", flush=True)
+    if a.record:
+        from bench.results import append_results
+        append_results("expert_gemms", "python bench/expert_gemms.py " + " ".join(sys.argv[1:]), rows,
+                       notes=f"{N} tokens, top-{k} of {E} experts (uniform), d {d}, width {H}; "
+                             f"all six: biased {total['biased']:.0f} us, plain {total['plain']:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
