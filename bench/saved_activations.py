@@ -26,8 +26,10 @@ from vpmoe.model import model as M  # noqa: E402
 from vpmoe.model.fast import FastBody  # noqa: E402
 
 
-def inventory(fn, args, tokens: int, params) -> tuple[list[dict], float]:
-    """(rows, total bytes per token) of the tensors fn(*args) saves for backward."""
+def inventory(fn, args, B: int, T: int, k: int, params) -> tuple[list[dict], float]:
+    """(rows, total bytes per token) of the tensors fn(*args) saves for backward; a tensor grows
+    with the tokens if its shape has B and T, B*T or B*T*k in it."""
+    tokens = B * T
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     seen: dict[int, torch.Tensor] = {}
 
@@ -42,7 +44,7 @@ def inventory(fn, args, tokens: int, params) -> tuple[list[dict], float]:
         if ptr in param_ptrs:
             continue  # the parameters themselves: not activations
         nbytes = t.untyped_storage().nbytes()
-        scales = tokens in t.shape or any(s % tokens == 0 and s >= tokens for s in t.shape)
+        scales = tokens in t.shape or tokens * k in t.shape or (B in t.shape and T in t.shape)
         rows.append(dict(shape=str(tuple(t.shape)), dtype=str(t.dtype)[6:],
                          bytes_per_token=round(nbytes / tokens, 1) if scales else 0.0,
                          mib_per_layer=0.0 if scales else round(nbytes / 2**20, 1)))
@@ -75,7 +77,7 @@ def main():
         kind = "local MoE" if layer == 1 else "global MoE"
         args = (body.params[layer], x, pos, doc_ids, v_first, mask, slopes)
         body.fns[body.kind_of[layer]](*args)  # compile first: the inventory is of the compiled block
-        rows, per_token = inventory(body.fns[body.kind_of[layer]], args, tokens, model.parameters())
+        rows, per_token = inventory(body.fns[body.kind_of[layer]], args, B, T, cfg.top_k, model.parameters())
         totals[kind] = per_token
         print(f"# {kind} block: {per_token / 1024:.1f} KiB per token, {per_token * tokens / 2**30:.2f} GiB "
               f"at {tokens} tokens", flush=True)

@@ -94,6 +94,33 @@ def test_gather_gemm_and_slot_sum_match_indexing_autograd():
         torch.testing.assert_close(got, want)
 
 
+def test_routed_experts_keep_no_dispatched_rows_for_backward():
+    """Compiled with Inductor's decompositions and the min-cut partitioner (eager kernels), the
+    grouped path keeps no [N*k, d]-sized tensor for backward: neither the gathered rows (gathered
+    again in backward) nor the down GEMM's output (the routing weight scales its input). Values
+    match the uncompiled call (bf16 rows). Inductor itself (its joint-graph passes merge an index in
+    backward with the forward's identical one) is checked by tests/gpu/test_gpu_fast_paths.py."""
+    N, k, d, H, E = 256, 2, 64, 16, 8
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    weight = torch.rand(N, k, generator=g) + 0.1
+    params = [torch.randn(E, d, H, generator=g) / 8, torch.randn(E, H, generator=g) * 0.1,
+              torch.randn(E, H, d, generator=g) / 4, torch.randn(E, d, generator=g) * 0.1]
+    x = torch.randn(N, d, generator=g).bfloat16()  # the GEMM dtype (the op's meta function wants bf16)
+    runs = []
+    for fn in (K.routed_experts, torch.compile(K.routed_experts, fullgraph=True, dynamic=False,
+                                                backend="aot_eager_decomp_partition")):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, *params)]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = fn(leaves[0], idx, *leaves[1:])
+        grads = torch.autograd.grad(y, leaves, torch.randn(N, d, generator=torch.Generator().manual_seed(4)))
+        runs.append((saved, [y.detach(), *grads]))
+    assert max(runs[1][0]) < N * k * d, sorted(runs[1][0])[-4:]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 def test_route_fast_matches_reference():
     """Same experts (in order), weights and scores as the reference's three torch.topk calls, for
     the locked grouping (8 groups, keep 4, group score = top-1) and a top-2 group score."""

@@ -78,6 +78,27 @@ def test_grouped_experts_match_loop_bf16():
         assert rel_err(got, ref) < 2e-2, (name, rel_err(got, ref))
 
 
+def test_grouped_experts_compiled_keep_no_dispatched_rows():
+    """Compiled by Inductor as in the step, `kernels.routed_experts` saves no [N*k, d]-sized tensor
+    for backward (the gathered rows are gathered again in backward; the down GEMM's output is not
+    needed): what lets more blocks skip activation checkpointing (docs/performance.md)."""
+    N, k, d, H, E = 16384, 4, 1024, 128, 256  # N*k*d above the bf16 weight copies' size (E*(d+8)*H)
+    g = torch.Generator(device=DEV).manual_seed(5)
+    idx = torch.rand(N, E, device=DEV, generator=g).topk(k, dim=-1).indices
+    leaves = [t.requires_grad_(True) for t in (
+        torch.randn(N, d, device=DEV, generator=g).bfloat16(), torch.rand(N, k, device=DEV, generator=g),
+        torch.randn(E, d, H, device=DEV, generator=g) / 32, torch.randn(E, H, device=DEV, generator=g) * 0.1,
+        torch.randn(E, H, d, device=DEV, generator=g) / 11, torch.randn(E, d, device=DEV, generator=g) * 0.1)]
+    fn = torch.compile(K.routed_experts, fullgraph=True, dynamic=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.numel(), tuple(t.shape))) or t,
+                                                  lambda t: t):
+        y = fn(leaves[0], idx, *leaves[1:])
+    assert max(saved)[0] < N * k * d, sorted(saved)[-3:]
+    y.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+
+
 def _pair(cfg, decisive_router: bool, seed: int = 0):
     torch.manual_seed(seed)
     ref = VpMoE(cfg).to(DEV)
