@@ -200,15 +200,29 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+@torch.library.custom_op("vpmoe::gather_rows_with_ones", mutates_args=())
+def gather_rows_with_ones(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """with_ones(x[index], width), opaque to the compiler: `_GatherGemm`'s backward gathers its rows
+    again through this op so that the partitioner cannot merge the gather with the forward's
+    identical one (and then keep the [N*k, width] rows after all, which it did). Widened before
+    the gather: one pass over the N*k rows in eager mode. (`torch.gather` inside the graph instead
+    also kept the rows out, but Inductor then laid the rows out column-major, and the weight
+    gradient's grouped GEMM refused groups whose size is not a multiple of 8: a device assert.)"""
+    return with_ones(x, width).index_select(0, index)
+
+
+@gather_rows_with_ones.register_fake
+def _(x, index, width):
+    return x.new_empty(index.shape[0], width)
+
+
 class _GatherGemm(torch.autograd.Function):
     """h = [x[token[r]], 1, 0..] @ w[e] for each sorted row r of expert group e (group ends
     `offsets`; w [E, width, n] carries the bias as its row `a`, see `with_bias`).
 
     Keeps x [N, a] for backward, not the gathered rows [N*k, width]: backward gathers them again for
-    the weight gradient (one more memory-bound copy), so a layer keeps 2 rather than 8 KB per token
-    for its up GEMM. The backward gathers with `torch.gather`, not indexing: Inductor merged an
-    index identical to the forward's with it and then kept the rows after all. The input gradient
-    sums each token's k rows (gather-only, no atomics).
+    the weight gradient (one more gather, a memory-bound copy), so a layer keeps 2 rather than 8 KB
+    per token for its up GEMM. The input gradient sums each token's k rows (gather-only, no atomics).
     """
 
     @staticmethod
@@ -221,9 +235,7 @@ class _GatherGemm(torch.autograd.Function):
     def backward(ctx, g):
         x, w, token, inverse, offsets = ctx.saved_tensors
         g = g.contiguous()
-        width = w.shape[1]
-        rows = torch.gather(with_ones(x, width), 0, token.unsqueeze(-1).expand(-1, width))
-        g_w = grouped_mm_wgrad(rows, g, offsets)
+        g_w = grouped_mm_wgrad(gather_rows_with_ones(x, token, w.shape[1]), g, offsets)
         g_rows = grouped_mm(g, w.transpose(-2, -1), offsets)[:, :x.shape[1]]
         g_x = g_rows[inverse].view(x.shape[0], ctx.k, -1).to(_acc(g)).sum(1).to(x.dtype)
         return g_x, g_w, None, None, None, None
