@@ -342,7 +342,7 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
                    b_down, first: int = 0) -> torch.Tensor:
     """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d].
 
-    Written so that no [N*k, d] tensor is kept for backward (a layer keeps ~3 KB per token here,
+    Written so that no [N*k, d] tensor is kept for backward (the experts keep ~6 KB per token here,
     against ~19 KB with the dispatched rows and the down GEMM's output kept): the up GEMM gathers
     its rows and gathers them again in backward (`_GatherGemm`); each row's routing weight scales the
     down GEMM's input, w * [act, 1] (the ones column carries the bias, so this is w * (act W + b)),
