@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from vpmoe.model import kernels as K
-from vpmoe.model.kernels import Routing, _GatherGemm, _SumSlots, experts_grouped, permute_by_expert, route_fast, with_bias
+from vpmoe.model.kernels import (Routing, _GatherGemm, _SumSlots, experts_grouped, permute_by_expert, route_fast,
+                                 with_bias)
 from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference
 from tests.test_model import randomize, small
 
@@ -80,7 +81,8 @@ def test_gather_gemm_and_slot_sum_match_indexing_autograd():
         return h, rows[r.inverse].view(N, k, d).sum(1)
 
     def fast():
-        return _GatherGemm.apply(x, with_bias(w, b, d + 3), r.token, r.inverse, r.offsets, k), _SumSlots.apply(rows, r.inverse, r.token, k)
+        h = _GatherGemm.apply(x, with_bias(w, b, d + 3), r.token, r.inverse, r.offsets, k)
+        return h, _SumSlots.apply(rows, r.inverse, r.token, k)
 
     results = []
     for fn in (fast, plain):

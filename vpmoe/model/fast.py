@@ -24,7 +24,7 @@ Design choices:
   the CPU path (tests) uses the reference attention.
 - MoE: the router (`kernels.route_fast`: the reference's math, fp32 sigmoid, bias, group-limited
   top-k by fusable rounds of max instead of `torch.topk`) traced into the block, then
-  `kernels.routed_experts` (device-side sort, grouped GEMMs, gather-only dispatch/combine), or with
+  `kernels.routed_experts` (device-side sort, grouped GEMMs, gathers only, nothing [N*k, d] kept), or with
   `fused_moe=True` `moe_fused.routed_experts` (Triton grouped GEMMs that gather the token rows,
   scale and scatter the outputs themselves, keeping only the [N*k, 128] expert activations for
   backward; not yet faster in the whole step, docs/performance.md). The
