@@ -13,28 +13,19 @@ Columns: microseconds per call and TFLOP/s of the unpadded work (2 * rows * 1024
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.moe_sweep import routed_case  # noqa: E402
 from bench.train_step import cuda_time  # noqa: E402
-from vpmoe.model.kernels import sort_by_expert  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=65536)
-    ap.add_argument("--record", action="store_true")
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/expert_gemms.py needs a CUDA GPU")
+    a, g, (_, offs) = routed_case(__doc__, "expert_gemms.py")
     N, d, H, E, k = a.tokens, 1024, 128, 256, 4
-    g = torch.Generator(device="cuda").manual_seed(0)
-    idx = torch.rand(N, E, device="cuda", generator=g).topk(k, dim=-1).indices
-    _, _, offs = sort_by_expert(idx, E)
     M, bf = N * k, torch.bfloat16
     flops = 2 * M * d * H
     rows = []

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from triton import cdiv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_step import cuda_time  # noqa: E402
@@ -25,17 +24,26 @@ from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.kernels import sort_by_expert  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def routed_case(doc: str, script: str, E: int = 256, k: int = 4):
+    """The MoE GEMM benchmarks' command line (--tokens, --record) and routing (top-k of E experts,
+    uniform at random, seeded): (args, generator, (order, offsets) sorted by expert)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/moe_sweep.py needs a CUDA GPU")
-    N, d, H, E, k = a.tokens, 1024, 128, 256, 4
+        sys.exit(f"bench/{script} needs a CUDA GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
-    idx = torch.rand(N, E, device="cuda", generator=g).topk(k, dim=-1).indices
+    idx = torch.rand(a.tokens, E, device="cuda", generator=g).topk(k, dim=-1).indices
     _, order, offsets = sort_by_expert(idx, E)
+    return a, g, (order, offsets)
+
+
+def main():
+    from triton import cdiv  # here: bench/expert_gemms.py imports `routed_case` without needing Triton
+
+    a, g, (order, offsets) = routed_case(__doc__, "moe_sweep.py")
+    N, d, H, E, k = a.tokens, 1024, 128, 256, 4
     M = N * k
     x = torch.randn(N, d, device="cuda", generator=g).bfloat16()
     weight = torch.rand(N, k, device="cuda", generator=g)
