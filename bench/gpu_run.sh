@@ -5,7 +5,7 @@
 # tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, SKIP_BENCH=1 (tests only), PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), MOE=fused (the train step with moe_fused), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
+#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), SAVED_BENCH=1 (bench/saved_activations.py; SAVED_ROWS), GEMM_BENCH=1 (bench/expert_gemms.py), MOE=fused (the train step with moe_fused), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -71,9 +71,19 @@ if [ "${MOE_BENCH:-0}" = 1 ]; then  # one MoE layer's routed part alone, grouped
     | tee "$out/moe.log" | grep -v -i warn | tail -60
   echo "# moe done at +$(( $(date +%s) - t0 ))s"
 fi
+if [ "${SAVED_BENCH:-0}" = 1 ]; then  # what one compiled block keeps for backward (the checkpointing budget)
+  timeout "${SAVED_TIMEOUT:-200}" python3 bench/saved_activations.py --rows "${SAVED_ROWS:-32}" --record 2>&1 \
+    | tee "$out/saved_activations.log" | grep '^# [lg]'
+  echo "# saved_activations done at +$(( $(date +%s) - t0 ))s"
+fi
+if [ "${GEMM_BENCH:-0}" = 1 ]; then  # the six expert grouped GEMMs alone, with and without the bias columns
+  timeout "${GEMM_TIMEOUT:-120}" python3 bench/expert_gemms.py --record 2>&1 | tee "$out/expert_gemms.log" | grep -v -i warn | tail -16
+  echo "# expert_gemms done at +$(( $(date +%s) - t0 ))s"
+fi
 if [ "${KD_BENCH:-0}" = 1 ]; then
   timeout "${KD_TIMEOUT:-240}" python3 bench/kd_loss.py 2>&1 | tee "$out/kd_loss.log" | grep -v -i warn | tail -25
   echo "# kd_loss done at +$(( $(date +%s) - t0 ))s"
 fi
 [ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" = 1 ] && run_tests
+[ -s "$out/peer.jsonl" ] || rm -f "$out/peer.jsonl"  # the device returns at most 8 files per call
 true
