@@ -260,7 +260,7 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
 
             @staticmethod
             def backward(ctx, g):
-                return g[r.inverse, :d].view(N, k, d).float().sum(1).to(g.dtype)
+                return K.sum_slots(g[:, :d], r.inverse, k).to(g.dtype)
 
         def permute(x):
             K.Routing(idx, cfg.n_experts)

@@ -200,6 +200,12 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """rows [N*k, n] sorted by expert -> [N, n] in the accumulation dtype: each token's k rows
+    summed (gather-only, no atomics); `inverse` = the sorted row of each (token, slot) pair."""
+    return rows[inverse].view(inverse.numel() // k, k, -1).to(_acc(rows)).sum(1)
+
+
 @torch.library.custom_op("vpmoe::gather_rows_with_ones", mutates_args=())
 def gather_rows_with_ones(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
     """with_ones(x[index], width), opaque to the compiler: `_GatherGemm`'s backward gathers its rows
@@ -237,7 +243,7 @@ class _GatherGemm(torch.autograd.Function):
         g = g.contiguous()
         g_w = grouped_mm_wgrad(gather_rows_with_ones(x, token, w.shape[1]), g, offsets)
         g_rows = grouped_mm(g, w.transpose(-2, -1), offsets)[:, :x.shape[1]]
-        g_x = g_rows[inverse].view(x.shape[0], ctx.k, -1).to(_acc(g)).sum(1).to(x.dtype)
+        g_x = sum_slots(g_rows, inverse, ctx.k).to(x.dtype)
         return g_x, g_w, None, None, None, None
 
 
@@ -249,8 +255,7 @@ class _SumSlots(torch.autograd.Function):
     def forward(ctx, rows, inverse, token, k: int):
         ctx.save_for_backward(token)
         ctx.dtype = rows.dtype
-        N = inverse.numel() // k
-        return rows[inverse].view(N, k, -1).to(_acc(rows)).sum(1)
+        return sum_slots(rows, inverse, k)
 
     @staticmethod
     def backward(ctx, g):
