@@ -255,18 +255,19 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
 
         class Dispatch(torch.autograd.Function):  # the rows' gather alone (inside `_GatherGemm` in the step)
             @staticmethod
-            def forward(ctx, x):
-                return K.with_ones(x, width)[r.token]
+            def forward(ctx, x, token, inverse):
+                ctx.save_for_backward(inverse)
+                return K.with_ones(x, width)[token]
 
             @staticmethod
             def backward(ctx, g):
-                return K.sum_slots(g[:, :d], r.inverse, k).to(g.dtype)
+                return K.sum_slots(g[:, :d], ctx.saved_tensors[0], k).to(g.dtype), None, None
 
-        def permute(x):
-            K.Routing(idx, cfg.n_experts)
-            return Dispatch.apply(x)
+        def permute(x):  # the sort and the gather use this call's routing: the compiler keeps both
+            rr = K.Routing(idx, cfg.n_experts)
+            return Dispatch.apply(x, rr.token, rr.inverse)
         timed("permute", fwd_bwd(torch.compile(permute, dynamic=False), [xb], []), L)
-        xs = Dispatch.apply(xb).detach().requires_grad_(True)
+        xs = Dispatch.apply(xb, r.token, r.inverse).detach().requires_grad_(True)
         experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.offsets, *ex), dynamic=False)
         timed("experts", fwd_bwd(experts, [xs], ex), L)
         out = torch.randn(N * k, d, device=dev, dtype=dt, requires_grad=True)
