@@ -1,15 +1,18 @@
 """The six grouped GEMMs of the routed experts' forward and backward, alone, as `torch._grouped_mm`
 (CUTLASS) runs them, with and without the bias columns:
 
-    python bench/expert_gemms.py --tokens 65536 --record        (GPU)
+    python bench/expert_gemms.py --tokens 65536 [--skew 1.5] --record        (GPU)
 
-`kernels.routed_experts` carries each bias inside its GEMM: a ones column on the input (padded to
-8 columns for 16-byte rows) and the bias as an extra weight row. That makes the contraction or
-output width 1032 instead of 1024 (up) and 136 instead of 128 (down), off the 64/128 tile grid.
-This times each GEMM at both widths (`biased` = what the step runs, `plain` = without the bias
-columns) to show what the trick costs: fwd up [M, K] @ [K, 128], fwd down [M, 136] @ [136, 1024],
-their input gradients (dgrad) and weight gradients (wgrad, contraction over each expert's rows).
-Columns: microseconds per call and TFLOP/s of the unpadded work (2 * rows * 1024 * 128).
+A bias carried inside a GEMM (a ones column on the input, padded to 8 columns for 16-byte rows,
+and the bias as an extra weight row) makes the contraction or output width 1032 instead of 1024
+(up) and 136 instead of 128 (down), off the 64/128 tile grid. This times each GEMM at both widths
+(`biased`, `plain`): fwd up [M, K] @ [K, 128], fwd down [M, 136] @ [136, 1024], their input
+gradients (dgrad) and weight gradients (wgrad, contraction over each expert's rows).
+`kernels.routed_experts` runs the four forward and input-gradient GEMMs plain and the two weight
+gradients biased (their extra row is the bias gradient): the `step` total. `--skew` draws an
+uneven routing (bench/moe_sweep.routed_case): the weight gradients' tiles per expert are fixed,
+so the busiest expert's long contraction sets their time. Columns: microseconds per call and
+TFLOP/s of the unpadded work (2 * rows * 1024 * 128).
 """
 from __future__ import annotations
 
@@ -49,12 +52,15 @@ def main():
             rows.append(dict(gemm=name, variant=variant, up_k=kd, down_k=kh, us=t * 1e6, tflops=flops / t / 1e12))
             print(rows[-1], flush=True)
     total = {v: sum(r["us"] for r in rows if r["variant"] == v) for v in ("biased", "plain")}
-    print(f"# all six: biased {total['biased']:.0f} us, plain {total['plain']:.0f} us", flush=True)
+    total["step"] = sum(r["us"] for r in rows if (r["variant"] == "biased") == r["gemm"].endswith("wgrad"))
+    summary = (f"all six: biased {total['biased']:.0f} us, plain {total['plain']:.0f} us, as the step runs them "
+               f"{total['step']:.0f} us")
+    print("# " + summary, flush=True)
     if a.record:
         from bench.results import append_results
         append_results("expert_gemms", "python bench/expert_gemms.py " + " ".join(sys.argv[1:]), rows,
-                       notes=f"{N} tokens, top-{k} of {E} experts (uniform), d {d}, width {H}; "
-                             f"all six: biased {total['biased']:.0f} us, plain {total['plain']:.0f} us")
+                       notes=f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert "
+                             f"{a.load_imbalance:.1f}x the mean rows), d {d}, width {H}; {summary}")
 
 
 if __name__ == "__main__":

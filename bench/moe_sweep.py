@@ -25,17 +25,24 @@ from vpmoe.model.kernels import sort_by_expert  # noqa: E402
 
 
 def routed_case(doc: str, script: str, E: int = 256, k: int = 4):
-    """The MoE GEMM benchmarks' command line (--tokens, --record) and routing (top-k of E experts,
-    uniform at random, seeded): (args, generator, (order, offsets) sorted by expert)."""
+    """The MoE GEMM benchmarks' command line (--tokens, --skew, --record) and routing (top-k of E
+    experts at random, seeded; uniform, or with --skew S each expert's popularity exp(S z), z
+    normal: S = 1.5 gives a busiest expert ~15x the mean, like a random-init model's router):
+    (args, generator, (order, offsets) sorted by expert); args.load_imbalance = max / mean rows."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--skew", type=float, default=0.0)
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit(f"bench/{script} needs a CUDA GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
-    idx = torch.rand(a.tokens, E, device="cuda", generator=g).topk(k, dim=-1).indices
+    popularity = a.skew * torch.randn(E, device="cuda", generator=g)
+    gumbel = -torch.log(-torch.log(torch.rand(a.tokens, E, device="cuda", generator=g).clamp_min(1e-20)))
+    idx = (popularity + gumbel).topk(k, dim=-1).indices  # k distinct experts, drawn by popularity
     _, order, offsets = sort_by_expert(idx, E)
+    load = torch.bincount(idx.flatten(), minlength=E).float()
+    a.load_imbalance = (load.max() / load.mean()).item()
     return a, g, (order, offsets)
 
 

@@ -5,7 +5,7 @@ taken in one run (bench/gpu_run.sh). Cases:
   (a) 20 layers, 2 x 2048 tokens   (b) 20 layers, 8 x 2048 tokens
   (c) 80 layers (the full model), 8 x 2048 tokens as 2 micro-batches of 4 x 2048
   (d) 80 layers, the stage-1 global batch: 64 x 2048 tokens per optimizer step, 16 micro-batches
-Options: --ac (activation checkpointing: what lets the 80-layer model train on an 80 GB GPU),
+Options: --ac (activation checkpointing: what lets the 80-layer model train on an 80 GB GPU), --routing,
 --momentum-dtype bfloat16 (Muon momentum in bf16), --kd K (offline-KD steps).
 Variants: `graphed` (vpmoe.model.graphed: per micro-batch one CUDA graph for forward + loss +
 backward, one for the optimizer) and `compiled` (the same compiled blocks launched from Python).
@@ -21,8 +21,14 @@ What is measured:
 - a breakdown: each component of the fused path alone (compiled, forward + backward, replayed as
   a CUDA graph so launch gaps drop out: GPU time) at the step's shapes, times its layer count;
   head+loss and the optimizer as run in the step. `other` = step - sum (norms, residual adds,
-  embedding, the loss's host syncs, launch gaps). With `--moe fused` the permute column is the
-  sort alone and `experts` includes the gathers, scatters and slot sums (combine 0);
+  embedding, the loss's host syncs, launch gaps). MoE: `permute` = the sort and the rows' gather
+  (backward: the slot sum), `combine` = the slot sum (backward: the gather), `experts` = the whole
+  routed part as the step runs it less those two (an estimate: they are fused into it there).
+  With `--moe fused` the permute column is the sort alone and `experts` includes the gathers,
+  scatters and slot sums (combine 0);
+- `--routing balanced`: router biases balanced first (`balance_routing`), as training leaves
+  them; the default keeps the random init's, whose busiest expert gets 10-30x the mean rows. Each
+  row reports `load_imbalance` (max / mean rows per expert, averaged over the MoE layers);
 - the optimizer alone for several Newton-Schulz chunk sizes, eager and graphed (--opt-sweep).
 """
 from __future__ import annotations
@@ -123,6 +129,43 @@ def flops_per_token(cfg, doc_ids) -> float:
     per_key = 12 * cfg.n_heads * cfg.head_dim  # fwd 2 matmuls x 2 flops, backward twice that
     attn = per_key * (n_global * keys_global + (cfg.n_layers - n_global) * keys_local)
     return 6 * (count_params(cfg)["active_non_embedding"] + cfg.vocab_size * cfg.d_model) + attn
+
+
+def load_imbalance(expert_load: torch.Tensor) -> float:
+    """Mean over MoE layers of (most-loaded expert's rows / the mean): 1.0 is perfect balance."""
+    load = expert_load.float()
+    return (load.max(1).values / load.mean(1)).mean().item()
+
+
+@torch.no_grad()
+def balance_routing(model, batch, iters: int = 40) -> tuple[float, float]:
+    """Router biases as training leaves them (the aux-free update balances the loads within a few
+    hundred steps): `iters` sign updates with a decaying rate on two rows of `batch`, through the
+    reference forward (grouped experts, no compile). A random-init model routes 10-30x more rows to
+    its busiest expert than the mean (docs/performance.md), which no trained router does. Returns
+    the load imbalance before and after."""
+    tokens, doc = batch["tokens"][:2], batch["doc_ids"][:2]
+    impls = [(b.attn.impl, getattr(b.ffn, "dispatcher", None)) for b in model.layers]
+    was_training = model.training
+    model.eval()  # no checkpointing
+    model.set_impl(attention="reference", moe=K.experts_grouped)
+    before = after = 0.0
+    for i in range(iters + 1):
+        load = model(tokens, doc, return_hidden=True).expert_load
+        if i == 0:
+            before = load_imbalance(load)
+        if i == iters:
+            after = load_imbalance(load)
+            break
+        rate = 2e-2 * (1e-3 / 2e-2) ** (i / max(iters - 1, 1))  # 2e-2 -> 1e-3
+        for moe, lo in zip(model.moe_layers(), load.float()):
+            moe.expert_bias.add_(rate * torch.sign(lo.mean() - lo))
+    for b, (attn, moe) in zip(model.layers, impls):
+        b.attn.impl = attn
+        if moe is not None:
+            b.ffn.dispatcher = moe
+    model.train(was_training)
+    return before, after
 
 
 class Trainer:
@@ -251,28 +294,38 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
         timed("experts", fwd_bwd(experts, [xb, w], ex), L)
     else:
         r = K.Routing(idx, cfg.n_experts)
-        width = K._round8(d + 1)
 
-        class Dispatch(torch.autograd.Function):  # the rows' gather alone (inside `_GatherGemm` in the step)
+        class Gather(torch.autograd.Function):  # x[token] and its slot-sum backward (inside _GatherGemm)
             @staticmethod
             def forward(ctx, x, token, inverse):
                 ctx.save_for_backward(inverse)
-                return K.with_ones(x, width)[token]
+                return x[token]
 
             @staticmethod
             def backward(ctx, g):
-                return K.sum_slots(g[:, :d], ctx.saved_tensors[0], k).to(g.dtype), None, None
+                return K.sum_slots(g, ctx.saved_tensors[0], k).to(g.dtype), None, None
+
+        class SlotSum(torch.autograd.Function):  # the unweighted slot sum and its gather backward (in _DownSum)
+            @staticmethod
+            def forward(ctx, rows, inverse, token):
+                ctx.save_for_backward(token)
+                return K.sum_slots(rows, inverse, k)
+
+            @staticmethod
+            def backward(ctx, g):
+                return g.to(dt)[ctx.saved_tensors[0]], None, None
 
         def permute(x):  # the sort and the gather use this call's routing: the compiler keeps both
             rr = K.Routing(idx, cfg.n_experts)
-            return Dispatch.apply(x, rr.token, rr.inverse)
+            return Gather.apply(x, rr.token, rr.inverse)
         timed("permute", fwd_bwd(torch.compile(permute, dynamic=False), [xb], []), L)
-        xs = Dispatch.apply(xb, r.token, r.inverse).detach().requires_grad_(True)
-        experts = torch.compile(lambda x: K.grouped_expert_ffn(x, r.offsets, *ex), dynamic=False)
-        timed("experts", fwd_bwd(experts, [xs], ex), L)
         out = torch.randn(N * k, d, device=dev, dtype=dt, requires_grad=True)
-        combine = torch.compile(lambda o: K._SumSlots.apply(o, r.inverse, r.token, k), dynamic=False)
+        combine = torch.compile(lambda o: SlotSum.apply(o, r.inverse, r.token), dynamic=False)
         timed("combine", fwd_bwd(combine, [out], []), L)
+        # the experts as the step runs them (sort, gathers, GEMMs, slot sum), less the two above
+        routed = torch.compile(lambda x, ww: K.routed_experts(x, idx, ww, *ex), dynamic=False)
+        timed("experts", fwd_bwd(routed, [xb, w], ex), L)
+        res["experts"] -= res["permute"] + res["combine"]
     sh = [moe.shared.up.weight, moe.shared.up.bias, moe.shared.down.weight, moe.shared.down.bias]
     shared = torch.compile(lambda x: make_block_fn(cfg, 1, dt, True).ffn(body.params[1], "ffn.shared.", x),
                            dynamic=False)
@@ -345,7 +398,7 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
-             micro_override=0, moe="grouped") -> tuple[dict, list]:
+             micro_override=0, moe="grouped", routing="init") -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
@@ -353,12 +406,16 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     torch.cuda.reset_peak_memory_stats()
     row = {"case": name, "variant": variant, "layers": layers, "batch": batch_size, "seq": seq, "micro": micro,
            "loss": f"kd-fkl-top{kd_k}" if kd_k else "ce", "activation_checkpointing": checkpoint,
-           "muon_momentum": momentum_dtype, "moe": moe}
+           "muon_momentum": momentum_dtype, "moe": moe, "routing": routing}
     extra = []
     tr = None
     try:
         tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk, checkpoint, momentum_dtype, moe == "fused")
         batches = [split(make_batch(batch_size, seq, seed=s, kd_k=kd_k), micro) for s in range(3)]
+        if routing == "balanced":
+            row["load_imbalance_init"], row["load_imbalance"] = balance_routing(tr.model, batches[0][0])
+        else:
+            row["load_imbalance"] = balance_routing(tr.model, batches[0][0], iters=0)[0]
         t0 = time.perf_counter()
         tr.step(batches[0])
         torch.cuda.synchronize()
@@ -414,6 +471,8 @@ def main():
                     help="Muon momentum storage (optim.muon_momentum_dtype)")
     ap.add_argument("--micro", type=int, default=0,
                     help="micro-batches per step for every case (0: the case's own; with --ac, fewer fit)")
+    ap.add_argument("--routing", default="init", choices=["init", "balanced"],
+                    help="router biases: the random init's (10-30x load imbalance) or balanced first, as training leaves them")
     ap.add_argument("--moe", default="grouped", choices=["grouped", "fused"],
                     help="routed experts: the grouped-GEMM path (FastBody's default) or moe_fused's Triton kernels")
     a = ap.parse_args()
@@ -437,7 +496,7 @@ def main():
             row, sweep = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],
                                   a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd,
-                                  True if a.ac == -1 else a.ac, a.momentum_dtype, a.micro, a.moe)
+                                  True if a.ac == -1 else a.ac, a.momentum_dtype, a.micro, a.moe, a.routing)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from vpmoe.model import kernels as K
-from vpmoe.model.kernels import (Routing, _GatherGemm, _SumSlots, experts_grouped, permute_by_expert, route_fast,
-                                 with_bias)
+from vpmoe.model.kernels import (Routing, _DownSum, _GatherGemm, experts_grouped, permute_by_expert,
+                                 route_fast)
 from vpmoe.model.model import MoE, VpMoE, experts_loop, route_reference
 from tests.test_model import randomize, small
 
@@ -61,37 +61,41 @@ def test_routing_offsets_and_inverse():
     assert torch.equal(r.token, r.order // 3)
 
 
-def test_gather_gemm_and_slot_sum_match_indexing_autograd():
-    """The gather-again backward of the up GEMM and the gather-only slot sum equal autograd through
-    plain indexing and per-expert matmuls (float64), including an expert with no rows."""
+def test_gather_gemm_and_down_sum_match_indexing_autograd():
+    """The up GEMM that gathers its rows (and again in backward, bias gradient from the ones
+    column) and the down GEMM summed per token (bias inside the sum, its gradients from the routing
+    weight column) equal autograd through plain indexing and per-expert matmuls (float64), every
+    gradient, including an expert with no rows."""
     g = torch.Generator().manual_seed(6)
     N, k, d, n, E = 13, 3, 5, 4, 5
     idx = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(N)])  # expert 4: no rows
     r = Routing(idx, E)
-    x = torch.randn(N, d, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(E, d, n, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(E, n, dtype=torch.float64, generator=g, requires_grad=True)
-    rows = torch.randn(N * k, d, dtype=torch.float64, generator=g, requires_grad=True)
-    gh = torch.randn(N * k, n, dtype=torch.float64, generator=g)
+    M_ = N * k
+    f64 = dict(dtype=torch.float64, generator=g, requires_grad=True)
+    x, w, b = torch.randn(N, d, **f64), torch.randn(E, d, n, **f64), torch.randn(E, n, **f64)
+    u, c = torch.randn(M_, n, **f64), torch.rand(M_, **f64)
+    w2, b2 = torch.randn(E, n, d, **f64), torch.randn(E, d, **f64)
+    gh = torch.randn(M_, n, dtype=torch.float64, generator=g)
     gy = torch.randn(N, d, dtype=torch.float64, generator=g)
+    leaves = (x, w, b, u, c, w2, b2)
 
     def plain():
         xs = x[r.token]
         h = torch.cat([xs[r.expert == e] @ w[e] + b[e] for e in range(E)])  # rows are sorted by expert
+        rows = torch.cat([u[r.expert == e] @ w2[e] + c[r.expert == e, None] * b2[e] for e in range(E)])
         return h, rows[r.inverse].view(N, k, d).sum(1)
 
     def fast():
-        h = _GatherGemm.apply(x, with_bias(w, b, d + 3), r.token, r.inverse, r.offsets, k)
-        return h, _SumSlots.apply(rows, r.inverse, r.token, k)
+        h = _GatherGemm.apply(x, w, b, r.token, r.expert, r.inverse, r.offsets, k)
+        return h, _DownSum.apply(u, c, w2, b2, r.expert, r.inverse, r.token, r.offsets, k)
 
     results = []
     for fn in (fast, plain):
-        for t in (x, w, b, rows):
-            t.grad = None
         h, y = fn()
-        ((h * gh).sum() + (y * gy).sum()).backward()
-        results.append([h.detach(), y.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone(), rows.grad.clone()])
-    assert results[0][3][4].abs().max() == 0 and results[0][4][4].abs().max() == 0  # the empty expert
+        grads = torch.autograd.grad((h * gh).sum() + (y * gy).sum(), leaves)
+        results.append([h.detach(), y.detach(), *grads])
+    for i in (3, 4, 7, 8):  # the empty expert's weight and bias gradients
+        assert results[0][i][4].abs().max() == 0
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
 

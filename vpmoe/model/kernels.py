@@ -13,14 +13,14 @@ Design choices:
 - MoE routing, permutation and combine never leave the device and never sync the host:
   one stable sort of the N*k (token, slot) expert ids gives the order, the sorted expert of each
   row and (by `searchsorted`) the grouped GEMM's group ends; the inverse permutation comes from
-  one scatter. Dispatch (`token rows -> sorted rows`) and combine (`sorted rows -> weighted sum
-  per token`) are autograd Functions whose backward passes are gathers too (no atomics, no
-  index_put), and the combine accumulates in fp32 like the reference's fp32 `index_add_`.
+  one scatter. The up GEMM gathers its rows (`_GatherGemm`) and the down GEMM's rows are summed
+  per token (`_DownSum`): autograd Functions whose backward passes are gathers too (no atomics,
+  no index_put); the combine accumulates in fp32 like the reference's fp32 `index_add_`.
 - Experts: two grouped GEMMs (`torch._grouped_mm`, one launch for all experts, offsets on the
-  device); the biases ride inside the GEMMs (a ones column on the inputs, the bias as an extra
-  weight row), so their gradients come from the GEMMs' weight gradients: no atomics, no separate
-  reduction. CUDA's grouped GEMM takes bf16 only; the squared ReLU runs in fp32, fused by
-  torch.compile around the GEMMs. `torch._grouped_mm` also runs on CPU in fp32, so CI
+  device) at the weights' own shapes; the biases are added in the fp32 pointwise work around them,
+  and their gradients come from the weight-gradient GEMMs, whose inputs carry a ones (or routing
+  weight) column: no atomics, no separate reduction. CUDA's grouped GEMM takes bf16 only; the
+  squared ReLU runs in fp32, fused by torch.compile around the GEMMs. `torch._grouped_mm` also runs on CPU in fp32, so CI
   checks this path against the loop reference; fp32 on CUDA (tests only) falls back to a loop.
 """
 from __future__ import annotations
@@ -210,8 +210,8 @@ def sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor
 def gather_rows_with_ones(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
     """with_ones(x[index], width), opaque to the compiler: `_GatherGemm`'s backward gathers its rows
     again through this op so that the partitioner cannot merge the gather with the forward's
-    identical one (and then keep the [N*k, width] rows after all, which it did). Widened before
-    the gather: one pass over the N*k rows in eager mode. (`torch.gather` inside the graph instead
+    identical one (and then keep the [N*k, d] rows after all, which it did). Widened before the
+    gather: one pass over the N*k rows in eager mode. (`torch.gather` inside the graph instead
     also kept the rows out, but Inductor then laid the rows out column-major, and the weight
     gradient's grouped GEMM refused groups whose size is not a multiple of 8: a device assert.)"""
     return with_ones(x, width).index_select(0, index)
@@ -223,44 +223,66 @@ def _(x, index, width):
 
 
 class _GatherGemm(torch.autograd.Function):
-    """h = [x[token[r]], 1, 0..] @ w[e] for each sorted row r of expert group e (group ends
-    `offsets`; w [E, width, n] carries the bias as its row `a`, see `with_bias`).
+    """h = x[token[r]] @ w[e] + b[e] (fp32) for each sorted row r of expert group e (group ends
+    `offsets`, `expert` [M] the group of each row); x and w in the GEMM dtype.
 
-    Keeps x [N, a] for backward, not the gathered rows [N*k, width]: backward gathers them again for
-    the weight gradient (one more gather, a memory-bound copy), so a layer keeps 2 rather than 8 KB
-    per token for its up GEMM. The input gradient sums each token's k rows (gather-only, no atomics).
-    """
+    The forward GEMM and the input-gradient GEMM run at the weight's own width (1024 x 256: whole
+    tiles; a ones column made them 1032 wide, measured 14-22% slower). The weight-gradient GEMM
+    gathers the rows again with a ones column (`gather_rows_with_ones`), so its row `a` is the
+    bias gradient: each expert's sum of its rows' gradients, with no scatter and no atomics.
+    Keeps x [N, a], not the gathered rows [N*k, a]. The input gradient sums each token's k rows
+    (gather-only)."""
 
     @staticmethod
-    def forward(ctx, x, w, token, inverse, offsets, k: int):
+    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int):
         ctx.save_for_backward(x, w, token, inverse, offsets)
-        ctx.k = k
-        return grouped_mm(with_ones(x[token], w.shape[1]), w, offsets)
+        ctx.k, ctx.b_dtype = k, b.dtype
+        acc = _acc(x)
+        return grouped_mm(x[token], w, offsets).to(acc) + b.to(acc)[expert]
 
     @staticmethod
     def backward(ctx, g):
         x, w, token, inverse, offsets = ctx.saved_tensors
-        g = g.contiguous()
-        g_w = grouped_mm_wgrad(gather_rows_with_ones(x, token, w.shape[1]), g, offsets)
-        g_rows = grouped_mm(g, w.transpose(-2, -1), offsets)[:, :x.shape[1]]
-        g_x = sum_slots(g_rows, inverse, ctx.k).to(x.dtype)
-        return g_x, g_w, None, None, None, None
+        a = x.shape[1]
+        g = g.to(w.dtype).contiguous()
+        g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
+        g_x = sum_slots(grouped_mm(g, w.transpose(-2, -1), offsets), inverse, ctx.k).to(x.dtype)
+        return (g_x, g_wb[:, :a].contiguous(), g_wb[:, a].to(ctx.b_dtype), None, None, None, None,
+                None)
 
 
-class _SumSlots(torch.autograd.Function):
-    """rows [N*k, d] sorted by expert -> y [N, d] (fp32), y[t] = sum_s rows[inverse[t*k+s]];
-    backward gathers each sorted row's token gradient (no atomics, nothing kept but indices)."""
+class _DownSum(torch.autograd.Function):
+    """y[t] = sum over token t's k rows r of (u[r] @ w[e] + c[r] * b[e]) (fp32 [N, n]), u [M, a]
+    the down GEMM's input rows sorted by expert (already scaled by their routing weights c [M]).
+
+    The GEMMs run at the weight's own width (K = 128 forward, N = 128 for the input gradient: a
+    ones column made both 136 wide, measured 19-24% slower); the bias term is added inside the
+    slot sum (a gather of b's rows), and its gradients come from the weight-gradient GEMM, whose
+    input is [u, c, 0..] (row `a` of its result = each expert's c-weighted sum of its rows'
+    gradients), and from <g[token], b[e]> for c. Nothing [N*k, n]-sized is kept for backward:
+    the rows' gradients are gathered from g again."""
 
     @staticmethod
-    def forward(ctx, rows, inverse, token, k: int):
-        ctx.save_for_backward(token)
-        ctx.dtype = rows.dtype
-        return sum_slots(rows, inverse, k)
+    def forward(ctx, u, c, w, b, expert, inverse, token, offsets, k: int):
+        ctx.save_for_backward(u, c, w, b, expert, token, offsets)
+        ctx.k = k
+        acc = _acc(u)
+        # the bias term per token, indexed in (token, slot) order: indexed like backward's b[expert],
+        # the compiler would merge the two and keep the [N*k, n] gathered rows of b
+        e_tok, c_tok = expert[inverse].view(-1, k), c[inverse].view(-1, k, 1)
+        return sum_slots(grouped_mm(u, w, offsets), inverse, k) + (c_tok * b.to(acc)[e_tok]).sum(1)
 
     @staticmethod
     def backward(ctx, g):
-        (token,) = ctx.saved_tensors
-        return g.to(ctx.dtype)[token], None, None, None
+        u, c, w, b, expert, token, offsets = ctx.saved_tensors
+        a = u.shape[1]
+        g_tok = g[token]
+        g_rows = g_tok.to(u.dtype)
+        g_u = grouped_mm(g_rows, w.transpose(-2, -1), offsets)
+        u_c = torch.cat([u, torch.nn.functional.pad(c.to(u.dtype).unsqueeze(-1), (0, 7))], -1)  # 16-byte rows
+        g_wb = grouped_mm_wgrad(u_c, g_rows, offsets)
+        g_c = (g_tok * b.to(g.dtype)[expert]).sum(-1)
+        return g_u, g_c.to(c.dtype), g_wb[:, :a].contiguous(), g_wb[:, a].to(b.dtype), None, None, None, None, None
 
 
 def _loop_groups(x: torch.Tensor) -> bool:
@@ -347,20 +369,17 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
                    b_down, first: int = 0) -> torch.Tensor:
     """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d].
 
-    Written so that no [N*k, d] tensor is kept for backward (the experts keep ~6 KB per token here,
-    against ~19 KB with the dispatched rows and the down GEMM's output kept): the up GEMM gathers
-    its rows and gathers them again in backward (`_GatherGemm`); each row's routing weight scales the
-    down GEMM's input, w * [act, 1] (the ones column carries the bias, so this is w * (act W + b)),
-    instead of its output, so the weight's gradient is <[act, 1], the GEMM's input gradient>, 136
-    wide, and the slot sum needs no weights (`_SumSlots`)."""
+    Four grouped GEMMs at the weights' own shapes plus two weight-gradient GEMMs whose inputs carry
+    a ones column for the bias gradients (`_GatherGemm`, `_DownSum`). No [N*k, d] tensor is kept
+    for backward: the up GEMM's rows are gathered again in backward, and each row's routing weight
+    scales the down GEMM's input (w * act W + w * b), so the slot sum needs no weights and the
+    routing weight's gradient is <act, the GEMM's input gradient> + <g, b>."""
     r = Routing(topk_idx, w_up.shape[0], first)
     dt, acc = x.dtype, _acc(x)
-    k_up, k_down = _round8(w_up.shape[1] + 1), _round8(w_down.shape[1] + 1)
-    h = _GatherGemm.apply(x, with_bias(w_up, b_up, k_up).to(dt), r.token, r.inverse, r.offsets, r.k)
-    row_weight = topk_weight.flatten()[r.order].to(acc).unsqueeze(-1)
-    act = (with_ones(M.squared_relu(h.to(acc)), k_down) * row_weight).to(dt)
-    out = grouped_mm(act, with_bias(w_down, b_down, k_down).to(dt), r.offsets)
-    return _SumSlots.apply(out, r.inverse, r.token, r.k)
+    h = _GatherGemm.apply(x, w_up.to(dt), b_up, r.token, r.expert, r.inverse, r.offsets, r.k)
+    row_weight = topk_weight.flatten()[r.order].to(acc)
+    u = (M.squared_relu(h) * row_weight.unsqueeze(-1)).to(dt)
+    return _DownSum.apply(u, row_weight, w_down.to(dt), b_down, r.expert, r.inverse, r.token, r.offsets, r.k)
 
 
 def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
