@@ -311,7 +311,22 @@ def grouped_mm_wgrad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) ->
             out[grp] = x[start:end].T @ g[start:end]
             start = end
         return out
-    return torch._grouped_mm(x.t(), g, offs=offsets)
+    return _grouped_wgrad(x, g, offsets)
+
+
+@torch.library.custom_op("vpmoe::grouped_wgrad", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def _grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm(x.t(), g)` on row-major x and g, as an op the compiler cannot see into:
+    inside a compiled graph Inductor may lay a tensor that only reaches the GEMM as `x.t()` out
+    column-major, and the kernel then takes the rows' dimension as contiguous and refuses groups
+    whose size is not a multiple of 8 (a device assert, seen twice on the H200). A custom op gets
+    its inputs with the strides they were traced with (row-major here), so `contiguous` is free."""
+    return torch._grouped_mm(x.contiguous().t(), g.contiguous(), offs=offsets)
+
+
+@_grouped_wgrad.register_fake
+def _(x, g, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], g.shape[1])
 
 
 def _round8(n: int) -> int:
