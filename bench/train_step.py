@@ -379,8 +379,10 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
         total = sum(e.self_device_time_total for e in events)
         events.sort(key=lambda e: -e.self_device_time_total)
         path = Path(out_dir) / f"profile_{tag}_{label}.txt"
+        full_names = "\n".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x {e.key}" for e in events[:40])
         path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80,
-                                                   max_name_column_width=160))
+                                                   max_name_column_width=160)
+                        + "\n\nfull kernel names (templates: tile shapes, operand layouts):\n" + full_names + "\n")
         print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
         for e in events[:rows]:
             print(f"#  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
