@@ -3,9 +3,9 @@ backward, compiled as the train step compiles it and replayed from a CUDA graph,
 
     python bench/moe.py --tokens 65536,8192 --record         (GPU)
 
-- `grouped`: `kernels.routed_experts`: the dispatched rows materialised with a ones column, two
-  `torch._grouped_mm`, gather-only slot sum; the rows gathered again in backward (nothing
-  [N*k, d] kept); what the train step runs;
+- `grouped`: `kernels.routed_experts`: the dispatched rows gathered into two `torch._grouped_mm`
+  at the weights' own shapes, biases in the pointwise work, gather-only slot sum; the rows
+  gathered again in backward (nothing [N*k, d] kept); what the train step runs;
 - `fused`: `moe_fused.routed_experts`: Triton grouped GEMMs that gather, scale and scatter rows.
 Columns: ms per layer (fwd + bwd), kernels, activation memory the forward keeps for backward
 (allocated after forward - before), ms per step implied for the 80-layer model's MoE layers at
