@@ -17,11 +17,13 @@ Design choices:
   per token (`_DownSum`): autograd Functions whose backward passes are gathers too (no atomics,
   no index_put); the combine accumulates in fp32 like the reference's fp32 `index_add_`.
 - Experts: two grouped GEMMs (`torch._grouped_mm`, one launch for all experts, offsets on the
-  device) at the weights' own shapes; the biases are added in the fp32 pointwise work around them,
-  and their gradients come from the weight-gradient GEMMs, whose inputs carry a ones (or routing
-  weight) column: no atomics, no separate reduction. CUDA's grouped GEMM takes bf16 only; the
-  squared ReLU runs in fp32, fused by torch.compile around the GEMMs. `torch._grouped_mm` also runs on CPU in fp32, so CI
-  checks this path against the loop reference; fp32 on CUDA (tests only) falls back to a loop.
+  device) at the weights' own shapes (off the 64/128 tile grid, up to 3.5x slower in the step); the
+  biases are added in the fp32 pointwise work around them. Their gradients: the up bias's from the
+  up weight-gradient GEMM (its rows carry a ones column), the down bias's from a token-level dense
+  GEMM through the routing weights: no atomics, no separate reduction. CUDA's grouped GEMM takes
+  bf16 only; the squared ReLU runs in fp32, fused by torch.compile around the GEMMs.
+  `torch._grouped_mm` also runs on CPU in fp32, so CI checks this path against the loop
+  reference; fp32 on CUDA (tests only) falls back to a loop.
 """
 from __future__ import annotations
 
@@ -223,11 +225,11 @@ def _(x, index, width):
 
 
 class _GatherGemm(torch.autograd.Function):
-    """h = x[token[r]] @ w[e] + b[e] (in x's dtype) for each sorted row r of expert group e (group ends
-    `offsets`, `expert` [M] the group of each row); x and w in the GEMM dtype.
+    """h = x[token[r]] @ w[e] + b[e] (in x's dtype) for each sorted row r of expert group e (group
+    ends `offsets`, `expert` [M] the group of each row); x and w in the GEMM dtype.
 
-    The forward GEMM and the input-gradient GEMM run at the weight's own width (1024 x 256: whole
-    tiles; a ones column made them 1032 wide, measured 14-22% slower). The weight-gradient GEMM
+    The forward GEMM and the input-gradient GEMM run at the weight's own shape (1024 x 128: whole
+    tiles; a ones column made them 1032 wide, measured 7-33% slower alone). The weight-gradient GEMM
     gathers the rows again with a ones column (`gather_rows_with_ones`), so its row `a` is the
     bias gradient: each expert's sum of its rows' gradients, with no scatter and no atomics.
     Keeps x [N, a], not the gathered rows [N*k, a]. The input gradient sums each token's k rows
@@ -256,7 +258,7 @@ class _DownSum(torch.autograd.Function):
     the down GEMM's input rows sorted by expert (already scaled by their routing weights c [M]).
 
     All grouped GEMMs run at the weight's own shapes: a ones column made the forward's K and the
-    input gradient's N 136 instead of 128 (measured 19-24% slower alone), and the weight gradient's
+    input gradient's N 136 instead of 128 (measured 18-24% slower alone), and the weight gradient's
     136 output rows pushed CUTLASS from its 64 x 128 tiles to 128 x 256 ones, half of them padding
     (880 us per call in the 80-layer step at 65k tokens; 226 us at 128 rows alone). The bias term
     is added inside the slot sum (a gather of b's rows). Its gradients are token-level dense GEMMs
@@ -375,7 +377,8 @@ def grouped_expert_ffn(xs: torch.Tensor, offsets: torch.Tensor, w_up, b_up, w_do
     multiple of 8 columns for the kernel's 16-byte alignment) and each weight its bias as an extra
     row (`with_bias`). So the bias add is part of the fp32 accumulation, and the bias gradient
     comes out of the grouped GEMM's own weight gradient, with no per-row scatter (atomics) and no
-    separate reduction. xs may arrive already widened (`routed_experts` widens before dispatch)."""
+    separate reduction; the widths are then off the tile grid (`routed_experts` avoids that; this
+    form serves the expert-parallel path's arrived rows). xs may arrive already widened."""
     dt, acc = xs.dtype, _acc(xs)
     k_up, k_down = _round8(w_up.shape[1] + 1), _round8(w_down.shape[1] + 1)
     if xs.shape[-1] != k_up:
@@ -389,8 +392,8 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
                    b_down, first: int = 0) -> torch.Tensor:
     """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d].
 
-    Four grouped GEMMs at the weights' own shapes plus two weight-gradient GEMMs whose inputs carry
-    a ones column for the bias gradients (`_GatherGemm`, `_DownSum`). No [N*k, d] tensor is kept
+    Six grouped GEMMs at the weights' own shapes, but for the up weight gradient, whose rows carry
+    a ones column for the bias gradient (`_GatherGemm`, `_DownSum`). No [N*k, d] tensor is kept
     for backward: the up GEMM's rows are gathered again in backward, and each row's routing weight
     scales the down GEMM's input (w * act W + w * b), so the slot sum needs no weights and the
     routing weight's gradient is <act, the GEMM's input gradient> + <g, b>."""
