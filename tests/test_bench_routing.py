@@ -1,6 +1,7 @@
 """bench/train_step.py's `balance_routing` (the `--routing balanced` setting of the benchmark):
-starting from a router that sends nearly every token to one expert, its sign updates of the router biases
-bring the loads near even, and it leaves the model as it found it (implementations, train mode)."""
+starting from a router that sends nearly every token to one expert, its sign updates of the
+router biases bring the loads near even, and it leaves the model as it found it (implementations,
+train mode)."""
 import torch
 
 from bench.train_step import balance_routing, load_imbalance
