@@ -8,8 +8,8 @@ and the bias as an extra weight row) makes the contraction or output width 1032 
 (up) and 136 instead of 128 (down), off the 64/128 tile grid. This times each GEMM at both widths
 (`biased`, `plain`): fwd up [M, K] @ [K, 128], fwd down [M, 136] @ [136, 1024], their input
 gradients (dgrad) and weight gradients (wgrad, contraction over each expert's rows).
-`kernels.routed_experts` runs the four forward and input-gradient GEMMs plain and the two weight
-gradients biased (their extra row is the bias gradient): the `step` total. `--skew` draws an
+`kernels.routed_experts` runs all of them plain but the up weight gradient, whose extra row is the
+bias gradient: the `step` total. `--skew` draws an
 uneven routing (bench/moe_sweep.routed_case): the weight gradients' tiles per expert are fixed,
 so the busiest expert's long contraction sets their time. Columns: microseconds per call and
 TFLOP/s of the unpadded work (2 * rows * 1024 * 128).
@@ -52,7 +52,7 @@ def main():
             rows.append(dict(gemm=name, variant=variant, up_k=kd, down_k=kh, us=t * 1e6, tflops=flops / t / 1e12))
             print(rows[-1], flush=True)
     total = {v: sum(r["us"] for r in rows if r["variant"] == v) for v in ("biased", "plain")}
-    total["step"] = sum(r["us"] for r in rows if (r["variant"] == "biased") == r["gemm"].endswith("wgrad"))
+    total["step"] = sum(r["us"] for r in rows if (r["variant"] == "biased") == (r["gemm"] == "up wgrad"))
     summary = (f"all six: biased {total['biased']:.0f} us, plain {total['plain']:.0f} us, as the step runs them "
                f"{total['step']:.0f} us")
     print("# " + summary, flush=True)

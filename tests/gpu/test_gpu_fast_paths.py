@@ -82,7 +82,7 @@ def test_grouped_experts_compiled_keep_no_dispatched_rows():
     """Compiled by Inductor as in the step, `kernels.routed_experts` saves no [N*k, d]-sized tensor
     for backward (the gathered rows are gathered again in backward; the down GEMM's output is not
     needed): what lets more blocks skip activation checkpointing (docs/performance.md)."""
-    N, k, d, H, E = 16384, 4, 1024, 128, 256  # N*k*d above the bf16 weight copies' size (E*(d+8)*H)
+    N, k, d, H, E = 16384, 4, 1024, 128, 256  # N*k*d above the bf16 weight copies' size (E*d*H)
     g = torch.Generator(device=DEV).manual_seed(5)
     idx = torch.rand(N, E, device=DEV, generator=g).topk(k, dim=-1).indices
     leaves = [t.requires_grad_(True) for t in (
