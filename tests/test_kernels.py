@@ -73,7 +73,7 @@ def test_gather_gemm_and_down_sum_match_indexing_autograd():
     M_ = N * k
     f64 = dict(dtype=torch.float64, generator=g, requires_grad=True)
     x, w, b = torch.randn(N, d, **f64), torch.randn(E, d, n, **f64), torch.randn(E, n, **f64)
-    u, c = torch.randn(M_, n, **f64), torch.rand(M_, **f64)
+    u, c = torch.randn(M_, n, **f64), torch.rand(N, k, **f64)  # c: routing weights in token order
     w2, b2 = torch.randn(E, n, d, **f64), torch.randn(E, d, **f64)
     gh = torch.randn(M_, n, dtype=torch.float64, generator=g)
     gy = torch.randn(N, d, dtype=torch.float64, generator=g)
@@ -82,12 +82,13 @@ def test_gather_gemm_and_down_sum_match_indexing_autograd():
     def plain():
         xs = x[r.token]
         h = torch.cat([xs[r.expert == e] @ w[e] + b[e] for e in range(E)])  # rows are sorted by expert
-        rows = torch.cat([u[r.expert == e] @ w2[e] + c[r.expert == e, None] * b2[e] for e in range(E)])
+        c_rows = c.flatten()[r.order]  # sorted-row order
+        rows = torch.cat([u[r.expert == e] @ w2[e] + c_rows[r.expert == e, None] * b2[e] for e in range(E)])
         return h, rows[r.inverse].view(N, k, d).sum(1)
 
     def fast():
         h = _GatherGemm.apply(x, w, b, r.token, r.expert, r.inverse, r.offsets, k)
-        return h, _DownSum.apply(u, c, w2, b2, r.expert, r.inverse, r.token, r.offsets, k)
+        return h, _DownSum.apply(u, c, w2, b2, idx, r.inverse, r.token, r.offsets)
 
     results = []
     for fn in (fast, plain):
@@ -98,6 +99,29 @@ def test_gather_gemm_and_down_sum_match_indexing_autograd():
         assert results[0][i][4].abs().max() == 0
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+def test_router_logits_near_fp32_forward_bf16_gradients():
+    """`_RouterLogits` (the CPU runs its math with widened operands): the logits within 5e-5 of
+    float64 (bf16 alone: ~3e-3); each gradient equal to the float64 product of the bf16-rounded
+    operands (so it is one bf16 GEMM with fp32 sums, nothing more lost), hence within bf16 rounding
+    of the exact gradient."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(512, 256, generator=g, requires_grad=True)
+    w = (torch.randn(64, 256, generator=g) * 0.05).requires_grad_()
+    gy = torch.randn(512, 64, generator=g)
+    out = K._RouterLogits.apply(x, w)
+    out.backward(gy)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+    x64, w64, g64 = x.detach().double(), w.detach().double(), gy.double()
+    bf = lambda t: t.bfloat16().double()  # noqa: E731
+    assert rel(out, x64 @ w64.t()) < 5e-5
+    assert rel(x64.bfloat16().double() @ w64.t(), x64 @ w64.t()) > 1e-3  # what bf16 logits would lose
+    assert rel(x.grad, bf(g64) @ bf(w64)) < 1e-6
+    assert rel(w.grad, bf(g64).t() @ bf(x64)) < 1e-6
+    assert rel(x.grad, g64 @ w64) < 1e-2 and rel(w.grad, g64.t() @ x64) < 1e-2
 
 
 def test_routed_experts_keep_no_dispatched_rows_for_backward():

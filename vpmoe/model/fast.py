@@ -210,7 +210,9 @@ class FastBody:
         self.static_masks = static_masks
         self._masks: dict = {}
         self.slopes = M.alibi_slopes(self.cfg.n_heads).to(p0.device)
-        self.bf16x3 = K.bf16x3_available(p0.device)  # near-fp32 router GEMMs on tensor cores
+        # the router's logits at near-fp32 on tensor cores, its gradients at bf16 like every other
+        # gradient's GEMMs: in a bf16 body only (an fp32 body keeps the reference's fp32 GEMMs)
+        self.bf16x3 = self.dtype == torch.bfloat16 and K.bf16x3_available(p0.device)
         c = self.cfg
         dims = [c.n_heads, c.n_kv_heads, c.head_dim, c.tpa_q_rank, c.tpa_kv_rank]
         # the Triton prologue wherever it runs (CUDA with Triton); None = that default

@@ -84,30 +84,49 @@ def _split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (t - hi.float()).to(torch.bfloat16)
 
 
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for bf16 operands with fp32 accumulation and an fp32 result (`torch.mm(out_dtype=)` on
+    CUDA; the CPU has no such kernel, so there the operands are widened: the same products, exact
+    in fp32, and the same fp32 sums up to order)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def mm_bf16x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b [K, N] for fp32 operands on bf16 tensor cores at near-fp32 precision: with
     a = ah + al and b = bh + bl split into bf16 pairs, a @ b ~ ah@bh + ah@bl + al@bh (the dropped
     al@bl term and the splits leave ~2^-16 relative error, vs 2^-11 for TF32), as ONE GEMM over
-    the concatenated K with fp32 accumulation and fp32 output (`torch.mm(out_dtype=)`)."""
+    the concatenated K with fp32 accumulation and fp32 output."""
     ah, al = _split_bf16(a)
     bh, bl = _split_bf16(b)
-    return torch.mm(torch.cat([ah, ah, al], 1), torch.cat([bh, bl, bh], 0), out_dtype=torch.float32)
+    return mm_f32(torch.cat([ah, ah, al], 1), torch.cat([bh, bl, bh], 0))
 
 
 class _RouterLogits(torch.autograd.Function):
-    """x [N, d] @ w [E, d]^T in near-fp32 (`mm_bf16x3`), forward and both gradients. The router's
-    three fp32 GEMMs ran as SIMT SGEMMs (~45 TFLOP/s on an H200: ~0.1 ms per layer per 8k tokens,
-    7% of the full model's step); bf16x3 runs them on tensor cores."""
+    """x [N, d] @ w [E, d]^T: the forward in near-fp32 (`mm_bf16x3`), the two gradients as single
+    bf16 GEMMs of the bf16-rounded operands with fp32 accumulation and fp32 results.
+
+    Why the split: the logits pick experts, a discrete choice that bf16 logits (2^-9 relative)
+    would flip near every tie, so they stay fp32-accurate. The gradients only join the residual
+    stream's and the weights' gradients, every other one of which comes from bf16 GEMMs; fp32
+    gradients (three GEMMs each at bf16x3) bought nothing and cost two thirds of the router's GEMM
+    time and, per kept block, its fp32 input (4 KiB per token; the bf16 one it keeps instead is
+    the same tensor the experts keep). The three fp32 GEMMs first ran as SIMT SGEMMs (~45 TFLOP/s
+    on an H200)."""
 
     @staticmethod
     def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return mm_bf16x3(x, w.t())
+        xh, xl = _split_bf16(x)
+        wh, wl = _split_bf16(w)
+        ctx.save_for_backward(xh, wh)
+        return mm_f32(torch.cat([xh, xh, xl], 1), torch.cat([wh, wl, wh], 1).t())
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        return mm_bf16x3(g, w), mm_bf16x3(g.t(), x)
+        xh, wh = ctx.saved_tensors
+        gh = g.to(torch.bfloat16)
+        return mm_f32(gh, wh), mm_f32(gh.t(), xh)
 
 
 _BF16X3_OK: bool | None = None
@@ -128,7 +147,8 @@ def bf16x3_available(device: torch.device) -> bool:
 
 
 def router_logits(x: torch.Tensor, w: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
-    """fp32 router logits x @ w^T (autocast off): plain fp32, or bf16x3 on CUDA where asked."""
+    """fp32 router logits x @ w^T (autocast off): plain fp32, or on CUDA where asked the
+    bf16x3 forward with bf16 gradients (`_RouterLogits`)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         if bf16x3 and x.is_cuda and x.dtype == torch.float32:
             return _RouterLogits.apply(x, w.float())
@@ -254,8 +274,10 @@ class _GatherGemm(torch.autograd.Function):
 
 
 class _DownSum(torch.autograd.Function):
-    """y[t] = sum over token t's k rows r of (u[r] @ w[e] + c[r] * b[e]) (fp32 [N, n]), u [M, a]
-    the down GEMM's input rows sorted by expert (already scaled by their routing weights c [M]).
+    """y[t] = sum over token t's slots s of (u[r] @ w[e] + c[t, s] * b[e]) (fp32 [N, n]) with
+    e = e_tok[t, s] and r its sorted row: u [M, a] the down GEMM's input rows sorted by expert
+    (already scaled by their routing weights), c [N, k] and e_tok [N, k] the routing weights and
+    local experts in token order, as the router made them (no gather back from the sorted order).
 
     All grouped GEMMs run at the weight's own shapes: a ones column made the forward's K and the
     input gradient's N 136 instead of 128 (measured 18-24% slower alone), and the weight gradient's
@@ -267,29 +289,26 @@ class _DownSum(torch.autograd.Function):
     the rows' gradients are gathered from g again."""
 
     @staticmethod
-    def forward(ctx, u, c, w, b, expert, inverse, token, offsets, k: int):
-        ctx.save_for_backward(u, c, w, b, expert, inverse, token, offsets)
-        ctx.k = k
+    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets):
+        ctx.save_for_backward(u, c, w, b, e_tok, token, offsets)
         acc = _acc(u)
-        # the bias term per token, indexed in (token, slot) order: indexed like backward's b[expert],
-        # the compiler would merge the two and keep the [N*k, n] gathered rows of b
-        e_tok, c_tok = expert[inverse].view(-1, k), c[inverse].view(-1, k, 1)
-        return sum_slots(grouped_mm(u, w, offsets), inverse, k) + (c_tok * b.to(acc)[e_tok]).sum(1)
+        # the bias term in (token, slot) order, a reduction over each token's k rows of b
+        bias = (c.to(acc).unsqueeze(-1) * b.to(acc)[e_tok]).sum(1)
+        return sum_slots(grouped_mm(u, w, offsets), inverse, e_tok.shape[1]) + bias
 
     @staticmethod
     def backward(ctx, g):
-        u, c, w, b, expert, inverse, token, offsets = ctx.saved_tensors
-        k, dt = ctx.k, u.dtype
+        u, c, w, b, e_tok, token, offsets = ctx.saved_tensors
+        dt = u.dtype
         g_lo = g.to(dt)
         g_rows = g_lo[token]
         g_u = grouped_mm(g_rows, w.transpose(-2, -1), offsets)
         g_w = grouped_mm_wgrad(u, g_rows, offsets)
-        e_tok = expert[inverse].view(-1, k)
         dense = torch.zeros(g.shape[0], b.shape[0], dtype=dt, device=g.device).scatter_(
-            1, e_tok, c[inverse].view(-1, k).to(dt))  # D: each token's routing weights at its experts
+            1, e_tok, c.to(dt))  # D: each token's routing weights at its experts
         g_b = dense.t() @ g_lo
-        g_c = (g_lo @ b.to(dt).t())[token, expert]
-        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None, None
+        g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
+        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None
 
 
 def _loop_groups(x: torch.Tensor) -> bool:
@@ -402,7 +421,7 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     h = _GatherGemm.apply(x, w_up.to(dt), b_up, r.token, r.expert, r.inverse, r.offsets, r.k)
     row_weight = topk_weight.flatten()[r.order].to(acc)
     u = (M.squared_relu(h.to(acc)) * row_weight.unsqueeze(-1)).to(dt)
-    return _DownSum.apply(u, row_weight, w_down.to(dt), b_down, r.expert, r.inverse, r.token, r.offsets, r.k)
+    return _DownSum.apply(u, topk_weight, w_down.to(dt), b_down, topk_idx - first, r.inverse, r.token, r.offsets)
 
 
 def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
