@@ -159,6 +159,10 @@ def test_router_logits_bf16x3_near_fp32():
     errs = [rel_err(out, x64 @ w64.t()), rel_err(x.grad, bf(g64) @ bf(w64)), rel_err(w.grad, bf(g64).t() @ bf(x64))]
     print("bf16x3 logits rel err, bf16 gradients vs rounded-operand float64 (dx, dw):", errs)
     assert max(errs) < 5e-5, errs
+    # the forward is the Triton kernel (router_fused) here: the same function as torch's bf16x3
+    x_pad = torch.randn(4095, 1032, device=DEV)[:, :1024]  # a partial row tile, a padded row stride
+    torch_x3 = K.mm_bf16x3(x_pad, w.detach().t())
+    assert rel_err(K.router_logits(x_pad, w.detach(), bf16x3=True), torch_x3) < 1e-6
 
 
 def test_route_fast_cuda_matches_reference():

@@ -1,0 +1,142 @@
+"""The router's near-fp32 logits x @ w^T as one Triton GEMM that splits x into bf16 pairs in
+registers (bf16x3: x = xh + xl, w = wh + wl; x @ w ~ xh@wh + xh@wl + xl@wh, ~2^-16 relative).
+
+In torch, bf16x3 is a split kernel that writes [N, 3d] bf16 (xh | xh | xl, the concatenated K)
+and then one GEMM over K = 3d that reads it back: at 65k tokens 1.1 GB of traffic per call,
+measured 250 us (split) + 210 us (GEMM) per MoE layer in the 80-layer step (H200, 2026-12-02),
+3.4% of the step with recomputation. Here each program loads its fp32 x tile once, splits it in
+registers and runs the three bf16 MMAs into one fp32 accumulator: x is read once (4 B per value)
+and only the [N, E] logits are written.
+
+Design choices:
+- Forward only. The gradients are single bf16 GEMMs (`kernels._RouterLogits`), which cuBLAS runs
+  well; only the forward's precision needed the split.
+- w's split (wh, wl: [d, E] bf16 each, 1 MiB at vpMoE's dims) is made by torch once per call; x's
+  is made per tile. All loads are masked, so any N, d and E work (tests cross every tile edge).
+- `router_logits_fused` is a `torch.library.custom_op`: opaque to torch.compile, capturable in CUDA
+  graphs (fixed grid for fixed shapes), autotuned per token count at first use (before capture).
+- `kernels.mm_bf16x3` is the same function in torch (the CPU's path and the tests' reference);
+  tests/test_router_fused.py runs this kernel under the Triton interpreter against it and float64.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: callers use kernels.mm_bf16x3
+    triton = None
+
+# (rows, experts, K step) per tile, warps, pipeline stages; tuned per token count on first use
+CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
+           (64, 256, 64, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel serves tensors on `device` (CUDA with Triton, or the interpreter)."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or interpreting()
+
+
+def interpreting() -> bool:
+    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+    @triton.jit
+    def _round_bf16(v):
+        """fp32 -> the nearest bf16 value (ties to even), kept in fp32: torch's rounding, spelled
+        out in integer ops (the interpreter's fp32 -> bf16 cast truncates; CUDA's is the same RNE)."""
+        b = v.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _logits_kernel(x_ptr, wh_ptr, wl_ptr, out_ptr, N, D, E, stride_x,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32_DOT: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        row_ok, col_ok = rows < N, cols < E
+        x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            k_ok = (k0 + ks) < D
+            x = tl.load(x_row + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            xh = _round_bf16(x)
+            xl = _round_bf16(x - xh)
+            w_off = (k0 + ks)[:, None] * E + cols[None, :]
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            wh = tl.load(wh_ptr + w_off, mask=w_ok, other=0.0)
+            wl = tl.load(wl_ptr + w_off, mask=w_ok, other=0.0)
+            if F32_DOT:  # the interpreter: the same exact products of bf16 values, fp32 sums
+                wh, wl = wh.to(tl.float32), wl.to(tl.float32)
+                acc = tl.dot(xh, wh, acc, input_precision="ieee")
+                acc = tl.dot(xh, wl, acc, input_precision="ieee")
+                acc = tl.dot(xl, wh, acc, input_precision="ieee")
+            else:  # bf16 MMAs (xh, xl hold bf16 values exactly: the casts are exact)
+                acc = tl.dot(xh.to(tl.bfloat16), wh, acc)
+                acc = tl.dot(xh.to(tl.bfloat16), wl, acc)
+                acc = tl.dot(xl.to(tl.bfloat16), wh, acc)
+        out = out_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :]
+        tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+_kernel = None
+
+
+def _tuned():
+    """The kernel, autotuned per token count on CUDA; the interpreter (no driver to time with) runs
+    it with small tiles (`_untuned_config`) so that tests cross every tile edge."""
+    global _kernel
+    if _kernel is None:
+        _kernel = _logits_kernel
+        if not interpreting():
+            configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                       for bm, bn, bk, w, s in CONFIGS]
+            _kernel = triton.autotune(configs, key=["N", "D", "E"])(_logits_kernel)
+    return _kernel
+
+
+def _untuned_config() -> dict:
+    return {"BM": 16, "BN": 16, "BK": 16} if interpreting() else {}
+
+
+def _f32_dot() -> bool:
+    """The interpreter's bf16 dot misreads in-kernel casts: it multiplies in fp32 instead."""
+    return interpreting()
+
+
+def split_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, d] fp32 -> (wh, wl), each [d, E] bf16 and contiguous: the kernel's B operands."""
+    wt = w.t().float()
+    wh = wt.to(torch.bfloat16)
+    return wh.contiguous(), (wt - wh.float()).to(torch.bfloat16).contiguous()
+
+
+@torch.library.custom_op("vpmoe::router_logits_fused", mutates_args=())
+def router_logits_fused(x: torch.Tensor, wh: torch.Tensor, wl: torch.Tensor) -> torch.Tensor:
+    """x [N, d] fp32 (unit column stride) @ (wh + wl) [d, E] -> [N, E] fp32, x split into bf16
+    pairs per tile (see the module docstring). Same function as `kernels.mm_bf16x3(x, w.t())`."""
+    if triton is None:
+        raise RuntimeError("router_logits_fused: Triton is not installed (use kernels.mm_bf16x3)")
+    if x.dtype != torch.float32 or x.stride(-1) != 1 or wh.shape != wl.shape or wh.shape[0] != x.shape[1]:
+        raise ValueError(f"router_logits_fused: wants fp32 x [N, d] with unit column stride and two [d, E] "
+                         f"bf16 weights; got x {tuple(x.shape)} {x.dtype} stride {x.stride()}, "
+                         f"wh {tuple(wh.shape)}, wl {tuple(wl.shape)}")
+    N, D = x.shape
+    E = wh.shape[1]
+    out = x.new_empty(N, E)
+    _tuned()[lambda meta: (triton.cdiv(N, meta["BM"]), triton.cdiv(E, meta["BN"]))](
+        x, wh.contiguous(), wl.contiguous(), out, N, D, E, x.stride(0),
+        F32_DOT=_f32_dot(), **_untuned_config())
+    return out
+
+
+@router_logits_fused.register_fake
+def _(x, wh, wl):
+    return x.new_empty(x.shape[0], wh.shape[1])
