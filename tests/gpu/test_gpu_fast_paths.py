@@ -162,7 +162,11 @@ def test_router_logits_bf16x3_near_fp32():
     # the forward is the Triton kernel (router_fused) here: the same function as torch's bf16x3
     x_pad = torch.randn(4095, 1032, device=DEV)[:, :1024]  # a partial row tile, a padded row stride
     torch_x3 = K.mm_bf16x3(x_pad, w.detach().t())
-    assert rel_err(K.router_logits(x_pad, w.detach(), bf16x3=True), torch_x3) < 1e-6
+    exact = x_pad.double() @ w.detach().double().t()
+    kernel = K.router_logits(x_pad, w.detach(), bf16x3=True)
+    print("kernel vs torch bf16x3, vs float64 (kernel, torch):",
+          rel_err(kernel, torch_x3), rel_err(kernel, exact), rel_err(torch_x3, exact))
+    assert rel_err(kernel, torch_x3) < 1e-5 and rel_err(kernel, exact) < 5e-5  # fp32 sums' order: ~2e-6
 
 
 def test_route_fast_cuda_matches_reference():

@@ -14,7 +14,8 @@ Design choices:
 - w's split (wh, wl: [d, E] bf16 each, 1 MiB at vpMoE's dims) is made by torch once per call; x's
   is made per tile. All loads are masked, so any N, d and E work (tests cross every tile edge).
 - `router_logits_fused` is a `torch.library.custom_op`: opaque to torch.compile, capturable in CUDA
-  graphs (fixed grid for fixed shapes), autotuned per token count at first use (before capture).
+  graphs (fixed grid for fixed shapes), autotuned per (d, E) by `pretune` when a fast body is built
+  (before the model's activations fill the GPU), else at first use.
 - `kernels.mm_bf16x3` is the same function in torch (the CPU's path and the tests' reference);
   tests/test_router_fused.py runs this kernel under the Triton interpreter against it and float64.
 """
@@ -30,7 +31,7 @@ try:
 except ImportError:  # CPU-only installs: callers use kernels.mm_bf16x3
     triton = None
 
-# (rows, experts, K step) per tile, warps, pipeline stages; tuned per token count on first use
+# (rows, experts, K step) per tile, warps, pipeline stages; tuned per (d, E) (`pretune`)
 CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
            (64, 256, 64, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
 
@@ -90,7 +91,7 @@ _kernel = None
 
 
 def _tuned():
-    """The kernel, autotuned per token count on CUDA; the interpreter (no driver to time with) runs
+    """The kernel, autotuned per (d, E) on CUDA; the interpreter (no driver to time with) runs
     it with small tiles (`_untuned_config`) so that tests cross every tile edge."""
     global _kernel
     if _kernel is None:
@@ -98,8 +99,19 @@ def _tuned():
         if not interpreting():
             configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
                        for bm, bn, bk, w, s in CONFIGS]
-            _kernel = triton.autotune(configs, key=["N", "D", "E"])(_logits_kernel)
+            _kernel = triton.autotune(configs, key=["D", "E"])(_logits_kernel)
     return _kernel
+
+
+def pretune(device: torch.device, d: int, n_experts: int, rows: int = 16384) -> None:
+    """Autotune now, on `rows` random tokens, while the GPU is still empty: tuned at the first
+    training step instead, the benchmark runs' buffers fragmented the allocator and an 80-layer
+    step that fits otherwise ran out of memory (H200, 2026-12-02). The tiles depend on d and E, not
+    on the token count (the tuning key), so this serves every batch size."""
+    if available(device) and not interpreting():
+        x = torch.randn(rows, d, device=device)
+        router_logits_fused(x, *split_weight(torch.randn(n_experts, d, device=device)))
+        torch.cuda.synchronize(device)
 
 
 def _untuned_config() -> dict:
