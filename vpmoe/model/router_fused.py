@@ -104,10 +104,11 @@ def _tuned():
 
 
 def pretune(device: torch.device, d: int, n_experts: int, rows: int = 16384) -> None:
-    """Autotune now, on `rows` random tokens, while the GPU is still empty: tuned at the first
-    training step instead, the benchmark runs' buffers fragmented the allocator and an 80-layer
-    step that fits otherwise ran out of memory (H200, 2026-12-02). The tiles depend on d and E, not
-    on the token count (the tuning key), so this serves every batch size."""
+    """Autotune now, on `rows` random tokens, while the GPU is still empty, so that tuning (which
+    times every config with buffers of its own) never runs inside a training step. The tiles depend
+    on d and E, not on the token count (the tuning key), so this serves every batch size. (Built
+    as a suspected cause of the 80-layer step's out-of-memory at 48 checkpointed blocks; it was
+    not: the step still ran out with it, H200 2026-12-02, and fits at 50.)"""
     if available(device) and not interpreting():
         x = torch.randn(rows, d, device=device)
         router_logits_fused(x, *split_weight(torch.randn(n_experts, d, device=device)))
