@@ -29,6 +29,11 @@ def check_against_bf16x3_and_float64() -> None:
     assert _rel(got, K.mm_bf16x3(x, w.t())) < 1e-6, _rel(got, K.mm_bf16x3(x, w.t()))
     assert _rel(got, exact) < 5e-5, _rel(got, exact)
     assert _rel(x.bfloat16().double() @ w.double().t(), exact) > 1e-3  # what bf16 x alone would lose
+    # NaN propagates (CUDA's NaN 0x7FFFFFFF would round to -0.0 through the integer rounding unguarded)
+    x_nan = x.clone()
+    x_nan[3, 5] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    got_nan = RF.router_logits_fused(x_nan, *RF.split_weight(w))
+    assert got_nan[3].isnan().all() and torch.equal(got_nan[torch.arange(N) != 3], got[torch.arange(N) != 3])
 
     xs = x.clone().requires_grad_(True)
     ws = w.clone().requires_grad_(True)

@@ -51,10 +51,11 @@ if triton is not None:
     @triton.jit
     def _round_bf16(v):
         """fp32 -> the nearest bf16 value (ties to even), kept in fp32: torch's rounding, spelled
-        out in integer ops (the interpreter's fp32 -> bf16 cast truncates; CUDA's is the same RNE)."""
+        out in integer ops (the interpreter's fp32 -> bf16 cast truncates; CUDA's is the same RNE).
+        NaN passes through (the add would carry CUDA's 0x7FFFFFFF NaN into -0.0)."""
         b = v.to(tl.int32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        return b.to(tl.float32, bitcast=True)
+        return tl.where(v != v, v, b.to(tl.float32, bitcast=True))
 
     @triton.jit
     def _logits_kernel(x_ptr, wh_ptr, wl_ptr, out_ptr, N, D, E, stride_x,
