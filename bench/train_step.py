@@ -443,9 +443,16 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
             extra = opt_sweep(tr)
     except torch.OutOfMemoryError as e:
         row["error"] = "out of memory: " + str(e)[:160]
+        # where the memory was when it ran out: allocated vs reserved by the caching allocator, and
+        # the reserved-but-unusable part (free pieces of split blocks: fragmentation)
+        stats = torch.cuda.memory_stats()
+        row.update(allocated_at_oom_gib=stats["allocated_bytes.all.current"] / 2**30,
+                   reserved_at_oom_gib=stats["reserved_bytes.all.current"] / 2**30,
+                   inactive_split_at_oom_gib=stats["inactive_split_bytes.all.current"] / 2**30)
     except Exception as e:  # noqa: BLE001 - report and go on with the next case
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row.setdefault("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30)
+    row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     if tr is not None:
         release_graphs(tr)
     del tr
