@@ -21,9 +21,9 @@ Design choices:
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401 - the same test for every Triton op
 
 try:
     import triton
@@ -34,17 +34,6 @@ except ImportError:  # CPU-only installs: callers use kernels.mm_bf16x3
 # (rows, experts, K step) per tile, warps, pipeline stages; tuned per (d, E) (`pretune`)
 CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
            (64, 256, 64, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernel serves tensors on `device` (CUDA with Triton, or the interpreter)."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or interpreting()
-
-
-def interpreting() -> bool:
-    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
