@@ -4,9 +4,11 @@ registers (bf16x3: x = xh + xl, w = wh + wl; x @ w ~ xh@wh + xh@wl + xl@wh, ~2^-
 In torch, bf16x3 is a split kernel that writes [N, 3d] bf16 (xh | xh | xl, the concatenated K)
 and then one GEMM over K = 3d that reads it back: at 65k tokens 1.1 GB of traffic per call,
 measured 250 us (split) + 210 us (GEMM) per MoE layer in the 80-layer step (H200, 2026-12-02),
-3.4% of the step with recomputation. Here each program loads its fp32 x tile once, splits it in
-registers and runs the three bf16 MMAs into one fp32 accumulator: x is read once (4 B per value)
-and only the [N, E] logits are written.
+~3.4% of the step with recomputation (estimate from the profile). Here each program loads its
+fp32 x tile once, splits it in registers and runs the three bf16 MMAs into one fp32 accumulator:
+x is read once (4 B per value) and only the [N, E] logits are written. Measured so far only
+together with the router's bf16 gradients: the router component at 20 layers x 16k tokens
+7.5 -> 4.6 ms (docs/performance.md); the kernel's own time in the step is not profiled yet.
 
 Design choices:
 - Forward only. The gradients are single bf16 GEMMs (`kernels._RouterLogits`), which cuBLAS runs
