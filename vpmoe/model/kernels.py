@@ -80,11 +80,6 @@ def _top_by_max(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(picks, -1)
 
 
-def _split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hi = t.to(torch.bfloat16)
-    return hi, (t - hi.float()).to(torch.bfloat16)
-
-
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for bf16 operands with fp32 accumulation and an fp32 result (`torch.mm(out_dtype=)` on
     CUDA; the CPU has no such kernel, so there the operands are widened: the same products, exact
@@ -99,8 +94,8 @@ def mm_bf16x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = ah + al and b = bh + bl split into bf16 pairs, a @ b ~ ah@bh + ah@bl + al@bh (the dropped
     al@bl term and the splits leave ~2^-16 relative error, vs 2^-11 for TF32), as ONE GEMM over
     the concatenated K with fp32 accumulation and fp32 output."""
-    ah, al = _split_bf16(a)
-    bh, bl = _split_bf16(b)
+    ah, al = RF.split_bf16(a)
+    bh, bl = RF.split_bf16(b)
     return mm_f32(torch.cat([ah, ah, al], 1), torch.cat([bh, bl, bh], 0))
 
 
@@ -114,8 +109,9 @@ class _RouterLogits(torch.autograd.Function):
     gradients (three GEMMs each at bf16x3) cost two thirds of the router's GEMM time and kept its
     fp32 input (4 KiB per token per kept block) where the experts' bf16 copy serves (the (d)
     step's peak did not move measurably: 135.1 -> 135.0 GiB). The three fp32 GEMMs first ran as
-    SIMT SGEMMs (~45 TFLOP/s on an H200). On CUDA the forward is one Triton GEMM that splits x in registers
-    (`router_fused`: torch's split and concatenated-K GEMM moved 1.1 GB per call at 65k tokens)."""
+    SIMT SGEMMs (~45 TFLOP/s on an H200). On CUDA the forward is one Triton GEMM that splits x in
+    registers (`router_fused`: torch's split and concatenated-K GEMM moved 1.1 GB per call at 65k
+    tokens)."""
 
     @staticmethod
     def forward(ctx, x, w):

@@ -116,11 +116,16 @@ def _f32_dot() -> bool:
     return interpreting()
 
 
+def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 t -> (hi, lo) in bf16 with t ~ hi + lo (hi = t rounded, lo = the rest rounded)."""
+    hi = t.to(torch.bfloat16)
+    return hi, (t - hi.float()).to(torch.bfloat16)
+
+
 def split_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [E, d] fp32 -> (wh, wl), each [d, E] bf16 and contiguous: the kernel's B operands."""
-    wt = w.t().float()
-    wh = wt.to(torch.bfloat16)
-    return wh.contiguous(), (wt - wh.float()).to(torch.bfloat16).contiguous()
+    wh, wl = split_bf16(w.t().float())
+    return wh.contiguous(), wl.contiguous()
 
 
 @torch.library.custom_op("vpmoe::router_logits_fused", mutates_args=())
