@@ -157,9 +157,7 @@ def balance_routing(model, batch, iters: int = 40) -> tuple[float, float]:
         if i == iters:
             after = load_imbalance(load)
             break
-        rate = 2e-2 * (1e-3 / 2e-2) ** (i / max(iters - 1, 1))  # 2e-2 -> 1e-3
-        for moe, lo in zip(model.moe_layers(), load.float()):
-            moe.expert_bias.add_(rate * torch.sign(lo.mean() - lo))
+        model.update_router_biases(load, rate=2e-2 * (1e-3 / 2e-2) ** (i / max(iters - 1, 1)))  # 2e-2 -> 1e-3
     for b, (attn, moe) in zip(model.layers, impls):
         b.attn.impl = attn
         if moe is not None:

@@ -501,12 +501,14 @@ class VpMoE(nn.Module):
         return ModelOutput(logits, hidden, aux_total * self.cfg.aux_loss_coef, expert_load, cache)
 
     @torch.no_grad()
-    def update_router_biases(self, expert_load: torch.Tensor) -> None:
-        """Aux-loss-free balancing: b_e += rate * sign(mean_load - load_e), per MoE layer.
+    def update_router_biases(self, expert_load: torch.Tensor, rate: float | None = None) -> None:
+        """Aux-loss-free balancing: b_e += rate * sign(mean_load - load_e), per MoE layer
+        (rate: `bias_update_rate` unless given).
 
         `expert_load` [n_moe_layers, n_experts] must be the step's loads summed over all
         micro-batches and data-parallel ranks, so every rank applies the same update.
         """
+        rate = self.cfg.bias_update_rate if rate is None else rate
         for moe, load in zip(self.moe_layers(), expert_load):
             load = load.float().to(moe.expert_bias.device)
-            moe.expert_bias.add_(self.cfg.bias_update_rate * torch.sign(load.mean() - load))
+            moe.expert_bias.add_(rate * torch.sign(load.mean() - load))
