@@ -25,7 +25,9 @@ What is measured:
   (backward: the slot sum), `combine` = the slot sum (backward: the gather), `experts` = the whole
   routed part as the step runs it less those two (an estimate: they are fused into it there).
   With `--moe fused` the permute column is the sort alone and `experts` includes the gathers,
-  scatters and slot sums (combine 0);
+  scatters and slot sums (combine 0). Two columns are parts of others, for finding where their
+  time goes: `router.logits` (the logits GEMMs, forward + backward) and `permute.routing` (the
+  sort and the routing indices alone);
 - `--routing balanced`: router biases balanced first (`balance_routing`), as training leaves
   them; the default keeps the random init's, whose busiest expert gets 10-30x the mean rows. Each
   row reports `load_imbalance` (max / mean rows per expert, averaged over the MoE layers);
@@ -279,6 +281,9 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
         idx, w, scores = K.route_fast(x, moe.router.weight, moe.expert_bias, cfg, body.bf16x3)
         return w, sequence_aux_loss(scores, idx, B, cfg)
     timed("router", fwd_bwd(torch.compile(router, dynamic=False), [flat], [moe.router.weight]), L)
+    # parts of the columns above, for finding where their time goes (not in the share's sums)
+    logits = torch.compile(lambda x: K.router_logits(x, moe.router.weight, body.bf16x3), dynamic=False)
+    timed("router.logits", fwd_bwd(logits, [flat], [moe.router.weight]), L)
     with torch.no_grad():
         idx, w, _ = route_reference(flat, moe.router.weight, moe.expert_bias, cfg)
     w = w.detach().requires_grad_(True)
@@ -312,6 +317,8 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
             @staticmethod
             def backward(ctx, g):
                 return g.to(dt)[ctx.saved_tensors[0]], None, None
+
+        timed("permute.routing", torch.compile(lambda: K.Routing(idx, cfg.n_experts).inverse, dynamic=False), L)
 
         def permute(x):  # the sort and the gather use this call's routing: the compiler keeps both
             rr = K.Routing(idx, cfg.n_experts)

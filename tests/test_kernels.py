@@ -376,3 +376,21 @@ def test_activation_checkpointing_setting(monkeypatch):
     assert len(calls) == 2  # the second run's first two blocks
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_experts", [7, 256, 300])
+def test_sort_by_expert_narrow_keys_match_stable_argsort(n_experts):
+    """The narrow-key sort (uint8 up to 256 experts, int16 above) gives the same stable order as
+    numpy's stable argsort of the int64 ids, and int64 experts (a uint8 index would be a mask)."""
+    import numpy as np
+    g = torch.Generator().manual_seed(n_experts)
+    first = 3
+    idx = torch.randint(0, n_experts, (997, 4), generator=g) + first
+    idx[0, 0], idx[1, 1] = first + n_experts - 1, first  # both ends of the key range
+    expert, order, offsets = K.sort_by_expert(idx, n_experts, first)
+    flat = (idx.flatten() - first).numpy()
+    ref = np.argsort(flat, kind="stable")
+    assert order.tolist() == ref.tolist()
+    assert expert.dtype == torch.int64 and expert.tolist() == flat[ref].tolist()
+    assert offsets.tolist() == np.cumsum(np.bincount(flat, minlength=n_experts)).tolist()
+    assert K.sort_key_dtype(n_experts) == (torch.uint8 if n_experts <= 256 else torch.int16)

@@ -185,13 +185,22 @@ def route_fast(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.
     return topk_idx, topk_weight, scores
 
 
+def sort_key_dtype(n_experts: int) -> torch.dtype:
+    """The narrowest integer dtype that holds expert ids 0..n_experts-1. A radix sort passes once
+    per key byte: uint8 keys (E <= 256) take one pass where int64 takes eight."""
+    return torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 2**15 else torch.int32
+
+
 def sort_by_expert(topk_idx: torch.Tensor, n_experts: int, first: int = 0):
     """(expert, order, offsets): the N*k (token, slot) pairs' experts sorted (stable), the flat
-    index of each sorted row and the int32 group ends, on the device (see `Routing`)."""
-    flat = topk_idx.flatten() - first
-    expert, order = torch.sort(flat, stable=True)
-    bounds = torch.arange(1, n_experts + 1, device=flat.device, dtype=flat.dtype)
-    return expert, order, torch.searchsorted(expert, bounds - 1, right=True).to(torch.int32)
+    index of each sorted row and the int32 group ends, on the device (see `Routing`). The sort
+    runs on narrow keys (`sort_key_dtype`); `expert` comes back int64 (a uint8 index would be
+    read as a mask)."""
+    keys = (topk_idx.flatten() - first).to(sort_key_dtype(n_experts))
+    expert, order = torch.sort(keys, stable=True)
+    expert = expert.long()
+    bounds = torch.arange(n_experts, device=keys.device, dtype=expert.dtype)
+    return expert, order, torch.searchsorted(expert, bounds, right=True).to(torch.int32)
 
 
 class Routing:
