@@ -187,7 +187,8 @@ def route_fast(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.
 
 def sort_key_dtype(n_experts: int) -> torch.dtype:
     """The narrowest integer dtype that holds expert ids 0..n_experts-1. A radix sort passes once
-    per key byte: uint8 keys (E <= 256) take one pass where int64 takes eight."""
+    per key byte: uint8 keys (E <= 256) take one pass where int64 takes eight (H200, 65k tokens x
+    top-4: 90 -> 29 us; bench/routing_sort.py)."""
     return torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 2**15 else torch.int32
 
 
