@@ -214,23 +214,23 @@ class FastMuonAdamW:
 
     def _muon(self, group, lr, coef) -> None:
         mu, nesterov, wd, steps = group["momentum"], group["nesterov"], group["weight_decay"], group["ns_steps"]
-        decay = 1 - lr * wd
+        decay, neg_lr = 1 - lr * wd, -lr  # 0-dim tensors, made once: every op on them is a kernel
         flat2d = defaultdict(list)
         for p in group["params"]:
             if p.grad is None:
                 continue
             buf = self._state(group, p)["momentum"]
-            step = -lr * muon_scale(p.shape)
             if p.ndim == 2:
-                flat2d[tuple(p.shape)].append((p, buf))
+                flat2d[(tuple(p.shape), p.dtype)].append((p, buf))
                 continue
+            step = neg_lr * muon_scale(p.shape)
             g, w = p.grad.view(-1, *p.shape[-2:]), p.view(-1, *p.shape[-2:])
             buf = buf.view(-1, *p.shape[-2:])
             for c0 in range(0, g.shape[0], self.ns_chunk):
                 c1 = min(c0 + self.ns_chunk, g.shape[0])
                 u = self._pre(g[c0:c1], buf[c0:c1], coef, mu, nesterov, self.ns_dtype)
                 self._post(w[c0:c1], self._ns(u, steps, self.ns_method), decay, step)
-        for shape, items in flat2d.items():
+        for (shape, dtype), items in flat2d.items():
             ps, bufs = [p for p, _ in items], [b for _, b in items]
             scaled = torch._foreach_mul([p.grad for p in ps], coef)
             if bufs[0].dtype == scaled[0].dtype:
@@ -244,10 +244,12 @@ class FastMuonAdamW:
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
                 ortho = orthogonalise(torch.stack(upd[sl]).to(self.ns_dtype), steps, self.ns_method)
-                ortho = [o.to(p.dtype) for o, p in zip(ortho.unbind(0), ps[sl])]
+                # converted and scaled as one stacked tensor (one kernel, not one per matrix); its
+                # slices are views, added by one multi-tensor kernel
+                ortho = ortho.to(dtype) * (neg_lr * muon_scale(shape))
                 if wd:
                     torch._foreach_mul_(ps[sl], decay)
-                torch._foreach_add_(ps[sl], torch._foreach_mul(ortho, -lr * muon_scale(shape)))
+                torch._foreach_add_(ps[sl], ortho.unbind(0))
 
     def _adamw(self, group, lr, coef) -> None:
         ps = [p for p in group["params"] if p.grad is not None]
