@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append_results  # noqa: E402
-from bench.train_step import graph_time  # noqa: E402
+from bench.train_step import graph_time, routing_fields  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main():
         wide = torch.compile(lambda: torch.sort(idx.flatten(), stable=True), dynamic=False)
         narrow = torch.compile(lambda: torch.sort(idx.flatten().to(K.sort_key_dtype(E)), stable=True),
                                dynamic=False)
-        routing = torch.compile(lambda: K.Routing(idx, E).inverse, dynamic=False)
+        routing = torch.compile(lambda: routing_fields(K.Routing(idx, E)), dynamic=False)
         assert torch.equal(wide()[1], narrow()[1]), "the two stable sorts disagree"
         row = {"tokens": n, "rows": n * k, "experts": E}
         for name, fn in (("sort_int64_us", wide), (f"sort_{str(K.sort_key_dtype(E))[6:]}_us", narrow),

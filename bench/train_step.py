@@ -235,6 +235,11 @@ def dynamo_stats() -> dict:
     return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
+def routing_fields(r: K.Routing) -> tuple:
+    """Every tensor a `Routing` holds (a compiled call drops the work of whatever it does not return)."""
+    return r.expert, r.order, r.offsets, r.inverse, r.token
+
+
 def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
     """GPU ms per step of each component alone (see the module docstring): measured on one
     micro-batch, times the micro-batch count (the optimizer runs once per step)."""
@@ -318,7 +323,7 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
             def backward(ctx, g):
                 return g.to(dt)[ctx.saved_tensors[0]], None, None
 
-        timed("permute.routing", torch.compile(lambda: K.Routing(idx, cfg.n_experts).inverse, dynamic=False), L)
+        timed("permute.routing", torch.compile(lambda: routing_fields(K.Routing(idx, cfg.n_experts)), dynamic=False), L)
 
         def permute(x):  # the sort and the gather use this call's routing: the compiler keeps both
             rr = K.Routing(idx, cfg.n_experts)
