@@ -248,23 +248,21 @@ class FastBody:
     def compile_modes(self) -> dict:
         return {str(k): f.mode for k, f in self.fns.items()}
 
-    def doc_masks(self, doc_ids: torch.Tensor, rebuild: bool = True):
-        """(doc buffer, local mask, global mask) for this shape; rebuilt from doc_ids unless not asked."""
+    def doc_masks(self, doc_ids: torch.Tensor):
+        """(doc buffer, local mask, global mask) for this shape, rebuilt from doc_ids."""
         key = tuple(doc_ids.shape)
         dm = self._masks.get(key)
         if dm is None:
             dm = self._masks[key] = K.DocMasks(key, doc_ids.device, self.cfg.window, static=self.static_masks)
-            rebuild = True
-        if rebuild:
-            dm.update(doc_ids)
+        dm.update(doc_ids)
         return dm.doc, dm.local, dm.glob
 
-    def __call__(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, rebuild_masks: bool = True):
+    def __call__(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None):
         model, cfg = self.model, self.cfg
         if doc_ids is None:
             doc_ids = torch.zeros_like(tokens)
         if self.flex:
-            doc_ids, local, glob = self.doc_masks(doc_ids, rebuild_masks)
+            doc_ids, local, glob = self.doc_masks(doc_ids)
         else:
             local = glob = None
         pos = M.positions_from_docs(doc_ids)

@@ -55,10 +55,10 @@ class GraphedTrainStep:
     # ------------------------------------------------------------------ pieces (eager or captured)
 
     def _micro_part(self) -> None:
-        """Block masks from the staged doc ids, then forward, loss, backward of the staged
-        micro-batch; sums the loss and the expert loads."""
-        doc, _, _ = self.body.doc_masks(self.static["doc_ids"])
-        hidden, aux, load = self.body(self.static["tokens"], doc, rebuild_masks=False)
+        """Forward (the body rebuilds the block masks from the staged doc ids: captured, they are
+        rebuilt on every replay), loss, backward of the staged micro-batch; sums the loss and the
+        expert loads."""
+        hidden, aux, load = self.body(self.static["tokens"], self.static["doc_ids"])
         out = self.loss_fn(hidden, self.static, 1.0 / self.micro)
         loss, stats = out if isinstance(out, tuple) else (out, None)
         (loss + aux / self.micro).backward()
