@@ -58,3 +58,50 @@ def test_fused_loss_row_kernels_match_torch_rows(kind):
     assert abs(fast[0].item() - slow[0].item()) < 1e-5 * abs(slow[0].item())
     for a, b in zip(fast[1:], slow[1:]):  # bf16 gradients: rounding of the same fp32 values
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+def test_fp32_head_gradient_accumulates_inside_the_gemm():
+    """An fp32 master head under bf16 compute (what `vpmoe train` passes): each chunk's grad_z^T h
+    is accumulated into the fp32 gradient by one GEMM with fp32 output (`addmm(out_dtype=)`), not
+    rounded to bf16 first. Against float64: fp32-accurate, eager and replayed from a CUDA graph
+    (the output aliases the accumulator); the end-to-end fused loss's head gradient against the
+    same loss in float64 over many chunks."""
+    from vpmoe.kd.fused import _accumulate_grad_weight
+
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    V, C, d = 201088, 512, 1024
+    gz = (1e-3 * torch.randn(C, V, device=DEV, generator=gen)).bfloat16()
+    h = torch.randn(C, d, device=DEV, generator=gen).bfloat16()
+    gw0 = torch.randn(V, d, device=DEV, generator=gen)
+    prod = gz.double().T @ h.double()
+    gw = gw0.clone()
+    _accumulate_grad_weight(gw, gz, h)
+    err = ((gw.double() - gw0.double() - prod).norm() / prod.norm()).item()
+    rounded = ((gw0 + (gz.T @ h).float()).double() - gw0.double() - prod).norm().item() / prod.norm().item()
+    print(f"fp32 head grad: in-GEMM accumulation err {err:.1e} (a bf16 product cast-added: {rounded:.1e})")
+    assert err < 1e-5 and err < rounded / 10
+    gw.copy_(gw0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _accumulate_grad_weight(gw, gz, h)
+    gw.copy_(gw0)
+    graph.replay()
+    graph.replay()
+    err2 = ((gw.double() - gw0.double() - 2 * prod).norm() / (2 * prod).norm()).item()
+    assert err2 < 1e-5, err2
+
+    N = 3000
+    hidden = torch.randn(N, d, device=DEV, generator=gen).bfloat16()
+    head = 0.02 * torch.randn(V, d, device=DEV, generator=gen)
+    labels = torch.randint(0, V, (N,), device=DEV, generator=gen)
+    span = torch.randint(0, 3, (N,), device=DEV, generator=gen)
+    spec = LossSpec(kind="ce")
+    grads = []
+    for h_in, w_in in ((hidden, head), (hidden.double(), head.bfloat16().double())):
+        w = w_in.clone().requires_grad_(True)
+        loss, _ = fused_span_loss(h_in, w, labels, span, spec, None, chunk_size=512, static=True)
+        loss.backward()
+        grads.append(w.grad.double())
+    err3 = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+    print(f"fused loss, fp32 head, 6 chunks: head gradient vs float64 {err3:.1e}")
+    assert err3 < 1e-2  # bf16 logits and grad_z, as every bf16 GEMM gradient

@@ -25,7 +25,8 @@ Design choices:
   torch.compile (fused upcast + reduce / elementwise, bf16 in and out, fp32 math); anything
   failing to compile falls back to eager. Set VPMOE_KD_COMPILE=0 to disable compilation. Math is
   fp32 (fp64 when the inputs are fp64).
-- grad_weight accumulates in the head weight's dtype (bf16 weights accumulate in bf16, as Liger).
+- grad_weight accumulates in the head weight's dtype (bf16 weights accumulate in bf16, as Liger;
+  an fp32 master head under bf16 compute in fp32, inside the GEMM on CUDA).
 - `static=True`: no host synchronisation and no data-dependent shape in forward or backward, so
   the whole train step can be captured in one CUDA graph. All N rows are computed (chunk bounds
   depend only on N): unsupervised rows (span 0) get coefficient 0, label 0 and a harmless sparse
@@ -301,6 +302,20 @@ def _cwce_center(spec: LossSpec, target, labels_sel, chunk: int) -> float:
     return total / labels_sel.numel()
 
 
+def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_z: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight += grad_z^T h. A wider accumulator than the compute dtype (the fp32 master head
+    under bf16 compute) takes the product in its own dtype: on CUDA one GEMM with fp32 output
+    accumulating in its epilogue (`addmm(out_dtype=)`), no [V, d] product rounded to bf16 and then
+    cast-added in a second pass (~2 GB of traffic per chunk at V = 201088); elsewhere (the CPU has no
+    `out_dtype` kernel) the product is computed, then cast and added."""
+    if grad_weight.dtype == grad_z.dtype:
+        grad_weight.addmm_(grad_z.T, h)
+    elif grad_weight.is_cuda and grad_weight.dtype == torch.float32 and grad_z.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(grad_weight, grad_z.T, h, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
+
+
 class _FusedSpanLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, plan: "_Plan"):
@@ -346,10 +361,8 @@ class _FusedSpanLoss(torch.autograd.Function):
                     grad_hidden[r0:r1] = grad_z @ w  # span-0 rows: exactly 0 (coefficient 0)
                 elif grad_hidden is not None:
                     grad_hidden.index_copy_(0, sel[r0:r1], grad_z @ w)
-                if grad_weight is not None and grad_weight.dtype == cdtype:
-                    grad_weight.addmm_(grad_z.T, h)
-                elif grad_weight is not None:  # e.g. fp32 master head, bf16 compute
-                    grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
+                if grad_weight is not None:
+                    _accumulate_grad_weight(grad_weight, grad_z, h)
         ctx.grads = (grad_hidden, grad_weight)
         stat_rows = {k: torch.cat(v) for k, v in sums.items() if v and v[0] is not None}
         stats = stats_from_rows(plan.span_sel, stat_rows, plan.keys)

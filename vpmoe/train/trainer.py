@@ -16,7 +16,9 @@ Design choices:
   micro-batches, all-reduced, and applied once per optimizer step (`update_router_biases`).
 - Numerics: fp32 master weights; bf16 autocast around the model on CUDA (configurable), the
   loss in the hidden states' dtype. NaN/inf in the loss or the gradient norm stops the run
-  before the optimizer step (the last good checkpoint stays the newest one).
+  (the last good checkpoint stays the newest one): before the optimizer step on the reference
+  path; after it on the fused ones, which read the step's loss sums, gradient norm and expert
+  loads in one host read once the whole step is queued (nothing before it waits for the GPU).
 - Stop signals (SIGTERM: preemption, a cluster's time limit, torchrun forwarding; SIGUSR1): the
   step in flight finishes, every rank agrees to stop after the same step (a one-flag all-reduce
   per step), a checkpoint is written, and the run exits with `TrainingStopped` (`vpmoe train`
@@ -414,30 +416,48 @@ class Trainer:
         micro_batches = [self._to_device(b) for b in micro_batches]
         # count first: the global batch's per-span tokens and rows normalise every micro-batch
         header = torch.zeros(4, dtype=torch.int64, device=self.device)
+        local_rows = 0
         for b in micro_batches:
             span = b["span_id"].long() * (b["loss_mask"] != 0).long()
             header[:3] += count_span_tokens(span)
-            header[3] += b["tokens"].shape[0]
+            local_rows += b["tokens"].shape[0]
+        header[3] = local_rows
         all_reduce_sum(header, ds)
-        span_counts, global_rows = header[:3], int(header[3])
+        # one process knows its rows without asking the GPU (a read here would idle it until the
+        # previous step's work drained, before this step's work is queued)
+        span_counts, global_rows = header[:3], local_rows if ds.world == 1 else int(header[3])
 
         if self.graphed is not None:
             stats_sum, load_sum = self._graphed_accumulate(micro_batches, span_counts)
         else:
             stats_sum, load_sum = self._accumulate(micro_batches, span_counts, global_rows)
-        stats = _unpack_stats(stats_sum[:-1])
-        report = span_report(stats, cfg.train.w_reasoning, cfg.train.w_final)
-        if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
-            self._diverged(f"loss is not finite ({report['loss']})")
+        fused = self.graphed is not None or self.fast_opt is not None
+        if not fused:  # the reference step never applies a non-finite loss's gradients
+            self._check_loss(stats_sum)
         gnorm = self._optimizer_step(load_sum)
+        # the step's one host read, after all of its work is queued: loss sums, gradient norm, loads
+        host = torch.cat([stats_sum.double(), gnorm.double().view(1), load_sum.double().flatten()]).cpu()
+        stats_host, gnorm = host[:stats_sum.numel()], float(host[stats_sum.numel()])
+        report = self._check_loss(stats_host)
+        if not math.isfinite(gnorm):  # the fused paths stepped already (clipping is folded in)
+            self._diverged(f"gradient norm is not finite ({gnorm})")
         self.step += 1
         if self.kd_mode != "none":  # kd / kl / teacher log-prob per span, and whether this was a KD step
+            stats = _unpack_stats(stats_host[:-1])
             report.update({k: v for k, v in span_means(stats).items() if not k.startswith("loss/")})
             report["kd_step"] = int(is_kd_step(self.objective.cfg, self.step - 1))
-        report.update({"aux_loss": float(stats_sum[-1]), "grad_norm": float(gnorm),
+        report.update({"aux_loss": float(stats_host[-1]), "grad_norm": gnorm,
                        "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
                        "tokens_step": global_rows * cfg.data.seq_len})
-        report["_load"] = load_sum
+        report["_load"] = host[stats_sum.numel() + 1:].view(load_sum.shape)
+        return report
+
+    def _check_loss(self, stats_sum: torch.Tensor) -> dict:
+        """The step's per-span report from its packed sums (+ aux loss); stops the run if any is
+        not finite."""
+        report = span_report(_unpack_stats(stats_sum[:-1]), self.cfg.train.w_reasoning, self.cfg.train.w_final)
+        if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
+            self._diverged(f"loss is not finite ({report['loss']})")
         return report
 
     def _accumulate(self, micro_batches, span_counts, global_rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,9 +489,10 @@ class Trainer:
         return torch.cat([g.stats_sum, g.aux_sum.double().view(1)]), g.load_sum.clone()
 
     def _optimizer_step(self, load_sum) -> torch.Tensor:
-        """Clip + step + router-bias update; returns the gradient norm. A non-finite norm stops the
-        run: before the step on the reference path; after it on the fused ones (clipping is folded
-        in there; the weights in memory are then lost, never saved)."""
+        """Clip + step + router-bias update; returns the gradient norm (a device tensor). A
+        non-finite norm stops the run: here, before the step, on the reference path; on the fused
+        ones at `train_step`'s host read, after the step (clipping is folded in there and nothing
+        waits for the host; the weights in memory are then lost, never saved)."""
         if self.graphed is not None:
             self.graphed.update()  # optimizer and bias update inside graph 3
             gnorm = self.graphed.grad_norm
@@ -479,11 +500,10 @@ class Trainer:
             gnorm = self.fast_opt.step()
         else:
             gnorm = grad_norm(self.params)
-            if torch.isfinite(gnorm):
-                clip_grads(self.params, self.cfg.optim.grad_clip, gnorm)
-                self.optimizer.step()
-        if not torch.isfinite(gnorm):
-            self._diverged(f"gradient norm is not finite ({float(gnorm)})")
+            if not torch.isfinite(gnorm):
+                self._diverged(f"gradient norm is not finite ({float(gnorm)})")
+            clip_grads(self.params, self.cfg.optim.grad_clip, gnorm)
+            self.optimizer.step()
         if self.graphed is None:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.update_router_biases(load_sum)
