@@ -436,7 +436,8 @@ class Trainer:
             self._check_loss(stats_sum)
         gnorm = self._optimizer_step(load_sum)
         # the step's one host read, after all of its work is queued: loss sums, gradient norm, loads
-        host = torch.cat([stats_sum.double(), gnorm.double().view(1), load_sum.double().flatten()]).cpu()
+        host = torch.cat([stats_sum.double(), gnorm.to(stats_sum.device, torch.float64).view(1),
+                          load_sum.double().flatten()]).cpu()
         stats_host, gnorm = host[:stats_sum.numel()], float(host[stats_sum.numel()])
         report = self._check_loss(stats_host)
         if not math.isfinite(gnorm):  # the fused paths stepped already (clipping is folded in)
@@ -453,8 +454,7 @@ class Trainer:
         return report
 
     def _check_loss(self, stats_sum: torch.Tensor) -> dict:
-        """The step's per-span report from its packed sums (+ aux loss); stops the run if any is
-        not finite."""
+        """The per-span report from the packed sums (+ aux loss); stops the run on NaN/inf."""
         report = span_report(_unpack_stats(stats_sum[:-1]), self.cfg.train.w_reasoning, self.cfg.train.w_final)
         if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
             self._diverged(f"loss is not finite ({report['loss']})")
