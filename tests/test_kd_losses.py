@@ -230,6 +230,23 @@ def test_bf16_fused_close_to_fp32_reference():
     torch.testing.assert_close(out[2].float(), ref[2], rtol=5e-2, atol=5e-3)
 
 
+def test_fp32_master_head_under_bf16_compute():
+    """The trainer's mix: bf16 hidden states, the fp32 master head. The head gradient stays fp32,
+    accumulated over several chunks (on the CPU by the cast-and-add branch; CUDA folds it into the
+    GEMM, tests/gpu), and equals the float64 loss over the bf16-rounded head up to bf16 rounding of
+    the logits gradient."""
+    hidden, weight, labels, span, sparse, _ = make_problem(dtype=torch.float32, seed=9, n=64, vocab=500, d=32)
+    spec = LossSpec(kind="fkl", ce_weight=0.5)
+    h16 = hidden.bfloat16()
+    out = loss_and_grads(fused_span_loss, h16, weight, labels, span, spec, sparse, chunk_size=16)
+    ref = loss_and_grads(fused_span_loss, h16.double(), weight.bfloat16().double(), labels, span, spec,
+                         sparse, chunk_size=16)
+    assert out[2].dtype == torch.float32
+    err = ((out[2].double() - ref[2]).norm() / ref[2].norm()).item()
+    assert err < 1e-2, err
+    torch.testing.assert_close(out[0].double(), ref[0], rtol=1e-2, atol=1e-2)
+
+
 def test_bad_inputs_are_named():
     hidden, weight, labels, span, sparse, _ = make_problem()
     bad = labels.clone()
