@@ -306,8 +306,8 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_z: torch.Tensor, h: 
     """grad_weight += grad_z^T h. A wider accumulator than the compute dtype (the fp32 master head
     under bf16 compute) takes the product in its own dtype: on CUDA one GEMM with fp32 output
     accumulating in its epilogue (`addmm(out_dtype=)`), no [V, d] product rounded to bf16 and then
-    cast-added in a second pass (~2 GB of traffic per chunk at V = 201088); elsewhere (the CPU has no
-    `out_dtype` kernel) the product is computed, then cast and added."""
+    cast-added in a second pass (~2 GB of traffic per chunk at V = 201088, by byte count);
+    elsewhere (the CPU has no `out_dtype` kernel) the product is computed, then cast and added."""
     if grad_weight.dtype == grad_z.dtype:
         grad_weight.addmm_(grad_z.T, h)
     elif grad_weight.is_cuda and grad_weight.dtype == torch.float32 and grad_z.dtype in (torch.bfloat16, torch.float16):
