@@ -71,7 +71,7 @@ def ns_alone(method: str) -> tuple[float, float]:
     return ms, err
 
 
-def run(layers: int, methods: list[str]) -> list[dict]:
+def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
     cfg = dataclasses.replace(load_model_config("configs/vpmoe.toml"), n_layers=layers)
     with torch.device("cuda"):
         model = VpMoE(cfg)
@@ -88,7 +88,7 @@ def run(layers: int, methods: list[str]) -> list[dict]:
             p.grad = torch.randn_like(p) * 1e-3
         eager = cuda_time(fast.step, warmup=2, iters=3) * 1e3  # the first calls compile
         kernels = kernel_count(fast.step)
-        print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, 10)), flush=True)
+        print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, top)), flush=True)
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), momentum=momentum,
@@ -114,12 +114,13 @@ def main():
     ap.add_argument("--methods", default="gram:256,gram:256:bfloat16",
                     help="ns_method:ns_chunk[:momentum dtype] (matrices per Newton-Schulz call; float32 | bfloat16)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--top", type=int, default=10, help="kernels listed per variant (by GPU time)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/optim_step.py needs a CUDA GPU")
     rows = []
     for n in (int(x) for x in a.layers.split(",")):
-        rows += run(n, a.methods.split(","))
+        rows += run(n, a.methods.split(","), a.top)
     if a.record:
         from bench.results import append_results
         append_results("optim_step", "python bench/optim_step.py " + " ".join(sys.argv[1:]), rows)
