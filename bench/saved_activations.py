@@ -58,13 +58,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=32, help="rows of 2048 tokens per micro-batch")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--saves", default="lean", choices=["lean", "default"],
+                    help="FastBody's LEAN_SAVES partitioner option (its default) or the partitioner's default")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/saved_activations.py needs a CUDA GPU")
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=4)
     torch.manual_seed(0)
     model = M.VpMoE(cfg).cuda()
-    body = FastBody(model)
+    body = FastBody(model, lean_saves=a.saves == "lean")
     B, T = a.rows, cfg.max_seq_len
     tokens = B * T
     doc_ids, local, glob = body.doc_masks(torch.zeros(B, T, dtype=torch.long, device="cuda"))
@@ -87,7 +89,7 @@ def main():
     if a.record:
         from bench.results import append_results
         append_results("saved_activations", "python bench/saved_activations.py " + " ".join(sys.argv[1:]), all_rows,
-                       notes=f"{tokens} tokens per micro-batch; per token: " +
+                       notes=f"{tokens} tokens per micro-batch, saves {a.saves}; per token: " +
                              ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in totals.items()))
 
 

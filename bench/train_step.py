@@ -172,7 +172,8 @@ class Trainer:
     """Model + optimizer + one step variant."""
 
     def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None,
-                 checkpoint: bool | int = False, momentum_dtype: str = "float32", fused_moe: bool = False):
+                 checkpoint: bool | int = False, momentum_dtype: str = "float32", fused_moe: bool = False,
+                 lean_saves: bool = True):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
@@ -180,7 +181,8 @@ class Trainer:
         self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype))
         self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk)
         self.fopt.init_state()
-        self.body = FastBody(self.model, static_masks=variant == "graphed", checkpoint=checkpoint, fused_moe=fused_moe)
+        self.body = FastBody(self.model, static_masks=variant == "graphed", checkpoint=checkpoint, fused_moe=fused_moe,
+                             lean_saves=lean_saves)
         self.loss_chunk = loss_chunk
         self.graphed = (GraphedTrainStep(self.body, self.loss, self.fopt, micro=micro)
                         if variant == "graphed" else None)
@@ -412,7 +414,7 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
-             micro_override=0, moe="grouped", routing="init") -> tuple[dict, list]:
+             micro_override=0, moe="grouped", routing="init", saves="lean") -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
@@ -420,11 +422,12 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     torch.cuda.reset_peak_memory_stats()
     row = {"case": name, "variant": variant, "layers": layers, "batch": batch_size, "seq": seq, "micro": micro,
            "loss": f"kd-fkl-top{kd_k}" if kd_k else "ce", "activation_checkpointing": checkpoint,
-           "muon_momentum": momentum_dtype, "moe": moe, "routing": routing}
+           "muon_momentum": momentum_dtype, "moe": moe, "routing": routing, "saves": saves}
     extra = []
     tr = None
     try:
-        tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk, checkpoint, momentum_dtype, moe == "fused")
+        tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk, checkpoint, momentum_dtype, moe == "fused",
+                     saves == "lean")
         batches = [split(make_batch(batch_size, seq, seed=s, kd_k=kd_k), micro) for s in range(3)]
         if routing == "balanced":
             row["load_imbalance_init"], row["load_imbalance"] = balance_routing(tr.model, batches[0][0])
@@ -496,6 +499,8 @@ def main():
                     help="router biases: the random init's (10-30x load imbalance) or balanced first, as training leaves them")
     ap.add_argument("--moe", default="grouped", choices=["grouped", "fused"],
                     help="routed experts: the grouped-GEMM path (FastBody's default) or moe_fused's Triton kernels")
+    ap.add_argument("--saves", default="lean", choices=["lean", "default"],
+                    help="what the compiled blocks keep for backward: FastBody's LEAN_SAVES (its default) or the partitioner's default")
     a = ap.parse_args()
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -517,7 +522,8 @@ def main():
             row, sweep = run_case(name, v, a.steps, peak, a.ns_chunk, name in a.breakdown.split(",") and v == variants[0],
                                   a.opt_sweep and name == "a" and v == variants[0],
                                   a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd,
-                                  True if a.ac == -1 else a.ac, a.momentum_dtype, a.micro, a.moe, a.routing)
+                                  True if a.ac == -1 else a.ac, a.momentum_dtype, a.micro, a.moe, a.routing,
+                                  a.saves)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p

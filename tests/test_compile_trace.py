@@ -104,3 +104,41 @@ def test_checkpointed_compiled_blocks_stay_compiled_and_match():
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lean_saves_keep_less_for_backward_and_compute_the_same():
+    """FastBody's partitioner option (`LEAN_SAVES`): AOTAutograd's min-cut partitioner (the one
+    Inductor uses; `aot_eager_decomp_partition` runs it without generating kernels) may recompute
+    in backward a cheap pointwise result the backward materialises anyway, instead of keeping it.
+    The blocks then keep fewer bytes per token (at least the shared expert's activated copy, bf16
+    [tokens, shared width]) and give the same hidden states and gradients."""
+    import copy
+
+    from bench.saved_activations import inventory
+
+    cfg = small(n_layers=4, d_model=32, n_experts=8, expert_ffn=8)
+    base = randomize(VpMoE(cfg))
+    gen = torch.Generator().manual_seed(9)
+    B, T = 2, 20
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
+    doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 5 + [1] * 15])
+    g = torch.randn(B, T, cfg.d_model, generator=gen)
+    kept, outs = {}, {}
+    for lean in (False, True):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        body = FastBody(model, compile=True, compile_backend="aot_eager_decomp_partition",
+                        dtype=torch.bfloat16, lean_saves=lean)
+        _, per_token = inventory(lambda: body(ids, doc), (), B, T, cfg.top_k, list(model.parameters()))
+        model.zero_grad(set_to_none=True)
+        hidden, aux, _ = body(ids, doc)
+        ((hidden * g).sum() + aux).backward()
+        assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
+        kept[lean] = per_token
+        outs[lean] = (hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    n_moe = sum(cfg.is_moe(i) for i in range(cfg.n_layers))
+    assert n_moe >= 2 and kept[True] <= kept[False] - 2 * cfg.shared_ffn * n_moe, kept
+    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=0, atol=0)
+    assert outs[True][1].keys() == outs[False][1].keys()
+    for n, gr in outs[False][1].items():
+        torch.testing.assert_close(outs[True][1][n], gr, rtol=1e-6, atol=1e-7, msg=n)

@@ -166,11 +166,27 @@ def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-class _CompileLadder:
-    """torch.compile(fullgraph) -> torch.compile (graph breaks allowed) -> eager, on first failure."""
+# Saved-for-backward policy of the compiled blocks. By default AOTAutograd's partitioner will not
+# recompute, in backward, a pointwise result that the backward materialises anyway (an activation
+# feeding a weight-gradient GEMM), so a block kept both a GEMM's output and its activated copy
+# (e.g. the shared expert's up output and squared ReLU, 1 KiB per token each). Lifting that ban lets
+# it keep the one and recompute the cheap other inside the backward's fused kernels: less memory
+# per kept block, so fewer blocks need activation checkpointing (bench/saved_activations.py).
+LEAN_SAVES = {"ban_recompute_materialized_backward": False}
 
-    def __init__(self, fn, enabled: bool, backend: str = "inductor"):
+
+def _partitioner_options(lean: bool) -> dict:
+    known = torch._functorch.config._config  # a torch without the option keeps its default
+    return {k: v for k, v in LEAN_SAVES.items() if k in known} if lean else {}
+
+
+class _CompileLadder:
+    """torch.compile(fullgraph) -> torch.compile (graph breaks allowed) -> eager, on first failure.
+    `partitioner`: torch._functorch.config options in force while a compiled rung runs (compiles)."""
+
+    def __init__(self, fn, enabled: bool, backend: str = "inductor", partitioner: dict | None = None):
         self.fn = fn
+        self.partitioner = partitioner or {}
         self.rungs = ([("fullgraph", torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)),
                        ("graph-breaks", torch.compile(fn, dynamic=False, backend=backend))]
                       if enabled else []) + [("eager", fn)]
@@ -183,7 +199,10 @@ class _CompileLadder:
     def __call__(self, *args):
         while True:
             try:
-                return self.rungs[0][1](*args)
+                if self.rungs[0][0] == "eager" or not self.partitioner:
+                    return self.rungs[0][1](*args)
+                with torch._functorch.config.patch(**self.partitioner):
+                    return self.rungs[0][1](*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -199,7 +218,7 @@ class FastBody:
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
                  static_masks: bool = False, checkpoint: bool | int = False, compile_backend: str = "inductor",
-                 fused_prologue: bool | None = None, fused_moe: bool = False):
+                 fused_prologue: bool | None = None, fused_moe: bool = False, lean_saves: bool = True):
         self.model, self.cfg = model, model.cfg
         self.checkpoint = checkpointed_blocks(checkpoint, model.cfg.n_layers)  # the first blocks
         p0 = model.embed.weight
@@ -231,7 +250,7 @@ class FastBody:
             if kind not in self.fns:
                 self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex, self.bf16x3,
                                                               self.fused_prologue, self.fused_moe),
-                                                use_compile, compile_backend)
+                                                use_compile, compile_backend, _partitioner_options(lean_saves))
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
