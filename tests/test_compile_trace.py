@@ -139,6 +139,11 @@ def test_lean_saves_keep_less_for_backward_and_compute_the_same():
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.n_layers))
     assert n_moe >= 2 and kept[True] <= kept[False] - 2 * cfg.shared_ffn * n_moe, kept
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=0, atol=0)
+    # checkpointed blocks keep only their input either way: they compile with the default
+    body = FastBody(copy.deepcopy(base), compile=True, checkpoint=2, compile_backend="aot_eager_decomp_partition",
+                    dtype=torch.bfloat16)
+    lean_layers = [bool(body.fns[k].partitioner) for k in body.kind_of]
+    assert lean_layers == [False, False, True, True], lean_layers
     assert outs[True][1].keys() == outs[False][1].keys()
     for n, gr in outs[False][1].items():
         torch.testing.assert_close(outs[True][1][n], gr, rtol=1e-6, atol=1e-7, msg=n)

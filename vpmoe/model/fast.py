@@ -171,7 +171,10 @@ def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 # feeding a weight-gradient GEMM), so a block kept both a GEMM's output and its activated copy
 # (e.g. the shared expert's up output and squared ReLU, 1 KiB per token each). Lifting that ban lets
 # it keep the one and recompute the cheap other inside the backward's fused kernels: less memory
-# per kept block, so fewer blocks need activation checkpointing (bench/saved_activations.py).
+# per kept block (H200, 65k tokens: local MoE block 28.9 -> 19.8 KiB per token), so fewer blocks
+# need activation checkpointing, at some recompute in every backward (+0.56 ms per block and
+# micro-batch, measured). A checkpointed block keeps only its input either way, so it keeps the
+# default (no extra recompute): blocks get a compiled function per (kind, lean).
 LEAN_SAVES = {"ban_recompute_materialized_backward": False}
 
 
@@ -246,11 +249,12 @@ class FastBody:
         self.fused_moe = bool(fused_moe) and MF.available(p0.device) and MF.supported(c.d_model, c.expert_ffn)
         self.fns, self.kind_of = {}, []
         for i in range(self.cfg.n_layers):
-            kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0)
+            # (global, moe, first, lean): a checkpointed block keeps only its input, lean or not
+            kind = (self.cfg.is_global(i), self.cfg.is_moe(i), i == 0, lean_saves and i >= self.checkpoint)
             if kind not in self.fns:
                 self.fns[kind] = _CompileLadder(make_block_fn(self.cfg, i, self.dtype, self.flex, self.bf16x3,
                                                               self.fused_prologue, self.fused_moe),
-                                                use_compile, compile_backend, _partitioner_options(lean_saves))
+                                                use_compile, compile_backend, _partitioner_options(kind[3]))
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
