@@ -58,8 +58,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=32, help="rows of 2048 tokens per micro-batch")
     ap.add_argument("--record", action="store_true")
-    ap.add_argument("--saves", default="lean", choices=["lean", "default"],
-                    help="FastBody's LEAN_SAVES partitioner option (its default) or the partitioner's default")
+    ap.add_argument("--saves", default="default", choices=["lean", "default"],
+                    help="the partitioner's default (FastBody's) or its LEAN_SAVES option (train.lean_saves)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/saved_activations.py needs a CUDA GPU")

@@ -173,7 +173,7 @@ class Trainer:
 
     def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None,
                  checkpoint: bool | int = False, momentum_dtype: str = "float32", fused_moe: bool = False,
-                 lean_saves: bool = True):
+                 lean_saves: bool = False):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
@@ -414,7 +414,7 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
-             micro_override=0, moe="grouped", routing="init", saves="lean") -> tuple[dict, list]:
+             micro_override=0, moe="grouped", routing="init", saves="default") -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
@@ -499,8 +499,8 @@ def main():
                     help="router biases: the random init's (10-30x load imbalance) or balanced first, as training leaves them")
     ap.add_argument("--moe", default="grouped", choices=["grouped", "fused"],
                     help="routed experts: the grouped-GEMM path (FastBody's default) or moe_fused's Triton kernels")
-    ap.add_argument("--saves", default="lean", choices=["lean", "default"],
-                    help="what the compiled blocks keep for backward: FastBody's LEAN_SAVES (its default) or the partitioner's default")
+    ap.add_argument("--saves", default="default", choices=["lean", "default"],
+                    help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     a = ap.parse_args()
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

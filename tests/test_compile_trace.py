@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.test_model import randomize, small
+from tests.test_train_helpers import synth_data  # noqa: F401
 from vpmoe.model.fast import FastBody, make_block_fn
 from vpmoe.model.model import VpMoE, alibi_slopes, positions_from_docs
 
@@ -141,9 +142,26 @@ def test_lean_saves_keep_less_for_backward_and_compute_the_same():
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=0, atol=0)
     # checkpointed blocks keep only their input either way: they compile with the default
     body = FastBody(copy.deepcopy(base), compile=True, checkpoint=2, compile_backend="aot_eager_decomp_partition",
-                    dtype=torch.bfloat16)
+                    dtype=torch.bfloat16, lean_saves=True)
     lean_layers = [bool(body.fns[k].partitioner) for k in body.kind_of]
     assert lean_layers == [False, False, True, True], lean_layers
     assert outs[True][1].keys() == outs[False][1].keys()
     for n, gr in outs[False][1].items():
         torch.testing.assert_close(outs[True][1][n], gr, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_trainer_passes_lean_saves_to_the_fused_body(tmp_path, synth_data):  # noqa: F811
+    """`train.lean_saves` reaches the fused body the trainer builds: the blocks after the
+    checkpointed ones compile with the partitioner option, the checkpointed ones without; the run's
+    compute summary says so."""
+    from tests.test_train_helpers import TEST_MODEL, TEST_RUN
+    from vpmoe.train.config import load_run_config
+    from vpmoe.train.trainer import Trainer
+
+    text = TEST_MODEL + TEST_RUN.format(data=synth_data, run_dir=tmp_path / "run", steps=1)
+    text = text.replace("[train]\n", '[train]\nfast_path = "on"\nlean_saves = true\nactivation_checkpointing = 1\n')
+    (tmp_path / "run.toml").write_text(text)
+    tr = Trainer(load_run_config(tmp_path / "run.toml"))
+    lean = [bool(tr.body.fns[k].partitioner) for k in tr.body.kind_of]
+    assert lean == [False] + [True] * (len(lean) - 1) and len(lean) >= 2, lean
+    assert "lean saves" in tr.compute_summary()

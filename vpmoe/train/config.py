@@ -52,6 +52,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA sm80+, else fp32) | bf16 | fp32
     activation_checkpointing: bool | int = False  # true: every block; N: the first N blocks (the rest keep activations)
+    lean_saves: bool = False  # fast path: blocks that keep activations keep ~30% less, recomputing cheap pointwise work in backward
     fast_path: str = "auto"  # auto (on CUDA sm80+) | on | off: the model's fused kernels and fused optimizer step
     cuda_graphs: str = "auto"  # auto (one sm90/sm100 device, fast path, no online KD) | on (refuses where it cannot) | off
     w_reasoning: float = 1.0

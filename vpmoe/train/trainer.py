@@ -336,7 +336,7 @@ class Trainer:
         if not self._fast_path_on() or self.ds.world > 1:
             return None
         from vpmoe.model.fast import FastBody
-        return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing)
+        return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing, lean_saves=self.cfg.train.lean_saves)
 
     def compute_summary(self) -> str:
         """One line on how this run computes: device, precision, code path, CUDA graphs (and why
@@ -360,6 +360,8 @@ class Trainer:
         n_ac = checkpointed_blocks(cfg.train.activation_checkpointing, n_layers)
         if n_ac:
             parts.append("activation checkpointing" + ("" if n_ac == n_layers else f" for the first {n_ac} of {n_layers} blocks"))
+        if self.body is not None and cfg.train.lean_saves and n_ac < n_layers:
+            parts.append("lean saves")
         parts.append(f"{self.ds.world} process(es)")
         if self.ds.ep_size > 1:
             parts.append(f"expert parallel {self.ds.ep_size}")
