@@ -477,6 +477,22 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     return row, extra
 
 
+def set_inductor_options(spec: str) -> None:
+    """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
+    fails here, not silently."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        obj, *path = [inductor_config] + key.strip().split(".")
+        for name in path[:-1]:
+            obj = getattr(obj, name)
+        if not hasattr(obj, path[-1]):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+        setattr(obj, path[-1], ast.literal_eval(value.strip()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="a,b,c", help="comma list of a,b,c; case:variant picks one variant")
@@ -499,9 +515,12 @@ def main():
                     help="router biases: the random init's (10-30x load imbalance) or balanced first, as training leaves them")
     ap.add_argument("--moe", default="grouped", choices=["grouped", "fused"],
                     help="routed experts: the grouped-GEMM path (FastBody's default) or moe_fused's Triton kernels")
+    ap.add_argument("--inductor", default="",
+                    help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     a = ap.parse_args()
+    set_inductor_options(a.inductor)
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -528,6 +547,8 @@ def main():
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
             row["bf16_peak_tflops"] = peak
+            if a.inductor:
+                row["inductor"] = a.inductor
             row.pop("compile", None)
             rows.append(row)
             if a.record:  # one section per case, written as soon as it is measured (a cut run keeps it)

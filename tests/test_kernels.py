@@ -299,11 +299,30 @@ def test_gram_newton_schulz_equals_reference_in_float64():
         assert s.min() > 0.5 and s.max() < 1.3, s
 
 
-@pytest.mark.parametrize("ns_chunk,ns_method", [(3, "gram"), (32, "gram"), (32, "standard")])
-def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method):
+def test_packed_gram_newton_schulz_equals_one_call_per_tensor():
+    """`gram_newton_schulz_packed`: tensors of one matrix shape and different batch sizes, their
+    n x n iteration packed into one batch, give what one call per tensor gives (fp64: to rounding;
+    fp32: the same ops per matrix), wide and tall, with and without restarts."""
+    from vpmoe.train.optim_fast import gram_newton_schulz, gram_newton_schulz_packed
+    g = torch.Generator().manual_seed(13)
+    for m, n in ((8, 40), (48, 6)):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            xs = [torch.randn(b, m, n, generator=g, dtype=dtype) * 10.0 ** -e for b, e in ((3, 3), (1, 0), (5, 2))]
+            for restart in ((), (2,), (1, 3)):
+                got = gram_newton_schulz_packed(xs, 5, restart_at=restart)
+                assert [t.shape for t in got] == [x.shape for x in xs]
+                for x, y in zip(xs, got):
+                    torch.testing.assert_close(y, gram_newton_schulz(x, 5, restart_at=restart), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("ns_chunk,ns_method,ns_pack", [(3, "gram", 1), (32, "gram", 1), (32, "standard", 1),
+                                                        (32, "gram", 2), (3, "gram", 2)])
+def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack):
     """FastMuonAdamW.step == clip_grad_norm_ + MuonAdamW.step over 3 steps (clip active), with
     Newton-Schulz chunks that cut a tensor (3: does not divide the 8 experts) or hold it whole (32),
-    by either iteration (the small model's 8 x 32 expert matrices take the Gram-side one)."""
+    by either iteration (the small model's 8 x 32 expert matrices take the Gram-side one), and with
+    the experts' Gram-side iterations packed two tensors per call (`ns_pack`; a cut tensor is never
+    packed)."""
     import copy
 
     from vpmoe.train.optim import OptimConfig, build_optimizer
@@ -312,7 +331,11 @@ def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method):
     m1 = randomize(VpMoE(cfg))
     m2 = copy.deepcopy(m1)
     o1, o2 = build_optimizer(m1, OptimConfig()), build_optimizer(m2, OptimConfig())
-    fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=ns_chunk, ns_method=ns_method)
+    fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=ns_chunk, ns_method=ns_method, ns_pack=ns_pack)
+    expert_tensors = [p for p in m2.parameters() if p.ndim == 3]
+    assert len(expert_tensors) >= 3  # packs of two and a remainder of one per shape
+    assert all(fast._packs(p.view(-1, *p.shape[-2:])) == (ns_pack > 1 and ns_chunk >= p.shape[0])
+               for p in expert_tensors)
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     for _ in range(3):
         for m in (m1, m2):
