@@ -5,9 +5,11 @@ method, graphed and eager, plus the experts' Newton-Schulz alone.
 
 Gradients are random (1e-3 scale, clipping active); the step reads and writes the same state as in
 training, so the figures are what `vpmoe train` and bench/train_step.py pay per optimizer step.
-Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side) and `ns_chunk` (matrices per
-call; 256 = one expert tensor) and the stored Muon momentum's dtype (`gram:256:bfloat16`). Packing several layers' tensors into one call (chunks of 1024 and
-2048) was measured slower and dropped (docs/LOG.md).
+Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side), `ns_chunk` (matrices per
+call; 256 = one expert tensor), the stored Muon momentum's dtype (`gram:256:bfloat16`) and
+`ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:8`).
+Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
+measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `kernels`
 (launches per step, from the profiler), `ns_ms` (one expert tensor's Newton-Schulz, 256 matrices
 of 128 x 1024, compiled as in the step) and `ns_err` (its relative error against the same
@@ -80,8 +82,9 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
     for spec in methods:
         parts = spec.split(":")
         method, chunk, momentum = parts[0], (parts[1:2] or ["256"])[0], (parts[2:3] or ["float32"])[0]
+        pack = int((parts[3:4] or ["1"])[0])
         opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
-        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk))
+        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk), ns_pack=pack)
         fast.init_state()
         torch.manual_seed(0)
         for p in model.parameters():
@@ -91,7 +94,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, top)), flush=True)
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
-        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), momentum=momentum,
+        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), ns_pack=pack, momentum=momentum,
                    step_ms=graphed * 1e3,
                    eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -112,7 +115,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="20", help="comma-separated layer counts")
     ap.add_argument("--methods", default="gram:256,gram:256:bfloat16",
-                    help="ns_method:ns_chunk[:momentum dtype] (matrices per Newton-Schulz call; float32 | bfloat16)")
+                    help="ns_method:ns_chunk[:momentum dtype[:ns_pack]] (matrices per Newton-Schulz call; "
+                         "float32 | bfloat16; whole expert tensors per packed Gram-side call, 1 = none)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per variant (by GPU time)")
     a = ap.parse_args()

@@ -17,6 +17,10 @@ Design choices:
   one GEMM per step over the big operand) everywhere. Measured on an
   H200 (bench/RESULTS.md, optimizer sweep): whole tensors (256 matrices) beat L2-sized chunks
   (32-64), eager and in a CUDA graph alike, so 256 is the default.
+- `ns_pack > 1` (opt-in; the benchmark's, not yet the trainer's: unmeasured on a GPU) packs the
+  n x n Gram-side iterations of that many whole expert tensors into one batch
+  (`gram_newton_schulz_packed`): at 20 layers their 128 x 128 products ran as 532 launches of
+  ~6 us, two waves of tiles each, 3.15 ms per step (H200 profile, docs/performance.md).
 - Muon on 2-D matrices: same-shape matrices are stacked and orthogonalised in one batched call;
   momentum and updates use `_foreach` ops (few launches for hundreds of small tensors).
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
