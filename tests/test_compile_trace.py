@@ -53,7 +53,7 @@ def test_block_traces_whole_and_matches_eager(layer):
 def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
     """FastMuonAdamW's compiled pieces (momentum + Nesterov + cast, both Newton-Schulz forms, the
     decayed update) as whole graphs, equal to their eager selves."""
-    from vpmoe.train.optim_fast import _muon_post, _muon_pre, orthogonalise
+    from vpmoe.train.optim_fast import _muon_post, _muon_pre, gram_newton_schulz_packed, orthogonalise
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(11)
@@ -62,13 +62,15 @@ def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
     coef, decay, step = torch.tensor(0.7), torch.tensor(0.999), torch.tensor(-0.01)
     outs = []
     for compiled in (False, True):
-        pre, post, ns = ((torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False) if compiled else f)
-                         for f in (_muon_pre, _muon_post, orthogonalise))
+        pre, post, ns, packed = ((torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False)
+                                  if compiled else f)
+                                 for f in (_muon_pre, _muon_post, orthogonalise, gram_newton_schulz_packed))
         buf, w = buf0.clone(), torch.randn(6, 16, 64, generator=torch.Generator().manual_seed(12))
         u = pre(g, buf, coef, 0.95, True, torch.float32)
         o_gram, o_std = ns(u, 5, "gram"), ns(u, 5, "standard")
         post(w, o_gram, decay, step)
-        outs.append((buf, u, o_gram, o_std, w))
+        o_packed = packed([u[:4], u[4:]], 5)
+        outs.append((buf, u, o_gram, o_std, w, *o_packed))
     for a, b in zip(*outs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
