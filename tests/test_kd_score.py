@@ -237,7 +237,7 @@ def test_objective_staged_target_match_eager(world, include_label):
     from vpmoe.config import from_dict
     from vpmoe.data.loader import SplitData
     from vpmoe.kd.objective import KDConfig, KDObjective
-    from vpmoe.train.trainer import _pack_stats
+    from vpmoe.train.span_stats import pack_stats
 
     cfg = from_dict(KDConfig, {"mode": "offline", "cache": str(world["root"] / "cache"), "chunk_size": 128,
                                "include_label": include_label, "loss": {"kind": "jsd", "ce_weight": 0.3}})
@@ -252,7 +252,7 @@ def test_objective_staged_target_match_eager(world, include_label):
         b = dict(batch, **objective.staged_target(batch, kd)) if (static or staged) else batch
         loss, stats = objective(h, w, b, step=0, kd=kd, w_r=0.6, w_f=1.4, static=static)
         gh, gw = torch.autograd.grad(loss, [h, w])
-        return loss.detach(), gh, gw, _pack_stats(stats), stats["kd"]
+        return loss.detach(), gh, gw, pack_stats(stats), stats["kd"]
 
     for kd in (True, False):
         ref = run(kd, static=False)
@@ -275,7 +275,8 @@ def test_trainer_graph_batches_and_loss_match_eager(world, tmp_path):
     from vpmoe.kd.objective import is_kd_step
     from vpmoe.kd.losses import count_span_tokens
     from vpmoe.train.config import load_run_config
-    from vpmoe.train.trainer import Trainer, _pack_stats
+    from vpmoe.train.span_stats import pack_stats
+    from vpmoe.train.trainer import Trainer
 
     text = (TEST_MODEL.replace("max_seq_len = 192", "max_seq_len = 256")
             + TEST_RUN.format(data=world["root"] / "data", run_dir=tmp_path / "run", steps=2)
@@ -307,6 +308,6 @@ def test_trainer_graph_batches_and_loss_match_eager(world, tmp_path):
             ref, stats = tr.objective(h2, head, b, step, span_token_counts=counts)
             rh, rw = torch.autograd.grad(ref, [h2, head])
             torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(packed, _pack_stats(stats), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(packed, pack_stats(stats), rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-7)

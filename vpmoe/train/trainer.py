@@ -50,7 +50,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_diff
-from vpmoe.kd.losses import STAT_KEYS, count_span_tokens, span_means
+from vpmoe.kd.losses import count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
 from vpmoe.train import checkpoint as ckpt
@@ -63,10 +63,8 @@ from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_no
                                   sync_unsharded_grads)
 from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.schedule import wsd_factor
+from vpmoe.train.span_stats import N_STATS, pack_stats, span_report, unpack_stats
 from vpmoe.utils import git_sha
-
-N_STATS = 1 + len(STAT_KEYS)  # count + sums, each [3] by span id
-
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm is NaN/inf; the message names the step and the quantity."""
@@ -94,31 +92,6 @@ def stop_signals():
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-
-
-def _pack_stats(stats: dict) -> torch.Tensor:
-    """Fixed layout (count, then every STAT_KEY; zeros for keys this loss does not report)."""
-    zeros = torch.zeros(3, dtype=torch.float64, device=stats["count"].device)
-    return torch.cat([stats["count"].double()] + [stats.get(k, zeros).double() for k in STAT_KEYS])
-
-
-def _unpack_stats(packed: torch.Tensor) -> dict:
-    parts = packed.view(N_STATS, 3)
-    return {"count": parts[0], **{k: parts[i + 1] for i, k in enumerate(STAT_KEYS)}}
-
-
-def span_report(stats: dict, w_r: float, w_f: float, prefix: str = "") -> dict:
-    """Global per-span means and the weighted total (an empty span contributes 0)."""
-    out, total = {}, 0.0
-    for span, name, weight in ((1, "reasoning", w_r), (2, "final", w_f)):
-        n = float(stats["count"][span])
-        out[f"{prefix}tokens/{name}"] = int(n)
-        if n > 0:
-            mean = float(stats["loss_sum"][span]) / n
-            out[f"{prefix}loss/{name}"] = mean
-            total += weight * mean
-    out[f"{prefix}loss"] = total
-    return out
 
 
 class Trainer:
@@ -295,7 +268,7 @@ class Trainer:
         loss, stats = self.objective(hidden, self.model.lm_head.weight, batch, self.step,
                                      w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
                                      span_token_counts=self._graph_counts, kd=False, static=True)
-        return loss, _pack_stats(stats)
+        return loss, pack_stats(stats)
 
     def _graph_batches(self, micro_batches: list[dict]) -> list[dict]:
         """Micro-batches as the captured step reads them: offline KD runs need this step's teacher
@@ -446,7 +419,7 @@ class Trainer:
             self._diverged(f"gradient norm is not finite ({gnorm})")
         self.step += 1
         if self.kd_mode != "none":  # kd / kl / teacher log-prob per span, and whether this was a KD step
-            stats = _unpack_stats(stats_host[:-1])
+            stats = unpack_stats(stats_host[:-1])
             report.update({k: v for k, v in span_means(stats).items() if not k.startswith("loss/")})
             report["kd_step"] = int(is_kd_step(self.objective.cfg, self.step - 1))
         report.update({"aux_loss": float(stats_host[-1]), "grad_norm": gnorm,
@@ -457,7 +430,7 @@ class Trainer:
 
     def _check_loss(self, stats_sum: torch.Tensor) -> dict:
         """The per-span report from the packed sums (+ aux loss); stops the run on NaN/inf."""
-        report = span_report(_unpack_stats(stats_sum[:-1]), self.cfg.train.w_reasoning, self.cfg.train.w_final)
+        report = span_report(unpack_stats(stats_sum[:-1]), self.cfg.train.w_reasoning, self.cfg.train.w_final)
         if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
             self._diverged(f"loss is not finite ({report['loss']})")
         return report
@@ -472,7 +445,7 @@ class Trainer:
             loss, stats, aux, load = self._forward_loss(b, span_counts)
             aux_part = aux * (b["tokens"].shape[0] / global_rows)
             ((loss + aux_part) * ds.world).backward()  # FSDP2 averages; see parallel.py
-            stats_sum[:-1] += _pack_stats(stats).to(self.device)
+            stats_sum[:-1] += pack_stats(stats).to(self.device)
             stats_sum[-1] += aux_part.detach().double()
             load_sum = load if load_sum is None else load_sum + load
         all_reduce_sum(stats_sum, ds)
@@ -531,9 +504,9 @@ class Trainer:
             if int(have) == 0:
                 break
             _, stats, _, _ = self._forward_loss(self._to_device(batch), None, kd=False)
-            stats_sum += _pack_stats(stats).to(self.device)
+            stats_sum += pack_stats(stats).to(self.device)
         all_reduce_sum(stats_sum, ds)
-        return span_report(_unpack_stats(stats_sum), cfg.train.w_reasoning, cfg.train.w_final, prefix="valid/")
+        return span_report(unpack_stats(stats_sum), cfg.train.w_reasoning, cfg.train.w_final, prefix="valid/")
 
     # ------------------------------------------------------------------------------ the loop
 
