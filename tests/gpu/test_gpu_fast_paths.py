@@ -201,21 +201,23 @@ def test_routing_sort_cuda_matches_cpu():
             assert torch.equal(g_.cpu(), w_)
 
 
+def ns_exact(x: torch.Tensor) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration in float64 (wide orientation for [b, 1024, 128])."""
+    from vpmoe.train.optim import NS_COEFFS
+    a, b, c = NS_COEFFS
+    x = x.double().mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(5):
+        g = x @ x.mT
+        x = a * x + (b * g + c * g @ g) @ x
+    return x.mT
+
+
 def test_gram_newton_schulz_no_worse_than_standard():
     """The optimizer's Gram-side Newton-Schulz (fp16 small side, bf16 products, one restart) vs the
     X-side bf16 iteration, both against the same iteration in float64, at the experts' shape, on
     Gaussian, low-rank (few tokens reached the expert) and wide-spectrum inputs."""
-    from vpmoe.train.optim import NS_COEFFS
     from vpmoe.train.optim_fast import gram_newton_schulz, newton_schulz_batched
-    a, b, c = NS_COEFFS
-
-    def exact(x):
-        x = x.double().mT
-        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        for _ in range(5):
-            g = x @ x.mT
-            x = a * x + (b * g + c * g @ g) @ x
-        return x.mT
 
     torch.manual_seed(3)
     u, _, v = torch.linalg.svd(torch.randn(64, 1024, 128, device=DEV), full_matrices=False)
@@ -225,7 +227,7 @@ def test_gram_newton_schulz_no_worse_than_standard():
     for name, s in spectra.items():
         x = torch.randn(64, 1024, 128, device=DEV) if s is None else u @ torch.diag_embed(s.expand(64, -1)) @ v
         x = (x * 3e-4).bfloat16()  # gradient-like magnitude, and the bf16 input both methods get
-        ref = exact(x)
+        ref = ns_exact(x)
         e_std = rel_err(newton_schulz_batched(x), ref)
         e_gram = rel_err(torch.compile(gram_newton_schulz, dynamic=False)(x), ref)
         print(f"NS rel err vs fp64 ({name}): standard {e_std:.2e}, gram {e_gram:.2e}")
@@ -237,17 +239,7 @@ def test_packed_gram_newton_schulz_cuda_matches_per_tensor():
     it), compiled and replayed from a CUDA graph: three expert-shaped tensors packed give what one
     call per tensor gives, up to the GEMMs' kernel choice for a bigger batch, and stay as close to
     the float64 iteration."""
-    from vpmoe.train.optim import NS_COEFFS
     from vpmoe.train.optim_fast import gram_newton_schulz, gram_newton_schulz_packed
-    a, b, c = NS_COEFFS
-
-    def exact(x):
-        x = x.double().mT
-        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        for _ in range(5):
-            g = x @ x.mT
-            x = a * x + (b * g + c * g @ g) @ x
-        return x.mT
 
     torch.manual_seed(5)
     xs = [(torch.randn(n, 1024, 128, device=DEV) * 3e-4).bfloat16() for n in (64, 64, 32)]
@@ -263,7 +255,7 @@ def test_packed_gram_newton_schulz_cuda_matches_per_tensor():
     graph.replay()
     for x, e, o in zip(xs, eager, out):
         one = gram_newton_schulz(x)
-        ref = exact(x)
+        ref = ns_exact(x)
         print(f"packed vs per-tensor {rel_err(e, one):.2e}, vs fp64 packed {rel_err(e, ref):.2e} "
               f"per-tensor {rel_err(one, ref):.2e}, graph replay vs eager {rel_err(o, e):.2e}")
         assert rel_err(e, one) <= 1e-2
