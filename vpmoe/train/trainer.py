@@ -66,6 +66,7 @@ from vpmoe.train.schedule import wsd_factor
 from vpmoe.train.span_stats import N_STATS, pack_stats, span_report, unpack_stats
 from vpmoe.utils import git_sha
 
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm is NaN/inf; the message names the step and the quantity."""
 
