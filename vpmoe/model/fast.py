@@ -182,8 +182,10 @@ LEAN_SAVES = {"ban_recompute_materialized_backward": False}
 
 
 def _partitioner_options(lean: bool) -> dict:
-    known = torch._functorch.config._config  # a torch without the option keeps its default
-    return {k: v for k, v in LEAN_SAVES.items() if k in known} if lean else {}
+    if not lean:
+        return {}
+    known = getattr(torch._functorch.config, "_config", {})  # a torch without the option keeps its default
+    return {k: v for k, v in LEAN_SAVES.items() if k in known}
 
 
 class _CompileLadder:
