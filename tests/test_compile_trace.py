@@ -132,24 +132,58 @@ def test_lean_saves_keep_less_for_backward_and_compute_the_same():
         model = copy.deepcopy(base)
         body = FastBody(model, compile=True, compile_backend="aot_eager_decomp_partition",
                         dtype=torch.bfloat16, lean_saves=lean)
-        _, per_token = inventory(lambda: body(ids, doc), (), B, T, cfg.top_k, list(model.parameters()))
+        _, kept[lean] = inventory(lambda: body(ids, doc), (), B, T, cfg.top_k, list(model.parameters()))
         model.zero_grad(set_to_none=True)
         hidden, aux, _ = body(ids, doc)
         ((hidden * g).sum() + aux).backward()
         assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
-        kept[lean] = per_token
         outs[lean] = (hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.n_layers))
     assert n_moe >= 2 and kept[True] <= kept[False] - 2 * cfg.shared_ffn * n_moe, kept
     torch.testing.assert_close(outs[True][0], outs[False][0], rtol=0, atol=0)
-    # checkpointed blocks keep only their input either way: they compile with the default
-    body = FastBody(copy.deepcopy(base), compile=True, checkpoint=2, compile_backend="aot_eager_decomp_partition",
-                    dtype=torch.bfloat16, lean_saves=True)
-    lean_layers = [bool(body.fns[k].partitioner) for k in body.kind_of]
-    assert lean_layers == [False, False, True, True], lean_layers
     assert outs[True][1].keys() == outs[False][1].keys()
     for n, gr in outs[False][1].items():
         torch.testing.assert_close(outs[True][1][n], gr, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_lean_saves_with_checkpointed_blocks_partition_each_kind_its_way():
+    """With the first blocks checkpointed, those compile without the lean option and the later
+    ones with it, though every block function of a kind shares one code object: a graph that a
+    checkpointed block compiled first must not serve a lean block of the same kind (it did once,
+    and the option then did nothing for the blocks that keep their activations). Counted at the
+    partitioner: one partition per (kind, lean) and the embedding, each under its own option."""
+    import copy
+
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from vpmoe.model.fast import LEAN_SAVES
+
+    (option, lean_value), = LEAN_SAVES.items()
+    seen = []
+
+    def partition(*args, **kwargs):
+        seen.append(getattr(functorch_config, option) == lean_value)
+        return min_cut_rematerialization_partition(*args, **kwargs)
+
+    backend = aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition)
+    cfg = small(n_layers=4, d_model=32, n_experts=8, expert_ffn=8)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    doc = torch.zeros(2, 20, dtype=torch.long)
+    torch._dynamo.reset()
+    model = randomize(VpMoE(cfg))
+    body = FastBody(copy.deepcopy(model), compile=True, compile_backend=backend, dtype=torch.bfloat16,
+                    lean_saves=True, checkpoint=2)
+    assert [k[3] for k in body.kind_of] == [False, False, True, True], body.kind_of
+    assert body.kind_of[1][:3] == body.kind_of[2][:3]  # one kind on both sides of the split
+    hidden, aux, _ = body(ids, doc)  # the checkpointed blocks compile first, as in training
+    (hidden.float().sum() + aux).backward()
+    assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
+    n_lean = len({k for k in body.kind_of if k[3]})
+    n_default = len({k for k in body.kind_of if not k[3]}) + 1  # + the embedding
+    assert sorted(seen) == [False] * n_default + [True] * n_lean, seen
 
 
 def test_trainer_passes_lean_saves_to_the_fused_body(tmp_path, synth_data):  # noqa: F811

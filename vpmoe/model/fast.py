@@ -188,13 +188,28 @@ def _partitioner_options(lean: bool) -> dict:
     return {k: v for k, v in LEAN_SAVES.items() if k in known}
 
 
+def _backend_with(backend, partitioner: dict):
+    """`backend` compiling under the partitioner options. Its own callable, not the options patched
+    around the call: every block kind's function shares one code object, so Dynamo would serve a
+    lean block the graph a checkpointed block of the same kind compiled first (found in review: the
+    option then did nothing); a cached graph is reused only for the backend that compiled it."""
+    if not partitioner:
+        return backend
+
+    def compile_fn(gm, example_inputs):
+        with torch._functorch.config.patch(**partitioner):
+            return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    return compile_fn
+
+
 class _CompileLadder:
     """torch.compile(fullgraph) -> torch.compile (graph breaks allowed) -> eager, on first failure.
-    `partitioner`: torch._functorch.config options in force while a compiled rung runs (compiles)."""
+    `partitioner`: torch._functorch.config options in force while the compiled rungs compile."""
 
-    def __init__(self, fn, enabled: bool, backend: str = "inductor", partitioner: dict | None = None):
+    def __init__(self, fn, enabled: bool, backend="inductor", partitioner: dict | None = None):
         self.fn = fn
         self.partitioner = partitioner or {}
+        backend = _backend_with(backend, self.partitioner)
         self.rungs = ([("fullgraph", torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)),
                        ("graph-breaks", torch.compile(fn, dynamic=False, backend=backend))]
                       if enabled else []) + [("eager", fn)]
@@ -207,10 +222,7 @@ class _CompileLadder:
     def __call__(self, *args):
         while True:
             try:
-                if self.rungs[0][0] == "eager" or not self.partitioner:
-                    return self.rungs[0][1](*args)
-                with torch._functorch.config.patch(**self.partitioner):
-                    return self.rungs[0][1](*args)
+                return self.rungs[0][1](*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001
