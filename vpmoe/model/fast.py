@@ -173,11 +173,10 @@ def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 # it keep the one and recompute the cheap other inside the backward's fused kernels. Measured (H200,
 # 80 layers, 2 x 65k tokens, 50 blocks checkpointed): a local MoE block keeps 28.9 -> 19.8 KiB per
 # token, the step's peak 132.1 -> 110.2 GiB, the step 2,500 -> 2,590 ms with every block lean
-# (~0.56 ms per block and micro-batch, derived). Opt-in (`train.lean_saves`): it pays off only where
-# memory binds (a bigger micro-batch, a smaller GPU); spent on fewer checkpointed blocks it did not
-# repay the time (34 and 30 of 80 still ran out of memory). A checkpointed block keeps only its
-# input, lean or not, so it compiles with the default (no extra recompute): blocks get a compiled
-# function per (kind, lean).
+# (~0.56 ms per block and micro-batch, derived). Opt-in (`train.lean_saves`) until its memory has
+# been spent on fewer checkpointed blocks and timed (estimated ~-4% at 80 layers; not measured). A
+# checkpointed block keeps only its input, lean or not, so it compiles with the default (no extra
+# recompute): blocks get a compiled function per (kind, lean).
 LEAN_SAVES = {"ban_recompute_materialized_backward": False}
 
 
