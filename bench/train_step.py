@@ -484,11 +484,13 @@ def set_inductor_options(spec: str) -> None:
 
     import torch._inductor.config as inductor_config
     for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq or not value.strip():
+            raise SystemExit(f"--inductor: expected KEY=VALUE, got {item!r}")
         obj, *path = [inductor_config] + key.strip().split(".")
         for name in path[:-1]:
-            obj = getattr(obj, name)
-        if not hasattr(obj, path[-1]):
+            obj = getattr(obj, name, None)
+        if obj is None or not hasattr(obj, path[-1]):
             raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
         setattr(obj, path[-1], ast.literal_eval(value.strip()))
 

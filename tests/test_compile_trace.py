@@ -201,3 +201,8 @@ def test_trainer_passes_lean_saves_to_the_fused_body(tmp_path, synth_data):  # n
     lean = [bool(tr.body.fns[k].partitioner) for k in tr.body.kind_of]
     assert lean == [False] + [True] * (len(lean) - 1) and len(lean) >= 2, lean
     assert "lean saves" in tr.compute_summary()
+    # where it cannot apply (no fused body), the run says so instead of ignoring it silently
+    (tmp_path / "off.toml").write_text(text.replace('fast_path = "on"', 'fast_path = "off"'))
+    with pytest.warns(UserWarning, match="train.lean_saves"):
+        off = Trainer(load_run_config(tmp_path / "off.toml"))
+    assert off.body is None and "lean saves" not in off.compute_summary()

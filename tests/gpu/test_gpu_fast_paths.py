@@ -244,7 +244,7 @@ def test_packed_gram_newton_schulz_cuda_matches_per_tensor():
     torch.manual_seed(5)
     xs = [(torch.randn(n, 1024, 128, device=DEV) * 3e-4).bfloat16() for n in (64, 64, 32)]
     packed = torch.compile(gram_newton_schulz_packed, dynamic=False)
-    eager = packed(xs)
+    compiled = packed(xs)
     static = [x.clone() for x in xs]
     packed(static)  # warm up outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -253,11 +253,11 @@ def test_packed_gram_newton_schulz_cuda_matches_per_tensor():
     for s_, x in zip(static, xs):
         s_.copy_(x * 2)  # Newton-Schulz is scale-invariant: new inputs, the same results
     graph.replay()
-    for x, e, o in zip(xs, eager, out):
+    for x, e, o in zip(xs, compiled, out):
         one = gram_newton_schulz(x)
         ref = ns_exact(x)
         print(f"packed vs per-tensor {rel_err(e, one):.2e}, vs fp64 packed {rel_err(e, ref):.2e} "
-              f"per-tensor {rel_err(one, ref):.2e}, graph replay vs eager {rel_err(o, e):.2e}")
+              f"per-tensor {rel_err(one, ref):.2e}, graph replay vs compiled {rel_err(o, e):.2e}")
         assert rel_err(e, one) <= 1e-2
         assert rel_err(e, ref) <= 1.1 * rel_err(one, ref) + 1e-3
         assert rel_err(o, e) <= 1e-2

@@ -43,6 +43,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -307,8 +308,13 @@ class Trainer:
         """One device: the fused body (`vpmoe.model.fast.FastBody`, which checkpoints its blocks
         when `train.activation_checkpointing` asks) and, later, the fused optimizer step. Built on
         the materialised model (it holds its parameters). None where it does not apply."""
+        n_ac = checkpointed_blocks(self.cfg.train.activation_checkpointing, self.cfg.model.n_layers)
         if not self._fast_path_on() or self.ds.world > 1:
+            if self.cfg.train.lean_saves:
+                warnings.warn("train.lean_saves applies to the fused body (one device, fast path); ignored here")
             return None
+        if self.cfg.train.lean_saves and n_ac == self.cfg.model.n_layers:
+            warnings.warn("train.lean_saves: every block is checkpointed (it keeps only its input): no effect")
         from vpmoe.model.fast import FastBody
         return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing, lean_saves=self.cfg.train.lean_saves)
 
