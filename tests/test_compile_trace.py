@@ -206,3 +206,7 @@ def test_trainer_passes_lean_saves_to_the_fused_body(tmp_path, synth_data):  # n
     with pytest.warns(UserWarning, match="train.lean_saves"):
         off = Trainer(load_run_config(tmp_path / "off.toml"))
     assert off.body is None and "lean saves" not in off.compute_summary()
+    (tmp_path / "all.toml").write_text(text.replace("activation_checkpointing = 1", "activation_checkpointing = true"))
+    with pytest.warns(UserWarning, match="every block is checkpointed"):
+        every = Trainer(load_run_config(tmp_path / "all.toml"))
+    assert every.body.lean_blocks() == 0 and "lean saves" not in every.compute_summary()

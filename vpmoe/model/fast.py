@@ -287,6 +287,10 @@ class FastBody:
             p["ffn.expert_bias"] = block.ffn.expert_bias
         return p
 
+    def lean_blocks(self) -> int:
+        """How many blocks compile with the lean partitioner option (those that keep activations)."""
+        return sum(kind[3] for kind in self.kind_of)
+
     def compile_modes(self) -> dict:
         return {str(k): f.mode for k, f in self.fns.items()}
 

@@ -308,15 +308,16 @@ class Trainer:
         """One device: the fused body (`vpmoe.model.fast.FastBody`, which checkpoints its blocks
         when `train.activation_checkpointing` asks) and, later, the fused optimizer step. Built on
         the materialised model (it holds its parameters). None where it does not apply."""
-        n_ac = checkpointed_blocks(self.cfg.train.activation_checkpointing, self.cfg.model.n_layers)
+        lean = self.cfg.train.lean_saves
         if not self._fast_path_on() or self.ds.world > 1:
-            if self.cfg.train.lean_saves:
+            if lean:
                 warnings.warn("train.lean_saves applies to the fused body (one device, fast path); ignored here")
             return None
-        if self.cfg.train.lean_saves and n_ac == self.cfg.model.n_layers:
-            warnings.warn("train.lean_saves: every block is checkpointed (it keeps only its input): no effect")
         from vpmoe.model.fast import FastBody
-        return FastBody(model, checkpoint=self.cfg.train.activation_checkpointing, lean_saves=self.cfg.train.lean_saves)
+        body = FastBody(model, checkpoint=self.cfg.train.activation_checkpointing, lean_saves=lean)
+        if lean and not body.lean_blocks():
+            warnings.warn("train.lean_saves: every block is checkpointed (it keeps only its input): no effect")
+        return body
 
     def compute_summary(self) -> str:
         """One line on how this run computes: device, precision, code path, CUDA graphs (and why
@@ -340,8 +341,8 @@ class Trainer:
         n_ac = checkpointed_blocks(cfg.train.activation_checkpointing, n_layers)
         if n_ac:
             parts.append("activation checkpointing" + ("" if n_ac == n_layers else f" for the first {n_ac} of {n_layers} blocks"))
-        if self.body is not None and cfg.train.lean_saves and n_ac < n_layers:
-            parts.append("lean saves")
+        if self.body is not None and self.body.lean_blocks():
+            parts.append(f"lean saves for {self.body.lean_blocks()} blocks")
         parts.append(f"{self.ds.world} process(es)")
         if self.ds.ep_size > 1:
             parts.append(f"expert parallel {self.ds.ep_size}")
