@@ -7,7 +7,8 @@ Gradients are random (1e-3 scale, clipping active); the step reads and writes th
 training, so the figures are what `vpmoe train` and bench/train_step.py pay per optimizer step.
 Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side), `ns_chunk` (matrices per
 call; 256 = one expert tensor), the stored Muon momentum's dtype (`gram:256:bfloat16`) and
-`ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:8`).
+`ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:8`),
+and the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:1:eager`, the A/B).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `kernels`
@@ -30,7 +31,7 @@ from bench.train_step import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model.model import VpMoE  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer  # noqa: E402
-from vpmoe.train.optim_fast import FastMuonAdamW, _Compiled, orthogonalise  # noqa: E402
+from vpmoe.train.optim_fast import FastMuonAdamW, _Compiled, _muon_matrices, orthogonalise  # noqa: E402
 
 
 def ns_exact(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -83,8 +84,13 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         parts = spec.split(":")
         method, chunk, momentum = parts[0], (parts[1:2] or ["256"])[0], (parts[2:3] or ["float32"])[0]
         pack = int((parts[3:4] or ["1"])[0])
+        matrices = (parts[4:5] or ["compiled"])[0]
         opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
         fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk), ns_pack=pack)
+        if matrices == "eager":  # A/B: the 2-D matrices' step as the eager code it was before 2026-12-02 (14th)
+            fast._matrices = _Compiled(_muon_matrices, False)
+        elif matrices != "compiled":
+            sys.exit(f"method {spec!r}: the 5th field is compiled | eager, got {matrices!r}")
         fast.init_state()
         torch.manual_seed(0)
         for p in model.parameters():
@@ -94,7 +100,8 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, top)), flush=True)
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
-        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), ns_pack=pack, momentum=momentum,
+        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), ns_pack=pack,
+                   matrices=matrices, momentum=momentum,
                    step_ms=graphed * 1e3,
                    eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -115,8 +122,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="20", help="comma-separated layer counts")
     ap.add_argument("--methods", default="gram:256,gram:256:bfloat16",
-                    help="ns_method:ns_chunk[:momentum dtype[:ns_pack]] (matrices per Newton-Schulz call; "
-                         "float32 | bfloat16; whole expert tensors per packed Gram-side call, 1 = none)")
+                    help="ns_method:ns_chunk[:momentum dtype[:ns_pack[:matrices]]] (matrices per Newton-Schulz "
+                         "call; float32 | bfloat16; whole expert tensors per packed Gram-side call, 1 = none; "
+                         "the 2-D matrices' step compiled | eager)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per variant (by GPU time)")
     a = ap.parse_args()

@@ -52,8 +52,9 @@ def test_block_traces_whole_and_matches_eager(layer):
 @pytest.mark.parametrize("momentum", [torch.float32, torch.bfloat16])
 def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
     """FastMuonAdamW's compiled pieces (momentum + Nesterov + cast, both Newton-Schulz forms, the
-    decayed update) as whole graphs, equal to their eager selves."""
-    from vpmoe.train.optim_fast import _muon_post, _muon_pre, gram_newton_schulz_packed, orthogonalise
+    decayed update, the 2-D matrices' whole step) as whole graphs, equal to their eager selves."""
+    from vpmoe.train.optim_fast import (_muon_matrices, _muon_post, _muon_pre, gram_newton_schulz_packed,
+                                        orthogonalise)
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(11)
@@ -62,15 +63,23 @@ def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
     coef, decay, step = torch.tensor(0.7), torch.tensor(0.999), torch.tensor(-0.01)
     outs = []
     for compiled in (False, True):
-        pre, post, ns, packed = ((torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False)
-                                  if compiled else f)
-                                 for f in (_muon_pre, _muon_post, orthogonalise, gram_newton_schulz_packed))
+        pre, post, ns, packed, matrices = (
+            (torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False) if compiled else f)
+            for f in (_muon_pre, _muon_post, orthogonalise, gram_newton_schulz_packed, _muon_matrices))
         buf, w = buf0.clone(), torch.randn(6, 16, 64, generator=torch.Generator().manual_seed(12))
         u = pre(g, buf, coef, 0.95, True, torch.float32)
         o_gram, o_std = ns(u, 5, "gram"), ns(u, 5, "standard")
         post(w, o_gram, decay, step)
         o_packed = packed([u[:4], u[4:]], 5)
-        outs.append((buf, u, o_gram, o_std, w, *o_packed))
+        # three 16 x 64 matrices (Gram-side) and two 24 x 24 (X-side), with and without decay
+        mats = [torch.randn(*shape, generator=torch.Generator().manual_seed(13 + i))
+                for i, shape in enumerate([(16, 64)] * 3 + [(24, 24)] * 2)]
+        mat_bufs = [(torch.randn(m.shape, generator=torch.Generator().manual_seed(23 + i)) * 0.1).to(momentum)
+                    for i, m in enumerate(mats)]
+        for sl, d in ((slice(0, 3), decay), (slice(3, 5), None)):
+            grads = [m * 0.5 + 0.1 for m in mats[sl]]
+            matrices(mats[sl], grads, mat_bufs[sl], coef, 0.95, True, d, step, 5, "gram", torch.float32)
+        outs.append((buf, u, o_gram, o_std, w, *o_packed, *mats, *mat_bufs))
     for a, b in zip(*outs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

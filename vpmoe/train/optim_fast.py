@@ -22,7 +22,9 @@ Design choices:
   (`gram_newton_schulz_packed`): at 20 layers their 128 x 128 products ran as 532 launches of
   ~6 us, two waves of tiles each, 3.15 ms per step (H200 profile, docs/performance.md).
 - Muon on 2-D matrices: same-shape matrices are stacked and orthogonalised in one batched call;
-  momentum and updates use `_foreach` ops (few launches for hundreds of small tensors).
+  momentum and updates use `_foreach` ops; the whole of it (`_muon_matrices`) is compiled per
+  shape on CUDA, so the Newton-Schulz pointwise work fuses and the `_foreach` ops become Inductor's
+  multi-tensor kernels.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor.
 - Learning rates live in 0-dim device tensors (`lr_tensors`), so the whole step can be captured in a
@@ -162,6 +164,30 @@ def _muon_post(w, ortho, decay, step):
     w.mul_(decay).add_(ortho.to(w.dtype) * step)
 
 
+def _muon_matrices(ps, grads, bufs, coef, mu: float, nesterov: bool, decay, step, steps: int, method: str,
+                   ns_dtype: torch.dtype) -> None:
+    """Muon on a list of same-shape 2-D matrices, in place: momentum and Nesterov as multi-tensor
+    ops (as `_muon_pre`: one rounding where the stored momentum is narrower), one batched
+    Newton-Schulz over the stacked updates, then w <- w * decay + step * ortho (decay None: no
+    weight decay). Compiled on CUDA as one graph per shape: eager, these few hundred small tensors
+    cost ~8 pointwise launches per Newton-Schulz iteration plus the stack, casts and updates."""
+    scaled = torch._foreach_mul(grads, coef)
+    if bufs[0].dtype == scaled[0].dtype:
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, scaled)
+        ms = bufs
+    else:
+        ms = torch._foreach_add(torch._foreach_mul([b.to(s.dtype) for b, s in zip(bufs, scaled)], mu), scaled)
+        torch._foreach_copy_(bufs, ms)
+    upd = torch._foreach_add(scaled, ms, alpha=mu) if nesterov else ms
+    ortho = orthogonalise(torch.stack(upd).to(ns_dtype), steps, method)
+    # converted and scaled as one stacked tensor; its slices are views, added by one multi-tensor op
+    ortho = ortho.to(ps[0].dtype) * step
+    if decay is not None:
+        torch._foreach_mul_(ps, decay)
+    torch._foreach_add_(ps, ortho.unbind(0))
+
+
 def supported(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, MuonAdamW) and not any(
         isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])
@@ -182,12 +208,15 @@ class FastMuonAdamW:
         self.ns_dtype = torch.bfloat16 if p0.is_cuda else torch.float32
         self.lr_tensors = [torch.zeros((), device=self.device) for _ in opt.param_groups]
         use_compile = p0.is_cuda if compile is None else compile
+        if use_compile:  # one graph per 2-D shape and per expert shape: above Dynamo's default of 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._pre = _Compiled(_muon_pre, use_compile)
         self._post = _Compiled(_muon_post, use_compile)
         self.ns_method = ns_method
         # the experts' Newton-Schulz: bmm + small pointwise work, fused around the GEMMs when compiled
         self._ns = _Compiled(orthogonalise, use_compile)
         self._ns_packed = _Compiled(gram_newton_schulz_packed, use_compile)
+        self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
 
     # ------------------------------------------------------------------ state
 
@@ -267,24 +296,11 @@ class FastMuonAdamW:
                     self._post(w, ortho, decay, step)
         for (shape, dtype), items in flat2d.items():
             ps, bufs = [p for p, _ in items], [b for _, b in items]
-            scaled = torch._foreach_mul([p.grad for p in ps], coef)
-            if bufs[0].dtype == scaled[0].dtype:
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, scaled)
-                ms = bufs
-            else:  # narrower stored momentum: as `_muon_pre`, one rounding when stored
-                ms = torch._foreach_add(torch._foreach_mul([b.to(s.dtype) for b, s in zip(bufs, scaled)], mu), scaled)
-                torch._foreach_copy_(bufs, ms)
-            upd = torch._foreach_add(scaled, ms, alpha=mu) if nesterov else ms
+            step = neg_lr * muon_scale(shape)
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
-                ortho = orthogonalise(torch.stack(upd[sl]).to(self.ns_dtype), steps, self.ns_method)
-                # converted and scaled as one stacked tensor (one kernel, not one per matrix); its
-                # slices are views, added by one multi-tensor kernel
-                ortho = ortho.to(dtype) * (neg_lr * muon_scale(shape))
-                if wd:
-                    torch._foreach_mul_(ps[sl], decay)
-                torch._foreach_add_(ps[sl], ortho.unbind(0))
+                self._matrices(ps[sl], [p.grad for p in ps[sl]], bufs[sl], coef, mu, nesterov,
+                               decay if wd else None, step, steps, self.ns_method, self.ns_dtype)
 
     def _packs(self, g: torch.Tensor) -> bool:
         """Whether a 3-D tensor goes through the packed Gram-side call: asked for (`ns_pack` > 1),
