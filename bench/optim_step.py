@@ -7,8 +7,9 @@ Gradients are random (1e-3 scale, clipping active); the step reads and writes th
 training, so the figures are what `vpmoe train` and bench/train_step.py pay per optimizer step.
 Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side), `ns_chunk` (matrices per
 call; 256 = one expert tensor), the stored Muon momentum's dtype (`gram:256:bfloat16`) and
-`ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:8`),
-and the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:1:eager`, the A/B).
+`ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:pack=8`),
+the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matrices=eager`, the
+A/B), and the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `kernels`
@@ -83,14 +84,20 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
     for spec in methods:
         parts = spec.split(":")
         method, chunk, momentum = parts[0], (parts[1:2] or ["256"])[0], (parts[2:3] or ["float32"])[0]
-        pack = int((parts[3:4] or ["1"])[0])
-        matrices = (parts[4:5] or ["compiled"])[0]
+        extra = dict(pack="1", matrices="compiled", streams="1")  # then key=value (a bare number: pack)
+        for field in parts[3:]:
+            key, _, value = field.rpartition("=")
+            if (key or "pack") not in extra:
+                sys.exit(f"method {spec!r}: unknown field {field!r} (pack=N, matrices=compiled|eager, streams=N)")
+            extra[key or "pack"] = value
+        pack, matrices, streams = int(extra["pack"]), extra["matrices"], int(extra["streams"])
         opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
-        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk), ns_pack=pack)
+        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk), ns_pack=pack,
+                             streams=streams)
         if matrices == "eager":  # A/B: the 2-D matrices' step as the eager code it was before 2026-12-02 (14th)
             fast._matrices = _Compiled(_muon_matrices, False)
         elif matrices != "compiled":
-            sys.exit(f"method {spec!r}: the 5th field is compiled | eager, got {matrices!r}")
+            sys.exit(f"method {spec!r}: matrices=compiled | eager, got {matrices!r}")
         fast.init_state()
         torch.manual_seed(0)
         for p in model.parameters():
@@ -101,7 +108,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), ns_pack=pack,
-                   matrices=matrices, momentum=momentum,
+                   matrices=matrices, streams=streams, momentum=momentum,
                    step_ms=graphed * 1e3,
                    eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -122,9 +129,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="20", help="comma-separated layer counts")
     ap.add_argument("--methods", default="gram:256,gram:256:bfloat16",
-                    help="ns_method:ns_chunk[:momentum dtype[:ns_pack[:matrices]]] (matrices per Newton-Schulz "
-                         "call; float32 | bfloat16; whole expert tensors per packed Gram-side call, 1 = none; "
-                         "the 2-D matrices' step compiled | eager)")
+                    help="ns_method:ns_chunk[:momentum dtype[:key=value...]] (matrices per Newton-Schulz "
+                         "call; float32 | bfloat16; pack=N whole expert tensors per packed Gram-side call, 1 = none "
+                         "(a bare number is pack); matrices=compiled|eager, the 2-D matrices' step; streams=N)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per variant (by GPU time)")
     a = ap.parse_args()

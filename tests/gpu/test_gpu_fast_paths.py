@@ -317,10 +317,11 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
         assert e_fast <= 1.5 * e_ref + 5e-3, (name, e_ref, e_fast)
 
 
-@pytest.mark.parametrize("ns_pack", [1, 2])
-def test_fast_optimizer_no_worse_than_reference_step(ns_pack):
+@pytest.mark.parametrize("ns_pack,streams", [(1, 1), (2, 1), (2, 3)])
+def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams):
     """FastMuonAdamW (compiled fused kernels, chunked bf16 Newton-Schulz, Q@X form; with ns_pack 2
-    the experts' Gram-side iterations packed two tensors per call) vs clip_grad_norm_ +
+    the experts' Gram-side iterations packed two tensors per call; with streams 3 its pieces on
+    three CUDA streams) vs clip_grad_norm_ +
     MuonAdamW.step on the GPU, both against the reference step in fp32 on the CPU: the fast
     update's error is at most ~1.5x the reference GPU step's own bf16 error."""
     cfg = small_cfg(n_layers=3)
@@ -329,7 +330,8 @@ def test_fast_optimizer_no_worse_than_reference_step(ns_pack):
     m_fast, m_cpu = copy.deepcopy(m_ref), copy.deepcopy(m_ref).cpu()
     o_ref, o_fast, o_cpu = (build_optimizer(m, OptimConfig()) for m in (m_ref, m_fast, m_cpu))
     # chunks of 16 of the 64 experts; packing takes whole tensors
-    fast = FastMuonAdamW(o_fast, max_grad_norm=1.0, ns_chunk=16 if ns_pack == 1 else 64, ns_pack=ns_pack)
+    fast = FastMuonAdamW(o_fast, max_grad_norm=1.0, ns_chunk=16 if ns_pack == 1 else 64, ns_pack=ns_pack,
+                         streams=streams)
     packed = [fast._packs(p.view(-1, *p.shape[-2:])) for p in m_fast.parameters() if p.ndim == 3]
     assert packed and all(packed) == (ns_pack > 1), packed
     p0 = [p.detach().clone() for p in m_ref.parameters()]
@@ -350,6 +352,45 @@ def test_fast_optimizer_no_worse_than_reference_step(ns_pack):
         worst.append((e_fast - 1.5 * e_ref, name, e_ref, e_fast))
         assert e_fast <= 1.5 * e_ref + 1e-3, (name, e_ref, e_fast)
     print("optimizer: worst (fast - 1.5 ref) margin:", max(worst))
+
+
+def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
+    """FastMuonAdamW with its pieces on three streams, captured in a CUDA graph (as the trainer runs
+    it) and replayed on new gradients, gives the parameters, momenta and norms of the one-stream
+    step run eagerly: the streams' fork and join order everything each piece reads."""
+    cfg = small_cfg(n_layers=3)
+    torch.manual_seed(2)
+    m1 = VpMoE(cfg).to(DEV)
+    m3 = copy.deepcopy(m1)
+    f1, f3 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2,
+                            streams=n) for m, n in ((m1, 1), (m3, 3)))
+    grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
+
+    def set_grads(m, gs):
+        for p, g in zip(m.parameters(), gs):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+    norms1, norms3 = [], []
+    for i, gs in enumerate(grads):
+        set_grads(m1, gs)
+        norms1.append(f1.step())
+    set_grads(m3, grads[0])
+    norms3.append(f3.step().clone())  # eager: compiles, and is the first step
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = f3.step(refresh_lr=False)
+    for gs in grads[1:]:
+        set_grads(m3, gs)
+        graph.replay()
+        norms3.append(norm.clone())
+    torch.testing.assert_close(torch.stack(norms3), torch.stack(norms1), rtol=1e-6, atol=0)
+    for (name, a), b in zip(m1.named_parameters(), m3.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+        sa, sb = f1.opt.state[a], f3.opt.state[b]
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize("micro,ac", [(1, False), (2, False), (2, True)])

@@ -25,6 +25,10 @@ Design choices:
   momentum and updates use `_foreach` ops; the whole of it (`_muon_matrices`) is compiled per
   shape on CUDA, so the Newton-Schulz pointwise work fuses and the `_foreach` ops become Inductor's
   multi-tensor kernels.
+- `streams > 1` (opt-in, unmeasured): the step's independent pieces (each expert tensor, or pack,
+  each 2-D shape, each AdamW dtype group) go round-robin onto that many CUDA streams, so the small
+  Newton-Schulz launches overlap the bandwidth-bound momentum and update kernels instead of waiting
+  for them. On the CPU it runs in order.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor.
 - Learning rates live in 0-dim device tensors (`lr_tensors`), so the whole step can be captured in a
@@ -195,16 +199,19 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
-                 compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 1):
+                 compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 1, streams: int = 1):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
             raise ValueError(f"ns_pack: tensors per packed Newton-Schulz call, >= 1, got {ns_pack}")
+        if streams < 1:
+            raise ValueError(f"streams: CUDA streams the step's independent pieces spread over, >= 1, got {streams}")
         if not supported(opt):
             raise ValueError("FastMuonAdamW needs a MuonAdamW over plain (non-DTensor) parameters")
         self.opt, self.max_norm, self.ns_chunk, self.ns_pack = opt, float(max_grad_norm), int(ns_chunk), int(ns_pack)
         p0 = opt.param_groups[0]["params"][0]
         self.device = p0.device
+        self._side = [torch.cuda.Stream(self.device) for _ in range(streams - 1)] if p0.is_cuda else []
         self.ns_dtype = torch.bfloat16 if p0.is_cuda else torch.float32
         self.lr_tensors = [torch.zeros((), device=self.device) for _ in opt.param_groups]
         use_compile = p0.is_cuda if compile is None else compile
@@ -258,19 +265,38 @@ class FastMuonAdamW:
             coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
         else:
             coef = torch.ones((), device=self.device)
+        jobs = []  # independent pieces of the step: their small scalar ops are queued while they are made
         for group, lr in zip(self.opt.param_groups, self.lr_tensors):
             if group["kind"] == "muon":
-                self._muon(group, lr, coef)
+                jobs += self._muon(group, lr, coef)
             elif group["kind"] == "adamw":
-                self._adamw(group, lr, coef)
+                jobs += self._adamw(group, lr, coef)
             else:
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
+        self._run(jobs)
         return norm
 
-    def _muon(self, group, lr, coef) -> None:
+    def _run(self, jobs) -> None:
+        """Run the jobs in order, or spread round-robin over `streams` CUDA streams (forked from and
+        joined back to the current one, so a CUDA-graph capture takes them as parallel branches)."""
+        if not self._side:
+            for job in jobs:
+                job()
+            return
+        main = torch.cuda.current_stream(self.device)
+        streams = [main, *self._side]
+        for s in self._side:
+            s.wait_stream(main)
+        for i, job in enumerate(jobs):
+            with torch.cuda.stream(streams[i % len(streams)]):
+                job()
+        for s in self._side:
+            main.wait_stream(s)
+
+    def _muon(self, group, lr, coef) -> list:
         mu, nesterov, wd, steps = group["momentum"], group["nesterov"], group["weight_decay"], group["ns_steps"]
         decay, neg_lr = 1 - lr * wd, -lr  # 0-dim tensors, made once: every op on them is a kernel
-        flat2d, packs = defaultdict(list), defaultdict(list)
+        flat2d, packs, jobs = defaultdict(list), defaultdict(list), []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -284,23 +310,29 @@ class FastMuonAdamW:
             if self._packs(g):
                 packs[(tuple(g.shape[-2:]), p.dtype)].append((g, buf, w, step))
                 continue
-            for c0 in range(0, g.shape[0], self.ns_chunk):
-                c1 = min(c0 + self.ns_chunk, g.shape[0])
-                u = self._pre(g[c0:c1], buf[c0:c1], coef, mu, nesterov, self.ns_dtype)
-                self._post(w[c0:c1], self._ns(u, steps, self.ns_method), decay, step)
+
+            def chunks(g=g, buf=buf, w=w, step=step):
+                for c0 in range(0, g.shape[0], self.ns_chunk):
+                    c1 = min(c0 + self.ns_chunk, g.shape[0])
+                    u = self._pre(g[c0:c1], buf[c0:c1], coef, mu, nesterov, self.ns_dtype)
+                    self._post(w[c0:c1], self._ns(u, steps, self.ns_method), decay, step)
+            jobs.append(chunks)
         for items in packs.values():  # whole tensors, `ns_pack` per Newton-Schulz call
             for c0 in range(0, len(items), self.ns_pack):
-                pack = items[c0:c0 + self.ns_pack]
-                us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _ in pack]
-                for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps)):
-                    self._post(w, ortho, decay, step)
+                def packed(pack=items[c0:c0 + self.ns_pack]):
+                    us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _ in pack]
+                    for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps)):
+                        self._post(w, ortho, decay, step)
+                jobs.append(packed)
         for (shape, dtype), items in flat2d.items():
             ps, bufs = [p for p, _ in items], [b for _, b in items]
             step = neg_lr * muon_scale(shape)
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
-                self._matrices(ps[sl], [p.grad for p in ps[sl]], bufs[sl], coef, mu, nesterov,
-                               decay if wd else None, step, steps, self.ns_method, self.ns_dtype)
+                jobs.append(lambda ps=ps[sl], bufs=bufs[sl], step=step: self._matrices(
+                    ps, [p.grad for p in ps], bufs, coef, mu, nesterov, decay if wd else None, step, steps,
+                    self.ns_method, self.ns_dtype))
+        return jobs
 
     def _packs(self, g: torch.Tensor) -> bool:
         """Whether a 3-D tensor goes through the packed Gram-side call: asked for (`ns_pack` > 1),
@@ -309,10 +341,10 @@ class FastMuonAdamW:
         return (self.ns_pack > 1 and self.ns_method == "gram" and g.shape[0] <= self.ns_chunk
                 and long >= 4 * short)
 
-    def _adamw(self, group, lr, coef) -> None:
+    def _adamw(self, group, lr, coef) -> list:
         ps = [p for p in group["params"] if p.grad is not None]
         if not ps:
-            return
+            return []
         states = [self._state(group, p) for p in ps]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
@@ -320,12 +352,13 @@ class FastMuonAdamW:
         by_dtype = defaultdict(list)
         for p, s, t in zip(ps, states, steps):
             by_dtype[p.dtype].append((p, s, t))
-        for items in by_dtype.values():
+        def adamw(items):
             torch._fused_adamw_([p for p, _, _ in items], [p.grad for p, _, _ in items],
                                 [s["exp_avg"] for _, s, _ in items], [s["exp_avg_sq"] for _, s, _ in items], [],
                                 [t for _, _, t in items], lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                                 maximize=False, grad_scale=1.0 / coef, found_inf=None)
+        return [lambda items=items: adamw(items) for items in by_dtype.values()]
 
 
 class _Compiled:
