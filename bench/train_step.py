@@ -36,6 +36,7 @@ What is measured:
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import dataclasses
 import json
@@ -168,6 +169,10 @@ def balance_routing(model, batch, iters: int = 40) -> tuple[float, float]:
     return before, after
 
 
+# FastMuonAdamW keyword arguments from --opt (e.g. ns_pack=4,streams=3), for an A/B against its defaults
+OPT_KWARGS: dict = {}
+
+
 class Trainer:
     """Model + optimizer + one step variant."""
 
@@ -179,7 +184,7 @@ class Trainer:
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
             self.model = VpMoE(cfg)
         self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype))
-        self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk)
+        self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk, **OPT_KWARGS)
         self.fopt.init_state()
         self.body = FastBody(self.model, static_masks=variant == "graphed", checkpoint=checkpoint, fused_moe=fused_moe,
                              lean_saves=lean_saves)
@@ -480,7 +485,6 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 def set_inductor_options(spec: str) -> None:
     """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
     fails here, not silently."""
-    import ast
 
     import torch._inductor.config as inductor_config
     for item in filter(None, spec.split(",")):
@@ -521,8 +525,11 @@ def main():
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
+    ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
     a = ap.parse_args()
     set_inductor_options(a.inductor)
+    OPT_KWARGS.update({k.strip(): ast.literal_eval(v.strip()) for k, _, v in
+                       (item.partition("=") for item in a.opt.split(",") if item)})
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -551,6 +558,8 @@ def main():
             row["bf16_peak_tflops"] = peak
             if a.inductor:
                 row["inductor"] = a.inductor
+            if a.opt:
+                row["opt"] = a.opt
             row.pop("compile", None)
             rows.append(row)
             if a.record:  # one section per case, written as soon as it is measured (a cut run keeps it)

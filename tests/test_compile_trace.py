@@ -53,8 +53,8 @@ def test_block_traces_whole_and_matches_eager(layer):
 def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
     """FastMuonAdamW's compiled pieces (momentum + Nesterov + cast, both Newton-Schulz forms, the
     decayed update, the 2-D matrices' whole step) as whole graphs, equal to their eager selves."""
-    from vpmoe.train.optim_fast import (_muon_matrices, _muon_post, _muon_pre, gram_newton_schulz_packed,
-                                        orthogonalise)
+    from vpmoe.train.optim_fast import (_adamw_update, _muon_matrices, _muon_post, _muon_pre,
+                                        gram_newton_schulz_packed, orthogonalise)
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(11)
@@ -63,9 +63,10 @@ def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
     coef, decay, step = torch.tensor(0.7), torch.tensor(0.999), torch.tensor(-0.01)
     outs = []
     for compiled in (False, True):
-        pre, post, ns, packed, matrices = (
+        pre, post, ns, packed, matrices, adamw = (
             (torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False) if compiled else f)
-            for f in (_muon_pre, _muon_post, orthogonalise, gram_newton_schulz_packed, _muon_matrices))
+            for f in (_muon_pre, _muon_post, orthogonalise, gram_newton_schulz_packed, _muon_matrices,
+                      _adamw_update))
         buf, w = buf0.clone(), torch.randn(6, 16, 64, generator=torch.Generator().manual_seed(12))
         u = pre(g, buf, coef, 0.95, True, torch.float32)
         o_gram, o_std = ns(u, 5, "gram"), ns(u, 5, "standard")
@@ -79,7 +80,10 @@ def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
         for sl, d in ((slice(0, 3), decay), (slice(3, 5), None)):
             grads = [m * 0.5 + 0.1 for m in mats[sl]]
             matrices(mats[sl], grads, mat_bufs[sl], coef, 0.95, True, d, step, 5, "gram", torch.float32)
-        outs.append((buf, u, o_gram, o_std, w, *o_packed, *mats, *mat_bufs))
+        aw, ag, am, av = (torch.randn(40, 24, generator=torch.Generator().manual_seed(31 + i)) for i in range(4))
+        av = av.abs()
+        adamw(aw, ag, am, av, torch.tensor(3.0), torch.tensor(2e-3), coef, 0.9, 0.95, 0.1, 1e-8)
+        outs.append((buf, u, o_gram, o_std, w, *o_packed, *mats, *mat_bufs, aw, am, av))
     for a, b in zip(*outs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

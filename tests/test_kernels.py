@@ -315,18 +315,22 @@ def test_packed_gram_newton_schulz_equals_one_call_per_tensor():
                     torch.testing.assert_close(y, gram_newton_schulz(x, 5, restart_at=restart), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("ns_chunk,ns_method,ns_pack", [(3, "gram", 1), (32, "gram", 1), (32, "standard", 1),
-                                                        (32, "gram", 2), (3, "gram", 2)])
-def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack):
+@pytest.mark.parametrize("ns_chunk,ns_method,ns_pack,adamw_alone", [
+    (3, "gram", 1, None), (32, "gram", 1, None), (32, "standard", 1, None), (32, "gram", 2, None), (3, "gram", 2, 1000)])
+def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack, adamw_alone, monkeypatch):
     """FastMuonAdamW.step == clip_grad_norm_ + MuonAdamW.step over 3 steps (clip active), with
     Newton-Schulz chunks that cut a tensor (3: does not divide the 8 experts) or hold it whole (32),
     by either iteration (the small model's 8 x 32 expert matrices take the Gram-side one), and with
     the experts' Gram-side iterations packed two tensors per call (`ns_pack`; a cut tensor is never
-    packed)."""
+    packed), and with the AdamW tensors of 1000+ elements updated one by one (`ADAMW_ALONE`; the
+    embedding and head, at full size)."""
     import copy
 
+    from vpmoe.train import optim_fast
     from vpmoe.train.optim import OptimConfig, build_optimizer
     from vpmoe.train.optim_fast import FastMuonAdamW
+    if adamw_alone is not None:
+        monkeypatch.setattr(optim_fast, "ADAMW_ALONE", adamw_alone)
     cfg = small()
     m1 = randomize(VpMoE(cfg))
     m2 = copy.deepcopy(m1)
@@ -336,6 +340,9 @@ def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack):
     assert len(expert_tensors) >= 3  # packs of two and a remainder of one per shape
     assert all(fast._packs(p.view(-1, *p.shape[-2:])) == (ns_pack > 1 and ns_chunk >= p.shape[0])
                for p in expert_tensors)
+    alone = [p for g in o2.param_groups if g["kind"] == "adamw" for p in g["params"]
+             if p.numel() >= optim_fast.ADAMW_ALONE]
+    assert bool(alone) == (adamw_alone is not None) and len(alone) < len(o2.param_groups[-1]["params"])
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     for _ in range(3):
         for m in (m1, m2):
