@@ -485,7 +485,6 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 def set_inductor_options(spec: str) -> None:
     """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
     fails here, not silently."""
-
     import torch._inductor.config as inductor_config
     for item in filter(None, spec.split(",")):
         key, eq, value = item.partition("=")

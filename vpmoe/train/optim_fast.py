@@ -17,18 +17,19 @@ Design choices:
   one GEMM per step over the big operand) everywhere. Measured on an
   H200 (bench/RESULTS.md, optimizer sweep): whole tensors (256 matrices) beat L2-sized chunks
   (32-64), eager and in a CUDA graph alike, so 256 is the default.
-- `ns_pack > 1` (opt-in; the benchmark's, not yet the trainer's: unmeasured on a GPU) packs the
-  n x n Gram-side iterations of that many whole expert tensors into one batch
-  (`gram_newton_schulz_packed`): at 20 layers their 128 x 128 products ran as 532 launches of
-  ~6 us, two waves of tiles each, 3.15 ms per step (H200 profile, docs/performance.md).
+- `ns_pack` (4) packs the n x n Gram-side iterations of that many whole expert tensors into one
+  batch (`gram_newton_schulz_packed`): at 20 layers their 128 x 128 products ran as 532 launches
+  of ~6 us. Packing cuts the launches, not their time (those products are slow per FLOP at K = 128
+  either way); with the streams below it gives the best step measured (H200, docs/performance.md).
 - Muon on 2-D matrices: same-shape matrices are stacked and orthogonalised in one batched call;
   momentum and updates use `_foreach` ops; the whole of it (`_muon_matrices`) is compiled per
   shape on CUDA, so the Newton-Schulz pointwise work fuses and the `_foreach` ops become Inductor's
   multi-tensor kernels.
-- `streams > 1` (opt-in, unmeasured): the step's independent pieces (each expert tensor, or pack,
-  each 2-D shape, each AdamW dtype group) go round-robin onto that many CUDA streams, so the small
+- `streams` (3): the step's independent pieces (each expert tensor or pack, each 2-D shape, each
+  AdamW tensor or dtype group) go round-robin onto that many CUDA streams, so the small
   Newton-Schulz launches overlap the bandwidth-bound momentum and update kernels instead of waiting
-  for them. On the CPU it runs in order.
+  for them. On the CPU it runs in order. Measured at 20 layers (optimizer alone, graphed): 27.2 ms
+  on one stream, 26.6 on three, 25.8 on three with packs of four; at 80 layers 95.8 ms.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
@@ -220,7 +221,7 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
-                 compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 1, streams: int = 1):
+                 compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
