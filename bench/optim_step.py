@@ -7,7 +7,8 @@ Gradients are random (1e-3 scale, clipping active); the step reads and writes th
 training, so the figures are what `vpmoe train` and bench/train_step.py pay per optimizer step.
 Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side), `ns_chunk` (matrices per
 call; 256 = one expert tensor), the stored Muon momentum's dtype (`gram:256:bfloat16`) and
-`ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:pack=8`),
+`ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:pack=8`;
+fields not given keep FastMuonAdamW's defaults, packs of 4 on 3 streams, which the trainer runs),
 the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matrices=eager`, the
 A/B), and the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
@@ -75,29 +76,41 @@ def ns_alone(method: str) -> tuple[float, float]:
     return ms, err
 
 
+def parse_method(spec: str) -> tuple[str, int, str, dict, str]:
+    """ns_method:ns_chunk[:momentum[:key=value...]] -> (method, chunk, momentum, FastMuonAdamW kwargs,
+    matrices); fields not given stay FastMuonAdamW's defaults (a bare number is pack)."""
+    parts = spec.split(":")
+    method, chunk, momentum = parts[0], (parts[1:2] or ["256"])[0], (parts[2:3] or ["float32"])[0]
+    if method not in ("gram", "standard") or not chunk.isdigit() or momentum not in ("float32", "bfloat16"):
+        sys.exit(f"method {spec!r}: expected gram|standard:N[:float32|bfloat16[:key=value...]]")
+    given = {}
+    for field in parts[3:]:
+        key, _, value = field.rpartition("=")
+        key = key or "pack"
+        if key not in ("pack", "streams", "matrices") or (key != "matrices" and not value.isdigit()) \
+                or (key == "matrices" and value not in ("compiled", "eager")):
+            sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager)")
+        given[key] = value
+    kwargs = {name: int(given[key]) for key, name in (("pack", "ns_pack"), ("streams", "streams")) if key in given}
+    return method, int(chunk), momentum, kwargs, given.get("matrices", "compiled")
+
+
 def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
+    # fresh compile caches per model: many variants in one process would pass Dynamo's per-function
+    # limit, and calls past it run eagerly without a word (rows timed as compiled would not be)
+    torch._dynamo.reset()
     cfg = dataclasses.replace(load_model_config("configs/vpmoe.toml"), n_layers=layers)
     with torch.device("cuda"):
         model = VpMoE(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
     for spec in methods:
-        parts = spec.split(":")
-        method, chunk, momentum = parts[0], (parts[1:2] or ["256"])[0], (parts[2:3] or ["float32"])[0]
-        extra = dict(pack="1", matrices="compiled", streams="1")  # then key=value (a bare number: pack)
-        for field in parts[3:]:
-            key, _, value = field.rpartition("=")
-            if (key or "pack") not in extra:
-                sys.exit(f"method {spec!r}: unknown field {field!r} (pack=N, matrices=compiled|eager, streams=N)")
-            extra[key or "pack"] = value
-        pack, matrices, streams = int(extra["pack"]), extra["matrices"], int(extra["streams"])
+        method, chunk, momentum, kwargs, matrices = parse_method(spec)
         opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
-        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=int(chunk), ns_pack=pack,
-                             streams=streams)
+        fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=chunk, **kwargs)
+        pack, streams = fast.ns_pack, len(fast._side) + 1
         if matrices == "eager":  # A/B: the 2-D matrices' step as the eager code it was before 2026-12-02 (14th)
             fast._matrices = _Compiled(_muon_matrices, False)
-        elif matrices != "compiled":
-            sys.exit(f"method {spec!r}: matrices=compiled | eager, got {matrices!r}")
         fast.init_state()
         torch.manual_seed(0)
         for p in model.parameters():
@@ -107,7 +120,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, top)), flush=True)
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
-        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=int(chunk), ns_pack=pack,
+        row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
                    matrices=matrices, streams=streams, momentum=momentum,
                    step_ms=graphed * 1e3,
                    eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
@@ -131,10 +144,13 @@ def main():
     ap.add_argument("--methods", default="gram:256,gram:256:bfloat16",
                     help="ns_method:ns_chunk[:momentum dtype[:key=value...]] (matrices per Newton-Schulz "
                          "call; float32 | bfloat16; pack=N whole expert tensors per packed Gram-side call, 1 = none "
-                         "(a bare number is pack); matrices=compiled|eager, the 2-D matrices' step; streams=N)")
+                         "(a bare number is pack); matrices=compiled|eager, the 2-D matrices' step; streams=N; "
+                         "fields not given: FastMuonAdamW's defaults, which the trainer runs)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per variant (by GPU time)")
     a = ap.parse_args()
+    for spec in a.methods.split(","):  # every spec checked before any GPU time is spent
+        parse_method(spec)
     if not torch.cuda.is_available():
         sys.exit("bench/optim_step.py needs a CUDA GPU")
     rows = []

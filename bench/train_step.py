@@ -378,7 +378,9 @@ def opt_sweep(tr: Trainer, chunks=(32, 64, 128, 256)) -> list[dict]:
         tr.fopt.ns_chunk = c
         eager = cuda_time(tr.fopt.step, warmup=1, iters=3)
         graphed, how = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)
-        rows.append({"ns_chunk": c, "eager_ms": eager * 1e3, "graphed_ms": graphed * 1e3, "timing": how})
+        packed = tr.fopt.ns_pack > 1 and c >= tr.model.cfg.n_experts  # packs take whole expert tensors only
+        rows.append({"ns_chunk": c, "packed": packed, "eager_ms": eager * 1e3, "graphed_ms": graphed * 1e3,
+                     "timing": how})
         print(json.dumps(rows[-1]), flush=True)
     tr.opt.zero_grad(set_to_none=True)
     return rows
@@ -482,6 +484,23 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     return row, extra
 
 
+def parse_opt(spec: str) -> dict:
+    """--opt KEY=VALUE,... into FastMuonAdamW keyword arguments (values as Python literals, else
+    strings); ns_chunk has its own flag, max_grad_norm is the benchmark's."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key or not value:
+            raise SystemExit(f"--opt: expected KEY=VALUE, got {item!r}")
+        if key in ("ns_chunk", "max_grad_norm"):
+            raise SystemExit(f"--opt: {key} is not set here (ns_chunk: --ns-chunk)")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def set_inductor_options(spec: str) -> None:
     """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
     fails here, not silently."""
@@ -527,8 +546,7 @@ def main():
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
     a = ap.parse_args()
     set_inductor_options(a.inductor)
-    OPT_KWARGS.update({k.strip(): ast.literal_eval(v.strip()) for k, _, v in
-                       (item.partition("=") for item in a.opt.split(",") if item)})
+    OPT_KWARGS.update(parse_opt(a.opt))
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement

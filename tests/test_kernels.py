@@ -323,7 +323,7 @@ def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack, ada
     by either iteration (the small model's 8 x 32 expert matrices take the Gram-side one), and with
     the experts' Gram-side iterations packed two tensors per call (`ns_pack`; a cut tensor is never
     packed), and with the AdamW tensors of 1000+ elements updated one by one (`ADAMW_ALONE`; the
-    embedding and head, at full size)."""
+    embedding and head, at full size) and AdamW weight decay on."""
     import copy
 
     from vpmoe.train import optim_fast
@@ -334,7 +334,8 @@ def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack, ada
     cfg = small()
     m1 = randomize(VpMoE(cfg))
     m2 = copy.deepcopy(m1)
-    o1, o2 = build_optimizer(m1, OptimConfig()), build_optimizer(m2, OptimConfig())
+    ocfg = OptimConfig(adamw_weight_decay=0.1 if adamw_alone is not None else 0.0)  # with it: AdamW's decay too
+    o1, o2 = build_optimizer(m1, ocfg), build_optimizer(m2, ocfg)
     fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=ns_chunk, ns_method=ns_method, ns_pack=ns_pack)
     expert_tensors = [p for p in m2.parameters() if p.ndim == 3]
     assert len(expert_tensors) >= 3  # packs of two and a remainder of one per shape

@@ -310,11 +310,13 @@ class FastMuonAdamW:
         streams = [main, *self._side]
         for s in self._side:
             s.wait_stream(main)
-        for i, job in enumerate(jobs):
-            with torch.cuda.stream(streams[i % len(streams)]):
-                job()
-        for s in self._side:
-            main.wait_stream(s)
+        try:
+            for i, job in enumerate(jobs):
+                with torch.cuda.stream(streams[i % len(streams)]):
+                    job()
+        finally:  # joined even when a job fails, so a capture reports that error, not an unjoined stream
+            for s in self._side:
+                main.wait_stream(s)
 
     def _muon(self, group, lr, coef) -> list:
         mu, nesterov, wd, steps = group["momentum"], group["nesterov"], group["weight_decay"], group["ns_steps"]
