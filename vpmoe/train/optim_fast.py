@@ -319,6 +319,8 @@ class FastMuonAdamW:
                 main.wait_stream(s)
 
     def _muon(self, group, lr, coef) -> list:
+        """The group's jobs (closures for `_run`): one per expert tensor or pack, one per 2-D shape
+        (and chunk); the scalars they share are computed here, on the current stream."""
         mu, nesterov, wd, steps = group["momentum"], group["nesterov"], group["weight_decay"], group["ns_steps"]
         decay, neg_lr = 1 - lr * wd, -lr  # 0-dim tensors, made once: every op on them is a kernel
         flat2d, packs, jobs = defaultdict(list), defaultdict(list), []
@@ -349,7 +351,7 @@ class FastMuonAdamW:
                     for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps)):
                         self._post(w, ortho, decay, step)
                 jobs.append(packed)
-        for (shape, dtype), items in flat2d.items():
+        for (shape, _), items in flat2d.items():
             ps, bufs = [p for p, _ in items], [b for _, b in items]
             step = neg_lr * muon_scale(shape)
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
@@ -367,6 +369,8 @@ class FastMuonAdamW:
                 and long >= 4 * short)
 
     def _adamw(self, group, lr, coef) -> list:
+        """The group's jobs: one per big tensor (`ADAMW_ALONE`), one `_fused_adamw_` per dtype for the
+        rest; the step counts advance here, on the current stream."""
         ps = [p for p in group["params"] if p.grad is not None]
         if not ps:
             return []
