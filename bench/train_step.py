@@ -378,7 +378,7 @@ def opt_sweep(tr: Trainer, chunks=(32, 64, 128, 256)) -> list[dict]:
         tr.fopt.ns_chunk = c
         eager = cuda_time(tr.fopt.step, warmup=1, iters=3)
         graphed, how = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)
-        packed = tr.fopt.ns_pack > 1 and c >= tr.model.cfg.n_experts  # packs take whole expert tensors only
+        packed = any(tr.fopt._packs(p.view(-1, *p.shape[-2:])) for p in tr.model.parameters() if p.ndim == 3)
         rows.append({"ns_chunk": c, "packed": packed, "eager_ms": eager * 1e3, "graphed_ms": graphed * 1e3,
                      "timing": how})
         print(json.dumps(rows[-1]), flush=True)

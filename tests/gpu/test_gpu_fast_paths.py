@@ -376,7 +376,7 @@ def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
             else:
                 p.grad.copy_(g)
     norms1, norms3 = [], []
-    for i, gs in enumerate(grads):
+    for gs in grads:
         set_grads(m1, gs)
         norms1.append(f1.step())
     set_grads(m3, grads[0])
