@@ -225,7 +225,7 @@ class Trainer:
 def release_graphs(tr: Trainer) -> None:
     """Drop the captured graphs and their memory pool (gradients live there)."""
     if tr.graphed is not None:
-        tr.graphed.graphs = None
+        tr.graphed.release()
     for p in tr.model.parameters():
         p.grad = None
     torch.cuda.synchronize()

@@ -396,11 +396,14 @@ def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
             torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
 
 
-@pytest.mark.parametrize("micro,ac", [(1, False), (2, False), (2, True)])
-def test_graphed_step_matches_eager_step(micro, ac):
+@pytest.mark.parametrize("micro,ac,release", [(1, False, False), (2, False, False), (2, True, False),
+                                              (1, False, True)])
+def test_graphed_step_matches_eager_step(micro, ac, release):
     """Steps on different batches: eager-launched compiled steps vs the CUDA-graph step (2 eager
     warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays; with ac
-    the graphed step checkpoints its blocks, recomputing them inside the captured backward). Same
+    the graphed step checkpoints its blocks, recomputing them inside the captured backward; with
+    release, the graphs are released after the fourth step, as the trainer does for a held-out
+    evaluation that does not fit beside them, and the fifth step captures them again). Same
     losses; parameter updates as close to the eager run as a second eager run is (atomics and bf16
     make runs differ, and AdamW's first steps are nearly sign(g), so tiny gradient differences flip
     whole elements)."""
@@ -409,8 +412,19 @@ def test_graphed_step_matches_eager_step(micro, ac):
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
     runs = [Trainer(cfg, v, 16, micro, checkpoint=ac and v == "graphed") for v in ("compiled", "compiled", "graphed")]
     p0 = [p.detach().clone() for p in runs[0].model.parameters()]
-    losses = [[float(tr.step(b)) for b in batches] for tr in runs]
+    def steps(tr):
+        out = []
+        for i, b in enumerate(batches):
+            if release and i == 4 and tr.graphed is not None:
+                first = tr.graphed.graphs[0]
+                tr.graphed.release()
+                assert tr.graphed.graphs is None and all(p.grad is None for p in tr.model.parameters())
+            out.append(float(tr.step(b)))
+        return out
+    losses = [steps(tr) for tr in runs]
     assert runs[2].graphed.graphs is not None
+    if release:
+        assert runs[2].graphed.graphs[0] is not first  # captured again
     for i, (x, y) in enumerate(zip(losses[0], losses[2])):
         assert abs(x - y) <= 2e-3 * abs(x), (i, losses)
     report = []

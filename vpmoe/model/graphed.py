@@ -27,6 +27,8 @@ Design choices:
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
+- `release()` frees the graphs and their pool between steps (a held-out evaluation at the edge of
+  memory); the next step captures them again.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -123,6 +125,18 @@ class GraphedTrainStep:
         with torch.cuda.graph(g_update, pool=pool):
             self._update_part()
         self.graphs = (g_first, g_rest, g_update)
+
+    def release(self) -> None:
+        """Drop the captured graphs and their memory pool (the gradients live there), between steps,
+        so that memory can serve eager work that did not fit beside them (the trainer's held-out
+        evaluation); the next `accumulate` captures them again, without warm-up (nothing to compile)."""
+        if self.graphs is None:
+            return
+        self.graphs = None
+        for p in self.params:
+            p.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
     def accumulate(self, batches) -> None:
         """Forward, loss and backward of every micro-batch of a step (`batches`: a dict, or a list

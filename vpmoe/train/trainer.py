@@ -516,6 +516,23 @@ class Trainer:
         all_reduce_sum(stats_sum, ds)
         return span_report(unpack_stats(stats_sum), cfg.train.w_reasoning, cfg.train.w_final, prefix="valid/")
 
+    def _evaluate_beside_graphs(self, last_step: bool, progress: Progress) -> dict:
+        """`evaluate()` where the captured step's graphs hold memory its eager forward may need:
+        after the last step they are released first; otherwise only if it runs out of memory
+        beside them (then released, and captured again by the next step)."""
+        g = self.graphed
+        if g is None or g.graphs is None:
+            return self.evaluate()
+        if not last_step:
+            try:
+                return self.evaluate()
+            except torch.OutOfMemoryError:
+                pass  # retried below, outside the handler, whose frames hold the failed forward's tensors
+            progress.print(f"step {self.step}: held-out evaluation out of GPU memory beside the captured "
+                           "step; its CUDA graphs are released (captured again at the next step)")
+        g.release()
+        return self.evaluate()
+
     # ------------------------------------------------------------------------------ the loop
 
     def save(self) -> Path:
@@ -578,7 +595,7 @@ class Trainer:
                     last_step = self.step == cfg.train.steps
                     if ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                                                    or last_step):
-                        last_eval = self.evaluate()
+                        last_eval = self._evaluate_beside_graphs(last_step, progress)
                         self.metrics.log(self.step, last_eval)
                         progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
                     saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step
