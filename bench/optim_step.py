@@ -108,7 +108,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         method, chunk, momentum, kwargs, matrices = parse_method(spec)
         opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
         fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=chunk, **kwargs)
-        pack, streams = fast.ns_pack, len(fast._side) + 1
+        pack, streams = fast.ns_pack, len(fast.side_streams) + 1
         if matrices == "eager":  # A/B: the 2-D matrices' step as the eager code it was before 2026-12-02 (14th)
             fast._matrices = _Compiled(_muon_matrices, False)
         fast.init_state()

@@ -184,7 +184,9 @@ class Trainer:
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
             self.model = VpMoE(cfg)
         self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype))
-        self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk, **OPT_KWARGS)
+        # as the trainer: one optimizer stream where blocks are checkpointed (memory is the constraint)
+        opt_kwargs = {"streams": 1, **OPT_KWARGS} if checkpoint else OPT_KWARGS
+        self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk, **opt_kwargs)
         self.fopt.init_state()
         self.body = FastBody(self.model, static_masks=variant == "graphed", checkpoint=checkpoint, fused_moe=fused_moe,
                              lean_saves=lean_saves)

@@ -219,15 +219,14 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     assert "To fit, try: more GPUs" in advice and "--set" not in advice
 
 
-@pytest.mark.parametrize("last_step,fits,fits_after", [(False, True, True), (False, False, True),
-                                                        (True, True, True), (False, False, False)])
-def test_held_out_evaluation_makes_room_beside_the_captured_step(synth_data, tmp_path, monkeypatch,  # noqa: F811
-                                                                  last_step, fits, fits_after):
-    """The held-out evaluation of a graphed run (`_evaluate_beside_graphs`): kept graphs when it
-    fits; when it runs out of memory beside them, they are released and the same evaluation runs
-    again (same figures as a plain one); after the last step they are released before it (nothing
-    is captured again); out of memory even then, the error reaches `vpmoe train`'s advice. The
-    graphed step is CUDA-only: a stand-in with its `graphs` / `release()` interface here."""
+@pytest.mark.parametrize("last_step,fits", [(False, True), (False, False), (True, True), (True, False)])
+def test_held_out_evaluation_beside_the_captured_step(synth_data, tmp_path, monkeypatch,  # noqa: F811
+                                                      last_step, fits):
+    """The held-out evaluation of a graphed run (`_evaluate_beside_graphs`): before the last step,
+    the graphs are kept, and an evaluation out of memory beside them is skipped with a note (the
+    run goes on); after the last step they are released first and the evaluation has their memory
+    (the same figures as a plain one); out of memory even then, the error reaches `vpmoe train`'s
+    advice. The graphed step is CUDA-only: a stand-in with its `graphs` / `release()` here."""
     import torch
 
     from vpmoe.train.config import load_run_config
@@ -245,8 +244,7 @@ def test_held_out_evaluation_makes_room_beside_the_captured_step(synth_data, tmp
 
     def evaluate():
         events.append("evaluate")
-        if not (fits if tr.graphed.graphs is not None else fits_after):
-            torch.ones(1)  # a tensor the failed forward held
+        if not fits:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return real()
 
@@ -255,19 +253,18 @@ def test_held_out_evaluation_makes_room_beside_the_captured_step(synth_data, tmp
 
     tr.graphed = Captured()
     monkeypatch.setattr(tr, "evaluate", evaluate)
-    if not fits_after:
+    if last_step and not fits:
         with pytest.raises(torch.OutOfMemoryError):
             tr._evaluate_beside_graphs(last_step, Progress())
-        assert events == ["evaluate", "release", "evaluate"]
+        assert events == ["release", "evaluate"]
         return
     got = tr._evaluate_beside_graphs(last_step, Progress())
-    assert got == want
-    expected = {(False, True): ["evaluate"], (False, False): ["evaluate", "release", "evaluate"],
-                (True, True): ["release", "evaluate"]}[(last_step, fits)]
-    assert events == expected
-    assert (tr.graphed.graphs is None) == ("release" in events)
-    assert len(printed) == (1 if expected.count("evaluate") == 2 else 0)
-    assert all("out of GPU memory" in line and "captured again at the next step" in line for line in printed)
+    assert events == (["release", "evaluate"] if last_step else ["evaluate"])
+    assert (tr.graphed.graphs is None) == last_step
+    assert got == (want if fits else None)
+    assert printed == ([] if fits else [f"step {tr.step}: held-out evaluation skipped: out of GPU memory beside the "
+                                        "captured step (the one after the last step runs with them released); more "
+                                        "checkpointed blocks (train.activation_checkpointing) leave it room"])
 
 
 def test_export_loads_with_automodel_and_matches_the_checkpoint(reference, tmp_path, capsys):

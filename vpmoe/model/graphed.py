@@ -27,8 +27,8 @@ Design choices:
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
-- `release()` frees the graphs and their pool between steps (a held-out evaluation at the edge of
-  memory); the next step captures them again.
+- `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
+  after the last step); a next step would capture them again.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -128,8 +128,10 @@ class GraphedTrainStep:
 
     def release(self) -> None:
         """Drop the captured graphs and their memory pool (the gradients live there), between steps,
-        so that memory can serve eager work that did not fit beside them (the trainer's held-out
-        evaluation); the next `accumulate` captures them again, without warm-up (nothing to compile)."""
+        so that memory can serve eager work that did not fit beside them (the trainer's last held-out
+        evaluation); the next `accumulate` captures them again, without warm-up. Capturing again
+        after an eager evaluation failed once on the GPU (docs/performance.md): the trainer only
+        releases them when no step follows."""
         if self.graphs is None:
             return
         self.graphs = None

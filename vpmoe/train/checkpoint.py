@@ -223,6 +223,21 @@ def check_compatible(prov: dict, path: str | Path, model_cfg: ModelConfig, token
         raise CheckpointError(f"{path}: tokenizer sha256 {ckpt_tok[:12]}... != the data's {tokenizer_sha[:12]}...")
 
 
+
+def check_global_batch(prov: dict, path: str | Path, world: int, micro_batch_size: int, grad_accum: int) -> None:
+    """Refuse a resume that changes the global batch (ranks x rows x micro-batches per step),
+    naming the grad_accum that keeps it on this world size where one does."""
+    old_rows = prov["world_size"] * prov["config"]["data"]["micro_batch_size"] * prov["config"]["train"]["grad_accum"]
+    rows, per_step = world * micro_batch_size * grad_accum, world * micro_batch_size
+    if old_rows != rows:
+        fix = (f"set train.grad_accum = {old_rows // per_step}" if old_rows % per_step == 0 else
+               "no grad_accum gives it with this world size and micro_batch_size")
+        raise CheckpointError(
+            f"{path}: written with a global batch of {old_rows} rows per step ({prov['world_size']} ranks), "
+            f"this run has {rows} ({world} ranks x {micro_batch_size} rows x {grad_accum} micro-batches); "
+            f"resume keeps the global batch: {fix}")
+
+
 # ---------------------------------------------------------------------------------------- loading
 
 

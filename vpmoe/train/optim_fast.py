@@ -233,7 +233,7 @@ class FastMuonAdamW:
         self.opt, self.max_norm, self.ns_chunk, self.ns_pack = opt, float(max_grad_norm), int(ns_chunk), int(ns_pack)
         p0 = opt.param_groups[0]["params"][0]
         self.device = p0.device
-        self._side = [torch.cuda.Stream(self.device) for _ in range(streams - 1)] if p0.is_cuda else []
+        self.side_streams = [torch.cuda.Stream(self.device) for _ in range(streams - 1)] if p0.is_cuda else []
         self.ns_dtype = torch.bfloat16 if p0.is_cuda else torch.float32
         self.lr_tensors = [torch.zeros((), device=self.device) for _ in opt.param_groups]
         use_compile = p0.is_cuda if compile is None else compile
@@ -302,20 +302,20 @@ class FastMuonAdamW:
     def _run(self, jobs) -> None:
         """Run the jobs in order, or spread round-robin over `streams` CUDA streams (forked from and
         joined back to the current one, so a CUDA-graph capture takes them as parallel branches)."""
-        if not self._side:
+        if not self.side_streams:
             for job in jobs:
                 job()
             return
         main = torch.cuda.current_stream(self.device)
-        streams = [main, *self._side]
-        for s in self._side:
+        streams = [main, *self.side_streams]
+        for s in self.side_streams:
             s.wait_stream(main)
         try:
             for i, job in enumerate(jobs):
                 with torch.cuda.stream(streams[i % len(streams)]):
                     job()
         finally:  # joined even when a job fails, so a capture reports that error, not an unjoined stream
-            for s in self._side:
+            for s in self.side_streams:
                 main.wait_stream(s)
 
     def _muon(self, group, lr, coef) -> list:

@@ -19,19 +19,15 @@ Design choices:
   (the last good checkpoint stays the newest one): before the optimizer step on the reference
   path; after it on the fused ones, which read the step's loss sums, gradient norm and expert
   loads in one host read once the whole step is queued (nothing before it waits for the GPU).
-- Stop signals (SIGTERM: preemption, a cluster's time limit, torchrun forwarding; SIGUSR1): the
-  step in flight finishes, every rank agrees to stop after the same step (a one-flag all-reduce
-  per step), a checkpoint is written, and the run exits with `TrainingStopped` (`vpmoe train`
-  exit code 75); `--resume` continues as after any checkpoint. A second signal is not needed.
+- Stop signals (SIGTERM, SIGUSR1): the step in flight finishes, every rank agrees to stop after
+  the same step (a one-flag all-reduce), a checkpoint is written, and `vpmoe train` exits 75
+  (`TrainingStopped`); `--resume` continues as after any checkpoint.
 - Exact resume: the checkpoint after step k holds everything the next step depends on (weights,
   optimizer, router biases, loader position, RNG); the lr is a function of the step.
-- Resume on another number of ranks (one GPU today, a cluster tomorrow): DCP reshards weights and
-  optimizer state, and the loader state is one global position, so a run may continue on any
-  world size that keeps the global batch (ranks x micro_batch_size x grad_accum rows; a different
-  one is refused, naming the grad_accum that keeps it). The same trajectory up to reduction
-  order (tests: 1 -> 2 and 2 -> 1 ranks); the per-rank RNG states are not carried over (no
-  training op draws from them). The expert-parallel size may change too (expert tensors are
-  DTensors sharded on the expert dim; DCP reshards them like the rest).
+- Resume on another number of ranks: DCP reshards weights and optimizer state (expert DTensors
+  too) and the loader state is one global position, so a run continues on any world size (or EP
+  size) that keeps the global batch (a different one is refused, naming the grad_accum that keeps
+  it); the same trajectory up to reduction order (tests: 1 -> 2 and 2 -> 1 ranks).
 """
 from __future__ import annotations
 
@@ -142,7 +138,10 @@ class Trainer:
         if self.body is not None:
             from vpmoe.train.optim_fast import FastMuonAdamW, supported
             if supported(self.optimizer):
-                self.fast_opt = FastMuonAdamW(self.optimizer, max_grad_norm=cfg.optim.grad_clip)
+                # checkpointing trades compute for memory: no optimizer streams then (their temporaries
+                # cannot share memory: +1.7 GiB, and the one-H200 recipe's evaluation ran out)
+                self.fast_opt = FastMuonAdamW(self.optimizer, max_grad_norm=cfg.optim.grad_clip,
+                                              streams=1 if cfg.train.activation_checkpointing else 3)
         self.graphed = self._cuda_graphs()
         if self.start_ckpt is not None:
             trainer_state, rank_state = ckpt.load_checkpoint(self.start_ckpt, self.model, self.optimizer)
@@ -186,16 +185,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path}: trained with vocab subset {old_subset or 'none (full vocabulary)'}, "
                                        f"this run uses {new_subset or 'none (full vocabulary)'} (data.vocab_subset)")
         ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
-        old_rows = prov["world_size"] * prov["config"]["data"]["micro_batch_size"] * prov["config"]["train"]["grad_accum"]
-        rows = self.ds.world * self.cfg.data.micro_batch_size * self.cfg.train.grad_accum
-        if old_rows != rows:
-            per_step = self.ds.world * self.cfg.data.micro_batch_size
-            fix = (f"set train.grad_accum = {old_rows // per_step}" if old_rows % per_step == 0 else
-                   "no grad_accum gives it with this world size and micro_batch_size")
-            raise ckpt.CheckpointError(
-                f"{path}: written with a global batch of {old_rows} rows per step ({prov['world_size']} ranks), "
-                f"this run has {rows} ({self.ds.world} ranks x {self.cfg.data.micro_batch_size} rows x "
-                f"{self.cfg.train.grad_accum} micro-batches); resume keeps the global batch: {fix}")
+        ckpt.check_global_batch(prov, path, self.ds.world, self.cfg.data.micro_batch_size, self.cfg.train.grad_accum)
         old, new = prov.get("data_manifest_sha"), self.fingerprint.get("manifest_sha")
         if old and new and old != new:
             raise ckpt.CheckpointError(f"{path}: trained on a different dataset (manifest sha256 {old[:12]}... "
@@ -328,7 +318,9 @@ class Trainer:
             where += f" ({torch.cuda.get_device_name(dev)}, sm{self.capability[0]}{self.capability[1]})"
         if self.body is not None:
             path = "fused body" + (" (Triton attention prologue)" if self.body.fused_prologue else "")
-            path += " + fused optimizer" if self.fast_opt is not None else ""
+            if self.fast_opt is not None:
+                n = 1 + len(self.fast_opt.side_streams)
+                path += " + fused optimizer" + (f" on {n} CUDA streams" if n > 1 else "")
         else:
             path = "module path" + (" with fused kernels" if self._fast_path_on() else "")
         parts = [where, "bf16 autocast" if self.amp_dtype is not None else "fp32", path]
@@ -516,22 +508,24 @@ class Trainer:
         all_reduce_sum(stats_sum, ds)
         return span_report(unpack_stats(stats_sum), cfg.train.w_reasoning, cfg.train.w_final, prefix="valid/")
 
-    def _evaluate_beside_graphs(self, last_step: bool, progress: Progress) -> dict:
+    def _evaluate_beside_graphs(self, last_step: bool, progress: Progress) -> dict | None:
         """`evaluate()` where the captured step's graphs hold memory its eager forward may need:
-        after the last step they are released first; otherwise only if it runs out of memory
-        beside them (then released, and captured again by the next step)."""
+        after the last step they are released first (nothing replays them again); before it, an
+        evaluation out of memory beside them is skipped with a note (None). The graphs are kept:
+        captured again after an evaluation, they failed on the GPU (docs/performance.md)."""
         g = self.graphed
         if g is None or g.graphs is None:
             return self.evaluate()
-        if not last_step:
-            try:
-                return self.evaluate()
-            except torch.OutOfMemoryError:
-                pass  # retried below, outside the handler, whose frames hold the failed forward's tensors
-            progress.print(f"step {self.step}: held-out evaluation out of GPU memory beside the captured "
-                           "step; its CUDA graphs are released (captured again at the next step)")
-        g.release()
-        return self.evaluate()
+        if last_step:
+            g.release()
+            return self.evaluate()
+        try:
+            return self.evaluate()
+        except torch.OutOfMemoryError:
+            progress.print(f"step {self.step}: held-out evaluation skipped: out of GPU memory beside the "
+                           "captured step (the one after the last step runs with them released); more "
+                           "checkpointed blocks (train.activation_checkpointing) leave it room")
+            return None
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -595,9 +589,11 @@ class Trainer:
                     last_step = self.step == cfg.train.steps
                     if ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                                                    or last_step):
-                        last_eval = self._evaluate_beside_graphs(last_step, progress)
-                        self.metrics.log(self.step, last_eval)
-                        progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
+                        evaluated = self._evaluate_beside_graphs(last_step, progress)
+                        if evaluated is not None:
+                            last_eval = evaluated
+                            self.metrics.log(self.step, last_eval)
+                            progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
                     saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step
                     if saved:
                         path = self.save()
