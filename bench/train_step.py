@@ -437,6 +437,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     try:
         tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk, checkpoint, momentum_dtype, moe == "fused",
                      saves == "lean")
+        row["opt_streams"] = 1 + len(tr.fopt.side_streams)  # one where blocks are checkpointed (as the trainer)
         batches = [split(make_batch(batch_size, seq, seed=s, kd_k=kd_k), micro) for s in range(3)]
         if routing == "balanced":
             row["load_imbalance_init"], row["load_imbalance"] = balance_routing(tr.model, batches[0][0])

@@ -267,6 +267,28 @@ def test_held_out_evaluation_beside_the_captured_step(synth_data, tmp_path, monk
                                         "checkpointed blocks (train.activation_checkpointing) leave it room"])
 
 
+def test_last_checkpoint_is_written_before_the_last_evaluation(synth_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The step's checkpoint comes before its held-out evaluation: a final evaluation that runs out
+    of memory (as the one-H200 recipe's did) stops the run with the advice, the weights saved."""
+    import torch
+
+    from vpmoe.train.checkpoint import latest_checkpoint, verify_checkpoint
+    from vpmoe.train.trainer import Trainer
+
+    cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "run", steps=2)
+    real = Trainer.evaluate
+
+    def evaluate(self):
+        if self.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(self)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert main("train", str(cfg)) == 4
+    assert "ran out of memory after 2 completed steps" in capsys.readouterr().err
+    latest = latest_checkpoint(tmp_path / "run")
+    assert latest.name == "step_000002" and verify_checkpoint(latest)["step"] == 2
+
+
 def test_export_loads_with_automodel_and_matches_the_checkpoint(reference, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM

@@ -402,8 +402,8 @@ def test_graphed_step_matches_eager_step(micro, ac, release):
     """Steps on different batches: eager-launched compiled steps vs the CUDA-graph step (2 eager
     warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays; with ac
     the graphed step checkpoints its blocks, recomputing them inside the captured backward; with
-    release, the graphs are released after the fourth step, as the trainer does for a held-out
-    evaluation that does not fit beside them, and the fifth step captures them again). Same
+    release, `release()` drops the graphs and their pool after the fourth step and the fifth step
+    captures them again). Same
     losses; parameter updates as close to the eager run as a second eager run is (atomics and bf16
     make runs differ, and AdamW's first steps are nearly sign(g), so tiny gradient differences flip
     whole elements)."""
@@ -412,21 +412,23 @@ def test_graphed_step_matches_eager_step(micro, ac, release):
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
     runs = [Trainer(cfg, v, 16, micro, checkpoint=ac and v == "graphed") for v in ("compiled", "compiled", "graphed")]
     p0 = [p.detach().clone() for p in runs[0].model.parameters()]
-    first = []  # the graph captured before a release
+    first = []  # the memory pool of the graphs captured before a release (not the graph: it would keep it)
 
     def steps(tr):
         out = []
         for i, b in enumerate(batches):
             if release and i == 4 and tr.graphed is not None:
-                first.append(tr.graphed.graphs[0])
+                first.append(tr.graphed.graphs[0].pool())
+                reserved = torch.cuda.memory_reserved()
                 tr.graphed.release()
+                assert torch.cuda.memory_reserved() < reserved  # the pool went back to the device
                 assert tr.graphed.graphs is None and all(p.grad is None for p in tr.model.parameters())
             out.append(float(tr.step(b)))
         return out
     losses = [steps(tr) for tr in runs]
     assert runs[2].graphed.graphs is not None
     if release:
-        assert runs[2].graphed.graphs[0] is not first[0]  # captured again
+        assert runs[2].graphed.graphs[0].pool() != first[0]  # captured again, in a new pool
     for i, (x, y) in enumerate(zip(losses[0], losses[2])):
         assert abs(x - y) <= 2e-3 * abs(x), (i, losses)
     report = []

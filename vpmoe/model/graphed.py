@@ -132,10 +132,8 @@ class GraphedTrainStep:
         evaluation); the next `accumulate` captures them again, without warm-up. Capturing again
         after an eager evaluation failed once on the GPU (docs/performance.md): the trainer only
         releases them when no step follows."""
-        if self.graphs is None:
-            return
         self.graphs = None
-        for p in self.params:
+        for p in self.params:  # the gradients of an eager warm-up step too
             p.grad = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

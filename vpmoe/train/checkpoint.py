@@ -223,7 +223,6 @@ def check_compatible(prov: dict, path: str | Path, model_cfg: ModelConfig, token
         raise CheckpointError(f"{path}: tokenizer sha256 {ckpt_tok[:12]}... != the data's {tokenizer_sha[:12]}...")
 
 
-
 def check_global_batch(prov: dict, path: str | Path, world: int, micro_batch_size: int, grad_accum: int) -> None:
     """Refuse a resume that changes the global batch (ranks x rows x micro-batches per step),
     naming the grad_accum that keeps it on this world size where one does."""

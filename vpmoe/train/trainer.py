@@ -141,7 +141,7 @@ class Trainer:
                 # checkpointing trades compute for memory: no optimizer streams then (their temporaries
                 # cannot share memory: +1.7 GiB, and the one-H200 recipe's evaluation ran out)
                 self.fast_opt = FastMuonAdamW(self.optimizer, max_grad_norm=cfg.optim.grad_clip,
-                                              streams=1 if cfg.train.activation_checkpointing else 3)
+                                              **({"streams": 1} if cfg.train.activation_checkpointing else {}))
         self.graphed = self._cuda_graphs()
         if self.start_ckpt is not None:
             trainer_state, rank_state = ckpt.load_checkpoint(self.start_ckpt, self.model, self.optimizer)
@@ -514,10 +514,9 @@ class Trainer:
         evaluation out of memory beside them is skipped with a note (None). The graphs are kept:
         captured again after an evaluation, they failed on the GPU (docs/performance.md)."""
         g = self.graphed
-        if g is None or g.graphs is None:
-            return self.evaluate()
-        if last_step:
+        if g is not None and last_step:
             g.release()
+        if g is None or g.graphs is None:
             return self.evaluate()
         try:
             return self.evaluate()
@@ -587,17 +586,16 @@ class Trainer:
                     self.tokens_seen += report["tokens_step"]
                     self._log_step(report, step_time, progress)
                     last_step = self.step == cfg.train.steps
-                    if ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
-                                                   or last_step):
+                    saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step
+                    if saved:  # before the evaluation: a run whose evaluation fails keeps its weights
+                        path = self.save()
+                        progress.print(f"step {self.step}: checkpoint {path}")
+                    if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last_step:
                         evaluated = self._evaluate_beside_graphs(last_step, progress)
                         if evaluated is not None:
                             last_eval = evaluated
                             self.metrics.log(self.step, last_eval)
                             progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
-                    saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step
-                    if saved:
-                        path = self.save()
-                        progress.print(f"step {self.step}: checkpoint {path}")
                     if not last_step and self._stop_agreed(bool(received)):
                         path = path if saved else self.save()
                         why = signal.Signals(received[0]).name if received else "a stop signal on another rank"
