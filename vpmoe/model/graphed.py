@@ -27,6 +27,8 @@ Design choices:
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
+- Captured in "thread_local" mode, so another thread's CUDA calls (the trainer's prefetch thread
+  pins host memory) cannot invalidate a capture.
 - `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
   after the last step); a next step would capture them again.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
@@ -112,17 +114,21 @@ class GraphedTrainStep:
         torch.cuda.synchronize()
         for p in self.params:
             p.grad = None
+        # thread_local: the trainer's prefetch thread may pin host memory (cudaHostAlloc) during the
+        # capture, which the default "global" mode turns into an invalidated capture (a probable
+        # cause of one failure: docs/performance.md; bench/capture_threads.py tests it)
+        mode = "thread_local"
         g_first = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g_first):
+        with torch.cuda.graph(g_first, capture_error_mode=mode):
             self._micro_part()
         pool = g_first.pool()
         g_rest = None
         if self.micro > 1:
             g_rest = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g_rest, pool=pool):
+            with torch.cuda.graph(g_rest, pool=pool, capture_error_mode=mode):
                 self._micro_part()
         g_update = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g_update, pool=pool):
+        with torch.cuda.graph(g_update, pool=pool, capture_error_mode=mode):
             self._update_part()
         self.graphs = (g_first, g_rest, g_update)
 
