@@ -267,6 +267,25 @@ def test_held_out_evaluation_beside_the_captured_step(synth_data, tmp_path, monk
                                         "checkpointed blocks (train.activation_checkpointing) leave it room"])
 
 
+def test_out_of_memory_advice_with_partial_checkpointing(synth_data, tmp_path):  # noqa: F811
+    """Blocks partly checkpointed (the one-H200 recipe's 50 of 80): the first advice is four more
+    checkpointed blocks (never past all of them), then every block; none of it when every block
+    already is."""
+    from vpmoe.train.cli import out_of_memory_advice
+    from vpmoe.train.config import load_run_config
+
+    cfg_path = write_config(tmp_path / "run.toml", synth_data, tmp_path / "run", steps=2)
+    for blocks, advised in ((2, 6), (6, 8)):
+        cfg = load_run_config(cfg_path, ["model.n_layers=8", f"train.activation_checkpointing={blocks}"])
+        msg = out_of_memory_advice(cfg, 8, 1)
+        assert f"activation checkpointing on for the first {blocks} of 8 blocks" in msg
+        fixes = msg.split("To fit, try: ")[1].split("; or ")
+        assert fixes[0].startswith(f"--set train.activation_checkpointing={advised} (each block checkpointed")
+        assert fixes[1].startswith("--set train.activation_checkpointing=true")
+    full = out_of_memory_advice(load_run_config(cfg_path, ["train.activation_checkpointing=true"]), 8, 1)
+    assert "activation_checkpointing=" not in full
+
+
 def test_last_checkpoint_is_written_before_the_last_evaluation(synth_data, tmp_path, capsys, monkeypatch):  # noqa: F811
     """The step's checkpoint comes before its held-out evaluation: a final evaluation that runs out
     of memory (as the one-H200 recipe's did) stops the run with the advice, the weights saved."""
