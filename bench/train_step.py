@@ -61,7 +61,7 @@ from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, seque
 from vpmoe.model.params import count_params  # noqa: E402
 from vpmoe.train.metrics import measure_matmul_flops  # noqa: E402
 from vpmoe.train.optim import OptimConfig, build_optimizer  # noqa: E402
-from vpmoe.train.optim_fast import FastMuonAdamW  # noqa: E402
+from vpmoe.train.optim_fast import FastMuonAdamW, streams_for  # noqa: E402
 
 # layers, rows per step, seq, micro-batches per step; d = the stage-1 global batch (configs/stage1.toml:
 # 64 rows of 2048 per optimizer step) on one GPU, as 16 accumulated micro-batches of 4 rows
@@ -184,9 +184,9 @@ class Trainer:
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
             self.model = VpMoE(cfg)
         self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype))
-        # as the trainer: one optimizer stream where blocks are checkpointed (memory is the constraint)
-        opt_kwargs = {"streams": 1, **OPT_KWARGS} if checkpoint else OPT_KWARGS
-        self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk, **opt_kwargs)
+        # the trainer's streams for this checkpointing, unless --opt says otherwise
+        self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk,
+                                  **{**streams_for(checkpoint), **OPT_KWARGS})
         self.fopt.init_state()
         self.body = FastBody(self.model, static_masks=variant == "graphed", checkpoint=checkpoint, fused_moe=fused_moe,
                              lean_saves=lean_saves)
@@ -225,9 +225,11 @@ class Trainer:
 
 
 def release_graphs(tr: Trainer) -> None:
-    """Drop the captured graphs and their memory pool (gradients live there)."""
+    """Drop the captured graphs and their memory pool (gradients live there), or the eager
+    variant's gradients."""
     if tr.graphed is not None:
-        tr.graphed.release()
+        tr.graphed.release()  # gradients, sync and cache included
+        return
     for p in tr.model.parameters():
         p.grad = None
     torch.cuda.synchronize()
@@ -487,14 +489,22 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     return row, extra
 
 
+def key_values(spec: str, flag: str) -> list[tuple[str, str]]:
+    """KEY=VALUE,... -> [(key, value)] stripped; a malformed item stops the run, naming the flag."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key or not value:
+            raise SystemExit(f"{flag}: expected KEY=VALUE, got {item!r}")
+        out.append((key, value))
+    return out
+
+
 def parse_opt(spec: str) -> dict:
     """--opt KEY=VALUE,... into FastMuonAdamW keyword arguments (values as Python literals, else
     strings); ns_chunk has its own flag, max_grad_norm is the benchmark's."""
     out = {}
-    for item in filter(None, spec.split(",")):
-        key, eq, value = (x.strip() for x in item.partition("="))
-        if not eq or not key or not value:
-            raise SystemExit(f"--opt: expected KEY=VALUE, got {item!r}")
+    for key, value in key_values(spec, "--opt"):
         if key in ("ns_chunk", "max_grad_norm"):
             raise SystemExit(f"--opt: {key} is not set here (ns_chunk: --ns-chunk)")
         try:
@@ -508,16 +518,13 @@ def set_inductor_options(spec: str) -> None:
     """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
     fails here, not silently."""
     import torch._inductor.config as inductor_config
-    for item in filter(None, spec.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not value.strip():
-            raise SystemExit(f"--inductor: expected KEY=VALUE, got {item!r}")
-        obj, *path = [inductor_config] + key.strip().split(".")
+    for key, value in key_values(spec, "--inductor"):
+        obj, *path = [inductor_config] + key.split(".")
         for name in path[:-1]:
             obj = getattr(obj, name, None)
         if obj is None or not hasattr(obj, path[-1]):
             raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
-        setattr(obj, path[-1], ast.literal_eval(value.strip()))
+        setattr(obj, path[-1], ast.literal_eval(value))
 
 
 def main():

@@ -237,3 +237,16 @@ def test_resume_uses_the_configs_optimizer_settings(tmp_path):
     for p, q in zip(o16.param_groups[0]["params"], o32.param_groups[0]["params"]):
         a, b = o16.state[p]["momentum"], o32.state[q]["momentum"]
         assert b.dtype == torch.float32 and torch.equal(b, a.float())
+
+
+def test_optimizer_streams_follow_activation_checkpointing():
+    """One stream wherever blocks are checkpointed (a bool or a block count), FastMuonAdamW's
+    default elsewhere; the trainer and bench/train_step.py both build from this rule."""
+    import inspect
+
+    from vpmoe.train.optim_fast import FastMuonAdamW, streams_for
+
+    default = inspect.signature(FastMuonAdamW).parameters["streams"].default
+    assert default > 1
+    for setting, want in ((True, 1), (50, 1), (1, 1), (False, default), (0, default)):
+        assert streams_for(setting).get("streams", default) == want, setting

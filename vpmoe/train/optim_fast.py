@@ -214,6 +214,13 @@ def _adamw_update(w, g, m, v, t, lr, coef, beta1: float, beta2: float, wd: float
     w.add_(m / denom * (-lr / (1 - beta1 ** t)))
 
 
+def streams_for(activation_checkpointing: bool | int) -> dict:
+    """FastMuonAdamW keyword arguments for a run: one stream where blocks are checkpointed (memory is
+    the constraint there: the streams' temporaries cannot share memory, +1.7 GiB reserved, and the
+    one-H200 recipe's evaluation ran out), the default streams otherwise."""
+    return {"streams": 1} if activation_checkpointing else {}
+
+
 def supported(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, MuonAdamW) and not any(
         isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])

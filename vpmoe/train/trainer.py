@@ -136,12 +136,10 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.fast_opt = None
         if self.body is not None:
-            from vpmoe.train.optim_fast import FastMuonAdamW, supported
+            from vpmoe.train.optim_fast import FastMuonAdamW, streams_for, supported
             if supported(self.optimizer):
-                # checkpointing trades compute for memory: no optimizer streams then (their temporaries
-                # cannot share memory: +1.7 GiB, and the one-H200 recipe's evaluation ran out)
                 self.fast_opt = FastMuonAdamW(self.optimizer, max_grad_norm=cfg.optim.grad_clip,
-                                              **({"streams": 1} if cfg.train.activation_checkpointing else {}))
+                                              **streams_for(cfg.train.activation_checkpointing))
         self.graphed = self._cuda_graphs()
         if self.start_ckpt is not None:
             trainer_state, rank_state = ckpt.load_checkpoint(self.start_ckpt, self.model, self.optimizer)
