@@ -5,7 +5,7 @@
 # tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, SKIP_BENCH=1 (tests only), PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), SAVED_BENCH=1 (bench/saved_activations.py; SAVED_ROWS), GEMM_BENCH=1 (bench/expert_gemms.py; GEMM_SKEWS="0 1.5"), SORT_BENCH=1 (bench/routing_sort.py), MOE=fused (the train step with moe_fused), ROUTING=balanced (router biases balanced before timing), INDUCTOR=combo_kernels=True (torch._inductor.config settings for the train step, comma list), OPT=ns_pack=4,streams=3 (FastMuonAdamW keyword arguments in the train step), SAVES=lean (FastBody's LEAN_SAVES, train.lean_saves, instead of the partitioner's default: train step and saved_activations), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
+#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), SAVED_BENCH=1 (bench/saved_activations.py; SAVED_ROWS), GEMM_BENCH=1 (bench/expert_gemms.py; GEMM_SKEWS="0 1.5"), SORT_BENCH=1 (bench/routing_sort.py), MOE=fused (the train step with moe_fused), ROUTING=balanced (router biases balanced before timing), INDUCTOR=combo_kernels=True (torch._inductor.config settings for the train step, comma list), OPT=ns_pack=4,streams=3 (FastMuonAdamW keyword arguments in the train step), PROBE=1 (the optimizer overlapped with the next forward + backward: an upper bound), SAVES=lean (FastBody's LEAN_SAVES, train.lean_saves, instead of the partitioner's default: train step and saved_activations), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -56,6 +56,7 @@ opt=""
 [ -n "${SAVES:-}" ] && opt="$opt --saves $SAVES"
 [ -n "${INDUCTOR:-}" ] && opt="$opt --inductor $INDUCTOR"
 [ -n "${OPT:-}" ] && opt="$opt --opt $OPT"
+[ "${PROBE:-0}" = 1 ] && opt="$opt --overlap-probe"
 [ "${SKIP_BENCH:-0}" != 1 ] && timeout "${BENCH_TIMEOUT:-480}" python3 bench/train_step.py --cases "$cases" --steps "$steps" --peer "$out/peer.jsonl" \
   --breakdown "${BREAKDOWN:-a}" --ns-chunk "${NS_CHUNK:-256}" $opt 2>&1 | tee "$out/train_step.log" \
   | grep -v -i -e warn -e '^ ' | cut -c1-1500 | tail -${BENCH_TAIL:-40}

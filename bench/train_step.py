@@ -31,7 +31,10 @@ What is measured:
 - `--routing balanced`: router biases balanced first (`balance_routing`), as training leaves
   them; the default keeps the random init's, whose busiest expert gets 10-30x the mean rows. Each
   row reports `load_imbalance` (max / mean rows per expert, averaged over the MoE layers);
-- the optimizer alone for several Newton-Schulz chunk sizes, eager and graphed (--opt-sweep).
+- the optimizer alone for several Newton-Schulz chunk sizes, eager and graphed (--opt-sweep);
+- `--overlap-probe` (graphed cases): the update graph replayed beside the first micro-batch's graph
+  with no dependency, against each alone and the two in a row: how much of the optimizer an
+  update overlapped with the next step's forward + backward could hide, at most.
 """
 from __future__ import annotations
 
@@ -425,7 +428,7 @@ def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
-             micro_override=0, moe="grouped", routing="init", saves="default") -> tuple[dict, list]:
+             micro_override=0, moe="grouped", routing="init", saves="default", probe=False) -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
@@ -457,6 +460,9 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile=tr.body.compile_modes(),
                    **dynamo_stats())
         print(json.dumps(row), flush=True)
+        if probe:
+            row.update(overlap_probe(tr))
+            do_breakdown, profile_dir, do_sweep = False, "", False  # the probe leaves the model garbage
         if do_breakdown:
             release_graphs(tr)  # the components run alone; the full model needs the graphs' memory back
             parts = breakdown(tr, batches[0][0], micro)
@@ -487,6 +493,43 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row, extra
+
+
+def overlap_probe(tr: Trainer, iters: int = 8) -> dict:
+    """The most that overlapping the optimizer with the next step's forward + backward could give
+    (docs/performance.md, What remains 8): the update replayed on a side stream while the first
+    micro-batch's graph replays, with no dependency between them, against each alone and the two in
+    a row. An upper bound only (the real scheme makes each block's forward wait for its own
+    update), and a race by design: the parameters are updated while they are read, so the model is
+    garbage afterwards (run_case skips the breakdown, profile and sweep after it)."""
+    g = tr.graphed
+    if g is None or g.graphs is None:
+        return {}
+    first = g.graphs[0]
+    torch.cuda.synchronize()
+    upd = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(upd, capture_error_mode="thread_local"):  # its own pool: no aliasing with the first graph
+        g._update_part()
+    side = torch.cuda.Stream()
+
+    def serial():
+        first.replay()
+        upd.replay()
+
+    def concurrent():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            upd.replay()
+        first.replay()
+        torch.cuda.current_stream().wait_stream(side)
+
+    out = {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
+           "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
+           "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
+           "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
+    out["probe_loss_finite"] = bool(torch.isfinite(g.loss_sum).item())
+    del upd
+    return out
 
 
 def key_values(spec: str, flag: str) -> list[tuple[str, str]]:
@@ -554,6 +597,8 @@ def main():
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
+    ap.add_argument("--overlap-probe", action="store_true",
+                    help="graphed cases: the optimizer replayed beside the next forward + backward (an upper bound; no breakdown after)")
     a = ap.parse_args()
     set_inductor_options(a.inductor)
     OPT_KWARGS.update(parse_opt(a.opt))
@@ -578,7 +623,7 @@ def main():
                                   a.opt_sweep and name == "a" and v == variants[0],
                                   a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd,
                                   True if a.ac == -1 else a.ac, a.momentum_dtype, a.micro, a.moe, a.routing,
-                                  a.saves)
+                                  a.saves, a.overlap_probe)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
