@@ -1,12 +1,15 @@
 """Does another thread's CUDA API call (pinning host memory) invalidate a CUDA-graph capture?
 
-`vpmoe train` captures its step while the prefetch thread (vpmoe/train/prefetch.py) pins the next
-step's batches. Pinning can call `cudaHostAlloc`, which CUDA prohibits from *any* thread while a
-capture in the default "global" mode is under way; "thread_local" (what `GraphedTrainStep` now
-captures with) only checks the capturing thread. On 2026-12-02 a second capture after an
-evaluation failed with `cudaErrorStreamCaptureInvalidated` (docs/performance.md); this tests that
-explanation: each mode captures and replays a chain of GEMMs `--captures` times in a fresh process
-while a second thread pins new 4 MiB host buffers, and reports how many captures succeeded.
+`vpmoe train` captures its step while the prefetch thread (vpmoe/train/prefetch.py) may pin the
+next step's batches, which calls `cudaHostAlloc`. On 2026-12-02 a second capture after an
+evaluation failed with `cudaErrorStreamCaptureInvalidated` (docs/performance.md). Each variant
+captures and replays a chain of GEMMs `--captures` times in a fresh process while a second thread
+pins new 4 MiB host buffers, and reports how many captures succeeded:
+  global, thread_local   the capture mode, the thread pinning freely (19:30 run: both failed at
+                         the first capture);
+  none                   global mode, no pinning thread (the control);
+  locked                 what `GraphedTrainStep` does: thread_local, each capture holding
+                         `CAPTURE_LOCK`, the thread pinning under it (as the trainer's prefetch).
 
     python bench/capture_threads.py --record        (GPU)
 """
@@ -21,40 +24,53 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def one_mode(mode: str, captures: int) -> dict:
+def one_mode(variant: str, captures: int) -> dict:
     """Run in a child process: a failed capture may leave the context unusable."""
+    import contextlib
     import threading
 
     import torch
 
+    from vpmoe.model.graphed import CAPTURE_LOCK
+
+    locked = variant == "locked"
+    mode = "thread_local" if variant in ("thread_local", "locked") else "global"
+    guard = CAPTURE_LOCK if locked else contextlib.nullcontext()
     x = torch.randn(1024, 1024, device="cuda")
     stop, held = threading.Event(), []
 
     def pinner():  # every buffer kept: each pin is a fresh cudaHostAlloc, not a cached block
         while not stop.is_set() and len(held) < 400:
-            held.append(torch.empty(4 << 20, dtype=torch.uint8).pin_memory())
+            with guard:
+                held.append(torch.empty(4 << 20, dtype=torch.uint8).pin_memory())
 
     thread = threading.Thread(target=pinner, daemon=True)
-    ok, error = 0, ""
-    thread.start()
+    ok, error, same = 0, "", False
+    if variant != "none":
+        thread.start()
     try:
         for _ in range(captures):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode=mode):
+            with guard, torch.cuda.graph(graph, capture_error_mode=mode):
                 y = x
                 for _ in range(300):
-                    y = (y @ x) * 1e-3
+                    y = torch.tanh((y @ x) * (1 / 32))  # stays O(1): a real value to compare
             graph.replay()
             ok += 1
+        eager = x
+        for _ in range(300):
+            eager = torch.tanh((eager @ x) * (1 / 32))
+        same = bool(ok) and bool(eager.abs().mean() > 0.1) and torch.allclose(y, eager, rtol=1e-4, atol=1e-5)
     except Exception as e:  # noqa: BLE001 - the failure is the measurement
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     stop.set()
-    return {"mode": mode, "captures_ok": ok, "captures": captures, "pinned_meanwhile": len(held), "error": error}
+    return {"variant": variant, "mode": mode, "captures_ok": ok, "captures": captures,
+            "pinned_meanwhile": len(held), "replay_matches_eager": same, "error": error}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="global,thread_local")
+    ap.add_argument("--variants", default="global,thread_local,none,locked")
     ap.add_argument("--captures", type=int, default=50)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--record", action="store_true")
@@ -63,12 +79,12 @@ def main():
         print(json.dumps(one_mode(a.child, a.captures)))
         return
     rows = []
-    for mode in a.modes.split(","):
+    for mode in a.variants.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--captures", str(a.captures)],
                              capture_output=True, text=True, timeout=300)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         rows.append(json.loads(lines[-1]) if lines else
-                    {"mode": mode, "error": f"child exited {out.returncode}: "
+                    {"variant": mode, "error": f"child exited {out.returncode}: "
                                                        f"{(out.stderr.strip().splitlines() or [''])[-1][-200:]}"})
     from bench.results import append_results, markdown_table
     if a.record:

@@ -34,7 +34,8 @@ What is measured:
 - the optimizer alone for several Newton-Schulz chunk sizes, eager and graphed (--opt-sweep);
 - `--overlap-probe` (graphed cases): the update graph replayed beside the first micro-batch's graph
   with no dependency, against each alone and the two in a row: how much of the optimizer an
-  update overlapped with the next step's forward + backward could hide, at most.
+  update overlapped with the next step's forward + backward could hide, at most (the update is a
+  second model's: twice the memory).
 """
 from __future__ import annotations
 
@@ -440,8 +441,10 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     extra = []
     tr = None
     try:
-        tr = Trainer(cfg, variant, ns_chunk, micro, loss_chunk, checkpoint, momentum_dtype, moe == "fused",
-                     saves == "lean")
+        def make_trainer():
+            return Trainer(cfg, variant, ns_chunk, micro, loss_chunk, checkpoint, momentum_dtype, moe == "fused",
+                           saves == "lean")
+        tr = make_trainer()
         row["opt_streams"] = 1 + len(tr.fopt.side_streams)  # one where blocks are checkpointed (as the trainer)
         batches = [split(make_batch(batch_size, seq, seed=s, kd_k=kd_k), micro) for s in range(3)]
         if routing == "balanced":
@@ -461,8 +464,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
                    **dynamo_stats())
         print(json.dumps(row), flush=True)
         if probe:
-            row.update(overlap_probe(tr))
-            do_breakdown, profile_dir, do_sweep = False, "", False  # the probe leaves the model garbage
+            row.update(overlap_probe(tr, make_trainer, batches[0]))
         if do_breakdown:
             release_graphs(tr)  # the components run alone; the full model needs the graphs' memory back
             parts = breakdown(tr, batches[0][0], micro)
@@ -495,21 +497,22 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     return row, extra
 
 
-def overlap_probe(tr: Trainer, iters: int = 8) -> dict:
+def overlap_probe(tr: Trainer, make_trainer, micro: list[dict], iters: int = 8) -> dict:
     """The most that overlapping the optimizer with the next step's forward + backward could give
-    (docs/performance.md, What remains 8): the update replayed on a side stream while the first
-    micro-batch's graph replays, with no dependency between them, against each alone and the two in
-    a row. An upper bound only (the real scheme makes each block's forward wait for its own
-    update), and a race by design: the parameters are updated while they are read, so the model is
-    garbage afterwards (run_case skips the breakdown, profile and sweep after it)."""
+    (docs/performance.md, What remains 8): an update graph replayed on a side stream while the
+    first micro-batch's graph replays, with no dependency between them, against each alone and the
+    two in a row. The update is a second, identical model's (its own parameters, gradients and
+    graph pool), so nothing races: sharing one model, the update changed the router's weights
+    between a block's forward and its recomputation in backward, and the grouped GEMM's group
+    sizes went negative (device assert, 19:30 run). An upper bound only: the real scheme makes each
+    block's forward wait for its own update."""
     g = tr.graphed
     if g is None or g.graphs is None:
         return {}
-    first = g.graphs[0]
-    torch.cuda.synchronize()
-    upd = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(upd, capture_error_mode="thread_local"):  # its own pool: no aliasing with the first graph
-        g._update_part()
+    other = make_trainer()
+    for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
+        other.step(micro)
+    first, upd = g.graphs[0], other.graphed.graphs[2]
     side = torch.cuda.Stream()
 
     def serial():
@@ -527,8 +530,10 @@ def overlap_probe(tr: Trainer, iters: int = 8) -> dict:
            "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
            "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
            "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
-    out["probe_loss_finite"] = bool(torch.isfinite(g.loss_sum).item())
-    del upd
+    release_graphs(other)
+    del other, upd
+    gc.collect()  # the second model (a Trainer <-> graphed-step cycle)
+    torch.cuda.empty_cache()
     return out
 
 
@@ -598,7 +603,7 @@ def main():
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
     ap.add_argument("--overlap-probe", action="store_true",
-                    help="graphed cases: the optimizer replayed beside the next forward + backward (an upper bound; no breakdown after)")
+                    help="graphed cases: an optimizer step replayed beside a forward + backward (an upper bound; a second model)")
     a = ap.parse_args()
     set_inductor_options(a.inductor)
     OPT_KWARGS.update(parse_opt(a.opt))

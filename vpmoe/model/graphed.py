@@ -27,8 +27,10 @@ Design choices:
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
-- Captured in "thread_local" mode, so another thread's CUDA calls (the trainer's prefetch thread
-  pins host memory) cannot invalidate a capture.
+- Other threads' CUDA calls can invalidate a capture: on the H200 (torch 2.11) a second thread
+  pinning host memory broke every capture, in "global" and "thread_local" mode alike
+  (bench/capture_threads.py). So a capture holds `CAPTURE_LOCK`, and threads that pin (the
+  trainer's prefetch thread) take it around their pinning.
 - `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
   after the last step); a next step would capture them again.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
@@ -36,9 +38,16 @@ Design choices:
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from vpmoe.model.fast import FastBody, update_router_biases
+
+
+# held for the whole of a capture; a thread that makes CUDA calls a capture forbids (pinning host
+# memory: cudaHostAlloc) takes it around them, so they never fall inside one
+CAPTURE_LOCK = threading.Lock()
 
 
 class GraphedTrainStep:
@@ -111,13 +120,14 @@ class GraphedTrainStep:
         """Graphs: first micro-batch (its backward allocates the gradients in the graph's pool,
         AccumulateGrad takes them as `.grad`; every replay overwrites them: no zeroing pass), the
         other micro-batches (accumulate into those), the update. All share one memory pool."""
+        with CAPTURE_LOCK:  # no other thread pins host memory meanwhile (module docstring)
+            self._capture_locked()
+
+    def _capture_locked(self) -> None:
         torch.cuda.synchronize()
         for p in self.params:
             p.grad = None
-        # thread_local: the trainer's prefetch thread may pin host memory (cudaHostAlloc) during the
-        # capture, which the default "global" mode turns into an invalidated capture (a probable
-        # cause of one failure: docs/performance.md; bench/capture_threads.py tests it)
-        mode = "thread_local"
+        mode = "thread_local"  # this thread's own forbidden calls still fail loudly
         g_first = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g_first, capture_error_mode=mode):
             self._micro_part()

@@ -50,6 +50,7 @@ from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_di
 from vpmoe.kd.losses import count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
+from vpmoe.model.graphed import CAPTURE_LOCK
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
@@ -279,7 +280,8 @@ class Trainer:
             if kd or self.graphed is not None:
                 batches = [dict(b, **self.objective.staged_target(b, kd)) for b in batches]
         if self.device.type == "cuda":
-            batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+            with CAPTURE_LOCK:  # pinning inside a CUDA-graph capture invalidates it (vpmoe/model/graphed.py)
+                batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         return batches, state
 
     def _fast_path_on(self) -> bool:
