@@ -5,8 +5,7 @@ next step's batches, which calls `cudaHostAlloc`. On 2026-12-02 a second capture
 evaluation failed with `cudaErrorStreamCaptureInvalidated` (docs/performance.md). Each variant
 captures and replays a chain of GEMMs `--captures` times in a fresh process while a second thread
 pins new 4 MiB host buffers, and reports how many captures succeeded:
-  global, thread_local   the capture mode, the thread pinning freely (19:30 run: both failed at
-                         the first capture);
+  global, thread_local   the capture mode, the thread pinning freely;
   none                   global mode, no pinning thread (the control);
   locked                 what `GraphedTrainStep` does: thread_local, each capture holding
                          `CAPTURE_LOCK`, the thread pinning under it (as the trainer's prefetch).
@@ -44,6 +43,20 @@ def one_mode(variant: str, captures: int) -> dict:
             with guard:
                 held.append(torch.empty(4 << 20, dtype=torch.uint8).pin_memory())
 
+    def chain():
+        y = x
+        for _ in range(300):
+            y = torch.tanh((y @ x) * (1 / 32))  # stays O(1): a real value to compare
+        return y
+
+    # warm-up before any capture (cuBLAS creates its handle and workspace at the first GEMM, which a
+    # capture forbids: without this every variant, the no-pin control too, failed at 19:40)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = chain()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     thread = threading.Thread(target=pinner, daemon=True)
     ok, error, same = 0, "", False
     if variant != "none":
@@ -52,14 +65,9 @@ def one_mode(variant: str, captures: int) -> dict:
         for _ in range(captures):
             graph = torch.cuda.CUDAGraph()
             with guard, torch.cuda.graph(graph, capture_error_mode=mode):
-                y = x
-                for _ in range(300):
-                    y = torch.tanh((y @ x) * (1 / 32))  # stays O(1): a real value to compare
+                y = chain()
             graph.replay()
             ok += 1
-        eager = x
-        for _ in range(300):
-            eager = torch.tanh((eager @ x) * (1 / 32))
         same = bool(ok) and bool(eager.abs().mean() > 0.1) and torch.allclose(y, eager, rtol=1e-4, atol=1e-5)
     except Exception as e:  # noqa: BLE001 - the failure is the measurement
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"

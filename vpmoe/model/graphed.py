@@ -27,10 +27,10 @@ Design choices:
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
-- Other threads' CUDA calls can invalidate a capture: on the H200 (torch 2.11) a second thread
-  pinning host memory broke every capture, in "global" and "thread_local" mode alike
-  (bench/capture_threads.py). So a capture holds `CAPTURE_LOCK`, and threads that pin (the
-  trainer's prefetch thread) take it around their pinning.
+- Another thread's CUDA calls can invalidate a capture (pinning host memory calls `cudaHostAlloc`,
+  which CUDA forbids from any thread during a "global"-mode capture). So a capture holds
+  `CAPTURE_LOCK` and runs in "thread_local" mode, and threads that pin (the trainer's prefetch
+  thread) take the lock around their pinning (bench/capture_threads.py measures each part).
 - `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
   after the last step); a next step would capture them again.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
