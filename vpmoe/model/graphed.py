@@ -27,10 +27,10 @@ Design choices:
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
-- Another thread's CUDA calls can invalidate a capture (pinning host memory calls `cudaHostAlloc`,
-  which CUDA forbids from any thread during a "global"-mode capture). So a capture holds
-  `CAPTURE_LOCK` and runs in "thread_local" mode, and threads that pin (the trainer's prefetch
-  thread) take the lock around their pinning (bench/capture_threads.py measures each part).
+- Captured in "thread_local" mode (`CAPTURE_MODE`): the trainer's prefetch thread pins host memory
+  (`cudaHostAlloc`) while a step may be capturing, which CUDA forbids from any thread during a
+  default "global"-mode capture. Measured on the H200 (bench/capture_threads.py): a pinning thread
+  broke the first global-mode capture; 50 of 50 thread_local captures replayed correctly beside it.
 - `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
   after the last step); a next step would capture them again.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
@@ -38,16 +38,12 @@ Design choices:
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from vpmoe.model.fast import FastBody, update_router_biases
 
 
-# held for the whole of a capture; a thread that makes CUDA calls a capture forbids (pinning host
-# memory: cudaHostAlloc) takes it around them, so they never fall inside one
-CAPTURE_LOCK = threading.Lock()
+CAPTURE_MODE = "thread_local"  # only this thread's calls are checked (module docstring)
 
 
 class GraphedTrainStep:
@@ -120,14 +116,10 @@ class GraphedTrainStep:
         """Graphs: first micro-batch (its backward allocates the gradients in the graph's pool,
         AccumulateGrad takes them as `.grad`; every replay overwrites them: no zeroing pass), the
         other micro-batches (accumulate into those), the update. All share one memory pool."""
-        with CAPTURE_LOCK:  # no other thread pins host memory meanwhile (module docstring)
-            self._capture_locked()
-
-    def _capture_locked(self) -> None:
         torch.cuda.synchronize()
         for p in self.params:
             p.grad = None
-        mode = "thread_local"  # this thread's own forbidden calls still fail loudly
+        mode = CAPTURE_MODE
         g_first = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g_first, capture_error_mode=mode):
             self._micro_part()
@@ -144,10 +136,8 @@ class GraphedTrainStep:
 
     def release(self) -> None:
         """Drop the captured graphs and their memory pool (the gradients live there), between steps,
-        so that memory can serve eager work that did not fit beside them (the trainer's last held-out
-        evaluation); the next `accumulate` captures them again, without warm-up. Capturing again
-        after an eager evaluation failed once on the GPU (docs/performance.md): the trainer only
-        releases them when no step follows."""
+        so that memory can serve eager work that did not fit beside them (the trainer's held-out
+        evaluation); the next `accumulate` captures them again, without warm-up."""
         self.graphs = None
         for p in self.params:  # the gradients of an eager warm-up step too
             p.grad = None

@@ -50,7 +50,6 @@ from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_di
 from vpmoe.kd.losses import count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
-from vpmoe.model.graphed import CAPTURE_LOCK
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
@@ -280,8 +279,7 @@ class Trainer:
             if kd or self.graphed is not None:
                 batches = [dict(b, **self.objective.staged_target(b, kd)) for b in batches]
         if self.device.type == "cuda":
-            with CAPTURE_LOCK:  # pinning inside a CUDA-graph capture invalidates it (vpmoe/model/graphed.py)
-                batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+            batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         return batches, state
 
     def _fast_path_on(self) -> bool:
@@ -508,23 +506,22 @@ class Trainer:
         all_reduce_sum(stats_sum, ds)
         return span_report(unpack_stats(stats_sum), cfg.train.w_reasoning, cfg.train.w_final, prefix="valid/")
 
-    def _evaluate_beside_graphs(self, last_step: bool, progress: Progress) -> dict | None:
+    def _evaluate_beside_graphs(self, last_step: bool, progress: Progress) -> dict:
         """`evaluate()` where the captured step's graphs hold memory its eager forward may need:
         after the last step they are released first (nothing replays them again); before it, an
-        evaluation out of memory beside them is skipped with a note (None). The graphs are kept:
-        captured again after an evaluation, they failed on the GPU (docs/performance.md)."""
+        evaluation out of memory beside them releases them and runs again, and the next step
+        captures them anew (in "thread_local" mode: the prefetch thread's pinning broke a
+        "global"-mode recapture, bench/capture_threads.py). Out of memory even then: raised."""
         g = self.graphed
-        if g is not None and last_step:
+        if g is not None and g.graphs is not None and not last_step:
+            try:
+                return self.evaluate()
+            except torch.OutOfMemoryError:
+                progress.print(f"step {self.step}: held-out evaluation out of GPU memory beside the captured step: "
+                               "graphs released (captured again at the next step, a few seconds)")
+        if g is not None and g.graphs is not None:
             g.release()
-        if g is None or g.graphs is None:
-            return self.evaluate()
-        try:
-            return self.evaluate()
-        except torch.OutOfMemoryError:
-            progress.print(f"step {self.step}: held-out evaluation skipped: out of GPU memory beside the "
-                           "captured step (the one after the last step runs with them released); more "
-                           "checkpointed blocks (train.activation_checkpointing) leave it room")
-            return None
+        return self.evaluate()
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -591,11 +588,9 @@ class Trainer:
                         path = self.save()
                         progress.print(f"step {self.step}: checkpoint {path}")
                     if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last_step:
-                        evaluated = self._evaluate_beside_graphs(last_step, progress)
-                        if evaluated is not None:
-                            last_eval = evaluated
-                            self.metrics.log(self.step, last_eval)
-                            progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
+                        last_eval = self._evaluate_beside_graphs(last_step, progress)
+                        self.metrics.log(self.step, last_eval)
+                        progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
                     if not last_step and self._stop_agreed(bool(received)):
                         path = path if saved else self.save()
                         why = signal.Signals(received[0]).name if received else "a stop signal on another rank"
