@@ -30,6 +30,9 @@ Design choices:
   Newton-Schulz launches overlap the bandwidth-bound momentum and update kernels instead of waiting
   for them. On the CPU it runs in order. Measured at 20 layers (optimizer alone, graphed): 27.2 ms
   on one stream, 26.6 on three, 25.8 on three with packs of four; at 80 layers 95.8 ms.
+- `fuse_update` (off until measured): the packed experts' update W <- W * decay + step * Q X is
+  applied in the epilogue of Newton-Schulz's last product (`ns_update.qx_update`, a Triton kernel),
+  so the bf16 product is never written and read back (4 of ~36 bytes per expert parameter).
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
@@ -48,6 +51,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import DTensor
 
+from vpmoe.train import ns_update
 from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 
 
@@ -120,6 +124,15 @@ def gram_newton_schulz_packed(xs: list[torch.Tensor], steps: int = 5, eps: float
     At the experts' 128 x 128 that iteration is ~6 us launches of 256 tiles per tensor (two waves
     on an H200's 132 SMs: launch and ramp, not work, set their time), so packing several tensors
     makes fewer, fuller launches. The results equal per-x calls (the same math per matrix)."""
+    qs, xs, transposed = gram_newton_schulz_parts(xs, steps, eps, restart_at, small_dtype)
+    return [torch.bmm(x.mT, q.mT) if transposed else torch.bmm(q, x) for q, x in zip(qs, xs)]
+
+
+def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7,
+                             restart_at: tuple[int, ...] = (2,), small_dtype: torch.dtype | None = None):
+    """`gram_newton_schulz_packed` without its last product: (qs, xs, transposed) such that each
+    result is Q X (its transpose when `transposed`), Q [b, m, m] and X [b, m, n] in x's dtype; for
+    a caller that applies the product in its own kernel (`ns_update.qx_update`)."""
     a, b, c = NS_COEFFS
     transposed = xs[0].shape[-2] > xs[0].shape[-1]
     xs = [x.mT if transposed else x for x in xs]
@@ -149,7 +162,7 @@ def gram_newton_schulz_packed(xs: list[torch.Tensor], steps: int = 5, eps: float
         q = z if q is None else torch.bmm(z, q)
         if i + 1 < steps and (i + 1) not in restart_at:
             r = torch.bmm(torch.bmm(z, r), z)
-    return [torch.bmm(x.mT, qi.mT) if transposed else torch.bmm(qi, x) for qi, x in zip(per_x(q, scale), xs)]
+    return list(per_x(q, scale)), xs, transposed
 
 
 def orthogonalise(u: torch.Tensor, steps: int, method: str) -> torch.Tensor:
@@ -228,7 +241,8 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
-                 compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3):
+                 compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
+                 fuse_update: bool = False):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
@@ -252,6 +266,9 @@ class FastMuonAdamW:
         # the experts' Newton-Schulz: bmm + small pointwise work, fused around the GEMMs when compiled
         self._ns = _Compiled(orthogonalise, use_compile)
         self._ns_packed = _Compiled(gram_newton_schulz_packed, use_compile)
+        # opt-in until measured: packed experts' update in the last product's epilogue (ns_update.py)
+        self.fuse_update = bool(fuse_update)
+        self._ns_parts = _Compiled(gram_newton_schulz_parts, use_compile)
         self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
         self._adamw_one = _Compiled(_adamw_update, use_compile)  # AdamW tensors of >= ADAMW_ALONE elements
 
@@ -355,6 +372,12 @@ class FastMuonAdamW:
             for c0 in range(0, len(items), self.ns_pack):
                 def packed(pack=items[c0:c0 + self.ns_pack]):
                     us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _ in pack]
+                    if self.fuse_update:
+                        qs, xs, transposed = self._ns_parts(us, steps)
+                        for (_, _, w, step), q, x in zip(pack, qs, xs):
+                            update = ns_update.qx_update if ns_update.fits(q, x, w) else ns_update.qx_update_reference
+                            update(w, q, x, decay, step, transposed)
+                        return
                     for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps)):
                         self._post(w, ortho, decay, step)
                 jobs.append(packed)

@@ -1,0 +1,97 @@
+"""Muon's update applied in the epilogue of Newton-Schulz's last product (opt-in, not yet measured).
+
+The Gram-side Newton-Schulz (`optim_fast.gram_newton_schulz_packed`) ends with one product per
+expert tensor, O = Q X (Q the [m, m] polynomial in the Gram matrix, X the [m, n] bf16 update; at
+vpMoE's experts m = 128, n = 1024), written to memory as bf16 and read back by the update
+W <- W * decay + step * O. This kernel computes each [m, BN] tile of Q X in registers (K = m: one
+dot), rounds it to bf16 as the two-kernel path does, and updates W's tile in place: O is never
+written or read, 4 of the ~36 bytes per expert parameter the optimizer moves per step
+(docs/performance.md, What remains 6; ~-1.2 ms per step at 20 layers by that count: an estimate).
+
+Design choices:
+- One program per (matrix, BN columns); Q's tile is loaded whole (m <= 256), so there is no K loop.
+- Weights stored transposed (the down projection's [E, 1024, 128], orthogonalised as its
+  [128, 1024] transpose) use the same kernel with W's strides swapped.
+- decay and step are 0-dim device tensors, read in the kernel: a captured graph follows the
+  learning-rate schedule.
+- `qx_update` is a `torch.library.custom_op` mutating W (capturable in CUDA graphs: fixed grid for
+  fixed shapes). `qx_update_reference` is the two-op path it replaces; tests/test_ns_update.py runs
+  the kernel under the Triton interpreter against it and float64.
+"""
+from __future__ import annotations
+
+import torch
+
+from vpmoe.model.router_fused import _f32_dot  # the interpreter's bf16 dot workaround, shared
+from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401 - the same test for every Triton op
+
+try:
+    import triton
+    import triton.language as tl
+
+    from vpmoe.model.router_fused import _round_bf16
+except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel update
+    triton = None
+
+MAX_M = 256  # the short side the kernel takes (Q's tile is held whole)
+
+
+def qx_update_reference(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor,
+                        step: torch.Tensor, transposed: bool) -> None:
+    """The path the kernel replaces: O = bf16(Q X) ([b, m, n]), then W <- W * decay + step * O, with
+    W [b, m, n] (or [b, n, m] when `transposed`)."""
+    o = torch.bmm(q, x)
+    w.mul_(decay).add_((o.mT if transposed else o).to(w.dtype) * step)
+
+
+if triton is not None:
+    @triton.jit
+    def _qx_update_kernel(q_ptr, x_ptr, w_ptr, decay_ptr, step_ptr, M, N,
+                          sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n,
+                          BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        rows = tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        row_ok, col_ok = rows < M, cols < N
+        q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k,
+                    mask=row_ok[:, None] & row_ok[None, :], other=0.0)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
+        if F32_DOT:
+            acc = tl.dot(q.to(tl.float32), x.to(tl.float32))
+        else:
+            acc = tl.dot(q, x)
+        o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
+        w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
+        w = tl.load(w_tile, mask=tile_ok, other=0.0)
+        tl.store(w_tile, w * tl.load(decay_ptr) + o * tl.load(step_ptr), mask=tile_ok)
+
+
+def fits(q: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the kernel takes these operands (else use `qx_update_reference`)."""
+    return (triton is not None and available(w.device) and q.dtype == x.dtype == torch.bfloat16
+            and w.dtype == torch.float32 and q.shape[-1] == q.shape[-2] <= MAX_M)
+
+
+@torch.library.custom_op("vpmoe::qx_update", mutates_args=("w",))
+def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor, step: torch.Tensor,
+              transposed: bool) -> None:
+    """W <- W * decay + step * bf16(Q X) in place: q [b, m, m] and x [b, m, n] bf16, w fp32
+    [b, m, n] (or [b, n, m] when `transposed`), decay and step 0-dim fp32 device tensors."""
+    bsz, m, n = x.shape
+    want = (bsz, n, m) if transposed else (bsz, m, n)
+    if not fits(q, x, w) or tuple(w.shape) != want or tuple(q.shape) != (bsz, m, m):
+        raise ValueError(f"qx_update: wants bf16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n] and fp32 w {want}; "
+                         f"got q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+    sw_b, sw_1, sw_2 = w.stride()
+    sw_m, sw_n = (sw_2, sw_1) if transposed else (sw_1, sw_2)
+    bm = max(16, triton.next_power_of_2(m))
+    bn = 16 if interpreting() else 64
+    _qx_update_kernel[(bsz, triton.cdiv(n, bn))](
+        q, x, w, decay, step, m, n, *q.stride(), *x.stride(), sw_b, sw_m, sw_n,
+        BM=bm, BN=bn, F32_DOT=_f32_dot(), num_warps=8)
+
+
+@qx_update.register_fake
+def _(w, q, x, decay, step, transposed):
+    return None
