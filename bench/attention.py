@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.optim_step import kernel_count, top_kernels  # noqa: E402
-from bench.train_step import graph_time, make_batch  # noqa: E402
+from bench.timing import graph_time  # noqa: E402
+from bench.train_step import make_batch  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model import fast as F  # noqa: E402
 from vpmoe.model.model import VpMoE, positions_from_docs  # noqa: E402

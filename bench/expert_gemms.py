@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.moe_sweep import routed_case  # noqa: E402
-from bench.train_step import cuda_time  # noqa: E402
+from bench.timing import cuda_time  # noqa: E402
 
 
 def main():

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.optim_step import kernel_count, top_kernels  # noqa: E402
-from bench.train_step import graph_time  # noqa: E402
+from bench.timing import graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402

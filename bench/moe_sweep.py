@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.train_step import cuda_time  # noqa: E402
+from bench.timing import cuda_time  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.kernels import sort_by_expert  # noqa: E402
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.train_step import cuda_time, graph_time  # noqa: E402
+from bench.timing import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model.model import VpMoE  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer  # noqa: E402

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append_results  # noqa: E402
-from bench.train_step import graph_time, routing_fields  # noqa: E402
+from bench.timing import graph_time  # noqa: E402
+from bench.train_step import routing_fields  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 
 

@@ -44,7 +44,6 @@ import ast
 import gc
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,6 +53,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.step_probes import opt_sweep, overlap_probe, profile, release_graphs  # noqa: E402
+from bench.timing import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.kd.fused import fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
@@ -70,40 +71,6 @@ from vpmoe.train.optim_fast import FastMuonAdamW, streams_for  # noqa: E402
 # layers, rows per step, seq, micro-batches per step; d = the stage-1 global batch (configs/stage1.toml:
 # 64 rows of 2048 per optimizer step) on one GPU, as 16 accumulated micro-batches of 4 rows
 CASES = {"a": (20, 2, 2048, 1), "b": (20, 8, 2048, 1), "c": (80, 8, 2048, 2), "d": (80, 64, 2048, 16)}
-
-
-def cuda_time(fn, warmup=2, iters=5) -> float:
-    """Median seconds of fn() timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def graph_time(fn, iters=10) -> tuple[float, str]:
-    """GPU seconds of fn() replayed from a CUDA graph (eager timing if capture fails)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return cuda_time(g.replay, warmup=2, iters=iters), "graph"
-    except Exception as e:  # noqa: BLE001
-        print(f"# graph capture failed ({e!r:.200}); eager timing", flush=True)
-        torch.cuda.synchronize()
-        return cuda_time(fn, warmup=1, iters=iters), "eager"
 
 
 def make_batch(batch, seq, docs_per_row=4, seed=0, vocab=200000, kd_k=0):
@@ -226,18 +193,6 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         update_router_biases(self.model, load)
         return total
-
-
-def release_graphs(tr: Trainer) -> None:
-    """Drop the captured graphs and their memory pool (gradients live there), or the eager
-    variant's gradients."""
-    if tr.graphed is not None:
-        tr.graphed.release()  # gradients, sync and cache included
-        return
-    for p in tr.model.parameters():
-        p.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
 
 
 def split(batch, micro: int) -> list[dict]:
@@ -378,55 +333,6 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
     return res
 
 
-def opt_sweep(tr: Trainer, chunks=(32, 64, 128, 256)) -> list[dict]:
-    rows = []
-    for p in tr.model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    for c in chunks:
-        tr.fopt.ns_chunk = c
-        eager = cuda_time(tr.fopt.step, warmup=1, iters=3)
-        graphed, how = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)
-        packed = any(tr.fopt._packs(p.view(-1, *p.shape[-2:])) for p in tr.model.parameters() if p.ndim == 3)
-        rows.append({"ns_chunk": c, "packed": packed, "eager_ms": eager * 1e3, "graphed_ms": graphed * 1e3,
-                     "timing": how})
-        print(json.dumps(rows[-1]), flush=True)
-    tr.opt.zero_grad(set_to_none=True)
-    return rows
-
-
-def profile(tr: Trainer, micro: list[dict], out_dir: str, tag: str) -> None:
-    """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    def top(fn, label, rows=28):
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        total = sum(e.self_device_time_total for e in events)
-        events.sort(key=lambda e: -e.self_device_time_total)
-        path = Path(out_dir) / f"profile_{tag}_{label}.txt"
-        full_names = "\n".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x {e.key}" for e in events[:40])
-        path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80,
-                                                   max_name_column_width=160)
-                        + "\n\nfull kernel names (templates: tile shapes, operand layouts):\n" + full_names + "\n")
-        print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
-        for e in events[:rows]:
-            print(f"#  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
-
-    top(lambda: [tr.step(micro) for _ in range(2)], "2steps")
-    release_graphs(tr)  # the optimizer alone, with gradients of its own: the step's graphs' memory back first
-    try:
-        for p in tr.model.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        top(tr.fopt.step, "optimizer", rows=14)
-    except torch.OutOfMemoryError:  # a run that fills the GPU (e.g. partial checkpointing on an H200)
-        print("# profile: no memory left for the optimizer-alone profile (bench/optim_step.py has it)", flush=True)
-    tr.opt.zero_grad(set_to_none=True)
-
-
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
              micro_override=0, moe="grouped", routing="init", saves="default", probe=False) -> tuple[dict, list]:
@@ -495,46 +401,6 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row, extra
-
-
-def overlap_probe(tr: Trainer, make_trainer, micro: list[dict], iters: int = 8) -> dict:
-    """The most that overlapping the optimizer with the next step's forward + backward could give
-    (docs/performance.md, What remains 8): an update graph replayed on a side stream while the
-    first micro-batch's graph replays, with no dependency between them, against each alone and the
-    two in a row. The update is a second, identical model's (its own parameters, gradients and
-    graph pool), so nothing races: sharing one model, the update changed the router's weights
-    between a block's forward and its recomputation in backward, and the grouped GEMM's group
-    sizes went negative (device assert, 19:30 run). An upper bound only: the real scheme makes each
-    block's forward wait for its own update."""
-    g = tr.graphed
-    if g is None or g.graphs is None:
-        return {}
-    other = make_trainer()
-    for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
-        other.step(micro)
-    first, upd = g.graphs[0], other.graphed.graphs[2]
-    side = torch.cuda.Stream()
-
-    def serial():
-        first.replay()
-        upd.replay()
-
-    def concurrent():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            upd.replay()
-        first.replay()
-        torch.cuda.current_stream().wait_stream(side)
-
-    out = {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
-           "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
-           "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
-           "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
-    release_graphs(other)
-    del other, upd
-    gc.collect()  # the second model (a Trainer <-> graphed-step cycle)
-    torch.cuda.empty_cache()
-    return out
 
 
 def key_values(spec: str, flag: str) -> list[tuple[str, str]]:

@@ -1,0 +1,114 @@
+"""A train-step benchmark case's side measurements (bench/train_step.py): the optimizer's
+Newton-Schulz chunk sweep, the profile's top kernels, the optimizer-overlap probe, and the release
+of a case's graphs between them. `tr` is bench/train_step.py's `Trainer`."""
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import torch
+
+from bench.timing import cuda_time, graph_time
+
+
+def release_graphs(tr) -> None:
+    """Drop the captured graphs and their memory pool (gradients live there), or the eager
+    variant's gradients."""
+    if tr.graphed is not None:
+        tr.graphed.release()  # gradients, sync and cache included
+        return
+    for p in tr.model.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def opt_sweep(tr, chunks=(32, 64, 128, 256)) -> list[dict]:
+    rows = []
+    for p in tr.model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    for c in chunks:
+        tr.fopt.ns_chunk = c
+        eager = cuda_time(tr.fopt.step, warmup=1, iters=3)
+        graphed, how = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)
+        packed = any(tr.fopt._packs(p.view(-1, *p.shape[-2:])) for p in tr.model.parameters() if p.ndim == 3)
+        rows.append({"ns_chunk": c, "packed": packed, "eager_ms": eager * 1e3, "graphed_ms": graphed * 1e3,
+                     "timing": how})
+        print(json.dumps(rows[-1]), flush=True)
+    tr.opt.zero_grad(set_to_none=True)
+    return rows
+
+
+def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
+    """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def top(fn, label, rows=28):
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events)
+        events.sort(key=lambda e: -e.self_device_time_total)
+        path = Path(out_dir) / f"profile_{tag}_{label}.txt"
+        full_names = "\n".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x {e.key}" for e in events[:40])
+        path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80,
+                                                   max_name_column_width=160)
+                        + "\n\nfull kernel names (templates: tile shapes, operand layouts):\n" + full_names + "\n")
+        print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
+        for e in events[:rows]:
+            print(f"#  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
+
+    top(lambda: [tr.step(micro) for _ in range(2)], "2steps")
+    release_graphs(tr)  # the optimizer alone, with gradients of its own: the step's graphs' memory back first
+    try:
+        for p in tr.model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        top(tr.fopt.step, "optimizer", rows=14)
+    except torch.OutOfMemoryError:  # a run that fills the GPU (e.g. partial checkpointing on an H200)
+        print("# profile: no memory left for the optimizer-alone profile (bench/optim_step.py has it)", flush=True)
+    tr.opt.zero_grad(set_to_none=True)
+
+
+def overlap_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
+    """The most that overlapping the optimizer with the next step's forward + backward could give
+    (docs/performance.md, What remains 8): an update graph replayed on a side stream while the
+    first micro-batch's graph replays, with no dependency between them, against each alone and the
+    two in a row. The update is a second, identical model's (its own parameters, gradients and
+    graph pool), so nothing races: sharing one model, the update changed the router's weights
+    between a block's forward and its recomputation in backward, and the grouped GEMM's group
+    sizes went negative (device assert, 19:30 run). An upper bound only: the real scheme makes each
+    block's forward wait for its own update."""
+    g = tr.graphed
+    if g is None or g.graphs is None:
+        return {}
+    other = make_trainer()
+    for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
+        other.step(micro)
+    first, upd = g.graphs[0], other.graphed.graphs[2]
+    side = torch.cuda.Stream()
+
+    def serial():
+        first.replay()
+        upd.replay()
+
+    def concurrent():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            upd.replay()
+        first.replay()
+        torch.cuda.current_stream().wait_stream(side)
+
+    out = {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
+           "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
+           "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
+           "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
+    upd = None  # the closures' reference too: the graph and its pool go with the release
+    release_graphs(other)
+    del other
+    gc.collect()  # the second model (a Trainer <-> graphed-step cycle)
+    torch.cuda.empty_cache()
+    return out
