@@ -9,8 +9,9 @@ pins new 4 MiB host buffers, and reports how many captures succeeded:
   none                   global mode, no pinning thread (the control);
   graphed                what `GraphedTrainStep` does (`vpmoe.model.graphed.CAPTURE_MODE`), the
                          thread pinning freely as the trainer's prefetch does.
-  (19:41 run: global failed at its first capture; thread_local, none and a variant holding a
-  lock around both the captures and the pins replayed 50 of 50 correctly.)
+  (19:41 run, bench/RESULTS.md: global failed at its first capture; thread_local and none
+  replayed 50 of 50 correctly, and so did a variant since removed that held a lock around both
+  the captures and the pins.)
 
     python bench/capture_threads.py --record        (GPU)
 """
@@ -33,7 +34,10 @@ def one_mode(variant: str, captures: int) -> dict:
 
     from vpmoe.model.graphed import CAPTURE_MODE
 
-    mode = {"graphed": CAPTURE_MODE, "thread_local": "thread_local"}.get(variant, "global")
+    modes = {"global": "global", "thread_local": "thread_local", "none": "global", "graphed": CAPTURE_MODE}
+    if variant not in modes:
+        raise SystemExit(f"capture_threads: unknown variant {variant!r}; one of {', '.join(modes)}")
+    mode = modes[variant]
     x = torch.randn(1024, 1024, device="cuda")
     stop, held = threading.Event(), []
 

@@ -83,12 +83,24 @@ def overlap_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
     sizes went negative (device assert, 19:30 run). An upper bound only: the real scheme makes each
     block's forward wait for its own update."""
     g = tr.graphed
-    if g is None or g.graphs is None:
-        return {}
+    if g is None or g.graphs is None or len(micro) != 1:  # one micro-batch: graph 1 is the whole forward + backward
+        return {"probe": "graphed cases of one micro-batch only"}
     other = make_trainer()
+    try:
+        return _probe(g.graphs[0], other, micro, iters)
+    except torch.OutOfMemoryError:
+        return {"probe": "out of memory for the second model"}
+    finally:
+        release_graphs(other)
+        del other
+        gc.collect()  # the second model (a Trainer <-> graphed-step cycle)
+        torch.cuda.empty_cache()
+
+
+def _probe(first, other, micro, iters: int) -> dict:
     for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
         other.step(micro)
-    first, upd = g.graphs[0], other.graphed.graphs[2]
+    upd = other.graphed.graphs[2]
     side = torch.cuda.Stream()
 
     def serial():
@@ -102,13 +114,7 @@ def overlap_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
         first.replay()
         torch.cuda.current_stream().wait_stream(side)
 
-    out = {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
-           "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
-           "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
-           "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
-    upd = None  # the closures' reference too: the graph and its pool go with the release
-    release_graphs(other)
-    del other
-    gc.collect()  # the second model (a Trainer <-> graphed-step cycle)
-    torch.cuda.empty_cache()
-    return out
+    return {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
+            "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
+            "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
+            "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}

@@ -369,7 +369,8 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile=tr.body.compile_modes(),
                    **dynamo_stats())
         print(json.dumps(row), flush=True)
-        if probe:
+        if probe:  # the case's own memory first: the probe builds a second model
+            row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
             row.update(overlap_probe(tr, make_trainer, batches[0]))
         if do_breakdown:
             release_graphs(tr)  # the components run alone; the full model needs the graphs' memory back
@@ -393,7 +394,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     except Exception as e:  # noqa: BLE001 - report and go on with the next case
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row.setdefault("peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30)
-    row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
     if tr is not None:
         release_graphs(tr)
     del tr

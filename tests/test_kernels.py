@@ -315,17 +315,15 @@ def test_packed_gram_newton_schulz_equals_one_call_per_tensor():
                     torch.testing.assert_close(y, gram_newton_schulz(x, 5, restart_at=restart), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("ns_chunk,ns_method,ns_pack,adamw_alone,fuse", [
-    (3, "gram", 1, None, False), (32, "gram", 1, None, False), (32, "standard", 1, None, False),
-    (32, "gram", 2, None, False), (3, "gram", 2, 1000, False), (32, "gram", 2, None, True)])
-def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack, adamw_alone, fuse, monkeypatch):
+@pytest.mark.parametrize("ns_chunk,ns_method,ns_pack,adamw_alone", [
+    (3, "gram", 1, None), (32, "gram", 1, None), (32, "standard", 1, None), (32, "gram", 2, None), (3, "gram", 2, 1000)])
+def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack, adamw_alone, monkeypatch):
     """FastMuonAdamW.step == clip_grad_norm_ + MuonAdamW.step over 3 steps (clip active), with
     Newton-Schulz chunks that cut a tensor (3: does not divide the 8 experts) or hold it whole (32),
     by either iteration (the small model's 8 x 32 expert matrices take the Gram-side one), and with
     the experts' Gram-side iterations packed two tensors per call (`ns_pack`; a cut tensor is never
     packed), and with the AdamW tensors of 1000+ elements updated one by one (`ADAMW_ALONE`; the
-    embedding and head, at full size) and AdamW weight decay on; `fuse`: the packed experts' update
-    through `fuse_update`'s plumbing (on the CPU its torch fallback; the kernel: tests/test_ns_update.py)."""
+    embedding and head, at full size) and AdamW weight decay on."""
     import copy
 
     from vpmoe.train import optim_fast
@@ -338,8 +336,7 @@ def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack, ada
     m2 = copy.deepcopy(m1)
     ocfg = OptimConfig(adamw_weight_decay=0.1 if adamw_alone is not None else 0.0)  # with it: AdamW's decay too
     o1, o2 = build_optimizer(m1, ocfg), build_optimizer(m2, ocfg)
-    fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=ns_chunk, ns_method=ns_method, ns_pack=ns_pack,
-                         fuse_update=fuse)
+    fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=ns_chunk, ns_method=ns_method, ns_pack=ns_pack)
     expert_tensors = [p for p in m2.parameters() if p.ndim == 3]
     assert len(expert_tensors) >= 3  # packs of two and a remainder of one per shape
     assert all(fast._packs(p.view(-1, *p.shape[-2:])) == (ns_pack > 1 and ns_chunk >= p.shape[0])

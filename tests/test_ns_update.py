@@ -20,7 +20,7 @@ def check_kernel_against_reference_and_float64() -> None:
     decay, step = torch.tensor(0.99), torch.tensor(-0.02)
     for transposed in (False, True):
         w0 = torch.randn(b, n, m, generator=g) if transposed else torch.randn(b, m, n, generator=g)
-        assert ns_update.fits(q, x, w0)
+        assert ns_update.applies(w0.device, x.dtype, w0.dtype, m)
         got, ref = w0.clone(), w0.clone()
         ns_update.qx_update(got, q, x, decay, step, transposed)
         ns_update.qx_update_reference(ref, q, x, decay, step, transposed)
@@ -50,13 +50,23 @@ def check_kernel_against_reference_and_float64() -> None:
 def check_optimizer_fused_update_matches_unfused() -> None:
     """FastMuonAdamW with `fuse_update` (this kernel) against without it, both with bf16
     Newton-Schulz (the GPU's dtype) on a small model, 3 clipped steps: the same parameters to the
-    bf16 product's rounding."""
+    bf16 product's rounding, and the kernel called for both weight orientations."""
     import copy
 
     from tests.test_kernels import randomize, small
     from vpmoe.model.model import VpMoE
     from vpmoe.train.optim import OptimConfig, build_optimizer
     from vpmoe.train.optim_fast import FastMuonAdamW
+
+    from vpmoe.train import ns_update
+
+    calls = []
+    kernel = ns_update.qx_update
+
+    def counted(w, q, x, decay, step, transposed):
+        calls.append(transposed)
+        return kernel(w, q, x, decay, step, transposed)
+    ns_update.qx_update = counted  # a fresh process: nothing to restore
 
     cfg = small()
     m1 = randomize(VpMoE(cfg))
@@ -78,6 +88,7 @@ def check_optimizer_fused_update_matches_unfused() -> None:
         experts += a.ndim == 3
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=name)
     assert experts >= 3
+    assert set(calls) == {False, True}, calls  # the kernel ran, for wide and transposed weights
     print("checked")
 
 

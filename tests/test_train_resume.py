@@ -226,7 +226,8 @@ def test_held_out_evaluation_beside_the_captured_step(synth_data, tmp_path, monk
     """The held-out evaluation of a graphed run (`_evaluate_beside_graphs`). `fits`: beside the
     captured graphs, only once they are released, or never. Before the last step the graphs are
     kept when it fits beside them; otherwise they are released with a note and the evaluation runs
-    again (the next step captures them anew). After the last step they are released first. The
+    again (the next step captures them anew), and later evaluations release them straight away.
+    After the last step they are released first. The
     figures are always a plain evaluation's; out of memory even released, the error reaches
     `vpmoe train`'s advice. The graphed step is CUDA-only: a stand-in with its `graphs` /
     `release()` here."""
@@ -260,7 +261,7 @@ def test_held_out_evaluation_beside_the_captured_step(synth_data, tmp_path, monk
     expected = (["release", "evaluate"] if last_step else
                 ["evaluate"] if fits == "beside" else ["evaluate", "release", "evaluate"])
     note = [f"step {tr.step}: held-out evaluation out of GPU memory beside the captured step: graphs released "
-            "(captured again at the next step, a few seconds)"]
+            "for it and every later one (captured again after each)"]
     if fits == "never":
         with pytest.raises(torch.OutOfMemoryError):
             tr._evaluate_beside_graphs(last_step, Progress())
@@ -269,6 +270,10 @@ def test_held_out_evaluation_beside_the_captured_step(synth_data, tmp_path, monk
     assert events == expected
     assert (tr.graphed.graphs is None) == (last_step or fits != "beside")
     assert printed == (note if retried else [])
+    if fits == "released" and not last_step:  # the next step captured them again: a later evaluation
+        tr.graphed.graphs, events[:] = ("first", None, "update"), []  # releases them straight away
+        assert tr._evaluate_beside_graphs(False, Progress()) == want
+        assert events == ["release", "evaluate"] and printed == note
 
 
 def test_out_of_memory_advice_with_partial_checkpointing(synth_data, tmp_path):  # noqa: F811
@@ -400,7 +405,6 @@ def test_stop_signal_checkpoints_after_the_step_and_resumes(reference, tmp_path,
 def test_trainer_run_bench_reads_the_runs_own_metrics(synth_data, tmp_path):  # noqa: F811
     """bench/trainer_run.py (`vpmoe train` timed through its own metrics.jsonl) on the CPU: it runs
     the real command with its overrides and its table's figures are the run's logged ones."""
-    import statistics
 
     cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "unused", steps=4)
     results = tmp_path / "RESULTS.md"

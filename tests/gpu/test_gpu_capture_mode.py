@@ -20,7 +20,7 @@ def test_captures_beside_a_pinning_thread():
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"child exited {out.returncode}: {out.stderr[-800:]}"
     row = json.loads(lines[-1])
-    print("capture lock:", row)
+    print("captures beside a pinning thread:", row)
     assert row["error"] == "" and row["captures_ok"] == 20, row
     assert row["pinned_meanwhile"] > 1, "the pinning thread never ran beside the captures: the test tested nothing"
     assert row["replay_matches_eager"], row

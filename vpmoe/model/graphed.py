@@ -32,7 +32,8 @@ Design choices:
   default "global"-mode capture. Measured on the H200 (bench/capture_threads.py): a pinning thread
   broke the first global-mode capture; 50 of 50 thread_local captures replayed correctly beside it.
 - `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
-  after the last step); a next step would capture them again.
+  after the last step, and before a mid-run evaluation that did not fit beside them); the next
+  step captures them again.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """

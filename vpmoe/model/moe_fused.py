@@ -388,7 +388,7 @@ def moe_experts(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, offs
     them in the kernel ran the up GEMM at 184 instead of 322 TFLOP/s (bench/RESULTS.md moe_sweep);
     the weights' gradients are returned for `w_up` / `w_down` in their own dtype."""
     _check(x, weight, order, offsets, w_up, b_up, w_down, b_down)
-    (N, d), (E, _, H), k = x.shape, w_up.shape, weight.shape[1]
+    (N, d), (_, _, H), k = x.shape, w_up.shape, weight.shape[1]
     fp32 = x.dtype == torch.float32
     h = x.new_empty(N * k, H)
     _rows(x, order, offsets, w_up_gemm, w_up_gemm.stride(), h, H, d, k, fp32, gather=True, bias=b_up)

@@ -9,7 +9,8 @@ written or read, 4 of the ~36 bytes per expert parameter the optimizer moves per
 (docs/performance.md, What remains 6; ~-1.2 ms per step at 20 layers by that count: an estimate).
 
 Design choices:
-- One program per (matrix, BN columns); Q's tile is loaded whole (m <= 256), so there is no K loop.
+- One program per (matrix, BN columns); Q's tile is loaded whole (m <= 128, vpMoE's expert width:
+  a 256 x 256 tile would not fit on chip with its operand), so there is no K loop.
 - Weights stored transposed (the down projection's [E, 1024, 128], orthogonalised as its
   [128, 1024] transpose) use the same kernel with W's strides swapped.
 - decay and step are 0-dim device tensors, read in the kernel: a captured graph follows the
@@ -33,7 +34,7 @@ try:
 except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel update
     triton = None
 
-MAX_M = 256  # the short side the kernel takes (Q's tile is held whole)
+MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
 
 
 def qx_update_reference(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor,
@@ -67,10 +68,11 @@ if triton is not None:
         tl.store(w_tile, w * tl.load(decay_ptr) + o * tl.load(step_ptr), mask=tile_ok)
 
 
-def fits(q: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the kernel takes these operands (else use `qx_update_reference`)."""
-    return (triton is not None and available(w.device) and q.dtype == x.dtype == torch.bfloat16
-            and w.dtype == torch.float32 and q.shape[-1] == q.shape[-2] <= MAX_M)
+def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m: int) -> bool:
+    """Whether the kernel serves a step on `device` with Newton-Schulz in `ns_dtype`, fp32 weights
+    and matrices of short side m (else the two-kernel path)."""
+    return (triton is not None and available(device) and ns_dtype == torch.bfloat16
+            and w_dtype == torch.float32 and m <= MAX_M)
 
 
 @torch.library.custom_op("vpmoe::qx_update", mutates_args=("w",))
@@ -80,7 +82,8 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     [b, m, n] (or [b, n, m] when `transposed`), decay and step 0-dim fp32 device tensors."""
     bsz, m, n = x.shape
     want = (bsz, n, m) if transposed else (bsz, m, n)
-    if not fits(q, x, w) or tuple(w.shape) != want or tuple(q.shape) != (bsz, m, m):
+    if (not applies(w.device, x.dtype, w.dtype, m) or q.dtype != x.dtype or tuple(w.shape) != want
+            or tuple(q.shape) != (bsz, m, m)):
         raise ValueError(f"qx_update: wants bf16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n] and fp32 w {want}; "
                          f"got q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
     sw_b, sw_1, sw_2 = w.stride()

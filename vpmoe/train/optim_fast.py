@@ -32,7 +32,8 @@ Design choices:
   on one stream, 26.6 on three, 25.8 on three with packs of four; at 80 layers 95.8 ms.
 - `fuse_update` (off until measured): the packed experts' update W <- W * decay + step * Q X is
   applied in the epilogue of Newton-Schulz's last product (`ns_update.qx_update`, a Triton kernel),
-  so the bf16 product is never written and read back (4 of ~36 bytes per expert parameter).
+  so the bf16 product is never written and read back (4 of ~36 bytes per expert parameter). Where
+  the kernel does not apply (`ns_update.applies`: the CPU, fp32 Newton-Schulz) the flag is a no-op.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
@@ -372,11 +373,11 @@ class FastMuonAdamW:
             for c0 in range(0, len(items), self.ns_pack):
                 def packed(pack=items[c0:c0 + self.ns_pack]):
                     us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _ in pack]
-                    if self.fuse_update:
+                    w0 = pack[0][2]
+                    if self.fuse_update and ns_update.applies(w0.device, self.ns_dtype, w0.dtype, min(w0.shape[-2:])):
                         qs, xs, transposed = self._ns_parts(us, steps)
                         for (_, _, w, step), q, x in zip(pack, qs, xs):
-                            update = ns_update.qx_update if ns_update.fits(q, x, w) else ns_update.qx_update_reference
-                            update(w, q, x, decay, step, transposed)
+                            ns_update.qx_update(w, q, x, decay, step, transposed)
                         return
                     for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps)):
                         self._post(w, ortho, decay, step)

@@ -141,6 +141,7 @@ class Trainer:
                 self.fast_opt = FastMuonAdamW(self.optimizer, max_grad_norm=cfg.optim.grad_clip,
                                               **streams_for(cfg.train.activation_checkpointing))
         self.graphed = self._cuda_graphs()
+        self._eval_needs_release = False  # a mid-run evaluation ran out of memory beside the graphs
         if self.start_ckpt is not None:
             trainer_state, rank_state = ckpt.load_checkpoint(self.start_ckpt, self.model, self.optimizer)
             self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
@@ -509,16 +510,18 @@ class Trainer:
     def _evaluate_beside_graphs(self, last_step: bool, progress: Progress) -> dict:
         """`evaluate()` where the captured step's graphs hold memory its eager forward may need:
         after the last step they are released first (nothing replays them again); before it, an
-        evaluation out of memory beside them releases them and runs again, and the next step
-        captures them anew (in "thread_local" mode: the prefetch thread's pinning broke a
-        "global"-mode recapture, bench/capture_threads.py). Out of memory even then: raised."""
+        evaluation out of memory beside them releases them and runs again, the next step captures
+        them anew (in "thread_local" mode, which a pinning prefetch thread cannot break:
+        bench/capture_threads.py), and later evaluations release them straight away. Out of
+        memory even then: raised."""
         g = self.graphed
-        if g is not None and g.graphs is not None and not last_step:
+        if g is not None and g.graphs is not None and not last_step and not self._eval_needs_release:
             try:
                 return self.evaluate()
             except torch.OutOfMemoryError:
+                self._eval_needs_release = True
                 progress.print(f"step {self.step}: held-out evaluation out of GPU memory beside the captured step: "
-                               "graphs released (captured again at the next step, a few seconds)")
+                               "graphs released for it and every later one (captured again after each)")
         if g is not None and g.graphs is not None:
             g.release()
         return self.evaluate()
