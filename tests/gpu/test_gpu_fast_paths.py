@@ -326,6 +326,25 @@ def set_grads(m, gs):
             p.grad.copy_(g)
 
 
+def eager_steps_vs_captured(m1, f1, m2, f2, grads):
+    """f1 steps eagerly on each gradient set; f2 steps eagerly on the first (compiling), then from a
+    captured CUDA graph replayed on the others; their gradient norms must agree."""
+    norms1, norms2 = [], []
+    for gs in grads:
+        set_grads(m1, gs)
+        norms1.append(f1.step())
+    set_grads(m2, grads[0])
+    norms2.append(f2.step().clone())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = f2.step(refresh_lr=False)
+    for gs in grads[1:]:
+        set_grads(m2, gs)
+        graph.replay()
+        norms2.append(norm.clone())
+    torch.testing.assert_close(torch.stack(norms2), torch.stack(norms1), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("ns_pack,streams", [(1, 1), (2, 1), (2, 3)])
 def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, monkeypatch):
     """FastMuonAdamW (compiled fused kernels, chunked bf16 Newton-Schulz, Q@X form; with ns_pack 2
@@ -378,20 +397,7 @@ def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
                             streams=n) for m, n in ((m1, 1), (m3, 3)))
     grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
 
-    norms1, norms3 = [], []
-    for gs in grads:
-        set_grads(m1, gs)
-        norms1.append(f1.step())
-    set_grads(m3, grads[0])
-    norms3.append(f3.step().clone())  # eager: compiles, and is the first step
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        norm = f3.step(refresh_lr=False)
-    for gs in grads[1:]:
-        set_grads(m3, gs)
-        graph.replay()
-        norms3.append(norm.clone())
-    torch.testing.assert_close(torch.stack(norms3), torch.stack(norms1), rtol=1e-6, atol=0)
+    eager_steps_vs_captured(m1, f1, m3, f3, grads)
     for (name, a), b in zip(m1.named_parameters(), m3.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
         sa, sb = f1.opt.state[a], f3.opt.state[b]
@@ -417,20 +423,7 @@ def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
     p0 = [p.detach().clone() for p in m1.parameters()]
     grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
 
-    norms1, norms2 = [], []
-    for gs in grads:
-        set_grads(m1, gs)
-        norms1.append(f1.step())
-    set_grads(m2, grads[0])
-    norms2.append(f2.step().clone())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        norm = f2.step(refresh_lr=False)
-    for gs in grads[1:]:
-        set_grads(m2, gs)
-        graph.replay()
-        norms2.append(norm.clone())
-    torch.testing.assert_close(torch.stack(norms2), torch.stack(norms1), rtol=1e-6, atol=0)
+    eager_steps_vs_captured(m1, f1, m2, f2, grads)
     worst = []
     for (name, a), b, p in zip(m1.named_parameters(), m2.parameters(), p0):
         if a.ndim == 3:
