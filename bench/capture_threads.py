@@ -89,12 +89,12 @@ def main():
         print(json.dumps(one_mode(a.child, a.captures)))
         return
     rows = []
-    for mode in a.variants.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--captures", str(a.captures)],
+    for variant in a.variants.split(","):
+        out = subprocess.run([sys.executable, __file__, "--child", variant, "--captures", str(a.captures)],
                              capture_output=True, text=True, timeout=300)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         rows.append(json.loads(lines[-1]) if lines else
-                    {"variant": mode, "error": f"child exited {out.returncode}: "
+                    {"variant": variant, "error": f"child exited {out.returncode}: "
                                                        f"{(out.stderr.strip().splitlines() or [''])[-1][-200:]}"})
     from bench.results import append_results, markdown_table
     if a.record:

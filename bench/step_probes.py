@@ -85,13 +85,15 @@ def overlap_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
     g = tr.graphed
     if g is None or g.graphs is None or len(micro) != 1:  # one micro-batch: graph 1 is the whole forward + backward
         return {"probe": "graphed cases of one micro-batch only"}
-    other = make_trainer()
+    other = None
     try:
+        other = make_trainer()
         return _probe(g.graphs[0], other, micro, iters)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # reported in the row, which keeps the case's own figures
         return {"probe": "out of memory for the second model"}
     finally:
-        release_graphs(other)
+        if other is not None:
+            release_graphs(other)
         del other
         gc.collect()  # the second model (a Trainer <-> graphed-step cycle)
         torch.cuda.empty_cache()

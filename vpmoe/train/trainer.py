@@ -515,15 +515,16 @@ class Trainer:
         bench/capture_threads.py), and later evaluations release them straight away. Out of
         memory even then: raised."""
         g = self.graphed
-        if g is not None and g.graphs is not None and not last_step and not self._eval_needs_release:
+        if g is None or g.graphs is None:
+            return self.evaluate()
+        if not last_step and not self._eval_needs_release:
             try:
                 return self.evaluate()
             except torch.OutOfMemoryError:
                 self._eval_needs_release = True
                 progress.print(f"step {self.step}: held-out evaluation out of GPU memory beside the captured step: "
                                "graphs released for it and every later one (captured again after each)")
-        if g is not None and g.graphs is not None:
-            g.release()
+        g.release()
         return self.evaluate()
 
     # ------------------------------------------------------------------------------ the loop
