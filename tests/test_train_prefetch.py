@@ -72,3 +72,56 @@ def test_offline_kd_run_resumes_to_the_same_losses(tmp_path):
     for step, r in rows.items():
         assert r["kd_step"] == again[step]["kd_step"] and r.get("kl/final") == again[step].get("kl/final")
         assert r["data_wait_s"] >= 0
+
+
+def test_pinning_waits_while_a_graph_is_captured(monkeypatch):
+    """The prefetch thread's pins (`pin_outside_capture`) wait for a capture holding CAPTURE_LOCK,
+    then pin every tensor of every micro-batch (pin_memory faked: this machine has no CUDA)."""
+    import torch
+
+    from vpmoe.model import graphed
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t.clone())
+    batches = [{"tokens": torch.randint(0, 9, (2, 5)), "name": "a"}, {"tokens": torch.randint(0, 9, (2, 5))}]
+    result = []
+    worker = threading.Thread(target=lambda: result.append(graphed.pin_outside_capture(batches)))
+    with graphed.CAPTURE_LOCK:  # a capture in progress
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive() and not pinned, "pinned while a graph was being captured"
+    worker.join(5)
+    assert not worker.is_alive() and len(pinned) == 2
+    out = result[0]
+    assert out[0]["name"] == "a" and all(torch.equal(o["tokens"], b["tokens"]) for o, b in zip(out, batches))
+
+
+def test_graphed_step_captures_under_the_lock(monkeypatch):
+    """Every capture of `GraphedTrainStep._capture` (first micro-batch, the rest, the update) runs
+    with CAPTURE_LOCK held, and the lock is free afterwards (CUDA graph calls faked)."""
+    import contextlib
+
+    import torch
+
+    from vpmoe.model import graphed
+
+    held = []
+
+    class FakeGraph:
+        def pool(self):
+            return "pool"
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None, capture_error_mode=None):
+        held.append((graphed.CAPTURE_LOCK.locked(), capture_error_mode))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    step = graphed.GraphedTrainStep.__new__(graphed.GraphedTrainStep)
+    step.params, step.micro = [], 2
+    step._micro_part = step._update_part = lambda: None
+    step._capture()
+    assert held == [(True, graphed.CAPTURE_MODE)] * 3
+    assert not graphed.CAPTURE_LOCK.locked() and len(step.graphs) == 3

@@ -27,10 +27,13 @@ Design choices:
 - The loss function gets the static micro-batch dict and 1 / the micro-batch count; it returns a
   0-dim loss, or (loss, stats) with a 1-D stats tensor summed over micro-batches (the trainer's
   per-span sums); it must be sync-free (see `vpmoe.kd.fused`).
-- Captured in "thread_local" mode (`CAPTURE_MODE`): the trainer's prefetch thread pins host memory
-  (`cudaHostAlloc`) while a step may be capturing, which CUDA forbids from any thread during a
-  default "global"-mode capture. Measured on the H200 (bench/capture_threads.py): a pinning thread
-  broke the first global-mode capture; 50 of 50 thread_local captures replayed correctly beside it.
+- Captures and host pinning never overlap: the trainer's prefetch thread pins its batches through
+  `pin_outside_capture`, which waits while `CAPTURE_LOCK` is held (a capture takes seconds, once a
+  run and after a release; a pin takes milliseconds). CUDA forbids `cudaHostAlloc` from any thread
+  during a default "global"-mode capture: on the H200 a pinning thread broke the first one
+  (bench/capture_threads.py). The captures also run in "thread_local" mode (`CAPTURE_MODE`), which
+  allows other threads' calls; in ~25 child processes beside a free pinning thread one replay
+  differed from eager once (2026-12-03, not reproduced or explained), hence the lock as well.
 - `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
   after the last step, and before a mid-run evaluation that did not fit beside them); the next
   step captures them again.
@@ -39,12 +42,21 @@ Design choices:
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from vpmoe.model.fast import FastBody, update_router_biases
 
 
 CAPTURE_MODE = "thread_local"  # only this thread's calls are checked (module docstring)
+CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
+
+
+def pin_outside_capture(batches: list[dict]) -> list[dict]:
+    """The micro-batches' tensors in pinned host memory, pinned while no graph is being captured."""
+    with CAPTURE_LOCK:
+        return [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
 
 
 class GraphedTrainStep:
@@ -121,18 +133,19 @@ class GraphedTrainStep:
         for p in self.params:
             p.grad = None
         mode = CAPTURE_MODE
-        g_first = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g_first, capture_error_mode=mode):
-            self._micro_part()
-        pool = g_first.pool()
-        g_rest = None
-        if self.micro > 1:
-            g_rest = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g_rest, pool=pool, capture_error_mode=mode):
+        with CAPTURE_LOCK:
+            g_first = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g_first, capture_error_mode=mode):
                 self._micro_part()
-        g_update = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g_update, pool=pool, capture_error_mode=mode):
-            self._update_part()
+            pool = g_first.pool()
+            g_rest = None
+            if self.micro > 1:
+                g_rest = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g_rest, pool=pool, capture_error_mode=mode):
+                    self._micro_part()
+            g_update = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g_update, pool=pool, capture_error_mode=mode):
+                self._update_part()
         self.graphs = (g_first, g_rest, g_update)
 
     def release(self) -> None:

@@ -279,8 +279,9 @@ class Trainer:
             kd = is_kd_step(self.objective.cfg, step)
             if kd or self.graphed is not None:
                 batches = [dict(b, **self.objective.staged_target(b, kd)) for b in batches]
-        if self.device.type == "cuda":
-            batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        if self.device.type == "cuda":  # not while the main thread captures (vpmoe/model/graphed.py)
+            from vpmoe.model.graphed import pin_outside_capture
+            batches = pin_outside_capture(batches)
         return batches, state
 
     def _fast_path_on(self) -> bool:
