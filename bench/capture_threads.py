@@ -31,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def one_mode(variant: str, captures: int, scale: float) -> dict:
     """Run in a child process: a failed capture may leave the context unusable."""
     import threading
+    from contextlib import nullcontext
 
     import torch
-
-    from contextlib import nullcontext
 
     from vpmoe.model.graphed import CAPTURE_LOCK, CAPTURE_MODE, pin_outside_capture
 
