@@ -32,8 +32,8 @@ Design choices:
   run and after a release; a pin takes milliseconds). CUDA forbids `cudaHostAlloc` from any thread
   during a default "global"-mode capture: on the H200 a pinning thread broke the first one
   (bench/capture_threads.py). The captures also run in "thread_local" mode (`CAPTURE_MODE`), which
-  allows other threads' calls; in ~25 child processes beside a free pinning thread one replay
-  differed from eager once (2026-12-03, not reproduced or explained), hence the lock as well.
+  allows other threads' calls; in one of ~25 child processes beside a free pinning thread the
+  check of a replay against eager failed (2026-12-03, not reproduced or explained), hence the lock.
 - `release()` frees the graphs and their pool between steps (the trainer: before the evaluation
   after the last step, and before a mid-run evaluation that did not fit beside them); the next
   step captures them again.
