@@ -37,14 +37,16 @@ import json
 import math
 import random
 import signal
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    set_model_state_dict,
+)
 
 from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_diff
 from vpmoe.kd.losses import count_span_tokens, span_means
@@ -52,44 +54,39 @@ from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
-from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
+from vpmoe.train.data import (
+    BatchSource,
+    dataset_fingerprint,
+    eval_batches,
+    resolve_vocab_subset,
+)
 from vpmoe.train.expert_parallel import apply_expert_parallel
-from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
+from vpmoe.train.metrics import (
+    MetricsLogger,
+    Progress,
+    flops_per_token,
+    measure_matmul_flops,
+    router_stats,
+)
 from vpmoe.train.optim import build_optimizer, set_lr
-from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
-                                  sync_unsharded_grads)
+from vpmoe.train.parallel import (
+    DistState,
+    all_reduce_sum,
+    clip_grads,
+    grad_norm,
+    init_distributed,
+    shard_model,
+    sync_unsharded_grads,
+)
 from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.schedule import wsd_factor
+from vpmoe.train.signals import TrainingStopped, stop_signals
 from vpmoe.train.span_stats import N_STATS, pack_stats, span_report, unpack_stats
 from vpmoe.utils import git_sha
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm is NaN/inf; the message names the step and the quantity."""
-
-
-class TrainingStopped(RuntimeError):
-    """A stop signal arrived; the run checkpointed after the step in flight (the message names it)."""
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """Record SIGTERM / SIGUSR1 (yielded list of signal numbers) instead of dying; the previous
-    handlers come back afterwards. Python delivers signals to the main thread only: elsewhere
-    (a caller's thread) nothing is installed."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
-    try:
-        yield got
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 class Trainer:
