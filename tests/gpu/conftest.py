@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 
@@ -9,3 +10,12 @@ def pytest_collection_modifyitems(config, items):
     for item in gpu:
         items.remove(item)
     config.hook.pytest_deselected(items=gpu)
+
+
+@pytest.fixture(autouse=True)
+def restore_matmul_precision():
+    """Tests that switch TF32 off (fp32 comparisons) get the process's settings back afterwards, so
+    no test's precision depends on which tests ran before it in the same process."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

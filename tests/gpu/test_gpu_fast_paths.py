@@ -271,13 +271,10 @@ def test_fast_body_fp32_matches_reference(fused_moe):
     ref, fast = _pair(cfg, decisive_router=False)
     ids, doc = _inputs(cfg)
     g = torch.randn(*ids.shape, cfg.d_model, device=DEV)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        a, load_a = _reference_run(ref, ids, doc, g, False)
-        b, load_b, body = _fast_run(fast, ids, doc, g, compile=False, dtype=torch.float32, fused_moe=fused_moe)
-        assert body.fused_moe == fused_moe
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the process's setting
+    a, load_a = _reference_run(ref, ids, doc, g, False)
+    b, load_b, body = _fast_run(fast, ids, doc, g, compile=False, dtype=torch.float32, fused_moe=fused_moe)
+    assert body.fused_moe == fused_moe
     assert torch.equal(load_a, load_b)
     for name, x, y in zip(["hidden"] + GRAD_NAMES, a, b):
         assert rel_err(y, x) < 2e-3, (name, rel_err(y, x))
@@ -289,26 +286,23 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
     (one model alone is noisy: a few flipped expert choices move a small gradient such as the
     sinks' by 2x either way); and it compiles without breaks."""
     cfg = small_cfg()
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the process's setting
     errs: dict[str, list] = {}
     fast_model = body = None
-    try:
-        for seed in range(3):
-            base, _ = _pair(cfg, decisive_router=True, seed=seed)
-            ids, doc = _inputs(cfg)
-            g = torch.randn(*ids.shape, cfg.d_model, device=DEV)
-            exact, _ = _reference_run(copy.deepcopy(base), ids, doc, g, False)
-            ref_bf16, _ = _reference_run(copy.deepcopy(base), ids, doc, g, True)
-            if body is None:  # one fast body (one compilation); later models are loaded into it
-                fast_model = copy.deepcopy(base)
-            else:
-                fast_model.load_state_dict(base.state_dict())
-                fast_model.zero_grad(set_to_none=True)
-            fast, _, body = _fast_run(fast_model, ids, doc, g, body=body)
-            for name, x, r, f in zip(["hidden"] + GRAD_NAMES, exact, ref_bf16, fast):
-                errs.setdefault(name, []).append((rel_err(r, x), rel_err(f, x)))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    for seed in range(3):
+        base, _ = _pair(cfg, decisive_router=True, seed=seed)
+        ids, doc = _inputs(cfg)
+        g = torch.randn(*ids.shape, cfg.d_model, device=DEV)
+        exact, _ = _reference_run(copy.deepcopy(base), ids, doc, g, False)
+        ref_bf16, _ = _reference_run(copy.deepcopy(base), ids, doc, g, True)
+        if body is None:  # one fast body (one compilation); later models are loaded into it
+            fast_model = copy.deepcopy(base)
+        else:
+            fast_model.load_state_dict(base.state_dict())
+            fast_model.zero_grad(set_to_none=True)
+        fast, _, body = _fast_run(fast_model, ids, doc, g, body=body)
+        for name, x, r, f in zip(["hidden"] + GRAD_NAMES, exact, ref_bf16, fast):
+            errs.setdefault(name, []).append((rel_err(r, x), rel_err(f, x)))
     assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
     print("rel err vs fp32 per seed (reference bf16, fast bf16):",
           {k: [(f"{a:.2e}", f"{b:.2e}") for a, b in v] for k, v in errs.items()})
