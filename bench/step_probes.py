@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -40,6 +41,16 @@ def opt_sweep(tr, chunks=(32, 64, 128, 256)) -> list[dict]:
     return rows
 
 
+_CAST = re.compile(r"^triton_poi_fused__to_copy(_clone)?_\d+$")
+
+
+def is_dtype_cast(kernel: str) -> bool:
+    """Whether a kernel only converts dtypes: an Inductor kernel that fuses nothing but `_to_copy`
+    (and `clone`), or aten's direct copy (an eager `.to`). Casts fused into other work (a norm that
+    ends in bf16) are not counted: an upper bound on what a persistent bf16 weight copy could remove."""
+    return bool(_CAST.match(kernel)) or "direct_copy_kernel" in kernel
+
+
 def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
     """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
     from torch.profiler import ProfilerActivity
@@ -59,6 +70,9 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
                                                    max_name_column_width=160)
                         + "\n\nfull kernel names (templates: tile shapes, operand layouts):\n" + full_names + "\n")
         print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
+        casts = [e for e in events if is_dtype_cast(e.key)]
+        print(f"# profile {tag} {label}: dtype casts alone {sum(e.self_device_time_total for e in casts) / 1e3:.2f} ms "
+              f"in {sum(e.count for e in casts)} launches", flush=True)
         for e in events[:rows]:
             print(f"#  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
 

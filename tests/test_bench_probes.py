@@ -1,0 +1,15 @@
+"""bench/step_probes.py's kernel classification: which profiled kernels are dtype casts alone."""
+from bench.step_probes import is_dtype_cast
+
+
+def test_dtype_casts_are_told_from_fused_work():
+    assert is_dtype_cast("triton_poi_fused__to_copy_0")
+    assert is_dtype_cast("triton_poi_fused__to_copy_clone_12")
+    assert is_dtype_cast("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda"
+                         "(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#7}::operator()"
+                         " const::{lambda(float)#1}, at::detail::Array<char*, 2>>(int, ...)")
+    # casts fused with math, reductions and GEMMs are other work
+    assert not is_dtype_cast("triton_poi_fused__to_copy_add_mul_3")
+    assert not is_dtype_cast("triton_red_fused__to_copy_mean_pow_1")
+    assert not is_dtype_cast("triton_poi_fused__to_copy_0_extra")
+    assert not is_dtype_cast("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64")
