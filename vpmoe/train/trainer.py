@@ -43,10 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    set_model_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_diff
 from vpmoe.kd.losses import count_span_tokens, span_means
@@ -54,30 +51,12 @@ from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
 from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
-from vpmoe.train.data import (
-    BatchSource,
-    dataset_fingerprint,
-    eval_batches,
-    resolve_vocab_subset,
-)
+from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
 from vpmoe.train.expert_parallel import apply_expert_parallel
-from vpmoe.train.metrics import (
-    MetricsLogger,
-    Progress,
-    flops_per_token,
-    measure_matmul_flops,
-    router_stats,
-)
+from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
-from vpmoe.train.parallel import (
-    DistState,
-    all_reduce_sum,
-    clip_grads,
-    grad_norm,
-    init_distributed,
-    shard_model,
-    sync_unsharded_grads,
-)
+from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
+                                  sync_unsharded_grads)
 from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.schedule import wsd_factor
 from vpmoe.train.signals import TrainingStopped, stop_signals
