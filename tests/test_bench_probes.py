@@ -1,4 +1,5 @@
-"""bench/step_probes.py's kernel classification: which profiled kernels are dtype casts alone."""
+"""Bench helpers that run on any machine: which profiled kernels are dtype casts alone (bench/step_probes.py), and
+bench/attention.py's Flex option sets."""
 from bench.step_probes import is_dtype_cast
 
 
@@ -13,3 +14,11 @@ def test_dtype_casts_are_told_from_fused_work():
     assert not is_dtype_cast("triton_red_fused__to_copy_mean_pow_1")
     assert not is_dtype_cast("triton_poi_fused__to_copy_0_extra")
     assert not is_dtype_cast("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64")
+
+
+def test_attention_bench_parses_flex_options():
+    from bench.attention import parse_options
+
+    assert parse_options("default") == {} and parse_options(" ") == {}
+    assert parse_options("bwd_BLOCK_M1=64, bwd_num_warps=4,USE_TMA=True,mode=x") == {
+        "bwd_BLOCK_M1": 64, "bwd_num_warps": 4, "USE_TMA": True, "mode": "x"}

@@ -445,6 +445,10 @@ def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: t
 # attention
 
 _flex_compiled = None
+# FlexAttention's `kernel_options` (tile sizes, e.g. {"bwd_BLOCK_N1": 64}); empty: torch's defaults.
+# A module setting, not a config knob: bench/attention.py sweeps it (`--flex-options`), and the
+# defaults stay until a sweep wins at both the (a) and the 80-layer token counts.
+FLEX_KERNEL_OPTIONS: dict = {}
 
 
 def _flex():
@@ -528,7 +532,7 @@ def flex_with_sinks(q, k, v, sinks, block_mask, slopes=None) -> torch.Tensor:
     else:
         flex = _flex()
     out, aux = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]),
-                    enable_gqa=True, return_aux=AuxRequest(lse=True))
+                    enable_gqa=True, return_aux=AuxRequest(lse=True), kernel_options=dict(FLEX_KERNEL_OPTIONS) or None)
     gate = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))  # sink joins the denominator
     return (out.float() * gate.unsqueeze(-1)).to(q.dtype)
 
