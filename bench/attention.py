@@ -14,7 +14,7 @@ Global layers have no TPA; their rows are the same code in every variant.
 Tried and dropped (docs/LOG.md): 64 x 64 block masks for the window-128 layers; torch 2.11's Flex
 rejects them (no valid backward kernel / block size not divisible).
 `--flex-options` sweeps Flex's tile options with the 128-token block masks kept
-(`kernels.FLEX_KERNEL_OPTIONS`; `;`-separated, each `default` or `key=value,...`, e.g.
+(`kernels.FLEX_KERNEL_OPTIONS`, both layer kinds; `;`-separated, each `default` or `key=value,...`, e.g.
 `bwd_BLOCK_M1=64,bwd_BLOCK_N1=64,bwd_BLOCK_M2=64,bwd_BLOCK_N2=64`): at the (a) step's 4,096 tokens
 the backward's default 128-key tiles give only 64 key-block programs (2 rows x 2 KV heads x 16),
 under half an H200's 132 SMs. A setting a sweep rejects is printed as a failed row.
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.optim_step import kernel_count, top_kernels  # noqa: E402
 from bench.timing import graph_time  # noqa: E402
-from bench.train_step import make_batch  # noqa: E402
+from bench.train_step import flex_options, make_batch  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model import fast as F  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
@@ -45,19 +45,6 @@ def tpa_reduction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 VARIANTS = {"fused-prologue": (F.tpa, True), "torch-prologue": (F.tpa, False), "tpa-reduction": (tpa_reduction, False)}
-
-
-def parse_options(spec: str) -> dict:
-    """`default` -> {}; `key=value,...` -> {key: int or bool or str}."""
-    if spec.strip() in ("", "default"):
-        return {}
-    out = {}
-    for item in spec.split(","):
-        key, _, value = item.partition("=")
-        value = value.strip()
-        flags = {"True": True, "False": False}
-        out[key.strip()] = int(value) if value.lstrip("-").isdigit() else flags.get(value, value)
-    return out
 
 
 def time_variant(cfg, model, batch, name: str, spec: str, kinds_wanted: list[str], n_global: int) -> list[dict]:
@@ -122,12 +109,12 @@ def main():
     n_global = sum(cfg.is_global(i) for i in range(80))
     rows = []
     for spec in a.flex_options.split(";"):
-        K.FLEX_KERNEL_OPTIONS.clear()
-        K.FLEX_KERNEL_OPTIONS.update(parse_options(spec))
+        options = flex_options(spec, "--flex-options")  # both kinds (each is timed on its own row)
+        K.FLEX_KERNEL_OPTIONS.update({"local": options, "global": options})
         torch._dynamo.reset()  # the options are read while tracing: every set compiles afresh
         for name in a.variants.split(","):
             rows += time_variant(cfg, model, batch, name, spec, a.kinds.split(","), n_global)
-    K.FLEX_KERNEL_OPTIONS.clear()
+    K.FLEX_KERNEL_OPTIONS.update({"local": {}, "global": {}})
     if a.record:
         from bench.results import append_results
         append_results("attention", "python bench/attention.py " + " ".join(sys.argv[1:]), rows)

@@ -429,6 +429,18 @@ def parse_opt(spec: str) -> dict:
     return out
 
 
+def flex_options(spec: str, flag: str = "--flex-local") -> dict:
+    """FlexAttention kernel_options, KEY=VALUE,... (values as Python literals, else strings); "" or
+    `default`: {} (torch's own tiles)."""
+    out = {}
+    for key, value in key_values("" if spec.strip() == "default" else spec, flag):
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def set_inductor_options(spec: str) -> None:
     """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
     fails here, not silently."""
@@ -466,6 +478,8 @@ def main():
                     help="routed experts: the grouped-GEMM path (FastBody's default) or moe_fused's Triton kernels")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
+    ap.add_argument("--flex-local", default="",
+                    help="FlexAttention kernel_options for the windowed layers, KEY=VALUE,... (bench/attention.py --flex-options)")
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
@@ -473,6 +487,7 @@ def main():
                     help="graphed cases: an optimizer step replayed beside a forward + backward (an upper bound; a second model)")
     a = ap.parse_args()
     set_inductor_options(a.inductor)
+    K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     OPT_KWARGS.update(parse_opt(a.opt))
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -504,6 +519,8 @@ def main():
                 row["inductor"] = a.inductor
             if a.opt:
                 row["opt"] = a.opt
+            if a.flex_local:
+                row["flex_local"] = a.flex_local
             row.pop("compile", None)
             rows.append(row)
             if a.record:  # one section per case, written as soon as it is measured (a cut run keeps it)

@@ -1,5 +1,7 @@
-"""Bench helpers that run on any machine: which profiled kernels are dtype casts alone (bench/step_probes.py), and
-bench/attention.py's Flex option sets."""
+"""Bench helpers that run on any machine: which profiled kernels are dtype casts alone
+(bench/step_probes.py), and the Flex kernel_options sets bench/train_step.py and bench/attention.py take."""
+import pytest
+
 from bench.step_probes import is_dtype_cast
 
 
@@ -16,9 +18,12 @@ def test_dtype_casts_are_told_from_fused_work():
     assert not is_dtype_cast("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64")
 
 
-def test_attention_bench_parses_flex_options():
-    from bench.attention import parse_options
 
-    assert parse_options("default") == {} and parse_options(" ") == {}
-    assert parse_options("bwd_BLOCK_M1=64, bwd_num_warps=4,USE_TMA=True,mode=x") == {
+def test_flex_options_parse_and_fail_on_malformed_items():
+    from bench.train_step import flex_options
+
+    assert flex_options("default") == {} and flex_options("") == {}
+    assert flex_options("bwd_BLOCK_M1=64, bwd_num_warps=4,USE_TMA=True,mode=x") == {
         "bwd_BLOCK_M1": 64, "bwd_num_warps": 4, "USE_TMA": True, "mode": "x"}
+    with pytest.raises(SystemExit, match="--flex-local: expected KEY=VALUE"):
+        flex_options("bwd_BLOCK_M1")

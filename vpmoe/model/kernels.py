@@ -445,10 +445,11 @@ def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: t
 # attention
 
 _flex_compiled = None
-# FlexAttention's `kernel_options` (tile sizes, e.g. {"bwd_BLOCK_N1": 64}); empty: torch's defaults.
-# A module setting, not a config knob: bench/attention.py sweeps it (`--flex-options`), and the
-# defaults stay until a sweep wins at both the (a) and the 80-layer token counts.
-FLEX_KERNEL_OPTIONS: dict = {}
+# FlexAttention's `kernel_options` per layer kind (tile sizes, e.g. {"bwd_BLOCK_N1": 64}), read while
+# tracing; empty: torch's defaults. A module setting, not a config knob: bench/attention.py sweeps it
+# (`--flex-options`), bench/train_step.py times the step with it (`--flex-local`); torch's defaults
+# stay until a setting wins in the whole step (docs/performance.md).
+FLEX_KERNEL_OPTIONS: dict[str, dict] = {"local": {}, "global": {}}
 
 
 def _flex():
@@ -527,12 +528,13 @@ def flex_with_sinks(q, k, v, sinks, block_mask, slopes=None) -> torch.Tensor:
         def score_mod(score, b, h, q_idx, kv_idx):  # ALiBi; index distance = position distance in a doc
             return score - slopes[h] * (q_idx - kv_idx).to(score.dtype)
 
+    options = FLEX_KERNEL_OPTIONS["local" if slopes is None else "global"]
     if torch.compiler.is_compiling():
         from torch.nn.attention.flex_attention import flex_attention as flex
     else:
         flex = _flex()
     out, aux = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]),
-                    enable_gqa=True, return_aux=AuxRequest(lse=True), kernel_options=dict(FLEX_KERNEL_OPTIONS) or None)
+                    enable_gqa=True, return_aux=AuxRequest(lse=True), kernel_options=dict(options) or None)
     gate = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))  # sink joins the denominator
     return (out.float() * gate.unsqueeze(-1)).to(q.dtype)
 
