@@ -415,30 +415,30 @@ def key_values(spec: str, flag: str) -> list[tuple[str, str]]:
     return out
 
 
-def parse_opt(spec: str) -> dict:
-    """--opt KEY=VALUE,... into FastMuonAdamW keyword arguments (values as Python literals, else
-    strings); ns_chunk has its own flag, max_grad_norm is the benchmark's."""
+def literal_values(spec: str, flag: str) -> dict:
+    """KEY=VALUE,... -> {key: value}, each value a Python literal where it parses, else the string."""
     out = {}
-    for key, value in key_values(spec, "--opt"):
-        if key in ("ns_chunk", "max_grad_norm"):
-            raise SystemExit(f"--opt: {key} is not set here (ns_chunk: --ns-chunk)")
+    for key, value in key_values(spec, flag):
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             out[key] = value
+    return out
+
+
+def parse_opt(spec: str) -> dict:
+    """--opt KEY=VALUE,... into FastMuonAdamW keyword arguments; ns_chunk has its own flag,
+    max_grad_norm is the benchmark's."""
+    out = literal_values(spec, "--opt")
+    for key in ("ns_chunk", "max_grad_norm"):
+        if key in out:
+            raise SystemExit(f"--opt: {key} is not set here (ns_chunk: --ns-chunk)")
     return out
 
 
 def flex_options(spec: str, flag: str = "--flex-local") -> dict:
-    """FlexAttention kernel_options, KEY=VALUE,... (values as Python literals, else strings); "" or
-    `default`: {} (torch's own tiles)."""
-    out = {}
-    for key, value in key_values("" if spec.strip() == "default" else spec, flag):
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    """FlexAttention kernel_options, KEY=VALUE,...; "" or `default`: {} (torch's own tiles)."""
+    return literal_values("" if spec.strip() == "default" else spec, flag)
 
 
 def set_inductor_options(spec: str) -> None:

@@ -1,5 +1,5 @@
 """Bench helpers that run on any machine: which profiled kernels are dtype casts alone
-(bench/step_probes.py), and the Flex kernel_options sets bench/train_step.py and bench/attention.py take."""
+(bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
 import pytest
 
 from bench.step_probes import is_dtype_cast
@@ -18,7 +18,6 @@ def test_dtype_casts_are_told_from_fused_work():
     assert not is_dtype_cast("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64")
 
 
-
 def test_flex_options_parse_and_fail_on_malformed_items():
     from bench.train_step import flex_options
 
@@ -27,3 +26,11 @@ def test_flex_options_parse_and_fail_on_malformed_items():
         "bwd_BLOCK_M1": 64, "bwd_num_warps": 4, "USE_TMA": True, "mode": "x"}
     with pytest.raises(SystemExit, match="--flex-local: expected KEY=VALUE"):
         flex_options("bwd_BLOCK_M1")
+
+
+def test_opt_keywords_share_the_parser_and_refuse_the_bench_own_settings():
+    from bench.train_step import parse_opt
+
+    assert parse_opt("ns_pack=4,streams=3,fuse_update=True") == {"ns_pack": 4, "streams": 3, "fuse_update": True}
+    with pytest.raises(SystemExit, match="--opt: max_grad_norm is not set here"):
+        parse_opt("streams=3,max_grad_norm=1.0")

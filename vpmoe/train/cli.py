@@ -27,7 +27,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vpmoe.data import DataError
     from vpmoe.train.config import load_run_config
     from vpmoe.train.parallel import shutdown_distributed
-    from vpmoe.train.trainer import Trainer, TrainingDiverged, TrainingStopped
+    from vpmoe.train.signals import TrainingStopped
+    from vpmoe.train.trainer import Trainer, TrainingDiverged
 
     overrides = list(args.set or [])
     if args.run_dir:
