@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--kinds", default="local,global", help="layer kinds to time (global only in fused-prologue)")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
+    option_sets = [(spec, flex_options(spec, "--flex-options")) for spec in a.flex_options.split(";")]  # fail fast
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
     cfg = dataclasses.replace(load_model_config("configs/vpmoe.toml"), n_layers=4)  # dense, local x2, global
@@ -108,8 +109,7 @@ def main():
     batch = make_batch(a.tokens // 2048, 2048)
     n_global = sum(cfg.is_global(i) for i in range(80))
     rows = []
-    for spec in a.flex_options.split(";"):
-        options = flex_options(spec, "--flex-options")  # both kinds (each is timed on its own row)
+    for spec, options in option_sets:  # both kinds (each is timed on its own row)
         K.FLEX_KERNEL_OPTIONS.update({"local": options, "global": options})
         torch._dynamo.reset()  # the options are read while tracing: every set compiles afresh
         for name in a.variants.split(","):
