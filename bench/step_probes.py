@@ -51,6 +51,31 @@ def is_dtype_cast(kernel: str) -> bool:
     return bool(_CAST.match(kernel)) or "direct_copy_kernel" in kernel
 
 
+_COPY = re.compile(r"memcpy|Memcpy")
+
+
+def copy_sources(events, rows: int = 20) -> list[str]:
+    """Which CPU ops launched the device copies (`Memcpy DtoD`, graph `memcpy128` nodes) and with
+    what input shapes: the kernel table names only the copy. `events` are the profiler's
+    FunctionEvents (`prof.events()`, recorded with shapes); each CPU op carries the kernels it
+    launched. Rows: total ms, launches, op, shapes, then the op's parents (innermost first)."""
+    totals: dict[tuple, list[float]] = {}
+    for e in events:
+        us = sum(k.duration for k in getattr(e, "kernels", ()) if _COPY.search(k.name))
+        if not us:
+            continue
+        parents, p = [], e.cpu_parent
+        while p is not None and len(parents) < 4:
+            parents.append(p.name)
+            p = p.cpu_parent
+        key = (e.name, str(getattr(e, "input_shapes", "")), " < ".join(parents))
+        acc = totals.setdefault(key, [0.0, 0])
+        acc[0] += us
+        acc[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]
+    return [f"{us / 1e3:8.3f} ms {n:5d}x  {name} {shapes}  <  {parents}" for (name, shapes, parents), (us, n) in ranked]
+
+
 def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
     """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
     from torch.profiler import ProfilerActivity
@@ -58,7 +83,7 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
 
     def top(fn, label, rows=28):
         torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             fn()
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -75,6 +100,12 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
               f"in {sum(e.count for e in casts)} launches", flush=True)
         for e in events[:rows]:
             print(f"#  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
+        copies = copy_sources(prof.events())
+        print(f"# profile {tag} {label}: device copies by the op that launched them (graph replays show the replay)", flush=True)
+        for line in copies[:12]:
+            print(f"#  {line[:300]}", flush=True)
+        with path.open("a") as f:
+            f.write("\ndevice copies by launching op (ms, launches, op, input shapes, parents):\n" + "\n".join(copies) + "\n")
 
     top(lambda: [tr.step(micro) for _ in range(2)], "2steps")
     release_graphs(tr)  # the optimizer alone, with gradients of its own: the step's graphs' memory back first

@@ -2,7 +2,11 @@
 (bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
 import pytest
 
-from bench.step_probes import is_dtype_cast
+from types import SimpleNamespace
+
+import torch
+
+from bench.step_probes import copy_sources, is_dtype_cast
 
 
 def test_dtype_casts_are_told_from_fused_work():
@@ -16,6 +20,35 @@ def test_dtype_casts_are_told_from_fused_work():
     assert not is_dtype_cast("triton_red_fused__to_copy_mean_pow_1")
     assert not is_dtype_cast("triton_poi_fused__to_copy_0_extra")
     assert not is_dtype_cast("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64")
+
+
+def test_copy_sources_sums_copies_per_launching_op_and_shape():
+    def op(name, shapes, kernels, parent=None):
+        ks = [SimpleNamespace(name=k, duration=us) for k, us in kernels]
+        return SimpleNamespace(name=name, input_shapes=shapes, kernels=ks, cpu_parent=parent)
+
+    step = op("ProfilerStep", [], [])
+    fwd = op("CompiledFunction", [], [], step)
+    events = [
+        op("aten::copy_", [[16384, 1024], [16384, 1024]], [("Memcpy DtoD (Device -> Device)", 18.0)], fwd),
+        op("aten::copy_", [[16384, 1024], [16384, 1024]], [("Memcpy DtoD (Device -> Device)", 20.0)], fwd),
+        op("aten::cat", [[8, 8]], [("memcpy128", 5.0), ("triton_poi_fused_cat_0", 40.0)], step),
+        op("aten::mm", [[8, 8], [8, 8]], [("nvjet_sm90_tst_128x128", 90.0)], fwd),  # no copy: not listed
+    ]
+    lines = copy_sources(events)
+    assert len(lines) == 2
+    assert lines[0].split()[:3] == ["0.038", "ms", "2x"] and "aten::copy_ [[16384, 1024], [16384, 1024]]" in lines[0]
+    assert lines[0].endswith("CompiledFunction < ProfilerStep")
+    assert lines[1].split()[:3] == ["0.005", "ms", "1x"] and "aten::cat" in lines[1]  # the fused kernel not counted
+
+
+def test_copy_sources_reads_a_real_profile():
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.randn(64, 64).t().contiguous()
+    assert any(e.name == "aten::clone" for e in prof.events())  # the attributes it reads exist
+    assert copy_sources(prof.events()) == []  # no device, no device copies
 
 
 def test_flex_options_parse_and_fail_on_malformed_items():
