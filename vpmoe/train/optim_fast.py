@@ -65,7 +65,9 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
     """`optim.newton_schulz` for a batch [b, m, n] already in the iteration dtype, with fewer passes
     over the big [b, m, n] operand (the [b, m, m] Gram-side work is small):
     - each iteration is X <- Q @ X with Q = a*I + b*G + c*G@G: one GEMM, no separate `a*X + ...`
-      pass and no copy of X into a `baddbmm` accumulator;
+      pass and no copy of X into a `baddbmm` accumulator; G@G comes out in fp32 and Q is one
+      pointwise pass (a `baddbmm` would first copy G into its output: ~1 ms of device copies per
+      (a) step with the Gram side's, profiled 2026-12-03);
     - the Frobenius normalisation comes from the first Gram matrix (||X||^2 = trace(X X^T)) and is
       folded into the first Q, so X is never divided in a separate pass;
     - for tall matrices the last product is taken transposed (X^T Q^T), so the result comes out
@@ -80,8 +82,7 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
         if i == 0:
             norm = gram.diagonal(dim1=-2, dim2=-1).float().sum(-1).clamp_min(0).sqrt() + eps  # [b]
             gram = (gram.float() / norm[:, None, None] ** 2).to(x.dtype)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        q = poly.float() + a * eye
+        q = _bmm_f32(gram, gram) * c + gram.float() * b + a * eye
         if i == 0:
             q = q / norm[:, None, None]
         q = q.to(x.dtype)
@@ -91,12 +92,16 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
     return x.mT if transposed else x
 
 
-def _gram_f32(x: torch.Tensor) -> torch.Tensor:
-    """x @ x^T with fp32 accumulation and fp32 (or fp64) output; bf16/fp16 on CUDA keep the exact
-    fp32 sum instead of a half-precision rounded Gram (`bmm(out_dtype=)`)."""
+def _bmm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y with fp32 accumulation and fp32 (or fp64) output; bf16/fp16 on CUDA keep the exact
+    fp32 sum instead of a half-precision rounded product (`bmm(out_dtype=)`)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(x, x.mT, out_dtype=torch.float32)
-    return torch.bmm(x, x.mT).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return torch.bmm(x, y, out_dtype=torch.float32)
+    return torch.bmm(x, y).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _gram_f32(x: torch.Tensor) -> torch.Tensor:
+    return _bmm_f32(x, x.mT)
 
 
 def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, restart_at: tuple[int, ...] = (2,),
@@ -159,7 +164,7 @@ def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float 
             xs = [torch.bmm(qi, x) for qi, x in zip(per_x(q, scale), xs)]
             scale = torch.ones_like(scale)
             r, q = grams().to(small), None
-        z = torch.baddbmm((r.to(acc) * b + eye * a).to(small), r, r, alpha=c)
+        z = (_bmm_f32(r, r).to(acc) * c + r.to(acc) * b + eye * a).to(small)  # one pass; no baddbmm copy
         q = z if q is None else torch.bmm(z, q)
         if i + 1 < steps and (i + 1) not in restart_at:
             r = torch.bmm(torch.bmm(z, r), z)
