@@ -14,7 +14,8 @@ Global layers have no TPA; their rows are the same code in every variant.
 Tried and dropped (docs/LOG.md): 64 x 64 block masks for the window-128 layers; torch 2.11's Flex
 rejects them (no valid backward kernel / block size not divisible).
 `--flex-options` sweeps Flex's tile options with the 128-token block masks kept
-(`kernels.FLEX_KERNEL_OPTIONS`, both layer kinds; `;`-separated, each `default` or `key=value,...`, e.g.
+(`kernels.FLEX_KERNEL_OPTIONS`, both layer kinds; `;`-separated, each `auto` (the project's choice:
+smaller backward tiles for local layers on Hopper), `default` (torch's tiles) or `key=value,...`, e.g.
 `bwd_BLOCK_M1=64,bwd_BLOCK_N1=64,bwd_BLOCK_M2=64,bwd_BLOCK_N2=64`): at the (a) step's 4,096 tokens
 the backward's default 128-key tiles give only 64 key-block programs (2 rows x 2 KV heads x 16),
 under half an H200's 132 SMs. A setting a sweep rejects is printed as a failed row.
@@ -96,7 +97,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (rows of 2048)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--flex-options", default="default", help="`;`-separated Flex kernel_options sets (see above)")
+    ap.add_argument("--flex-options", default="auto", help="`;`-separated Flex kernel_options sets (see above)")
     ap.add_argument("--kinds", default="local,global", help="layer kinds to time (global only in fused-prologue)")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
@@ -114,7 +115,7 @@ def main():
         torch._dynamo.reset()  # the options are read while tracing: every set compiles afresh
         for name in a.variants.split(","):
             rows += time_variant(cfg, model, batch, name, spec, a.kinds.split(","), n_global)
-    K.FLEX_KERNEL_OPTIONS.update({"local": {}, "global": {}})
+    K.FLEX_KERNEL_OPTIONS.update({"local": None, "global": None})
     if a.record:
         from bench.results import append_results
         append_results("attention", "python bench/attention.py " + " ".join(sys.argv[1:]), rows)

@@ -69,7 +69,7 @@ if [ "${TRAINER_RUN:-0}" = 1 ]; then  # `vpmoe train` itself, timed (one-GPU sta
 fi
 if [ "${ATTN_BENCH:-0}" = 1 ]; then  # the attention sub-block alone, per prologue variant, with its top kernels
   timeout "${ATTN_TIMEOUT:-300}" python3 bench/attention.py --variants "${ATTN_VARIANTS:-fused-prologue,torch-prologue}" \
-    --tokens "${ATTN_TOKENS:-8192}" --kinds "${ATTN_KINDS:-local,global}" --flex-options "${ATTN_FLEX:-default}" --record 2>&1 | tee "$out/attention.log" | grep -v -i warn | tail -40
+    --tokens "${ATTN_TOKENS:-8192}" --kinds "${ATTN_KINDS:-local,global}" --flex-options "${ATTN_FLEX:-auto}" --record 2>&1 | tee "$out/attention.log" | grep -v -i warn | tail -40
   echo "# attention done at +$(( $(date +%s) - t0 ))s"
 fi
 if [ "${MOE_BENCH:-0}" = 1 ]; then  # one MoE layer's routed part alone, grouped vs fused, with top kernels

@@ -436,9 +436,13 @@ def parse_opt(spec: str) -> dict:
     return out
 
 
-def flex_options(spec: str, flag: str = "--flex-local") -> dict:
-    """FlexAttention kernel_options, KEY=VALUE,...; "" or `default`: {} (torch's own tiles)."""
-    return literal_values("" if spec.strip() == "default" else spec, flag)
+def flex_options(spec: str, flag: str = "--flex-local") -> dict | None:
+    """FlexAttention kernel_options, KEY=VALUE,...; "" or `auto`: None (the project's choice for
+    the device, `kernels.flex_kernel_options`); `default`: {} (torch's own tiles)."""
+    spec = spec.strip()
+    if spec in ("", "auto"):
+        return None
+    return literal_values("" if spec == "default" else spec, flag)
 
 
 def set_inductor_options(spec: str) -> None:
@@ -479,7 +483,8 @@ def main():
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
-                    help="FlexAttention kernel_options for the windowed layers, KEY=VALUE,... (bench/attention.py --flex-options)")
+                    help="FlexAttention kernel_options for the windowed layers, KEY=VALUE,...; `default`: torch's tiles; "
+                         "unset: the project's choice (bench/attention.py --flex-options)")
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")

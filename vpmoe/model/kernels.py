@@ -446,10 +446,26 @@ def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: t
 
 _flex_compiled = None
 # FlexAttention's `kernel_options` per layer kind (tile sizes, e.g. {"bwd_BLOCK_N1": 64}), read while
-# tracing; empty: torch's defaults. A module setting, not a config knob: bench/attention.py sweeps it
-# (`--flex-options`), bench/train_step.py times the step with it (`--flex-local`); torch's defaults
-# stay until a setting wins in the whole step (docs/performance.md).
-FLEX_KERNEL_OPTIONS: dict[str, dict] = {"local": {}, "global": {}}
+# tracing. None: this project's choice for the device (`flex_kernel_options`); {}: torch's defaults.
+# A module setting, not a config knob: bench/attention.py sweeps it (`--flex-options`),
+# bench/train_step.py times the step with it (`--flex-local`).
+FLEX_KERNEL_OPTIONS: dict[str, dict | None] = {"local": None, "global": None}
+# Hopper, windowed layers: smaller backward tiles give the 128-key window's backward more programs
+# (torch's 128-key tiles leave most of an H200 idle at a few thousand tokens). Measured on the H200
+# (docs/performance.md, 2026-12-03): the Flex backward kernel -16% at 4,096 tokens, -11% at 32,768;
+# the (a) step 65.99 -> 65.66 ms, the (d) step 2,457 -> 2,446 ms. Global layers keep torch's tiles.
+HOPPER_LOCAL_FLEX_OPTIONS = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                             "bwd_num_warps": 4}
+
+
+def flex_kernel_options(kind: str, device: torch.device) -> dict:
+    """The Flex kernel_options a layer kind ("local" / "global") traces with on `device`."""
+    options = FLEX_KERNEL_OPTIONS[kind]
+    if options is not None:
+        return dict(options)
+    if kind == "local" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return dict(HOPPER_LOCAL_FLEX_OPTIONS)
+    return {}
 
 
 def _flex():
@@ -528,13 +544,13 @@ def flex_with_sinks(q, k, v, sinks, block_mask, slopes=None) -> torch.Tensor:
         def score_mod(score, b, h, q_idx, kv_idx):  # ALiBi; index distance = position distance in a doc
             return score - slopes[h] * (q_idx - kv_idx).to(score.dtype)
 
-    options = FLEX_KERNEL_OPTIONS["local" if slopes is None else "global"]
+    options = flex_kernel_options("local" if slopes is None else "global", q.device)
     if torch.compiler.is_compiling():
         from torch.nn.attention.flex_attention import flex_attention as flex
     else:
         flex = _flex()
     out, aux = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]),
-                    enable_gqa=True, return_aux=AuxRequest(lse=True), kernel_options=dict(options) or None)
+                    enable_gqa=True, return_aux=AuxRequest(lse=True), kernel_options=options or None)
     gate = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))  # sink joins the denominator
     return (out.float() * gate.unsqueeze(-1)).to(q.dtype)
 
