@@ -8,6 +8,7 @@ training, so the figures are what `vpmoe train` and bench/train_step.py pay per 
 Variants: Newton-Schulz method (`standard` X-side, `gram` Gram-side), `ns_chunk` (matrices per
 call; 256 = one expert tensor), the stored Muon momentum's dtype (`gram:256:bfloat16`) and
 `ns_pack`, expert tensors whose n x n Gram-side iterations share one call (`gram:256:float32:pack=8`;
+`gram_kernel=1`: each restart segment of that call as one Triton kernel, `ns_gram.py`;
 fields not given keep FastMuonAdamW's defaults, packs of 4 on 3 streams, which the trainer runs),
 the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matrices=eager`, the
 A/B), and the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`).
@@ -87,11 +88,14 @@ def parse_method(spec: str) -> tuple[str, int, str, dict, str]:
     for field in parts[3:]:
         key, _, value = field.rpartition("=")
         key = key or "pack"
-        if key not in ("pack", "streams", "matrices") or (key != "matrices" and not value.isdigit()) \
-                or (key == "matrices" and value not in ("compiled", "eager")):
-            sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager)")
+        if key not in ("pack", "streams", "matrices", "gram_kernel") or (key != "matrices" and not value.isdigit()) \
+                or (key == "matrices" and value not in ("compiled", "eager")) \
+                or (key == "gram_kernel" and value not in ("0", "1")):
+            sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager, gram_kernel=0|1)")
         given[key] = value
     kwargs = {name: int(given[key]) for key, name in (("pack", "ns_pack"), ("streams", "streams")) if key in given}
+    if "gram_kernel" in given:
+        kwargs["gram_kernel"] = given["gram_kernel"] == "1"
     return method, int(chunk), momentum, kwargs, given.get("matrices", "compiled")
 
 
@@ -121,7 +125,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
-                   matrices=matrices, streams=streams, momentum=momentum,
+                   matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.gram_kernel,
                    step_ms=graphed * 1e3,
                    eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -145,6 +149,7 @@ def main():
                     help="ns_method:ns_chunk[:momentum dtype[:key=value...]] (matrices per Newton-Schulz "
                          "call; float32 | bfloat16; pack=N whole expert tensors per packed Gram-side call, 1 = none "
                          "(a bare number is pack); matrices=compiled|eager, the 2-D matrices' step; streams=N; "
+                         "gram_kernel=0|1, the packed segments as one Triton kernel each; "
                          "fields not given: FastMuonAdamW's defaults, which the trainer runs)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per variant (by GPU time)")

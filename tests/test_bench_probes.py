@@ -68,3 +68,12 @@ def test_opt_keywords_share_the_parser_and_refuse_the_bench_own_settings():
     assert parse_opt("ns_pack=4,streams=3,fuse_update=True") == {"ns_pack": 4, "streams": 3, "fuse_update": True}
     with pytest.raises(SystemExit, match="--opt: max_grad_norm is not set here"):
         parse_opt("streams=3,max_grad_norm=1.0")
+
+
+def test_optim_step_methods_parse_the_gram_kernel_field():
+    from bench.optim_step import parse_method
+
+    assert parse_method("gram:256:bfloat16:gram_kernel=1") == ("gram", 256, "bfloat16", {"gram_kernel": True}, "compiled")
+    assert parse_method("gram:256:float32:pack=2:gram_kernel=0")[3] == {"ns_pack": 2, "gram_kernel": False}
+    with pytest.raises(SystemExit, match="bad field 'gram_kernel=yes'"):
+        parse_method("gram:256:float32:gram_kernel=yes")

@@ -263,6 +263,76 @@ def test_packed_gram_newton_schulz_cuda_matches_per_tensor():
         assert rel_err(o, e) <= 1e-2
 
 
+def test_gram_segment_kernel_cuda_matches_torch_path():
+    """`ns_gram.gram_segment` (one Triton program per 128 x 128 matrix, the segment on chip) against
+    the torch path on CUDA, which rounds at the same points (fp16 Z, Z@Q, Z@R, (ZR)@Z; fp32 sums),
+    for both of the optimizer's segments on expert-shaped Grams: close to it, and as close to the
+    same segment in float64. Then the whole packed Newton-Schulz with the kernel, compiled and
+    replayed from a CUDA graph, against without it."""
+    from vpmoe.train import ns_gram
+    from vpmoe.train.optim import NS_COEFFS
+    from vpmoe.train.optim_fast import gram_newton_schulz_packed
+
+    a, b, c = NS_COEFFS
+    torch.manual_seed(6)
+    x = (torch.randn(512, 128, 1024, device=DEV) * torch.logspace(-1, 0.5, 128, device=DEV)[:, None]).bfloat16()
+    r = torch.bmm(x, x.mT, out_dtype=torch.float32)
+    r = (r / r.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]).half()
+    for steps in (2, 3):
+        got = ns_gram.gram_segment(r, steps, a, b, c)
+        ref = ns_gram.gram_segment_reference(r, steps, a, b, c)
+        exact = ns_gram.gram_segment_reference(r.double(), steps, a, b, c)
+        equal = (got == ref).float().mean().item()
+        print(f"gram segment ({steps} steps): kernel vs torch {rel_err(got, ref):.2e} ({equal:.0%} bit-equal), "
+              f"vs float64 kernel {rel_err(got, exact):.2e} torch {rel_err(ref, exact):.2e}")
+        assert rel_err(got, ref) < 2e-3
+        assert rel_err(got, exact) <= 1.1 * rel_err(ref, exact) + 1e-4
+    xs = [(torch.randn(n, 1024, 128, device=DEV) * 3e-4).bfloat16() for n in (64, 32)]
+    packed = torch.compile(gram_newton_schulz_packed, dynamic=False)
+    without = packed(xs)
+    static = [t.clone() for t in xs]
+    packed(static, kernel=True)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = packed(static, kernel=True)
+    graph.replay()
+    for o, w, t in zip(out, without, xs):
+        print(f"packed NS, kernel vs torch {rel_err(o, w):.2e}; vs float64 kernel {rel_err(o, ns_exact(t)):.2e} "
+              f"torch {rel_err(w, ns_exact(t)):.2e}")
+        assert rel_err(o, w) < 1e-2
+        assert rel_err(o, ns_exact(t)) <= 1.1 * rel_err(w, ns_exact(t)) + 1e-3
+
+
+def test_fast_optimizer_gram_kernel_matches_torch_path(monkeypatch):
+    """`gram_kernel` (each restart segment of the packed experts' Gram-side iteration as one Triton
+    kernel) captured in a CUDA graph and replayed, against the torch path run eagerly, over three
+    steps of fresh gradients: the experts' updates equal to the fp16 roundings, everything else
+    exactly (untouched by the flag), the kernel run for both segments."""
+    from vpmoe.train import ns_gram
+    calls, kernel = [], ns_gram.gram_segment
+    monkeypatch.setattr(ns_gram, "gram_segment", lambda r, steps, *abc: calls.append(steps) or kernel(r, steps, *abc))
+    cfg = small_cfg(n_layers=3)
+    torch.manual_seed(4)
+    m1 = VpMoE(cfg).to(DEV)
+    m2 = copy.deepcopy(m1)
+    f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2,
+                            gram_kernel=use) for m, use in ((m1, False), (m2, True)))
+    p0 = [p.detach().clone() for p in m1.parameters()]
+    grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
+
+    eager_steps_vs_captured(m1, f1, m2, f2, grads)
+    worst = []
+    for (name, a), b, p in zip(m1.named_parameters(), m2.parameters(), p0):
+        if a.ndim == 3:
+            err = rel_err(b - p, a - p)
+            worst.append((err, name))
+            assert err < 2e-2, (name, err)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+    assert worst and set(calls) == {2, 3}, calls
+    print("gram kernel: worst relative difference of the experts' update:", max(worst))
+
+
 @pytest.mark.parametrize("fused_moe", [False, True])
 def test_fast_body_fp32_matches_reference(fused_moe):
     """fp32, tf32 off: the fused body (Flex attention, merged projections, TPA, routing, loop

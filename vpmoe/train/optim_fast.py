@@ -34,6 +34,10 @@ Design choices:
   applied in the epilogue of Newton-Schulz's last product (`ns_update.qx_update`, a Triton kernel),
   so the bf16 product is never written and read back (4 of ~36 bytes per expert parameter). Where
   the kernel does not apply (`ns_update.applies`: the CPU, fp32 Newton-Schulz) the flag is a no-op.
+- `gram_kernel` (off until measured): each restart segment of the packed experts' n x n Gram-side
+  iteration runs as one Triton kernel holding R, Z and Q on chip (`ns_gram.gram_segment`) instead
+  of ~7 memory-bound batched GEMMs and pointwise passes; a no-op where it does not apply (fp16
+  small side, n <= 128, CUDA).
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
@@ -52,7 +56,8 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import DTensor
 
-from vpmoe.train import ns_update
+from vpmoe.train import ns_gram, ns_update
+from vpmoe.train.ns_gram import _bmm_f32
 from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 
 
@@ -92,20 +97,12 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
     return x.mT if transposed else x
 
 
-def _bmm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y with fp32 accumulation and fp32 (or fp64) output; bf16/fp16 on CUDA keep the exact
-    fp32 sum instead of a half-precision rounded product (`bmm(out_dtype=)`)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(x, y, out_dtype=torch.float32)
-    return torch.bmm(x, y).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
 def _gram_f32(x: torch.Tensor) -> torch.Tensor:
     return _bmm_f32(x, x.mT)
 
 
 def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, restart_at: tuple[int, ...] = (2,),
-                       small_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       small_dtype: torch.dtype | None = None, kernel: bool = False) -> torch.Tensor:
     """`optim.newton_schulz` for a batch [b, m, n] (bf16 on CUDA), iterating on the small Gram side.
 
     Each quintic step is X <- Z X with Z = a*I + b*R + c*R^2 and R = X X^T. Z is a polynomial in R,
@@ -118,24 +115,26 @@ def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, resta
     (X <- Q X, R recomputed from X) before step `restart_at` (Dao lab's Gram Newton-Schulz, whose
     stabilised form restarts at step 2). The n x n side runs in fp16 on CUDA (11 mantissa bits vs
     bf16's 8; R's eigenvalues stay in [0, ~1.5] after the Frobenius normalisation, Q's norm <= a^3),
-    the scale and the big products in bf16 (the input's range is arbitrary)."""
-    return gram_newton_schulz_packed([x], steps, eps, restart_at, small_dtype)[0]
+    the scale and the big products in bf16 (the input's range is arbitrary). `kernel`: each restart
+    segment's n x n iteration as one Triton kernel where it applies (`ns_gram`; opt-in)."""
+    return gram_newton_schulz_packed([x], steps, eps, restart_at, small_dtype, kernel)[0]
 
 
 def gram_newton_schulz_packed(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7,
-                              restart_at: tuple[int, ...] = (2,), small_dtype: torch.dtype | None = None
-                              ) -> list[torch.Tensor]:
+                              restart_at: tuple[int, ...] = (2,), small_dtype: torch.dtype | None = None,
+                              kernel: bool = False) -> list[torch.Tensor]:
     """`gram_newton_schulz` of each x in xs (matrices of one shape, any batch sizes): the products
     over the big operand run per x, the n x n iteration once over all of them packed into one batch.
     At the experts' 128 x 128 that iteration is ~6 us launches of 256 tiles per tensor (two waves
     on an H200's 132 SMs: launch and ramp, not work, set their time), so packing several tensors
     makes fewer, fuller launches. The results equal per-x calls (the same math per matrix)."""
-    qs, xs, transposed = gram_newton_schulz_parts(xs, steps, eps, restart_at, small_dtype)
+    qs, xs, transposed = gram_newton_schulz_parts(xs, steps, eps, restart_at, small_dtype, kernel)
     return [torch.bmm(x.mT, q.mT) if transposed else torch.bmm(q, x) for q, x in zip(qs, xs)]
 
 
 def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7,
-                             restart_at: tuple[int, ...] = (2,), small_dtype: torch.dtype | None = None):
+                             restart_at: tuple[int, ...] = (2,), small_dtype: torch.dtype | None = None,
+                             kernel: bool = False):
     """`gram_newton_schulz_packed` without its last product: (qs, xs, transposed) such that each
     result is Q X (its transpose when `transposed`), Q [b, m, m] and X [b, m, n] in x's dtype; for
     a caller that applies the product in its own kernel (`ns_update.qx_update`)."""
@@ -145,7 +144,6 @@ def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float 
     x0, sizes = xs[0], [x.shape[0] for x in xs]
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     small = small_dtype or (torch.float16 if x0.is_cuda else acc)
-    eye = torch.eye(x0.shape[-2], device=x0.device, dtype=acc)
 
     def grams():
         rs = [_gram_f32(x) for x in xs]
@@ -158,16 +156,17 @@ def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float 
     r = grams()
     scale = 1.0 / (r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() + eps)  # X_true = scale * x
     r = (r * scale[:, None, None] ** 2).to(small)
+    bounds = [0, *sorted({i for i in restart_at if 0 < i < steps}), steps]  # restart segments
     q = None
-    for i in range(steps):
-        if i in restart_at and q is not None:
+    for s0, s1 in zip(bounds, bounds[1:]):
+        if q is not None:  # restart: X <- Q X, R recomputed from it
             xs = [torch.bmm(qi, x) for qi, x in zip(per_x(q, scale), xs)]
             scale = torch.ones_like(scale)
-            r, q = grams().to(small), None
-        z = (_bmm_f32(r, r).to(acc) * c + r.to(acc) * b + eye * a).to(small)  # one pass; no baddbmm copy
-        q = z if q is None else torch.bmm(z, q)
-        if i + 1 < steps and (i + 1) not in restart_at:
-            r = torch.bmm(torch.bmm(z, r), z)
+            r = grams().to(small)
+        if kernel and ns_gram.applies(r):
+            q = ns_gram.gram_segment(r, s1 - s0, a, b, c)
+        else:
+            q = ns_gram.gram_segment_reference(r, s1 - s0, a, b, c)
     return list(per_x(q, scale)), xs, transposed
 
 
@@ -248,7 +247,7 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
-                 fuse_update: bool = False):
+                 fuse_update: bool = False, gram_kernel: bool = False):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
@@ -275,6 +274,8 @@ class FastMuonAdamW:
         # opt-in until measured: packed experts' update in the last product's epilogue (ns_update.py)
         self.fuse_update = bool(fuse_update)
         self._ns_parts = _Compiled(gram_newton_schulz_parts, use_compile)
+        # opt-in until measured: each restart segment's n x n iteration as one kernel (ns_gram.py)
+        self.gram_kernel = bool(gram_kernel)
         self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
         self._adamw_one = _Compiled(_adamw_update, use_compile)  # AdamW tensors of >= ADAMW_ALONE elements
 
@@ -380,11 +381,11 @@ class FastMuonAdamW:
                     us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _ in pack]
                     w0 = pack[0][2]
                     if self.fuse_update and ns_update.applies(w0.device, self.ns_dtype, w0.dtype, min(w0.shape[-2:])):
-                        qs, xs, transposed = self._ns_parts(us, steps)
+                        qs, xs, transposed = self._ns_parts(us, steps, kernel=self.gram_kernel)
                         for (_, _, w, step), q, x in zip(pack, qs, xs):
                             ns_update.qx_update(w, q, x, decay, step, transposed)
                         return
-                    for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps)):
+                    for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps, kernel=self.gram_kernel)):
                         self._post(w, ortho, decay, step)
                 jobs.append(packed)
         for (shape, _), items in flat2d.items():
@@ -439,11 +440,11 @@ class _Compiled:
         self.fn = fn
         self.compiled = torch.compile(fn, dynamic=False) if use_compile else None
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                return self.compiled(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - eager is always correct
                 warnings.warn(f"optim_fast: compiling {self.fn.__name__} failed ({e!r:.300}); eager from now")
                 self.compiled = None
-        return self.fn(*args)
+        return self.fn(*args, **kwargs)
