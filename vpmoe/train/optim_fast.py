@@ -60,7 +60,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from vpmoe.train import ns_gram, ns_update
-from vpmoe.train.ns_gram import _bmm_f32
+from vpmoe.train.ns_gram import bmm_f32
 from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 
 
@@ -90,7 +90,7 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
         if i == 0:
             norm = gram.diagonal(dim1=-2, dim2=-1).float().sum(-1).clamp_min(0).sqrt() + eps  # [b]
             gram = (gram.float() / norm[:, None, None] ** 2).to(x.dtype)
-        q = _bmm_f32(gram, gram) * c + gram.float() * b + a * eye
+        q = bmm_f32(gram, gram) * c + gram.float() * b + a * eye
         if i == 0:
             q = q / norm[:, None, None]
         q = q.to(x.dtype)
@@ -101,7 +101,8 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
 
 
 def _gram_f32(x: torch.Tensor) -> torch.Tensor:
-    return _bmm_f32(x, x.mT)
+    """x @ x^T with fp32 accumulation and fp32 (or fp64) output (`ns_gram.bmm_f32`)."""
+    return bmm_f32(x, x.mT)
 
 
 def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, restart_at: tuple[int, ...] = (2,),
