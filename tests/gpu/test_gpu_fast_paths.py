@@ -303,36 +303,6 @@ def test_gram_segment_kernel_cuda_matches_torch_path():
         assert rel_err(o, ns_exact(t)) <= 1.1 * rel_err(w, ns_exact(t)) + 1e-3
 
 
-def test_fast_optimizer_gram_kernel_matches_torch_path(monkeypatch):
-    """`gram_kernel` (each restart segment of the packed experts' Gram-side iteration as one Triton
-    kernel) captured in a CUDA graph and replayed, against the torch path run eagerly, over three
-    steps of fresh gradients: the experts' updates equal to the fp16 roundings, everything else
-    exactly (untouched by the flag), the kernel run for both segments."""
-    from vpmoe.train import ns_gram
-    calls, kernel = [], ns_gram.gram_segment
-    monkeypatch.setattr(ns_gram, "gram_segment", lambda r, steps, *abc: calls.append(steps) or kernel(r, steps, *abc))
-    cfg = small_cfg(n_layers=3)
-    torch.manual_seed(4)
-    m1 = VpMoE(cfg).to(DEV)
-    m2 = copy.deepcopy(m1)
-    f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2,
-                            gram_kernel=use) for m, use in ((m1, False), (m2, True)))
-    p0 = [p.detach().clone() for p in m1.parameters()]
-    grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
-
-    eager_steps_vs_captured(m1, f1, m2, f2, grads)
-    worst = []
-    for (name, a), b, p in zip(m1.named_parameters(), m2.parameters(), p0):
-        if a.ndim == 3:
-            err = rel_err(b - p, a - p)
-            worst.append((err, name))
-            assert err < 2e-2, (name, err)
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
-    assert worst and set(calls) == {2, 3}, calls
-    print("gram kernel: worst relative difference of the experts' update:", max(worst))
-
-
 @pytest.mark.parametrize("fused_moe", [False, True])
 def test_fast_body_fp32_matches_reference(fused_moe):
     """fp32, tf32 off: the fused body (Flex attention, merged projections, TPA, routing, loop
@@ -469,21 +439,17 @@ def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
             torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
 
 
-def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
-    """`fuse_update` (the packed experts' update in the last Newton-Schulz product's epilogue, a
-    Triton kernel: vpmoe/train/ns_update.py) captured in a CUDA graph and replayed, against the
-    two-kernel step run eagerly, over three steps of fresh gradients: parameters equal to the bf16
-    product's rounding (the update's relative error), the 2-D matrices and AdamW tensors exactly
-    (untouched by the flag), the norms equal."""
-    from vpmoe.train import ns_update
-    calls, kernel = [], ns_update.qx_update
-    monkeypatch.setattr(ns_update, "qx_update", lambda *a: calls.append(a[-1]) or kernel(*a))
+def flag_captured_vs_default_eager(seed: int, flag: dict, tol: float) -> tuple:
+    """FastMuonAdamW with `flag` (keyword arguments) captured in a CUDA graph and replayed, against
+    its defaults run eagerly, over three steps of fresh gradients on a small model: every expert
+    update within `tol` relative of the default's, everything else equal (no flag touches the 2-D
+    matrices or AdamW tensors), the norms equal. Returns the worst (error, name)."""
     cfg = small_cfg(n_layers=3)
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     m1 = VpMoE(cfg).to(DEV)
     m2 = copy.deepcopy(m1)
-    f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2,
-                            fuse_update=fuse) for m, fuse in ((m1, False), (m2, True)))
+    f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2, **kw)
+              for m, kw in ((m1, {}), (m2, flag)))
     p0 = [p.detach().clone() for p in m1.parameters()]
     grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
 
@@ -493,11 +459,35 @@ def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
         if a.ndim == 3:
             err = rel_err(b - p, a - p)
             worst.append((err, name))
-            assert err < 5e-3, (name, err)
+            assert err < tol, (name, err)
         else:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
-    assert worst and set(calls) == {False, True}, calls  # the kernel ran (while captured too), both orientations
-    print("fused update: worst relative error of the experts' update:", max(worst))
+    assert worst
+    return max(worst)
+
+
+def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
+    """`fuse_update` (the packed experts' update in the last Newton-Schulz product's epilogue, a
+    Triton kernel: vpmoe/train/ns_update.py) captured and replayed against the two-kernel step run
+    eagerly: parameters equal to the bf16 product's rounding (the update's relative error)."""
+    from vpmoe.train import ns_update
+    calls, kernel = [], ns_update.qx_update
+    monkeypatch.setattr(ns_update, "qx_update", lambda *a: calls.append(a[-1]) or kernel(*a))
+    worst = flag_captured_vs_default_eager(3, {"fuse_update": True}, 5e-3)
+    assert set(calls) == {False, True}, calls  # the kernel ran (while captured too), both orientations
+    print("fused update: worst relative error of the experts' update:", worst)
+
+
+def test_fast_optimizer_gram_kernel_matches_torch_path(monkeypatch):
+    """`gram_kernel` (each restart segment of the packed experts' Gram-side iteration as one Triton
+    kernel) captured and replayed against the torch path (the eager default): the experts' updates
+    equal to the fp16 roundings, the kernel run for both segments."""
+    from vpmoe.train import ns_gram
+    calls, kernel = [], ns_gram.gram_segment
+    monkeypatch.setattr(ns_gram, "gram_segment", lambda r, steps, *abc: calls.append(steps) or kernel(r, steps, *abc))
+    worst = flag_captured_vs_default_eager(4, {"gram_kernel": True}, 2e-2)
+    assert set(calls) == {2, 3}, calls
+    print("gram kernel: worst relative difference of the experts' update:", worst)
 
 
 @pytest.mark.parametrize("micro,ac,release", [(1, False, False), (2, False, False), (2, True, False),
