@@ -1,9 +1,8 @@
 """Bench helpers that run on any machine: which profiled kernels are dtype casts alone
 (bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
-import pytest
-
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from bench.step_probes import copy_sources, is_dtype_cast

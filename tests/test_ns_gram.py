@@ -22,7 +22,9 @@ def emulated_fp16_segment(r16: torch.Tensor, steps: int, a: float, b: float, c: 
     """The CUDA torch path's arithmetic in float64 with its roundings spelled out: every product
     accumulated exactly (an fp32 sum differs from it by ~1e-7 relative), rounded to fp16 where the
     torch path writes fp16 (the polynomial's Z, Z@Q, Z@R, (ZR)@Z)."""
-    half = lambda t: t.to(torch.float16).double()  # noqa: E731
+    def half(t):
+        return t.to(torch.float16).double()
+
     r, q = r16.double(), None
     eye = torch.eye(r.shape[-1], dtype=torch.float64)
     for i in range(steps):

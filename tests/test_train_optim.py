@@ -266,7 +266,8 @@ def test_gram_kernel_default_follows_capture():
     for given, want_eager, want_captured in ((None, False, True), (True, True, True), (False, False, False)):
         fast = FastMuonAdamW(build_optimizer(model, OptimConfig()), ns_pack=2, gram_kernel=given)
         seen, packed = [], fast._ns_packed
-        fast._ns_packed = lambda us, steps, kernel: seen.append(kernel) or packed(us, steps, kernel=kernel)
+        fast._ns_packed = lambda us, steps, kernel, seen=seen, packed=packed: (
+            seen.append(kernel) or packed(us, steps, kernel=kernel))
         for captured, want in ((False, want_eager), (True, want_captured)):
             fast.captured = captured
             assert fast.uses_gram_kernel is want

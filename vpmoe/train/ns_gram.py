@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from vpmoe.model.router_fused import _f32_dot  # the interpreter multiplies in fp32 (same products)
-from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401 - the same test for every Triton op
+from vpmoe.model.tpa_fused import available  # the same test for every Triton op
 
 try:
     import triton
