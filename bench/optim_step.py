@@ -14,7 +14,8 @@ the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matric
 A/B), and the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
-Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `kernels`
+Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
+host's time in one eager step: launching, not waiting; near `eager_ms` when host-bound), `kernels`
 (launches per step, from the profiler), `ns_ms` (one expert tensor's Newton-Schulz, 256 matrices
 of 128 x 1024, compiled as in the step) and `ns_err` (its relative error against the same
 iteration in float64 on a Gaussian input).
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import cuda_time, graph_time  # noqa: E402
+from bench.timing import cuda_time, graph_time, host_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model.model import VpMoE  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer  # noqa: E402
@@ -121,6 +122,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         eager = cuda_time(fast.step, warmup=2, iters=3) * 1e3  # the first calls compile
+        host = host_time(fast.step) * 1e3  # near eager_ms: the eager step is host-bound
         kernels = kernel_count(fast.step)
         print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, top)), flush=True)
         graphed, timing = graph_time(fast.step)
@@ -128,7 +130,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
                    matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.uses_gram_kernel,
                    step_ms=graphed * 1e3,
-                   eager_ms=eager, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
+                   eager_ms=eager, host_ms=host, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         print(row, flush=True)
         rows.append(row)

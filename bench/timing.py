@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -18,6 +19,19 @@ def cuda_time(fn, warmup=2, iters=5) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def host_time(fn, iters=3) -> float:
+    """Median seconds the host spends in fn() (launching, not waiting: the GPU drains after each
+    call). Against `cuda_time`: host-bound where the two are close."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 
