@@ -38,9 +38,9 @@ Design choices:
   Triton kernel holding R, Z and Q on chip (`ns_gram.gram_segment`) instead of ~7 memory-bound
   batched GEMMs and pointwise passes; a no-op where it does not apply (fp16 small side, n <= 128,
   CUDA). Default (None): on where the step replays from a CUDA graph (`captured`, set by
-  `GraphedTrainStep`), where it was measured: the 20-layer step alone 24.50 -> 21.06 ms (H200,
-  2026-12-03). Off in eager steps, whose time it raised in that run (31.0 -> 49.4 ms, one reading,
-  not explained yet).
+  `GraphedTrainStep`), where it was measured: the 20-layer step alone 24.50 -> 21.06 ms, the whole
+  (a) train step 65.63 -> 62.02 ms (H200, 2026-12-03). Off in eager steps until a GPU test run
+  covers it there: they are host-bound, and six readings swung 26-52 ms with or without it.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
