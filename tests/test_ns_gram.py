@@ -2,7 +2,7 @@
 torch path's roundings and against float64, on the CPU through the Triton interpreter (each check
 in a fresh process, see tests/triton_interpreter.py); the torch path's segment decomposition
 against the step-by-step iteration it replaced. The GPU runs the kernel compiled:
-tests/gpu/test_gpu_fast_paths.py::test_gram_segment_kernel_cuda_matches_torch_path."""
+tests/gpu/test_gpu_optimizer.py::test_gram_segment_kernel_cuda_matches_torch_path."""
 import torch
 
 from tests.triton_interpreter import run_in_interpreter

@@ -1,7 +1,7 @@
 """The Muon update in the last Newton-Schulz product's epilogue (vpmoe/train/ns_update.py) against
 the two-op path it replaces and float64, on the CPU through the Triton interpreter (each check in a
 fresh process, see tests/triton_interpreter.py). The GPU runs it compiled:
-tests/gpu/test_gpu_fast_paths.py::test_fast_optimizer_fused_update_matches_unfused."""
+tests/gpu/test_gpu_optimizer.py::test_fast_optimizer_fused_update_matches_unfused."""
 import torch
 
 from tests.triton_interpreter import run_in_interpreter

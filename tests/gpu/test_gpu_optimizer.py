@@ -1,0 +1,256 @@
+"""The optimizer's GPU paths against their references: Newton-Schulz (standard, Gram-side, packed,
+the Gram segment kernel) against float64, and `FastMuonAdamW` (streams, CUDA-graph replay, its
+Triton flags) against the plain Muon+AdamW step. Run on the GPU machine (bench/gpu_run.sh); CI has
+no GPU, so tests/gpu/conftest.py deselects this folder there. Fresh random inputs; every check can
+fail.
+"""
+import copy
+
+import pytest
+import torch
+
+from tests.gpu.test_gpu_fast_paths import DEV, rel_err, small_cfg
+from vpmoe.model.model import VpMoE
+from vpmoe.train.optim import OptimConfig, build_optimizer
+from vpmoe.train.optim_fast import FastMuonAdamW
+
+
+def ns_exact(x: torch.Tensor) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration in float64 (wide orientation for [b, 1024, 128])."""
+    from vpmoe.train.optim import NS_COEFFS
+    a, b, c = NS_COEFFS
+    x = x.double().mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(5):
+        g = x @ x.mT
+        x = a * x + (b * g + c * g @ g) @ x
+    return x.mT
+
+
+def test_gram_newton_schulz_no_worse_than_standard():
+    """The optimizer's Gram-side Newton-Schulz (fp16 small side, bf16 products, one restart) vs the
+    X-side bf16 iteration, both against the same iteration in float64, at the experts' shape, on
+    Gaussian, low-rank (few tokens reached the expert) and wide-spectrum inputs."""
+    from vpmoe.train.optim_fast import gram_newton_schulz, newton_schulz_batched
+
+    torch.manual_seed(3)
+    u, _, v = torch.linalg.svd(torch.randn(64, 1024, 128, device=DEV), full_matrices=False)
+    spectra = {"gaussian": None,
+               "rank4+noise": torch.cat([torch.ones(4), torch.full((124,), 1e-3)]).to(DEV),
+               "log-uniform 1e-5..1": torch.logspace(-5, 0, 128, device=DEV)}
+    for name, s in spectra.items():
+        x = torch.randn(64, 1024, 128, device=DEV) if s is None else u @ torch.diag_embed(s.expand(64, -1)) @ v
+        x = (x * 3e-4).bfloat16()  # gradient-like magnitude, and the bf16 input both methods get
+        ref = ns_exact(x)
+        e_std = rel_err(newton_schulz_batched(x), ref)
+        e_gram = rel_err(torch.compile(gram_newton_schulz, dynamic=False)(x), ref)
+        print(f"NS rel err vs fp64 ({name}): standard {e_std:.2e}, gram {e_gram:.2e}")
+        assert e_gram <= 1.25 * e_std + 2e-3, (name, e_std, e_gram)
+
+
+def test_packed_gram_newton_schulz_cuda_matches_per_tensor():
+    """`gram_newton_schulz_packed` on CUDA (bf16 products, fp16 small side, as the optimizer runs
+    it), compiled and replayed from a CUDA graph: three expert-shaped tensors packed give what one
+    call per tensor gives, up to the GEMMs' kernel choice for a bigger batch, and stay as close to
+    the float64 iteration."""
+    from vpmoe.train.optim_fast import gram_newton_schulz, gram_newton_schulz_packed
+
+    torch.manual_seed(5)
+    xs = [(torch.randn(n, 1024, 128, device=DEV) * 3e-4).bfloat16() for n in (64, 64, 32)]
+    packed = torch.compile(gram_newton_schulz_packed, dynamic=False)
+    compiled = packed(xs)
+    static = [x.clone() for x in xs]
+    packed(static)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = packed(static)
+    for s_, x in zip(static, xs):
+        s_.copy_(x * 2)  # Newton-Schulz is scale-invariant: new inputs, the same results
+    graph.replay()
+    for x, e, o in zip(xs, compiled, out):
+        one = gram_newton_schulz(x)
+        ref = ns_exact(x)
+        print(f"packed vs per-tensor {rel_err(e, one):.2e}, vs fp64 packed {rel_err(e, ref):.2e} "
+              f"per-tensor {rel_err(one, ref):.2e}, graph replay vs compiled {rel_err(o, e):.2e}")
+        assert rel_err(e, one) <= 1e-2
+        assert rel_err(e, ref) <= 1.1 * rel_err(one, ref) + 1e-3
+        assert rel_err(o, e) <= 1e-2
+
+
+def test_gram_segment_kernel_cuda_matches_torch_path():
+    """`ns_gram.gram_segment` (one Triton program per 128 x 128 matrix, the segment on chip) against
+    the torch path on CUDA, which rounds at the same points (fp16 Z, Z@Q, Z@R, (ZR)@Z; fp32 sums),
+    for both of the optimizer's segments on expert-shaped Grams: close to it, and as close to the
+    same segment in float64. Then the whole packed Newton-Schulz with the kernel, compiled and
+    replayed from a CUDA graph, against without it."""
+    from vpmoe.train import ns_gram
+    from vpmoe.train.optim import NS_COEFFS
+    from vpmoe.train.optim_fast import gram_newton_schulz_packed
+
+    a, b, c = NS_COEFFS
+    torch.manual_seed(6)
+    x = (torch.randn(512, 128, 1024, device=DEV) * torch.logspace(-1, 0.5, 128, device=DEV)[:, None]).bfloat16()
+    r = torch.bmm(x, x.mT, out_dtype=torch.float32)
+    r = (r / r.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]).half()
+    for steps in (2, 3):
+        got = ns_gram.gram_segment(r, steps, a, b, c)
+        ref = ns_gram.gram_segment_reference(r, steps, a, b, c)
+        exact = ns_gram.gram_segment_reference(r.double(), steps, a, b, c)
+        equal = (got == ref).float().mean().item()
+        print(f"gram segment ({steps} steps): kernel vs torch {rel_err(got, ref):.2e} ({equal:.0%} bit-equal), "
+              f"vs float64 kernel {rel_err(got, exact):.2e} torch {rel_err(ref, exact):.2e}")
+        assert rel_err(got, ref) < 2e-3
+        assert rel_err(got, exact) <= 1.1 * rel_err(ref, exact) + 1e-4
+    xs = [(torch.randn(n, 1024, 128, device=DEV) * 3e-4).bfloat16() for n in (64, 32)]
+    packed = torch.compile(gram_newton_schulz_packed, dynamic=False)
+    without = packed(xs)
+    static = [t.clone() for t in xs]
+    packed(static, kernel=True)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = packed(static, kernel=True)
+    graph.replay()
+    for o, w, t in zip(out, without, xs):
+        print(f"packed NS, kernel vs torch {rel_err(o, w):.2e}; vs float64 kernel {rel_err(o, ns_exact(t)):.2e} "
+              f"torch {rel_err(w, ns_exact(t)):.2e}")
+        assert rel_err(o, w) < 1e-2
+        assert rel_err(o, ns_exact(t)) <= 1.1 * rel_err(w, ns_exact(t)) + 1e-3
+
+
+def set_grads(m, gs):
+    """Gradients for an optimizer step, copied into the existing ones (a captured step reads those)."""
+    for p, g in zip(m.parameters(), gs):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
+def eager_steps_vs_captured(m1, f1, m2, f2, grads):
+    """f1 steps eagerly on each gradient set; f2 steps eagerly on the first (compiling), then from a
+    captured CUDA graph replayed on the others; their gradient norms must agree."""
+    norms1, norms2 = [], []
+    for gs in grads:
+        set_grads(m1, gs)
+        norms1.append(f1.step())
+    set_grads(m2, grads[0])
+    norms2.append(f2.step().clone())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = f2.step(refresh_lr=False)
+    for gs in grads[1:]:
+        set_grads(m2, gs)
+        graph.replay()
+        norms2.append(norm.clone())
+    torch.testing.assert_close(torch.stack(norms2), torch.stack(norms1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("ns_pack,streams", [(1, 1), (2, 1), (2, 3)])
+def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, monkeypatch):
+    """FastMuonAdamW (compiled fused kernels, chunked bf16 Newton-Schulz, Q@X form; with ns_pack 2
+    the experts' Gram-side iterations packed two tensors per call; with streams 3 its pieces on
+    three CUDA streams) vs clip_grad_norm_ +
+    MuonAdamW.step on the GPU, both against the reference step in fp32 on the CPU: the fast
+    update's error is at most ~1.5x the reference GPU step's own bf16 error."""
+    from vpmoe.train import optim_fast
+    monkeypatch.setattr(optim_fast, "ADAMW_ALONE", 1 << 20)  # the embedding and head: the compiled AdamW
+    cfg = small_cfg(n_layers=3)
+    torch.manual_seed(1)
+    m_ref = VpMoE(cfg).to(DEV)
+    m_fast, m_cpu = copy.deepcopy(m_ref), copy.deepcopy(m_ref).cpu()
+    o_ref, o_fast, o_cpu = (build_optimizer(m, OptimConfig()) for m in (m_ref, m_fast, m_cpu))
+    # chunks of 16 of the 64 experts; packing takes whole tensors
+    fast = FastMuonAdamW(o_fast, max_grad_norm=1.0, ns_chunk=16 if ns_pack == 1 else 64, ns_pack=ns_pack,
+                         streams=streams)
+    packed = [fast._packs(p.view(-1, *p.shape[-2:])) for p in m_fast.parameters() if p.ndim == 3]
+    assert packed and all(packed) == (ns_pack > 1), packed
+    assert sum(p.numel() >= optim_fast.ADAMW_ALONE for p in o_fast.param_groups[-1]["params"]) == 2
+    p0 = [p.detach().clone() for p in m_ref.parameters()]
+    for step in range(2):
+        for a, b, c in zip(m_ref.parameters(), m_fast.parameters(), m_cpu.parameters()):
+            a.grad = torch.randn_like(a) * (0.05 if step == 0 else 1e-4)  # clip active, then not
+            b.grad, c.grad = a.grad.clone(), a.grad.cpu()
+        n_ref = torch.nn.utils.clip_grad_norm_(m_ref.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(m_cpu.parameters(), 1.0)
+        o_ref.step()
+        o_cpu.step()
+        n_fast = fast.step()
+        assert abs(n_ref.item() - n_fast.item()) <= 1e-4 * n_ref.item()
+    worst = []
+    for (name, a), b, c, p in zip(m_ref.named_parameters(), m_fast.parameters(), m_cpu.parameters(), p0):
+        exact = c.to(DEV) - p
+        e_ref, e_fast = rel_err(a - p, exact), rel_err(b - p, exact)
+        worst.append((e_fast - 1.5 * e_ref, name, e_ref, e_fast))
+        assert e_fast <= 1.5 * e_ref + 1e-3, (name, e_ref, e_fast)
+    print("optimizer: worst (fast - 1.5 ref) margin:", max(worst))
+
+
+def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
+    """FastMuonAdamW with its pieces on three streams, captured in a CUDA graph (as the trainer runs
+    it) and replayed on new gradients, gives the parameters, momenta and norms of the one-stream
+    step run eagerly: the streams' fork and join order everything each piece reads."""
+    cfg = small_cfg(n_layers=3)
+    torch.manual_seed(2)
+    m1 = VpMoE(cfg).to(DEV)
+    m3 = copy.deepcopy(m1)
+    f1, f3 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2,
+                            streams=n) for m, n in ((m1, 1), (m3, 3)))
+    grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
+
+    eager_steps_vs_captured(m1, f1, m3, f3, grads)
+    for (name, a), b in zip(m1.named_parameters(), m3.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+        sa, sb = f1.opt.state[a], f3.opt.state[b]
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+
+
+def flag_captured_vs_default_eager(seed: int, flag: dict, tol: float) -> tuple:
+    """FastMuonAdamW with `flag` (keyword arguments) captured in a CUDA graph and replayed, against
+    its defaults run eagerly, over three steps of fresh gradients on a small model: every expert
+    update within `tol` relative of the default's, everything else equal (no flag touches the 2-D
+    matrices or AdamW tensors), the norms equal. Returns the worst (error, name)."""
+    cfg = small_cfg(n_layers=3)
+    torch.manual_seed(seed)
+    m1 = VpMoE(cfg).to(DEV)
+    m2 = copy.deepcopy(m1)
+    f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2, **kw)
+              for m, kw in ((m1, {}), (m2, flag)))
+    p0 = [p.detach().clone() for p in m1.parameters()]
+    grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
+
+    eager_steps_vs_captured(m1, f1, m2, f2, grads)
+    worst = []
+    for (name, a), b, p in zip(m1.named_parameters(), m2.parameters(), p0):
+        if a.ndim == 3:
+            err = rel_err(b - p, a - p)
+            worst.append((err, name))
+            assert err < tol, (name, err)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+    assert worst
+    return max(worst)
+
+
+def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
+    """`fuse_update` (the packed experts' update in the last Newton-Schulz product's epilogue, a
+    Triton kernel: vpmoe/train/ns_update.py) captured and replayed against the two-kernel step run
+    eagerly: parameters equal to the bf16 product's rounding (the update's relative error)."""
+    from vpmoe.train import ns_update
+    calls, kernel = [], ns_update.qx_update
+    monkeypatch.setattr(ns_update, "qx_update", lambda *a: calls.append(a[-1]) or kernel(*a))
+    worst = flag_captured_vs_default_eager(3, {"fuse_update": True}, 5e-3)
+    assert set(calls) == {False, True}, calls  # the kernel ran (while captured too), both orientations
+    print("fused update: worst relative error of the experts' update:", worst)
+
+
+def test_fast_optimizer_gram_kernel_matches_torch_path(monkeypatch):
+    """`gram_kernel` (each restart segment of the packed experts' Gram-side iteration as one Triton
+    kernel) captured and replayed against the torch path (the eager default): the experts' updates
+    equal to the fp16 roundings, the kernel run for both segments."""
+    from vpmoe.train import ns_gram
+    calls, kernel = [], ns_gram.gram_segment
+    monkeypatch.setattr(ns_gram, "gram_segment", lambda r, steps, *abc: calls.append(steps) or kernel(r, steps, *abc))
+    worst = flag_captured_vs_default_eager(4, {"gram_kernel": True}, 2e-2)
+    assert set(calls) == {2, 3}, calls
+    print("gram kernel: worst relative difference of the experts' update:", worst)
