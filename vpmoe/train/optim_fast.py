@@ -40,7 +40,7 @@ Design choices:
   CUDA). Default (None): on where the step replays from a CUDA graph (`captured`, set by
   `GraphedTrainStep`), where it was measured: the 20-layer step alone 24.50 -> 21.06 ms, the whole
   (a) train step 65.63 -> 62.02 ms (H200, 2026-12-03). Off in eager steps until a GPU test run
-  covers it there: they are host-bound, and six readings swung 26-52 ms with or without it.
+  covers it there: they are mostly host-bound, and six readings swung 26-52 ms with or without it.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
