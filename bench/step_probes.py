@@ -1,6 +1,6 @@
 """A train-step benchmark case's side measurements (bench/train_step.py): the optimizer's
-Newton-Schulz chunk sweep, the profile's top kernels, the optimizer-overlap probe, and the release
-of a case's graphs between them. `tr` is bench/train_step.py's `Trainer`."""
+Newton-Schulz chunk sweep, the profile's top kernels, the optimizer-overlap probe, the two-rows
+probe, and the release of a case's graphs between them. `tr` is bench/train_step.py's `Trainer`."""
 from __future__ import annotations
 
 import gc
@@ -165,3 +165,53 @@ def _probe(first, other, micro, iters: int) -> dict:
             "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
             "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
             "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
+
+
+def rows_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
+    """The most that running a step's rows as two independent halves on two CUDA streams could
+    give the forward + backward (docs/performance.md, What remains 8: at (a) the body is many small
+    kernels that leave SMs idle). Two more models (their own parameters, gradients and graph pools:
+    nothing races) each capture one half of the rows; their first-micro-batch graphs are replayed
+    one after the other and side by side, against the case's own graph over all the rows. An upper
+    bound only: the real scheme shares one set of weights, so the two halves' weight gradients must
+    be summed (or accumulated in turn), which this probe does not pay for."""
+    g = tr.graphed
+    if g is None or g.graphs is None or len(micro) != 1 or micro[0]["tokens"].shape[0] % 2:
+        return {"rows_probe": "graphed cases of one micro-batch with an even row count only"}
+    halves = [{k: v if v.dim() == 0 else v.chunk(2)[i] for k, v in micro[0].items()} for i in range(2)]
+    made = []
+    try:
+        for half in halves:
+            other = make_trainer()
+            made.append(other)
+            for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
+                other.step([half])
+        return _rows(g.graphs[0], made[0].graphed.graphs[0], made[1].graphed.graphs[0], iters)
+    except torch.OutOfMemoryError:  # reported in the row, which keeps the case's own figures
+        return {"rows_probe": "out of memory for the two half models"}
+    finally:
+        for other in made:
+            release_graphs(other)
+        made.clear()
+        gc.collect()  # Trainer <-> graphed-step cycles
+        torch.cuda.empty_cache()
+
+
+def _rows(whole, first, second, iters: int) -> dict:
+    side = torch.cuda.Stream()
+
+    def serial():
+        first.replay()
+        second.replay()
+
+    def concurrent():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            second.replay()
+        first.replay()
+        torch.cuda.current_stream().wait_stream(side)
+
+    return {"rows_whole_ms": cuda_time(whole.replay, iters=iters) * 1e3,
+            "rows_half_ms": cuda_time(first.replay, iters=iters) * 1e3,
+            "rows_serial_ms": cuda_time(serial, iters=iters) * 1e3,
+            "rows_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}

@@ -53,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.step_probes import opt_sweep, overlap_probe, profile, release_graphs  # noqa: E402
+from bench.step_probes import opt_sweep, overlap_probe, profile, release_graphs, rows_probe  # noqa: E402
 from bench.timing import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.kd.fused import fused_span_loss  # noqa: E402
@@ -335,7 +335,8 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
-             micro_override=0, moe="grouped", routing="init", saves="default", probe=False) -> tuple[dict, list]:
+             micro_override=0, moe="grouped", routing="init", saves="default", probe=False,
+             probe_rows=False) -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
     micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
@@ -373,6 +374,9 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
         if probe:  # the case's own memory first: the probe builds a second model
             row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
             row.update(overlap_probe(tr, make_trainer, batches[0]))
+        if probe_rows:
+            row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
+            row.update(rows_probe(tr, make_trainer, batches[0]))
         if do_breakdown:
             release_graphs(tr)  # the components run alone; the full model needs the graphs' memory back
             parts = breakdown(tr, batches[0][0], micro)
@@ -491,6 +495,8 @@ def main():
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
     ap.add_argument("--overlap-probe", action="store_true",
                     help="graphed cases: an optimizer step replayed beside a forward + backward (an upper bound; a second model)")
+    ap.add_argument("--rows-probe", action="store_true",
+                    help="graphed cases: the rows as two halves on two streams (an upper bound; two more models)")
     a = ap.parse_args()
     set_inductor_options(a.inductor)
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
@@ -516,7 +522,7 @@ def main():
                                   a.opt_sweep and name == "a" and v == variants[0],
                                   a.profile if v == variants[0] else "", a.loss_chunk or None, a.kd,
                                   True if a.ac == -1 else a.ac, a.momentum_dtype, a.micro, a.moe, a.routing,
-                                  a.saves, a.overlap_probe)
+                                  a.saves, a.overlap_probe, a.rows_probe)
             p = peer.get((row["layers"], row["batch"], "grouped_mm"))
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
