@@ -35,7 +35,11 @@ What is measured:
 - `--overlap-probe` (graphed cases): the update graph replayed beside the first micro-batch's graph
   with no dependency, against each alone and the two in a row: how much of the optimizer an
   update overlapped with the next step's forward + backward could hide, at most (the update is a
-  second model's: twice the memory).
+  second model's: twice the memory);
+- `--rows-probe` (graphed cases of one micro-batch): the step's rows as two halves, each a second
+  model's first-micro-batch graph, replayed in turn and side by side on two streams, against the
+  case's own graph: whether running the rows as independent halves could help (three times the
+  parameter memory).
 """
 from __future__ import annotations
 
