@@ -144,27 +144,33 @@ def overlap_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
         torch.cuda.empty_cache()
 
 
-def _probe(first, other, micro, iters: int) -> dict:
-    for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
-        other.step(micro)
-    upd = other.graphed.graphs[2]
+def _in_turn_and_side_by_side(first, second, iters: int) -> tuple[float, float]:
+    """Milliseconds for two graphs replayed one after the other, then side by side (the second on
+    a side stream, no dependency between them)."""
     side = torch.cuda.Stream()
 
     def serial():
         first.replay()
-        upd.replay()
+        second.replay()
 
     def concurrent():
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            upd.replay()
+            second.replay()
         first.replay()
         torch.cuda.current_stream().wait_stream(side)
 
-    return {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
-            "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3,
-            "probe_serial_ms": cuda_time(serial, iters=iters) * 1e3,
-            "probe_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
+    return cuda_time(serial, iters=iters) * 1e3, cuda_time(concurrent, iters=iters) * 1e3
+
+
+def _probe(first, other, micro, iters: int) -> dict:
+    for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
+        other.step(micro)
+    upd = other.graphed.graphs[2]
+    row = {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
+           "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3}
+    row["probe_serial_ms"], row["probe_concurrent_ms"] = _in_turn_and_side_by_side(first, upd, iters)
+    return row
 
 
 def rows_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
@@ -198,20 +204,7 @@ def rows_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
 
 
 def _rows(whole, first, second, iters: int) -> dict:
-    side = torch.cuda.Stream()
-
-    def serial():
-        first.replay()
-        second.replay()
-
-    def concurrent():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            second.replay()
-        first.replay()
-        torch.cuda.current_stream().wait_stream(side)
-
-    return {"rows_whole_ms": cuda_time(whole.replay, iters=iters) * 1e3,
-            "rows_half_ms": cuda_time(first.replay, iters=iters) * 1e3,
-            "rows_serial_ms": cuda_time(serial, iters=iters) * 1e3,
-            "rows_concurrent_ms": cuda_time(concurrent, iters=iters) * 1e3}
+    row = {"rows_whole_ms": cuda_time(whole.replay, iters=iters) * 1e3,
+           "rows_half_ms": cuda_time(first.replay, iters=iters) * 1e3}
+    row["rows_serial_ms"], row["rows_concurrent_ms"] = _in_turn_and_side_by_side(first, second, iters)
+    return row
