@@ -173,18 +173,18 @@ def _probe(first, other, micro, iters: int) -> dict:
     return row
 
 
-def rows_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
+def rows_probe(tr, make_trainer, micro: list[dict], halves: list[dict], iters: int = 8) -> dict:
     """The most that running a step's rows as two independent halves on two CUDA streams could
     give the forward + backward (docs/performance.md, What remains 8: at (a) the body is many small
     kernels that leave SMs idle). Two more models (their own parameters, gradients and graph pools:
     nothing races) each capture one half of the rows; their first-micro-batch graphs are replayed
     one after the other and side by side, against the case's own graph over all the rows. An upper
     bound only: the real scheme shares one set of weights, so the two halves' weight gradients must
-    be summed (or accumulated in turn), which this probe does not pay for."""
+    be summed (or accumulated in turn), which this probe does not pay for. `halves`: `micro`'s one
+    micro-batch split in two as bench/train_step.py splits micro-batches."""
     g = tr.graphed
-    if g is None or g.graphs is None or len(micro) != 1 or micro[0]["tokens"].shape[0] % 2:
+    if g is None or g.graphs is None or len(micro) != 1 or len(halves) != 2:
         return {"rows_probe": "graphed cases of one micro-batch with an even row count only"}
-    halves = [{k: v if v.dim() == 0 else v.chunk(2)[i] for k, v in micro[0].items()} for i in range(2)]
     made = []
     try:
         for half in halves:

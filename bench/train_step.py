@@ -380,7 +380,8 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
             row.update(overlap_probe(tr, make_trainer, batches[0]))
         if probe_rows:
             row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
-            row.update(rows_probe(tr, make_trainer, batches[0]))
+            halves = split(batches[0][0], 2) if batch_size % 2 == 0 else []
+            row.update(rows_probe(tr, make_trainer, batches[0], halves))
         if do_breakdown:
             release_graphs(tr)  # the components run alone; the full model needs the graphs' memory back
             parts = breakdown(tr, batches[0][0], micro)
