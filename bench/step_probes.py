@@ -1,6 +1,6 @@
 """A train-step benchmark case's side measurements (bench/train_step.py): the optimizer's
-Newton-Schulz chunk sweep, the profile's top kernels, the optimizer-overlap probe, the two-rows
-probe, and the release of a case's graphs between them. `tr` is bench/train_step.py's `Trainer`."""
+Newton-Schulz chunk sweep, the profile's top kernels and kernel families, the optimizer-overlap
+probe, the two-rows probe, and the release of a case's graphs between them. `tr` is bench/train_step.py's `Trainer`."""
 from __future__ import annotations
 
 import gc
@@ -76,6 +76,38 @@ def copy_sources(events, rows: int = 20) -> list[str]:
     return [f"{us / 1e3:8.3f} ms {n:5d}x  {name} {shapes}  <  {parents}" for (name, shapes, parents), (us, n) in ranked]
 
 
+# kernel families by name, first match wins: where a step's launches go (docs/performance.md, What
+# remains 8: the (a) body is bound by its kernels' count, not their bytes or FLOPs)
+_FAMILIES = [
+    ("copy / memset", re.compile(r"Memcpy|memcpy|Memset|direct_copy_kernel")),
+    ("flex attention", re.compile(r"flex_attention")),
+    ("inductor pointwise", re.compile(r"^triton_poi_")),
+    ("inductor reduction", re.compile(r"^triton_(red|per)_")),
+    ("inductor other", re.compile(r"^triton_")),
+    ("grouped GEMM", re.compile(r"GroupProblemShape")),
+    ("GEMM", re.compile(r"nvjet|gemm|cutlass|xmma|cublas", re.IGNORECASE)),
+    ("project Triton", re.compile(r"^_\w+_kernel$")),
+    ("sort / scan", re.compile(r"cub::|radix|[Ss]ort|[Ss]can")),
+    ("aten eager", re.compile(r"at::native::")),
+]
+
+
+def kernel_family(kernel: str) -> str:
+    return next((name for name, pattern in _FAMILIES if pattern.search(kernel)), "other")
+
+
+def kernel_families(kernels) -> list[str]:
+    """(name, launches, device us) per kernel -> one line per family, most launches first:
+    launches, total ms, mean us per launch."""
+    totals: dict[str, list[float]] = {}
+    for name, count, us in kernels:
+        acc = totals.setdefault(kernel_family(name), [0, 0.0])
+        acc[0] += count
+        acc[1] += us
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return [f"{family:<20} {n:6d}x {us / 1e3:8.2f} ms {us / max(n, 1):7.1f} us each" for family, (n, us) in ranked]
+
+
 def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
     """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
     from torch.profiler import ProfilerActivity
@@ -95,6 +127,10 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
                                                    max_name_column_width=160)
                         + "\n\nfull kernel names (templates: tile shapes, operand layouts):\n" + full_names + "\n")
         print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
+        families = kernel_families((e.key, e.count, e.self_device_time_total) for e in events)
+        print(f"# profile {tag} {label}: kernels by family (launches, time, mean per launch)", flush=True)
+        for line in families:
+            print(f"#  {line}", flush=True)
         casts = [e for e in events if is_dtype_cast(e.key)]
         print(f"# profile {tag} {label}: dtype casts alone {sum(e.self_device_time_total for e in casts) / 1e3:.2f} ms "
               f"in {sum(e.count for e in casts)} launches", flush=True)
@@ -106,6 +142,7 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
             print(f"#  {line[:300]}", flush=True)
         with path.open("a") as f:
             f.write("\ndevice copies by launching op (ms, launches, op, input shapes, parents):\n" + "\n".join(copies) + "\n")
+            f.write("\nkernels by family:\n" + "\n".join(families) + "\n")
 
     top(lambda: [tr.step(micro) for _ in range(2)], "2steps")
     release_graphs(tr)  # the optimizer alone, with gradients of its own: the step's graphs' memory back first

@@ -1,11 +1,16 @@
-"""Bench helpers that run on any machine: which profiled kernels are dtype casts alone
-(bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
+"""Bench helpers that run on any machine: which profiled kernels are dtype casts alone and which
+family each kernel falls in (bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from bench.step_probes import copy_sources, is_dtype_cast
+from bench.step_probes import (
+    copy_sources,
+    is_dtype_cast,
+    kernel_families,
+    kernel_family,
+)
 
 
 def test_dtype_casts_are_told_from_fused_work():
@@ -19,6 +24,33 @@ def test_dtype_casts_are_told_from_fused_work():
     assert not is_dtype_cast("triton_red_fused__to_copy_mean_pow_1")
     assert not is_dtype_cast("triton_poi_fused__to_copy_0_extra")
     assert not is_dtype_cast("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64")
+
+
+def test_kernel_families_from_real_profile_names():
+    grouped = ("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13GemmUniversal"
+               "INS5_17GroupProblemShapeIN4cute5tupleIJiiiEEEEE")
+    expected = {
+        "Memcpy DtoD (Device -> Device)": "copy / memset", "Memset (Device)": "copy / memset",
+        "triton_tem_fused__to_copy_flex_attention_backward_mul_sigmoid": "flex attention",
+        "triton_poi_fused__to_copy_add_copy__mul_0": "inductor pointwise",
+        "triton_red_fused_cat_diagonal_sum_0": "inductor reduction",
+        "triton_per_fused_add_mean_pow_3": "inductor reduction",
+        "triton_tem_fused_mm_7": "inductor other",
+        grouped: "grouped GEMM",
+        "nvjet_sm90_hsh_128x128_64x6_1x1_h_bz_NNT": "GEMM",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "GEMM",
+        "_backward_kernel": "project Triton", "_gram_segment_kernel": "project Triton",
+        "void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<int>": "sort / scan",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<float>": "aten eager",
+        "void at::native::elementwise_kernel<128, 2>": "aten eager",
+        "some_vendor_kernel": "other",
+    }
+    assert {name: kernel_family(name) for name in expected} == expected
+    lines = kernel_families([("triton_poi_fused_a_0", 100, 400.0), ("triton_poi_fused_b_1", 50, 200.0),
+                             ("nvjet_sm90_x", 10, 1000.0)])
+    assert [line.split()[:2] for line in lines] == [["inductor", "pointwise"], ["GEMM", "10x"]]
+    assert lines[0].split()[2:] == ["150x", "0.60", "ms", "4.0", "us", "each"]
+    assert lines[1].split()[2:] == ["1.00", "ms", "100.0", "us", "each"]
 
 
 def test_copy_sources_sums_copies_per_launching_op_and_shape():
