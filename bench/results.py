@@ -15,14 +15,28 @@ from vpmoe.utils import git_sha
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU's model name (Linux's cpuinfo; else what `platform` knows). Recorded beside the
+    GPU because host-bound work, such as the eager peer baseline, moves with it between machines."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name() -> str:
     try:
         import torch
         if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}"
-        return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+            return (f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}, "
+                    f"host {host_cpu()} x{os.cpu_count()}")
+        return f"CPU {host_cpu()} x{os.cpu_count()}, torch {torch.__version__}"
     except ImportError:
-        return f"CPU {platform.machine()} x{os.cpu_count()}"
+        return f"CPU {host_cpu()} x{os.cpu_count()}"
 
 
 def markdown_table(rows: list[dict]) -> str:

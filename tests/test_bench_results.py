@@ -1,0 +1,29 @@
+"""bench/results.py: the host CPU read from cpuinfo, and `append_results` adding a section with
+device, date, git sha and command after what the file already holds."""
+import platform
+
+from bench.results import append_results, host_cpu
+
+
+def test_host_cpu_reads_the_model_name_and_falls_back(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    assert host_cpu(str(info)) == "AMD EPYC 9654 96-Core Processor"
+    fallback = platform.processor() or platform.machine()
+    info.write_text("processor\t: 0\nmodel name\t:\n")  # an empty model name is not a name
+    assert host_cpu(str(info)) == fallback
+    assert host_cpu(str(tmp_path / "missing")) == fallback
+
+
+def test_append_results_keeps_history_and_names_device_git_command(tmp_path, monkeypatch):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## older: 2026-01-01 00:00 UTC\n\n| a |\n|---|\n| 1 |\n")
+    monkeypatch.setenv("VPMOE_RESULTS", str(path))
+    append_results("probe", "python3 bench/x.py --y", [{"ms": 1.23456, "name": "z"}, {"ms": 2}], notes="n1")
+    text = path.read_text()
+    assert text.startswith("# Benchmark results\n\n## older: 2026-01-01 00:00 UTC\n\n| a |\n|---|\n| 1 |\n")
+    section = text.split("\n## probe: ")[1]
+    assert "- device: " in section and host_cpu() in section and "- git: " in section  # CPU or GPU host
+    assert "- command: `python3 bench/x.py --y`\n- notes: n1\n" in section
+    assert section.endswith("| ms | name |\n|---|---|\n| 1.235 | z |\n| 2 |  |\n")
