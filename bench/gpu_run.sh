@@ -25,7 +25,7 @@ fi
 cp bench/RESULTS.md "$out/RESULTS.md" && export VPMOE_RESULTS="$out/RESULTS.md"
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') x$(nproc)"  # the eager peer is host-bound
+python3 -c "from bench.results import host_cpu; import os; print('host', host_cpu(), 'x%d' % os.cpu_count())"  # the eager peer is host-bound
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run_tests() {
   timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} 2>&1 \

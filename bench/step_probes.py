@@ -167,17 +167,30 @@ def overlap_probe(tr, make_trainer, micro: list[dict], iters: int = 8) -> dict:
     g = tr.graphed
     if g is None or g.graphs is None or len(micro) != 1:  # one micro-batch: graph 1 is the whole forward + backward
         return {"probe": "graphed cases of one micro-batch only"}
-    other = None
+    return _with_captured_trainers(
+        make_trainer, [micro], lambda others: _probe(g.graphs[0], others[0].graphed.graphs[2], iters),
+        {"probe": "out of memory for the second model"})
+
+
+def _with_captured_trainers(make_trainer, micros: list[list[dict]], measure, out_of_memory: dict) -> dict:
+    """One more trainer per entry of `micros`, each stepped on it until its graphs are captured
+    (eager warm-up steps, then the capture), then `measure(trainers)`; `out_of_memory` is the row
+    instead if they do not fit beside the case's own model. Their graphs and memory are released
+    after, whatever happened."""
+    made = []
     try:
-        other = make_trainer()
-        return _probe(g.graphs[0], other, micro, iters)
+        for micro in micros:
+            made.append(make_trainer())
+            for _ in range(made[-1].graphed.warmup + 1):
+                made[-1].step(micro)
+        return measure(made)
     except torch.OutOfMemoryError:  # reported in the row, which keeps the case's own figures
-        return {"probe": "out of memory for the second model"}
+        return out_of_memory
     finally:
-        if other is not None:
+        for other in made:
             release_graphs(other)
-        del other
-        gc.collect()  # the second model (a Trainer <-> graphed-step cycle)
+        made.clear()
+        gc.collect()  # Trainer <-> graphed-step cycles
         torch.cuda.empty_cache()
 
 
@@ -200,10 +213,7 @@ def _in_turn_and_side_by_side(first, second, iters: int) -> tuple[float, float]:
     return cuda_time(serial, iters=iters) * 1e3, cuda_time(concurrent, iters=iters) * 1e3
 
 
-def _probe(first, other, micro, iters: int) -> dict:
-    for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
-        other.step(micro)
-    upd = other.graphed.graphs[2]
+def _probe(first, upd, iters: int) -> dict:
     row = {"probe_first_ms": cuda_time(first.replay, iters=iters) * 1e3,
            "probe_update_ms": cuda_time(upd.replay, iters=iters) * 1e3}
     row["probe_serial_ms"], row["probe_concurrent_ms"] = _in_turn_and_side_by_side(first, upd, iters)
@@ -222,22 +232,10 @@ def rows_probe(tr, make_trainer, micro: list[dict], halves: list[dict], iters: i
     g = tr.graphed
     if g is None or g.graphs is None or len(micro) != 1 or len(halves) != 2:
         return {"rows_probe": "graphed cases of one micro-batch with an even row count only"}
-    made = []
-    try:
-        for half in halves:
-            other = make_trainer()
-            made.append(other)
-            for _ in range(other.graphed.warmup + 1):  # eager warm-up steps, then the capture
-                other.step([half])
-        return _rows(g.graphs[0], made[0].graphed.graphs[0], made[1].graphed.graphs[0], iters)
-    except torch.OutOfMemoryError:  # reported in the row, which keeps the case's own figures
-        return {"rows_probe": "out of memory for the two half models"}
-    finally:
-        for other in made:
-            release_graphs(other)
-        made.clear()
-        gc.collect()  # Trainer <-> graphed-step cycles
-        torch.cuda.empty_cache()
+    return _with_captured_trainers(
+        make_trainer, [[half] for half in halves],
+        lambda others: _rows(g.graphs[0], others[0].graphed.graphs[0], others[1].graphed.graphs[0], iters),
+        {"rows_probe": "out of memory for the two half models"})
 
 
 def _rows(whole, first, second, iters: int) -> dict:

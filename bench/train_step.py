@@ -375,11 +375,11 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile=tr.body.compile_modes(),
                    **dynamo_stats())
         print(json.dumps(row), flush=True)
-        if probe:  # the case's own memory first: the probe builds a second model
+        if probe or probe_rows:  # the case's own memory first: the probes build more models
             row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
+        if probe:
             row.update(overlap_probe(tr, make_trainer, batches[0]))
         if probe_rows:
-            row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
             halves = split(batches[0][0], 2) if batch_size % 2 == 0 else []
             row.update(rows_probe(tr, make_trainer, batches[0], halves))
         if do_breakdown:

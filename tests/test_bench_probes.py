@@ -1,11 +1,13 @@
-"""Bench helpers that run on any machine: which profiled kernels are dtype casts alone and which
-family each kernel falls in (bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
+"""Bench helpers that run on any machine: which profiled kernels are dtype casts alone, which
+family each kernel falls in, and how the probes' extra trainers are captured and released
+(bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bench.step_probes import (
+    _with_captured_trainers,
     copy_sources,
     is_dtype_cast,
     kernel_families,
@@ -51,6 +53,45 @@ def test_kernel_families_from_real_profile_names():
     assert [line.split()[:2] for line in lines] == [["inductor", "pointwise"], ["GEMM", "10x"]]
     assert lines[0].split()[2:] == ["150x", "0.60", "ms", "4.0", "us", "each"]
     assert lines[1].split()[2:] == ["1.00", "ms", "100.0", "us", "each"]
+
+
+class _FakeTrainer:
+    """What `_with_captured_trainers` touches of bench/train_step.py's Trainer: `step`, and its
+    graphed step's `warmup` and `release` (after which `graphed` is None, as `release_graphs` sees)."""
+
+    def __init__(self, log, fail_on_step=None):
+        self.log, self.fail_on_step, self.steps = log, fail_on_step, []
+        self.graphed = SimpleNamespace(warmup=2, release=lambda: log.append(("release", id(self))))
+
+    def step(self, micro):
+        if len(self.steps) == self.fail_on_step:
+            raise torch.OutOfMemoryError("fake")
+        self.steps.append(micro)
+
+
+def test_probe_trainers_are_stepped_to_capture_then_released():
+    log, made = [], []
+
+    def make():
+        made.append(_FakeTrainer(log))
+        return made[-1]
+
+    row = _with_captured_trainers(make, [["a"], ["b"]], lambda ts: {"steps": [t.steps for t in ts]}, {"oom": 1})
+    assert row == {"steps": [[["a"]] * 3, [["b"]] * 3]}  # warm-up (2) + the capture, each on its own micro
+    assert log == [("release", id(made[0])), ("release", id(made[1]))]
+
+
+def test_probe_trainers_out_of_memory_gives_the_row_and_releases_what_was_built():
+    log, made = [], []
+
+    def make():
+        made.append(_FakeTrainer(log, fail_on_step=1 if made else None))
+        return made[-1]
+
+    measured = []
+    row = _with_captured_trainers(make, [["a"], ["b"]], measured.append, {"rows_probe": "out of memory"})
+    assert row == {"rows_probe": "out of memory"} and measured == []
+    assert log == [("release", id(made[0])), ("release", id(made[1]))]  # the half-built second one too
 
 
 def test_copy_sources_sums_copies_per_launching_op_and_shape():

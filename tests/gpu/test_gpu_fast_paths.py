@@ -263,7 +263,7 @@ def test_graphed_step_matches_eager_step(micro, ac, release):
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
     runs = [Trainer(cfg, v, 16, micro, checkpoint=ac and v == "graphed") for v in ("compiled", "compiled", "graphed")]
     # the same optimizer math in all three: the captured step's default takes the Gram segment kernel,
-    # whose rounding (tested on its own above) AdamW's sign-like first steps would amplify here
+    # whose rounding (tested on its own in test_gpu_optimizer.py) AdamW's sign-like first steps would amplify here
     assert runs[2].fopt.uses_gram_kernel
     for tr in runs[:2]:
         tr.fopt.gram_kernel = True
