@@ -7,28 +7,15 @@ much worse than the reference model's own bf16 autocast run (routing flips in ne
 make any two bf16 runs differ by more than a per-op tolerance).
 """
 import copy
-import dataclasses
 
 import pytest
 import torch
 
 from bench.train_step import Trainer, make_batch
-from vpmoe.config import load_model_config
+from tests.gpu.helpers import DEV, rel_err, small_cfg
 from vpmoe.model import kernels as K
 from vpmoe.model.fast import FastBody
 from vpmoe.model.model import MoE, VpMoE, alibi_slopes, attention_reference, experts_loop, positions_from_docs
-
-DEV = "cuda"
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def small_cfg(**kw):
-    base = dict(n_layers=4, n_experts=64, vocab_size=4096)  # layers: dense, local MoE x2, global MoE
-    base.update(kw)
-    return dataclasses.replace(load_model_config("configs/vpmoe.toml"), **base)
 
 
 @pytest.mark.parametrize("window,alibi", [(128, False), (None, True)])

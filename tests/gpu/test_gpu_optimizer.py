@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.gpu.test_gpu_fast_paths import DEV, rel_err, small_cfg
+from tests.gpu.helpers import DEV, rel_err, small_cfg
 from vpmoe.model.model import VpMoE
 from vpmoe.train.optim import OptimConfig, build_optimizer
 from vpmoe.train.optim_fast import FastMuonAdamW

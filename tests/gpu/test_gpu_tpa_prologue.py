@@ -45,7 +45,7 @@ def test_tpa_prologue_in_compiled_graphed_block():
     graph, is no further from the fp32 eager block than the bf16 eager block is (outputs and the
     attention's gradients; compiled and eager round to bf16 at different places, so they are
     compared through the fp32 run, not with each other)."""
-    from tests.gpu.test_gpu_fast_paths import small_cfg
+    from tests.gpu.helpers import small_cfg
     from vpmoe.model.fast import FastBody, make_block_fn
     from vpmoe.model.model import VpMoE, positions_from_docs
 
