@@ -113,7 +113,6 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         method, chunk, momentum, kwargs, matrices = parse_method(spec)
         opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
         fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=chunk, **kwargs)
-        fast.captured = True  # step_ms replays a captured step, as the trainer's graphed step (its defaults)
         pack, streams = fast.ns_pack, len(fast.side_streams) + 1
         if matrices == "eager":  # A/B: the 2-D matrices' step as the eager code it was before 2026-12-02 (14th)
             fast._matrices = _Compiled(_muon_matrices, False)
@@ -128,7 +127,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         graphed, timing = graph_time(fast.step)
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
-                   matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.uses_gram_kernel,
+                   matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.gram_kernel,
                    step_ms=graphed * 1e3,
                    eager_ms=eager, host_ms=host, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

@@ -205,9 +205,9 @@ def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
             torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
 
 
-def flag_captured_vs_default_eager(seed: int, flag: dict, tol: float) -> tuple:
+def flag_captured_vs_eager(seed: int, flag: dict, tol: float, reference: dict | None = None) -> tuple:
     """FastMuonAdamW with `flag` (keyword arguments) captured in a CUDA graph and replayed, against
-    its defaults run eagerly, over three steps of fresh gradients on a small model: every expert
+    `reference` (default: its defaults) run eagerly, over three steps of fresh gradients on a small model: every expert
     update within `tol` relative of the default's, everything else equal (no flag touches the 2-D
     matrices or AdamW tensors), the norms equal. Returns the worst (error, name)."""
     cfg = small_cfg(n_layers=3)
@@ -215,7 +215,7 @@ def flag_captured_vs_default_eager(seed: int, flag: dict, tol: float) -> tuple:
     m1 = VpMoE(cfg).to(DEV)
     m2 = copy.deepcopy(m1)
     f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2, **kw)
-              for m, kw in ((m1, {}), (m2, flag)))
+              for m, kw in ((m1, reference or {}), (m2, flag)))
     p0 = [p.detach().clone() for p in m1.parameters()]
     grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
 
@@ -239,18 +239,18 @@ def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
     from vpmoe.train import ns_update
     calls, kernel = [], ns_update.qx_update
     monkeypatch.setattr(ns_update, "qx_update", lambda *a: calls.append(a[-1]) or kernel(*a))
-    worst = flag_captured_vs_default_eager(3, {"fuse_update": True}, 5e-3)
+    worst = flag_captured_vs_eager(3, {"fuse_update": True}, 5e-3)
     assert set(calls) == {False, True}, calls  # the kernel ran (while captured too), both orientations
     print("fused update: worst relative error of the experts' update:", worst)
 
 
 def test_fast_optimizer_gram_kernel_matches_torch_path(monkeypatch):
     """`gram_kernel` (each restart segment of the packed experts' Gram-side iteration as one Triton
-    kernel) captured and replayed against the torch path (the eager default): the experts' updates
-    equal to the fp16 roundings, the kernel run for both segments."""
+    kernel; the default) captured and replayed against the torch path (`gram_kernel=False`) run
+    eagerly: the experts' updates equal to the fp16 roundings, the kernel run for both segments."""
     from vpmoe.train import ns_gram
     calls, kernel = [], ns_gram.gram_segment
     monkeypatch.setattr(ns_gram, "gram_segment", lambda r, steps, *abc: calls.append(steps) or kernel(r, steps, *abc))
-    worst = flag_captured_vs_default_eager(4, {"gram_kernel": True}, 2e-2)
+    worst = flag_captured_vs_eager(4, {}, 2e-2, reference={"gram_kernel": False})
     assert set(calls) == {2, 3}, calls
     print("gram kernel: worst relative difference of the experts' update:", worst)

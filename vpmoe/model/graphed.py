@@ -67,7 +67,6 @@ class GraphedTrainStep:
         if not body.static_masks:
             raise ValueError("GraphedTrainStep needs FastBody(static_masks=True)")
         self.body, self.loss_fn, self.opt, self.micro = body, loss_fn, optimizer, micro
-        optimizer.captured = True  # its captured-step defaults (FastMuonAdamW.gram_kernel), warm-up steps included
         self.params = [p for g in optimizer.opt.param_groups for p in g["params"] if p.requires_grad]
         self.warmup, self.update_biases = warmup, update_biases
         self.calls = 0

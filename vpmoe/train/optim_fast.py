@@ -37,10 +37,9 @@ Design choices:
 - `gram_kernel`: each restart segment of the packed experts' n x n Gram-side iteration runs as one
   Triton kernel holding R, Z and Q on chip (`ns_gram.gram_segment`) instead of ~7 memory-bound
   batched GEMMs and pointwise passes; a no-op where it does not apply (fp16 small side, n <= 128,
-  CUDA). Default (None): on where the step replays from a CUDA graph (`captured`, set by
-  `GraphedTrainStep`), where it was measured: the 20-layer step alone 24.50 -> 21.06 ms, the whole
-  (a) train step 65.63 -> 62.02 ms (H200, 2026-12-03). Off in eager steps until a GPU test run
-  covers it there: they are mostly host-bound, and six readings swung 26-52 ms with or without it.
+  CUDA). On by default: graphed, the 20-layer step alone 24.50 -> 21.06 ms and the whole (a) train
+  step 65.63 -> 62.02 ms (H200, 2026-12-03); eager steps are host-bound and read no slower with it
+  (six readings, 26-52 ms either way). `gram_kernel=False` is the torch path, the kernel's reference.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
@@ -251,7 +250,7 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
-                 fuse_update: bool = False, gram_kernel: bool | None = None):
+                 fuse_update: bool = False, gram_kernel: bool = True):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
@@ -278,16 +277,9 @@ class FastMuonAdamW:
         # opt-in until measured: packed experts' update in the last product's epilogue (ns_update.py)
         self.fuse_update = bool(fuse_update)
         self._ns_parts = _Compiled(gram_newton_schulz_parts, use_compile)
-        # each restart segment's n x n iteration as one kernel (ns_gram.py); None: in captured steps
-        self.gram_kernel = gram_kernel
-        self.captured = False  # set by GraphedTrainStep: this optimizer's steps replay from a CUDA graph
+        self.gram_kernel = bool(gram_kernel)  # each restart segment's n x n iteration as one kernel (ns_gram.py)
         self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
         self._adamw_one = _Compiled(_adamw_update, use_compile)  # AdamW tensors of >= ADAMW_ALONE elements
-
-    @property
-    def uses_gram_kernel(self) -> bool:
-        """`gram_kernel` as given, or (None) whether the steps are captured."""
-        return self.captured if self.gram_kernel is None else bool(self.gram_kernel)
 
     # ------------------------------------------------------------------ state
 
@@ -391,11 +383,11 @@ class FastMuonAdamW:
                     us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _ in pack]
                     w0 = pack[0][2]
                     if self.fuse_update and ns_update.applies(w0.device, self.ns_dtype, w0.dtype, min(w0.shape[-2:])):
-                        qs, xs, transposed = self._ns_parts(us, steps, kernel=self.uses_gram_kernel)
+                        qs, xs, transposed = self._ns_parts(us, steps, kernel=self.gram_kernel)
                         for (_, _, w, step), q, x in zip(pack, qs, xs):
                             ns_update.qx_update(w, q, x, decay, step, transposed)
                         return
-                    for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps, kernel=self.uses_gram_kernel)):
+                    for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps, kernel=self.gram_kernel)):
                         self._post(w, ortho, decay, step)
                 jobs.append(packed)
         for (shape, _), items in flat2d.items():
