@@ -2,6 +2,7 @@
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from vpmoe.config import load_model_config
@@ -51,3 +52,36 @@ def test_progress_messages_stay_one_line_beside_the_bar():
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 0, proc.stderr
     assert len(line) > 200 and line in proc.stdout.splitlines(), proc.stdout
+
+
+def test_tensorboard_event_holds_every_scalar_of_the_record(tmp_path):
+    """MetricsLogger writes one TensorBoard event per record: read back through TensorBoard's own
+    reader, every finite number and every per-layer list element is there at its step; strings
+    and non-finite values are not."""
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vpmoe.train.metrics import MetricsLogger
+
+    gen = torch.Generator().manual_seed(0)
+    records = {}
+    log = MetricsLogger(tmp_path, True)
+    for step in (1, 2, 5):
+        per_layer = torch.rand(7, generator=gen).tolist()
+        rec = {"loss": float(torch.rand(1, generator=gen)) + 1, "rows": 3 * step, "kd_step": 1,
+               "router/entropy_per_layer": per_layer, "note": "text", "grad_norm": math.inf}
+        log.log(step, rec)
+        records[step] = rec
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    want = {"loss", "rows", "kd_step"} | {f"router/entropy_per_layer/{i}" for i in range(7)}
+    assert set(acc.Tags()["scalars"]) == want
+    for tag in want:
+        got = {e.step: e.value for e in acc.Scalars(tag)}
+        key, _, i = tag.rpartition("/") if tag.startswith("router/") else (tag, "", "")
+        expected = {s: (r[key][int(i)] if i else r[key]) for s, r in records.items()}
+        assert sorted(got) == sorted(expected), tag
+        for s, value in expected.items():
+            assert got[s] == pytest.approx(value, rel=1e-6), (tag, s)

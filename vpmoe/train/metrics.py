@@ -131,6 +131,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def tensorboard_scalars(record: dict) -> list[tuple[str, float]]:
+    """A record's TensorBoard scalars: finite numbers under their key, number lists (per-layer
+    figures) as `key/i`; strings and non-finite values are left to metrics.jsonl."""
+    out = []
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out.append((key, float(value)))
+        elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
+            out.extend((f"{key}/{i}", float(v)) for i, v in enumerate(value) if math.isfinite(v))
+    return out
+
+
 class MetricsLogger:
     """Rank 0's writer of metrics.jsonl, expert_load.jsonl and TensorBoard."""
 
@@ -155,13 +167,11 @@ class MetricsLogger:
         rec = {"step": step, "time": round(time.time(), 3), **record}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
-                elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
-                    for i, v in enumerate(value):
-                        self.tb.add_scalar(f"{key}/{i}", v, step)
+        if self.tb is not None:  # one event per record: add_scalar per value took ~3 ms for 60 values
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            values = [Summary.Value(tag=tag, simple_value=value) for tag, value in tensorboard_scalars(record)]
+            self.tb._get_file_writer().add_summary(Summary(value=values), step)
 
     def log_expert_load(self, step: int, load: torch.Tensor) -> None:
         if not self.enabled or load.numel() == 0:
