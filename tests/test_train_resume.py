@@ -162,8 +162,45 @@ def test_divergence_stops_with_last_good_checkpoint(synth_data, tmp_path, capsys
     assert not list((tmp_path / "nan" / "checkpoints").glob("*.tmp"))
 
 
+def test_each_step_is_read_after_the_next_is_queued(synth_data, tmp_path, monkeypatch):  # noqa: F811
+    """`vpmoe train` reads a step's figures (the one wait for the GPU) only after the next step is
+    queued, except where something needs them first: a checkpoint, an evaluation, the last step.
+    Every step is still logged once, in order, with the figures `train_step` itself would give."""
+    from vpmoe.train.trainer import Trainer
+
+    events, real_launch, real_finish = [], Trainer.launch_step, Trainer.finish_step
+
+    def launch_step(self, batches):
+        launched = real_launch(self, batches)
+        events.append(f"L{launched.step}")
+        return launched
+
+    def finish_step(self, launched):
+        events.append(f"F{launched.step}")
+        return real_finish(self, launched)
+
+    monkeypatch.setattr(Trainer, "launch_step", launch_step)
+    monkeypatch.setattr(Trainer, "finish_step", finish_step)
+    cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "order", steps=7)
+    assert main("train", str(cfg), "--set", "checkpoint.every=3", "--set", "train.eval_every=5") == 0
+    # boundaries: checkpoints after 3 and 6, evaluation after 5, the last step 7
+    assert events == ["L1", "L2", "F1", "L3", "F2", "F3", "L4", "L5", "F4", "F5", "L6", "F6", "L7", "F7"]
+    train = [r for r in metrics(tmp_path / "order") if "grad_norm" in r]
+    assert [r["step"] for r in train] == list(range(1, 8))
+    assert all(r["step_time_s"] > 0 and r["tokens_step"] == 4 * 192 for r in train)
+    # the same run with every step read at once (checkpoint and evaluation every step): same figures
+    events.clear()
+    assert main("train", str(cfg), "--run-dir", str(tmp_path / "eager"), "--set", "checkpoint.every=1",
+                "--set", "train.eval_every=1") == 0
+    assert events == [f"{kind}{s}" for s in range(1, 8) for kind in "LF"]
+    eager = [r for r in metrics(tmp_path / "eager") if "grad_norm" in r]
+    for a, b in zip(train, eager):
+        for key in ("loss", "grad_norm", "lr", "aux_loss", "router/entropy_min"):
+            assert a[key] == b[key], (a["step"], key)
+
+
 def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsys, monkeypatch):  # noqa: F811
-    """A GPU out-of-memory error in step 3 (raised here by a wrapped train_step) stops the run with
+    """A GPU out-of-memory error in step 3 (raised here by a wrapped launch_step) stops the run with
     exit 4 and one message naming the step, the memory settings and the changes that fit (halved
     micro-batch with the global batch kept, checkpointing, bf16 momentum); step 2's checkpoint is
     intact and `--resume` finishes the run. With every change already made, only more GPUs remain."""
@@ -177,15 +214,15 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     from vpmoe.train.trainer import Trainer
 
     cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "oom", steps=4)
-    real_step = Trainer.train_step
+    real_step = Trainer.launch_step
     calls = []
 
-    def train_step(self, batches):
+    def launch_step(self, batches):
         calls.append(self.step)
         if len(calls) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         return real_step(self, batches)
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "launch_step", launch_step)
     code = main("train", str(cfg), "--set", "checkpoint.every=1")
     err = capsys.readouterr().err
     assert code == 4, err
@@ -196,7 +233,7 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     latest = latest_checkpoint(tmp_path / "oom")
     assert latest.name == "step_000002" and verify_checkpoint(latest)["step"] == 2
     assert not list((tmp_path / "oom" / "checkpoints").glob("*.tmp"))
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "launch_step", real_step)
     # the advice taken: the resumed run uses the new settings (bf16 momentum is what gets written)
     assert main("train", str(cfg), "--resume", "--set", "data.micro_batch_size=1", "--set", "train.grad_accum=4",
                 "--set", "train.activation_checkpointing=true", "--set", 'optim.muon_momentum_dtype="bfloat16"') == 0

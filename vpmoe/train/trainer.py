@@ -18,7 +18,9 @@ Design choices:
   loss in the hidden states' dtype. NaN/inf in the loss or the gradient norm stops the run
   (the last good checkpoint stays the newest one): before the optimizer step on the reference
   path; after it on the fused ones, which read the step's loss sums, gradient norm and expert
-  loads in one host read once the whole step is queued (nothing before it waits for the GPU).
+  loads in one host read once the whole step is queued (nothing before it waits for the GPU);
+  `run` makes that read after the next step is queued (vpmoe/train/launched.py), except before a
+  checkpoint, an evaluation or a stop.
 - Stop signals (SIGTERM, SIGUSR1): the step in flight finishes, every rank agrees to stop after
   the same step (a one-flag all-reduce), a checkpoint is written, and `vpmoe train` exits 75
   (`TrainingStopped`); `--resume` continues as after any checkpoint.
@@ -53,6 +55,7 @@ from vpmoe.train import checkpoint as ckpt
 from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
 from vpmoe.train.expert_parallel import apply_expert_parallel
+from vpmoe.train.launched import LaunchedStep
 from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
 from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
@@ -362,6 +365,12 @@ class Trainer:
         return loss, stats, aux, load
 
     def train_step(self, micro_batches: list[dict]) -> dict:
+        """One step, its report read at once (`run` reads each report after the next step is queued)."""
+        return self.finish_step(self.launch_step(micro_batches))
+
+    def launch_step(self, micro_batches: list[dict]) -> LaunchedStep:
+        """Queue one whole step and the copy of its figures to the host; nothing waits for the GPU
+        (on one process) until `finish_step` reads them."""
         cfg, ds = self.cfg, self.ds
         set_lr(self.optimizer, wsd_factor(self.step, cfg.train.steps, cfg.schedule))
         micro_batches = [self._to_device(b) for b in micro_batches]
@@ -384,31 +393,33 @@ class Trainer:
             stats_sum, load_sum = self._accumulate(micro_batches, span_counts, global_rows)
         fused = self.graphed is not None or self.fast_opt is not None
         if not fused:  # the reference step never applies a non-finite loss's gradients
-            self._check_loss(stats_sum)
+            self._check_loss(stats_sum, self.step + 1)
         gnorm = self._optimizer_step(load_sum)
-        # the step's one host read, after all of its work is queued: loss sums, gradient norm, loads
-        host = torch.cat([stats_sum.double(), gnorm.to(stats_sum.device, torch.float64).view(1),
-                          load_sum.double().flatten()]).cpu()
-        stats_host, gnorm = host[:stats_sum.numel()], float(host[stats_sum.numel()])
-        report = self._check_loss(stats_host)
+        self.step += 1  # the step's one host read, queued after all of its work
+        return LaunchedStep.queue(self.step, stats_sum, gnorm, load_sum, self.optimizer.param_groups[0]["lr"],
+                                  global_rows)
+
+    def finish_step(self, launched: LaunchedStep) -> dict:
+        """The step's report from its figures (waits for the step to finish); a NaN/inf loss or
+        gradient norm stops the run here."""
+        stats_host, gnorm, load = launched.read()
+        report = self._check_loss(stats_host, launched.step)
         if not math.isfinite(gnorm):  # the fused paths stepped already (clipping is folded in)
-            self._diverged(f"gradient norm is not finite ({gnorm})")
-        self.step += 1
+            self._diverged(f"gradient norm is not finite ({gnorm})", launched.step)
         if self.kd_mode != "none":  # kd / kl / teacher log-prob per span, and whether this was a KD step
             stats = unpack_stats(stats_host[:-1])
             report.update({k: v for k, v in span_means(stats).items() if not k.startswith("loss/")})
-            report["kd_step"] = int(is_kd_step(self.objective.cfg, self.step - 1))
-        report.update({"aux_loss": float(stats_host[-1]), "grad_norm": gnorm,
-                       "lr": self.optimizer.param_groups[0]["lr"], "rows": global_rows,
-                       "tokens_step": global_rows * cfg.data.seq_len})
-        report["_load"] = host[stats_sum.numel() + 1:].view(load_sum.shape)
+            report["kd_step"] = int(is_kd_step(self.objective.cfg, launched.step - 1))
+        report.update({"aux_loss": float(stats_host[-1]), "grad_norm": gnorm, "lr": launched.lr,
+                       "rows": launched.rows, "tokens_step": launched.rows * self.cfg.data.seq_len})
+        report["_load"] = load
         return report
 
-    def _check_loss(self, stats_sum: torch.Tensor) -> dict:
-        """The per-span report from the packed sums (+ aux loss); stops the run on NaN/inf."""
+    def _check_loss(self, stats_sum: torch.Tensor, step: int) -> dict:
+        """The per-span report from the packed sums (+ aux loss) of `step`; stops the run on NaN/inf."""
         report = span_report(unpack_stats(stats_sum[:-1]), self.cfg.train.w_reasoning, self.cfg.train.w_final)
         if not math.isfinite(report["loss"]) or not torch.isfinite(stats_sum).all():
-            self._diverged(f"loss is not finite ({report['loss']})")
+            self._diverged(f"loss is not finite ({report['loss']})", step)
         return report
 
     def _accumulate(self, micro_batches, span_counts, global_rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,7 +463,7 @@ class Trainer:
         else:
             gnorm = grad_norm(self.params)
             if not torch.isfinite(gnorm):
-                self._diverged(f"gradient norm is not finite ({float(gnorm)})")
+                self._diverged(f"gradient norm is not finite ({float(gnorm)})", self.step + 1)
             clip_grads(self.params, self.cfg.optim.grad_clip, gnorm)
             self.optimizer.step()
         if self.graphed is None:
@@ -460,8 +471,8 @@ class Trainer:
             self.model.update_router_biases(load_sum)
         return gnorm
 
-    def _diverged(self, what: str) -> None:
-        raise TrainingDiverged(f"step {self.step + 1}: {what}; stopping. The newest checkpoint in "
+    def _diverged(self, what: str, step: int) -> None:
+        raise TrainingDiverged(f"step {step}: {what}; stopping. The newest checkpoint in "
                                f"{ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
 
     # ------------------------------------------------------------------------------ evaluation
@@ -513,7 +524,18 @@ class Trainer:
                                     rank_state, self.provenance(), self.cfg.checkpoint.keep,
                                     extra_writer=self.subset.save if self.subset is not None else None)
 
-    def _log_step(self, report: dict, step_time: float, progress: Progress) -> None:
+    def _report(self, launched: LaunchedStep, started: float, waited: float, next_started: float | None,
+                progress: Progress) -> None:
+        """Read and log a launched step. Its time: until the next step started (that start waited
+        for this step's predecessor, so it paces the GPU), or, read at once, until now."""
+        report = self.finish_step(launched)
+        report["data_wait_s"] = waited
+        step_time = (time.perf_counter() if next_started is None else next_started) - started
+        self.elapsed += step_time
+        self.tokens_seen += report["tokens_step"]
+        self._log_step(report, step_time, launched.step, progress)
+
+    def _log_step(self, report: dict, step_time: float, step: int, progress: Progress) -> None:
         cfg = self.cfg
         load = report.pop("_load")
         tokens_per_s = report["tokens_step"] / max(step_time, 1e-9)
@@ -524,11 +546,11 @@ class Trainer:
             report["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             report["mem_headroom_gib"] = (total - torch.cuda.max_memory_reserved(self.device)) / 2**30
         report.update(router_stats(load))
-        if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-            self.metrics.log(self.step, report)
-        if self.step % cfg.train.expert_load_every == 0 or self.step == cfg.train.steps:
-            self.metrics.log_expert_load(self.step, load.cpu())
-        progress.update(self.step, report["loss"], tokens_per_s)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            self.metrics.log(step, report)
+        if step % cfg.train.expert_load_every == 0 or step == cfg.train.steps:
+            self.metrics.log_expert_load(step, load.cpu())
+        progress.update(step, report["loss"], tokens_per_s)
 
     def _stop_agreed(self, mine: bool) -> bool:
         """Whether any rank got a stop signal (all ranks must stop after the same step)."""
@@ -554,25 +576,30 @@ class Trainer:
                     last_eval = self.evaluate()
                     self.metrics.log(0, last_eval)
                     progress.print(f"step 0: held-out loss {last_eval['valid/loss']:.4f}")
+                pending = None  # (launched step, its start time, data wait): reported after the next is queued
                 while self.step < cfg.train.steps:
                     t0 = time.perf_counter()
                     batches, self._loader_state, waited = prefetch.get(self.step)
-                    report = self.train_step(batches)
-                    report["data_wait_s"] = waited
-                    step_time = time.perf_counter() - t0
-                    self.elapsed += step_time
-                    self.tokens_seen += report["tokens_step"]
-                    self._log_step(report, step_time, progress)
+                    launched = self.launch_step(batches)
+                    if pending is not None:  # the previous step: the GPU runs this one meanwhile
+                        self._report(*pending, t0, progress)
+                    pending = (launched, t0, waited)
                     last_step = self.step == cfg.train.steps
                     saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last_step
+                    evaluated = (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last_step
+                    stopping = not last_step and self._stop_agreed(bool(received))
+                    if not (saved or evaluated or stopping):
+                        continue
+                    self._report(*pending, None, progress)  # read before anything is saved or evaluated
+                    pending = None
                     if saved:  # before the evaluation: a run whose evaluation fails keeps its weights
                         path = self.save()
                         progress.print(f"step {self.step}: checkpoint {path}")
-                    if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last_step:
+                    if evaluated:
                         last_eval = self._evaluate_beside_graphs(last_step, progress)
                         self.metrics.log(self.step, last_eval)
                         progress.print(f"step {self.step}: held-out loss {last_eval['valid/loss']:.4f}")
-                    if not last_step and self._stop_agreed(bool(received)):
+                    if stopping:
                         path = path if saved else self.save()
                         why = signal.Signals(received[0]).name if received else "a stop signal on another rank"
                         raise TrainingStopped(f"{why} received: stopped after step {self.step} of {cfg.train.steps}; "
