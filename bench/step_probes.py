@@ -92,6 +92,12 @@ _FAMILIES = [
 ]
 
 
+def is_range_annotation(name: str) -> bool:
+    """Inductor's `## Call CompiledFxGraph <hash> ##` rows: a compiled graph's span on the device
+    timeline (eager calls only), not a kernel; counted, they doubled an eager step's busy time."""
+    return name.startswith("## ")
+
+
 def kernel_family(kernel: str) -> str:
     return next((name for name, pattern in _FAMILIES if pattern.search(kernel)), "other")
 
@@ -101,6 +107,8 @@ def kernel_families(kernels) -> list[str]:
     launches, total ms, mean us per launch."""
     totals: dict[str, list[float]] = {}
     for name, count, us in kernels:
+        if is_range_annotation(name):
+            continue
         acc = totals.setdefault(kernel_family(name), [0, 0.0])
         acc[0] += count
         acc[1] += us
@@ -118,7 +126,8 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             fn()
             torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [e for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and not is_range_annotation(e.key)]
         total = sum(e.self_device_time_total for e in events)
         events.sort(key=lambda e: -e.self_device_time_total)
         path = Path(out_dir) / f"profile_{tag}_{label}.txt"

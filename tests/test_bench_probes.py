@@ -49,7 +49,8 @@ def test_kernel_families_from_real_profile_names():
     }
     assert {name: kernel_family(name) for name in expected} == expected
     lines = kernel_families([("triton_poi_fused_a_0", 100, 400.0), ("triton_poi_fused_b_1", 50, 200.0),
-                             ("nvjet_sm90_x", 10, 1000.0)])
+                             ("nvjet_sm90_x", 10, 1000.0),
+                             ("## Call CompiledFxGraph f5e5sozy7uyoz4hpclsv6vxklvlv34bineb6lf2uyf2yb75djw7w ##", 4, 9220.0)])
     assert [line.split()[:2] for line in lines] == [["inductor", "pointwise"], ["GEMM", "10x"]]
     assert lines[0].split()[2:] == ["150x", "0.60", "ms", "4.0", "us", "each"]
     assert lines[1].split()[2:] == ["1.00", "ms", "100.0", "us", "each"]
