@@ -116,6 +116,15 @@ def kernel_families(kernels) -> list[str]:
     return [f"{family:<20} {n:6d}x {us / 1e3:8.2f} ms {us / max(n, 1):7.1f} us each" for family, (n, us) in ranked]
 
 
+def kernel_table(kernels) -> str:
+    """(name, launches, device us) per kernel -> every kernel as a TSV, most launches first (the
+    small ones the top-by-time lists leave out): family, launches, total us, us each, name."""
+    rows = sorted((k for k in kernels if not is_range_annotation(k[0])), key=lambda k: (-k[1], -k[2]))
+    lines = ["family\tlaunches\ttotal_us\tus_each\tkernel"]
+    lines += [f"{kernel_family(name)}\t{n}\t{us:.1f}\t{us / max(n, 1):.2f}\t{name}" for name, n, us in rows]
+    return "\n".join(lines) + "\n"
+
+
 def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
     """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
     from torch.profiler import ProfilerActivity
@@ -135,6 +144,8 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
         path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80,
                                                    max_name_column_width=160)
                         + "\n\nfull kernel names (templates: tile shapes, operand layouts):\n" + full_names + "\n")
+        Path(out_dir, f"profile_{tag}_{label}_kernels.tsv").write_text(
+            kernel_table((e.key, e.count, e.self_device_time_total) for e in events))
         print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
         families = kernel_families((e.key, e.count, e.self_device_time_total) for e in events)
         print(f"# profile {tag} {label}: kernels by family (launches, time, mean per launch)", flush=True)

@@ -12,6 +12,7 @@ from bench.step_probes import (
     is_dtype_cast,
     kernel_families,
     kernel_family,
+    kernel_table,
 )
 
 
@@ -54,6 +55,16 @@ def test_kernel_families_from_real_profile_names():
     assert [line.split()[:2] for line in lines] == [["inductor", "pointwise"], ["GEMM", "10x"]]
     assert lines[0].split()[2:] == ["150x", "0.60", "ms", "4.0", "us", "each"]
     assert lines[1].split()[2:] == ["1.00", "ms", "100.0", "us", "each"]
+
+
+def test_kernel_table_lists_every_kernel_by_launches():
+    table = kernel_table([("nvjet_sm90_x", 10, 1000.0), ("triton_red_fused_s_2", 300, 900.0),
+                          ("## Call CompiledFxGraph abc ##", 4, 9220.0), ("Memset (Device)", 300, 450.0)])
+    rows = [line.split("\t") for line in table.splitlines()]
+    assert rows[0] == ["family", "launches", "total_us", "us_each", "kernel"]
+    assert rows[1:] == [["inductor reduction", "300", "900.0", "3.00", "triton_red_fused_s_2"],
+                        ["copy / memset", "300", "450.0", "1.50", "Memset (Device)"],
+                        ["GEMM", "10", "1000.0", "100.00", "nvjet_sm90_x"]]
 
 
 class _FakeTrainer:
