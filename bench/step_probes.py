@@ -144,10 +144,10 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
         path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80,
                                                    max_name_column_width=160)
                         + "\n\nfull kernel names (templates: tile shapes, operand layouts):\n" + full_names + "\n")
-        Path(out_dir, f"profile_{tag}_{label}_kernels.tsv").write_text(
-            kernel_table((e.key, e.count, e.self_device_time_total) for e in events))
+        kernels = [(e.key, e.count, e.self_device_time_total) for e in events]
+        Path(out_dir, f"profile_{tag}_{label}_kernels.tsv").write_text(kernel_table(kernels))
         print(f"# profile {tag} {label}: GPU busy {total / 1e3:.1f} ms, {sum(e.count for e in events)} kernels", flush=True)
-        families = kernel_families((e.key, e.count, e.self_device_time_total) for e in events)
+        families = kernel_families(kernels)
         print(f"# profile {tag} {label}: kernels by family (launches, time, mean per launch)", flush=True)
         for line in families:
             print(f"#  {line}", flush=True)
