@@ -109,11 +109,85 @@ def check_fast_body() -> None:
     print("checked")
 
 
+def _wgrad_reference(a, b, index, offsets, gather_a):
+    """float64 per-expert sums over each group's sorted rows, with the named operand gathered."""
+    a, b = a.double(), b.double()
+    a, b = (a[index], b) if gather_a else (a, b[index])
+    dw, db, start = [], [], 0
+    for end in offsets.tolist():
+        dw.append(a[start:end].T @ b[start:end])
+        db.append(b[start:end].sum(0))
+        start = end
+    return torch.stack(dw), torch.stack(db)
+
+
+def check_gathered_wgrad() -> None:
+    """`gathered_wgrad` (the grouped path's weight gradients) against float64: both forms (the up
+    GEMM's rows gathered from x, the down GEMM's from g), fp32 and bf16 operands, an expert with no
+    rows, one with more rows than a tile, widths off the tile grid; then the grouped path's
+    `_GatherGemm` / `_DownSum` gradients with the kernel in them against plain float64 autograd."""
+    from vpmoe.model import kernels as K
+    from vpmoe.model import moe_fused as MF
+    from vpmoe.model.kernels import Routing, _DownSum, _GatherGemm
+
+    assert MF.interpreting()
+    K.FUSED_WGRAD = True  # off by default (kernels.py says why); this process is the check's own
+    gen = torch.Generator().manual_seed(4)
+    N, k, d, H, E = 29, 3, 40, 24, 6
+    scores = torch.rand(N, E, generator=gen)
+    scores[:, 0] += 0.6  # expert 0: most tokens (several 16-row tiles)
+    scores[:, 1] = -1.0  # expert 1: no rows
+    idx = scores.topk(k, dim=-1).indices
+    r = Routing(idx, E)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        x, g = torch.randn(N, d, generator=gen).to(dtype), torch.randn(N * k, H, generator=gen).to(dtype)
+        dw, db = MF.gathered_wgrad(x, g, r.token, r.offsets, True, True)
+        ref_w, ref_b = _wgrad_reference(x, g, r.token, r.offsets, True)
+        assert dw.dtype == db.dtype == torch.float32 and dw.shape == (E, d, H)
+        torch.testing.assert_close(dw.double(), ref_w, rtol=tol, atol=tol)
+        torch.testing.assert_close(db.double(), ref_b, rtol=tol, atol=tol)
+        assert dw[1].abs().max() == 0 and db[1].abs().max() == 0
+        u, gy = torch.randn(N * k, H, generator=gen).to(dtype), torch.randn(N, d, generator=gen).to(dtype)
+        dw, db = MF.gathered_wgrad(u, gy, r.token, r.offsets, False, False)
+        assert dw.shape == (E, H, d) and db.numel() == 0
+        torch.testing.assert_close(dw.double(), _wgrad_reference(u, gy, r.token, r.offsets, False)[0], rtol=tol,
+                                   atol=tol)
+
+    calls = []
+    original = MF._wgrad
+    MF._wgrad = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    f64 = dict(dtype=torch.float64, generator=gen)
+    leaves64 = [torch.randn(N, d, **f64), torch.randn(E, d, H, **f64) / d**0.5, torch.randn(E, H, **f64),
+                torch.randn(N * k, H, **f64), torch.rand(N, k, **f64), torch.randn(E, H, d, **f64) / H**0.5,
+                torch.randn(E, d, **f64)]
+    gh, gy = torch.randn(N * k, H, **f64), torch.randn(N, d, **f64)
+
+    def grads(dtype, fast):
+        x, w, b, u, c, w2, b2 = leaves = [t.to(dtype).requires_grad_() for t in leaves64]
+        if fast:
+            h = _GatherGemm.apply(x, w, b, r.token, r.expert, r.inverse, r.offsets, k)
+            y = _DownSum.apply(u, c, w2, b2, idx, r.inverse, r.token, r.offsets)
+        else:
+            h = torch.cat([x[r.token][r.expert == e] @ w[e] + b[e] for e in range(E)])
+            c_rows = c.flatten()[r.order]
+            rows = torch.cat([u[r.expert == e] @ w2[e] + c_rows[r.expert == e, None] * b2[e] for e in range(E)])
+            y = rows[r.inverse].view(N, k, d).sum(1)
+        return torch.autograd.grad((h * gh.to(dtype)).sum() + (y * gy.to(dtype)).sum(), leaves)
+
+    got, want = grads(torch.float32, True), grads(torch.float64, False)
+    assert len(calls) == 2  # the up and the down weight gradient came from the kernel
+    for name, a, b in zip(["x", "w_up", "b_up", "u", "c", "w_down", "b_down"], got, want):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+    print("checked")
+
+
 def test_triton_is_installed_for_these_tests():
     import triton  # noqa: F401  (pip install -e .[test])
 
 
-@pytest.mark.parametrize("check", ["check_against_float64", "check_bf16_inputs", "check_compiled", "check_fast_body"])
+@pytest.mark.parametrize("check", ["check_against_float64", "check_bf16_inputs", "check_compiled", "check_fast_body",
+                                   "check_gathered_wgrad"])
 def test_in_triton_interpreter(check):
     run_in_interpreter("tests.test_moe_fused", check, timeout=900)
 

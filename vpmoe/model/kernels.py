@@ -32,6 +32,7 @@ import math
 import torch
 
 from vpmoe.model import model as M
+from vpmoe.model import moe_fused as MF
 from vpmoe.model import router_fused as RF
 
 # ----------------------------------------------------------------------------------------------
@@ -253,33 +254,48 @@ def _(x, index, width):
     return x.new_empty(index.shape[0], width)
 
 
+# The experts' weight gradients from `moe_fused.gathered_wgrad` (fp32 out, rows gathered in the
+# kernel) instead of a bf16 grouped GEMM and a cast. Off until a GPU test passes: on the H200
+# (2026-12-03) it took the (a) step 61.60 -> 60.70 ms and its graphed step equalled the eager one
+# bit for bit at one micro-batch, but with two micro-batches and checkpointed blocks the graphed
+# step's updates moved 2.3% from the eager ones (0.0 with the grouped GEMM), not yet explained.
+# bench/train_step.py --fused-wgrad turns it on.
+FUSED_WGRAD = False
+
+
 class _GatherGemm(torch.autograd.Function):
     """h = x[token[r]] @ w[e] + b[e] (in x's dtype) for each sorted row r of expert group e (group
-    ends `offsets`, `expert` [M] the group of each row); x and w in the GEMM dtype.
+    ends `offsets`, `expert` [M] the group of each row); x in the GEMM dtype, w the master weight
+    (cast to x's dtype here, its gradient returned in its own dtype).
 
     The forward GEMM and the input-gradient GEMM run at the weight's own shape (1024 x 128: whole
-    tiles; a ones column made them 1032 wide, measured 7-33% slower alone). The weight-gradient GEMM
-    gathers the rows again with a ones column (`gather_rows_with_ones`), so its row `a` is the
-    bias gradient: each expert's sum of its rows' gradients, with no scatter and no atomics.
-    Keeps x [N, a], not the gathered rows [N*k, a]. The input gradient sums each token's k rows
-    (gather-only)."""
+    tiles; a ones column made them 1032 wide, measured 7-33% slower alone). The weight gradient: a
+    grouped GEMM over rows gathered again with a ones column (`gather_rows_with_ones`) gives the
+    bias gradient as its row `a`, with no scatter and no atomics; with `FUSED_WGRAD` where Triton
+    serves, one Triton kernel reads x's rows through `token`, sums the bias gradient beside it and
+    writes fp32 (`moe_fused.gathered_wgrad`). Keeps x [N, a], not the gathered
+    rows [N*k, a]. The input gradient sums each token's k rows (gather-only)."""
 
     @staticmethod
     def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int):
-        ctx.save_for_backward(x, w, token, inverse, offsets)
-        ctx.k, ctx.b_dtype = k, b.dtype
+        w_lo = w.to(x.dtype)
+        ctx.save_for_backward(x, w_lo, token, inverse, offsets)
+        ctx.k, ctx.w_dtype, ctx.b_dtype = k, w.dtype, b.dtype
         acc = _acc(x)  # h in x's dtype: the squared ReLU's backward keeps it (2 KB per token in fp32)
-        return (grouped_mm(x[token], w, offsets).to(acc) + b.to(acc)[expert]).to(x.dtype)
+        return (grouped_mm(x[token], w_lo, offsets).to(acc) + b.to(acc)[expert]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         x, w, token, inverse, offsets = ctx.saved_tensors
         a = x.shape[1]
         g = g.to(w.dtype).contiguous()
-        g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
+        if FUSED_WGRAD and MF.wgrad_applies(x, g, offsets.numel()):
+            g_w, g_b = MF.gathered_wgrad(x, g, token, offsets, True, True)
+        else:
+            g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
+            g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
         g_x = sum_slots(grouped_mm(g, w.transpose(-2, -1), offsets), inverse, ctx.k).to(x.dtype)
-        return (g_x, g_wb[:, :a].contiguous(), g_wb[:, a].to(ctx.b_dtype), None, None, None, None,
-                None)
+        return g_x, g_w.to(ctx.w_dtype), g_b.to(ctx.b_dtype), None, None, None, None, None
 
 
 class _DownSum(torch.autograd.Function):
@@ -295,11 +311,15 @@ class _DownSum(torch.autograd.Function):
     is added inside the slot sum (a gather of b's rows). Its gradients are token-level dense GEMMs
     through D [N, E], the routing weights scattered to their experts: d b = D^T g, and the routing
     weight's part <g[t], b[e]> read from g b^T [N, E]. Nothing [N*k, n]-sized is kept for backward:
-    the rows' gradients are gathered from g again."""
+    the rows' gradients are gathered from g again. w is the master weight, cast to u's dtype here;
+    its gradient comes from a grouped GEMM, or with `FUSED_WGRAD` where Triton serves in fp32 from
+    `moe_fused.gathered_wgrad` (reading g's rows through `token`)."""
 
     @staticmethod
     def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets):
+        w_dtype, w = w.dtype, w.to(u.dtype)
         ctx.save_for_backward(u, c, w, b, e_tok, token, offsets)
+        ctx.w_dtype = w_dtype
         acc = _acc(u)
         # the bias term in (token, slot) order, a reduction over each token's k rows of b
         bias = (c.to(acc).unsqueeze(-1) * b.to(acc)[e_tok]).sum(1)
@@ -312,12 +332,15 @@ class _DownSum(torch.autograd.Function):
         g_lo = g.to(dt)
         g_rows = g_lo[token]
         g_u = grouped_mm(g_rows, w.transpose(-2, -1), offsets)
-        g_w = grouped_mm_wgrad(u, g_rows, offsets)
+        if FUSED_WGRAD and MF.wgrad_applies(u, g_lo, offsets.numel()):
+            g_w = MF.gathered_wgrad(u, g_lo, token, offsets, False, False)[0]
+        else:
+            g_w = grouped_mm_wgrad(u, g_rows, offsets)
         dense = torch.zeros(g.shape[0], b.shape[0], dtype=dt, device=g.device).scatter_(
             1, e_tok, c.to(dt))  # D: each token's routing weights at its experts
         g_b = dense.t() @ g_lo
         g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
-        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None
+        return g_u, g_c.to(c.dtype), g_w.to(ctx.w_dtype), g_b.to(b.dtype), None, None, None, None
 
 
 def _loop_groups(x: torch.Tensor) -> bool:
@@ -427,10 +450,13 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     routing weight's gradient is <act, the GEMM's input gradient> + <g, b>."""
     r = Routing(topk_idx, w_up.shape[0], first)
     dt, acc = x.dtype, _acc(x)
-    h = _GatherGemm.apply(x, w_up.to(dt), b_up, r.token, r.expert, r.inverse, r.offsets, r.k)
+    # with FUSED_WGRAD the Functions take the master weights and return their gradients in fp32;
+    # else the weights are cast here and the cast's backward widens their bf16 gradients
+    w_up, w_down = (w_up, w_down) if FUSED_WGRAD else (w_up.to(dt), w_down.to(dt))
+    h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k)
     row_weight = topk_weight.flatten()[r.order].to(acc)
     u = (M.squared_relu(h.to(acc)) * row_weight.unsqueeze(-1)).to(dt)
-    return _DownSum.apply(u, topk_weight, w_down.to(dt), b_down, topk_idx - first, r.inverse, r.token, r.offsets)
+    return _DownSum.apply(u, topk_weight, w_down, b_down, topk_idx - first, r.inverse, r.token, r.offsets)
 
 
 def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:

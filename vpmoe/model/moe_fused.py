@@ -43,6 +43,8 @@ Design choices:
 - Status (H200, docs/performance.md): one MoE layer alone is faster than the grouped-GEMM path
   (5.68 vs 6.02 ms at 64k tokens) and keeps 1 GiB less, but the whole train step is slower (80
   layers: 3,102 vs 2,790 ms), so `FastBody` uses it only when asked (`fused_moe=True`).
+- `gathered_wgrad` lends `_wgrad_kernel` to the grouped-GEMM path (`kernels.FUSED_WGRAD`, off by
+  default: kernels.py says why): its weight gradients in fp32, rows read through the token index.
 - Tests: tests/test_moe_fused.py runs the kernels under the Triton interpreter (CPU) against float64
   and FastBody with them against the grouped path; tests/gpu/test_gpu_moe_fused.py on the GPU.
 """
@@ -451,6 +453,39 @@ def _backward(ctx, gy, _gh):
 
 
 moe_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
+    """Whether `gathered_wgrad` serves these operands: Triton on their device, bf16 or fp32, and every
+    offset the kernel forms within int32."""
+    return (available(a.device) and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float32)
+            and max(a.numel(), b.numel(), n_experts * a.shape[1] * b.shape[1]) < 2**31)
+
+
+@torch.library.custom_op("vpmoe::gathered_wgrad", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, gather_a: bool,
+                   bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight gradient of a grouped GEMM whose rows are sorted by expert, in fp32, straight from
+    `_wgrad_kernel`: dW[e] = sum over e's rows r of A'[r]^T B'[r], where the operand named by
+    `gather_a` is read through `index` (A'[r] = A[index[r]], else B'[r] = B[index[r]]), so neither
+    gathered operand is materialised; with `bias`, db[e] = sum_r B'[r] too (else db is empty).
+    The grouped-GEMM path's form (`kernels._GatherGemm`, `kernels._DownSum`) wrote a bf16
+    gradient (and for the up GEMM first gathered its rows with a ones column), which the
+    compiled backward then cast to fp32 for the master weight: three passes where this is one."""
+    a, b = a.contiguous(), b.contiguous()
+    E = offsets.numel()
+    dw = a.new_empty(E, a.shape[1], b.shape[1], dtype=torch.float32)
+    db = a.new_empty(E if bias else 0, b.shape[1], dtype=torch.float32)
+    _wgrad(a, b, index, offsets, dw, db if bias else None, 1, a.dtype == torch.float32, gather_a=gather_a,
+           gather_b=not gather_a)
+    return dw, db
+
+
+@gathered_wgrad.register_fake
+def _(a, b, index, offsets, gather_a, bias):
+    E = offsets.shape[0]
+    f = dict(dtype=torch.float32)
+    return a.new_empty(E, a.shape[1], b.shape[1], **f), a.new_empty(E if bias else 0, b.shape[1], **f)
 
 
 # ----------------------------------------------------------------------------------------------
