@@ -259,7 +259,7 @@ def _(x, index, width):
 # (2026-12-03) it took the (a) step 61.60 -> 60.70 ms and its graphed step equalled the eager one
 # bit for bit at one micro-batch, but with two micro-batches and checkpointed blocks the graphed
 # step's updates moved 2.3% from the eager ones (0.0 with the grouped GEMM), not yet explained.
-# bench/train_step.py --fused-wgrad turns it on.
+# `bench/train_step.py --moe fused_wgrad` turns it on.
 FUSED_WGRAD = False
 
 
@@ -273,8 +273,8 @@ class _GatherGemm(torch.autograd.Function):
     grouped GEMM over rows gathered again with a ones column (`gather_rows_with_ones`) gives the
     bias gradient as its row `a`, with no scatter and no atomics; with `FUSED_WGRAD` where Triton
     serves, one Triton kernel reads x's rows through `token`, sums the bias gradient beside it and
-    writes fp32 (`moe_fused.gathered_wgrad`). Keeps x [N, a], not the gathered
-    rows [N*k, a]. The input gradient sums each token's k rows (gather-only)."""
+    writes fp32 (`moe_fused.gathered_wgrad`). Keeps x [N, a], not the gathered rows [N*k, a].
+    The input gradient sums each token's k rows (gather-only)."""
 
     @staticmethod
     def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int):
