@@ -265,8 +265,8 @@ FUSED_WGRAD = False
 
 class _GatherGemm(torch.autograd.Function):
     """h = x[token[r]] @ w[e] + b[e] (in x's dtype) for each sorted row r of expert group e (group
-    ends `offsets`, `expert` [M] the group of each row); x in the GEMM dtype, w the master weight
-    (cast to x's dtype here, its gradient returned in its own dtype).
+    ends `offsets`, `expert` [M] the group of each row); x in the GEMM dtype; w cast to x's dtype
+    here and its gradient returned in w's own dtype (the fp32 master weight with FUSED_WGRAD).
 
     The forward GEMM and the input-gradient GEMM run at the weight's own shape (1024 x 128: whole
     tiles; a ones column made them 1032 wide, measured 7-33% slower alone). The weight gradient: a
@@ -311,8 +311,8 @@ class _DownSum(torch.autograd.Function):
     is added inside the slot sum (a gather of b's rows). Its gradients are token-level dense GEMMs
     through D [N, E], the routing weights scattered to their experts: d b = D^T g, and the routing
     weight's part <g[t], b[e]> read from g b^T [N, E]. Nothing [N*k, n]-sized is kept for backward:
-    the rows' gradients are gathered from g again. w is the master weight, cast to u's dtype here;
-    its gradient comes from a grouped GEMM, or with `FUSED_WGRAD` where Triton serves in fp32 from
+    the rows' gradients are gathered from g again. w is cast to u's dtype here (the fp32 master
+    weight arrives with FUSED_WGRAD); its gradient comes from a grouped GEMM, or with `FUSED_WGRAD` where Triton serves in fp32 from
     `moe_fused.gathered_wgrad` (reading g's rows through `token`)."""
 
     @staticmethod
