@@ -20,6 +20,10 @@ Design choices:
   gradients all-reduced here.
 - Global grad norm: local sums of squares, bucketed by the mesh dims they are sharded over, one
   all-reduce per bucket; replicated tensors are counted once.
+- Host-side agreement (each step's row count, the stop flag) goes over a gloo group of its own
+  (`host_group`, `all_reduce_host`): numbers the host already has are summed on the host, so
+  reading the result never waits for the GPU's queue (an NCCL all-reduce and `.item()` would
+  idle it every step until the previous step drained).
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class DistState:
     device: torch.device
     dp_mesh: DeviceMesh | None  # 1-D over all ranks (FSDP2); None when world == 1
     ep_mesh: DeviceMesh | None  # 2-D ("edp", "ep"); None when expert_parallel == 1
+    host_group: dist.ProcessGroup | None = None  # gloo over all ranks, for host numbers; None when world == 1
 
     @property
     def is_main(self) -> bool:
@@ -104,7 +109,7 @@ def init_distributed(device_name: str, cfg: ParallelConfig) -> DistState:
     ep_mesh = None
     if ep > 1:
         ep_mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
-    return DistState(rank, world, local_rank, device, dp_mesh, ep_mesh)
+    return DistState(rank, world, local_rank, device, dp_mesh, ep_mesh, dist.new_group(backend="gloo"))
 
 
 def shutdown_distributed() -> None:
@@ -145,6 +150,15 @@ def all_reduce_sum(t: torch.Tensor, ds: DistState) -> torch.Tensor:
     if ds.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_host(values: list[int], ds: DistState) -> list[int]:
+    """Each value summed over all ranks, on the host (gloo): no GPU stream is waited on."""
+    if ds.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ds.host_group)
+    return t.tolist()
 
 
 def sync_unsharded_grads(model: nn.Module, ds: DistState) -> None:

@@ -58,8 +58,8 @@ from vpmoe.train.expert_parallel import apply_expert_parallel
 from vpmoe.train.launched import LaunchedStep
 from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
-from vpmoe.train.parallel import (DistState, all_reduce_sum, clip_grads, grad_norm, init_distributed, shard_model,
-                                  sync_unsharded_grads)
+from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, clip_grads, grad_norm, init_distributed,
+                                  shard_model, sync_unsharded_grads)
 from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.schedule import wsd_factor
 from vpmoe.train.signals import TrainingStopped, stop_signals
@@ -375,17 +375,16 @@ class Trainer:
         set_lr(self.optimizer, wsd_factor(self.step, cfg.train.steps, cfg.schedule))
         micro_batches = [self._to_device(b) for b in micro_batches]
         # count first: the global batch's per-span tokens and rows normalise every micro-batch
-        header = torch.zeros(4, dtype=torch.int64, device=self.device)
+        span_counts = torch.zeros(3, dtype=torch.int64, device=self.device)
         local_rows = 0
         for b in micro_batches:
             span = b["span_id"].long() * (b["loss_mask"] != 0).long()
-            header[:3] += count_span_tokens(span)
+            span_counts += count_span_tokens(span)
             local_rows += b["tokens"].shape[0]
-        header[3] = local_rows
-        all_reduce_sum(header, ds)
-        # one process knows its rows without asking the GPU (a read here would idle it until the
+        all_reduce_sum(span_counts, ds)  # stays on the device: nothing reads it here
+        # the rows are summed on the host (a read of a device sum would idle the GPU until the
         # previous step's work drained, before this step's work is queued)
-        span_counts, global_rows = header[:3], local_rows if ds.world == 1 else int(header[3])
+        global_rows = all_reduce_host([local_rows], ds)[0]
 
         if self.graphed is not None:
             stats_sum, load_sum = self._graphed_accumulate(micro_batches, span_counts)
@@ -556,8 +555,7 @@ class Trainer:
         """Whether any rank got a stop signal (all ranks must stop after the same step)."""
         if self.ds.world == 1:
             return mine
-        flag = torch.tensor([int(mine)], device=self.device)
-        return bool(all_reduce_sum(flag, self.ds).item() > 0)
+        return all_reduce_host([int(mine)], self.ds)[0] > 0
 
     def run(self) -> dict:
         cfg = self.cfg
