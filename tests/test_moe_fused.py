@@ -156,7 +156,7 @@ def check_gathered_wgrad() -> None:
     calls = []
     original = MF._wgrad
     MF._wgrad = lambda *a, **kw: calls.append(1) or original(*a, **kw)
-    f64 = dict(dtype=torch.float64, generator=gen)
+    f64 = {"dtype": torch.float64, "generator": gen}
     leaves64 = [torch.randn(N, d, **f64), torch.randn(E, d, H, **f64) / d**0.5, torch.randn(E, H, **f64),
                 torch.randn(N * k, H, **f64), torch.rand(N, k, **f64), torch.randn(E, H, d, **f64) / H**0.5,
                 torch.randn(E, d, **f64)]

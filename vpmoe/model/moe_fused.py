@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401 - the same test for every Triton op
+from vpmoe.model.tpa_fused import available, interpreting  # the same test for every Triton op
 
 try:
     import triton
@@ -484,8 +484,8 @@ def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offset
 @gathered_wgrad.register_fake
 def _(a, b, index, offsets, gather_a, bias):
     E = offsets.shape[0]
-    f = dict(dtype=torch.float32)
-    return a.new_empty(E, a.shape[1], b.shape[1], **f), a.new_empty(E if bias else 0, b.shape[1], **f)
+    return (a.new_empty(E, a.shape[1], b.shape[1], dtype=torch.float32),
+            a.new_empty(E if bias else 0, b.shape[1], dtype=torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------
