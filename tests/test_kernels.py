@@ -151,6 +151,31 @@ def test_routed_experts_keep_no_dispatched_rows_for_backward():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
+def test_routed_experts_inductor_writes_each_weight_cast_once():
+    """Compiled by Inductor (CPU C++ here; the same partition on the GPU), the forward writes each
+    expert weight's bf16 cast once, and that buffer is what backward keeps. With the input
+    gradient's transpose in the graph, the partitioner kept the transposed view and Inductor
+    wrote the cast a second time for it (the generated code read on the H200, 2026-12-03)."""
+    from torch._inductor.utils import run_and_get_code
+
+    N, k, d, H, E = 256, 2, 64, 32, 8
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    leaves = [t.requires_grad_(True) for t in (torch.randn(N, d, generator=g), torch.rand(N, k, generator=g) + 0.1,
+              torch.randn(E, d, H, generator=g) / 8, torch.randn(E, H, generator=g) * 0.1,
+              torch.randn(E, H, d, generator=g) / 4, torch.randn(E, d, generator=g) * 0.1)]
+
+    def f(x, weight, *params):
+        return K.routed_experts(x.bfloat16(), idx, weight, *params).square().sum()
+
+    torch._dynamo.reset()
+    loss, (forward_code, *_) = run_and_get_code(torch.compile(f, fullgraph=True, dynamic=False), *leaves)
+    for shape in (f"({E}, {d}, {H}), ({d * H}, {H}, 1), torch.bfloat16", f"({E}, {H}, {d}), ({d * H}, {d}, 1), torch.bfloat16"):
+        assert forward_code.count(shape) == 1, (shape, forward_code.count(shape))
+    loss.backward()  # and the backward runs with what was kept
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
 def test_route_fast_matches_reference():
     """Same experts (in order), weights and scores as the reference's three torch.topk calls, for
     the locked grouping (8 groups, keep 4, group score = top-1) and a top-2 group score."""

@@ -254,13 +254,10 @@ def _(x, index, width):
     return x.new_empty(index.shape[0], width)
 
 
-# The experts' weight gradients from `moe_fused.gathered_wgrad` (fp32 out, rows gathered in the
-# kernel) instead of a bf16 grouped GEMM and a cast. Off until a GPU test passes: on the H200
-# (2026-12-03) it took the (a) step 61.60 -> 60.70 ms and its graphed step equalled the eager one
-# bit for bit at one micro-batch, but with two micro-batches and checkpointed blocks the graphed
-# step's updates moved 2.3% from the eager ones (0.0 with the grouped GEMM), not yet explained.
-# `bench/train_step.py --moe fused_wgrad` turns it on.
-FUSED_WGRAD = False
+# The experts' weight gradients in fp32 from `moe_fused.gathered_wgrad` instead of a bf16 grouped
+# GEMM and a cast: (a) 61.60 -> 60.70 ms (H200), but off until its graphed step matches the eager
+# one at two micro-batches with checkpointing (2.3% apart, unexplained; docs/performance.md).
+FUSED_WGRAD = False  # `bench/train_step.py --moe fused_wgrad` turns it on
 
 
 class _GatherGemm(torch.autograd.Function):
@@ -294,7 +291,7 @@ class _GatherGemm(torch.autograd.Function):
         else:
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
-        g_x = sum_slots(grouped_mm(g, w.transpose(-2, -1), offsets), inverse, ctx.k).to(x.dtype)
+        g_x = sum_slots(grouped_mm_t(g, w, offsets), inverse, ctx.k).to(x.dtype)
         return g_x, g_w.to(ctx.w_dtype), g_b.to(ctx.b_dtype), None, None, None, None, None
 
 
@@ -331,7 +328,7 @@ class _DownSum(torch.autograd.Function):
         dt = u.dtype
         g_lo = g.to(dt)
         g_rows = g_lo[token]
-        g_u = grouped_mm(g_rows, w.transpose(-2, -1), offsets)
+        g_u = grouped_mm_t(g_rows, w, offsets)
         if FUSED_WGRAD and MF.wgrad_applies(u, g_lo, offsets.numel()):
             g_w = MF.gathered_wgrad(u, g_lo, token, offsets, False, False)[0]
         else:
@@ -358,6 +355,25 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
             start = end
         return out
     return torch._grouped_mm(x, w, offs=offsets)
+
+
+def grouped_mm_t(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm(x, w.transpose(-2, -1), offsets)` (the input gradient), transposed inside an op:
+    with the transpose in the graph, the partitioner kept the transposed view of the forward's bf16
+    weight cast for backward and Inductor wrote the cast twice (38 x 67 MB per (a) step)."""
+    if _loop_groups(x):
+        return grouped_mm(x, w.transpose(-2, -1), offsets)
+    return _grouped_mm_t(x, w, offsets)
+
+
+@torch.library.custom_op("vpmoe::grouped_mm_t", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def _grouped_mm_t(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+
+
+@_grouped_mm_t.register_fake
+def _(x, w, offsets):
+    return x.new_empty(x.shape[0], w.shape[-2])
 
 
 def grouped_mm_wgrad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
