@@ -256,7 +256,7 @@ def _(x, index, width):
 
 # The experts' weight gradients in fp32 from `moe_fused.gathered_wgrad` instead of a bf16 grouped
 # GEMM and a cast: (a) 61.60 -> 60.70 ms (H200), but off until its graphed step matches the eager
-# one at two micro-batches with checkpointing (2.3% apart, unexplained; docs/performance.md).
+# one at two micro-batches with checkpointing (2.2-2.5% apart, unexplained; docs/performance.md).
 FUSED_WGRAD = False  # `bench/train_step.py --moe fused_wgrad` turns it on
 
 
