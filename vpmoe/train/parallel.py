@@ -109,7 +109,8 @@ def init_distributed(device_name: str, cfg: ParallelConfig) -> DistState:
     ep_mesh = None
     if ep > 1:
         ep_mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
-    return DistState(rank, world, local_rank, device, dp_mesh, ep_mesh, dist.new_group(backend="gloo"))
+    host_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    return DistState(rank, world, local_rank, device, dp_mesh, ep_mesh, host_group)
 
 
 def shutdown_distributed() -> None:
