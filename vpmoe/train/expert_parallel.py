@@ -11,7 +11,7 @@ Design choices:
   by destination rank), exchange counts, all-to-all the token rows and their expert ids, run the
   local experts on what arrived, all-to-all the outputs back, then weight by the (local) combine
   weights and scatter-add into the token rows. Dropless: split sizes are whatever routing chose.
-  The local experts are two grouped GEMMs over the arrived rows (`kernels.grouped_expert_ffn`).
+  The local experts are two grouped GEMMs over the arrived rows (`grouped.grouped_expert_ffn`).
 - `AllToAll` is an autograd Function over `torch.distributed.all_to_all_single`: the backward of
   an all-to-all is the all-to-all of the gradients with send and receive splits swapped. Every
   rank runs every MoE layer forward and backward in the same order, so collectives always pair.
@@ -58,9 +58,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def run_local_experts(moe: nn.Module, x: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
     """Each row of x through its local expert (squared-ReLU FFN); rows in the input order.
-    Two grouped GEMMs over all local experts (`kernels.grouped_expert_ffn`, in the autocast dtype,
+    Two grouped GEMMs over all local experts (`grouped.grouped_expert_ffn`, in the autocast dtype,
     biases inside the GEMMs); `run_local_experts_loop` is the reference and serves an empty input."""
-    from vpmoe.model.kernels import compute_dtype, grouped_expert_ffn
+    from vpmoe.model.grouped import grouped_expert_ffn
+    from vpmoe.model.kernels import compute_dtype
 
     if x.shape[0] == 0:
         return run_local_experts_loop(moe, x, local_expert)
