@@ -488,9 +488,10 @@ def main():
                     help="micro-batches per step for every case (0: the case's own; with --ac, fewer fit)")
     ap.add_argument("--routing", default="init", choices=["init", "balanced"],
                     help="router biases: the random init's (10-30x load imbalance) or balanced first, as training leaves them")
-    ap.add_argument("--moe", default="grouped", choices=["grouped", "fused", "fused_wgrad"],
-                    help="routed experts: the grouped-GEMM path (FastBody's default), moe_fused's Triton kernels, or "
-                         "the grouped path with its weight gradients from moe_fused.gathered_wgrad (kernels.FUSED_WGRAD)")
+    ap.add_argument("--moe", default="grouped", choices=["grouped", "grouped_mm_wgrad", "fused"],
+                    help="routed experts: the grouped-GEMM path (FastBody's default; its weight gradients from "
+                         "moe_fused.gathered_wgrad, kernels.FUSED_WGRAD), the same with grouped-GEMM weight gradients "
+                         "(FUSED_WGRAD off), or moe_fused's Triton kernels")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
@@ -507,7 +508,7 @@ def main():
     set_inductor_options(a.inductor)
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     OPT_KWARGS.update(parse_opt(a.opt))
-    K.FUSED_WGRAD = a.moe == "fused_wgrad"
+    K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement

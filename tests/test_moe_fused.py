@@ -131,7 +131,7 @@ def check_gathered_wgrad() -> None:
     from vpmoe.model.kernels import Routing, _DownSum, _GatherGemm
 
     assert MF.interpreting()
-    K.FUSED_WGRAD = True  # off by default (kernels.py says why); this process is the check's own
+    K.FUSED_WGRAD = True  # the default; this process is the check's own
     gen = torch.Generator().manual_seed(4)
     N, k, d, H, E = 29, 3, 40, 24, 6
     scores = torch.rand(N, E, generator=gen)

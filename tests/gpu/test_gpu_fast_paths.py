@@ -236,7 +236,8 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
 
 @pytest.mark.parametrize("micro,ac,release,fused_wgrad", [(1, False, False, False), (2, False, False, False),
                                                           (2, True, False, False), (1, False, True, False),
-                                                          (1, False, False, True)])
+                                                          (1, False, False, True), (2, False, False, True),
+                                                          (1, True, False, True), (2, True, False, True)])
 def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkeypatch):
     """Steps on different batches: eager-launched compiled steps vs the CUDA-graph step (2 eager
     warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays; with ac

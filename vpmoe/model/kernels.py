@@ -245,7 +245,9 @@ def sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor
 # The experts' weight gradients in fp32 from `moe_fused.gathered_wgrad` instead of a bf16 grouped
 # GEMM and a cast: (a) 61.60 -> 60.70 ms (H200), but off until its graphed step matches the eager
 # one at two micro-batches with checkpointing (2.2-2.5% apart, unexplained; docs/performance.md).
-FUSED_WGRAD = False  # `bench/train_step.py --moe fused_wgrad` turns it on
+# the experts' weight gradients from moe_fused.gathered_wgrad where Triton serves (fp32, rows read through
+# the token index); off: grouped GEMMs in the GEMM dtype (`bench/train_step.py --moe grouped_mm_wgrad`)
+FUSED_WGRAD = True
 
 
 class _GatherGemm(torch.autograd.Function):

@@ -43,8 +43,8 @@ Design choices:
 - Status (H200, docs/performance.md): one MoE layer alone is faster than the grouped-GEMM path
   (5.68 vs 6.02 ms at 64k tokens) and keeps 1 GiB less, but the whole train step is slower (80
   layers: 3,102 vs 2,790 ms), so `FastBody` uses it only when asked (`fused_moe=True`).
-- `gathered_wgrad` lends `_wgrad_kernel` to the grouped-GEMM path (`kernels.FUSED_WGRAD`, off by
-  default: kernels.py says why): its weight gradients in fp32, rows read through the token index.
+- `gathered_wgrad` lends `_wgrad_kernel` to the grouped-GEMM path (`kernels.FUSED_WGRAD`, on by
+  default): its weight gradients in fp32, rows read through the token index.
 - Tests: tests/test_moe_fused.py runs the kernels under the Triton interpreter (CPU) against float64
   and FastBody with them against the grouped path; tests/gpu/test_gpu_moe_fused.py on the GPU.
 """
