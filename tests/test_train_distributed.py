@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,7 +259,7 @@ def test_stop_signal_on_one_rank_stops_every_rank(runs, tmp_path):
     import sys
     import time
 
-    from tests.test_train_helpers import ROOT, env
+    from tests.test_train_helpers import ROOT, children, env, stop_tree
     from vpmoe.train.checkpoint import list_checkpoints, verify_checkpoint
 
     run_dir = tmp_path / "stopped"
@@ -279,7 +280,7 @@ def test_stop_signal_on_one_rank_stops_every_rank(runs, tmp_path):
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            stop_tree(proc)
     assert "SIGUSR1 received: stopped after step" in err and "a stop signal on another rank" in err, err[-3000:]
     steps = [s for s, _ in list_checkpoints(run_dir)]
     assert len(steps) == 1 and 1 <= steps[0] < STEPS
@@ -291,16 +292,46 @@ def test_stop_signal_on_one_rank_stops_every_rank(runs, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
 
 
-def children(pid: int) -> list[int]:
-    """Process ids whose parent is `pid` (from /proc: no procps needed)."""
-    from pathlib import Path
+def test_stopping_torchrun_stops_its_workers(tmp_path):
+    """`stop_tree` (the tests' timeouts and clean-ups of torchrun runs) leaves no worker running:
+    torchrun starts each worker in a session of its own, so killing torchrun alone (what
+    `subprocess.run`'s timeout does) orphaned them. A timed-out `run_reaped` says so."""
+    import os
+    import subprocess
+    import sys
+    import time
 
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
+    from tests.test_train_helpers import env, run_reaped, stop_tree
+
+    tag = f"{600 + os.getpid() % 300}.{time.time_ns() % 997}"  # this test's workers' sleep, told apart in /proc
+
+    def alive() -> list[int]:
+        out = []
+        for d in Path("/proc").glob("[0-9]*"):
+            try:
+                argv, state = (d / "cmdline").read_bytes().split(b"\0"), (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if argv[:2] == [b"sleep", tag.encode()] and state != "Z":  # a zombie has stopped: only its parent's wait is due
+                out.append(int(d.name))
+        return out
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(29500 + (os.getpid() + 13) % 2000), "--no-python",
+           "sh", "-c", f'touch "$0/started_$RANK"; exec sleep {tag}', str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("started_*"))) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the shells exec into sleep
+        assert len(alive()) == 2, alive()  # both workers run
+    finally:
+        stop_tree(proc)
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(), alive()
+    with pytest.raises(AssertionError, match="timed out after 0.5 s"):
+        run_reaped(["sleep", tag], timeout=0.5)
+    assert not alive()

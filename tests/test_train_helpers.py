@@ -85,10 +85,59 @@ def vpmoe(*args: str, ranks: int = 0, check: bool = True, timeout: int = 600,
                "--master-port", str(29500 + os.getpid() % 2000), "-m", "vpmoe.cli", *args]
     else:
         cmd = [sys.executable, "-m", "vpmoe.cli", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(threads), capture_output=True, text=True, timeout=timeout)
+    proc = run_reaped(cmd, timeout, cwd=ROOT, env=env(threads))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc: no procps needed)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop `proc` and the processes it started. torchrun starts each worker in a session of its own,
+    so a SIGKILL to torchrun (what `subprocess.run` sends on a timeout) leaves the workers running;
+    a SIGTERM makes torchrun stop them first. Whatever is left after `grace` seconds is killed."""
+    import signal
+
+    tree, frontier = [], [proc.pid]
+    while frontier:  # the descendants, recorded before any of them loses its parent
+        frontier = [c for pid in frontier for c in children(pid)]
+        tree += frontier
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_reaped(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` whose timeout stops the whole process
+    tree (`stop_tree`) and raises AssertionError with the output's tails."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_tree(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd))} timed out after {timeout} s\n{out[-3000:]}\n{err[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def write_synthetic_parquet(path: Path, rows: int = 240) -> Path:

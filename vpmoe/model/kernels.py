@@ -18,9 +18,12 @@ Design choices:
   no index_put); the combine accumulates in fp32 like the reference's fp32 `index_add_`.
 - Experts: two grouped GEMMs (`torch._grouped_mm`, one launch for all experts, offsets on the
   device) at the weights' own shapes (off the 64/128 tile grid they ran slower: `_DownSum`); the
-  biases are added in the fp32 pointwise work around them. Their gradients: the up bias's from the
-  up weight-gradient GEMM (its rows carry a ones column), the down bias's from a token-level dense
-  GEMM through the routing weights: no atomics, no separate reduction. CUDA's grouped GEMM takes
+  biases are added in the fp32 pointwise work around them. The weight gradients: where Triton
+  serves, one kernel per weight that reads the gathered rows through the token index and writes
+  fp32 for the master weight, the up bias's gradient beside it (`moe_fused.gathered_wgrad`,
+  `FUSED_WGRAD`); else grouped GEMMs, the up one over rows carrying a ones column for the bias. The
+  down bias's gradient: a token-level dense GEMM through the routing weights. No atomics, no
+  separate reduction. CUDA's grouped GEMM takes
   bf16 only; the squared ReLU runs in fp32, fused by torch.compile around the GEMMs.
   `torch._grouped_mm` also runs on CPU in fp32, so CI checks this path against the loop
   reference; fp32 on CUDA (tests only) falls back to a loop.
