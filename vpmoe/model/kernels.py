@@ -245,11 +245,9 @@ def sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor
     return rows[inverse].view(inverse.numel() // k, k, -1).to(_acc(rows)).sum(1)
 
 
-# The experts' weight gradients in fp32 from `moe_fused.gathered_wgrad` instead of a bf16 grouped
-# GEMM and a cast: (a) 61.60 -> 60.70 ms (H200), but off until its graphed step matches the eager
-# one at two micro-batches with checkpointing (2.2-2.5% apart, unexplained; docs/performance.md).
-# the experts' weight gradients from moe_fused.gathered_wgrad where Triton serves (fp32, rows read through
-# the token index); off: grouped GEMMs in the GEMM dtype (`bench/train_step.py --moe grouped_mm_wgrad`)
+# The experts' weight gradients in fp32 from `moe_fused.gathered_wgrad` where Triton serves (rows
+# read through the token index) instead of a bf16 grouped GEMM and a cast: (a) 61.51 -> 60.34 ms
+# (H200, docs/performance.md 2026-12-04). Off: the grouped GEMMs (`bench/train_step.py --moe grouped_mm_wgrad`).
 FUSED_WGRAD = True
 
 
