@@ -28,8 +28,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "from bench.results import host_cpu; import os; print('host', host_cpu(), 'x%d' % os.cpu_count())"  # the eager peer is host-bound
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run_tests() {
-  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} 2>&1 \
-    | tee "$out/gpu_tests.log" | grep -e 'rel err' -e 'max err' -e passed -e failed -e Error -e '^E ' | cut -c1-600 | tail -30
+  # -v: each test's PASSED/FAILED is in the log as it ends, so a run cut by the timeout still names them
+  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -v -s -p no:cacheprovider ${TESTS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} 2>&1 \
+    | tee "$out/gpu_tests.log" | grep -e '::' -e 'rel err' -e 'max err' -e passed -e failed -e PASSED -e FAILED -e Error -e '^E ' \
+    | cut -c1-600 | tail -40
   echo "# tests done at +$(( $(date +%s) - t0 ))s"
 }
 [ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" != 1 ] && run_tests
