@@ -301,7 +301,7 @@ def test_stopping_torchrun_stops_its_workers(tmp_path):
     import sys
     import time
 
-    from tests.test_train_helpers import env, run_reaped, stop_tree
+    from tests.test_train_helpers import proc_stat, env, run_reaped, stop_tree
 
     tag = f"{600 + os.getpid() % 300}.{time.time_ns() % 997}"  # this test's workers' sleep, told apart in /proc
 
@@ -309,10 +309,11 @@ def test_stopping_torchrun_stops_its_workers(tmp_path):
         out = []
         for d in Path("/proc").glob("[0-9]*"):
             try:
-                argv, state = (d / "cmdline").read_bytes().split(b"\0"), (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                argv = (d / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv[:2] == [b"sleep", tag.encode()] and state != "Z":  # a zombie has stopped: only its parent's wait is due
+            # a zombie (state Z) has stopped: only its parent's wait is due
+            if argv[:2] == [b"sleep", tag.encode()] and (f := proc_stat(d.name)) and f[0] != "Z":
                 out.append(int(d.name))
         return out
 

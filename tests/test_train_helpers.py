@@ -91,17 +91,17 @@ def vpmoe(*args: str, ranks: int = 0, check: bool = True, timeout: int = 600,
     return proc
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...), or None once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def children(pid: int) -> list[int]:
     """Process ids whose parent is `pid` (from /proc: no procps needed)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
+    return [int(d.name) for d in Path("/proc").glob("[0-9]*") if (f := proc_stat(d.name)) and int(f[1]) == pid]
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -113,18 +113,19 @@ def stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
     tree, frontier = [], [proc.pid]
     while frontier:  # the descendants, recorded before any of them loses its parent
         frontier = [c for pid in frontier for c in children(pid)]
-        tree += frontier
+        tree += [(c, f[19]) for c in frontier if (f := proc_stat(c))]  # with its start time: pids get reused
     proc.terminate()
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for pid, started in tree:
+        if (f := proc_stat(pid)) and f[19] == started:  # still the process recorded, not a newcomer on its pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def run_reaped(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
