@@ -52,16 +52,18 @@ def is_dtype_cast(kernel: str) -> bool:
 
 
 _COPY = re.compile(r"memcpy|Memcpy")
+_ATEN = re.compile(r"at::native::")  # the "aten eager" family below
 
 
-def copy_sources(events, rows: int = 20) -> list[str]:
-    """Which CPU ops launched the device copies (`Memcpy DtoD`, graph `memcpy128` nodes) and with
-    what input shapes: the kernel table names only the copy. `events` are the profiler's
-    FunctionEvents (`prof.events()`, recorded with shapes); each CPU op carries the kernels it
-    launched. Rows: total ms, launches, op, shapes, then the op's parents (innermost first)."""
+def kernel_sources(events, pattern: re.Pattern, rows: int = 20) -> list[str]:
+    """Which CPU ops launched the kernels whose names match `pattern`, and with what input shapes:
+    the kernel table names only the kernel. `events` are the profiler's FunctionEvents
+    (`prof.events()`, recorded with shapes); each CPU op carries the kernels it launched (eager
+    runs only: a graph replay records no CPU ops). Rows: total ms, launches, op, shapes, then the
+    op's parents (innermost first)."""
     totals: dict[tuple, list[float]] = {}
     for e in events:
-        us = sum(k.duration for k in getattr(e, "kernels", ()) if _COPY.search(k.name))
+        us = sum(k.duration for k in getattr(e, "kernels", ()) if pattern.search(k.name))
         if not us:
             continue
         parents, p = [], e.cpu_parent
@@ -76,6 +78,11 @@ def copy_sources(events, rows: int = 20) -> list[str]:
     return [f"{us / 1e3:8.3f} ms {n:5d}x  {name} {shapes}  <  {parents}" for (name, shapes, parents), (us, n) in ranked]
 
 
+def copy_sources(events, rows: int = 20) -> list[str]:
+    """`kernel_sources` of the device copies (`Memcpy DtoD`, graph `memcpy128` nodes)."""
+    return kernel_sources(events, _COPY, rows)
+
+
 # kernel families by name, first match wins: where a step's launches go (docs/performance.md, What
 # remains 8: the (a) body is bound by its kernels' count, not their bytes or FLOPs)
 _FAMILIES = [
@@ -88,7 +95,7 @@ _FAMILIES = [
     ("GEMM", re.compile(r"nvjet|gemm|cutlass|xmma|cublas", re.IGNORECASE)),
     ("project Triton", re.compile(r"^_\w+_kernel$")),
     ("sort / scan", re.compile(r"cub::|radix|[Ss]ort|[Ss]can")),
-    ("aten eager", re.compile(r"at::native::")),
+    ("aten eager", _ATEN),
 ]
 
 
@@ -156,12 +163,21 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
               f"in {sum(e.count for e in casts)} launches", flush=True)
         for e in events[:rows]:
             print(f"#  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
+        # torch's own kernels (outside Inductor's) by the op that launched them: on 2026-12-04 this
+        # named the head's eager passes over [V, d] (the loss gradient's scale, the bf16 weight copy)
+        eager = kernel_sources(prof.events(), _ATEN, rows=12)
+        if eager:
+            print(f"# profile {tag} {label}: torch's own kernels by the op that launched them", flush=True)
+            for line in eager:
+                print(f"#  {line[:300]}", flush=True)
         copies = copy_sources(prof.events())
         print(f"# profile {tag} {label}: device copies by the op that launched them (graph replays show the replay)", flush=True)
         for line in copies[:12]:
             print(f"#  {line[:300]}", flush=True)
         with path.open("a") as f:
             f.write("\ndevice copies by launching op (ms, launches, op, input shapes, parents):\n" + "\n".join(copies) + "\n")
+            f.write("\ntorch's own kernels by launching op (ms, launches, op, input shapes, parents):\n"
+                    + "\n".join(eager) + "\n")
             f.write("\nkernels by family:\n" + "\n".join(families) + "\n")
 
     top(lambda: [tr.step(micro) for _ in range(2)], "2steps")

@@ -6,12 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bench import step_probes
 from bench.step_probes import (
     _with_captured_trainers,
     copy_sources,
     is_dtype_cast,
     kernel_families,
     kernel_family,
+    kernel_sources,
     kernel_table,
 )
 
@@ -124,6 +126,25 @@ def test_copy_sources_sums_copies_per_launching_op_and_shape():
     assert lines[0].split()[:3] == ["0.038", "ms", "2x"] and "aten::copy_ [[16384, 1024], [16384, 1024]]" in lines[0]
     assert lines[0].endswith("CompiledFunction < ProfilerStep")
     assert lines[1].split()[:3] == ["0.005", "ms", "1x"] and "aten::cat" in lines[1]  # the fused kernel not counted
+
+
+def test_kernel_sources_names_the_ops_behind_torchs_own_kernels():
+    def op(name, shapes, kernels, parent=None):
+        return SimpleNamespace(name=name, input_shapes=shapes, kernels=[SimpleNamespace(name=k, duration=us)
+                                                                        for k, us in kernels], cpu_parent=parent)
+
+    backward = op("_FusedSpanLossBackward", [], [])
+    mul = "void at::native::elementwise_kernel<128, 2, MulFunctor<float>>"
+    events = [
+        op("aten::mul_", [[201088, 1024], []], [(mul, 560.0)], backward),
+        op("aten::mul", [[2, 2048, 1024], [1024]], [(mul, 15.0)], backward),
+        op("aten::mul", [[2, 2048, 1024], [1024]], [(mul, 16.0)], backward),
+        op("aten::mm", [[8, 8], [8, 8]], [("nvjet_sm90_tst_128x128", 90.0)]),  # not torch's elementwise code
+    ]
+    lines = kernel_sources(events, step_probes._ATEN)
+    assert [line.split()[:3] for line in lines] == [["0.560", "ms", "1x"], ["0.031", "ms", "2x"]]
+    assert "aten::mul_ [[201088, 1024], []]" in lines[0] and lines[0].endswith("<  _FusedSpanLossBackward")
+    assert kernel_sources(events, step_probes._ATEN, rows=1) == lines[:1]
 
 
 def test_copy_sources_reads_a_real_profile():

@@ -247,6 +247,29 @@ def test_fp32_master_head_under_bf16_compute():
     torch.testing.assert_close(out[0].double(), ref[0], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("acc_dtype, dtype", [(torch.float64, torch.float64), (torch.float32, torch.bfloat16)])
+def test_head_gradient_first_chunk_writes_without_reading(acc_dtype, dtype):
+    """The fused loss's head gradient starts as an uninitialised buffer (no zero fill over [V, d]):
+    the first chunk's product overwrites it whatever it holds (NaN here), later chunks add. Both
+    CPU branches: the same-dtype GEMM (beta 0) and the fp32 accumulator of bf16 operands."""
+    from vpmoe.kd.fused import _accumulate_grad_weight
+
+    gen = torch.Generator().manual_seed(4)
+    gz = [torch.randn(6, 50, generator=gen).to(dtype) for _ in range(2)]
+    h = [torch.randn(6, 8, generator=gen).to(dtype) for _ in range(2)]
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-12  # the CPU rounds a bf16 product before adding it
+
+    def rel_err(want):
+        return ((gw.double() - want).norm() / want.norm()).item()
+
+    gw = torch.full((50, 8), float("nan"), dtype=acc_dtype)
+    _accumulate_grad_weight(gw, gz[0], h[0], first=True)
+    first = gz[0].double().T @ h[0].double()
+    assert rel_err(first) < tol
+    _accumulate_grad_weight(gw, gz[1], h[1])
+    assert rel_err(first + gz[1].double().T @ h[1].double()) < tol
+
+
 def test_bad_inputs_are_named():
     hidden, weight, labels, span, sparse, _ = make_problem()
     bad = labels.clone()

@@ -89,6 +89,10 @@ def test_fp32_head_gradient_accumulates_inside_the_gemm():
     graph.replay()
     err2 = ((gw.double() - gw0.double() - 2 * prod).norm() / (2 * prod).norm()).item()
     assert err2 < 1e-5, err2
+    gw.fill_(float("nan"))  # the first chunk's form writes without reading (no zero fill): NaN does not survive
+    _accumulate_grad_weight(gw, gz, h, first=True)
+    err3 = ((gw.double() - prod).norm() / prod.norm()).item()
+    assert err3 < 1e-5, err3
 
     N = 3000
     hidden = torch.randn(N, d, device=DEV, generator=gen).bfloat16()
