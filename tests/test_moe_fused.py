@@ -218,3 +218,34 @@ def test_fast_body_takes_the_fused_experts_only_where_they_run():
     model = VpMoE(small(n_layers=2, d_model=32, expert_ffn=16, n_experts=8))
     assert FastBody(model, compile=False, fused_moe=True).fused_moe is False
     assert FastBody(model, compile=False).fused_moe is False
+
+
+def check_wgrad_bench_launch() -> None:
+    """bench/wgrad.py's launch (the weight-gradient kernel with a forced tiling configuration, wired
+    by hand) gives `gathered_wgrad`'s result and its own fp32 reference's, both operand sides gathered,
+    at two configurations and ragged expert groups."""
+    from bench.wgrad import launch, reference
+    from vpmoe.model import moe_fused as MF
+    from vpmoe.model.kernels import Routing
+
+    gen = torch.Generator().manual_seed(11)
+    N, k, E, d, H = 24, 2, 5, 32, 16
+    r = Routing(torch.rand(N, E, generator=gen).topk(k, -1).indices, E)
+    x, g_rows = torch.randn(N, d, generator=gen), torch.randn(N * k, H, generator=gen)
+    u, g_tok = torch.randn(N * k, H, generator=gen), torch.randn(N, d, generator=gen)
+    for a, b, gather_a in ((x, g_rows, True), (u, g_tok, False)):
+        ref = reference(a, b, r.token, r.offsets, gather_a)
+        op_w, op_b = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
+        for config in ((16, 16, 16, 4, 2), (32, 16, 8, 4, 3)):
+            dw = torch.full((E, a.shape[1], b.shape[1]), float("nan"))
+            db = torch.full((E, H), float("nan")) if gather_a else None
+            launch(config, a, b, r.token, r.offsets, dw, db, gather_a)
+            torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dw, op_w, rtol=1e-5, atol=1e-5)
+            if gather_a:
+                torch.testing.assert_close(db, op_b, rtol=1e-5, atol=1e-5)
+    print("checked")
+
+
+def test_wgrad_bench_launch_matches_the_op_under_interpreter():
+    run_in_interpreter("tests.test_moe_fused", "check_wgrad_bench_launch", timeout=600)

@@ -1,0 +1,96 @@
+"""The experts' weight gradients alone, as the train step computes them (`moe_fused.gathered_wgrad`:
+one Triton kernel per weight, rows read through the token index, fp32 out), per tiling
+configuration:
+
+    python bench/wgrad.py --tokens 4096 [--skew 1.0] --record        (GPU)
+
+Per configuration (`moe_fused.WGRAD_CONFIGS`, the autotuner's candidates, and a few others): the up
+gradient (dW [E, 1024, 128] from x [N, 1024] read through the token index and g [N*k, 128], with the
+bias gradient) and the down gradient (dW [E, 128, 1024] from u [N*k, 128] and g [N, 1024] read
+through the index), each checked against fp32 torch of the same bf16 operands (`rel_err`). The
+floor: a plain fill of the output's 134 MB of fp32 (`fill_us`). `--tokens 4096` is the (a) step's
+micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
+74-98 us against a 39 us fill; fewer pipeline stages won.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.moe_sweep import routed_case  # noqa: E402
+from bench.timing import cuda_time  # noqa: E402
+
+EXTRA_CONFIGS = [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2),
+                 (64, 128, 128, 4, 2)]  # (BM, BN, BK, warps, stages)
+
+
+def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
+    """dW[e] = A'[rows of e]^T B'[rows of e] in fp32, the gathered operand read through `index`."""
+    a_rows = a[index].float() if gather_a else a.float()
+    b_rows = b.float() if gather_a else b[index].float()
+    out = torch.empty(offsets.numel(), a.shape[1], b.shape[1], device=a.device)
+    ends = offsets.tolist()
+    for e, (r0, r1) in enumerate(zip([0] + ends[:-1], ends)):
+        out[e] = a_rows[r0:r1].t() @ b_rows[r0:r1]
+    return out
+
+
+def launch(config, a, b, index, offsets, dw, db, gather_a: bool) -> None:
+    """`moe_fused._wgrad_kernel` with one tiling configuration (BM, BN, BK, warps, stages), wired as
+    `moe_fused.gathered_wgrad` wires it (one index level, the bias gradient into `db` if given)."""
+    from triton import cdiv
+
+    from vpmoe.model import moe_fused as MF
+
+    bm, bn, bk, warps, stages = config
+    E, KA, NB = dw.shape
+    MF._wgrad_kernel[(E, cdiv(KA, bm), cdiv(NB, bn))](
+        a, a.stride(0), b, b.stride(0), index, dw, offsets, dw, dw if db is None else db, KA, NB,
+        M=index.numel(), TOPK=1, GATHER_A=gather_a, ACT_A=False, GATHER_B=not gather_a, SCALE_B=False,
+        HAS_DB=db is not None, FP32=a.dtype == torch.float32, BM=bm, BN=bn, BK=bk, num_warps=warps,
+        num_stages=stages)
+
+
+def main():
+    from vpmoe.model import moe_fused as MF
+
+    a, g, (order, offsets) = routed_case(__doc__, "wgrad.py")
+    N, d, H, E, k = a.tokens, 1024, 128, 256, 4
+    token = order // k  # the token of each sorted row, as `kernels.Routing` makes it
+    x = torch.randn(N, d, device="cuda", generator=g).bfloat16()
+    g_up = torch.randn(N * k, H, device="cuda", generator=g).bfloat16()
+    u = torch.randn(N * k, H, device="cuda", generator=g).bfloat16()
+    g_down = torch.randn(N, d, device="cuda", generator=g).bfloat16()
+    cases = {"up": (x, g_up, True), "down": (u, g_down, False)}
+    refs = {name: reference(aa, bb, token, offsets, ga) for name, (aa, bb, ga) in cases.items()}
+    out = torch.empty(E * d * H, device="cuda")
+    fill_us = cuda_time(lambda: out.fill_(1.0), warmup=3, iters=20) * 1e6
+    print(f"# fill of the output's {out.numel() * 4 / 1e6:.0f} MB of fp32: {fill_us:.1f} us", flush=True)
+    rows = []
+    for config in MF.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in MF.WGRAD_CONFIGS]:
+        row = dict(config=str(config), listed=config in MF.WGRAD_CONFIGS)
+        for name, (aa, bb, gather_a) in cases.items():
+            dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda")
+            db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
+            run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a:
+                   launch(config, aa, bb, token, offsets, dw, db, gather_a))
+            row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
+            row[f"{name}_rel_err"] = ((dw - refs[name]).norm() / refs[name].norm()).item()
+        rows.append(row)
+        print(row, flush=True)
+    notes = (f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert {a.load_imbalance:.1f}x the mean "
+             f"rows), d {d}, width {H}; fill of the 134 MB output {fill_us:.1f} us; `listed`: in WGRAD_CONFIGS")
+    if a.record:
+        from bench.results import append_results
+        append_results("wgrad", "python bench/wgrad.py " + " ".join(sys.argv[1:]), rows, notes=notes)
+    else:
+        from bench.results import markdown_table
+        print(notes)
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
