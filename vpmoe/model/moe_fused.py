@@ -67,9 +67,10 @@ WIDE_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8,
 # the weight gradient is bound by latency and its fp32 stores (a short row loop per expert): fewer stages
 # leave shared memory for more resident programs. Alone at (a)'s shapes on H200s (2026-12-04, the up
 # gradient, two machines, balanced and skewed routing, us): (64, 128, 64, 4, 2) 74-144, (64, 128, 64, 4, 4)
-# 118-146, (128, 128, 64, 8, 3) 86-163
+# 118-146, (128, 128, 64, 8, 3) 86-163. The deeper-pipelined ones stay for long row loops (the 80-layer
+# step's 65k-token micro-batches, not re-timed): the autotuner picks per shape.
 WGRAD_CONFIGS = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 5),
-                 (128, 128, 64, 8, 3)]
+                 (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
 
 
 def supported(d_model: int, width: int) -> bool:
