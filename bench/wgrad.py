@@ -39,19 +39,12 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
 
 
 def launch(config, a, b, index, offsets, dw, db, gather_a: bool) -> None:
-    """`moe_fused._wgrad_kernel` with one tiling configuration (BM, BN, BK, warps, stages), wired as
-    `moe_fused.gathered_wgrad` wires it (one index level, the bias gradient into `db` if given)."""
-    from triton import cdiv
-
+    """`moe_fused.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
+    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick."""
     from vpmoe.model import moe_fused as MF
 
-    bm, bn, bk, warps, stages = config
-    E, KA, NB = dw.shape
-    MF._wgrad_kernel[(E, cdiv(KA, bm), cdiv(NB, bn))](
-        a, a.stride(0), b, b.stride(0), index, dw, offsets, dw, dw if db is None else db, KA, NB,
-        M=index.numel(), TOPK=1, GATHER_A=gather_a, ACT_A=False, GATHER_B=not gather_a, SCALE_B=False,
-        HAS_DB=db is not None, FP32=a.dtype == torch.float32, BM=bm, BN=bn, BK=bk, num_warps=warps,
-        num_stages=stages)
+    MF._wgrad(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
+              config=config)
 
 
 def main():

@@ -221,9 +221,9 @@ def test_fast_body_takes_the_fused_experts_only_where_they_run():
 
 
 def check_wgrad_bench_launch() -> None:
-    """bench/wgrad.py's launch (the weight-gradient kernel with a forced tiling configuration, wired
-    by hand) gives `gathered_wgrad`'s result and its own fp32 reference's, both operand sides gathered,
-    at two configurations and ragged expert groups."""
+    """bench/wgrad.py's launch (`moe_fused._wgrad` at a forced tiling configuration instead of the
+    autotuner's pick) gives `gathered_wgrad`'s result and its own fp32 reference's, both operand sides
+    gathered, at two configurations and ragged expert groups."""
     from bench.wgrad import launch, reference
     from vpmoe.model import moe_fused as MF
     from vpmoe.model.kernels import Routing

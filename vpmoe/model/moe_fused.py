@@ -342,12 +342,19 @@ def _rows(a, order, offsets, w, w_strides, out, N: int, K: int, topk: int, fp32:
 
 
 def _wgrad(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
-           scale=None):
+           scale=None, config=None):
+    """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
+    (bench/wgrad.py times each configuration)."""
     E, KA, NB = dw.shape
-    _tuned("wgrad")[lambda meta: (E, triton.cdiv(KA, meta["BM"]), triton.cdiv(NB, meta["BN"]))](
+    if config is None:
+        kernel, meta = _tuned("wgrad"), _untuned_config("wgrad")
+    else:
+        bm, bn, bk, warps, stages = config
+        kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
+    kernel[lambda m: (E, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
         KA, NB, M=order.numel(), TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
-        SCALE_B=scale is not None, HAS_DB=db is not None, FP32=fp32, **_untuned_config("wgrad"))
+        SCALE_B=scale is not None, HAS_DB=db is not None, FP32=fp32, **meta)
 
 
 def _sum_slots(rows: torch.Tensor, N: int, k: int, dtype: torch.dtype) -> torch.Tensor:
