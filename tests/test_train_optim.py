@@ -271,3 +271,62 @@ def test_gram_kernel_setting_reaches_packed_newton_schulz():
         fast.step()
         assert fast.gram_kernel is want
         assert len(seen) >= 2 and set(seen) == {want}, (given, seen)
+
+
+def test_backward_norms_are_the_final_gradients_norms_and_steps_stay_bitwise():
+    """`BackwardNorms` (the large gradients' clipping norms taken during backward): over two
+    accumulated micro-batches each tracked tensor's norm is its final gradient's (taken after its
+    last accumulation: a hook that kept the first micro-batch's norm fails this), the global norm
+    equals `_foreach_norm` over every gradient bit for bit and `clip_grad_norm_`'s up to rounding,
+    and the clipped step with it equals the step without it bit for bit. Hooks outside `collect()`
+    do nothing; a tracked gradient whose hook did not fire this step is normed in the step."""
+    import copy
+
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train.optim_fast import BackwardNorms, FastMuonAdamW
+
+    torch.manual_seed(0)
+    m1 = VpMoE(TINY)
+    for p in m1.parameters():
+        p.data.normal_(0, 0.3)
+    m2 = copy.deepcopy(m1)
+    fast1 = FastMuonAdamW(build_optimizer(m1, OptimConfig(lr=0.02)), max_grad_norm=0.05)
+    fast2 = FastMuonAdamW(build_optimizer(m2, OptimConfig(lr=0.02)), max_grad_norm=0.05)
+    norms = BackwardNorms(list(m2.parameters()), min_numel=200)
+    tracked = {id(p) for p in norms.params}
+    assert 0 < len(tracked) < len(list(m2.parameters()))  # some tensors tracked, the rest normed in the step
+    ids = torch.randint(0, TINY.vocab_size, (4, 12))
+
+    def backward(m, rows):
+        out = m(ids[rows])
+        (out.logits.square().mean() + out.aux_loss).backward()
+
+    for step in range(2):
+        norms.begin()
+        for rows in (slice(0, 2), slice(2, 4)):
+            backward(m1, rows)
+            with norms.collect():
+                backward(m2, rows)
+        taken = norms.taken()
+        assert set(taken) == tracked
+        for p in norms.params:
+            assert torch.equal(taken[id(p)], torch._foreach_norm([p.grad])[0])
+        want = fast2.grad_norm()  # every gradient normed in the step
+        got = fast2.grad_norm(norms)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got, torch.nn.utils.get_total_norm([p.grad for p in m1.parameters()]))
+        assert got > 0.05  # clipping is active
+        fast1.step()
+        fast2.step(norms=norms)
+        for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+            assert torch.equal(a, b), (step, name)
+        m1.zero_grad(set_to_none=True)
+        m2.zero_grad(set_to_none=True)
+    # a step whose backward ran outside collect(): no norm taken, every gradient normed in the step
+    before = norms.values.clone()
+    norms.begin()
+    backward(m2, slice(0, 4))
+    assert norms.taken() == {} and torch.equal(norms.values, before)
+    assert torch.equal(fast2.grad_norm(norms), fast2.grad_norm())
+    norms.remove()
+    assert norms.handles == []
