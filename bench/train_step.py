@@ -65,7 +65,6 @@ from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # noqa: E402
-from vpmoe.model import graphed as graphed_module  # noqa: E402
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, sequence_aux_loss  # noqa: E402
 from vpmoe.model.params import count_params  # noqa: E402
@@ -500,9 +499,6 @@ def main():
                          "unset: the project's choice (bench/attention.py --flex-options)")
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
-    ap.add_argument("--backward-norms", default="on", choices=["on", "off"],
-                    help="graphed cases: the large gradients' clipping norms taken during backward on a side stream "
-                         "(graphed.BACKWARD_NORMS_MIN_NUMEL, the default) or all in the update graph")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
     ap.add_argument("--overlap-probe", action="store_true",
                     help="graphed cases: an optimizer step replayed beside a forward + backward (an upper bound; a second model)")
@@ -513,8 +509,6 @@ def main():
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     OPT_KWARGS.update(parse_opt(a.opt))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
-    if a.backward_norms == "off":
-        graphed_module.BACKWARD_NORMS_MIN_NUMEL = None
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -547,8 +541,6 @@ def main():
                 row["opt"] = a.opt
             if a.flex_local:
                 row["flex_local"] = a.flex_local
-            if v == "graphed":
-                row["backward_norms"] = a.backward_norms
             row.pop("compile", None)
             rows.append(row)
             if a.record:  # one section per case, written as soon as it is measured (a cut run keeps it)

@@ -47,14 +47,10 @@ import threading
 import torch
 
 from vpmoe.model.fast import FastBody, update_router_biases
-from vpmoe.train.optim_fast import BackwardNorms
 
 
 CAPTURE_MODE = "thread_local"  # only this thread's calls are checked (module docstring)
 CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
-# gradients of at least this many elements are normed for clipping during backward, on a side
-# stream (`BackwardNorms`); None: all in the update graph
-BACKWARD_NORMS_MIN_NUMEL: int | None = 1 << 20
 
 
 def pin_outside_capture(batches: list[dict]) -> list[dict]:
@@ -77,24 +73,17 @@ class GraphedTrainStep:
         self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
         self.loss_sum = self.load_sum = self.stats_sum = self.grad_norm = None
-        self.norms = None if BACKWARD_NORMS_MIN_NUMEL is None else BackwardNorms(self.params, BACKWARD_NORMS_MIN_NUMEL)
 
     # ------------------------------------------------------------------ pieces (eager or captured)
 
-    def _micro_part(self, first: bool) -> None:
+    def _micro_part(self) -> None:
         """Forward (the body rebuilds the block masks from the staged doc ids: captured, they are
-        rebuilt on every replay), loss, backward of the staged micro-batch (the step's `first`
-        writes the gradients, the others add to them); sums the loss and the expert loads."""
+        rebuilt on every replay), loss, backward of the staged micro-batch; sums the loss and the
+        expert loads."""
         hidden, aux, load = self.body(self.static["tokens"], self.static["doc_ids"])
         out = self.loss_fn(hidden, self.static, 1.0 / self.micro)
         loss, stats = out if isinstance(out, tuple) else (out, None)
-        if self.norms is None:
-            (loss + aux / self.micro).backward()
-        else:
-            if first:
-                self.norms.begin()
-            with self.norms.collect():  # the large gradients' clipping norms, beside the backward
-                (loss + aux / self.micro).backward()
+        (loss + aux / self.micro).backward()
         self.loss_sum += loss.detach()
         self.aux_sum += aux.detach() / self.micro
         self.load_sum += load
@@ -104,7 +93,7 @@ class GraphedTrainStep:
             self.stats_sum += stats
 
     def _update_part(self) -> None:
-        norm = self.opt.step(refresh_lr=False, norms=self.norms)
+        norm = self.opt.step(refresh_lr=False)
         if self.grad_norm is None:
             self.grad_norm = torch.zeros_like(norm)
         self.grad_norm.copy_(norm)
@@ -147,13 +136,13 @@ class GraphedTrainStep:
         with CAPTURE_LOCK:
             g_first = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g_first, capture_error_mode=mode):
-                self._micro_part(first=True)
+                self._micro_part()
             pool = g_first.pool()
             g_rest = None
             if self.micro > 1:
                 g_rest = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g_rest, pool=pool, capture_error_mode=mode):
-                    self._micro_part(first=False)
+                    self._micro_part()
             g_update = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g_update, pool=pool, capture_error_mode=mode):
                 self._update_part()
@@ -182,9 +171,9 @@ class GraphedTrainStep:
                 p.grad = None  # every step's first backward allocates them afresh
             side = self._side_stream()
             with torch.cuda.stream(side):
-                for i, mb in enumerate(batches):
+                for mb in batches:
                     self._stage(mb)
-                    self._micro_part(first=i == 0)
+                    self._micro_part()
             torch.cuda.current_stream().wait_stream(side)
             return
         for i, mb in enumerate(batches):

@@ -52,7 +52,6 @@ Design choices:
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import defaultdict
 
@@ -311,12 +310,13 @@ class FastMuonAdamW:
     # ------------------------------------------------------------------ step
 
     @torch.no_grad()
-    def step(self, refresh_lr: bool = True, norms: BackwardNorms | None = None) -> torch.Tensor:
-        """One clipped step; returns the global gradient norm (a device tensor, before clipping).
-        `norms`: the large gradients' norms already taken during backward (`BackwardNorms`)."""
+    def step(self, refresh_lr: bool = True) -> torch.Tensor:
+        """One clipped step; returns the global gradient norm (a device tensor, before clipping)."""
         if refresh_lr:
             self.refresh_lr()
-        norm = self.grad_norm(norms)
+        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else \
+            torch.zeros((), device=self.device)
         if self.max_norm > 0:
             coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
         else:
@@ -331,19 +331,6 @@ class FastMuonAdamW:
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
         self._run(jobs)
         return norm
-
-    def grad_norm(self, norms: BackwardNorms | None = None) -> torch.Tensor:
-        """The global gradient norm: per-tensor norms (`_foreach_norm`), in parameter order, then
-        their norm. A tensor whose norm `norms` took after its last accumulation is not read again;
-        the same per-tensor kernel and the same order, so the same bits either way."""
-        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return torch.zeros((), device=self.device)
-        taken = norms.taken() if norms is not None else {}
-        rest = [p.grad for p in params if id(p) not in taken]
-        rest = iter(torch._foreach_norm(rest) if rest else ())
-        per = [taken[id(p)] if id(p) in taken else next(rest) for p in params]
-        return torch.linalg.vector_norm(torch.stack(per).float())
 
     def _run(self, jobs) -> None:
         """Run the jobs in order, or spread round-robin over `streams` CUDA streams (forked from and
@@ -446,65 +433,6 @@ class FastMuonAdamW:
                                 weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                                 maximize=False, grad_scale=1.0 / coef, found_inf=None)
         return jobs + [lambda items=items: adamw(items) for items in by_dtype.values()]
-
-
-class BackwardNorms:
-    """The large gradients' norms taken during backward, on a side stream, as each one is final
-    (a post-accumulate-grad hook), so the optimizer step does not read them again for clipping.
-
-    At 20 layers the clipping norm read every fp32 gradient once in the update graph: 2.01 ms of a
-    60.4 ms step (H200, docs/performance.md 2026-12-04), 97% of it in the 65 tensors of 1M elements
-    or more. During backward those reads can run beside the small, latency-bound kernels.
-    - Hooks act only inside `collect()` (the caller's backward); `begin()` starts a step: norms
-      taken during its micro-batches count, each tensor's latest (taken after its accumulation).
-    - `collect()` joins the side stream back before it returns, so a CUDA-graph capture of the
-      backward contains the norms as a parallel branch and the next micro-batch's accumulation
-      waits for them.
-    - `taken()` (host bookkeeping, fixed at capture for replays): the norms of tensors whose hook
-      fired this step; any other gradient is normed in the step as before."""
-
-    def __init__(self, params, min_numel: int = 1 << 20):
-        self.params = [p for p in params if p.requires_grad and p.numel() >= min_numel]
-        dev = self.params[0].device if self.params else torch.device("cpu")
-        self.values = torch.zeros(len(self.params), device=dev)
-        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-        self.active, self.fired = False, set()
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
-
-    def _hook(self, i: int):
-        def hook(p: torch.Tensor) -> None:
-            if not self.active:
-                return
-            if self.stream is None:
-                self.values[i] = torch._foreach_norm([p.grad])[0]
-            else:
-                self.stream.wait_stream(torch.cuda.current_stream(p.device))
-                with torch.cuda.stream(self.stream):
-                    self.values[i].copy_(torch._foreach_norm([p.grad])[0])
-            self.fired.add(i)
-        return hook
-
-    def begin(self) -> None:
-        self.fired = set()
-
-    @contextlib.contextmanager
-    def collect(self):
-        self.active = True
-        try:
-            yield
-        finally:
-            self.active = False
-            if self.stream is not None:
-                torch.cuda.current_stream(self.values.device).wait_stream(self.stream)
-
-    def taken(self) -> dict:
-        """{id(param): its norm (a 0-dim view of `values`)} for the tensors normed this step."""
-        return {id(self.params[i]): self.values[i] for i in self.fired if self.params[i].grad is not None}
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 class _Compiled:
