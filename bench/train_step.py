@@ -65,6 +65,7 @@ from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # noqa: E402
+from vpmoe.model import graphed as graphed_module
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, sequence_aux_loss  # noqa: E402
 from vpmoe.model.params import count_params  # noqa: E402
@@ -492,6 +493,9 @@ def main():
                     help="routed experts: the grouped-GEMM path (FastBody's default; its weight gradients from "
                          "moe_fused.gathered_wgrad, kernels.FUSED_WGRAD), the same with grouped-GEMM weight gradients "
                          "(FUSED_WGRAD off), or moe_fused's Triton kernels")
+    ap.add_argument("--grad-sq", default="on", choices=["on", "off"],
+                    help="graphed one-micro-batch steps: the experts' part of the clipping norm from the weight-gradient "
+                         "kernel (graphed.GRAD_SQ, the default) or read from their gradients (off)")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
@@ -509,6 +513,7 @@ def main():
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     OPT_KWARGS.update(parse_opt(a.opt))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
+    graphed_module.GRAD_SQ = a.grad_sq == "on"
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -537,6 +542,8 @@ def main():
             row["bf16_peak_tflops"] = peak
             if a.inductor:
                 row["inductor"] = a.inductor
+            if a.grad_sq == "off":
+                row["grad_sq"] = "off"
             if a.opt:
                 row["opt"] = a.opt
             if a.flex_local:

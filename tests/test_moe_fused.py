@@ -141,14 +141,14 @@ def check_gathered_wgrad() -> None:
     r = Routing(idx, E)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
         x, g = torch.randn(N, d, generator=gen).to(dtype), torch.randn(N * k, H, generator=gen).to(dtype)
-        dw, db = MF.gathered_wgrad(x, g, r.token, r.offsets, True, True)
+        dw, db, _ = MF.gathered_wgrad(x, g, r.token, r.offsets, True, True)
         ref_w, ref_b = _wgrad_reference(x, g, r.token, r.offsets, True)
         assert dw.dtype == db.dtype == torch.float32 and dw.shape == (E, d, H)
         torch.testing.assert_close(dw.double(), ref_w, rtol=tol, atol=tol)
         torch.testing.assert_close(db.double(), ref_b, rtol=tol, atol=tol)
         assert dw[1].abs().max() == 0 and db[1].abs().max() == 0
         u, gy = torch.randn(N * k, H, generator=gen).to(dtype), torch.randn(N, d, generator=gen).to(dtype)
-        dw, db = MF.gathered_wgrad(u, gy, r.token, r.offsets, False, False)
+        dw, db, _ = MF.gathered_wgrad(u, gy, r.token, r.offsets, False, False)
         assert dw.shape == (E, H, d) and db.numel() == 0
         torch.testing.assert_close(dw.double(), _wgrad_reference(u, gy, r.token, r.offsets, False)[0], rtol=tol,
                                    atol=tol)
@@ -182,12 +182,114 @@ def check_gathered_wgrad() -> None:
     print("checked")
 
 
+def check_grad_sq() -> None:
+    """The weight gradients' sums of squares from `_wgrad_kernel` (`gathered_wgrad(sq=True)`):
+    - the op, both operand sides, fp32 and bf16: the partials [sq_shape] sum to ||dW||^2 (float64 of
+      the kernel's own dW and of the float64 reference); dW and db are the bits of the op without sq;
+    - the launch at forced tilings whose tiles cover 1x1 and 2x1 slots, into NaN-filled buffers:
+      every slot written, the covering tile's partial in its first slot and 0 in the others;
+    - FastBody with `grad_sq` (eager, and compiled through AOTAutograd): gradients bit-equal to
+      without, the probes' gradients sum to each expert weight's ||grad||^2, and the optimizer's
+      clipping norm from them equals `_foreach_norm`'s over every gradient."""
+    import copy
+
+    from tests.test_model import randomize, small
+    from vpmoe.model import moe_fused as MF
+    from vpmoe.model.fast import FastBody
+    from vpmoe.model.kernels import Routing
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train.optim import OptimConfig, build_optimizer
+    from vpmoe.train.optim_fast import FastMuonAdamW
+
+    assert MF.interpreting()
+    gen = torch.Generator().manual_seed(5)
+    N, k, d, H, E = 29, 3, 40, 24, 6  # widths off the 16-slot grid: partial edge slots
+    scores = torch.rand(N, E, generator=gen)
+    scores[:, 0] += 0.6
+    scores[:, 1] = -1.0  # an expert with no rows: zero partials
+    r = Routing(scores.topk(k, dim=-1).indices, E)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, g = torch.randn(N, d, generator=gen).to(dtype), torch.randn(N * k, H, generator=gen).to(dtype)
+        u, gy = torch.randn(N * k, H, generator=gen).to(dtype), torch.randn(N, d, generator=gen).to(dtype)
+        for a, b, gather_a in ((x, g, True), (u, gy, False)):
+            dw, db, sq = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
+            dw0, db0, none = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
+            assert torch.equal(dw, dw0) and torch.equal(db, db0) and none.numel() == 0
+            assert sq.shape == MF.sq_shape(E, a.shape[1], b.shape[1]) == (E, -(-a.shape[1] // 16), -(-b.shape[1] // 16))
+            ref = _wgrad_reference(a, b, r.token, r.offsets, gather_a)[0]
+            torch.testing.assert_close(sq.double().sum(), dw.double().square().sum(), rtol=1e-6, atol=0)
+            torch.testing.assert_close(sq.double().sum(), ref.square().sum(), rtol=1e-5, atol=0)
+            torch.testing.assert_close(sq.double().sum((1, 2)), dw.double().square().sum((1, 2)), rtol=1e-6, atol=1e-9)
+            assert sq[1].abs().max() == 0
+            for config in ((16, 16, 16, 4, 2), (32, 16, 8, 4, 3)):
+                dw_c, sq_c = torch.empty_like(dw), torch.full_like(sq, float("nan"))
+                db_c = torch.empty_like(db) if gather_a else None
+                MF._wgrad(a, b, r.token, r.offsets, dw_c, db_c, 1, dtype == torch.float32, gather_a=gather_a,
+                          gather_b=not gather_a, config=config, sq=sq_c)
+                assert not sq_c.isnan().any(), config
+                torch.testing.assert_close(sq_c.double().sum(), dw_c.double().square().sum(), rtol=1e-6, atol=0)
+                tiles = dw_c.double().square()
+                tiles = torch.nn.functional.pad(tiles, (0, -tiles.shape[2] % 16, 0, -tiles.shape[1] % 32))
+                per_tile = tiles.view(E, tiles.shape[1] // config[0], config[0], -1, 16).sum((2, 4))
+                if config[0] == 32:  # each program covers two slot rows: its sum in the first, 0 in the second
+                    assert sq_c[:, 1::2].abs().max() == 0
+                    torch.testing.assert_close(sq_c[:, 0::2].double(), per_tile[:, :sq_c[:, 0::2].shape[1]],
+                                               rtol=1e-6, atol=1e-9)
+                else:
+                    torch.testing.assert_close(sq_c.double(), per_tile[:, :sq_c.shape[1]], rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        try:
+            MF._wgrad(x, g, r.token, r.offsets, torch.empty(E, d, H), None, 1, False, gather_a=True,
+                      sq=torch.empty(E, 2, 2))
+            raise AssertionError("a wrong sq shape was accepted")
+        except ValueError as e:
+            assert "sq has shape" in str(e)
+
+    cfg = small(n_layers=3, d_model=32, expert_ffn=16, n_experts=8)
+    m0 = randomize(VpMoE(cfg), seed=3)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(4))
+    doc = torch.tensor([[0] * 9 + [1] * 14, [0] * 23])
+    w_out = torch.linspace(-1, 1, 2 * 23 * cfg.d_model).view(2, 23, cfg.d_model)
+    # eager fp32; compiled (bf16: _grouped_mm traces in bf16 only), with and without checkpointed blocks
+    for compiled, checkpoint in ((False, False), (True, False), (True, True)):
+        grads, known = {}, None
+        for grad_sq in (False, True):
+            torch._dynamo.reset()
+            model = copy.deepcopy(m0)
+            body = FastBody(model, compile=compiled, compile_backend="aot_eager", checkpoint=checkpoint,
+                            dtype=torch.bfloat16 if compiled else torch.float32)
+            body.grad_sq = grad_sq
+            hidden, aux, _ = body(tokens, doc)
+            ((hidden.float() * w_out).sum() + aux).backward()
+            if compiled:
+                assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
+            grads[grad_sq] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            if grad_sq:
+                known = body.known_grad_sq()
+                experts = [p for n, p in model.named_parameters() if n.endswith(("w_up", "w_down"))]
+                assert len(experts) == 2 * len(model.moe_layers()) >= 4
+                assert set(known) == {id(p) for p in experts}, (compiled, checkpoint)
+                for p in experts:
+                    torch.testing.assert_close(known[id(p)].double().sum(), p.grad.double().square().sum(),
+                                               rtol=1e-6, atol=0)
+                fast = FastMuonAdamW(build_optimizer(model, OptimConfig()), max_grad_norm=0.2, compile=False)
+                every = torch.linalg.vector_norm(torch.stack([q.double().norm() for q in grads[True].values()]))
+                torch.testing.assert_close(fast.grad_norm(known).double(), every, rtol=1e-6, atol=0)
+                torch.testing.assert_close(fast.grad_norm({}).double(), every, rtol=1e-6, atol=0)
+            else:
+                assert body.known_grad_sq() == {}
+        assert grads[True].keys() == grads[False].keys()
+        for n in grads[False]:
+            assert torch.equal(grads[True][n], grads[False][n]), (compiled, checkpoint, n)
+    print("checked")
+
+
 def test_triton_is_installed_for_these_tests():
     import triton  # noqa: F401  (pip install -e .[test])
 
 
 @pytest.mark.parametrize("check", ["check_against_float64", "check_bf16_inputs", "check_compiled", "check_fast_body",
-                                   "check_gathered_wgrad"])
+                                   "check_gathered_wgrad", "check_grad_sq"])
 def test_in_triton_interpreter(check):
     run_in_interpreter("tests.test_moe_fused", check, timeout=900)
 
@@ -235,7 +337,7 @@ def check_wgrad_bench_launch() -> None:
     u, g_tok = torch.randn(N * k, H, generator=gen), torch.randn(N, d, generator=gen)
     for a, b, gather_a in ((x, g_rows, True), (u, g_tok, False)):
         ref = reference(a, b, r.token, r.offsets, gather_a)
-        op_w, op_b = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
+        op_w, op_b, _ = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
         for config in ((16, 16, 16, 4, 2), (32, 16, 8, 4, 3)):
             dw = torch.full((E, a.shape[1], b.shape[1]), float("nan"))
             db = torch.full((E, H), float("nan")) if gather_a else None

@@ -95,12 +95,19 @@ def test_gathered_wgrad_cuda_against_float64_and_grouped_gemm(gather_a):
         a, b = x.bfloat16(), torch.randn(N * k, H, device=DEV, generator=g).bfloat16()
     else:  # the down GEMM: g's rows through the token index
         a, b = torch.randn(N * k, H, device=DEV, generator=g).bfloat16(), torch.randn(N, d, device=DEV, generator=g).bfloat16()
-    dw, db = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
+    dw, db, sq = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
     ref_w, ref_b = _wgrad_reference(a, b, r.token, r.offsets, gather_a)
+    # the clipping norm's partial sums of squares from the kernel's registers (autotuned tiling):
+    # every slot written, summing to ||dW||^2 of the dW it stored, and not changing dW
+    assert sq.shape == MF.sq_shape(E, a.shape[1], b.shape[1]) and torch.isfinite(sq).all()
+    sq_err = abs(sq.double().sum() / dw.double().square().sum() - 1).item()
+    assert sq_err < 1e-6, sq_err
+    assert torch.equal(MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)[0], dw)
     assert dw.dtype == torch.float32 and rel(dw, ref_w) < 1e-5, rel(dw, ref_w)
     rows_a, rows_b = (a[r.token], b) if gather_a else (a, b[r.token])
     old = K.grouped_mm_wgrad(rows_a, rows_b, r.offsets)
     assert rel(old, ref_w) < 1e-2 and rel(dw, ref_w) < rel(old, ref_w) / 10, (rel(dw, ref_w), rel(old, ref_w))
     if gather_a:
         assert rel(db, ref_b) < 1e-5, rel(db, ref_b)
-    print(f"gathered wgrad gather_a={gather_a}: rel err {rel(dw, ref_w):.2e} (grouped GEMM {rel(old, ref_w):.2e})")
+    print(f"gathered wgrad gather_a={gather_a}: rel err {rel(dw, ref_w):.2e} (grouped GEMM {rel(old, ref_w):.2e}); "
+          f"sum of squares rel err {sq_err:.2e}")

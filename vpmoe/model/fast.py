@@ -155,8 +155,12 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         flat_idx = idx.flatten()
         load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_idx, torch.ones_like(flat_idx))
-        routed = routed_experts(flat.to(dt), idx, weight, p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"],
-                                  p["ffn.b_down"])
+        w_args = (p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"], p["ffn.b_down"])
+        if "sq_probe.w_up" in p:  # FastBody.grad_sq: the weight gradients' squares from the kernel
+            routed = K.routed_experts(flat.to(dt), idx, weight, *w_args,
+                                      probes=(p["sq_probe.w_up"], p["sq_probe.w_down"]))
+        else:
+            routed = routed_experts(flat.to(dt), idx, weight, *w_args)
         f = ffn(p, "ffn.shared.", flat) + routed.to(flat.dtype)
         return x + f.view(B, T, d), v_raw, aux, load
 
@@ -276,6 +280,11 @@ class FastBody:
                                                 use_compile, compile_backend, _partitioner_options(kind[3]))
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
+        # grad_sq (set by a caller that steps after one backward, e.g. GraphedTrainStep with one
+        # micro-batch): each MoE block of a forward with grad gets fresh probes (`kernels.sq_probe`),
+        # whose gradients carry the expert weight gradients' squares (`known_grad_sq`)
+        self.grad_sq = False
+        self.sq_probes: list[tuple[torch.Tensor, torch.Tensor]] = []
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
         # backward can be captured in a CUDA graph (the eager CUDA embedding backward may sync)
         self.embed = _CompileLadder(_embed, use_compile, compile_backend)
@@ -286,6 +295,13 @@ class FastBody:
         if isinstance(block.ffn, M.MoE):
             p["ffn.expert_bias"] = block.ffn.expert_bias
         return p
+
+    def known_grad_sq(self) -> dict[int, torch.Tensor]:
+        """{id(weight): partial sums of its gradient's squares} for the expert weights whose gradient
+        the last forward's backward wrote through the Triton kernel (`grad_sq`): valid for the
+        optimizer's clipping norm only while that backward is the only one since the gradients were
+        cleared (one micro-batch), as FastMuonAdamW.step(known_sq=...) assumes."""
+        return {id(w): probe.grad for w, probe in self.sq_probes if probe.grad is not None}
 
     def lean_blocks(self) -> int:
         """How many blocks compile with the lean partitioner option (those that keep activations)."""
@@ -314,10 +330,17 @@ class FastBody:
         pos = M.positions_from_docs(doc_ids)
         x = self.embed(model.embed.weight, tokens)
         v_first, aux_total, loads = None, x.new_zeros(()), []
+        probing = self.grad_sq and not self.fused_moe and torch.is_grad_enabled()
+        self.sq_probes = []
         for i, block in enumerate(model.layers):
             kind = self.kind_of[i]
             mask, slopes = (glob, self.slopes) if kind[0] else (local, None)
-            args = (self.params[i], x, pos, doc_ids, v_first, mask, slopes)
+            params = self.params[i]
+            if probing and kind[1]:
+                probes = {f"sq_probe.{w}": K.sq_probe(params[f"ffn.{w}"]) for w in ("w_up", "w_down")}
+                self.sq_probes += [(params[f"ffn.{w}"], probes[f"sq_probe.{w}"]) for w in ("w_up", "w_down")]
+                params = {**params, **probes}
+            args = (params, x, pos, doc_ids, v_first, mask, slopes)
             if i < self.checkpoint and torch.is_grad_enabled():
                 # no RNG in a block: skipping the RNG save/restore also keeps CUDA-graph capture legal.
                 # No early stop: it ends the recompute by raising through the compiled call, which

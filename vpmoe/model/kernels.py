@@ -262,13 +262,14 @@ class _GatherGemm(torch.autograd.Function):
     bias gradient as its row `a`, with no scatter and no atomics; with `FUSED_WGRAD` where Triton
     serves, one Triton kernel reads x's rows through `token`, sums the bias gradient beside it and
     writes fp32 (`moe_fused.gathered_wgrad`). Keeps x [N, a], not the gathered rows [N*k, a].
-    The input gradient sums each token's k rows (gather-only)."""
+    The input gradient sums each token's k rows (gather-only). `probe` (optional, unused forward):
+    its gradient is the kernel's partial sums of the weight gradient's squares (`sq_probe`)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int):
+    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None):
         w_lo = w.to(x.dtype)
         ctx.save_for_backward(x, w_lo, token, inverse, offsets)
-        ctx.k, ctx.w_dtype, ctx.b_dtype = k, w.dtype, b.dtype
+        ctx.k, ctx.w_dtype, ctx.b_dtype, ctx.probe = k, w.dtype, b.dtype, probe is not None
         acc = _acc(x)  # h in x's dtype: the squared ReLU's backward keeps it (2 KB per token in fp32)
         return (grouped_mm(x[token], w_lo, offsets).to(acc) + b.to(acc)[expert]).to(x.dtype)
 
@@ -277,13 +278,15 @@ class _GatherGemm(torch.autograd.Function):
         x, w, token, inverse, offsets = ctx.saved_tensors
         a = x.shape[1]
         g = g.to(w.dtype).contiguous()
+        g_sq = None  # the probe's gradient: only where the kernel writes the weight's own gradient
         if FUSED_WGRAD and MF.wgrad_applies(x, g, offsets.numel()):
-            g_w, g_b = MF.gathered_wgrad(x, g, token, offsets, True, True)
+            g_w, g_b, g_sq = MF.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe)
         else:
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
         g_x = sum_slots(grouped_mm_t(g, w, offsets), inverse, ctx.k).to(x.dtype)
-        return g_x, g_w.to(ctx.w_dtype), g_b.to(ctx.b_dtype), None, None, None, None, None
+        return (g_x, g_w.to(ctx.w_dtype), g_b.to(ctx.b_dtype), None, None, None, None, None,
+                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None)
 
 
 class _DownSum(torch.autograd.Function):
@@ -301,13 +304,13 @@ class _DownSum(torch.autograd.Function):
     weight's part <g[t], b[e]> read from g b^T [N, E]. Nothing [N*k, n]-sized is kept for backward:
     the rows' gradients are gathered from g again. w is cast to u's dtype here (the fp32 master
     weight arrives with FUSED_WGRAD); its gradient comes from a grouped GEMM, or with `FUSED_WGRAD` where Triton serves in fp32 from
-    `moe_fused.gathered_wgrad` (reading g's rows through `token`)."""
+    `moe_fused.gathered_wgrad` (reading g's rows through `token`); `probe` as in `_GatherGemm`."""
 
     @staticmethod
-    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets):
+    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None):
         w_dtype, w = w.dtype, w.to(u.dtype)
         ctx.save_for_backward(u, c, w, b, e_tok, token, offsets)
-        ctx.w_dtype = w_dtype
+        ctx.w_dtype, ctx.probe = w_dtype, probe is not None
         acc = _acc(u)
         # the bias term in (token, slot) order, a reduction over each token's k rows of b
         bias = (c.to(acc).unsqueeze(-1) * b.to(acc)[e_tok]).sum(1)
@@ -320,35 +323,45 @@ class _DownSum(torch.autograd.Function):
         g_lo = g.to(dt)
         g_rows = g_lo[token]
         g_u = grouped_mm_t(g_rows, w, offsets)
+        g_sq = None
         if FUSED_WGRAD and MF.wgrad_applies(u, g_lo, offsets.numel()):
-            g_w = MF.gathered_wgrad(u, g_lo, token, offsets, False, False)[0]
+            g_w, _, g_sq = MF.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe)
         else:
             g_w = grouped_mm_wgrad(u, g_rows, offsets)
         dense = torch.zeros(g.shape[0], b.shape[0], dtype=dt, device=g.device).scatter_(
             1, e_tok, c.to(dt))  # D: each token's routing weights at its experts
         g_b = dense.t() @ g_lo
         g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
-        return g_u, g_c.to(c.dtype), g_w.to(ctx.w_dtype), g_b.to(b.dtype), None, None, None, None
+        return (g_u, g_c.to(c.dtype), g_w.to(ctx.w_dtype), g_b.to(b.dtype), None, None, None, None,
+                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None)
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,
-                   b_down, first: int = 0) -> torch.Tensor:
+                   b_down, first: int = 0, probes=(None, None)) -> torch.Tensor:
     """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d].
 
     Six grouped GEMMs at the weights' own shapes, but for the up weight gradient, whose rows carry
     a ones column for the bias gradient (`_GatherGemm`, `_DownSum`). No [N*k, d] tensor is kept
     for backward: the up GEMM's rows are gathered again in backward, and each row's routing weight
     scales the down GEMM's input (w * act W + w * b), so the slot sum needs no weights and the
-    routing weight's gradient is <act, the GEMM's input gradient> + <g, b>."""
+    routing weight's gradient is <act, the GEMM's input gradient> + <g, b>. `probes` (up, down):
+    optional leaves of `sq_probe`'s shape whose gradients become the weight gradients' partial sums
+    of squares where the Triton kernel writes them (else they get none)."""
     r = Routing(topk_idx, w_up.shape[0], first)
     dt, acc = x.dtype, _acc(x)
     # with FUSED_WGRAD the Functions take the master weights and return their gradients in fp32;
     # else the weights are cast here and the cast's backward widens their bf16 gradients
     w_up, w_down = (w_up, w_down) if FUSED_WGRAD else (w_up.to(dt), w_down.to(dt))
-    h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k)
+    h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0])
     row_weight = topk_weight.flatten()[r.order].to(acc)
     u = (M.squared_relu(h.to(acc)) * row_weight.unsqueeze(-1)).to(dt)
-    return _DownSum.apply(u, topk_weight, w_down, b_down, topk_idx - first, r.inverse, r.token, r.offsets)
+    return _DownSum.apply(u, topk_weight, w_down, b_down, topk_idx - first, r.inverse, r.token, r.offsets, probes[1])
+
+
+def sq_probe(w: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf for `routed_experts(probes=...)` for the expert weight w [E, a, n]: its gradient
+    after a backward holds that backward's weight-gradient partial sums of squares (`moe_fused.sq_shape`)."""
+    return torch.empty(MF.sq_shape(*w.shape), dtype=torch.float32, device=w.device, requires_grad=True)
 
 
 def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,13 @@ WIDE_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8,
 # step's 65k-token micro-batches, not re-timed): the autotuner picks per shape.
 WGRAD_CONFIGS = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 5),
                  (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
+# the granularity of the weight gradient's sums of squares (`sq_shape`): every BM and BN is a multiple
+SQ_TILE = 16
+
+
+def sq_shape(E: int, KA: int, NB: int) -> tuple[int, int, int]:
+    """The shape of `_wgrad_kernel`'s sums of squares for dW [E, KA, NB]: one SQ_TILE-square slot each."""
+    return E, -(-KA // SQ_TILE), -(-NB // SQ_TILE)
 
 
 def supported(d_model: int, width: int) -> bool:
@@ -233,14 +240,17 @@ if triton is not None:
         tl.store(out_ptr + ts[:, None] * D + cs[None, :], _stored(acc, out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr,
+    def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr, sq_ptr,
                       KA, NB, M, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
-                      GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr,
+                      GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
                       FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
         A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
         gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile). M (all
-        experts' rows) is only the autotuning key."""
+        experts' rows) is only the autotuning key. HAS_SQ: each program also writes its tile's sum
+        of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)] (`sq_shape`, SQ = SQ_TILE): in the first
+        SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum do
+        not depend on the tiling the autotuner picks and no slot is left unwritten."""
         e = tl.program_id(0)
         start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(offsets_ptr + e)
@@ -270,6 +280,14 @@ if triton is not None:
         if HAS_DB:
             if tl.program_id(1) == 0:  # the bias gradient once per column tile
                 tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
+        if HAS_SQ:  # masked loads left zeros outside the weight: acc's squares are the tile's own
+            part = tl.sum(tl.sum(acc * acc, 1), 0)
+            g1, g2 = (KA + SQ - 1) // SQ, (NB + SQ - 1) // SQ
+            j1, j2 = tl.arange(0, BM // SQ), tl.arange(0, BN // SQ)
+            s1, s2 = tl.program_id(1) * (BM // SQ) + j1, tl.program_id(2) * (BN // SQ) + j2
+            first = (j1 == 0)[:, None] & (j2 == 0)[None, :]
+            tl.store(sq_ptr + e * g1 * g2 + s1[:, None] * g2 + s2[None, :], tl.where(first, part, 0.0),
+                     mask=(s1 < g1)[:, None] & (s2 < g2)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,10 +360,12 @@ def _rows(a, order, offsets, w, w_strides, out, N: int, K: int, topk: int, fp32:
 
 
 def _wgrad(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
-           scale=None, config=None):
+           scale=None, config=None, sq=None):
     """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
-    (bench/wgrad.py times each configuration)."""
+    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too."""
     E, KA, NB = dw.shape
+    if sq is not None and tuple(sq.shape) != sq_shape(E, KA, NB):
+        raise ValueError(f"_wgrad: sq has shape {tuple(sq.shape)}, dW {tuple(dw.shape)} needs {sq_shape(E, KA, NB)}")
     if config is None:
         kernel, meta = _tuned("wgrad"), _untuned_config("wgrad")
     else:
@@ -353,8 +373,8 @@ def _wgrad(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
     kernel[lambda m: (E, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
-        KA, NB, M=order.numel(), TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
-        SCALE_B=scale is not None, HAS_DB=db is not None, FP32=fp32, **meta)
+        dw if sq is None else sq, KA, NB, M=order.numel(), TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
+        SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32, **meta)
 
 
 def _sum_slots(rows: torch.Tensor, N: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -476,28 +496,32 @@ def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
 
 @torch.library.custom_op("vpmoe::gathered_wgrad", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, gather_a: bool,
-                   bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias: bool, sq: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The weight gradient of a grouped GEMM whose rows are sorted by expert, in fp32, straight from
     `_wgrad_kernel`: dW[e] = sum over e's rows r of A'[r]^T B'[r], where the operand named by
     `gather_a` is read through `index` (A'[r] = A[index[r]], else B'[r] = B[index[r]]), so neither
-    gathered operand is materialised; with `bias`, db[e] = sum_r B'[r] too (else db is empty).
+    gathered operand is materialised; with `bias`, db[e] = sum_r B'[r] too (else db is empty); with
+    `sq`, partial sums of dW's squares [`sq_shape`] whose total is ||dW||^2 (else empty): taken from
+    the kernel's registers, so the optimizer's clipping norm need not read dW again.
     The grouped-GEMM path's form (`kernels._GatherGemm`, `kernels._DownSum`) wrote a bf16
     gradient (and for the up GEMM first gathered its rows with a ones column), which the
     compiled backward then cast to fp32 for the master weight: three passes where this is one."""
     a, b = a.contiguous(), b.contiguous()
-    E = offsets.numel()
-    dw = a.new_empty(E, a.shape[1], b.shape[1], dtype=torch.float32)
-    db = a.new_empty(E if bias else 0, b.shape[1], dtype=torch.float32)
+    dw, db, sq_parts = _wgrad_outputs(a, b, offsets, bias, sq)
     _wgrad(a, b, index, offsets, dw, db if bias else None, 1, a.dtype == torch.float32, gather_a=gather_a,
-           gather_b=not gather_a)
-    return dw, db
+           gather_b=not gather_a, sq=sq_parts if sq else None)
+    return dw, db, sq_parts
+
+
+def _wgrad_outputs(a, b, offsets, bias: bool, sq: bool):
+    E, KA, NB = offsets.shape[0], a.shape[1], b.shape[1]
+    return (a.new_empty(E, KA, NB, dtype=torch.float32), a.new_empty(E if bias else 0, NB, dtype=torch.float32),
+            a.new_empty(sq_shape(E, KA, NB) if sq else (0,), dtype=torch.float32))
 
 
 @gathered_wgrad.register_fake
-def _(a, b, index, offsets, gather_a, bias):
-    E = offsets.shape[0]
-    return (a.new_empty(E, a.shape[1], b.shape[1], dtype=torch.float32),
-            a.new_empty(E if bias else 0, b.shape[1], dtype=torch.float32))
+def _(a, b, index, offsets, gather_a, bias, sq=False):
+    return _wgrad_outputs(a, b, offsets, bias, sq)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -310,13 +310,13 @@ class FastMuonAdamW:
     # ------------------------------------------------------------------ step
 
     @torch.no_grad()
-    def step(self, refresh_lr: bool = True) -> torch.Tensor:
-        """One clipped step; returns the global gradient norm (a device tensor, before clipping)."""
+    def step(self, refresh_lr: bool = True, known_sq: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """One clipped step; returns the global gradient norm (a device tensor, before clipping).
+        `known_sq` {id(param): partial sums of its gradient's squares} (`FastBody.known_grad_sq`):
+        those gradients' part of the norm is the partials' sum, so they are not read for it."""
         if refresh_lr:
             self.refresh_lr()
-        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else \
-            torch.zeros((), device=self.device)
+        norm = self.grad_norm(known_sq or {})
         if self.max_norm > 0:
             coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
         else:
@@ -331,6 +331,20 @@ class FastMuonAdamW:
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
         self._run(jobs)
         return norm
+
+    def grad_norm(self, known_sq: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The global gradient norm (fp32, on the device): `_foreach_norm` over the gradients, except
+        those in `known_sq`, whose squares are already summed in parts (their L1 norm is their sum)."""
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params if id(p) not in known_sq]
+        parts = [known_sq[id(p)] for p in params if id(p) in known_sq]
+        if not parts:
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else \
+                torch.zeros((), device=self.device)
+        sq = torch.stack(torch._foreach_norm(parts, 1)).float().sum()
+        if grads:
+            sq = sq + torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        return sq.sqrt()
 
     def _run(self, jobs) -> None:
         """Run the jobs in order, or spread round-robin over `streams` CUDA streams (forked from and
