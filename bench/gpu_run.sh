@@ -5,7 +5,7 @@
 # tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, SKIP_BENCH=1 (tests only), PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS, ATTN_TOKENS, ATTN_KINDS, ATTN_FLEX: its --flex-options), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), SAVED_BENCH=1 (bench/saved_activations.py; SAVED_ROWS), GEMM_BENCH=1 (bench/expert_gemms.py; GEMM_SKEWS="0 1.5"), WGRAD_BENCH=1 (bench/wgrad.py; WGRAD_SKEWS="0 1", WGRAD_TOKENS=4096, WGRAD_GRIDS=experts,tiles,busiest-first), SORT_BENCH=1 (bench/routing_sort.py), MOE=fused (the train step with moe_fused; MOE=grouped_mm_wgrad: the grouped path with grouped-GEMM weight gradients, FUSED_WGRAD off), ROUTING=balanced (router biases balanced before timing), INDUCTOR=combo_kernels=True (torch._inductor.config settings for the train step, comma list), GRAD_SQ=off (the clipping norm reads the expert gradients, graphed.GRAD_SQ off), WGRAD_GRID=tiles (the weight-gradient kernel's program order, moe_fused.WGRAD_GRID), FLEX_LOCAL=bwd_BLOCK_M1=32,... (Flex kernel_options for the windowed layers in the train step), OPT=ns_pack=4,streams=3 (FastMuonAdamW keyword arguments in the train step), PROBE=1 (the optimizer overlapped with the next forward + backward: an upper bound), ROWS_PROBE=1 (the rows as two halves on two streams: an upper bound), SAVES=lean (FastBody's LEAN_SAVES, train.lean_saves, instead of the partitioner's default: train step and saved_activations), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
+#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS, ATTN_TOKENS, ATTN_KINDS, ATTN_FLEX: its --flex-options), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), SAVED_BENCH=1 (bench/saved_activations.py; SAVED_ROWS), GEMM_BENCH=1 (bench/expert_gemms.py; GEMM_SKEWS="0 1.5"), WGRAD_BENCH=1 (bench/wgrad.py; WGRAD_SKEWS="0 1", WGRAD_TOKENS=4096), SORT_BENCH=1 (bench/routing_sort.py), MOE=fused (the train step with moe_fused; MOE=grouped_mm_wgrad: the grouped path with grouped-GEMM weight gradients, FUSED_WGRAD off), ROUTING=balanced (router biases balanced before timing), INDUCTOR=combo_kernels=True (torch._inductor.config settings for the train step, comma list), GRAD_SQ=off (the clipping norm reads the expert gradients, graphed.GRAD_SQ off), FLEX_LOCAL=bwd_BLOCK_M1=32,... (Flex kernel_options for the windowed layers in the train step), OPT=ns_pack=4,streams=3 (FastMuonAdamW keyword arguments in the train step), PROBE=1 (the optimizer overlapped with the next forward + backward: an upper bound), ROWS_PROBE=1 (the rows as two halves on two streams: an upper bound), SAVES=lean (FastBody's LEAN_SAVES, train.lean_saves, instead of the partitioner's default: train step and saved_activations), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -60,7 +60,6 @@ opt=""
 [ -n "${SAVES:-}" ] && opt="$opt --saves $SAVES"
 [ -n "${INDUCTOR:-}" ] && opt="$opt --inductor $INDUCTOR"
 [ -n "${GRAD_SQ:-}" ] && opt="$opt --grad-sq $GRAD_SQ"
-[ -n "${WGRAD_GRID:-}" ] && opt="$opt --wgrad-grid $WGRAD_GRID"
 [ -n "${FLEX_LOCAL:-}" ] && opt="$opt --flex-local $FLEX_LOCAL"
 [ -n "${OPT:-}" ] && opt="$opt --opt $OPT"
 [ "${PROBE:-0}" = 1 ] && opt="$opt --overlap-probe"
@@ -91,7 +90,7 @@ if [ "${SAVED_BENCH:-0}" = 1 ]; then  # what one compiled block keeps for backwa
 fi
 if [ "${WGRAD_BENCH:-0}" = 1 ]; then  # the experts' weight-gradient kernel alone, per tiling configuration
   for sk in ${WGRAD_SKEWS:-0 1}; do  # routing skews (bench/moe_sweep.routed_case)
-    timeout "${WGRAD_TIMEOUT:-150}" python3 bench/wgrad.py --tokens "${WGRAD_TOKENS:-4096}" --skew "$sk" --grids "${WGRAD_GRIDS:-}" --record 2>&1 \
+    timeout "${WGRAD_TIMEOUT:-150}" python3 bench/wgrad.py --tokens "${WGRAD_TOKENS:-4096}" --skew "$sk" --record 2>&1 \
       | tee -a "$out/wgrad.log" | grep -v -i warn | tail -14
   done
   echo "# wgrad done at +$(( $(date +%s) - t0 ))s"

@@ -496,8 +496,6 @@ def main():
     ap.add_argument("--grad-sq", default="on", choices=["on", "off"],
                     help="graphed one-micro-batch steps: the experts' part of the clipping norm from the weight-gradient "
                          "kernel (graphed.GRAD_SQ, the default) or read from their gradients (off)")
-    ap.add_argument("--wgrad-grid", default="", choices=["", *MF.WGRAD_GRIDS],
-                    help="the experts' weight-gradient kernel's program order (moe_fused.WGRAD_GRID; unset: its default)")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
@@ -516,7 +514,6 @@ def main():
     OPT_KWARGS.update(parse_opt(a.opt))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     graphed_module.GRAD_SQ = a.grad_sq == "on"
-    MF.WGRAD_GRID = a.wgrad_grid or MF.WGRAD_GRID
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -547,8 +544,6 @@ def main():
                 row["inductor"] = a.inductor
             if a.grad_sq == "off":
                 row["grad_sq"] = "off"
-            if a.wgrad_grid:
-                row["wgrad_grid"] = a.wgrad_grid
             if a.opt:
                 row["opt"] = a.opt
             if a.flex_local:

@@ -2,7 +2,7 @@
 one Triton kernel per weight, rows read through the token index, fp32 out), per tiling
 configuration:
 
-    python bench/wgrad.py --tokens 4096 [--skew 1.0] [--grids experts,tiles,busiest-first] --record   (GPU)
+    python bench/wgrad.py --tokens 4096 [--skew 1.0] --record        (GPU)
 
 Per configuration (`moe_fused.WGRAD_CONFIGS`, the autotuner's candidates, and a few others): the up
 gradient (dW [E, 1024, 128] from x [N, 1024] read through the token index and g [N*k, 128], with the
@@ -38,21 +38,19 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
     return out
 
 
-def launch(config, a, b, index, offsets, dw, db, gather_a: bool, grid: str | None = None) -> None:
+def launch(config, a, b, index, offsets, dw, db, gather_a: bool) -> None:
     """`moe_fused.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
-    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick, in one
-    program order (`moe_fused.WGRAD_GRIDS`; None: the default)."""
+    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick."""
     from vpmoe.model import moe_fused as MF
 
     MF._wgrad(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
-              config=config, grid=grid)
+              config=config)
 
 
 def main():
     from vpmoe.model import moe_fused as MF
 
-    a, g, (order, offsets) = routed_case(__doc__, "wgrad.py", extra=lambda ap: ap.add_argument(
-        "--grids", default="", help="program orders to time, comma list of moe_fused.WGRAD_GRIDS (default: WGRAD_GRID)"))
+    a, g, (order, offsets) = routed_case(__doc__, "wgrad.py")
     N, d, H, E, k = a.tokens, 1024, 128, 256, 4
     token = order // k  # the token of each sorted row, as `kernels.Routing` makes it
     x = torch.randn(N, d, device="cuda", generator=g).bfloat16()
@@ -65,14 +63,13 @@ def main():
     fill_us = cuda_time(lambda: out.fill_(1.0), warmup=3, iters=20) * 1e6
     print(f"# fill of the output's {out.numel() * 4 / 1e6:.0f} MB of fp32: {fill_us:.1f} us", flush=True)
     rows = []
-    configs = MF.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in MF.WGRAD_CONFIGS]
-    for config, grid in [(c, g) for c in configs for g in (a.grids.split(",") if a.grids else [MF.WGRAD_GRID])]:
-        row = dict(config=str(config), grid=grid, listed=config in MF.WGRAD_CONFIGS)
+    for config in MF.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in MF.WGRAD_CONFIGS]:
+        row = dict(config=str(config), listed=config in MF.WGRAD_CONFIGS)
         for name, (aa, bb, gather_a) in cases.items():
             dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda")
             db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
-            run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a, grid=grid:
-                   launch(config, aa, bb, token, offsets, dw, db, gather_a, grid))
+            run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a:
+                   launch(config, aa, bb, token, offsets, dw, db, gather_a))
             row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
             row[f"{name}_rel_err"] = ((dw - refs[name]).norm() / refs[name].norm()).item()
         rows.append(row)

@@ -71,10 +71,6 @@ WIDE_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8,
 # step's 65k-token micro-batches, not re-timed): the autotuner picks per shape.
 WGRAD_CONFIGS = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 5),
                  (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
-# the weight gradient's program order (`_wgrad_kernel`'s GRID): experts varying fastest; an expert's
-# tiles together; the same with the busiest experts first
-WGRAD_GRIDS = ("experts", "tiles", "busiest-first")
-WGRAD_GRID = "experts"
 # the granularity of the weight gradient's sums of squares (`sq_shape`): every BM and BN is a multiple
 SQ_TILE = 16
 
@@ -245,7 +241,7 @@ if triton is not None:
 
     @triton.jit
     def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr, sq_ptr,
-                      experts_ptr, KA, NB, M, TOPK: tl.constexpr, GRID: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
+                      KA, NB, M, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
                       GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
                       FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
@@ -254,20 +250,12 @@ if triton is not None:
         experts' rows) is only the autotuning key. HAS_SQ: each program also writes its tile's sum
         of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)] (`sq_shape`, SQ = SQ_TILE): in the first
         SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum do
-        not depend on the tiling the autotuner picks and no slot is left unwritten.
-        GRID (`WGRAD_GRIDS`): 0, programs (expert, m tile, n tile), experts varying fastest; 1, (tile,
-        expert), an expert's tiles launched together (they share the rows they read); 2, as 1 with the
-        experts taken in `experts` order (busiest first: the longest row loops start first)."""
-        if GRID == 0:
-            e, pm, pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        else:
-            e = tl.program_id(1) if GRID == 1 else tl.load(experts_ptr + tl.program_id(1))
-            tiles_m = tl.cdiv(KA, BM)
-            pm, pn = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m
+        not depend on the tiling the autotuner picks and no slot is left unwritten."""
+        e = tl.program_id(0)
         start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(offsets_ptr + e)
-        ms = pm * BM + tl.arange(0, BM)
-        ns = pn * BN + tl.arange(0, BN)
+        ms = tl.program_id(1) * BM + tl.arange(0, BM)
+        ns = tl.program_id(2) * BN + tl.arange(0, BN)
         m_ok, n_ok = ms < KA, ns < NB
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         db = tl.zeros([BN], dtype=tl.float32)
@@ -290,13 +278,13 @@ if triton is not None:
         base = e * KA * NB
         tl.store(dw_ptr + base + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         if HAS_DB:
-            if pm == 0:  # the bias gradient once per column tile
+            if tl.program_id(1) == 0:  # the bias gradient once per column tile
                 tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
         if HAS_SQ:  # masked loads left zeros outside the weight: acc's squares are the tile's own
             part = tl.sum(tl.sum(acc * acc, 1), 0)
             g1, g2 = (KA + SQ - 1) // SQ, (NB + SQ - 1) // SQ
             j1, j2 = tl.arange(0, BM // SQ), tl.arange(0, BN // SQ)
-            s1, s2 = pm * (BM // SQ) + j1, pn * (BN // SQ) + j2
+            s1, s2 = tl.program_id(1) * (BM // SQ) + j1, tl.program_id(2) * (BN // SQ) + j2
             first = (j1 == 0)[:, None] & (j2 == 0)[None, :]
             tl.store(sq_ptr + e * g1 * g2 + s1[:, None] * g2 + s2[None, :], tl.where(first, part, 0.0),
                      mask=(s1 < g1)[:, None] & (s2 < g2)[None, :])
@@ -308,7 +296,7 @@ if triton is not None:
 _kernels: dict = {}
 _ROWS_KEY = ["N", "M", "K", "GATHER_A", "ACT_A", "SCALE", "SCATTER", "DOWN_BACKWARD", "FP32"]
 _WIDE_KEY = ["N", "M", "K", "ACT_A", "SCALE", "SCATTER", "FP32"]
-_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "GRID"]
+_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32"]
 
 
 def _prune_rows(configs, nargs, **kwargs):
@@ -372,18 +360,10 @@ def _rows(a, order, offsets, w, w_strides, out, N: int, K: int, topk: int, fp32:
 
 
 def _wgrad(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
-           scale=None, config=None, sq=None, grid=None):
+           scale=None, config=None, sq=None):
     """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
-    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too;
-    `grid`: the program order (`WGRAD_GRIDS`; default `WGRAD_GRID`)."""
+    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too."""
     E, KA, NB = dw.shape
-    grid = WGRAD_GRID if grid is None else grid
-    if grid not in WGRAD_GRIDS:
-        raise ValueError(f"_wgrad: grid {grid!r}, expected one of {WGRAD_GRIDS}")
-    experts = None
-    if grid == "busiest-first":  # device-side: the experts by row count, descending (no host sync)
-        experts = torch.argsort(torch.diff(offsets, prepend=offsets.new_zeros(1)), descending=True,
-                                stable=True).to(torch.int32)
     if sq is not None and tuple(sq.shape) != sq_shape(E, KA, NB):
         raise ValueError(f"_wgrad: sq has shape {tuple(sq.shape)}, dW {tuple(dw.shape)} needs {sq_shape(E, KA, NB)}")
     if config is None:
@@ -391,14 +371,9 @@ def _wgrad(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     else:
         bm, bn, bk, warps, stages = config
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
-
-    def launch_grid(m):
-        tiles_m, tiles_n = triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"])
-        return (E, tiles_m, tiles_n) if grid == "experts" else (tiles_m * tiles_n, E)
-    kernel[launch_grid](
+    kernel[lambda m: (E, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
-        dw if sq is None else sq, offsets if experts is None else experts, KA, NB, M=order.numel(), TOPK=topk,
-        GRID=WGRAD_GRIDS.index(grid), GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
+        dw if sq is None else sq, KA, NB, M=order.numel(), TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
         SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32, **meta)
 
 
