@@ -338,6 +338,12 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
     return res
 
 
+def autotuned(which: str) -> dict:
+    """The configurations the autotuner picked for a `moe_fused` kernel so far: {key: config}."""
+    kernel = MF._kernels.get(which)
+    return {str(k): str(c) for k, c in getattr(kernel, "cache", {}).items()}
+
+
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
              loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
              micro_override=0, moe="grouped", routing="init", saves="default", probe=False,
@@ -376,6 +382,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, compile=tr.body.compile_modes(),
                    **dynamo_stats())
         print(json.dumps(row), flush=True)
+        print(json.dumps({"wgrad_autotuned": autotuned("wgrad")}), flush=True)  # the weight gradient's picks
         if probe or probe_rows:  # the case's own memory first: the probes build more models
             row.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / 2**30)
         if probe:
