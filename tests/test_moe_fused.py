@@ -188,9 +188,10 @@ def check_grad_sq() -> None:
       the kernel's own dW and of the float64 reference); dW and db are the bits of the op without sq;
     - the launch at forced tilings whose tiles cover 1x1 and 2x1 slots, into NaN-filled buffers:
       every slot written, the covering tile's partial in its first slot and 0 in the others;
-    - FastBody with `grad_sq` (eager, and compiled through AOTAutograd): gradients bit-equal to
-      without, the probes' gradients sum to each expert weight's ||grad||^2, and the optimizer's
-      clipping norm from them equals `_foreach_norm`'s over every gradient."""
+    - FastBody with `grad_sq` (eager; compiled through AOTAutograd, with and without checkpointed
+      blocks): gradients bit-equal to without, the probes' gradients sum to each expert weight's
+      ||grad||^2, and the optimizer's clipping norm from them equals `_foreach_norm`'s over every
+      gradient."""
     import copy
 
     from tests.test_model import randomize, small
