@@ -308,13 +308,16 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
     print(f"graphed (micro={micro}, ac={ac}) vs eager: worst margin", max(report), "losses", losses)
 
 
-@pytest.mark.parametrize("ac", [False, True])
-def test_trainer_cuda_graphs_match_eager(tmp_path, ac):
+@pytest.mark.parametrize("ac,accum", [(False, 2), (True, 2), (False, 1)])
+def test_trainer_cuda_graphs_match_eager(tmp_path, ac, accum):
     """`vpmoe train` on the GPU with train.cuda_graphs on vs off: 2 eager warm-up steps, capture,
-    replays with 2 accumulated micro-batches; the per-step losses agree (bf16, so not bitwise) and
-    the graphed run logs the same metrics. With ac, both runs checkpoint their blocks
-    (train.activation_checkpointing). The dataset is the tests' synthetic one, built here or
-    carried in (VPMOE_GPU_DATA) where the GPU machine lacks the tokenizer packages."""
+    replays with `accum` accumulated micro-batches; the per-step losses agree (bf16, so not bitwise)
+    and the graphed run logs the same metrics. With ac, both runs checkpoint their blocks
+    (train.activation_checkpointing). With one micro-batch the graphed run's clipping norm takes the
+    experts' part from the weight-gradient kernel (`graphed.GRAD_SQ`) and the eager run reads the
+    gradients: the first step's logged norms agree (same weights, same batch). The dataset is the
+    tests' synthetic one, built here or carried in (VPMOE_GPU_DATA) where the GPU machine lacks the
+    tokenizer packages."""
     import os
     from pathlib import Path
 
@@ -325,18 +328,21 @@ def test_trainer_cuda_graphs_match_eager(tmp_path, ac):
         data = tmp_path / "syn192"
         vpmoe("data", "build", "--input", str(parquet), "--out", str(data), "--seq-len", "192",
               "--valid-fraction", "0.1", "--quiet")
-    runs = {}
+    runs, norms = {}, {}
     for mode in ("off", "on"):
         run_dir = tmp_path / f"run_{mode}"
         cfg = write_config(tmp_path / f"{mode}.toml", Path(data), run_dir, steps=6)
         text = cfg.read_text().replace('device = "cpu"', f'device = "cuda"\ncuda_graphs = "{mode}"'
                                        + ("\nactivation_checkpointing = true" if ac else ""))
-        cfg.write_text(text)
+        assert "grad_accum = 2" in text
+        cfg.write_text(text.replace("grad_accum = 2", f"grad_accum = {accum}"))
         vpmoe("train", str(cfg))
         runs[mode] = train_losses(run_dir)
         steps = [r for r in metrics(run_dir) if "grad_norm" in r]
         assert len(steps) == 6 and all(r["grad_norm"] > 0 and "aux_loss" in r for r in steps)
-    print("losses off:", runs["off"], "\nlosses on:", runs["on"])
+        norms[mode] = steps[0]["grad_norm"]
+    print("losses off:", runs["off"], "\nlosses on:", runs["on"], "\nfirst step's norms:", norms)
+    assert abs(norms["on"] - norms["off"]) <= 1e-2 * norms["off"], norms
     assert runs["off"].keys() == runs["on"].keys() and len(runs["on"]) == 6
     for step in runs["off"]:
         a, b = runs["off"][step], runs["on"][step]
