@@ -323,6 +323,38 @@ def test_fast_body_takes_the_fused_experts_only_where_they_run():
     assert FastBody(model, compile=False).fused_moe is False
 
 
+def test_grad_sq_without_triton_falls_back_to_reading_the_gradients():
+    """Where the weight-gradient kernel does not run (a CPU without the Triton interpreter), FastBody's
+    probes get no gradient, so `known_grad_sq` is empty and the optimizer's norm reads every gradient;
+    the gradients are those of a body without probes."""
+    import copy
+
+    from tests.test_model import randomize, small
+    from vpmoe.model import moe_fused as MF
+    from vpmoe.model.fast import FastBody
+    from vpmoe.model.model import VpMoE
+
+    assert not MF.available(torch.device("cpu"))  # this process runs without the interpreter
+    cfg = small(n_layers=3, d_model=32, expert_ffn=16, n_experts=8)
+    m0 = randomize(VpMoE(cfg), seed=2)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for grad_sq in (False, True):
+        model = copy.deepcopy(m0)
+        body = FastBody(model, compile=False, dtype=torch.float32)
+        body.grad_sq = grad_sq
+        hidden, aux, _ = body(tokens)
+        (hidden.square().mean() + aux).backward()
+        assert len(body.sq_probes) == (2 * len(model.moe_layers()) if grad_sq else 0) and model.moe_layers()
+        assert body.known_grad_sq() == {}
+        grads[grad_sq] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():  # a forward without gradients makes no probes
+            body(tokens)
+        assert body.sq_probes == []
+    assert grads[True].keys() == grads[False].keys()
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])
+
+
 def check_wgrad_bench_launch() -> None:
     """bench/wgrad.py's launch (`moe_fused._wgrad` at a forced tiling configuration instead of the
     autotuner's pick) gives `gathered_wgrad`'s result and its own fp32 reference's, both operand sides
