@@ -503,6 +503,9 @@ def main():
     ap.add_argument("--grad-sq", default="on", choices=["on", "off"],
                     help="graphed one-micro-batch steps: the experts' part of the clipping norm from the weight-gradient "
                          "kernel (graphed.GRAD_SQ, the default) or read from their gradients (off)")
+    ap.add_argument("--weight-copies", default="off", choices=["on", "off"],
+                    help="graphed steps: the kept blocks' expert weights held in bf16 and written by the update "
+                         "(graphed.WEIGHT_COPIES; opt-in until measured) or cast from fp32 in every forward")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
@@ -521,6 +524,7 @@ def main():
     OPT_KWARGS.update(parse_opt(a.opt))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     graphed_module.GRAD_SQ = a.grad_sq == "on"
+    graphed_module.WEIGHT_COPIES = a.weight_copies == "on"
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -551,6 +555,8 @@ def main():
                 row["inductor"] = a.inductor
             if a.grad_sq == "off":
                 row["grad_sq"] = "off"
+            if a.weight_copies == "on":
+                row["weight_copies"] = "on"
             if a.opt:
                 row["opt"] = a.opt
             if a.flex_local:

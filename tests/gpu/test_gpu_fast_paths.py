@@ -13,6 +13,7 @@ import torch
 
 from bench.train_step import Trainer, make_batch
 from tests.gpu.helpers import DEV, rel_err, small_cfg
+from vpmoe.model import graphed as G
 from vpmoe.model import kernels as K
 from vpmoe.model.fast import FastBody
 from vpmoe.model.model import MoE, VpMoE, alibi_slopes, attention_reference, experts_loop, positions_from_docs
@@ -234,21 +235,24 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
         assert e_fast <= 1.5 * e_ref + 5e-3, (name, e_ref, e_fast)
 
 
-@pytest.mark.parametrize("micro,ac,release,fused_wgrad", [(1, False, False, False), (2, False, False, False),
-                                                          (2, True, False, False), (1, False, True, False),
-                                                          (1, False, False, True), (2, False, False, True),
-                                                          (1, True, False, True), (2, True, False, True)])
-def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkeypatch):
+@pytest.mark.parametrize("micro,ac,release,fused_wgrad,copies", [
+    (1, False, False, False, False), (2, False, False, False, False), (2, True, False, False, False),
+    (1, False, True, False, False), (1, False, False, True, False), (2, False, False, True, False),
+    (1, True, False, True, False), (2, True, False, True, False), (1, False, False, True, True),
+    (2, False, True, True, True)])
+def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, copies, monkeypatch):
     """Steps on different batches: eager-launched compiled steps vs the CUDA-graph step (2 eager
     warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays; with ac
     the graphed step checkpoints its blocks, recomputing them inside the captured backward; with
     release, `release()` drops the graphs and their pool after the fourth step and the fifth step
     captures them again; with fused_wgrad, the experts' weight gradients from
-    `moe_fused.gathered_wgrad`). Same
+    `moe_fused.gathered_wgrad`; with copies, the graphed step keeps the expert weights in bf16,
+    written by its update: `graphed.WEIGHT_COPIES`). Same
     losses; parameter updates as close to the eager run as a second eager run is (atomics and bf16
     make runs differ, and AdamW's first steps are nearly sign(g), so tiny gradient differences flip
     whole elements)."""
     monkeypatch.setattr(K, "FUSED_WGRAD", fused_wgrad)
+    monkeypatch.setattr(G, "WEIGHT_COPIES", copies)
     cfg = small_cfg()
     batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5 if micro == 1 else 4)]
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
@@ -272,6 +276,10 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
         return out
     losses = [steps(tr) for tr in runs]
     assert runs[2].graphed.graphs is not None
+    assert bool(runs[2].body.copies) == copies and not runs[0].body.copies
+    for layer in runs[2].body.copies.values():  # the update kept them equal to the masters' casts
+        for master, low, _ in layer.values():
+            assert torch.equal(low, master.detach().to(low.dtype))
     if release:
         assert runs[2].graphed.graphs[0].pool() != first[0]  # captured again, in a new pool
     for i, (x, y) in enumerate(zip(losses[0], losses[2])):

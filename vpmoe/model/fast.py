@@ -156,9 +156,10 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_idx, torch.ones_like(flat_idx))
         w_args = (p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"], p["ffn.b_down"])
-        if "sq_probe.w_up" in p:  # FastBody.grad_sq: the weight gradients' squares from the kernel
+        if "sq_probe.w_up" in p or "low.w_up" in p:  # FastBody.grad_sq / use_weight_copies
             routed = K.routed_experts(flat.to(dt), idx, weight, *w_args,
-                                      probes=(p["sq_probe.w_up"], p["sq_probe.w_down"]))
+                                      probes=(p.get("sq_probe.w_up"), p.get("sq_probe.w_down")),
+                                      low=(p.get("low.w_up"), p.get("low.w_down")))
         else:
             routed = routed_experts(flat.to(dt), idx, weight, *w_args)
         f = ffn(p, "ffn.shared.", flat) + routed.to(flat.dtype)
@@ -285,6 +286,8 @@ class FastBody:
         # whose gradients carry the expert weight gradients' squares (`known_grad_sq`)
         self.grad_sq = False
         self.sq_probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # use_weight_copies: {layer: {name: [master, copy in the GEMM dtype, master's version at the copy]}}
+        self.copies: dict[int, dict[str, list]] = {}
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
         # backward can be captured in a CUDA graph (the eager CUDA embedding backward may sync)
         self.embed = _CompileLadder(_embed, use_compile, compile_backend)
@@ -302,6 +305,41 @@ class FastBody:
         optimizer's clipping norm only while that backward is the only one since the gradients were
         cleared (one micro-batch), as FastMuonAdamW.step(known_sq=...) assumes."""
         return {id(w): probe.grad for w, probe in self.sq_probes if probe.grad is not None}
+
+    def use_weight_copies(self, on: bool = True) -> dict[int, torch.Tensor]:
+        """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
+        the GEMM dtype, instead of casting the fp32 masters in every forward. Those blocks save the
+        cast for backward anyway, so at the step's peak the copies cost no memory; a checkpointed
+        block's cast is transient, so it keeps casting. The same bits as the cast: whoever updates a
+        master must write its copy (FastMuonAdamW.weight_copies, the returned {id(master): copy})
+        and then `mark_copies_current()`; a master changed any other way (its version counter moved)
+        is cast again before the next forward or captured replay (`refresh_stale_copies`). Only
+        for bf16 bodies on the grouped path with `kernels.FUSED_WGRAD`; else nothing is kept."""
+        self.copies = {}
+        if on and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
+            for i in range(len(self.model.layers)):
+                if self.kind_of[i][1] and i >= self.checkpoint:
+                    self.copies[i] = {w: [self.params[i][f"ffn.{w}"], None, -1] for w in ("w_up", "w_down")}
+                    for entry in self.copies[i].values():
+                        entry[1] = torch.empty_like(entry[0], dtype=self.dtype)
+        self.refresh_stale_copies()
+        return {id(e[0]): e[1] for layer in self.copies.values() for e in layer.values()}
+
+    def refresh_stale_copies(self) -> int:
+        """Cast again every copy whose master changed since it was written; returns how many."""
+        stale = 0
+        with torch.no_grad():
+            for entry in (e for layer in self.copies.values() for e in layer.values()):
+                if entry[2] != entry[0]._version:
+                    entry[1].copy_(entry[0])
+                    entry[2] = entry[0]._version
+                    stale += 1
+        return stale
+
+    def mark_copies_current(self) -> None:
+        """The masters' updater wrote their copies too (the optimizer step): take the versions as current."""
+        for entry in (e for layer in self.copies.values() for e in layer.values()):
+            entry[2] = entry[0]._version
 
     def lean_blocks(self) -> int:
         """How many blocks compile with the lean partitioner option (those that keep activations)."""
@@ -332,6 +370,7 @@ class FastBody:
         v_first, aux_total, loads = None, x.new_zeros(()), []
         probing = self.grad_sq and not self.fused_moe and torch.is_grad_enabled()
         self.sq_probes = []
+        self.refresh_stale_copies()
         for i, block in enumerate(model.layers):
             kind = self.kind_of[i]
             mask, slopes = (glob, self.slopes) if kind[0] else (local, None)
@@ -340,6 +379,8 @@ class FastBody:
                 probes = {f"sq_probe.{w}": K.sq_probe(params[f"ffn.{w}"]) for w in ("w_up", "w_down")}
                 self.sq_probes += [(params[f"ffn.{w}"], probes[f"sq_probe.{w}"]) for w in ("w_up", "w_down")]
                 params = {**params, **probes}
+            if i in self.copies:
+                params = {**params, **{f"low.{w}": e[1] for w, e in self.copies[i].items()}}
             args = (params, x, pos, doc_ids, v_first, mask, slopes)
             if i < self.checkpoint and torch.is_grad_enabled():
                 # no RNG in a block: skipping the RNG save/restore also keeps CUDA-graph capture legal.

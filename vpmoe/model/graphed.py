@@ -42,6 +42,12 @@ Design choices:
   squares from its registers (`FastBody.grad_sq`, `moe_fused.gathered_wgrad(sq=True)`) and the
   optimizer adds those partials (`FastMuonAdamW.step(known_sq=...)`). With more micro-batches the
   gradients are sums the kernel never holds, so the norm reads them as before (`GRAD_SQ` off: the same).
+- `WEIGHT_COPIES` (opt-in until measured): the expert weights of the blocks that keep their
+  activations are held in bf16 (`FastBody.use_weight_copies`), written by the update in the same
+  kernel as the fp32 master (`FastMuonAdamW.weight_copies`), so no forward casts them (~1.8 ms of
+  casts per (a) step, 2026-12-04 profile) and the copies take the memory those blocks' saved casts
+  took. A master changed outside the step (its version counter moved) is cast again before the next
+  replay.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -56,6 +62,9 @@ from vpmoe.model.fast import FastBody, update_router_biases
 
 CAPTURE_MODE = "thread_local"  # only this thread's calls are checked (module docstring)
 GRAD_SQ = True  # the experts' part of the clipping norm from the weight-gradient kernel (one micro-batch)
+# the kept blocks' expert weights held in bf16, written by the update (FastBody.use_weight_copies):
+# opt-in until measured on a GPU (built 2026-12-04 after the GPU time ran out)
+WEIGHT_COPIES = False
 CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
 
 
@@ -78,6 +87,9 @@ class GraphedTrainStep:
         # one micro-batch: its backward writes the expert weights' final gradients, so their part of
         # the clipping norm comes from the weight-gradient kernel (module docstring)
         body.grad_sq = GRAD_SQ and micro == 1
+        # bf16 expert weights kept for the blocks that keep their activations: the forward stops
+        # casting them, the update writes them (module docstring)
+        optimizer.weight_copies = body.use_weight_copies(WEIGHT_COPIES)
         self.calls = 0
         self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
@@ -103,6 +115,7 @@ class GraphedTrainStep:
 
     def _update_part(self) -> None:
         norm = self.opt.step(refresh_lr=False, known_sq=self.body.known_grad_sq() if self.body.grad_sq else None)
+        self.body.mark_copies_current()  # the update wrote the kept bf16 weights too
         if self.grad_norm is None:
             self.grad_norm = torch.zeros_like(norm)
         self.grad_norm.copy_(norm)
@@ -185,6 +198,7 @@ class GraphedTrainStep:
                     self._micro_part()
             torch.cuda.current_stream().wait_stream(side)
             return
+        self.body.refresh_stale_copies()  # weights changed outside the step (a load): cast again, eagerly
         for i, mb in enumerate(batches):
             self._stage(mb)
             if self.graphs is None:

@@ -263,11 +263,13 @@ class _GatherGemm(torch.autograd.Function):
     serves, one Triton kernel reads x's rows through `token`, sums the bias gradient beside it and
     writes fp32 (`moe_fused.gathered_wgrad`). Keeps x [N, a], not the gathered rows [N*k, a].
     The input gradient sums each token's k rows (gather-only). `probe` (optional, unused forward):
-    its gradient is the kernel's partial sums of the weight gradient's squares (`sq_probe`)."""
+    its gradient is the kernel's partial sums of the weight gradient's squares (`sq_probe`). `w_lo`
+    (optional): w already in x's dtype (a kept copy, `FastBody.use_weight_copies`), used instead
+    of casting w here; w still receives the gradient."""
 
     @staticmethod
-    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None):
-        w_lo = w.to(x.dtype)
+    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None, w_lo=None):
+        w_lo = w.to(x.dtype) if w_lo is None else w_lo
         ctx.save_for_backward(x, w_lo, token, inverse, offsets)
         ctx.k, ctx.w_dtype, ctx.b_dtype, ctx.probe = k, w.dtype, b.dtype, probe is not None
         acc = _acc(x)  # h in x's dtype: the squared ReLU's backward keeps it (2 KB per token in fp32)
@@ -286,7 +288,7 @@ class _GatherGemm(torch.autograd.Function):
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
         g_x = sum_slots(grouped_mm_t(g, w, offsets), inverse, ctx.k).to(x.dtype)
         return (g_x, g_w.to(ctx.w_dtype), g_b.to(ctx.b_dtype), None, None, None, None, None,
-                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None)
+                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None, None)
 
 
 class _DownSum(torch.autograd.Function):
@@ -304,11 +306,11 @@ class _DownSum(torch.autograd.Function):
     weight's part <g[t], b[e]> read from g b^T [N, E]. Nothing [N*k, n]-sized is kept for backward:
     the rows' gradients are gathered from g again. w is cast to u's dtype here (the fp32 master
     weight arrives with FUSED_WGRAD); its gradient comes from a grouped GEMM, or with `FUSED_WGRAD` where Triton serves in fp32 from
-    `moe_fused.gathered_wgrad` (reading g's rows through `token`); `probe` as in `_GatherGemm`."""
+    `moe_fused.gathered_wgrad` (reading g's rows through `token`); `probe` and `w_lo` as in `_GatherGemm`."""
 
     @staticmethod
-    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None):
-        w_dtype, w = w.dtype, w.to(u.dtype)
+    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None, w_lo=None):
+        w_dtype, w = w.dtype, (w.to(u.dtype) if w_lo is None else w_lo)
         ctx.save_for_backward(u, c, w, b, e_tok, token, offsets)
         ctx.w_dtype, ctx.probe = w_dtype, probe is not None
         acc = _acc(u)
@@ -333,11 +335,11 @@ class _DownSum(torch.autograd.Function):
         g_b = dense.t() @ g_lo
         g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
         return (g_u, g_c.to(c.dtype), g_w.to(ctx.w_dtype), g_b.to(b.dtype), None, None, None, None,
-                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None)
+                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None, None)
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,
-                   b_down, first: int = 0, probes=(None, None)) -> torch.Tensor:
+                   b_down, first: int = 0, probes=(None, None), low=(None, None)) -> torch.Tensor:
     """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d].
 
     Six grouped GEMMs at the weights' own shapes, but for the up weight gradient, whose rows carry
@@ -346,16 +348,21 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     scales the down GEMM's input (w * act W + w * b), so the slot sum needs no weights and the
     routing weight's gradient is <act, the GEMM's input gradient> + <g, b>. `probes` (up, down):
     optional leaves of `sq_probe`'s shape whose gradients become the weight gradients' partial sums
-    of squares where the Triton kernel writes them (else they get none)."""
+    of squares where the Triton kernel writes them (else they get none). `low` (up, down): the
+    weights already in x's dtype (kept copies: no cast here; FUSED_WGRAD only, where the Functions
+    take the master weights), or None."""
     r = Routing(topk_idx, w_up.shape[0], first)
     dt, acc = x.dtype, _acc(x)
     # with FUSED_WGRAD the Functions take the master weights and return their gradients in fp32;
     # else the weights are cast here and the cast's backward widens their bf16 gradients
     w_up, w_down = (w_up, w_down) if FUSED_WGRAD else (w_up.to(dt), w_down.to(dt))
-    h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0])
+    if not FUSED_WGRAD:
+        low = (None, None)
+    h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0], low[0])
     row_weight = topk_weight.flatten()[r.order].to(acc)
     u = (M.squared_relu(h.to(acc)) * row_weight.unsqueeze(-1)).to(dt)
-    return _DownSum.apply(u, topk_weight, w_down, b_down, topk_idx - first, r.inverse, r.token, r.offsets, probes[1])
+    return _DownSum.apply(u, topk_weight, w_down, b_down, topk_idx - first, r.inverse, r.token, r.offsets, probes[1],
+                          low[1])
 
 
 def sq_probe(w: torch.Tensor) -> torch.Tensor:

@@ -192,9 +192,12 @@ def _muon_pre(g, buf, coef, mu: float, nesterov: bool, out_dtype: torch.dtype):
     return u.to(out_dtype)
 
 
-def _muon_post(w, ortho, decay, step):
-    """w <- w * decay + step * ortho (decay = 1 - lr * wd, step = -lr * scale; 0-dim tensors)."""
+def _muon_post(w, ortho, decay, step, low=None):
+    """w <- w * decay + step * ortho (decay = 1 - lr * wd, step = -lr * scale; 0-dim tensors); with
+    `low`, also low <- w in low's dtype (a kept GEMM-dtype copy: one more store in the same kernel)."""
     w.mul_(decay).add_(ortho.to(w.dtype) * step)
+    if low is not None:
+        low.copy_(w)
 
 
 def _muon_matrices(ps, grads, bufs, coef, mu: float, nesterov: bool, decay, step, steps: int, method: str,
@@ -280,6 +283,8 @@ class FastMuonAdamW:
         self.gram_kernel = bool(gram_kernel)  # each restart segment's n x n iteration as one kernel (ns_gram.py)
         self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
         self._adamw_one = _Compiled(_adamw_update, use_compile)  # AdamW tensors of >= ADAMW_ALONE elements
+        # {id(param): its copy in the GEMM dtype} (`FastBody.use_weight_copies`): written with each update
+        self.weight_copies: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -381,28 +386,33 @@ class FastMuonAdamW:
             step = neg_lr * muon_scale(p.shape)
             g, w = p.grad.view(-1, *p.shape[-2:]), p.view(-1, *p.shape[-2:])
             buf = buf.view(-1, *p.shape[-2:])
+            low = self.weight_copies.get(id(p))
+            low = None if low is None else low.view(-1, *p.shape[-2:])
             if self._packs(g):
-                packs[(tuple(g.shape[-2:]), p.dtype)].append((g, buf, w, step))
+                packs[(tuple(g.shape[-2:]), p.dtype)].append((g, buf, w, step, low))
                 continue
 
-            def chunks(g=g, buf=buf, w=w, step=step):
+            def chunks(g=g, buf=buf, w=w, step=step, low=low):
                 for c0 in range(0, g.shape[0], self.ns_chunk):
                     c1 = min(c0 + self.ns_chunk, g.shape[0])
                     u = self._pre(g[c0:c1], buf[c0:c1], coef, mu, nesterov, self.ns_dtype)
-                    self._post(w[c0:c1], self._ns(u, steps, self.ns_method), decay, step)
+                    self._post(w[c0:c1], self._ns(u, steps, self.ns_method), decay, step,
+                               None if low is None else low[c0:c1])
             jobs.append(chunks)
         for items in packs.values():  # whole tensors, `ns_pack` per Newton-Schulz call
             for c0 in range(0, len(items), self.ns_pack):
                 def packed(pack=items[c0:c0 + self.ns_pack]):
-                    us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _ in pack]
+                    us = [self._pre(g, buf, coef, mu, nesterov, self.ns_dtype) for g, buf, _, _, _ in pack]
                     w0 = pack[0][2]
                     if self.fuse_update and ns_update.applies(w0.device, self.ns_dtype, w0.dtype, min(w0.shape[-2:])):
                         qs, xs, transposed = self._ns_parts(us, steps, kernel=self.gram_kernel)
-                        for (_, _, w, step), q, x in zip(pack, qs, xs):
+                        for (_, _, w, step, low), q, x in zip(pack, qs, xs):
                             ns_update.qx_update(w, q, x, decay, step, transposed)
+                            if low is not None:  # the update's own kernel has no second output here
+                                low.copy_(w)
                         return
-                    for (_, _, w, step), ortho in zip(pack, self._ns_packed(us, steps, kernel=self.gram_kernel)):
-                        self._post(w, ortho, decay, step)
+                    for (_, _, w, step, low), ortho in zip(pack, self._ns_packed(us, steps, kernel=self.gram_kernel)):
+                        self._post(w, ortho, decay, step, low)
                 jobs.append(packed)
         for (shape, _), items in flat2d.items():
             ps, bufs = [p for p, _ in items], [b for _, b in items]

@@ -1,0 +1,103 @@
+"""The kept bf16 expert weights (`FastBody.use_weight_copies`, written by `FastMuonAdamW` with each
+update, `graphed.WEIGHT_COPIES`) against the default path that casts the fp32 masters in every
+forward: the same bits everywhere, copies only where a block keeps its activations, and a master
+changed outside the optimizer cast again before the next forward. CPU, bf16 bodies (the copies'
+dtype); the GPU's graphed step: tests/gpu/test_gpu_fast_paths.py."""
+import copy
+
+import pytest
+import torch
+
+from tests.test_model import randomize, small
+from vpmoe.model.fast import FastBody
+from vpmoe.model.model import VpMoE
+from vpmoe.train.optim import OptimConfig, build_optimizer
+from vpmoe.train.optim_fast import FastMuonAdamW
+
+
+def _setup(checkpoint=False, compiled=False):
+    torch._dynamo.reset()
+    cfg = small(n_layers=4, d_model=32, expert_ffn=16, n_experts=8)
+    m0 = randomize(VpMoE(cfg), seed=6)
+    runs = []
+    for keep in (False, True):
+        model = copy.deepcopy(m0)
+        body = FastBody(model, compile=compiled, compile_backend="aot_eager", checkpoint=checkpoint,
+                        dtype=torch.bfloat16)
+        opt = FastMuonAdamW(build_optimizer(model, OptimConfig()), max_grad_norm=0.5, compile=False)
+        opt.weight_copies = body.use_weight_copies(keep)
+        runs.append((model, body, opt))
+    return cfg, runs
+
+
+def _step(model, body, opt, tokens, doc):
+    model.zero_grad(set_to_none=True)
+    hidden, aux, _ = body(tokens, doc)
+    (hidden.float().square().mean() + aux).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    body.mark_copies_current()
+    return hidden.detach(), grads
+
+
+def _assert_copies_exact(body):
+    for layer in body.copies.values():
+        for master, low, version in layer.values():
+            assert low.dtype == torch.bfloat16 and torch.equal(low, master.detach().to(torch.bfloat16))
+            assert version == master._version
+
+
+@pytest.mark.parametrize("checkpoint,compiled", [(False, False), (2, False), (False, True)])
+def test_kept_bf16_weights_give_the_cast_path_bit_for_bit(checkpoint, compiled):
+    cfg, (plain, kept) = _setup(checkpoint, compiled)
+    moe = [i for i in range(cfg.n_layers) if cfg.is_moe(i)]
+    first_kept = checkpoint or 0
+    assert plain[1].copies == {}
+    assert sorted(kept[1].copies) == [i for i in moe if i >= first_kept] and kept[1].copies
+    assert len(kept[2].weight_copies) == 2 * len(kept[1].copies)
+    gen = torch.Generator().manual_seed(3)
+    doc = torch.tensor([[0] * 9 + [1] * 11, [0] * 20])
+    for step in range(3):
+        tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=gen)
+        (h0, g0), (h1, g1) = _step(*plain, tokens, doc), _step(*kept, tokens, doc)
+        assert torch.equal(h0, h1), step
+        assert g0.keys() == g1.keys()
+        for n in g0:
+            assert torch.equal(g0[n], g1[n]), (step, n)
+        for (n, a), b in zip(plain[0].named_parameters(), kept[0].parameters()):
+            assert torch.equal(a, b), (step, n)
+        _assert_copies_exact(kept[1])  # the update wrote them
+        assert kept[1].refresh_stale_copies() == 0
+    if compiled:
+        assert set(kept[1].compile_modes().values()) == {"fullgraph"}, kept[1].compile_modes()
+
+
+def test_a_master_changed_outside_the_optimizer_is_cast_again():
+    cfg, (plain, kept) = _setup()
+    layer = next(iter(kept[1].copies))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # the forward reads the copy, not the master: a copy changed behind its back shows
+        kept[1].copies[layer]["w_up"][1].mul_(2)
+        assert not torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
+        kept[1].copies[layer]["w_up"][1].div_(2)
+        assert torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
+    with torch.no_grad():  # e.g. a checkpoint load into the live model
+        for model in (plain[0], kept[0]):
+            model.layers[layer].ffn.w_up.add_(0.25)
+    assert kept[1].refresh_stale_copies() == 1
+    _assert_copies_exact(kept[1])
+    with torch.no_grad():
+        assert torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
+    # a forward refreshes on its own too
+    with torch.no_grad():
+        for model in (plain[0], kept[0]):
+            model.layers[layer].ffn.w_down.mul_(0.5)
+        assert torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
+    _assert_copies_exact(kept[1])
+
+
+def test_no_copies_where_they_do_not_apply():
+    cfg = small(n_layers=4, d_model=32, expert_ffn=16, n_experts=8)
+    model = VpMoE(cfg)
+    assert FastBody(model, compile=False, dtype=torch.float32).use_weight_copies(True) == {}  # fp32 body
+    assert FastBody(model, compile=False, dtype=torch.bfloat16, checkpoint=True).use_weight_copies(True) == {}
