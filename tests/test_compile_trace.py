@@ -71,6 +71,9 @@ def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
         u = pre(g, buf, coef, 0.95, True, torch.float32)
         o_gram, o_std = ns(u, 5, "gram"), ns(u, 5, "standard")
         post(w, o_gram, decay, step)
+        w_kept, low = w.clone(), torch.empty(6, 16, 64, dtype=torch.bfloat16)  # with a kept bf16 copy
+        post(w_kept, o_std, decay, step, low)
+        assert torch.equal(low, w_kept.to(torch.bfloat16))
         o_packed = packed([u[:4], u[4:]], 5)
         # three 16 x 64 matrices (Gram-side) and two 24 x 24 (X-side), with and without decay
         mats = [torch.randn(*shape, generator=torch.Generator().manual_seed(13 + i))
@@ -83,7 +86,7 @@ def test_optimizer_kernels_trace_whole_and_match_eager(momentum):
         aw, ag, am, av = (torch.randn(40, 24, generator=torch.Generator().manual_seed(31 + i)) for i in range(4))
         av = av.abs()
         adamw(aw, ag, am, av, torch.tensor(3.0), torch.tensor(2e-3), coef, 0.9, 0.95, 0.1, 1e-8)
-        outs.append((buf, u, o_gram, o_std, w, *o_packed, *mats, *mat_bufs, aw, am, av))
+        outs.append((buf, u, o_gram, o_std, w, w_kept, low, *o_packed, *mats, *mat_bufs, aw, am, av))
     for a, b in zip(*outs):
         assert a.dtype == b.dtype
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
