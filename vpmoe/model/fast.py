@@ -319,26 +319,26 @@ class FastBody:
         if on and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
             for i in range(len(self.model.layers)):
                 if self.kind_of[i][1] and i >= self.checkpoint:
-                    self.copies[i] = {w: [self.params[i][f"ffn.{w}"], None, -1] for w in ("w_up", "w_down")}
-                    for entry in self.copies[i].values():
-                        entry[1] = torch.empty_like(entry[0], dtype=self.dtype)
+                    masters = {w: self.params[i][f"ffn.{w}"] for w in ("w_up", "w_down")}
+                    self.copies[i] = {w: [m, torch.empty_like(m, dtype=self.dtype), -1] for w, m in masters.items()}
         self.refresh_stale_copies()
-        return {id(e[0]): e[1] for layer in self.copies.values() for e in layer.values()}
+        return {id(master): low for master, low, _ in self._copy_entries()}
+
+    def _copy_entries(self) -> list[list]:
+        return [entry for layer in self.copies.values() for entry in layer.values()]
 
     def refresh_stale_copies(self) -> int:
         """Cast again every copy whose master changed since it was written; returns how many."""
-        stale = 0
+        stale = [entry for entry in self._copy_entries() if entry[2] != entry[0]._version]
         with torch.no_grad():
-            for entry in (e for layer in self.copies.values() for e in layer.values()):
-                if entry[2] != entry[0]._version:
-                    entry[1].copy_(entry[0])
-                    entry[2] = entry[0]._version
-                    stale += 1
-        return stale
+            for entry in stale:
+                entry[1].copy_(entry[0])
+        self.mark_copies_current()
+        return len(stale)
 
     def mark_copies_current(self) -> None:
         """The masters' updater wrote their copies too (the optimizer step): take the versions as current."""
-        for entry in (e for layer in self.copies.values() for e in layer.values()):
+        for entry in self._copy_entries():
             entry[2] = entry[0]._version
 
     def lean_blocks(self) -> int:
