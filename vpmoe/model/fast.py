@@ -308,10 +308,11 @@ class FastBody:
 
     def use_weight_copies(self, on: bool = True) -> dict[int, torch.Tensor]:
         """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
-        the GEMM dtype, instead of casting the fp32 masters in every forward. Those blocks save the
-        cast for backward anyway, so at the step's peak the copies cost no memory; a checkpointed
-        block's cast is transient, so it keeps casting. The same bits as the cast: whoever updates a
-        master must write its copy (FastMuonAdamW.weight_copies, the returned {id(master): copy})
+        the GEMM dtype, instead of casting the fp32 masters in every forward (a checkpointed block
+        keeps casting: its cast is transient). The copies are memory of their own (+2.15 GiB at
+        the (a) bench's 20 layers, for -2.0% step time; graphed.WEIGHT_COPIES): the compiled blocks
+        evidently recompute the cast in backward rather than keep it. The same bits as the cast:
+        whoever updates a master must write its copy (FastMuonAdamW.weight_copies, the returned {id(master): copy})
         and then `mark_copies_current()`; a master changed any other way (its version counter moved)
         is cast again before the next forward or captured replay (`refresh_stale_copies`). Only
         for bf16 bodies on the grouped path with `kernels.FUSED_WGRAD`; else nothing is kept."""

@@ -42,12 +42,14 @@ Design choices:
   squares from its registers (`FastBody.grad_sq`, `moe_fused.gathered_wgrad(sq=True)`) and the
   optimizer adds those partials (`FastMuonAdamW.step(known_sq=...)`). With more micro-batches the
   gradients are sums the kernel never holds, so the norm reads them as before (`GRAD_SQ` off: the same).
-- `WEIGHT_COPIES` (opt-in until measured): the expert weights of the blocks that keep their
-  activations are held in bf16 (`FastBody.use_weight_copies`), written by the update in the same
-  kernel as the fp32 master (`FastMuonAdamW.weight_copies`), so no forward casts them (~1.8 ms of
-  casts per (a) step, 2026-12-04 profile) and the copies take the memory those blocks' saved casts
-  took. A master changed outside the step (its version counter moved) is cast again before the next
-  replay.
+- `WEIGHT_COPIES` (opt-in: a speed-for-memory trade): the expert weights of the blocks that keep
+  their activations are held in bf16 (`FastBody.use_weight_copies`), written by the update in the
+  same kernel as the fp32 master (`FastMuonAdamW.weight_copies`), so no forward casts them. Measured
+  at (a) on the H200 (2026-12-04): 58.26 -> 57.12 ms (-2.0%) but a 2.15 GiB higher allocated peak
+  (22.34 -> 24.49 GiB): the compiled blocks evidently recompute their casts in backward rather than
+  keep them, so the copies are memory of their own (~10.7 GB at 80 layers with no block
+  checkpointed). A master changed outside the step (its version counter moved) is cast again
+  before the next replay.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -63,7 +65,7 @@ from vpmoe.model.fast import FastBody, update_router_biases
 CAPTURE_MODE = "thread_local"  # only this thread's calls are checked (module docstring)
 GRAD_SQ = True  # the experts' part of the clipping norm from the weight-gradient kernel (one micro-batch)
 # the kept blocks' expert weights held in bf16, written by the update (FastBody.use_weight_copies):
-# opt-in until measured on a GPU (built 2026-12-04 after the GPU time ran out)
+# off by default, -2.0% step time for +2.15 GiB at (a) (module docstring)
 WEIGHT_COPIES = False
 CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
 
