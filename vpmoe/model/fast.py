@@ -312,10 +312,11 @@ class FastBody:
         keeps casting: its cast is transient). The copies are memory of their own (+2.15 GiB at
         the (a) bench's 20 layers, for -2.0% step time; graphed.WEIGHT_COPIES): the compiled blocks
         evidently recompute the cast in backward rather than keep it. The same bits as the cast:
-        whoever updates a master must write its copy (FastMuonAdamW.weight_copies, the returned {id(master): copy})
-        and then `mark_copies_current()`; a master changed any other way (its version counter moved)
-        is cast again before the next forward or captured replay (`refresh_stale_copies`). Only
-        for bf16 bodies on the grouped path with `kernels.FUSED_WGRAD`; else nothing is kept."""
+        whoever updates a master must write its copy (FastMuonAdamW.weight_copies, the returned
+        {id(master): copy}) and then `mark_copies_current()`; a master changed any other way (its
+        version counter moved) is cast again before the next forward or captured replay
+        (`refresh_stale_copies`). Only for bf16 bodies on the grouped path with
+        `kernels.FUSED_WGRAD`; else nothing is kept."""
         self.copies = {}
         if on and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
             for i in range(len(self.model.layers)):
