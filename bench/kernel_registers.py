@@ -25,6 +25,7 @@ from bench.results import append_results  # noqa: E402
 from vpmoe.kd import row_kernels as RK  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import tpa_fused as TF  # noqa: E402
+from vpmoe.model import wgrad as W  # noqa: E402
 from vpmoe.train import ns_gram as NG  # noqa: E402
 
 DIMS = [8, 2, 128, 4, 2]  # vpMoE's local layers: q heads, kv heads, head_dim, TPA ranks
@@ -121,11 +122,18 @@ def moe_cases():
     off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False, HAS_DB=False)
     for name, (a_t, b_t, flags) in MOE_WGRAD.items():
         sig = {"a_ptr": f"*{a_t}", "stride_a": "i32", "b_ptr": f"*{b_t}", "stride_b": "i32", "order_ptr": "*i64",
-               "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "KA": "i32",
-               "NB": "i32", "M": "i32"}
-        for bm, bn, bk, w, st in MF.WGRAD_CONFIGS:
-            consts = dict(off, **flags, TOPK=4, FP32=False, BM=bm, BN=bn, BK=bk)
-            yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", MF._wgrad_kernel, sig, consts, w, st
+               "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "sq_ptr": "*fp32",
+               "ws_ptr": "*fp32", "dbws_ptr": "*fp32", "E": "i32", "KA": "i32", "NB": "i32", "M": "i32"}
+        for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
+            for split in (0, 256):  # rows in one program per expert; row splitting (wgrad.WGRAD_SPLIT)
+                consts = dict(off, **flags, TOPK=4, HAS_SQ=True, SQ=W.SQ_TILE, SPLIT=split, E_P2=256, FP32=False,
+                              BM=bm, BN=bn, BK=bk)
+                label = f"{bm}x{bn}x{bk}, {w} warps, {st} stages" + (f", split {split}" if split else "")
+                yield name, label, W._wgrad_kernel, sig, consts, w, st
+    sig = {"dw_ptr": "*fp32", "db_ptr": "*fp32", "sq_ptr": "*fp32", "ws_ptr": "*fp32", "dbws_ptr": "*fp32",
+           "offsets_ptr": "*i32", "E": "i32", "KA": "i32", "NB": "i32"}
+    consts = dict(HAS_DB=True, HAS_SQ=True, SQ=W.SQ_TILE, SPLIT=256, E_P2=256, BM=64, BN=128)
+    yield "moe wgrad split fix-up", "64x128, 4 warps", W._wgrad_fixup_kernel, sig, consts, 4, 3
 
 
 def ns_cases():

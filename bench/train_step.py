@@ -67,6 +67,7 @@ from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # noqa: E402
 from vpmoe.model import graphed as graphed_module
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
+from vpmoe.model import wgrad as wgrad_module  # noqa: E402
 from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, sequence_aux_loss  # noqa: E402
 from vpmoe.model.params import count_params  # noqa: E402
 from vpmoe.train.metrics import measure_matmul_flops  # noqa: E402
@@ -339,8 +340,9 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
 
 
 def autotuned(which: str) -> dict:
-    """The configurations the autotuner picked for a `moe_fused` kernel so far: {key: config}."""
-    kernel = MF._kernels.get(which)
+    """The configurations the autotuner picked so far for a `moe_fused` kernel or ("wgrad") the
+    experts' weight-gradient kernel: {key: config}."""
+    kernel = wgrad_module._kernel if which == "wgrad" else MF._kernels.get(which)
     return {str(k): str(c) for k, c in getattr(kernel, "cache", {}).items()}
 
 
@@ -498,14 +500,17 @@ def main():
                     help="router biases: the random init's (10-30x load imbalance) or balanced first, as training leaves them")
     ap.add_argument("--moe", default="grouped", choices=["grouped", "grouped_mm_wgrad", "fused"],
                     help="routed experts: the grouped-GEMM path (FastBody's default; its weight gradients from "
-                         "moe_fused.gathered_wgrad, kernels.FUSED_WGRAD), the same with grouped-GEMM weight gradients "
+                         "wgrad.gathered_wgrad, kernels.FUSED_WGRAD), the same with grouped-GEMM weight gradients "
                          "(FUSED_WGRAD off), or moe_fused's Triton kernels")
     ap.add_argument("--grad-sq", default="on", choices=["on", "off"],
                     help="graphed one-micro-batch steps: the experts' part of the clipping norm from the weight-gradient "
                          "kernel (graphed.GRAD_SQ, the default) or read from their gradients (off)")
     ap.add_argument("--weight-copies", default="off", choices=["on", "off"],
                     help="graphed steps: the kept blocks' expert weights held in bf16 and written by the update "
-                         "(graphed.WEIGHT_COPIES; opt-in until measured) or cast from fp32 in every forward")
+                         "(graphed.WEIGHT_COPIES; opt-in: -2.0%% for +2.15 GiB at (a)) or cast from fp32 in every forward")
+    ap.add_argument("--wgrad-split", type=int, default=0,
+                    help="the experts' weight gradients with row splitting: experts with more than this many times "
+                         "the mean rows in parts (wgrad.WGRAD_SPLIT; 0: off, the default until measured)")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
@@ -525,6 +530,7 @@ def main():
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     graphed_module.GRAD_SQ = a.grad_sq == "on"
     graphed_module.WEIGHT_COPIES = a.weight_copies == "on"
+    wgrad_module.WGRAD_SPLIT = a.wgrad_split
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -557,6 +563,8 @@ def main():
                 row["grad_sq"] = "off"
             if a.weight_copies == "on":
                 row["weight_copies"] = "on"
+            if a.wgrad_split:
+                row["wgrad_split"] = a.wgrad_split
             if a.opt:
                 row["opt"] = a.opt
             if a.flex_local:

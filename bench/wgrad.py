@@ -1,16 +1,18 @@
-"""The experts' weight gradients alone, as the train step computes them (`moe_fused.gathered_wgrad`:
+"""The experts' weight gradients alone, as the train step computes them (`wgrad.gathered_wgrad`:
 one Triton kernel per weight, rows read through the token index, fp32 out), per tiling
 configuration:
 
     python bench/wgrad.py --tokens 4096 [--skew 1.0] --record        (GPU)
 
-Per configuration (`moe_fused.WGRAD_CONFIGS`, the autotuner's candidates, and a few others): the up
+Per configuration (`wgrad.WGRAD_CONFIGS`, the autotuner's candidates, and a few others): the up
 gradient (dW [E, 1024, 128] from x [N, 1024] read through the token index and g [N*k, 128], with the
 bias gradient) and the down gradient (dW [E, 128, 1024] from u [N*k, 128] and g [N, 1024] read
 through the index), each checked against fp32 torch of the same bf16 operands (`rel_err`). The
 floor: a plain fill of the output's 134 MB of fp32 (`fill_us`). `--tokens 4096` is the (a) step's
 micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
-74-98 us against a 39 us fill; fewer pipeline stages won.
+74-98 us against a 39 us fill; fewer pipeline stages won. `*_split_us`: the same with row splitting
+(`wgrad.WGRAD_SPLIT` = 4: experts with more than 4x the mean rows in parts, then the fix-up kernel),
+which matters under `--skew` (the busiest expert's row loop sets the kernel's time).
 """
 from __future__ import annotations
 
@@ -38,17 +40,18 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
     return out
 
 
-def launch(config, a, b, index, offsets, dw, db, gather_a: bool) -> None:
-    """`moe_fused.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
-    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick."""
-    from vpmoe.model import moe_fused as MF
+def launch(config, a, b, index, offsets, dw, db, gather_a: bool, split: int = 0) -> None:
+    """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
+    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick; `split`:
+    its row splitting (`wgrad.wgrad_split`)."""
+    from vpmoe.model import wgrad as W
 
-    MF._wgrad(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
-              config=config)
+    W.launch(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
+             config=config, split=split)
 
 
 def main():
-    from vpmoe.model import moe_fused as MF
+    from vpmoe.model import wgrad as W
 
     a, g, (order, offsets) = routed_case(__doc__, "wgrad.py")
     N, d, H, E, k = a.tokens, 1024, 128, 256, 4
@@ -62,20 +65,24 @@ def main():
     out = torch.empty(E * d * H, device="cuda")
     fill_us = cuda_time(lambda: out.fill_(1.0), warmup=3, iters=20) * 1e6
     print(f"# fill of the output's {out.numel() * 4 / 1e6:.0f} MB of fp32: {fill_us:.1f} us", flush=True)
+    W.WGRAD_SPLIT = 4
+    split = W.wgrad_split(N * k, E)
     rows = []
-    for config in MF.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in MF.WGRAD_CONFIGS]:
-        row = dict(config=str(config), listed=config in MF.WGRAD_CONFIGS)
+    for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
+        row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS)
         for name, (aa, bb, gather_a) in cases.items():
             dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda")
             db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
-            run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a:
-                   launch(config, aa, bb, token, offsets, dw, db, gather_a))
-            row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
-            row[f"{name}_rel_err"] = ((dw - refs[name]).norm() / refs[name].norm()).item()
+            for tag, s in (("", 0), ("_split", split)):
+                run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a, s=s:
+                       launch(config, aa, bb, token, offsets, dw, db, gather_a, s))
+                row[f"{name}{tag}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
+                row[f"{name}{tag}_rel_err"] = ((dw - refs[name]).norm() / refs[name].norm()).item()
         rows.append(row)
         print(row, flush=True)
     notes = (f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert {a.load_imbalance:.1f}x the mean "
-             f"rows), d {d}, width {H}; fill of the 134 MB output {fill_us:.1f} us; `listed`: in WGRAD_CONFIGS")
+             f"rows), d {d}, width {H}; fill of the 134 MB output {fill_us:.1f} us; `listed`: in WGRAD_CONFIGS; "
+             f"`_split`: experts over {split} rows in parts")
     if a.record:
         from bench.results import append_results
         append_results("wgrad", "python bench/wgrad.py " + " ".join(sys.argv[1:]), rows, notes=notes)

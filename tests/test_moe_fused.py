@@ -128,6 +128,7 @@ def check_gathered_wgrad() -> None:
     `_GatherGemm` / `_DownSum` gradients with the kernel in them against plain float64 autograd."""
     from vpmoe.model import kernels as K
     from vpmoe.model import moe_fused as MF
+    from vpmoe.model import wgrad as W
     from vpmoe.model.kernels import Routing, _DownSum, _GatherGemm
 
     assert MF.interpreting()
@@ -141,21 +142,21 @@ def check_gathered_wgrad() -> None:
     r = Routing(idx, E)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
         x, g = torch.randn(N, d, generator=gen).to(dtype), torch.randn(N * k, H, generator=gen).to(dtype)
-        dw, db, _ = MF.gathered_wgrad(x, g, r.token, r.offsets, True, True)
+        dw, db, _ = W.gathered_wgrad(x, g, r.token, r.offsets, True, True)
         ref_w, ref_b = _wgrad_reference(x, g, r.token, r.offsets, True)
         assert dw.dtype == db.dtype == torch.float32 and dw.shape == (E, d, H)
         torch.testing.assert_close(dw.double(), ref_w, rtol=tol, atol=tol)
         torch.testing.assert_close(db.double(), ref_b, rtol=tol, atol=tol)
         assert dw[1].abs().max() == 0 and db[1].abs().max() == 0
         u, gy = torch.randn(N * k, H, generator=gen).to(dtype), torch.randn(N, d, generator=gen).to(dtype)
-        dw, db, _ = MF.gathered_wgrad(u, gy, r.token, r.offsets, False, False)
+        dw, db, _ = W.gathered_wgrad(u, gy, r.token, r.offsets, False, False)
         assert dw.shape == (E, H, d) and db.numel() == 0
         torch.testing.assert_close(dw.double(), _wgrad_reference(u, gy, r.token, r.offsets, False)[0], rtol=tol,
                                    atol=tol)
 
     calls = []
-    original = MF._wgrad
-    MF._wgrad = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    original = W.launch
+    W.launch = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     f64 = {"dtype": torch.float64, "generator": gen}
     leaves64 = [torch.randn(N, d, **f64), torch.randn(E, d, H, **f64) / d**0.5, torch.randn(E, H, **f64),
                 torch.randn(N * k, H, **f64), torch.rand(N, k, **f64), torch.randn(E, H, d, **f64) / H**0.5,
@@ -196,6 +197,7 @@ def check_grad_sq() -> None:
 
     from tests.test_model import randomize, small
     from vpmoe.model import moe_fused as MF
+    from vpmoe.model import wgrad as W
     from vpmoe.model.fast import FastBody
     from vpmoe.model.kernels import Routing
     from vpmoe.model.model import VpMoE
@@ -213,10 +215,10 @@ def check_grad_sq() -> None:
         x, g = torch.randn(N, d, generator=gen).to(dtype), torch.randn(N * k, H, generator=gen).to(dtype)
         u, gy = torch.randn(N * k, H, generator=gen).to(dtype), torch.randn(N, d, generator=gen).to(dtype)
         for a, b, gather_a in ((x, g, True), (u, gy, False)):
-            dw, db, sq = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
-            dw0, db0, none = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
+            dw, db, sq = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
+            dw0, db0, none = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
             assert torch.equal(dw, dw0) and torch.equal(db, db0) and none.numel() == 0
-            assert sq.shape == MF.sq_shape(E, a.shape[1], b.shape[1]) == (E, -(-a.shape[1] // 16), -(-b.shape[1] // 16))
+            assert sq.shape == W.sq_shape(E, a.shape[1], b.shape[1]) == (E, -(-a.shape[1] // 16), -(-b.shape[1] // 16))
             ref = _wgrad_reference(a, b, r.token, r.offsets, gather_a)[0]
             torch.testing.assert_close(sq.double().sum(), dw.double().square().sum(), rtol=1e-6, atol=0)
             torch.testing.assert_close(sq.double().sum(), ref.square().sum(), rtol=1e-5, atol=0)
@@ -225,7 +227,7 @@ def check_grad_sq() -> None:
             for config in ((16, 16, 16, 4, 2), (32, 16, 8, 4, 3)):
                 dw_c, sq_c = torch.empty_like(dw), torch.full_like(sq, float("nan"))
                 db_c = torch.empty_like(db) if gather_a else None
-                MF._wgrad(a, b, r.token, r.offsets, dw_c, db_c, 1, dtype == torch.float32, gather_a=gather_a,
+                W.launch(a, b, r.token, r.offsets, dw_c, db_c, 1, dtype == torch.float32, gather_a=gather_a,
                           gather_b=not gather_a, config=config, sq=sq_c)
                 assert not sq_c.isnan().any(), config
                 torch.testing.assert_close(sq_c.double().sum(), dw_c.double().square().sum(), rtol=1e-6, atol=0)
@@ -240,7 +242,7 @@ def check_grad_sq() -> None:
                     torch.testing.assert_close(sq_c.double(), per_tile[:, :sq_c.shape[1]], rtol=1e-6, atol=1e-9)
     with torch.no_grad():
         try:
-            MF._wgrad(x, g, r.token, r.offsets, torch.empty(E, d, H), None, 1, False, gather_a=True,
+            W.launch(x, g, r.token, r.offsets, torch.empty(E, d, H), None, 1, False, gather_a=True,
                       sq=torch.empty(E, 2, 2))
             raise AssertionError("a wrong sq shape was accepted")
         except ValueError as e:
@@ -285,12 +287,64 @@ def check_grad_sq() -> None:
     print("checked")
 
 
+def check_wgrad_split() -> None:
+    """Row splitting of the weight gradient (`gathered_wgrad(split=)`): experts with 33 rows (five
+    parts at split 8, the last one short), 0, exactly 8 (one part), 9 (two) and 1, and a random
+    skewed top-3 routing; both operand sides, fp32 and bf16, with the bias gradient and the sums of
+    squares. Against float64 and against the unsplit op (the same products summed in another order);
+    two calls bit-equal (the parts are summed in a fixed order, no atomics); the sums of squares of
+    a split expert are its final gradient's; a split larger than every expert changes nothing."""
+    from vpmoe.model import moe_fused as MF
+    from vpmoe.model import wgrad as W
+    from vpmoe.model.kernels import Routing
+
+    assert MF.interpreting()
+    gen = torch.Generator().manual_seed(6)
+    counts = [33, 0, 8, 9, 1]
+    fixed = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    scores = torch.rand(29, 6, generator=gen)
+    scores[:, 0] += 0.6
+    routings = [(Routing(fixed[torch.randperm(len(fixed), generator=gen)].view(-1, 1), len(counts)), 8),
+                (Routing(scores.topk(3, dim=-1).indices, 6), 8), (Routing(scores.topk(3, dim=-1).indices, 6), 24)]
+    for r, split in routings:
+        N, k = r.n_tokens, r.k
+        for dtype in (torch.float32, torch.bfloat16):
+            x, g = torch.randn(N, 40, generator=gen).to(dtype), torch.randn(N * k, 24, generator=gen).to(dtype)
+            u, gy = torch.randn(N * k, 24, generator=gen).to(dtype), torch.randn(N, 40, generator=gen).to(dtype)
+            for a, b, gather_a in ((x, g, True), (u, gy, False)):
+                dw, db, sq = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)
+                dw2, db2, sq2 = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)
+                assert torch.equal(dw, dw2) and torch.equal(db, db2) and torch.equal(sq, sq2)
+                dw0, db0, sq0 = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
+                ref_w, ref_b = _wgrad_reference(a, b, r.token, r.offsets, gather_a)
+                torch.testing.assert_close(dw.double(), ref_w, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(dw, dw0, rtol=1e-5, atol=1e-5)
+                if gather_a:
+                    torch.testing.assert_close(db.double(), ref_b, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(db, db0, rtol=1e-5, atol=1e-5)
+                else:
+                    assert db.numel() == 0
+                assert sq.shape == sq0.shape and not sq.isnan().any()
+                torch.testing.assert_close(sq.double().sum((1, 2)), dw.double().square().sum((1, 2)), rtol=1e-6,
+                                           atol=1e-9)
+                # per slot too, for the experts in one part (the main kernel's tiles) and the split
+                # ones (the fix-up's): each slot's partial is that slot's tile of the final dW (the
+                # interpreter runs both kernels at 16-square tiles, so the slots line up)
+                torch.testing.assert_close(sq.double(), sq0.double(), rtol=1e-4, atol=1e-9)
+                big = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, r.token.numel())
+                assert all(torch.equal(p, q) for p, q in zip(big, (dw0, db0, sq0)))
+    assert W.wgrad_split(16384, 256) == 0  # off by default
+    W.WGRAD_SPLIT = 4
+    assert W.wgrad_split(16384, 256) == 256 and W.wgrad_split(100, 256) == 64
+    print("checked")
+
+
 def test_triton_is_installed_for_these_tests():
     import triton  # noqa: F401  (pip install -e .[test])
 
 
 @pytest.mark.parametrize("check", ["check_against_float64", "check_bf16_inputs", "check_compiled", "check_fast_body",
-                                   "check_gathered_wgrad", "check_grad_sq"])
+                                   "check_gathered_wgrad", "check_grad_sq", "check_wgrad_split"])
 def test_in_triton_interpreter(check):
     run_in_interpreter("tests.test_moe_fused", check, timeout=900)
 
@@ -356,11 +410,11 @@ def test_grad_sq_without_triton_falls_back_to_reading_the_gradients():
 
 
 def check_wgrad_bench_launch() -> None:
-    """bench/wgrad.py's launch (`moe_fused._wgrad` at a forced tiling configuration instead of the
+    """bench/wgrad.py's launch (`wgrad.launch` at a forced tiling configuration instead of the
     autotuner's pick) gives `gathered_wgrad`'s result and its own fp32 reference's, both operand sides
     gathered, at two configurations and ragged expert groups."""
     from bench.wgrad import launch, reference
-    from vpmoe.model import moe_fused as MF
+    from vpmoe.model import wgrad as W
     from vpmoe.model.kernels import Routing
 
     gen = torch.Generator().manual_seed(11)
@@ -370,7 +424,7 @@ def check_wgrad_bench_launch() -> None:
     u, g_tok = torch.randn(N * k, H, generator=gen), torch.randn(N, d, generator=gen)
     for a, b, gather_a in ((x, g_rows, True), (u, g_tok, False)):
         ref = reference(a, b, r.token, r.offsets, gather_a)
-        op_w, op_b, _ = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
+        op_w, op_b, _ = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)
         for config in ((16, 16, 16, 4, 2), (32, 16, 8, 4, 3)):
             dw = torch.full((E, a.shape[1], b.shape[1]), float("nan"))
             db = torch.full((E, H), float("nan")) if gather_a else None

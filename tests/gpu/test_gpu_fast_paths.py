@@ -245,7 +245,7 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
     the graphed step checkpoints its blocks, recomputing them inside the captured backward; with
     release, `release()` drops the graphs and their pool after the fourth step and the fifth step
     captures them again; with fused_wgrad, the experts' weight gradients from
-    `moe_fused.gathered_wgrad`). Same
+    `wgrad.gathered_wgrad`). Same
     losses; parameter updates as close to the eager run as a second eager run is (atomics and bf16
     make runs differ, and AdamW's first steps are nearly sign(g), so tiny gradient differences flip
     whole elements)."""

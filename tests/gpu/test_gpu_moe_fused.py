@@ -6,6 +6,7 @@ import torch
 from tests.test_moe_fused import experts_reference
 from vpmoe.model import kernels as K
 from vpmoe.model import moe_fused as MF
+from vpmoe.model import wgrad as W
 
 DEV = "cuda"
 NAMES = ["y", "x", "weight", "w_up", "b_up", "w_down", "b_down"]
@@ -84,7 +85,8 @@ def test_moe_fused_in_a_captured_graph():
 def test_gathered_wgrad_cuda_against_float64_and_grouped_gemm(gather_a):
     """The grouped path's weight gradients (`gathered_wgrad`, fp32 out) at the model's dims and the (a)
     step's 4,096 tokens: within fp32-sum rounding of float64 over the same bf16 operands, and within
-    bf16 rounding of the grouped GEMM it replaced (which rounds its output to bf16)."""
+    bf16 rounding of the grouped GEMM it replaced (which rounds its output to bf16); with row
+    splitting, the same within fp32-sum rounding and deterministic."""
     from tests.test_moe_fused import _wgrad_reference
 
     N, k, d, H, E = 4096, 4, 1024, 128, 256
@@ -95,19 +97,29 @@ def test_gathered_wgrad_cuda_against_float64_and_grouped_gemm(gather_a):
         a, b = x.bfloat16(), torch.randn(N * k, H, device=DEV, generator=g).bfloat16()
     else:  # the down GEMM: g's rows through the token index
         a, b = torch.randn(N * k, H, device=DEV, generator=g).bfloat16(), torch.randn(N, d, device=DEV, generator=g).bfloat16()
-    dw, db, sq = MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
+    dw, db, sq = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
     ref_w, ref_b = _wgrad_reference(a, b, r.token, r.offsets, gather_a)
     # the clipping norm's partial sums of squares from the kernel's registers (autotuned tiling):
     # every slot written, summing to ||dW||^2 of the dW it stored, and not changing dW
-    assert sq.shape == MF.sq_shape(E, a.shape[1], b.shape[1]) and torch.isfinite(sq).all()
+    assert sq.shape == W.sq_shape(E, a.shape[1], b.shape[1]) and torch.isfinite(sq).all()
     sq_err = abs(sq.double().sum() / dw.double().square().sum() - 1).item()
     assert sq_err < 1e-6, sq_err
-    assert torch.equal(MF.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)[0], dw)
+    assert torch.equal(W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)[0], dw)
     assert dw.dtype == torch.float32 and rel(dw, ref_w) < 1e-5, rel(dw, ref_w)
     rows_a, rows_b = (a[r.token], b) if gather_a else (a, b[r.token])
     old = K.grouped_mm_wgrad(rows_a, rows_b, r.offsets)
     assert rel(old, ref_w) < 1e-2 and rel(dw, ref_w) < rel(old, ref_w) / 10, (rel(dw, ref_w), rel(old, ref_w))
     if gather_a:
         assert rel(db, ref_b) < 1e-5, rel(db, ref_b)
+    # row splitting (`wgrad.WGRAD_SPLIT` 4: experts over 256 rows in parts; this routing's four busy
+    # experts have ~20x the mean): the same gradient, its parts summed in order by the fix-up kernel
+    split = 4 * -(-r.token.numel() // E)
+    dws, dbs, sqs = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)
+    assert (r.offsets.diff() > split).any()
+    assert rel(dws, ref_w) < 1e-5 and rel(dws, dw) < 1e-5, (rel(dws, ref_w), rel(dws, dw))
+    assert torch.equal(W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)[0], dws)
+    assert abs(sqs.double().sum() / dws.double().square().sum() - 1).item() < 1e-6
+    if gather_a:
+        assert rel(dbs, ref_b) < 1e-5, rel(dbs, ref_b)
     print(f"gathered wgrad gather_a={gather_a}: rel err {rel(dw, ref_w):.2e} (grouped GEMM {rel(old, ref_w):.2e}); "
-          f"sum of squares rel err {sq_err:.2e}")
+          f"sum of squares rel err {sq_err:.2e}; split at {split} rows: rel err {rel(dws, ref_w):.2e}")

@@ -39,7 +39,7 @@ Design choices:
   step captures them again.
 - With one micro-batch, the clipping norm does not read the expert weights' gradients (~5 GB of
   fp32 at 20 layers, ~72% of the norm's reads): their backward's Triton kernel sums each tile's
-  squares from its registers (`FastBody.grad_sq`, `moe_fused.gathered_wgrad(sq=True)`) and the
+  squares from its registers (`FastBody.grad_sq`, `wgrad.gathered_wgrad(sq=True)`) and the
   optimizer adds those partials (`FastMuonAdamW.step(known_sq=...)`). With more micro-batches the
   gradients are sums the kernel never holds, so the norm reads them as before (`GRAD_SQ` off: the same).
 - `WEIGHT_COPIES` (opt-in: a speed-for-memory trade): the expert weights of the blocks that keep

@@ -20,7 +20,7 @@ Design choices:
   device) at the weights' own shapes (off the 64/128 tile grid they ran slower: `_DownSum`); the
   biases are added in the fp32 pointwise work around them. The weight gradients: where Triton
   serves, one kernel per weight that reads the gathered rows through the token index and writes
-  fp32 for the master weight, the up bias's gradient beside it (`moe_fused.gathered_wgrad`,
+  fp32 for the master weight, the up bias's gradient beside it (`wgrad.gathered_wgrad`,
   `FUSED_WGRAD`); else grouped GEMMs, the up one over rows carrying a ones column for the bias. The
   down bias's gradient: a token-level dense GEMM through the routing weights. No atomics, no
   separate reduction. CUDA's grouped GEMM takes
@@ -35,8 +35,8 @@ import math
 import torch
 
 from vpmoe.model import model as M
-from vpmoe.model import moe_fused as MF
 from vpmoe.model import router_fused as RF
+from vpmoe.model import wgrad as W
 from vpmoe.model.grouped import (
     _acc,
     _round8,
@@ -245,7 +245,7 @@ def sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor
     return rows[inverse].view(inverse.numel() // k, k, -1).to(_acc(rows)).sum(1)
 
 
-# The experts' weight gradients in fp32 from `moe_fused.gathered_wgrad` where Triton serves (rows
+# The experts' weight gradients in fp32 from `wgrad.gathered_wgrad` where Triton serves (rows
 # read through the token index) instead of a bf16 grouped GEMM and a cast: (a) 61.51 -> 60.34 ms
 # (H200, docs/performance.md 2026-12-04). Off: the grouped GEMMs (`bench/train_step.py --moe grouped_mm_wgrad`).
 FUSED_WGRAD = True
@@ -261,7 +261,7 @@ class _GatherGemm(torch.autograd.Function):
     grouped GEMM over rows gathered again with a ones column (`gather_rows_with_ones`) gives the
     bias gradient as its row `a`, with no scatter and no atomics; with `FUSED_WGRAD` where Triton
     serves, one Triton kernel reads x's rows through `token`, sums the bias gradient beside it and
-    writes fp32 (`moe_fused.gathered_wgrad`). Keeps x [N, a], not the gathered rows [N*k, a].
+    writes fp32 (`wgrad.gathered_wgrad`). Keeps x [N, a], not the gathered rows [N*k, a].
     The input gradient sums each token's k rows (gather-only). `probe` (optional, unused forward):
     its gradient is the kernel's partial sums of the weight gradient's squares (`sq_probe`). `w_lo`
     (optional): w already in x's dtype (a kept copy, `FastBody.use_weight_copies`), used instead
@@ -281,8 +281,9 @@ class _GatherGemm(torch.autograd.Function):
         a = x.shape[1]
         g = g.to(w.dtype).contiguous()
         g_sq = None  # the probe's gradient: only where the kernel writes the weight's own gradient
-        if FUSED_WGRAD and MF.wgrad_applies(x, g, offsets.numel()):
-            g_w, g_b, g_sq = MF.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe)
+        if FUSED_WGRAD and W.wgrad_applies(x, g, offsets.numel()):
+            g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe,
+                                                W.wgrad_split(token.numel(), offsets.numel()))
         else:
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
@@ -306,7 +307,7 @@ class _DownSum(torch.autograd.Function):
     weight's part <g[t], b[e]> read from g b^T [N, E]. Nothing [N*k, n]-sized is kept for backward:
     the rows' gradients are gathered from g again. w is cast to u's dtype here (the fp32 master
     weight arrives with FUSED_WGRAD); its gradient comes from a grouped GEMM, or with `FUSED_WGRAD` where Triton serves in fp32 from
-    `moe_fused.gathered_wgrad` (reading g's rows through `token`); `probe` and `w_lo` as in `_GatherGemm`."""
+    `wgrad.gathered_wgrad` (reading g's rows through `token`); `probe` and `w_lo` as in `_GatherGemm`."""
 
     @staticmethod
     def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None, w_lo=None):
@@ -326,8 +327,9 @@ class _DownSum(torch.autograd.Function):
         g_rows = g_lo[token]
         g_u = grouped_mm_t(g_rows, w, offsets)
         g_sq = None
-        if FUSED_WGRAD and MF.wgrad_applies(u, g_lo, offsets.numel()):
-            g_w, _, g_sq = MF.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe)
+        if FUSED_WGRAD and W.wgrad_applies(u, g_lo, offsets.numel()):
+            g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe,
+                                              W.wgrad_split(token.numel(), offsets.numel()))
         else:
             g_w = grouped_mm_wgrad(u, g_rows, offsets)
         dense = torch.zeros(g.shape[0], b.shape[0], dtype=dt, device=g.device).scatter_(
@@ -367,8 +369,8 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
 
 def sq_probe(w: torch.Tensor) -> torch.Tensor:
     """A fresh leaf for `routed_experts(probes=...)` for the expert weight w [E, a, n]: its gradient
-    after a backward holds that backward's weight-gradient partial sums of squares (`moe_fused.sq_shape`)."""
-    return torch.empty(MF.sq_shape(*w.shape), dtype=torch.float32, device=w.device, requires_grad=True)
+    after a backward holds that backward's weight-gradient partial sums of squares (`wgrad.sq_shape`)."""
+    return torch.empty(W.sq_shape(*w.shape), dtype=torch.float32, device=w.device, requires_grad=True)
 
 
 def experts_grouped(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,9 @@ Design choices:
   (rows / BM + E programs, the rest exit): no host sync, CUDA-graph capturable. Flags pick the
   gather, the squared-ReLU on load, bias, scale, scatter, and the down GEMM's backward epilogue.
   `_wide_rows_kernel` serves the short-K, wide-N GEMMs (the down GEMM, the up GEMM's input
-  gradient): it keeps its row tile and loops over the column tiles. `_wgrad_kernel` (one program
-  per expert and output tile) loops over the expert's rows and sums the weight gradient and, where
-  asked, the bias gradient. `_sum_slots_kernel` sums each token's k slot rows in fp32.
+  gradient): it keeps its row tile and loops over the column tiles. The weight gradients come from
+  `vpmoe.model.wgrad` (one program per expert and output tile loops over the expert's rows).
+  `_sum_slots_kernel` sums each token's k slot rows in fp32.
 - Offsets are int32 (a call refuses more than 2^31 elements per operand): int64 offset tensors for
   the gathered loads and scattered stores took ~100 more registers per thread.
 - Every output element is written exactly once (no atomics): deterministic, and autotuning's
@@ -43,8 +43,8 @@ Design choices:
 - Status (H200, docs/performance.md): one MoE layer alone is faster than the grouped-GEMM path
   (5.68 vs 6.02 ms at 64k tokens) and keeps 1 GiB less, but the whole train step is slower (80
   layers: 3,102 vs 2,790 ms), so `FastBody` uses it only when asked (`fused_moe=True`).
-- `gathered_wgrad` lends `_wgrad_kernel` to the grouped-GEMM path (`kernels.FUSED_WGRAD`, on by
-  default): its weight gradients in fp32, rows read through the token index.
+- The same weight-gradient kernel serves the grouped-GEMM path (`wgrad.gathered_wgrad`,
+  `kernels.FUSED_WGRAD`, on by default): its weight gradients in fp32, rows read through the token index.
 - Tests: tests/test_moe_fused.py runs the kernels under the Triton interpreter (CPU) against float64
   and FastBody with them against the grouped path; tests/gpu/test_gpu_moe_fused.py on the GPU.
 """
@@ -52,7 +52,10 @@ from __future__ import annotations
 
 import torch
 
-from vpmoe.model.tpa_fused import available, interpreting  # the same test for every Triton op
+# available: fast.py asks this module whether its kernels run on a device
+from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401  (the same test for every Triton op)
+from vpmoe.model.wgrad import bf16_rounded, pow2_at_least, tile_dot
+from vpmoe.model.wgrad import launch as launch_wgrad
 
 try:
     import triton
@@ -64,29 +67,9 @@ except ImportError:  # CPU-only installs: callers use kernels.routed_experts
 ROWS_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                 (64, 128, 128, 4, 3), (128, 256, 64, 8, 3)]
 WIDE_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (128, 256, 8, 3)]  # BM, BN, warps, stages
-# the weight gradient is bound by latency and its fp32 stores (a short row loop per expert): fewer stages
-# leave shared memory for more resident programs. Alone at (a)'s shapes on H200s (2026-12-04, the up
-# gradient, two machines, balanced and skewed routing, us): (64, 128, 64, 4, 2) 74-144, (64, 128, 64, 4, 4)
-# 118-146, (128, 128, 64, 8, 3) 86-163. The deeper-pipelined ones stay for long row loops (the 80-layer
-# step's 65k-token micro-batches, not re-timed): the autotuner picks per shape.
-WGRAD_CONFIGS = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 5),
-                 (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
-# the granularity of the weight gradient's sums of squares (`sq_shape`): every BM and BN is a multiple
-SQ_TILE = 16
-
-
-def sq_shape(E: int, KA: int, NB: int) -> tuple[int, int, int]:
-    """The shape of `_wgrad_kernel`'s sums of squares for dW [E, KA, NB]: one SQ_TILE-square slot each."""
-    return E, -(-KA // SQ_TILE), -(-NB // SQ_TILE)
-
-
 def supported(d_model: int, width: int) -> bool:
     """The down GEMM's backward epilogue holds a whole expert row: width a power of two, 16..256."""
     return 16 <= width <= 256 and width & (width - 1) == 0 and d_model % 8 == 0
-
-
-def _p2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,30 +95,10 @@ if triton is not None:
         return e, start + (pid - first_tile) * BM, end
 
     @triton.jit
-    def _dot(a, b, acc, FP32: tl.constexpr):
-        """acc + a @ b: exact fp32 products for fp32 models (tests), else bf16 tensor cores. The
-        interpreter's bf16 dot is wrong (numpy has no bf16): there the bf16-rounded operands are
-        multiplied in fp32, the same products."""
-        if FP32:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        if INTERPRETING:
-            return tl.dot(_bf16_rounded(a.to(tl.float32)), _bf16_rounded(b.to(tl.float32)), acc,
-                          input_precision="ieee")
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-
-    @triton.jit
-    def _bf16_rounded(x):
-        """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32: for the interpreter, whose
-        own fp32 -> bf16 conversion truncates (a 1-ulp bias; the GPU's rounds to nearest)."""
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _stored(x, dtype):
         """x in the output's dtype, rounded to nearest in the interpreter too."""
         if INTERPRETING and dtype == tl.bfloat16:
-            return _bf16_rounded(x).to(dtype)
+            return bf16_rounded(x).to(dtype)
         return x.to(dtype)
 
     @triton.jit
@@ -174,7 +137,7 @@ if triton is not None:
                 c += tl.sum(a.to(tl.float32) * bd[None, :], 1)
             w = tl.load(w_ptr + e * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(a, w, acc, FP32)
+            acc = tile_dot(a, w, acc, FP32)
         ok = row_ok[:, None] & col_ok[None, :]
         if DOWN_BACKWARD:
             hv = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=ok, other=0.0)
@@ -218,7 +181,7 @@ if triton is not None:
             cols = n0 + tl.arange(0, BN)
             col_ok = cols < N
             w = tl.load(w_ptr + e * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=col_ok[None, :], other=0.0)
-            acc = _dot(a, w, tl.zeros([BM, BN], dtype=tl.float32), FP32)
+            acc = tile_dot(a, w, tl.zeros([BM, BN], dtype=tl.float32), FP32)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + e * s_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if SCALE:
@@ -239,69 +202,17 @@ if triton is not None:
             acc += tl.load(rows_ptr + (ts * TOPK + slot)[:, None] * D + cs[None, :], mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + ts[:, None] * D + cs[None, :], _stored(acc, out_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
-    def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr, sq_ptr,
-                      KA, NB, M, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
-                      GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
-                      FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
-        A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
-        gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile). M (all
-        experts' rows) is only the autotuning key. HAS_SQ: each program also writes its tile's sum
-        of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)] (`sq_shape`, SQ = SQ_TILE): in the first
-        SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum do
-        not depend on the tiling the autotuner picks and no slot is left unwritten."""
-        e = tl.program_id(0)
-        start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
-        end = tl.load(offsets_ptr + e)
-        ms = tl.program_id(1) * BM + tl.arange(0, BM)
-        ns = tl.program_id(2) * BN + tl.arange(0, BN)
-        m_ok, n_ok = ms < KA, ns < NB
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        db = tl.zeros([BN], dtype=tl.float32)
-        for r0 in range(start, end, BK):
-            rows = r0 + tl.arange(0, BK)
-            ok = rows < end
-            flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
-            a_rows = (flat // TOPK) if GATHER_A else rows
-            b_rows = (flat // TOPK) if GATHER_B else rows
-            a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :], other=0.0)
-            if ACT_A:
-                r = tl.maximum(a.to(tl.float32), 0.0)
-                a = r * r
-            b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
-            if SCALE_B:
-                b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
-            if HAS_DB:
-                db += tl.sum(b.to(tl.float32), 0)
-            acc = _dot(tl.trans(a), b, acc, FP32)
-        base = e * KA * NB
-        tl.store(dw_ptr + base + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
-        if HAS_DB:
-            if tl.program_id(1) == 0:  # the bias gradient once per column tile
-                tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
-        if HAS_SQ:  # masked loads left zeros outside the weight: acc's squares are the tile's own
-            part = tl.sum(tl.sum(acc * acc, 1), 0)
-            g1, g2 = (KA + SQ - 1) // SQ, (NB + SQ - 1) // SQ
-            j1, j2 = tl.arange(0, BM // SQ), tl.arange(0, BN // SQ)
-            s1, s2 = tl.program_id(1) * (BM // SQ) + j1, tl.program_id(2) * (BN // SQ) + j2
-            first = (j1 == 0)[:, None] & (j2 == 0)[None, :]
-            tl.store(sq_ptr + e * g1 * g2 + s1[:, None] * g2 + s2[None, :], tl.where(first, part, 0.0),
-                     mask=(s1 < g1)[:, None] & (s2 < g2)[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
 # launches
 
 _kernels: dict = {}
 _ROWS_KEY = ["N", "M", "K", "GATHER_A", "ACT_A", "SCALE", "SCATTER", "DOWN_BACKWARD", "FP32"]
 _WIDE_KEY = ["N", "M", "K", "ACT_A", "SCALE", "SCATTER", "FP32"]
-_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32"]
 
 
 def _prune_rows(configs, nargs, **kwargs):
     """BN no wider than the output; the down GEMM's backward needs the whole expert row (BN = N)."""
-    width = max(16, _p2(nargs["N"]))
+    width = max(16, pow2_at_least(nargs["N"]))
     seen, out = set(), []
     for c in configs:
         bn = width if kwargs.get("DOWN_BACKWARD") else min(c.kwargs["BN"], width)
@@ -315,14 +226,14 @@ def _prune_rows(configs, nargs, **kwargs):
 def _tuned(which: str):
     """The kernel, autotuned per shape and flags on CUDA; the interpreter runs `_untuned_config`."""
     if which not in _kernels:
-        kernel = {"rows": _rows_kernel, "wide": _wide_rows_kernel, "wgrad": _wgrad_kernel}[which]
+        kernel = {"rows": _rows_kernel, "wide": _wide_rows_kernel}[which]
         if not interpreting():
             if which == "wide":
                 configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in WIDE_CONFIGS]
             else:
                 configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                           for bm, bn, bk, w, s in (ROWS_CONFIGS if which == "rows" else WGRAD_CONFIGS)]
-            kernel = triton.autotune(configs, key={"rows": _ROWS_KEY, "wide": _WIDE_KEY, "wgrad": _WGRAD_KEY}[which],
+                           for bm, bn, bk, w, s in ROWS_CONFIGS]
+            kernel = triton.autotune(configs, key={"rows": _ROWS_KEY, "wide": _WIDE_KEY}[which],
                                      prune_configs_by={"early_config_prune": _prune_rows} if which == "rows" else None
                                      )(kernel)
         _kernels[which] = kernel
@@ -334,10 +245,8 @@ def _untuned_config(which: str, n: int = 0, down_backward: bool = False) -> dict
     if not interpreting():
         return {}
     if which == "rows":
-        return {"BM": 16, "BN": max(16, _p2(n)) if down_backward else 16, "BK": 16}
-    if which == "wide":
-        return {"BM": 16, "BN": 16}
-    return {"BM": 16, "BN": 16, "BK": 16}
+        return {"BM": 16, "BN": max(16, pow2_at_least(n)) if down_backward else 16, "BK": 16}
+    return {"BM": 16, "BN": 16}  # wide
 
 
 def _rows(a, order, offsets, w, w_strides, out, N: int, K: int, topk: int, fp32: bool, *, gather=False, act=False,
@@ -346,7 +255,7 @@ def _rows(a, order, offsets, w, w_strides, out, N: int, K: int, topk: int, fp32:
     if K <= 256 and K & (K - 1) == 0 and not gather and h is None:  # short K, wide N: the row tile stays, columns loop
         _tuned("wide")[lambda meta: (triton.cdiv(M, meta["BM"]) + E,)](
             a, a.stride(0), order, w, *w_strides, out if bias is None else bias, 0 if bias is None else bias.stride(0),
-            out if scale is None else scale, out, out.stride(0), offsets, N, M, K=K, E=E, E_P2=_p2(E), TOPK=topk,
+            out if scale is None else scale, out, out.stride(0), offsets, N, M, K=K, E=E, E_P2=pow2_at_least(E), TOPK=topk,
             ACT_A=act, HAS_BIAS=bias is not None, SCALE=scale is not None, SCATTER=scatter, FP32=fp32,
             **_untuned_config("wide"))
         return
@@ -354,27 +263,9 @@ def _rows(a, order, offsets, w, w_strides, out, N: int, K: int, topk: int, fp32:
         a, a.stride(0), order, w, *w_strides, out if bias is None else bias, 0 if bias is None else bias.stride(0),
         out if scale is None else scale, out, out.stride(0), offsets, out if h is None else h,
         0 if h is None else h.stride(0), out if gw is None else gw, N, M,
-        K=K, E=E, E_P2=_p2(E), TOPK=topk, GATHER_A=gather, ACT_A=act, HAS_BIAS=bias is not None,
+        K=K, E=E, E_P2=pow2_at_least(E), TOPK=topk, GATHER_A=gather, ACT_A=act, HAS_BIAS=bias is not None,
         SCALE=scale is not None, SCATTER=scatter, DOWN_BACKWARD=h is not None, FP32=fp32,
         **_untuned_config("rows", N, h is not None))
-
-
-def _wgrad(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
-           scale=None, config=None, sq=None):
-    """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
-    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too."""
-    E, KA, NB = dw.shape
-    if sq is not None and tuple(sq.shape) != sq_shape(E, KA, NB):
-        raise ValueError(f"_wgrad: sq has shape {tuple(sq.shape)}, dW {tuple(dw.shape)} needs {sq_shape(E, KA, NB)}")
-    if config is None:
-        kernel, meta = _tuned("wgrad"), _untuned_config("wgrad")
-    else:
-        bm, bn, bk, warps, stages = config
-        kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
-    kernel[lambda m: (E, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
-        a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
-        dw if sq is None else sq, KA, NB, M=order.numel(), TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
-        SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32, **meta)
 
 
 def _sum_slots(rows: torch.Tensor, N: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -455,9 +346,9 @@ def moe_experts_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     _rows(g_h, order, offsets, w_up, w_up_t, g_rows, d, H, k, fp32, scatter=True)
     g_x = _sum_slots(g_rows, N, k, torch.float32)
     dw_down, db_down = gy.new_empty(E, H, d), gy.new_empty(E, d)
-    _wgrad(h, gy, order, offsets, dw_down, db_down, k, fp32, act=True, gather_b=True, scale=weight.view(-1))
+    launch_wgrad(h, gy, order, offsets, dw_down, db_down, k, fp32, act=True, gather_b=True, scale=weight.view(-1))
     dw_up, db_up = gy.new_empty(E, d, H), gy.new_empty(E, H)
-    _wgrad(x, g_h, order, offsets, dw_up, db_up, k, fp32, gather_a=True)
+    launch_wgrad(x, g_h, order, offsets, dw_up, db_up, k, fp32, gather_a=True)
     return [g_x, g_weight.view(N, k), dw_up, db_up, dw_down, db_down]
 
 
@@ -485,43 +376,6 @@ def _backward(ctx, gy, _gh):
 
 
 moe_experts.register_autograd(_backward, setup_context=_setup_context)
-
-
-def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
-    """Whether `gathered_wgrad` serves these operands: Triton on their device, bf16 or fp32, and every
-    offset the kernel forms within int32."""
-    return (available(a.device) and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float32)
-            and max(a.numel(), b.numel(), n_experts * a.shape[1] * b.shape[1]) < 2**31)
-
-
-@torch.library.custom_op("vpmoe::gathered_wgrad", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
-def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, gather_a: bool,
-                   bias: bool, sq: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weight gradient of a grouped GEMM whose rows are sorted by expert, in fp32, straight from
-    `_wgrad_kernel`: dW[e] = sum over e's rows r of A'[r]^T B'[r], where the operand named by
-    `gather_a` is read through `index` (A'[r] = A[index[r]], else B'[r] = B[index[r]]), so neither
-    gathered operand is materialised; with `bias`, db[e] = sum_r B'[r] too (else db is empty); with
-    `sq`, partial sums of dW's squares [`sq_shape`] whose total is ||dW||^2 (else empty): taken from
-    the kernel's registers, so the optimizer's clipping norm need not read dW again.
-    The grouped-GEMM path's form (`kernels._GatherGemm`, `kernels._DownSum`) wrote a bf16
-    gradient (and for the up GEMM first gathered its rows with a ones column), which the
-    compiled backward then cast to fp32 for the master weight: three passes where this is one."""
-    a, b = a.contiguous(), b.contiguous()
-    dw, db, sq_parts = _wgrad_outputs(a, b, offsets, bias, sq)
-    _wgrad(a, b, index, offsets, dw, db if bias else None, 1, a.dtype == torch.float32, gather_a=gather_a,
-           gather_b=not gather_a, sq=sq_parts if sq else None)
-    return dw, db, sq_parts
-
-
-def _wgrad_outputs(a, b, offsets, bias: bool, sq: bool):
-    E, KA, NB = offsets.shape[0], a.shape[1], b.shape[1]
-    return (a.new_empty(E, KA, NB, dtype=torch.float32), a.new_empty(E if bias else 0, NB, dtype=torch.float32),
-            a.new_empty(sq_shape(E, KA, NB) if sq else (0,), dtype=torch.float32))
-
-
-@gathered_wgrad.register_fake
-def _(a, b, index, offsets, gather_a, bias, sq=False):
-    return _wgrad_outputs(a, b, offsets, bias, sq)
 
 
 # ----------------------------------------------------------------------------------------------
