@@ -88,10 +88,10 @@ if triton is not None:
     @triton.jit
     def _expert_splits(e, offsets_ptr, E, E_P2: tl.constexpr, SPLIT: tl.constexpr):
         """Row splitting of the weight gradient (`wgrad_split`): expert i's rows are cut into
-        n_i = max(1, cdiv(rows_i, SPLIT)) near-equal parts, one program each. Returns for the i-th
-        expert position `e` given as a work unit index: (expert, its part, its n, its first row, its
-        end, the expert's first workspace slot) where the workspace holds parts 1..n-1 of every split
-        expert in expert order (part 0 goes to dW itself); expert >= E past the last unit."""
+        n_i = max(1, cdiv(rows_i, SPLIT)) near-equal parts, one program (work unit) each, in expert
+        order. For work unit `e`: (expert, part, the expert's n, the part's first row, its end, the
+        expert's first workspace slot); the workspace holds parts 1..n-1 of every split expert in
+        expert order (part 0 goes to dW itself). Units past the last get expert >= E."""
         es = tl.arange(0, E_P2)
         ends = tl.load(offsets_ptr + es, mask=es < E, other=0)
         starts = tl.load(offsets_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
@@ -275,7 +275,7 @@ def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
             and max(a.numel(), b.numel(), n_experts * a.shape[1] * b.shape[1]) < 2**31)
 
 
-# Row splitting of the weight gradient (`_wgrad(split=)`): an expert with more than WGRAD_SPLIT times
+# Row splitting of the weight gradient (`launch(split=)`): an expert with more than WGRAD_SPLIT times
 # the mean rows per expert is cut into parts of at most that many rows, one program each, summed by
 # a fix-up kernel in part order (deterministic). The kernel's time is its busiest expert's row loop:
 # under a random-init router's skew (the (a) bench: the busiest expert ~11x the mean) it took 117.5
