@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401 - the same test for every Triton op
+# the same test for every Triton op
+from vpmoe.model.tpa_fused import autotuned, available, interpreting
 
 try:
     import triton
@@ -87,11 +88,7 @@ def _tuned():
     it with small tiles (`_untuned_config`) so that tests cross every tile edge."""
     global _kernel
     if _kernel is None:
-        _kernel = _logits_kernel
-        if not interpreting():
-            configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                       for bm, bn, bk, w, s in CONFIGS]
-            _kernel = triton.autotune(configs, key=["D", "E"])(_logits_kernel)
+        _kernel = autotuned(_logits_kernel, CONFIGS, ["D", "E"])
     return _kernel
 
 

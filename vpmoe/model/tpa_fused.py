@@ -70,6 +70,15 @@ def interpreting() -> bool:
     return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def autotuned(kernel, configs, key: list[str]):
+    """`kernel` autotuned over `configs` ((BM, BN, BK, warps, stages) each) per `key` on CUDA; as it
+    is under the interpreter, which has no driver to time with (its callers pass small tiles)."""
+    if interpreting():
+        return kernel
+    return triton.autotune([triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                            for bm, bn, bk, w, s in configs], key=key)(kernel)
+
+
 def column_layout(H: int, G: int, D: int, Rq: int, Rkv: int) -> list[int]:
     """Widths of a_q | b_q | a_k | b_k | a_v | b_v in `proj` (the fast body's concatenation order)."""
     return [H * Rq, Rq * D, G * Rkv, Rkv * D, G * Rkv, Rkv * D]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 # the same test for every Triton op
-from vpmoe.model.tpa_fused import available, interpreting
+from vpmoe.model.tpa_fused import autotuned, available, interpreting
 
 try:
     import triton
@@ -225,11 +225,7 @@ def _tuned():
     (`_untuned_config`) so that tests cross tile and expert boundaries."""
     global _kernel
     if _kernel is None:
-        _kernel = _wgrad_kernel
-        if not interpreting():
-            configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                       for bm, bn, bk, w, s in WGRAD_CONFIGS]
-            _kernel = triton.autotune(configs, key=_WGRAD_KEY)(_wgrad_kernel)
+        _kernel = autotuned(_wgrad_kernel, WGRAD_CONFIGS, _WGRAD_KEY)
     return _kernel
 
 
