@@ -216,7 +216,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # launches
 
-_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32"]
+_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "SPLIT"]  # SPLIT: other registers
 _kernel = None
 
 
