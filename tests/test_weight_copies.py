@@ -40,7 +40,8 @@ def _step(model, body, opt, tokens, doc):
     return hidden.detach(), grads
 
 
-def _assert_copies_exact(body):
+def assert_copies_exact(body):
+    """Every kept copy is its master's bf16 cast, at the master's current version."""
     for layer in body.copies.values():
         for master, low, version in layer.values():
             assert low.dtype == torch.bfloat16 and torch.equal(low, master.detach().to(torch.bfloat16))
@@ -66,7 +67,7 @@ def test_kept_bf16_weights_give_the_cast_path_bit_for_bit(checkpoint, compiled):
             assert torch.equal(g0[n], g1[n]), (step, n)
         for (n, a), b in zip(plain[0].named_parameters(), kept[0].parameters()):
             assert torch.equal(a, b), (step, n)
-        _assert_copies_exact(kept[1])  # the update wrote them
+        assert_copies_exact(kept[1])  # the update wrote them
         assert kept[1].refresh_stale_copies() == 0
     if compiled:
         assert set(kept[1].compile_modes().values()) == {"fullgraph"}, kept[1].compile_modes()
@@ -85,7 +86,7 @@ def test_a_master_changed_outside_the_optimizer_is_cast_again():
         for model in (plain[0], kept[0]):
             model.layers[layer].ffn.w_up.add_(0.25)
     assert kept[1].refresh_stale_copies() == 1
-    _assert_copies_exact(kept[1])
+    assert_copies_exact(kept[1])
     with torch.no_grad():
         assert torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
     # a forward refreshes on its own too
@@ -93,7 +94,7 @@ def test_a_master_changed_outside_the_optimizer_is_cast_again():
         for model in (plain[0], kept[0]):
             model.layers[layer].ffn.w_down.mul_(0.5)
         assert torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
-    _assert_copies_exact(kept[1])
+    assert_copies_exact(kept[1])
 
 
 def test_no_copies_where_they_do_not_apply():

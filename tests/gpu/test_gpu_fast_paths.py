@@ -13,6 +13,7 @@ import torch
 
 from bench.train_step import Trainer, make_batch
 from tests.gpu.helpers import DEV, rel_err, small_cfg
+from tests.test_weight_copies import assert_copies_exact
 from vpmoe.model import graphed as G
 from vpmoe.model import kernels as K
 from vpmoe.model.fast import FastBody
@@ -348,9 +349,7 @@ def test_weight_copies_match_casting(micro, monkeypatch):
         assert abs(norms[1] - norms[0]) <= 1e-6 * abs(norms[0]), (i, norms)
         for (name, p), q in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
             assert rel_err(q, p) <= 1e-6, (i, name, rel_err(q, p))
-        for layer in runs[1].body.copies.values():  # the update kept them equal to the masters' casts
-            for master, low, _ in layer.values():
-                assert torch.equal(low, master.detach().to(low.dtype)), i
+        assert_copies_exact(runs[1].body)  # the update kept them equal to the masters' casts
     assert runs[1].graphed.graphs is not None
 
 

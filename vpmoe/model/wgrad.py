@@ -86,16 +86,22 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _expert_parts(offsets_ptr, E, E_P2: tl.constexpr, SPLIT: tl.constexpr):
+        """(expert index vector [E_P2], each expert's first row, its group end, its parts n_i =
+        max(1, cdiv(rows_i, SPLIT)); 0 parts past E), from the group ends."""
+        es = tl.arange(0, E_P2)
+        ends = tl.load(offsets_ptr + es, mask=es < E, other=0)
+        starts = tl.load(offsets_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+        return es, starts, ends, tl.where(es < E, tl.maximum((ends - starts + SPLIT - 1) // SPLIT, 1), 0)
+
+    @triton.jit
     def _expert_splits(e, offsets_ptr, E, E_P2: tl.constexpr, SPLIT: tl.constexpr):
         """Row splitting of the weight gradient (`wgrad_split`): expert i's rows are cut into
         n_i = max(1, cdiv(rows_i, SPLIT)) near-equal parts, one program (work unit) each, in expert
         order. For work unit `e`: (expert, part, the expert's n, the part's first row, its end, the
         expert's first workspace slot); the workspace holds parts 1..n-1 of every split expert in
         expert order (part 0 goes to dW itself). Units past the last get expert >= E."""
-        es = tl.arange(0, E_P2)
-        ends = tl.load(offsets_ptr + es, mask=es < E, other=0)
-        starts = tl.load(offsets_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
-        parts = tl.where(es < E, tl.maximum((ends - starts + SPLIT - 1) // SPLIT, 1), 0)
+        es, starts, ends, parts = _expert_parts(offsets_ptr, E, E_P2, SPLIT)
         cum = tl.cumsum(parts, 0)
         expert = tl.sum((cum <= e).to(tl.int32), 0)
         pick = es == expert
@@ -186,10 +192,7 @@ if triton is not None:
         order (deterministic), the same for db; then that expert's sums of squares. A [BM, BN] tile
         of one expert per program; experts in one part store nothing."""
         e = tl.program_id(0)
-        es = tl.arange(0, E_P2)
-        ends = tl.load(offsets_ptr + es, mask=es < E, other=0)
-        starts = tl.load(offsets_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
-        parts = tl.where(es < E, tl.maximum((ends - starts + SPLIT - 1) // SPLIT, 1), 0)
+        es, _, _, parts = _expert_parts(offsets_ptr, E, E_P2, SPLIT)
         n = tl.sum(tl.where(es == e, parts, 0), 0)
         slot0 = tl.sum(tl.where(es < e, parts - 1, 0), 0)
         ms = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -249,8 +252,8 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
     # at most M // split parts beyond each expert's first: the workspace's slots, static for the shape
     extra = M // split if split > 0 else 0
-    ws = dw.new_empty(max(extra, 1), KA, NB) if extra else dw
-    dbws = dw.new_empty(max(extra, 1), NB) if extra and db is not None else dw
+    ws = dw.new_empty(extra, KA, NB) if extra else dw
+    dbws = dw.new_empty(extra, NB) if extra and db is not None else dw
     split = split if extra else 0  # no expert can have more rows than `split`: one part each
     kernel[lambda m: (E + extra, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
