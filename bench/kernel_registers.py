@@ -123,17 +123,10 @@ def moe_cases():
     for name, (a_t, b_t, flags) in MOE_WGRAD.items():
         sig = {"a_ptr": f"*{a_t}", "stride_a": "i32", "b_ptr": f"*{b_t}", "stride_b": "i32", "order_ptr": "*i64",
                "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "sq_ptr": "*fp32",
-               "ws_ptr": "*fp32", "dbws_ptr": "*fp32", "E": "i32", "KA": "i32", "NB": "i32", "M": "i32"}
+               "KA": "i32", "NB": "i32", "M": "i32"}
         for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
-            for split in (0, 256):  # rows in one program per expert; row splitting (wgrad.WGRAD_SPLIT)
-                consts = dict(off, **flags, TOPK=4, HAS_SQ=True, SQ=W.SQ_TILE, SPLIT=split, E_P2=256, FP32=False,
-                              BM=bm, BN=bn, BK=bk)
-                label = f"{bm}x{bn}x{bk}, {w} warps, {st} stages" + (f", split {split}" if split else "")
-                yield name, label, W._wgrad_kernel, sig, consts, w, st
-    sig = {"dw_ptr": "*fp32", "db_ptr": "*fp32", "sq_ptr": "*fp32", "ws_ptr": "*fp32", "dbws_ptr": "*fp32",
-           "offsets_ptr": "*i32", "E": "i32", "KA": "i32", "NB": "i32"}
-    consts = dict(HAS_DB=True, HAS_SQ=True, SQ=W.SQ_TILE, SPLIT=256, E_P2=256, BM=64, BN=128)
-    yield "moe wgrad split fix-up", "64x128, 4 warps", W._wgrad_fixup_kernel, sig, consts, 4, 3
+            consts = dict(off, **flags, TOPK=4, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, BM=bm, BN=bn, BK=bk)
+            yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", W._wgrad_kernel, sig, consts, w, st
 
 
 def ns_cases():

@@ -508,9 +508,6 @@ def main():
     ap.add_argument("--weight-copies", default="off", choices=["on", "off"],
                     help="graphed steps: the kept blocks' expert weights held in bf16 and written by the update "
                          "(graphed.WEIGHT_COPIES; opt-in: -2.0%% for +2.15 GiB at (a)) or cast from fp32 in every forward")
-    ap.add_argument("--wgrad-split", type=int, default=0,
-                    help="the experts' weight gradients with row splitting: experts with more than this many times "
-                         "the mean rows in parts (wgrad.WGRAD_SPLIT; 0: off, the default until measured)")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
@@ -530,7 +527,6 @@ def main():
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     graphed_module.GRAD_SQ = a.grad_sq == "on"
     graphed_module.WEIGHT_COPIES = a.weight_copies == "on"
-    wgrad_module.WGRAD_SPLIT = a.wgrad_split
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -563,8 +559,6 @@ def main():
                 row["grad_sq"] = "off"
             if a.weight_copies == "on":
                 row["weight_copies"] = "on"
-            if a.wgrad_split:
-                row["wgrad_split"] = a.wgrad_split
             if a.opt:
                 row["opt"] = a.opt
             if a.flex_local:

@@ -10,9 +10,7 @@ bias gradient) and the down gradient (dW [E, 128, 1024] from u [N*k, 128] and g 
 through the index), each checked against fp32 torch of the same bf16 operands (`rel_err`). The
 floor: a plain fill of the output's 134 MB of fp32 (`fill_us`). `--tokens 4096` is the (a) step's
 micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
-74-98 us against a 39 us fill; fewer pipeline stages won. `*_split_us`: the same with row splitting
-(`wgrad.WGRAD_SPLIT` = 4: experts with more than 4x the mean rows in parts, then the fix-up kernel),
-which matters under `--skew` (the busiest expert's row loop sets the kernel's time).
+74-98 us against a 39 us fill; fewer pipeline stages won.
 """
 from __future__ import annotations
 
@@ -40,14 +38,13 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
     return out
 
 
-def launch(config, a, b, index, offsets, dw, db, gather_a: bool, split: int = 0) -> None:
+def launch(config, a, b, index, offsets, dw, db, gather_a: bool) -> None:
     """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
-    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick; `split`:
-    its row splitting (`wgrad.wgrad_split`)."""
+    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick."""
     from vpmoe.model import wgrad as W
 
     W.launch(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
-             config=config, split=split)
+             config=config)
 
 
 def main():
@@ -65,24 +62,20 @@ def main():
     out = torch.empty(E * d * H, device="cuda")
     fill_us = cuda_time(lambda: out.fill_(1.0), warmup=3, iters=20) * 1e6
     print(f"# fill of the output's {out.numel() * 4 / 1e6:.0f} MB of fp32: {fill_us:.1f} us", flush=True)
-    W.WGRAD_SPLIT = 4
-    split = W.wgrad_split(N * k, E)
     rows = []
     for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
         row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS)
         for name, (aa, bb, gather_a) in cases.items():
             dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda")
             db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
-            for tag, s in (("", 0), ("_split", split)):
-                run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a, s=s:
-                       launch(config, aa, bb, token, offsets, dw, db, gather_a, s))
-                row[f"{name}{tag}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
-                row[f"{name}{tag}_rel_err"] = ((dw - refs[name]).norm() / refs[name].norm()).item()
+            run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a:
+                   launch(config, aa, bb, token, offsets, dw, db, gather_a))
+            row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
+            row[f"{name}_rel_err"] = ((dw - refs[name]).norm() / refs[name].norm()).item()
         rows.append(row)
         print(row, flush=True)
     notes = (f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert {a.load_imbalance:.1f}x the mean "
-             f"rows), d {d}, width {H}; fill of the 134 MB output {fill_us:.1f} us; `listed`: in WGRAD_CONFIGS; "
-             f"`_split`: experts over {split} rows in parts")
+             f"rows), d {d}, width {H}; fill of the 134 MB output {fill_us:.1f} us; `listed`: in WGRAD_CONFIGS")
     if a.record:
         from bench.results import append_results
         append_results("wgrad", "python bench/wgrad.py " + " ".join(sys.argv[1:]), rows, notes=notes)

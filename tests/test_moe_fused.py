@@ -287,64 +287,12 @@ def check_grad_sq() -> None:
     print("checked")
 
 
-def check_wgrad_split() -> None:
-    """Row splitting of the weight gradient (`gathered_wgrad(split=)`): experts with 33 rows (five
-    parts at split 8, the last one short), 0, exactly 8 (one part), 9 (two) and 1, and a random
-    skewed top-3 routing; both operand sides, fp32 and bf16, with the bias gradient and the sums of
-    squares. Against float64 and against the unsplit op (the same products summed in another order);
-    two calls bit-equal (the parts are summed in a fixed order, no atomics); the sums of squares of
-    a split expert are its final gradient's; a split larger than every expert changes nothing."""
-    from vpmoe.model import moe_fused as MF
-    from vpmoe.model import wgrad as W
-    from vpmoe.model.kernels import Routing
-
-    assert MF.interpreting()
-    gen = torch.Generator().manual_seed(6)
-    counts = [33, 0, 8, 9, 1]
-    fixed = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
-    scores = torch.rand(29, 6, generator=gen)
-    scores[:, 0] += 0.6
-    routings = [(Routing(fixed[torch.randperm(len(fixed), generator=gen)].view(-1, 1), len(counts)), 8),
-                (Routing(scores.topk(3, dim=-1).indices, 6), 8), (Routing(scores.topk(3, dim=-1).indices, 6), 24)]
-    for r, split in routings:
-        N, k = r.n_tokens, r.k
-        for dtype in (torch.float32, torch.bfloat16):
-            x, g = torch.randn(N, 40, generator=gen).to(dtype), torch.randn(N * k, 24, generator=gen).to(dtype)
-            u, gy = torch.randn(N * k, 24, generator=gen).to(dtype), torch.randn(N, 40, generator=gen).to(dtype)
-            for a, b, gather_a in ((x, g, True), (u, gy, False)):
-                dw, db, sq = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)
-                dw2, db2, sq2 = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)
-                assert torch.equal(dw, dw2) and torch.equal(db, db2) and torch.equal(sq, sq2)
-                dw0, db0, sq0 = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True)
-                ref_w, ref_b = _wgrad_reference(a, b, r.token, r.offsets, gather_a)
-                torch.testing.assert_close(dw.double(), ref_w, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(dw, dw0, rtol=1e-5, atol=1e-5)
-                if gather_a:
-                    torch.testing.assert_close(db.double(), ref_b, rtol=1e-5, atol=1e-5)
-                    torch.testing.assert_close(db, db0, rtol=1e-5, atol=1e-5)
-                else:
-                    assert db.numel() == 0
-                assert sq.shape == sq0.shape and not sq.isnan().any()
-                torch.testing.assert_close(sq.double().sum((1, 2)), dw.double().square().sum((1, 2)), rtol=1e-6,
-                                           atol=1e-9)
-                # per slot too, for the experts in one part (the main kernel's tiles) and the split
-                # ones (the fix-up's): each slot's partial is that slot's tile of the final dW (the
-                # interpreter runs both kernels at 16-square tiles, so the slots line up)
-                torch.testing.assert_close(sq.double(), sq0.double(), rtol=1e-4, atol=1e-9)
-                big = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, r.token.numel())
-                assert all(torch.equal(p, q) for p, q in zip(big, (dw0, db0, sq0)))
-    assert W.wgrad_split(16384, 256) == 0  # off by default
-    W.WGRAD_SPLIT = 4
-    assert W.wgrad_split(16384, 256) == 256 and W.wgrad_split(100, 256) == 64
-    print("checked")
-
-
 def test_triton_is_installed_for_these_tests():
     import triton  # noqa: F401  (pip install -e .[test])
 
 
 @pytest.mark.parametrize("check", ["check_against_float64", "check_bf16_inputs", "check_compiled", "check_fast_body",
-                                   "check_gathered_wgrad", "check_grad_sq", "check_wgrad_split"])
+                                   "check_gathered_wgrad", "check_grad_sq"])
 def test_in_triton_interpreter(check):
     run_in_interpreter("tests.test_moe_fused", check, timeout=900)
 

@@ -249,9 +249,13 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
     `wgrad.gathered_wgrad`). Same
     losses; parameter updates as close to the eager run as a second eager run is (atomics and bf16
     make runs differ, and AdamW's first steps are nearly sign(g), so tiny gradient differences flip
-    whole elements)."""
+    whole elements). The same arithmetic in both, so the clipping norm reads every gradient here
+    (`graphed.GRAD_SQ` off): its partial sums from the kernel round differently, and these first
+    steps amplify a 1e-7 change of the norm into percent-level update differences (2026-12-04);
+    that norm has its own test (`test_grad_sq_norm_matches_read_norm`)."""
     monkeypatch.setattr(K, "FUSED_WGRAD", fused_wgrad)
     monkeypatch.setattr(G, "WEIGHT_COPIES", False)
+    monkeypatch.setattr(G, "GRAD_SQ", False)
     cfg = small_cfg()
     batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5 if micro == 1 else 4)]
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
@@ -312,6 +316,33 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
     print(f"graphed (micro={micro}, ac={ac}) vs eager: worst margin", max(report), "losses", losses)
 
 
+def test_grad_sq_norm_matches_read_norm(monkeypatch):
+    """`graphed.GRAD_SQ` at one micro-batch: the clipping norm takes the expert weights' part from
+    the weight-gradient kernel's partial sums of squares. In every step (eager warm-ups, the
+    capture's replays) the norm the update used equals the norm read from the same gradients
+    (`grad_norm({})`, computed inside the same update, captured with it) to 1e-6, and the partials
+    cover every MoE layer's two expert weights."""
+    monkeypatch.setattr(K, "FUSED_WGRAD", True)
+    monkeypatch.setattr(G, "WEIGHT_COPIES", False)
+    monkeypatch.setattr(G, "GRAD_SQ", True)
+    original = G.GraphedTrainStep._update_part
+
+    def update_part(self):  # the read norm first: the update may reuse gradient buffers
+        self.read_norm = self.opt.grad_norm({})
+        original(self)
+    monkeypatch.setattr(G.GraphedTrainStep, "_update_part", update_part)
+    cfg = small_cfg()
+    tr = Trainer(cfg, "graphed", 16, 1)
+    assert tr.body.grad_sq
+    for i in range(5):
+        loss = float(tr.step([make_batch(2, 512, seed=i, vocab=cfg.vocab_size)]))
+        used, read = float(tr.graphed.grad_norm), float(tr.graphed.read_norm)
+        print(f"step {i}: loss {loss:.6f} norm from partials {used:.8f} read {read:.8f}")
+        assert abs(used - read) <= 1e-6 * read, (i, used, read)
+        assert len(tr.body.known_grad_sq()) == 2 * len(tr.model.moe_layers())
+    assert tr.graphed.graphs is not None
+
+
 @pytest.mark.parametrize("micro", [1, 2])
 def test_weight_copies_match_casting(micro, monkeypatch):
     """`graphed.WEIGHT_COPIES` moves the expert weights' bf16 cast from the forward into the update
@@ -322,9 +353,9 @@ def test_weight_copies_match_casting(micro, monkeypatch):
     (each step the copies' run takes the other run's embedding, so that noise cannot grow into a
     flipped routing tie later). A one-step-stale copy would move them by orders of magnitude more
     (a step's update is ~1e-3 of a weight or more). Compared with each other, not with an eager run:
-    the eager runs' numbers moved with the process's history (2026-12-04: built after one other
-    trainer or after two, the same compiled run's step-5 loss differed by 3e-6 relative and the
-    AdamW updates by a few percent; cause not pinned down). Five steps: warm-up, capture, replays;
+    at one micro-batch both take the clipping norm's expert part from the kernel (`GRAD_SQ`), whose
+    rounding differs from the eager run's read norm, and these first steps amplify that into
+    percent-level update differences (2026-12-04). Five steps: warm-up, capture, replays;
     with micro=2 the graphs are released after the fourth step and captured again at the fifth,
     which must read the copies the released graphs' update wrote."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)

@@ -85,8 +85,7 @@ def test_moe_fused_in_a_captured_graph():
 def test_gathered_wgrad_cuda_against_float64_and_grouped_gemm(gather_a):
     """The grouped path's weight gradients (`gathered_wgrad`, fp32 out) at the model's dims and the (a)
     step's 4,096 tokens: within fp32-sum rounding of float64 over the same bf16 operands, and within
-    bf16 rounding of the grouped GEMM it replaced (which rounds its output to bf16); with row
-    splitting, the same within fp32-sum rounding and deterministic."""
+    bf16 rounding of the grouped GEMM it replaced (which rounds its output to bf16)."""
     from tests.test_moe_fused import _wgrad_reference
 
     N, k, d, H, E = 4096, 4, 1024, 128, 256
@@ -111,15 +110,5 @@ def test_gathered_wgrad_cuda_against_float64_and_grouped_gemm(gather_a):
     assert rel(old, ref_w) < 1e-2 and rel(dw, ref_w) < rel(old, ref_w) / 10, (rel(dw, ref_w), rel(old, ref_w))
     if gather_a:
         assert rel(db, ref_b) < 1e-5, rel(db, ref_b)
-    # row splitting (`wgrad.WGRAD_SPLIT` 4: experts over 256 rows in parts; this routing's four busy
-    # experts have ~20x the mean): the same gradient, its parts summed in order by the fix-up kernel
-    split = 4 * -(-r.token.numel() // E)
-    dws, dbs, sqs = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)
-    assert (r.offsets.diff() > split).any()
-    assert rel(dws, ref_w) < 1e-5 and rel(dws, dw) < 1e-5, (rel(dws, ref_w), rel(dws, dw))
-    assert torch.equal(W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, split)[0], dws)
-    assert abs(sqs.double().sum() / dws.double().square().sum() - 1).item() < 1e-6
-    if gather_a:
-        assert rel(dbs, ref_b) < 1e-5, rel(dbs, ref_b)
     print(f"gathered wgrad gather_a={gather_a}: rel err {rel(dw, ref_w):.2e} (grouped GEMM {rel(old, ref_w):.2e}); "
-          f"sum of squares rel err {sq_err:.2e}; split at {split} rows: rel err {rel(dws, ref_w):.2e}")
+          f"sum of squares rel err {sq_err:.2e}")

@@ -282,8 +282,7 @@ class _GatherGemm(torch.autograd.Function):
         g = g.to(w.dtype).contiguous()
         g_sq = None  # the probe's gradient: only where the kernel writes the weight's own gradient
         if FUSED_WGRAD and W.wgrad_applies(x, g, offsets.numel()):
-            g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe,
-                                                W.wgrad_split(token.numel(), offsets.numel()))
+            g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe)
         else:
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
@@ -328,8 +327,7 @@ class _DownSum(torch.autograd.Function):
         g_u = grouped_mm_t(g_rows, w, offsets)
         g_sq = None
         if FUSED_WGRAD and W.wgrad_applies(u, g_lo, offsets.numel()):
-            g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe,
-                                              W.wgrad_split(token.numel(), offsets.numel()))
+            g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe)
         else:
             g_w = grouped_mm_wgrad(u, g_rows, offsets)
         dense = torch.zeros(g.shape[0], b.shape[0], dtype=dt, device=g.device).scatter_(
