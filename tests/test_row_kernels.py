@@ -86,6 +86,44 @@ def check_fused_loss() -> None:
     print("checked")
 
 
+def check_scale() -> None:
+    """scale_unless_one_ against the foreach reference (`scale_reference_`, the same rounding):
+    fp32, bf16 and fp16, sizes with a partial last block and more blocks than programs (the grid
+    strides), scalars of another dtype than x, and s = 1; in place. Bit for bit in fp32 and at
+    s = 1; bf16 and fp16 within one unit in the last place, because the interpreter's conversion
+    from fp32 truncates where the GPU's rounds to nearest (tests/gpu: bit for bit)."""
+    from vpmoe.kd import row_kernels as RK
+
+    assert RK.interpreting()
+    gen = torch.Generator().manual_seed(8)
+    for shape in ((1000,), (37, 29), (3, 128)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+            for s in (torch.randn((), generator=gen), torch.tensor(-0.3, dtype=torch.float64), torch.ones(()),
+                      torch.tensor(1.0, dtype=dtype)):
+                want = RK.scale_reference_(x.clone(), s)
+                got = x.clone()
+                out = RK.scale_unless_one_(got, s)
+                assert out.data_ptr() == got.data_ptr()
+                if dtype == torch.float32 or float(s.to(dtype)) == 1.0:
+                    assert torch.equal(got, want), (shape, dtype, float(s))
+                else:
+                    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+                    err = ((got.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)).max()
+                    assert err <= ulp, (shape, dtype, float(s), float(err))
+                    assert not torch.equal(got, x), (shape, dtype)  # it did scale
+    # a non-contiguous view takes the reference, in place as well
+    x = torch.randn(8, 6, generator=gen)
+    view, s = x.t(), torch.tensor(0.25)
+    want = view.clone() * 0.25
+    assert torch.equal(RK.scale_unless_one_(view, s), want) and torch.equal(x.t(), want)
+    print("checked")
+
+
+def test_scale_unless_one():
+    _in_interpreter("check_scale")
+
+
 def test_row_kernels_vs_float64():
     _in_interpreter("check_kernels")
 

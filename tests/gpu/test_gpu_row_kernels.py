@@ -28,6 +28,30 @@ def test_row_kernels_cuda(dtype, tol):
     assert err < tol
 
 
+def test_scale_unless_one_cuda_and_captured():
+    """`scale_unless_one_` on the fp32 head gradient's shape and on bf16: bit for bit the foreach
+    reference; at s = 1 the tensor is untouched. Captured in a CUDA graph with the scalar in a
+    static buffer, replays follow the scalar's value (the skip is decided on the device)."""
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    for shape, dtype in (((201088, 1024), torch.float32), ((4096, 1024), torch.bfloat16), ((999,), torch.float32)):
+        x = torch.randn(shape, device=DEV, generator=gen).to(dtype)
+        for s in (torch.tensor(0.37, device=DEV), torch.tensor(-2.5, device=DEV), torch.ones((), device=DEV)):
+            want = RK.scale_reference_(x.clone(), s)
+            got = RK.scale_unless_one_(x.clone(), s)
+            assert torch.equal(got, want), (shape, dtype, float(s))
+    x0 = torch.randn(1 << 20, device=DEV, generator=gen)
+    x, s = x0.clone(), torch.ones((), device=DEV)
+    RK.scale_unless_one_(x, s)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        RK.scale_unless_one_(x, s)
+    for value in (1.0, 0.5, 1.0, -3.0):
+        x.copy_(x0)
+        s.fill_(value)
+        graph.replay()
+        assert torch.equal(x, RK.scale_reference_(x0.clone(), s)), value
+
+
 @pytest.mark.parametrize("kind", ["ce", "fkl"])
 def test_fused_loss_row_kernels_match_torch_rows(kind):
     """Static fused loss, bf16 hidden and head as in the train step: with and without the kernels."""

@@ -323,12 +323,11 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_z: torch.Tensor, h: 
 
 
 def _scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """grad *= grad_loss (a 0-d device tensor) in place. A foreach multiply: a plain `mul_` by a 0-d
-    CUDA tensor runs torch's broadcasting, unvectorised kernel (~0.56 ms over the fp32 [V, d] head
-    gradient at V = 201088 on an H200, 2026-12-04); the foreach form reads the scalar on the device
-    and streams the tensor vectorised. Same products."""
-    torch._foreach_mul_([grad], grad_loss.to(grad.dtype))
-    return grad
+    """grad *= grad_loss (a 0-d device tensor) in place, with no host read: `RK.scale_unless_one_`
+    (on CUDA a kernel that leaves the gradient untouched when grad_loss is 1, as the trainer's is;
+    else a foreach multiply: a plain `mul_` by a 0-d CUDA tensor ran torch's unvectorised
+    broadcasting kernel, ~0.56 ms over the fp32 [V, d] head gradient on an H200, 2026-12-04)."""
+    return RK.scale_unless_one_(grad, grad_loss)
 
 
 class _FusedSpanLoss(torch.autograd.Function):

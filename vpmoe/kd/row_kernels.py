@@ -13,6 +13,11 @@ over the chunk, not verified). Here:
   ~14k programs per 2048-row chunk instead of 2,048, for more loads in flight (the per-row
   version was not measured).
 - `rest_grad_`: a 2-D grid of (row, column block) programs, read once, written once, in place.
+- `scale_unless_one_`: the loss's backward scales the gradients it made in forward (the fp32 head
+  gradient: [V, d], 0.82 GB at vpMoE's dims) by the incoming 0-d gradient. The trainer's loss is
+  backpropagated with gradient 1 (the step's normalisation is inside it), so each program reads
+  that scalar and returns at once when it is 1: a launch instead of a ~0.45 ms pass per (a) step
+  (2026-12-04 profile), decided on the device (no host read, so a CUDA graph captures it).
 Both keep fp32 math for bf16/fp16/fp32 storage. The plain torch functions beside them are the
 reference (and the fallback: CPU, float64, no Triton); tests/test_row_kernels.py runs the kernels
 in the Triton interpreter against float64 on the CPU, tests/gpu/ on the GPU.
@@ -42,6 +47,13 @@ def row_lse_reference(z: torch.Tensor) -> torch.Tensor:
 def rest_grad_reference_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """z <- scale * exp(z - lse) per row, in place; -inf entries give exactly 0."""
     return z.copy_((torch.exp(z.to(lse.dtype) - lse[:, None]) * scale[:, None]).to(z.dtype))
+
+
+def scale_reference_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x *= s (a 0-d tensor, rounded to x's dtype) in place, read on the device: a foreach multiply
+    (a plain `mul_` by a 0-d CUDA tensor runs torch's unvectorised broadcasting kernel)."""
+    torch._foreach_mul_([x], s.to(x.dtype))
+    return x
 
 
 def interpreting() -> bool:
@@ -90,6 +102,17 @@ if triton is not None:
         tl.store(ptr, (tl.exp(x - lse) * scale).to(z_ptr.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _scale_unless_one_kernel(x_ptr, s_ptr, n, BLOCK: tl.constexpr):
+        s = tl.load(s_ptr).to(tl.float32)  # stored in x's dtype: the reference's rounding
+        if s != 1.0:  # gradient 1 (the trainer's case): nothing read, nothing written
+            for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, tl.num_programs(0) * BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                ok = offs < n
+                x = tl.load(x_ptr + offs, mask=ok)
+                tl.store(x_ptr + offs, (x.to(tl.float32) * s).to(x_ptr.dtype.element_ty), mask=ok)
+
+
 def _block(V: int) -> int:
     return min(BLOCK, triton.next_power_of_2(V))
 
@@ -122,3 +145,23 @@ def rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch
         _rest_grad_kernel[(C, triton.cdiv(V, block))](z, lse.contiguous(), scale.contiguous(), V, z.stride(0),
                                                     BLOCK=block, num_warps=8)
     return z
+
+
+_programs: dict = {}
+
+
+def scale_unless_one_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x *= s in place (returns x), the same products as `scale_reference_`; with Triton (a
+    contiguous tensor of a kernel dtype on CUDA, or the interpreter) a grid-stride kernel that
+    touches nothing when s is 1."""
+    if not (triton is not None and (x.is_cuda or interpreting()) and x.dtype in KERNEL_DTYPES
+            and x.is_contiguous() and s.numel() == 1):
+        return scale_reference_(x, s)
+    if x.numel():
+        if x.device not in _programs:  # a few waves of programs, each striding over the tensor
+            _programs[x.device] = 4 if interpreting() else 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        block = 128 if interpreting() else BLOCK
+        grid = min(_programs[x.device], triton.cdiv(x.numel(), block))
+        _scale_unless_one_kernel[(grid,)](x, s.to(x.dtype).reshape(1), x.numel(), BLOCK=block,
+                                          **({} if interpreting() else {"num_warps": 8}))
+    return x
