@@ -508,6 +508,9 @@ def main():
     ap.add_argument("--weight-copies", default="off", choices=["on", "off"],
                     help="graphed steps: the kept blocks' expert weights held in bf16 and written by the update "
                          "(graphed.WEIGHT_COPIES; opt-in: -2.0%% for +2.15 GiB at (a)) or cast from fp32 in every forward")
+    ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
+                    help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
+                         "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
     ap.add_argument("--flex-local", default="",
@@ -526,6 +529,7 @@ def main():
     OPT_KWARGS.update(parse_opt(a.opt))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     graphed_module.GRAD_SQ = a.grad_sq == "on"
+    K.TABLES_FROM_RUNS = a.mask_tables == "runs"
     graphed_module.WEIGHT_COPIES = a.weight_copies == "on"
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -557,6 +561,8 @@ def main():
                 row["inductor"] = a.inductor
             if a.grad_sq == "off":
                 row["grad_sq"] = "off"
+            if a.mask_tables == "dense":
+                row["mask_tables"] = "dense"
             if a.weight_copies == "on":
                 row["weight_copies"] = "on"
             if a.opt:

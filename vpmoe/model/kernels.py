@@ -5,9 +5,11 @@ Design choices:
   layers), ALiBi as a `score_mod`, GQA natively. The sink is folded in after the kernel through
   the log-sum-exp: with L = logsumexp_j s_ij, the sink-normalised output is
   `out * sigmoid(L - sink_h)`, exactly `sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij))`.
-  Block masks are built outside compiled regions (`create_block_mask` is not traceable) from a
-  document-id buffer that the mask function closes over, so a compiled block sees the same
-  `mask_mod` object every step and never recompiles for new data (`DocMasks`). FlexAttention on
+  Block masks are built outside compiled regions from a buffer of document runs that the mask
+  function closes over, so a compiled block sees the same `mask_mod` object every step and never
+  recompiles for new data (`DocMasks`); their block tables come from each 128-token block's first
+  and last run ([B, T/128, T/128] work, not the [B, T, T] grid `create_block_mask` evaluates:
+  ~45 fewer launches per step, `doc_block_tables`), equal to `create_block_mask`'s. FlexAttention on
   CPU has no backward and no LSE, so on CPU, and for cached decoding (queries != keys), the
   reference runs instead; tests/gpu/ checks the Flex path against it on the GPU.
 - MoE routing, permutation and combine never leave the device and never sync the host:
@@ -414,38 +416,95 @@ def _flex():
     return _flex_compiled
 
 
-class DocMasks:
-    """Block masks (local window / global) for packed rows, rebuilt from a persistent doc buffer.
+MASK_BLOCK = 128  # FlexAttention's block (create_block_mask's default)
+# the block tables from the runs' block ends (`doc_block_tables`); off: `create_block_mask` over the
+# [B, T, T] grid, the same tables (bench/train_step.py --mask-tables dense, for the A/B)
+TABLES_FROM_RUNS = True
 
-    `mask_mod` closes over `self.doc` (one buffer per shape), so every BlockMask this object makes
-    carries the same function: compiled code guards on it and does not recompile when the data
-    changes. `update(doc)` copies new ids in and rebuilds the block tables (outside compiled
-    regions); with `static=True` the tables are copied into the first masks' tensors instead, so a
-    captured CUDA graph that read them sees the new layout.
+
+def doc_runs(doc: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> each token's document as the index of its run of equal ids along the row (int32).
+    Packed rows hold each document as one contiguous run, so "same run" is "same document"; it is
+    also what `model.positions_from_docs` assumes (positions restart at every change of id)."""
+    change = torch.zeros_like(doc, dtype=torch.int32)
+    change[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return torch.cumsum(change, 1, dtype=torch.int32)
+
+
+def doc_block_tables(run: torch.Tensor, window: int | None, block: int = MASK_BLOCK):
+    """(partial, full) [B, 1, T/block, T/block] int8 block tables of the causal same-run mask (with
+    `window`: also q - kv < window) straight from the runs, as `create_block_mask` finds them by
+    evaluating the mask over the whole [B, T, T] grid. Runs never decrease along a row, so for q
+    block i and kv block j < i: some pair shares a run iff j's last token's run is i's first
+    token's, every pair does iff j's first token's run is i's last token's; the pair nearest in
+    position is (i's first, j's last), the farthest (i's last, j's first). The diagonal block is
+    partial (causal). T must be a multiple of `block`."""
+    T = run.shape[1]
+    n = T // block
+    first, last = run[:, ::block], run[:, block - 1::block]  # [B, n]
+    ids = torch.arange(n, device=run.device)
+    gap = ids[:, None] - ids[None, :]  # q block - kv block
+    near = gap >= 0
+    whole = gap > 0
+    if window is not None:
+        near = near & (block * gap - (block - 1) < window)
+        whole = whole & (block * gap + (block - 1) < window)
+    some = near & ((gap == 0) | (last[:, None, :] == first[:, :, None]))  # [B, q block, kv block]
+    full = whole & (first[:, None, :] == last[:, :, None])
+    return (some & ~full).to(torch.int8)[:, None], full.to(torch.int8)[:, None]
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block counts and indices of a dense block table, ordered as FlexAttention orders them."""
+    dense = dense.to(torch.int32)
+    return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+
+
+class DocMasks:
+    """Block masks (local window / global) for packed rows, rebuilt from persistent buffers.
+
+    `mask_mod` closes over `self.run` (each token's document run, `doc_runs`; one buffer per
+    shape), so every BlockMask this object makes carries the same function: compiled code guards
+    on it and does not recompile when the data changes. `update(doc)` copies new ids in and
+    rebuilds the block tables (outside compiled regions) from the runs at block granularity
+    (`doc_block_tables`: [B, T/128, T/128] work; `create_block_mask`, which evaluates the mask over
+    [B, T, T], only where T is not a multiple of the block); with `static=True` the tables are
+    copied into the first masks' tensors instead, so a captured CUDA graph that read them sees the
+    new layout. A document is a run of equal ids: an id that comes back after another document is
+    a new document (packed rows never do that).
     """
 
     def __init__(self, shape, device, window: int | None, static: bool = False):
         self.doc = torch.full(shape, -1, dtype=torch.long, device=device)
+        self.run = torch.zeros(shape, dtype=torch.int32, device=device)
         self.window, self.static = window, static
         self.local = self.glob = None
-        doc, win = self.doc, window
+        run, win = self.run, window
 
         def local_mod(b, h, q_idx, kv_idx):
-            return (doc[b, q_idx] == doc[b, kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx < win)
+            return (run[b, q_idx] == run[b, kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx < win)
 
         def global_mod(b, h, q_idx, kv_idx):
-            return (doc[b, q_idx] == doc[b, kv_idx]) & (kv_idx <= q_idx)
+            return (run[b, q_idx] == run[b, kv_idx]) & (kv_idx <= q_idx)
 
-        self._mods = (local_mod, global_mod)
+        self._mods = ((local_mod, window), (global_mod, None))
+
+    def _build(self, mod, window):
+        from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+        B, T = self.run.shape
+        if T % MASK_BLOCK or not TABLES_FROM_RUNS:
+            return create_block_mask(mod, B, None, T, T, device=self.run.device)
+        partial, full = doc_block_tables(self.run, window)
+        return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=MASK_BLOCK, mask_mod=mod,
+                                        seq_lengths=(T, T))
 
     @torch.compiler.disable
     def update(self, doc: torch.Tensor):
-        from torch.nn.attention.flex_attention import create_block_mask
-
         if doc is not self.doc:
             self.doc.copy_(doc)
-        B, T = self.doc.shape
-        fresh = [create_block_mask(mod, B, None, T, T, device=self.doc.device) for mod in self._mods]
+        self.run.copy_(doc_runs(self.doc))
+        fresh = [self._build(mod, window) for mod, window in self._mods]
         if self.static and self.local is not None:
             for old, new in zip((self.local, self.glob), fresh):
                 for name in type(old)._TENSOR_ATTRS:
