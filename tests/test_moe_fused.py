@@ -228,7 +228,7 @@ def check_grad_sq() -> None:
                 dw_c, sq_c = torch.empty_like(dw), torch.full_like(sq, float("nan"))
                 db_c = torch.empty_like(db) if gather_a else None
                 W.launch(a, b, r.token, r.offsets, dw_c, db_c, 1, dtype == torch.float32, gather_a=gather_a,
-                          gather_b=not gather_a, config=config, sq=sq_c)
+                         gather_b=not gather_a, config=config, sq=sq_c)
                 assert not sq_c.isnan().any(), config
                 torch.testing.assert_close(sq_c.double().sum(), dw_c.double().square().sum(), rtol=1e-6, atol=0)
                 tiles = dw_c.double().square()
@@ -243,7 +243,7 @@ def check_grad_sq() -> None:
     with torch.no_grad():
         try:
             W.launch(x, g, r.token, r.offsets, torch.empty(E, d, H), None, 1, False, gather_a=True,
-                      sq=torch.empty(E, 2, 2))
+                     sq=torch.empty(E, 2, 2))
             raise AssertionError("a wrong sq shape was accepted")
         except ValueError as e:
             assert "sq has shape" in str(e)

@@ -290,7 +290,7 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
         report.append((e_graph - 3 * e_noise, name, e_noise, e_graph))
     print("graphed vs eager, worst (margin, name, eager noise, graphed):", sorted(report)[-3:])
     bad = [r for r in report if r[3] > 3 * r[2] + 2e-2]
-    # each run's losses too: which run is the odd one (on 2026-12-04 it was the two eager runs)
+    # each run's losses too: which run is the odd one
     assert not bad, (bad[:6], "losses (eager, eager, graphed):", losses)
     # the masks are rebuilt inside the captured graph: replay it on a block-aligned document layout
     # (random layouts at 512 tokens mostly give the same 128-block tables) and the captured masks'

@@ -101,7 +101,6 @@ if triton is not None:
         scale = tl.load(scale_ptr + row).to(tl.float32)
         tl.store(ptr, (tl.exp(x - lse) * scale).to(z_ptr.dtype.element_ty), mask=ok)
 
-
     @triton.jit
     def _scale_unless_one_kernel(x_ptr, s_ptr, n, BLOCK: tl.constexpr):
         s = tl.load(s_ptr).to(tl.float32)  # stored in x's dtype: the reference's rounding
@@ -147,9 +146,6 @@ def rest_grad_(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch
     return z
 
 
-_programs: dict = {}
-
-
 def scale_unless_one_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x *= s in place (returns x), the same products as `scale_reference_`; with Triton (a
     contiguous tensor of a kernel dtype on CUDA, or the interpreter) a grid-stride kernel that
@@ -158,10 +154,10 @@ def scale_unless_one_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             and x.is_contiguous() and s.numel() == 1):
         return scale_reference_(x, s)
     if x.numel():
-        if x.device not in _programs:  # a few waves of programs, each striding over the tensor
-            _programs[x.device] = 4 if interpreting() else 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        # a few waves of programs, each striding over the tensor (the interpreter: small, to stride)
+        programs = 4 if interpreting() else 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
         block = 128 if interpreting() else BLOCK
-        grid = min(_programs[x.device], triton.cdiv(x.numel(), block))
+        grid = min(programs, triton.cdiv(x.numel(), block))
         _scale_unless_one_kernel[(grid,)](x, s.to(x.dtype).reshape(1), x.numel(), BLOCK=block,
                                           **({} if interpreting() else {"num_warps": 8}))
     return x

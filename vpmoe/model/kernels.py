@@ -8,10 +8,11 @@ Design choices:
   Block masks are built outside compiled regions from a buffer of document runs that the mask
   function closes over, so a compiled block sees the same `mask_mod` object every step and never
   recompiles for new data (`DocMasks`); their block tables come from each 128-token block's first
-  and last run ([B, T/128, T/128] work, not the [B, T, T] grid `create_block_mask` evaluates:
-  ~45 fewer launches per step, `doc_block_tables`), equal to `create_block_mask`'s. FlexAttention on
-  CPU has no backward and no LSE, so on CPU, and for cached decoding (queries != keys), the
-  reference runs instead; tests/gpu/ checks the Flex path against it on the GPU.
+  and last run ([B, T/128, T/128] work, not the [B, T, T] grid `create_block_mask` evaluates;
+  `doc_block_tables`, its tables equal to `create_block_mask`'s; fewer launches per step, not yet
+  profiled). FlexAttention on CPU has no backward and no LSE, so on CPU, and for cached decoding
+  (queries != keys), the reference runs instead; tests/gpu/ checks the Flex path against it on
+  the GPU.
 - MoE routing, permutation and combine never leave the device and never sync the host:
   one stable sort of the N*k (token, slot) expert ids gives the order, the sorted expert of each
   row and (by `searchsorted`) the grouped GEMM's group ends; the inverse permutation comes from
