@@ -504,7 +504,8 @@ def main():
                          "(FUSED_WGRAD off), or moe_fused's Triton kernels")
     ap.add_argument("--grad-sq", default="on", choices=["on", "off"],
                     help="graphed one-micro-batch steps: the experts' part of the clipping norm from the weight-gradient "
-                         "kernel (graphed.GRAD_SQ, the default) or read from their gradients (off)")
+                         "kernel and the embedding's from its rows of the batch's tokens (graphed.GRAD_SQ, the "
+                         "default), or both read from their whole gradients (off)")
     ap.add_argument("--weight-copies", default="off", choices=["on", "off"],
                     help="graphed steps: the kept blocks' expert weights held in bf16 and written by the update "
                          "(graphed.WEIGHT_COPIES; opt-in: -2.0%% for +2.15 GiB at (a)) or cast from fp32 in every forward")

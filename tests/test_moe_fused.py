@@ -191,8 +191,8 @@ def check_grad_sq() -> None:
       every slot written, the covering tile's partial in its first slot and 0 in the others;
     - FastBody with `grad_sq` (eager; compiled through AOTAutograd, with and without checkpointed
       blocks): gradients bit-equal to without, the probes' gradients sum to each expert weight's
-      ||grad||^2, and the optimizer's clipping norm from them equals `_foreach_norm`'s over every
-      gradient."""
+      ||grad||^2 and the embedding's part to its ||grad||^2, and the optimizer's clipping norm from
+      them equals `_foreach_norm`'s over every gradient."""
     import copy
 
     from tests.test_model import randomize, small
@@ -271,8 +271,8 @@ def check_grad_sq() -> None:
                 known = body.known_grad_sq()
                 experts = [p for n, p in model.named_parameters() if n.endswith(("w_up", "w_down"))]
                 assert len(experts) == 2 * len(model.moe_layers()) >= 4
-                assert set(known) == {id(p) for p in experts}, (compiled, checkpoint)
-                for p in experts:
+                assert set(known) == {id(p) for p in [*experts, model.embed.weight]}, (compiled, checkpoint)
+                for p in [*experts, model.embed.weight]:
                     torch.testing.assert_close(known[id(p)].double().sum(), p.grad.double().square().sum(),
                                                rtol=1e-6, atol=0)
                 fast = FastMuonAdamW(build_optimizer(model, OptimConfig()), max_grad_norm=0.2, compile=False)
@@ -327,8 +327,8 @@ def test_fast_body_takes_the_fused_experts_only_where_they_run():
 
 def test_grad_sq_without_triton_falls_back_to_reading_the_gradients():
     """Where the weight-gradient kernel does not run (a CPU without the Triton interpreter), FastBody's
-    probes get no gradient, so `known_grad_sq` is empty and the optimizer's norm reads every gradient;
-    the gradients are those of a body without probes."""
+    probes get no gradient, so `known_grad_sq` holds only the embedding's part (plain torch) and the
+    optimizer's norm reads every other gradient; the gradients are those of a body without probes."""
     import copy
 
     from tests.test_model import randomize, small
@@ -348,13 +348,40 @@ def test_grad_sq_without_triton_falls_back_to_reading_the_gradients():
         hidden, aux, _ = body(tokens)
         (hidden.square().mean() + aux).backward()
         assert len(body.sq_probes) == (2 * len(model.moe_layers()) if grad_sq else 0) and model.moe_layers()
-        assert body.known_grad_sq() == {}
+        known = body.known_grad_sq()
+        assert set(known) == ({id(model.embed.weight)} if grad_sq else set())
+        if grad_sq:
+            torch.testing.assert_close(known[id(model.embed.weight)].double().sum(),
+                                       model.embed.weight.grad.double().square().sum(), rtol=1e-6, atol=0)
         grads[grad_sq] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        with torch.no_grad():  # a forward without gradients makes no probes
+        with torch.no_grad():  # a forward without gradients makes no probes and keeps no tokens
             body(tokens)
-        assert body.sq_probes == []
+        assert body.sq_probes == [] and body.known_grad_sq() == {}
     assert grads[True].keys() == grads[False].keys()
     assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])
+
+
+def test_embedding_grad_sq_matches_float64():
+    """`embedding_grad_sq` from a lookup's real backward (tokens repeated within and across rows, one
+    token only at the table's last row): its sum equals the float64 ||grad||^2 of the whole table,
+    each distinct row counted once; a non-zero row outside the tokens (a second backward's) would
+    be missed, which is why it is used after one backward only."""
+    from vpmoe.model.fast import embedding_grad_sq
+
+    gen = torch.Generator().manual_seed(11)
+    V, d = 97, 24
+    weight = torch.randn(V, d, generator=gen, requires_grad=True)
+    tokens = torch.randint(0, 12, (3, 40), generator=gen)  # many repeats
+    tokens[1, 5] = V - 1
+    out = torch.nn.functional.embedding(tokens, weight)
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    parts = embedding_grad_sq(weight.grad, tokens)
+    assert parts.shape == (tokens.numel(),) and parts.dtype == torch.float32
+    assert int((parts != 0).sum()) == len(tokens.unique())
+    torch.testing.assert_close(parts.double().sum(), weight.grad.double().square().sum(), rtol=1e-6, atol=0)
+    stray = weight.grad.clone()
+    stray[50] = 1.0  # row 50 is not among the tokens
+    assert float(embedding_grad_sq(stray, tokens).double().sum()) < float(stray.double().square().sum()) - d / 2
 
 
 def check_wgrad_bench_launch() -> None:

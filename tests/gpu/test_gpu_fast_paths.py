@@ -321,7 +321,8 @@ def test_grad_sq_norm_matches_read_norm(monkeypatch):
     the weight-gradient kernel's partial sums of squares. In every step (eager warm-ups, the
     capture's replays) the norm the update used equals the norm read from the same gradients
     (`grad_norm({})`, computed inside the same update, captured with it) to 1e-6, and the partials
-    cover every MoE layer's two expert weights."""
+    cover every MoE layer's two expert weights and the embedding (its rows of each step's tokens:
+    a stale row from an earlier step's batch would show here)."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)
     monkeypatch.setattr(G, "WEIGHT_COPIES", False)
     monkeypatch.setattr(G, "GRAD_SQ", True)
@@ -339,7 +340,7 @@ def test_grad_sq_norm_matches_read_norm(monkeypatch):
         used, read = float(tr.graphed.grad_norm), float(tr.graphed.read_norm)
         print(f"step {i}: loss {loss:.6f} norm from partials {used:.8f} read {read:.8f}")
         assert abs(used - read) <= 1e-6 * read, (i, used, read)
-        assert len(tr.body.known_grad_sq()) == 2 * len(tr.model.moe_layers())
+        assert len(tr.body.known_grad_sq()) == 2 * len(tr.model.moe_layers()) + 1  # + the embedding
     assert tr.graphed.graphs is not None
 
 

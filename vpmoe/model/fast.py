@@ -174,6 +174,17 @@ def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def embedding_grad_sq(grad: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Squares of the embedding gradient grad [V, d] summed per distinct row of `tokens`, each row
+    once ([n] fp32, zeros at repeats): their sum is ||grad||^2 when every other row is zero, as after
+    one backward of a lookup of `tokens`. It reads those rows (16 MiB at 4,096 tokens) instead of the
+    whole [V, d] table (~0.8 GB fp32 at V = 201,088). Static shapes (sort, not unique): capturable."""
+    ids = tokens.reshape(-1).sort().values
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return grad.index_select(0, ids).float().square().sum(1) * first
+
+
 # Saved-for-backward policy of the compiled blocks. By default AOTAutograd's partitioner will not
 # recompute, in backward, a pointwise result that the backward materialises anyway (an activation
 # feeding a weight-gradient GEMM), so a block kept both a GEMM's output and its activated copy
@@ -283,9 +294,11 @@ class FastBody:
         self.params = [self._block_params(b) for b in model.layers]
         # grad_sq (set by a caller that steps after one backward, e.g. GraphedTrainStep with one
         # micro-batch): each MoE block of a forward with grad gets fresh probes (`kernels.sq_probe`),
-        # whose gradients carry the expert weight gradients' squares (`known_grad_sq`)
+        # whose gradients carry the expert weight gradients' squares, and the forward's tokens are
+        # kept for the embedding's (`known_grad_sq`)
         self.grad_sq = False
         self.sq_probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.sq_tokens: torch.Tensor | None = None
         # use_weight_copies: {layer: {name: [master, copy in the GEMM dtype, master's version at the copy]}}
         self.copies: dict[int, dict[str, list]] = {}
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
@@ -301,10 +314,15 @@ class FastBody:
 
     def known_grad_sq(self) -> dict[int, torch.Tensor]:
         """{id(weight): partial sums of its gradient's squares} for the expert weights whose gradient
-        the last forward's backward wrote through the Triton kernel (`grad_sq`): valid for the
-        optimizer's clipping norm only while that backward is the only one since the gradients were
-        cleared (one micro-batch), as FastMuonAdamW.step(known_sq=...) assumes."""
-        return {id(w): probe.grad for w, probe in self.sq_probes if probe.grad is not None}
+        the last forward's backward wrote through the Triton kernel (`grad_sq`), and for the
+        embedding (its rows of the forward's tokens, `embedding_grad_sq`): valid for the optimizer's
+        clipping norm only while that backward is the only one since the gradients were cleared (one
+        micro-batch), as FastMuonAdamW.step(known_sq=...) assumes."""
+        known = {id(w): probe.grad for w, probe in self.sq_probes if probe.grad is not None}
+        embed = self.model.embed.weight
+        if self.sq_tokens is not None and embed.grad is not None:  # its rows outside the tokens are 0
+            known[id(embed)] = embedding_grad_sq(embed.grad, self.sq_tokens)
+        return known
 
     def use_weight_copies(self, on: bool = True) -> dict[int, torch.Tensor]:
         """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
@@ -372,6 +390,8 @@ class FastBody:
         v_first, aux_total, loads = None, x.new_zeros(()), []
         probing = self.grad_sq and not self.fused_moe and torch.is_grad_enabled()
         self.sq_probes = []
+        # the embedding's part of the norm comes from the rows of these tokens (`known_grad_sq`)
+        self.sq_tokens = tokens if self.grad_sq and torch.is_grad_enabled() else None
         self.refresh_stale_copies()
         for i, block in enumerate(model.layers):
             kind = self.kind_of[i]

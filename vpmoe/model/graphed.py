@@ -40,7 +40,9 @@ Design choices:
 - With one micro-batch, the clipping norm does not read the expert weights' gradients (~5 GB of
   fp32 at 20 layers, ~72% of the norm's reads): their backward's Triton kernel sums each tile's
   squares from its registers (`FastBody.grad_sq`, `wgrad.gathered_wgrad(sq=True)`) and the
-  optimizer adds those partials (`FastMuonAdamW.step(known_sq=...)`). With more micro-batches the
+  optimizer adds those partials (`FastMuonAdamW.step(known_sq=...)`). Nor the embedding's whole
+  [V, d] gradient: only its rows of the step's tokens are non-zero, so their squares are summed
+  (`fast.embedding_grad_sq`). With more micro-batches the
   gradients are sums the kernel never holds, so the norm reads them as before (`GRAD_SQ` off: the same).
 - `WEIGHT_COPIES` (opt-in: a speed-for-memory trade): the expert weights of the blocks that keep
   their activations are held in bf16 (`FastBody.use_weight_copies`), written by the update in the
@@ -63,7 +65,7 @@ from vpmoe.model.fast import FastBody, update_router_biases
 
 
 CAPTURE_MODE = "thread_local"  # only this thread's calls are checked (module docstring)
-GRAD_SQ = True  # the experts' part of the clipping norm from the weight-gradient kernel (one micro-batch)
+GRAD_SQ = True  # the clipping norm's expert and embedding parts without reading those gradients whole (one micro-batch)
 # the kept blocks' expert weights held in bf16, written by the update (FastBody.use_weight_copies):
 # off by default, -2.0% step time for +2.15 GiB at (a) (module docstring)
 WEIGHT_COPIES = False
