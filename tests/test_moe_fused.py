@@ -359,6 +359,12 @@ def test_grad_sq_without_triton_falls_back_to_reading_the_gradients():
         assert body.sq_probes == [] and body.known_grad_sq() == {}
     assert grads[True].keys() == grads[False].keys()
     assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])
+    model.lm_head.weight = model.embed.weight  # tied: the head's gradient fills every row, so it is read
+    body = FastBody(model, compile=False, dtype=torch.float32)
+    body.grad_sq = True
+    hidden, aux, _ = body(tokens)
+    (hidden.square().mean() + aux).backward()
+    assert body.known_grad_sq() == {}
 
 
 def test_embedding_grad_sq_matches_float64():

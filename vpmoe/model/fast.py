@@ -320,7 +320,8 @@ class FastBody:
         micro-batch), as FastMuonAdamW.step(known_sq=...) assumes."""
         known = {id(w): probe.grad for w, probe in self.sq_probes if probe.grad is not None}
         embed = self.model.embed.weight
-        if self.sq_tokens is not None and embed.grad is not None:  # its rows outside the tokens are 0
+        # its rows outside the tokens are 0 (not so for a head sharing its weight: then it is read)
+        if self.sq_tokens is not None and embed.grad is not None and embed is not self.model.lm_head.weight:
             known[id(embed)] = embedding_grad_sq(embed.grad, self.sq_tokens)
         return known
 
