@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from bench.timing import cuda_time, graph_time
+from vpmoe.train.profiling import is_range_annotation, kernel_families, kernel_table
 
 
 def release_graphs(tr) -> None:
@@ -52,7 +53,7 @@ def is_dtype_cast(kernel: str) -> bool:
 
 
 _COPY = re.compile(r"memcpy|Memcpy")
-_ATEN = re.compile(r"at::native::")  # the "aten eager" family below
+_ATEN = re.compile(r"at::native::")  # the "aten eager" family (vpmoe.train.profiling.FAMILIES)
 
 
 def kernel_sources(events, pattern: re.Pattern, rows: int = 20) -> list[str]:
@@ -81,55 +82,6 @@ def kernel_sources(events, pattern: re.Pattern, rows: int = 20) -> list[str]:
 def copy_sources(events, rows: int = 20) -> list[str]:
     """`kernel_sources` of the device copies (`Memcpy DtoD`, graph `memcpy128` nodes)."""
     return kernel_sources(events, _COPY, rows)
-
-
-# kernel families by name, first match wins: where a step's launches go (docs/performance.md, What
-# remains 8: the (a) body is bound by its kernels' count, not their bytes or FLOPs)
-_FAMILIES = [
-    ("copy / memset", re.compile(r"Memcpy|memcpy|Memset|direct_copy_kernel")),
-    ("flex attention", re.compile(r"flex_attention")),
-    ("inductor pointwise", re.compile(r"^triton_poi_")),
-    ("inductor reduction", re.compile(r"^triton_(red|per)_")),
-    ("inductor other", re.compile(r"^triton_")),
-    ("grouped GEMM", re.compile(r"GroupProblemShape")),
-    ("GEMM", re.compile(r"nvjet|gemm|cutlass|xmma|cublas", re.IGNORECASE)),
-    ("project Triton", re.compile(r"^_\w+_kernel$")),
-    ("sort / scan", re.compile(r"cub::|radix|[Ss]ort|[Ss]can")),
-    ("aten eager", _ATEN),
-]
-
-
-def is_range_annotation(name: str) -> bool:
-    """Inductor's `## Call CompiledFxGraph <hash> ##` rows: a compiled graph's span on the device
-    timeline (eager calls only), not a kernel; counted, they doubled an eager step's busy time."""
-    return name.startswith("## ")
-
-
-def kernel_family(kernel: str) -> str:
-    return next((name for name, pattern in _FAMILIES if pattern.search(kernel)), "other")
-
-
-def kernel_families(kernels) -> list[str]:
-    """(name, launches, device us) per kernel -> one line per family, most launches first:
-    launches, total ms, mean us per launch."""
-    totals: dict[str, list[float]] = {}
-    for name, count, us in kernels:
-        if is_range_annotation(name):
-            continue
-        acc = totals.setdefault(kernel_family(name), [0, 0.0])
-        acc[0] += count
-        acc[1] += us
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
-    return [f"{family:<20} {n:6d}x {us / 1e3:8.2f} ms {us / max(n, 1):7.1f} us each" for family, (n, us) in ranked]
-
-
-def kernel_table(kernels) -> str:
-    """(name, launches, device us) per kernel -> every kernel as a TSV, most launches first (the
-    small ones the top-by-time lists leave out): family, launches, total us, us each, name."""
-    rows = sorted((k for k in kernels if not is_range_annotation(k[0])), key=lambda k: (-k[1], -k[2]))
-    lines = ["family\tlaunches\ttotal_us\tus_each\tkernel"]
-    lines += [f"{kernel_family(name)}\t{n}\t{us:.1f}\t{us / max(n, 1):.2f}\t{name}" for name, n, us in rows]
-    return "\n".join(lines) + "\n"
 
 
 def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:

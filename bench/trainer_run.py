@@ -11,6 +11,8 @@ reads the run's own metrics.jsonl. Design choices:
 - MFU is the run's own: against the matmul rate the trainer measures at its start (the default
   `train.peak_flops = 0`), named in its `compute:` line.
 - The time after the last step (final evaluation + checkpoint write) is reported separately.
+- Where a run's step time goes: `--set train.profile_steps=4` (the trainer's own profile, written to
+  the run's profile/ folder: pass `--run-dir` to keep it).
 
 Usage (GPU machine, data carried by bench/gpu_carry.sh):
   python3 bench/trainer_run.py --data .carry/synth2048 --steps 12 --record

@@ -11,11 +11,9 @@ from bench.step_probes import (
     _with_captured_trainers,
     copy_sources,
     is_dtype_cast,
-    kernel_families,
-    kernel_family,
     kernel_sources,
-    kernel_table,
 )
+from vpmoe.train.profiling import kernel_families, kernel_family, kernel_table
 
 
 def test_dtype_casts_are_told_from_fused_work():

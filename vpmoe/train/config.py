@@ -66,10 +66,13 @@ class TrainSection:
     peak_flops: float = 0.0  # per device, for MFU; 0: measured at the start (a bf16 matmul on GPUs)
     progress: bool = True
     tensorboard: bool = True
+    profile_steps: int = 0  # profile N steady steps (after the first 10) into run_dir/profile/ (train/profiling.py)
 
     def validate(self) -> None:
         if self.loss_chunk_rows < 0:
             raise ConfigError(f"loss_chunk_rows: must be >= 0, got {self.loss_chunk_rows}")
+        if self.profile_steps < 0:
+            raise ConfigError(f"profile_steps: must be >= 0 (0: off), got {self.profile_steps}")
         for name in ("steps", "grad_accum", "log_every", "expert_load_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
