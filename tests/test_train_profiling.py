@@ -7,7 +7,7 @@ import pytest
 
 from tests.test_train_helpers import TEST_MODEL, TEST_RUN, synth_data, train_losses  # noqa: F401
 from vpmoe.config import ConfigError
-from vpmoe.train.profiling import SKIP_FIRST, profile_window, timeline
+from vpmoe.train.profiling import profile_window, timeline
 
 
 def _timeline_by_counting(intervals, min_gap):
@@ -49,11 +49,13 @@ def test_timeline_matches_a_brute_force_count():
 
 
 def test_profile_window_skips_the_warm_up_and_fits_the_run():
-    assert profile_window(4, 0, 100) == (SKIP_FIRST + 1, SKIP_FIRST + 4)
-    assert profile_window(4, 0, 8) == (5, 8)  # a short run: its last steps
-    assert profile_window(4, 0, 3) == (1, 3)  # shorter than asked: all of it
-    assert profile_window(4, 30, 100) == (31, 34)  # resumed past the warm-up: the steps it runs
-    assert profile_window(4, 100, 100) is None and profile_window(0, 0, 100) is None
+    assert profile_window(4, 0, 100, 10) == (11, 14)
+    assert profile_window(4, 0, 12, 10) == (11, 12)  # the run ends first: fewer steps
+    assert profile_window(4, 0, 10, 10) is None  # none left after the warm-up
+    assert profile_window(4, 0, 3, 0) == (1, 3)  # no warm-up (the CPU): from the first step
+    assert profile_window(4, 30, 100, 10) == (31, 34)  # resumed past the warm-up: the steps it runs
+    assert profile_window(4, 5, 100, 10) == (11, 14)  # resumed inside it: still after it
+    assert profile_window(4, 100, 100, 0) is None and profile_window(0, 0, 100, 0) is None
 
 
 def test_negative_profile_steps_is_refused(tmp_path):
@@ -65,9 +67,9 @@ def test_negative_profile_steps_is_refused(tmp_path):
 
 
 def test_a_profiled_run_writes_its_profile_and_trains_the_same(tmp_path, synth_data):  # noqa: F811
-    """A 3-step CPU run with profile_steps = 2 profiles steps 2-3 (its last two: shorter than the
-    warm-up): summary and kernel table written, host time for each profiled step, busy time within
-    the span; its losses equal an unprofiled run's bit for bit."""
+    """A 3-step CPU run with profile_steps = 2 profiles steps 1-2 (no warm-up on the CPU): summary and
+    kernel table written, host time for each profiled step, busy time within the span; its losses
+    equal an unprofiled run's bit for bit."""
     from vpmoe.train.config import load_run_config
     from vpmoe.train.trainer import Trainer
 
@@ -81,7 +83,7 @@ def test_a_profiled_run_writes_its_profile_and_trains_the_same(tmp_path, synth_d
     assert losses[True] == losses[False] and sorted(losses[True]) == [1, 2, 3]
     assert not (tmp_path / "run_False" / "profile").exists()
     summary = (tmp_path / "run_True" / "profile" / "summary.txt").read_text().splitlines()
-    assert summary[0].startswith("profiled steps 2-3 (2) on cpu: host ops")
+    assert summary[0].startswith("profiled steps 1-2 (2) on cpu: host ops")
     assert len(summary[1].split(":", 1)[1].split(",")) == 2  # host time of each profiled step
     words = summary[2].split()
     span, busy = float(words[2]), float(words[8])

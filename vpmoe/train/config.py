@@ -66,7 +66,7 @@ class TrainSection:
     peak_flops: float = 0.0  # per device, for MFU; 0: measured at the start (a bf16 matmul on GPUs)
     progress: bool = True
     tensorboard: bool = True
-    profile_steps: int = 0  # profile N steady steps (after the first 10) into run_dir/profile/ (train/profiling.py)
+    profile_steps: int = 0  # profile N steps (after the first 10 on a GPU) into run_dir/profile/ (train/profiling.py)
 
     def validate(self) -> None:
         if self.loss_chunk_rows < 0:

@@ -9,8 +9,10 @@ Design choices:
 - Plain `torch.profiler`, started and stopped by the trainer around whole steps: the device is
   synchronized at both ends, so the window holds exactly those steps' work. `vpmoe train` reads each
   step's figures one step late; the synchronize at the end costs the window's last step that overlap.
-- The window is the `profile_steps` steps after the run's first ten (compilation, CUDA-graph capture),
-  or the run's last ones when it is shorter: one knob.
+- The window is the `profile_steps` steps after the first ten on a GPU (compilation, autotuning,
+  CUDA-graph capture: a graph is never captured under the profiler that way, except after an
+  evaluation inside the window released the graphs, which has not been tried) or straight away on
+  the CPU; a run that ends first gets fewer steps, or none (said at the start): one knob.
 - Families by kernel name (first match wins): what bench/train_step.py's `--profile` prints too.
 - On a CPU run there are no device kernels: the summary says so and times the host ops instead.
 """
@@ -37,7 +39,7 @@ FAMILIES = [
     ("sort / scan", re.compile(r"cub::|radix|[Ss]ort|[Ss]can")),
     ("aten eager", re.compile(r"at::native::")),
 ]
-SKIP_FIRST = 10  # steps left to compilation and graph capture before a profile window starts
+WARM_UP = 10  # steps left to compilation, autotuning and graph capture on a GPU before a profile starts
 
 
 def is_range_annotation(name: str) -> bool:
@@ -95,14 +97,13 @@ def timeline(intervals: list[tuple[float, float, str]], min_gap: float = 20.0):
     return run_end - items[0][0], busy, sorted(gaps, reverse=True)
 
 
-def profile_window(steps_wanted: int, start_step: int, total_steps: int) -> tuple[int, int] | None:
+def profile_window(steps_wanted: int, start_step: int, total_steps: int, warm_up: int) -> tuple[int, int] | None:
     """(first, last) step numbers (1-based, inclusive) to profile, or None: the `steps_wanted` steps
-    after the first SKIP_FIRST, or the run's last ones when it is shorter, never before the steps
-    this run starts from (a resumed run)."""
-    if steps_wanted <= 0 or start_step >= total_steps:
+    after the first `warm_up` and after the step this run starts from (a resumed run), cut at the
+    run's end."""
+    first = max(warm_up, start_step) + 1
+    if steps_wanted <= 0 or first > total_steps:
         return None
-    first = min(SKIP_FIRST + 1, total_steps - steps_wanted + 1)
-    first = max(first, start_step + 1)
     return first, min(first + steps_wanted - 1, total_steps)
 
 

@@ -62,7 +62,7 @@ from vpmoe.train.optim import build_optimizer, set_lr
 from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, clip_grads, grad_norm, init_distributed,
                                   shard_model, sync_unsharded_grads)
 from vpmoe.train.prefetch import StepPrefetcher
-from vpmoe.train.profiling import StepProfiler, profile_window
+from vpmoe.train.profiling import WARM_UP, StepProfiler, profile_window
 from vpmoe.train.schedule import wsd_factor
 from vpmoe.train.signals import TrainingStopped, stop_signals
 from vpmoe.train.span_stats import N_STATS, pack_stats, span_report, unpack_stats
@@ -533,11 +533,16 @@ class Trainer:
         progress = Progress(cfg.train.steps, self.step, self.ds.is_main, cfg.train.progress)
         last_eval: dict = {}
         prefetch = StepPrefetcher(self._produce_step, self.step, cfg.train.steps)
-        profiler = StepProfiler(self.run_dir / "profile", profile_window(cfg.train.profile_steps, self.step, cfg.train.steps),
-                                self.device, f"rank{self.ds.rank}_" if self.ds.world > 1 else "")
+        window = profile_window(cfg.train.profile_steps, self.step, cfg.train.steps,
+                                WARM_UP if self.device.type == "cuda" else 0)
+        profiler = StepProfiler(self.run_dir / "profile", window, self.device,
+                                f"rank{self.ds.rank}_" if self.ds.world > 1 else "")
         with stop_signals() as received:  # SIGTERM / SIGUSR1: checkpoint after this step, exit
             try:
                 progress.print(f"compute: {self.compute_summary()}")
+                if cfg.train.profile_steps and window is None:
+                    progress.print(f"train.profile_steps: no step to profile (the run ends by step {cfg.train.steps}; "
+                                   f"on a GPU the first {WARM_UP} are never profiled)")
                 if self.start_ckpt is not None:
                     progress.print(f"resumed from {self.start_ckpt} at step {self.step}")
                     if self.optimizer.changed_on_load:  # the config's settings are used: say which differ
