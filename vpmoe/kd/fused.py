@@ -322,14 +322,6 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_z: torch.Tensor, h: 
         grad_weight += (grad_z.T @ h).to(grad_weight.dtype)
 
 
-def _scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """grad *= grad_loss (a 0-d device tensor) in place, with no host read: `RK.scale_unless_one_`
-    (on CUDA a kernel that leaves the gradient untouched when grad_loss is 1, as the trainer's is;
-    else a foreach multiply: a plain `mul_` by a 0-d CUDA tensor ran torch's unvectorised
-    broadcasting kernel, ~0.56 ms over the fp32 [V, d] head gradient on an H200, 2026-12-04)."""
-    return RK.scale_unless_one_(grad, grad_loss)
-
-
 class _FusedSpanLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, plan: "_Plan"):
@@ -390,8 +382,9 @@ class _FusedSpanLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None  # computed in forward; scaled in place (backward runs once)
-        gh = _scale_(grad_hidden, grad_loss) if ctx.needs_input_grad[0] else None
-        gw = _scale_(grad_weight, grad_loss) if ctx.needs_input_grad[1] else None
+        # by the 0-d grad_loss with no host read; on CUDA untouched when it is 1, as the trainer's is
+        gh = RK.scale_unless_one_(grad_hidden, grad_loss) if ctx.needs_input_grad[0] else None
+        gw = RK.scale_unless_one_(grad_weight, grad_loss) if ctx.needs_input_grad[1] else None
         return gh, gw, None
 
 

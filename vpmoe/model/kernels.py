@@ -9,8 +9,8 @@ Design choices:
   function closes over, so a compiled block sees the same `mask_mod` object every step and never
   recompiles for new data (`DocMasks`); their block tables come from each 128-token block's first
   and last run ([B, T/128, T/128] work, not the [B, T, T] grid `create_block_mask` evaluates;
-  `doc_block_tables`, its tables equal to `create_block_mask`'s; fewer launches per step, not yet
-  profiled). FlexAttention on CPU has no backward and no LSE, so on CPU, and for cached decoding
+  `doc_block_tables`, its tables equal to `create_block_mask`'s; -0.29 ms per (a) step on an H200,
+  docs/performance.md). FlexAttention on CPU has no backward and no LSE, so on CPU, and for cached decoding
   (queries != keys), the reference runs instead; tests/gpu/ checks the Flex path against it on
   the GPU.
 - MoE routing, permutation and combine never leave the device and never sync the host:

@@ -17,8 +17,6 @@ Design choices:
   Attention flops per token per layer are 12 * heads * head_dim * mean context (QK^T and PV,
   forward + backward); mean context is the causal average T/2 for global layers and the sliding
   window's average for local ones (an upper bound with packed documents).
-- `compute_summary`: the one `compute:` line a run starts with (device, precision, code path,
-  graphs, checkpointing, processes, the MFU denominator).
 """
 from __future__ import annotations
 
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vpmoe.config import ModelConfig, checkpointed_blocks
+from vpmoe.config import ModelConfig
 
 
 def router_stats(load: torch.Tensor) -> dict:
@@ -217,38 +215,3 @@ class Progress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-
-
-def compute_summary(tr) -> str:
-    """One line on how the trainer `tr` computes: device, precision, code path, CUDA graphs (and why
-    not, where `auto` left them off), checkpointing, processes. Printed at the start of a run."""
-    cfg, dev = tr.cfg, tr.device
-    where = str(dev)
-    if dev.type == "cuda":
-        where += f" ({torch.cuda.get_device_name(dev)}, sm{tr.capability[0]}{tr.capability[1]})"
-    if tr.body is not None:
-        path = "fused body" + (" (Triton attention prologue)" if tr.body.fused_prologue else "")
-        if tr.fast_opt is not None:
-            n = 1 + len(tr.fast_opt.side_streams)
-            path += " + fused optimizer" + (f" on {n} CUDA streams" if n > 1 else "")
-    else:
-        path = "module path" + (" with fused kernels" if tr._fast_path_on() else "")
-    parts = [where, "bf16 autocast" if tr.amp_dtype is not None else "fp32", path]
-    if tr.graphed is not None:
-        parts.append("CUDA graphs")
-    else:
-        why = "train.cuda_graphs = off" if cfg.train.cuda_graphs == "off" else tr._graphs_wanted()[1]
-        parts.append(f"no CUDA graphs ({why})")
-    n_layers = cfg.model.n_layers
-    n_ac = checkpointed_blocks(cfg.train.activation_checkpointing, n_layers)
-    if n_ac:
-        parts.append("activation checkpointing" + ("" if n_ac == n_layers else f" for the first {n_ac} of {n_layers} blocks"))
-    if tr.body is not None and tr.body.lean_blocks():
-        parts.append(f"lean saves for {tr.body.lean_blocks()} blocks")
-    parts.append(f"{tr.ds.world} process(es)")
-    if tr.ds.ep_size > 1:
-        parts.append(f"expert parallel {tr.ds.ep_size}")
-    how = "train.peak_flops" if cfg.train.peak_flops else "matmul rate measured here"
-    tflops = tr.peak_flops / 1e12  # four decimals below 10: a CPU's ~0.05 must not print as 0.0
-    parts.append(f"MFU against {tflops:.{1 if tflops >= 10 else 4}f} TFLOP/s per device ({how})")
-    return ", ".join(parts)

@@ -116,7 +116,6 @@ class StepProfiler:
         self.out_dir, self.window, self.device, self.prefix = Path(out_dir), window, device, prefix
         self.prof = None
         self.starts: list[float] = []
-        self.written: Path | None = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -135,14 +134,14 @@ class StepProfiler:
         self.starts.append(time.perf_counter())
 
     def after(self, step: int) -> Path | None:
+        """The summary's path once the window's last step is done (and written), else None."""
         if self.prof is None or step != self.window[1]:
             return None
         self._sync()
         self.starts.append(time.perf_counter())
         prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)
-        self.written = self._write(prof)
-        return self.written
+        return self._write(prof)
 
     def close(self) -> None:
         """A run that stops inside the window (a signal, an error) stops the profiler unwritten."""

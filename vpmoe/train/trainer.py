@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from vpmoe.config import ConfigError, config_hash, model_diff
+from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_diff
 from vpmoe.kd.losses import count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
@@ -56,8 +56,7 @@ from vpmoe.train.config import RunConfig, run_config_dict
 from vpmoe.train.data import BatchSource, dataset_fingerprint, eval_batches, resolve_vocab_subset
 from vpmoe.train.expert_parallel import apply_expert_parallel
 from vpmoe.train.launched import LaunchedStep
-from vpmoe.train.metrics import (MetricsLogger, Progress, compute_summary, flops_per_token, measure_matmul_flops,
-                                 router_stats)
+from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
 from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, clip_grads, grad_norm, init_distributed,
                                   shard_model, sync_unsharded_grads)
@@ -291,7 +290,38 @@ class Trainer:
         return body
 
     def compute_summary(self) -> str:
-        return compute_summary(self)
+        """One line on how this run computes: device, precision, code path, CUDA graphs (and why
+        not, where `auto` left them off), checkpointing, processes. Printed at the start of a run."""
+        cfg, dev = self.cfg, self.device
+        where = str(dev)
+        if dev.type == "cuda":
+            where += f" ({torch.cuda.get_device_name(dev)}, sm{self.capability[0]}{self.capability[1]})"
+        if self.body is not None:
+            path = "fused body" + (" (Triton attention prologue)" if self.body.fused_prologue else "")
+            if self.fast_opt is not None:
+                n = 1 + len(self.fast_opt.side_streams)
+                path += " + fused optimizer" + (f" on {n} CUDA streams" if n > 1 else "")
+        else:
+            path = "module path" + (" with fused kernels" if self._fast_path_on() else "")
+        parts = [where, "bf16 autocast" if self.amp_dtype is not None else "fp32", path]
+        if self.graphed is not None:
+            parts.append("CUDA graphs")
+        else:
+            why = "train.cuda_graphs = off" if cfg.train.cuda_graphs == "off" else self._graphs_wanted()[1]
+            parts.append(f"no CUDA graphs ({why})")
+        n_layers = cfg.model.n_layers
+        n_ac = checkpointed_blocks(cfg.train.activation_checkpointing, n_layers)
+        if n_ac:
+            parts.append("activation checkpointing" + ("" if n_ac == n_layers else f" for the first {n_ac} of {n_layers} blocks"))
+        if self.body is not None and self.body.lean_blocks():
+            parts.append(f"lean saves for {self.body.lean_blocks()} blocks")
+        parts.append(f"{self.ds.world} process(es)")
+        if self.ds.ep_size > 1:
+            parts.append(f"expert parallel {self.ds.ep_size}")
+        how = "train.peak_flops" if cfg.train.peak_flops else "matmul rate measured here"
+        tflops = self.peak_flops / 1e12  # four decimals below 10: a CPU's ~0.05 must not print as 0.0
+        parts.append(f"MFU against {tflops:.{1 if tflops >= 10 else 4}f} TFLOP/s per device ({how})")
+        return ", ".join(parts)
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -558,8 +588,8 @@ class Trainer:
                     batches, self._loader_state, waited = prefetch.get(self.step)
                     profiler.before(self.step + 1)
                     launched = self.launch_step(batches)
-                    if profiler.after(self.step):
-                        progress.print(f"step {self.step}: profile {profiler.written}")
+                    if profile := profiler.after(self.step):
+                        progress.print(f"step {self.step}: profile {profile}")
                     if pending is not None:  # the previous step: the GPU runs this one meanwhile
                         self._report(*pending, t0, progress)
                     pending = (launched, t0, waited)
