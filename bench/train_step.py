@@ -498,10 +498,12 @@ def main():
                     help="micro-batches per step for every case (0: the case's own; with --ac, fewer fit)")
     ap.add_argument("--routing", default="init", choices=["init", "balanced"],
                     help="router biases: the random init's (10-30x load imbalance) or balanced first, as training leaves them")
-    ap.add_argument("--moe", default="grouped", choices=["grouped", "grouped_mm_wgrad", "fused"],
+    ap.add_argument("--moe", default="grouped", choices=["grouped", "grouped_mm_wgrad", "gathered_wgrad", "fused"],
                     help="routed experts: the grouped-GEMM path (FastBody's default; its weight gradients from "
-                         "wgrad.gathered_wgrad, kernels.FUSED_WGRAD), the same with grouped-GEMM weight gradients "
-                         "(FUSED_WGRAD off), or moe_fused's Triton kernels")
+                         "wgrad.gathered_wgrad up to kernels.GATHERED_WGRAD_MAX_ROWS expert rows per micro-batch, "
+                         "grouped GEMMs above), the same with grouped-GEMM weight gradients at every size "
+                         "(FUSED_WGRAD off) or with the gathered kernel at every size (no row limit), or "
+                         "moe_fused's Triton kernels")
     ap.add_argument("--grad-sq", default="on", choices=["on", "off"],
                     help="graphed one-micro-batch steps: the experts' part of the clipping norm from the weight-gradient "
                          "kernel and the embedding's from its rows of the batch's tokens (graphed.GRAD_SQ, the "
@@ -529,6 +531,8 @@ def main():
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     OPT_KWARGS.update(parse_opt(a.opt))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
+    if a.moe == "gathered_wgrad":
+        K.GATHERED_WGRAD_MAX_ROWS = 1 << 62
     graphed_module.GRAD_SQ = a.grad_sq == "on"
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
     graphed_module.WEIGHT_COPIES = a.weight_copies == "on"

@@ -175,11 +175,39 @@ def check_gathered_wgrad() -> None:
             y = rows[r.inverse].view(N, k, d).sum(1)
         return torch.autograd.grad((h * gh.to(dtype)).sum() + (y * gy.to(dtype)).sum(), leaves)
 
-    got, want = grads(torch.float32, True), grads(torch.float64, False)
-    assert len(calls) == 2  # the up and the down weight gradient came from the kernel
-    for name, a, b in zip(["x", "w_up", "b_up", "u", "c", "w_down", "b_down"], got, want):
-        assert a.dtype == torch.float32, name
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+    want = grads(torch.float64, False)
+    default_limit = K.GATHERED_WGRAD_MAX_ROWS
+    # at the row limit the kernel serves; one row under it, the grouped GEMMs (same gradients)
+    for limit, launches in ((N * k, 2), (N * k - 1, 0)):
+        K.GATHERED_WGRAD_MAX_ROWS = limit
+        calls.clear()
+        got = grads(torch.float32, True)
+        assert len(calls) == launches, (limit, calls)  # the up and the down weight gradient
+        for name, a, b in zip(["x", "w_up", "b_up", "u", "c", "w_down", "b_down"], got, want):
+            assert a.dtype == torch.float32, name
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"{name} at limit {limit}")
+
+    # routed_experts decides the same way: above the limit the weights are cast before the
+    # Functions and the probes get no partial sums (the optimizer then reads those gradients)
+    x, w_up, b_up = (leaves64[i].detach().float() for i in range(3))
+    w_down, b_down = torch.randn(E, H, d, generator=gen) / H**0.5, torch.randn(E, d, generator=gen)
+    weight = torch.rand(N, k, generator=gen)
+    for limit, launches in ((N * k, 2), (N * k - 1, 0)):
+        K.GATHERED_WGRAD_MAX_ROWS = limit
+        calls.clear()
+        ws = [t.detach().clone().requires_grad_() for t in (w_up, b_up, w_down, b_down)]
+        probes = (K.sq_probe(ws[0]), K.sq_probe(ws[2]))
+        y = K.routed_experts(x, idx, weight, *ws, probes=probes)
+        (y * gy.float()).sum().backward()
+        assert len(calls) == launches, (limit, calls)
+        assert all((p.grad is not None) == bool(launches) for p in probes), limit
+        assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in ws), [None if w.grad is None else w.grad.dtype for w in ws]
+        if launches:
+            served = [w.grad for w in ws]
+        else:  # the same gradients from the grouped GEMMs
+            for name, a, b in zip(["w_up", "b_up", "w_down", "b_down"], [w.grad for w in ws], served):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    K.GATHERED_WGRAD_MAX_ROWS = default_limit
     print("checked")
 
 

@@ -335,7 +335,8 @@ class FastBody:
         {id(master): copy}) and then `mark_copies_current()`; a master changed any other way (its
         version counter moved) is cast again before the next forward or captured replay
         (`refresh_stale_copies`). Only for bf16 bodies on the grouped path with
-        `kernels.FUSED_WGRAD`; else nothing is kept."""
+        `kernels.FUSED_WGRAD`; else nothing is kept (and read only at micro-batches the gathered
+        weight-gradient kernel serves, `kernels.gathered_wgrad_serves`)."""
         self.copies = {}
         if on and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
             for i in range(len(self.model.layers)):

@@ -24,7 +24,8 @@ Design choices:
   biases are added in the fp32 pointwise work around them. The weight gradients: where Triton
   serves, one kernel per weight that reads the gathered rows through the token index and writes
   fp32 for the master weight, the up bias's gradient beside it (`wgrad.gathered_wgrad`,
-  `FUSED_WGRAD`); else grouped GEMMs, the up one over rows carrying a ones column for the bias. The
+  `FUSED_WGRAD`), at micro-batches of up to `GATHERED_WGRAD_MAX_ROWS` expert rows (it loses to
+  the grouped GEMMs above); else grouped GEMMs, the up one over rows carrying a ones column for the bias. The
   down bias's gradient: a token-level dense GEMM through the routing weights. No atomics, no
   separate reduction. CUDA's grouped GEMM takes
   bf16 only; the squared ReLU runs in fp32, fused by torch.compile around the GEMMs.
@@ -252,6 +253,19 @@ def sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor
 # read through the token index) instead of a bf16 grouped GEMM and a cast: (a) 61.51 -> 60.34 ms
 # (H200, docs/performance.md 2026-12-04). Off: the grouped GEMMs (`bench/train_step.py --moe grouped_mm_wgrad`).
 FUSED_WGRAD = True
+# ... but only up to this many expert rows (tokens x k) per micro-batch: the kernel wins at (a)'s
+# 16,384 and loses at (b)'s 65,536 (128.7 vs 125.1 ms per step) and (d)'s 262,144 (2,741 vs
+# 2,443 ms), H200, 2026-12-04 21:00-21:20 (bench/RESULTS.md). The crossover itself is not
+# measured: a straight line through the per-call differences at (a) and (b) puts it near 27k.
+GATHERED_WGRAD_MAX_ROWS = 24576
+
+
+def gathered_wgrad_serves(rows: int) -> bool:
+    """Whether a micro-batch of `rows` expert rows takes its expert weight gradients from
+    `wgrad.gathered_wgrad` (fp32, straight into the master weights' gradients; where Triton also
+    serves the operands, `wgrad.wgrad_applies`) rather than bf16 grouped GEMMs and a cast.
+    Shapes are static where this is traced, so the choice is fixed per compiled graph."""
+    return FUSED_WGRAD and rows <= GATHERED_WGRAD_MAX_ROWS
 
 
 class _GatherGemm(torch.autograd.Function):
@@ -284,7 +298,7 @@ class _GatherGemm(torch.autograd.Function):
         a = x.shape[1]
         g = g.to(w.dtype).contiguous()
         g_sq = None  # the probe's gradient: only where the kernel writes the weight's own gradient
-        if FUSED_WGRAD and W.wgrad_applies(x, g, offsets.numel()):
+        if gathered_wgrad_serves(token.numel()) and W.wgrad_applies(x, g, offsets.numel()):
             g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe)
         else:
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
@@ -329,7 +343,7 @@ class _DownSum(torch.autograd.Function):
         g_rows = g_lo[token]
         g_u = grouped_mm_t(g_rows, w, offsets)
         g_sq = None
-        if FUSED_WGRAD and W.wgrad_applies(u, g_lo, offsets.numel()):
+        if gathered_wgrad_serves(token.numel()) and W.wgrad_applies(u, g_lo, offsets.numel()):
             g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe)
         else:
             g_w = grouped_mm_wgrad(u, g_rows, offsets)
@@ -352,14 +366,16 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     routing weight's gradient is <act, the GEMM's input gradient> + <g, b>. `probes` (up, down):
     optional leaves of `sq_probe`'s shape whose gradients become the weight gradients' partial sums
     of squares where the Triton kernel writes them (else they get none). `low` (up, down): the
-    weights already in x's dtype (kept copies: no cast here; FUSED_WGRAD only, where the Functions
-    take the master weights), or None."""
+    weights already in x's dtype (kept copies: no cast here; only where the gathered kernel serves,
+    `gathered_wgrad_serves`, as the Functions then take the master weights), or None."""
     r = Routing(topk_idx, w_up.shape[0], first)
     dt, acc = x.dtype, _acc(x)
-    # with FUSED_WGRAD the Functions take the master weights and return their gradients in fp32;
-    # else the weights are cast here and the cast's backward widens their bf16 gradients
-    w_up, w_down = (w_up, w_down) if FUSED_WGRAD else (w_up.to(dt), w_down.to(dt))
-    if not FUSED_WGRAD:
+    # where the gathered kernel serves, the Functions take the master weights and return their
+    # gradients in fp32; else the weights are cast here and the cast's backward widens their bf16
+    # gradients (the kept copies `low` are then unused)
+    gathered = gathered_wgrad_serves(r.token.numel())
+    w_up, w_down = (w_up, w_down) if gathered else (w_up.to(dt), w_down.to(dt))
+    if not gathered:
         low = (None, None)
     h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0], low[0])
     row_weight = topk_weight.flatten()[r.order].to(acc)
