@@ -177,7 +177,8 @@ def check_gathered_wgrad() -> None:
 
     want = grads(torch.float64, False)
     default_limit = K.GATHERED_WGRAD_MAX_ROWS
-    # at the row limit the kernel serves; one row under it, the grouped GEMMs (same gradients)
+    # with the rows at the limit the kernel serves; with the limit one row under them, the grouped
+    # GEMMs (the same gradients)
     for limit, launches in ((N * k, 2), (N * k - 1, 0)):
         K.GATHERED_WGRAD_MAX_ROWS = limit
         calls.clear()
@@ -201,7 +202,7 @@ def check_gathered_wgrad() -> None:
         (y * gy.float()).sum().backward()
         assert len(calls) == launches, (limit, calls)
         assert all((p.grad is not None) == bool(launches) for p in probes), limit
-        assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in ws), [None if w.grad is None else w.grad.dtype for w in ws]
+        assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in ws), limit
         if launches:
             served = [w.grad for w in ws]
         else:  # the same gradients from the grouped GEMMs
