@@ -299,6 +299,61 @@ def is_hf_dir(path: str | Path) -> bool:
         return False
 
 
+
+def _subset_name(sha: str | None) -> str:
+    return sha or "none (full vocabulary)"
+
+
+def find_resume(run_dir: str | Path, cfg, subset_sha: str | None, fingerprint: dict, world: int) -> Path | None:
+    """The run's newest checkpoint, verified against this run (`cfg`: its RunConfig): vocabulary
+    subset, model config and tokenizer, global batch (`world` processes), dataset manifest; None
+    if it has none. Refuses a mismatch with the checkpoint's path and both values."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    prov = verify_checkpoint(path, hashes=cfg.checkpoint.verify == "sha256")
+    old_subset = prov.get("vocab_subset_sha")
+    if old_subset != subset_sha:
+        raise CheckpointError(f"{path}: trained with vocab subset {_subset_name(old_subset)}, "
+                              f"this run uses {_subset_name(subset_sha)} (data.vocab_subset)")
+    check_compatible(prov, path, cfg.model, fingerprint.get("tokenizer_sha"))
+    check_global_batch(prov, path, world, cfg.data.micro_batch_size, cfg.train.grad_accum)
+    old, new = prov.get("data_manifest_sha"), fingerprint.get("manifest_sha")
+    if old and new and old != new:
+        raise CheckpointError(f"{path}: trained on a different dataset (manifest sha256 {old[:12]}... "
+                              f"!= {new[:12]}... of {cfg.data.path})")
+    return path
+
+
+def init_model_from(model: nn.Module, source: str, cfg, subset_sha: str | None, fingerprint: dict) -> None:
+    """`train.init_from`: weights only (the optimizer and step start fresh) into `model` (any
+    sharding; strict, every tensor) from an HF export dir, a checkpoint or a run dir, after checking
+    the vocabulary subset, the model config and (checkpoints) the tokenizer against this run."""
+    from vpmoe.data.vocab_subset import VocabSubset
+
+    def check_subset(found: str | None, where) -> None:
+        if found != subset_sha:
+            raise ConfigError(f"train.init_from {where}: vocab subset {_subset_name(found)} != "
+                              f"this run's {_subset_name(subset_sha)} (data.vocab_subset)")
+
+    if is_hf_dir(source):
+        found = VocabSubset.find(source)
+        check_subset(found.sha256 if found is not None else None, source)
+        from vpmoe.model.hf import VpMoEForCausalLM, register
+        register()
+        hf = VpMoEForCausalLM.from_pretrained(source)
+        diff = model_diff(hf.model.cfg, cfg.model)
+        if diff:
+            raise ConfigError(f"train.init_from {source}: model config differs: " + "; ".join(diff))
+        # every rank holds the full HF weights; each keeps its shards
+        set_model_state_dict(model, hf.model.state_dict(), options=StateDictOptions(full_state_dict=True, strict=True))
+        return
+    path = resolve_checkpoint(source)
+    prov = verify_checkpoint(path, hashes=cfg.checkpoint.verify == "sha256")
+    check_subset(prov.get("vocab_subset_sha"), path)
+    check_compatible(prov, path, cfg.model, fingerprint.get("tokenizer_sha"))
+    load_model_weights(path, model)
+
 def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A `VpMoE` in eval mode from a checkpoint dir, a run dir (latest checkpoint) or an HF dir."""
     from vpmoe.model.model import VpMoE

@@ -45,9 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, model_diff
+from vpmoe.config import ConfigError, checkpointed_blocks, config_hash
 from vpmoe.kd.losses import count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
@@ -92,7 +91,8 @@ class Trainer:
         if not resume and (ckpt.list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()):
             raise ConfigError(f"train.run_dir {self.run_dir} already holds a run; pass --resume to continue it "
                               "or choose a new run directory")
-        self.start_ckpt = self._find_resume() if resume else None
+        subset_sha = self.subset.sha256 if self.subset is not None else None
+        self.start_ckpt = ckpt.find_resume(self.run_dir, cfg, subset_sha, self.fingerprint, self.ds.world) if resume else None
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
 
         torch.manual_seed(cfg.train.seed)  # the init seed, the same on every rank
@@ -107,7 +107,7 @@ class Trainer:
         self.model = shard_model(model, self.ds, cfg.parallel)
         model.to_empty(device=self.device)
         if self.start_ckpt is None and cfg.train.init_from:
-            self._init_from(model, cfg.train.init_from)  # strict: fills every tensor
+            ckpt.init_model_from(model, cfg.train.init_from, cfg, subset_sha, self.fingerprint)  # strict: every tensor
         elif self.start_ckpt is None:
             model.reset_parameters()
         # else: load_checkpoint below fills every tensor (strict), so no random draw first
@@ -153,51 +153,6 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-
-    def _find_resume(self) -> Path | None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            return None
-        prov = ckpt.verify_checkpoint(path, hashes=self.cfg.checkpoint.verify == "sha256")
-        old_subset, new_subset = prov.get("vocab_subset_sha"), self.subset and self.subset.sha256
-        if old_subset != new_subset:
-            raise ckpt.CheckpointError(f"{path}: trained with vocab subset {old_subset or 'none (full vocabulary)'}, "
-                                       f"this run uses {new_subset or 'none (full vocabulary)'} (data.vocab_subset)")
-        ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
-        ckpt.check_global_batch(prov, path, self.ds.world, self.cfg.data.micro_batch_size, self.cfg.train.grad_accum)
-        old, new = prov.get("data_manifest_sha"), self.fingerprint.get("manifest_sha")
-        if old and new and old != new:
-            raise ckpt.CheckpointError(f"{path}: trained on a different dataset (manifest sha256 {old[:12]}... "
-                                       f"!= {new[:12]}... of {self.cfg.data.path})")
-        return path
-
-    def _check_subset(self, found, source) -> None:
-        mine = self.subset.sha256 if self.subset is not None else None
-        if found != mine:
-            raise ConfigError(f"train.init_from {source}: vocab subset {found or 'none (full vocabulary)'} != "
-                              f"this run's {mine or 'none (full vocabulary)'} (data.vocab_subset)")
-
-    def _init_from(self, model: torch.nn.Module, source: str) -> None:
-        """Weights only (fresh optimizer and step 0) from an HF dir, a checkpoint or a run dir."""
-        from vpmoe.data.vocab_subset import VocabSubset
-
-        if ckpt.is_hf_dir(source):
-            found = VocabSubset.find(source)
-            self._check_subset(found.sha256 if found is not None else None, source)
-            from vpmoe.model.hf import VpMoEForCausalLM, register
-            register()
-            hf = VpMoEForCausalLM.from_pretrained(source)
-            diff = model_diff(hf.model.cfg, self.cfg.model)
-            if diff:
-                raise ConfigError(f"train.init_from {source}: model config differs: " + "; ".join(diff))
-            # every rank holds the full HF weights; each keeps its shards
-            set_model_state_dict(model, hf.model.state_dict(), options=StateDictOptions(full_state_dict=True, strict=True))
-            return
-        path = ckpt.resolve_checkpoint(source)
-        prov = ckpt.verify_checkpoint(path, hashes=self.cfg.checkpoint.verify == "sha256")
-        self._check_subset(prov.get("vocab_subset_sha"), path)
-        ckpt.check_compatible(prov, path, self.cfg.model, self.fingerprint.get("tokenizer_sha"))
-        ckpt.load_model_weights(path, model)
 
     def _graphs_wanted(self) -> tuple[bool, str]:
         """(use CUDA graphs?, why not). Graphs need one CUDA device, the fused body and optimizer
