@@ -85,14 +85,15 @@ class Trainer:
         self.train_data = BatchSource(cfg.data, cfg.data.train_split, self.ds.rank, self.ds.world)
         self.fingerprint = dataset_fingerprint(cfg.data.path)
         self.subset = resolve_vocab_subset(cfg.data)
+        self.subset_sha = self.subset.sha256 if self.subset is not None else None  # what checkpoints record
         if self.subset is not None and cfg.model.vocab_size != len(self.subset):
             # the head and embedding have one row per kept id; the subset size comes from the data
             cfg.model = dataclasses.replace(cfg.model, vocab_size=len(self.subset))
         if not resume and (ckpt.list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()):
             raise ConfigError(f"train.run_dir {self.run_dir} already holds a run; pass --resume to continue it "
                               "or choose a new run directory")
-        subset_sha = self.subset.sha256 if self.subset is not None else None
-        self.start_ckpt = ckpt.find_resume(self.run_dir, cfg, subset_sha, self.fingerprint, self.ds.world) if resume else None
+        self.start_ckpt = (ckpt.find_resume(self.run_dir, cfg, self.subset_sha, self.fingerprint, self.ds.world)
+                           if resume else None)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
 
         torch.manual_seed(cfg.train.seed)  # the init seed, the same on every rank
@@ -107,7 +108,7 @@ class Trainer:
         self.model = shard_model(model, self.ds, cfg.parallel)
         model.to_empty(device=self.device)
         if self.start_ckpt is None and cfg.train.init_from:
-            ckpt.init_model_from(model, cfg.train.init_from, cfg, subset_sha, self.fingerprint)  # strict: every tensor
+            ckpt.init_model_from(model, cfg.train.init_from, cfg, self.subset_sha, self.fingerprint)  # strict: every tensor
         elif self.start_ckpt is None:
             model.reset_parameters()
         # else: load_checkpoint below fills every tensor (strict), so no random draw first
@@ -290,7 +291,7 @@ class Trainer:
                 "tokenizer_sha": self.fingerprint.get("tokenizer_sha"),
                 "data_manifest_sha": self.fingerprint.get("manifest_sha"), "data_path": str(self.cfg.data.path),
                 "expert_parallel": self.ds.ep_size, "torch": torch.__version__,
-                "vocab_subset_sha": self.subset.sha256 if self.subset is not None else None,
+                "vocab_subset_sha": self.subset_sha,
                 "config": run_config_dict(self.cfg)}
 
     # ------------------------------------------------------------------------------ one step
