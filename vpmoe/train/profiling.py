@@ -130,7 +130,7 @@ class StepProfiler:
             self._sync()  # the window holds only its own steps' work
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=activities)
-            self.prof.__enter__()
+            self.prof.start()
         self.starts.append(time.perf_counter())
 
     def after(self, step: int) -> Path | None:
@@ -140,14 +140,14 @@ class StepProfiler:
         self._sync()
         self.starts.append(time.perf_counter())
         prof, self.prof = self.prof, None
-        prof.__exit__(None, None, None)
+        prof.stop()
         return self._write(prof)
 
     def close(self) -> None:
         """A run that stops inside the window (a signal, an error) stops the profiler unwritten."""
         if self.prof is not None:
             prof, self.prof = self.prof, None
-            prof.__exit__(None, None, None)
+            prof.stop()
 
     def _write(self, prof) -> Path:
         first, last = self.window
