@@ -80,7 +80,7 @@ def prologue_cases():
     bwd.update(N="i32", T="i32", stride_n="i32", stride_g="i32", eps="fp32")
     bwd.update({f"{g}_s{a}": "i32" for g in ("gq", "gk", "gv") for a in ("b", "h", "t")})
     part = (H + 2 * G) * D + 2 * D
-    for bn, blocks, w in TF.BACKWARD_CONFIGS:
+    for bn, blocks, w in TF.BACKWARD_CONFIGS + TF.SHORT_BACKWARD_CONFIGS:
         yield ("tpa prologue backward", f"{bn} tokens x {blocks} blocks, {w} warps", TF._backward_kernel, bwd,
                dict(common, PART=part, BN=bn, BLOCKS=blocks), w)
 

@@ -48,3 +48,14 @@ def check_against_bf16x3_and_float64() -> None:
 
 def test_router_logits_kernel_against_bf16x3_and_float64():
     run_in_interpreter("tests.test_router_fused", "check_against_bf16x3_and_float64", timeout=600)
+
+
+def test_rows_bucket_keys_tuning_by_power_of_two():
+    """The autotuning key's token bucket: the power of two at or above N, clamped to [16, 2^20], so
+    a batch of 4,096 tokens and one of 16,384 tune apart (their best tiles differ), and every size
+    in (2^k, 2^(k+1)] shares one tuning."""
+    from vpmoe.model.router_fused import rows_bucket
+
+    assert [rows_bucket(n) for n in (1, 16, 17, 4095, 4096, 4097, 16384)] == [16, 16, 32, 4096, 4096, 8192, 16384]
+    assert rows_bucket(1 << 22) == 1 << 20
+    assert len({rows_bucket(n) for n in range(1, 70000)}) == 14  # 16 ... 65536 (13), then 2^17

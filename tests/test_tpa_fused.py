@@ -145,3 +145,27 @@ def test_local_qkv_falls_back_to_the_reference_on_cpu():
     assert TF.supported(dims) and TF.supported([4, 2, 32, 3, 1])
     with pytest.raises(ValueError, match="power-of-two head_dim"):  # the op itself says why
         TF._check(ins[0], 6, [4, 2, 24, 4, 2])
+
+
+
+def test_backward_configs_fit_the_partial_sum_buffer():
+    """Every backward config tried for N tokens launches no more programs than the partial-sum buffer
+    has rows, and the pruning hook Triton calls keeps exactly those configs: the short programs are
+    tried at (a)'s 4,096 tokens, not at the 80-layer step's 65,536, where the long ones are as before."""
+    import triton
+
+    from vpmoe.model import tpa_fused as TF
+
+    every = TF.BACKWARD_CONFIGS + TF.SHORT_BACKWARD_CONFIGS
+    configs = [triton.Config({"BN": bn, "BLOCKS": blocks}, num_warps=w) for bn, blocks, w in every]
+    for N in (1, 5, 100, 4096, 16384, 65536, 1 << 20):
+        kept = TF.backward_configs(N)
+        programs = [-(-N // (bn * blocks)) for bn, blocks, _ in kept]
+        assert max(programs) == TF.partial_rows(N)
+        assert set(TF.BACKWARD_CONFIGS) <= set(kept) <= set(every)
+        for c in TF.SHORT_BACKWARD_CONFIGS:  # a short config is tried exactly where it fits the cap
+            assert (c in kept) == (-(-N // (c[0] * c[1])) <= TF.SHORT_MAX_PROGRAMS), (N, c)
+        pruned = TF._prune_backward(configs, {"N": N, "T": 2048})
+        assert sorted((c.kwargs["BN"], c.kwargs["BLOCKS"], c.num_warps) for c in pruned) == sorted(kept), N
+    assert len(TF.backward_configs(4096)) == len(every)
+    assert TF.backward_configs(65536) == TF.BACKWARD_CONFIGS and TF.partial_rows(65536) == 2048

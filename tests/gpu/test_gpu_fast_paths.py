@@ -156,6 +156,24 @@ def test_router_logits_bf16x3_near_fp32():
     assert rel_err(kernel, torch_x3) < 1e-5 and rel_err(kernel, exact) < 5e-5  # fp32 sums' order: ~2e-6
 
 
+def test_router_logits_kernel_every_config():
+    """Each of the router kernel's tile configs, forced in turn (the tuner picks per token bucket, so
+    small batches may take tiles no 16k-row tuning picked): the same logits as torch's bf16x3 at a
+    token count that leaves partial row tiles."""
+    from tests.gpu.helpers import forced_config
+    from vpmoe.model import router_fused as RF
+
+    x = torch.randn(4095, 1024, device=DEV)
+    w = torch.randn(256, 1024, device=DEV) * 0.03
+    want = K.mm_bf16x3(x, w.t())
+    tuner = RF._tuned()
+    assert len(tuner.configs) == len(RF.CONFIGS)
+    for config in tuner.configs:
+        with forced_config(tuner, config):
+            got = RF.router_logits_fused(x, *RF.split_weight(w))
+        assert rel_err(got, want) < 1e-5, (config, rel_err(got, want))
+
+
 def test_route_fast_cuda_matches_reference():
     """Compiled, the sigmoid and sums may round differently from eager by an ulp, so a token whose
     top-k boundary is a near-tie (gap below 1e-5) may pick differently; every other token must

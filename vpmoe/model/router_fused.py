@@ -16,8 +16,8 @@ Design choices:
 - w's split (wh, wl: [d, E] bf16 each, 1 MiB at vpMoE's dims) is made by torch once per call; x's
   is made per tile. All loads are masked, so any N, d and E work (tests cross every tile edge).
 - `router_logits_fused` is a `torch.library.custom_op`: opaque to torch.compile, capturable in CUDA
-  graphs (fixed grid for fixed shapes), autotuned per (d, E) by `pretune` when a fast body is built
-  (before the model's activations fill the GPU), else at first use.
+  graphs (fixed grid for fixed shapes), autotuned per (d, E, power-of-two bucket of the token count):
+  16k-row batches by `pretune` when a fast body is built, others at first use.
 - `kernels.mm_bf16x3` is the same function in torch (the CPU's path and the tests' reference);
   tests/test_router_fused.py runs this kernel under the Triton interpreter against it and float64.
 """
@@ -34,9 +34,13 @@ try:
 except ImportError:  # CPU-only installs: callers use kernels.mm_bf16x3
     triton = None
 
-# (rows, experts, K step) per tile, warps, pipeline stages; tuned per (d, E) (`pretune`)
+# (rows, experts, K step) per tile, warps, pipeline stages; tuned per (d, E, power-of-two bucket of the
+# token count). The small tiles are for small batches: tuned per (d, E) alone at 16k rows, (a)'s 4k
+# tokens launched 32-64 programs on 132 SMs and the kernel took 52 us per layer (H200, 2026-12-04
+# 20:55 profile) for ~6 GFLOP and 16 MB of reads.
 CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
-           (64, 256, 64, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
+           (64, 256, 64, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+           (32, 128, 64, 4, 3)]
 
 
 if triton is not None:
@@ -50,8 +54,9 @@ if triton is not None:
         return tl.where(v != v, v, b.to(tl.float32, bitcast=True))
 
     @triton.jit
-    def _logits_kernel(x_ptr, wh_ptr, wl_ptr, out_ptr, N, D, E, stride_x,
+    def _logits_kernel(x_ptr, wh_ptr, wl_ptr, out_ptr, N, D, E, stride_x, N_BUCKET,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32_DOT: tl.constexpr):
+        """N_BUCKET (`rows_bucket(N)`) is read only by the autotuner: part of its key."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         ks = tl.arange(0, BK)
@@ -84,20 +89,26 @@ _kernel = None
 
 
 def _tuned():
-    """The kernel, autotuned per (d, E) on CUDA; the interpreter (no driver to time with) runs
-    it with small tiles (`_untuned_config`) so that tests cross every tile edge."""
+    """The kernel, autotuned per (d, E, rows bucket) on CUDA; the interpreter (no driver to time
+    with) runs it with small tiles (`_untuned_config`) so that tests cross every tile edge."""
     global _kernel
     if _kernel is None:
-        _kernel = autotuned(_logits_kernel, CONFIGS, ["D", "E"])
+        _kernel = autotuned(_logits_kernel, CONFIGS, ["D", "E", "N_BUCKET"])
     return _kernel
 
 
+def rows_bucket(n: int) -> int:
+    """The autotuning bucket of a token count: the power of two at or above it, from 16 up to 2^20
+    (a few buckets, so a sampler's varying batch sizes tune a few times, not once per size)."""
+    return min(max(1 << max(n - 1, 0).bit_length(), 16), 1 << 20)
+
+
 def pretune(device: torch.device, d: int, n_experts: int, rows: int = 16384) -> None:
-    """Autotune now, on `rows` random tokens, while the GPU is still empty, so that tuning (which
-    times every config with buffers of its own) never runs inside a training step. The tiles depend
-    on d and E, not on the token count (the tuning key), so this serves every batch size. (Built
-    as a suspected cause of the 80-layer step's out-of-memory at 48 checkpointed blocks; it was
-    not: the step still ran out with it, H200 2026-12-02, and fits at 50.)"""
+    """Autotune now, on `rows` random tokens, while the GPU is still empty. This serves the bucket
+    of `rows` only: other token counts tune at their first call, on that call's own tensors (no
+    buffers of the tuner's; every training step's shapes are first run eagerly, before any CUDA
+    graph is captured). (Built as a suspected cause of the 80-layer step's out-of-memory at 48
+    checkpointed blocks; it was not: the step still ran out with it, H200 2026-12-02, and fits at 50.)"""
     if available(device) and not interpreting():
         x = torch.randn(rows, d, device=device)
         router_logits_fused(x, *split_weight(torch.randn(n_experts, d, device=device)))
@@ -139,7 +150,7 @@ def router_logits_fused(x: torch.Tensor, wh: torch.Tensor, wl: torch.Tensor) -> 
     E = wh.shape[1]
     out = x.new_empty(N, E)
     _tuned()[lambda meta: (triton.cdiv(N, meta["BM"]), triton.cdiv(E, meta["BN"]))](
-        x, wh.contiguous(), wl.contiguous(), out, N, D, E, x.stride(0),
+        x, wh.contiguous(), wl.contiguous(), out, N, D, E, x.stride(0), rows_bucket(N),
         F32_DOT=_f32_dot(), **_untuned_config())
     return out
 

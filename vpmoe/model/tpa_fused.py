@@ -27,7 +27,9 @@ Design choices:
   [programs, (H + 2G) * D + 2D] fp32 buffer (1792 columns at vpMoE's dims), summed by torch
   afterwards: no atomics, deterministic.
 - Tokens per block, blocks per program and warps are autotuned per (token count, sequence length,
-  dtypes) at first use on CUDA (`triton.autotune`; the tuning runs reset the partial sums).
+  dtypes) at first use on CUDA (`triton.autotune`; the tuning runs reset the partial sums). Short
+  programs (8 or fewer tokens) are tried only where they launch at most SHORT_MAX_PROGRAMS
+  (`backward_configs`), which bounds the partial-sum buffer; they serve small batches.
 - cos/sin [N, D/2] are inputs (computed by torch from positions and the learnable GRAPE
   frequencies), so the op returns their gradients and autograd carries them to `log_freq`.
 - Math in fp32 whatever the storage dtype. `tpa_prologue_reference` is the same function in plain
@@ -52,11 +54,37 @@ except ImportError:  # CPU-only installs: the op falls back to the reference
 
 # Tuned per token count on first use. Forward: (tokens per program, warps). Backward: (tokens per
 # block, blocks per program, warps): a program sums its blocks' bias/norm-weight gradients before
-# writing one partial-sum row, so fewer, longer programs write fewer rows.
+# writing one partial-sum row, so fewer, longer programs write fewer rows at large token counts.
 FORWARD_CONFIGS = [(4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]
 BACKWARD_CONFIGS = [(2, 16, 2), (2, 16, 4), (4, 8, 4), (4, 16, 4), (8, 8, 8)]
-MIN_PROGRAM_TOKENS = min(bn * blocks for bn, blocks, _ in BACKWARD_CONFIGS)  # sizes the partial-sum buffer
+# Short programs for small token counts, tried where they launch at most SHORT_MAX_PROGRAMS: at (a)'s
+# 4,096 tokens every config above launched at most 128 programs (one per SM, 2-4 warps resident of
+# the 8-16 their registers allow) and the backward took 149 us per local layer, against 179 us for
+# twice the tokens (H200, 2026-12-04 20:55 profile): its time followed each program's serial chain.
+SHORT_BACKWARD_CONFIGS = [(2, 4, 2), (2, 4, 4), (4, 2, 4), (2, 2, 2)]
+SHORT_MAX_PROGRAMS = 2048  # 14.7 MB of partial sums at vpMoE's dims
 MAX_RANK = 4  # rank slots of the kernels
+
+
+def _programs(N: int, config) -> int:
+    return -(-N // (config[0] * config[1]))
+
+
+def backward_configs(N: int) -> list[tuple[int, int, int]]:
+    """The backward configs tried for N tokens: every long one, and the short ones that launch at
+    most SHORT_MAX_PROGRAMS programs."""
+    return BACKWARD_CONFIGS + [c for c in SHORT_BACKWARD_CONFIGS if _programs(N, c) <= SHORT_MAX_PROGRAMS]
+
+
+def partial_rows(N: int) -> int:
+    """Rows of the backward's partial-sum buffer for N tokens: the most programs any tried config launches."""
+    return max(_programs(N, c) for c in backward_configs(N))
+
+
+def _prune_backward(configs, named_args, **kwargs):
+    """Triton's `early_config_prune`: the configs `backward_configs` keeps for this call's N."""
+    kept = {(bn, blocks) for bn, blocks, _ in backward_configs(named_args["N"])}
+    return [c for c in configs if (c.kwargs["BN"], c.kwargs["BLOCKS"]) in kept]
 
 
 def available(device: torch.device) -> bool:
@@ -340,9 +368,11 @@ def _tuned(which: str):
                 configs = [triton.Config({"BN": bn}, num_warps=w) for bn, w in FORWARD_CONFIGS]
             else:
                 configs = [triton.Config({"BN": bn, "BLOCKS": blocks}, num_warps=w)
-                           for bn, blocks, w in BACKWARD_CONFIGS]
-            kernel = triton.autotune(configs, key=["N", "T"],
-                                     reset_to_zero=["part_ptr"] if which == "backward" else None)(kernel)
+                           for bn, blocks, w in BACKWARD_CONFIGS + SHORT_BACKWARD_CONFIGS]
+            backward = which == "backward"
+            kernel = triton.autotune(configs, key=["N", "T"], reset_to_zero=["part_ptr"] if backward else None,
+                                     prune_configs_by={"early_config_prune": _prune_backward} if backward else None,
+                                     )(kernel)
         _kernels[which] = kernel
     return _kernels[which]
 
@@ -358,7 +388,7 @@ def _column_starts(dims: list[int]) -> dict:
 
 def _untuned_config(which: str) -> dict:
     """The interpreter's config: few tokens per block and program, so tests cross block and program
-    boundaries (and the partial-sum buffer, sized for MIN_PROGRAM_TOKENS, has room)."""
+    boundaries (the partial-sum buffer is sized for this config there)."""
     if not interpreting():
         return {}
     return {"BN": 2, "BLOCKS": 2} if which == "backward" else {"BN": 4}
@@ -430,9 +460,9 @@ def tpa_prologue_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, 
     _check(proj, T, dims)
     H, G, D, Rq, Rkv = dims
     N = proj.shape[0]
-    # room for the most programs any config launches; rows past the chosen config's stay zero
+    # room for the most programs any tried config launches; rows past the chosen config's stay zero
     untuned = _untuned_config("backward")
-    programs = triton.cdiv(N, untuned["BN"] * untuned["BLOCKS"] if untuned else MIN_PROGRAM_TOKENS)
+    programs = triton.cdiv(N, untuned["BN"] * untuned["BLOCKS"]) if untuned else partial_rows(N)
     part_width = (H + 2 * G) * D + 2 * D
     part = proj.new_zeros(programs, part_width, dtype=torch.float32)
     gproj = proj.new_empty(proj.shape)  # contiguous, whatever proj's row stride
