@@ -102,3 +102,10 @@ def test_no_copies_where_they_do_not_apply():
     model = VpMoE(cfg)
     assert FastBody(model, compile=False, dtype=torch.float32).use_weight_copies(True) == {}  # fp32 body
     assert FastBody(model, compile=False, dtype=torch.bfloat16, checkpoint=True).use_weight_copies(True) == {}
+    # micro-batches above the gathered weight-gradient kernel's row limit read no copies: none kept
+    from vpmoe.model import kernels as K
+
+    body = FastBody(model, compile=False, dtype=torch.bfloat16)
+    assert K.FUSED_WGRAD
+    assert body.use_weight_copies(True, rows=K.GATHERED_WGRAD_MAX_ROWS + 1) == {} and body.copies == {}
+    assert len(body.use_weight_copies(True, rows=K.GATHERED_WGRAD_MAX_ROWS)) == 2 * len(body.copies) > 0

@@ -325,7 +325,7 @@ class FastBody:
             known[id(embed)] = embedding_grad_sq(embed.grad, self.sq_tokens)
         return known
 
-    def use_weight_copies(self, on: bool = True) -> dict[int, torch.Tensor]:
+    def use_weight_copies(self, on: bool = True, rows: int | None = None) -> dict[int, torch.Tensor]:
         """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
         the GEMM dtype, instead of casting the fp32 masters in every forward (a checkpointed block
         keeps casting: its cast is transient). The copies are memory of their own (+2.15 GiB at
@@ -335,10 +335,12 @@ class FastBody:
         {id(master): copy}) and then `mark_copies_current()`; a master changed any other way (its
         version counter moved) is cast again before the next forward or captured replay
         (`refresh_stale_copies`). Only for bf16 bodies on the grouped path with
-        `kernels.FUSED_WGRAD`; else nothing is kept (and read only at micro-batches the gathered
-        weight-gradient kernel serves, `kernels.gathered_wgrad_serves`)."""
+        `kernels.FUSED_WGRAD`; else nothing is kept. They are read only at micro-batches the
+        gathered weight-gradient kernel serves (`kernels.gathered_wgrad_serves`): given the
+        micro-batch's expert `rows` (tokens x top_k), none are kept above that limit."""
         self.copies = {}
-        if on and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
+        serves = rows is None or K.gathered_wgrad_serves(rows)
+        if on and serves and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
             for i in range(len(self.model.layers)):
                 if self.kind_of[i][1] and i >= self.checkpoint:
                     masters = {w: self.params[i][f"ffn.{w}"] for w in ("w_up", "w_down")}

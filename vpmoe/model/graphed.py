@@ -51,7 +51,8 @@ Design choices:
   (22.34 -> 24.49 GiB): the compiled blocks evidently recompute their casts in backward rather than
   keep them, so the copies are memory of their own (~10.7 GB at 80 layers with no block
   checkpointed). A master changed outside the step (its version counter moved) is cast again
-  before the next replay.
+  before the next replay. Kept only where the micro-batch's expert rows are within the gathered
+  weight-gradient kernel's limit (`kernels.gathered_wgrad_serves`): above it nothing reads them.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -91,9 +92,6 @@ class GraphedTrainStep:
         # one micro-batch: its backward writes the expert weights' final gradients, so their part of
         # the clipping norm comes from the weight-gradient kernel (module docstring)
         body.grad_sq = GRAD_SQ and micro == 1
-        # bf16 expert weights kept for the blocks that keep their activations: the forward stops
-        # casting them, the update writes them (module docstring)
-        optimizer.weight_copies = body.use_weight_copies(WEIGHT_COPIES)
         self.calls = 0
         self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
@@ -192,6 +190,12 @@ class GraphedTrainStep:
         if len(batches) != self.micro:
             raise ValueError(f"GraphedTrainStep: got {len(batches)} micro-batches, built for {self.micro}")
         self.calls += 1
+        if self.static is None:
+            # bf16 expert weights kept for the blocks that keep their activations: the forward stops
+            # casting them, the update writes them (module docstring); none at micro-batches whose
+            # expert rows the gathered weight-gradient kernel does not serve (they would go unread)
+            rows = batches[0]["tokens"].numel() * self.body.cfg.top_k
+            self.opt.weight_copies = self.body.use_weight_copies(WEIGHT_COPIES, rows)
         if self.calls <= self.warmup:
             for p in self.params:
                 p.grad = None  # every step's first backward allocates them afresh
