@@ -53,7 +53,6 @@ from vpmoe.config import checkpointed_blocks
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
 from vpmoe.model import moe_fused as MF
-from vpmoe.model import router_fused as RF
 from vpmoe.model import tpa_fused as TF
 
 
@@ -271,8 +270,6 @@ class FastBody:
         # the router's logits at near-fp32 on tensor cores, its gradients at bf16 like every other
         # gradient's GEMMs: in a bf16 body only (an fp32 body keeps the reference's fp32 GEMMs)
         self.bf16x3 = self.dtype == torch.bfloat16 and K.bf16x3_available(p0.device)
-        if self.bf16x3:
-            RF.pretune(p0.device, self.cfg.d_model, self.cfg.n_experts)
         c = self.cfg
         dims = [c.n_heads, c.n_kv_heads, c.head_dim, c.tpa_q_rank, c.tpa_kv_rank]
         # the Triton prologue wherever it runs (CUDA with Triton); None = that default

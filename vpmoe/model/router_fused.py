@@ -16,8 +16,10 @@ Design choices:
 - w's split (wh, wl: [d, E] bf16 each, 1 MiB at vpMoE's dims) is made by torch once per call; x's
   is made per tile. All loads are masked, so any N, d and E work (tests cross every tile edge).
 - `router_logits_fused` is a `torch.library.custom_op`: opaque to torch.compile, capturable in CUDA
-  graphs (fixed grid for fixed shapes), autotuned per (d, E, power-of-two bucket of the token count):
-  16k-row batches by `pretune` when a fast body is built, others at first use.
+  graphs (fixed grid for fixed shapes), autotuned per (d, E, power-of-two bucket of the token count)
+  at a bucket's first call, on that call's own tensors (no buffers of the tuner's; a training step's
+  shapes run eagerly before any CUDA graph is captured). Tuning once per (d, E) at 16k rows before
+  the step (`pretune`, removed 2026-12-04) gave small batches tiles with too few programs.
 - `kernels.mm_bf16x3` is the same function in torch (the CPU's path and the tests' reference);
   tests/test_router_fused.py runs this kernel under the Triton interpreter against it and float64.
 """
@@ -25,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-# the same test for every Triton op
-from vpmoe.model.tpa_fused import autotuned, available, interpreting
+# the same test for every Triton op (`available` is asked as RF.available by kernels.router_logits)
+from vpmoe.model.tpa_fused import autotuned, available, interpreting  # noqa: F401
 
 try:
     import triton
@@ -101,18 +103,6 @@ def rows_bucket(n: int) -> int:
     """The autotuning bucket of a token count: the power of two at or above it, from 16 up to 2^20
     (a few buckets, so a sampler's varying batch sizes tune a few times, not once per size)."""
     return min(max(1 << max(n - 1, 0).bit_length(), 16), 1 << 20)
-
-
-def pretune(device: torch.device, d: int, n_experts: int, rows: int = 16384) -> None:
-    """Autotune now, on `rows` random tokens, while the GPU is still empty. This serves the bucket
-    of `rows` only: other token counts tune at their first call, on that call's own tensors (no
-    buffers of the tuner's; every training step's shapes are first run eagerly, before any CUDA
-    graph is captured). (Built as a suspected cause of the 80-layer step's out-of-memory at 48
-    checkpointed blocks; it was not: the step still ran out with it, H200 2026-12-02, and fits at 50.)"""
-    if available(device) and not interpreting():
-        x = torch.randn(rows, d, device=device)
-        router_logits_fused(x, *split_weight(torch.randn(n_experts, d, device=device)))
-        torch.cuda.synchronize(device)
 
 
 def _untuned_config() -> dict:
