@@ -59,8 +59,8 @@ FORWARD_CONFIGS = [(4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]
 BACKWARD_CONFIGS = [(2, 16, 2), (2, 16, 4), (4, 8, 4), (4, 16, 4), (8, 8, 8)]
 # Short programs for small token counts, tried where they launch at most SHORT_MAX_PROGRAMS: at (a)'s
 # 4,096 tokens every config above launched at most 128 programs (one per SM, 2-4 warps resident of
-# the 8-16 their registers allow) and the backward took 149 us per local layer, against 179 us for
-# twice the tokens (H200, 2026-12-04 20:55 profile): its time followed each program's serial chain.
+# the 8-16 their registers allow) and the backward took 149 us per local layer (H200, the 2026-12-04
+# 20:57 profile), against 179 us at 8,192 tokens (2026-12-01 14:46): time followed one program's chain.
 SHORT_BACKWARD_CONFIGS = [(2, 4, 2), (2, 4, 4), (4, 2, 4), (2, 2, 2)]
 SHORT_MAX_PROGRAMS = 2048  # 14.7 MB of partial sums at vpMoE's dims
 MAX_RANK = 4  # rank slots of the kernels
