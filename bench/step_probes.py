@@ -11,7 +11,12 @@ from pathlib import Path
 import torch
 
 from bench.timing import cuda_time, graph_time
-from vpmoe.train.profiling import is_range_annotation, kernel_families, kernel_table
+from vpmoe.train.profiling import (
+    FAMILIES,
+    is_range_annotation,
+    kernel_families,
+    kernel_table,
+)
 
 
 def release_graphs(tr) -> None:
@@ -53,7 +58,7 @@ def is_dtype_cast(kernel: str) -> bool:
 
 
 _COPY = re.compile(r"memcpy|Memcpy")
-_ATEN = re.compile(r"at::native::")  # the "aten eager" family (vpmoe.train.profiling.FAMILIES)
+_ATEN = dict(FAMILIES)["aten eager"]
 
 
 def kernel_sources(events, pattern: re.Pattern, rows: int = 20) -> list[str]:

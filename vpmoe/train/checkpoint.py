@@ -299,7 +299,6 @@ def is_hf_dir(path: str | Path) -> bool:
         return False
 
 
-
 def _subset_name(sha: str | None) -> str:
     return sha or "none (full vocabulary)"
 
@@ -353,6 +352,7 @@ def init_model_from(model: nn.Module, source: str, cfg, subset_sha: str | None, 
     check_subset(prov.get("vocab_subset_sha"), path)
     check_compatible(prov, path, cfg.model, fingerprint.get("tokenizer_sha"))
     load_model_weights(path, model)
+
 
 def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A `VpMoE` in eval mode from a checkpoint dir, a run dir (latest checkpoint) or an HF dir."""
