@@ -64,7 +64,7 @@ from vpmoe.kd.fused import fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
-from vpmoe.model.fast import FastBody, make_block_fn, update_router_biases  # noqa: E402
+from vpmoe.model.fast import FastBody, embedding_rows, make_block_fn, update_router_biases  # noqa: E402
 from vpmoe.model import graphed as graphed_module
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model import wgrad as wgrad_module  # noqa: E402
@@ -327,8 +327,14 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
     tr.loss_chunk = keep
     for p in tr.model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    res["optimizer"] = graph_time(lambda: tr.fopt.step(refresh_lr=False), iters=5)[0] * 1e3
-    res["optimizer_eager"] = cuda_time(tr.fopt.step, warmup=1, iters=3) * 1e3
+    rows = {}  # the embedding's gradient as the step has it: its rows of the batch's tokens (graphed.EMBED_ROWS)
+    if tr.graphed is not None and tr.body.embed_rows:
+        emb = tr.model.embed.weight
+        emb.grad = None
+        rows = {id(emb): embedding_rows(batch["tokens"], torch.randn(*batch["tokens"].shape, d, device=dev) * 1e-3,
+                                        emb.shape[0])}
+    res["optimizer"] = graph_time(lambda: tr.fopt.step(refresh_lr=False, row_grads=rows), iters=5)[0] * 1e3
+    res["optimizer_eager"] = cuda_time(lambda: tr.fopt.step(row_grads=rows), warmup=1, iters=3) * 1e3
     tr.opt.zero_grad(set_to_none=True)
     for k_ in list(res):
         if not k_.startswith("optimizer"):
@@ -376,6 +382,8 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
         tr.step(batches[0])
         torch.cuda.synchronize()
         row["first_step_s"] = time.perf_counter() - t0
+        if tr.graphed is not None:  # what --weight-copies (auto by default) chose
+            row["weight_copies"] = "on" if tr.fopt.weight_copies else "off"
         it = iter(range(10 ** 6))
         step = cuda_time(lambda: tr.step(batches[next(it) % 3]), warmup=3, iters=steps)
         tokens = batch_size * seq
@@ -508,9 +516,13 @@ def main():
                     help="graphed one-micro-batch steps: the experts' part of the clipping norm from the weight-gradient "
                          "kernel and the embedding's from its rows of the batch's tokens (graphed.GRAD_SQ, the "
                          "default), or both read from their whole gradients (off)")
-    ap.add_argument("--weight-copies", default="off", choices=["on", "off"],
+    ap.add_argument("--weight-copies", default="auto", choices=["auto", "on", "off"],
                     help="graphed steps: the kept blocks' expert weights held in bf16 and written by the update "
-                         "(graphed.WEIGHT_COPIES; opt-in: -2.0%% for +2.15 GiB at (a)) or cast from fp32 in every forward")
+                         "(graphed.WEIGHT_COPIES: -2.0%% for +2.15 GiB at (a)) or cast from fp32 in every forward; "
+                         "auto (the default): held where the memory is plainly spare (graphed.copies_wanted)")
+    ap.add_argument("--embed-rows", default="on", choices=["on", "off"],
+                    help="graphed one-micro-batch steps: the embedding's gradient as its rows of the batch's tokens, "
+                         "gathered inside its AdamW pass (graphed.EMBED_ROWS, the default), or the dense [V, d] tensor")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
@@ -534,8 +546,9 @@ def main():
     if a.moe == "gathered_wgrad":
         K.GATHERED_WGRAD_MAX_ROWS = 1 << 62
     graphed_module.GRAD_SQ = a.grad_sq == "on"
+    graphed_module.EMBED_ROWS = a.embed_rows == "on"
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
-    graphed_module.WEIGHT_COPIES = a.weight_copies == "on"
+    graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     peak = measure_matmul_flops(torch.device("cuda"), torch.bfloat16) / 1e12  # the trainer's own measurement
@@ -566,10 +579,10 @@ def main():
                 row["inductor"] = a.inductor
             if a.grad_sq == "off":
                 row["grad_sq"] = "off"
+            if a.embed_rows == "off":
+                row["embed_rows"] = "off"
             if a.mask_tables == "dense":
                 row["mask_tables"] = "dense"
-            if a.weight_copies == "on":
-                row["weight_copies"] = "on"
             if a.opt:
                 row["opt"] = a.opt
             if a.flex_local:

@@ -109,3 +109,24 @@ def test_no_copies_where_they_do_not_apply():
     assert K.FUSED_WGRAD
     assert body.use_weight_copies(True, rows=K.GATHERED_WGRAD_MAX_ROWS + 1) == {} and body.copies == {}
     assert len(body.use_weight_copies(True, rows=K.GATHERED_WGRAD_MAX_ROWS)) == 2 * len(body.copies) > 0
+
+
+def test_auto_keeps_copies_only_where_memory_is_plainly_spare():
+    """graphed.WEIGHT_COPIES = "auto" (`copies_wanted`): copies when nothing is checkpointed and they
+    are at most COPIES_AUTO_SHARE of the device's memory; True / False pass through."""
+    from vpmoe.model import graphed as G
+
+    cfg = small(n_layers=4, d_model=32, expert_ffn=16, n_experts=8)
+    model = VpMoE(cfg)
+    body = FastBody(model, compile=False, dtype=torch.bfloat16)
+    need = sum(2 * (m.w_up.numel() + m.w_down.numel()) for m in model.moe_layers())
+    assert need > 0
+    limit = need / G.COPIES_AUTO_SHARE  # the least device memory that takes them
+    assert G.copies_wanted(body, "auto", total_memory=int(limit) + 1)
+    assert not G.copies_wanted(body, "auto", total_memory=int(limit) - 1)
+    assert not G.copies_wanted(body, "auto")  # a CPU body: no device memory to spare
+    checkpointed = FastBody(model, compile=False, dtype=torch.bfloat16, checkpoint=1)
+    assert not G.copies_wanted(checkpointed, "auto", total_memory=10 * int(limit))
+    assert G.copies_wanted(checkpointed, True) and not G.copies_wanted(body, False, total_memory=10 * int(limit))
+    with pytest.raises(ValueError, match="WEIGHT_COPIES"):
+        G.copies_wanted(body, "on")

@@ -270,10 +270,13 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
     whole elements). The same arithmetic in both, so the clipping norm reads every gradient here
     (`graphed.GRAD_SQ` off): its partial sums from the kernel round differently, and these first
     steps amplify a 1e-7 change of the norm into percent-level update differences (2026-12-04);
-    that norm has its own test (`test_grad_sq_norm_matches_read_norm`)."""
+    that norm has its own test (`test_grad_sq_norm_matches_read_norm`). Likewise the embedding's
+    gradient as rows (`graphed.EMBED_ROWS` off here; tests/test_embed_rows.py and
+    test_gpu_optimizer.py compare it with the dense gradient)."""
     monkeypatch.setattr(K, "FUSED_WGRAD", fused_wgrad)
     monkeypatch.setattr(G, "WEIGHT_COPIES", False)
     monkeypatch.setattr(G, "GRAD_SQ", False)
+    monkeypatch.setattr(G, "EMBED_ROWS", False)
     cfg = small_cfg()
     batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5 if micro == 1 else 4)]
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
@@ -339,15 +342,19 @@ def test_grad_sq_norm_matches_read_norm(monkeypatch):
     the weight-gradient kernel's partial sums of squares. In every step (eager warm-ups, the
     capture's replays) the norm the update used equals the norm read from the same gradients
     (`grad_norm({})`, computed inside the same update, captured with it) to 1e-6, and the partials
-    cover every MoE layer's two expert weights and the embedding (its rows of each step's tokens:
-    a stale row from an earlier step's batch would show here)."""
+    cover every MoE layer's two expert weights; the embedding's part comes from its gradient as
+    rows (`EMBED_ROWS`), read here from the dense [V, d] gradient built afresh from the lookup's
+    tokens and output gradient (a stale row from an earlier step's batch would show here)."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)
     monkeypatch.setattr(G, "WEIGHT_COPIES", False)
     monkeypatch.setattr(G, "GRAD_SQ", True)
+    monkeypatch.setattr(G, "EMBED_ROWS", True)
     original = G.GraphedTrainStep._update_part
 
     def update_part(self):  # the read norm first: the update may reuse gradient buffers
-        self.read_norm = self.opt.grad_norm({})
+        out, tokens, weight = self.body.embed_out, self.body.embed_tokens, self.body.model.embed.weight
+        embed = torch.zeros_like(weight).index_add_(0, tokens.reshape(-1), out.grad.reshape(-1, weight.shape[1]))
+        self.read_norm = (self.opt.grad_norm({}).square() + embed.square().sum()).sqrt()
         original(self)
     monkeypatch.setattr(G.GraphedTrainStep, "_update_part", update_part)
     cfg = small_cfg()
@@ -358,7 +365,8 @@ def test_grad_sq_norm_matches_read_norm(monkeypatch):
         used, read = float(tr.graphed.grad_norm), float(tr.graphed.read_norm)
         print(f"step {i}: loss {loss:.6f} norm from partials {used:.8f} read {read:.8f}")
         assert abs(used - read) <= 1e-6 * read, (i, used, read)
-        assert len(tr.body.known_grad_sq()) == 2 * len(tr.model.moe_layers()) + 1  # + the embedding
+        assert len(tr.body.known_grad_sq()) == 2 * len(tr.model.moe_layers())
+        assert tr.model.embed.weight.grad is None and len(tr.body.embedding_row_grads()) == 1
     assert tr.graphed.graphs is not None
 
 

@@ -184,6 +184,26 @@ def embedding_grad_sq(grad: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return grad.index_select(0, ids).float().square().sum(1) * first
 
 
+def embedding_rows(tokens: torch.Tensor, grad_out: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding's gradient after one backward, as (rowmap [V] int64, rows [n, d] fp32) from the
+    lookup's tokens [..] and the gradient of its output [.., d]: row v of the [V, d] gradient is
+    rows[rowmap[v]] where rowmap[v] >= 0 and zero elsewhere. Each distinct token gets one row (its
+    positions' gradients summed, `index_add_` in position order, as the dense lookup backward
+    sums them); rows past the distinct count stay zero, so ||rows||^2 is the gradient's squared
+    norm. 16 MiB at 4,096 tokens instead of a [V, d] fp32 table (~0.8 GB at V = 201,088) written
+    whole and read whole by AdamW (FastMuonAdamW.step(row_grads=...)). Static shapes (sort and
+    cumulative sum, not unique): capturable, no host sync."""
+    ids = tokens.reshape(-1)
+    g = grad_out.reshape(ids.numel(), -1)
+    sorted_ids, order = ids.sort()
+    new = torch.ones_like(sorted_ids)
+    new[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+    slot = torch.empty_like(ids).scatter_(0, order, new.cumsum(0) - 1)  # each position's row
+    rows = torch.zeros(g.shape, dtype=torch.float32, device=g.device).index_add_(0, slot, g.float())
+    rowmap = torch.full((vocab,), -1, dtype=torch.long, device=ids.device).scatter_(0, ids, slot)
+    return rowmap, rows
+
+
 # Saved-for-backward policy of the compiled blocks. By default AOTAutograd's partitioner will not
 # recompute, in backward, a pointwise result that the backward materialises anyway (an activation
 # feeding a weight-gradient GEMM), so a block kept both a GEMM's output and its activated copy
@@ -296,6 +316,12 @@ class FastBody:
         self.grad_sq = False
         self.sq_probes: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sq_tokens: torch.Tensor | None = None
+        # embed_rows (set by a caller that steps after one backward, e.g. GraphedTrainStep with one
+        # micro-batch): the lookup reads the weight detached and its output is a leaf, whose
+        # gradient becomes the embedding's gradient as rows (`embedding_row_grads`): no [V, d] one
+        self.embed_rows = False
+        self.embed_out: torch.Tensor | None = None
+        self.embed_tokens: torch.Tensor | None = None
         # use_weight_copies: {layer: {name: [master, copy in the GEMM dtype, master's version at the copy]}}
         self.copies: dict[int, dict[str, list]] = {}
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
@@ -321,6 +347,16 @@ class FastBody:
         if self.sq_tokens is not None and embed.grad is not None and embed is not self.model.lm_head.weight:
             known[id(embed)] = embedding_grad_sq(embed.grad, self.sq_tokens)
         return known
+
+    def embedding_row_grads(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{id(embedding weight): (rowmap, rows)} (`embedding_rows`) from the last forward's lookup
+        when `embed_rows` was on and its backward ran ({} otherwise): the embedding's whole gradient
+        while that backward is the only one since the step began (one micro-batch), for
+        `FastMuonAdamW.step(row_grads=...)`; the weight's own `.grad` stays None."""
+        if self.embed_out is None or self.embed_out.grad is None:
+            return {}
+        weight = self.model.embed.weight
+        return {id(weight): embedding_rows(self.embed_tokens, self.embed_out.grad, weight.shape[0])}
 
     def use_weight_copies(self, on: bool = True, rows: int | None = None) -> dict[int, torch.Tensor]:
         """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
@@ -387,7 +423,15 @@ class FastBody:
         else:
             local = glob = None
         pos = M.positions_from_docs(doc_ids)
-        x = self.embed(model.embed.weight, tokens)
+        weight = model.embed.weight
+        if self.embed_rows and torch.is_grad_enabled() and weight is not model.lm_head.weight:
+            # the lookup's own gradient, not a [V, d] one (`embedding_row_grads`); eager: no backward
+            x = _embed(weight.detach(), tokens).requires_grad_()
+            self.embed_out, self.embed_tokens = x, tokens
+        else:
+            x = self.embed(weight, tokens)
+            if torch.is_grad_enabled():  # a no-grad forward (an evaluation) keeps a pending step's rows
+                self.embed_out = self.embed_tokens = None
         v_first, aux_total, loads = None, x.new_zeros(()), []
         probing = self.grad_sq and not self.fused_moe and torch.is_grad_enabled()
         self.sq_probes = []

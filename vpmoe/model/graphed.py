@@ -44,15 +44,24 @@ Design choices:
   [V, d] gradient: only its rows of the step's tokens are non-zero, so their squares are summed
   (`fast.embedding_grad_sq`). With more micro-batches the
   gradients are sums the kernel never holds, so the norm reads them as before (`GRAD_SQ` off: the same).
-- `WEIGHT_COPIES` (opt-in: a speed-for-memory trade): the expert weights of the blocks that keep
-  their activations are held in bf16 (`FastBody.use_weight_copies`), written by the update in the
-  same kernel as the fp32 master (`FastMuonAdamW.weight_copies`), so no forward casts them. Measured
-  at (a) on the H200 (2026-12-04): 58.26 -> 57.12 ms (-2.0%) but a 2.15 GiB higher allocated peak
-  (22.34 -> 24.49 GiB): the compiled blocks evidently recompute their casts in backward rather than
-  keep them, so the copies are memory of their own (~10.7 GB at 80 layers with no block
-  checkpointed). A master changed outside the step (its version counter moved) is cast again
-  before the next replay. Kept only where the micro-batch's expert rows are within the gathered
-  weight-gradient kernel's limit (`kernels.gathered_wgrad_serves`): above it nothing reads them.
+- `EMBED_ROWS` (one micro-batch): the embedding's gradient is the gradient of its lookup's output
+  (a leaf, `FastBody.embed_rows`) turned into its rows of the step's tokens and a row map in the
+  update graph (`FastBody.embedding_row_grads`); the optimizer gathers them inside the embedding's
+  AdamW pass (`FastMuonAdamW.step(row_grads=...)`). The [V, d] fp32 gradient (~0.8 GB at V =
+  201,088) is never allocated, zero-filled or read: by byte count ~0.4 ms of an (a) step (estimate,
+  not yet measured). With more micro-batches their sum is kept the usual way.
+- `WEIGHT_COPIES` (a speed-for-memory trade, "auto" by default): the expert weights of the blocks
+  that keep their activations are held in bf16 (`FastBody.use_weight_copies`), written by the
+  update in the same kernel as the fp32 master (`FastMuonAdamW.weight_copies`), so no forward casts
+  them. Measured at (a) on the H200 (2026-12-04): 58.26 -> 57.12 ms (-2.0%) but a 2.15 GiB higher
+  allocated peak (22.34 -> 24.49 GiB): the compiled blocks evidently recompute their casts in
+  backward rather than keep them, so the copies are memory of their own (~10.7 GB at 80 layers
+  with no block checkpointed). "auto" (`copies_wanted`) keeps them where that memory is plainly
+  spare: no block checkpointed (a run that checkpoints is short of memory by its own choice) and
+  the copies at most `COPIES_AUTO_SHARE` of the device's memory (1.5% at (a) on an H200). A master
+  changed outside the step (its version counter moved) is cast again before the next replay. Kept
+  only where the micro-batch's expert rows are within the gathered weight-gradient kernel's limit
+  (`kernels.gathered_wgrad_serves`): above it nothing reads them.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -67,9 +76,12 @@ from vpmoe.model.fast import FastBody, update_router_biases
 
 CAPTURE_MODE = "thread_local"  # only this thread's calls are checked (module docstring)
 GRAD_SQ = True  # the clipping norm's expert and embedding parts without reading those gradients whole (one micro-batch)
+EMBED_ROWS = True  # one micro-batch: the embedding's gradient as its rows of the step's tokens, no [V, d] tensor
 # the kept blocks' expert weights held in bf16, written by the update (FastBody.use_weight_copies):
-# off by default, -2.0% step time for +2.15 GiB at (a) (module docstring)
-WEIGHT_COPIES = False
+# -2.0% step time for +2.15 GiB at (a); "auto": where the memory is plainly spare (copies_wanted),
+# True / False: always / never (module docstring)
+WEIGHT_COPIES: bool | str = "auto"
+COPIES_AUTO_SHARE = 0.05  # "auto" keeps copies of at most this share of the device's memory
 CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
 
 
@@ -77,6 +89,24 @@ def pin_outside_capture(batches: list[dict]) -> list[dict]:
     """The micro-batches' tensors in pinned host memory, pinned while no graph is being captured."""
     with CAPTURE_LOCK:
         return [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def copies_wanted(body: FastBody, setting: bool | str | None = None, total_memory: int | None = None) -> bool:
+    """Whether to keep the bf16 expert weights (`WEIGHT_COPIES`, or `setting`): True / False as
+    given; "auto" only for a body that checkpoints no block, on a device whose memory
+    (`total_memory` bytes, read from the device when None) is at least 1 / `COPIES_AUTO_SHARE`
+    times the copies' bytes."""
+    setting = WEIGHT_COPIES if setting is None else setting
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"graphed.WEIGHT_COPIES must be True, False or 'auto', got {setting!r}")
+    if setting != "auto":
+        return setting
+    device = body.model.embed.weight.device
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    need = sum(2 * body.params[i][f"ffn.{w}"].numel()
+               for i, kind in enumerate(body.kind_of) if kind[1] for w in ("w_up", "w_down"))
+    return body.checkpoint == 0 and need <= COPIES_AUTO_SHARE * total_memory
 
 
 class GraphedTrainStep:
@@ -92,6 +122,7 @@ class GraphedTrainStep:
         # one micro-batch: its backward writes the expert weights' final gradients, so their part of
         # the clipping norm comes from the weight-gradient kernel (module docstring)
         body.grad_sq = GRAD_SQ and micro == 1
+        body.embed_rows = EMBED_ROWS and micro == 1  # (module docstring)
         self.calls = 0
         self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
@@ -116,7 +147,8 @@ class GraphedTrainStep:
             self.stats_sum += stats
 
     def _update_part(self) -> None:
-        norm = self.opt.step(refresh_lr=False, known_sq=self.body.known_grad_sq() if self.body.grad_sq else None)
+        norm = self.opt.step(refresh_lr=False, known_sq=self.body.known_grad_sq() if self.body.grad_sq else None,
+                             row_grads=self.body.embedding_row_grads())
         self.body.mark_copies_current()  # the update wrote the kept bf16 weights too
         if self.grad_norm is None:
             self.grad_norm = torch.zeros_like(norm)
@@ -179,6 +211,7 @@ class GraphedTrainStep:
         self.graphs = None
         for p in self.params:  # the gradients of an eager warm-up step too
             p.grad = None
+        self.body.embed_out = self.body.embed_tokens = None  # the embedding's row gradient with them
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -195,7 +228,7 @@ class GraphedTrainStep:
             # casting them, the update writes them (module docstring); none at micro-batches whose
             # expert rows the gathered weight-gradient kernel does not serve (they would go unread)
             rows = batches[0]["tokens"].numel() * self.body.cfg.top_k
-            self.opt.weight_copies = self.body.use_weight_copies(WEIGHT_COPIES, rows)
+            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body), rows)
         if self.calls <= self.warmup:
             for p in self.params:
                 p.grad = None  # every step's first backward allocates them afresh
