@@ -81,7 +81,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.d
 
 def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False, fused_prologue: bool = False,
                   fused_moe: bool = False):
-    """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes).
+    """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes) ->
+    (x, the values [B, G, T, D] on the first layer (later layers' v_first) else None, aux, load).
     `fused_prologue`: local layers' TPA + bias + QK-norm + rotation by `tpa_fused.local_qkv`;
     `fused_moe`: the routed experts by `moe_fused.routed_experts` (else `kernels.routed_experts`)."""
     H, G, D, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
@@ -144,6 +145,9 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
     def block(p, x, pos, doc, v_first, mask, slopes):
         B, T, _ = x.shape
         a, v_raw = attention(p, rms(x, p["attn_norm.weight"], eps), pos, doc, v_first, mask, slopes)
+        # only the first layer's values are used again (v_first): an output nobody reads would still
+        # get a zero-filled gradient in the compiled backward (and a re-strided copy on global layers)
+        v_raw = v_raw if first else None
         x = x + a
         h = rms(x, p["ffn_norm.weight"], eps)
         if not is_moe:
@@ -166,6 +170,10 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
 
     block.attention, block.ffn = attention, ffn  # pieces, for bench/train_step.py's breakdown
     return block
+
+
+def _final_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    return rms(x, weight, eps).to(dtype)
 
 
 def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -327,6 +335,8 @@ class FastBody:
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
         # backward can be captured in a CUDA graph (the eager CUDA embedding backward may sync)
         self.embed = _CompileLadder(_embed, use_compile, compile_backend)
+        # the final norm compiled too: eagerly it is ~5 kernels forward and ~10 backward
+        self.final_norm = _CompileLadder(_final_norm, use_compile, compile_backend)
 
     @staticmethod
     def _block_params(block) -> dict:
@@ -432,7 +442,7 @@ class FastBody:
             x = self.embed(weight, tokens)
             if torch.is_grad_enabled():  # a no-grad forward (an evaluation) keeps a pending step's rows
                 self.embed_out = self.embed_tokens = None
-        v_first, aux_total, loads = None, x.new_zeros(()), []
+        v_first, auxes, loads = None, [], []
         probing = self.grad_sq and not self.fused_moe and torch.is_grad_enabled()
         self.sq_probes = []
         # the embedding's part of the norm comes from the rows of these tokens (`known_grad_sq`)
@@ -462,9 +472,11 @@ class FastBody:
             if v_first is None:
                 v_first = v
             if aux is not None:
-                aux_total = aux_total + aux
+                auxes.append(aux)
                 loads.append(load)
-        hidden = rms(x, model.norm.weight, cfg.norm_eps).to(self.dtype)
+        hidden = self.final_norm(x, model.norm.weight, cfg.norm_eps, self.dtype)
+        # one sum (a kernel, not one add per layer)
+        aux_total = torch.stack(auxes).sum() if auxes else x.new_zeros(())
         expert_load = (torch.stack(loads) if loads else
                        torch.zeros(0, cfg.n_experts, dtype=torch.long, device=x.device))
         return hidden, aux_total * cfg.aux_loss_coef, expert_load
