@@ -43,17 +43,19 @@ def test_embedding_rows_are_the_lookup_gradient():
     torch.testing.assert_close(dense(rowmap, rows).double(), weight.grad, rtol=1e-6, atol=1e-6)
 
 
-def test_fast_body_embed_rows_give_the_dense_gradient():
+@pytest.mark.parametrize("checkpoint", [False, 2])
+def test_fast_body_embed_rows_give_the_dense_gradient(checkpoint):
     """`embed_rows`: the weight's .grad stays None, the rows give the dense path's gradient, every
-    other gradient is unchanged; a no-grad forward (an evaluation) between backward and step keeps
-    the rows; a head tied to the embedding keeps the dense path (its gradient fills every row)."""
+    other gradient is unchanged (also with the first blocks checkpointed: the leaf is the first
+    block's saved input); a no-grad forward (an evaluation) between backward and step keeps the
+    rows; a head tied to the embedding keeps the dense path (its gradient fills every row)."""
     cfg = small(n_layers=3, d_model=32, expert_ffn=16, n_experts=8)
     m0 = randomize(VpMoE(cfg), seed=4)
     tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(2))
     grads, rows = {}, None
     for on in (False, True):
         model = copy.deepcopy(m0)
-        body = FastBody(model, compile=False, dtype=torch.float32)
+        body = FastBody(model, compile=False, dtype=torch.float32, checkpoint=checkpoint)
         body.embed_rows = on
         hidden, aux, _ = body(tokens)
         (hidden.square().mean() + aux).backward()

@@ -42,7 +42,8 @@ Design choices:
   squares from its registers (`FastBody.grad_sq`, `wgrad.gathered_wgrad(sq=True)`) and the
   optimizer adds those partials (`FastMuonAdamW.step(known_sq=...)`). Nor the embedding's whole
   [V, d] gradient: only its rows of the step's tokens are non-zero, so their squares are summed
-  (`fast.embedding_grad_sq`). With more micro-batches the
+  (`fast.embedding_grad_sq`; with `EMBED_ROWS` the optimizer sums the rows' squares itself). With
+  more micro-batches the
   gradients are sums the kernel never holds, so the norm reads them as before (`GRAD_SQ` off: the same).
 - `EMBED_ROWS` (one micro-batch): the embedding's gradient is the gradient of its lookup's output
   (a leaf, `FastBody.embed_rows`) turned into its rows of the step's tokens and a row map in the
