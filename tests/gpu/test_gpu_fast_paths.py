@@ -160,6 +160,8 @@ def test_router_logits_kernel_every_config():
     """Each of the router kernel's tile configs, forced in turn (the tuner picks per token bucket, so
     small batches may take tiles no 16k-row tuning picked): the same logits as torch's bf16x3 at a
     token count that leaves partial row tiles."""
+    import triton
+
     from tests.gpu.helpers import forced_config
     from vpmoe.model import router_fused as RF
 
@@ -168,10 +170,16 @@ def test_router_logits_kernel_every_config():
     want = K.mm_bf16x3(x, w.t())
     tuner = RF._tuned()
     assert len(tuner.configs) == len(RF.CONFIGS)
-    for config in tuner.configs:
-        with forced_config(tuner, config):
-            got = RF.router_logits_fused(x, *RF.split_weight(w))
-        assert rel_err(got, want) < 1e-5, (config, rel_err(got, want))
+    errors, unlaunchable = {}, []
+    for config in tuner.configs:  # every config, then one verdict: a run names all that fail
+        try:
+            with forced_config(tuner, config):
+                errors[str(config)] = rel_err(RF.router_logits_fused(x, *RF.split_weight(w)), want)
+        except triton.runtime.errors.OutOfResources as e:  # a config this GPU cannot launch at all
+            unlaunchable.append((str(config), str(e)[:120]))
+    print("router logits per config (relative error):", errors)
+    assert not unlaunchable, unlaunchable
+    assert all(e < 1e-5 for e in errors.values()), errors
 
 
 def test_route_fast_cuda_matches_reference():

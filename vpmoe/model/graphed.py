@@ -124,6 +124,7 @@ class GraphedTrainStep:
         # the clipping norm comes from the weight-gradient kernel (module docstring)
         body.grad_sq = GRAD_SQ and micro == 1
         body.embed_rows = EMBED_ROWS and micro == 1  # (module docstring)
+        self.copies_setting = WEIGHT_COPIES  # applied at the first micro-batch (its rows decide)
         self.calls = 0
         self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
@@ -229,7 +230,7 @@ class GraphedTrainStep:
             # casting them, the update writes them (module docstring); none at micro-batches whose
             # expert rows the gathered weight-gradient kernel does not serve (they would go unread)
             rows = batches[0]["tokens"].numel() * self.body.cfg.top_k
-            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body), rows)
+            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body, self.copies_setting), rows)
         if self.calls <= self.warmup:
             for p in self.params:
                 p.grad = None  # every step's first backward allocates them afresh
