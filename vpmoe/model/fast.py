@@ -181,14 +181,21 @@ def _embed(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _sorted_with_firsts(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token ids sorted, the sort's order, and which sorted entries are a value's first
+    (static shapes, no `unique`: capturable, no host sync)."""
+    ids, order = tokens.reshape(-1).sort()
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return ids, order, first
+
+
 def embedding_grad_sq(grad: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Squares of the embedding gradient grad [V, d] summed per distinct row of `tokens`, each row
     once ([n] fp32, zeros at repeats): their sum is ||grad||^2 when every other row is zero, as after
     one backward of a lookup of `tokens`. It reads those rows (16 MiB at 4,096 tokens) instead of the
     whole [V, d] table (~0.8 GB fp32 at V = 201,088). Static shapes (sort, not unique): capturable."""
-    ids = tokens.reshape(-1).sort().values
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[1:] = ids[1:] != ids[:-1]
+    ids, _, first = _sorted_with_firsts(tokens)
     return grad.index_select(0, ids).float().square().sum(1) * first
 
 
@@ -203,10 +210,8 @@ def embedding_rows(tokens: torch.Tensor, grad_out: torch.Tensor, vocab: int) -> 
     cumulative sum, not unique): capturable, no host sync."""
     ids = tokens.reshape(-1)
     g = grad_out.reshape(ids.numel(), -1)
-    sorted_ids, order = ids.sort()
-    new = torch.ones_like(sorted_ids)
-    new[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
-    slot = torch.empty_like(ids).scatter_(0, order, new.cumsum(0) - 1)  # each position's row
+    _, order, first = _sorted_with_firsts(ids)
+    slot = torch.empty_like(ids).scatter_(0, order, first.long().cumsum(0) - 1)  # each position's row
     rows = torch.zeros(g.shape, dtype=torch.float32, device=g.device).index_add_(0, slot, g.float())
     rowmap = torch.full((vocab,), -1, dtype=torch.long, device=ids.device).scatter_(0, ids, slot)
     return rowmap, rows

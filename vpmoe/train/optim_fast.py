@@ -341,9 +341,11 @@ class FastMuonAdamW:
         if refresh_lr:
             self.refresh_lr()
         row_grads = row_grads or {}
-        adamw = {id(p) for g in self.opt.param_groups if g["kind"] == "adamw" for p in g["params"]}
-        if not row_grads.keys() <= adamw:
+        adamw = {id(p): p for g in self.opt.param_groups if g["kind"] == "adamw" for p in g["params"]}
+        if not row_grads.keys() <= adamw.keys():
             raise ValueError("FastMuonAdamW.step: row gradients are for AdamW parameters only (the embedding)")
+        if any(adamw[key].grad is not None for key in row_grads):
+            raise ValueError("FastMuonAdamW.step: a parameter has both a .grad and row gradients")
         norm = self.grad_norm(known_sq or {}, row_grads)
         if self.max_norm > 0:
             coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -464,8 +466,6 @@ class FastMuonAdamW:
         ps = [p for p in group["params"] if p.grad is not None or id(p) in rowed]
         if not ps:
             return []
-        if any(p.grad is not None and id(p) in rowed for p in ps):
-            raise ValueError("FastMuonAdamW.step: a parameter has both a .grad and row gradients")
         states = [self._state(group, p) for p in ps]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
