@@ -345,16 +345,20 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
     print(f"graphed (micro={micro}, ac={ac}) vs eager: worst margin", max(report), "losses", losses)
 
 
-def test_grad_sq_norm_matches_read_norm(monkeypatch):
+@pytest.mark.parametrize("low_grads", [False, True])
+def test_grad_sq_norm_matches_read_norm(low_grads, monkeypatch):
     """`graphed.GRAD_SQ` at one micro-batch: the clipping norm takes the expert weights' part from
     the weight-gradient kernel's partial sums of squares. In every step (eager warm-ups, the
     capture's replays) the norm the update used equals the norm read from the same gradients
     (`grad_norm({})`, computed inside the same update, captured with it) to 1e-6, and the partials
     cover every MoE layer's two expert weights; the embedding's part comes from its gradient as
     rows (`EMBED_ROWS`), read here from the dense [V, d] gradient built afresh from the lookup's
-    tokens and output gradient (a stale row from an earlier step's batch would show here)."""
+    tokens and output gradient (a stale row from an earlier step's batch would show here). With
+    `low_grads`, the experts' gradients are bf16 on their kept copies (`LOW_GRADS`) and the read
+    norm reads those."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)
-    monkeypatch.setattr(G, "WEIGHT_COPIES", False)
+    monkeypatch.setattr(G, "WEIGHT_COPIES", low_grads)
+    monkeypatch.setattr(G, "LOW_GRADS", low_grads)
     monkeypatch.setattr(G, "GRAD_SQ", True)
     monkeypatch.setattr(G, "EMBED_ROWS", True)
     original = G.GraphedTrainStep._update_part
@@ -362,7 +366,8 @@ def test_grad_sq_norm_matches_read_norm(monkeypatch):
     def update_part(self):  # the read norm first: the update may reuse gradient buffers
         out, tokens, weight = self.body.embed_out, self.body.embed_tokens, self.body.model.embed.weight
         embed = torch.zeros_like(weight).index_add_(0, tokens.reshape(-1), out.grad.reshape(-1, weight.shape[1]))
-        self.read_norm = (self.opt.grad_norm({}).square() + embed.square().sum()).sqrt()
+        read = self.opt.grad_norm({}, None, self.body.copy_grads())
+        self.read_norm = (read.square() + embed.square().sum()).sqrt()
         original(self)
     monkeypatch.setattr(G.GraphedTrainStep, "_update_part", update_part)
     cfg = small_cfg()
@@ -375,7 +380,59 @@ def test_grad_sq_norm_matches_read_norm(monkeypatch):
         assert abs(used - read) <= 1e-6 * read, (i, used, read)
         assert len(tr.body.known_grad_sq()) == 2 * len(tr.model.moe_layers())
         assert tr.model.embed.weight.grad is None and len(tr.body.embedding_row_grads()) == 1
+        assert len(tr.body.copy_grads()) == (2 * len(tr.model.moe_layers()) if low_grads else 0)
     assert tr.graphed.graphs is not None
+
+
+def test_low_grads_match_fp32_grads(monkeypatch):
+    """`graphed.LOW_GRADS` (one micro-batch, kept copies): the expert weights' gradients in bf16 on
+    the copies against the default fp32 gradients on the masters, graphed steps on the same batches.
+    After each backward (before the update) every copy's gradient is the bf16 rounding of the other
+    run's master gradient to ~1 bf16 ulp (atomics in the embedding and the loss make the two
+    backwards' fp32 sums differ in their last bits) and the masters have none; the first update
+    moves every parameter as the fp32 run's does to within the gradient's bf16 rounding (Muon rounds
+    its input to bf16 anyway); later losses agree to 1e-2 (the runs then diverge as two bf16 runs
+    do). Five steps: warm-up, capture, replays."""
+    monkeypatch.setattr(K, "FUSED_WGRAD", True)
+    monkeypatch.setattr(G, "WEIGHT_COPIES", True)
+    cfg = small_cfg()
+    batches = [[make_batch(2, 512, seed=s, vocab=cfg.vocab_size)] for s in range(5)]
+    runs = []
+    for low in (False, True):
+        monkeypatch.setattr(G, "LOW_GRADS", low)
+        runs.append(Trainer(cfg, "graphed", 16, 1))
+    experts = [[id(p) for m in tr.model.moe_layers() for p in (m.w_up, m.w_down)] for tr in runs]
+    for i, b in enumerate(batches):
+        before = [[p.detach().clone() for p in tr.model.parameters()] for tr in runs]
+        for tr in runs:
+            tr.graphed.accumulate(b)
+        torch.cuda.synchronize()
+        given = runs[1].body.copy_grads()
+        assert not runs[0].body.copy_grads() and set(given) == set(experts[1])
+        worst = 0.0
+        for (name, p0), p1 in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
+            if id(p1) in given:
+                assert p1.grad is None and p0.grad.dtype == torch.float32, name
+                g = given[id(p1)]
+                assert g.dtype == torch.bfloat16 and g.shape == p1.shape, name
+                if i == 0:  # same weights: the same gradient, rounded
+                    worst = max(worst, rel_err(g, p0.grad))
+                    assert rel_err(g, p0.grad) <= 4e-3, (name, rel_err(g, p0.grad))
+        losses = [float(tr.graphed.loss_sum) for tr in runs]
+        for tr in runs:
+            tr.graphed.update()
+        torch.cuda.synchronize()
+        print(f"step {i}: losses {losses}, worst gradient rel. err {worst:.2e}")
+        if i == 0:
+            assert abs(losses[1] - losses[0]) <= 1e-6 * abs(losses[0]), losses
+            for (name, p0), p1, b0, b1 in zip(runs[0].model.named_parameters(), runs[1].model.parameters(), *before):
+                d0, d1 = p0.detach() - b0, p1.detach() - b1
+                if d0.norm() > 0:
+                    assert rel_err(d1, d0) <= 2e-2, (name, rel_err(d1, d0))
+        else:
+            assert abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0]), (i, losses)
+        assert_copies_exact(runs[1].body)
+    assert runs[1].graphed.graphs is not None
 
 
 @pytest.mark.parametrize("micro", [1, 2])
@@ -394,6 +451,7 @@ def test_weight_copies_match_casting(micro, monkeypatch):
     with micro=2 the graphs are released after the fourth step and captured again at the fifth,
     which must read the copies the released graphs' update wrote."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)
+    monkeypatch.setattr(G, "LOW_GRADS", False)  # fp32 gradients in both (test_low_grads_match_fp32_grads)
     cfg = small_cfg()
     batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5)]
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]

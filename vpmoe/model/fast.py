@@ -373,7 +373,8 @@ class FastBody:
         weight = self.model.embed.weight
         return {id(weight): embedding_rows(self.embed_tokens, self.embed_out.grad, weight.shape[0])}
 
-    def use_weight_copies(self, on: bool = True, rows: int | None = None) -> dict[int, torch.Tensor]:
+    def use_weight_copies(self, on: bool = True, rows: int | None = None,
+                          grads: bool = False) -> dict[int, torch.Tensor]:
         """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
         the GEMM dtype, instead of casting the fp32 masters in every forward (a checkpointed block
         keeps casting: its cast is transient). The copies are memory of their own (+2.15 GiB at
@@ -385,16 +386,30 @@ class FastBody:
         (`refresh_stale_copies`). Only for bf16 bodies on the grouped path with
         `kernels.FUSED_WGRAD`; else nothing is kept. They are read only at micro-batches the
         gathered weight-gradient kernel serves (`kernels.gathered_wgrad_serves`): given the
-        micro-batch's expert `rows` (tokens x top_k), none are kept above that limit."""
+        micro-batch's expert `rows` (tokens x top_k), none are kept above that limit.
+
+        `grads` (for a caller that steps after one backward, graphed.LOW_GRADS): the copies are
+        leaves that take the expert weights' gradients, in bf16 (`copy_grads`), and the masters get
+        none: half the bytes for the weight-gradient kernel to write and the optimizer to read."""
         self.copies = {}
         serves = rows is None or K.gathered_wgrad_serves(rows)
         if on and serves and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
             for i in range(len(self.model.layers)):
                 if self.kind_of[i][1] and i >= self.checkpoint:
                     masters = {w: self.params[i][f"ffn.{w}"] for w in ("w_up", "w_down")}
-                    self.copies[i] = {w: [m, torch.empty_like(m, dtype=self.dtype), -1] for w, m in masters.items()}
+                    self.copies[i] = {w: [m, torch.empty_like(m, dtype=self.dtype).requires_grad_(grads), -1]
+                                      for w, m in masters.items()}
         self.refresh_stale_copies()
         return {id(master): low for master, low, _ in self._copy_entries()}
+
+    def copy_grads(self) -> dict[int, torch.Tensor]:
+        """{id(master): its copy's gradient} where the copies take the gradients (`use_weight_copies(grads=True)`)
+        and a backward wrote them: the masters' gradients, for `FastMuonAdamW.step(grads=...)`."""
+        return {id(master): low.grad for master, low, _ in self._copy_entries() if low.grad is not None}
+
+    def clear_copy_grads(self) -> None:
+        for entry in self._copy_entries():
+            entry[1].grad = None
 
     def _copy_entries(self) -> list[list]:
         return [entry for layer in self.copies.values() for entry in layer.values()]

@@ -64,6 +64,14 @@ Design choices:
   changed outside the step (its version counter moved) is cast again before the next replay. Kept
   only where the micro-batch's expert rows are within the gathered weight-gradient kernel's limit
   (`kernels.gathered_wgrad_serves`): above it nothing reads them.
+- `LOW_GRADS` (one micro-batch, where the copies are kept): the copies also take the expert
+  weights' gradients, in bf16 (`FastBody.use_weight_copies(grads=True)`, `FastBody.copy_grads`):
+  the weight-gradient kernel rounds its fp32 sums once and writes half the bytes, the optimizer's
+  momentum pass reads half (and computes in fp32 as before), and the fp32 gradients (~5 GB at 20
+  layers) are never allocated. The clipping norm's partial sums are the rounded values'. The one
+  numerical change: each expert gradient element rounded to bf16 (relative 2^-9) before the
+  momentum, as in bf16 mixed-precision training without fp32 gradient accumulation; with more
+  micro-batches the gradients are sums and stay fp32.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -84,6 +92,8 @@ EMBED_ROWS = True  # one micro-batch: the embedding's gradient as its rows of th
 # True / False: always / never (module docstring)
 WEIGHT_COPIES: bool | str = "auto"
 COPIES_AUTO_SHARE = 0.05  # "auto" keeps copies of at most this share of the device's memory
+# one micro-batch, kept copies: the expert weights' gradients in bf16 on the copies (module docstring)
+LOW_GRADS = True
 CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
 
 
@@ -126,6 +136,7 @@ class GraphedTrainStep:
         body.grad_sq = GRAD_SQ and micro == 1
         body.embed_rows = EMBED_ROWS and micro == 1  # (module docstring)
         self.copies_setting = WEIGHT_COPIES  # applied at the first micro-batch (its rows decide)
+        self.low_grads = LOW_GRADS and micro == 1  # (module docstring)
         self.calls = 0
         self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
@@ -151,7 +162,7 @@ class GraphedTrainStep:
 
     def _update_part(self) -> None:
         norm = self.opt.step(refresh_lr=False, known_sq=self.body.known_grad_sq() if self.body.grad_sq else None,
-                             row_grads=self.body.embedding_row_grads())
+                             row_grads=self.body.embedding_row_grads(), grads=self.body.copy_grads())
         self.body.mark_copies_current()  # the update wrote the kept bf16 weights too
         if self.grad_norm is None:
             self.grad_norm = torch.zeros_like(norm)
@@ -159,6 +170,11 @@ class GraphedTrainStep:
         if self.update_biases:
             update_router_biases(self.body.model, self.load_sum)
         self.load_sum.zero_()
+
+    def _clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.body.clear_copy_grads()
 
     def _side_stream(self) -> torch.cuda.Stream:
         """One side stream for every eager warm-up call: the caching allocator keeps freed blocks
@@ -189,8 +205,7 @@ class GraphedTrainStep:
         AccumulateGrad takes them as `.grad`; every replay overwrites them: no zeroing pass), the
         other micro-batches (accumulate into those), the update. All share one memory pool."""
         torch.cuda.synchronize()
-        for p in self.params:
-            p.grad = None
+        self._clear_grads()
         mode = CAPTURE_MODE
         with CAPTURE_LOCK:
             g_first = torch.cuda.CUDAGraph()
@@ -212,8 +227,7 @@ class GraphedTrainStep:
         so that memory can serve eager work that did not fit beside them (the trainer's held-out
         evaluation); the next `accumulate` captures them again, without warm-up."""
         self.graphs = None
-        for p in self.params:  # the gradients of an eager warm-up step too
-            p.grad = None
+        self._clear_grads()  # the gradients of an eager warm-up step too
         self.body.embed_out = self.body.embed_tokens = None  # the embedding's row gradient with them
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -231,10 +245,10 @@ class GraphedTrainStep:
             # casting them, the update writes them (module docstring); none at micro-batches whose
             # expert rows the gathered weight-gradient kernel does not serve (they would go unread)
             rows = batches[0]["tokens"].numel() * self.body.cfg.top_k
-            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body, self.copies_setting), rows)
+            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body, self.copies_setting), rows,
+                                                                 grads=self.low_grads)
         if self.calls <= self.warmup:
-            for p in self.params:
-                p.grad = None  # every step's first backward allocates them afresh
+            self._clear_grads()  # every step's first backward allocates them afresh
             side = self._side_stream()
             with torch.cuda.stream(side):
                 for mb in batches:

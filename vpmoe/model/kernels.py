@@ -268,6 +268,13 @@ def gathered_wgrad_serves(rows: int) -> bool:
     return FUSED_WGRAD and rows <= GATHERED_WGRAD_MAX_ROWS
 
 
+def _weight_grads(g_w: torch.Tensor, w_dtype: torch.dtype, low_dtype: torch.dtype, low_grad: bool):
+    """(master's gradient, kept copy's gradient): all of it to the copy, in the copy's dtype, when
+    the copy takes it (`low_grad`: a leaf that requires grad, `FastBody.use_weight_copies(grads=True)`),
+    else to the master in its own dtype."""
+    return (None, g_w.to(low_dtype)) if low_grad else (g_w.to(w_dtype), None)
+
+
 class _GatherGemm(torch.autograd.Function):
     """h = x[token[r]] @ w[e] + b[e] (in x's dtype) for each sorted row r of expert group e (group
     ends `offsets`, `expert` [M] the group of each row); x in the GEMM dtype; w cast to x's dtype
@@ -282,10 +289,13 @@ class _GatherGemm(torch.autograd.Function):
     The input gradient sums each token's k rows (gather-only). `probe` (optional, unused forward):
     its gradient is the kernel's partial sums of the weight gradient's squares (`sq_probe`). `w_lo`
     (optional): w already in x's dtype (a kept copy, `FastBody.use_weight_copies`), used instead
-    of casting w here; w still receives the gradient."""
+    of casting w here; w still receives the gradient, unless w_lo requires grad: then w_lo receives
+    it, in its own dtype (the kernel rounds its fp32 sums once; its sums of squares are the rounded
+    values'), and w none."""
 
     @staticmethod
     def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None, w_lo=None):
+        ctx.low_grad = w_lo is not None and ctx.needs_input_grad[9]  # the copy takes the gradient
         w_lo = w.to(x.dtype) if w_lo is None else w_lo
         ctx.save_for_backward(x, w_lo, token, inverse, offsets)
         ctx.k, ctx.w_dtype, ctx.b_dtype, ctx.probe = k, w.dtype, b.dtype, probe is not None
@@ -299,13 +309,14 @@ class _GatherGemm(torch.autograd.Function):
         g = g.to(w.dtype).contiguous()
         g_sq = None  # the probe's gradient: only where the kernel writes the weight's own gradient
         if gathered_wgrad_serves(token.numel()) and W.wgrad_applies(x, g, offsets.numel()):
-            g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe)
+            g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe, ctx.low_grad)
         else:
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
         g_x = sum_slots(grouped_mm_t(g, w, offsets), inverse, ctx.k).to(x.dtype)
-        return (g_x, g_w.to(ctx.w_dtype), g_b.to(ctx.b_dtype), None, None, None, None, None,
-                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None, None)
+        g_w, g_lo = _weight_grads(g_w, ctx.w_dtype, w.dtype, ctx.low_grad)
+        return (g_x, g_w, g_b.to(ctx.b_dtype), None, None, None, None, None,
+                g_sq if ctx.probe and (ctx.w_dtype == torch.float32 or ctx.low_grad) else None, g_lo)
 
 
 class _DownSum(torch.autograd.Function):
@@ -327,6 +338,7 @@ class _DownSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None, w_lo=None):
+        ctx.low_grad = w_lo is not None and ctx.needs_input_grad[9]  # the copy takes the gradient
         w_dtype, w = w.dtype, (w.to(u.dtype) if w_lo is None else w_lo)
         ctx.save_for_backward(u, c, w, b, e_tok, token, offsets)
         ctx.w_dtype, ctx.probe = w_dtype, probe is not None
@@ -344,15 +356,16 @@ class _DownSum(torch.autograd.Function):
         g_u = grouped_mm_t(g_rows, w, offsets)
         g_sq = None
         if gathered_wgrad_serves(token.numel()) and W.wgrad_applies(u, g_lo, offsets.numel()):
-            g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe)
+            g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe, ctx.low_grad)
         else:
             g_w = grouped_mm_wgrad(u, g_rows, offsets)
         dense = torch.zeros(g.shape[0], b.shape[0], dtype=dt, device=g.device).scatter_(
             1, e_tok, c.to(dt))  # D: each token's routing weights at its experts
         g_b = dense.t() @ g_lo
         g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
-        return (g_u, g_c.to(c.dtype), g_w.to(ctx.w_dtype), g_b.to(b.dtype), None, None, None, None,
-                g_sq if ctx.probe and ctx.w_dtype == torch.float32 else None, None)
+        g_w, g_low = _weight_grads(g_w, ctx.w_dtype, w.dtype, ctx.low_grad)
+        return (g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None,
+                g_sq if ctx.probe and (ctx.w_dtype == torch.float32 or ctx.low_grad) else None, g_low)
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,

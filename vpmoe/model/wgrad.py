@@ -87,14 +87,16 @@ if triton is not None:
     def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr, sq_ptr,
                       KA, NB, M, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
                       GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
-                      FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
         A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
         gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile). M (all
         experts' rows) is only the autotuning key. HAS_SQ: each program also writes its tile's sum
         of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)] (`sq_shape`, SQ = SQ_TILE): in the first
         SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum do
-        not depend on the tiling the autotuner picks and no slot is left unwritten."""
+        not depend on the tiling the autotuner picks and no slot is left unwritten. LOW: dW is bf16,
+        rounded to nearest here (the interpreter's own conversion truncates), and the sums of squares
+        are the rounded values', so they are exactly the stored gradient's."""
         e = tl.program_id(0)
         start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(offsets_ptr + e)
@@ -119,6 +121,8 @@ if triton is not None:
             if HAS_DB:
                 db += tl.sum(b.to(tl.float32), 0)
             acc = tile_dot(tl.trans(a), b, acc, FP32)
+        if LOW:
+            acc = bf16_rounded(acc)
         tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         if HAS_DB:
             if tl.program_id(1) == 0:  # the bias gradient once per column tile
@@ -142,7 +146,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # launches
 
-_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32"]
+_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "LOW"]
 _kernel = None
 
 
@@ -162,7 +166,8 @@ def _untuned_config() -> dict:
 def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
            scale=None, config=None, sq=None):
     """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
-    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too."""
+    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too.
+    dw fp32 or bf16 (then rounded to nearest in the kernel)."""
     E, KA, NB = dw.shape
     M = order.numel()
     if sq is not None and tuple(sq.shape) != sq_shape(E, KA, NB):
@@ -175,7 +180,8 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     kernel[lambda m: (E, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
         dw if sq is None else sq, KA, NB, M=M, TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
-        SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32, **meta)
+        SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32,
+        LOW=dw.dtype != torch.float32, **meta)
 
 
 def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
@@ -187,29 +193,31 @@ def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
 
 @torch.library.custom_op("vpmoe::gathered_wgrad", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, gather_a: bool,
-                   bias: bool, sq: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   bias: bool, sq: bool = False, low: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The weight gradient of a grouped GEMM whose rows are sorted by expert, in fp32, straight from
     `_wgrad_kernel`: dW[e] = sum over e's rows r of A'[r]^T B'[r], where the operand named by
     `gather_a` is read through `index` (A'[r] = A[index[r]], else B'[r] = B[index[r]]), so neither
     gathered operand is materialised; with `bias`, db[e] = sum_r B'[r] too (else db is empty); with
     `sq`, partial sums of dW's squares [`sq_shape`] whose total is ||dW||^2 (else empty): taken from
-    the kernel's registers, so the optimizer's clipping norm need not read dW again.
+    the kernel's registers, so the optimizer's clipping norm need not read dW again. With `low`,
+    dW is in the operands' dtype (bf16: the kept weight copies' gradients, `FastBody.use_weight_copies`),
+    rounded to nearest from the fp32 sums, and the sums of squares are of the rounded values.
     The grouped-GEMM path's form (`kernels._GatherGemm`, `kernels._DownSum`) wrote a bf16
     gradient (and for the up GEMM first gathered its rows with a ones column), which the
     compiled backward then cast to fp32 for the master weight: three passes where this is one."""
     a, b = a.contiguous(), b.contiguous()
-    dw, db, sq_parts = _wgrad_outputs(a, b, offsets, bias, sq)
+    dw, db, sq_parts = _wgrad_outputs(a, b, offsets, bias, sq, low)
     launch(a, b, index, offsets, dw, db if bias else None, 1, a.dtype == torch.float32, gather_a=gather_a,
            gather_b=not gather_a, sq=sq_parts if sq else None)
     return dw, db, sq_parts
 
 
-def _wgrad_outputs(a, b, offsets, bias: bool, sq: bool):
+def _wgrad_outputs(a, b, offsets, bias: bool, sq: bool, low: bool = False):
     E, KA, NB = offsets.shape[0], a.shape[1], b.shape[1]
-    return (a.new_empty(E, KA, NB, dtype=torch.float32), a.new_empty(E if bias else 0, NB, dtype=torch.float32),
-            a.new_empty(sq_shape(E, KA, NB) if sq else (0,), dtype=torch.float32))
+    return (a.new_empty(E, KA, NB, dtype=a.dtype if low else torch.float32),
+            a.new_empty(E if bias else 0, NB, dtype=torch.float32), a.new_empty(sq_shape(E, KA, NB) if sq else (0,), dtype=torch.float32))
 
 
 @gathered_wgrad.register_fake
-def _(a, b, index, offsets, gather_a, bias, sq=False):
-    return _wgrad_outputs(a, b, offsets, bias, sq)
+def _(a, b, index, offsets, gather_a, bias, sq=False, low=False):
+    return _wgrad_outputs(a, b, offsets, bias, sq, low)

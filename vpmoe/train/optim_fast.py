@@ -49,6 +49,9 @@ Design choices:
   and a row map instead of a [V, d] tensor; its compiled AdamW gathers them in its one pass
   (`_adamw_rows_update`) and the norm sums their squares. No [V, d] gradient is written (~0.8 GB
   at V = 201,088: its zero fill) or read.
+- Gradients held elsewhere (`step(grads=...)`, `FastBody.copy_grads`): after one backward the
+  expert weights' gradients can come in bf16 on their kept copies (graphed.LOW_GRADS); the momentum
+  pass reads them (computing in fp32 as before), the norm takes their squares from the kernel.
 - Learning rates live in 0-dim device tensors (`lr_tensors`), so the whole step can be captured in a
   CUDA graph and still follow a schedule: `step()` refreshes them from `group["lr"]` (a device
   fill, no sync); a captured step reads them.
@@ -188,9 +191,9 @@ def orthogonalise(u: torch.Tensor, steps: int, method: str) -> torch.Tensor:
 
 
 def _muon_pre(g, buf, coef, mu: float, nesterov: bool, out_dtype: torch.dtype):
-    """buf <- mu * buf + coef * g (in place; computed in g's precision, rounded once where buf is
-    narrower); returns the Nesterov (or plain) update from the unrounded momentum, in out_dtype."""
-    g = g * coef
+    """buf <- mu * buf + coef * g (in place; computed in g's precision, at least fp32, rounded once
+    where buf is narrower); returns the Nesterov (or plain) update from the unrounded momentum, in out_dtype."""
+    g = (g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * coef
     m = buf.to(g.dtype) * mu + g
     buf.copy_(m)
     u = g + mu * m if nesterov else m
@@ -251,6 +254,15 @@ def _adamw_rows_update(w, rowmap, rows, m, v, t, lr, coef, beta1: float, beta2: 
     24 bytes per element against 28 with a dense fp32 gradient."""
     g = torch.where((rowmap >= 0)[:, None], rows[rowmap.clamp_min(0)], 0.0)
     _adamw_update(w, g, m, v, t, lr, coef, beta1, beta2, wd, eps)
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's 2-norm (`_foreach_norm`), half-precision tensors' in fp32: in their own dtype
+    the norm itself would be rounded to 8 or 11 bits."""
+    half = [t for t in tensors if t.dtype in (torch.bfloat16, torch.float16)]
+    rest = [t for t in tensors if t.dtype not in (torch.bfloat16, torch.float16)]
+    return ([*torch._foreach_norm(rest)] if rest else []) + \
+        ([*torch._foreach_norm(half, 2, dtype=torch.float32)] if half else [])
 
 
 def streams_for(activation_checkpointing: bool | int) -> dict:
@@ -332,21 +344,29 @@ class FastMuonAdamW:
 
     @torch.no_grad()
     def step(self, refresh_lr: bool = True, known_sq: dict[int, torch.Tensor] | None = None,
-             row_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+             row_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+             grads: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """One clipped step; returns the global gradient norm (a device tensor, before clipping).
         `known_sq` {id(param): partial sums of its gradient's squares} (`FastBody.known_grad_sq`):
         those gradients' part of the norm is the partials' sum, so they are not read for it.
         `row_grads` {id(param): (rowmap, rows)} (`FastBody.embedding_row_grads`): the gradient of an
-        AdamW parameter whose `.grad` is None, as its non-zero rows (`fast.embedding_rows`)."""
+        AdamW parameter whose `.grad` is None, as its non-zero rows (`fast.embedding_rows`).
+        `grads` {id(param): gradient} (`FastBody.copy_grads`): the gradients of Muon parameters whose
+        `.grad` is None, in any float dtype (the experts' bf16 ones, kept by their weight copies)."""
         if refresh_lr:
             self.refresh_lr()
-        row_grads = row_grads or {}
+        row_grads, given = row_grads or {}, grads or {}
+        muon = {id(p): p for g in self.opt.param_groups if g["kind"] == "muon" for p in g["params"]}
+        if not given.keys() <= muon.keys():
+            raise ValueError("FastMuonAdamW.step: gradients given apart are for Muon parameters only (the experts)")
+        if any(muon[key].grad is not None for key in given):
+            raise ValueError("FastMuonAdamW.step: a parameter has both a .grad and a gradient given apart")
         adamw = {id(p): p for g in self.opt.param_groups if g["kind"] == "adamw" for p in g["params"]}
         if not row_grads.keys() <= adamw.keys():
             raise ValueError("FastMuonAdamW.step: row gradients are for AdamW parameters only (the embedding)")
         if any(adamw[key].grad is not None for key in row_grads):
             raise ValueError("FastMuonAdamW.step: a parameter has both a .grad and row gradients")
-        norm = self.grad_norm(known_sq or {}, row_grads)
+        norm = self.grad_norm(known_sq or {}, row_grads, given)
         if self.max_norm > 0:
             coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
         else:
@@ -354,7 +374,7 @@ class FastMuonAdamW:
         jobs = []  # independent pieces of the step: their small scalar ops are queued while they are made
         for group, lr in zip(self.opt.param_groups, self.lr_tensors):
             if group["kind"] == "muon":
-                jobs += self._muon(group, lr, coef)
+                jobs += self._muon(group, lr, coef, given)
             elif group["kind"] == "adamw":
                 jobs += self._adamw(group, lr, coef, row_grads)
             else:
@@ -363,20 +383,23 @@ class FastMuonAdamW:
         return norm
 
     def grad_norm(self, known_sq: dict[int, torch.Tensor],
-                  row_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """The global gradient norm (fp32, on the device): `_foreach_norm` over the gradients, except
-        those in `known_sq`, whose squares are already summed in parts (their L1 norm is their sum),
-        and the row gradients' squares (`row_grads`: each non-zero row once)."""
-        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params if id(p) not in known_sq]
+                  row_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  given: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The global gradient norm (fp32, on the device): `_foreach_norm` over the gradients (`.grad`,
+        or `given` {id(param): gradient} where that is None), except those in `known_sq`, whose
+        squares are already summed in parts (their L1 norm is their sum), and the row gradients'
+        squares (`row_grads`: each non-zero row once)."""
+        given = given or {}
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None or id(p) in given]
+        grads = [given.get(id(p), p.grad) for p in params if id(p) not in known_sq]
         parts = [known_sq[id(p)] for p in params if id(p) in known_sq]
         parts += [rows.float().square().sum(1) for _, rows in (row_grads or {}).values()]
         if not parts:
-            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else \
+            return torch.linalg.vector_norm(torch.stack(_norms(grads)).float()) if grads else \
                 torch.zeros((), device=self.device)
         sq = torch.stack(torch._foreach_norm(parts, 1)).float().sum()
         if grads:
-            sq = sq + torch.stack(torch._foreach_norm(grads)).float().square().sum()
+            sq = sq + torch.stack(_norms(grads)).float().square().sum()
         return sq.sqrt()
 
     def _run(self, jobs) -> None:
@@ -398,21 +421,23 @@ class FastMuonAdamW:
             for s in self.side_streams:
                 main.wait_stream(s)
 
-    def _muon(self, group, lr, coef) -> list:
+    def _muon(self, group, lr, coef, given: dict) -> list:
         """The group's jobs (closures for `_run`): one per expert tensor or pack, one per 2-D shape
-        (and chunk); the scalars they share are computed here, on the current stream."""
+        (and chunk); the scalars they share are computed here, on the current stream. `given`: the
+        gradients of parameters whose `.grad` is None (`step(grads=...)`)."""
         mu, nesterov, wd, steps = group["momentum"], group["nesterov"], group["weight_decay"], group["ns_steps"]
         decay, neg_lr = 1 - lr * wd, -lr  # 0-dim tensors, made once: every op on them is a kernel
         flat2d, packs, jobs = defaultdict(list), defaultdict(list), []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad if p.grad is not None else given.get(id(p))
+            if grad is None:
                 continue
             buf = self._state(group, p)["momentum"]
             if p.ndim == 2:
-                flat2d[(tuple(p.shape), p.dtype)].append((p, buf))
+                flat2d[(tuple(p.shape), p.dtype)].append((p, grad, buf))
                 continue
             step = neg_lr * muon_scale(p.shape)
-            g, w = p.grad.view(-1, *p.shape[-2:]), p.view(-1, *p.shape[-2:])
+            g, w = grad.view(-1, *p.shape[-2:]), p.view(-1, *p.shape[-2:])
             buf = buf.view(-1, *p.shape[-2:])
             low = self.weight_copies.get(id(p))
             low = None if low is None else low.view(-1, *p.shape[-2:])
@@ -443,12 +468,12 @@ class FastMuonAdamW:
                         self._post(w, ortho, decay, step, low)
                 jobs.append(packed)
         for (shape, _), items in flat2d.items():
-            ps, bufs = [p for p, _ in items], [b for _, b in items]
+            ps, gs, bufs = [p for p, _, _ in items], [g for _, g, _ in items], [b for _, _, b in items]
             step = neg_lr * muon_scale(shape)
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
-                jobs.append(lambda ps=ps[sl], bufs=bufs[sl], step=step: self._matrices(
-                    ps, [p.grad for p in ps], bufs, coef, mu, nesterov, decay if wd else None, step, steps,
+                jobs.append(lambda ps=ps[sl], gs=gs[sl], bufs=bufs[sl], step=step: self._matrices(
+                    ps, gs, bufs, coef, mu, nesterov, decay if wd else None, step, steps,
                     self.ns_method, self.ns_dtype))
         return jobs
 
