@@ -386,13 +386,17 @@ def test_grad_sq_norm_matches_read_norm(low_grads, monkeypatch):
 
 def test_low_grads_match_fp32_grads(monkeypatch):
     """`graphed.LOW_GRADS` (one micro-batch, kept copies): the expert weights' gradients in bf16 on
-    the copies against the default fp32 gradients on the masters, graphed steps on the same batches.
-    After each backward (before the update) every copy's gradient is the bf16 rounding of the other
-    run's master gradient to ~1 bf16 ulp (atomics in the embedding and the loss make the two
-    backwards' fp32 sums differ in their last bits) and the masters have none; the first update
-    moves every parameter as the fp32 run's does to within the gradient's bf16 rounding (Muon rounds
-    its input to bf16 anyway); later losses agree to 1e-2 (the runs then diverge as two bf16 runs
-    do). Five steps: warm-up, capture, replays."""
+    the copies against the default fp32 gradients on the masters, graphed steps on the same batches
+    (clipping off in both: a clip factor that differs in its last bit changes some bf16 roundings of
+    Muon's input, and Newton-Schulz amplifies such noise in rank-deficient expert gradients).
+    First step (same weights): every copy's gradient element is the other run's master gradient
+    element to within one bf16 ulp (the rounding's half ulp, and the two kernels may be tuned to
+    different tilings, so their fp32 sums may differ in the last bits), and the masters have none;
+    with the fp32 run's expert gradients replaced by those bf16 values before its update, both
+    updates agree to 1e-3 relative per parameter (Muon's arithmetic is fp32 on the same values
+    either way; the embedding's atomics differ; a wrong or stale gradient, or momentum computed in
+    bf16, would be off by 1e-2 or more). Later steps (capture, replays): the losses agree to 1e-2
+    (the runs then differ as two bf16 runs do)."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)
     monkeypatch.setattr(G, "WEIGHT_COPIES", True)
     cfg = small_cfg()
@@ -401,34 +405,41 @@ def test_low_grads_match_fp32_grads(monkeypatch):
     for low in (False, True):
         monkeypatch.setattr(G, "LOW_GRADS", low)
         runs.append(Trainer(cfg, "graphed", 16, 1))
-    experts = [[id(p) for m in tr.model.moe_layers() for p in (m.w_up, m.w_down)] for tr in runs]
+        runs[-1].fopt.max_norm = 0.0
+    experts = [{id(p) for m in tr.model.moe_layers() for p in (m.w_up, m.w_down)} for tr in runs]
     for i, b in enumerate(batches):
         before = [[p.detach().clone() for p in tr.model.parameters()] for tr in runs]
         for tr in runs:
             tr.graphed.accumulate(b)
         torch.cuda.synchronize()
         given = runs[1].body.copy_grads()
-        assert not runs[0].body.copy_grads() and set(given) == set(experts[1])
+        assert not runs[0].body.copy_grads() and set(given) == experts[1]
         worst = 0.0
         for (name, p0), p1 in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
             if id(p1) in given:
-                assert p1.grad is None and p0.grad.dtype == torch.float32, name
                 g = given[id(p1)]
-                assert g.dtype == torch.bfloat16 and g.shape == p1.shape, name
+                assert p1.grad is None and g.dtype == torch.bfloat16 and g.shape == p1.shape, name
+                assert p0.grad.dtype == torch.float32, name
                 if i == 0:  # same weights: the same gradient, rounded
                     worst = max(worst, rel_err(g, p0.grad))
-                    assert rel_err(g, p0.grad) <= 4e-3, (name, rel_err(g, p0.grad))
+                    off = (g.float() - p0.grad).abs() > p0.grad.abs() * 2.0**-8
+                    assert not off.any(), (name, int(off.sum()), rel_err(g, p0.grad))
+                    with torch.no_grad():
+                        p0.grad.copy_(g)  # eager warm-up step: its update reads this
         losses = [float(tr.graphed.loss_sum) for tr in runs]
         for tr in runs:
             tr.graphed.update()
         torch.cuda.synchronize()
-        print(f"step {i}: losses {losses}, worst gradient rel. err {worst:.2e}")
+        print(f"step {i}: losses {losses}, gradient rounding {worst:.2e}")
         if i == 0:
             assert abs(losses[1] - losses[0]) <= 1e-6 * abs(losses[0]), losses
+            errs = {}
             for (name, p0), p1, b0, b1 in zip(runs[0].model.named_parameters(), runs[1].model.parameters(), *before):
                 d0, d1 = p0.detach() - b0, p1.detach() - b1
                 if d0.norm() > 0:
-                    assert rel_err(d1, d0) <= 2e-2, (name, rel_err(d1, d0))
+                    errs[name] = rel_err(d1, d0)
+            print("worst update differences:", sorted(errs.items(), key=lambda kv: -kv[1])[:4])
+            assert max(errs.values()) <= 1e-3, {n: e for n, e in errs.items() if e > 1e-3}
         else:
             assert abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0]), (i, losses)
         assert_copies_exact(runs[1].body)
