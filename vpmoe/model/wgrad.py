@@ -194,7 +194,7 @@ def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
 @torch.library.custom_op("vpmoe::gathered_wgrad", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, gather_a: bool,
                    bias: bool, sq: bool = False, low: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weight gradient of a grouped GEMM whose rows are sorted by expert, in fp32, straight from
+    """The weight gradient of a grouped GEMM whose rows are sorted by expert, in fp32 (or bf16), straight from
     `_wgrad_kernel`: dW[e] = sum over e's rows r of A'[r]^T B'[r], where the operand named by
     `gather_a` is read through `index` (A'[r] = A[index[r]], else B'[r] = B[index[r]]), so neither
     gathered operand is materialised; with `bias`, db[e] = sum_r B'[r] too (else db is empty); with
@@ -215,7 +215,8 @@ def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offset
 def _wgrad_outputs(a, b, offsets, bias: bool, sq: bool, low: bool = False):
     E, KA, NB = offsets.shape[0], a.shape[1], b.shape[1]
     return (a.new_empty(E, KA, NB, dtype=a.dtype if low else torch.float32),
-            a.new_empty(E if bias else 0, NB, dtype=torch.float32), a.new_empty(sq_shape(E, KA, NB) if sq else (0,), dtype=torch.float32))
+            a.new_empty(E if bias else 0, NB, dtype=torch.float32),
+            a.new_empty(sq_shape(E, KA, NB) if sq else (0,), dtype=torch.float32))
 
 
 @gathered_wgrad.register_fake

@@ -356,16 +356,8 @@ class FastMuonAdamW:
         if refresh_lr:
             self.refresh_lr()
         row_grads, given = row_grads or {}, grads or {}
-        muon = {id(p): p for g in self.opt.param_groups if g["kind"] == "muon" for p in g["params"]}
-        if not given.keys() <= muon.keys():
-            raise ValueError("FastMuonAdamW.step: gradients given apart are for Muon parameters only (the experts)")
-        if any(muon[key].grad is not None for key in given):
-            raise ValueError("FastMuonAdamW.step: a parameter has both a .grad and a gradient given apart")
-        adamw = {id(p): p for g in self.opt.param_groups if g["kind"] == "adamw" for p in g["params"]}
-        if not row_grads.keys() <= adamw.keys():
-            raise ValueError("FastMuonAdamW.step: row gradients are for AdamW parameters only (the embedding)")
-        if any(adamw[key].grad is not None for key in row_grads):
-            raise ValueError("FastMuonAdamW.step: a parameter has both a .grad and row gradients")
+        self._check_apart(given, "muon", "a gradient given apart", "Muon parameters only (the experts)")
+        self._check_apart(row_grads, "adamw", "row gradients", "AdamW parameters only (the embedding)")
         norm = self.grad_norm(known_sq or {}, row_grads, given)
         if self.max_norm > 0:
             coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -381,6 +373,15 @@ class FastMuonAdamW:
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
         self._run(jobs)
         return norm
+
+    def _check_apart(self, apart: dict, kind: str, what: str, whose: str) -> None:
+        """Gradients given apart from `.grad` (`apart`, {id(param): ...}) are for the `kind` group's
+        parameters only, and only for those whose `.grad` is None."""
+        params = {id(p): p for g in self.opt.param_groups if g["kind"] == kind for p in g["params"]}
+        if not apart.keys() <= params.keys():
+            raise ValueError(f"FastMuonAdamW.step: {what}: for {whose}")
+        if any(params[key].grad is not None for key in apart):
+            raise ValueError(f"FastMuonAdamW.step: a parameter has both a .grad and {what}")
 
     def grad_norm(self, known_sq: dict[int, torch.Tensor],
                   row_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
