@@ -66,9 +66,16 @@ def _check_gradients(cfg, plain, low, tokens, doc) -> None:
             assert torch.equal(p0.grad, p1.grad), n
 
 
-def test_copies_take_the_expert_gradients_in_bf16_and_the_optimizer_steps_from_them():
+@pytest.mark.parametrize("above_row_limit", [False, True])
+def test_copies_take_the_expert_gradients_in_bf16_and_the_optimizer_steps_from_them(above_row_limit, monkeypatch):
     """Eager CPU (the grouped-GEMM fallback writes bf16 weight gradients that the default path
-    widens): three steps, the optimizer bit-equal to the reference given the same values in fp32."""
+    widens): three steps, the optimizer bit-equal to the reference given the same values in fp32.
+    `above_row_limit`: micro-batches above the gathered kernel's row limit (grouped-GEMM weight
+    gradients on the GPU too)."""
+    from vpmoe.model import kernels as K
+
+    if above_row_limit:
+        monkeypatch.setattr(K, "GATHERED_WGRAD_MAX_ROWS", 0)
     cfg, (plain, low) = _bodies(compiled=False)
     gen = torch.Generator().manual_seed(2)
     doc = torch.tensor([[0] * 9 + [1] * 11, [0] * 20])

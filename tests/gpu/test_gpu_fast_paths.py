@@ -384,7 +384,8 @@ def test_grad_sq_norm_matches_read_norm(low_grads, monkeypatch):
     assert tr.graphed.graphs is not None
 
 
-def test_low_grads_match_fp32_grads(monkeypatch):
+@pytest.mark.parametrize("above_row_limit", [False, True])
+def test_low_grads_match_fp32_grads(above_row_limit, monkeypatch):
     """`graphed.LOW_GRADS` (one micro-batch, kept copies): the expert weights' gradients in bf16 on
     the copies against the default fp32 gradients on the masters, graphed steps on the same batches
     (clipping off in both: a clip factor that differs in its last bit changes some bf16 roundings of
@@ -396,9 +397,13 @@ def test_low_grads_match_fp32_grads(monkeypatch):
     updates agree to 1e-3 relative per parameter (Muon's arithmetic is fp32 on the same values
     either way; the embedding's atomics differ; a wrong or stale gradient, or momentum computed in
     bf16, would be off by 1e-2 or more). Later steps (capture, replays): the losses agree to 1e-2
-    (the runs then differ as two bf16 runs do)."""
+    (the runs then differ as two bf16 runs do). `above_row_limit`: the weight gradients from
+    grouped GEMMs (micro-batches above the gathered kernel's row limit), which the copies take as
+    the GEMMs write them."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)
     monkeypatch.setattr(G, "WEIGHT_COPIES", True)
+    if above_row_limit:
+        monkeypatch.setattr(K, "GATHERED_WGRAD_MAX_ROWS", 0)
     cfg = small_cfg()
     batches = [[make_batch(2, 512, seed=s, vocab=cfg.vocab_size)] for s in range(5)]
     runs = []

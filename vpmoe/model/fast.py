@@ -373,8 +373,7 @@ class FastBody:
         weight = self.model.embed.weight
         return {id(weight): embedding_rows(self.embed_tokens, self.embed_out.grad, weight.shape[0])}
 
-    def use_weight_copies(self, on: bool = True, rows: int | None = None,
-                          grads: bool = False) -> dict[int, torch.Tensor]:
+    def use_weight_copies(self, on: bool = True, grads: bool = False) -> dict[int, torch.Tensor]:
         """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
         the GEMM dtype, instead of casting the fp32 masters in every forward (a checkpointed block
         keeps casting: its cast is transient). The copies are memory of their own (+2.15 GiB at
@@ -383,17 +382,13 @@ class FastBody:
         whoever updates a master must write its copy (FastMuonAdamW.weight_copies, the returned
         {id(master): copy}) and then `mark_copies_current()`; a master changed any other way (its
         version counter moved) is cast again before the next forward or captured replay
-        (`refresh_stale_copies`). Only for bf16 bodies on the grouped path with
-        `kernels.FUSED_WGRAD`; else nothing is kept. They are read only at micro-batches the
-        gathered weight-gradient kernel serves (`kernels.gathered_wgrad_serves`): given the
-        micro-batch's expert `rows` (tokens x top_k), none are kept above that limit.
+        (`refresh_stale_copies`). Only for bf16 bodies on the grouped path; else nothing is kept.
 
         `grads` (for a caller that steps after one backward, graphed.LOW_GRADS): the copies are
         leaves that take the expert weights' gradients, in bf16 (`copy_grads`), and the masters get
         none: half the bytes for the weight-gradient kernel to write and the optimizer to read."""
         self.copies = {}
-        serves = rows is None or K.gathered_wgrad_serves(rows)
-        if on and serves and self.dtype == torch.bfloat16 and K.FUSED_WGRAD and not self.fused_moe:
+        if on and self.dtype == torch.bfloat16 and not self.fused_moe:
             for i in range(len(self.model.layers)):
                 if self.kind_of[i][1] and i >= self.checkpoint:
                     masters = {w: self.params[i][f"ffn.{w}"] for w in ("w_up", "w_down")}

@@ -62,8 +62,8 @@ Design choices:
   spare: no block checkpointed (a run that checkpoints is short of memory by its own choice) and
   the copies at most `COPIES_AUTO_SHARE` of the device's memory (1.5% at (a) on an H200). A master
   changed outside the step (its version counter moved) is cast again before the next replay. Kept
-  only where the micro-batch's expert rows are within the gathered weight-gradient kernel's limit
-  (`kernels.gathered_wgrad_serves`): above it nothing reads them.
+  at every micro-batch size since 2026-12-05 (before, only within the gathered weight-gradient
+  kernel's row limit, `kernels.gathered_wgrad_serves`: above it the weights were cast again).
 - `LOW_GRADS` (one micro-batch, where the copies are kept): the copies also take the expert
   weights' gradients, in bf16 (`FastBody.use_weight_copies(grads=True)`, `FastBody.copy_grads`):
   the weight-gradient kernel rounds its fp32 sums once and writes half the bytes, the optimizer's
@@ -135,7 +135,7 @@ class GraphedTrainStep:
         # the clipping norm comes from the weight-gradient kernel (module docstring)
         body.grad_sq = GRAD_SQ and micro == 1
         body.embed_rows = EMBED_ROWS and micro == 1  # (module docstring)
-        self.copies_setting = WEIGHT_COPIES  # applied at the first micro-batch (its rows decide)
+        self.copies_setting = WEIGHT_COPIES  # applied at the first micro-batch
         self.low_grads = LOW_GRADS and micro == 1  # (module docstring)
         self.calls = 0
         self.static: dict[str, torch.Tensor] | None = None
@@ -242,10 +242,8 @@ class GraphedTrainStep:
         self.calls += 1
         if self.static is None:
             # bf16 expert weights kept for the blocks that keep their activations: the forward stops
-            # casting them, the update writes them (module docstring); none at micro-batches whose
-            # expert rows the gathered weight-gradient kernel does not serve (they would go unread)
-            rows = batches[0]["tokens"].numel() * self.body.cfg.top_k
-            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body, self.copies_setting), rows,
+            # casting them, the update writes them (module docstring)
+            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body, self.copies_setting),
                                                                  grads=self.low_grads)
         if self.calls <= self.warmup:
             self._clear_grads()  # every step's first backward allocates them afresh

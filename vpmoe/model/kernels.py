@@ -379,17 +379,15 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     routing weight's gradient is <act, the GEMM's input gradient> + <g, b>. `probes` (up, down):
     optional leaves of `sq_probe`'s shape whose gradients become the weight gradients' partial sums
     of squares where the Triton kernel writes them (else they get none). `low` (up, down): the
-    weights already in x's dtype (kept copies: no cast here; only where the gathered kernel serves,
-    `gathered_wgrad_serves`, as the Functions then take the master weights), or None."""
+    weights already in x's dtype (kept copies: no cast anywhere), or None."""
     r = Routing(topk_idx, w_up.shape[0], first)
     dt, acc = x.dtype, _acc(x)
-    # where the gathered kernel serves, the Functions take the master weights and return their
-    # gradients in fp32; else the weights are cast here and the cast's backward widens their bf16
-    # gradients (the kept copies `low` are then unused)
-    gathered = gathered_wgrad_serves(r.token.numel())
-    w_up, w_down = (w_up, w_down) if gathered else (w_up.to(dt), w_down.to(dt))
-    if not gathered:
-        low = (None, None)
+    # the Functions take the master weights (their gradients then come back in the master's dtype,
+    # or bf16 to a copy that requires grad) where the gathered kernel serves or copies are kept;
+    # else the weights are cast here and the cast's backward widens their bf16 gradients (a
+    # compiled block's partitioner may then recompute the cast rather than keep it)
+    if not gathered_wgrad_serves(r.token.numel()) and low[0] is None:
+        w_up, w_down = w_up.to(dt), w_down.to(dt)
     h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0], low[0])
     row_weight = topk_weight.flatten()[r.order].to(acc)
     u = (M.squared_relu(h.to(acc)) * row_weight.unsqueeze(-1)).to(dt)
