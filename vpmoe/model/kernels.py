@@ -268,11 +268,16 @@ def gathered_wgrad_serves(rows: int) -> bool:
     return FUSED_WGRAD and rows <= GATHERED_WGRAD_MAX_ROWS
 
 
-def _weight_grads(g_w: torch.Tensor, w_dtype: torch.dtype, low_dtype: torch.dtype, low_grad: bool):
-    """(master's gradient, kept copy's gradient): all of it to the copy, in the copy's dtype, when
-    the copy takes it (`low_grad`: a leaf that requires grad, `FastBody.use_weight_copies(grads=True)`),
-    else to the master in its own dtype."""
-    return (None, g_w.to(low_dtype)) if low_grad else (g_w.to(w_dtype), None)
+def _weight_grads(ctx, g_w: torch.Tensor, g_sq, low_dtype: torch.dtype):
+    """The expert Functions' (master's gradient, probe's gradient, kept copy's gradient): the weight
+    gradient all to the copy, in the copy's dtype, when the copy takes it (`ctx.low_grad`: a leaf
+    that requires grad, `FastBody.use_weight_copies(grads=True)`), else to the master in its own
+    dtype; the kernel's sums of squares `g_sq` to the probe where they are the stored gradient's
+    (an fp32 master's, or the copy's)."""
+    probe = g_sq if ctx.probe and (ctx.w_dtype == torch.float32 or ctx.low_grad) else None
+    if ctx.low_grad:
+        return None, probe, g_w.to(low_dtype)
+    return g_w.to(ctx.w_dtype), probe, None
 
 
 class _GatherGemm(torch.autograd.Function):
@@ -314,9 +319,8 @@ class _GatherGemm(torch.autograd.Function):
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
         g_x = sum_slots(grouped_mm_t(g, w, offsets), inverse, ctx.k).to(x.dtype)
-        g_w, g_lo = _weight_grads(g_w, ctx.w_dtype, w.dtype, ctx.low_grad)
-        return (g_x, g_w, g_b.to(ctx.b_dtype), None, None, None, None, None,
-                g_sq if ctx.probe and (ctx.w_dtype == torch.float32 or ctx.low_grad) else None, g_lo)
+        g_w, g_sq, g_lo = _weight_grads(ctx, g_w, g_sq, w.dtype)
+        return g_x, g_w, g_b.to(ctx.b_dtype), None, None, None, None, None, g_sq, g_lo
 
 
 class _DownSum(torch.autograd.Function):
@@ -363,9 +367,8 @@ class _DownSum(torch.autograd.Function):
             1, e_tok, c.to(dt))  # D: each token's routing weights at its experts
         g_b = dense.t() @ g_lo
         g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
-        g_w, g_low = _weight_grads(g_w, ctx.w_dtype, w.dtype, ctx.low_grad)
-        return (g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None,
-                g_sq if ctx.probe and (ctx.w_dtype == torch.float32 or ctx.low_grad) else None, g_low)
+        g_w, g_sq, g_lo = _weight_grads(ctx, g_w, g_sq, w.dtype)
+        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None, g_sq, g_lo
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,

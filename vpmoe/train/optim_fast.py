@@ -74,6 +74,7 @@ from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 # AdamW tensors at least this big (the embedding and head) get a compiled update of their own; the
 # many small ones share `_fused_adamw_`'s multi-tensor launches
 ADAMW_ALONE = 1 << 22
+HALF = (torch.bfloat16, torch.float16)  # gradients in these are widened to fp32 before any arithmetic
 
 
 def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -193,7 +194,7 @@ def orthogonalise(u: torch.Tensor, steps: int, method: str) -> torch.Tensor:
 def _muon_pre(g, buf, coef, mu: float, nesterov: bool, out_dtype: torch.dtype):
     """buf <- mu * buf + coef * g (in place; computed in g's precision, at least fp32, rounded once
     where buf is narrower); returns the Nesterov (or plain) update from the unrounded momentum, in out_dtype."""
-    g = (g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * coef
+    g = (g.float() if g.dtype in HALF else g) * coef
     m = buf.to(g.dtype) * mu + g
     buf.copy_(m)
     u = g + mu * m if nesterov else m
@@ -256,11 +257,16 @@ def _adamw_rows_update(w, rowmap, rows, m, v, t, lr, coef, beta1: float, beta2: 
     _adamw_update(w, g, m, v, t, lr, coef, beta1, beta2, wd, eps)
 
 
+def _grad_of(p: torch.Tensor, given: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """p's gradient: its `.grad`, or the one given apart for it (`FastMuonAdamW.step(grads=...)`)."""
+    return p.grad if p.grad is not None else given.get(id(p))
+
+
 def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each tensor's 2-norm (`_foreach_norm`), half-precision tensors' in fp32: in their own dtype
     the norm itself would be rounded to 8 or 11 bits."""
-    half = [t for t in tensors if t.dtype in (torch.bfloat16, torch.float16)]
-    rest = [t for t in tensors if t.dtype not in (torch.bfloat16, torch.float16)]
+    half = [t for t in tensors if t.dtype in HALF]
+    rest = [t for t in tensors if t.dtype not in HALF]
     return ([*torch._foreach_norm(rest)] if rest else []) + \
         ([*torch._foreach_norm(half, 2, dtype=torch.float32)] if half else [])
 
@@ -391,8 +397,8 @@ class FastMuonAdamW:
         squares are already summed in parts (their L1 norm is their sum), and the row gradients'
         squares (`row_grads`: each non-zero row once)."""
         given = given or {}
-        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None or id(p) in given]
-        grads = [given.get(id(p), p.grad) for p in params if id(p) not in known_sq]
+        params = [p for g in self.opt.param_groups for p in g["params"] if _grad_of(p, given) is not None]
+        grads = [_grad_of(p, given) for p in params if id(p) not in known_sq]
         parts = [known_sq[id(p)] for p in params if id(p) in known_sq]
         parts += [rows.float().square().sum(1) for _, rows in (row_grads or {}).values()]
         if not parts:
@@ -430,7 +436,7 @@ class FastMuonAdamW:
         decay, neg_lr = 1 - lr * wd, -lr  # 0-dim tensors, made once: every op on them is a kernel
         flat2d, packs, jobs = defaultdict(list), defaultdict(list), []
         for p in group["params"]:
-            grad = p.grad if p.grad is not None else given.get(id(p))
+            grad = _grad_of(p, given)
             if grad is None:
                 continue
             buf = self._state(group, p)["momentum"]
