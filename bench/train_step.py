@@ -384,8 +384,9 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
         row["first_step_s"] = time.perf_counter() - t0
         if tr.graphed is not None:  # what --weight-copies (auto by default) chose
             row["weight_copies"] = "on" if tr.fopt.weight_copies else "off"
-            # what --low-grads (on by default) gave: bf16 expert gradients on the copies
-            row["low_grads"] = "on" if tr.body.copy_grads() else "off"
+            # what --low-grads (on by default: one micro-batch) gave: bf16 expert gradients
+            low = "always" if graphed_module.LOW_GRADS == "always" else "on"
+            row["low_grads"] = low if tr.body.low_grads() else "off"
         it = iter(range(10 ** 6))
         step = cuda_time(lambda: tr.step(batches[next(it) % 3]), warmup=3, iters=steps)
         tokens = batch_size * seq
@@ -525,9 +526,9 @@ def main():
     ap.add_argument("--embed-rows", default="on", choices=["on", "off"],
                     help="graphed one-micro-batch steps: the embedding's gradient as its rows of the batch's tokens, "
                          "gathered inside its AdamW pass (graphed.EMBED_ROWS, the default), or the dense [V, d] tensor")
-    ap.add_argument("--low-grads", default="on", choices=["on", "off"],
-                    help="graphed one-micro-batch steps with kept copies: the expert weights' gradients in bf16 on "
-                         "the copies (graphed.LOW_GRADS, the default) or fp32 on the masters")
+    ap.add_argument("--low-grads", default="on", choices=["on", "off", "always"],
+                    help="graphed steps: the expert weights' gradients in bf16 with one micro-batch (graphed.LOW_GRADS, "
+                         "the default), at every micro-batch count (always: accumulated in bf16), or fp32 (off)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
@@ -552,7 +553,7 @@ def main():
         K.GATHERED_WGRAD_MAX_ROWS = 1 << 62
     graphed_module.GRAD_SQ = a.grad_sq == "on"
     graphed_module.EMBED_ROWS = a.embed_rows == "on"
-    graphed_module.LOW_GRADS = a.low_grads == "on"
+    graphed_module.LOW_GRADS = {"on": True, "off": False, "always": "always"}[a.low_grads]
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer

@@ -122,7 +122,7 @@ def test_graphed_step_captures_under_the_lock(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     step = graphed.GraphedTrainStep.__new__(graphed.GraphedTrainStep)
     step.params, step.micro = [], 2
-    step.body = types.SimpleNamespace(clear_copy_grads=lambda: None)
+    step.body = types.SimpleNamespace(clear_low_grads=lambda: None)
     step._micro_part = step._update_part = lambda: None
     step._capture()
     assert held == [(True, graphed.CAPTURE_MODE)] * 3

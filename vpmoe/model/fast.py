@@ -54,6 +54,7 @@ from vpmoe.model import kernels as K
 from vpmoe.model import model as M
 from vpmoe.model import moe_fused as MF
 from vpmoe.model import tpa_fused as TF
+from vpmoe.model import wgrad as W
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -159,10 +160,11 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_idx, torch.ones_like(flat_idx))
         w_args = (p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"], p["ffn.b_down"])
-        if "sq_probe.w_up" in p or "low.w_up" in p:  # FastBody.grad_sq / use_weight_copies
-            routed = K.routed_experts(flat.to(dt), idx, weight, *w_args,
+        if any(f"{kind}.w_up" in p for kind in ("sq_probe", "low", "grad_to")):  # FastBody's grad_sq,
+            routed = K.routed_experts(flat.to(dt), idx, weight, *w_args,  # use_weight_copies, use_low_grads
                                       probes=(p.get("sq_probe.w_up"), p.get("sq_probe.w_down")),
-                                      low=(p.get("low.w_up"), p.get("low.w_down")))
+                                      low=(p.get("low.w_up"), p.get("low.w_down")),
+                                      grad_to=(p.get("grad_to.w_up"), p.get("grad_to.w_down")))
         else:
             routed = routed_experts(flat.to(dt), idx, weight, *w_args)
         f = ffn(p, "ffn.shared.", flat) + routed.to(flat.dtype)
@@ -337,6 +339,7 @@ class FastBody:
         self.embed_tokens: torch.Tensor | None = None
         # use_weight_copies: {layer: {name: [master, copy in the GEMM dtype, master's version at the copy]}}
         self.copies: dict[int, dict[str, list]] = {}
+        self.holders: dict[int, dict[str, tuple]] = {}  # use_low_grads: {layer: {name: (master, holder)}}
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
         # backward can be captured in a CUDA graph (the eager CUDA embedding backward may sync)
         self.embed = _CompileLadder(_embed, use_compile, compile_backend)
@@ -373,7 +376,7 @@ class FastBody:
         weight = self.model.embed.weight
         return {id(weight): embedding_rows(self.embed_tokens, self.embed_out.grad, weight.shape[0])}
 
-    def use_weight_copies(self, on: bool = True, grads: bool = False) -> dict[int, torch.Tensor]:
+    def use_weight_copies(self, on: bool = True) -> dict[int, torch.Tensor]:
         """Keep the expert weights of the blocks that keep their activations (not checkpointed) in
         the GEMM dtype, instead of casting the fp32 masters in every forward (a checkpointed block
         keeps casting: its cast is transient). The copies are memory of their own (+2.15 GiB at
@@ -382,29 +385,42 @@ class FastBody:
         whoever updates a master must write its copy (FastMuonAdamW.weight_copies, the returned
         {id(master): copy}) and then `mark_copies_current()`; a master changed any other way (its
         version counter moved) is cast again before the next forward or captured replay
-        (`refresh_stale_copies`). Only for bf16 bodies on the grouped path; else nothing is kept.
-
-        `grads` (for a caller that steps after one backward, graphed.LOW_GRADS): the copies are
-        leaves that take the expert weights' gradients, in bf16 (`copy_grads`), and the masters get
-        none: half the bytes for the weight-gradient kernel to write and the optimizer to read."""
+        (`refresh_stale_copies`). Only for bf16 bodies on the grouped path; else nothing is kept."""
         self.copies = {}
         if on and self.dtype == torch.bfloat16 and not self.fused_moe:
             for i in range(len(self.model.layers)):
                 if self.kind_of[i][1] and i >= self.checkpoint:
                     masters = {w: self.params[i][f"ffn.{w}"] for w in ("w_up", "w_down")}
-                    self.copies[i] = {w: [m, torch.empty_like(m, dtype=self.dtype).requires_grad_(grads), -1]
-                                      for w, m in masters.items()}
+                    self.copies[i] = {w: [m, torch.empty_like(m, dtype=self.dtype), -1] for w, m in masters.items()}
         self.refresh_stale_copies()
         return {id(master): low for master, low, _ in self._copy_entries()}
 
-    def copy_grads(self) -> dict[int, torch.Tensor]:
-        """{id(master): its copy's gradient} where the copies take the gradients (`use_weight_copies(grads=True)`)
-        and a backward wrote them: the masters' gradients, for `FastMuonAdamW.step(grads=...)`."""
-        return {id(master): low.grad for master, low, _ in self._copy_entries() if low.grad is not None}
+    def use_low_grads(self, on: bool = True) -> int:
+        """The expert weights' gradients in bf16 (graphed.LOW_GRADS): every MoE block's two expert
+        weights get a `wgrad.grad_holder` (2 bytes of memory each) that takes its gradient, and the
+        masters get none: the weight-gradient kernel writes half the bytes (it rounds its fp32
+        sums once), the grouped-GEMM path skips its widening cast, later micro-batches add into
+        the bf16 gradient in place, and the optimizer reads half (`low_grads`, for
+        `FastMuonAdamW.step(grads=...)`). Only for bf16 bodies on the grouped path; returns how many
+        weights have a holder."""
+        self.holders = {}
+        if on and self.dtype == torch.bfloat16 and not self.fused_moe:
+            for i, kind in enumerate(self.kind_of):
+                if kind[1]:
+                    self.holders[i] = {w: (self.params[i][f"ffn.{w}"], W.grad_holder(self.params[i][f"ffn.{w}"]))
+                                       for w in ("w_up", "w_down")}
+        return 2 * len(self.holders)
 
-    def clear_copy_grads(self) -> None:
-        for entry in self._copy_entries():
-            entry[1].grad = None
+    def low_grads(self) -> dict[int, torch.Tensor]:
+        """{id(master): its bf16 gradient} where holders took the gradients (`use_low_grads`) and a
+        backward wrote them: the masters' gradients, for `FastMuonAdamW.step(grads=...)`."""
+        return {id(master): holder.grad for layer in self.holders.values() for master, holder in layer.values()
+                if holder.grad is not None}
+
+    def clear_low_grads(self) -> None:
+        for layer in self.holders.values():
+            for _, holder in layer.values():
+                holder.grad = None
 
     def _copy_entries(self) -> list[list]:
         return [entry for layer in self.copies.values() for entry in layer.values()]
@@ -473,6 +489,8 @@ class FastBody:
                 params = {**params, **probes}
             if i in self.copies:
                 params = {**params, **{f"low.{w}": e[1] for w, e in self.copies[i].items()}}
+            if i in self.holders:  # (with no grad too: the same compiled graph, no second compile)
+                params = {**params, **{f"grad_to.{w}": h for w, (_, h) in self.holders[i].items()}}
             args = (params, x, pos, doc_ids, v_first, mask, slopes)
             if i < self.checkpoint and torch.is_grad_enabled():
                 # no RNG in a block: skipping the RNG save/restore also keeps CUDA-graph capture legal.

@@ -64,14 +64,19 @@ Design choices:
   changed outside the step (its version counter moved) is cast again before the next replay. Kept
   at every micro-batch size since 2026-12-05 (before, only within the gathered weight-gradient
   kernel's row limit, `kernels.gathered_wgrad_serves`: above it the weights were cast again).
-- `LOW_GRADS` (one micro-batch, where the copies are kept): the copies also take the expert
-  weights' gradients, in bf16 (`FastBody.use_weight_copies(grads=True)`, `FastBody.copy_grads`):
+- `LOW_GRADS` (True by default: one micro-batch): the expert weights' gradients in bf16, taken
+  by 2-byte holder leaves (`FastBody.use_low_grads`, `FastBody.low_grads`) instead of the masters:
   the weight-gradient kernel rounds its fp32 sums once and writes half the bytes, the optimizer's
   momentum pass reads half (and computes in fp32 as before), and the fp32 gradients (~5 GB at 20
   layers) are never allocated. The clipping norm's partial sums are the rounded values'. The one
   numerical change: each expert gradient element rounded to bf16 (relative 2^-9) before the
-  momentum, as in bf16 mixed-precision training without fp32 gradient accumulation; with more
-  micro-batches the gradients are sums and stay fp32.
+  momentum, as in bf16 mixed-precision training. Measured at (a) with the copies: -1.03 ms,
+  -1.45 GiB (H200, 2026-12-05). "always": at every micro-batch count, later micro-batches adding
+  into the bf16 gradients in place (one more rounding of the running sum per micro-batch; bf16
+  gradient accumulation): at the one-GPU 80-layer recipe (2 micro-batches, 50 blocks
+  checkpointed) it takes the ~20 GiB of fp32 expert gradients to ~10 and drops the grouped-GEMM
+  path's widening cast and fp32 accumulation (~-25 ms per ~2.4 s step by bytes, an estimate; not
+  yet measured, so not the default). False: fp32 gradients on the masters.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -92,8 +97,9 @@ EMBED_ROWS = True  # one micro-batch: the embedding's gradient as its rows of th
 # True / False: always / never (module docstring)
 WEIGHT_COPIES: bool | str = "auto"
 COPIES_AUTO_SHARE = 0.05  # "auto" keeps copies of at most this share of the device's memory
-# one micro-batch, kept copies: the expert weights' gradients in bf16 on the copies (module docstring)
-LOW_GRADS = True
+# the expert weights' gradients in bf16 (module docstring): True = with one micro-batch, "always" =
+# at every micro-batch count (accumulated in bf16), False = never (fp32 on the masters)
+LOW_GRADS: bool | str = True
 CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
 
 
@@ -101,6 +107,15 @@ def pin_outside_capture(batches: list[dict]) -> list[dict]:
     """The micro-batches' tensors in pinned host memory, pinned while no graph is being captured."""
     with CAPTURE_LOCK:
         return [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def low_grads_wanted(micro: int, setting: bool | str | None = None) -> bool:
+    """Whether a step of `micro` micro-batches takes the expert gradients in bf16 (`LOW_GRADS`, or
+    `setting`)."""
+    setting = LOW_GRADS if setting is None else setting
+    if setting not in (True, False, "always"):
+        raise ValueError(f"graphed.LOW_GRADS must be True, False or 'always', got {setting!r}")
+    return setting == "always" or (setting is True and micro == 1)
 
 
 def copies_wanted(body: FastBody, setting: bool | str | None = None, total_memory: int | None = None) -> bool:
@@ -136,7 +151,7 @@ class GraphedTrainStep:
         body.grad_sq = GRAD_SQ and micro == 1
         body.embed_rows = EMBED_ROWS and micro == 1  # (module docstring)
         self.copies_setting = WEIGHT_COPIES  # applied at the first micro-batch
-        self.low_grads = LOW_GRADS and micro == 1  # (module docstring)
+        self.low_grads = low_grads_wanted(micro)  # (module docstring)
         self.calls = 0
         self.static: dict[str, torch.Tensor] | None = None
         self.graphs = None
@@ -162,7 +177,7 @@ class GraphedTrainStep:
 
     def _update_part(self) -> None:
         norm = self.opt.step(refresh_lr=False, known_sq=self.body.known_grad_sq() if self.body.grad_sq else None,
-                             row_grads=self.body.embedding_row_grads(), grads=self.body.copy_grads())
+                             row_grads=self.body.embedding_row_grads(), grads=self.body.low_grads())
         self.body.mark_copies_current()  # the update wrote the kept bf16 weights too
         if self.grad_norm is None:
             self.grad_norm = torch.zeros_like(norm)
@@ -174,7 +189,7 @@ class GraphedTrainStep:
     def _clear_grads(self) -> None:
         for p in self.params:
             p.grad = None
-        self.body.clear_copy_grads()
+        self.body.clear_low_grads()
 
     def _side_stream(self) -> torch.cuda.Stream:
         """One side stream for every eager warm-up call: the caching allocator keeps freed blocks
@@ -243,8 +258,8 @@ class GraphedTrainStep:
         if self.static is None:
             # bf16 expert weights kept for the blocks that keep their activations: the forward stops
             # casting them, the update writes them (module docstring)
-            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body, self.copies_setting),
-                                                                 grads=self.low_grads)
+            self.opt.weight_copies = self.body.use_weight_copies(copies_wanted(self.body, self.copies_setting))
+            self.body.use_low_grads(self.low_grads)
         if self.calls <= self.warmup:
             self._clear_grads()  # every step's first backward allocates them afresh
             side = self._side_stream()

@@ -268,18 +268,6 @@ def gathered_wgrad_serves(rows: int) -> bool:
     return FUSED_WGRAD and rows <= GATHERED_WGRAD_MAX_ROWS
 
 
-def _weight_grads(ctx, g_w: torch.Tensor, g_sq, low_dtype: torch.dtype):
-    """The expert Functions' (master's gradient, probe's gradient, kept copy's gradient): the weight
-    gradient all to the copy, in the copy's dtype, when the copy takes it (`ctx.low_grad`: a leaf
-    that requires grad, `FastBody.use_weight_copies(grads=True)`), else to the master in its own
-    dtype; the kernel's sums of squares `g_sq` to the probe where they are the stored gradient's
-    (an fp32 master's, or the copy's)."""
-    probe = g_sq if ctx.probe and (ctx.w_dtype == torch.float32 or ctx.low_grad) else None
-    if ctx.low_grad:
-        return None, probe, g_w.to(low_dtype)
-    return g_w.to(ctx.w_dtype), probe, None
-
-
 class _GatherGemm(torch.autograd.Function):
     """h = x[token[r]] @ w[e] + b[e] (in x's dtype) for each sorted row r of expert group e (group
     ends `offsets`, `expert` [M] the group of each row); x in the GEMM dtype; w cast to x's dtype
@@ -294,13 +282,13 @@ class _GatherGemm(torch.autograd.Function):
     The input gradient sums each token's k rows (gather-only). `probe` (optional, unused forward):
     its gradient is the kernel's partial sums of the weight gradient's squares (`sq_probe`). `w_lo`
     (optional): w already in x's dtype (a kept copy, `FastBody.use_weight_copies`), used instead
-    of casting w here; w still receives the gradient, unless w_lo requires grad: then w_lo receives
-    it, in its own dtype (the kernel rounds its fp32 sums once; its sums of squares are the rounded
-    values'), and w none."""
+    of casting w here. `grad_to` (optional, `wgrad.grad_holder`): takes w's gradient in its own dtype
+    (bf16: the kernel rounds its fp32 sums once; its sums of squares are the rounded values'), and
+    w none; else w takes it."""
 
     @staticmethod
-    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None, w_lo=None):
-        ctx.low_grad = w_lo is not None and ctx.needs_input_grad[9]  # the copy takes the gradient
+    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None, w_lo=None, grad_to=None):
+        ctx.low_grad = W.takes_grad(ctx, grad_to, 10)
         w_lo = w.to(x.dtype) if w_lo is None else w_lo
         ctx.save_for_backward(x, w_lo, token, inverse, offsets)
         ctx.k, ctx.w_dtype, ctx.b_dtype, ctx.probe = k, w.dtype, b.dtype, probe is not None
@@ -319,8 +307,8 @@ class _GatherGemm(torch.autograd.Function):
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
         g_x = sum_slots(grouped_mm_t(g, w, offsets), inverse, ctx.k).to(x.dtype)
-        g_w, g_sq, g_lo = _weight_grads(ctx, g_w, g_sq, w.dtype)
-        return g_x, g_w, g_b.to(ctx.b_dtype), None, None, None, None, None, g_sq, g_lo
+        g_w, g_sq, g_low = W.route_weight_grads(ctx, g_w, g_sq)
+        return g_x, g_w, g_b.to(ctx.b_dtype), None, None, None, None, None, g_sq, None, g_low
 
 
 class _DownSum(torch.autograd.Function):
@@ -337,12 +325,13 @@ class _DownSum(torch.autograd.Function):
     through D [N, E], the routing weights scattered to their experts: d b = D^T g, and the routing
     weight's part <g[t], b[e]> read from g b^T [N, E]. Nothing [N*k, n]-sized is kept for backward:
     the rows' gradients are gathered from g again. w is cast to u's dtype here (the fp32 master
-    weight arrives with FUSED_WGRAD); its gradient comes from a grouped GEMM, or with `FUSED_WGRAD` where Triton serves in fp32 from
-    `wgrad.gathered_wgrad` (reading g's rows through `token`); `probe` and `w_lo` as in `_GatherGemm`."""
+    weight arrives with FUSED_WGRAD); its gradient comes from a grouped GEMM, or with `FUSED_WGRAD`
+    where Triton serves in fp32 from `wgrad.gathered_wgrad` (reading g's rows through `token`);
+    `probe`, `w_lo` and `grad_to` as in `_GatherGemm`."""
 
     @staticmethod
-    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None, w_lo=None):
-        ctx.low_grad = w_lo is not None and ctx.needs_input_grad[9]  # the copy takes the gradient
+    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None, w_lo=None, grad_to=None):
+        ctx.low_grad = W.takes_grad(ctx, grad_to, 10)
         w_dtype, w = w.dtype, (w.to(u.dtype) if w_lo is None else w_lo)
         ctx.save_for_backward(u, c, w, b, e_tok, token, offsets)
         ctx.w_dtype, ctx.probe = w_dtype, probe is not None
@@ -367,12 +356,13 @@ class _DownSum(torch.autograd.Function):
             1, e_tok, c.to(dt))  # D: each token's routing weights at its experts
         g_b = dense.t() @ g_lo
         g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
-        g_w, g_sq, g_lo = _weight_grads(ctx, g_w, g_sq, w.dtype)
-        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None, g_sq, g_lo
+        g_w, g_sq, g_low = W.route_weight_grads(ctx, g_w, g_sq)
+        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None, g_sq, None, g_low
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,
-                   b_down, first: int = 0, probes=(None, None), low=(None, None)) -> torch.Tensor:
+                   b_down, first: int = 0, probes=(None, None), low=(None, None),
+                   grad_to=(None, None)) -> torch.Tensor:
     """sum_s w[t, s] * expert_{idx[t, s]}(x[t]) for x [N, d] in the GEMM dtype; fp32 result [N, d].
 
     Six grouped GEMMs at the weights' own shapes, but for the up weight gradient, whose rows carry
@@ -382,20 +372,22 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     routing weight's gradient is <act, the GEMM's input gradient> + <g, b>. `probes` (up, down):
     optional leaves of `sq_probe`'s shape whose gradients become the weight gradients' partial sums
     of squares where the Triton kernel writes them (else they get none). `low` (up, down): the
-    weights already in x's dtype (kept copies: no cast anywhere), or None."""
+    weights already in x's dtype (kept copies: no cast anywhere), or None. `grad_to` (up, down):
+    `wgrad.grad_holder`s that take the weights' gradients in bf16 instead of the masters, or None."""
     r = Routing(topk_idx, w_up.shape[0], first)
     dt, acc = x.dtype, _acc(x)
     # the Functions take the master weights (their gradients then come back in the master's dtype,
-    # or bf16 to a copy that requires grad) where the gathered kernel serves or copies are kept;
-    # else the weights are cast here and the cast's backward widens their bf16 gradients (a
-    # compiled block's partitioner may then recompute the cast rather than keep it)
+    # or bf16 to a holder) where the gathered kernel serves or copies are kept; else the weights
+    # are cast here and the cast's backward widens their bf16 gradients, if a holder does not take
+    # them (a compiled block's partitioner may then recompute the cast rather than keep it)
     if not gathered_wgrad_serves(r.token.numel()) and low[0] is None:
         w_up, w_down = w_up.to(dt), w_down.to(dt)
-    h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0], low[0])
+    h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0], low[0],
+                          grad_to[0])
     row_weight = topk_weight.flatten()[r.order].to(acc)
     u = (M.squared_relu(h.to(acc)) * row_weight.unsqueeze(-1)).to(dt)
     return _DownSum.apply(u, topk_weight, w_down, b_down, topk_idx - first, r.inverse, r.token, r.offsets, probes[1],
-                          low[1])
+                          low[1], grad_to[1])
 
 
 def sq_probe(w: torch.Tensor) -> torch.Tensor:

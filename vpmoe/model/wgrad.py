@@ -200,7 +200,7 @@ def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offset
     gathered operand is materialised; with `bias`, db[e] = sum_r B'[r] too (else db is empty); with
     `sq`, partial sums of dW's squares [`sq_shape`] whose total is ||dW||^2 (else empty): taken from
     the kernel's registers, so the optimizer's clipping norm need not read dW again. With `low`,
-    dW is in the operands' dtype (bf16: the kept weight copies' gradients, `FastBody.use_weight_copies`),
+    dW is in the operands' dtype (bf16: the gradients `grad_holder`s take, `FastBody.use_low_grads`),
     rounded to nearest from the fp32 sums, and the sums of squares are of the rounded values.
     The grouped-GEMM path's form (`kernels._GatherGemm`, `kernels._DownSum`) wrote a bf16
     gradient (and for the up GEMM first gathered its rows with a ones column), which the
@@ -222,3 +222,27 @@ def _wgrad_outputs(a, b, offsets, bias: bool, sq: bool, low: bool = False):
 @gathered_wgrad.register_fake
 def _(a, b, index, offsets, gather_a, bias, sq=False, low=False):
     return _wgrad_outputs(a, b, offsets, bias, sq, low)
+
+
+def route_weight_grads(ctx, g_w: torch.Tensor, g_sq):
+    """(master's gradient, probe's gradient, holder's gradient) for `kernels._GatherGemm` and
+    `_DownSum`: the weight gradient all to the holder, in its dtype, when one takes it
+    (`ctx.low_grad`, `takes_grad`), else to the master in its own dtype; the kernel's sums of squares
+    `g_sq` to the probe where they are the stored gradient's (an fp32 master's, or the holder's)."""
+    probe = g_sq if ctx.probe and (ctx.w_dtype == torch.float32 or ctx.low_grad) else None
+    if ctx.low_grad:
+        return None, probe, g_w.to(ctx.low_dtype)
+    return g_w.to(ctx.w_dtype), probe, None
+
+
+def grad_holder(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A leaf of w's shape that takes w's gradient in `dtype` from `routed_experts(grad_to=...)`
+    (the master w then gets none). Its values are never read: one element in memory, every stride
+    0; autograd gives it a contiguous gradient and adds later backwards' into that in place."""
+    return torch.zeros((), dtype=dtype, device=w.device).expand(w.shape).detach().requires_grad_()
+
+
+def takes_grad(ctx, holder, index: int) -> bool:
+    """Whether the holder argument at `index` takes the weight gradient (and notes its dtype)."""
+    ctx.low_dtype = None if holder is None else holder.dtype
+    return holder is not None and ctx.needs_input_grad[index]

@@ -49,9 +49,10 @@ Design choices:
   and a row map instead of a [V, d] tensor; its compiled AdamW gathers them in its one pass
   (`_adamw_rows_update`) and the norm sums their squares. No [V, d] gradient is written (~0.8 GB
   at V = 201,088: its zero fill) or read.
-- Gradients held elsewhere (`step(grads=...)`, `FastBody.copy_grads`): after one backward the
-  expert weights' gradients can come in bf16 on their kept copies (graphed.LOW_GRADS); the momentum
-  pass reads them (computing in fp32 as before), the norm takes their squares from the kernel.
+- Gradients held elsewhere (`step(grads=...)`, `FastBody.low_grads`): the expert weights'
+  gradients can come in bf16 from their holders (graphed.LOW_GRADS); the momentum pass reads them
+  (computing in fp32 as before), the norm takes their squares from the kernel after one backward
+  and reads them (its sums in fp32) after more.
 - Learning rates live in 0-dim device tensors (`lr_tensors`), so the whole step can be captured in a
   CUDA graph and still follow a schedule: `step()` refreshes them from `group["lr"]` (a device
   fill, no sync); a captured step reads them.
@@ -357,8 +358,8 @@ class FastMuonAdamW:
         those gradients' part of the norm is the partials' sum, so they are not read for it.
         `row_grads` {id(param): (rowmap, rows)} (`FastBody.embedding_row_grads`): the gradient of an
         AdamW parameter whose `.grad` is None, as its non-zero rows (`fast.embedding_rows`).
-        `grads` {id(param): gradient} (`FastBody.copy_grads`): the gradients of Muon parameters whose
-        `.grad` is None, in any float dtype (the experts' bf16 ones, kept by their weight copies)."""
+        `grads` {id(param): gradient} (`FastBody.low_grads`): the gradients of Muon parameters whose
+        `.grad` is None, in any float dtype (the experts' bf16 ones, taken by their holders)."""
         if refresh_lr:
             self.refresh_lr()
         row_grads, given = row_grads or {}, grads or {}
