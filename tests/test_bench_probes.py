@@ -46,6 +46,9 @@ def test_kernel_families_from_real_profile_names():
         "void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<int>": "sort / scan",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<float>": "aten eager",
         "void at::native::elementwise_kernel<128, 2>": "aten eager",
+        "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "gloo:all_to_all": "collective",
         "some_vendor_kernel": "other",
     }
     assert {name: kernel_family(name) for name in expected} == expected

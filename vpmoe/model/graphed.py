@@ -75,7 +75,7 @@ Design choices:
   into the bf16 gradients in place (one more rounding of the running sum per micro-batch; bf16
   gradient accumulation): at the one-GPU 80-layer recipe (2 micro-batches, 50 blocks
   checkpointed) it takes the ~20 GiB of fp32 expert gradients to ~10 and drops the grouped-GEMM
-  path's widening cast and fp32 accumulation (~-25 ms per ~2.4 s step by bytes, an estimate; not
+  path's widening cast and fp32 accumulation (~-29 ms per ~2.4 s step by bytes, an estimate; not
   yet measured, so not the default). False: fp32 gradients on the masters.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.

@@ -28,6 +28,7 @@ import torch
 # kernel families by name, first match wins: where a step's launches go (docs/performance.md: the
 # (a) body is bound by its kernels' count, not their bytes or FLOPs)
 FAMILIES = [
+    ("collective", re.compile(r"^nccl|^gloo:")),  # NCCL kernels; gloo's ops in a CPU run's host table
     ("copy / memset", re.compile(r"Memcpy|memcpy|Memset|direct_copy_kernel")),
     ("flex attention", re.compile(r"flex_attention")),
     ("inductor pointwise", re.compile(r"^triton_poi_")),
