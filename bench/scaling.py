@@ -15,9 +15,10 @@ Design choices:
   from the config or `--set`), so the global batch grows with N. Efficiency at N = tokens/s per
   GPU at N / tokens/s at 1 GPU, where the 1-GPU run is what `vpmoe train` does there (the fused
   single-device path with CUDA graphs): the figure a user moving from one GPU to N sees.
-- Modes: `fsdp` (FSDP2 over all ranks, experts sharded like every other weight) and `ep`
+- Modes: `fsdp` (FSDP2 over all ranks, experts sharded like every other weight), `ep`
   (`parallel.expert_parallel` = N: the experts split over all GPUs, tokens moved by all-to-all,
-  FSDP2 over the rest). At N = 1 there is one baseline for both (mode "single").
+  FSDP2 over the rest) and `replicate` (`parallel.data_parallel = "replicate"`: the one-device
+  fused step on every GPU, gradients all-reduced). At N = 1 there is one baseline (mode "single").
 - Collectives from the run's own profile (`train.profile_steps`, rank 0; after the trainer's ten
   warm-up steps on a GPU, so GPU runs need `--steps` >= 10 + `--profile-steps`): device time per
   step of the all-to-all kernels (NCCL's send/recv, which `all_to_all_single` runs; gloo's
@@ -50,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.trainer_run import summarise
 
+MODES = ("fsdp", "ep", "replicate")
 A2A = re.compile(r"SendRecv|gloo:all_to_all")  # the EP dispatcher's all_to_all_single
 # data parallel: FSDP2's all-gathers and reduce-scatters, the all-reduces of replicated gradients
 DP_COMM = re.compile(r"AllGather|ReduceScatter|AllReduce|gloo:(all_gather|reduce_scatter|all_reduce|allreduce)")
@@ -124,13 +126,19 @@ def worst_difference(got: dict[int, float], want: dict[int, float], steps) -> fl
     return worst
 
 
+def layout(mode: str, ranks: int) -> list[str]:
+    """The overrides that run `mode` on `ranks` processes."""
+    return [f"parallel.expert_parallel={ranks if mode == 'ep' else 1}",
+            f"parallel.data_parallel={json.dumps('replicate' if mode == 'replicate' else 'fsdp')}"]
+
+
 def scaling_rows(a, base_sets: list[str], tmp: Path) -> list[dict]:
     """One row per (mode, N): the run's steady-state figures, its collectives and the efficiency."""
     rows, baseline = [], None
     for n in a.gpus:
         for mode in (["single"] if n == 1 else a.modes):
             sets = base_sets + [f"train.steps={a.steps}", f"train.profile_steps={a.profile_steps}",
-                                f"parallel.expert_parallel={n if mode == 'ep' else 1}"]
+                                *layout(mode, n)]
             run_dir = tmp / f"{mode}_{n}"
             label = f"{mode} x{n}"
             lines = run_train(train_command(a.config, sets, n, run_dir), label, a.timeout)
@@ -164,14 +172,13 @@ def check_rows(a, base_sets: list[str], tmp: Path) -> list[dict]:
     half, fewer = k // 2, max(1, n // 2)
     common = base_sets + [f"train.steps={k}", "train.profile_steps=0"]
     ref_dir = tmp / "check_one"
-    run_train(train_command(a.config, common + [f"train.grad_accum={accum * n}", "parallel.expert_parallel=1"], 1,
+    run_train(train_command(a.config, common + [f"train.grad_accum={accum * n}", *layout("single", 1)], 1,
                             ref_dir), "check: 1 rank", a.timeout)
     ref, rows = losses(ref_dir), []
     for mode in a.modes:
-        ep_full, ep_fewer = (n, fewer) if mode == "ep" else (1, 1)
         full_dir, resumed_dir = tmp / f"check_{mode}_{n}", tmp / f"check_{mode}_{n}_to_{fewer}"
         sets = common + [f"checkpoint.every={half}", "checkpoint.keep=100"]
-        run_train(train_command(a.config, sets + [f"parallel.expert_parallel={ep_full}"], n, full_dir),
+        run_train(train_command(a.config, sets + layout(mode, n), n, full_dir),
                   f"check: {mode} x{n}", a.timeout)
         full = losses(full_dir)
         worst = worst_difference(full, ref, range(1, k + 1))
@@ -181,7 +188,7 @@ def check_rows(a, base_sets: list[str], tmp: Path) -> list[dict]:
         for step_dir in (resumed_dir / "checkpoints").glob("step_*"):
             if int(step_dir.name.split("_")[1]) > half:
                 shutil.rmtree(step_dir)
-        resume_sets = sets + [f"train.grad_accum={accum * n // fewer}", f"parallel.expert_parallel={ep_fewer}"]
+        resume_sets = sets + [f"train.grad_accum={accum * n // fewer}", *layout(mode, fewer)]
         run_train(train_command(a.config, resume_sets, fewer, resumed_dir, resume=True),
                   f"check: {mode} x{n} -> x{fewer}", a.timeout)
         worst = worst_difference(losses(resumed_dir), full, range(half + 1, k + 1))
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs/stage1.toml"))
     ap.add_argument("--data", required=True, help="a dataset made by `vpmoe data build` (seq_len of the config)")
     ap.add_argument("--gpus", default="1,2,4,8", help="process counts, comma-separated (1 is the baseline)")
-    ap.add_argument("--modes", default="fsdp,ep", help="fsdp, ep or both")
+    ap.add_argument("--modes", default="fsdp,ep", help="fsdp, ep, replicate: comma-separated")
     ap.add_argument("--steps", type=int, default=14, help="steps per run (a GPU profiles after its first 10)")
     ap.add_argument("--skip", type=int, default=3, help="steps left out of the steady state")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the collectives' time (0: none)")
@@ -209,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.gpus = sorted({int(g) for g in a.gpus.split(",")})
     a.modes = [m for m in a.modes.split(",") if m]
-    if not a.gpus or a.gpus[0] < 1 or any(m not in ("fsdp", "ep") for m in a.modes) or not a.modes:
-        raise SystemExit(f"scaling: --gpus wants positive counts and --modes fsdp and/or ep; got {a.gpus} {a.modes}")
+    if not a.gpus or a.gpus[0] < 1 or any(m not in MODES for m in a.modes) or not a.modes:
+        raise SystemExit(f"scaling: --gpus wants positive counts and --modes some of {', '.join(MODES)}; "
+                         f"got {a.gpus} {a.modes}")
 
     from vpmoe.config import ConfigError
     from vpmoe.train.config import load_run_config

@@ -1,12 +1,11 @@
 """bench/scaling.py on the CPU (gloo, a tiny model): the scaling table from real `vpmoe train` runs
-under torchrun (1 and 2 ranks, FSDP2 and expert parallel), the all-to-all time read from the runs'
+under torchrun (1 and 2 ranks: FSDP2, expert parallel, replicas), the all-to-all time read from the runs'
 own profiles, and the correctness checks (2 ranks against 1 rank with twice the micro-batches; a
 2-rank checkpoint resumed on 1 rank) passing at fp32 tolerance; the comparison fails on other
 losses or a missing step; the figures are recorded with the command."""
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 
@@ -22,7 +21,7 @@ def recorded(synth_data, tmp_path_factory, monkeypatch_module):  # noqa: F811
     for key, value in env().items():
         monkeypatch_module.setenv(key, value)
     monkeypatch_module.setenv("VPMOE_RESULTS", str(results))
-    code = scaling.main(["--config", str(cfg), "--data", str(synth_data), "--gpus", "1,2", "--modes", "fsdp,ep",
+    code = scaling.main(["--config", str(cfg), "--data", str(synth_data), "--gpus", "1,2", "--modes", "fsdp,ep,replicate",
                          "--steps", "3", "--skip", "1", "--profile-steps", "1", "--check", "--check-steps", "4",
                          "--tol", "1e-5", "--set", "train.grad_accum=1", "--timeout", "600", "--record"])
     return code, results.read_text()
@@ -47,7 +46,7 @@ def test_scaling_rows(recorded):
     assert code == 0
     assert "- command: `python3 bench/scaling.py --config" in text and "2 rows x 1 micro-batches" in text
     rows = {(r["mode"], int(r["gpus"])): r for r in _table(text, "scaling")}
-    assert set(rows) == {("single", 1), ("fsdp", 2), ("ep", 2)}
+    assert set(rows) == {("single", 1), ("fsdp", 2), ("ep", 2), ("replicate", 2)}
     for (mode, n), r in rows.items():
         assert float(r["tokens_per_s"]) > 0 and float(r["mfu"]) > 0
         assert math.isclose(float(r["tokens_per_s_per_gpu"]) * n, float(r["tokens_per_s"]), rel_tol=1e-3)
@@ -55,15 +54,16 @@ def test_scaling_rows(recorded):
                             / float(rows[("single", 1)]["tokens_per_s_per_gpu"]), rel_tol=1e-3)
     # the expert-parallel run moved its tokens by all-to-all; FSDP2 alone did not
     assert float(rows[("ep", 2)]["a2a_ms"]) > 0 and 0 < float(rows[("ep", 2)]["a2a_share"]) < 1
-    assert float(rows[("fsdp", 2)]["a2a_ms"]) == 0 and float(rows[("fsdp", 2)]["dp_comm_ms"]) > 0
+    for mode in ("fsdp", "replicate"):
+        assert float(rows[(mode, 2)]["a2a_ms"]) == 0 and float(rows[(mode, 2)]["dp_comm_ms"]) > 0
 
 
 def test_checks_pass(recorded):
     _, text = recorded
     checks = _table(text, "scaling check")
-    assert [c["result"] for c in checks] == ["pass"] * 4
-    assert [c["steps"] for c in checks] == ["1-4", "3-4", "1-4", "3-4"]
-    assert all(re.fullmatch(r"(fsdp|ep): .*", c["check"]) for c in checks)
+    assert [c["result"] for c in checks] == ["pass"] * 6
+    assert [c["steps"] for c in checks] == ["1-4", "3-4"] * 3
+    assert [c["check"].split(":")[0] for c in checks] == ["fsdp", "fsdp", "ep", "ep", "replicate", "replicate"]
     assert all(float(c["worst_rel_diff"]) <= 1e-5 for c in checks)
 
 
@@ -77,7 +77,7 @@ def test_a_check_can_fail():
 
 def test_bad_arguments_are_refused(synth_data, tmp_path):  # noqa: F811
     cfg = write_config(tmp_path / "run.toml", synth_data, tmp_path / "unused")
-    with pytest.raises(SystemExit, match="--modes fsdp and/or ep"):
+    with pytest.raises(SystemExit, match="--modes some of fsdp, ep, replicate"):
         scaling.main(["--config", str(cfg), "--data", str(synth_data), "--modes", "tp"])
     with pytest.raises(SystemExit, match="scaling: .*no_such_key"):
         scaling.main(["--config", str(cfg), "--data", str(synth_data), "--set", "train.no_such_key=1"])

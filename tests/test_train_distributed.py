@@ -42,6 +42,10 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     logs["fused_ac"] = vpmoe("train", str(cfg), "--run-dir", str(root / "fused_ac"), "--set", 'train.fast_path="on"',
                              "--set", "train.activation_checkpointing=true")
     out["fused_ac"] = root / "fused_ac"
+    # replicas: the fused one-device step on each of 2 ranks, gradients all-reduced
+    logs["replicate"] = vpmoe("train", str(cfg), "--run-dir", str(root / "replicate"), "--set", "train.grad_accum=1",
+                              "--set", 'train.fast_path="on"', "--set", 'parallel.data_parallel="replicate"', ranks=2)
+    out["replicate"] = root / "replicate"
     logs["ep"] = vpmoe("train", str(cfg), "--run-dir", str(root / "ep"), "--set", "train.grad_accum=1",
                        "--set", "parallel.expert_parallel=2", ranks=2)
     out["ep"] = root / "ep"
@@ -75,6 +79,13 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
     vpmoe("train", str(cfg), "--run-dir", str(root / "one_to_ep"), "--set", "train.grad_accum=1",
           "--set", "parallel.expert_parallel=2", "--resume", ranks=2)
     out["one_to_ep"] = root / "one_to_ep"
+    # the 1-rank run's step-2 checkpoint continued by 2 replicas (DCP fills whole tensors on each)
+    shutil.copytree(root / "one", root / "one_to_replicate")
+    for step in (3, 4):
+        shutil.rmtree(root / "one_to_replicate" / "checkpoints" / f"step_{step:06d}")
+    vpmoe("train", str(cfg), "--run-dir", str(root / "one_to_replicate"), "--set", "train.grad_accum=1",
+          "--set", 'train.fast_path="on"', "--set", 'parallel.data_parallel="replicate"', "--resume", ranks=2)
+    out["one_to_replicate"] = root / "one_to_replicate"
     out["cfg"] = cfg
     return out
 
@@ -86,7 +97,11 @@ def test_runs_say_how_they_compute(runs):
             "fused_ac": "compute: cpu, fp32, fused body + fused optimizer, no CUDA graphs (the device is not "
                         "CUDA), activation checkpointing, 1 process(es)",
             "ep": "compute: cpu, fp32, module path, no CUDA graphs (the device is not CUDA; more than one process "
-                  "(FSDP2/EP run their own hooks)), 2 process(es), expert parallel 2"}
+                  "(FSDP2/EP run their own hooks)), 2 process(es), expert parallel 2",
+            "replicate": "compute: cpu, fp32, fused body + fused optimizer, no CUDA graphs (the device is not CUDA; "
+                         "parallel.data_parallel = replicate: its gradient all-reduce runs eagerly, between the "
+                         "captured backward and update (not yet built)), 2 process(es), data parallel by replicas "
+                         "(gradients all-reduced)"}
     for name, line in want.items():
         proc = runs["logs"][name]
         lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("compute:")]
@@ -94,7 +109,7 @@ def test_runs_say_how_they_compute(runs):
         assert re.fullmatch(r".*, MFU against \d+\.\d+ TFLOP/s per device \(matmul rate measured here\)", lines[0])
 
 
-@pytest.mark.parametrize("name", ["one_to_two", "two_to_one", "ep_to_one", "one_to_ep"])
+@pytest.mark.parametrize("name", ["one_to_two", "two_to_one", "ep_to_one", "one_to_ep", "one_to_replicate"])
 def test_resume_on_another_world_size(runs, name):
     """1 -> 2 and 2 -> 1 ranks, and expert parallelism 2 -> none and none -> 2, from a step-2
     checkpoint (same global batch): DCP reshards weights and optimizer state (expert tensors
@@ -167,7 +182,7 @@ def final_state(run_dir):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ep", "fused"])
+@pytest.mark.parametrize("mode", ["fsdp", "ep", "fused", "replicate"])
 def test_two_ranks_and_fast_paths_match_one_rank(runs, mode):
     ref, got = train_losses(runs["one"]), train_losses(runs[mode])
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
@@ -192,7 +207,7 @@ def test_two_ranks_and_fast_paths_match_one_rank(runs, mode):
     # on its weights differ in the last bits and the norm by ~1e-5; step 1's norm is the same
     assert grad_norms[0][1] == pytest.approx(grad_norms[0][0], rel=1e-6)
     for x, y in grad_norms:
-        assert y == pytest.approx(x, rel=1e-4 if mode == "fused" else 1e-5)
+        assert y == pytest.approx(x, rel=1e-4 if mode in ("fused", "replicate") else 1e-5)
 
 
 def test_first_bias_update_matches_hand_computation(runs):
@@ -336,3 +351,57 @@ def test_stopping_torchrun_stops_its_workers(tmp_path):
     with pytest.raises(AssertionError, match="timed out after 0.5 s"):
         run_reaped(["sleep", tag], timeout=0.5)
     assert not alive()
+
+
+def _replica_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: average_grads of fresh random gradients (a large tensor, coalesced
+    small ones of two dtypes, a 0-D one), and replicas_agree before and after one rank changes one
+    element of one tensor in its last bit."""
+    import os
+
+    import torch.distributed as dist
+
+    from vpmoe.train.parallel import DistState, average_grads, replicas_agree
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ds = DistState(rank, 2, rank, torch.device("cpu"), None, None)
+    g = torch.Generator().manual_seed(100 + rank)
+    grads = [torch.randn(1 << 20, generator=g), torch.randn(7, 5, generator=g), torch.randn((), generator=g),
+             torch.randn(33, generator=g).double()]
+    mine = [t.clone() for t in grads]
+    average_grads(grads, ds)
+    weights = [torch.randn(4, 3, generator=torch.Generator().manual_seed(7)) for _ in range(3)]
+    agree = replicas_agree(weights, ds)
+    if rank == 1:
+        weights[2][1, 2] = torch.nextafter(weights[2][1, 2], torch.tensor(10.0))
+    torch.save({"mine": mine, "avg": grads, "agree": agree, "after": replicas_agree(weights, ds)},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_replicas_average_and_agree(tmp_path):
+    """`average_grads`: every rank ends with (its gradient + the other's) / 2, in each dtype and
+    shape, coalesced or not; `replicas_agree`: True for equal weights, False once one rank's
+    weight moves by one ulp."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_replica_worker, args=(29500 + (os.getpid() + 23) % 2000, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for a, b, avg0, avg1 in zip(r0["mine"], r1["mine"], r0["avg"], r1["avg"]):
+        assert torch.equal(avg0, avg1) and avg0.dtype == a.dtype and avg0.shape == a.shape
+        torch.testing.assert_close(avg0, (a + b) / 2, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(avg0, a)
+    assert r0["agree"] and r1["agree"] and not r0["after"] and not r1["after"]
+
+
+def test_replicate_refuses_expert_parallel():
+    from vpmoe.config import ConfigError
+    from vpmoe.train.parallel import ParallelConfig
+
+    with pytest.raises(ConfigError, match="expert_parallel must be 1"):
+        ParallelConfig(expert_parallel=2, data_parallel="replicate").validate()
+    with pytest.raises(ConfigError, match="data_parallel: expected one of"):
+        ParallelConfig(data_parallel="ddp").validate()

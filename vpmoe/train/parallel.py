@@ -18,6 +18,9 @@ Design choices:
   "edp"; their gradients are summed over "edp" here. FSDP2 ignores those parameters, and the
   0-D ones (value-residual mixes; FSDP2 cannot shard scalars), which stay replicated with their
   gradients all-reduced here.
+- `data_parallel = "replicate"` (models that fit one device): no sharding; every rank runs the
+  one-device fused step (FastBody, FastMuonAdamW) on its rows and the gradients are averaged by
+  all-reduce before the step (`average_grads`), so the replicas take the same step.
 - Global grad norm: local sums of squares, bucketed by the mesh dims they are sharded over, one
   all-reduce per bucket; replicated tensors are counted once.
 - Host-side agreement (each step's row count, the stop flag) goes over a gloo group of its own
@@ -40,16 +43,27 @@ from torch.distributed.tensor import DTensor, Shard
 
 from vpmoe.config import ConfigError
 
+DATA_PARALLEL = ("fsdp", "replicate")
+
 
 @dataclass
 class ParallelConfig:
     expert_parallel: int = 1  # size of the expert-parallel group; 1 = experts sharded by FSDP2
+    # fsdp: FSDP2 shards every weight over all ranks (any model size); replicate: every rank holds
+    # the whole model and runs the one-device fused step, gradients averaged by all-reduce (the
+    # model, its gradients and optimizer state must fit one device, as on one GPU)
+    data_parallel: str = "fsdp"
     reshard_after_forward: bool = True  # FSDP2: free gathered block params after forward
     timeout_minutes: int = 30  # collective timeout (a hung rank fails the job instead of waiting)
 
     def validate(self) -> None:
         if self.expert_parallel < 1:
             raise ConfigError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ConfigError(f"data_parallel: expected one of {DATA_PARALLEL}, got {self.data_parallel!r}")
+        if self.data_parallel == "replicate" and self.expert_parallel > 1:
+            raise ConfigError("data_parallel = \"replicate\" keeps every expert on every rank; expert_parallel "
+                              f"must be 1 with it (got {self.expert_parallel}): set one or the other")
         if self.timeout_minutes < 1:
             raise ConfigError(f"timeout_minutes: must be >= 1, got {self.timeout_minutes}")
 
@@ -131,8 +145,9 @@ def shard_model(model: nn.Module, ds: DistState, cfg: ParallelConfig) -> nn.Modu
     """FSDP2 over ds.dp_mesh: one unit per block, then the root.
 
     Left out (and reduced by `sync_unsharded_grads`): expert-parallel tensors and 0-D parameters.
+    With `data_parallel = "replicate"` nothing is sharded (`average_grads` reduces the gradients).
     """
-    if ds.dp_mesh is None:
+    if ds.dp_mesh is None or cfg.data_parallel == "replicate":
         return model
     ignored: set[nn.Parameter] = set(scalar_params(model))
     if ds.ep_mesh is not None:
@@ -186,6 +201,47 @@ def sync_unsharded_grads(model: nn.Module, ds: DistState) -> None:
                 if edp is not None:
                     dist.all_reduce(g, op=dist.ReduceOp.SUM, group=edp)
                 g.div_(ds.world)
+
+
+COALESCE_BELOW = 1 << 20  # gradients smaller than this many elements share one all-reduce per dtype
+
+
+def average_grads(grads: list[torch.Tensor], ds: DistState) -> None:
+    """`data_parallel = "replicate"`: every rank's whole gradients averaged over all ranks, in place
+    (sum / world, FSDP2's convention: the loss is scaled by the world size). The large tensors one
+    all-reduce each; the small ones (norms, biases, 0-D mixes) flattened per dtype into one. Every
+    rank then holds the same gradients, so the same optimizer step keeps the replicas equal."""
+    if ds.world == 1:
+        return
+    small: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        if g.numel() < COALESCE_BELOW:
+            small.setdefault(g.dtype, []).append(g)
+        else:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            g.div_(ds.world)
+    for group in small.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(ds.world)
+        for g, part in zip(group, flat.split([g.numel() for g in group])):
+            g.copy_(part.view_as(g))
+
+
+def replicas_agree(tensors: list[torch.Tensor], ds: DistState) -> bool:
+    """Whether every rank holds the same `tensors` (the replicas' weights): each rank's float64 sum
+    and sum of squares over them, compared by one MAX and one MIN all-reduce. Equal replicas give
+    equal sums bit for bit (the same values reduced in the same order)."""
+    if ds.world == 1:
+        return True
+    sums = torch.zeros(2, dtype=torch.float64, device=ds.device)
+    for t in tensors:
+        x = t.detach().double()
+        sums += torch.stack([x.sum(), x.square().sum()])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,8 @@ from vpmoe.train.expert_parallel import apply_expert_parallel
 from vpmoe.train.launched import LaunchedStep
 from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
-from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, clip_grads, grad_norm, init_distributed,
-                                  shard_model, sync_unsharded_grads)
+from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, average_grads, clip_grads, grad_norm,
+                                  init_distributed, replicas_agree, shard_model, sync_unsharded_grads)
 from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.profiling import WARM_UP, StepProfiler, profile_window
 from vpmoe.train.schedule import wsd_factor
@@ -77,6 +77,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ds: DistState = init_distributed(cfg.train.device, cfg.parallel)
         self.device = self.ds.device
+        # several ranks, each running the one-device fused step on the whole model (parallel.py)
+        self.replicate = self.ds.world > 1 and cfg.parallel.data_parallel == "replicate"
         self.capability = K.cuda_capability(self.device)  # None on the CPU
         bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and K.bf16_fast_path_ok(self.capability))
         self.amp_dtype = torch.bfloat16 if bf16 else None
@@ -167,7 +169,9 @@ class Trainer:
             (self.device.type == "cuda" and not K.grouped_mm_graphable(self.capability),
              f"torch._grouped_mm syncs the host on compute capability {self.capability} (its loop "
              "fallback; sync-free on sm90/sm100 only), which a CUDA graph cannot capture"),
-            (self.ds.world != 1, "more than one process (FSDP2/EP run their own hooks)"),
+            (self.ds.world != 1 and not self.replicate, "more than one process (FSDP2/EP run their own hooks)"),
+            (self.replicate, ("parallel.data_parallel = replicate: its gradient all-reduce runs eagerly, between "
+                              "the captured backward and update (not yet built)")),
             (cfg.train.fast_path == "off", "train.fast_path is off"),
             (self.body is not None and self.fast_opt is None, "the fused optimizer step is unavailable"),
             (kd_mode == "online", "online KD runs the teacher inside the step"),
@@ -227,15 +231,16 @@ class Trainer:
     def _module_fast_paths(self, model) -> None:
         """Several ranks (FSDP2/EP module hooks must run): the model's fast kernels inside its own
         modules; expert parallelism then replaces the MoE dispatcher with its own."""
-        if self._fast_path_on() and self.ds.world > 1:
+        if self._fast_path_on() and self.ds.world > 1 and not self.replicate:
             K.use_fast_paths(model)
 
     def _fused_body(self, model):
-        """One device: the fused body (`vpmoe.model.fast.FastBody`, which checkpoints its blocks
-        when `train.activation_checkpointing` asks) and, later, the fused optimizer step. Built on
-        the materialised model (it holds its parameters). None where it does not apply."""
+        """One device (or replicas, `parallel.data_parallel = "replicate"`): the fused body
+        (`vpmoe.model.fast.FastBody`, which checkpoints its blocks when `train.activation_checkpointing`
+        asks) and, later, the fused optimizer step. Built on the materialised model (it holds its
+        parameters). None where it does not apply."""
         lean = self.cfg.train.lean_saves
-        if not self._fast_path_on() or self.ds.world > 1:
+        if not self._fast_path_on() or (self.ds.world > 1 and not self.replicate):
             if lean:
                 warnings.warn("train.lean_saves applies to the fused body (one device, fast path); ignored here")
             return None
@@ -274,6 +279,8 @@ class Trainer:
         parts.append(f"{self.ds.world} process(es)")
         if self.ds.ep_size > 1:
             parts.append(f"expert parallel {self.ds.ep_size}")
+        if self.replicate:
+            parts.append("data parallel by replicas (gradients all-reduced)")
         how = "train.peak_flops" if cfg.train.peak_flops else "matmul rate measured here"
         tflops = self.peak_flops / 1e12  # four decimals below 10: a CPU's ~0.05 must not print as 0.0
         parts.append(f"MFU against {tflops:.{1 if tflops >= 10 else 4}f} TFLOP/s per device ({how})")
@@ -393,7 +400,10 @@ class Trainer:
             load_sum = load if load_sum is None else load_sum + load
         all_reduce_sum(stats_sum, ds)
         all_reduce_sum(load_sum, ds)
-        sync_unsharded_grads(self.model, ds)
+        if self.replicate:
+            average_grads([p.grad for p in self.params if p.grad is not None], ds)
+        else:
+            sync_unsharded_grads(self.model, ds)
         return stats_sum, load_sum
 
     def _graphed_accumulate(self, micro_batches, span_counts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,6 +484,10 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
 
     def save(self) -> Path:
+        if self.replicate and not replicas_agree(self.params, self.ds):  # DCP would keep one rank's copy
+            raise RuntimeError(f"step {self.step}: the ranks' weights differ (parallel.data_parallel = replicate "
+                               "keeps them equal only if every rank computes the same update); nothing saved. "
+                               f"The newest checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
         trainer_state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed}
         rank_state = {"rng": ckpt.rng_state(), "loader": self._loader_state}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
