@@ -98,10 +98,8 @@ def test_runs_say_how_they_compute(runs):
                         "CUDA), activation checkpointing, 1 process(es)",
             "ep": "compute: cpu, fp32, module path, no CUDA graphs (the device is not CUDA; more than one process "
                   "(FSDP2/EP run their own hooks)), 2 process(es), expert parallel 2",
-            "replicate": "compute: cpu, fp32, fused body + fused optimizer, no CUDA graphs (the device is not CUDA; "
-                         "parallel.data_parallel = replicate: its gradient all-reduce runs eagerly, between the "
-                         "captured backward and update (not yet built)), 2 process(es), data parallel by replicas "
-                         "(gradients all-reduced)"}
+            "replicate": "compute: cpu, fp32, fused body + fused optimizer, no CUDA graphs (the device is not CUDA), "
+                         "2 process(es), data parallel by replicas (gradients all-reduced)"}
     for name, line in want.items():
         proc = runs["logs"][name]
         lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("compute:")]
@@ -354,14 +352,14 @@ def test_stopping_torchrun_stops_its_workers(tmp_path):
 
 
 def _replica_worker(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks: average_grads of fresh random gradients (a large tensor, coalesced
+    """One of two gloo ranks: all_reduce_grads of fresh random gradients (a large tensor, coalesced
     small ones of two dtypes, a 0-D one), and replicas_agree before and after one rank changes one
     element of one tensor in its last bit."""
     import os
 
     import torch.distributed as dist
 
-    from vpmoe.train.parallel import DistState, average_grads, replicas_agree
+    from vpmoe.train.parallel import DistState, all_reduce_grads, replicas_agree
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -370,7 +368,7 @@ def _replica_worker(rank: int, port: int, out: str) -> None:
     grads = [torch.randn(1 << 20, generator=g), torch.randn(7, 5, generator=g), torch.randn((), generator=g),
              torch.randn(33, generator=g).double()]
     mine = [t.clone() for t in grads]
-    average_grads(grads, ds)
+    all_reduce_grads(grads, ds)
     weights = [torch.randn(4, 3, generator=torch.Generator().manual_seed(7)) for _ in range(3)]
     agree = replicas_agree(weights, ds)
     if rank == 1:
@@ -381,7 +379,7 @@ def _replica_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_replicas_average_and_agree(tmp_path):
-    """`average_grads`: every rank ends with (its gradient + the other's) / 2, in each dtype and
+    """`all_reduce_grads`: every rank ends with (its gradient + the other's) / 2, in each dtype and
     shape, coalesced or not; `replicas_agree`: True for equal weights, False once one rank's
     weight moves by one ulp."""
     import os

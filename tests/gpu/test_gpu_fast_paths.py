@@ -579,3 +579,46 @@ def test_trainer_cuda_graphs_offline_kd_match_eager(tmp_path, ac):
         for key in ("loss", "kl/reasoning", "kl/final", "teacher_logp/final"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 2e-2 * abs(a[key]) + 1e-3, (a["step"], key, a[key], b[key])
+
+
+def test_graphed_reduce_runs_between_backward_and_update(monkeypatch):
+    """`GraphedTrainStep(reduce=...)`, the replicas' hook (`parallel.data_parallel = "replicate"`),
+    on one GPU with a hook that zeroes every gradient it is given and the expert loads: in the
+    eager warm-up steps and in the captured replays alike the update then sees no gradient, so each
+    Muon weight only decays (w * (1 - lr * wd), every element, bf16 expert gradients included) and
+    the AdamW weights (no decay in the default config) and router biases stay put. A hook that ran
+    after the update, or missed a gradient, moves them by ~lr."""
+    monkeypatch.setattr(G, "LOW_GRADS", True)
+    cfg = small_cfg()
+    tr = Trainer(cfg, "graphed", 16, 1)
+    tr.fopt.max_norm = 0.0
+    seen = []
+
+    def zero(grads, load_sum):
+        seen.append(len(grads))
+        for g in grads:
+            g.zero_()
+        load_sum.zero_()
+    tr.graphed = G.GraphedTrainStep(tr.body, tr.loss, tr.fopt, micro=1, reduce=zero)
+    assert not tr.body.grad_sq and not tr.body.embed_rows
+    group_of = {id(p): g for g in tr.opt.param_groups for p in g["params"]}
+    muon = {key for key, g in group_of.items() if g["kind"] == "muon"}
+    assert muon and len(muon) < len(group_of)
+    for i in range(4):  # two eager warm-up steps, the capture, a replay
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        biases = [m.expert_bias.clone() for m in tr.model.moe_layers()]
+        tr.step([make_batch(2, 512, seed=i, vocab=cfg.vocab_size)])
+        torch.cuda.synchronize()
+        lr = tr.opt.param_groups[0]["lr"]
+        for n, p in tr.model.named_parameters():
+            if id(p) in muon:
+                decay = 1 - group_of[id(p)]["lr"] * group_of[id(p)]["weight_decay"]
+                torch.testing.assert_close(p.detach(), before[n] * decay, rtol=1e-6, atol=0, msg=f"step {i}: {n}")
+            else:
+                assert torch.equal(p.detach(), before[n]), (i, n)
+        assert all(torch.equal(b, m.expert_bias) for b, m in zip(biases, tr.model.moe_layers()))
+        print(f"step {i}: lr {lr}, the hook saw {seen[-1]} gradients")
+    assert tr.graphed.graphs is not None and len(seen) == 4
+    held = tr.body.low_grads()  # the experts' bf16 gradients reach the hook too
+    assert len(held) == 2 * len(tr.model.moe_layers())
+    assert seen[-1] == len(held) + sum(p.grad is not None for p in tr.model.parameters())

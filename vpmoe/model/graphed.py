@@ -77,6 +77,10 @@ Design choices:
   checkpointed) it takes the ~20 GiB of fp32 expert gradients to ~10 and drops the grouped-GEMM
   path's widening cast and fp32 accumulation (~-29 ms per ~2.4 s step by bytes, an estimate; not
   yet measured, so not the default). False: fp32 gradients on the masters.
+- Replicas (`parallel.data_parallel = "replicate"`, several ranks each running this step): the
+  gradients and expert loads are summed over the ranks by the caller's `reduce`, eagerly, between
+  the last micro-batch's graph and the update's, in the static buffers both graphs use; no
+  collective is captured. Not yet run on GPUs.
 - `accumulate()` and `update()` are separate so a caller can inspect the step's loss and
   gradient sums (a host sync) before the update is applied; `__call__` does both.
 """
@@ -138,18 +142,25 @@ def copies_wanted(body: FastBody, setting: bool | str | None = None, total_memor
 
 class GraphedTrainStep:
     def __init__(self, body: FastBody, loss_fn, optimizer, micro: int = 1, warmup: int = 2,
-                 update_biases: bool = True):
+                 update_biases: bool = True, reduce=None, ranks: int = 1):
         """loss_fn(hidden [B, T, d], batch: dict, scale: float) -> 0-dim loss (head included).
-        optimizer: a `FastMuonAdamW` over all trainable parameters; micro: micro-batches per step."""
+        optimizer: a `FastMuonAdamW` over all trainable parameters; micro: micro-batches per step.
+        reduce(grads: list of tensors, load_sum): for `ranks` replicas (`parallel.data_parallel =
+        "replicate"`), in place, eagerly between the micro-batches' graphs and the update's, on
+        the static gradient buffers: the gradients and the expert loads summed over the ranks (no
+        collective inside a graph). The loss is each rank's part of the global loss (normalised
+        by the global counts) and the aux loss is divided by `ranks` too, so the sums are the
+        global objective's gradient. With it the one-micro-batch shortcuts that read this rank's
+        own backward (GRAD_SQ, EMBED_ROWS) are off."""
         if not body.static_masks:
             raise ValueError("GraphedTrainStep needs FastBody(static_masks=True)")
         self.body, self.loss_fn, self.opt, self.micro = body, loss_fn, optimizer, micro
         self.params = [p for g in optimizer.opt.param_groups for p in g["params"] if p.requires_grad]
-        self.warmup, self.update_biases = warmup, update_biases
+        self.warmup, self.update_biases, self.reduce, self.ranks = warmup, update_biases, reduce, ranks
         # one micro-batch: its backward writes the expert weights' final gradients, so their part of
         # the clipping norm comes from the weight-gradient kernel (module docstring)
-        body.grad_sq = GRAD_SQ and micro == 1
-        body.embed_rows = EMBED_ROWS and micro == 1  # (module docstring)
+        body.grad_sq = GRAD_SQ and micro == 1 and reduce is None
+        body.embed_rows = EMBED_ROWS and micro == 1 and reduce is None  # (module docstring)
         self.copies_setting = WEIGHT_COPIES  # applied at the first micro-batch
         self.low_grads = low_grads_wanted(micro)  # (module docstring)
         self.calls = 0
@@ -166,7 +177,7 @@ class GraphedTrainStep:
         hidden, aux, load = self.body(self.static["tokens"], self.static["doc_ids"])
         out = self.loss_fn(hidden, self.static, 1.0 / self.micro)
         loss, stats = out if isinstance(out, tuple) else (out, None)
-        (loss + aux / self.micro).backward()
+        (loss + aux / (self.micro * self.ranks)).backward()  # the aux loss: the mean over micro-batches and ranks
         self.loss_sum += loss.detach()
         self.aux_sum += aux.detach() / self.micro
         self.load_sum += load
@@ -268,6 +279,7 @@ class GraphedTrainStep:
                     self._stage(mb)
                     self._micro_part()
             torch.cuda.current_stream().wait_stream(side)
+            self._reduce()
             return
         self.body.refresh_stale_copies()  # weights changed outside the step (a load): cast again, eagerly
         for i, mb in enumerate(batches):
@@ -275,6 +287,13 @@ class GraphedTrainStep:
             if self.graphs is None:
                 self._capture()
             self.graphs[0 if i == 0 else 1].replay()
+        self._reduce()
+
+    def _reduce(self) -> None:
+        """The replicas' reduction (`reduce`), eagerly on the current stream, after the step's backward."""
+        if self.reduce is not None:
+            grads = [p.grad for p in self.params if p.grad is not None] + list(self.body.low_grads().values())
+            self.reduce(grads, self.load_sum)
 
     def update(self) -> None:
         """The optimizer step, the router-bias update, and zeroed sums for the next step."""

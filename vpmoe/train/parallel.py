@@ -20,7 +20,7 @@ Design choices:
   gradients all-reduced here.
 - `data_parallel = "replicate"` (models that fit one device): no sharding; every rank runs the
   one-device fused step (FastBody, FastMuonAdamW) on its rows and the gradients are averaged by
-  all-reduce before the step (`average_grads`), so the replicas take the same step.
+  all-reduce before the step (`all_reduce_grads`), so the replicas take the same step.
 - Global grad norm: local sums of squares, bucketed by the mesh dims they are sharded over, one
   all-reduce per bucket; replicated tensors are counted once.
 - Host-side agreement (each step's row count, the stop flag) goes over a gloo group of its own
@@ -145,7 +145,7 @@ def shard_model(model: nn.Module, ds: DistState, cfg: ParallelConfig) -> nn.Modu
     """FSDP2 over ds.dp_mesh: one unit per block, then the root.
 
     Left out (and reduced by `sync_unsharded_grads`): expert-parallel tensors and 0-D parameters.
-    With `data_parallel = "replicate"` nothing is sharded (`average_grads` reduces the gradients).
+    With `data_parallel = "replicate"` nothing is sharded (`all_reduce_grads` reduces the gradients).
     """
     if ds.dp_mesh is None or cfg.data_parallel == "replicate":
         return model
@@ -206,11 +206,12 @@ def sync_unsharded_grads(model: nn.Module, ds: DistState) -> None:
 COALESCE_BELOW = 1 << 20  # gradients smaller than this many elements share one all-reduce per dtype
 
 
-def average_grads(grads: list[torch.Tensor], ds: DistState) -> None:
-    """`data_parallel = "replicate"`: every rank's whole gradients averaged over all ranks, in place
-    (sum / world, FSDP2's convention: the loss is scaled by the world size). The large tensors one
-    all-reduce each; the small ones (norms, biases, 0-D mixes) flattened per dtype into one. Every
-    rank then holds the same gradients, so the same optimizer step keeps the replicas equal."""
+def all_reduce_grads(grads: list[torch.Tensor], ds: DistState, mean: bool = True) -> None:
+    """`data_parallel = "replicate"`: every rank's whole gradients reduced over all ranks, in place:
+    averaged (`mean`: sum / world, FSDP2's convention, the loss being scaled by the world size) or
+    summed (the captured step's, whose loss is not scaled). The large tensors one all-reduce each;
+    the small ones (norms, biases, 0-D mixes) flattened per dtype into one. Every rank then holds
+    the same gradients, so the same optimizer step keeps the replicas equal."""
     if ds.world == 1:
         return
     small: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -219,11 +220,13 @@ def average_grads(grads: list[torch.Tensor], ds: DistState) -> None:
             small.setdefault(g.dtype, []).append(g)
         else:
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
-            g.div_(ds.world)
+            if mean:
+                g.div_(ds.world)
     for group in small.values():
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(ds.world)
+        if mean:
+            flat.div_(ds.world)
         for g, part in zip(group, flat.split([g.numel() for g in group])):
             g.copy_(part.view_as(g))
 

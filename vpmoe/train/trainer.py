@@ -57,7 +57,7 @@ from vpmoe.train.expert_parallel import apply_expert_parallel
 from vpmoe.train.launched import LaunchedStep
 from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
-from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, average_grads, clip_grads, grad_norm,
+from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, all_reduce_grads, clip_grads, grad_norm,
                                   init_distributed, replicas_agree, shard_model, sync_unsharded_grads)
 from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.profiling import WARM_UP, StepProfiler, profile_window
@@ -170,8 +170,6 @@ class Trainer:
              f"torch._grouped_mm syncs the host on compute capability {self.capability} (its loop "
              "fallback; sync-free on sm90/sm100 only), which a CUDA graph cannot capture"),
             (self.ds.world != 1 and not self.replicate, "more than one process (FSDP2/EP run their own hooks)"),
-            (self.replicate, ("parallel.data_parallel = replicate: its gradient all-reduce runs eagerly, between "
-                              "the captured backward and update (not yet built)")),
             (cfg.train.fast_path == "off", "train.fast_path is off"),
             (self.body is not None and self.fast_opt is None, "the fused optimizer step is unavailable"),
             (kd_mode == "online", "online KD runs the teacher inside the step"),
@@ -189,7 +187,13 @@ class Trainer:
         from vpmoe.model.graphed import GraphedTrainStep
         self.body.static_masks = True
         self._graph_counts = None  # the step's global span counts, staged for the captured loss
-        return GraphedTrainStep(self.body, self._graph_loss, self.fast_opt, micro=self.cfg.train.grad_accum)
+        reduce = None
+        if self.replicate:  # replicas: gradients and loads summed between the backward's graphs and the update's
+            def reduce(grads, load_sum):
+                all_reduce_grads(grads, self.ds, mean=False)
+                all_reduce_sum(load_sum, self.ds)
+        return GraphedTrainStep(self.body, self._graph_loss, self.fast_opt, micro=self.cfg.train.grad_accum,
+                                reduce=reduce, ranks=self.ds.world)
 
     def _graph_loss(self, hidden, batch, scale):
         """The objective inside the captured step: sync-free, normalised by the global span counts
@@ -401,20 +405,22 @@ class Trainer:
         all_reduce_sum(stats_sum, ds)
         all_reduce_sum(load_sum, ds)
         if self.replicate:
-            average_grads([p.grad for p in self.params if p.grad is not None], ds)
+            all_reduce_grads([p.grad for p in self.params if p.grad is not None], ds)
         else:
             sync_unsharded_grads(self.model, ds)
         return stats_sum, load_sum
 
     def _graphed_accumulate(self, micro_batches, span_counts) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_accumulate` through the CUDA graphs (one process: nothing to reduce)."""
+        """`_accumulate` through the CUDA graphs (replicas: the graphed step summed the gradients and
+        loads; the logged sums are summed here, the aux loss as the ranks' mean)."""
         g = self.graphed
         if self._graph_counts is None:
             self._graph_counts = span_counts.clone()
         else:
             self._graph_counts.copy_(span_counts)
         g.accumulate(self._graph_batches(micro_batches))
-        return torch.cat([g.stats_sum, g.aux_sum.double().view(1)]), g.load_sum.clone()
+        stats = all_reduce_sum(torch.cat([g.stats_sum, g.aux_sum.double().view(1) / self.ds.world]), self.ds)
+        return stats, g.load_sum.clone()
 
     def _optimizer_step(self, load_sum) -> torch.Tensor:
         """Clip + step + router-bias update; returns the gradient norm (a device tensor). A
@@ -467,11 +473,12 @@ class Trainer:
         evaluation out of memory beside them releases them and runs again, the next step captures
         them anew (in "thread_local" mode, which a pinning prefetch thread cannot break:
         bench/capture_threads.py), and later evaluations release them straight away. Out of
-        memory even then: raised."""
+        memory even then: raised. Replicas release them every time: an out-of-memory retry on one
+        rank alone would run the evaluation's collectives twice there and once elsewhere (a hang)."""
         g = self.graphed
         if g is None or g.graphs is None:
             return self.evaluate()
-        if not last_step and not self._eval_needs_release:
+        if not last_step and not self._eval_needs_release and self.ds.world == 1:
             try:
                 return self.evaluate()
             except torch.OutOfMemoryError:
