@@ -36,20 +36,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.trainer_run import summarise
+from bench.trainer_run import run_passthrough, summarise
 
 MODES = ("fsdp", "ep", "replicate")
 A2A = re.compile(r"SendRecv|gloo:all_to_all")  # the EP dispatcher's all_to_all_single
@@ -69,24 +66,14 @@ def train_command(config: str, sets: list[str], ranks: int, run_dir: Path, resum
 
 
 def run_train(cmd: list[str], label: str, timeout: float) -> list[str]:
-    """Run one command, passing its output through with a label (a run cut short still shows how far
-    it got); its lines. A failed run stops the benchmark with its last lines."""
+    """Run one command, its output passed through with a label; its lines. A failed or timed-out
+    run stops the benchmark with its last lines."""
     print(f"# {label}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        print(f"  {label} | {lines[-1]}", flush=True)
-    try:
-        code = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise SystemExit(f"scaling: {label} ran past {timeout:.0f} s") from None
+    code, lines = run_passthrough(cmd, f"  {label} | ", timeout)
     if code != 0:
         tail = "\n".join(lines[-30:])
-        raise SystemExit(f"scaling: {label} exited {code}:\n{tail}")
+        what = f"ran past {timeout:.0f} s" if code is None else f"exited {code}"
+        raise SystemExit(f"scaling: {label} {what}:\n{tail}")
     return lines
 
 

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,35 @@ sys.path.insert(0, str(ROOT))
 
 ONE_GPU_RECIPE = ["train.activation_checkpointing=true", "optim.muon_momentum_dtype=\"bfloat16\"",
                   "data.micro_batch_size=16", "train.grad_accum=4"]
+
+
+def run_passthrough(cmd: list[str], prefix: str = "  | ", timeout: float | None = None) -> tuple[int, list[str]]:
+    """Run `cmd` from the project root, passing its output through as it comes (a run cut short by
+    a time limit still shows how far it got); (exit code, its lines; None for the code when it ran
+    past `timeout` seconds: then it got SIGTERM, which torchrun passes to its workers, and SIGKILL
+    30 s later)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    expired = threading.Event()
+
+    def stop():
+        expired.set()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    timer = threading.Timer(timeout, stop) if timeout else None
+    if timer:
+        timer.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        print(f"{prefix}{lines[-1]}", flush=True)
+    code = proc.wait()
+    if timer:
+        timer.cancel()
+    return (None if expired.is_set() else code), lines
 
 
 def summarise(run_dir: Path, skip: int, compute_line: str, wall: float) -> dict:
@@ -89,15 +119,7 @@ def main() -> int:
         for s in sets:
             cmd += ["--set", s]
         t0 = time.perf_counter()
-        # the run's output is passed through as it comes (a run cut short by a time limit still
-        # shows how far it got) and kept for its compute: line
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            print(f"  | {lines[-1]}", flush=True)
-        returncode = proc.wait()
+        returncode, lines = run_passthrough(cmd)  # the lines keep its compute: line
         wall = time.perf_counter() - t0
         if returncode != 0:
             raise SystemExit(f"vpmoe train exited {returncode}")

@@ -81,3 +81,16 @@ def test_bad_arguments_are_refused(synth_data, tmp_path):  # noqa: F811
         scaling.main(["--config", str(cfg), "--data", str(synth_data), "--modes", "tp"])
     with pytest.raises(SystemExit, match="scaling: .*no_such_key"):
         scaling.main(["--config", str(cfg), "--data", str(synth_data), "--set", "train.no_such_key=1"])
+
+
+def test_a_run_past_its_time_is_stopped_and_a_failed_one_reported():
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit, match="slow ran past 1 s:\nstarted"):
+        scaling.run_train([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
+                          "slow", 1.0)
+    assert time.perf_counter() - t0 < 20
+    with pytest.raises(SystemExit, match="bad exited 3:\nlast words"):
+        scaling.run_train([sys.executable, "-c", "print('last words'); raise SystemExit(3)"], "bad", 60)

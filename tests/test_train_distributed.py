@@ -21,6 +21,14 @@ from tests.test_train_helpers import metrics, synth_data, train_losses, vpmoe, w
 STEPS = 4
 
 
+def copy_until(src: Path, dst: Path, step: int) -> None:
+    """A copy of run `src` whose newest checkpoint is `step` (the later ones removed): to resume."""
+    shutil.copytree(src, dst)
+    for ckpt_dir in (dst / "checkpoints").glob("step_*"):
+        if int(ckpt_dir.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt_dir)
+
+
 @pytest.fixture(scope="module")
 def runs(synth_data, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("dist")
@@ -50,39 +58,30 @@ def runs(synth_data, tmp_path_factory):  # noqa: F811
                        "--set", "parallel.expert_parallel=2", ranks=2)
     out["ep"] = root / "ep"
     # distributed resume: the EP run again from its step-2 checkpoint (FSDP2 + EP DTensor state)
-    shutil.copytree(root / "ep", root / "ep_resumed")
-    shutil.rmtree(root / "ep_resumed" / "checkpoints" / f"step_{STEPS:06d}")
+    copy_until(root / "ep", root / "ep_resumed", STEPS - 1)
     vpmoe("train", str(cfg), "--run-dir", str(root / "ep_resumed"), "--set", "train.grad_accum=1",
           "--set", "parallel.expert_parallel=2", "--resume", ranks=2)
     out["ep_resumed"] = root / "ep_resumed"
     # resume on another world size, keeping the global batch: the 1-rank run from its step-2
     # checkpoint on 2 ranks (FSDP2), and the 2-rank FSDP2 run from its step-2 checkpoint on 1 rank
-    shutil.copytree(root / "one", root / "one_to_two")
-    for step in (3, 4):
-        shutil.rmtree(root / "one_to_two" / "checkpoints" / f"step_{step:06d}")
+    copy_until(root / "one", root / "one_to_two", 2)
     vpmoe("train", str(cfg), "--run-dir", str(root / "one_to_two"), "--set", "train.grad_accum=1",
           "--set", "checkpoint.every=1", "--set", "checkpoint.keep=10", "--resume", ranks=2)
     out["one_to_two"] = root / "one_to_two"
-    shutil.copytree(root / "fsdp", root / "two_to_one")
-    shutil.rmtree(root / "two_to_one" / "checkpoints" / f"step_{STEPS:06d}")
+    copy_until(root / "fsdp", root / "two_to_one", STEPS - 1)
     vpmoe("train", str(cfg), "--run-dir", str(root / "two_to_one"), "--resume")
     out["two_to_one"] = root / "two_to_one"
     # resume with another expert-parallel size: the EP=2 run from step 2 on 1 rank (experts whole),
     # and the 1-rank run from step 2 on 2 ranks with EP=2 (DCP reshards the expert DTensors)
-    shutil.copytree(root / "ep", root / "ep_to_one")
-    shutil.rmtree(root / "ep_to_one" / "checkpoints" / f"step_{STEPS:06d}")
+    copy_until(root / "ep", root / "ep_to_one", STEPS - 1)
     vpmoe("train", str(cfg), "--run-dir", str(root / "ep_to_one"), "--resume")
     out["ep_to_one"] = root / "ep_to_one"
-    shutil.copytree(root / "one", root / "one_to_ep")
-    for step in (3, 4):
-        shutil.rmtree(root / "one_to_ep" / "checkpoints" / f"step_{step:06d}")
+    copy_until(root / "one", root / "one_to_ep", 2)
     vpmoe("train", str(cfg), "--run-dir", str(root / "one_to_ep"), "--set", "train.grad_accum=1",
           "--set", "parallel.expert_parallel=2", "--resume", ranks=2)
     out["one_to_ep"] = root / "one_to_ep"
     # the 1-rank run's step-2 checkpoint continued by 2 replicas (DCP fills whole tensors on each)
-    shutil.copytree(root / "one", root / "one_to_replicate")
-    for step in (3, 4):
-        shutil.rmtree(root / "one_to_replicate" / "checkpoints" / f"step_{step:06d}")
+    copy_until(root / "one", root / "one_to_replicate", 2)
     vpmoe("train", str(cfg), "--run-dir", str(root / "one_to_replicate"), "--set", "train.grad_accum=1",
           "--set", 'train.fast_path="on"', "--set", 'parallel.data_parallel="replicate"', "--resume", ranks=2)
     out["one_to_replicate"] = root / "one_to_replicate"
@@ -366,14 +365,17 @@ def _replica_worker(rank: int, port: int, out: str) -> None:
     ds = DistState(rank, 2, rank, torch.device("cpu"), None, None)
     g = torch.Generator().manual_seed(100 + rank)
     grads = [torch.randn(1 << 20, generator=g), torch.randn(7, 5, generator=g), torch.randn((), generator=g),
-             torch.randn(33, generator=g).double()]
+             torch.randn(33, generator=g).double(), torch.randn(1 << 20, generator=g).bfloat16(),
+             torch.randn(9, generator=g).bfloat16()]
     mine = [t.clone() for t in grads]
     all_reduce_grads(grads, ds)
+    summed = [t.clone() for t in mine]
+    all_reduce_grads(summed, ds, mean=False)
     weights = [torch.randn(4, 3, generator=torch.Generator().manual_seed(7)) for _ in range(3)]
     agree = replicas_agree(weights, ds)
     if rank == 1:
         weights[2][1, 2] = torch.nextafter(weights[2][1, 2], torch.tensor(10.0))
-    torch.save({"mine": mine, "avg": grads, "agree": agree, "after": replicas_agree(weights, ds)},
+    torch.save({"mine": mine, "avg": grads, "sum": summed, "agree": agree, "after": replicas_agree(weights, ds)},
                f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -388,10 +390,16 @@ def test_replicas_average_and_agree(tmp_path):
 
     mp.spawn(_replica_worker, args=(29500 + (os.getpid() + 23) % 2000, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for a, b, avg0, avg1 in zip(r0["mine"], r1["mine"], r0["avg"], r1["avg"]):
+    for a, b, avg0, avg1, sum0 in zip(r0["mine"], r1["mine"], r0["avg"], r1["avg"], r0["sum"]):
         assert torch.equal(avg0, avg1) and avg0.dtype == a.dtype and avg0.shape == a.shape
-        torch.testing.assert_close(avg0, (a + b) / 2, rtol=1e-6, atol=1e-7)
         assert not torch.equal(avg0, a)
+        # half precision: summed in fp32 and rounded once (the exact sum of two bf16 values, rounded)
+        want = ((a.double() + b.double()) / 2).to(a.dtype), (a.double() + b.double()).to(a.dtype)
+        if a.dtype == torch.bfloat16:
+            assert torch.equal(avg0, want[0]) and torch.equal(sum0, want[1])
+        else:
+            torch.testing.assert_close(avg0, want[0], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(sum0, want[1], rtol=1e-6, atol=1e-7)
     assert r0["agree"] and r1["agree"] and not r0["after"] and not r1["after"]
 
 

@@ -209,21 +209,27 @@ COALESCE_BELOW = 1 << 20  # gradients smaller than this many elements share one 
 def all_reduce_grads(grads: list[torch.Tensor], ds: DistState, mean: bool = True) -> None:
     """`data_parallel = "replicate"`: every rank's whole gradients reduced over all ranks, in place:
     averaged (`mean`: sum / world, FSDP2's convention, the loss being scaled by the world size) or
-    summed (the captured step's, whose loss is not scaled). The large tensors one all-reduce each;
-    the small ones (norms, biases, 0-D mixes) flattened per dtype into one. Every rank then holds
-    the same gradients, so the same optimizer step keeps the replicas equal."""
+    summed (the captured step's, whose loss is not scaled). Half-precision gradients (the experts'
+    bf16 ones) are reduced in fp32 and rounded once: a bf16 ring all-reduce would round at every
+    hop. The large tensors one all-reduce each; the small ones (norms, biases, 0-D mixes) flattened
+    per reduction dtype into one. Every rank then holds the same gradients, so the same optimizer
+    step keeps the replicas equal."""
     if ds.world == 1:
         return
     small: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
+        wide = torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else g.dtype
         if g.numel() < COALESCE_BELOW:
-            small.setdefault(g.dtype, []).append(g)
-        else:
-            dist.all_reduce(g, op=dist.ReduceOp.SUM)
-            if mean:
-                g.div_(ds.world)
-    for group in small.values():
-        flat = torch.cat([g.reshape(-1) for g in group])
+            small.setdefault(wide, []).append(g)
+            continue
+        buf = g if wide == g.dtype else g.to(wide)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        if mean:
+            buf.div_(ds.world)
+        if buf is not g:
+            g.copy_(buf)
+    for wide, group in small.items():
+        flat = torch.cat([g.reshape(-1).to(wide) for g in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         if mean:
             flat.div_(ds.world)
