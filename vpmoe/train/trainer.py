@@ -57,7 +57,7 @@ from vpmoe.train.expert_parallel import apply_expert_parallel
 from vpmoe.train.launched import LaunchedStep
 from vpmoe.train.metrics import MetricsLogger, Progress, flops_per_token, measure_matmul_flops, router_stats
 from vpmoe.train.optim import build_optimizer, set_lr
-from vpmoe.train.parallel import (DistState, all_reduce_host, all_reduce_sum, all_reduce_grads, clip_grads, grad_norm,
+from vpmoe.train.parallel import (DistState, all_reduce_grads, all_reduce_host, all_reduce_sum, clip_grads, grad_norm,
                                   init_distributed, replicas_agree, shard_model, sync_unsharded_grads)
 from vpmoe.train.prefetch import StepPrefetcher
 from vpmoe.train.profiling import WARM_UP, StepProfiler, profile_window
