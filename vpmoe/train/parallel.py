@@ -245,8 +245,9 @@ def replicas_agree(tensors: list[torch.Tensor], ds: DistState) -> bool:
         return True
     sums = torch.zeros(2, dtype=torch.float64, device=ds.device)
     for t in tensors:
-        x = t.detach().double()
-        sums += torch.stack([x.sum(), x.square().sum()])
+        for part in t.detach().reshape(-1).split(1 << 24):  # float64 copies of at most 128 MiB at a time
+            x = part.double()
+            sums += torch.stack([x.sum(), x.square().sum()])
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
