@@ -25,6 +25,8 @@ Design choices:
   all_to_all on a CPU) and of the data-parallel collectives (FSDP2's all-gathers and
   reduce-scatters, the replicated gradients' all-reduces). They overlap compute on
   their own streams, so a share is of the step's time, not time the step waited.
+- Each run's checkpoints are deleted once it has been read (the final one alone is ~72 GB at 80
+  layers).
 - `--check` at the largest N, per mode: (1) `--check-steps` steps on N ranks against 1 rank with
   N times the micro-batches (the same global batch and rows): per-step losses within `--tol`
   (relative; bf16 runs differ as two bf16 runs do: routing flips in near ties); (2) DCP resharding:
@@ -75,6 +77,12 @@ def run_train(cmd: list[str], label: str, timeout: float) -> list[str]:
         what = f"ran past {timeout:.0f} s" if code is None else f"exited {code}"
         raise SystemExit(f"scaling: {label} {what}:\n{tail}")
     return lines
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    """A finished run's checkpoints, once read: each run writes a final one (~72 GB of weights and
+    optimizer state for the 80-layer model), which a series of runs would pile up on the disk."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -131,6 +139,7 @@ def scaling_rows(a, base_sets: list[str], tmp: Path) -> list[dict]:
             lines = run_train(train_command(a.config, sets, n, run_dir), label, a.timeout)
             compute = next((ln for ln in lines if ln.startswith("compute:")), "compute: ?")
             fig = summarise(run_dir, a.skip, compute, 0.0)
+            drop_checkpoints(run_dir)
             row = {"mode": mode, "gpus": n, "step_s": fig["step_s"], "tokens_per_s": fig["tokens_per_s"],
                    "tokens_per_s_per_gpu": fig["tokens_per_s"] / n}
             for key in ("mfu", "peak_mem_gib"):
@@ -162,6 +171,7 @@ def check_rows(a, base_sets: list[str], tmp: Path) -> list[dict]:
     run_train(train_command(a.config, common + [f"train.grad_accum={accum * n}", *layout("single", 1)], 1,
                             ref_dir), "check: 1 rank", a.timeout)
     ref, rows = losses(ref_dir), []
+    drop_checkpoints(ref_dir)
     for mode in a.modes:
         full_dir, resumed_dir = tmp / f"check_{mode}_{n}", tmp / f"check_{mode}_{n}_to_{fewer}"
         sets = common + [f"checkpoint.every={half}", "checkpoint.keep=100"]
@@ -179,6 +189,8 @@ def check_rows(a, base_sets: list[str], tmp: Path) -> list[dict]:
         run_train(train_command(a.config, resume_sets, fewer, resumed_dir, resume=True),
                   f"check: {mode} x{n} -> x{fewer}", a.timeout)
         worst = worst_difference(losses(resumed_dir), full, range(half + 1, k + 1))
+        drop_checkpoints(full_dir)
+        drop_checkpoints(resumed_dir)
         rows.append({"check": f"{mode}: step-{half} checkpoint of {n} ranks resumed on {fewer}",
                      "steps": f"{half + 1}-{k}", "worst_rel_diff": worst, "tol": a.tol,
                      "result": "pass" if worst <= a.tol else "FAIL"})

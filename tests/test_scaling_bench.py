@@ -21,9 +21,20 @@ def recorded(synth_data, tmp_path_factory, monkeypatch_module):  # noqa: F811
     for key, value in env().items():
         monkeypatch_module.setenv(key, value)
     monkeypatch_module.setenv("VPMOE_RESULTS", str(results))
+    dropped = []
+    real_drop = scaling.drop_checkpoints
+
+    def drop(run_dir):  # every run's checkpoints are deleted once read: the disk holds one run's at a time
+        assert (run_dir / "checkpoints").is_dir()
+        real_drop(run_dir)
+        assert not (run_dir / "checkpoints").exists()
+        dropped.append(run_dir.name)
+    monkeypatch_module.setattr(scaling, "drop_checkpoints", drop)
     code = scaling.main(["--config", str(cfg), "--data", str(synth_data), "--gpus", "1,2", "--modes", "fsdp,ep,replicate",
                          "--steps", "3", "--skip", "1", "--profile-steps", "1", "--check", "--check-steps", "4",
                          "--tol", "1e-5", "--set", "train.grad_accum=1", "--timeout", "600", "--record"])
+    assert sorted(dropped) == sorted(["single_1", "fsdp_2", "ep_2", "replicate_2", "check_one"]
+                                     + [f"check_{m}_2{t}" for m in ("fsdp", "ep", "replicate") for t in ("", "_to_1")])
     return code, results.read_text()
 
 
