@@ -58,11 +58,11 @@ def test_scaling_rows(recorded):
     assert "- command: `python3 bench/scaling.py --config" in text and "2 rows x 1 micro-batches" in text
     rows = {(r["mode"], int(r["gpus"])): r for r in _table(text, "scaling")}
     assert set(rows) == {("single", 1), ("fsdp", 2), ("ep", 2), ("replicate", 2)}
-    for (mode, n), r in rows.items():
+    for (mode, n), r in rows.items():  # the table prints 4 significant digits: 3e-3 covers three roundings
         assert float(r["tokens_per_s"]) > 0 and float(r["mfu"]) > 0
-        assert math.isclose(float(r["tokens_per_s_per_gpu"]) * n, float(r["tokens_per_s"]), rel_tol=1e-3)
+        assert math.isclose(float(r["tokens_per_s_per_gpu"]) * n, float(r["tokens_per_s"]), rel_tol=3e-3)
         assert math.isclose(float(r["efficiency"]), float(r["tokens_per_s_per_gpu"])
-                            / float(rows[("single", 1)]["tokens_per_s_per_gpu"]), rel_tol=1e-3)
+                            / float(rows[("single", 1)]["tokens_per_s_per_gpu"]), rel_tol=3e-3)
     # the expert-parallel run moved its tokens by all-to-all; FSDP2 alone did not
     assert float(rows[("ep", 2)]["a2a_ms"]) > 0 and 0 < float(rows[("ep", 2)]["a2a_share"]) < 1
     for mode in ("fsdp", "replicate"):
