@@ -351,9 +351,9 @@ def test_stopping_torchrun_stops_its_workers(tmp_path):
 
 
 def _replica_worker(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks: all_reduce_grads of fresh random gradients (a large tensor, coalesced
-    small ones of two dtypes, a 0-D one), and replicas_agree before and after one rank changes one
-    element of one tensor in its last bit."""
+    """One of two gloo ranks: all_reduce_grads of fresh random gradients (large tensors, coalesced
+    small ones of three dtypes, a 0-D one, bf16 ones), and replicas_agree before and after one rank
+    changes one element of one tensor in its last bit."""
     import os
 
     import torch.distributed as dist
@@ -369,37 +369,33 @@ def _replica_worker(rank: int, port: int, out: str) -> None:
              torch.randn(9, generator=g).bfloat16()]
     mine = [t.clone() for t in grads]
     all_reduce_grads(grads, ds)
-    summed = [t.clone() for t in mine]
-    all_reduce_grads(summed, ds, mean=False)
     weights = [torch.randn(4, 3, generator=torch.Generator().manual_seed(7)) for _ in range(3)]
     agree = replicas_agree(weights, ds)
     if rank == 1:
         weights[2][1, 2] = torch.nextafter(weights[2][1, 2], torch.tensor(10.0))
-    torch.save({"mine": mine, "avg": grads, "sum": summed, "agree": agree, "after": replicas_agree(weights, ds)},
+    torch.save({"mine": mine, "sum": grads, "agree": agree, "after": replicas_agree(weights, ds)},
                f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_replicas_average_and_agree(tmp_path):
-    """`all_reduce_grads`: every rank ends with (its gradient + the other's) / 2, in each dtype and
-    shape, coalesced or not; `replicas_agree`: True for equal weights, False once one rank's
-    weight moves by one ulp."""
+def test_replicas_sum_and_agree(tmp_path):
+    """`all_reduce_grads`: every rank ends with its gradient + the other's, in each dtype and shape,
+    coalesced or not, bf16 ones rounded once from the exact sum; `replicas_agree`: True for equal
+    weights, False once one rank's weight moves by one ulp."""
     import os
 
     import torch.multiprocessing as mp
 
     mp.spawn(_replica_worker, args=(29500 + (os.getpid() + 23) % 2000, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for a, b, avg0, avg1, sum0 in zip(r0["mine"], r1["mine"], r0["avg"], r1["avg"], r0["sum"]):
-        assert torch.equal(avg0, avg1) and avg0.dtype == a.dtype and avg0.shape == a.shape
-        assert not torch.equal(avg0, a)
-        # half precision: summed in fp32 and rounded once (the exact sum of two bf16 values, rounded)
-        want = ((a.double() + b.double()) / 2).to(a.dtype), (a.double() + b.double()).to(a.dtype)
+    for a, b, sum0, sum1 in zip(r0["mine"], r1["mine"], r0["sum"], r1["sum"]):
+        assert torch.equal(sum0, sum1) and sum0.dtype == a.dtype and sum0.shape == a.shape
+        assert not torch.equal(sum0, a)
+        want = (a.double() + b.double()).to(a.dtype)  # half precision: the exact sum, rounded once
         if a.dtype == torch.bfloat16:
-            assert torch.equal(avg0, want[0]) and torch.equal(sum0, want[1])
+            assert torch.equal(sum0, want)
         else:
-            torch.testing.assert_close(avg0, want[0], rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(sum0, want[1], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(sum0, want, rtol=1e-6, atol=1e-7)
     assert r0["agree"] and r1["agree"] and not r0["after"] and not r1["after"]
 
 

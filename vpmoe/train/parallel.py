@@ -19,7 +19,7 @@ Design choices:
   0-D ones (value-residual mixes; FSDP2 cannot shard scalars), which stay replicated with their
   gradients all-reduced here.
 - `data_parallel = "replicate"` (models that fit one device): no sharding; every rank runs the
-  one-device fused step (FastBody, FastMuonAdamW) on its rows and the gradients are averaged by
+  one-device fused step (FastBody, FastMuonAdamW) on its rows and the gradients are summed by
   all-reduce before the step (`all_reduce_grads`), so the replicas take the same step.
 - Global grad norm: local sums of squares, bucketed by the mesh dims they are sharded over, one
   all-reduce per bucket; replicated tensors are counted once.
@@ -50,7 +50,7 @@ DATA_PARALLEL = ("fsdp", "replicate")
 class ParallelConfig:
     expert_parallel: int = 1  # size of the expert-parallel group; 1 = experts sharded by FSDP2
     # fsdp: FSDP2 shards every weight over all ranks (any model size); replicate: every rank holds
-    # the whole model and runs the one-device fused step, gradients averaged by all-reduce (the
+    # the whole model and runs the one-device fused step, gradients summed by all-reduce (the
     # model, its gradients and optimizer state must fit one device, as on one GPU)
     data_parallel: str = "fsdp"
     reshard_after_forward: bool = True  # FSDP2: free gathered block params after forward
@@ -206,14 +206,14 @@ def sync_unsharded_grads(model: nn.Module, ds: DistState) -> None:
 COALESCE_BELOW = 1 << 20  # gradients smaller than this many elements share one all-reduce per dtype
 
 
-def all_reduce_grads(grads: list[torch.Tensor], ds: DistState, mean: bool = True) -> None:
-    """`data_parallel = "replicate"`: every rank's whole gradients reduced over all ranks, in place:
-    averaged (`mean`: sum / world, FSDP2's convention, the loss being scaled by the world size) or
-    summed (the captured step's, whose loss is not scaled). Half-precision gradients (the experts'
-    bf16 ones) are reduced in fp32 and rounded once: a bf16 ring all-reduce would round at every
-    hop. The large tensors one all-reduce each; the small ones (norms, biases, 0-D mixes) flattened
-    per reduction dtype into one. Every rank then holds the same gradients, so the same optimizer
-    step keeps the replicas equal."""
+def all_reduce_grads(grads: list[torch.Tensor], ds: DistState) -> None:
+    """`data_parallel = "replicate"`: every rank's whole gradients summed over all ranks, in place
+    (each rank's loss is its part of the global loss, so the sum is the global gradient: no
+    scaling of the loss and no division pass over every gradient). Half-precision gradients (the
+    experts' bf16 ones) are reduced in fp32 and rounded once: a bf16 ring all-reduce would round at
+    every hop. The large tensors one all-reduce each; the small ones (norms, biases, 0-D mixes)
+    flattened per reduction dtype into one. Every rank then holds the same gradients, so the same
+    optimizer step keeps the replicas equal."""
     if ds.world == 1:
         return
     small: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -224,15 +224,11 @@ def all_reduce_grads(grads: list[torch.Tensor], ds: DistState, mean: bool = True
             continue
         buf = g if wide == g.dtype else g.to(wide)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        if mean:
-            buf.div_(ds.world)
         if buf is not g:
             g.copy_(buf)
     for wide, group in small.items():
         flat = torch.cat([g.reshape(-1).to(wide) for g in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        if mean:
-            flat.div_(ds.world)
         for g, part in zip(group, flat.split([g.numel() for g in group])):
             g.copy_(part.view_as(g))
 

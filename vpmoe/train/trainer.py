@@ -190,7 +190,7 @@ class Trainer:
         reduce = None
         if self.replicate:  # replicas: gradients and loads summed between the backward's graphs and the update's
             def reduce(grads, load_sum):
-                all_reduce_grads(grads, self.ds, mean=False)
+                all_reduce_grads(grads, self.ds)
                 all_reduce_sum(load_sum, self.ds)
         return GraphedTrainStep(self.body, self._graph_loss, self.fast_opt, micro=self.cfg.train.grad_accum,
                                 reduce=reduce, ranks=self.ds.world)
@@ -398,7 +398,8 @@ class Trainer:
         for b in micro_batches:
             loss, stats, aux, load = self._forward_loss(b, span_counts)
             aux_part = aux * (b["tokens"].shape[0] / global_rows)
-            ((loss + aux_part) * ds.world).backward()  # FSDP2 averages; see parallel.py
+            # FSDP2 averages (see parallel.py); replicas sum (`all_reduce_grads`)
+            ((loss + aux_part) * (1 if self.replicate else ds.world)).backward()
             stats_sum[:-1] += pack_stats(stats).to(self.device)
             stats_sum[-1] += aux_part.detach().double()
             load_sum = load if load_sum is None else load_sum + load
