@@ -57,7 +57,27 @@ def test_real_core_items_on_tiny_hf_model(qwen_dir, tmp_path, capsys):
     assert report["model"]["class"] == "Qwen3ForCausalLM" and report["model"]["tokenizer"]["name"] == "o200k_harmony"
     assert set(report["data"]["bundle"]["files_sha256"]) >= {"core.yaml", "eval_data/reading_comprehension/boolq.jsonl"}
     assert "core8.mean_centered" in stdout
+    assert "core8: mean over 5 of 8 tasks; missing: hellaswag, piqa, winogrande" in err  # partial: said
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # named tasks must all run: a typo, or a file the bundle lacks, fails before the model loads
+    code, _, err = run([qwen_dir, "--suite", "core8", "--bundle", bundle, "--tasks", "boolq,arc_esy",
+                        "--out", tmp_path / "typo.json"], capsys)
+    assert code == 2 and "--tasks: arc_esy: not listed in core.yaml" in err and "arc_easy" in err
+    assert "loading" not in err and not (tmp_path / "typo.json").exists()
+    lacking = tmp_path / "lacking"
+    shutil.copytree(bundle, lacking)
+    next(lacking.glob("eval_data/**/arc_easy.jsonl")).unlink()
+    code, _, err = run([qwen_dir, "--suite", "core8", "--bundle", lacking, "--tasks", "boolq,arc_easy",
+                        "--out", tmp_path / "typo.json"], capsys)
+    assert code == 2 and "arc_easy: data file eval_data/" in err and "not in the bundle" in err
+    # a baseline evaluated with other settings: the deltas come with the differences named
+    code, stdout, err = run([qwen_dir, "--suite", "core8", "--bundle", bundle, "--tasks", "boolq,arc_easy",
+                             "--max-per-task", 2, "--out", tmp_path / "two.json", "--baseline", out], capsys)
+    assert code == 0, err
+    differ = json.loads((tmp_path / "two.json").read_text())["baseline"]["options_differ"]
+    assert differ == {"tasks": [None, ["boolq", "arc_easy"]], "max_per_task": [3, 2]}
+    assert "baseline was evaluated with other settings (tasks None -> ['boolq', 'arc_easy'], max_per_task 3 -> 2)" in err
+    assert "vs baseline" in stdout
 
 
 def test_real_core_items_on_tiny_vpmoe(tmp_path, capsys):
@@ -169,6 +189,10 @@ def test_training_checkpoint_evaluates_like_its_export(tmp_path, capsys, monkeyp
         assert code == 0, err
         reports.append(json.loads(out.read_text()))
     assert [r["model"]["kind"] for r in reports] == ["checkpoint", "hf"]
+    # the run folder: the report names the checkpoint it resolved to
+    code, _, err = run([tmp_path / "run", "--suite", "numeric", "--numeric-n", 7, "--out", tmp_path / "run.json"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run.json").read_text())["model"]["path"] == str(ckpt)
     assert reports[0]["model"]["weights_sha256"] == reports[1]["model"]["weights_sha256"]
     assert reports[0]["suites"] == reports[1]["suites"]
     # an install without the checkpoint reader says to export first

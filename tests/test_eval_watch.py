@@ -1,5 +1,6 @@
 """Evaluation throughout a run (`vpmoe eval RUN --every-checkpoint [--watch]`): one report per
-checkpoint, identical to evaluating that checkpoint alone; a second pass evaluates nothing; curves
+checkpoint, identical to evaluating that checkpoint alone; a second pass evaluates nothing, one
+with other settings is refused; curves
 and TensorBoard scalars per step; a watcher started before the run follows it to its last step."""
 import json
 import subprocess
@@ -33,7 +34,12 @@ def test_every_checkpoint_reports_match_single_evaluations(synth_data, tmp_path)
     # a second pass finds nothing to do and rewrites no report
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("step_*.json")}
     proc = vpmoe("eval", str(run), *_eval_args(synth_data))
-    assert "2 checkpoints evaluated" in proc.stderr and "checkpoint step" not in proc.stderr
+    assert "evaluated now: steps []; reports for steps [2, 4]" in proc.stderr and "checkpoint step" not in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("step_*.json")} == before
+    # other settings into the same folder: refused before anything runs (curves never mix two evaluations)
+    args = [a if a != "6" else "5" for a in _eval_args(synth_data)]
+    proc = vpmoe("eval", str(run), *args, check=False)
+    assert proc.returncode == 2 and "step_000002.json: made with other settings (ppl_max_rows 6 then, 5 now)" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("step_*.json")} == before
     # `vpmoe report` picks the curves up
     vpmoe("report", str(run))

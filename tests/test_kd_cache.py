@@ -9,7 +9,7 @@ import torch
 from vpmoe.kd.cache import (CacheError, CacheShard, CacheSpec, ShardWriter, TeacherCache, decode_row,
                             dequantize_logprobs, encode_row, new_manifest, pack_bits, quantize_logprobs,
                             reconstruct_logprobs, rice_decode, rice_encode, rice_parameter, unpack_bits,
-                            write_json)
+                            verify_cache, write_json)
 from vpmoe.kd.losses import SparseTarget
 
 V = 201088
@@ -216,3 +216,27 @@ def test_corrupt_block_is_named(tmp_path):
     shard = CacheShard(tmp_path, "train-00000", spec)
     with pytest.raises(CacheError, match="train-00000, row 0"):
         shard.row(0)
+
+
+def test_verify_catches_a_corrupt_index(tmp_path):
+    """The index (.kdi.npy) is checked as the data file is: its offsets and positions must start at
+    0, never decrease and end at the record's count (every verify), and its bytes must match the
+    sha256 recorded when the shard was written (full verify); either names the index file."""
+    make_cache(tmp_path, rows=(5,))
+    kdi = tmp_path / "train-00000.kdi.npy"
+    good = np.load(kdi)
+    assert verify_cache(tmp_path)["rows"] == 5
+    bad = good.copy()
+    bad[2, 1] = bad[3, 1] + 5  # a cumulative position count past the next row's
+    np.save(kdi, bad)
+    for full in (True, False):
+        with pytest.raises(CacheError, match=r"train-00000\.kdi\.npy: index corrupt \(row 2"):
+            verify_cache(tmp_path, full=full)
+    bad = good.copy()
+    bad[2, 2] ^= 1  # a row's token crc: the structure stays valid, the bytes do not
+    np.save(kdi, bad)
+    verify_cache(tmp_path, full=False)
+    with pytest.raises(CacheError, match=r"train-00000\.kdi\.npy: sha256 mismatch \(corrupt index\)"):
+        verify_cache(tmp_path)
+    np.save(kdi, good)
+    assert verify_cache(tmp_path)["rows"] == 5

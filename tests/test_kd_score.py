@@ -158,6 +158,48 @@ def test_refusals_and_truncation_named(world, tmp_path):
     assert vpmoe_main(["teacher", "verify", str(root / "cache"), "--data", str(root / "data")]) == 0
 
 
+def test_resume_by_another_teacher_is_refused_a_moved_one_is_not(world, tmp_path, capsys, monkeypatch):
+    """A cache resumed with another checkpoint under the same teacher name (a second random tiny
+    Qwen3, same config) is refused, naming the weights' fingerprint; the same weights in another
+    folder resume; a teacher path without a model fails before any manifest is written; an
+    interrupted `teacher score` says how to resume instead of a traceback."""
+    import dataclasses
+    import shutil
+
+    from transformers import Qwen3ForCausalLM
+
+    from vpmoe.kd import score as score_module
+
+    root = world["root"]
+    partial = tmp_path / "cache"
+    shutil.copytree(root / "cache", partial)
+    last = max(partial.glob("*.kdc")).stem
+    for f in partial.glob(f"{last}.*"):
+        f.unlink()
+    torch.manual_seed(1)
+    Qwen3ForCausalLM(world["model"].config).save_pretrained(tmp_path / "other")
+    other = dataclasses.replace(world["tcfg"], path=str(tmp_path / "other"))
+    assert other.teacher_id == world["tcfg"].teacher_id  # the same name
+    with pytest.raises(CacheError, match="another teacher.*weights_fingerprint"):
+        score(root / "data", other, partial, world["spec"], progress=False)
+    shutil.copytree(root / "teacher", tmp_path / "moved")
+    moved = dataclasses.replace(world["tcfg"], path=str(tmp_path / "moved"))
+    resumed = score(root / "data", moved, partial, world["spec"], progress=False)
+    assert resumed["shards_skipped"] == resumed["shards_total"] - 1 and resumed["positions"] > 0
+    assert verify_cache(partial)["positions"] == verify_cache(root / "cache")["positions"]
+    nowhere = dataclasses.replace(world["tcfg"], path=str(tmp_path / "nope"))
+    with pytest.raises(CacheError, match="nope: teacher.path has no config.json"):
+        score(root / "data", nowhere, tmp_path / "fresh", world["spec"], progress=False)
+    assert not (tmp_path / "fresh" / "manifest.json").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(score_module, "score", interrupted)
+    code = vpmoe_main(["teacher", "score", "--data", str(root / "data"), "--teacher", str(world["toml"]),
+                       "--out", str(partial), "--top-k", str(K), "--quiet"])
+    assert code == 2 and "interrupted" in capsys.readouterr().err
+
+
 def test_cli_score_resumes(world, capsys):
     root = world["root"]
     code = vpmoe_main(["teacher", "score", "--data", str(root / "data"), "--teacher", str(world["toml"]),

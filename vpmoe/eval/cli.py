@@ -77,6 +77,9 @@ def run_eval(model_path: str, suite: str, out: str, baseline: str | None = None,
         rep.read_report(baseline)  # fail before the expensive part
     started = dt.datetime.now(dt.timezone.utc)
     suites_to_run, skipped, bundle_dir = plan_suites(suite, bundle, data)
+    if "core8" in suites_to_run:
+        from vpmoe.eval.core import check_named_tasks
+        check_named_tasks(bundle_dir, tasks, require_one=suite == "core8")
     data_info = {}
     shards = None
     if data and any(s in suites_to_run for s in ("ppl", "format", "router")):
@@ -101,6 +104,8 @@ def run_eval(model_path: str, suite: str, out: str, baseline: str | None = None,
             results[name] = run_core(model, tok, bundle_dir, tasks=tasks, seed=seed, max_per_task=max_per_task,
                                      batch_tokens=batch_tokens, details=details, progress=log)
             data_info["bundle"] = {"path": str(bundle_dir), "files_sha256": results[name].pop("bundle_files_sha256")}
+            if results[name]["missing"]:  # the default CORE-8 or "all" on a partial bundle: said, not hidden
+                log(f"core8: {results[name]['mean_note']}")
         elif name == "ppl":
             from vpmoe.eval.ppl import evaluate_batches
             results[name] = {"source": "valid split", **evaluate_batches(model, shards.batches(), ppl_max_rows, log)}
@@ -178,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from vpmoe.eval.watch import evaluate_run
         curves = evaluate_run(args.model, args.out, watch=args.watch, poll_seconds=args.poll_seconds, log=log,
                               **kwargs)
-        log(f"{len(curves['steps'])} checkpoints evaluated: steps {curves['steps']}")
+        log(f"evaluated now: steps {curves['evaluated_now']}; reports for steps {curves['steps']}")
         return 0
     report = run_eval(args.model, out=args.out, png=args.png, **kwargs)
     print_summary(report)
@@ -188,6 +193,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def print_summary(report: dict) -> None:
     rows = report["summary"]
     deltas = (report.get("baseline") or {}).get("deltas", {})
+    differ = (report.get("baseline") or {}).get("options_differ")
+    if differ:
+        log("the baseline was evaluated with other settings ("
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+            + "): its deltas compare two different evaluations")
     width = max((len(k) for k in rows), default=10)
     for key, value in rows.items():
         extra = f"  ({deltas[key]['delta']:+.4f} vs baseline)" if key in deltas else ""

@@ -358,6 +358,35 @@ def suite_mean(task_results: dict[str, dict]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def plan_tasks(bundle: Path, tasks: list[str] | None) -> tuple[dict, list[str], dict[str, str]]:
+    """(specs, wanted labels, {label: why it cannot run}) for `tasks` (None: the CORE-8; ["all"]:
+    every task in core.yaml)."""
+    specs = read_task_specs(bundle)
+    wanted = list(CORE8) if not tasks else (list(specs) if tasks == ["all"] else list(tasks))
+    missing = {}
+    for label in wanted:
+        spec = specs.get(label)
+        if spec is None:
+            missing[label] = "not listed in core.yaml"
+        elif spec.task_type not in TASK_TYPES:
+            missing[label] = f"unsupported icl_task_type {spec.task_type!r} (supported: {', '.join(TASK_TYPES)})"
+        elif not (bundle / "eval_data" / spec.dataset_uri).is_file():
+            missing[label] = f"data file eval_data/{spec.dataset_uri} not in the bundle"
+    return specs, wanted, missing
+
+
+def check_named_tasks(bundle: Path, tasks: list[str] | None, require_one: bool) -> None:
+    """Before any model loads: tasks named with --tasks must all be runnable (a typo or a missing
+    file is an error); the default CORE-8 and "all" may run partially (the report lists what is
+    missing), but with `require_one` (--suite core8 named) not with none at all."""
+    specs, wanted, missing = plan_tasks(bundle, tasks)
+    named = bool(tasks) and tasks != ["all"]
+    if missing and (named or (require_one and len(missing) == len(wanted))):
+        raise UserError(f"{'--tasks' if named else '--suite core8'}: "
+                        f"{'; '.join(f'{k}: {v}' for k, v in missing.items())} ({bundle}; tasks in its "
+                        f"core.yaml: {', '.join(specs)})")
+
+
 def run_core(model, tokenizer, bundle: Path, tasks: list[str] | None = None, seed: int = 0,
              max_per_task: int | None = None, batch_tokens: int = 8192, details: bool = False,
              progress=None) -> dict:
@@ -366,22 +395,14 @@ def run_core(model, tokenizer, bundle: Path, tasks: list[str] | None = None, see
     Tasks the bundle lacks, or whose type this harness does not know, are listed under `missing`
     with the reason; they never stop the run.
     """
-    specs = read_task_specs(bundle)
-    wanted = list(CORE8) if not tasks else (list(specs) if tasks == ["all"] else list(tasks))
-    results, missing, files = {}, {}, {"core.yaml": file_sha256(bundle / "core.yaml"),
-                                        "eval_meta_data.csv": file_sha256(bundle / "eval_meta_data.csv")}
+    specs, wanted, missing = plan_tasks(bundle, tasks)
+    results, files = {}, {"core.yaml": file_sha256(bundle / "core.yaml"),
+                          "eval_meta_data.csv": file_sha256(bundle / "eval_meta_data.csv")}
     for label in wanted:
-        spec = specs.get(label)
-        if spec is None:
-            missing[label] = "not listed in core.yaml"
+        if label in missing:
             continue
-        if spec.task_type not in TASK_TYPES:
-            missing[label] = f"unsupported icl_task_type {spec.task_type!r} (supported: {', '.join(TASK_TYPES)})"
-            continue
+        spec = specs[label]
         path = bundle / "eval_data" / spec.dataset_uri
-        if not path.is_file():
-            missing[label] = f"data file eval_data/{spec.dataset_uri} not in the bundle"
-            continue
         if progress:
             progress(f"core: {label} ({spec.task_type}, {spec.num_fewshot}-shot)")
         items = read_task_items(bundle, spec)

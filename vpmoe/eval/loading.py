@@ -257,6 +257,18 @@ def checkpoint_loader():
     return getattr(importlib.import_module("vpmoe.train.checkpoint"), "load_model_for_eval", None)
 
 
+def resolved_checkpoint(path: Path) -> Path:
+    """The checkpoint a path names (a run dir: its newest one), so the report records which was
+    evaluated; the path itself where this install cannot tell (its loader then says why)."""
+    if checkpoint_loader() is None:
+        return path
+    module = importlib.import_module("vpmoe.train.checkpoint")
+    try:
+        return module.resolve_checkpoint(path)
+    except module.CheckpointError:
+        return path
+
+
 def load_checkpoint_model(path: Path) -> torch.nn.Module:
     loader = checkpoint_loader()
     if loader is None:
@@ -296,6 +308,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> L
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         kind, tok_dir = "hf", path
     else:
+        path = resolved_checkpoint(path)  # a run dir: its newest checkpoint, fixed before loading
         model = as_causal_lm(load_checkpoint_model(path)).to(dt)
         kind, tok_dir = "checkpoint", None
     model = model.to(dev).eval()

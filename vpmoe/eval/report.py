@@ -5,7 +5,10 @@ Design choices:
   field `timestamps` (start/finish times and wall-clock seconds). Keys are sorted when written.
 - `summary` flattens the headline numbers into dotted keys (`core8.arc_easy.accuracy`,
   `ppl.final.nll`, ...). `--baseline OLD.json` is compared on these keys: `deltas[key]` holds old,
-  new and new - old, and keys present in only one report are listed, never silently dropped.
+  new and new - old, and keys present in only one report are listed, never silently dropped. The
+  settings that change what a metric measures (`RESULT_OPTIONS`: suites, tasks, items per task,
+  seed, ...) are compared too: any that differ are listed (`options_differ`) and printed with the
+  deltas, which then compare two different evaluations.
 - The reference row carries Arcee Trinity Nano Base's published numbers (accuracy, percent) for the
   tasks CORE-8 shares with them, next to ours. Their shot counts and metric variants (acc vs
   acc_norm) are not CORE's, so the gap is a direction, not a like-for-like difference.
@@ -94,11 +97,22 @@ def read_report(path: str | Path) -> dict:
     return data
 
 
-def deltas(new_summary: dict, baseline: dict, baseline_path: str) -> dict:
+# report config keys that change what the metrics measure (not where inputs live or how fast)
+RESULT_OPTIONS = ("suite", "tasks", "max_per_task", "seed", "dtype", "format_n", "format_max_new_tokens",
+                  "numeric_n", "ppl_max_rows")
+
+
+def options_differ(old: dict, new: dict) -> dict:
+    """{key: [old, new]} for the `RESULT_OPTIONS` two report configs set differently."""
+    return {k: [old.get(k), new.get(k)] for k in RESULT_OPTIONS if old.get(k) != new.get(k)}
+
+
+def deltas(new_summary: dict, baseline: dict, baseline_path: str, new_config: dict | None = None) -> dict:
     old = baseline["summary"]
     shared = sorted(set(old) & set(new_summary))
     return {"path": str(baseline_path),
             "model_weights_sha256": (baseline.get("model") or {}).get("weights_sha256"),
+            "options_differ": options_differ(baseline.get("config") or {}, new_config or {}),
             "deltas": {k: {"old": old[k], "new": new_summary[k], "delta": new_summary[k] - old[k]} for k in shared},
             "only_in_baseline": sorted(set(old) - set(new_summary)),
             "only_in_new": sorted(set(new_summary) - set(old))}
@@ -111,7 +125,7 @@ def build_report(model_info: dict, config: dict, data: dict, suites: dict, times
               "summary": summary, "reference": reference_rows(suites), "versions": versions,
               "png": png, "timestamps": timestamps}
     if baseline_path:
-        report["baseline"] = deltas(summary, read_report(baseline_path), baseline_path)
+        report["baseline"] = deltas(summary, read_report(baseline_path), baseline_path, config)
     return report
 
 

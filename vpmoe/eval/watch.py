@@ -7,6 +7,9 @@ Design choices:
 - The reports are the state: `OUT/step_000500.json` exists = step 500 is done (reports are
   written to a temporary name and renamed). A restarted watcher skips what is done; curves are
   rebuilt from the reports every time, so they can never disagree with them.
+- Every report in one folder comes from the same evaluation settings: a folder whose reports were
+  made with other settings (another suite, tasks, items per task...; `report.options_differ`) is
+  refused before anything runs, so curves never mix two evaluations.
 - `--watch` polls for new checkpoints until the run's last step (train.steps of its provenance)
   has a report. A checkpoint the trainer deletes (checkpoint.keep) before its turn is skipped with
   a message; anything else that fails stops the watcher with the error.
@@ -45,6 +48,28 @@ def pending(run_dir: Path, out: Path) -> list[tuple[int, Path]]:
     from vpmoe.train.checkpoint import list_checkpoints
 
     return [(step, path) for step, path in list_checkpoints(run_dir) if not _report_path(out, step).is_file()]
+
+
+def check_reports_match(out: Path, eval_kwargs: dict) -> None:
+    """Refuse a folder whose step reports were made with other result-changing settings."""
+    import inspect
+
+    from vpmoe.eval.cli import run_eval
+    from vpmoe.eval.report import options_differ
+
+    defaults = {k: p.default for k, p in inspect.signature(run_eval).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    wanted = {**defaults, **eval_kwargs}
+    for path in sorted(out.glob("step_*.json")):
+        try:
+            config = json.loads(path.read_text())["config"]
+        except (KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: not a vpmoe eval report ({e!r}); move it out of {out}") from None
+        differ = options_differ(config, wanted)
+        if differ:
+            raise UserError(f"{path}: made with other settings ("
+                            + ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+                            + f"); evaluate into another --out folder, or delete the reports in {out} to redo them")
 
 
 def collect_curves(out: Path) -> dict:
@@ -121,8 +146,10 @@ def evaluate_run(run_dir: str | Path, out: str | Path | None, watch: bool = Fals
     if not checkpoint_dir(run_dir).is_dir() and not watch:
         raise UserError(f"{run_dir}: no checkpoints/ folder; --every-checkpoint takes a training run directory")
     out.mkdir(parents=True, exist_ok=True)
+    check_reports_match(out, eval_kwargs)
     writer = None
     last = None
+    evaluated = []
     try:
         while True:
             for step, path in pending(run_dir, out):
@@ -134,6 +161,7 @@ def evaluate_run(run_dir: str | Path, out: str | Path | None, watch: bool = Fals
                         log(f"checkpoint step {step} was deleted before it could be evaluated; skipped")
                         continue
                     raise
+                evaluated.append(step)
                 writer = writer or _tensorboard(run_dir)
                 if writer is not None:
                     for name, value in report["summary"].items():
@@ -150,4 +178,4 @@ def evaluate_run(run_dir: str | Path, out: str | Path | None, watch: bool = Fals
     finally:
         if writer is not None:
             writer.close()
-    return write_curves(out)
+    return {**write_curves(out), "evaluated_now": evaluated}

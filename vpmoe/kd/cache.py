@@ -237,9 +237,11 @@ class ShardWriter:
         index = np.asarray(self.index, dtype=np.int64)
         idx_tmp = self.dir / f".{self.name}.kdi.tmp{os.getpid()}.npy"
         np.save(idx_tmp, index)
+        index_sha = hashlib.sha256(idx_tmp.read_bytes()).hexdigest()
         os.replace(idx_tmp, self.dir / f"{self.name}.kdi.npy")
         meta = {"name": self.name, "rows": len(self.index) - 1, "positions": int(index[-1, 1]),
-                "bytes": int(index[-1, 0]), "sha256": self.sha.hexdigest(), **(extra or {})}
+                "bytes": int(index[-1, 0]), "sha256": self.sha.hexdigest(), "index_sha256": index_sha,
+                **(extra or {})}
         write_json(self.dir / f"{self.name}.json", meta)
         return meta
 
@@ -378,10 +380,17 @@ def _append_label(ids, lps, label_lp, rest, labels):
 
 
 def verify_cache(path, full: bool = True, progress=None) -> dict:
-    """Check every shard (record, sizes, index, first/last row decode, sha256 when `full`)."""
+    """Check every shard (record, sizes, index consistency, first/last row decode; when `full`, the
+    sha256 of the data file and of the index file)."""
     cache = TeacherCache(path)
     positions = 0
     for shard in cache.shards:
+        kdi = cache.path / f"{shard.name}.kdi.npy"
+        steps = np.diff(shard.index[:, :2], axis=0)
+        if (steps < 0).any() or shard.index[0, :2].any() or int(shard.index[-1, 1]) != shard.meta["positions"]:
+            bad = int(np.flatnonzero((steps < 0).any(1))[0]) if (steps < 0).any() else 0
+            raise CacheError(f"{kdi}: index corrupt (row {bad}: offsets and positions must start at 0, never "
+                             f"decrease and end at the record's {shard.meta['positions']} positions)")
         if shard.rows:
             for i in {0, shard.rows - 1}:
                 shard.row(i)
@@ -389,6 +398,8 @@ def verify_cache(path, full: bool = True, progress=None) -> dict:
             digest = hashlib.sha256(np.asarray(shard.data).tobytes()).hexdigest()
             if digest != shard.meta["sha256"]:
                 raise CacheError(f"{cache.path / (shard.name + '.kdc')}: sha256 mismatch (corrupt shard)")
+            if "index_sha256" in shard.meta and hashlib.sha256(kdi.read_bytes()).hexdigest() != shard.meta["index_sha256"]:
+                raise CacheError(f"{kdi}: sha256 mismatch (corrupt index)")
         positions += shard.meta["positions"]
         if progress:
             progress(shard.name)

@@ -33,8 +33,11 @@ def cmd_score(args: argparse.Namespace) -> None:
     teacher = load_teacher_config(args.teacher)
     spec = from_dict(CacheSpec, {"top_k": args.top_k, "tail_samples": args.tail_samples, "codec": args.codec,
                                  "lp_bits": args.lp_bits if args.lp_bits else (5 if args.codec == "rice" else 8)})
-    summary = score(args.data, teacher, args.out, spec, split=args.split, rank=args.rank, world=args.world,
-                    progress=not args.quiet, seed=args.seed)
+    try:
+        summary = score(args.data, teacher, args.out, spec, split=args.split, rank=args.rank, world=args.world,
+                        progress=not args.quiet, seed=args.seed)
+    except KeyboardInterrupt:  # the shard in progress was discarded; finished ones stay
+        raise ConfigError(f"interrupted: the finished shards in {args.out} are kept; the same command resumes") from None
     print(json.dumps(summary))
 
 

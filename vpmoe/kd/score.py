@@ -10,7 +10,12 @@ Design choices:
 - Identity: the cache manifest records the teacher id and config, temperature, codec spec, the
   tokenizer sha256 and `data_split_hash` (sha256 over the split's shard names, row counts and
   file hashes, so it changes iff the scored tokens/masks could differ). Re-running into an
-  existing cache with any other identity is refused.
+  existing cache with any other identity is refused. The teacher's identity (`teacher_identity`)
+  is its id, backend and dtype, and for the hf backend a fingerprint of its weights (config.json
+  and sampled blocks of every weight file: a different checkpoint under the same name is caught,
+  a moved one is not refused), for vllm the served model name; output-neutral settings (batch
+  sizes, device, concurrency) may change between runs. It is computed before the manifest is
+  written, so a wrong teacher path leaves nothing behind.
 - Resume and work split: a shard is the unit. Finished shards (record present, sizes right) are
   skipped; with `--rank/--world` (or torchrun's RANK/WORLD_SIZE) each process scores the shards
   with index % world == rank. Every rank writes the same manifest (atomic, identical bytes).
@@ -31,6 +36,39 @@ from vpmoe.kd.cache import (MANIFEST, CacheError, CacheSpec, ShardWriter, check_
 from vpmoe.kd.teacher import TeacherConfig, make_teacher
 
 ROWS_PER_CALL_TOKENS = 65536  # rows are handed to the backend in groups of about this many tokens
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 16  # sampled per weight file: 16 blocks of 64 KiB
+
+
+def weights_fingerprint(path) -> str:
+    """sha256 over an HF model folder's config.json and, per weight file (name order), its name,
+    size and 16 evenly spaced 64 KiB blocks: cheap at any model size (~1 MiB read per file), and
+    two different checkpoints of one architecture differ in the sampled bytes."""
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise CacheError(f"{root}: teacher.path has no config.json (a Hugging Face model folder is expected)")
+    files = sorted(f for f in root.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise CacheError(f"{root}: teacher.path has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(FINGERPRINT_BLOCKS):
+                fh.seek(max(0, size - FINGERPRINT_BLOCK) * i // max(1, FINGERPRINT_BLOCKS - 1))
+                h.update(fh.read(FINGERPRINT_BLOCK))
+    return h.hexdigest()
+
+
+def teacher_identity(cfg: TeacherConfig) -> dict:
+    """What two runs writing into one cache must share (module docstring)."""
+    ident = {"id": cfg.teacher_id, "backend": cfg.backend, "dtype": cfg.dtype}
+    if cfg.backend == "hf":
+        ident["weights_fingerprint"] = weights_fingerprint(cfg.path)
+    else:
+        ident["model"] = cfg.model
+    return ident
 
 
 def data_manifest(data_dir) -> dict:
@@ -99,7 +137,7 @@ def score(data_dir, teacher_cfg: TeacherConfig, out, spec: CacheSpec, split: str
     if vocab != spec.vocab_size:
         raise CacheError(f"{data_dir}: data vocab {vocab} != cache vocab_size {spec.vocab_size}")
     teacher_meta = {"id": teacher_cfg.teacher_id, "backend": teacher_cfg.backend, "dtype": teacher_cfg.dtype,
-                    "config": asdict(teacher_cfg)}
+                    "config": asdict(teacher_cfg), "identity": teacher_identity(teacher_cfg)}
     manifest = new_manifest(spec, teacher_meta, teacher_cfg.temperature, tokenizer_sha(manifest_in),
                             data_split_hash(manifest_in, split), [(s["name"], s["rows"]) for s in shards])
     manifest["split"] = split
@@ -113,9 +151,13 @@ def score(data_dir, teacher_cfg: TeacherConfig, out, spec: CacheSpec, split: str
             if old.get(key) != manifest[key]:
                 raise CacheError(f"{out}: existing cache has another {key} ({old.get(key)!r} vs {manifest[key]!r}); "
                                  "use a new --out directory")
-        if old["teacher"]["id"] != teacher_meta["id"]:
-            raise CacheError(f"{out}: existing cache was scored by teacher {old['teacher']['id']!r}, "
-                             f"not {teacher_meta['id']!r}")
+        # caches written before the identity was recorded are checked by the teacher id alone
+        was = old["teacher"].get("identity", {"id": old["teacher"]["id"]})
+        differ = {k: (v, teacher_meta["identity"].get(k)) for k, v in was.items() if teacher_meta["identity"].get(k) != v}
+        if differ:
+            raise CacheError(f"{out}: existing cache was scored by another teacher ("
+                             + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+                             + "); score into a new --out directory")
         manifest["teacher"] = old["teacher"]  # keep the first run's record byte-identical
     write_json(out / MANIFEST, manifest)
     mine = [s for i, s in enumerate(shards) if i % world == rank]
