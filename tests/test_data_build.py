@@ -168,6 +168,30 @@ def test_malformed_rows_are_counted_by_reason(tmp_path):
     verify(tmp_path / "out")
 
 
+def test_schema_errors_and_nothing_kept_are_errors(tmp_path, capsys):
+    """A column absent from a whole file is named before anything is built; a build whose every
+    row is skipped (a whole column of another type; an empty file) writes no manifest and exits 2
+    with the skip counts, so nothing downstream mistakes it for a dataset."""
+    rows = sample_rows()[:3]
+    good = {k: [r[k] for r in rows] for k in ("row_id", "query", "synthetic_reasoning", "synthetic_answer")}
+    tmp_path.joinpath("in").mkdir()
+    cases = {"no_answer": {k: v for k, v in good.items() if k != "synthetic_answer"},
+             "int_query": dict(good, query=[1, 2, 3]),
+             "empty": {k: pa.array([], pa.string()) for k in good}}
+    for name, table in cases.items():
+        pq.write_table(pa.table(table), tmp_path / "in" / f"{name}.parquet")
+    expect = {"no_answer": "no_answer.parquet: missing column synthetic_answer (columns: row_id, query,",
+              "int_query": "no usable row in 3 (skipped: {'wrong_type': 3}; first: ",
+              "empty": "no usable row in 0 (the input is empty)"}
+    for name, message in expect.items():
+        out = tmp_path / f"out_{name}"
+        rc = main(["data", "build", "--input", str(tmp_path / "in" / f"{name}.parquet"), "--out", str(out),
+                   "--seq-len", "512", "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (name, err)
+        assert not (out / "manifest.json").exists()
+
+
 def test_strict_names_file_row_and_field(tmp_path, capsys):
     src = _bad_inputs(tmp_path / "src")
     rc = main(["data", "build", "--input", str(src), "--out", str(tmp_path / "out"), "--seq-len", "2048",

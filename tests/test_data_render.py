@@ -144,6 +144,17 @@ def test_render_cli_names_file_row_and_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{path}: row 1: field query: missing_field" in err
     assert not (tmp_path / "o.parquet").exists()
+    # outputs that would destroy something, or cannot be written: refused with the path named
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"synth_id": ["a"], "query": ["q"], "synthetic_reasoning": ["r"],
+                             "synthetic_answer": ["x"]}), good)
+    before = good.read_bytes()
+    assert main(["data", "render", str(good), "--out", str(good), "--quiet"]) == 2
+    assert "is the input file" in capsys.readouterr().err and good.read_bytes() == before
+    assert main(["data", "render", str(good), "--out", str(tmp_path), "--quiet"]) == 2
+    assert f"{tmp_path}: is a directory" in capsys.readouterr().err
+    assert main(["data", "build", "--input", str(good), "--out", str(good), "--seq-len", "512", "--quiet"]) == 2
+    assert f"File exists: '{good}'" in capsys.readouterr().err and good.read_bytes() == before
 
 
 def test_default_prompt_and_validation(tmp_path):

@@ -89,6 +89,14 @@ def test_subset_model_logits_are_the_full_models_renormalised(tmp_path):
     # an input id outside the subset has no embedding row: refused, naming the id and the model
     with pytest.raises(UserError, match=f"token id 7000 .*{path.name}|{path.name}.*token id 7000"):
         loaded.model(input_ids=torch.tensor([[1, 7000]]), use_cache=False)
+    # the export loaded bare reads compact ids: an o200k id says so (not an index error in the embedding)
+    from transformers import AutoModelForCausalLM
+    bare = AutoModelForCausalLM.from_pretrained(path).eval()
+    compact = subset.to_compact(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(bare(compact, use_cache=False).logits, got[..., kept], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"input id 200006 >= this model's vocab_size .*to_compact"):
+        bare(ids, use_cache=False)
 
 
 def test_eval_cli_on_a_subset_model(tmp_path, capsys):
@@ -115,3 +123,13 @@ def test_eval_cli_on_a_subset_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "is not in the vocab subset" in err and "vocabulary subset" in err
     assert not (tmp_path / "small.json").exists()
+    # under --suite all every suite the subset allows still runs; the others are recorded as skipped
+    code = main(["eval", str(small), "--suite", "all", "--bundle", str(shared_bundle()), "--max-per-task", "1",
+                 "--numeric-n", "7", "--format-n", "1", "--format-max-new-tokens", "4", "--out", str(tmp_path / "all.json")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    suites = json.loads((tmp_path / "all.json").read_text())["suites"]
+    assert "is not in the vocab subset" in suites["core8"]["skipped"] and "core8 skipped" in err
+    assert "outside the model's vocabulary subset" in suites["router"]["reason"]  # it ran, and says why it had no text
+    for name in ("format", "numeric"):  # built-in texts far outside a 300-id subset: skipped with the reason
+        assert "is not in the vocab subset" in suites[name]["skipped"], name

@@ -223,3 +223,14 @@ def test_auto_classes_know_vpmoe_whatever_the_import_order(order):
             "assert isinstance(AutoModelForCausalLM.from_config(cfg), VpMoEForCausalLM)\nprint('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_a_bad_command_line_override_is_named_as_one():
+    """`--set` keys are attributed to the command line, file keys to the file alone."""
+    from vpmoe.train.config import load_run_config
+
+    with pytest.raises(ConfigError, match=r"train_tiny.toml with --set train\.stpes: unknown key train\.stpes"):
+        load_run_config("configs/train_tiny.toml", ["train.steps=2", "train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"with --set train\.steps: .*train\.steps"):
+        load_run_config("configs/train_tiny.toml", ["train.steps='many'"])
+    assert load_run_config("configs/train_tiny.toml", ["train.steps=2"]).train.steps == 2

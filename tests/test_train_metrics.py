@@ -54,6 +54,25 @@ def test_progress_messages_stay_one_line_beside_the_bar():
     assert len(line) > 200 and line in proc.stdout.splitlines(), proc.stdout
 
 
+def test_progress_without_a_terminal_prints_plain_lines(capsys, monkeypatch):
+    """Output to a log file (no terminal): no live bar (it would draw only when stopped) but a plain
+    line with step, loss, tokens/s and ETA, at most every `plain_every_s` seconds, and always at
+    the last step; the ETA from this process's pace (resumed at step 10: 10 steps in 20 s)."""
+    from vpmoe.train import metrics
+
+    clock = iter([0.0, 20.0, 25.0, 100.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    p = metrics.Progress(40, 10, True, True, terminal=False, plain_every_s=30.0)
+    assert p.bar is None and p.plain
+    p.update(20, 2.5, 1234.0)  # t = 20: the first line
+    p.update(21, 2.4, 1300.0)  # t = 25: within 30 s of it, skipped
+    p.update(40, 2.0, 1400.0)  # the last step: printed whatever the time
+    p.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["step 20/40  loss 2.5000  1,234 tok/s  ETA 00:00:40",
+                     "step 40/40  loss 2.0000  1,400 tok/s  ETA 00:00:00"]
+
+
 def test_tensorboard_event_holds_every_scalar_of_the_record(tmp_path):
     """MetricsLogger writes one TensorBoard event per record: read back through TensorBoard's own
     reader, every finite number and every per-layer list element is there at its step; strings

@@ -364,7 +364,12 @@ def test_export_loads_with_automodel_and_matches_the_checkpoint(reference, tmp_p
     _, ref_dir = reference
     ckpt = latest_checkpoint(ref_dir)
     out = tmp_path / "hf"
+    (tmp_path / "hf.tmp").mkdir()  # a folder of the user's with the name an export might have used
+    (tmp_path / "hf.tmp" / "notes.txt").write_text("mine")
     assert main("export", str(ckpt), "--hf", str(out)) == 0
+    assert (tmp_path / "hf.tmp" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp"]  # no temporary left behind
+    assert out.stat().st_mode & 0o777 == 0o755
     register()
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     native = load_model_for_eval(ckpt)
@@ -405,9 +410,25 @@ def test_online_kd_from_the_teacher_itself_has_zero_divergence(reference, tmp_pa
     assert kd_first == pytest.approx(ref_last, rel=1e-6)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_second_ctrl_c_stops_at_once():
+    """Inside `stop_signals`: the first SIGINT is recorded like SIGTERM (the run stops after its
+    step, with a checkpoint), the second raises KeyboardInterrupt; outside, the old handler again."""
+    from vpmoe.train.signals import stop_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals() as got:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert got == [signal.SIGINT]
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_checkpoints_after_the_step_and_resumes(reference, tmp_path, signum):
-    """SIGTERM / SIGUSR1 mid-run: the step in flight finishes, a checkpoint is written at that step
+    """SIGTERM / SIGUSR1 / Ctrl-C mid-run: the step in flight finishes, a checkpoint is written at that step
     (whatever checkpoint.every says), the process exits 75 naming the step; --resume then gives
     the uninterrupted run's losses bit for bit."""
     cfg, ref_dir = reference

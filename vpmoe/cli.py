@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ConfigError, UserError, FileNotFoundError) as e:
+    # path mistakes (an output that is a file where a folder goes, or the reverse) are the user's too:
+    # Python's message names the path
+    except (ConfigError, UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:
         print(f"vpmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(result or 0)

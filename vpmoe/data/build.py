@@ -325,6 +325,12 @@ def build(input_spec, out: str | Path, seq_len: int, prompt_path: str | Path | N
                         + "; ".join(examples[:3]) + ". Remove the repeats, or build without --strict "
                         "(they are then kept and counted in the manifest)")
     manifest = assemble_manifest(cfg, described, ordered)
+    counts = manifest["counts"]
+    if not counts["rows_kept"]:  # no manifest: an empty dataset would only fail later, in training
+        reasons = {r: n for r, n in counts["rows_skipped"].items() if n}
+        raise DataError(f"{described.get('path', input_spec)}: no usable row in {counts['rows_in']} "
+                        + (f"(skipped: {reasons}; first: {next(iter(counts['skip_examples'].values()), '')})"
+                           if reasons else "(the input is empty)"))
     manifest["counts"]["duplicate_row_ids"] = extra
     manifest["counts"]["duplicate_examples"] = examples
     write_atomic(out / "manifest.json", [json.dumps(manifest, indent=1, sort_keys=True).encode()])

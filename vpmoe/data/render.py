@@ -313,6 +313,10 @@ def render_file(input_path: str | Path, out_path: str | Path, prompt: PromptConf
     input_path, out_path = Path(input_path), Path(out_path)
     if not input_path.is_file():
         raise DataError(f"{input_path}: input parquet not found")
+    if out_path.is_dir():
+        raise DataError(f"{out_path}: is a directory; --out names the rendered parquet file")
+    if out_path.exists() and out_path.samefile(input_path):
+        raise DataError(f"{out_path}: is the input file; rendering would replace the SYNTH rows with tokens")
     try:
         source = pq.ParquetFile(input_path)
     except (pa.ArrowException, OSError) as e:

@@ -68,9 +68,16 @@ class ParquetSource:
         self.files, self.rows = files, []
         for f in files:
             try:
-                self.rows.append(pq.ParquetFile(f).metadata.num_rows)
+                pf = pq.ParquetFile(f)
             except Exception as e:  # pyarrow raises several types for a bad footer
                 raise DataError(f"{f}: not a readable parquet file: {e}") from None
+            names = pf.schema_arrow.names  # a column absent from a whole file is a schema error, not row skips
+            if id_column(names) is None:
+                raise DataError(f"{f}: no id column (need one of {', '.join(ID_FIELDS)})")
+            for name in TEXT_FIELDS:
+                if name not in names:
+                    raise DataError(f"{f}: missing column {name} (columns: {', '.join(names)})")
+            self.rows.append(pf.metadata.num_rows)
 
     @property
     def total_rows(self) -> int:

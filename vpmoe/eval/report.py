@@ -61,7 +61,7 @@ def summarize(suites: dict) -> dict:
         put("format.analysis_tokens_mean", (fmt.get("analysis_tokens") or {}).get("mean"))
         put("format.final_tokens_mean", (fmt.get("final_tokens") or {}).get("mean"))
     num = suites.get("numeric") or {}
-    if num:
+    if num.get("copy"):  # (a skipped suite has only its reason)
         put("numeric.copy_exact_rate", num["copy"].get("exact_rate"))
         put("numeric.copy_token_accuracy", num["copy"].get("token_accuracy"))
         put("numeric.tokens_total", num["tokenization"].get("total_tokens"))
@@ -209,7 +209,7 @@ def plot_summary(report: dict, path: str | Path) -> None:
         ax2.bar(range(len(dead)), dead, alpha=0.3, color="tab:red", label="dead experts")
         ax.set_title(f"router: mean entropy {router['mean_entropy_norm']:.3f}, dead {router['dead_experts_total']}")
         ax.set_xlabel("MoE layer")
-    elif numeric:
+    elif numeric.get("copy"):
         kinds = list(numeric["copy"]["by_kind"])
         ax.bar(kinds, [numeric["copy"]["by_kind"][k]["exact_rate"] or 0.0 for k in kinds], color="tab:purple")
         ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)

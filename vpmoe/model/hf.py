@@ -102,6 +102,11 @@ class VpMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 past_key_values: KVCache | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, doc_ids: torch.Tensor | None = None,
                 logits_to_keep: int = 0, cache: KVCache | None = None, **kwargs) -> CausalLMOutputWithPast:
+        vocab = self.config.vocab_size
+        if vocab <= 200012 and input_ids.numel() and int(input_ids.max()) >= vocab:  # (a host read: subset models only)
+            raise ValueError(f"input id {int(input_ids.max())} >= this model's vocab_size {vocab}: it was trained on a "
+                             "vocabulary subset and reads compact ids; map o200k ids with "
+                             "vpmoe.data.vocab_subset.VocabSubset.find(MODEL_DIR).to_compact(ids)")
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache and not self.training:
             cache = self.model.new_cache(input_ids.shape[0])

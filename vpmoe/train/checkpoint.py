@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -381,15 +382,20 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"{out}: already exists; choose a new output directory")
     model = load_model_for_eval(checkpoint)
     register()
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf = to_hf(model)
-    hf.save_pretrained(str(tmp))
-    subset = resolve_checkpoint(checkpoint) / SUBSET_FILE
-    if subset.is_file():  # a model trained on a vocab subset reads and writes compact ids
-        shutil.copyfile(subset, tmp / SUBSET_FILE)
-    prov = read_provenance(resolve_checkpoint(checkpoint))
-    _write_json_atomic(tmp / "vpmoe_provenance.json", {k: v for k, v in prov.items() if k != "files"})
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh temporary name of our own beside OUT: nothing of the user's is ever removed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hf = to_hf(model)
+        hf.save_pretrained(str(tmp))
+        subset = resolve_checkpoint(checkpoint) / SUBSET_FILE
+        if subset.is_file():  # a model trained on a vocab subset reads and writes compact ids
+            shutil.copyfile(subset, tmp / SUBSET_FILE)
+        prov = read_provenance(resolve_checkpoint(checkpoint))
+        _write_json_atomic(tmp / "vpmoe_provenance.json", {k: v for k, v in prov.items() if k != "files"})
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out

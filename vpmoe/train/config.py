@@ -155,8 +155,9 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
             data["kd"][key] = _resolve_path(data["kd"][key], base)
     try:
         return from_dict(RunConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except ConfigError as e:  # a key that came from the command line is named as such
+        named = [k for k in (o.split("=", 1)[0].strip() for o in overrides or []) if k in str(e)]
+        raise ConfigError(f"{path}{f' with --set {named[0]}' if named else ''}: {e}") from None
 
 
 def run_config_dict(cfg: RunConfig) -> dict:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -187,11 +188,20 @@ class MetricsLogger:
 
 
 class Progress:
-    """A rich progress bar showing step, loss, tokens/s and ETA; messages print on rank 0 only."""
+    """A rich progress bar showing step, loss, tokens/s and ETA; messages print on rank 0 only.
+    Where stdout is not a terminal (nohup, a scheduler's log file) a live bar would draw only when
+    it stops, so a plain line with the same figures is printed every `plain_every_s` seconds and at
+    the last step instead."""
 
-    def __init__(self, total_steps: int, start_step: int, is_main: bool, show_bar: bool):
-        self.is_main, self.bar = is_main, None
+    def __init__(self, total_steps: int, start_step: int, is_main: bool, show_bar: bool,
+                 terminal: bool | None = None, plain_every_s: float = 30.0):
+        self.is_main, self.bar, self.plain = is_main, None, False
         if not (is_main and show_bar):
+            return
+        if not (sys.stdout.isatty() if terminal is None else terminal):
+            self.plain, self.total, self.every = True, total_steps, plain_every_s
+            self.since = (time.perf_counter(), start_step)  # the ETA's pace: this process's steps
+            self.last_line = -math.inf
             return
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
@@ -204,6 +214,17 @@ class Progress:
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+        elif self.plain:
+            now = time.perf_counter()
+            if now - self.last_line < self.every and step < self.total:
+                return
+            self.last_line = now
+            t0, step0 = self.since
+            rate = (step - step0) / max(now - t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else math.inf
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else \
+                (f"{eta / 86400:.1f} days" if math.isfinite(eta) else "?")
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  ETA {eta_text}", flush=True)
 
     def print(self, text: str) -> None:
         if self.bar is not None:  # unwrapped: a log line stays one line in a file (grep, bench/trainer_run.py)

@@ -2,11 +2,14 @@
 the trainer finishes the step in flight, agrees with the other ranks to stop after the same step,
 checkpoints, and raises `TrainingStopped` (`vpmoe train` exits 75; `--resume` continues).
 Cluster schedulers send SIGTERM (or SIGUSR1 ahead of a time limit) before they kill a job.
+Ctrl-C (SIGINT) is the same request from a terminal; a second Ctrl-C stops at once
+(KeyboardInterrupt, no checkpoint). Where SIGINT is ignored (a background job) it stays ignored.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 
@@ -27,8 +30,20 @@ def stop_signals():
         yield got
         return
     old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt(got))
     try:
         yield got
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def _interrupt(got: list[int]):
+    def handler(signum, frame):
+        if signal.SIGINT in got:  # the second Ctrl-C
+            raise KeyboardInterrupt
+        got.append(signum)
+        print("Ctrl-C: stopping after the step in flight, with a checkpoint (Ctrl-C again: stop now, "
+              "without one)", file=sys.stderr, flush=True)
+    return handler
