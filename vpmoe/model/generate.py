@@ -40,7 +40,8 @@ def generate(model: VpMoE, prompts: list[list[int]], max_new_tokens: int, stop_i
     was_training = model.training
     model.eval()
     cache = model.new_cache(B)
-    logits = model(ids, cache=cache, attention_mask=mask).logits[:, -1]
+    # the head on the last position only: the prompt's other logits would be [B, T, V] for nothing
+    logits = model.lm_head(model(ids, cache=cache, attention_mask=mask, return_hidden=True).hidden[:, -1])
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
@@ -58,9 +59,11 @@ def generate(model: VpMoE, prompts: list[list[int]], max_new_tokens: int, stop_i
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # the max subtracted first: the same distribution, and no inf - inf at a tiny temperature
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted probs whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[..., 0] = True  # the most likely token always (top_p = 0: greedy)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

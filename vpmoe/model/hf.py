@@ -95,8 +95,8 @@ class VpMoEForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids = input_ids[:, -new:]
             if attention_mask is not None:
                 attention_mask = attention_mask[:, -new:]
-        return {"input_ids": input_ids, CACHE_KEY: cache,
-                "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
+        return {"input_ids": input_ids, CACHE_KEY: cache, "attention_mask": attention_mask,
+                "use_cache": kwargs.get("use_cache", True), "logits_to_keep": kwargs.get("logits_to_keep", 0)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, labels: torch.Tensor | None = None,
@@ -108,6 +108,8 @@ class VpMoEForCausalLM(PreTrainedModel, GenerationMixin):
                              "vocabulary subset and reads compact ids; map o200k ids with "
                              "vpmoe.data.vocab_subset.VocabSubset.find(MODEL_DIR).to_compact(ids)")
         cache = cache if cache is not None else past_key_values
+        if cache is not None and attention_mask is not None and attention_mask.shape[1] > input_ids.shape[1]:
+            attention_mask = attention_mask[:, -input_ids.shape[1]:]  # HF's convention: the mask covers past + new
         if cache is None and use_cache and not self.training:
             cache = self.model.new_cache(input_ids.shape[0])
         out = self.model(input_ids, doc_ids=doc_ids, cache=cache, attention_mask=attention_mask,
@@ -116,13 +118,16 @@ class VpMoEForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.model.lm_head(hidden)
         loss = None
         if labels is not None:
-            shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            shift = logits[:, :-1].reshape(-1, logits.shape[-1])
+            shift = shift.float() if shift.dtype in (torch.bfloat16, torch.float16) else shift  # (never narrowed)
             loss = torch.nn.functional.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100)
-            loss = loss + out.aux_loss
+            if self.training:  # the balance term belongs to a training objective, not to an evaluation's loss
+                loss = loss + out.aux_loss
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache})
 
     def _reorder_cache(self, past_key_values, beam_idx):
-        past_key_values.reorder(beam_idx)
+        if past_key_values is not None:  # (beam search without a cache)
+            past_key_values.reorder(beam_idx)
         return past_key_values
 
 

@@ -148,7 +148,16 @@ def attention_reference(q, k, v, sinks, q_pos, k_pos, q_doc, k_doc, window: int 
 
 
 class KVCache:
-    """Per-layer keys (rotated), values (mixed), positions and doc ids for incremental decoding."""
+    """Per-layer keys (rotated), values (mixed), positions and doc ids for incremental decoding.
+
+    Local layers keep only what a later query can still see. Without padding inside the cache
+    (left padding of the first chunk only: batched generation) that is the last `window` slots;
+    once a padded slot sits after a real one (right padding, a padded chunk appended later) slots
+    and positions part ways, so the slots kept are those from the first one holding a key within
+    `window` positions of its row's next position (a host read per forward, in that case only).
+    Keys kept beyond that are harmless: attention masks by position and document."""
+
+    is_compileable = False  # (transformers' generate asks any cache it is handed)
 
     def __init__(self, cfg: ModelConfig, batch_size: int):
         self.cfg = cfg
@@ -156,6 +165,17 @@ class KVCache:
         self.layers: list[tuple | None] = [None] * cfg.n_layers
         self.next_pos: torch.Tensor | None = None  # [B] position of the next token per row
         self.seen = 0  # tokens fed so far (including padding)
+        self.inner_pad = False  # a padded slot after a real one somewhere (class docstring)
+        self._trim = (-1, 0)  # (seen, slots) of the last position-based trim: one per forward
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens fed so far (transformers' generate asks a cache it is handed back)."""
+        return self.seen
+
+    def note_mask(self, mask: torch.Tensor) -> None:
+        """Record whether this chunk's padding (mask 0) lands inside the cache (class docstring)."""
+        if not self.inner_pad:
+            self.inner_pad = bool((mask == 0).any()) if self.seen else bool((mask[:, :-1] > mask[:, 1:]).any())
 
     def update(self, layer: int, k, v, pos, doc):
         """Append new entries; return the full (k, v, pos, doc) to attend over; trim local layers."""
@@ -166,6 +186,12 @@ class KVCache:
             pos = torch.cat([old[2], pos], dim=1)
             doc = torch.cat([old[3], doc], dim=1)
         keep = None if self.cfg.is_global(layer) else self.cfg.window
+        if keep is not None and self.inner_pad:
+            if self._trim[0] != self.seen:  # every local layer holds the same positions and documents
+                needed = (doc >= 0) & (pos > self.next_pos[:, None] - keep)
+                first = torch.where(needed.any(1), needed.int().argmax(1), needed.shape[1])
+                self._trim = (self.seen, needed.shape[1] - int(first.min()))
+            keep = max(keep, self._trim[1])
         if keep is not None and k.shape[2] > keep:
             self.layers[layer] = (k[:, :, -keep:], v[:, :, -keep:], pos[:, -keep:], doc[:, -keep:])
         else:
@@ -472,6 +498,8 @@ class VpMoE(nn.Module):
             if doc_ids is not None:
                 raise ValueError("packed doc_ids are not supported with a KV cache (one document per row)")
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+            if attention_mask is not None:
+                cache.note_mask(mask)
             start = cache.next_pos if cache.next_pos is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
             positions = start[:, None] + mask.cumsum(1) - 1
             positions = positions.clamp(min=0)
