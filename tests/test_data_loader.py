@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.test_data_support import read_megatron, sample_dir
+from tests.test_train_helpers import synth_data  # noqa: F401  (a fixture)
 from vpmoe import tokenizer as tok
 from vpmoe.data import DataError
 from vpmoe.data.build import build
@@ -139,3 +140,27 @@ def test_damaged_shard_is_refused_naming_the_file(data_dir, tmp_path, damage):
     with pytest.raises(DataError) as e:
         DataLoader(copy, batch_size=2, verify_checksums=verify)
     assert str(victim) in str(e.value)
+
+
+@pytest.mark.parametrize("rows", [0, 7])
+def test_held_out_batches_cover_every_row_once_whatever_the_world_size(synth_data, rows):  # noqa: F811
+    """`eval_batches`: over the ranks, the real rows are the first `rows` valid rows (all when 0),
+    each once, and every rank yields as many micro-batches (a sharded forward needs them all),
+    padding with zero-weight batches; so the held-out sums do not depend on the world size."""
+    import dataclasses
+
+    from vpmoe.train.config import DataSection
+    from vpmoe.train.data import eval_batches
+
+    total = len(SplitData(synth_data, "valid")) if rows == 0 else rows
+    assert total >= 5
+    for world in (1, 2, 3, 4):
+        for mb in (1, 2, 3):
+            cfg = dataclasses.replace(DataSection(), path=str(synth_data), micro_batch_size=mb)
+            per_rank = [list(eval_batches(cfg, "valid", r, world, rows)) for r in range(world)]
+            assert len({len(b) for b in per_rank}) == 1, (world, mb)
+            seen = [int(i) for bs in per_rank for b in bs if b["loss_mask"].any()
+                    for i, m in zip(b["sample_index"], b["loss_mask"]) if m.any()]
+            assert sorted(seen) == list(range(total)), (world, mb)
+            padding = [b for bs in per_rank for b in bs if not b["loss_mask"].any()]
+            assert all(b["tokens"].shape[0] == 1 for b in padding)

@@ -144,7 +144,7 @@ def test_refusals_and_truncation_named(world, tmp_path):
     other = CacheSpec(top_k=K + 1)
     with pytest.raises(CacheError, match="another spec"):
         score(root / "data", world["tcfg"], root / "cache", other, progress=False)
-    with pytest.raises(CacheError, match="data manifest.*the training data has bogus"):
+    with pytest.raises(CacheError, match="data manifest.*the data given has bogus"):
         TeacherCache(root / "cache", data_hash="bogus")
     import shutil
 
@@ -238,7 +238,7 @@ def test_objective_offline_on_loader_batches(world):
     pq.write_table(pa.Table.from_pylist([{"synth_id": "x", "query": "q", "synthetic_reasoning": "r r",
                                           "synthetic_answer": "a"}]), world["root"] / "other.parquet")
     build(world["root"] / "other.parquet", other, seq_len=256, valid_fraction=0.0, progress=False)
-    with pytest.raises(CacheError, match="another data manifest: cache has data_manifest_hash=.*, the training"):
+    with pytest.raises(CacheError, match="another data manifest: cache has data_manifest_hash=.*, the data given"):
         KDObjective(cfg, data_dir=other)
 
 
@@ -353,3 +353,52 @@ def test_trainer_graph_batches_and_loss_match_eager(world, tmp_path):
             torch.testing.assert_close(packed, pack_stats(stats), rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-7)
+
+
+def test_offline_kd_on_a_vocabulary_subset_trains_where_cached_ids_fall_outside_it(world, tmp_path, capsys):
+    """The tiny random teacher's top-k ids are spread over all 201,088 ids, so on the data's own
+    vocabulary subset many positions keep none of them: those take their label as the one known
+    id (`compact_sparse_target`), and offline KD trains (it stopped with a traceback before). KD
+    and CE steps alternate: only KD steps log teacher figures, and `vpmoe report` plots the CE."""
+    import json
+
+    from tests.test_train_helpers import TEST_MODEL, TEST_RUN
+    from vpmoe.kd.objective import is_kd_step
+    from vpmoe.train.config import load_run_config
+    from vpmoe.train.trainer import Trainer
+
+    text = (TEST_MODEL.replace("max_seq_len = 192", "max_seq_len = 256")
+            + TEST_RUN.format(data=world["root"] / "data", run_dir=tmp_path / "run", steps=4)
+            .replace("seq_len = 192", "seq_len = 256")
+            + f'\n[kd]\nmode = "offline"\ncache = "{world["root"] / "cache"}"\nkd_fraction = 0.5\n'
+              '[kd.loss]\ntemperature = 1.0\n')  # a partial loss table: the kind stays the KD default, fkl
+    (tmp_path / "run.toml").write_text(text)
+    cfg = load_run_config(tmp_path / "run.toml", ['data.vocab_subset="auto"', "train.eval_every=0"])
+    tr = Trainer(cfg)
+    assert tr.objective.cfg.loss.kind == "fkl"
+    assert tr.subset is not None and len(tr.subset) < 5000
+    kd_steps = [int(is_kd_step(tr.objective.cfg, s)) for s in range(4)]
+    assert 0 < sum(kd_steps) < 4  # both kinds of step in this run
+    tr.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "kd_step" in r]
+    assert [r["kd_step"] for r in steps] == kd_steps
+    for r in steps:  # CE steps carry no teacher figures (a 0.0 log-prob would read as probability 1)
+        assert math.isfinite(r["loss"]) and r["ce/reasoning"] > 0
+        assert ("kl/reasoning" in r) == bool(r["kd_step"]) and ("teacher_logp/final" in r) == bool(r["kd_step"])
+        assert not r["kd_step"] or (r["kl/reasoning"] >= 0 and r["teacher_logp/reasoning"] < 0)
+    # the report: the train CE as the curve, the teacher figures over the KD steps
+    from vpmoe.train.report import write_report
+    summary = write_report(tmp_path / "run").read_text()
+    assert "| ce/reasoning |" in summary and "| kl/reasoning (KD steps) |" in summary
+    assert "| loss |" not in summary and (tmp_path / "run" / "report" / "kd.png").is_file()
+    # a resume that changes the KD settings says so, as for the optimizer's
+    capsys.readouterr()
+    more = load_run_config(tmp_path / "run.toml", ['data.vocab_subset="auto"', "train.eval_every=0",
+                                                   "train.steps=5", "kd.kd_fraction=1.0"])
+    Trainer(more, resume=True).run()
+    assert "kd settings changed since the checkpoint: kd_fraction 0.5 -> 1.0" in capsys.readouterr().out
+    # a cache problem met by `vpmoe train` is one line and exit 2, like any configuration error
+    code = vpmoe_main(["train", str(tmp_path / "run.toml"), "--run-dir", str(tmp_path / "other"),
+                       "--set", f'kd.cache="{tmp_path / "no_cache"}"'])
+    assert code == 2 and "no_cache/manifest.json: teacher cache manifest not found" in capsys.readouterr().err

@@ -155,11 +155,17 @@ def test_divergence_stops_with_last_good_checkpoint(synth_data, tmp_path, capsys
                 "--set", "schedule.warmup_steps=0", "--set", "optim.grad_clip=0.0")
     err = capsys.readouterr().err
     assert code == 3, err
-    assert "not finite" in err and "last good one" in err
     latest = latest_checkpoint(tmp_path / "nan")
     assert latest is not None and latest.name == "step_000001"
+    assert "not finite" in err and f"{latest} is the last good checkpoint" in err
     assert verify_checkpoint(latest)["step"] == 1
     assert not list((tmp_path / "nan" / "checkpoints").glob("*.tmp"))
+    # diverging before any checkpoint: said as such (no folder named that does not exist)
+    cfg = write_config(tmp_path / "run2.toml", synth_data, tmp_path / "nan2", steps=4)
+    code = main("train", str(cfg), "--set", "checkpoint.every=100", "--set", "optim.adamw_lr=1e30",
+                "--set", "schedule.warmup_steps=0", "--set", "optim.grad_clip=0.0")
+    err = capsys.readouterr().err
+    assert code == 3 and "No checkpoint was written before it." in err, err
 
 
 def test_each_step_is_read_after_the_next_is_queued(synth_data, tmp_path, monkeypatch):  # noqa: F811

@@ -68,3 +68,26 @@ def test_compact_sparse_target_folds_mass_outside_the_subset():
     assert pairs == [{(1, 0.5), (0, 0.1)}, {(2, 0.4)}]  # compact ids keep their probabilities
     assert (out.ids[:, 0] >= 0).all()  # slot 0 stays a known id (row 2: 9 moved there)
     torch.testing.assert_close(out.rest_logmass.exp(), torch.tensor([0.4, 0.6]))  # + the dropped mass
+
+
+def test_compact_sparse_target_position_with_no_known_id_in_the_subset_takes_its_label():
+    """A position whose every cached id falls outside the subset: its label (in the subset) becomes
+    its one known id with the teacher's label log-prob, and that mass leaves the rest bucket, so the
+    teacher's distribution over (known ids, rest) still sums to 1; without labels: an actionable error."""
+    from vpmoe.kd.losses import SparseTarget
+    from vpmoe.kd.objective import compact_sparse_target
+
+    sub = VocabSubset([2, 5, 9, 199999], 201088)
+    ids = torch.tensor([[5, 7, 2], [8, 7, 3]])  # row 1: 8, 7 and 3 are all outside the subset
+    lps = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.2, 0.1]]))
+    rest = torch.log(torch.tensor([0.2, 0.4]))
+    label_lp = torch.log(torch.tensor([0.5, 0.15]))  # row 1's label (9) holds 0.15 of the rest's 0.4
+    target = SparseTarget(ids, lps, rest, label_lp)
+    out = compact_sparse_target(target, sub, labels=torch.tensor([5, 9]))
+    assert int(out.ids[1, 0]) == 2 and (out.ids[1, 1:] < 0).all()  # 9 is compact id 2
+    torch.testing.assert_close(out.logprobs[1, 0].exp(), torch.tensor(0.15))
+    torch.testing.assert_close(out.rest_logmass.exp(), torch.tensor([0.4, 0.3 + 0.2 + 0.1 + 0.4 - 0.15]))
+    known = torch.where(out.ids >= 0, out.logprobs.exp(), torch.zeros(()))
+    torch.testing.assert_close(known.sum(1) + out.rest_logmass.exp(), torch.ones(2))
+    with pytest.raises(ValueError, match="kd.include_label = true"):
+        compact_sparse_target(target, sub)

@@ -155,6 +155,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def settings_changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key old -> new' for every leaf of two nested settings dicts that differs (a resumed run's
+    record of what it changed)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_changed(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
 def _require(cond: bool, name: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{name}: {message}")

@@ -315,7 +315,7 @@ def check_hashes(manifest: dict, where, tokenizer_sha: str | None, data_hash: st
                               ("data_manifest_hash", data_hash, "data manifest")):
         if expect is not None and manifest.get(key) != expect:
             raise CacheError(f"{where}: teacher cache was built for another {what}: cache has "
-                             f"{key}={manifest.get(key)}, the training data has {expect}")
+                             f"{key}={manifest.get(key)}, the data given has {expect}")
 
 
 class TeacherCache:

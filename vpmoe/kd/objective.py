@@ -36,7 +36,7 @@ import torch
 
 from vpmoe.config import ConfigError
 from vpmoe.kd.fused import fused_span_loss
-from vpmoe.kd.losses import DenseTarget, LossSpec, SparseTarget
+from vpmoe.kd.losses import TEACHER_LOGP_FLOOR, DenseTarget, LossSpec, SparseTarget
 
 
 @dataclass
@@ -99,7 +99,9 @@ class KDObjective:
             t_sha = None if self.teacher.subset is None else self.teacher.subset.sha256
             s_sha = None if subset is None else subset.sha256
             if t_sha != s_sha:  # dense targets compare logits row by row: one vocabulary for both
-                raise ConfigError(f"{cfg.teacher}: teacher vocab subset {t_sha} != student vocab subset {s_sha}")
+                raise ConfigError(f"{cfg.teacher}: teacher vocab subset {t_sha} != student vocab subset {s_sha} (online KD "
+                                  "compares whole distributions: give both one vocabulary, e.g. the full one for the "
+                                  "student with --set data.vocab_subset='\"\"')")
 
     def __call__(self, hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict, step: int,
                  w_r: float = 1.0, w_f: float = 1.0, span_token_counts: torch.Tensor | None = None,
@@ -166,7 +168,8 @@ class KDObjective:
             keep = torch.nonzero((span > 0).reshape(-1)).squeeze(1)
             target = SparseTarget(batch["kd_ids"][keep], batch["kd_logprobs"][keep], batch["kd_rest"][keep],
                                   batch["kd_label_logprob"][keep])
-            return target if self.subset is None else compact_sparse_target(target, self.subset)
+            return target if self.subset is None else \
+                compact_sparse_target(target, self.subset, batch["labels"].reshape(-1)[keep])
         if self.cache is not None:
             labels = batch["labels"] if self.cfg.include_label else None
             target = self.cache.batch_target(batch["sample_index"], mask,
@@ -175,7 +178,8 @@ class KDObjective:
                                              include_label=self.cfg.include_label, label_ids=labels)
             keep = torch.nonzero(span[mask] > 0).squeeze(1).to(target.ids.device)
             target = target.select(keep)
-            return target if self.subset is None else compact_sparse_target(target, self.subset)
+            return target if self.subset is None else \
+                compact_sparse_target(target, self.subset, batch["labels"][mask].to(keep.device)[keep])
         return self._online_target(batch, span)
 
     @torch.no_grad()
@@ -197,9 +201,12 @@ class KDObjective:
         return DenseTarget(hidden=hidden.to(batch["tokens"].device), head_weight=self.teacher.head.weight)
 
 
-def compact_sparse_target(target: SparseTarget, subset) -> SparseTarget:
+def compact_sparse_target(target: SparseTarget, subset, labels: torch.Tensor | None = None) -> SparseTarget:
     """Map a cached target's full-vocabulary ids to the subset's compact ids; known ids outside the
-    subset become padding slots and their teacher mass joins the rest mass."""
+    subset become padding slots and their teacher mass joins the rest mass. A position none of whose
+    known ids is in the subset gets its label (`labels`, full ids, one per row; always in a subset
+    built from the data) as its one known id, the label's teacher log-prob taken off the rest mass
+    (as `kd.include_label` does for every position)."""
     ids = subset.to_compact(target.ids, missing=-1)
     dropped = (ids < 0) & (target.ids >= 0)
     if dropped.any():
@@ -209,9 +216,26 @@ def compact_sparse_target(target: SparseTarget, subset) -> SparseTarget:
         if slot0_lost.any():  # slot 0 must stay valid: move the first surviving id there
             order = torch.argsort((ids < 0).to(torch.int8), dim=1, stable=True)
             ids, lps = ids.gather(1, order), target.logprobs.gather(1, order)
-            if (ids[:, 0] < 0).any():
-                raise ValueError("a cached position has no known id inside the vocab subset")
+            empty = ids[:, 0] < 0
+            if empty.any():
+                ids, lps, rest = _label_for_empty(ids, lps, rest, empty, target.label_logprob, labels, subset)
         else:
             lps = target.logprobs
         return SparseTarget(ids, lps, rest, target.label_logprob)
     return SparseTarget(ids, target.logprobs, target.rest_logmass, target.label_logprob)
+
+
+def _label_for_empty(ids, lps, rest, empty, label_lp, labels, subset):
+    """`compact_sparse_target`'s rows with no known id left: the label becomes slot 0."""
+    compact = None if labels is None or label_lp is None else subset.to_compact(labels.to(ids.device), missing=-1)
+    if compact is None or (compact[empty] < 0).any():
+        raise ValueError("a cached position has no known id inside the vocab subset, and its label is unknown "
+                         "or outside it too: set kd.include_label = true, or data.vocab_subset = \"\" (full vocabulary)")
+    ids, lps, rest = ids.clone(), lps.clone(), rest.clone()
+    lab = label_lp.to(ids.device).double()
+    ids[empty, 0] = compact[empty]
+    lps[empty, 0] = lab[empty].to(lps.dtype)
+    r = rest[empty].double()  # the label's mass was in the rest bucket (outside every surviving id)
+    kept = -torch.expm1(torch.clamp(lab[empty] - r, max=0.0))  # 1 - exp(label - rest)
+    rest[empty] = (r + torch.log(kept.clamp_min(1e-30))).clamp_min(TEACHER_LOGP_FLOOR).to(rest.dtype)
+    return ids, lps, rest

@@ -25,6 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from vpmoe.data import DataError
+    from vpmoe.kd import KDError
     from vpmoe.train.config import load_run_config
     from vpmoe.train.parallel import shutdown_distributed
     from vpmoe.train.signals import TrainingStopped
@@ -50,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except TrainingStopped as e:
             print(f"vpmoe train: {e}", file=sys.stderr)
             return 75
-        except DataError as e:  # bad or corrupt data on disk: the message names the file
+        except (DataError, KDError) as e:  # bad or corrupt data or teacher cache: the message names the file
             raise ConfigError(str(e)) from None
     finally:
         shutdown_distributed()

@@ -153,6 +153,9 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     for key in ("cache", "teacher"):
         if "kd" in data and isinstance(data["kd"].get(key), str):
             data["kd"][key] = _resolve_path(data["kd"][key], base)
+    kd_loss = data.get("kd", {}).get("loss") if isinstance(data.get("kd"), dict) else None
+    if isinstance(kd_loss, dict):  # a partial [kd.loss] table keeps the KD default kind (LossSpec's own is "ce")
+        kd_loss.setdefault("kind", "fkl")
     try:
         return from_dict(RunConfig, data)
     except ConfigError as e:  # a key that came from the command line is named as such

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from vpmoe.config import ConfigError
 from vpmoe.data.loader import DataLoader, SplitData, read_manifest
 from vpmoe.data.vocab_subset import VocabSubset
@@ -56,12 +58,21 @@ def check_seq_len(data_cfg) -> None:
 
 
 def eval_batches(data_cfg, split: str, rank: int, world: int, rows: int):
-    """This rank's micro-batches of the first `rows` rows of `split` (all rows when 0)."""
+    """This rank's micro-batches of the first `rows` rows of `split` (all rows when 0: row i on rank
+    i % world). Every rank yields as many as the busiest one, so each row is evaluated whatever the
+    world size (a sharded forward needs every rank): a rank out of rows yields a zero-weight batch
+    (row 0 with its loss mask cleared)."""
     data = SplitData(data_cfg.path, split)
     total = len(data) if rows == 0 else min(rows, len(data))
-    mine = list(range(rank, total, world))
-    for i in range(0, len(mine), data_cfg.micro_batch_size):
-        yield data.batch(mine[i:i + data_cfg.micro_batch_size])
+    mine, mb = list(range(rank, total, world)), data_cfg.micro_batch_size
+    busiest = -(-total // world)  # rank 0's row count
+    for i in range(0, busiest, mb):
+        if i < len(mine):
+            yield data.batch(mine[i:i + mb])
+        else:
+            batch = data.batch([0])
+            batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+            yield batch
 
 
 def resolve_vocab_subset(data_cfg) -> VocabSubset | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,10 @@ def shard_model(model: nn.Module, ds: DistState, cfg: ParallelConfig) -> nn.Modu
     """
     if ds.dp_mesh is None or cfg.data_parallel == "replicate":
         return model
+    # A block returns the first layer's values as a view of its projection, and FSDP2 warns that an
+    # in-place op on a view output could break backward; nothing modifies a block's outputs in
+    # place (the residual stream is updated out of place), and 1 rank = N ranks is tested.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     ignored: set[nn.Parameter] = set(scalar_params(model))
     if ds.ep_mesh is not None:
         for moe in model.moe_layers():

@@ -5,8 +5,9 @@ Design choices:
   report can be made while the run is going, after it died, or on another machine.
 - When a step was logged twice (a run resumed after being killed), the last record wins.
 - Plots (matplotlib, Agg backend, into `RUN/report/`): loss per span with the held-out loss per
-  span on the same axes; lr and grad norm; tokens/s and MFU; router health (aux loss, load
-  entropy, dead experts); the expert-load heatmap (layer x expert, share of the layer's tokens,
+  span on the same axes (a KD run: the train CE, which every step logs, since its objective
+  alternates between KD and CE steps; its KL and teacher log-prob over the KD steps in `kd.png`);
+  lr and grad norm; tokens/s and MFU; router health (aux loss, load entropy, dead experts); the expert-load heatmap (layer x expert, share of the layer's tokens,
   latest logged step) and the per-layer load entropy over steps. Every file is written under a
   temporary name and renamed.
 """
@@ -86,10 +87,21 @@ def write_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     made = []
     spans = ("reasoning", "final")
-    loss_series = [(f"train {s}", "-", *_by_step(records, f"loss/{s}")) for s in spans]
+    # a KD run's objective alternates between KD and CE steps: its train curve is the CE, which
+    # every step logs, and the teacher figures get their own plot over the KD steps
+    kd_run = any("kd_step" in r for r in records)
+    train_key = "ce" if kd_run else "loss"
+    loss_series = [(f"train {'CE' if kd_run else ''} {s}".replace("  ", " "), "-", *_by_step(records, f"{train_key}/{s}"))
+                   for s in spans]
     loss_series += [(f"held-out {s}", "o--", *_by_step(records, f"valid/loss/{s}")) for s in spans]
-    if _plot_lines(plt, out / "loss.png", "loss per span (train and held-out)", loss_series, "nats/token"):
+    if _plot_lines(plt, out / "loss.png", f"{'CE' if kd_run else 'loss'} per span (train and held-out)", loss_series,
+                   "nats/token"):
         made.append("loss.png")
+    kd_records = [r for r in records if r.get("kd_step") == 1]
+    if kd_run and _plot_lines(plt, out / "kd.png", "KD steps: KL to the teacher and the teacher's log-prob of the label",
+                              [(f"{key} {s}", "-", *_by_step(kd_records, f"{key}/{s}"))
+                               for key in ("kl", "teacher_logp") for s in spans], "nats/token"):
+        made.append("kd.png")
     if _plot_lines(plt, out / "lr_gradnorm.png", "learning rate and grad norm",
                    [("lr", "-", *_by_step(records, "lr")), ("grad norm", "-", *_by_step(records, "grad_norm"))],
                    log_y=True):
@@ -151,9 +163,17 @@ def _summary(run_dir: Path, records: list[dict], images: list[str]) -> str:
              f"experts={model.get('n_experts')} top-{model.get('top_k')}",
              f"- median tokens/s: {_fmt(float(np.median(tps)) if tps else None)}; last MFU: {_fmt(last('mfu'))}", "",
              "| quantity | first | last |", "|---|---|---|"]
-    for key in ("loss", "loss/reasoning", "loss/final", "valid/loss", "valid/loss/reasoning", "valid/loss/final",
+    kd_run = any("kd_step" in r for r in records)  # its "loss" is KD on some steps, CE on others: not a curve
+    train = ("ce/reasoning", "ce/final") if kd_run else ("loss", "loss/reasoning", "loss/final")
+    for key in (*train, "valid/loss", "valid/loss/reasoning", "valid/loss/final",
                 "aux_loss", "grad_norm", "router/entropy_min", "router/dead_experts"):
         lines.append(f"| {key} | {_fmt(first(key))} | {_fmt(last(key))} |")
+    if kd_run:
+        kd_records = [r for r in records if r.get("kd_step") == 1]
+        for key in ("kl/reasoning", "kl/final", "teacher_logp/reasoning", "teacher_logp/final"):
+            values = _by_step(kd_records, key)[1]
+            lines.append(f"| {key} (KD steps) | {_fmt(values[0] if values else None)} | "
+                         f"{_fmt(values[-1] if values else None)} |")
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
     curves_path = run_dir / "eval" / "curves.json"
     curves = json.loads(curves_path.read_text()) if curves_path.is_file() else {"steps": []}

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vpmoe.config import ConfigError, checkpointed_blocks, config_hash
+from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, settings_changed
 from vpmoe.kd.losses import count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
@@ -375,8 +375,10 @@ class Trainer:
             self._diverged(f"gradient norm is not finite ({gnorm})", launched.step)
         if self.kd_mode != "none":  # kd / kl / teacher log-prob per span, and whether this was a KD step
             stats = unpack_stats(stats_host[:-1])
-            report.update({k: v for k, v in span_means(stats).items() if not k.startswith("loss/")})
-            report["kd_step"] = int(is_kd_step(self.objective.cfg, launched.step - 1))
+            kd_step = is_kd_step(self.objective.cfg, launched.step - 1)  # a CE step has no teacher figures
+            report.update({k: v for k, v in span_means(stats).items()
+                           if k.startswith("ce/") or (kd_step and not k.startswith("loss/"))})
+            report["kd_step"] = int(kd_step)
         report.update({"aux_loss": float(stats_host[-1]), "grad_norm": gnorm, "lr": launched.lr,
                        "rows": launched.rows, "tokens_step": launched.rows * self.cfg.data.seq_len})
         report["_load"] = load
@@ -445,8 +447,11 @@ class Trainer:
         return gnorm
 
     def _diverged(self, what: str, step: int) -> None:
-        raise TrainingDiverged(f"step {step}: {what}; stopping. The newest checkpoint in "
-                               f"{ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
+        raise TrainingDiverged(f"step {step}: {what}; stopping. {self._last_good()}")
+
+    def _last_good(self) -> str:
+        newest = ckpt.latest_checkpoint(self.run_dir)
+        return "No checkpoint was written before it." if newest is None else f"{newest} is the last good checkpoint."
 
     # ------------------------------------------------------------------------------ evaluation
 
@@ -494,8 +499,7 @@ class Trainer:
     def save(self) -> Path:
         if self.replicate and not replicas_agree(self.params, self.ds):  # DCP would keep one rank's copy
             raise RuntimeError(f"step {self.step}: the ranks' weights differ (parallel.data_parallel = replicate "
-                               "keeps them equal only if every rank computes the same update); nothing saved. "
-                               f"The newest checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is the last good one.")
+                               f"keeps them equal only if every rank computes the same update); nothing saved. {self._last_good()}")
         trainer_state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed}
         rank_state = {"rng": ckpt.rng_state(), "loader": self._loader_state}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, trainer_state,
@@ -556,6 +560,9 @@ class Trainer:
                     if self.optimizer.changed_on_load:  # the config's settings are used: say which differ
                         progress.print("optimizer settings changed since the checkpoint: "
                                        + "; ".join(self.optimizer.changed_on_load))
+                    if kd_changed := settings_changed(ckpt.read_provenance(self.start_ckpt)["config"].get("kd", {}),
+                                                      run_config_dict(cfg)["kd"]):
+                        progress.print("kd settings changed since the checkpoint: " + "; ".join(kd_changed))
                 elif self.step == 0 and cfg.train.eval_every:  # the baseline of the held-out curve
                     last_eval = self.evaluate()
                     self.metrics.log(0, last_eval)
