@@ -145,6 +145,22 @@ def test_fetch_bundle_checks_sha256_then_unpacks(tmp_path):
     with pytest.raises(UserError, match="outside"):
         B.fetch_bundle(str(tmp_path / "evil_out"), sha256=evil_digest, zip_path=str(evil))
     assert not (tmp_path / "evil_out").exists() and not (tmp_path / "escape.txt").exists()
+    # corrupt compressed data inside a readable zip directory: the same one-line refusal
+    deflated = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as zf:
+        for info in src.infolist():
+            zf.writestr(info.filename, src.read(info))
+    data = bytearray(deflated.read_bytes())
+    with zipfile.ZipFile(deflated) as zf:
+        first = max(zf.infolist(), key=lambda i: i.compress_size)
+    assert first.compress_type == zipfile.ZIP_DEFLATED and first.compress_size > 40
+    start = first.header_offset + 30 + len(first.filename.encode())  # past the local header
+    for i in range(start + 2, start + first.compress_size - 2):
+        data[i] ^= 0x5A
+    (tmp_path / "flip.zip").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="flip.zip: not a valid zip"):
+        B.fetch_bundle(str(tmp_path / "flip_out"), sha256=None, zip_path=str(tmp_path / "flip.zip"))
+    assert not (tmp_path / "flip_out").exists() and not list(tmp_path.glob(".bundle-*"))
 
 
 def test_fetch_bundle_without_network_is_a_clear_error(tmp_path):

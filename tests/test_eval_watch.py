@@ -63,5 +63,6 @@ def test_watch_follows_a_run_to_its_last_step(synth_data, tmp_path):  # noqa: F8
         if watcher.poll() is None:
             watcher.kill()
     assert watcher.returncode == 0, err[-3000:]
+    assert "waiting for checkpoints in" in err and "Ctrl-C ends the watch" in err  # a silent wait looked hung
     assert sorted(p.name for p in (run / "eval").glob("step_*.json")) == ["step_000002.json", "step_000004.json"]
     assert json.loads((run / "eval" / "curves.json").read_text())["steps"] == [2, 4]

@@ -76,9 +76,22 @@ class Stub:
                 if action == "sleep":
                     threading.Event().wait(1.0)
                     action = "ok"  # too late: the client has timed out
+                if action == "cut":  # a body shorter than its Content-Length: the client's IncompleteRead
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": [')
+                    self.close_connection = True
+                    return
                 if isinstance(action, int):
                     payload = json.dumps({"object": "error", "message": f"injected {action}"}).encode()
                     self.send_response(action)
+                elif action in ("binary", "list", "nolp"):
+                    payload = {"binary": b"\xff\xfe\x00\xd8 not text", "list": b"[]",
+                               "nolp": json.dumps({"choices": [
+                                   {"index": i, "prompt_logprobs": [None] + [{"5": {"rank": 1}}] * (len(p) - 1)}
+                                   for i, p in enumerate(body["prompt"])]}).encode()}[action]
+                    self.send_response(200)
                 else:
                     if self.path != "/v1/completions":
                         self.send_response(404)
@@ -250,3 +263,26 @@ def test_score_job_with_vllm_backend(stub, tmp_path):
         top = lp.topk(8)
         assert target.ids[r].tolist() == top.indices.tolist()  # fixed codec keeps rank order
         np.testing.assert_allclose(target.logprobs[r].numpy(), top.values.numpy(), atol=0.05)
+
+
+def test_cut_and_undecodable_replies_are_retried_malformed_ones_named(stub):
+    """A body cut short (IncompleteRead) and one that is not text are transport failures: retried.
+    A reply of the wrong shape (a JSON list; entries without log-probs) is named, not a traceback."""
+    server = stub(["cut", "binary"])
+    docs = random_docs(1, seed=2)
+    check_scores(docs, client(server.url).score_docs(docs), 8)
+    assert len(server.requests) == 3
+    with pytest.raises(TeacherError, match="not a completions object with a 'choices' list"):
+        client(stub(["list"]).url).score_docs(random_docs(1))
+    with pytest.raises(TeacherError, match="malformed prompt log-probs at position .*KeyError"):
+        client(stub(["nolp"]).url).score_docs(random_docs(1))
+
+
+def test_a_failed_request_cancels_the_queued_ones(stub):
+    """One request fails for good (HTTP 400): the requests still queued are never sent (before, every
+    queued request and its retries ran before the error surfaced; with Ctrl-C the same path stops
+    the job at once)."""
+    server = stub([400])
+    with pytest.raises(TeacherError, match="HTTP 400"):
+        client(server.url, docs_per_request=1, concurrency=1).score_docs(random_docs(6))
+    assert len(server.requests) == 1

@@ -196,8 +196,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   ppl_max_rows=args.ppl_max_rows, details=args.details)
     if args.every_checkpoint:
         from vpmoe.eval.watch import evaluate_run
-        curves = evaluate_run(args.model, args.out, watch=args.watch, poll_seconds=args.poll_seconds, log=log,
-                              **kwargs)
+        try:
+            curves = evaluate_run(args.model, args.out, watch=args.watch, poll_seconds=args.poll_seconds, log=log,
+                                  **kwargs)
+        except KeyboardInterrupt:  # reports are written under temporary names: the finished ones are whole
+            raise UserError("interrupted: the reports written so far are kept; the same command continues") from None
         log(f"evaluated now: steps {curves['evaluated_now']}; reports for steps {curves['steps']}")
         return 0
     report = run_eval(args.model, out=args.out, png=args.png, **kwargs)

@@ -44,6 +44,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def safe_extract(archive: Path, into: Path) -> None:
         for member in zf.namelist():
             dest = (into / member).resolve()
             if dest != root and root not in dest.parents:
-                raise UserError(f"{archive}: member {member!r} would unpack outside {into}; refusing")
+                raise UserError(f"{archive}: member {member!r} would unpack outside the bundle folder; refusing")
         zf.extractall(into)
 
 
@@ -225,7 +226,7 @@ def install_bundle_zip(archive: Path, out_dir: Path, sha256: str | None = BUNDLE
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".bundle-") as tmp:
         try:
             safe_extract(archive, Path(tmp))
-        except zipfile.BadZipFile as e:
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad directory, or corrupt compressed data
             raise UserError(f"{archive}: not a valid zip ({e})") from None
         found = sorted(p.parent for p in Path(tmp).rglob("core.yaml"))
         if not found:

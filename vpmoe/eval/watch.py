@@ -148,7 +148,7 @@ def evaluate_run(run_dir: str | Path, out: str | Path | None, watch: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     check_reports_match(out, eval_kwargs)
     writer = None
-    last = None
+    last, said = None, -1
     evaluated = []
     try:
         while True:
@@ -174,6 +174,10 @@ def evaluate_run(run_dir: str | Path, out: str | Path | None, watch: bool = Fals
                 last = final_step(done[-1][1])
             if not watch or (last is not None and _report_path(out, last).is_file()):
                 break
+            if said != len(done):  # once per state: a run that died would otherwise look like a quiet one
+                log(f"waiting for checkpoints in {checkpoint_dir(run_dir)} (until step {last or '?'} has a report; "
+                    "a run that stopped for good never gets there: Ctrl-C ends the watch)")
+                said = len(done)
             time.sleep(poll_seconds)
     finally:
         if writer is not None:

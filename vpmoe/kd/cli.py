@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import sys
+import threading
 
 from vpmoe.config import ConfigError, from_dict
 from vpmoe.kd import KDError
@@ -37,7 +40,11 @@ def cmd_score(args: argparse.Namespace) -> None:
         summary = score(args.data, teacher, args.out, spec, split=args.split, rank=args.rank, world=args.world,
                         progress=not args.quiet, seed=args.seed)
     except KeyboardInterrupt:  # the shard in progress was discarded; finished ones stay
-        raise ConfigError(f"interrupted: the finished shards in {args.out} are kept; the same command resumes") from None
+        message = f"interrupted: the finished shards in {args.out} are kept; the same command resumes"
+        if teacher.backend == "vllm" and threading.active_count() > 1:  # a request on the wire: not its timeout
+            print(f"vpmoe teacher: {message}", file=sys.stderr, flush=True)
+            os._exit(2)
+        raise ConfigError(message) from None
     print(json.dumps(summary))
 
 

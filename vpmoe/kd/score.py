@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpmoe.kd import KDError
 from vpmoe.kd.cache import (MANIFEST, CacheError, CacheSpec, ShardWriter, check_hashes, new_manifest,
                             read_json, shard_complete, write_json)
 from vpmoe.kd.teacher import TeacherConfig, make_teacher
@@ -196,7 +197,11 @@ def _score_shard(data_dir: Path, entry: dict, out: Path, spec: CacheSpec, teache
                 tokens_in_group += len(tokens)
                 r += 1
             flat = [d for _, docs in group for d in docs if len(d[1])]
-            scores = iter(teacher.score_docs(flat) if flat else [])
+            try:
+                scores = iter(teacher.score_docs(flat) if flat else [])
+            except KDError as e:  # which request: the shard and its rows
+                raise CacheError(f"{data_dir}/{entry['name']} rows {r - len(group)}..{r - 1} "
+                                 f"({len(flat)} documents): {e}") from None
             for tokens, docs in group:
                 per_doc = [next(scores) for d in docs if len(d[1])]
                 k = spec.known

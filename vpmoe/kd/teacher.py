@@ -22,6 +22,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -241,21 +242,35 @@ class VLLMTeacher:
             self.headers["Authorization"] = f"Bearer {key}"
 
     def score_docs(self, docs) -> list[DocScores]:
+        """Concurrent requests of `docs_per_request` documents. A failure or an interrupt (Ctrl-C)
+        cancels the queued requests and stops every retry at once (`self.stopping`); a request
+        already on the wire ends at its own timeout."""
         groups = [list(range(i, min(i + self.cfg.docs_per_request, len(docs))))
                   for i in range(0, len(docs), self.cfg.docs_per_request)]
         results: list[DocScores | None] = [None] * len(docs)
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            answers = pool.map(lambda g: self._score_group([docs[i] for i in g]), groups)
-            for group, scores in zip(groups, answers):
-                for i, s in zip(group, scores):
+        self.stopping = False
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        try:
+            futures = [pool.submit(self._score_group, [docs[i] for i in g]) for g in groups]
+            for group, future in zip(groups, futures):
+                for i, s in zip(group, future.result()):
                     results[i] = s
+        except BaseException:
+            self.stopping = True
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return results
 
     def _score_group(self, docs) -> list[DocScores]:
         body = {"model": self.cfg.model, "prompt": [[int(t) for t in tokens] for tokens, _ in docs],
                 "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": self.top_k}
         reply = self.post(body)
-        choices = sorted(reply.get("choices") or [], key=lambda c: c.get("index", 0))
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise TeacherError(f"{self.endpoint}: the reply is not a completions object with a 'choices' list "
+                               f"(got {str(reply)[:200]!r})")
+        choices = sorted(choices, key=lambda c: c.get("index", 0))
         if len(choices) != len(docs):
             raise TeacherError(f"{self.endpoint}: {len(choices)} choices for {len(docs)} prompts")
         return [self.parse_choice(c, tokens, positions) for c, (tokens, positions) in zip(choices, docs)]
@@ -264,6 +279,8 @@ class VLLMTeacher:
         data = json.dumps(body).encode()
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
+            if getattr(self, "stopping", False):  # another request failed, or Ctrl-C: no new attempt
+                raise TeacherError(f"{self.endpoint}: stopped")
             if attempt:
                 delay = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1))
                 self.sleep(delay * (0.5 + random.random() / 2))  # jitter: concurrent clients spread out
@@ -276,9 +293,9 @@ class VLLMTeacher:
                 last = f"HTTP {e.code}: {detail}"
                 if e.code not in RETRY_HTTP:
                     raise TeacherError(f"{self.endpoint}: {last}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except json.JSONDecodeError as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"  # (a body cut short: IncompleteRead)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 last = f"invalid JSON reply ({e})"
         raise TeacherError(f"{self.endpoint}: request failed after {self.cfg.max_retries + 1} attempts; "
                            f"last error: {last}")
@@ -297,7 +314,11 @@ class VLLMTeacher:
             entry = entries[int(t) + 1]  # entry i scores prompt token i given tokens[:i]
             if not entry:
                 raise TeacherError(f"{self.endpoint}: no prompt log-probs at position {int(t) + 1}")
-            cand = {int(tid): float(v["logprob"] if isinstance(v, dict) else v) for tid, v in entry.items()}
+            try:
+                cand = {int(tid): float(v["logprob"] if isinstance(v, dict) else v) for tid, v in entry.items()}
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
+                raise TeacherError(f"{self.endpoint}: malformed prompt log-probs at position {int(t) + 1} "
+                                   f"({type(e).__name__}: {e}; expected {{token id: {{'logprob': x}}}})") from None
             label = int(tokens[int(t) + 1])
             if label not in cand:
                 raise TeacherError(f"{self.endpoint}: position {int(t) + 1} lacks the prompt token {label}")
