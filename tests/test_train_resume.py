@@ -421,7 +421,9 @@ def test_second_ctrl_c_stops_at_once():
     step, with a checkpoint), the second raises KeyboardInterrupt; outside, the old handler again."""
     from vpmoe.train.signals import stop_signals
 
-    before = signal.getsignal(signal.SIGINT)
+    # as in a terminal: a test runner started in the background inherits SIGINT ignored, which
+    # stop_signals deliberately leaves alone
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt):
         with stop_signals() as got:
             os.kill(os.getpid(), signal.SIGINT)
@@ -429,7 +431,11 @@ def test_second_ctrl_c_stops_at_once():
             assert got == [signal.SIGINT]
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: left ignored
+    with stop_signals():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
@@ -441,7 +447,9 @@ def test_stop_signal_checkpoints_after_the_step_and_resumes(reference, tmp_path,
     run_dir = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "vpmoe.cli", "train", str(cfg), "--run-dir", str(run_dir),
            "--set", "checkpoint.every=100"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as in a terminal: a background test runner's children inherit it ignored (kept so by design)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
