@@ -308,7 +308,7 @@ def render_file(input_path: str | Path, out_path: str | Path, prompt: PromptConf
     import pyarrow.parquet as pq
 
     from vpmoe.data.progress import Progress
-    from vpmoe.data.sources import column_values
+    from vpmoe.data.sources import column_values, require_columns
 
     input_path, out_path = Path(input_path), Path(out_path)
     if not input_path.is_file():
@@ -321,13 +321,7 @@ def render_file(input_path: str | Path, out_path: str | Path, prompt: PromptConf
         source = pq.ParquetFile(input_path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{input_path}: not a readable parquet file: {e}") from None
-    names = source.schema_arrow.names
-    id_field = id_column(names)
-    if id_field is None:
-        raise DataError(f"{input_path}: no id column (need one of {', '.join(ID_FIELDS)})")
-    for name in TEXT_FIELDS:
-        if name not in names:
-            raise DataError(f"{input_path}: missing column {name}")
+    id_field = require_columns(input_path, source.schema_arrow.names)
     render = make_renderer(prompt, renderer).render
     schema = pa.schema([("row_id", pa.string()), ("tokens", pa.list_(pa.int64())),
                         ("loss_mask", pa.list_(pa.int64())), ("span_id", pa.list_(pa.int64()))])

@@ -44,6 +44,18 @@ def column_values(column) -> list:
     return column.to_pylist()
 
 
+def require_columns(path, names: list[str]) -> str:
+    """The id column of a parquet file's columns `names`; DataError naming the file and the column
+    when the id or a text column is absent."""
+    id_field = id_column(names)
+    if id_field is None:
+        raise DataError(f"{path}: no id column (need one of {', '.join(ID_FIELDS)})")
+    for name in TEXT_FIELDS:
+        if name not in names:
+            raise DataError(f"{path}: missing column {name} (columns: {', '.join(names)})")
+    return id_field
+
+
 def rows_from_table(table) -> dict:
     """The id + text columns of an Arrow table; absent columns become all-None (rows then skip)."""
     names = table.column_names
@@ -71,12 +83,7 @@ class ParquetSource:
                 pf = pq.ParquetFile(f)
             except Exception as e:  # pyarrow raises several types for a bad footer
                 raise DataError(f"{f}: not a readable parquet file: {e}") from None
-            names = pf.schema_arrow.names  # a column absent from a whole file is a schema error, not row skips
-            if id_column(names) is None:
-                raise DataError(f"{f}: no id column (need one of {', '.join(ID_FIELDS)})")
-            for name in TEXT_FIELDS:
-                if name not in names:
-                    raise DataError(f"{f}: missing column {name} (columns: {', '.join(names)})")
+            require_columns(f, pf.schema_arrow.names)  # absent from a whole file: a schema error, not row skips
             self.rows.append(pf.metadata.num_rows)
 
     @property

@@ -128,7 +128,10 @@ class RunConfig:
     def kd_config(self):
         from vpmoe.kd.objective import KDConfig
 
-        return from_dict(KDConfig, dict(self.kd), "kd")
+        kd = dict(self.kd)
+        if isinstance(kd.get("loss"), dict):  # a partial [kd.loss] table keeps the KD default kind (LossSpec's is "ce")
+            kd["loss"] = {"kind": "fkl", **kd["loss"]}
+        return from_dict(KDConfig, kd, "kd")
 
 
 def _resolve_path(value: str, base: Path) -> str:
@@ -153,9 +156,6 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     for key in ("cache", "teacher"):
         if "kd" in data and isinstance(data["kd"].get(key), str):
             data["kd"][key] = _resolve_path(data["kd"][key], base)
-    kd_loss = data.get("kd", {}).get("loss") if isinstance(data.get("kd"), dict) else None
-    if isinstance(kd_loss, dict):  # a partial [kd.loss] table keeps the KD default kind (LossSpec's own is "ce")
-        kd_loss.setdefault("kind", "fkl")
     try:
         return from_dict(RunConfig, data)
     except ConfigError as e:  # a key that came from the command line is named as such
