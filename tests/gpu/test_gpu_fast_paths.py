@@ -392,11 +392,14 @@ def test_low_grads_match_fp32_grads(above_row_limit, micro, monkeypatch):
     Newton-Schulz amplifies such noise in rank-deficient expert gradients). One micro-batch with
     kept copies (`LOW_GRADS` True); two without copies (`LOW_GRADS` "always": the second
     micro-batch adds into the bf16 gradients in place).
-    First step (same weights): every bf16 gradient element is the other run's master gradient
-    element to within one bf16 ulp (the rounding's half ulp, and the two kernels may be tuned to
-    different tilings, so their fp32 sums may differ in the last bits); with two micro-batches to
-    within two ulps plus 2^-8 of the gradient's RMS (each micro-batch's part is rounded before the
-    sum, whose elements may cancel); the masters have none. With the fp32 run's expert gradients
+    First step (same weights): with one micro-batch every bf16 gradient element is the other run's
+    master gradient element to within one bf16 ulp (the rounding's half ulp, and the two kernels may
+    be tuned to different tilings, so their fp32 sums may differ in the last bits). With two, each
+    micro-batch's part is rounded and then their bf16 sum, so an element's error scales with its
+    parts, which the test cannot see and which may cancel (an element bound by the sum and the
+    tensor's RMS failed on the H200 in 9,164 of 33.5M elements of a busy layer, 2026-12-05): each
+    expert's gradient is held as a whole instead, within 2^-7 relative in norm (~2.4e-3 seen; a
+    stale or missing part would be off by ~0.7 or more). The masters have none. With the fp32 run's expert gradients
     replaced by those bf16 values before its update, both updates agree to 1e-3 relative per
     parameter (Muon's arithmetic is fp32 on the same values either way; the embedding's atomics
     differ; a wrong or stale gradient, or momentum computed in bf16, would be off by 1e-2 or more).
@@ -431,9 +434,14 @@ def test_low_grads_match_fp32_grads(above_row_limit, micro, monkeypatch):
                 assert p0.grad.dtype == torch.float32, name
                 if i == 0:  # same weights: the same gradient, rounded
                     worst = max(worst, rel_err(g, p0.grad))
-                    bound = p0.grad.abs() * 2.0**-8 * micro + (micro - 1) * 2.0**-8 * p0.grad.square().mean().sqrt()
-                    off = (g.float() - p0.grad).abs() > bound
-                    assert not off.any(), (name, int(off.sum()), rel_err(g, p0.grad))
+                    if micro == 1:  # one rounding of the same fp32 sums: each element within an ulp
+                        off = (g.float() - p0.grad).abs() > p0.grad.abs() * 2.0**-8
+                        assert not off.any(), (name, int(off.sum()), rel_err(g, p0.grad))
+                    else:  # each expert's slice as a whole (docstring)
+                        err = (g.float() - p0.grad).flatten(1).norm(dim=1)
+                        ref = p0.grad.flatten(1).norm(dim=1)
+                        off = err > 2.0**-7 * ref
+                        assert not off.any(), (name, off.nonzero().flatten().tolist()[:8], rel_err(g, p0.grad))
                     with torch.no_grad():
                         p0.grad.copy_(g)  # eager warm-up step: its update reads this
         losses = [float(tr.graphed.loss_sum) for tr in runs]
