@@ -290,3 +290,13 @@ def test_verify_detects_a_flipped_byte(built, tmp_path, capsys):
     manifest_path.write_text(json.dumps(m))
     with pytest.raises(DataError, match="manifest.json: format"):
         verify(out)
+
+
+def test_progress_rate_reads_at_every_scale():
+    """The build's tokens/s column: a tiny input's rate reads as itself (it read 0.00M), with three
+    significant digits and a suffix that never shows 1000 of the smaller unit."""
+    from vpmoe.data.progress import scaled
+
+    cases = {0: "0", 3.2: "3", 812.4: "812", 999.4: "999", 999.6: "1k", 12_345: "12.3k", 999_499: "999k",
+             999_600: "1M", 1.25e6: "1.25M", 3.2e9: "3.2G", 1.5e12: "1500G"}
+    assert {x: scaled(x) for x in cases} == cases

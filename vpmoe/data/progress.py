@@ -13,11 +13,21 @@ from rich.progress import Progress as _RichProgress
 from rich.text import Text
 
 
+def scaled(x: float) -> str:
+    """A count with a k/M/G suffix and three significant digits: 812, 12.3k, 1.25M (a tiny input's
+    rate reads as itself, not as 0.00M)."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= 0.9995 * div:  # what would round up to 1000 takes the next suffix
+            v = x / div
+            return f"{v:.3g}{suffix}" if v < 999.5 else f"{v:.0f}{suffix}"
+    return f"{x:.0f}"
+
+
 class _TokensPerSecond(ProgressColumn):
     def render(self, task) -> Text:
         elapsed = time.monotonic() - task.fields["t0"]
         rate = task.fields["tokens"] / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate / 1e6:6.2f}M tok/s  {task.fields['tokens'] / 1e6:8.1f}M tok")
+        return Text(f"{scaled(rate):>6} tok/s  {scaled(task.fields['tokens']):>6} tok")
 
 
 class Progress:
