@@ -298,3 +298,16 @@ def test_gradient_only_for_inputs_that_need_it():
     loss, _ = fused_span_loss(hidden, w, labels, span, LossSpec(kind="fkl"), sparse)  # frozen trunk
     (gw,) = torch.autograd.grad(loss, [w])
     torch.testing.assert_close(gw, ref[2])
+
+
+def test_rest_without_removes_a_named_ids_mass():
+    """The rest bucket less one id's mass, against plain arithmetic; ~1e-30 of it where nothing is
+    left (or the id claims more than the bucket held), and never under the floor."""
+    from vpmoe.kd.losses import TEACHER_LOGP_FLOOR, rest_without
+
+    rest, lp = torch.tensor([0.5, 0.9, 0.2, 1e-3]).log(), torch.tensor([0.2, 0.9, 0.3, 1e-9]).log()
+    out = rest_without(rest.float(), lp.float())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out[[0, 3]].exp(), torch.tensor([0.3, 1e-3 - 1e-9], dtype=torch.float64), rtol=1e-6, atol=0)
+    assert (out[1:3] - rest[1:3].double()).exp().max() <= 1.01e-30
+    assert rest_without(torch.tensor([-99.0]), torch.tensor([-99.0])).item() == TEACHER_LOGP_FLOOR

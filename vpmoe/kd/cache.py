@@ -40,7 +40,7 @@ import torch
 
 from vpmoe.kd import KDError
 from vpmoe.config import ConfigError, from_dict
-from vpmoe.kd.losses import TEACHER_LOGP_FLOOR, SparseTarget
+from vpmoe.kd.losses import TEACHER_LOGP_FLOOR, SparseTarget, rest_without
 
 FORMAT = "vpmoe-teacher-cache"
 VERSION = 1
@@ -372,9 +372,8 @@ def _append_label(ids, lps, label_lp, rest, labels):
     outside = ~(ids == labels[:, None]).any(1)
     extra_id = np.where(outside, labels, -1)
     extra_lp = np.where(outside, label_lp, 0.0).astype(np.float32)
-    rest64, lab64 = rest.astype(np.float64), label_lp.astype(np.float64)
-    diff = -np.expm1(np.minimum(lab64 - rest64, 0.0))  # 1 - exp(label - rest), in [0, 1]
-    new_rest = np.where(outside, rest64 + np.log(np.maximum(diff, 1e-30)), rest64)
+    named = rest_without(torch.from_numpy(rest), torch.from_numpy(label_lp)).numpy()
+    new_rest = np.where(outside, named, rest.astype(np.float64))
     return (np.concatenate([ids, extra_id[:, None]], 1), np.concatenate([lps, extra_lp[:, None]], 1),
             np.maximum(new_rest, TEACHER_LOGP_FLOOR).astype(np.float32))
 

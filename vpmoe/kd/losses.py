@@ -110,6 +110,14 @@ class DenseTarget:
 
 # ---------------------------------------------------------------- span bookkeeping (shared)
 
+def rest_without(rest: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """log(exp(rest) - exp(logp)) in float64, floored at TEACHER_LOGP_FLOOR: a target's rest bucket
+    once an id of log-prob `logp` that it held is named (the label added to a cached target)."""
+    r, p = rest.double(), logp.double()
+    kept = -torch.expm1(torch.clamp(p - r, max=0.0))  # 1 - exp(logp - rest), in [0, 1]
+    return (r + torch.log(kept.clamp_min(1e-30))).clamp_min(TEACHER_LOGP_FLOOR)
+
+
 def count_span_tokens(span_id: torch.Tensor) -> torch.Tensor:
     """[3] int64 counts indexed by span id (index 0 = ignored positions, reported as 0). A
     scatter-add, not bincount: no host sync on CUDA (the CUDA-graph step counts with it too)."""

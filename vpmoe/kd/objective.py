@@ -36,7 +36,7 @@ import torch
 
 from vpmoe.config import ConfigError
 from vpmoe.kd.fused import fused_span_loss
-from vpmoe.kd.losses import TEACHER_LOGP_FLOOR, DenseTarget, LossSpec, SparseTarget
+from vpmoe.kd.losses import DenseTarget, LossSpec, SparseTarget, rest_without
 
 
 @dataclass
@@ -235,7 +235,6 @@ def _label_for_empty(ids, lps, rest, empty, label_lp, labels, subset):
     lab = label_lp.to(ids.device).double()
     ids[empty, 0] = compact[empty]
     lps[empty, 0] = lab[empty].to(lps.dtype)
-    r = rest[empty].double()  # the label's mass was in the rest bucket (outside every surviving id)
-    kept = -torch.expm1(torch.clamp(lab[empty] - r, max=0.0))  # 1 - exp(label - rest)
-    rest[empty] = (r + torch.log(kept.clamp_min(1e-30))).clamp_min(TEACHER_LOGP_FLOOR).to(rest.dtype)
+    # the label's mass was in the rest bucket (outside every surviving id)
+    rest[empty] = rest_without(rest[empty], lab[empty]).to(rest.dtype)
     return ids, lps, rest
