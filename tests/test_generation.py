@@ -128,3 +128,48 @@ def test_generate_with_nucleus_is_reproducible(top_p):
                      pad_id=0)
             for _ in range(2)]
     assert runs[0] == runs[1] and all(len(r) == 5 for r in runs[0])
+
+
+@torch.no_grad()
+def test_grouped_experts_decode_as_the_loop_and_the_swap_is_undone(monkeypatch):
+    """`generate()` and the HF adapter's forward on a GPU run the grouped-GEMM dispatcher (the
+    reference loop syncs the host per expert and layer). Here the CPU is made such a device: the
+    tokens and float64 logits equal the loop's, both paths really swap (a spy dispatcher counts
+    the grouped calls), the swap covers only the layers on the loop, and it is undone after, an
+    error included. Off that device list nothing is swapped."""
+    from vpmoe.model import generate as G
+    from vpmoe.model import kernels as K
+    from vpmoe.model import model as M
+
+    model = _model(seed=5)
+    moe = model.moe_layers()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14]]
+    tokens = generate(model, prompts, max_new_tokens=6, stop_ids=(), pad_id=0)  # the loop
+    ids = torch.tensor([prompts[0] + tokens[0]])
+    loop_logits = model(ids).logits
+    calls, grouped = [], K.experts_grouped
+    def spy(*args):
+        calls.append(1)
+        return grouped(*args)
+    monkeypatch.setattr(K, "experts_grouped", spy)
+    monkeypatch.setattr(G, "GROUPED_EXPERTS_ON", ("cpu",))
+    assert generate(model, prompts, max_new_tokens=6, stop_ids=(), pad_id=0) == tokens
+    assert len(calls) == 6 * len(moe)  # prefill + 5 decode steps (none after the last token), every MoE layer
+    hf = to_hf(model)
+    torch.testing.assert_close(hf(ids).logits, loop_logits, rtol=1e-10, atol=1e-10)
+    assert len(calls) == 7 * len(moe)
+    assert all(m.dispatcher is M.experts_loop for m in moe)
+
+    def other(*args):  # e.g. expert parallelism's dispatcher: never replaced
+        raise AssertionError
+    moe[0].dispatcher = other
+    cpu = torch.device("cpu")
+    with G.grouped_experts(model, cpu):
+        assert [m.dispatcher for m in moe] == [other] + [spy] * (len(moe) - 1)
+    assert [m.dispatcher for m in moe] == [other] + [M.experts_loop] * (len(moe) - 1)
+    with pytest.raises(RuntimeError, match="mid-generation"), G.grouped_experts(model, cpu):
+        raise RuntimeError("mid-generation")
+    assert [m.dispatcher for m in moe[1:]] == [M.experts_loop] * (len(moe) - 1)
+    monkeypatch.setattr(G, "GROUPED_EXPERTS_ON", ("cuda",))
+    with G.grouped_experts(model, cpu):
+        assert all(m.dispatcher is M.experts_loop for m in moe[1:])

@@ -9,12 +9,23 @@ Design choices:
 - A row stops at its first stop token (kept in the output); finished rows keep running as padding
   until all rows stop or `max_new_tokens` is reached (simple, and the batch shape stays static).
 - Sampling uses a `torch.Generator` seeded by the caller, so rollouts are reproducible.
+- On a GPU the call runs the routed experts through grouped GEMMs (`kernels.experts_grouped`, the
+  same function; `grouped_experts`, which the HF adapter's forward uses too) instead of the
+  reference loop, whose `nonzero` syncs the host once per expert and layer: ~20k times per decoded
+  token at 80 layers. The loop is put back after; other dispatchers (expert parallelism) are kept.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from vpmoe.model import model as M
 from vpmoe.model.model import VpMoE
+
+# device types where sampling and the HF adapter run the routed experts as grouped GEMMs (module
+# docstring); a module setting (bench/generate.py's A/B switch, tests), not a config knob
+GROUPED_EXPERTS_ON = ("cuda",)
 
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
 
@@ -39,21 +50,46 @@ def generate(model: VpMoE, prompts: list[list[int]], max_new_tokens: int, stop_i
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
+    with grouped_experts(model, device):
+        out = _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, subset)
+    model.train(was_training)
+    return [[int(t) for t in row if t >= 0] for row in out.cpu()]
+
+
+@contextlib.contextmanager
+def grouped_experts(model: VpMoE, device: torch.device):
+    """On `GROUPED_EXPERTS_ON` devices, MoE layers whose dispatcher is the reference loop run the
+    grouped-GEMM one for the duration (module docstring)."""
+    swapped = []
+    if device.type in GROUPED_EXPERTS_ON:
+        from vpmoe.model.kernels import experts_grouped
+        swapped = [m for m in model.moe_layers() if m.dispatcher is M.experts_loop]
+        for m in swapped:
+            m.dispatcher = experts_grouped
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.dispatcher = M.experts_loop
+
+
+def _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, subset) -> torch.Tensor:
+    """Prefill, then one token per step; [B, new] with -1 after a row's stop."""
+    B, device = ids.shape[0], ids.device
     cache = model.new_cache(B)
     # the head on the last position only: the prompt's other logits would be [B, T, V] for nothing
     logits = model.lm_head(model(ids, cache=cache, attention_mask=mask, return_hidden=True).hidden[:, -1])
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = sample(logits.float(), temperature, top_p, gen)
         full = subset.to_full(nxt) if subset is not None else nxt
         out = torch.cat([out, torch.where(done, torch.full_like(full, -1), full)[:, None]], 1)
         done |= torch.isin(full, stops)
-        if bool(done.all()):
+        if step == max_new_tokens - 1 or bool(done.all()):  # the last token's logits are never read
             break
         logits = model(nxt[:, None], cache=cache).logits[:, -1]
-    model.train(was_training)
-    return [[int(t) for t in row if t >= 0] for row in out.cpu()]
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

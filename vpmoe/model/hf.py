@@ -8,6 +8,8 @@ Design choices:
 - Generation uses our own `KVCache` (sliding-window layers keep only the window), passed through
   `past_key_values`; `prepare_inputs_for_generation` feeds only the new tokens. Left padding works
   through `attention_mask`.
+- On a GPU the forward runs the routed experts as grouped GEMMs, not the reference loop that syncs
+  the host per expert (`generate.grouped_experts`): eval and HF `generate` alike.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vpmoe.config import ModelConfig, from_dict
+from vpmoe.model.generate import grouped_experts
 from vpmoe.model.model import KVCache, VpMoE
 
 # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings
@@ -112,8 +115,9 @@ class VpMoEForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = attention_mask[:, -input_ids.shape[1]:]  # HF's convention: the mask covers past + new
         if cache is None and use_cache and not self.training:
             cache = self.model.new_cache(input_ids.shape[0])
-        out = self.model(input_ids, doc_ids=doc_ids, cache=cache, attention_mask=attention_mask,
-                         return_hidden=True)
+        with grouped_experts(self.model, input_ids.device):  # on a GPU: no host sync per expert
+            out = self.model(input_ids, doc_ids=doc_ids, cache=cache, attention_mask=attention_mask,
+                             return_hidden=True)
         hidden = out.hidden[:, -logits_to_keep:] if logits_to_keep else out.hidden
         logits = self.model.lm_head(hidden)
         loss = None

@@ -1,0 +1,90 @@
+"""Sampling speed (`vpmoe.model.generate`): prefill and decode through the KV cache, with the routed
+experts on the reference loop against the grouped GEMMs that `generate` runs on a GPU:
+
+    python bench/generate.py --layers 20 --rows 1,16,64 --record                       (GPU)
+    python bench/generate.py --layers 2 --vocab 4096 --rows 1,8 --prompt 64 --new 16    (CPU)
+
+The model is the locked config at `--layers` layers (random weights, bf16 on a GPU, fp32 on the
+CPU); each row's prompt has `--prompt` tokens and decodes `--new` tokens greedily with no stop
+token, so every run decodes the same number of steps. Columns: prefill seconds (the prompt's one
+forward; the first generate call, which compiles nothing, is a warm-up), decode tokens/s over all
+rows, and the loop's time over the grouped path's. On-policy distillation's rollouts and the
+eval's generative tasks decode this way; the figures say what a GPU-hour of rollouts buys.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import append_results, markdown_table  # noqa: E402
+from vpmoe.config import load_model_config  # noqa: E402
+from vpmoe.model import generate as G  # noqa: E402
+from vpmoe.model import kernels as K  # noqa: E402
+from vpmoe.model import model as M  # noqa: E402
+from vpmoe.model.model import VpMoE  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generate(model, prompts, new_tokens: int, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    out = G.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=(), pad_id=0)
+    _sync(device)
+    assert all(len(o) == new_tokens for o in out)
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the locked 201,088)")
+    ap.add_argument("--rows", default="1,16,64", help="comma list of batch sizes")
+    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
+    ap.add_argument("--new", type=int, default=64, help="tokens decoded per row")
+    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = load_model_config(Path(__file__).resolve().parents[1] / "configs" / "vpmoe.toml")
+    cfg = dataclasses.replace(cfg, n_layers=a.layers, **({"vocab_size": a.vocab} if a.vocab else {}))
+    torch.manual_seed(0)
+    model = VpMoE(cfg).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    G.GROUPED_EXPERTS_ON = ()  # the loop column runs the loop on a GPU too
+    rows = []
+    for n in (int(r) for r in a.rows.split(",")):
+        g = torch.Generator().manual_seed(n)
+        prompts = torch.randint(1, min(cfg.vocab_size, 100_000), (n, a.prompt), generator=g).tolist()
+        row = {"layers": a.layers, "rows": n, "prompt": a.prompt, "new": a.new}
+        for name, dispatcher in (("loop", M.experts_loop), ("grouped", K.experts_grouped)):
+            model.set_impl(moe=dispatcher)  # set on the model: the same on the CPU, where generate never swaps
+            timed_generate(model, prompts[:1], 2, device)  # warm-up (allocator, kernels' first launch)
+            prefill = timed_generate(model, prompts, 1, device)
+            total = timed_generate(model, prompts, a.new + 1, device)
+            row[f"{name}_prefill_s"] = prefill
+            row[f"{name}_decode_tok_s"] = n * a.new / max(total - prefill, 1e-9)
+        row["grouped_over_loop"] = row["grouped_decode_tok_s"] / row["loop_decode_tok_s"]
+        rows.append(row)
+        print(markdown_table(rows[-1:]), flush=True)
+    G.GROUPED_EXPERTS_ON = ("cuda",)
+    model.set_impl(moe=M.experts_loop)
+    cmd = "python bench/generate.py " + " ".join(sys.argv[1:])
+    if a.record:
+        append_results("generate", cmd, rows)
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
