@@ -6,9 +6,10 @@ experts on the reference loop against the grouped GEMMs that `generate` runs on 
 
 The model is the locked config at `--layers` layers (random weights, bf16 on a GPU, fp32 on the
 CPU); each row's prompt has `--prompt` tokens and decodes `--new` tokens greedily with no stop
-token, so every run decodes the same number of steps. Columns: prefill seconds (the prompt's one
-forward; the first generate call, which compiles nothing, is a warm-up), decode tokens/s over all
-rows, and the loop's time over the grouped path's. On-policy distillation's rollouts and the
+token, so every run decodes the same number of steps. Columns per dispatcher: prefill seconds (a
+generate call of one token: the prompt's one forward and a sample; a two-token call before it is
+the warm-up) and decode tokens/s over all rows (a call of `--new` + 1 tokens less the prefill);
+then the grouped path's decode rate over the loop's. On-policy distillation's rollouts and the
 eval's generative tasks decode this way; the figures say what a GPU-hour of rollouts buys.
 """
 from __future__ import annotations
