@@ -43,8 +43,11 @@ def test_generate_on_gpu_runs_grouped_experts_as_the_loop(monkeypatch):
         monkeypatch.setattr(G, "GROUPED_EXPERTS_ON", ("cuda",) if grouped else ())
         runs[grouped] = G.generate(model, prompts, max_new_tokens=8, stop_ids=(), pad_id=0)
         assert all(m.dispatcher is M.experts_loop for m in moe)  # put back
-    # bf16 greedy: the first tokens agree (later ones may part at a near-tie)
-    assert [r[:1] for r in runs[True]] == [r[:1] for r in runs[False]], runs
+    # bf16 greedy with random weights: logits ~0.05 apart by a few ulps, so a first token may part
+    # at a near-tie; each grouped first token is the loop's argmax to within 2% of the logits' scale
+    for p, first in zip(prompts, (r[0] for r in runs[True])):
+        loop = model(torch.tensor([p], device=DEV)).logits[0, -1].float()
+        assert loop[first] >= loop.max() - 2e-2 * loop.abs().max(), (p, first, int(loop.argmax()))
     ids = torch.tensor([prompts[0] + runs[False][0]], device=DEV)
     ref = model(ids).logits.float()
     model.set_impl(moe=K.experts_grouped)
