@@ -4,6 +4,8 @@ float64 where numbers are compared:
 - padding inside the cache (a right-padded prefill; a padded chunk appended to a cache) keeps every
   key a later query can see: decoding after it equals the full forward of the real tokens, with
   contexts longer than the local window;
+- global layers append in place (spare slots, grown when full, new after a beam reorder), decoding
+  across growths as the full forward;
 - `generate()` applies the output head to the prompt's last position only;
 - `sample()`: top_p = 0 and a vanishing temperature are greedy, never NaN;
 - HF: the labels' loss in eval mode is the cross-entropy alone; beam search without a cache runs and
@@ -15,7 +17,7 @@ import torch
 from tests.test_model import randomize, small
 from vpmoe.model.generate import generate, sample
 from vpmoe.model.hf import CACHE_KEY, to_hf
-from vpmoe.model.model import VpMoE
+from vpmoe.model.model import KVCache, VpMoE
 
 
 def _model(seed: int = 3) -> VpMoE:
@@ -65,6 +67,44 @@ def test_padding_inside_the_cache_keeps_the_keys_later_queries_see():
     assert not cache.inner_pad
     local = [e for i, e in enumerate(cache.layers) if not model.cfg.is_global(i)]
     assert local and all(e[0].shape[2] == model.cfg.window for e in local)
+
+
+@torch.no_grad()
+def test_global_layers_append_in_place_and_grow(monkeypatch):
+    """Global layers write each step's entries into spare slots (a decode step copies only its own
+    entries): within the buffers' capacity the cached keys stay in the same storage, they grow by
+    `GROW` slots when full, and decoding across growths, a beam reorder and a step under autograd
+    (appended by concatenation) equals the full forward of the tokens (float64)."""
+    monkeypatch.setattr(KVCache, "GROW", 3)
+    model = _model(seed=7)
+    layer = next(i for i in range(model.cfg.n_layers) if model.cfg.is_global(i))
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(1, 97, (2, 5), generator=g).tolist()
+    cache = model.new_cache(2)
+    model(torch.tensor(rows), cache=cache)
+    storages, sizes = [], []
+    for step in range(8):
+        t = torch.randint(1, 97, (2,), generator=g).tolist()
+        got = model(torch.tensor([[x] for x in t]), cache=cache).logits[:, -1]
+        rows = [r + [x] for r, x in zip(rows, t)]
+        for b in range(2):
+            torch.testing.assert_close(got[b], _last_logits(model, rows[b]), rtol=0, atol=1e-9)
+        k = cache.layers[layer][0]
+        assert k.shape[2] == len(rows[0]) and k.data_ptr() == cache._buffers[layer][0].data_ptr()
+        storages.append(k.data_ptr())
+        sizes.append(cache._buffers[layer][0].shape[2])
+    # 5 prefilled + 3 spare = 8 slots, then 9 + 3 = 12, then 13 + 3 = 16
+    assert sizes == [8, 8, 8, 12, 12, 12, 12, 16], sizes
+    assert len(set(storages[:3])) == 1 and len(set(storages[3:7])) == 1 and storages[2] != storages[3]
+    cache.reorder(torch.tensor([1, 0]))  # then a step under autograd (cat), then in place again
+    rows = [rows[1], rows[0]]
+    for t, grad in (([11, 12], False), ([13, 14], True), ([15, 16], False)):
+        with torch.set_grad_enabled(grad):
+            got = model(torch.tensor([[x] for x in t]), cache=cache).logits[:, -1]
+        assert cache.layers[layer][0].requires_grad == grad
+        rows = [r + [x] for r, x in zip(rows, t)]
+        for b in range(2):
+            torch.testing.assert_close(got[b], _last_logits(model, rows[b]), rtol=0, atol=1e-9)
 
 
 @torch.no_grad()

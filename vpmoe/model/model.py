@@ -147,6 +147,11 @@ def attention_reference(q, k, v, sinks, q_pos, k_pos, q_doc, k_doc, window: int 
 # KV cache
 
 
+def _slots(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Cache slots start:end of k / v [B, H, T, D] or pos / doc [B, T]."""
+    return t[:, :, start:end] if t.dim() == 4 else t[:, start:end]
+
+
 class KVCache:
     """Per-layer keys (rotated), values (mixed), positions and doc ids for incremental decoding.
 
@@ -155,14 +160,17 @@ class KVCache:
     once a padded slot sits after a real one (right padding, a padded chunk appended later) slots
     and positions part ways, so the slots kept are those from the first one holding a key within
     `window` positions of its row's next position (a host read per forward, in that case only).
-    Keys kept beyond that are harmless: attention masks by position and document."""
+    Keys kept beyond that are harmless: attention masks by position and document. Global layers
+    keep everything, in buffers with spare slots that each step writes into (`_append_global`)."""
 
     is_compileable = False  # (transformers' generate asks any cache it is handed)
+    GROW = 256  # spare slots a global layer's buffers get when they fill (`_append_global`)
 
     def __init__(self, cfg: ModelConfig, batch_size: int):
         self.cfg = cfg
         self.batch_size = batch_size
         self.layers: list[tuple | None] = [None] * cfg.n_layers
+        self._buffers: list[tuple | None] = [None] * cfg.n_layers  # global layers: (k, v, pos, doc) with spare slots
         self.next_pos: torch.Tensor | None = None  # [B] position of the next token per row
         self.seen = 0  # tokens fed so far (including padding)
         self.inner_pad = False  # a padded slot after a real one somewhere (class docstring)
@@ -179,6 +187,8 @@ class KVCache:
 
     def update(self, layer: int, k, v, pos, doc):
         """Append new entries; return the full (k, v, pos, doc) to attend over; trim local layers."""
+        if self.cfg.is_global(layer) and not (k.requires_grad or v.requires_grad):
+            return self._append_global(layer, k, v, pos, doc)
         old = self.layers[layer]
         if old is not None:
             k = torch.cat([old[0], k], dim=2)
@@ -197,6 +207,29 @@ class KVCache:
         else:
             self.layers[layer] = (k, v, pos, doc)
         return k, v, pos, doc
+
+    def _append_global(self, layer: int, k, v, pos, doc):
+        """A global layer keeps every entry: they are written into spare slots of its buffers (`GROW`
+        more when full), so a decode step copies its own entries, not the whole cache (with
+        `torch.cat` every step did: quadratic in the length). Returns views of the filled part.
+        Not under autograd (an in-place write would change what a graph saved)."""
+        old, n = self.layers[layer], k.shape[2]
+        length = 0 if old is None else old[0].shape[2]
+        bufs = self._buffers[layer]
+        # new buffers when full, or when the entries are no longer theirs (a reorder's selected rows,
+        # an append under autograd)
+        if bufs is None or old is None or old[0].data_ptr() != bufs[0].data_ptr() or bufs[0].shape[2] < length + n:
+            cap = length + n + self.GROW
+            bufs = tuple(t.new_empty(*t.shape[:2], cap, t.shape[3]) if t.dim() == 4 else t.new_empty(t.shape[0], cap)
+                         for t in (k, v, pos, doc))
+            if old is not None:
+                for buf, part in zip(bufs, old):
+                    _slots(buf, 0, length).copy_(part)
+            self._buffers[layer] = bufs
+        for buf, part in zip(bufs, (k, v, pos, doc)):
+            _slots(buf, length, length + n).copy_(part)
+        self.layers[layer] = tuple(_slots(buf, 0, length + n) for buf in bufs)
+        return self.layers[layer]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search / dropping finished rows)."""
