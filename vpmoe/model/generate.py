@@ -50,9 +50,11 @@ def generate(model: VpMoE, prompts: list[list[int]], max_new_tokens: int, stop_i
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    with grouped_experts(model, device):
-        out = _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, subset)
-    model.train(was_training)
+    try:
+        with grouped_experts(model, device):
+            out = _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, subset)
+    finally:
+        model.train(was_training)
     return [[int(t) for t in row if t >= 0] for row in out.cpu()]
 
 
