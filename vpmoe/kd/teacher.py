@@ -233,6 +233,7 @@ class VLLMTeacher:
             raise TeacherError("the vllm backend cannot draw tail samples (prompt_logprobs gives top-k only); "
                                "set tail_samples = 0")
         self.cfg, self.top_k, self.sleep = cfg, top_k, sleep
+        self.stopping = False  # set when a request fails or Ctrl-C: retries and queued requests stop
         self.endpoint = cfg.url.rstrip("/") + "/v1/completions"
         self.headers = {"Content-Type": "application/json"}
         if cfg.api_key_env:
@@ -279,7 +280,7 @@ class VLLMTeacher:
         data = json.dumps(body).encode()
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
-            if getattr(self, "stopping", False):  # another request failed, or Ctrl-C: no new attempt
+            if self.stopping:  # another request failed, or Ctrl-C: no new attempt
                 raise TeacherError(f"{self.endpoint}: stopped")
             if attempt:
                 delay = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1))

@@ -73,6 +73,13 @@ def _plot_layer_heatmap(plt, path: Path, grid: np.ndarray, title: str, xlabel: s
     plt.close(fig)
 
 
+def _kd_steps(records: list[dict]) -> list[dict] | None:
+    """A KD run's records of its KD steps (the ones with teacher figures); None for a run without KD."""
+    if not any("kd_step" in r for r in records):
+        return None
+    return [r for r in records if r.get("kd_step") == 1]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report/*.png and RUN/report/summary.md; returns the summary path."""
     import matplotlib
@@ -89,18 +96,17 @@ def write_report(run_dir: str | Path) -> Path:
     spans = ("reasoning", "final")
     # a KD run's objective alternates between KD and CE steps: its train curve is the CE, which
     # every step logs, and the teacher figures get their own plot over the KD steps
-    kd_run = any("kd_step" in r for r in records)
-    train_key = "ce" if kd_run else "loss"
-    loss_series = [(f"train {'CE' if kd_run else ''} {s}".replace("  ", " "), "-", *_by_step(records, f"{train_key}/{s}"))
+    kd_records = _kd_steps(records)
+    train, name = ("ce", "CE") if kd_records is not None else ("loss", "loss")
+    loss_series = [(f"train {s}" if train == "loss" else f"train CE {s}", "-", *_by_step(records, f"{train}/{s}"))
                    for s in spans]
     loss_series += [(f"held-out {s}", "o--", *_by_step(records, f"valid/loss/{s}")) for s in spans]
-    if _plot_lines(plt, out / "loss.png", f"{'CE' if kd_run else 'loss'} per span (train and held-out)", loss_series,
-                   "nats/token"):
+    if _plot_lines(plt, out / "loss.png", f"{name} per span (train and held-out)", loss_series, "nats/token"):
         made.append("loss.png")
-    kd_records = [r for r in records if r.get("kd_step") == 1]
-    if kd_run and _plot_lines(plt, out / "kd.png", "KD steps: KL to the teacher and the teacher's log-prob of the label",
-                              [(f"{key} {s}", "-", *_by_step(kd_records, f"{key}/{s}"))
-                               for key in ("kl", "teacher_logp") for s in spans], "nats/token"):
+    if kd_records is not None and _plot_lines(
+            plt, out / "kd.png", "KD steps: KL to the teacher and the teacher's log-prob of the label",
+            [(f"{key} {s}", "-", *_by_step(kd_records, f"{key}/{s}")) for key in ("kl", "teacher_logp") for s in spans],
+            "nats/token"):
         made.append("kd.png")
     if _plot_lines(plt, out / "lr_gradnorm.png", "learning rate and grad norm",
                    [("lr", "-", *_by_step(records, "lr")), ("grad norm", "-", *_by_step(records, "grad_norm"))],
@@ -163,13 +169,12 @@ def _summary(run_dir: Path, records: list[dict], images: list[str]) -> str:
              f"experts={model.get('n_experts')} top-{model.get('top_k')}",
              f"- median tokens/s: {_fmt(float(np.median(tps)) if tps else None)}; last MFU: {_fmt(last('mfu'))}", "",
              "| quantity | first | last |", "|---|---|---|"]
-    kd_run = any("kd_step" in r for r in records)  # its "loss" is KD on some steps, CE on others: not a curve
-    train = ("ce/reasoning", "ce/final") if kd_run else ("loss", "loss/reasoning", "loss/final")
+    kd_records = _kd_steps(records)  # a KD run's "loss" is KD on some steps, CE on others: not a curve
+    train = ("ce/reasoning", "ce/final") if kd_records is not None else ("loss", "loss/reasoning", "loss/final")
     for key in (*train, "valid/loss", "valid/loss/reasoning", "valid/loss/final",
                 "aux_loss", "grad_norm", "router/entropy_min", "router/dead_experts"):
         lines.append(f"| {key} | {_fmt(first(key))} | {_fmt(last(key))} |")
-    if kd_run:
-        kd_records = [r for r in records if r.get("kd_step") == 1]
+    if kd_records is not None:
         for key in ("kl/reasoning", "kl/final", "teacher_logp/reasoning", "teacher_logp/final"):
             values = _by_step(kd_records, key)[1]
             lines.append(f"| {key} (KD steps) | {_fmt(values[0] if values else None)} | "
