@@ -36,8 +36,10 @@ run_tests() {
   echo "# tests done at +$(( $(date +%s) - t0 ))s"
 }
 [ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" != 1 ] && run_tests
-: > "$out/peer.jsonl"
+# SKIP_PEER=1 keeps the peer readings an earlier run of this call wrote (its ratios stay same-call)
+[ -f "$out/peer.jsonl" ] || : > "$out/peer.jsonl"
 if [ "${SKIP_PEER:-0}" != 1 ]; then
+  : > "$out/peer.jsonl"
   for spec in a:2 b:8; do
     case "$cases" in *${spec%%:*}*)
       timeout 240 python3 .carry/peer_hf_afmoe.py --layers 20 --batch ${spec##*:} --seq 2048 --impl grouped_mm --steps ${PEER_STEPS:-12} 2>&1 \
