@@ -65,7 +65,6 @@ from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.fast import FastBody, embedding_rows, make_block_fn, update_router_biases  # noqa: E402
-from vpmoe.model import fast as fast_module
 from vpmoe.model import graphed as graphed_module
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model import wgrad as wgrad_module  # noqa: E402
@@ -530,9 +529,6 @@ def main():
     ap.add_argument("--low-grads", default="on", choices=["on", "off", "always"],
                     help="graphed steps: the expert weights' gradients in bf16 with one micro-batch (graphed.LOW_GRADS, "
                          "the default), at every micro-batch count (always: accumulated in bf16), or fp32 (off)")
-    ap.add_argument("--overlap-shared", default="default", choices=["default", "on", "off"],
-                    help="the shared expert on a second stream beside the routed experts in the MoE blocks that keep "
-                         "their activations (FastBody overlap_shared; default: fast.OVERLAP_SHARED on CUDA)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
@@ -559,8 +555,6 @@ def main():
     graphed_module.EMBED_ROWS = a.embed_rows == "on"
     graphed_module.LOW_GRADS = {"on": True, "off": False, "always": "always"}[a.low_grads]
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
-    if a.overlap_shared != "default":
-        fast_module.OVERLAP_SHARED = a.overlap_shared == "on"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -594,7 +588,6 @@ def main():
                 row["grad_sq"] = "off"
             if a.embed_rows == "off":
                 row["embed_rows"] = "off"
-            row["overlap_shared"] = "on" if fast_module.OVERLAP_SHARED else "off"
             if a.mask_tables == "dense":
                 row["mask_tables"] = "dense"
             if a.opt:

@@ -14,7 +14,6 @@ import torch
 from bench.train_step import Trainer, make_batch
 from tests.gpu.helpers import DEV, rel_err, small_cfg
 from tests.test_weight_copies import assert_copies_exact
-from vpmoe.model import fast as F
 from vpmoe.model import graphed as G
 from vpmoe.model import kernels as K
 from vpmoe.model.fast import FastBody
@@ -232,13 +231,11 @@ def test_fast_body_fp32_matches_reference(fused_moe):
         assert rel_err(y, x) < 2e-3, (name, rel_err(y, x))
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_fast_body_bf16_compiled_no_worse_than_reference_bf16(overlap):
+def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
     """bf16: the compiled fast body's error against fp32 is at most ~1.5x the reference's own
     bf16-autocast error (+ a small floor), forward and backward, averaged over three random models
     (one model alone is noisy: a few flipped expert choices move a small gradient such as the
-    sinks' by 2x either way); and it compiles without breaks. `overlap`: the MoE blocks as pieces
-    with the shared expert on a side stream (`FastBody(overlap_shared=True)`), eagerly launched."""
+    sinks' by 2x either way); and it compiles without breaks."""
     cfg = small_cfg()
     torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the process's setting
     errs: dict[str, list] = {}
@@ -254,12 +251,10 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16(overlap):
         else:
             fast_model.load_state_dict(base.state_dict())
             fast_model.zero_grad(set_to_none=True)
-        fast, _, body = _fast_run(fast_model, ids, doc, g, body=body, overlap_shared=overlap)
+        fast, _, body = _fast_run(fast_model, ids, doc, g, body=body)
         for name, x, r, f in zip(["hidden"] + GRAD_NAMES, exact, ref_bf16, fast):
             errs.setdefault(name, []).append((rel_err(r, x), rel_err(f, x)))
     assert set(body.compile_modes().values()) == {"fullgraph"}, body.compile_modes()
-    assert bool(body.pieces) == overlap and body.overlap_shared == overlap
-    assert all(f.mode == "fullgraph" for pieces in body.pieces.values() for f in pieces)
     print("rel err vs fp32 per seed (reference bf16, fast bf16):",
           {k: [(f"{a:.2e}", f"{b:.2e}") for a, b in v] for k, v in errs.items()})
     for name, pairs in errs.items():
@@ -267,12 +262,11 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16(overlap):
         assert e_fast <= 1.5 * e_ref + 5e-3, (name, e_ref, e_fast)
 
 
-@pytest.mark.parametrize("micro,ac,release,fused_wgrad,overlap", [
-    (1, False, False, False, False), (2, False, False, False, False), (2, True, False, False, False),
-    (1, False, True, False, False), (1, False, False, True, False), (2, False, False, True, False),
-    (1, True, False, True, False), (2, True, False, True, False), (1, False, False, True, True),
-    (2, False, False, True, True)])
-def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, overlap, monkeypatch):
+@pytest.mark.parametrize("micro,ac,release,fused_wgrad", [(1, False, False, False), (2, False, False, False),
+                                                          (2, True, False, False), (1, False, True, False),
+                                                          (1, False, False, True), (2, False, False, True),
+                                                          (1, True, False, True), (2, True, False, True)])
+def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkeypatch):
     """Steps on different batches: eager-launched compiled steps vs the CUDA-graph step (2 eager
     warm-up steps, capture, replays; with micro=2 gradients accumulate over two replays; with ac
     the graphed step checkpoints its blocks, recomputing them inside the captured backward; with
@@ -286,11 +280,8 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, overla
     steps amplify a 1e-7 change of the norm into percent-level update differences (2026-12-04);
     that norm has its own test (`test_grad_sq_norm_matches_read_norm`). Likewise the embedding's
     gradient as rows (`graphed.EMBED_ROWS` off here; tests/test_embed_rows.py and
-    test_gpu_optimizer.py compare it with the dense gradient). With `overlap`, every run's MoE blocks
-    put the shared expert on a side stream (`fast.OVERLAP_SHARED`): captured, its forward and
-    backward are branches of the graph."""
+    test_gpu_optimizer.py compare it with the dense gradient)."""
     monkeypatch.setattr(K, "FUSED_WGRAD", fused_wgrad)
-    monkeypatch.setattr(F, "OVERLAP_SHARED", overlap)
     monkeypatch.setattr(G, "WEIGHT_COPIES", False)
     monkeypatch.setattr(G, "GRAD_SQ", False)
     monkeypatch.setattr(G, "EMBED_ROWS", False)
@@ -317,7 +308,6 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, overla
         return out
     losses = [steps(tr) for tr in runs]
     assert runs[2].graphed.graphs is not None
-    assert all(bool(tr.body.pieces) == overlap for tr in runs)
     if release:
         assert runs[2].graphed.graphs[0].pool() != first[0]  # captured again, in a new pool
     for i, (x, y) in enumerate(zip(losses[0], losses[2])):

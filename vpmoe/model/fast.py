@@ -28,10 +28,10 @@ Design choices:
   `fused_moe=True` `moe_fused.routed_experts` (Triton grouped GEMMs that gather the token rows,
   scale and scatter the outputs themselves, keeping only the [N*k, 128] expert activations for
   backward; not yet faster in the whole step, docs/performance.md). The
-  shared expert is two dense GEMMs on the same normed input. One compiled graph runs on one
-  stream, so to overlap them (`overlap_shared`) an MoE block that keeps its activations runs as four
-  compiled pieces (attention + norm, router + routed experts, shared expert, the sum) with the shared
-  expert on a side stream; forward and backward then overlap it with the routed path.
+  shared expert is two dense GEMMs on the same normed input, in the block's compiled graph (one
+  stream). Split off as a compiled piece on a side stream beside the routed path, the (a) step read
+  62.01 against 61.70 ms and its graphed step left the eager one's updates (H100, 2026-12-05), so
+  it is not overlapped (docs/performance.md, "What helped").
 - Activation checkpointing (`checkpoint=True`, `train.activation_checkpointing`): each block's
   compiled call is wrapped in non-reentrant `torch.utils.checkpoint`, so a block keeps only its
   inputs (the fp32 residual stream, the first layer's values) and recomputes the rest in
@@ -80,11 +80,6 @@ def tpa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
-
-
-def combine(x: torch.Tensor, shared: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-    """An MoE block's output: the residual stream plus its two experts' outputs ([B*T, d] each)."""
-    return x + (shared + routed).view(x.shape)
 
 
 def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False, fused_prologue: bool = False,
@@ -150,48 +145,34 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         up = linear(h, p[f"{prefix}up.weight"], p[f"{prefix}up.bias"], dt).to(_acc(h))
         return linear(M.squared_relu(up), p[f"{prefix}down.weight"], p[f"{prefix}down.bias"], dt).to(_acc(h))
 
-    def pre(p, x, pos, doc, v_first, mask, slopes):
-        """The attention sub-block and the FFN's norm: (x, h [B, T, d] normed, h in the GEMM dtype,
-        the first layer's values else None)."""
+    def block(p, x, pos, doc, v_first, mask, slopes):
+        B, T, _ = x.shape
         a, v_raw = attention(p, rms(x, p["attn_norm.weight"], eps), pos, doc, v_first, mask, slopes)
         # only the first layer's values are used again (v_first): an output nobody reads would still
         # get a zero-filled gradient in the compiled backward (and a re-strided copy on global layers)
+        v_raw = v_raw if first else None
         x = x + a
         h = rms(x, p["ffn_norm.weight"], eps)
-        return x, h, h.to(dt), (v_raw if first else None)
-
-    def routed(p, h, h_lo):
-        """The router and the routed experts of an MoE block: (their output [B*T, d], aux, load)."""
-        flat = h.view(-1, d)
-        idx, weight, scores = K.route_fast(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg, bf16x3)
-        aux = M.sequence_aux_loss(scores, idx, h.shape[0], cfg) if cfg.aux_loss_coef > 0 else scores.new_zeros(())
-        flat_idx = idx.flatten()
-        load = torch.zeros(cfg.n_experts, dtype=torch.long, device=h.device).scatter_add_(
-            0, flat_idx, torch.ones_like(flat_idx))
-        w_args = (p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"], p["ffn.b_down"])
-        x_lo = h_lo.view(-1, d)
-        if any(f"{kind}.w_up" in p for kind in ("sq_probe", "low", "grad_to")):  # FastBody's grad_sq,
-            out = K.routed_experts(x_lo, idx, weight, *w_args,  # use_weight_copies, use_low_grads
-                                   probes=(p.get("sq_probe.w_up"), p.get("sq_probe.w_down")),
-                                   low=(p.get("low.w_up"), p.get("low.w_down")),
-                                   grad_to=(p.get("grad_to.w_up"), p.get("grad_to.w_down")))
-        else:
-            out = routed_experts(x_lo, idx, weight, *w_args)
-        return out.to(flat.dtype), aux, load
-
-    def shared(p, h_lo):
-        """The shared expert of an MoE block on the normed input in the GEMM dtype: [B*T, d]."""
-        return ffn(p, "ffn.shared.", h_lo.view(-1, d))
-
-    def block(p, x, pos, doc, v_first, mask, slopes):
-        x, h, h_lo, v_raw = pre(p, x, pos, doc, v_first, mask, slopes)
         if not is_moe:
             return x + ffn(p, "ffn.", h), v_raw, None, None
-        out, aux, load = routed(p, h, h_lo)
-        return combine(x, shared(p, h_lo), out), v_raw, aux, load
+        flat = h.view(B * T, d)
+        idx, weight, scores = K.route_fast(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg, bf16x3)
+        aux = M.sequence_aux_loss(scores, idx, B, cfg) if cfg.aux_loss_coef > 0 else scores.new_zeros(())
+        flat_idx = idx.flatten()
+        load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx))
+        w_args = (p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"], p["ffn.b_down"])
+        if any(f"{kind}.w_up" in p for kind in ("sq_probe", "low", "grad_to")):  # FastBody's grad_sq,
+            routed = K.routed_experts(flat.to(dt), idx, weight, *w_args,  # use_weight_copies, use_low_grads
+                                      probes=(p.get("sq_probe.w_up"), p.get("sq_probe.w_down")),
+                                      low=(p.get("low.w_up"), p.get("low.w_down")),
+                                      grad_to=(p.get("grad_to.w_up"), p.get("grad_to.w_down")))
+        else:
+            routed = routed_experts(flat.to(dt), idx, weight, *w_args)
+        f = ffn(p, "ffn.shared.", flat) + routed.to(flat.dtype)
+        return x + f.view(B, T, d), v_raw, aux, load
 
-    # pieces: for bench/train_step.py's breakdown, and FastBody's shared expert on a second stream
-    block.attention, block.ffn, block.pre, block.routed, block.shared = attention, ffn, pre, routed, shared
+    block.attention, block.ffn = attention, ffn  # pieces, for bench/train_step.py's breakdown
     return block
 
 
@@ -253,10 +234,6 @@ def embedding_rows(tokens: torch.Tensor, grad_out: torch.Tensor, vocab: int) -> 
 # recompute): blocks get a compiled function per (kind, lean).
 LEAN_SAVES = {"ban_recompute_materialized_backward": False}
 
-# FastBody's default for `overlap_shared` on CUDA (the shared expert on a second stream); off until
-# measured in the whole step on a GPU (bench/train_step.py --overlap-shared on; docs/performance.md)
-OVERLAP_SHARED = False
-
 
 def _partitioner_options(lean: bool) -> dict:
     if not lean:
@@ -315,8 +292,7 @@ class FastBody:
 
     def __init__(self, model: M.VpMoE, compile: bool | None = None, dtype: torch.dtype | None = None,
                  static_masks: bool = False, checkpoint: bool | int = False, compile_backend: str = "inductor",
-                 fused_prologue: bool | None = None, fused_moe: bool = False, lean_saves: bool = False,
-                 overlap_shared: bool | None = None):
+                 fused_prologue: bool | None = None, fused_moe: bool = False, lean_saves: bool = False):
         self.model, self.cfg = model, model.cfg
         self.checkpoint = checkpointed_blocks(checkpoint, model.cfg.n_layers)  # the first blocks
         p0 = model.embed.weight
@@ -349,17 +325,6 @@ class FastBody:
                                                               self.fused_prologue, self.fused_moe),
                                                 use_compile, compile_backend, _partitioner_options(kind[3]))
             self.kind_of.append(kind)
-        # the shared expert on a second stream beside the router and routed experts, in the MoE
-        # blocks that keep their activations (`_overlapped_block`); None: the default, OVERLAP_SHARED
-        # on CUDA. On the CPU the same pieces run one after another (what the tests check)
-        self.overlap_shared = (OVERLAP_SHARED and p0.is_cuda) if overlap_shared is None else overlap_shared
-        self.pieces = {}
-        for i, kind in enumerate(self.kind_of):
-            if self.overlap_shared and kind[1] and i >= self.checkpoint and kind not in self.pieces:
-                fn = self.fns[kind].fn
-                self.pieces[kind] = [_CompileLadder(f, use_compile, compile_backend, _partitioner_options(kind[3]))
-                                     for f in (fn.pre, fn.routed, fn.shared, combine)]
-        self._side: torch.cuda.Stream | None = None
         self.params = [self._block_params(b) for b in model.layers]
         # grad_sq (set by a caller that steps after one backward, e.g. GraphedTrainStep with one
         # micro-batch): each MoE block of a forward with grad gets fresh probes (`kernels.sq_probe`),
@@ -389,31 +354,6 @@ class FastBody:
         if isinstance(block.ffn, M.MoE):
             p["ffn.expert_bias"] = block.ffn.expert_bias
         return p
-
-    def _overlapped_block(self, pieces, args):
-        """An MoE block as its pieces (`make_block_fn`), the shared expert on a side stream while the
-        router and routed experts run on the current one; their backward runs on the same streams
-        (autograd runs each backward op on its forward op's stream and syncs where they meet).
-        Each tensor that crosses streams is recorded on the stream that reads it, so the caching
-        allocator does not hand its memory to the other stream's work too early."""
-        pre, routed, shared, join = pieces
-        x, h, h_lo, v = pre(*args)
-        p = args[0]
-        if not h.is_cuda:  # one stream: the same pieces in order
-            out, aux, load = routed(p, h, h_lo)
-            return join(x, shared(p, h_lo), out), v, aux, load
-        main = torch.cuda.current_stream(h.device)
-        if self._side is None:
-            self._side = torch.cuda.Stream(h.device)
-        side = self._side
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            s = shared(p, h_lo)
-        h_lo.record_stream(side)
-        out, aux, load = routed(p, h, h_lo)
-        main.wait_stream(side)
-        s.record_stream(main)
-        return join(x, s, out), v, aux, load
 
     def known_grad_sq(self) -> dict[int, torch.Tensor]:
         """{id(weight): partial sums of its gradient's squares} for the expert weights whose gradient
@@ -562,8 +502,6 @@ class FastBody:
                 with torch.utils.checkpoint.set_checkpoint_early_stop(False):
                     x, v, aux, load = torch.utils.checkpoint.checkpoint(
                         self.fns[kind], *args, use_reentrant=False, preserve_rng_state=False)
-            elif kind in self.pieces:
-                x, v, aux, load = self._overlapped_block(self.pieces[kind], args)
             else:
                 x, v, aux, load = self.fns[kind](*args)
             if v_first is None:
