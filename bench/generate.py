@@ -9,7 +9,10 @@ CPU); each row's prompt has `--prompt` tokens and decodes `--new` tokens greedil
 token, so every run decodes the same number of steps. Columns per dispatcher: prefill seconds (a
 generate call of one token: the prompt's one forward and a sample; a two-token call before it is
 the warm-up) and decode tokens/s over all rows (a call of `--new` + 1 tokens less the prefill);
-then the grouped path's decode rate over the loop's. On-policy distillation's rollouts and the
+then the grouped path's decode rate over the loop's. `captured`: the grouped path with the
+fixed-shape cache and, on a GPU, the decode step captured as a CUDA graph once per call
+(`generate.CapturedDecode`; the capture's time counts in the decode rate; on the CPU the same cache
+stepped eagerly); its rate over the eager grouped steps'. On-policy distillation's rollouts and the
 eval's generative tasks decode this way; the figures say what a GPU-hour of rollouts buys.
 """
 from __future__ import annotations
@@ -64,22 +67,26 @@ def main():
             p.normal_(0, 0.02)
     model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     G.GROUPED_EXPERTS_ON = ()  # the loop column runs the loop on a GPU too
+    captured_on = G.CAPTURED_DECODE_ON
     rows = []
     for n in (int(r) for r in a.rows.split(",")):
         g = torch.Generator().manual_seed(n)
         prompts = torch.randint(1, min(cfg.vocab_size, 100_000), (n, a.prompt), generator=g).tolist()
         row = {"layers": a.layers, "rows": n, "prompt": a.prompt, "new": a.new}
-        for name, dispatcher in (("loop", M.experts_loop), ("grouped", K.experts_grouped)):
+        for name, dispatcher, captured in (("loop", M.experts_loop, ()), ("grouped", K.experts_grouped, ()),
+                                           ("captured", K.experts_grouped, (device.type,))):
             model.set_impl(moe=dispatcher)  # set on the model: the same on the CPU, where generate never swaps
+            G.CAPTURED_DECODE_ON = captured
             timed_generate(model, prompts[:1], 2, device)  # warm-up (allocator, kernels' first launch)
             prefill = timed_generate(model, prompts, 1, device)
             total = timed_generate(model, prompts, a.new + 1, device)
             row[f"{name}_prefill_s"] = prefill
             row[f"{name}_decode_tok_s"] = n * a.new / max(total - prefill, 1e-9)
         row["grouped_over_loop"] = row["grouped_decode_tok_s"] / row["loop_decode_tok_s"]
+        row["captured_over_grouped"] = row["captured_decode_tok_s"] / row["grouped_decode_tok_s"]
         rows.append(row)
         print(markdown_table(rows[-1:]), flush=True)
-    G.GROUPED_EXPERTS_ON = ("cuda",)
+    G.GROUPED_EXPERTS_ON, G.CAPTURED_DECODE_ON = ("cuda",), captured_on
     model.set_impl(moe=M.experts_loop)
     cmd = "python bench/generate.py " + " ".join(sys.argv[1:])
     if a.record:

@@ -1,5 +1,6 @@
 """Generation on the GPU (vpmoe/model/generate.py): the grouped-GEMM experts it runs there decode as
-the reference loop does, in bf16, and a decode step stops syncing the host per expert."""
+the reference loop does, in bf16, and a decode step stops syncing the host per expert; the decode
+step captured as a CUDA graph gives the eager steps' tokens and makes no host sync."""
 import warnings
 
 import torch
@@ -38,6 +39,7 @@ def test_generate_on_gpu_runs_grouped_experts_as_the_loop(monkeypatch):
     model = _model()
     moe = model.moe_layers()
     prompts = [list(range(100 + 7 * b, 140 + 9 * b)) for b in range(4)]
+    monkeypatch.setattr(G, "CAPTURED_DECODE_ON", ())  # eager steps here: test_captured_decode_* below
     runs = {}
     for grouped in (False, True):
         monkeypatch.setattr(G, "GROUPED_EXPERTS_ON", ("cuda",) if grouped else ())
@@ -67,3 +69,35 @@ def test_generate_on_gpu_runs_grouped_experts_as_the_loop(monkeypatch):
     # the loop's `nonzero` per expert and layer; the grouped path none per expert
     n_experts = model.cfg.n_experts
     assert loop_syncs >= n_experts * len(moe) and grouped_syncs <= 2 * len(model.layers), (loop_syncs, grouped_syncs)
+
+
+@torch.no_grad()
+def test_captured_decode_gives_the_eager_steps_tokens(monkeypatch):
+    """`generate` with its decode step captured (`CapturedDecode`, the default on CUDA) against the
+    same fixed-shape cache stepped eagerly (the capture made to fail: the fallback path): the same
+    kernels on the same shapes, so the same tokens exactly, greedy and sampled, with left-padded
+    prompts longer than the window. No capture warning. A replay makes no host sync."""
+    model = _model()
+    prompts = [list(range(100 + 7 * b, 300 + 9 * b)) for b in range(4)]
+    runs = {}
+    for captured in (True, False):
+        if not captured:
+            def refuse(*args):
+                raise RuntimeError("capture refused by the test")
+            monkeypatch.setattr(G, "CapturedDecode", refuse)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[captured] = [G.generate(model, prompts, max_new_tokens=24, stop_ids=(), pad_id=0),
+                              G.generate(model, prompts, max_new_tokens=24, stop_ids=(), pad_id=0,
+                                         temperature=0.9, top_p=0.9, seed=3)]
+        assert any("could not be captured" in str(w.message) for w in caught) == (not captured)
+    assert runs[True] == runs[False]
+    monkeypatch.undo()
+    cache = G.StaticKVCache(model.cfg, 4, 64, torch.device(DEV))
+    ids = torch.tensor([p[:40] for p in prompts], device=DEV)
+    model(ids, cache=cache)
+    model(ids[:, -1:], cache=cache)  # the eager warm-up step
+    step = G.CapturedDecode(model, cache, ids[:, -1:])
+    syncs = _host_syncs(lambda: step(ids[:, :1]))
+    print(f"host syncs per captured decode step: {syncs}")
+    assert syncs == 0 and cache.seen == 43

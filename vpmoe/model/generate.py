@@ -13,19 +13,33 @@ Design choices:
   same function; `grouped_experts`, which the HF adapter's forward uses too) instead of the
   reference loop, whose `nonzero` syncs the host once per expert and layer: ~20k times per decoded
   token at 80 layers. The loop is put back after; other dispatchers (expert parallelism) are kept.
+- Even so an eager decode step is launch-bound: ~80 ms per step at 20 layers on an H100 whether it
+  decodes 1 row or 64 (12.8 against 827 tokens/s, bench/RESULTS.md 2026-12-05 14:34). So on a GPU
+  the cache has fixed shapes (`StaticKVCache`: capacity = the longest prompt + max_new_tokens) and
+  the decode step is captured once as a CUDA graph and replayed (`CapturedDecode`); a step that
+  cannot be captured falls back to eager launches with a warning. Sampling itself stays outside
+  the graph (a few kernels). Rows' stops are read every `STOP_CHECK_EVERY` steps, not every step,
+  so the host does not wait for each step before queuing the next; the tokens are the same (a
+  finished row only adds -1s, which are dropped).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 from vpmoe.model import model as M
-from vpmoe.model.model import VpMoE
+from vpmoe.model.model import KVCache, VpMoE
 
 # device types where sampling and the HF adapter run the routed experts as grouped GEMMs (module
 # docstring); a module setting (bench/generate.py's A/B switch, tests), not a config knob
 GROUPED_EXPERTS_ON = ("cuda",)
+
+# device types where sampling uses the fixed-shape cache, with the decode step captured as a CUDA
+# graph on CUDA (module docstring); a module setting like GROUPED_EXPERTS_ON (tests, the bench's A/B)
+CAPTURED_DECODE_ON = ("cuda",)
+STOP_CHECK_EVERY = 8
 
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
 
@@ -76,22 +90,133 @@ def grouped_experts(model: VpMoE, device: torch.device):
 
 
 def _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, subset) -> torch.Tensor:
-    """Prefill, then one token per step; [B, new] with -1 after a row's stop."""
+    """Prefill, then one token per step; [B, steps] with -1 after a row's stop."""
     B, device = ids.shape[0], ids.device
-    cache = model.new_cache(B)
+    static = device.type in CAPTURED_DECODE_ON
+    cache = (StaticKVCache(model.cfg, B, ids.shape[1] + max_new_tokens, device) if static
+             else model.new_cache(B))
     # the head on the last position only: the prompt's other logits would be [B, T, V] for nothing
     logits = model.lm_head(model(ids, cache=cache, attention_mask=mask, return_hidden=True).hidden[:, -1])
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_fn = _eager_step(model, cache)
     for step in range(max_new_tokens):
         nxt = sample(logits.float(), temperature, top_p, gen)
         full = subset.to_full(nxt) if subset is not None else nxt
-        out = torch.cat([out, torch.where(done, torch.full_like(full, -1), full)[:, None]], 1)
+        out[:, step] = torch.where(done, torch.full_like(full, -1), full)
         done |= torch.isin(full, stops)
-        if step == max_new_tokens - 1 or bool(done.all()):  # the last token's logits are never read
-            break
-        logits = model(nxt[:, None], cache=cache).logits[:, -1]
+        if step == max_new_tokens - 1:  # the last token's logits are never read
+            return out
+        if (step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
+            return out[:, :step + 1]
+        if static and device.type == "cuda" and step == 1:  # step 0 ran eagerly: the warm-up
+            step_fn = _captured_or_eager(model, cache, nxt[:, None], step_fn)
+            logits = step_fn.logits
+        else:
+            logits = step_fn(nxt[:, None])
     return out
+
+
+def _eager_step(model, cache):
+    return lambda tokens: model(tokens, cache=cache).logits[:, -1]
+
+
+def _captured_or_eager(model, cache, tokens, eager):
+    """The decode step captured (it runs once here for `tokens`), else, with a warning, `eager`
+    after running this step with it; either way `.logits` holds this step's logits."""
+    seen = cache.seen
+    try:
+        return CapturedDecode(model, cache, tokens)
+    except Exception as e:  # noqa: BLE001 (anything the capture refuses: run the steps eagerly)
+        cache.seen = seen  # a failed capture ran nothing on the device
+        warnings.warn(f"vpmoe.model.generate: the decode step could not be captured ({e!r:.300}); "
+                      "decoding with eager launches")
+        eager.logits = eager(tokens)
+        return eager
+
+
+class StaticKVCache(KVCache):
+    """A KV cache of fixed shapes and addresses, so a decode step can be captured (`CapturedDecode`).
+
+    Each layer's buffers are allocated once: a local layer keeps its last `window` entries in a
+    ring (slot = the chunk's token count mod window), a global layer up to `capacity` entries.
+    Slots never written hold doc -2, which no query shares. A one-token step writes its entries in
+    place at slots computed from a device counter (`count`) and attends over the whole buffer
+    (positions and documents mask what it must not see), so every step runs the same kernels on
+    the same memory. A longer chunk attends over the buffer and itself (the prompt, into empty
+    buffers: itself only), then keeps its last entries. Positions advance in place. The host counts tokens (`seen`) to refuse more
+    than `capacity`. For sampling only (no autograd, no reordering)."""
+
+    def __init__(self, cfg, batch_size: int, capacity: int, device):
+        super().__init__(cfg, batch_size)
+        self.capacity = capacity
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens fed so far
+        self.start = torch.zeros(1, dtype=torch.long, device=device)  # the current chunk's first
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def note_mask(self, mask: torch.Tensor) -> None:
+        """Nothing to note: no slots are trimmed by position (the base class's reason to)."""
+
+    def reserve(self, n: int) -> None:
+        """Refuse n more tokens past `capacity` (before anything is written)."""
+        if self.seen + n > self.capacity:
+            raise ValueError(f"StaticKVCache: {self.seen} tokens + {n} more exceed its capacity of "
+                             f"{self.capacity} (the longest prompt + max_new_tokens)")
+
+    def advance(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = mask.shape[1]
+        self.reserve(T)
+        positions = (self.next_pos[:, None] + mask.cumsum(1) - 1).clamp(min=0)
+        doc = torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -1))
+        self.next_pos.add_(mask.sum(1))
+        self.start.copy_(self.count)
+        self.count.add_(T)
+        self.seen += T
+        return positions, doc
+
+    def update(self, layer: int, k, v, pos, doc):
+        if k.requires_grad or v.requires_grad:
+            raise ValueError("StaticKVCache is for sampling: no autograd through its in-place writes")
+        size = self.capacity if self.cfg.is_global(layer) else min(self.cfg.window, self.capacity)
+        if self.layers[layer] is None:
+            self.layers[layer] = (k.new_zeros(*k.shape[:2], size, k.shape[3]), v.new_zeros(*v.shape[:2], size, v.shape[3]),
+                                  pos.new_zeros(pos.shape[0], size), torch.full_like(doc[:, :1], -2).expand(-1, size).clone())
+        bufs, parts, T = self.layers[layer], (k, v, pos, doc), k.shape[2]
+        # a chunk attends over what the buffers hold and itself: the chunk alone when they are empty
+        # (the prompt: no [T, capacity + T] scores), the buffers alone for one token (written first)
+        visible = (bufs if T == 1 else parts if self.seen == T else
+                   tuple(torch.cat([b, x], dim=2 if b.dim() == 4 else 1) for b, x in zip(bufs, parts)))
+        n = min(T, size)  # a chunk longer than a ring keeps its last entries
+        slots = (self.start + torch.arange(T - n, T, device=k.device)) % size
+        for b, x in zip(bufs, parts):
+            dim = 2 if b.dim() == 4 else 1
+            b.index_copy_(dim, slots, x.narrow(dim, T - n, n))
+        return visible
+
+    def reorder(self, index: torch.Tensor) -> None:
+        raise NotImplementedError("StaticKVCache keeps its rows (sampling only); use KVCache to reorder")
+
+
+class CapturedDecode:
+    """One decode step, `model(tokens [B, 1], cache).logits[:, -1]` through a `StaticKVCache`, as a
+    CUDA graph: captured on the first call (after an eager step: the warm-up that CUDA graphs want
+    for lazy initialisation), which it also runs, then replayed with new tokens copied into its
+    input. `logits` is the graph's output buffer, rewritten by each replay."""
+
+    def __init__(self, model, cache: StaticKVCache, tokens: torch.Tensor):
+        self.cache = cache
+        self.tokens = tokens.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, cache=cache).logits[:, -1]
+        self.graph.replay()  # capture recorded the step (its host count advanced): now it runs
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.cache.reserve(1)
+        self.tokens.copy_(tokens)
+        self.cache.seen += 1
+        self.graph.replay()
+        return self.logits
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

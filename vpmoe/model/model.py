@@ -87,6 +87,18 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+_SLOPES_ON: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def alibi_slopes_on(n_heads: int, device: torch.device) -> torch.Tensor:
+    """`alibi_slopes` on `device`, copied there once: a forward makes no host-to-device copy (a
+    captured decode step, `generate.CapturedDecode`, could not hold one)."""
+    key = (n_heads, str(device))
+    if key not in _SLOPES_ON:
+        _SLOPES_ON[key] = alibi_slopes(n_heads).to(device)
+    return _SLOPES_ON[key]
+
+
 def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
@@ -184,6 +196,16 @@ class KVCache:
         """Record whether this chunk's padding (mask 0) lands inside the cache (class docstring)."""
         if not self.inner_pad:
             self.inner_pad = bool((mask == 0).any()) if self.seen else bool((mask[:, :-1] > mask[:, 1:]).any())
+
+    def advance(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk of tokens [B, T] arrives (mask: 1 real, 0 padding): its (positions, doc ids), which
+        continue each row's positions; padding gets doc -1, which no real token attends to."""
+        start = self.next_pos if self.next_pos is not None else mask.new_zeros(mask.shape[0])
+        positions = (start[:, None] + mask.cumsum(1) - 1).clamp(min=0)
+        doc = torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -1))
+        self.next_pos = start + mask.sum(1)
+        self.seen += mask.shape[1]
+        return positions, doc
 
     def update(self, layer: int, k, v, pos, doc):
         """Append new entries; return the full (k, v, pos, doc) to attend over; trim local layers."""
@@ -306,7 +328,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, k_pos, k_doc = cache.update(self.layer, k, v, positions, doc_ids)
         window = None if self.is_global else self.cfg.window
-        slopes = alibi_slopes(self.cfg.n_heads).to(x.device) if self.is_global else None
+        slopes = alibi_slopes_on(self.cfg.n_heads, x.device) if self.is_global else None
         out = ATTENTION_IMPLS[self.impl](q, k, v, self.sinks, positions, k_pos, doc_ids, k_doc, window, slopes)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.wo(out), v_raw
@@ -520,7 +542,6 @@ class VpMoE(nn.Module):
         With a cache, input_ids are the new tokens: positions continue from the cache, and padding
         (attention_mask 0, e.g. left padding in batched generation) is kept out of attention.
         """
-        B, T = input_ids.shape
         if cache is None:
             if doc_ids is None:
                 doc_ids = torch.zeros_like(input_ids)
@@ -533,12 +554,7 @@ class VpMoE(nn.Module):
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             if attention_mask is not None:
                 cache.note_mask(mask)
-            start = cache.next_pos if cache.next_pos is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
-            positions = start[:, None] + mask.cumsum(1) - 1
-            positions = positions.clamp(min=0)
-            doc_ids = torch.where(mask.bool(), torch.zeros_like(input_ids), torch.full_like(input_ids, -1))
-            cache.next_pos = start + mask.sum(1)
-            cache.seen += T
+            positions, doc_ids = cache.advance(mask)
         x = self.embed(input_ids)
         v_first = None
         aux_total = x.new_zeros((), dtype=torch.float32)
