@@ -144,8 +144,9 @@ class StaticKVCache(KVCache):
     place at slots computed from a device counter (`count`) and attends over the whole buffer
     (positions and documents mask what it must not see), so every step runs the same kernels on
     the same memory. A longer chunk attends over the buffer and itself (the prompt, into empty
-    buffers: itself only), then keeps its last entries. Positions advance in place. The host counts tokens (`seen`) to refuse more
-    than `capacity`. For sampling only (no autograd, no reordering)."""
+    buffers: itself only), then keeps its last entries. Positions advance in place. The host
+    counts tokens (`seen`) to refuse more than `capacity`. For sampling only (no autograd, no
+    reordering)."""
 
     def __init__(self, cfg, batch_size: int, capacity: int, device):
         super().__init__(cfg, batch_size)
@@ -164,10 +165,10 @@ class StaticKVCache(KVCache):
                              f"{self.capacity} (the longest prompt + max_new_tokens)")
 
     def advance(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`KVCache.advance`, with the next positions and the device's token count moved in place."""
         T = mask.shape[1]
         self.reserve(T)
-        positions = (self.next_pos[:, None] + mask.cumsum(1) - 1).clamp(min=0)
-        doc = torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -1))
+        positions, doc = M.chunk_positions(self.next_pos, mask)  # before the in-place add: no alias
         self.next_pos.add_(mask.sum(1))
         self.start.copy_(self.count)
         self.count.add_(T)
@@ -178,9 +179,10 @@ class StaticKVCache(KVCache):
         if k.requires_grad or v.requires_grad:
             raise ValueError("StaticKVCache is for sampling: no autograd through its in-place writes")
         size = self.capacity if self.cfg.is_global(layer) else min(self.cfg.window, self.capacity)
-        if self.layers[layer] is None:
-            self.layers[layer] = (k.new_zeros(*k.shape[:2], size, k.shape[3]), v.new_zeros(*v.shape[:2], size, v.shape[3]),
-                                  pos.new_zeros(pos.shape[0], size), torch.full_like(doc[:, :1], -2).expand(-1, size).clone())
+        if self.layers[layer] is None:  # k, v [B, G, size, D]; pos, doc [B, size]
+            self.layers[layer] = (k.new_zeros(*k.shape[:2], size, k.shape[3]),
+                                  v.new_zeros(*v.shape[:2], size, v.shape[3]),
+                                  pos.new_zeros(pos.shape[0], size), doc.new_full((doc.shape[0], size), -2))
         bufs, parts, T = self.layers[layer], (k, v, pos, doc), k.shape[2]
         # a chunk attends over what the buffers hold and itself: the chunk alone when they are empty
         # (the prompt: no [T, capacity + T] scores), the buffers alone for one token (written first)

@@ -159,6 +159,14 @@ def attention_reference(q, k, v, sinks, q_pos, k_pos, q_doc, k_doc, window: int 
 # KV cache
 
 
+def chunk_positions(start: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, doc ids) [B, T] of a chunk of tokens appended to a cache whose rows' next positions
+    are start [B]; mask [B, T]: 1 real, 0 padding. Positions continue over real tokens only; padding
+    gets doc -1, which no real token attends to."""
+    positions = (start[:, None] + mask.cumsum(1) - 1).clamp(min=0)
+    return positions, torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -1))
+
+
 def _slots(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Cache slots start:end of k / v [B, H, T, D] or pos / doc [B, T]."""
     return t[:, :, start:end] if t.dim() == 4 else t[:, start:end]
@@ -198,14 +206,12 @@ class KVCache:
             self.inner_pad = bool((mask == 0).any()) if self.seen else bool((mask[:, :-1] > mask[:, 1:]).any())
 
     def advance(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A chunk of tokens [B, T] arrives (mask: 1 real, 0 padding): its (positions, doc ids), which
-        continue each row's positions; padding gets doc -1, which no real token attends to."""
+        """A chunk of tokens [B, T] arrives (mask: 1 real, 0 padding): its (positions, doc ids)
+        (`chunk_positions`); the rows' next positions and the token count move on."""
         start = self.next_pos if self.next_pos is not None else mask.new_zeros(mask.shape[0])
-        positions = (start[:, None] + mask.cumsum(1) - 1).clamp(min=0)
-        doc = torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -1))
         self.next_pos = start + mask.sum(1)
         self.seen += mask.shape[1]
-        return positions, doc
+        return chunk_positions(start, mask)
 
     def update(self, layer: int, k, v, pos, doc):
         """Append new entries; return the full (k, v, pos, doc) to attend over; trim local layers."""
