@@ -206,10 +206,13 @@ class CapturedDecode:
     input. `logits` is the graph's output buffer, rewritten by each replay."""
 
     def __init__(self, model, cache: StaticKVCache, tokens: torch.Tensor):
+        from vpmoe.model.graphed import CAPTURE_LOCK, CAPTURE_MODE
         self.cache = cache
         self.tokens = tokens.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # as the train step's captures: no thread pins host memory meanwhile (a trainer's prefetch
+        # thread may run beside an evaluation's sampling; graphed.py's docstring says why)
+        with CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
             self.logits = model(self.tokens, cache=cache).logits[:, -1]
         self.graph.replay()  # capture recorded the step (its host count advanced): now it runs
 
