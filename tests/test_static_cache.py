@@ -87,7 +87,7 @@ def test_generate_with_the_static_cache_is_greedy_decoding(stop_rows, monkeypatc
         want = [row[:c] for row, c in zip(want, cut)]
         assert max(cut) <= 3
     monkeypatch.setattr(G, "CAPTURED_DECODE_ON", ("cpu",))
-    monkeypatch.setattr(G, "STOP_CHECK_EVERY", 4)
+    monkeypatch.setattr(G, "STOP_CHECK_EVERY", {"cpu": 4})
     made = []
     real = G.StaticKVCache
     monkeypatch.setattr(G, "StaticKVCache", lambda *a: made.append(real(*a)) or made[-1])

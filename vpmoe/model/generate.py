@@ -18,9 +18,9 @@ Design choices:
   the cache has fixed shapes (`StaticKVCache`: capacity = the longest prompt + max_new_tokens) and
   the decode step is captured once as a CUDA graph and replayed (`CapturedDecode`); a step that
   cannot be captured falls back to eager launches with a warning. Sampling itself stays outside
-  the graph (a few kernels). Rows' stops are read every `STOP_CHECK_EVERY` steps, not every step,
-  so the host does not wait for each step before queuing the next; the tokens are the same (a
-  finished row only adds -1s, which are dropped).
+  the graph (a few kernels). On a GPU the rows' stops are read every 8 steps (`STOP_CHECK_EVERY`),
+  not every step, so the host does not wait for each step before queuing the next; the tokens are
+  the same (a finished row only adds -1s, which are dropped).
 """
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ GROUPED_EXPERTS_ON = ("cuda",)
 # device types where sampling uses the fixed-shape cache, with the decode step captured as a CUDA
 # graph on CUDA (module docstring); a module setting like GROUPED_EXPERTS_ON (tests, the bench's A/B)
 CAPTURED_DECODE_ON = ("cuda",)
-STOP_CHECK_EVERY = 8
+# steps between reads of the rows' stops, per device type (1 where absent: on the CPU a read costs
+# nothing, and each extra step costs its full time)
+STOP_CHECK_EVERY = {"cuda": 8}
 
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
 
@@ -100,6 +102,7 @@ def _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, su
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_fn = _eager_step(model, cache)
+    check_every = STOP_CHECK_EVERY.get(device.type, 1)
     for step in range(max_new_tokens):
         nxt = sample(logits.float(), temperature, top_p, gen)
         full = subset.to_full(nxt) if subset is not None else nxt
@@ -107,7 +110,7 @@ def _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, su
         done |= torch.isin(full, stops)
         if step == max_new_tokens - 1:  # the last token's logits are never read
             return out
-        if (step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
+        if (step + 1) % check_every == 0 and bool(done.all()):
             return out[:, :step + 1]
         if static and device.type == "cuda" and step == 1:  # step 0 ran eagerly: the warm-up
             step_fn = _captured_or_eager(model, cache, nxt[:, None], step_fn)
