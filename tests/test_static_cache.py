@@ -115,3 +115,27 @@ def test_a_step_that_cannot_be_captured_runs_eagerly():
     assert step is eager and cache.seen == 4 and int(cache.count) == 4
     torch.testing.assert_close(step.logits[0], _last_logits(model, [4, 5, 6, 7]), rtol=0, atol=1e-9)
     torch.testing.assert_close(step(torch.tensor([[8]]))[0], _last_logits(model, [4, 5, 6, 7, 8]), rtol=0, atol=1e-9)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("static", [False, True])
+def test_prefill_in_chunks_is_greedy_decoding(static, monkeypatch):
+    """A prompt prefilled in chunks through the cache (`PREFILL_TOKENS` 9 over 3 rows: chunks of 3
+    tokens, the window 5; the short row's first chunks all padding) decodes what full forwards do,
+    with the growing cache and the fixed-shape one; an all-empty batch is refused by name."""
+    model = _model(seed=8)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4], [12, 13, 14, 15, 16, 17, 18]]
+    monkeypatch.setattr(G, "CAPTURED_DECODE_ON", ("cpu",) if static else ())
+    monkeypatch.setattr(G, "PREFILL_TOKENS", 9)
+    forwards = []
+    hook = model.layers[0].register_forward_hook(lambda mod, inp, out: forwards.append(inp[0].shape[1]))
+    got = G.generate(model, prompts, max_new_tokens=5, stop_ids=(), pad_id=0)
+    hook.remove()
+    assert forwards[:4] == [3, 3, 3, 2] and forwards[4:] == [1] * 4
+    for p, o in zip(prompts, got):
+        seq = list(p)
+        for t in o:
+            assert t == int(_last_logits(model, seq).argmax())
+            seq.append(t)
+    with pytest.raises(ValueError, match="every prompt is empty"):
+        G.generate(model, [[], []], max_new_tokens=2)

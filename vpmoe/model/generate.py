@@ -2,8 +2,9 @@
 
 Design choices:
 - One function, `generate`, used by the eval, the demo and (later) on-policy distillation rollouts:
-  prompts of different lengths are left-padded into one batch and prefilled in one forward; then
-  one token per step through the cache (local layers keep only their window).
+  prompts of different lengths are left-padded into one batch and prefilled through the cache, in
+  chunks of `PREFILL_TOKENS` over all rows (one forward for short prompts); then one token per step
+  through the cache (local layers keep only their window).
 - Ids in and out are full o200k ids; with a vocabulary subset (vpmoe.data.vocab_subset) the model
   sees compact ids and sampled ids are mapped back, so callers never handle compact ids.
 - A row stops at its first stop token (kept in the output); finished rows keep running as padding
@@ -42,6 +43,10 @@ CAPTURED_DECODE_ON = ("cuda",)
 # steps between reads of the rows' stops, per device type (1 where absent: on the CPU a read costs
 # nothing, and each extra step costs its full time)
 STOP_CHECK_EVERY = {"cuda": 8}
+# prompt tokens per prefill forward, over all rows (at least one per row): the reference attention
+# makes [rows, heads, chunk, keys] fp32 scores, so a 4,096-token prompt x 64 rows in one forward
+# would take ~34 GB per layer for them; in chunks through the cache it takes a fraction of that
+PREFILL_TOKENS = 16384
 
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
 
@@ -54,6 +59,8 @@ def generate(model: VpMoE, prompts: list[list[int]], max_new_tokens: int, stop_i
     device = next(model.parameters()).device
     B = len(prompts)
     width = max(len(p) for p in prompts)
+    if width == 0:
+        raise ValueError("generate: every prompt is empty (nothing to continue from)")
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     mask = torch.zeros(B, width, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -97,8 +104,12 @@ def _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, su
     static = device.type in CAPTURED_DECODE_ON
     cache = (StaticKVCache(model.cfg, B, ids.shape[1] + max_new_tokens, device) if static
              else model.new_cache(B))
+    chunk = max(1, PREFILL_TOKENS // B)
+    for start in range(0, ids.shape[1], chunk):
+        part = slice(start, start + chunk)
+        hidden = model(ids[:, part], cache=cache, attention_mask=mask[:, part], return_hidden=True).hidden
     # the head on the last position only: the prompt's other logits would be [B, T, V] for nothing
-    logits = model.lm_head(model(ids, cache=cache, attention_mask=mask, return_hidden=True).hidden[:, -1])
+    logits = model.lm_head(hidden[:, -1])
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_fn = _eager_step(model, cache)
