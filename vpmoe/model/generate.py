@@ -124,8 +124,7 @@ def _decode(model, ids, mask, max_new_tokens, stops, temperature, top_p, gen, su
         if (step + 1) % check_every == 0 and bool(done.all()):
             return out[:, :step + 1]
         if static and device.type == "cuda" and step == 1:  # step 0 ran eagerly: the warm-up
-            step_fn = _captured_or_eager(model, cache, nxt[:, None], step_fn)
-            logits = step_fn.logits
+            step_fn, logits = _captured_or_eager(model, cache, nxt[:, None], step_fn)
         else:
             logits = step_fn(nxt[:, None])
     return out
@@ -136,17 +135,17 @@ def _eager_step(model, cache):
 
 
 def _captured_or_eager(model, cache, tokens, eager):
-    """The decode step captured (it runs once here for `tokens`), else, with a warning, `eager`
-    after running this step with it; either way `.logits` holds this step's logits."""
+    """(the step function for the next steps, this step's logits): the decode step captured (it
+    runs once here for `tokens`), else, with a warning, `eager`, which runs this step."""
     seen = cache.seen
     try:
-        return CapturedDecode(model, cache, tokens)
+        captured = CapturedDecode(model, cache, tokens)
+        return captured, captured.logits
     except Exception as e:  # noqa: BLE001 (anything the capture refuses: run the steps eagerly)
         cache.seen = seen  # a failed capture ran nothing on the device
         warnings.warn(f"vpmoe.model.generate: the decode step could not be captured ({e!r:.300}); "
                       "decoding with eager launches")
-        eager.logits = eager(tokens)
-        return eager
+        return eager, eager(tokens)
 
 
 class StaticKVCache(KVCache):
@@ -168,6 +167,7 @@ class StaticKVCache(KVCache):
         self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens fed so far
         self.start = torch.zeros(1, dtype=torch.long, device=device)  # the current chunk's first
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._chunk_slots: dict[int, torch.Tensor] = {}
 
     def note_mask(self, mask: torch.Tensor) -> None:
         """Nothing to note: no slots are trimmed by position (the base class's reason to)."""
@@ -187,26 +187,27 @@ class StaticKVCache(KVCache):
         self.start.copy_(self.count)
         self.count.add_(T)
         self.seen += T
+        self._chunk_slots = {}  # {buffer size: this chunk's slots}, made once for every layer of a size
         return positions, doc
 
     def update(self, layer: int, k, v, pos, doc):
         if k.requires_grad or v.requires_grad:
             raise ValueError("StaticKVCache is for sampling: no autograd through its in-place writes")
         size = self.capacity if self.cfg.is_global(layer) else min(self.cfg.window, self.capacity)
-        if self.layers[layer] is None:  # k, v [B, G, size, D]; pos, doc [B, size]
-            self.layers[layer] = (k.new_zeros(*k.shape[:2], size, k.shape[3]),
-                                  v.new_zeros(*v.shape[:2], size, v.shape[3]),
-                                  pos.new_zeros(pos.shape[0], size), doc.new_full((doc.shape[0], size), -2))
+        if self.layers[layer] is None:
+            self.layers[layer] = (k.new_zeros(M.slot_shape(k, size)), v.new_zeros(M.slot_shape(v, size)),
+                                  pos.new_zeros(M.slot_shape(pos, size)), doc.new_full(M.slot_shape(doc, size), -2))
         bufs, parts, T = self.layers[layer], (k, v, pos, doc), k.shape[2]
         # a chunk attends over what the buffers hold and itself: the chunk alone when they are empty
         # (the prompt: no [T, capacity + T] scores), the buffers alone for one token (written first)
         visible = (bufs if T == 1 else parts if self.seen == T else
-                   tuple(torch.cat([b, x], dim=2 if b.dim() == 4 else 1) for b, x in zip(bufs, parts)))
+                   tuple(torch.cat([b, x], dim=M.slot_dim(b)) for b, x in zip(bufs, parts)))
         n = min(T, size)  # a chunk longer than a ring keeps its last entries
-        slots = (self.start + torch.arange(T - n, T, device=k.device)) % size
+        slots = self._chunk_slots.get(size)
+        if slots is None:
+            slots = self._chunk_slots[size] = (self.start + torch.arange(T - n, T, device=k.device)) % size
         for b, x in zip(bufs, parts):
-            dim = 2 if b.dim() == 4 else 1
-            b.index_copy_(dim, slots, x.narrow(dim, T - n, n))
+            b.index_copy_(M.slot_dim(b), slots, x.narrow(M.slot_dim(b), T - n, n))
         return visible
 
     def reorder(self, index: torch.Tensor) -> None:

@@ -167,9 +167,21 @@ def chunk_positions(start: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     return positions, torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -1))
 
 
+def slot_dim(t: torch.Tensor) -> int:
+    """The slot (token) axis of a cache tensor: 2 of k / v [B, G, S, D], 1 of pos / doc [B, S]."""
+    return 2 if t.dim() == 4 else 1
+
+
+def slot_shape(t: torch.Tensor, n: int) -> list[int]:
+    """t's shape with n slots."""
+    shape = list(t.shape)
+    shape[slot_dim(t)] = n
+    return shape
+
+
 def _slots(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Cache slots start:end of k / v [B, H, T, D] or pos / doc [B, T]."""
-    return t[:, :, start:end] if t.dim() == 4 else t[:, start:end]
+    """Cache slots start:end of k / v [B, G, S, D] or pos / doc [B, S]."""
+    return t.narrow(slot_dim(t), start, end - start)
 
 
 class KVCache:
@@ -248,8 +260,7 @@ class KVCache:
         # an append under autograd)
         if bufs is None or old is None or old[0].data_ptr() != bufs[0].data_ptr() or bufs[0].shape[2] < length + n:
             cap = length + n + self.GROW
-            bufs = tuple(t.new_empty(*t.shape[:2], cap, t.shape[3]) if t.dim() == 4 else t.new_empty(t.shape[0], cap)
-                         for t in (k, v, pos, doc))
+            bufs = tuple(t.new_empty(slot_shape(t, cap)) for t in (k, v, pos, doc))
             if old is not None:
                 for buf, part in zip(bufs, old):
                     _slots(buf, 0, length).copy_(part)
