@@ -45,7 +45,7 @@ CAPTURED_DECODE_ON = ("cuda",)
 STOP_CHECK_EVERY = {"cuda": 8}
 # prompt tokens per prefill forward, over all rows (at least one per row): the reference attention
 # makes [rows, heads, chunk, keys] fp32 scores, so a 4,096-token prompt x 64 rows in one forward
-# would take ~34 GB per layer for them; in chunks through the cache it takes a fraction of that
+# would take ~34 GB per layer for them (by count); in chunks through the cache it takes a fraction of that
 PREFILL_TOKENS = 16384
 
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
