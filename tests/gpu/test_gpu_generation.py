@@ -95,9 +95,10 @@ def test_captured_decode_gives_the_eager_steps_tokens(monkeypatch):
     monkeypatch.undo()
     cache = G.StaticKVCache(model.cfg, 4, 64, torch.device(DEV))
     ids = torch.tensor([p[:40] for p in prompts], device=DEV)
-    model(ids, cache=cache)
-    model(ids[:, -1:], cache=cache)  # the eager warm-up step
-    step = G.CapturedDecode(model, cache, ids[:, -1:])
-    syncs = _host_syncs(lambda: step(ids[:, :1]))
+    with G.grouped_experts(model, torch.device(DEV)):  # as `generate` runs it: the loop syncs per expert
+        model(ids, cache=cache)
+        model(ids[:, -1:], cache=cache)  # the eager warm-up step
+        step = G.CapturedDecode(model, cache, ids[:, -1:])
+        syncs = _host_syncs(lambda: step(ids[:, :1]))
     print(f"host syncs per captured decode step: {syncs}")
     assert syncs == 0 and cache.seen == 43
