@@ -21,8 +21,9 @@ def _model():
     return model.bfloat16().eval()
 
 
-def _host_syncs(fn) -> int:
-    """Host syncs `fn` makes, counted by torch's sync debug mode (a warning per sync)."""
+def _host_syncs(fn) -> list[str]:
+    """Host syncs `fn` makes, by torch's sync debug mode (a warning per sync): the Python line that
+    made each (a warning from C++ is attributed to the calling Python frame), so a failure says where."""
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -31,7 +32,7 @@ def _host_syncs(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 @torch.no_grad()
@@ -60,11 +61,11 @@ def test_generate_on_gpu_runs_grouped_experts_as_the_loop(monkeypatch):
 
     def step():
         return model(ids[:, -1:], cache=cache)
-    grouped_syncs = _host_syncs(step)
+    grouped_syncs = len(_host_syncs(step))
     model.set_impl(moe=M.experts_loop)
     cache = model.new_cache(1)
     model(ids[:, :-1], cache=cache)
-    loop_syncs = _host_syncs(step)
+    loop_syncs = len(_host_syncs(step))
     print(f"host syncs per decode step: loop {loop_syncs}, grouped {grouped_syncs}")
     # the loop's `nonzero` per expert and layer; the grouped path none per expert
     n_experts = model.cfg.n_experts
@@ -100,5 +101,5 @@ def test_captured_decode_gives_the_eager_steps_tokens(monkeypatch):
         model(ids[:, -1:], cache=cache)  # the eager warm-up step
         step = G.CapturedDecode(model, cache, ids[:, -1:])
         syncs = _host_syncs(lambda: step(ids[:, :1]))
-    print(f"host syncs per captured decode step: {syncs}")
-    assert syncs == 0 and cache.seen == 43
+    print(f"host syncs per captured decode step: {len(syncs)} {syncs}")
+    assert not syncs and cache.seen == 43, syncs
