@@ -55,7 +55,10 @@ def main():
     ap.add_argument("--rows", default="1,16,64", help="comma list of batch sizes")
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
     ap.add_argument("--new", type=int, default=64, help="tokens decoded per row")
-    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--paths", default="loop,grouped,captured",
+                    help="which of loop,grouped,captured to time (the loop is slow at long prompts and 80 layers)")
+    ap.add_argument("--record", action="store_true",
+                    help="append each batch size's row to bench/RESULTS.md as it finishes (a cut run keeps them)")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = load_model_config(Path(__file__).resolve().parents[1] / "configs" / "vpmoe.toml")
@@ -68,13 +71,19 @@ def main():
     model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     G.GROUPED_EXPERTS_ON = ()  # the loop column runs the loop on a GPU too
     captured_on = G.CAPTURED_DECODE_ON
+    paths = {"loop": (M.experts_loop, ()), "grouped": (K.experts_grouped, ()),
+             "captured": (K.experts_grouped, (device.type,))}
+    wanted = a.paths.split(",")
+    if unknown := set(wanted) - set(paths):
+        raise SystemExit(f"--paths: unknown {sorted(unknown)}; choose from {list(paths)}")
+    cmd = "python bench/generate.py " + " ".join(sys.argv[1:])
     rows = []
     for n in (int(r) for r in a.rows.split(",")):
         g = torch.Generator().manual_seed(n)
         prompts = torch.randint(1, min(cfg.vocab_size, 100_000), (n, a.prompt), generator=g).tolist()
         row = {"layers": a.layers, "rows": n, "prompt": a.prompt, "new": a.new}
-        for name, dispatcher, captured in (("loop", M.experts_loop, ()), ("grouped", K.experts_grouped, ()),
-                                           ("captured", K.experts_grouped, (device.type,))):
+        for name in wanted:
+            dispatcher, captured = paths[name]
             model.set_impl(moe=dispatcher)  # set on the model: the same on the CPU, where generate never swaps
             G.CAPTURED_DECODE_ON = captured
             timed_generate(model, prompts[:1], 2, device)  # warm-up (allocator, kernels' first launch)
@@ -82,15 +91,15 @@ def main():
             total = timed_generate(model, prompts, a.new + 1, device)
             row[f"{name}_prefill_s"] = prefill
             row[f"{name}_decode_tok_s"] = n * a.new / max(total - prefill, 1e-9)
-        row["grouped_over_loop"] = row["grouped_decode_tok_s"] / row["loop_decode_tok_s"]
-        row["captured_over_grouped"] = row["captured_decode_tok_s"] / row["grouped_decode_tok_s"]
+        for faster, slower in (("grouped", "loop"), ("captured", "grouped")):
+            if faster in wanted and slower in wanted:
+                row[f"{faster}_over_{slower}"] = row[f"{faster}_decode_tok_s"] / row[f"{slower}_decode_tok_s"]
         rows.append(row)
         print(markdown_table(rows[-1:]), flush=True)
+        if a.record:
+            append_results("generate", cmd, rows[-1:])
     G.GROUPED_EXPERTS_ON, G.CAPTURED_DECODE_ON = ("cuda",), captured_on
     model.set_impl(moe=M.experts_loop)
-    cmd = "python bench/generate.py " + " ".join(sys.argv[1:])
-    if a.record:
-        append_results("generate", cmd, rows)
     print(markdown_table(rows))
 
 
