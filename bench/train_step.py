@@ -537,6 +537,7 @@ def main():
     ap.add_argument("--flex-local", default="",
                     help="FlexAttention kernel_options for the windowed layers, KEY=VALUE,...; `default`: torch's tiles; "
                          "unset: the project's choice (bench/attention.py --flex-options)")
+    ap.add_argument("--flex-global", default="", help="the same for the global layers")
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
@@ -547,6 +548,7 @@ def main():
     a = ap.parse_args()
     set_inductor_options(a.inductor)
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
+    K.FLEX_KERNEL_OPTIONS["global"] = flex_options(a.flex_global, "--flex-global")
     OPT_KWARGS.update(parse_opt(a.opt))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     if a.moe == "gathered_wgrad":
@@ -594,6 +596,8 @@ def main():
                 row["opt"] = a.opt
             if a.flex_local:
                 row["flex_local"] = a.flex_local
+            if a.flex_global:
+                row["flex_global"] = a.flex_global
             row.pop("compile", None)
             rows.append(row)
             if a.record:  # one section per case, written as soon as it is measured (a cut run keeps it)

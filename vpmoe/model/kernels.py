@@ -413,12 +413,14 @@ _flex_compiled = None
 # A module setting, not a config knob: bench/attention.py sweeps it (`--flex-options`),
 # bench/train_step.py times the step with it (`--flex-local`).
 FLEX_KERNEL_OPTIONS: dict[str, dict | None] = {"local": None, "global": None}
-# Hopper, windowed layers: smaller backward tiles give the 128-key window's backward more programs
-# (torch's 128-key tiles leave most of an H200 idle at a few thousand tokens). Measured on the H200
-# (docs/performance.md, 2026-12-03): the Flex backward kernel -16% at 4,096 tokens, -11% at 32,768;
-# the (a) step 65.99 -> 65.66 ms, the (d) step 2,457 -> 2,446 ms. Global layers keep torch's tiles.
-HOPPER_LOCAL_FLEX_OPTIONS = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
-                             "bwd_num_warps": 4}
+# Hopper: smaller backward tiles give the backward more programs (torch's 128-key tiles leave most
+# of the GPU idle at a few thousand tokens). Windowed layers, measured on the H200 (docs/performance.md,
+# 2026-12-03): the Flex backward kernel -16% at 4,096 tokens, -11% at 32,768; the (a) step 65.99 ->
+# 65.66 ms, the (d) step 2,457 -> 2,446 ms. Global layers since 2026-12-05 (H100, bench/attention.py,
+# their sub-block forward + backward): 0.661 -> 0.629 ms at 4,096 tokens, 5.866 -> 5.828 at 65,536;
+# two other tilings swept there were slower (0.766, 0.820).
+HOPPER_FLEX_OPTIONS = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                       "bwd_num_warps": 4}
 
 
 def flex_kernel_options(kind: str, device: torch.device) -> dict:
@@ -426,8 +428,8 @@ def flex_kernel_options(kind: str, device: torch.device) -> dict:
     options = FLEX_KERNEL_OPTIONS[kind]
     if options is not None:
         return dict(options)
-    if kind == "local" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return dict(HOPPER_LOCAL_FLEX_OPTIONS)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return dict(HOPPER_FLEX_OPTIONS)
     return {}
 
 
