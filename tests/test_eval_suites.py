@@ -73,6 +73,39 @@ def test_random_model_format_score_is_a_rate(qwen):
     assert result["completion_tokens"]["n"] == 2 and 1 <= result["completion_tokens"]["max"] <= 12
 
 
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_vpmoe_prompts_generate_batched_as_one_at_a_time(tmp_path, monkeypatch, static_cache):
+    """`greedy_generate_many` decodes a vpMoE's prompts as left-padded batches through
+    vpmoe.model.generate (here 2 rows a batch, so 3 calls for 5 prompts; with the fixed-shape
+    cache too, as on a GPU): the tokens equal transformers' generate one prompt at a time, in
+    float64, with rows cut at their stops and at the model's context the same way."""
+    from vpmoe.eval import harness
+    from vpmoe.model import generate as G
+
+    model = load_model(tiny_vpmoe(tmp_path / "m")).model.double()
+    prompts = [[int(t) for t in torch.randint(0, 201088, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (7, 3, 12, 5, 9)]  # the 12-token prompt + 10 new tokens wrap the 16-token window
+    monkeypatch.setattr(harness, "GENERATE_ROWS", 2)
+    monkeypatch.setattr(G, "CAPTURED_DECODE_ON", ("cpu",) if static_cache else ())
+    calls = []
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+
+    def one_at_a_time(stops):
+        return [harness.greedy_generate(model, p, 10, stops) for p in prompts]
+
+    free = one_at_a_time([201087])
+    assert all(len(r) == 10 for r in free)
+    stops = [free[0][3], free[2][1]]  # tokens two rows emit: their rows stop there
+    ref = one_at_a_time(stops)
+    assert harness.greedy_generate_many(model, prompts, 10, stops) == ref
+    assert calls == [2, 2, 1] and min(len(r) for r in ref) < 10
+    # the context limit: the 12-token prompt may add 3 tokens, the 9-token one 6, the rest 10
+    monkeypatch.setattr(harness, "model_max_length", lambda m: 15)
+    ref = one_at_a_time(stops)
+    assert [len(r) for r in ref][2] <= 3 and harness.greedy_generate_many(model, prompts, 10, stops) == ref
+
+
 def test_format_not_applicable_without_o200k():
     tok = o200k_tokenizer()
     tok.o200k_compatible, tok.name = False, "hf:OtherTokenizer"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 
-from vpmoe.eval.harness import greedy_generate
+from vpmoe.eval.harness import greedy_generate_many
 
 BUILTIN_USER_PROMPTS = (
     "What is 17 multiplied by 23?",
@@ -107,10 +107,9 @@ def run_format(model, tokenizer, prompts: list[list[int]], max_new_tokens: int =
     failures = {name: 0 for name in FAILURES}
     analysis_lens, final_lens, completion_lens, samples = [], [], [], []
     n_valid = 0
-    for i, prompt in enumerate(prompts):
-        if progress and i % 8 == 0:
-            progress(f"format: prompt {i + 1}/{len(prompts)}")
-        completion = greedy_generate(model, prompt, max_new_tokens, stops, seed=seed)
+    completions = greedy_generate_many(model, prompts, max_new_tokens, stops, seed=seed,
+                                       progress=(lambda m: progress(f"format: {m}")) if progress else None)
+    for i, completion in enumerate(completions):
         completion_lens.append(len(completion))
         reason, texts = check_completion(completion)
         if reason is None:
