@@ -20,9 +20,9 @@ Design choices:
   the decode step is captured once as a CUDA graph and replayed (`CapturedDecode`); a step that
   cannot be captured falls back to eager launches with a warning (H100, 2026-12-05: 6.6x the
   eager step at 1 row, 5.6x at 64 rows, 20 layers; 24 tokens/s at 1 row and 80 layers). Sampling
-  itself stays outside the graph (a few kernels). On a GPU the rows' stops are read every 8 steps (`STOP_CHECK_EVERY`),
-  not every step, so the host does not wait for each step before queuing the next; the tokens are
-  the same (a finished row only adds -1s, which are dropped).
+  itself stays outside the graph (a few kernels). On a GPU the rows' stops are read every 8 steps
+  (`STOP_CHECK_EVERY`), not every step, so the host does not wait for each step before queuing the
+  next; the tokens are the same (a finished row only adds -1s, which are dropped).
 """
 from __future__ import annotations
 

@@ -411,7 +411,7 @@ _flex_compiled = None
 # FlexAttention's `kernel_options` per layer kind (tile sizes, e.g. {"bwd_BLOCK_N1": 64}), read while
 # tracing. None: this project's choice for the device (`flex_kernel_options`); {}: torch's defaults.
 # A module setting, not a config knob: bench/attention.py sweeps it (`--flex-options`),
-# bench/train_step.py times the step with it (`--flex-local`).
+# bench/train_step.py times the step with it (`--flex-local`, `--flex-global`).
 FLEX_KERNEL_OPTIONS: dict[str, dict | None] = {"local": None, "global": None}
 # Hopper: smaller backward tiles give the backward more programs (torch's 128-key tiles leave most
 # of the GPU idle at a few thousand tokens). Windowed layers, measured on the H200 (docs/performance.md,
