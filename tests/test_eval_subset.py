@@ -133,3 +133,28 @@ def test_eval_cli_on_a_subset_model(tmp_path, capsys):
     assert "outside the model's vocabulary subset" in suites["router"]["reason"]  # it ran, and says why it had no text
     for name in ("format", "numeric"):  # built-in texts far outside a 300-id subset: skipped with the reason
         assert "is not in the vocab subset" in suites[name]["skipped"], name
+
+
+def test_subset_model_generates_batched_as_its_step_by_step_loop(tmp_path, monkeypatch):
+    """A subset-trained vpMoE decodes many prompts through vpmoe.model.generate with the subset (ids
+    mapped both ways): the same tokens as the harness's one-prompt full-recompute loop over
+    SubsetCausalLM (float64), stops given as o200k ids; a prompt id outside the subset is refused
+    by name before anything runs."""
+    from vpmoe.eval import harness
+    from vpmoe.model import generate as G
+
+    _, subset, path = full_and_subset(tmp_path, kept_below=5000)
+    model = load_model(path, device="cpu", dtype="float32").model.double()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 5000, (n,), generator=g).tolist() + [200006] for n in (6, 11, 3)]
+    calls = []
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(k["subset"]) or real(*a, **k))
+    free = harness.greedy_generate_many(model, prompts, 6, [200012])  # (the loop is the slow side)
+    stops = [free[1][2]]  # an o200k id the second row emits: that row stops there
+    ref = [harness.greedy_generate(model, p, 6, stops) for p in prompts]
+    assert len(ref[1]) == 3 and harness.greedy_generate_many(model, prompts, 6, stops) == ref
+    assert [c.sha256 for c in calls] == [subset.sha256] * 2 and not calls.clear()
+    with pytest.raises(UserError, match="token id 7000"):
+        harness.greedy_generate_many(model, prompts + [[1, 7000]], 6, stops)
+    assert calls == []

@@ -16,13 +16,15 @@ Design choices:
 - Sequences longer than the model's context are cut from the left, as lm-eval does.
 - Greedy generation uses `generate()` (with a fresh greedy GenerationConfig, so a checkpoint's
   sampling defaults never leak in) when the model has it, else a plain full-recompute loop.
-- Many prompts (`greedy_generate_many`): a vpMoE, bare or in its HF wrapper, decodes them as
-  left-padded rows of one batch through `vpmoe.model.generate` (its fixed-shape cache and, on a GPU,
-  its decode step captured as a CUDA graph), `GENERATE_ROWS` at a time, shortest prompts together;
-  one prompt at a time through transformers' generate, each decode step is launched eagerly for
-  one row (on an H100 at 80 layers: 2.5 tokens/s, against 24 for the captured step at one row,
-  bench/RESULTS.md 2026-12-05). Other models go one prompt at a time as before. The tokens are the
-  same (tests/test_eval_suites.py checks them against the one-at-a-time path).
+- Many prompts (`greedy_generate_many`): a vpMoE, bare, in its HF wrapper or behind a vocabulary
+  subset (`loading.SubsetCausalLM`), decodes them as left-padded rows of one batch through
+  `vpmoe.model.generate` (its fixed-shape cache and, on a GPU, its decode step captured as a CUDA
+  graph), `GENERATE_ROWS` at a time, shortest prompts together. One prompt at a time through
+  transformers' generate, each decode step is launched eagerly for one row (on an H100 at 80
+  layers: 2.5 tokens/s, against 24 for the captured step at one row, bench/RESULTS.md 2026-12-05);
+  a subset model had only the full-recompute loop. Other models go one prompt at a time as before.
+  The tokens are the same (tests/test_eval_suites.py, tests/test_eval_subset.py check them against
+  the one-at-a-time paths).
 """
 from __future__ import annotations
 
@@ -200,9 +202,13 @@ def _new_token_budget(model, prompt_len: int, max_new_tokens: int) -> int:
 def greedy_generate_many(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                          seed: int = 0, progress=None) -> list[list[int]]:
     """`greedy_generate` of each prompt, batched for a vpMoE (module docstring)."""
-    from vpmoe.eval.loading import inner_vpmoe
+    from vpmoe.eval.loading import SubsetCausalLM, inner_vpmoe
 
-    inner = inner_vpmoe(model)
+    inner, subset = inner_vpmoe(model), None
+    if isinstance(model, SubsetCausalLM):  # a subset-trained vpMoE: generate maps its ids both ways
+        inner, subset = inner_vpmoe(model.inner), model.subset
+        for p in prompts:
+            model.compact(torch.as_tensor(p, dtype=torch.long))  # an id outside the subset: refused by name
     if inner is None:
         out = []
         for i, prompt in enumerate(prompts):
@@ -221,8 +227,9 @@ def greedy_generate_many(model, prompts: list[list[int]], max_new_tokens: int, s
             progress(f"generate: prompts {start + 1}-{start + len(rows)} of {len(order)} as one batch")
         # each row stops at its first stop id (kept); a row with a smaller budget is cut to it, which
         # greedy decoding makes the same as stopping there
+        # padding: a prompt's own first id (masked out; inside any vocabulary or subset the prompt is)
         got = generate(inner, [prompts[i] for i in rows], max(budgets[i] for i in rows),
-                       stop_ids=list(stop_ids), seed=seed, pad_id=0)
+                       stop_ids=list(stop_ids), seed=seed, subset=subset, pad_id=prompts[rows[-1]][0])
         for i, tokens in zip(rows, got):
             out[i] = tokens[:budgets[i]]
     return out

@@ -201,7 +201,8 @@ class SubsetCausalLM(torch.nn.Module):
     the subset (probability 0: the model cannot emit those ids), so likelihood scoring and greedy
     decoding see an ordinary o200k model. An input id outside the subset has no embedding row: it
     is refused with the id named (such a model can only be scored on text its subset covers).
-    No `generate` here: greedy decoding takes the harness's step-by-step path."""
+    No `generate` here: a vpMoE inside decodes through `vpmoe.model.generate` with the subset
+    (`harness.greedy_generate_many`), any other model through the harness's step-by-step path."""
 
     def __init__(self, model: torch.nn.Module, subset, source: str):
         super().__init__()
@@ -210,14 +211,17 @@ class SubsetCausalLM(torch.nn.Module):
         self.cfg = getattr(inner_vpmoe(model), "cfg", None)
         self.register_buffer("kept", torch.from_numpy(subset.ids), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
+    def compact(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """o200k ids -> the model's compact ids; an id outside the subset is refused by name."""
         try:
-            compact = self.subset.to_compact(input_ids)
+            return self.subset.to_compact(input_ids)
         except ValueError as e:
             raise UserError(f"{self.source}: {e}: this model was trained on a vocabulary subset and has no "
                             "embedding for that token; evaluate it on text inside its subset, or train "
                             "without data.vocab_subset") from None
-        out = self.inner(input_ids=compact, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        out = self.inner(input_ids=self.compact(input_ids), **kwargs)
         logits = out.logits
         full = logits.new_full((*logits.shape[:-1], self.subset.full_vocab_size), float("-inf"))
         out.logits = full.index_copy_(-1, self.kept.to(logits.device), logits)
