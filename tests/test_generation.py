@@ -213,3 +213,22 @@ def test_grouped_experts_decode_as_the_loop_and_the_swap_is_undone(monkeypatch):
     monkeypatch.setattr(G, "GROUPED_EXPERTS_ON", ("cuda",))
     with G.grouped_experts(model, cpu):
         assert all(m.dispatcher is M.experts_loop for m in moe[1:])
+
+
+def test_sampling_through_a_cache_skips_the_balance_statistics():
+    """An eval-mode forward through a cache returns the same logits with no aux loss and no expert
+    loads (nothing reads them while sampling); without a cache, or in train mode, they are there."""
+    model = _model()
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2)
+        cached = model(ids, cache=cache)
+    torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-12)
+    assert float(full.aux_loss) > 0 and full.expert_load.shape == (model.cfg.n_moe_layers, model.cfg.n_experts)
+    assert float(cached.aux_loss) == 0 and cached.expert_load.shape == (0, model.cfg.n_experts)
+    model.train()
+    with torch.no_grad():
+        trained = model(ids, cache=model.new_cache(2))
+    torch.testing.assert_close(trained.aux_loss, full.aux_loss, rtol=0, atol=1e-12)
+    assert torch.equal(trained.expert_load, full.expert_load)

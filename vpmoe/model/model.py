@@ -13,7 +13,8 @@ Design choices (docs/architecture.md is the spec; docs/model.md explains the cod
   document (any id); it never leaks into real documents.
 - The KV cache stores rotated keys, mixed values, positions and document ids per layer; local
   layers keep only the last `window` entries. Prefill and decode run through the same attention,
-  so cached decoding reproduces the full forward.
+  so cached decoding reproduces the full forward. An eval-mode forward through a cache (sampling)
+  skips the MoE balance statistics (aux loss 0, no expert loads): nothing reads them there.
 - MoE: fp32 sigmoid router; selection uses scores + a per-expert bias that is a buffer (never
   trained by gradient, moved by `update_router_biases`); group-limited top-k; combine weights are
   the unbiased scores of the chosen experts normalised to sum 1, times `route_scale`. The routed
@@ -432,16 +433,21 @@ class MoE(nn.Module):
         self.expert_range = (0, E)  # which global experts this module holds (expert parallelism)
         self.dispatcher = experts_loop
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, stats: bool = True):
+        """(output, aux loss, expert loads); with `stats` False (sampling through a cache, where
+        nothing reads them) the balance statistics are skipped: (output, None, None)."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         topk_idx, topk_weight, scores = route_reference(flat, self.router.weight, self.expert_bias, self.cfg)
+        routed = self.dispatcher(self, flat, topk_idx, topk_weight)
+        out = (self.shared(flat) + routed).view(B, T, d)
+        if not stats:
+            return out, None, None
         aux = sequence_aux_loss(scores, topk_idx, B, self.cfg) if self.cfg.aux_loss_coef > 0 else scores.new_zeros(())
         flat_idx = topk_idx.flatten()  # scatter_add, not bincount: a static shape for torch.compile
         load = torch.zeros(self.cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_idx, torch.ones_like(flat_idx))
-        routed = self.dispatcher(self, flat, topk_idx, topk_weight)
-        return (self.shared(flat) + routed).view(B, T, d), aux, load
+        return out, aux, load
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +467,8 @@ class Block(nn.Module):
         x = x + a
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            f, aux, load = self.ffn(h)
+            # sampling (eval mode, through a cache): no aux loss or loads, ~10% of a decode step's kernels
+            f, aux, load = self.ffn(h, stats=cache is None or self.training)
         else:
             f, aux, load = self.ffn(h), None, None
         return x + f, v, aux, load
