@@ -52,9 +52,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = wide(x)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * wide(self.weight)).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in fp32; torch's op is one fused kernel on CUDA where
+        # the written-out form is five (a decode step runs four norms per layer)
+        return F.rms_norm(wide(x), (x.shape[-1],), wide(self.weight), self.eps).to(x.dtype)
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -115,11 +115,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, h, T, D] by angle pos * freq (half-split pairs (i, i + D/2)), in fp32 (fp64 for fp64 x)."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    angles = positions.to(dt)[:, None, :, None] * freq.to(dt)[None, None, None, :]  # [B,1,T,D/2]
-    return rotate(x.to(dt), angles.cos(), angles.sin()).to(x.dtype)
+def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin [B, 1, T, D/2] of the angles pos * freq, in fp32 (fp64 for fp64 `dtype`)."""
+    dt = torch.float64 if dtype == torch.float64 else torch.float32
+    angles = positions.to(dt)[:, None, :, None] * freq.to(dt)[None, None, None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor, cos_sin=None) -> torch.Tensor:
+    """Rotate x [B, h, T, D] by angle pos * freq (half-split pairs (i, i + D/2)), in fp32 (fp64 for
+    fp64 x); `cos_sin` (from `rotary_cos_sin`) when already made (q and k share them)."""
+    cos, sin = cos_sin if cos_sin is not None else rotary_cos_sin(positions, freq, x.dtype)
+    return rotate(x.to(cos.dtype), cos, sin).to(x.dtype)
 
 
 def positions_from_docs(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -141,9 +148,10 @@ def attention_reference(q, k, v, sinks, q_pos, k_pos, q_doc, k_doc, window: int 
     """
     B, H, T, D = q.shape
     G = k.shape[1]
-    k = wide(k.repeat_interleave(H // G, dim=1))
-    v = wide(v.repeat_interleave(H // G, dim=1))
-    scores = torch.einsum("bhtd,bhsd->bhts", wide(q), k) / math.sqrt(D)
+    # query head h reads key/value head h // (H / G): grouped, not repeated, so k and v are read
+    # once per kv head (a decode step over a long cache would otherwise copy them H / G times)
+    qg = wide(q).view(B, G, H // G, T, D)
+    scores = torch.einsum("bgrtd,bgsd->bgrts", qg, wide(k)).reshape(B, H, T, -1) / math.sqrt(D)
     dist = (q_pos[:, :, None] - k_pos[:, None, :]).to(scores.dtype)  # [B, T, S]
     allowed = (q_doc[:, :, None] == k_doc[:, None, :]) & (dist >= 0)
     if window is not None:
@@ -153,7 +161,8 @@ def attention_reference(q, k, v, sinks, q_pos, k_pos, q_doc, k_doc, window: int 
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     sink_col = sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
     probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("bhts,bhsd->bhtd", probs, v).to(q.dtype)
+    out = torch.einsum("bgrts,bgsd->bgrtd", probs.reshape(B, G, H // G, T, -1), wide(v))
+    return out.reshape(B, H, T, D).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,8 +349,9 @@ class Attention(nn.Module):
             v = lam * v + (1 - lam) * v_first
         if not self.is_global:
             freq = self.grape_freq()
-            q = apply_rotary(q, positions, freq)
-            k = apply_rotary(k, positions, freq)
+            cos_sin = rotary_cos_sin(positions, freq, q.dtype)  # once for q and k
+            q = apply_rotary(q, positions, freq, cos_sin)
+            k = apply_rotary(k, positions, freq, cos_sin)
         k_pos, k_doc = positions, doc_ids
         if cache is not None:
             k, v, k_pos, k_doc = cache.update(self.layer, k, v, positions, doc_ids)
