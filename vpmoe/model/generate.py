@@ -32,7 +32,8 @@ import warnings
 import torch
 
 from vpmoe.model import model as M
-from vpmoe.model.model import KVCache, VpMoE
+from vpmoe.model.cache import StaticKVCache
+from vpmoe.model.model import VpMoE
 
 # device types where sampling and the HF adapter run the routed experts as grouped GEMMs (module
 # docstring); a module setting (bench/generate.py's A/B switch, tests), not a config knob
@@ -147,72 +148,6 @@ def _captured_or_eager(model, cache, tokens, eager):
         warnings.warn(f"vpmoe.model.generate: the decode step could not be captured ({e!r:.300}); "
                       "decoding with eager launches")
         return eager, eager(tokens)
-
-
-class StaticKVCache(KVCache):
-    """A KV cache of fixed shapes and addresses, so a decode step can be captured (`CapturedDecode`).
-
-    Each layer's buffers are allocated once: a local layer keeps its last `window` entries in a
-    ring (slot = the chunk's token count mod window), a global layer up to `capacity` entries.
-    Slots never written hold doc -2, which no query shares. A one-token step writes its entries in
-    place at slots computed from a device counter (`count`) and attends over the whole buffer
-    (positions and documents mask what it must not see), so every step runs the same kernels on
-    the same memory. A longer chunk attends over the buffer and itself (the prompt, into empty
-    buffers: itself only), then keeps its last entries. Positions advance in place. The host
-    counts tokens (`seen`) to refuse more than `capacity`. For sampling only (no autograd, no
-    reordering)."""
-
-    def __init__(self, cfg, batch_size: int, capacity: int, device):
-        super().__init__(cfg, batch_size)
-        self.capacity = capacity
-        self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens fed so far
-        self.start = torch.zeros(1, dtype=torch.long, device=device)  # the current chunk's first
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._chunk_slots: dict[int, torch.Tensor] = {}
-
-    def note_mask(self, mask: torch.Tensor) -> None:
-        """Nothing to note: no slots are trimmed by position (the base class's reason to)."""
-
-    def reserve(self, n: int) -> None:
-        """Refuse n more tokens past `capacity` (before anything is written)."""
-        if self.seen + n > self.capacity:
-            raise ValueError(f"StaticKVCache: {self.seen} tokens + {n} more exceed its capacity of "
-                             f"{self.capacity} (the longest prompt + max_new_tokens)")
-
-    def advance(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`KVCache.advance`, with the next positions and the device's token count moved in place."""
-        T = mask.shape[1]
-        self.reserve(T)
-        positions, doc = M.chunk_positions(self.next_pos, mask)  # before the in-place add: no alias
-        self.next_pos.add_(mask.sum(1))
-        self.start.copy_(self.count)
-        self.count.add_(T)
-        self.seen += T
-        self._chunk_slots = {}  # {buffer size: this chunk's slots}, made once for every layer of a size
-        return positions, doc
-
-    def update(self, layer: int, k, v, pos, doc):
-        if k.requires_grad or v.requires_grad:
-            raise ValueError("StaticKVCache is for sampling: no autograd through its in-place writes")
-        size = self.capacity if self.cfg.is_global(layer) else min(self.cfg.window, self.capacity)
-        if self.layers[layer] is None:
-            self.layers[layer] = (k.new_zeros(M.slot_shape(k, size)), v.new_zeros(M.slot_shape(v, size)),
-                                  pos.new_zeros(M.slot_shape(pos, size)), doc.new_full(M.slot_shape(doc, size), -2))
-        bufs, parts, T = self.layers[layer], (k, v, pos, doc), k.shape[2]
-        # a chunk attends over what the buffers hold and itself: the chunk alone when they are empty
-        # (the prompt: no [T, capacity + T] scores), the buffers alone for one token (written first)
-        visible = (bufs if T == 1 else parts if self.seen == T else
-                   tuple(torch.cat([b, x], dim=M.slot_dim(b)) for b, x in zip(bufs, parts)))
-        n = min(T, size)  # a chunk longer than a ring keeps its last entries
-        slots = self._chunk_slots.get(size)
-        if slots is None:
-            slots = self._chunk_slots[size] = (self.start + torch.arange(T - n, T, device=k.device)) % size
-        for b, x in zip(bufs, parts):
-            b.index_copy_(M.slot_dim(b), slots, x.narrow(M.slot_dim(b), T - n, n))
-        return visible
-
-    def reorder(self, index: torch.Tensor) -> None:
-        raise NotImplementedError("StaticKVCache keeps its rows (sampling only); use KVCache to reorder")
 
 
 class CapturedDecode:
