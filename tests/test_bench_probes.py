@@ -1,6 +1,7 @@
 """Bench helpers that run on any machine: which profiled kernels are dtype casts alone, which
 family each kernel falls in, and how the probes' extra trainers are captured and released
-(bench/step_probes.py), and the KEY=VALUE option sets bench/train_step.py and bench/attention.py take."""
+(bench/step_probes.py), the KEY=VALUE option sets bench/train_step.py and bench/attention.py take, and
+what bench/decode_kernels.py counts as a launch."""
 from types import SimpleNamespace
 
 import pytest
@@ -183,3 +184,25 @@ def test_optim_step_methods_parse_the_gram_kernel_field():
     assert parse_method("gram:256:float32:pack=2:gram_kernel=0")[3] == {"ns_pack": 2, "gram_kernel": False}
     with pytest.raises(SystemExit, match="bad field 'gram_kernel=yes'"):
         parse_method("gram:256:float32:gram_kernel=yes")
+
+
+def _decode_source_fn(x, w, offs):
+    """Known ops for the decode-kernel count: views and a same-dtype `to` launch nothing; a cast, a
+    product, a sum and one grouped GEMM (its CPU fallback's inner matmuls not counted) launch."""
+    y = x.view(4, 16).t().unsqueeze(0).squeeze(0).to(x.dtype)  # views and a no-op cast: 0
+    y = y.to(torch.float64) * 2  # a cast and a product: 2
+    z = torch._grouped_mm(x.view(4, 16), w, offs=offs)  # 1, whatever its fallback runs inside
+    return y.sum() + z.sum()  # two sums and an add: 3
+
+
+def test_decode_kernel_count_rules():
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.decode_kernels import count
+
+    x, w = torch.randn(64, dtype=torch.bfloat16), torch.randn(2, 16, 8, dtype=torch.bfloat16)
+    offs = torch.tensor([2, 4], dtype=torch.int32)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        _decode_source_fn(x, w, offs)
+    by_source = count(prof, cuda=False)
+    assert by_source == {"(outside vpmoe)": 6}, by_source  # sources: frames under vpmoe/ only
