@@ -227,9 +227,11 @@ def greedy_generate_many(model, prompts: list[list[int]], max_new_tokens: int, s
             progress(f"generate: prompts {start + 1}-{start + len(rows)} of {len(order)} as one batch")
         # each row stops at its first stop id (kept); a row with a smaller budget is cut to it, which
         # greedy decoding makes the same as stopping there
-        # padding: a prompt's own first id (masked out; inside any vocabulary or subset the prompt is)
+        # padding: the longest prompt's first id (masked out; inside any vocabulary or subset the
+        # prompts are); all empty: generate says so
+        pad = (prompts[rows[-1]] or [0])[0]
         got = generate(inner, [prompts[i] for i in rows], max(budgets[i] for i in rows),
-                       stop_ids=list(stop_ids), seed=seed, subset=subset, pad_id=prompts[rows[-1]][0])
+                       stop_ids=list(stop_ids), seed=seed, subset=subset, pad_id=pad)
         for i, tokens in zip(rows, got):
             out[i] = tokens[:budgets[i]]
     return out
