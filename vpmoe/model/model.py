@@ -124,10 +124,9 @@ def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor, dtype: torch.dty
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor, cos_sin=None) -> torch.Tensor:
-    """Rotate x [B, h, T, D] by angle pos * freq (half-split pairs (i, i + D/2)), in fp32 (fp64 for
-    fp64 x); `cos_sin` (from `rotary_cos_sin`) when already made (q and k share them)."""
-    cos, sin = cos_sin if cos_sin is not None else rotary_cos_sin(positions, freq, x.dtype)
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, h, T, D] by angle pos * freq (half-split pairs (i, i + D/2)), in fp32 (fp64 for fp64 x)."""
+    cos, sin = rotary_cos_sin(positions, freq, x.dtype)
     return rotate(x.to(cos.dtype), cos, sin).to(x.dtype)
 
 
@@ -227,10 +226,8 @@ class Attention(nn.Module):
             lam = self.value_mix.to(v.dtype)
             v = lam * v + (1 - lam) * v_first
         if not self.is_global:
-            freq = self.grape_freq()
-            cos_sin = rotary_cos_sin(positions, freq, q.dtype)  # once for q and k
-            q = apply_rotary(q, positions, freq, cos_sin)
-            k = apply_rotary(k, positions, freq, cos_sin)
+            cos, sin = rotary_cos_sin(positions, self.grape_freq(), q.dtype)  # once for q and k
+            q, k = (rotate(t.to(cos.dtype), cos, sin).to(t.dtype) for t in (q, k))
         k_pos, k_doc = positions, doc_ids
         if cache is not None:
             k, v, k_pos, k_doc = cache.update(self.layer, k, v, positions, doc_ids)
