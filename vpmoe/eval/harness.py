@@ -21,7 +21,8 @@ Design choices:
   `vpmoe.model.generate` (its fixed-shape cache and, on a GPU, its decode step captured as a CUDA
   graph), `GENERATE_ROWS` at a time, shortest prompts together. One prompt at a time through
   transformers' generate, each decode step is launched eagerly for one row (on an H100 at 80
-  layers: 2.5 tokens/s, against 24 for the captured step at one row, bench/RESULTS.md 2026-12-05);
+  layers the eager grouped step decodes 2.5 tokens/s, the captured step 24, at one row,
+  bench/RESULTS.md 2026-12-05; transformers' generate itself was not timed);
   a subset model had only the full-recompute loop. Other models go one prompt at a time as before.
   The tokens are the same (tests/test_eval_suites.py, tests/test_eval_subset.py check them against
   the one-at-a-time paths).
