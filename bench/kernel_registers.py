@@ -26,6 +26,7 @@ from vpmoe.kd import row_kernels as RK  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import tpa_fused as TF  # noqa: E402
 from vpmoe.model import wgrad as W  # noqa: E402
+from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_gram as NG  # noqa: E402
 
 DIMS = [8, 2, 128, 4, 2]  # vpMoE's local layers: q heads, kv heads, head_dim, TPA ranks
@@ -139,6 +140,22 @@ def ns_cases():
                    dict(STEPS=steps, BN=128, F32_DOT=False), w)
 
 
+def expert_muon_cases():
+    """The experts' streaming Muon kernels at vpMoE's 128-row tiles, per column tile and warps."""
+    strides = {f"s{t}_{a}": "i32" for t in "gbur" for a in "bmn"}
+    first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp16", "scale_ptr": "*fp32",
+             "coef_ptr": "*fp32", "M": "i32", "N": "i32", "mu": "fp32", "eps": "fp32", **strides}
+    restart = {"q_ptr": "*fp16", "scale_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "r_ptr": "*fp16",
+               "M": "i32", "N": "i32", "sq_b": "i32", "sq_m": "i32", "sq_k": "i32",
+               **{f"s{t}_{a}": "i32" for t in "xyr" for a in "bmn"}}
+    for bn in (32, 64):
+        for w in (8, 16):
+            yield ("expert momentum gram", f"BN {bn}, {w} warps", EM._momentum_gram_kernel, first,
+                   dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w)
+            yield ("expert restart gram", f"BN {bn}, {w} warps", EM._restart_gram_kernel, restart,
+                   dict(BM=128, BN=bn, F32_DOT=False), w)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
@@ -150,7 +167,7 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
     rows = []
-    cases = [(*c, 3) for c in [*prologue_cases(), *row_cases(), *ns_cases()]] + list(moe_cases())
+    cases = [(*c, 3) for c in [*prologue_cases(), *row_cases(), *ns_cases(), *expert_muon_cases()]] + list(moe_cases())
     for name, config, kernel, sig, consts, warps, stages in cases:
         if a.only not in name:
             continue

@@ -11,7 +11,8 @@ call; 256 = one expert tensor), the stored Muon momentum's dtype (`gram:256:bflo
 `gram_kernel=1`: each restart segment of that call as one Triton kernel, `ns_gram.py`;
 fields not given keep FastMuonAdamW's defaults, packs of 4 on 3 streams, which the trainer runs),
 the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matrices=eager`, the
-A/B), and the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`).
+A/B), the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`) and the
+experts' step as streaming kernels (`gram:256:float32:stream=1`, `expert_muon.py`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
@@ -89,14 +90,17 @@ def parse_method(spec: str) -> tuple[str, int, str, dict, str]:
     for field in parts[3:]:
         key, _, value = field.rpartition("=")
         key = key or "pack"
-        if key not in ("pack", "streams", "matrices", "gram_kernel") or (key != "matrices" and not value.isdigit()) \
+        flags = ("gram_kernel", "stream")
+        if key not in ("pack", "streams", "matrices", *flags) or (key != "matrices" and not value.isdigit()) \
                 or (key == "matrices" and value not in ("compiled", "eager")) \
-                or (key == "gram_kernel" and value not in ("0", "1")):
-            sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager, gram_kernel=0|1)")
+                or (key in flags and value not in ("0", "1")):
+            sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager, "
+                     "gram_kernel=0|1, stream=0|1)")
         given[key] = value
     kwargs = {name: int(given[key]) for key, name in (("pack", "ns_pack"), ("streams", "streams")) if key in given}
-    if "gram_kernel" in given:
-        kwargs["gram_kernel"] = given["gram_kernel"] == "1"
+    for key, name in (("gram_kernel", "gram_kernel"), ("stream", "stream_experts")):
+        if key in given:
+            kwargs[name] = given[key] == "1"
     return method, int(chunk), momentum, kwargs, given.get("matrices", "compiled")
 
 
@@ -128,6 +132,7 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
                    matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.gram_kernel,
+                   stream_experts=fast.stream_experts,
                    step_ms=graphed * 1e3,
                    eager_ms=eager, host_ms=host, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

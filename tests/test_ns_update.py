@@ -63,9 +63,9 @@ def check_optimizer_fused_update_matches_unfused() -> None:
     calls = []
     kernel = ns_update.qx_update
 
-    def counted(w, q, x, decay, step, transposed):
+    def counted(w, q, x, decay, step, transposed, low=None):
         calls.append(transposed)
-        return kernel(w, q, x, decay, step, transposed)
+        return kernel(w, q, x, decay, step, transposed, low)
     ns_update.qx_update = counted  # a fresh process: nothing to restore
 
     cfg = small()

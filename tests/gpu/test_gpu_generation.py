@@ -1,6 +1,7 @@
 """Generation on the GPU (vpmoe/model/generate.py): the grouped-GEMM experts it runs there decode as
 the reference loop does, in bf16, and a decode step stops syncing the host per expert; the decode
 step captured as a CUDA graph gives the eager steps' tokens and makes no host sync."""
+import traceback
 import warnings
 
 import torch
@@ -22,17 +23,25 @@ def _model():
 
 
 def _host_syncs(fn) -> list[str]:
-    """Host syncs `fn` makes, by torch's sync debug mode (a warning per sync): the Python line that
-    made each (a warning from C++ is attributed to the calling Python frame), so a failure says where."""
+    """Host syncs `fn` makes, by torch's sync debug mode (a warning per sync): the Python stack that
+    made each (its last frames; a warning from C++ comes from the calling Python frame), so a failure
+    says where, also when that frame is inside torch."""
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    stacks = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stacks.append(" <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                                      for f in reversed(traceback.extract_stack()[-9:-1])))
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return stacks
 
 
 @torch.no_grad()

@@ -238,10 +238,49 @@ def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
     eagerly: parameters equal to the bf16 product's rounding (the update's relative error)."""
     from vpmoe.train import ns_update
     calls, kernel = [], ns_update.qx_update
-    monkeypatch.setattr(ns_update, "qx_update", lambda *a: calls.append(a[-1]) or kernel(*a))
+    monkeypatch.setattr(ns_update, "qx_update", lambda *a: calls.append(a[5]) or kernel(*a))
     worst = flag_captured_vs_eager(3, {"fuse_update": True}, 5e-3)
     assert set(calls) == {False, True}, calls  # the kernel ran (while captured too), both orientations
     print("fused update: worst relative error of the experts' update:", worst)
+
+
+def test_fast_optimizer_stream_experts_matches_packed(monkeypatch):
+    """`stream_experts` (the experts' step as streaming kernels: vpmoe/train/expert_muon.py)
+    captured and replayed against the packed torch path run eagerly: the experts' updates equal to
+    the roundings both paths make, the kernels run for both weight orientations."""
+    from vpmoe.train import expert_muon
+    calls, kernel = [], expert_muon.restart_gram
+    monkeypatch.setattr(expert_muon, "restart_gram", lambda *a: calls.append(a[-1]) or kernel(*a))
+    worst = flag_captured_vs_eager(3, {"stream_experts": True}, 5e-3)
+    assert set(calls) == {False, True}, calls
+    print("stream experts: worst relative error of the experts' update:", worst)
+
+
+@torch.no_grad()
+def test_expert_muon_step_at_vpmoe_shapes():
+    """`expert_muon.muon_step` at vpMoE's expert tensors (256 x 1024 x 128 and its transpose: the
+    kernels' full 128-row tiles and 16 column tiles) against the torch functions it replaces, and
+    both against a float64 Newton-Schulz of the same U; the kept copy equals the weight rounded."""
+    from vpmoe.train import expert_muon
+    torch.manual_seed(4)
+    coef, decay, step = (torch.tensor(v, device=DEV) for v in (0.8, 0.999, -0.01))
+    for shape in ((256, 1024, 128), (256, 128, 1024)):
+        transposed = shape[1] > shape[2]
+        g = torch.randn(shape, device=DEV).bfloat16()
+        buf0, w0 = torch.randn(shape, device=DEV), torch.randn(shape, device=DEV)
+        runs = []
+        for kernels in (True, False):
+            buf, w, low = buf0.clone(), w0.clone(), torch.empty(shape, device=DEV, dtype=torch.bfloat16)
+            expert_muon.muon_step(g, buf, w, low, coef, 0.95, True, decay, step, steps=5, kernels=kernels)
+            runs.append((buf, (w - w0 * 0.999) / -0.01, w, low))
+        (buf_k, upd_k, w_k, low_k), (buf_r, upd_r, _, _) = runs
+        torch.testing.assert_close(buf_k, buf_r, rtol=1e-6, atol=1e-6)
+        assert torch.equal(low_k, w_k.bfloat16())
+        u64 = (g.double() * 0.8 + 0.95 * (buf0.double() * 0.95 + g.double() * 0.8)).bfloat16().double()
+        o64 = ns_exact(u64) if transposed else ns_exact(u64.mT).mT
+        err_k, err_r, apart = rel_err(upd_k.double(), o64), rel_err(upd_r.double(), o64), rel_err(upd_k, upd_r)
+        print(f"expert_muon {shape}: vs float64 {err_k:.2e} (torch path {err_r:.2e}); kernels vs torch {apart:.2e}")
+        assert apart < 5e-3 and err_k < 1.25 * err_r + 1e-3, (apart, err_k, err_r)
 
 
 def test_fast_optimizer_gram_kernel_matches_torch_path(monkeypatch):

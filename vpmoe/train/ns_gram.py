@@ -41,9 +41,12 @@ MAX_N = 128  # the matrix side the kernel takes (held whole on chip)
 
 def bmm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x @ y with fp32 accumulation and fp32 (or fp64) output; bf16/fp16 on CUDA keep the exact
-    fp32 sum instead of a half-precision rounded product (`bmm(out_dtype=)`)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(x, y, out_dtype=torch.float32)
+    fp32 sum instead of a half-precision rounded product (`bmm(out_dtype=)`); elsewhere the same
+    exact products summed in fp32 (the CPU's half bmm would round its output)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        if x.is_cuda:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        return torch.bmm(x.float(), y.float())
     return torch.bmm(x, y).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 

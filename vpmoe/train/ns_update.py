@@ -47,9 +47,9 @@ def qx_update_reference(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay
 
 if triton is not None:
     @triton.jit
-    def _qx_update_kernel(q_ptr, x_ptr, w_ptr, decay_ptr, step_ptr, M, N,
-                          sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n,
-                          BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+    def _qx_update_kernel(q_ptr, x_ptr, w_ptr, low_ptr, decay_ptr, step_ptr, M, N,
+                          sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n, sl_b, sl_m, sl_n,
+                          HAS_LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -64,8 +64,11 @@ if triton is not None:
             acc = tl.dot(q, x)
         o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
         w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
-        w = tl.load(w_tile, mask=tile_ok, other=0.0)
-        tl.store(w_tile, w * tl.load(decay_ptr) + o * tl.load(step_ptr), mask=tile_ok)
+        w = tl.load(w_tile, mask=tile_ok, other=0.0) * tl.load(decay_ptr) + o * tl.load(step_ptr)
+        tl.store(w_tile, w, mask=tile_ok)
+        if HAS_LOW:  # the kept bf16 copy, from the stored fp32 value (rounded as torch's copy_ rounds)
+            tl.store(low_ptr + b * sl_b + rows[:, None] * sl_m + cols[None, :] * sl_n,
+                     _round_bf16(w).to(tl.bfloat16), mask=tile_ok)
 
 
 def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m: int) -> bool:
@@ -75,26 +78,30 @@ def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m
             and w_dtype == torch.float32 and m <= MAX_M)
 
 
-@torch.library.custom_op("vpmoe::qx_update", mutates_args=("w",))
+@torch.library.custom_op("vpmoe::qx_update", mutates_args=("w", "low"))
 def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor, step: torch.Tensor,
-              transposed: bool) -> None:
+              transposed: bool, low: torch.Tensor | None = None) -> None:
     """W <- W * decay + step * bf16(Q X) in place: q [b, m, m] and x [b, m, n] bf16, w fp32
-    [b, m, n] (or [b, n, m] when `transposed`), decay and step 0-dim fp32 device tensors."""
+    [b, m, n] (or [b, n, m] when `transposed`), decay and step 0-dim fp32 device tensors; `low`
+    (bf16, w's shape) gets the updated W rounded, in the same pass (the kept weight copy)."""
     bsz, m, n = x.shape
     want = (bsz, n, m) if transposed else (bsz, m, n)
     if (not applies(w.device, x.dtype, w.dtype, m) or q.dtype != x.dtype or tuple(w.shape) != want
-            or tuple(q.shape) != (bsz, m, m)):
+            or tuple(q.shape) != (bsz, m, m)
+            or (low is not None and (low.shape != w.shape or low.dtype != torch.bfloat16))):
         raise ValueError(f"qx_update: wants bf16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n] and fp32 w {want}; "
                          f"got q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
     sw_b, sw_1, sw_2 = w.stride()
     sw_m, sw_n = (sw_2, sw_1) if transposed else (sw_1, sw_2)
+    sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()
+    sl_m, sl_n = (sl_2, sl_1) if transposed else (sl_1, sl_2)
     bm = max(16, triton.next_power_of_2(m))
     bn = 16 if interpreting() else 64
     _qx_update_kernel[(bsz, triton.cdiv(n, bn))](
-        q, x, w, decay, step, m, n, *q.stride(), *x.stride(), sw_b, sw_m, sw_n,
-        BM=bm, BN=bn, F32_DOT=_f32_dot(), num_warps=8)
+        q, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(), sw_b, sw_m, sw_n,
+        sl_b, sl_m, sl_n, HAS_LOW=low is not None, BM=bm, BN=bn, F32_DOT=_f32_dot(), num_warps=8)
 
 
 @qx_update.register_fake
-def _(w, q, x, decay, step, transposed):
+def _(w, q, x, decay, step, transposed, low=None):
     return None

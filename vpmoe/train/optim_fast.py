@@ -67,7 +67,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import DTensor
 
-from vpmoe.train import ns_gram, ns_update
+from vpmoe.train import expert_muon, ns_gram, ns_update
 from vpmoe.train.ns_gram import bmm_f32
 from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 
@@ -287,7 +287,7 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
-                 fuse_update: bool = False, gram_kernel: bool = True):
+                 fuse_update: bool = False, gram_kernel: bool = True, stream_experts: bool = False):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
@@ -315,6 +315,7 @@ class FastMuonAdamW:
         self.fuse_update = bool(fuse_update)
         self._ns_parts = _Compiled(gram_newton_schulz_parts, use_compile)
         self.gram_kernel = bool(gram_kernel)  # each restart segment's n x n iteration as one kernel (ns_gram.py)
+        self.stream_experts = bool(stream_experts)  # the experts' step as streaming kernels (expert_muon.py)
         self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
         self._adamw_one = _Compiled(_adamw_update, use_compile)  # AdamW tensors of >= ADAMW_ALONE elements
         self._adamw_rows = _Compiled(_adamw_rows_update, use_compile)  # gradients given as rows (the embedding)
@@ -449,6 +450,10 @@ class FastMuonAdamW:
             buf = buf.view(-1, *p.shape[-2:])
             low = self.weight_copies.get(id(p))
             low = None if low is None else low.view(-1, *p.shape[-2:])
+            if self._streams(w):
+                jobs.append(lambda g=g, buf=buf, w=w, step=step, low=low: expert_muon.muon_step(
+                    g, buf, w, low, coef, mu, nesterov, decay, step, steps))
+                continue
             if self._packs(g):
                 packs[(tuple(g.shape[-2:]), p.dtype)].append((g, buf, w, step, low))
                 continue
@@ -468,9 +473,7 @@ class FastMuonAdamW:
                     if self.fuse_update and ns_update.applies(w0.device, self.ns_dtype, w0.dtype, min(w0.shape[-2:])):
                         qs, xs, transposed = self._ns_parts(us, steps, kernel=self.gram_kernel)
                         for (_, _, w, step, low), q, x in zip(pack, qs, xs):
-                            ns_update.qx_update(w, q, x, decay, step, transposed)
-                            if low is not None:  # the update's own kernel has no second output here
-                                low.copy_(w)
+                            ns_update.qx_update(w, q, x, decay, step, transposed, low)
                         return
                     for (_, _, w, step, low), ortho in zip(pack, self._ns_packed(us, steps, kernel=self.gram_kernel)):
                         self._post(w, ortho, decay, step, low)
@@ -484,6 +487,13 @@ class FastMuonAdamW:
                     ps, gs, bufs, coef, mu, nesterov, decay if wd else None, step, steps,
                     self.ns_method, self.ns_dtype))
         return jobs
+
+    def _streams(self, w: torch.Tensor) -> bool:
+        """Whether an expert tensor's step runs as `expert_muon`'s streaming kernels: asked for, bf16
+        Newton-Schulz on the Gram side (matrices at least 4x wider than tall) and kernels that apply."""
+        short, long = sorted(w.shape[-2:])
+        return (self.stream_experts and self.ns_method == "gram" and self.ns_dtype == torch.bfloat16
+                and long >= 4 * short and expert_muon.applies(w.device, w.dtype, short))
 
     def _packs(self, g: torch.Tensor) -> bool:
         """Whether a 3-D tensor goes through the packed Gram-side call: asked for (`ns_pack` > 1),

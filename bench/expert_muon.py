@@ -1,0 +1,101 @@
+"""One expert tensor's Muon step: the streaming kernels (vpmoe/train/expert_muon.py) per launch
+configuration against the packed torch path FastMuonAdamW runs by default.
+
+    python bench/expert_muon.py --record            (GPU)
+
+Shapes: vpMoE's expert tensors, 256 matrices of 1024 x 128 (the up projection, orthogonalised as
+its transpose) and 128 x 1024 (down). Columns: `path` (`kernels` or `torch`: `_muon_pre`, the
+compiled packed Gram-side Newton-Schulz with its Gram kernel, `_muon_post`, one tensor per call),
+the kernels' configurations ((columns, warps, stages) of the momentum and restart kernels), the
+whole step's time (`step_us`, CUDA events, median of 20), each kernel alone (`momentum_us`,
+`restart_us`, `update_us`; kernels path only) and their bandwidth by the bytes they must move
+(`momentum_tbs`: 12 bytes per parameter, `restart_tbs`: 4, `update_tbs`: 12).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import append_results  # noqa: E402
+from bench.timing import cuda_time  # noqa: E402
+from vpmoe.train import expert_muon as EM  # noqa: E402
+from vpmoe.train import ns_gram, ns_update  # noqa: E402
+from vpmoe.train.optim import NS_COEFFS  # noqa: E402
+from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
+
+MOMENTUM = [(32, 16, 2), (32, 16, 1), (32, 8, 2), (64, 16, 2), (16, 8, 2)]
+RESTART = [(32, 8, 2), (32, 8, 1), (32, 16, 2), (64, 8, 2), (16, 8, 2)]
+
+
+def case(shape, seed=0):
+    torch.manual_seed(seed)
+    g = (torch.randn(shape, device="cuda") * 1e-3).bfloat16()
+    return dict(g=g, buf=torch.randn(shape, device="cuda") * 1e-3, w=torch.randn(shape, device="cuda") * 0.02,
+                low=torch.empty(shape, device="cuda", dtype=torch.bfloat16),
+                coef=torch.tensor(0.9, device="cuda"), decay=torch.tensor(0.9999, device="cuda"),
+                step=torch.tensor(-0.02, device="cuda"))
+
+
+def time_torch(t) -> float:
+    pre, ns, post = _Compiled(_muon_pre, True), _Compiled(gram_newton_schulz_packed, True), _Compiled(_muon_post, True)
+
+    def step():
+        u = pre(t["g"], t["buf"], t["coef"], 0.95, True, torch.bfloat16)
+        post(t["w"], ns([u], 5, kernel=True)[0], t["decay"], t["step"], t["low"])
+    return cuda_time(step, warmup=3, iters=20) * 1e6
+
+
+def time_kernels(t, transposed: bool) -> dict:
+    a, b, c = NS_COEFFS
+    step = lambda: EM.muon_step(t["g"], t["buf"], t["w"], t["low"], t["coef"], 0.95, True,  # noqa: E731
+                                t["decay"], t["step"], 5)
+    whole = cuda_time(step, warmup=3, iters=20) * 1e6
+    u, r, scale = EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed, 1e-7)
+    q = ns_gram.gram_segment(r, 2, a, b, c)
+    y, _ = EM.restart_gram(q, scale, u, transposed)
+    qb = q.to(torch.bfloat16)
+    yo = y.mT if transposed else y
+    return dict(step_us=whole,
+                momentum_us=cuda_time(lambda: EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed,
+                                                               1e-7), warmup=3, iters=20) * 1e6,
+                restart_us=cuda_time(lambda: EM.restart_gram(q, scale, u, transposed), warmup=3, iters=20) * 1e6,
+                update_us=cuda_time(lambda: ns_update.qx_update(t["w"], qb, yo, t["decay"], t["step"], transposed,
+                                                                t["low"]), warmup=3, iters=20) * 1e6)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    rows = []
+    for shape in ((256, 1024, 128), (256, 128, 1024)):
+        n = torch.Size(shape).numel()
+        t = case(shape)
+        rows.append(dict(shape="x".join(map(str, shape)), path="torch", step_us=time_torch(t)))
+        print(rows[-1], flush=True)
+        for mom, rst in zip(MOMENTUM, RESTART):
+            EM.CONFIGS.update(momentum=mom, restart=rst)
+            try:
+                got = time_kernels(t, shape[1] > shape[2])
+            except Exception as e:  # noqa: BLE001 - a configuration that does not launch is a row, not a stop
+                rows.append(dict(shape="x".join(map(str, shape)), path="kernels", momentum=str(mom), restart=str(rst),
+                                 error=repr(e)[:120]))
+                continue
+            rows.append(dict(shape="x".join(map(str, shape)), path="kernels", momentum=str(mom), restart=str(rst),
+                             **got, momentum_tbs=12 * n / got["momentum_us"] / 1e6,
+                             restart_tbs=4 * n / got["restart_us"] / 1e6, update_tbs=12 * n / got["update_us"] / 1e6))
+            print(rows[-1], flush=True)
+    if a.record:
+        append_results("expert_muon", "python bench/expert_muon.py " + " ".join(sys.argv[1:]), rows,
+                       notes="one expert tensor's Muon step; the torch path one tensor per call (the step packs 4)")
+    else:
+        from bench.results import markdown_table
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

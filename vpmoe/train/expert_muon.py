@@ -1,0 +1,242 @@
+"""The routed experts' Muon step as streaming Triton kernels (`FastMuonAdamW(stream_experts=True)`).
+
+Per expert tensor [E, m, n] (vpMoE: 256 matrices of 128 x 1024, the up projection stored
+transposed), the packed torch path moves ~36 bytes per parameter: the momentum pass (read the
+gradient and momentum, write the momentum and the bf16 update U: 12), the first Gram R = U U^T
+(read U: 2), the restart X' = Q U and its Gram (read U, write X', read X': 6), the last product
+Q X' (read X', write O: 4) and the update (read O, read and write W, write its bf16 copy: 12).
+Here each matrix's Gram is accumulated in the kernel that streams its operand, so no pass reads
+U or X' only to form R:
+
+- `momentum_gram`: momentum, Nesterov and the bf16 U as `optim_fast._muon_pre` computes them,
+  and R = U U^T summed over column tiles in the same program; the Frobenius scale comes from R's
+  trace (||U||^2) and R leaves normalised, in the Gram iteration's fp16 (12 bytes per parameter).
+- `restart_gram`: X' = bf16(bf16(Q * scale) U) tile by tile, and R' = X' X'^T from the tiles in
+  registers (4 bytes).
+- the last product and the update: `ns_update.qx_update` with the bf16 weight copy written beside
+  W (12 bytes).
+The n x n iterations between them stay `ns_gram.gram_segment`. 28 bytes per parameter instead of
+~36, and per tensor five launches instead of ~20 (an estimate by bytes: ~-3 ms of the (a) step on
+an H100; measure before believing it).
+
+Design choices:
+- The same rounding points as the torch path (`gram_newton_schulz_parts`): U rounded to bf16 before
+  its Gram, the Gram accumulated in fp32 and rounded to fp16 after the scale, Q * scale rounded to
+  bf16, each product accumulated in fp32 and rounded to bf16. Only the order of the sums differs,
+  so the reference path is the test oracle at tight tolerances (tests/test_expert_muon.py, under
+  the Triton interpreter; float64 Newton-Schulz beside it).
+- One program per matrix (m <= 128 rows held whole; the column loop streams the long side), so no
+  cross-program reduction and no atomics; a [128, 128] fp32 accumulator per program.
+- Strides are taken as given: the transposed up weights are read and written in their own layout
+  (U, X' and W share it), so no transposed copies.
+- Custom ops (capturable in CUDA graphs: fixed grids for fixed shapes); `muon_step` runs the chain
+  for one tensor and applies where the kernels do (`applies`: CUDA or the interpreter, bf16
+  Newton-Schulz, fp32 weights, m <= 128).
+"""
+from __future__ import annotations
+
+import torch
+
+from vpmoe.model.router_fused import (
+    _f32_dot,  # the interpreter multiplies in fp32 (same products)
+)
+from vpmoe.model.tpa_fused import available, interpreting
+from vpmoe.train import ns_gram, ns_update
+
+try:
+    import triton
+    import triton.language as tl
+
+    from vpmoe.model.router_fused import _round_bf16
+except ImportError:  # CPU-only installs: the packed torch path
+    triton = None
+
+MAX_M = 128  # the short side held whole per program
+# (columns per tile, warps, pipeline stages) per kernel at 128 rows: the [128, 128] fp32 accumulator
+# is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas for sm_90,
+# bench/kernel_registers.py: momentum 32 x 16 warps 128 registers, restart 32 x 8 warps 218, none
+# spilled); bench/expert_muon.py times the alternatives
+CONFIGS = {"momentum": (32, 16, 2), "restart": (32, 8, 2)}
+
+
+def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The [b, m, n] view Newton-Schulz iterates on (m the short side)."""
+    return t.mT if transposed else t
+
+
+def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed: bool, eps: float = 1e-7):
+    """The torch path's first part: U = `_muon_pre` (buf updated in place), then R = U U^T (fp32
+    sums), the scale 1 / (||U|| + eps) from its trace, R * scale^2 in fp16; returns (U, R, scale)."""
+    from vpmoe.train.optim_fast import _gram_f32, _muon_pre
+    u = _muon_pre(g, buf, coef, mu, nesterov, torch.bfloat16)
+    r = _gram_f32(_oriented(u, transposed))
+    scale = 1.0 / (r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() + eps)
+    return u, (r * scale[:, None, None] ** 2).to(torch.float16), scale
+
+
+def restart_gram_reference(q, scale, x, transposed: bool):
+    """The torch path's restart: X' = bf16(Q * scale) X in bf16, R' = X' X'^T in fp16; x and the
+    returned X' in the weight's layout; returns (X', R')."""
+    from vpmoe.train.optim_fast import _gram_f32
+    qs = (q.float() * scale[:, None, None]).to(torch.bfloat16)
+    y = torch.bmm(qs, _oriented(x, transposed))
+    return _oriented(y, transposed).contiguous(), _gram_f32(y).to(torch.float16)
+
+
+if triton is not None:
+    @triton.jit
+    def _dot(x, y, F32_DOT: tl.constexpr):
+        """x @ y of bf16-valued fp32 tiles with fp32 accumulation (bf16 MMA; the interpreter: fp32)."""
+        if F32_DOT:
+            return tl.dot(x, y)
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+
+    @triton.jit
+    def _momentum_gram_kernel(g_ptr, buf_ptr, u_ptr, r_ptr, scale_ptr, coef_ptr, M, N, mu, eps,
+                              sg_b, sg_m, sg_n, sb_b, sb_m, sb_n, su_b, su_m, su_n, sr_b, sr_m, sr_n,
+                              NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr, BM: tl.constexpr,
+                              BN: tl.constexpr, F32_DOT: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        rows = tl.arange(0, BM)
+        row_ok = rows < M
+        coef = tl.load(coef_ptr)
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            ok = row_ok[:, None] & (cols < N)[None, :]
+            g = tl.load(g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :] * sg_n, mask=ok, other=0.0)
+            g = g.to(tl.float32) * coef
+            bp = buf_ptr + b * sb_b + rows[:, None] * sb_m + cols[None, :] * sb_n
+            m = tl.load(bp, mask=ok, other=0.0).to(tl.float32) * mu + g
+            if BUF_BF16:
+                tl.store(bp, _round_bf16(m).to(tl.bfloat16), mask=ok)
+            else:
+                tl.store(bp, m, mask=ok)
+            if NESTEROV:
+                u = _round_bf16(g + mu * m)
+            else:
+                u = _round_bf16(m)
+            tl.store(u_ptr + b * su_b + rows[:, None] * su_m + cols[None, :] * su_n, u.to(tl.bfloat16), mask=ok)
+            acc += _dot(u, tl.trans(u), F32_DOT)
+        trace = tl.sum(tl.sum(tl.where(rows[:, None] == rows[None, :], acc, 0.0), axis=1), axis=0)
+        scale = 1.0 / (tl.sqrt(tl.maximum(trace, 0.0)) + eps)
+        ok_r = row_ok[:, None] & row_ok[None, :]
+        tl.store(r_ptr + b * sr_b + rows[:, None] * sr_m + rows[None, :] * sr_n,
+                 (acc * (scale * scale)).to(tl.float16), mask=ok_r)
+        tl.store(scale_ptr + b, scale)
+
+    @triton.jit
+    def _restart_gram_kernel(q_ptr, scale_ptr, x_ptr, y_ptr, r_ptr, M, N,
+                             sq_b, sq_m, sq_k, sx_b, sx_m, sx_n, sy_b, sy_m, sy_n, sr_b, sr_m, sr_n,
+                             BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        rows = tl.arange(0, BM)
+        row_ok = rows < M
+        ok_q = row_ok[:, None] & row_ok[None, :]
+        q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k, mask=ok_q, other=0.0)
+        q = _round_bf16(q.to(tl.float32) * tl.load(scale_ptr + b))
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            ok = row_ok[:, None] & (cols < N)[None, :]
+            x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_m + cols[None, :] * sx_n, mask=ok, other=0.0)
+            y = _round_bf16(_dot(q, x.to(tl.float32), F32_DOT))
+            tl.store(y_ptr + b * sy_b + rows[:, None] * sy_m + cols[None, :] * sy_n, y.to(tl.bfloat16), mask=ok)
+            acc += _dot(y, tl.trans(y), F32_DOT)
+        tl.store(r_ptr + b * sr_b + rows[:, None] * sr_m + rows[None, :] * sr_n, acc.to(tl.float16), mask=ok_q)
+
+
+def applies(device: torch.device, w_dtype: torch.dtype, m: int) -> bool:
+    """Whether the kernels serve an expert tensor on `device` with weights in `w_dtype` and short
+    side m (bf16 Newton-Schulz is the caller's: `FastMuonAdamW` on CUDA)."""
+    return (triton is not None and available(device) and w_dtype == torch.float32 and m <= MAX_M)
+
+
+def _launch(kernel: str, m: int) -> dict:
+    """Tile and launch settings for `kernel` ("momentum" or "restart") at short side m: the rows
+    whole, `CONFIGS`' columns (16 in the interpreter, to keep it quick)."""
+    bn, warps, stages = CONFIGS[kernel]
+    return dict(BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps,
+                num_stages=stages)
+
+
+@torch.library.custom_op("vpmoe::momentum_gram", mutates_args=("buf",))
+def momentum_gram(g: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mu: float, nesterov: bool,
+                  transposed: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`momentum_gram_reference` in one launch: g (any float dtype) and buf (fp32 or bf16) [b, m, n]
+    (or [b, n, m] when `transposed`), coef a 0-dim fp32 device tensor; returns U (bf16, g's layout),
+    R (fp16 [b, m, m]) and the scale (fp32 [b])."""
+    bsz = g.shape[0]
+    m, n = (g.shape[2], g.shape[1]) if transposed else (g.shape[1], g.shape[2])
+    if not applies(g.device, torch.float32, m) or buf.shape != g.shape or buf.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"momentum_gram: wants g and buf (fp32 or bf16) of one shape [b, m, n] with m <= {MAX_M} "
+                         f"on CUDA; got g {tuple(g.shape)} {g.dtype}, buf {tuple(buf.shape)} {buf.dtype} on {g.device}")
+    u = torch.empty_like(g, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+    r = torch.empty(bsz, m, m, device=g.device, dtype=torch.float16)
+    scale = torch.empty(bsz, device=g.device, dtype=torch.float32)
+    gv, bv, uv = (_oriented(t, transposed) for t in (g, buf, u))
+    _momentum_gram_kernel[(bsz,)](
+        gv, bv, uv, r, scale, coef, m, n, float(mu), float(eps), *gv.stride(), *bv.stride(), *uv.stride(),
+        *r.stride(), NESTEROV=bool(nesterov), BUF_BF16=buf.dtype == torch.bfloat16, F32_DOT=_f32_dot(),
+        **_launch("momentum", m))
+    return u, r, scale
+
+
+@momentum_gram.register_fake
+def _(g, buf, coef, mu, nesterov, transposed, eps):
+    m = g.shape[2] if transposed else g.shape[1]
+    return (torch.empty_like(g, dtype=torch.bfloat16, memory_format=torch.contiguous_format),
+            g.new_empty(g.shape[0], m, m, dtype=torch.float16), g.new_empty(g.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("vpmoe::restart_gram", mutates_args=())
+def restart_gram(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+                 transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`restart_gram_reference` in one launch: q fp16 [b, m, m], scale fp32 [b], x bf16 in the
+    weight's layout; returns X' (bf16, that layout) and R' (fp16 [b, m, m])."""
+    bsz = x.shape[0]
+    m, n = (x.shape[2], x.shape[1]) if transposed else (x.shape[1], x.shape[2])
+    if (not applies(x.device, torch.float32, m) or x.dtype != torch.bfloat16 or tuple(q.shape) != (bsz, m, m)
+            or tuple(scale.shape) != (bsz,)):
+        raise ValueError(f"restart_gram: wants bf16 x [b, m, n] (m <= {MAX_M}), q [b, m, m] and scale [b]; got x "
+                         f"{tuple(x.shape)} {x.dtype}, q {tuple(q.shape)}, scale {tuple(scale.shape)} on {x.device}")
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    r = torch.empty(bsz, m, m, device=x.device, dtype=torch.float16)
+    xv, yv = _oriented(x, transposed), _oriented(y, transposed)
+    _restart_gram_kernel[(bsz,)](
+        q, scale, xv, yv, r, m, n, *q.stride(), *xv.stride(), *yv.stride(), *r.stride(), F32_DOT=_f32_dot(),
+        **_launch("restart", m))
+    return y, r
+
+
+@restart_gram.register_fake
+def _(q, scale, x, transposed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(q)
+
+
+def muon_step(g, buf, w, low, coef, mu: float, nesterov: bool, decay, step, steps: int,
+              restart_at: tuple[int, ...] = (2,), eps: float = 1e-7, kernels: bool = True) -> None:
+    """One expert tensor's Muon step in place: W <- W * decay + step * NS(U) (and its bf16 copy
+    `low`), buf the momentum. The same result as `_muon_pre` + `gram_newton_schulz` + `_muon_post`
+    to the order of sums. `kernels=False`: the reference functions (the test oracle)."""
+    from vpmoe.train.optim import NS_COEFFS
+    a, b, c = NS_COEFFS
+    transposed = w.shape[-2] > w.shape[-1]
+    first = momentum_gram if kernels else momentum_gram_reference
+    x, r, scale = first(g, buf, coef, mu, nesterov, transposed, eps)
+    bounds = [0, *sorted({i for i in restart_at if 0 < i < steps}), steps]
+    q = None
+    for s0, s1 in zip(bounds, bounds[1:]):
+        if q is not None:
+            x, r = (restart_gram if kernels else restart_gram_reference)(q, scale, x, transposed)
+            scale = torch.ones_like(scale)
+        seg = ns_gram.gram_segment if kernels and ns_gram.applies(r) else ns_gram.gram_segment_reference
+        q = seg(r, s1 - s0, a, b, c)
+    q = (q.float() * scale[:, None, None]).to(torch.bfloat16) if s0 == 0 else q.to(torch.bfloat16)
+    xo = _oriented(x, transposed)
+    if kernels:
+        ns_update.qx_update(w, q, xo, decay, step, transposed, low)
+    else:
+        ns_update.qx_update_reference(w, q, xo, decay, step, transposed)
+        if low is not None:
+            low.copy_(w)
