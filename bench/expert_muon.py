@@ -27,8 +27,8 @@ from vpmoe.train import ns_gram, ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
-MOMENTUM = [(32, 16, 2), (32, 16, 1), (32, 8, 2), (64, 16, 2), (16, 8, 2)]
-RESTART = [(32, 8, 2), (32, 8, 1), (32, 16, 2), (64, 8, 2), (16, 8, 2)]
+MOMENTUM = [(64, 16, 2), (32, 16, 2), (64, 16, 3), (128, 16, 2)]
+RESTART = [(64, 8, 2), (32, 8, 2), (64, 8, 3), (128, 8, 2)]
 
 
 def case(shape, seed=0):

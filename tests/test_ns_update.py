@@ -22,7 +22,7 @@ def check_kernel_against_reference_and_float64() -> None:
         w0 = torch.randn(b, n, m, generator=g) if transposed else torch.randn(b, m, n, generator=g)
         assert ns_update.applies(w0.device, x.dtype, w0.dtype, m)
         got, ref = w0.clone(), w0.clone()
-        ns_update.qx_update(got, q, x, decay, step, transposed)
+        ns_update.qx_update(got, q, x, decay, step, transposed, None)
         ns_update.qx_update_reference(ref, q, x, decay, step, transposed)
         o64 = q.double() @ x.double()
         o64 = o64.mT if transposed else o64
@@ -39,7 +39,7 @@ def check_kernel_against_reference_and_float64() -> None:
         assert (got - w0).abs().max() > 1e-3
     # operands it does not take are refused by name
     try:
-        ns_update.qx_update(torch.zeros(b, m, n + 1), q, x, decay, step, False)
+        ns_update.qx_update(torch.zeros(b, m, n + 1), q, x, decay, step, False, None)
     except ValueError as e:
         assert "qx_update: wants" in str(e)
     else:

@@ -27,19 +27,23 @@ def _host_syncs(fn) -> list[str]:
     made each (its last frames; a warning from C++ comes from the calling Python frame), so a failure
     says where, also when that frame is inside torch."""
     torch.cuda.synchronize()
-    stacks = []
+    stacks, inside = [], [False]
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
-            stacks.append(" <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
-                                      for f in reversed(traceback.extract_stack()[-9:-1])))
+        # only while fn runs: switching the mode on warns by itself on torch 2.11 (found 2026-12-05)
+        if inside[0] and "synchroniz" in str(message):
+            stacks.append(f"{str(message)[:80]!r} at " + " <- ".join(
+                f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                for f in reversed(traceback.extract_stack()[-9:-1])))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
+            inside[0] = True
             fn()
         finally:
+            inside[0] = False
             torch.cuda.set_sync_debug_mode("default")
     return stacks
 

@@ -54,9 +54,9 @@ except ImportError:  # CPU-only installs: the packed torch path
 MAX_M = 128  # the short side held whole per program
 # (columns per tile, warps, pipeline stages) per kernel at 128 rows: the [128, 128] fp32 accumulator
 # is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas for sm_90,
-# bench/kernel_registers.py: momentum 32 x 16 warps 128 registers, restart 32 x 8 warps 218, none
-# spilled); bench/expert_muon.py times the alternatives
-CONFIGS = {"momentum": (32, 16, 2), "restart": (32, 8, 2)}
+# bench/kernel_registers.py: 32 columns spill nothing, 64 spill ~300 bytes), yet 64 columns timed
+# fastest on an H100 (2026-12-05 20:20, bench/expert_muon.py, which times the alternatives)
+CONFIGS = {"momentum": (64, 16, 2), "restart": (64, 8, 2)}
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:

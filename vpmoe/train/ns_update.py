@@ -80,10 +80,12 @@ def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m
 
 @torch.library.custom_op("vpmoe::qx_update", mutates_args=("w", "low"))
 def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor, step: torch.Tensor,
-              transposed: bool, low: torch.Tensor | None = None) -> None:
+              transposed: bool, low: torch.Tensor | None) -> None:
     """W <- W * decay + step * bf16(Q X) in place: q [b, m, m] and x [b, m, n] bf16, w fp32
     [b, m, n] (or [b, n, m] when `transposed`), decay and step 0-dim fp32 device tensors; `low`
-    (bf16, w's shape) gets the updated W rounded, in the same pass (the kept weight copy)."""
+    (bf16, w's shape) gets the updated W rounded, in the same pass (the kept weight copy). `low`
+    has no default: torch 2.11 drops a trailing optional argument left at its default and then
+    fails to find the mutated one (IndexError in the op's version bump; 2.13 does not)."""
     bsz, m, n = x.shape
     want = (bsz, n, m) if transposed else (bsz, m, n)
     if (not applies(w.device, x.dtype, w.dtype, m) or q.dtype != x.dtype or tuple(w.shape) != want
@@ -103,5 +105,5 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
 
 
 @qx_update.register_fake
-def _(w, q, x, decay, step, transposed, low=None):
+def _(w, q, x, decay, step, transposed, low):
     return None
