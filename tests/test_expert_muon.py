@@ -185,3 +185,23 @@ def test_expert_muon_step_against_reference_and_float64():
 
 def test_optimizer_stream_experts_matches_packed_in_the_interpreter():
     run_in_interpreter("tests.test_expert_muon", "check_optimizer_stream_experts_matches_packed", timeout=600)
+
+
+def test_stream_experts_is_the_default_and_falls_back_on_the_cpu():
+    """On by default; on the CPU (no Triton interpreter) the kernels do not apply, so the expert
+    tensors take the packed torch path and the step still runs."""
+    from tests.test_model import randomize, small
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train.optim import OptimConfig, build_optimizer
+    from vpmoe.train.optim_fast import FastMuonAdamW
+
+    model = randomize(VpMoE(small()))
+    fast = FastMuonAdamW(build_optimizer(model, OptimConfig()), ns_pack=2)
+    experts = [p for p in model.parameters() if p.ndim == 3]
+    assert fast.stream_experts and experts
+    assert not any(fast._streams(p) for p in experts) and all(fast._packs(p) for p in experts)
+    before = [p.detach().clone() for p in experts]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    fast.step()
+    assert all((p != b).float().mean() > 0.99 for p, b in zip(experts, before))

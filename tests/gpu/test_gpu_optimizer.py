@@ -145,11 +145,12 @@ def eager_steps_vs_captured(m1, f1, m2, f2, grads):
     torch.testing.assert_close(torch.stack(norms2), torch.stack(norms1), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("ns_pack,streams", [(1, 1), (2, 1), (2, 3)])
-def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, monkeypatch):
+@pytest.mark.parametrize("ns_pack,streams,stream_experts", [(1, 1, False), (2, 1, False), (2, 3, False), (2, 3, True)])
+def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, stream_experts, monkeypatch):
     """FastMuonAdamW (compiled fused kernels, chunked bf16 Newton-Schulz, Q@X form; with ns_pack 2
     the experts' Gram-side iterations packed two tensors per call; with streams 3 its pieces on
-    three CUDA streams) vs clip_grad_norm_ +
+    three CUDA streams; with stream_experts the experts' step as expert_muon's kernels, the
+    default) vs clip_grad_norm_ +
     MuonAdamW.step on the GPU, both against the reference step in fp32 on the CPU: the fast
     update's error is at most ~1.5x the reference GPU step's own bf16 error."""
     from vpmoe.train import optim_fast
@@ -161,9 +162,10 @@ def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, monkeypat
     o_ref, o_fast, o_cpu = (build_optimizer(m, OptimConfig()) for m in (m_ref, m_fast, m_cpu))
     # chunks of 16 of the 64 experts; packing takes whole tensors
     fast = FastMuonAdamW(o_fast, max_grad_norm=1.0, ns_chunk=16 if ns_pack == 1 else 64, ns_pack=ns_pack,
-                         streams=streams)
+                         streams=streams, stream_experts=stream_experts)
     packed = [fast._packs(p.view(-1, *p.shape[-2:])) for p in m_fast.parameters() if p.ndim == 3]
     assert packed and all(packed) == (ns_pack > 1), packed
+    assert all(fast._streams(p) == stream_experts for p in m_fast.parameters() if p.ndim == 3)
     assert sum(p.numel() >= optim_fast.ADAMW_ALONE for p in o_fast.param_groups[-1]["params"]) == 2
     p0 = [p.detach().clone() for p in m_ref.parameters()]
     for step in range(2):
@@ -194,7 +196,7 @@ def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
     m1 = VpMoE(cfg).to(DEV)
     m3 = copy.deepcopy(m1)
     f1, f3 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2,
-                            streams=n) for m, n in ((m1, 1), (m3, 3)))
+                            streams=n, stream_experts=False) for m, n in ((m1, 1), (m3, 3)))
     grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]
 
     eager_steps_vs_captured(m1, f1, m3, f3, grads)
@@ -214,7 +216,8 @@ def flag_captured_vs_eager(seed: int, flag: dict, tol: float, reference: dict | 
     torch.manual_seed(seed)
     m1 = VpMoE(cfg).to(DEV)
     m2 = copy.deepcopy(m1)
-    f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2, **kw)
+    f1, f2 = (FastMuonAdamW(build_optimizer(m, OptimConfig()), max_grad_norm=1.0, ns_chunk=64, ns_pack=2,
+                            **{"stream_experts": False, **kw})  # the packed path unless the flag asks
               for m, kw in ((m1, reference or {}), (m2, flag)))
     p0 = [p.detach().clone() for p in m1.parameters()]
     grads = [[torch.randn_like(p) * scale for p in m1.parameters()] for scale in (0.05, 1e-4, 0.02)]

@@ -215,10 +215,12 @@ def _(q, scale, x, transposed):
 
 
 def muon_step(g, buf, w, low, coef, mu: float, nesterov: bool, decay, step, steps: int,
-              restart_at: tuple[int, ...] = (2,), eps: float = 1e-7, kernels: bool = True) -> None:
+              restart_at: tuple[int, ...] = (2,), eps: float = 1e-7, kernels: bool = True,
+              gram_kernel: bool = True) -> None:
     """One expert tensor's Muon step in place: W <- W * decay + step * NS(U) (and its bf16 copy
     `low`), buf the momentum. The same result as `_muon_pre` + `gram_newton_schulz` + `_muon_post`
-    to the order of sums. `kernels=False`: the reference functions (the test oracle)."""
+    to the order of sums. `kernels=False`: the reference functions (the test oracle);
+    `gram_kernel=False`: the n x n segments by torch (`FastMuonAdamW.gram_kernel`)."""
     from vpmoe.train.optim import NS_COEFFS
     a, b, c = NS_COEFFS
     transposed = w.shape[-2] > w.shape[-1]
@@ -230,7 +232,8 @@ def muon_step(g, buf, w, low, coef, mu: float, nesterov: bool, decay, step, step
         if q is not None:
             x, r = (restart_gram if kernels else restart_gram_reference)(q, scale, x, transposed)
             scale = torch.ones_like(scale)
-        seg = ns_gram.gram_segment if kernels and ns_gram.applies(r) else ns_gram.gram_segment_reference
+        fused = kernels and gram_kernel and ns_gram.applies(r)
+        seg = ns_gram.gram_segment if fused else ns_gram.gram_segment_reference
         q = seg(r, s1 - s0, a, b, c)
     q = (q.float() * scale[:, None, None]).to(torch.bfloat16) if s0 == 0 else q.to(torch.bfloat16)
     xo = _oriented(x, transposed)
