@@ -187,16 +187,21 @@ def test_optimizer_stream_experts_matches_packed_in_the_interpreter():
     run_in_interpreter("tests.test_expert_muon", "check_optimizer_stream_experts_matches_packed", timeout=600)
 
 
-def test_stream_experts_is_the_default_and_falls_back_on_the_cpu():
-    """On by default; on the CPU (no Triton interpreter) the kernels do not apply, so the expert
-    tensors take the packed torch path and the step still runs."""
+def test_stream_experts_follows_the_module_setting_and_falls_back_on_the_cpu(monkeypatch):
+    """`stream_experts=None` takes `optim_fast.STREAM_EXPERTS`; on the CPU (no Triton interpreter)
+    the kernels do not apply, so the expert tensors take the packed torch path and the step runs."""
     from tests.test_model import randomize, small
     from vpmoe.model.model import VpMoE
     from vpmoe.train.optim import OptimConfig, build_optimizer
     from vpmoe.train.optim_fast import FastMuonAdamW
 
+    from vpmoe.train import optim_fast
+
     model = randomize(VpMoE(small()))
-    fast = FastMuonAdamW(build_optimizer(model, OptimConfig()), ns_pack=2)
+    for setting in (False, True):
+        monkeypatch.setattr(optim_fast, "STREAM_EXPERTS", setting)
+        assert FastMuonAdamW(build_optimizer(model, OptimConfig())).stream_experts is setting
+    fast = FastMuonAdamW(build_optimizer(model, OptimConfig()), ns_pack=2, stream_experts=True)
     experts = [p for p in model.parameters() if p.ndim == 3]
     assert fast.stream_experts and experts
     assert not any(fast._streams(p) for p in experts) and all(fast._packs(p) for p in experts)

@@ -40,7 +40,7 @@ Design choices:
   CUDA). On by default: graphed, the 20-layer step alone 24.50 -> 21.06 ms and the whole (a) train
   step 65.63 -> 62.02 ms (H200, 2026-12-03); eager steps are host-bound and read no slower with it
   (six readings, 26-52 ms either way). `gram_kernel=False` is the torch path, the kernel's reference.
-- `stream_experts` (on): each expert tensor's step as `expert_muon`'s streaming kernels (momentum
+- `stream_experts` (opt-in, `STREAM_EXPERTS`): each expert tensor's step as `expert_muon`'s streaming kernels (momentum
   with the first Gram, the restart with its Gram, the update with the kept bf16 copy; 28 bytes per
   parameter instead of ~36, five launches per tensor), where they apply (CUDA, bf16 Newton-Schulz,
   fp32 weights); the packed path above elsewhere. H100, 2026-12-05: the 20-layer optimizer step
@@ -80,6 +80,10 @@ from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 # AdamW tensors at least this big (the embedding and head) get a compiled update of their own; the
 # many small ones share `_fused_adamw_`'s multi-tensor launches
 ADAMW_ALONE = 1 << 22
+# `FastMuonAdamW(stream_experts=None)` takes this: off until the graphed-step test with the gathered
+# weight gradient (FUSED_WGRAD, one micro-batch) passes with it on (it failed 2026-12-05 21:00 on an
+# H200 in the only call that ran it, not yet run with it off on the same code; docs/performance.md)
+STREAM_EXPERTS = False
 HALF = (torch.bfloat16, torch.float16)  # gradients in these are widened to fp32 before any arithmetic
 
 
@@ -292,7 +296,7 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
-                 fuse_update: bool = False, gram_kernel: bool = True, stream_experts: bool = True):
+                 fuse_update: bool = False, gram_kernel: bool = True, stream_experts: bool | None = None):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
@@ -320,7 +324,8 @@ class FastMuonAdamW:
         self.fuse_update = bool(fuse_update)
         self._ns_parts = _Compiled(gram_newton_schulz_parts, use_compile)
         self.gram_kernel = bool(gram_kernel)  # each restart segment's n x n iteration as one kernel (ns_gram.py)
-        self.stream_experts = bool(stream_experts)  # the experts' step as streaming kernels (expert_muon.py)
+        # the experts' step as streaming kernels (expert_muon.py); None: the module's STREAM_EXPERTS
+        self.stream_experts = STREAM_EXPERTS if stream_experts is None else bool(stream_experts)
         self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
         self._adamw_one = _Compiled(_adamw_update, use_compile)  # AdamW tensors of >= ADAMW_ALONE elements
         self._adamw_rows = _Compiled(_adamw_rows_update, use_compile)  # gradients given as rows (the embedding)
