@@ -51,11 +51,17 @@ def _under(e, name: str) -> bool:
 
 
 def _source(e) -> str:
+    """The innermost Python frame under vpmoe/ of an op: from its parents in the profiler's tree (the
+    CPU's torch 2.13), else from its recorded stack (on the GPU's torch 2.11 the tree gave no Python
+    parents: every kernel read "(outside vpmoe)", 2026-12-05)."""
     p = e.cpu_parent
     while p is not None:
         if "vpmoe/" in p.name:
             return p.name.split("vpmoe/")[-1]
         p = p.cpu_parent
+    for frame in e.stack or ():  # innermost first
+        if "vpmoe/" in frame:
+            return frame.split("vpmoe/")[-1]
     return "(outside vpmoe)"
 
 

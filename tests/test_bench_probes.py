@@ -206,3 +206,18 @@ def test_decode_kernel_count_rules():
         _decode_source_fn(x, w, offs)
     by_source = count(prof, cuda=False)
     assert by_source == {"(outside vpmoe)": 6}, by_source  # sources: frames under vpmoe/ only
+
+
+def test_decode_kernel_source_from_parents_else_from_the_recorded_stack():
+    """`bench.decode_kernels._source`: the innermost vpmoe/ frame among the op's profiler parents;
+    where the tree has none (torch 2.11 on the GPU), the innermost vpmoe/ frame of its own stack."""
+    from bench.decode_kernels import _source
+
+    frame = lambda name, parent=None: SimpleNamespace(name=name, cpu_parent=parent)
+    tree = frame("aten::mm", frame("vpmoe/model/model.py(205): project_qkv", frame("vpmoe/model/model.py(217): forward")))
+    assert _source(SimpleNamespace(cpu_parent=tree.cpu_parent, stack=["/w/vpmoe/x.py(1): other"])) == \
+        "model/model.py(205): project_qkv"
+    stacked = SimpleNamespace(cpu_parent=frame("aten::linear"), stack=[
+        "/t/torch/nn/functional.py(10): linear", "/w/vpmoe/model/model.py(311): mlp", "/w/vpmoe/model/model.py(400): forward"])
+    assert _source(stacked) == "model/model.py(311): mlp"
+    assert _source(SimpleNamespace(cpu_parent=None, stack=[])) == "(outside vpmoe)"
