@@ -215,14 +215,17 @@ def _(q, scale, x, transposed):
 
 
 def muon_step(g, buf, w, low, coef, mu: float, nesterov: bool, decay, step, steps: int,
-              restart_at: tuple[int, ...] = (2,), eps: float = 1e-7, kernels: bool = True,
+              restart_at: tuple[int, ...] | None = None, eps: float = 1e-7, kernels: bool = True,
               gram_kernel: bool = True) -> None:
     """One expert tensor's Muon step in place: W <- W * decay + step * NS(U) (and its bf16 copy
     `low`), buf the momentum. The same result as `_muon_pre` + `gram_newton_schulz` + `_muon_post`
     to the order of sums. `kernels=False`: the reference functions (the test oracle);
-    `gram_kernel=False`: the n x n segments by torch (`FastMuonAdamW.gram_kernel`)."""
+    `gram_kernel=False`: the n x n segments by torch (`FastMuonAdamW.gram_kernel`); `restart_at`
+    None: the packed path's (`optim_fast.GRAM_RESTART_AT`)."""
     from vpmoe.train.optim import NS_COEFFS
+    from vpmoe.train.optim_fast import GRAM_RESTART_AT
     a, b, c = NS_COEFFS
+    restart_at = GRAM_RESTART_AT if restart_at is None else restart_at
     transposed = w.shape[-2] > w.shape[-1]
     first = momentum_gram if kernels else momentum_gram_reference
     x, r, scale = first(g, buf, coef, mu, nesterov, transposed, eps)

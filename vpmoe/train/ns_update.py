@@ -91,8 +91,10 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     if (not applies(w.device, x.dtype, w.dtype, m) or q.dtype != x.dtype or tuple(w.shape) != want
             or tuple(q.shape) != (bsz, m, m)
             or (low is not None and (low.shape != w.shape or low.dtype != torch.bfloat16))):
-        raise ValueError(f"qx_update: wants bf16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n] and fp32 w {want}; "
-                         f"got q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+        got_low = "" if low is None else f", low {tuple(low.shape)} {low.dtype}"
+        raise ValueError(f"qx_update: wants bf16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n], fp32 w {want} and "
+                         f"low None or bf16 of w's shape; got q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} "
+                         f"{x.dtype}, w {tuple(w.shape)} {w.dtype}{got_low}")
     sw_b, sw_1, sw_2 = w.stride()
     sw_m, sw_n = (sw_2, sw_1) if transposed else (sw_1, sw_2)
     sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()

@@ -83,6 +83,8 @@ ADAMW_ALONE = 1 << 22
 # `FastMuonAdamW(stream_experts=None)` takes this (on: H100, 2026-12-05, the (a) step -1.24 ms)
 STREAM_EXPERTS = True
 HALF = (torch.bfloat16, torch.float16)  # gradients in these are widened to fp32 before any arithmetic
+# the Gram-side Newton-Schulz restarts before these steps (`gram_newton_schulz`; expert_muon's too)
+GRAM_RESTART_AT = (2,)
 
 
 def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -121,7 +123,7 @@ def _gram_f32(x: torch.Tensor) -> torch.Tensor:
     return bmm_f32(x, x.mT)
 
 
-def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, restart_at: tuple[int, ...] = (2,),
+def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, restart_at: tuple[int, ...] = GRAM_RESTART_AT,
                        small_dtype: torch.dtype | None = None, kernel: bool = False) -> torch.Tensor:
     """`optim.newton_schulz` for a batch [b, m, n] (bf16 on CUDA), iterating on the small Gram side.
 
@@ -141,7 +143,7 @@ def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, resta
 
 
 def gram_newton_schulz_packed(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7,
-                              restart_at: tuple[int, ...] = (2,), small_dtype: torch.dtype | None = None,
+                              restart_at: tuple[int, ...] = GRAM_RESTART_AT, small_dtype: torch.dtype | None = None,
                               kernel: bool = False) -> list[torch.Tensor]:
     """`gram_newton_schulz` of each x in xs (matrices of one shape, any batch sizes): the products
     over the big operand run per x, the n x n iteration once over all of them packed into one batch.
@@ -153,7 +155,7 @@ def gram_newton_schulz_packed(xs: list[torch.Tensor], steps: int = 5, eps: float
 
 
 def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7,
-                             restart_at: tuple[int, ...] = (2,), small_dtype: torch.dtype | None = None,
+                             restart_at: tuple[int, ...] = GRAM_RESTART_AT, small_dtype: torch.dtype | None = None,
                              kernel: bool = False):
     """`gram_newton_schulz_packed` without its last product: (qs, xs, transposed) such that each
     result is Q X (its transpose when `transposed`), Q [b, m, m] and X [b, m, n] in x's dtype; for
