@@ -373,6 +373,8 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
         tr = make_trainer()
         row["opt_streams"] = 1 + len(tr.fopt.side_streams)  # one where blocks are checkpointed (as the trainer)
         row["gram_kernel"] = tr.fopt.gram_kernel  # FastMuonAdamW.gram_kernel (on unless --opt gram_kernel=False)
+        # the experts' step as expert_muon's kernels where they apply (on unless --opt stream_experts=False)
+        row["stream_experts"] = any(tr.fopt._streams(p) for p in tr.model.parameters() if p.ndim == 3)
         batches = [split(make_batch(batch_size, seq, seed=s, kd_k=kd_k), micro) for s in range(3)]
         if routing == "balanced":
             row["load_imbalance_init"], row["load_imbalance"] = balance_routing(tr.model, batches[0][0])
