@@ -2,7 +2,7 @@
 `fast.embedding_rows`, `FastMuonAdamW.step(row_grads=...)`) against the dense [V, d] gradient of
 the lookup's ordinary backward: the same gradient (float64 and the dense path), the same AdamW
 update and state, the same clipping norm. CPU; the graphed step on the GPU:
-tests/gpu/test_gpu_fast_paths.py."""
+tests/gpu/test_gpu_graphed.py."""
 import copy
 
 import pytest

@@ -11,7 +11,7 @@ backward:
   the rounding of the default path's fp32 sum;
 - the optimizer given those gradients takes the step the reference takes from the same values held
   in fp32 `.grad`s: bit-equal with clipping off, to rounding with it on (the norm's sums differ).
-The GPU's graphed step: tests/gpu/test_gpu_fast_paths.py."""
+The GPU's graphed step: tests/gpu/test_gpu_graphed.py."""
 import copy
 
 import pytest

@@ -2,7 +2,7 @@
 update, `graphed.WEIGHT_COPIES`) against the default path that casts the fp32 masters in every
 forward: the same bits everywhere, copies only where a block keeps its activations, and a master
 changed outside the optimizer cast again before the next forward. CPU, bf16 bodies (the copies'
-dtype); the GPU's graphed step: tests/gpu/test_gpu_fast_paths.py."""
+dtype); the GPU's graphed step: tests/gpu/test_gpu_graphed.py."""
 import copy
 
 import pytest
