@@ -1,4 +1,5 @@
-"""The routed experts' Muon step as streaming Triton kernels (`FastMuonAdamW(stream_experts=True)`).
+"""The routed experts' Muon step as streaming Triton kernels (`FastMuonAdamW`'s default on CUDA:
+`optim_fast.STREAM_EXPERTS`; `stream_experts=False` keeps the packed torch path).
 
 Per expert tensor [E, m, n] (vpMoE: 256 matrices of 128 x 1024, the up projection stored
 transposed), the packed torch path moves ~36 bytes per parameter: the momentum pass (read the
@@ -16,8 +17,10 @@ U or X' only to form R:
 - the last product and the update: `ns_update.qx_update` with the bf16 weight copy written beside
   W (12 bytes).
 The n x n iterations between them stay `ns_gram.gram_segment`. 28 bytes per parameter instead of
-~36, and per tensor five launches instead of ~20 (an estimate by bytes: ~-3 ms of the (a) step on
-an H100; measure before believing it).
+~36, and per tensor five launches instead of ~20. By bytes ~-3 ms of the (a) step on an H100;
+measured there (2026-12-05, one lease): the 20-layer optimizer alone 29.27 -> 27.73 ms, (a) 61.19
+-> 59.95 ms. The kernels stream at 1.3-3.1 TB/s in the step (one program per matrix holds 255
+registers, so one program per SM), which is where the rest went (docs/performance.md).
 
 Design choices:
 - The same rounding points as the torch path (`gram_newton_schulz_parts`): U rounded to bf16 before
