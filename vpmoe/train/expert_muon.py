@@ -45,6 +45,8 @@ from vpmoe.model.router_fused import (
 )
 from vpmoe.model.tpa_fused import available, interpreting
 from vpmoe.train import ns_gram, ns_update
+from vpmoe.train.ns_gram import bmm_f32
+from vpmoe.train.optim import GRAM_RESTART_AT, NS_COEFFS
 
 try:
     import triton
@@ -70,20 +72,21 @@ def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed: bool, eps: float = 1e-7):
     """The torch path's first part: U = `_muon_pre` (buf updated in place), then R = U U^T (fp32
     sums), the scale 1 / (||U|| + eps) from its trace, R * scale^2 in fp16; returns (U, R, scale)."""
-    from vpmoe.train.optim_fast import _gram_f32, _muon_pre
+    # here, not at the top: optim_fast imports this module
+    from vpmoe.train.optim_fast import _muon_pre, gram_scale
     u = _muon_pre(g, buf, coef, mu, nesterov, torch.bfloat16)
-    r = _gram_f32(_oriented(u, transposed))
-    scale = 1.0 / (r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() + eps)
+    x = _oriented(u, transposed)
+    r = bmm_f32(x, x.mT)
+    scale = gram_scale(r, eps)
     return u, (r * scale[:, None, None] ** 2).to(torch.float16), scale
 
 
 def restart_gram_reference(q, scale, x, transposed: bool):
     """The torch path's restart: X' = bf16(Q * scale) X in bf16, R' = X' X'^T in fp16; x and the
     returned X' in the weight's layout; returns (X', R')."""
-    from vpmoe.train.optim_fast import _gram_f32
     qs = (q.float() * scale[:, None, None]).to(torch.bfloat16)
     y = torch.bmm(qs, _oriented(x, transposed))
-    return _oriented(y, transposed).contiguous(), _gram_f32(y).to(torch.float16)
+    return _oriented(y, transposed).contiguous(), bmm_f32(y, y.mT).to(torch.float16)
 
 
 if triton is not None:
@@ -224,9 +227,7 @@ def muon_step(g, buf, w, low, coef, mu: float, nesterov: bool, decay, step, step
     `low`), buf the momentum. The same result as `_muon_pre` + `gram_newton_schulz` + `_muon_post`
     to the order of sums. `kernels=False`: the reference functions (the test oracle);
     `gram_kernel=False`: the n x n segments by torch (`FastMuonAdamW.gram_kernel`); `restart_at`
-    None: the packed path's (`optim_fast.GRAM_RESTART_AT`)."""
-    from vpmoe.train.optim import NS_COEFFS
-    from vpmoe.train.optim_fast import GRAM_RESTART_AT
+    None: the packed path's (`optim.GRAM_RESTART_AT`)."""
     a, b, c = NS_COEFFS
     restart_at = GRAM_RESTART_AT if restart_at is None else restart_at
     transposed = w.shape[-2] > w.shape[-1]

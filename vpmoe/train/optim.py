@@ -40,6 +40,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from vpmoe.config import ConfigError
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic iteration tuned for fast convergence of singular values
+# the half-precision Gram-side iteration restarts before these steps (optim_fast, expert_muon)
+GRAM_RESTART_AT = (2,)
 ADAMW_ONLY = ("embed.weight", "lm_head.weight")
 EXPERT_BIASES = ("b_up", "b_down")  # [E, width]: a vector per expert, not a matrix
 MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -74,7 +74,7 @@ from torch.distributed.tensor import DTensor
 
 from vpmoe.train import expert_muon, ns_gram, ns_update
 from vpmoe.train.ns_gram import bmm_f32
-from vpmoe.train.optim import NS_COEFFS, MuonAdamW, muon_scale, new_momentum
+from vpmoe.train.optim import GRAM_RESTART_AT, NS_COEFFS, MuonAdamW, muon_scale, new_momentum
 
 
 # AdamW tensors at least this big (the embedding and head) get a compiled update of their own; the
@@ -83,8 +83,6 @@ ADAMW_ALONE = 1 << 22
 # `FastMuonAdamW(stream_experts=None)` takes this (on: H100, 2026-12-05, the (a) step -1.24 ms)
 STREAM_EXPERTS = True
 HALF = (torch.bfloat16, torch.float16)  # gradients in these are widened to fp32 before any arithmetic
-# the Gram-side Newton-Schulz restarts before these steps (`gram_newton_schulz`; expert_muon's too)
-GRAM_RESTART_AT = (2,)
 
 
 def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -121,6 +119,18 @@ def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) ->
 def _gram_f32(x: torch.Tensor) -> torch.Tensor:
     """x @ x^T with fp32 accumulation and fp32 (or fp64) output (`ns_gram.bmm_f32`)."""
     return bmm_f32(x, x.mT)
+
+
+def gram_scale(r: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / (||X|| + eps) per matrix from its Gram matrix R = X X^T ([b, m, m]): ||X||^2 = trace(R)."""
+    return 1.0 / (r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() + eps)
+
+
+def gram_side(shape, method: str) -> bool:
+    """Whether Newton-Schulz on matrices of `shape` (last two dims) iterates on the Gram side:
+    asked for (`method` "gram") and at least 4x wider than tall (or taller than wide)."""
+    short, long = sorted(shape[-2:])
+    return method == "gram" and long >= 4 * short
 
 
 def gram_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, restart_at: tuple[int, ...] = GRAM_RESTART_AT,
@@ -176,7 +186,7 @@ def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float 
         return q.split(sizes) if len(xs) > 1 else (q,)
 
     r = grams()
-    scale = 1.0 / (r.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() + eps)  # X_true = scale * x
+    scale = gram_scale(r, eps)  # X_true = scale * x
     r = (r * scale[:, None, None] ** 2).to(small)
     bounds = [0, *sorted({i for i in restart_at if 0 < i < steps}), steps]  # restart segments
     q = None
@@ -195,8 +205,7 @@ def gram_newton_schulz_parts(xs: list[torch.Tensor], steps: int = 5, eps: float 
 def orthogonalise(u: torch.Tensor, steps: int, method: str) -> torch.Tensor:
     """Batched Newton-Schulz [b, m, n] by `method`: "gram" for matrices at least 4x wider than tall
     (or taller than wide), where it saves work; the X-side iteration otherwise."""
-    short, long = sorted(u.shape[-2:])
-    if method == "gram" and long >= 4 * short:
+    if gram_side(u.shape, method):
         return gram_newton_schulz(u, steps)
     return newton_schulz_batched(u, steps)
 
@@ -500,17 +509,14 @@ class FastMuonAdamW:
 
     def _streams(self, w: torch.Tensor) -> bool:
         """Whether an expert tensor's step runs as `expert_muon`'s streaming kernels: asked for, bf16
-        Newton-Schulz on the Gram side (matrices at least 4x wider than tall) and kernels that apply."""
-        short, long = sorted(w.shape[-2:])
-        return (self.stream_experts and self.ns_method == "gram" and self.ns_dtype == torch.bfloat16
-                and long >= 4 * short and expert_muon.applies(w.device, w.dtype, short))
+        Newton-Schulz on the Gram side (`gram_side`) and kernels that apply."""
+        return (self.stream_experts and self.ns_dtype == torch.bfloat16 and gram_side(w.shape, self.ns_method)
+                and expert_muon.applies(w.device, w.dtype, min(w.shape[-2:])))
 
     def _packs(self, g: torch.Tensor) -> bool:
         """Whether a 3-D tensor goes through the packed Gram-side call: asked for (`ns_pack` > 1),
-        whole tensors per chunk, and matrices the Gram-side iteration takes (`orthogonalise`)."""
-        short, long = sorted(g.shape[-2:])
-        return (self.ns_pack > 1 and self.ns_method == "gram" and g.shape[0] <= self.ns_chunk
-                and long >= 4 * short)
+        whole tensors per chunk, and matrices the Gram-side iteration takes (`gram_side`)."""
+        return self.ns_pack > 1 and g.shape[0] <= self.ns_chunk and gram_side(g.shape, self.ns_method)
 
     def _adamw(self, group, lr, coef, rowed: dict) -> list:
         """The group's jobs: one per tensor whose gradient comes as rows (`rowed`) and per big tensor
