@@ -67,9 +67,24 @@ def time_kernels(t, transposed: bool) -> dict:
                                                                 t["low"]), warmup=3, iters=20) * 1e6)
 
 
+def print_top(t, transposed: bool, rows: int) -> None:
+    """The torch path's and the kernels' (`CONFIGS` as they stand) largest kernels for one step."""
+    from bench.optim_step import top_kernels
+    pre, ns, post = _Compiled(_muon_pre, True), _Compiled(gram_newton_schulz_packed, True), _Compiled(_muon_post, True)
+    paths = {"torch": lambda: post(t["w"], ns([pre(t["g"], t["buf"], t["coef"], 0.95, True, torch.bfloat16)], 5,
+                                              kernel=True)[0], t["decay"], t["step"], t["low"]),
+             "kernels": lambda: EM.muon_step(t["g"], t["buf"], t["w"], t["low"], t["coef"], 0.95, True, t["decay"],
+                                             t["step"], 5)}
+    for name, fn in paths.items():
+        fn()
+        print(f"# {name} path, transposed={transposed}: kernels of one step")
+        print("\n".join(top_kernels(fn, rows)), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--top", type=int, default=0, help="also list each path's N largest kernels (one step, profiler)")
     a = ap.parse_args()
     rows = []
     for shape in ((256, 1024, 128), (256, 128, 1024)):
@@ -77,6 +92,8 @@ def main():
         t = case(shape)
         rows.append(dict(shape="x".join(map(str, shape)), path="torch", step_us=time_torch(t)))
         print(rows[-1], flush=True)
+        if a.top:
+            print_top(t, shape[1] > shape[2], a.top)
         for mom, rst in zip(MOMENTUM, RESTART):
             EM.CONFIGS.update(momentum=mom, restart=rst)
             try:
