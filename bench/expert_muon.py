@@ -27,8 +27,9 @@ from vpmoe.train import ns_gram, ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
-MOMENTUM = [(64, 16, 2), (32, 16, 2), (64, 16, 3), (128, 16, 2)]
-RESTART = [(64, 8, 2), (32, 8, 2), (64, 8, 3), (128, 8, 2)]
+# (columns, warps, stages, prefetch) per kernel; the first pair is the module's default
+MOMENTUM = [(64, 16, 2, False), (16, 16, 2, True), (32, 16, 2, True), (16, 8, 2, True), (32, 16, 2, False)]
+RESTART = [(64, 8, 2, False), (16, 16, 2, True), (16, 8, 2, True), (32, 8, 2, True), (32, 8, 2, False)]
 
 
 def case(shape, seed=0):

@@ -148,12 +148,12 @@ def expert_muon_cases():
     restart = {"q_ptr": "*fp16", "scale_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "r_ptr": "*fp16",
                "M": "i32", "N": "i32", "sq_b": "i32", "sq_m": "i32", "sq_k": "i32",
                **{f"s{t}_{a}": "i32" for t in "xyr" for a in "bmn"}}
-    for bn in (32, 64):
-        for w in (8, 16):
-            yield ("expert momentum gram", f"BN {bn}, {w} warps", EM._momentum_gram_kernel, first,
-                   dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w)
-            yield ("expert restart gram", f"BN {bn}, {w} warps", EM._restart_gram_kernel, restart,
-                   dict(BM=128, BN=bn, F32_DOT=False), w)
+    for bn, w, prefetch in ((64, 16, False), (32, 8, False), (16, 16, True), (32, 16, True), (16, 8, True)):
+        config = f"BN {bn}, {w} warps{', prefetch' if prefetch else ''}"
+        yield ("expert momentum gram", config, EM._momentum_gram_kernel, first,
+               dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, PREFETCH=prefetch, F32_DOT=False), w)
+        yield ("expert restart gram", config, EM._restart_gram_kernel, restart,
+               dict(BM=128, BN=bn, PREFETCH=prefetch, F32_DOT=False), w)
 
 
 def main():

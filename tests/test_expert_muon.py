@@ -80,6 +80,34 @@ def check_kernels_against_reference_and_float64() -> None:
     print("checked")
 
 
+def check_prefetch_is_bit_equal() -> None:
+    """The kernels' software prefetch (`PREFETCH`: the next tile's loads issued before this tile's
+    math) changes only when loads are issued: every output bit-equal with it off, at shapes whose
+    last column tile is partial (n = 40 in 16-column tiles) and rows short of the tile (m = 24)."""
+    from vpmoe.train import expert_muon as X
+
+    gen = torch.Generator().manual_seed(3)
+    b, m, n, coef = 2, 24, 40, torch.tensor(0.8)
+    saved = dict(X.CONFIGS)
+    try:
+        for transposed in (False, True):
+            shape = (b, n, m) if transposed else (b, m, n)
+            g = torch.randn(shape, generator=gen).bfloat16()
+            buf0 = torch.randn(shape, generator=gen)
+            q = (torch.randn(b, m, m, generator=gen) * 0.2).to(torch.float16)
+            outs = []
+            for prefetch in (False, True):
+                X.CONFIGS.update({k: (*saved[k][:3], prefetch) for k in saved})
+                buf = buf0.clone()
+                u, r, scale = X.momentum_gram(g, buf, coef, 0.9, True, transposed, 1e-7)
+                outs.append((buf, u, r, scale, *X.restart_gram(q, scale, u, transposed)))
+            assert all(torch.equal(a, c) for a, c in zip(*outs)), transposed
+            assert not torch.equal(outs[0][0], buf0)
+    finally:
+        X.CONFIGS.update(saved)
+    print("checked")
+
+
 def check_muon_step_against_reference_and_float64() -> None:
     """`muon_step` (kernels) against `muon_step(kernels=False)` (the torch path's functions) and
     against float64: the orthogonalised update of a float64 Newton-Schulz of the same U, within
@@ -215,6 +243,10 @@ def check_stream_experts_takes_the_holders_bf16_gradients() -> None:
 
 def test_expert_muon_kernels_against_reference_and_float64():
     run_in_interpreter("tests.test_expert_muon", "check_kernels_against_reference_and_float64", timeout=600)
+
+
+def test_expert_muon_prefetch_is_bit_equal():
+    run_in_interpreter("tests.test_expert_muon", "check_prefetch_is_bit_equal", timeout=600)
 
 
 def test_expert_muon_step_against_reference_and_float64():

@@ -61,7 +61,7 @@ MAX_M = 128  # the short side held whole per program
 # is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas for sm_90,
 # bench/kernel_registers.py: 32 columns spill nothing, 64 spill ~300 bytes), yet 64 columns timed
 # fastest on an H100 (2026-12-05 20:20, bench/expert_muon.py, which times the alternatives)
-CONFIGS = {"momentum": (64, 16, 2), "restart": (64, 8, 2)}
+CONFIGS = {"momentum": (64, 16, 2, False), "restart": (64, 8, 2, False)}
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -101,23 +101,35 @@ if triton is not None:
     def _momentum_gram_kernel(g_ptr, buf_ptr, u_ptr, r_ptr, scale_ptr, coef_ptr, M, N, mu, eps,
                               sg_b, sg_m, sg_n, sb_b, sb_m, sb_n, su_b, su_m, su_n, sr_b, sr_m, sr_n,
                               NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr, BM: tl.constexpr,
-                              BN: tl.constexpr, F32_DOT: tl.constexpr):
+                              BN: tl.constexpr, PREFETCH: tl.constexpr, F32_DOT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
         coef = tl.load(coef_ptr)
+        g_tile = g_ptr + b * sg_b + rows[:, None] * sg_m + tl.arange(0, BN)[None, :] * sg_n
+        b_tile = buf_ptr + b * sb_b + rows[:, None] * sb_m + tl.arange(0, BN)[None, :] * sb_n
+        if PREFETCH:  # the next tile's loads in flight while this one is computed and stored
+            ok = row_ok[:, None] & (tl.arange(0, BN) < N)[None, :]
+            g_next = tl.load(g_tile, mask=ok, other=0.0)
+            m_next = tl.load(b_tile, mask=ok, other=0.0)
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
             ok = row_ok[:, None] & (cols < N)[None, :]
-            g = tl.load(g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :] * sg_n, mask=ok, other=0.0)
-            g = g.to(tl.float32) * coef
-            bp = buf_ptr + b * sb_b + rows[:, None] * sb_m + cols[None, :] * sb_n
-            m = tl.load(bp, mask=ok, other=0.0).to(tl.float32) * mu + g
-            if BUF_BF16:
-                tl.store(bp, _round_bf16(m).to(tl.bfloat16), mask=ok)
+            if PREFETCH:
+                g, m = g_next, m_next
+                ok_next = row_ok[:, None] & (cols + BN < N)[None, :]
+                g_next = tl.load(g_tile + (n0 + BN) * sg_n, mask=ok_next, other=0.0)
+                m_next = tl.load(b_tile + (n0 + BN) * sb_n, mask=ok_next, other=0.0)
             else:
-                tl.store(bp, m, mask=ok)
+                g = tl.load(g_tile + n0 * sg_n, mask=ok, other=0.0)
+                m = tl.load(b_tile + n0 * sb_n, mask=ok, other=0.0)
+            g = g.to(tl.float32) * coef
+            m = m.to(tl.float32) * mu + g
+            if BUF_BF16:
+                tl.store(b_tile + n0 * sb_n, _round_bf16(m).to(tl.bfloat16), mask=ok)
+            else:
+                tl.store(b_tile + n0 * sb_n, m, mask=ok)
             if NESTEROV:
                 u = _round_bf16(g + mu * m)
             else:
@@ -134,18 +146,25 @@ if triton is not None:
     @triton.jit
     def _restart_gram_kernel(q_ptr, scale_ptr, x_ptr, y_ptr, r_ptr, M, N,
                              sq_b, sq_m, sq_k, sx_b, sx_m, sx_n, sy_b, sy_m, sy_n, sr_b, sr_m, sr_n,
-                             BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+                             BM: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, F32_DOT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
         ok_q = row_ok[:, None] & row_ok[None, :]
         q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k, mask=ok_q, other=0.0)
         q = _round_bf16(q.to(tl.float32) * tl.load(scale_ptr + b))
+        x_tile = x_ptr + b * sx_b + rows[:, None] * sx_m + tl.arange(0, BN)[None, :] * sx_n
+        if PREFETCH:
+            x_next = tl.load(x_tile, mask=row_ok[:, None] & (tl.arange(0, BN) < N)[None, :], other=0.0)
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
             ok = row_ok[:, None] & (cols < N)[None, :]
-            x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_m + cols[None, :] * sx_n, mask=ok, other=0.0)
+            if PREFETCH:
+                x = x_next
+                x_next = tl.load(x_tile + (n0 + BN) * sx_n, mask=row_ok[:, None] & (cols + BN < N)[None, :], other=0.0)
+            else:
+                x = tl.load(x_tile + n0 * sx_n, mask=ok, other=0.0)
             y = _round_bf16(_dot(q, x.to(tl.float32), F32_DOT))
             tl.store(y_ptr + b * sy_b + rows[:, None] * sy_m + cols[None, :] * sy_n, y.to(tl.bfloat16), mask=ok)
             acc += _dot(y, tl.trans(y), F32_DOT)
@@ -161,9 +180,9 @@ def applies(device: torch.device, w_dtype: torch.dtype, m: int) -> bool:
 def _launch(kernel: str, m: int) -> dict:
     """Tile and launch settings for `kernel` ("momentum" or "restart") at short side m: the rows
     whole, `CONFIGS`' columns (16 in the interpreter, to keep it quick)."""
-    bn, warps, stages = CONFIGS[kernel]
+    bn, warps, stages, prefetch = CONFIGS[kernel]
     return dict(BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps,
-                num_stages=stages)
+                num_stages=stages, PREFETCH=prefetch)
 
 
 @torch.library.custom_op("vpmoe::momentum_gram", mutates_args=("buf",))
