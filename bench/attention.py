@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.optim_step import kernel_count, top_kernels  # noqa: E402
+from bench.options import flex_options  # noqa: E402
 from bench.timing import graph_time  # noqa: E402
-from bench.train_step import flex_options, make_batch  # noqa: E402
+from bench.train_step import make_batch  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model import fast as F  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402

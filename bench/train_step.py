@@ -44,7 +44,6 @@ What is measured:
 from __future__ import annotations
 
 import argparse
-import ast
 import gc
 import dataclasses
 import json
@@ -57,6 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.options import flex_options, parse_opt, set_expert_kernels, set_inductor_options  # noqa: E402
 from bench.step_probes import opt_sweep, overlap_probe, profile, release_graphs, rows_probe  # noqa: E402
 from bench.timing import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
@@ -437,60 +437,6 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     return row, extra
 
 
-def key_values(spec: str, flag: str) -> list[tuple[str, str]]:
-    """KEY=VALUE,... -> [(key, value)] stripped; a malformed item stops the run, naming the flag."""
-    out = []
-    for item in filter(None, spec.split(",")):
-        key, eq, value = (x.strip() for x in item.partition("="))
-        if not eq or not key or not value:
-            raise SystemExit(f"{flag}: expected KEY=VALUE, got {item!r}")
-        out.append((key, value))
-    return out
-
-
-def literal_values(spec: str, flag: str) -> dict:
-    """KEY=VALUE,... -> {key: value}, each value a Python literal where it parses, else the string."""
-    out = {}
-    for key, value in key_values(spec, flag):
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
-def parse_opt(spec: str) -> dict:
-    """--opt KEY=VALUE,... into FastMuonAdamW keyword arguments; ns_chunk has its own flag,
-    max_grad_norm is the benchmark's."""
-    out = literal_values(spec, "--opt")
-    for key in ("ns_chunk", "max_grad_norm"):
-        if key in out:
-            raise SystemExit(f"--opt: {key} is not set here (ns_chunk: --ns-chunk)")
-    return out
-
-
-def flex_options(spec: str, flag: str = "--flex-local") -> dict | None:
-    """FlexAttention kernel_options, KEY=VALUE,...; "" or `auto`: None (the project's choice for
-    the device, `kernels.flex_kernel_options`); `default`: {} (torch's own tiles)."""
-    spec = spec.strip()
-    if spec in ("", "auto"):
-        return None
-    return literal_values("" if spec == "default" else spec, flag)
-
-
-def set_inductor_options(spec: str) -> None:
-    """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
-    fails here, not silently."""
-    import torch._inductor.config as inductor_config
-    for key, value in key_values(spec, "--inductor"):
-        obj, *path = [inductor_config] + key.split(".")
-        for name in path[:-1]:
-            obj = getattr(obj, name, None)
-        if obj is None or not hasattr(obj, path[-1]):
-            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
-        setattr(obj, path[-1], ast.literal_eval(value))
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="a,b,c", help="comma list of a,b,c; case:variant picks one variant")
@@ -543,6 +489,7 @@ def main():
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
+    ap.add_argument("--expert-kernels", default="", help="the experts' Muon kernels: restart=kernel|torch, update=BNxTILESxWARPS")
     ap.add_argument("--overlap-probe", action="store_true",
                     help="graphed cases: an optimizer step replayed beside a forward + backward (an upper bound; a second model)")
     ap.add_argument("--rows-probe", action="store_true",
@@ -552,6 +499,7 @@ def main():
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     K.FLEX_KERNEL_OPTIONS["global"] = flex_options(a.flex_global, "--flex-global")
     OPT_KWARGS.update(parse_opt(a.opt))
+    set_expert_kernels(a.expert_kernels)
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     if a.moe == "gathered_wgrad":
         K.GATHERED_WGRAD_MAX_ROWS = 1 << 62
@@ -596,6 +544,8 @@ def main():
                 row["mask_tables"] = "dense"
             if a.opt:
                 row["opt"] = a.opt
+            if a.expert_kernels:
+                row["expert_kernels"] = a.expert_kernels
             if a.flex_local:
                 row["flex_local"] = a.flex_local
             if a.flex_global:

@@ -159,7 +159,7 @@ def test_copy_sources_reads_a_real_profile():
 
 
 def test_flex_options_parse_and_fail_on_malformed_items():
-    from bench.train_step import flex_options
+    from bench.options import flex_options
 
     assert flex_options("default") == {}  # torch's own tiles
     assert flex_options("") is None and flex_options(" auto ") is None  # the project's choice per device
@@ -170,7 +170,7 @@ def test_flex_options_parse_and_fail_on_malformed_items():
 
 
 def test_opt_keywords_share_the_parser_and_refuse_the_bench_own_settings():
-    from bench.train_step import parse_opt
+    from bench.options import parse_opt
 
     assert parse_opt("ns_pack=4,streams=3,fuse_update=True") == {"ns_pack": 4, "streams": 3, "fuse_update": True}
     with pytest.raises(SystemExit, match="--opt: max_grad_norm is not set here"):

@@ -10,7 +10,9 @@ from tests.triton_interpreter import run_in_interpreter
 def check_kernel_against_reference_and_float64() -> None:
     """Shapes that leave partial row and column tiles (m = 24 in a 32-row tile, n = 40 in 16-column
     tiles), wide and transposed weights, a non-unit decay and a negative step, values over several
-    magnitudes; every element of W is updated exactly once."""
+    magnitudes; every element of W is updated exactly once. Then the same with several column tiles
+    per program (`UPDATE_CONFIG`, the last program's tiles partly past n) and an fp16 Q (rounded to
+    bf16 in the kernel): bit-equal to one tile per program with Q cast by torch."""
     from vpmoe.train import ns_update
 
     g = torch.Generator().manual_seed(7)
@@ -37,6 +39,21 @@ def check_kernel_against_reference_and_float64() -> None:
         assert ((got.double() - exact).abs() <= ulp / 2 + 1e-7).all(), (got.double() - exact).abs().max()
         assert (got != w0).float().mean() > 0.99  # every element moved
         assert (got - w0).abs().max() > 1e-3
+    q16 = (torch.randn(b, m, m, generator=g) * 0.3).half()
+    saved = ns_update.UPDATE_CONFIG
+    for transposed in (False, True):
+        w0 = torch.randn(b, n, m, generator=g) if transposed else torch.randn(b, m, n, generator=g)
+        one, several = w0.clone(), w0.clone()
+        low_one, low_several = (torch.empty(w0.shape, dtype=torch.bfloat16) for _ in range(2))
+        ns_update.qx_update(one, q16.bfloat16(), x, decay, step, transposed, low_one)
+        try:
+            ns_update.UPDATE_CONFIG = (16, 2, 4)  # 40 columns: tiles 0-1, then 2 and one wholly past n
+            ns_update.qx_update(several, q16, x, decay, step, transposed, low_several)
+        finally:
+            ns_update.UPDATE_CONFIG = saved
+        assert torch.equal(one, several) and torch.equal(low_one, low_several), transposed
+        assert (one != w0).float().mean() > 0.99
+        assert not torch.equal(q16.bfloat16().float(), q16.float())  # the fp16 Q needed rounding
     # operands it does not take are refused by name
     try:
         ns_update.qx_update(torch.zeros(b, m, n + 1), q, x, decay, step, False, None)

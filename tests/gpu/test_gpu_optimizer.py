@@ -247,24 +247,29 @@ def test_fast_optimizer_fused_update_matches_unfused(monkeypatch):
     print("fused update: worst relative error of the experts' update:", worst)
 
 
-def test_fast_optimizer_stream_experts_matches_packed(monkeypatch):
+@pytest.mark.parametrize("restart", ["cublas", "kernel"])
+def test_fast_optimizer_stream_experts_matches_packed(monkeypatch, restart):
     """`stream_experts` (the experts' step as streaming kernels: vpmoe/train/expert_muon.py)
     captured and replayed against the packed torch path run eagerly: the experts' updates equal to
-    the roundings both paths make, the kernels run for both weight orientations."""
+    the roundings both paths make, the kernels run for both weight orientations; the restart by
+    cuBLAS (the default) and by its kernel."""
     from vpmoe.train import expert_muon
-    calls, kernel = [], expert_muon.restart_gram
-    monkeypatch.setattr(expert_muon, "restart_gram", lambda *a: calls.append(a[-1]) or kernel(*a))
+    monkeypatch.setitem(expert_muon.CONFIGS, "restart", expert_muon.RESTART_KERNEL if restart == "kernel" else None)
+    calls, kernel = [], expert_muon.momentum_gram
+    monkeypatch.setattr(expert_muon, "momentum_gram", lambda *a: calls.append(a[5]) or kernel(*a))
     worst = flag_captured_vs_eager(3, {"stream_experts": True}, 5e-3)
     assert set(calls) == {False, True}, calls
     print("stream experts: worst relative error of the experts' update:", worst)
 
 
 @torch.no_grad()
-def test_expert_muon_step_at_vpmoe_shapes():
+@pytest.mark.parametrize("restart", ["cublas", "kernel"])
+def test_expert_muon_step_at_vpmoe_shapes(monkeypatch, restart):
     """`expert_muon.muon_step` at vpMoE's expert tensors (256 x 1024 x 128 and its transpose: the
     kernels' full 128-row tiles and 16 column tiles) against the torch functions it replaces, and
     both against a float64 Newton-Schulz of the same U; the kept copy equals the weight rounded."""
     from vpmoe.train import expert_muon
+    monkeypatch.setitem(expert_muon.CONFIGS, "restart", expert_muon.RESTART_KERNEL if restart == "kernel" else None)
     torch.manual_seed(4)
     coef, decay, step = (torch.tensor(v, device=DEV) for v in (0.8, 0.999, -0.01))
     for shape in ((256, 1024, 128), (256, 128, 1024)):

@@ -57,11 +57,14 @@ except ImportError:  # CPU-only installs: the packed torch path
     triton = None
 
 MAX_M = 128  # the short side held whole per program
-# (columns per tile, warps, pipeline stages) per kernel at 128 rows: the [128, 128] fp32 accumulator
-# is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas for sm_90,
-# bench/kernel_registers.py: 32 columns spill nothing, 64 spill ~300 bytes), yet 64 columns timed
-# fastest on an H100 (2026-12-05 20:20, bench/expert_muon.py, which times the alternatives)
-CONFIGS = {"momentum": (64, 16, 2, False), "restart": (64, 8, 2, False)}
+# (columns per tile, warps, pipeline stages, software prefetch) per kernel at 128 rows: the [128, 128]
+# fp32 accumulator is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas
+# for sm_90, bench/kernel_registers.py), yet 64 columns timed fastest on an H100 and prefetch did not
+# help (2026-12-05 20:20 and 21:32, bench/expert_muon.py, which times the alternatives). The restart
+# None: two cuBLAS products (`restart_gram_reference`), which outran its kernel on an H100 (~82 us
+# against 98-135 per tensor, the 21:32 section)
+RESTART_KERNEL = (64, 8, 2, False)
+CONFIGS = {"momentum": (64, 16, 2, False), "restart": None}
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -83,10 +86,13 @@ def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed:
 
 def restart_gram_reference(q, scale, x, transposed: bool):
     """The torch path's restart: X' = bf16(Q * scale) X in bf16, R' = X' X'^T in fp16; x and the
-    returned X' in the weight's layout; returns (X', R')."""
+    returned X' in the weight's layout (for transposed weights X'^T = X^T (Q * scale)^T, so no
+    transposed copy); returns (X', R'). Also the default on CUDA (`CONFIGS["restart"]` None): two
+    cuBLAS products outran `restart_gram`'s kernel (the 2026-12-05 21:32 section of bench/RESULTS.md)."""
     qs = (q.float() * scale[:, None, None]).to(torch.bfloat16)
-    y = torch.bmm(qs, _oriented(x, transposed))
-    return _oriented(y, transposed).contiguous(), bmm_f32(y, y.mT).to(torch.float16)
+    y = torch.bmm(x, qs.mT) if transposed else torch.bmm(qs, x)
+    yo = _oriented(y, transposed)
+    return y, bmm_f32(yo, yo.mT).to(torch.float16)
 
 
 if triton is not None:
@@ -180,7 +186,8 @@ def applies(device: torch.device, w_dtype: torch.dtype, m: int) -> bool:
 def _launch(kernel: str, m: int) -> dict:
     """Tile and launch settings for `kernel` ("momentum" or "restart") at short side m: the rows
     whole, `CONFIGS`' columns (16 in the interpreter, to keep it quick)."""
-    bn, warps, stages, prefetch = CONFIGS[kernel]
+    # a restart None sends `muon_step` to cuBLAS; `restart_gram` called as such takes RESTART_KERNEL
+    bn, warps, stages, prefetch = CONFIGS[kernel] or RESTART_KERNEL
     return dict(BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps,
                 num_stages=stages, PREFETCH=prefetch)
 
@@ -256,12 +263,14 @@ def muon_step(g, buf, w, low, coef, mu: float, nesterov: bool, decay, step, step
     q = None
     for s0, s1 in zip(bounds, bounds[1:]):
         if q is not None:
-            x, r = (restart_gram if kernels else restart_gram_reference)(q, scale, x, transposed)
+            restart = restart_gram if kernels and CONFIGS["restart"] is not None else restart_gram_reference
+            x, r = restart(q, scale, x, transposed)
             scale = torch.ones_like(scale)
         fused = kernels and gram_kernel and ns_gram.applies(r)
         seg = ns_gram.gram_segment if fused else ns_gram.gram_segment_reference
         q = seg(r, s1 - s0, a, b, c)
-    q = (q.float() * scale[:, None, None]).to(torch.bfloat16) if s0 == 0 else q.to(torch.bfloat16)
+    # after a restart Q stays fp16: the update rounds it to bf16 as it loads it (no cast launch)
+    q = (q.float() * scale[:, None, None]).to(torch.bfloat16) if s0 == 0 else q
     xo = _oriented(x, transposed)
     if kernels:
         ns_update.qx_update(w, q, xo, decay, step, transposed, low)

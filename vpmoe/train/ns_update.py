@@ -35,13 +35,16 @@ except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel upd
     triton = None
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
+# (columns per tile, tiles per program, warps): Q is loaded once per program, so more tiles per
+# program read it fewer times (bench/expert_muon.py times the alternatives)
+UPDATE_CONFIG = (64, 1, 8)
 
 
 def qx_update_reference(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor,
                         step: torch.Tensor, transposed: bool) -> None:
     """The path the kernel replaces: O = bf16(Q X) ([b, m, n]), then W <- W * decay + step * O, with
     W [b, m, n] (or [b, n, m] when `transposed`)."""
-    o = torch.bmm(q, x)
+    o = torch.bmm(q.to(x.dtype), x)
     w.mul_(decay).add_((o.mT if transposed else o).to(w.dtype) * step)
 
 
@@ -49,26 +52,30 @@ if triton is not None:
     @triton.jit
     def _qx_update_kernel(q_ptr, x_ptr, w_ptr, low_ptr, decay_ptr, step_ptr, M, N,
                           sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n, sl_b, sl_m, sl_n,
-                          HAS_LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+                          HAS_LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr,
+                          F32_DOT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        row_ok, col_ok = rows < M, cols < N
+        row_ok = rows < M
         q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k,
                     mask=row_ok[:, None] & row_ok[None, :], other=0.0)
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
-        if F32_DOT:
-            acc = tl.dot(q.to(tl.float32), x.to(tl.float32))
-        else:
-            acc = tl.dot(q, x)
-        o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
-        w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
-        w = tl.load(w_tile, mask=tile_ok, other=0.0) * tl.load(decay_ptr) + o * tl.load(step_ptr)
-        tl.store(w_tile, w, mask=tile_ok)
-        if HAS_LOW:  # the kept bf16 copy, from the stored fp32 value (rounded as torch's copy_ rounds)
-            tl.store(low_ptr + b * sl_b + rows[:, None] * sl_m + cols[None, :] * sl_n,
-                     _round_bf16(w).to(tl.bfloat16), mask=tile_ok)
+        q = _round_bf16(q.to(tl.float32))  # an fp16 Q (the Gram segment's) rounded to nearest, as torch's .to()
+        if not F32_DOT:
+            q = q.to(tl.bfloat16)
+        decay = tl.load(decay_ptr)
+        step = tl.load(step_ptr)
+        for t in range(TILES):  # Q loaded once for TILES column tiles
+            cols = (tl.program_id(1) * TILES + t) * BN + tl.arange(0, BN)
+            tile_ok = row_ok[:, None] & (cols < N)[None, :]
+            x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
+            acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
+            o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
+            w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
+            w = tl.load(w_tile, mask=tile_ok, other=0.0) * decay + o * step
+            tl.store(w_tile, w, mask=tile_ok)
+            if HAS_LOW:  # the kept bf16 copy, from the stored fp32 value (rounded as torch's copy_ rounds)
+                tl.store(low_ptr + b * sl_b + rows[:, None] * sl_m + cols[None, :] * sl_n,
+                         _round_bf16(w).to(tl.bfloat16), mask=tile_ok)
 
 
 def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m: int) -> bool:
@@ -81,18 +88,19 @@ def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m
 @torch.library.custom_op("vpmoe::qx_update", mutates_args=("w", "low"))
 def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor, step: torch.Tensor,
               transposed: bool, low: torch.Tensor | None) -> None:
-    """W <- W * decay + step * bf16(Q X) in place: q [b, m, m] and x [b, m, n] bf16, w fp32
+    """W <- W * decay + step * bf16(Q X) in place: q [b, m, m] (bf16, or fp16 rounded to bf16 in
+    the kernel: the Gram segment's output, without a cast launch) and x [b, m, n] bf16, w fp32
     [b, m, n] (or [b, n, m] when `transposed`), decay and step 0-dim fp32 device tensors; `low`
     (bf16, w's shape) gets the updated W rounded, in the same pass (the kept weight copy). `low`
     has no default: torch 2.11 drops a trailing optional argument left at its default and then
     fails to find the mutated one (IndexError in the op's version bump; 2.13 does not)."""
     bsz, m, n = x.shape
     want = (bsz, n, m) if transposed else (bsz, m, n)
-    if (not applies(w.device, x.dtype, w.dtype, m) or q.dtype != x.dtype or tuple(w.shape) != want
+    if (not applies(w.device, x.dtype, w.dtype, m) or q.dtype not in (x.dtype, torch.float16) or tuple(w.shape) != want
             or tuple(q.shape) != (bsz, m, m)
             or (low is not None and (low.shape != w.shape or low.dtype != torch.bfloat16))):
         got_low = "" if low is None else f", low {tuple(low.shape)} {low.dtype}"
-        raise ValueError(f"qx_update: wants bf16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n], fp32 w {want} and "
+        raise ValueError(f"qx_update: wants bf16 or fp16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n], fp32 w {want} and "
                          f"low None or bf16 of w's shape; got q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} "
                          f"{x.dtype}, w {tuple(w.shape)} {w.dtype}{got_low}")
     sw_b, sw_1, sw_2 = w.stride()
@@ -100,10 +108,11 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()
     sl_m, sl_n = (sl_2, sl_1) if transposed else (sl_1, sl_2)
     bm = max(16, triton.next_power_of_2(m))
-    bn = 16 if interpreting() else 64
-    _qx_update_kernel[(bsz, triton.cdiv(n, bn))](
+    bn, tiles, warps = UPDATE_CONFIG
+    bn = 16 if interpreting() else bn
+    _qx_update_kernel[(bsz, triton.cdiv(n, bn * tiles))](
         q, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(), sw_b, sw_m, sw_n,
-        sl_b, sl_m, sl_n, HAS_LOW=low is not None, BM=bm, BN=bn, F32_DOT=_f32_dot(), num_warps=8)
+        sl_b, sl_m, sl_n, HAS_LOW=low is not None, BM=bm, BN=bn, TILES=tiles, F32_DOT=_f32_dot(), num_warps=warps)
 
 
 @qx_update.register_fake

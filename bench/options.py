@@ -1,0 +1,77 @@
+"""The benchmarks' KEY=VALUE options: parsed and validated here, shared by bench/train_step.py,
+bench/optim_step.py and bench/attention.py, so a bad key stops a device run at once, naming its flag."""
+from __future__ import annotations
+
+import ast
+
+
+def key_values(spec: str, flag: str) -> list[tuple[str, str]]:
+    """KEY=VALUE,... -> [(key, value)] stripped; a malformed item stops the run, naming the flag."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key or not value:
+            raise SystemExit(f"{flag}: expected KEY=VALUE, got {item!r}")
+        out.append((key, value))
+    return out
+
+
+def literal_values(spec: str, flag: str) -> dict:
+    """KEY=VALUE,... -> {key: value}, each value a Python literal where it parses, else the string."""
+    out = {}
+    for key, value in key_values(spec, flag):
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def parse_opt(spec: str) -> dict:
+    """--opt KEY=VALUE,... into FastMuonAdamW keyword arguments; ns_chunk has its own flag,
+    max_grad_norm is the benchmark's."""
+    out = literal_values(spec, "--opt")
+    for key in ("ns_chunk", "max_grad_norm"):
+        if key in out:
+            raise SystemExit(f"--opt: {key} is not set here (ns_chunk: --ns-chunk)")
+    return out
+
+
+def flex_options(spec: str, flag: str = "--flex-local") -> dict | None:
+    """FlexAttention kernel_options, KEY=VALUE,...; "" or `auto`: None (the project's choice for
+    the device, `kernels.flex_kernel_options`); `default`: {} (torch's own tiles)."""
+    spec = spec.strip()
+    if spec in ("", "auto"):
+        return None
+    return literal_values("" if spec == "default" else spec, flag)
+
+
+def set_inductor_options(spec: str) -> None:
+    """KEY=VALUE,... into torch._inductor.config (values parsed as Python literals); an unknown key
+    fails here, not silently."""
+    import torch._inductor.config as inductor_config
+    for key, value in key_values(spec, "--inductor"):
+        obj, *path = [inductor_config] + key.split(".")
+        for name in path[:-1]:
+            obj = getattr(obj, name, None)
+        if obj is None or not hasattr(obj, path[-1]):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+        setattr(obj, path[-1], ast.literal_eval(value))
+
+
+def set_expert_kernels(spec: str) -> dict:
+    """--expert-kernels KEY=VALUE,...: the experts' Muon kernel choices, for A/B runs against the
+    defaults. `restart=kernel|torch` (`expert_muon.CONFIGS["restart"]`: the streaming restart kernel
+    or two cuBLAS products), `update=BNxTILESxWARPS` (`ns_update.UPDATE_CONFIG`). Returns what it set."""
+    from vpmoe.train import expert_muon, ns_update
+    done = {}
+    for key, value in key_values(spec, "--expert-kernels"):
+        if key == "restart" and value in ("kernel", "torch"):
+            expert_muon.CONFIGS["restart"] = expert_muon.RESTART_KERNEL if value == "kernel" else None
+        elif key == "update" and len(value.split("x")) == 3 and all(v.isdigit() for v in value.split("x")):
+            ns_update.UPDATE_CONFIG = tuple(int(v) for v in value.split("x"))
+        else:
+            raise SystemExit(f"--expert-kernels: expected restart=kernel|torch or update=BNxTILESxWARPS, "
+                             f"got {key}={value}")
+        done[key] = value
+    return done
