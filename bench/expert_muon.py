@@ -30,7 +30,7 @@ from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton
 
 # (columns, warps, stages, prefetch) per kernel; the first pair is the module's default
 MOMENTUM = [(64, 16, 2, False), (64, 16, 2, False), (128, 16, 2, False), (64, 8, 2, False), (32, 8, 2, False)]
-RESTART = [None, (64, 8, 2, False), None, None, None]  # None: two cuBLAS products (the default)
+RESTART = [(64, 8, 2, False), None, (64, 8, 2, False), (64, 8, 2, False), (64, 8, 2, False)]  # None: cuBLAS
 UPDATES = [(64, 1, 8), (64, 1, 8), (64, 2, 8), (64, 4, 8), (128, 1, 8)]  # ns_update.UPDATE_CONFIG
 
 

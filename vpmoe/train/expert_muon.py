@@ -15,12 +15,15 @@ U or X' only to form R:
 - `restart_gram`: X' = bf16(bf16(Q * scale) U) tile by tile, and R' = X' X'^T from the tiles in
   registers (4 bytes).
 - the last product and the update: `ns_update.qx_update` with the bf16 weight copy written beside
-  W (12 bytes).
+  W (12 bytes); it takes the last Gram segment's fp16 Q and rounds it to bf16 as it loads it.
 The n x n iterations between them stay `ns_gram.gram_segment`. 28 bytes per parameter instead of
-~36, and per tensor five launches instead of ~20. By bytes ~-3 ms of the (a) step on an H100;
+~36, and per tensor four launches instead of ~20. By bytes ~-3 ms of the (a) step on an H100;
 measured there (2026-12-05, one lease): the 20-layer optimizer alone 29.27 -> 27.73 ms, (a) 61.19
--> 59.95 ms. The kernels stream at 1.3-3.1 TB/s in the step (one program per matrix holds 255
-registers, so one program per SM), which is where the rest went (docs/performance.md).
+-> 59.95 ms. Alone, the momentum and update kernels stream at ~1.8-2.0 TB/s where the packed
+path's compiled pointwise passes reach ~3.0 (bench/RESULTS.md, 2026-12-05 21:32): one program per
+matrix holds the [128, 128] accumulator (128-255 registers a thread), so one program per SM, and
+its loads wait on each tile's math (a software prefetch, `PREFETCH`, did not help). That is the
+gap left (docs/performance.md).
 
 Design choices:
 - The same rounding points as the torch path (`gram_newton_schulz_parts`): U rounded to bf16 before
@@ -61,10 +64,10 @@ MAX_M = 128  # the short side held whole per program
 # fp32 accumulator is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas
 # for sm_90, bench/kernel_registers.py), yet 64 columns timed fastest on an H100 and prefetch did not
 # help (2026-12-05 20:20 and 21:32, bench/expert_muon.py, which times the alternatives). The restart
-# None: two cuBLAS products (`restart_gram_reference`), which outran its kernel on an H100 (~82 us
-# against 98-135 per tensor, the 21:32 section)
+# None: two cuBLAS products (`restart_gram_reference`), faster alone but slower in the step (the
+# 20-layer optimizer 28.57 against 27.68 ms with the kernel; the 21:38 section): an A/B option
 RESTART_KERNEL = (64, 8, 2, False)
-CONFIGS = {"momentum": (64, 16, 2, False), "restart": None}
+CONFIGS = {"momentum": (64, 16, 2, False), "restart": RESTART_KERNEL}
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -87,8 +90,8 @@ def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed:
 def restart_gram_reference(q, scale, x, transposed: bool):
     """The torch path's restart: X' = bf16(Q * scale) X in bf16, R' = X' X'^T in fp16; x and the
     returned X' in the weight's layout (for transposed weights X'^T = X^T (Q * scale)^T, so no
-    transposed copy); returns (X', R'). Also the default on CUDA (`CONFIGS["restart"]` None): two
-    cuBLAS products outran `restart_gram`'s kernel (the 2026-12-05 21:32 section of bench/RESULTS.md)."""
+    transposed copy); returns (X', R'). `CONFIGS["restart"]` None runs it on CUDA too: two
+    cuBLAS products, faster than `restart_gram` alone and slower in the step (bench/RESULTS.md, 2026-12-05 21:38)."""
     qs = (q.float() * scale[:, None, None]).to(torch.bfloat16)
     y = torch.bmm(x, qs.mT) if transposed else torch.bmm(qs, x)
     yo = _oriented(y, transposed)

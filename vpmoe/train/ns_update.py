@@ -35,8 +35,8 @@ except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel upd
     triton = None
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
-# (columns per tile, tiles per program, warps): Q is loaded once per program, so more tiles per
-# program read it fewer times (bench/expert_muon.py times the alternatives)
+# (columns per tile, tiles per program, warps): more tiles per program read Q fewer times, yet 2 or 4
+# tiles (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38, bench/expert_muon.py)
 UPDATE_CONFIG = (64, 1, 8)
 
 
