@@ -6,11 +6,11 @@ configuration against the packed torch path (`FastMuonAdamW(stream_experts=False
 Shapes: vpMoE's expert tensors, 256 matrices of 1024 x 128 (the up projection, orthogonalised as
 its transpose) and 128 x 1024 (down). Columns: `path` (`kernels` or `torch`: `_muon_pre`, the
 compiled packed Gram-side Newton-Schulz with its Gram kernel, `_muon_post`, one tensor per call),
-the kernels' configurations ((columns, warps, stages, prefetch) of the momentum and restart
-kernels, the restart `cuBLAS` for two torch products; (columns, tiles per program, warps) of the update), the
-whole step's time (`step_us`, CUDA events, median of 20), each kernel alone (`momentum_us`,
-`restart_us`, `update_us`; kernels path only) and their bandwidth by the bytes they must move
-(`momentum_tbs`: 12 bytes per parameter, `restart_tbs`: 4, `update_tbs`: 12).
+the kernels' configurations ((columns, warps, stages) of the momentum kernel; (columns, tiles per
+program, warps) of the update), the whole step's time (`step_us`, CUDA events, median of 20), each
+kernel alone (`momentum_us`, `chain_us`: the n x n chain with its restart, `update_us`; kernels
+path only) and the streaming kernels' bandwidth by the bytes they must move (`momentum_tbs`: 12
+bytes per parameter, `update_tbs`: 12). `--top N` lists each path's largest kernels.
 """
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append_results  # noqa: E402
 from bench.timing import cuda_time  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
-from vpmoe.train import ns_gram, ns_update  # noqa: E402
+from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
-# (columns, warps, stages, prefetch) per kernel; the first pair is the module's default
-MOMENTUM = [(64, 16, 2, False), (64, 16, 2, False), (128, 16, 2, False), (64, 8, 2, False), (32, 8, 2, False)]
-RESTART = [(64, 8, 2, False), None, (64, 8, 2, False), (64, 8, 2, False), (64, 8, 2, False)]  # None: cuBLAS
-UPDATES = [(64, 1, 8), (64, 1, 8), (64, 2, 8), (64, 4, 8), (128, 1, 8)]  # ns_update.UPDATE_CONFIG
+# (momentum kernel's (columns, warps, stages), the update's (columns, tiles per program, warps));
+# the first pair is the modules' default
+CONFIGS = [((64, 16, 2), (64, 1, 8)), ((128, 16, 2), (64, 1, 8)), ((64, 8, 2), (128, 1, 8)),
+           ((32, 8, 2), (64, 2, 8))]
 
 
 def case(shape, seed=0):
@@ -57,17 +57,15 @@ def time_kernels(t, transposed: bool) -> dict:
     step = lambda: EM.muon_step(t["g"], t["buf"], t["w"], t["low"], t["coef"], 0.95, True,  # noqa: E731
                                 t["decay"], t["step"], 5)
     whole = cuda_time(step, warmup=3, iters=20) * 1e6
-    restart = EM.restart_gram if EM.CONFIGS["restart"] is not None else EM.restart_gram_reference
     u, r, scale = EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed, 1e-7)
-    q = ns_gram.gram_segment(r, 2, a, b, c)  # fp16: the update rounds it to bf16 as it loads it
-    y, _ = restart(q, scale, u, transposed)
-    yo = y.mT if transposed else y
+    hi, lo = EM.gram_chain(r, scale, 2, 3, a, b, c)
+    uo = u.mT if transposed else u
     return dict(step_us=whole,
                 momentum_us=cuda_time(lambda: EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed,
                                                                1e-7), warmup=3, iters=20) * 1e6,
-                restart_us=cuda_time(lambda: restart(q, scale, u, transposed), warmup=3, iters=20) * 1e6,
-                update_us=cuda_time(lambda: ns_update.qx_update(t["w"], q, yo, t["decay"], t["step"], transposed,
-                                                                t["low"]), warmup=3, iters=20) * 1e6)
+                chain_us=cuda_time(lambda: EM.gram_chain(r, scale, 2, 3, a, b, c), warmup=3, iters=20) * 1e6,
+                update_us=cuda_time(lambda: ns_update.qx_update(t["w"], hi, uo, t["decay"], t["step"], transposed,
+                                                                t["low"], lo), warmup=3, iters=20) * 1e6)
 
 
 def print_top(t, transposed: bool, rows: int) -> None:
@@ -97,17 +95,17 @@ def main():
         print(rows[-1], flush=True)
         if a.top:
             print_top(t, shape[1] > shape[2], a.top)
-        for mom, rst, upd in zip(MOMENTUM, RESTART, UPDATES):
-            EM.CONFIGS.update(momentum=mom, restart=rst)
+        for mom, upd in CONFIGS:
+            EM.CONFIGS["momentum"] = mom
             ns_update.UPDATE_CONFIG = upd
-            config = dict(momentum=str(mom), restart=str(rst or "cuBLAS"), update=str(upd))
+            config = dict(momentum=str(mom), update=str(upd))
             try:
                 got = time_kernels(t, shape[1] > shape[2])
             except Exception as e:  # noqa: BLE001 - a configuration that does not launch is a row, not a stop
                 rows.append(dict(shape="x".join(map(str, shape)), path="kernels", **config, error=repr(e)[:120]))
                 continue
-            rows.append(dict(shape="x".join(map(str, shape)), path="kernels", **config, **got, momentum_tbs=12 * n / got["momentum_us"] / 1e6,
-                             restart_tbs=4 * n / got["restart_us"] / 1e6, update_tbs=12 * n / got["update_us"] / 1e6))
+            rows.append(dict(shape="x".join(map(str, shape)), path="kernels", **config, **got,
+                             momentum_tbs=12 * n / got["momentum_us"] / 1e6, update_tbs=12 * n / got["update_us"] / 1e6))
             print(rows[-1], flush=True)
     if a.record:
         append_results("expert_muon", "python bench/expert_muon.py " + " ".join(sys.argv[1:]), rows,

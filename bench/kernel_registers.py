@@ -141,19 +141,18 @@ def ns_cases():
 
 
 def expert_muon_cases():
-    """The experts' streaming Muon kernels at vpMoE's 128-row tiles, per column tile and warps."""
+    """The experts' streaming Muon kernels at vpMoE's 128-row tiles: the momentum kernel per column
+    tile and warps, the n x n chain with its restart."""
     strides = {f"s{t}_{a}": "i32" for t in "gbur" for a in "bmn"}
-    first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp16", "scale_ptr": "*fp32",
+    first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp32", "scale_ptr": "*fp32",
              "coef_ptr": "*fp32", "M": "i32", "N": "i32", "mu": "fp32", "eps": "fp32", **strides}
-    restart = {"q_ptr": "*fp16", "scale_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "r_ptr": "*fp16",
-               "M": "i32", "N": "i32", "sq_b": "i32", "sq_m": "i32", "sq_k": "i32",
-               **{f"s{t}_{a}": "i32" for t in "xyr" for a in "bmn"}}
-    for bn, w, prefetch in ((64, 16, False), (32, 8, False), (16, 16, True), (32, 16, True), (16, 8, True)):
-        config = f"BN {bn}, {w} warps{', prefetch' if prefetch else ''}"
-        yield ("expert momentum gram", config, EM._momentum_gram_kernel, first,
-               dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, PREFETCH=prefetch, F32_DOT=False), w)
-        yield ("expert restart gram", config, EM._restart_gram_kernel, restart,
-               dict(BM=128, BN=bn, PREFETCH=prefetch, F32_DOT=False), w)
+    for bn, w in ((64, 16), (32, 8), (32, 16), (16, 8)):
+        yield ("expert momentum gram", f"BN {bn}, {w} warps", EM._momentum_gram_kernel, first,
+               dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w)
+    chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": "i32",
+             **{f"s{t}_{a}": "i32" for t in "ro" for a in "bmn"}, "a": "fp32", "b": "fp32", "c": "fp32"}
+    yield ("expert gram chain", "2 + 3 steps, 8 warps", EM._chain_kernel, chain,
+           dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False), 8)
 
 
 def main():

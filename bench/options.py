@@ -58,20 +58,3 @@ def set_inductor_options(spec: str) -> None:
             raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
         setattr(obj, path[-1], ast.literal_eval(value))
 
-
-def set_expert_kernels(spec: str) -> dict:
-    """--expert-kernels KEY=VALUE,...: the experts' Muon kernel choices, for A/B runs against the
-    defaults. `restart=kernel|torch` (`expert_muon.CONFIGS["restart"]`: the streaming restart kernel
-    or two cuBLAS products), `update=BNxTILESxWARPS` (`ns_update.UPDATE_CONFIG`). Returns what it set."""
-    from vpmoe.train import expert_muon, ns_update
-    done = {}
-    for key, value in key_values(spec, "--expert-kernels"):
-        if key == "restart" and value in ("kernel", "torch"):
-            expert_muon.CONFIGS["restart"] = expert_muon.RESTART_KERNEL if value == "kernel" else None
-        elif key == "update" and len(value.split("x")) == 3 and all(v.isdigit() for v in value.split("x")):
-            ns_update.UPDATE_CONFIG = tuple(int(v) for v in value.split("x"))
-        else:
-            raise SystemExit(f"--expert-kernels: expected restart=kernel|torch or update=BNxTILESxWARPS, "
-                             f"got {key}={value}")
-        done[key] = value
-    return done

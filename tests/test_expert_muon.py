@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.triton_interpreter import run_in_interpreter
-from vpmoe.train.optim import OptimConfig, build_optimizer
+from vpmoe.train.ns_gram import gram_segment_reference
+from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer
 
 BF16_ULP = 2.0 ** -7  # one bf16 ulp, relative to the value (8 significant bits)
 
@@ -22,10 +23,11 @@ def _within_one_bf16_ulp(got: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def check_kernels_against_reference_and_float64() -> None:
-    """momentum_gram, restart_gram and qx_update's kept copy at shapes that leave partial tiles
-    (m = 24 in a 32-row tile, n = 40 in 16-column tiles), both weight orientations, fp32 and bf16
-    momentum, bf16 and fp32 gradients, with and without Nesterov; every output against the torch
-    path and the Gram matrices against float64."""
+    """momentum_gram at shapes that leave partial tiles (m = 24 in a 32-row tile, n = 40 in
+    16-column tiles), both weight orientations, fp32 and bf16 momentum, bf16 and fp32 gradients,
+    with and without Nesterov: every output against the torch path and R against float64. Then
+    gram_chain (n = 128 and a padded n = 40, with and without the restart) against its torch
+    reference and against float64; and qx_update with Q's low part."""
     from vpmoe.train import expert_muon as X
     from vpmoe.train import ns_update
 
@@ -42,69 +44,59 @@ def check_kernels_against_reference_and_float64() -> None:
         u, r, scale = X.momentum_gram(g, buf_k, coef, mu, nesterov, transposed, 1e-7)
         u_r, r_r, scale_r = X.momentum_gram_reference(g, buf_r, coef, mu, nesterov, transposed)
         assert u.shape == g.shape and u.dtype == torch.bfloat16 and u.is_contiguous()
+        assert r.dtype == torch.float32 and r.shape == (b, m, m)
         assert torch.equal(buf_k, buf_r), (buf_k.float() - buf_r.float()).abs().max()  # the same fp32 ops
         assert not torch.equal(buf_k, buf0)
         _within_one_bf16_ulp(u, u_r)
         torch.testing.assert_close(scale, scale_r, rtol=1e-5, atol=0)
-        # R in fp16 (11 bits) from fp32 sums in another order: within an fp16 ulp or two
-        torch.testing.assert_close(r.float(), r_r.float(), rtol=2e-3, atol=2e-3 * r_r.float().abs().max().item())
+        torch.testing.assert_close(r, r_r, rtol=1e-5, atol=1e-6)  # fp32 sums in another order
         uo = (u.mT if transposed else u).double()
         s64 = 1.0 / uo.square().sum((1, 2)).sqrt()
         r64 = uo @ uo.mT * s64[:, None, None] ** 2
-        torch.testing.assert_close(r.double(), r64, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(r.double(), r64, rtol=1e-5, atol=1e-6)
         assert (r64.diagonal(dim1=1, dim2=2).sum(-1) - 1).abs().max() < 1e-9  # normalised: trace 1
-
-        q = (torch.randn(b, m, m, generator=gen) * 0.2).to(torch.float16)
-        y, r2 = X.restart_gram(q, scale, u, transposed)
-        y_r, r2_r = X.restart_gram_reference(q, scale, u, transposed)
-        assert y.shape == u.shape and y.is_contiguous()
-        _within_one_bf16_ulp(y, y_r)
-        torch.testing.assert_close(r2.float(), r2_r.float(), rtol=2e-3, atol=2e-3 * r2_r.float().abs().max().item())
-        qs = (q.double() * scale.double()[:, None, None]).bfloat16().double()
-        y64 = qs @ uo
-        yo = (y.mT if transposed else y).double()
-        assert ((yo - y64).abs() <= BF16_ULP * y64.abs() + 1e-6).all()
-
-        w0 = torch.randn(shape, generator=gen)
-        w, w_ref, low = w0.clone(), w0.clone(), torch.empty(shape, dtype=torch.bfloat16)
-        decay, step = torch.tensor(0.99), torch.tensor(-0.02)
-        ns_update.qx_update(w, q.bfloat16(), y.mT if transposed else y, decay, step, transposed, low)
-        ns_update.qx_update_reference(w_ref, q.bfloat16(), y.mT if transposed else y, decay, step, transposed)
-        assert (w - w_ref).abs().max() <= 1e-5 * w_ref.abs().max()
-        assert torch.equal(low, w.bfloat16())  # the kept copy is the stored weight, rounded to nearest
-    # operands they do not take are refused by name
+    # operands it does not take are refused by name
     with pytest.raises(ValueError, match="momentum_gram: wants"):
         X.momentum_gram(torch.zeros(b, m, n), torch.zeros(b, m, n + 1), coef, mu, True, False, 1e-7)
-    with pytest.raises(ValueError, match="restart_gram: wants"):
-        X.restart_gram(q, scale, torch.zeros(b, m, n), False)  # fp32 x
-    print("checked")
 
+    a, b_, c = NS_COEFFS
+    for side, steps1, steps2 in ((128, 2, 3), (40, 2, 3), (40, 5, 0)):
+        x = torch.randn(2, side, 4 * side, generator=gen, dtype=torch.float64) * torch.logspace(
+            -1.5, 0.5, side, dtype=torch.float64)[:, None]
+        r0 = x @ x.mT
+        scale64 = 1 / r0.diagonal(dim1=1, dim2=2).sum(-1).sqrt()
+        r0n = (r0 * scale64[:, None, None] ** 2).float()
+        scale = (scale64 * 3).float()  # any per-matrix scale: Q comes back multiplied by it
+        hi, lo = X.gram_chain(r0n, scale, steps1, steps2, a, b_, c)
+        hi_r, lo_r = X.gram_chain_reference(r0n, scale, steps1, steps2, a, b_, c)
+        assert hi.dtype == lo.dtype == torch.bfloat16 and hi.shape == r0n.shape
+        q, q_r = hi.double() + lo.double(), hi_r.double() + lo_r.double()
+        assert (lo.double().abs() <= 2.0 ** -8 * hi.double().abs() + 1e-30).all()  # lo is hi's rounding rest
+        # float64: the same five quintic steps on R0 (no roundings), times the scale
+        q64 = gram_segment_reference(r0n.double(), steps1 + steps2, a, b_, c) * scale.double()[:, None, None]
+        err, err_r = ((q - q64).norm() / q64.norm()).item(), ((q_r - q64).norm() / q64.norm()).item()
+        # fp16 iterations with the same rounding points, sums in other orders
+        assert err <= 1.5 * err_r + 1e-4 and err < 2e-2, (side, steps1, err, err_r)
+        assert ((q - q_r).norm() / q_r.norm()).item() < 1e-2
+        print(f"gram_chain n={side} steps {steps1}+{steps2}: vs float64 {err:.2e} (reference {err_r:.2e})")
+    with pytest.raises(ValueError, match="gram_chain: wants"):
+        X.gram_chain(r0n.half(), scale, 2, 3, a, b_, c)
 
-def check_prefetch_is_bit_equal() -> None:
-    """The kernels' software prefetch (`PREFETCH`: the next tile's loads issued before this tile's
-    math) changes only when loads are issued: every output bit-equal with it off, at shapes whose
-    last column tile is partial (n = 40 in 16-column tiles) and rows short of the tile (m = 24)."""
-    from vpmoe.train import expert_muon as X
-
-    gen = torch.Generator().manual_seed(3)
-    b, m, n, coef = 2, 24, 40, torch.tensor(0.8)
-    saved = dict(X.CONFIGS)
-    try:
-        for transposed in (False, True):
-            shape = (b, n, m) if transposed else (b, m, n)
-            g = torch.randn(shape, generator=gen).bfloat16()
-            buf0 = torch.randn(shape, generator=gen)
-            q = (torch.randn(b, m, m, generator=gen) * 0.2).to(torch.float16)
-            outs = []
-            for prefetch in (False, True):
-                X.CONFIGS.update({k: (*(saved[k] or X.RESTART_KERNEL)[:3], prefetch) for k in saved})
-                buf = buf0.clone()
-                u, r, scale = X.momentum_gram(g, buf, coef, 0.9, True, transposed, 1e-7)
-                outs.append((buf, u, r, scale, *X.restart_gram(q, scale, u, transposed)))
-            assert all(torch.equal(a, c) for a, c in zip(*outs)), transposed
-            assert not torch.equal(outs[0][0], buf0)
-    finally:
-        X.CONFIGS.update(saved)
+    # the update with Q's low part: Q_hi X + Q_lo X in one fp32 sum, against the torch reference
+    q_hi = (torch.randn(3, 24, 24, generator=gen) * 0.3).bfloat16()
+    q_lo = (q_hi.float() * torch.rand(3, 24, 24, generator=gen) * 2.0 ** -9).bfloat16()
+    xo = torch.randn(3, 24, 40, generator=gen).bfloat16()
+    decay, step = torch.tensor(0.99), torch.tensor(-0.02)
+    for transposed in (False, True):
+        w0 = torch.randn((3, 40, 24) if transposed else (3, 24, 40), generator=gen)
+        got, ref, low = w0.clone(), w0.clone(), torch.empty(w0.shape, dtype=torch.bfloat16)
+        ns_update.qx_update(got, q_hi, xo, decay, step, transposed, low, q_lo)
+        ns_update.qx_update_reference(ref, q_hi, xo, decay, step, transposed, q_lo)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert torch.equal(low, got.bfloat16())
+        without = w0.clone()
+        ns_update.qx_update(without, q_hi, xo, decay, step, transposed, None, None)
+        assert not torch.equal(without, got)  # the low part counted
     print("checked")
 
 
@@ -147,29 +139,40 @@ def check_muon_step_against_reference_and_float64() -> None:
     print("checked")
 
 
-def check_optimizer_stream_experts_matches_packed() -> None:
-    """FastMuonAdamW with `stream_experts` against the packed torch path, both with bf16
-    Newton-Schulz (the GPU's dtype) on a small model, 3 clipped steps with kept weight copies:
-    the same parameters to the iteration's rounding, the copies the weights rounded, and the
-    kernels called for both weight orientations."""
-    import functools
-
-    from tests.test_model import randomize, small
-    from vpmoe.model.model import VpMoE
+def _counting_kernel_calls():
+    """Patch `expert_muon.momentum_gram` (a fresh process: nothing to restore) to record each call's
+    weight orientation; returns the list it fills."""
     from vpmoe.train import expert_muon
-    from vpmoe.train.optim_fast import FastMuonAdamW, gram_newton_schulz_packed
-
-    calls = []
-    kernel = expert_muon.momentum_gram
+    calls, kernel = [], expert_muon.momentum_gram
 
     def counted(g, buf, coef, mu, nesterov, transposed, eps):
         calls.append(transposed)
         return kernel(g, buf, coef, mu, nesterov, transposed, eps)
-    expert_muon.momentum_gram = counted  # a fresh process: nothing to restore
+    expert_muon.momentum_gram = counted
+    return calls
 
+
+def _update_apart(a: torch.Tensor, b: torch.Tensor, before: torch.Tensor) -> float:
+    """Relative distance between two updates of the same parameter."""
+    return ((a - b).norm() / (b - before).norm()).item()
+
+
+def check_optimizer_stream_experts_matches_packed() -> None:
+    """FastMuonAdamW with `stream_experts` against the packed torch path, both with bf16
+    Newton-Schulz (the GPU's dtype) on a small model, 3 clipped steps with kept weight copies:
+    every other parameter equal to rounding; the experts' updates within the two Newton-Schulz
+    forms' half-precision error of each other (the streaming one restarts from the small side); the
+    copies the weights rounded, and the kernels called for both weight orientations."""
+    import functools
+
+    from tests.test_model import randomize, small
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train.optim_fast import FastMuonAdamW, gram_newton_schulz_packed
+
+    calls = _counting_kernel_calls()
     cfg = small()
     m1 = randomize(VpMoE(cfg))
-    m2 = copy.deepcopy(m1)
+    m2, m0 = copy.deepcopy(m1), copy.deepcopy(m1)
     opts = []
     for model, stream in ((m1, False), (m2, True)):
         fast = FastMuonAdamW(build_optimizer(model, OptimConfig()), max_grad_norm=0.2, ns_pack=2,
@@ -188,65 +191,72 @@ def check_optimizer_stream_experts_matches_packed() -> None:
         for model, fast in zip((m1, m2), opts):
             fast.step()
             model.zero_grad()
-    experts = 0
-    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
-        experts += a.ndim == 3
-        # the same roundings, sums in other orders: a few bf16 ulps of the updates (~2e-3 each here)
-        torch.testing.assert_close(b, a, rtol=0, atol=2e-5, msg=name)
+    experts = []
+    for (name, a), b, p0 in zip(m1.named_parameters(), m2.parameters(), m0.parameters()):
         if a.ndim == 3:
+            experts.append(_update_apart(b.detach(), a.detach(), p0.detach()))
+            assert experts[-1] < 2e-2, (name, experts[-1])
             assert torch.equal(opts[1].weight_copies[id(b)], b.detach().bfloat16()), name
             assert torch.equal(opts[0].weight_copies[id(a)], a.detach().bfloat16()), name
-    assert experts >= 3
+        else:  # the same code: sums in other orders at most
+            torch.testing.assert_close(b, a, rtol=0, atol=2e-5, msg=name)
+    assert len(experts) >= 3 and max(experts) > 1e-4, experts  # the two forms differ, a little
     assert set(calls) == {False, True}, calls  # the kernels ran, for wide and transposed weights
-    print("checked")
+    print("checked", max(experts))
 
 
 def check_stream_experts_takes_the_holders_bf16_gradients() -> None:
     """The graphed step's gradients at one micro-batch: FastBody's holders take the experts' weight
     gradients in bf16 from the gathered kernel (`graphed.LOW_GRADS`). The streaming step given them
-    equals the packed step given them, bit for bit (the same roundings and, here, sums), and so does
-    it given the masters' fp32 gradients of the same backward; bf16 against fp32 gradients moves
-    some update by a large fraction (clipped first steps: why the graphed-step GPU test keeps
-    `LOW_GRADS` off, 2026-12-05)."""
+    equals the streaming step given the same values as fp32 gradients (the kernel reads either dtype
+    into the same fp32 math; the clipping norm's sums differ by ~1e-6), and the packed step's within their two Newton-Schulz
+    forms' error; bf16 against the masters' fp32 gradients of the same backward moves some update by
+    a large fraction (clipped first steps: why the graphed-step GPU test keeps `LOW_GRADS` off,
+    2026-12-05). Expert matrices 8 x 32, so both paths iterate on the Gram side."""
     import functools
 
     from tests.test_low_grads import _backward, _bodies
     from vpmoe.train.optim_fast import FastMuonAdamW, gram_newton_schulz_packed
 
-    cfg, ((model32, body32, _), (model16, body16, _)) = _bodies(False, copies=False)
+    calls = _counting_kernel_calls()
+    cfg, ((model32, body32, _), (model16, body16, _)) = _bodies(False, copies=False, expert_ffn=8)
     tokens, doc = torch.randint(0, cfg.vocab_size, (2, 24)), torch.zeros(2, 24, dtype=torch.long)
     _backward(model32, body32, tokens, doc)
     _backward(model16, body16, tokens, doc)
     updates = {}
-    for low in (False, True):
-        source = model16 if low else model32
-        given = body16.low_grads() if low else {}
-        assert len(given) == (2 * len(model16.moe_layers()) if low else 0)
-        for stream in (False, True):
-            model = copy.deepcopy(source)
-            for p, q in zip(model.parameters(), source.parameters()):
-                p.grad = None if q.grad is None else q.grad.clone()
-            grads = {id(p): given[id(q)] for p, q in zip(model.parameters(), source.parameters()) if id(q) in given}
-            opt = FastMuonAdamW(build_optimizer(model, OptimConfig()), max_grad_norm=1.0, compile=False,
-                                ns_pack=2, stream_experts=stream)
-            opt.ns_dtype = torch.bfloat16
-            opt._ns_packed.fn = functools.partial(gram_newton_schulz_packed, small_dtype=torch.float16)
-            before = [p.detach().clone() for p in model.parameters()]
-            opt.step(grads=grads)
-            updates[low, stream] = [p.detach() - b for p, b in zip(model.parameters(), before)]
-    for low in (False, True):
-        assert all(torch.equal(a, b) for a, b in zip(updates[low, True], updates[low, False])), low
-    apart = max(((a - b).norm() / b.norm()).item() for a, b in zip(updates[True, True], updates[False, True]))
+    for grads_as, stream in (("fp32", True), ("bf16", True), ("bf16_as_fp32", True), ("bf16", False)):
+        source = model32 if grads_as == "fp32" else model16
+        given = {} if grads_as == "fp32" else body16.low_grads()
+        assert len(given) == (0 if grads_as == "fp32" else 2 * len(model16.moe_layers()))
+        if grads_as == "bf16_as_fp32":
+            given = {k: v.float() for k, v in given.items()}
+        model = copy.deepcopy(source)
+        for p, q in zip(model.parameters(), source.parameters()):
+            p.grad = None if q.grad is None else q.grad.clone()
+        grads = {id(p): given[id(q)] for p, q in zip(model.parameters(), source.parameters()) if id(q) in given}
+        opt = FastMuonAdamW(build_optimizer(model, OptimConfig()), max_grad_norm=1.0, compile=False,
+                            ns_pack=2, stream_experts=stream)
+        opt.ns_dtype = torch.bfloat16
+        opt._ns_packed.fn = functools.partial(gram_newton_schulz_packed, small_dtype=torch.float16)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(grads=grads)
+        updates[grads_as, stream] = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    assert set(calls) == {False, True}, calls  # the streaming kernels ran, both orientations
+    # the same values in either dtype: equal up to the clipping norm's sums (~1e-6 here)
+    assert all(((a - b).norm() <= 1e-5 * b.norm()) for a, b in zip(updates["bf16", True], updates["bf16_as_fp32", True]))
+    for (name, p), a, b in zip(model16.named_parameters(), updates["bf16", True], updates["bf16", False]):
+        if p.ndim == 3:
+            # 8 x 32 matrices: each form's fp16 iteration error is larger than at vpMoE's (1.5-3.1e-2 apart here)
+            assert ((a - b).norm() / b.norm()).item() < 5e-2, name
+        else:
+            assert torch.equal(a, b), name
+    apart = max(((a - b).norm() / b.norm()).item() for a, b in zip(updates["bf16", True], updates["fp32", True]))
     assert apart > 1e-2, apart
     print("checked")
 
 
 def test_expert_muon_kernels_against_reference_and_float64():
     run_in_interpreter("tests.test_expert_muon", "check_kernels_against_reference_and_float64", timeout=600)
-
-
-def test_expert_muon_prefetch_is_bit_equal():
-    run_in_interpreter("tests.test_expert_muon", "check_prefetch_is_bit_equal", timeout=600)
 
 
 def test_expert_muon_step_against_reference_and_float64():

@@ -26,10 +26,12 @@ from vpmoe.train.optim import OptimConfig, build_optimizer
 from vpmoe.train.optim_fast import FastMuonAdamW
 
 
-def _bodies(compiled: bool, grad_sq: bool = False, copies: bool = True, checkpoint: bool = False):
-    """(model, body, optimizer) twice, the same weights: the masters take the gradients / holders do."""
+def _bodies(compiled: bool, grad_sq: bool = False, copies: bool = True, checkpoint: bool = False,
+            expert_ffn: int = 16):
+    """(model, body, optimizer) twice, the same weights: the masters take the gradients / holders do.
+    `expert_ffn` 8: expert matrices 4x wider than tall, which Muon orthogonalises on the Gram side."""
     torch._dynamo.reset()
-    cfg = small(n_layers=4, d_model=32, expert_ffn=16, n_experts=8)
+    cfg = small(n_layers=4, d_model=32, expert_ffn=expert_ffn, n_experts=8)
     m0 = randomize(VpMoE(cfg), seed=11)
     runs = []
     for low in (False, True):

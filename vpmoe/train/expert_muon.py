@@ -1,40 +1,41 @@
-"""The routed experts' Muon step as streaming Triton kernels (`FastMuonAdamW`'s default on CUDA:
-`optim_fast.STREAM_EXPERTS`; `stream_experts=False` keeps the packed torch path).
+"""The routed experts' Muon step as streaming Triton kernels, with the Newton-Schulz restart taken
+from the small side (`FastMuonAdamW`'s default on CUDA: `optim_fast.STREAM_EXPERTS`;
+`stream_experts=False` keeps the packed torch path).
 
 Per expert tensor [E, m, n] (vpMoE: 256 matrices of 128 x 1024, the up projection stored
-transposed), the packed torch path moves ~36 bytes per parameter: the momentum pass (read the
-gradient and momentum, write the momentum and the bf16 update U: 12), the first Gram R = U U^T
-(read U: 2), the restart X' = Q U and its Gram (read U, write X', read X': 6), the last product
-Q X' (read X', write O: 4) and the update (read O, read and write W, write its bf16 copy: 12).
-Here each matrix's Gram is accumulated in the kernel that streams its operand, so no pass reads
-U or X' only to form R:
+transposed) the Gram-side Newton-Schulz runs its five quintic steps on R = U U^T (n x n = 128 x 128)
+in fp16, with one restart after step 2 because half-precision Gram iterations drift from the X they
+describe. The packed torch path restarts from the big side: X1 = bf16(Q1 U) and R1 = X1 X1^T, then
+O = Q2 X1: ~36 bytes per parameter. Here the restart is taken on the small side, near fp32:
 
-- `momentum_gram`: momentum, Nesterov and the bf16 U as `optim_fast._muon_pre` computes them,
-  and R = U U^T summed over column tiles in the same program; the Frobenius scale comes from R's
-  trace (||U||^2) and R leaves normalised, in the Gram iteration's fp16 (12 bytes per parameter).
-- `restart_gram`: X' = bf16(bf16(Q * scale) U) tile by tile, and R' = X' X'^T from the tiles in
-  registers (4 bytes).
-- the last product and the update: `ns_update.qx_update` with the bf16 weight copy written beside
-  W (12 bytes); it takes the last Gram segment's fp16 Q and rounds it to bf16 as it loads it.
-The n x n iterations between them stay `ns_gram.gram_segment`. 28 bytes per parameter instead of
-~36, and per tensor four launches instead of ~20. By bytes ~-3 ms of the (a) step on an H100;
-measured there (2026-12-05, one lease): the 20-layer optimizer alone 29.27 -> 27.73 ms, (a) 61.19
--> 59.95 ms. Alone, the momentum and update kernels stream at ~1.8-2.0 TB/s where the packed
-path's compiled pointwise passes reach ~3.0 (bench/RESULTS.md, 2026-12-05 21:32): one program per
-matrix holds the [128, 128] accumulator (128-255 registers a thread), so one program per SM, and
-its loads wait on each tile's math (a software prefetch, `PREFETCH`, did not help). That is the
-gap left (docs/performance.md).
+- `momentum_gram`: momentum, Nesterov and the bf16 U as `optim_fast._muon_pre` computes them, and
+  R0 = U U^T summed over column tiles in the same program (fp32, normalised by its trace: the
+  Frobenius scale). 12 bytes per parameter.
+- `gram_chain` (one small program per matrix, nothing per parameter): Q1 from two fp16 steps on R0;
+  R1 = Q1 R0 Q1^T with each operand split into fp16 hi + lo parts (fp32-accurate: this is what a
+  restart must give, an R consistent with the Q that multiplies U); Q2 from three fp16 steps on
+  R1; Q = Q2 Q1 * scale in fp32, returned as bf16 hi + lo.
+- the update: `ns_update.qx_update` with Q's two parts (O = bf16(Q_hi U + Q_lo U), fp32 sums) and
+  the bf16 weight copy written beside W. 12 bytes per parameter.
+
+So 24 bytes per parameter and three launches per tensor; no X1 is written or read. It is also the
+more accurate form: against a float64 iteration of the same U (the CPU emulation of both in
+docs/LOG.md, 2026-12-05) the error is 1.9e-3 against 4.0e-3 (Gaussian), 1.6e-2 against 4.6e-2
+(spectrum 1..1e-5) and 1.1e-2 against 5.8e-2 (rank 4 + noise), because U meets a near-fp32 Q once
+instead of a bf16 Q twice.
 
 Design choices:
-- The same rounding points as the torch path (`gram_newton_schulz_parts`): U rounded to bf16 before
-  its Gram, the Gram accumulated in fp32 and rounded to fp16 after the scale, Q * scale rounded to
-  bf16, each product accumulated in fp32 and rounded to bf16. Only the order of the sums differs,
-  so the reference path is the test oracle at tight tolerances (tests/test_expert_muon.py, under
-  the Triton interpreter; float64 Newton-Schulz beside it).
-- One program per matrix (m <= 128 rows held whole; the column loop streams the long side), so no
-  cross-program reduction and no atomics; a [128, 128] fp32 accumulator per program.
+- One program per matrix in `momentum_gram` (m <= 128 rows held whole; the column loop streams the
+  long side): no cross-program reduction and no atomics; a [128, 128] fp32 accumulator per
+  program, so one program per SM (its loads wait on each tile's math: ~1.8-2.0 TB/s alone, where a
+  plain pointwise pass reaches ~3.0; a software prefetch did not help, 2026-12-05).
+- `gram_chain` reuses `ns_gram.segment` (the same fp16 roundings as `gram_segment`) and reloads R0
+  from memory (L2) for the restart rather than holding it through the first segment.
+- The references (`momentum_gram_reference`, `gram_chain_reference`, `ns_update.qx_update_reference`)
+  make the same roundings in torch: the test oracle under the Triton interpreter
+  (tests/test_expert_muon.py) beside float64, and the path where the kernels do not apply.
 - Strides are taken as given: the transposed up weights are read and written in their own layout
-  (U, X' and W share it), so no transposed copies.
+  (U and W share it), so no transposed copies.
 - Custom ops (capturable in CUDA graphs: fixed grids for fixed shapes); `muon_step` runs the chain
   for one tensor and applies where the kernels do (`applies`: CUDA or the interpreter, bf16
   Newton-Schulz, fp32 weights, m <= 128).
@@ -47,8 +48,8 @@ from vpmoe.model.router_fused import (
     _f32_dot,  # the interpreter multiplies in fp32 (same products)
 )
 from vpmoe.model.tpa_fused import available, interpreting
-from vpmoe.train import ns_gram, ns_update
-from vpmoe.train.ns_gram import bmm_f32
+from vpmoe.train import ns_update
+from vpmoe.train.ns_gram import bmm_f32, gram_segment_reference
 from vpmoe.train.optim import GRAM_RESTART_AT, NS_COEFFS
 
 try:
@@ -56,18 +57,16 @@ try:
     import triton.language as tl
 
     from vpmoe.model.router_fused import _round_bf16
+    from vpmoe.train.ns_gram import _dot16, segment
 except ImportError:  # CPU-only installs: the packed torch path
     triton = None
 
 MAX_M = 128  # the short side held whole per program
-# (columns per tile, warps, pipeline stages, software prefetch) per kernel at 128 rows: the [128, 128]
-# fp32 accumulator is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas
-# for sm_90, bench/kernel_registers.py), yet 64 columns timed fastest on an H100 and prefetch did not
-# help (2026-12-05 20:20 and 21:32, bench/expert_muon.py, which times the alternatives). The restart
-# None: two cuBLAS products (`restart_gram_reference`), faster alone but slower in the step (the
-# 20-layer optimizer 28.57 against 27.68 ms with the kernel; the 21:38 section): an A/B option
-RESTART_KERNEL = (64, 8, 2, False)
-CONFIGS = {"momentum": (64, 16, 2, False), "restart": RESTART_KERNEL}
+# `momentum_gram`'s (columns per tile, warps, pipeline stages) at 128 rows: the [128, 128] fp32
+# accumulator is 64 registers a thread at 8 warps, so wider tiles or fewer warps spill (ptxas for
+# sm_90, bench/kernel_registers.py), yet 64 columns at 16 warps timed fastest on an H100 (2026-12-05
+# 20:20 and 21:32, bench/expert_muon.py, which times the alternatives)
+CONFIGS = {"momentum": (64, 16, 2)}
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -76,26 +75,33 @@ def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed: bool, eps: float = 1e-7):
-    """The torch path's first part: U = `_muon_pre` (buf updated in place), then R = U U^T (fp32
-    sums), the scale 1 / (||U|| + eps) from its trace, R * scale^2 in fp16; returns (U, R, scale)."""
+    """U = `_muon_pre` (buf updated in place), then R = U U^T (fp32 sums), the scale
+    1 / (||U|| + eps) from its trace; returns (U, R * scale^2 in fp32, scale)."""
     # here, not at the top: optim_fast imports this module
     from vpmoe.train.optim_fast import _muon_pre, gram_scale
     u = _muon_pre(g, buf, coef, mu, nesterov, torch.bfloat16)
     x = _oriented(u, transposed)
     r = bmm_f32(x, x.mT)
     scale = gram_scale(r, eps)
-    return u, (r * scale[:, None, None] ** 2).to(torch.float16), scale
+    return u, r * scale[:, None, None] ** 2, scale
 
 
-def restart_gram_reference(q, scale, x, transposed: bool):
-    """The torch path's restart: X' = bf16(Q * scale) X in bf16, R' = X' X'^T in fp16; x and the
-    returned X' in the weight's layout (for transposed weights X'^T = X^T (Q * scale)^T, so no
-    transposed copy); returns (X', R'). `CONFIGS["restart"]` None runs it on CUDA too: two
-    cuBLAS products, faster than `restart_gram` alone and slower in the step (bench/RESULTS.md, 2026-12-05 21:38)."""
-    qs = (q.float() * scale[:, None, None]).to(torch.bfloat16)
-    y = torch.bmm(x, qs.mT) if transposed else torch.bmm(qs, x)
-    yo = _oriented(y, transposed)
-    return y, bmm_f32(yo, yo.mT).to(torch.float16)
+def _split(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 t -> (hi, lo) in `dtype`: hi = t rounded, lo = the rest rounded (t ~ hi + lo)."""
+    hi = t.to(dtype)
+    return hi, (t - hi.float()).to(dtype)
+
+
+def gram_chain_reference(r0, scale, steps1: int, steps2: int, a: float, b: float, c: float):
+    """Q = Q2 Q1 * scale as bf16 (hi, lo): Q1 from `steps1` fp16 steps on R0 (fp32 [b, m, m],
+    normalised), then (if steps2) R1 = Q1 R0 Q1^T from fp16 hi/lo parts with fp32 sums, Q2 from
+    `steps2` fp16 steps on it; `gram_chain`'s roundings in torch."""
+    q = gram_segment_reference(r0.half(), steps1, a, b, c)
+    if steps2:
+        t = sum(bmm_f32(q, part) for part in _split(r0, torch.float16))
+        r1 = sum(bmm_f32(part, q.mT) for part in _split(t, torch.float16)).half()
+        q = bmm_f32(gram_segment_reference(r1, steps2, a, b, c), q)
+    return _split(q.float() * scale[:, None, None], torch.bfloat16)
 
 
 if triton is not None:
@@ -110,35 +116,23 @@ if triton is not None:
     def _momentum_gram_kernel(g_ptr, buf_ptr, u_ptr, r_ptr, scale_ptr, coef_ptr, M, N, mu, eps,
                               sg_b, sg_m, sg_n, sb_b, sb_m, sb_n, su_b, su_m, su_n, sr_b, sr_m, sr_n,
                               NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr, BM: tl.constexpr,
-                              BN: tl.constexpr, PREFETCH: tl.constexpr, F32_DOT: tl.constexpr):
+                              BN: tl.constexpr, F32_DOT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
         coef = tl.load(coef_ptr)
-        g_tile = g_ptr + b * sg_b + rows[:, None] * sg_m + tl.arange(0, BN)[None, :] * sg_n
-        b_tile = buf_ptr + b * sb_b + rows[:, None] * sb_m + tl.arange(0, BN)[None, :] * sb_n
-        if PREFETCH:  # the next tile's loads in flight while this one is computed and stored
-            ok = row_ok[:, None] & (tl.arange(0, BN) < N)[None, :]
-            g_next = tl.load(g_tile, mask=ok, other=0.0)
-            m_next = tl.load(b_tile, mask=ok, other=0.0)
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
             ok = row_ok[:, None] & (cols < N)[None, :]
-            if PREFETCH:
-                g, m = g_next, m_next
-                ok_next = row_ok[:, None] & (cols + BN < N)[None, :]
-                g_next = tl.load(g_tile + (n0 + BN) * sg_n, mask=ok_next, other=0.0)
-                m_next = tl.load(b_tile + (n0 + BN) * sb_n, mask=ok_next, other=0.0)
-            else:
-                g = tl.load(g_tile + n0 * sg_n, mask=ok, other=0.0)
-                m = tl.load(b_tile + n0 * sb_n, mask=ok, other=0.0)
+            g = tl.load(g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :] * sg_n, mask=ok, other=0.0)
             g = g.to(tl.float32) * coef
-            m = m.to(tl.float32) * mu + g
+            bp = buf_ptr + b * sb_b + rows[:, None] * sb_m + cols[None, :] * sb_n
+            m = tl.load(bp, mask=ok, other=0.0).to(tl.float32) * mu + g
             if BUF_BF16:
-                tl.store(b_tile + n0 * sb_n, _round_bf16(m).to(tl.bfloat16), mask=ok)
+                tl.store(bp, _round_bf16(m).to(tl.bfloat16), mask=ok)
             else:
-                tl.store(b_tile + n0 * sb_n, m, mask=ok)
+                tl.store(bp, m, mask=ok)
             if NESTEROV:
                 u = _round_bf16(g + mu * m)
             else:
@@ -147,37 +141,37 @@ if triton is not None:
             acc += _dot(u, tl.trans(u), F32_DOT)
         trace = tl.sum(tl.sum(tl.where(rows[:, None] == rows[None, :], acc, 0.0), axis=1), axis=0)
         scale = 1.0 / (tl.sqrt(tl.maximum(trace, 0.0)) + eps)
-        ok_r = row_ok[:, None] & row_ok[None, :]
-        tl.store(r_ptr + b * sr_b + rows[:, None] * sr_m + rows[None, :] * sr_n,
-                 (acc * (scale * scale)).to(tl.float16), mask=ok_r)
+        tl.store(r_ptr + b * sr_b + rows[:, None] * sr_m + rows[None, :] * sr_n, acc * (scale * scale),
+                 mask=row_ok[:, None] & row_ok[None, :])
         tl.store(scale_ptr + b, scale)
 
     @triton.jit
-    def _restart_gram_kernel(q_ptr, scale_ptr, x_ptr, y_ptr, r_ptr, M, N,
-                             sq_b, sq_m, sq_k, sx_b, sx_m, sx_n, sy_b, sy_m, sy_n, sr_b, sr_m, sr_n,
-                             BM: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, F32_DOT: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        rows = tl.arange(0, BM)
-        row_ok = rows < M
-        ok_q = row_ok[:, None] & row_ok[None, :]
-        q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k, mask=ok_q, other=0.0)
-        q = _round_bf16(q.to(tl.float32) * tl.load(scale_ptr + b))
-        x_tile = x_ptr + b * sx_b + rows[:, None] * sx_m + tl.arange(0, BN)[None, :] * sx_n
-        if PREFETCH:
-            x_next = tl.load(x_tile, mask=row_ok[:, None] & (tl.arange(0, BN) < N)[None, :], other=0.0)
-        acc = tl.zeros((BM, BM), dtype=tl.float32)
-        for n0 in range(0, N, BN):
-            cols = n0 + tl.arange(0, BN)
-            ok = row_ok[:, None] & (cols < N)[None, :]
-            if PREFETCH:
-                x = x_next
-                x_next = tl.load(x_tile + (n0 + BN) * sx_n, mask=row_ok[:, None] & (cols + BN < N)[None, :], other=0.0)
-            else:
-                x = tl.load(x_tile + n0 * sx_n, mask=ok, other=0.0)
-            y = _round_bf16(_dot(q, x.to(tl.float32), F32_DOT))
-            tl.store(y_ptr + b * sy_b + rows[:, None] * sy_m + cols[None, :] * sy_n, y.to(tl.bfloat16), mask=ok)
-            acc += _dot(y, tl.trans(y), F32_DOT)
-        tl.store(r_ptr + b * sr_b + rows[:, None] * sr_m + rows[None, :] * sr_n, acc.to(tl.float16), mask=ok_q)
+    def _split16(t):
+        """fp32 t -> fp16 (hi, lo), t ~ hi + lo."""
+        hi = t.to(tl.float16)
+        return hi, (t - hi.to(tl.float32)).to(tl.float16)
+
+    @triton.jit
+    def _chain_kernel(r_ptr, scale_ptr, hi_ptr, lo_ptr, N, sr_b, sr_m, sr_n, so_b, so_m, so_n, a, b, c,
+                      STEPS1: tl.constexpr, STEPS2: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        idx = tl.arange(0, BN)
+        ok = (idx < N)[:, None] & (idx < N)[None, :]
+        r_tile = r_ptr + pid * sr_b + idx[:, None] * sr_m + idx[None, :] * sr_n
+        a_eye = tl.where(idx[:, None] == idx[None, :], a, 0.0)
+        q = segment(tl.load(r_tile, mask=ok, other=0.0).to(tl.float16), a_eye, b, c, STEPS1, F32_DOT)
+        if STEPS2 > 0:  # the restart: R1 = Q1 R0 Q1^T from fp16 hi/lo parts, fp32 sums
+            r0_hi, r0_lo = _split16(tl.load(r_tile, mask=ok, other=0.0))
+            t = _dot16(q, r0_hi, F32_DOT) + _dot16(q, r0_lo, F32_DOT)
+            t_hi, t_lo = _split16(t)
+            q_t = tl.trans(q)
+            r1 = (_dot16(t_hi, q_t, F32_DOT) + _dot16(t_lo, q_t, F32_DOT)).to(tl.float16)
+            q = _dot16(segment(r1, a_eye, b, c, STEPS2, F32_DOT), q, F32_DOT)
+        qs = q.to(tl.float32) * tl.load(scale_ptr + pid)
+        hi = _round_bf16(qs)
+        out = pid * so_b + idx[:, None] * so_m + idx[None, :] * so_n
+        tl.store(hi_ptr + out, hi.to(tl.bfloat16), mask=ok)
+        tl.store(lo_ptr + out, _round_bf16(qs - hi).to(tl.bfloat16), mask=ok)
 
 
 def applies(device: torch.device, w_dtype: torch.dtype, m: int) -> bool:
@@ -186,34 +180,26 @@ def applies(device: torch.device, w_dtype: torch.dtype, m: int) -> bool:
     return (triton is not None and available(device) and w_dtype == torch.float32 and m <= MAX_M)
 
 
-def _launch(kernel: str, m: int) -> dict:
-    """Tile and launch settings for `kernel` ("momentum" or "restart") at short side m: the rows
-    whole, `CONFIGS`' columns (16 in the interpreter, to keep it quick)."""
-    # a restart None sends `muon_step` to cuBLAS; `restart_gram` called as such takes RESTART_KERNEL
-    bn, warps, stages, prefetch = CONFIGS[kernel] or RESTART_KERNEL
-    return dict(BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps,
-                num_stages=stages, PREFETCH=prefetch)
-
-
 @torch.library.custom_op("vpmoe::momentum_gram", mutates_args=("buf",))
 def momentum_gram(g: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mu: float, nesterov: bool,
                   transposed: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`momentum_gram_reference` in one launch: g (any float dtype) and buf (fp32 or bf16) [b, m, n]
     (or [b, n, m] when `transposed`), coef a 0-dim fp32 device tensor; returns U (bf16, g's layout),
-    R (fp16 [b, m, m]) and the scale (fp32 [b])."""
+    R (fp32 [b, m, m], normalised) and the scale (fp32 [b])."""
     bsz = g.shape[0]
     m, n = (g.shape[2], g.shape[1]) if transposed else (g.shape[1], g.shape[2])
     if not applies(g.device, torch.float32, m) or buf.shape != g.shape or buf.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"momentum_gram: wants g and buf (fp32 or bf16) of one shape [b, m, n] with m <= {MAX_M} "
                          f"on CUDA; got g {tuple(g.shape)} {g.dtype}, buf {tuple(buf.shape)} {buf.dtype} on {g.device}")
     u = torch.empty_like(g, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
-    r = torch.empty(bsz, m, m, device=g.device, dtype=torch.float16)
+    r = torch.empty(bsz, m, m, device=g.device, dtype=torch.float32)
     scale = torch.empty(bsz, device=g.device, dtype=torch.float32)
     gv, bv, uv = (_oriented(t, transposed) for t in (g, buf, u))
+    bn, warps, stages = CONFIGS["momentum"]
     _momentum_gram_kernel[(bsz,)](
         gv, bv, uv, r, scale, coef, m, n, float(mu), float(eps), *gv.stride(), *bv.stride(), *uv.stride(),
         *r.stride(), NESTEROV=bool(nesterov), BUF_BF16=buf.dtype == torch.bfloat16, F32_DOT=_f32_dot(),
-        **_launch("momentum", m))
+        BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps, num_stages=stages)
     return u, r, scale
 
 
@@ -221,63 +207,52 @@ def momentum_gram(g: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mu: fl
 def _(g, buf, coef, mu, nesterov, transposed, eps):
     m = g.shape[2] if transposed else g.shape[1]
     return (torch.empty_like(g, dtype=torch.bfloat16, memory_format=torch.contiguous_format),
-            g.new_empty(g.shape[0], m, m, dtype=torch.float16), g.new_empty(g.shape[0], dtype=torch.float32))
+            g.new_empty(g.shape[0], m, m, dtype=torch.float32), g.new_empty(g.shape[0], dtype=torch.float32))
 
 
-@torch.library.custom_op("vpmoe::restart_gram", mutates_args=())
-def restart_gram(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
-                 transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`restart_gram_reference` in one launch: q fp16 [b, m, m], scale fp32 [b], x bf16 in the
-    weight's layout; returns X' (bf16, that layout) and R' (fp16 [b, m, m])."""
-    bsz = x.shape[0]
-    m, n = (x.shape[2], x.shape[1]) if transposed else (x.shape[1], x.shape[2])
-    if (not applies(x.device, torch.float32, m) or x.dtype != torch.bfloat16 or tuple(q.shape) != (bsz, m, m)
-            or tuple(scale.shape) != (bsz,)):
-        raise ValueError(f"restart_gram: wants bf16 x [b, m, n] (m <= {MAX_M}), q [b, m, m] and scale [b]; got x "
-                         f"{tuple(x.shape)} {x.dtype}, q {tuple(q.shape)}, scale {tuple(scale.shape)} on {x.device}")
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    r = torch.empty(bsz, m, m, device=x.device, dtype=torch.float16)
-    xv, yv = _oriented(x, transposed), _oriented(y, transposed)
-    _restart_gram_kernel[(bsz,)](
-        q, scale, xv, yv, r, m, n, *q.stride(), *xv.stride(), *yv.stride(), *r.stride(), F32_DOT=_f32_dot(),
-        **_launch("restart", m))
-    return y, r
+@torch.library.custom_op("vpmoe::gram_chain", mutates_args=())
+def gram_chain(r0: torch.Tensor, scale: torch.Tensor, steps1: int, steps2: int, a: float, b: float,
+               c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gram_chain_reference` in one launch: r0 fp32 [b, m, m] (m <= 128), scale fp32 [b]."""
+    bsz, m = r0.shape[0], r0.shape[-1]
+    if (triton is None or not available(r0.device) or r0.dtype != torch.float32 or r0.ndim != 3
+            or r0.shape[1] != m or m > MAX_M or tuple(scale.shape) != (bsz,) or steps1 < 1 or steps2 < 0):
+        raise ValueError(f"gram_chain: wants fp32 r0 [b, m, m] (m <= {MAX_M}) and scale [b] on CUDA, steps1 >= 1, "
+                         f"steps2 >= 0; got r0 {tuple(r0.shape)} {r0.dtype}, scale {tuple(scale.shape)} on "
+                         f"{r0.device}, steps {steps1}, {steps2}")
+    hi = torch.empty(bsz, m, m, device=r0.device, dtype=torch.bfloat16)
+    lo = torch.empty_like(hi)
+    _chain_kernel[(bsz,)](r0, scale, hi, lo, m, *r0.stride(), *hi.stride(), float(a), float(b), float(c),
+                          STEPS1=steps1, STEPS2=steps2, BN=max(16, triton.next_power_of_2(m)), F32_DOT=_f32_dot(),
+                          num_warps=8)
+    return hi, lo
 
 
-@restart_gram.register_fake
-def _(q, scale, x, transposed):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(q)
+@gram_chain.register_fake
+def _(r0, scale, steps1, steps2, a, b, c):
+    return torch.empty_like(r0, dtype=torch.bfloat16), torch.empty_like(r0, dtype=torch.bfloat16)
 
 
 def muon_step(g, buf, w, low, coef, mu: float, nesterov: bool, decay, step, steps: int,
               restart_at: tuple[int, ...] | None = None, eps: float = 1e-7, kernels: bool = True,
               gram_kernel: bool = True) -> None:
     """One expert tensor's Muon step in place: W <- W * decay + step * NS(U) (and its bf16 copy
-    `low`), buf the momentum. The same result as `_muon_pre` + `gram_newton_schulz` + `_muon_post`
-    to the order of sums. `kernels=False`: the reference functions (the test oracle);
-    `gram_kernel=False`: the n x n segments by torch (`FastMuonAdamW.gram_kernel`); `restart_at`
-    None: the packed path's (`optim.GRAM_RESTART_AT`)."""
+    `low`), buf the momentum. `kernels=False`: the reference functions (the test oracle);
+    `gram_kernel=False`: the n x n chain by torch (`FastMuonAdamW.gram_kernel`); `restart_at`
+    None: `optim.GRAM_RESTART_AT` (at most one restart)."""
     a, b, c = NS_COEFFS
-    restart_at = GRAM_RESTART_AT if restart_at is None else restart_at
+    cuts = sorted({i for i in (GRAM_RESTART_AT if restart_at is None else restart_at) if 0 < i < steps})
+    if len(cuts) > 1:
+        raise ValueError(f"expert_muon.muon_step: at most one restart, got {cuts} (optim.GRAM_RESTART_AT)")
+    steps1 = cuts[0] if cuts else steps
     transposed = w.shape[-2] > w.shape[-1]
-    first = momentum_gram if kernels else momentum_gram_reference
-    x, r, scale = first(g, buf, coef, mu, nesterov, transposed, eps)
-    bounds = [0, *sorted({i for i in restart_at if 0 < i < steps}), steps]
-    q = None
-    for s0, s1 in zip(bounds, bounds[1:]):
-        if q is not None:
-            restart = restart_gram if kernels and CONFIGS["restart"] is not None else restart_gram_reference
-            x, r = restart(q, scale, x, transposed)
-            scale = torch.ones_like(scale)
-        fused = kernels and gram_kernel and ns_gram.applies(r)
-        seg = ns_gram.gram_segment if fused else ns_gram.gram_segment_reference
-        q = seg(r, s1 - s0, a, b, c)
-    # after a restart Q stays fp16: the update rounds it to bf16 as it loads it (no cast launch)
-    q = (q.float() * scale[:, None, None]).to(torch.bfloat16) if s0 == 0 else q
-    xo = _oriented(x, transposed)
+    u, r0, scale = (momentum_gram if kernels else momentum_gram_reference)(g, buf, coef, mu, nesterov, transposed, eps)
+    chain = gram_chain if kernels and gram_kernel else gram_chain_reference
+    q_hi, q_lo = chain(r0, scale, steps1, steps - steps1, a, b, c)
+    uo = _oriented(u, transposed)
     if kernels:
-        ns_update.qx_update(w, q, xo, decay, step, transposed, low)
+        ns_update.qx_update(w, q_hi, uo, decay, step, transposed, low, q_lo)
     else:
-        ns_update.qx_update_reference(w, q, xo, decay, step, transposed)
+        ns_update.qx_update_reference(w, q_hi, uo, decay, step, transposed, q_lo)
         if low is not None:
             low.copy_(w)

@@ -73,13 +73,9 @@ if triton is not None:
         return tl.dot(x, y)
 
     @triton.jit
-    def _gram_segment_kernel(r_ptr, q_ptr, N, sr_b, sr_m, sr_n, sq_b, sq_m, sq_n, a, b, c,
-                             STEPS: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        idx = tl.arange(0, BN)
-        ok = (idx < N)[:, None] & (idx < N)[None, :]
-        r = tl.load(r_ptr + pid * sr_b + idx[:, None] * sr_m + idx[None, :] * sr_n, mask=ok, other=0.0)
-        a_eye = tl.where(idx[:, None] == idx[None, :], a, 0.0)
+    def segment(r, a_eye, b, c, STEPS: tl.constexpr, F32_DOT: tl.constexpr):
+        """Q = Z_STEPS ... Z_1 of the fp16 [n, n] tile r (`gram_segment_reference`'s roundings), in fp16;
+        also the streaming experts' restart kernel's two segments (`expert_muon._chain_kernel`)."""
         q = r  # replaced at step 0 (STEPS >= 1)
         for i in tl.static_range(STEPS):
             z = (_dot16(r, r, F32_DOT) * c + r.to(tl.float32) * b + a_eye).to(tl.float16)
@@ -90,6 +86,17 @@ if triton is not None:
             if i + 1 < STEPS:
                 zr = _dot16(z, r, F32_DOT).to(tl.float16)
                 r = _dot16(zr, z, F32_DOT).to(tl.float16)
+        return q
+
+    @triton.jit
+    def _gram_segment_kernel(r_ptr, q_ptr, N, sr_b, sr_m, sr_n, sq_b, sq_m, sq_n, a, b, c,
+                             STEPS: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        idx = tl.arange(0, BN)
+        ok = (idx < N)[:, None] & (idx < N)[None, :]
+        r = tl.load(r_ptr + pid * sr_b + idx[:, None] * sr_m + idx[None, :] * sr_n, mask=ok, other=0.0)
+        a_eye = tl.where(idx[:, None] == idx[None, :], a, 0.0)
+        q = segment(r, a_eye, b, c, STEPS, F32_DOT)
         tl.store(q_ptr + pid * sq_b + idx[:, None] * sq_m + idx[None, :] * sq_n, q, mask=ok)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from vpmoe.model.router_fused import _f32_dot  # the interpreter's bf16 dot workaround, shared
 from vpmoe.model.tpa_fused import available, interpreting  # noqa: F401 - the same test for every Triton op
+from vpmoe.train.ns_gram import bmm_f32
 
 try:
     import triton
@@ -41,27 +42,32 @@ UPDATE_CONFIG = (64, 1, 8)
 
 
 def qx_update_reference(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor,
-                        step: torch.Tensor, transposed: bool) -> None:
+                        step: torch.Tensor, transposed: bool, q_lo: torch.Tensor | None = None) -> None:
     """The path the kernel replaces: O = bf16(Q X) ([b, m, n]), then W <- W * decay + step * O, with
-    W [b, m, n] (or [b, n, m] when `transposed`)."""
-    o = torch.bmm(q.to(x.dtype), x)
+    W [b, m, n] (or [b, n, m] when `transposed`); with `q_lo`, O = bf16(Q X + Q_lo X) (fp32 sums)."""
+    if q_lo is None:
+        o = torch.bmm(q.to(x.dtype), x)
+    else:
+        o = (bmm_f32(q.to(x.dtype), x) + bmm_f32(q_lo, x)).to(x.dtype)
     w.mul_(decay).add_((o.mT if transposed else o).to(w.dtype) * step)
 
 
 if triton is not None:
     @triton.jit
-    def _qx_update_kernel(q_ptr, x_ptr, w_ptr, low_ptr, decay_ptr, step_ptr, M, N,
+    def _qx_update_kernel(q_ptr, q_lo_ptr, x_ptr, w_ptr, low_ptr, decay_ptr, step_ptr, M, N,
                           sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n, sl_b, sl_m, sl_n,
-                          HAS_LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr,
-                          F32_DOT: tl.constexpr):
+                          HAS_LOW: tl.constexpr, HAS_LO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          TILES: tl.constexpr, F32_DOT: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
-        q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k,
-                    mask=row_ok[:, None] & row_ok[None, :], other=0.0)
-        q = _round_bf16(q.to(tl.float32))  # an fp16 Q (the Gram segment's) rounded to nearest, as torch's .to()
+        q_tile = b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k
+        ok_q = row_ok[:, None] & row_ok[None, :]
+        q = _round_bf16(tl.load(q_ptr + q_tile, mask=ok_q, other=0.0).to(tl.float32))  # an fp16 Q rounded as .to()
+        q_lo = tl.load(q_lo_ptr + q_tile, mask=ok_q & HAS_LO, other=0.0).to(tl.float32)  # bf16: exact
         if not F32_DOT:
             q = q.to(tl.bfloat16)
+            q_lo = q_lo.to(tl.bfloat16)
         decay = tl.load(decay_ptr)
         step = tl.load(step_ptr)
         for t in range(TILES):  # Q loaded once for TILES column tiles
@@ -69,6 +75,8 @@ if triton is not None:
             tile_ok = row_ok[:, None] & (cols < N)[None, :]
             x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
             acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
+            if HAS_LO:  # Q's low part (a near-fp32 Q as two bf16 operands), in the same fp32 sums
+                acc = tl.dot(q_lo, x.to(tl.float32) if F32_DOT else x, acc)
             o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
             w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
             w = tl.load(w_tile, mask=tile_ok, other=0.0) * decay + o * step
@@ -87,10 +95,11 @@ def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m
 
 @torch.library.custom_op("vpmoe::qx_update", mutates_args=("w", "low"))
 def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor, step: torch.Tensor,
-              transposed: bool, low: torch.Tensor | None) -> None:
+              transposed: bool, low: torch.Tensor | None, q_lo: torch.Tensor | None = None) -> None:
     """W <- W * decay + step * bf16(Q X) in place: q [b, m, m] (bf16, or fp16 rounded to bf16 in
-    the kernel: the Gram segment's output, without a cast launch) and x [b, m, n] bf16, w fp32
-    [b, m, n] (or [b, n, m] when `transposed`), decay and step 0-dim fp32 device tensors; `low`
+    the kernel), x [b, m, n] bf16, w fp32 [b, m, n] (or [b, n, m] when `transposed`); `q_lo` (bf16,
+    q's shape and strides) Q's low part: O = bf16(Q X + Q_lo X), one fp32 sum (the streaming experts'
+    near-fp32 Q, `expert_muon.gram_chain`); decay and step 0-dim fp32 device tensors; `low`
     (bf16, w's shape) gets the updated W rounded, in the same pass (the kept weight copy). `low`
     has no default: torch 2.11 drops a trailing optional argument left at its default and then
     fails to find the mutated one (IndexError in the op's version bump; 2.13 does not)."""
@@ -98,11 +107,13 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     want = (bsz, n, m) if transposed else (bsz, m, n)
     if (not applies(w.device, x.dtype, w.dtype, m) or q.dtype not in (x.dtype, torch.float16) or tuple(w.shape) != want
             or tuple(q.shape) != (bsz, m, m)
-            or (low is not None and (low.shape != w.shape or low.dtype != torch.bfloat16))):
+            or (low is not None and (low.shape != w.shape or low.dtype != torch.bfloat16))
+            or (q_lo is not None and (q_lo.shape != q.shape or q_lo.stride() != q.stride()
+                                      or q_lo.dtype != torch.bfloat16))):
         got_low = "" if low is None else f", low {tuple(low.shape)} {low.dtype}"
-        raise ValueError(f"qx_update: wants bf16 or fp16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n], fp32 w {want} and "
-                         f"low None or bf16 of w's shape; got q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} "
-                         f"{x.dtype}, w {tuple(w.shape)} {w.dtype}{got_low}")
+        raise ValueError(f"qx_update: wants bf16 or fp16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n], fp32 w {want}, "
+                         f"low None or bf16 of w's shape, q_lo None or bf16 of q's shape and strides; got q "
+                         f"{tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}{got_low}")
     sw_b, sw_1, sw_2 = w.stride()
     sw_m, sw_n = (sw_2, sw_1) if transposed else (sw_1, sw_2)
     sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()
@@ -111,10 +122,11 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     bn, tiles, warps = UPDATE_CONFIG
     bn = 16 if interpreting() else bn
     _qx_update_kernel[(bsz, triton.cdiv(n, bn * tiles))](
-        q, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(), sw_b, sw_m, sw_n,
-        sl_b, sl_m, sl_n, HAS_LOW=low is not None, BM=bm, BN=bn, TILES=tiles, F32_DOT=_f32_dot(), num_warps=warps)
+        q, q if q_lo is None else q_lo, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(),
+        sw_b, sw_m, sw_n, sl_b, sl_m, sl_n, HAS_LOW=low is not None, HAS_LO=q_lo is not None, BM=bm, BN=bn,
+        TILES=tiles, F32_DOT=_f32_dot(), num_warps=warps)
 
 
 @qx_update.register_fake
-def _(w, q, x, decay, step, transposed, low):
+def _(w, q, x, decay, step, transposed, low, q_lo=None):
     return None

@@ -41,10 +41,12 @@ Design choices:
   step 65.63 -> 62.02 ms (H200, 2026-12-03); eager steps are host-bound and read no slower with it
   (six readings, 26-52 ms either way). `gram_kernel=False` is the torch path, the kernel's reference.
 - `stream_experts` (on; `STREAM_EXPERTS`): each expert tensor's step as `expert_muon`'s streaming kernels (momentum
-  with the first Gram, the restart with its Gram, the update with the kept bf16 copy; 28 bytes per
-  parameter instead of ~36, five launches per tensor), where they apply (CUDA, bf16 Newton-Schulz,
-  fp32 weights); the packed path above elsewhere. H100, 2026-12-05: the 20-layer optimizer step
-  alone 29.27 -> 27.73 ms (graphed), the (a) train step 61.19 -> 59.95 ms (same lease).
+  with the Gram R0; the n x n chain with its restart taken on the small side, R1 = Q1 R0 Q1^T near
+  fp32; the update with Q as bf16 hi + lo parts and the kept bf16 copy: 24 bytes per parameter
+  instead of ~36, three launches per tensor, and closer to a float64 iteration than the packed
+  path), where they apply (CUDA, bf16 Newton-Schulz, fp32 weights); the packed path above
+  elsewhere. H100, 2026-12-05, with the earlier form (restart from the big side, 28 bytes): the
+  20-layer optimizer step alone 29.27 -> 27.73 ms (graphed), the (a) train step 61.19 -> 59.95 ms.
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
