@@ -110,8 +110,8 @@ def mm_bf16x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = ah + al and b = bh + bl split into bf16 pairs, a @ b ~ ah@bh + ah@bl + al@bh (the dropped
     al@bl term and the splits leave ~2^-16 relative error, vs 2^-11 for TF32), as ONE GEMM over
     the concatenated K with fp32 accumulation and fp32 output."""
-    ah, al = RF.split_bf16(a)
-    bh, bl = RF.split_bf16(b)
+    ah, al = RF.split_hi_lo(a)
+    bh, bl = RF.split_hi_lo(b)
     return mm_f32(torch.cat([ah, ah, al], 1), torch.cat([bh, bl, bh], 0))
 
 

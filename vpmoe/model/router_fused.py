@@ -116,15 +116,15 @@ def _f32_dot() -> bool:
     return interpreting()
 
 
-def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 t -> (hi, lo) in bf16 with t ~ hi + lo (hi = t rounded, lo = the rest rounded)."""
-    hi = t.to(torch.bfloat16)
-    return hi, (t - hi.float()).to(torch.bfloat16)
+def split_hi_lo(t: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 t -> (hi, lo) in `dtype` with t ~ hi + lo (hi = t rounded, lo = the rest rounded)."""
+    hi = t.to(dtype)
+    return hi, (t - hi.float()).to(dtype)
 
 
 def split_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [E, d] fp32 -> (wh, wl), each [d, E] bf16 and contiguous: the kernel's B operands."""
-    wh, wl = split_bf16(w.t().float())
+    wh, wl = split_hi_lo(w.t().float())
     return wh.contiguous(), wl.contiguous()
 
 

@@ -46,6 +46,7 @@ import torch
 
 from vpmoe.model.router_fused import (
     _f32_dot,  # the interpreter multiplies in fp32 (same products)
+    split_hi_lo,
 )
 from vpmoe.model.tpa_fused import available, interpreting
 from vpmoe.train import ns_update
@@ -86,22 +87,16 @@ def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed:
     return u, r * scale[:, None, None] ** 2, scale
 
 
-def _split(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 t -> (hi, lo) in `dtype`: hi = t rounded, lo = the rest rounded (t ~ hi + lo)."""
-    hi = t.to(dtype)
-    return hi, (t - hi.float()).to(dtype)
-
-
 def gram_chain_reference(r0, scale, steps1: int, steps2: int, a: float, b: float, c: float):
     """Q = Q2 Q1 * scale as bf16 (hi, lo): Q1 from `steps1` fp16 steps on R0 (fp32 [b, m, m],
     normalised), then (if steps2) R1 = Q1 R0 Q1^T from fp16 hi/lo parts with fp32 sums, Q2 from
     `steps2` fp16 steps on it; `gram_chain`'s roundings in torch."""
     q = gram_segment_reference(r0.half(), steps1, a, b, c)
     if steps2:
-        t = sum(bmm_f32(q, part) for part in _split(r0, torch.float16))
-        r1 = sum(bmm_f32(part, q.mT) for part in _split(t, torch.float16)).half()
+        t = sum(bmm_f32(q, part) for part in split_hi_lo(r0, torch.float16))
+        r1 = sum(bmm_f32(part, q.mT) for part in split_hi_lo(t, torch.float16)).half()
         q = bmm_f32(gram_segment_reference(r1, steps2, a, b, c), q)
-    return _split(q.float() * scale[:, None, None], torch.bfloat16)
+    return split_hi_lo(q.float() * scale[:, None, None])
 
 
 if triton is not None:
