@@ -1,4 +1,6 @@
-"""Muon's update applied in the epilogue of Newton-Schulz's last product (opt-in, not yet measured).
+"""Muon's update applied in the epilogue of Newton-Schulz's last product: the streaming experts'
+update (`expert_muon.muon_step`, the default on CUDA) and, opt-in, the packed path's
+(`FastMuonAdamW(fuse_update=True)`: -0.2 ms at (a) on an H200, 2026-12-03).
 
 The Gram-side Newton-Schulz (`optim_fast.gram_newton_schulz_packed`) ends with one product per
 expert tensor, O = Q X (Q the [m, m] polynomial in the Gram matrix, X the [m, n] bf16 update; at
@@ -6,7 +8,8 @@ vpMoE's experts m = 128, n = 1024), written to memory as bf16 and read back by t
 W <- W * decay + step * O. This kernel computes each [m, BN] tile of Q X in registers (K = m: one
 dot), rounds it to bf16 as the two-kernel path does, and updates W's tile in place: O is never
 written or read, 4 of the ~36 bytes per expert parameter the optimizer moves per step
-(docs/performance.md, What remains 6; ~-1.2 ms per step at 20 layers by that count: an estimate).
+(docs/performance.md, What remains 6). The streaming path passes Q as two bf16 parts (`q_lo`:
+a near-fp32 Q, both dots summed in one fp32 accumulator) or in fp16 (rounded to bf16 as it loads).
 
 Design choices:
 - One program per (matrix, BN columns); Q's tile is loaded whole (m <= 128, vpMoE's expert width:
