@@ -292,3 +292,17 @@ def test_stream_experts_follows_the_module_setting_and_falls_back_on_the_cpu(mon
         p.grad = torch.randn_like(p) * 1e-3
     fast.step()
     assert all((p != b).float().mean() > 0.99 for p, b in zip(experts, before))
+
+
+def test_muon_step_refuses_two_restarts_by_name():
+    """The small-side chain takes one restart; a second in `restart_at` is refused, not ignored."""
+    from vpmoe.train import expert_muon as X
+    shape = (2, 8, 32)
+    g, buf, w = torch.randn(shape).bfloat16(), torch.randn(shape), torch.randn(shape)
+    with pytest.raises(ValueError, match="at most one restart, got \\[1, 3\\]"):
+        X.muon_step(g, buf, w, None, torch.tensor(1.0), 0.9, True, torch.tensor(1.0), torch.tensor(-0.01), 5,
+                    restart_at=(1, 3), kernels=False)
+    w0 = w.clone()
+    X.muon_step(g, buf, w, None, torch.tensor(1.0), 0.9, True, torch.tensor(1.0), torch.tensor(-0.01), 5,
+                restart_at=(), kernels=False)  # no restart: one five-step segment
+    assert (w != w0).float().mean() > 0.99
