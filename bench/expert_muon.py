@@ -43,19 +43,23 @@ def case(shape, seed=0):
                 step=torch.tensor(-0.02, device="cuda"))
 
 
-def time_torch(t) -> float:
+def paths(t) -> dict:
+    """One step of each path on the tensors of `case`: the packed torch path (compiled) and the
+    streaming kernels (`expert_muon.CONFIGS` and `ns_update.UPDATE_CONFIG` as they stand at each call)."""
     pre, ns, post = _Compiled(_muon_pre, True), _Compiled(gram_newton_schulz_packed, True), _Compiled(_muon_post, True)
 
-    def step():
+    def torch_step():
         u = pre(t["g"], t["buf"], t["coef"], 0.95, True, torch.bfloat16)
         post(t["w"], ns([u], 5, kernel=True)[0], t["decay"], t["step"], t["low"])
-    return cuda_time(step, warmup=3, iters=20) * 1e6
+
+    def kernels_step():
+        EM.muon_step(t["g"], t["buf"], t["w"], t["low"], t["coef"], 0.95, True, t["decay"], t["step"], 5)
+    return {"torch": torch_step, "kernels": kernels_step}
 
 
-def time_kernels(t, transposed: bool) -> dict:
+def time_kernels(t, step, transposed: bool) -> dict:
+    """The kernels' whole step (`step`) and each of its three launches alone, in microseconds."""
     a, b, c = NS_COEFFS
-    step = lambda: EM.muon_step(t["g"], t["buf"], t["w"], t["low"], t["coef"], 0.95, True,  # noqa: E731
-                                t["decay"], t["step"], 5)
     whole = cuda_time(step, warmup=3, iters=20) * 1e6
     u, r, scale = EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed, 1e-7)
     hi, lo = EM.gram_chain(r, scale, 2, 3, a, b, c)
@@ -68,15 +72,10 @@ def time_kernels(t, transposed: bool) -> dict:
                                                                 t["low"], lo), warmup=3, iters=20) * 1e6)
 
 
-def print_top(t, transposed: bool, rows: int) -> None:
-    """The torch path's and the kernels' (`CONFIGS` as they stand) largest kernels for one step."""
+def print_top(steps: dict, transposed: bool, rows: int) -> None:
+    """Each path's largest kernels for one step (the kernels at the modules' defaults)."""
     from bench.optim_step import top_kernels
-    pre, ns, post = _Compiled(_muon_pre, True), _Compiled(gram_newton_schulz_packed, True), _Compiled(_muon_post, True)
-    paths = {"torch": lambda: post(t["w"], ns([pre(t["g"], t["buf"], t["coef"], 0.95, True, torch.bfloat16)], 5,
-                                              kernel=True)[0], t["decay"], t["step"], t["low"]),
-             "kernels": lambda: EM.muon_step(t["g"], t["buf"], t["w"], t["low"], t["coef"], 0.95, True, t["decay"],
-                                             t["step"], 5)}
-    for name, fn in paths.items():
+    for name, fn in steps.items():
         fn()
         print(f"# {name} path, transposed={transposed}: kernels of one step")
         print("\n".join(top_kernels(fn, rows)), flush=True)
@@ -91,16 +90,18 @@ def main():
     for shape in ((256, 1024, 128), (256, 128, 1024)):
         n = torch.Size(shape).numel()
         t = case(shape)
-        rows.append(dict(shape="x".join(map(str, shape)), path="torch", step_us=time_torch(t)))
+        steps = paths(t)
+        rows.append(dict(shape="x".join(map(str, shape)), path="torch",
+                         step_us=cuda_time(steps["torch"], warmup=3, iters=20) * 1e6))
         print(rows[-1], flush=True)
         if a.top:
-            print_top(t, shape[1] > shape[2], a.top)
+            print_top(steps, shape[1] > shape[2], a.top)
         for mom, upd in CONFIGS:
             EM.CONFIGS["momentum"] = mom
             ns_update.UPDATE_CONFIG = upd
             config = dict(momentum=str(mom), update=str(upd))
             try:
-                got = time_kernels(t, shape[1] > shape[2])
+                got = time_kernels(t, steps["kernels"], shape[1] > shape[2])
             except Exception as e:  # noqa: BLE001 - a configuration that does not launch is a row, not a stop
                 rows.append(dict(shape="x".join(map(str, shape)), path="kernels", **config, error=repr(e)[:120]))
                 continue
