@@ -309,3 +309,19 @@ def test_muon_step_refuses_two_restarts_by_name():
     X.muon_step(g, buf, w, None, torch.tensor(1.0), 0.9, True, torch.tensor(1.0), torch.tensor(-0.01), 5,
                 restart_at=(), kernels=False)  # no restart: one five-step segment
     assert (w != w0).float().mean() > 0.99
+
+
+def test_small_side_restart_is_closer_to_float64_than_the_big_side():
+    """bench/restart_accuracy.py's comparison, two matrices per spectrum: the streaming path's
+    reference functions (the restart from the small side, a near-fp32 Q) against the packed path's
+    big-side restart, both against a float64 iteration of the same bf16 U."""
+    from bench.restart_accuracy import float64_iteration, small_side, spectrum
+    from vpmoe.train.optim_fast import gram_newton_schulz
+
+    gen = torch.Generator().manual_seed(1)
+    for kind, factor in (("gaussian", 0.8), ("rank 4 + 1e-3", 0.5)):
+        u = spectrum(kind, 2, gen).bfloat16()
+        exact = float64_iteration(u.double())
+        big = ((gram_newton_schulz(u, 5, small_dtype=torch.float16).double() - exact).norm() / exact.norm()).item()
+        small = ((small_side(u).double() - exact).norm() / exact.norm()).item()
+        assert small < factor * big and small < 2e-2, (kind, small, big)
