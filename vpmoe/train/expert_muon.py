@@ -19,9 +19,9 @@ O = Q2 X1: ~36 bytes per parameter. Here the restart is taken on the small side,
   the bf16 weight copy written beside W. 12 bytes per parameter.
 
 So 24 bytes per parameter and three launches per tensor; no X1 is written or read. It is also the
-more accurate form: against a float64 iteration of the same U (the CPU emulation of both in
-docs/LOG.md, 2026-12-05) the error is 1.9e-3 against 4.0e-3 (Gaussian), 1.6e-2 against 4.6e-2
-(spectrum 1..1e-5) and 1.1e-2 against 5.8e-2 (rank 4 + noise), because U meets a near-fp32 Q once
+more accurate form: against a float64 iteration of the same U (bench/restart_accuracy.py, CPU,
+2026-12-05) the error is 1.9e-3 against 4.1e-3 (Gaussian), 1.6e-2 against 4.6e-2 (spectrum
+1..1e-5) and 1.0e-2 against 5.7e-2 (rank 4 + noise), because U meets a near-fp32 Q once
 instead of a bf16 Q twice.
 
 Design choices:
