@@ -183,6 +183,7 @@ def test_optim_step_methods_parse_the_gram_kernel_field():
     assert parse_method("gram:256:bfloat16:gram_kernel=1") == ("gram", 256, "bfloat16", {"gram_kernel": True}, "compiled")
     assert parse_method("gram:256:float32:pack=2:gram_kernel=0")[3] == {"ns_pack": 2, "gram_kernel": False}
     assert parse_method("gram:256:float32:stream=1:cols=128")[3] == {"stream_experts": True, "cols": 128}
+    assert parse_method("gram:256:float32:wfirst=1:hints=0")[3] == {"wfirst": True, "hints": False}
     with pytest.raises(SystemExit, match="bad field 'cols=wide'"):
         parse_method("gram:256:float32:cols=wide")
     with pytest.raises(SystemExit, match="bad field 'gram_kernel=yes'"):
