@@ -27,6 +27,7 @@ from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import tpa_fused as TF  # noqa: E402
 from vpmoe.model import wgrad as W  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
+from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train import ns_gram as NG  # noqa: E402
 
 DIMS = [8, 2, 128, 4, 2]  # vpMoE's local layers: q heads, kv heads, head_dim, TPA ranks
@@ -142,13 +143,24 @@ def ns_cases():
 
 def expert_muon_cases():
     """The experts' streaming Muon kernels at vpMoE's 128-row tiles: the momentum kernel per column
-    tile and warps, the n x n chain with its restart."""
+    tile and warps, the update per tiling (and with an fp16 Q, rounded in the kernel), the n x n
+    chain with its restart."""
     strides = {f"s{t}_{a}": "i32" for t in "gbur" for a in "bmn"}
     first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp32", "scale_ptr": "*fp32",
              "coef_ptr": "*fp32", "M": "i32", "N": "i32", "mu": "fp32", "eps": "fp32", **strides}
-    for bn, w in ((64, 16), (32, 8), (32, 16), (16, 8)):
+    for bn, w in ((64, 16), (128, 16), (64, 32), (32, 32), (32, 8), (16, 8)):
         yield ("expert momentum gram", f"BN {bn}, {w} warps", EM._momentum_gram_kernel, first,
                dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w)
+    update = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "low_ptr": "*bf16",
+              "decay_ptr": "*fp32", "step_ptr": "*fp32", "M": "i32", "N": "i32",
+              **{f"s{name}": "i32" for name in ("q_b", "q_m", "q_k", "x_b", "x_k", "x_n", "w_b", "w_m", "w_n", "l_b",
+                                               "l_m", "l_n")}}
+    for bn, tiles, w, q16 in ((64, 1, 8, False), (64, 1, 8, True), (64, 1, 16, False), (32, 1, 16, False),
+                              (128, 1, 16, False), (64, 4, 8, False)):
+        sig = {**update, "q_ptr": "*fp16"} if q16 else update
+        yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}",
+               ns_update._qx_update_kernel, sig,
+               dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w)
     chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": "i32",
              **{f"s{t}_{a}": "i32" for t in "ro" for a in "bmn"}, "a": "fp32", "b": "fp32", "c": "fp32"}
     yield ("expert gram chain", "2 + 3 steps, 8 warps", EM._chain_kernel, chain,

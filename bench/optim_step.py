@@ -13,8 +13,8 @@ fields not given keep FastMuonAdamW's defaults, packs of 4 on 3 streams, which t
 the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matrices=eager`, the
 A/B), the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`) and the
 experts' step as streaming kernels (`gram:256:float32:stream=1`, `expert_muon.py`; `cols=128` sets its
-momentum kernel's columns per tile, `wfirst=1` / `hints=1` its update's W-first load and eviction
-hints, `ns_update.UPDATE_CONFIG`).
+momentum kernel's columns per tile and `mwarps=N` its warps, `ucols=N` / `uwarps=N` the update's,
+`expert_muon.CONFIGS` and `ns_update.UPDATE_CONFIG`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
@@ -39,6 +39,7 @@ from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model.model import VpMoE  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
+from bench.options import EXPERT_KERNEL_KEYS, set_expert_kernels  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer  # noqa: E402
 from vpmoe.train.optim_fast import FastMuonAdamW, _Compiled, _muon_matrices, orthogonalise  # noqa: E402
 
@@ -94,17 +95,16 @@ def parse_method(spec: str) -> tuple[str, int, str, dict, str]:
     for field in parts[3:]:
         key, _, value = field.rpartition("=")
         key = key or "pack"
-        flags = ("gram_kernel", "stream", "wfirst", "hints")
-        if key not in ("pack", "streams", "matrices", "cols", *flags) or (key != "matrices" and not value.isdigit()) \
+        flags = ("gram_kernel", "stream")
+        if key not in ("pack", "streams", "matrices", *EXPERT_KERNEL_KEYS, *flags) or (key != "matrices" and not value.isdigit()) \
                 or (key == "matrices" and value not in ("compiled", "eager")) \
                 or (key in flags and value not in ("0", "1")):
             sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager, "
-                     "gram_kernel=0|1, stream=0|1, cols=N, wfirst=0|1, hints=0|1)")
+                     "gram_kernel=0|1, stream=0|1, cols=N, mwarps=N, ucols=N, uwarps=N)")
         given[key] = value
-    kwargs = {name: int(given[key]) for key, name in (("pack", "ns_pack"), ("streams", "streams"), ("cols", "cols"))
-              if key in given}
-    for key, name in (("gram_kernel", "gram_kernel"), ("stream", "stream_experts"), ("wfirst", "wfirst"),
-                      ("hints", "hints")):
+    kwargs = {name: int(given[key]) for key, name in (("pack", "ns_pack"), ("streams", "streams"),
+                                                      *((k, k) for k in EXPERT_KERNEL_KEYS)) if key in given}
+    for key, name in (("gram_kernel", "gram_kernel"), ("stream", "stream_experts")):
         if key in given:
             kwargs[name] = given[key] == "1"
     return method, int(chunk), momentum, kwargs, given.get("matrices", "compiled")
@@ -118,14 +118,11 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
     with torch.device("cuda"):
         model = VpMoE(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    rows, momentum_config, update_config = [], EM.CONFIGS["momentum"], ns_update.UPDATE_CONFIG
+    rows = []
     for spec in methods:
         method, chunk, momentum, kwargs, matrices = parse_method(spec)
-        # the streaming momentum kernel's columns per tile (expert_muon.CONFIGS), for an A/B in the step
-        EM.CONFIGS["momentum"] = (kwargs.pop("cols"), *momentum_config[1:]) if "cols" in kwargs else momentum_config
-        # and the update's W-first load and eviction hints (ns_update.UPDATE_CONFIG's last two fields)
-        ns_update.UPDATE_CONFIG = (*update_config[:3], kwargs.pop("wfirst", update_config[3]),
-                                   kwargs.pop("hints", update_config[4]))
+        # the streaming kernels' tiles and warps (expert_muon.CONFIGS, ns_update.UPDATE_CONFIG), for an A/B in the step
+        set_expert_kernels({k: kwargs.pop(k) for k in EXPERT_KERNEL_KEYS if k in kwargs}, f"method {spec!r}")
         opt = build_optimizer(model, OptimConfig(muon_momentum_dtype=momentum))
         fast = FastMuonAdamW(opt, max_grad_norm=1.0, ns_method=method, ns_chunk=chunk, **kwargs)
         pack, streams = fast.ns_pack, len(fast.side_streams) + 1
@@ -143,8 +140,8 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
                    matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.gram_kernel,
-                   stream_experts=fast.stream_experts, momentum_cols=EM.CONFIGS["momentum"][0],
-                   update_wfirst=ns_update.UPDATE_CONFIG[3], update_hints=ns_update.UPDATE_CONFIG[4],
+                   stream_experts=fast.stream_experts, momentum_config=str(EM.CONFIGS["momentum"]),
+                   update_config=str(ns_update.UPDATE_CONFIG),
                    step_ms=graphed * 1e3,
                    eager_ms=eager, host_ms=host, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

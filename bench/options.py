@@ -58,3 +58,21 @@ def set_inductor_options(spec: str) -> None:
             raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
         setattr(obj, path[-1], ast.literal_eval(value))
 
+
+
+EXPERT_KERNEL_KEYS = ("cols", "mwarps", "ucols", "uwarps")  # the experts' streaming Muon kernels' tiles and warps
+
+
+def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
+    """The experts' streaming Muon kernels' launch shapes from {cols, mwarps} (the momentum kernel's
+    columns per tile and warps, `expert_muon.CONFIGS`) and {ucols, uwarps} (the update's,
+    `ns_update.UPDATE_CONFIG`), ints; keys not given keep the modules' defaults (not what an earlier
+    call set)."""
+    from vpmoe.train import expert_muon, ns_update
+    bad = [k for k, v in given.items() if k not in EXPERT_KERNEL_KEYS or not isinstance(v, int) or v < 1]
+    if bad:
+        raise SystemExit(f"{flag}: expected {'/'.join(EXPERT_KERNEL_KEYS)}=N (N >= 1), got {bad}")
+    bn, warps, stages = expert_muon.DEFAULT_CONFIGS["momentum"]
+    expert_muon.CONFIGS["momentum"] = (given.get("cols", bn), given.get("mwarps", warps), stages)
+    bn, tiles, warps = ns_update.DEFAULT_UPDATE_CONFIG
+    ns_update.UPDATE_CONFIG = (given.get("ucols", bn), tiles, given.get("uwarps", warps))

@@ -56,7 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.options import flex_options, parse_opt, set_inductor_options  # noqa: E402
+from bench.options import flex_options, literal_values, parse_opt, set_expert_kernels, set_inductor_options  # noqa: E402
 from bench.step_probes import opt_sweep, overlap_probe, profile, release_graphs, rows_probe  # noqa: E402
 from bench.timing import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
@@ -489,6 +489,8 @@ def main():
     ap.add_argument("--saves", default="default", choices=["lean", "default"],
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
+    ap.add_argument("--expert-kernels", default="", help="the experts' streaming Muon kernels' tiles and warps, "
+                    "cols=N,mwarps=N,ucols=N,uwarps=N (bench/options.set_expert_kernels); unset: the modules' defaults")
     ap.add_argument("--overlap-probe", action="store_true",
                     help="graphed cases: an optimizer step replayed beside a forward + backward (an upper bound; a second model)")
     ap.add_argument("--rows-probe", action="store_true",
@@ -498,6 +500,7 @@ def main():
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     K.FLEX_KERNEL_OPTIONS["global"] = flex_options(a.flex_global, "--flex-global")
     OPT_KWARGS.update(parse_opt(a.opt))
+    set_expert_kernels(literal_values(a.expert_kernels, "--expert-kernels"))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
     if a.moe == "gathered_wgrad":
         K.GATHERED_WGRAD_MAX_ROWS = 1 << 62
@@ -542,6 +545,8 @@ def main():
                 row["mask_tables"] = "dense"
             if a.opt:
                 row["opt"] = a.opt
+            if a.expert_kernels:
+                row["expert_kernels"] = a.expert_kernels
             if a.flex_local:
                 row["flex_local"] = a.flex_local
             if a.flex_global:

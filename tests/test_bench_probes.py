@@ -183,11 +183,32 @@ def test_optim_step_methods_parse_the_gram_kernel_field():
     assert parse_method("gram:256:bfloat16:gram_kernel=1") == ("gram", 256, "bfloat16", {"gram_kernel": True}, "compiled")
     assert parse_method("gram:256:float32:pack=2:gram_kernel=0")[3] == {"ns_pack": 2, "gram_kernel": False}
     assert parse_method("gram:256:float32:stream=1:cols=128")[3] == {"stream_experts": True, "cols": 128}
-    assert parse_method("gram:256:float32:wfirst=1:hints=0")[3] == {"wfirst": True, "hints": False}
+    assert parse_method("gram:256:float32:mwarps=32:ucols=32:uwarps=16")[3] == {"mwarps": 32, "ucols": 32, "uwarps": 16}
     with pytest.raises(SystemExit, match="bad field 'cols=wide'"):
         parse_method("gram:256:float32:cols=wide")
     with pytest.raises(SystemExit, match="bad field 'gram_kernel=yes'"):
         parse_method("gram:256:float32:gram_kernel=yes")
+
+
+def test_expert_kernel_shapes_set_from_defaults_and_refuse_bad_keys():
+    from bench.options import set_expert_kernels
+    from vpmoe.train import expert_muon, ns_update
+
+    try:
+        set_expert_kernels({"cols": 32, "uwarps": 16})
+        assert expert_muon.CONFIGS["momentum"] == (32, *expert_muon.DEFAULT_CONFIGS["momentum"][1:])
+        assert ns_update.UPDATE_CONFIG == (*ns_update.DEFAULT_UPDATE_CONFIG[:2], 16)
+        set_expert_kernels({"mwarps": 32})  # the others back to the defaults, not to the last call's
+        assert expert_muon.CONFIGS["momentum"] == (expert_muon.DEFAULT_CONFIGS["momentum"][0], 32,
+                                                   expert_muon.DEFAULT_CONFIGS["momentum"][2])
+        assert ns_update.UPDATE_CONFIG == ns_update.DEFAULT_UPDATE_CONFIG
+        with pytest.raises(SystemExit, match="--expert-kernels: expected"):
+            set_expert_kernels({"warps": 8})
+        with pytest.raises(SystemExit, match="--expert-kernels: expected"):
+            set_expert_kernels({"cols": "wide"})
+    finally:
+        set_expert_kernels({})
+    assert expert_muon.CONFIGS == expert_muon.DEFAULT_CONFIGS and ns_update.UPDATE_CONFIG == ns_update.DEFAULT_UPDATE_CONFIG
 
 
 def _decode_source_fn(x, w, offs):

@@ -11,9 +11,8 @@ def check_kernel_against_reference_and_float64() -> None:
     """Shapes that leave partial row and column tiles (m = 24 in a 32-row tile, n = 40 in 16-column
     tiles), wide and transposed weights, a non-unit decay and a negative step, values over several
     magnitudes; every element of W is updated exactly once. Then the same with several column tiles
-    per program (`UPDATE_CONFIG`, the last program's tiles partly past n), W loaded before the
-    products with eviction hints, and an fp16 Q (rounded to bf16 in the kernel): bit-equal to one
-    tile per program with Q cast by torch."""
+    per program (`UPDATE_CONFIG`, the last program's tiles partly past n) and an fp16 Q (rounded to
+    bf16 in the kernel): bit-equal to one tile per program with Q cast by torch."""
     from vpmoe.train import ns_update
 
     g = torch.Generator().manual_seed(7)
@@ -48,8 +47,7 @@ def check_kernel_against_reference_and_float64() -> None:
         low_one, low_several = (torch.empty(w0.shape, dtype=torch.bfloat16) for _ in range(2))
         ns_update.qx_update(one, q16.bfloat16(), x, decay, step, transposed, low_one)
         try:
-            # 40 columns: tiles 0-1, then 2 and one wholly past n; W loaded before the products, with hints
-            ns_update.UPDATE_CONFIG = (16, 2, 4, True, True)
+            ns_update.UPDATE_CONFIG = (16, 2, 4)  # 40 columns: tiles 0-1, then 2 and one wholly past n
             ns_update.qx_update(several, q16, x, decay, step, transposed, low_several)
         finally:
             ns_update.UPDATE_CONFIG = saved

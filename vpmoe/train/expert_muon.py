@@ -68,6 +68,7 @@ MAX_M = 128  # the short side held whole per program
 # sm_90, bench/kernel_registers.py), yet 64 columns at 16 warps timed fastest on an H100 (2026-12-05
 # 20:20 and 21:32, bench/expert_muon.py, which times the alternatives)
 CONFIGS = {"momentum": (64, 16, 2)}
+DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:

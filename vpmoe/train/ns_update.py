@@ -39,12 +39,12 @@ except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel upd
     triton = None
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
-# (columns per tile, tiles per program, warps, W first, streaming hints): more tiles per program
-# read Q fewer times, yet 2 or 4 tiles (and 128-column tiles) timed slower on an H100 (2026-12-05
-# 21:38, bench/expert_muon.py). "W first": W's tile is loaded before the products, so its latency
-# overlaps theirs (else after, where the sum needs it); "streaming hints": U and W loaded with
-# evict_first, so L2 keeps Q, which every column tile of a matrix reads again
-UPDATE_CONFIG = (64, 1, 8, False, False)
+# (columns per tile, tiles per program, warps): more tiles per program read Q fewer times, yet 2 or 4
+# tiles (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38, bench/expert_muon.py);
+# W's tile loaded before the products, or U and W with evict_first (so L2 keeps Q), made no
+# difference in the 20-layer optimizer step (H100, 2026-12-06 00:27)
+UPDATE_CONFIG = (64, 1, 8)
+DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
 
 
 def qx_update_reference(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor,
@@ -63,35 +63,35 @@ if triton is not None:
     def _qx_update_kernel(q_ptr, q_lo_ptr, x_ptr, w_ptr, low_ptr, decay_ptr, step_ptr, M, N,
                           sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n, sl_b, sl_m, sl_n,
                           HAS_LOW: tl.constexpr, HAS_LO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          TILES: tl.constexpr, F32_DOT: tl.constexpr, W_FIRST: tl.constexpr,
-                          EVICT: tl.constexpr):
+                          TILES: tl.constexpr, F32_DOT: tl.constexpr, Q_FP16: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
         q_tile = b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k
         ok_q = row_ok[:, None] & row_ok[None, :]
-        q = _round_bf16(tl.load(q_ptr + q_tile, mask=ok_q, other=0.0).to(tl.float32))  # an fp16 Q rounded as .to()
-        q_lo = tl.load(q_lo_ptr + q_tile, mask=ok_q & HAS_LO, other=0.0).to(tl.float32)  # bf16: exact
-        if not F32_DOT:
-            q = q.to(tl.bfloat16)
-            q_lo = q_lo.to(tl.bfloat16)
+        # a bf16 Q goes to the products as loaded (no fp32 copy in registers); an fp16 one is rounded
+        # to bf16 as torch's .to() rounds
+        q = tl.load(q_ptr + q_tile, mask=ok_q, other=0.0)
+        if Q_FP16:
+            q = _round_bf16(q.to(tl.float32)).to(tl.bfloat16)
+        if F32_DOT:
+            q = q.to(tl.float32)
+        if HAS_LO:  # bf16
+            q_lo = tl.load(q_lo_ptr + q_tile, mask=ok_q, other=0.0)
+            if F32_DOT:
+                q_lo = q_lo.to(tl.float32)
         decay = tl.load(decay_ptr)
         step = tl.load(step_ptr)
         for t in range(TILES):  # Q loaded once for TILES column tiles
             cols = (tl.program_id(1) * TILES + t) * BN + tl.arange(0, BN)
             tile_ok = row_ok[:, None] & (cols < N)[None, :]
-            w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
-            if W_FIRST:
-                w = tl.load(w_tile, mask=tile_ok, other=0.0, eviction_policy=EVICT)
-            x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0,
-                        eviction_policy=EVICT)
+            x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
             acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
             if HAS_LO:  # Q's low part (a near-fp32 Q as two bf16 operands), in the same fp32 sums
                 acc = tl.dot(q_lo, x.to(tl.float32) if F32_DOT else x, acc)
             o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
-            if not W_FIRST:
-                w = tl.load(w_tile, mask=tile_ok, other=0.0, eviction_policy=EVICT)
-            w = w * decay + o * step
+            w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
+            w = tl.load(w_tile, mask=tile_ok, other=0.0) * decay + o * step
             tl.store(w_tile, w, mask=tile_ok)
             if HAS_LOW:  # the kept bf16 copy, from the stored fp32 value (rounded as torch's copy_ rounds)
                 tl.store(low_ptr + b * sl_b + rows[:, None] * sl_m + cols[None, :] * sl_n,
@@ -131,13 +131,12 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()
     sl_m, sl_n = (sl_2, sl_1) if transposed else (sl_1, sl_2)
     bm = max(16, triton.next_power_of_2(m))
-    bn, tiles, warps, w_first, hints = UPDATE_CONFIG
+    bn, tiles, warps = UPDATE_CONFIG
     bn = 16 if interpreting() else bn
     _qx_update_kernel[(bsz, triton.cdiv(n, bn * tiles))](
         q, q if q_lo is None else q_lo, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(),
         sw_b, sw_m, sw_n, sl_b, sl_m, sl_n, HAS_LOW=low is not None, HAS_LO=q_lo is not None, BM=bm, BN=bn,
-        TILES=tiles, F32_DOT=_f32_dot(), W_FIRST=bool(w_first), EVICT="evict_first" if hints else "",
-        num_warps=warps)
+        TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, num_warps=warps)
 
 
 @qx_update.register_fake
