@@ -10,8 +10,9 @@ the kernels' configurations ((columns, warps, stages) of the momentum kernel; (c
 program, warps) of the update), the whole step's time (`step_us`, CUDA events, median of 20), each
 kernel alone (`momentum_us`, `chain_us`: the n x n chain with its restart, `update_us`; kernels
 path only) and the streaming kernels' bandwidth by the bytes they must move (`momentum_tbs`: 12
-bytes per parameter, `update_tbs`: 12). The `hybrid` rows (a probe, see `paths`): the whole step
-and its momentum pass with the cuBLAS Gram (`momentum_us`; `momentum_tbs` by 14 bytes per parameter). `--top N` lists each path's largest kernels.
+bytes per parameter, `update_tbs`: 12). The `hybrid` rows (a probe, see `paths`; not ahead on an
+H200, 2026-12-06): the whole step and its momentum pass with the cuBLAS Gram (`momentum_us`;
+`momentum_tbs` by 14 bytes per parameter). `--top N` lists each path's largest kernels.
 """
 from __future__ import annotations
 

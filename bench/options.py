@@ -59,7 +59,6 @@ def set_inductor_options(spec: str) -> None:
         setattr(obj, path[-1], ast.literal_eval(value))
 
 
-
 EXPERT_KERNEL_KEYS = ("cols", "mwarps", "ucols", "uwarps")  # the experts' streaming Muon kernels' tiles and warps
 
 
