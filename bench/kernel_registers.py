@@ -6,7 +6,12 @@ compiled on any machine: no GPU needed (the Triton wheel ships ptxas).
 Why: a kernel's registers per thread decide how many warps an SM keeps resident, and so how much
 memory latency it hides. The attention prologue's first backward used 191-255 registers in every
 configuration (spilling in half of them) and ran at ~15x its memory traffic; this is how that was
-found and how its rewrite was checked before any GPU time (docs/performance.md). Columns: kernel,
+found and how its rewrite was checked before any GPU time (docs/performance.md). Kernels are
+compiled as a launch would compile them (`specialised`: 16-byte-aligned pointers, and each case's
+ints at vpMoE's shapes, 1 a constant and 16-divisible values marked so, as `triton.jit` does);
+reports before 2026-12-06 lacked this and overstated registers and spills (the experts' update
+180 registers where a launch gets 94, the momentum kernel 296 bytes of spills where it has none;
+the fused-MoE GEMMs' ints are still unspecialised). Columns: kernel,
 configuration, registers per thread, spill stores/loads (bytes), stack frame (bytes), and the
 resident warps per SM that the registers allow (65,536 registers per SM, 64 warps at most).
 """
@@ -27,20 +32,38 @@ from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import tpa_fused as TF  # noqa: E402
 from vpmoe.model import wgrad as W  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
-from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train import ns_gram as NG  # noqa: E402
+from vpmoe.train import ns_update  # noqa: E402
 
 DIMS = [8, 2, 128, 4, 2]  # vpMoE's local layers: q heads, kv heads, head_dim, TPA ranks
 
 
+def specialised(kernel, signature: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """The launch-time specialisation `triton.jit` applies, for an offline compile: pointer arguments
+    16-byte aligned (every tensor here starts an allocation), and an int argument given as
+    ("i32", value) a constant where the value is 1 and 16-divisible where it is (ints given as a
+    bare type stay unknown). Returns (signature, constexprs, attrs) for `ASTSource`."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for name, kind in signature.items():
+        kind, value = kind if isinstance(kind, tuple) else (kind, None)
+        if value == 1:
+            consts[name] = 1
+            continue
+        sig[name] = kind
+        if kind.startswith("*") or (value is not None and value % 16 == 0):
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return {**sig, **{k: "constexpr" for k in consts}}, consts, attrs
+
+
 def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
-    """Compile `kernel` for sm_<arch> and read ptxas -v: registers, spills, stack."""
+    """Compile `kernel` for sm_<arch> as a launch would (`specialised`) and read ptxas -v:
+    registers, spills, stack."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                        constexprs=constexprs),
+    sig, consts, attrs = specialised(kernel, signature, constexprs)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     text = compiled.asm["ptx"]
@@ -74,13 +97,16 @@ def prologue_cases():
     pointers = ["proj_ptr", "qb_ptr", "kb_ptr", "vb_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr"]
     types = ["*bf16"] * 6 + ["*fp32"] * 2
     fwd = dict(zip(pointers + ["q_ptr", "k_ptr", "v_ptr"], types + ["*bf16", "*bf16", "*fp32"]))
-    fwd.update(N="i32", T="i32", stride_n="i32", eps="fp32")
+    cols = sum(TF.column_layout(*DIMS))  # the projection's row stride (1,064: not 16-divisible)
+    fwd.update(N=("i32", 4096), T=("i32", 2048), stride_n=("i32", cols), eps="fp32")  # (a)'s tokens
     for bn, w in TF.FORWARD_CONFIGS:
         yield "tpa prologue forward", f"{bn} tokens, {w} warps", TF._forward_kernel, fwd, dict(common, BN=bn), w
     bwd = dict(zip(pointers + ["gq_ptr", "gk_ptr", "gv_ptr", "gproj_ptr", "gcos_ptr", "gsin_ptr", "part_ptr"],
                    types + ["*bf16", "*bf16", "*fp32", "*bf16", "*fp32", "*fp32", "*fp32"]))
-    bwd.update(N="i32", T="i32", stride_n="i32", stride_g="i32", eps="fp32")
-    bwd.update({f"{g}_s{a}": "i32" for g in ("gq", "gk", "gv") for a in ("b", "h", "t")})
+    bwd.update(N=("i32", 4096), T=("i32", 2048), stride_n=("i32", cols), stride_g=("i32", cols), eps="fp32")
+    # q, k, v gradients in Flex's [B, heads, T, D] layout: every stride a multiple of D
+    bwd.update({f"{g}_s{a}": ("i32", 128 * 2048 if a == "h" else 128 if a == "t" else 128 * 2048 * heads)
+                for g, heads in (("gq", H), ("gk", G), ("gv", G)) for a in ("b", "h", "t")})
     part = (H + 2 * G) * D + 2 * D
     for bn, blocks, w in TF.BACKWARD_CONFIGS + TF.SHORT_BACKWARD_CONFIGS:
         yield ("tpa prologue backward", f"{bn} tokens x {blocks} blocks, {w} warps", TF._backward_kernel, bwd,
@@ -90,10 +116,10 @@ def prologue_cases():
 def row_cases(vocab: int = 201088):
     block = min(RK.BLOCK, 1 << (vocab - 1).bit_length())
     yield ("loss row logsumexp", f"{block}-column blocks, 8 warps", RK._row_lse_kernel,
-           {"z_ptr": "*bf16", "max_ptr": "*fp32", "sum_ptr": "*fp32", "stride": "i32"},
+           {"z_ptr": "*bf16", "max_ptr": "*fp32", "sum_ptr": "*fp32", "stride": ("i32", vocab)},
            dict(V=vocab, SEGMENT=block * RK.SEGMENT_BLOCKS, BLOCK=block), 8)
     yield ("loss rest gradient", f"{block}-column blocks, 8 warps", RK._rest_grad_kernel,
-           {"z_ptr": "*bf16", "lse_ptr": "*fp32", "scale_ptr": "*fp32", "V": "i32", "stride": "i32"},
+           {"z_ptr": "*bf16", "lse_ptr": "*fp32", "scale_ptr": "*fp32", "V": ("i32", vocab), "stride": ("i32", vocab)},
            dict(BLOCK=block), 8)
 
 
@@ -104,9 +130,10 @@ MOE_ROWS = {  # name: (A dtype, out dtype, N, K, flags)
     "moe down backward (gather gy)": ("fp32", "bf16", 128, 1024, dict(GATHER_A=True, DOWN_BACKWARD=True)),
     "moe up dgrad (scatter)": ("bf16", "bf16", 1024, 128, dict(SCATTER=True)),
 }
-MOE_WGRAD = {  # name: (A dtype, B dtype, flags)
-    "moe down wgrad (act, gather gy)": ("bf16", "fp32", dict(ACT_A=True, GATHER_B=True, SCALE_B=True, HAS_DB=True)),
-    "moe up wgrad (gather x)": ("bf16", "bf16", dict(GATHER_A=True, HAS_DB=True)),
+MOE_WGRAD = {  # name: (A dtype, B dtype, A's and B's widths (KA, NB), flags)
+    "moe down wgrad (act, gather gy)": ("bf16", "fp32", (128, 1024),
+                                        dict(ACT_A=True, GATHER_B=True, SCALE_B=True, HAS_DB=True)),
+    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=True)),
 }
 
 
@@ -122,18 +149,20 @@ def moe_cases():
             consts = dict(off, **flags, K=k, E=256, E_P2=256, TOPK=4, FP32=False, BM=bm, BN=bn, BK=bk)
             yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", MF._rows_kernel, sig, consts, w, st
     off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False, HAS_DB=False)
-    for name, (a_t, b_t, flags) in MOE_WGRAD.items():
-        sig = {"a_ptr": f"*{a_t}", "stride_a": "i32", "b_ptr": f"*{b_t}", "stride_b": "i32", "order_ptr": "*i64",
-               "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "sq_ptr": "*fp32",
-               "KA": "i32", "NB": "i32", "M": "i32"}
+    for name, (a_t, b_t, (ka, nb), flags) in MOE_WGRAD.items():
+        # (a)'s 4,096 tokens x top-4; bf16 dW (`LOW`: graphed.LOW_GRADS, the default at one micro-batch)
+        sig = {"a_ptr": f"*{a_t}", "stride_a": ("i32", ka), "b_ptr": f"*{b_t}", "stride_b": ("i32", nb),
+               "order_ptr": "*i64", "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*bf16", "db_ptr": "*fp32",
+               "sq_ptr": "*fp32", "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
         for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
-            consts = dict(off, **flags, TOPK=4, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, BM=bm, BN=bn, BK=bk)
+            consts = dict(off, **flags, TOPK=4, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, LOW=True, BM=bm, BN=bn, BK=bk)
             yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", W._wgrad_kernel, sig, consts, w, st
 
 
 def ns_cases():
     """The Gram-side Newton-Schulz segment kernel at vpMoE's 128 x 128 (both segment lengths)."""
-    sig = {"r_ptr": "*fp16", "q_ptr": "*fp16", "N": "i32", **{f"s{t}_{a}": "i32" for t in "rq" for a in "bmn"},
+    sig = {"r_ptr": "*fp16", "q_ptr": "*fp16", "N": ("i32", 128), **{f"s{t}_{a}": ("i32", s) for t in "rq"
+                                                                   for a, s in zip("bmn", (128 * 128, 128, 1))},
            "a": "fp32", "b": "fp32", "c": "fp32"}
     for steps in (2, 3):
         for w in (4, 8, 16):
@@ -145,24 +174,28 @@ def expert_muon_cases():
     """The experts' streaming Muon kernels at vpMoE's 128-row tiles: the momentum kernel per column
     tile and warps, the update per tiling (and with an fp16 Q, rounded in the kernel), the n x n
     chain with its restart."""
-    strides = {f"s{t}_{a}": "i32" for t in "gbur" for a in "bmn"}
+    # the down projection's orientation: [256, 128, 1024] contiguous, R [256, 128, 128]
+    wide, square = (128 * 1024, 1024, 1), (128 * 128, 128, 1)
+    strides = {f"s{t}_{a}": ("i32", s) for t in "gbur" for a, s in zip("bmn", square if t == "r" else wide)}
     first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp32", "scale_ptr": "*fp32",
-             "coef_ptr": "*fp32", "M": "i32", "N": "i32", "mu": "fp32", "eps": "fp32", **strides}
+             "coef_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024), "mu": "fp32", "eps": "fp32", **strides}
     for bn, w in ((64, 16), (128, 16), (64, 32), (32, 32), (32, 8), (16, 8)):
         yield ("expert momentum gram", f"BN {bn}, {w} warps", EM._momentum_gram_kernel, first,
                dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w)
     update = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "low_ptr": "*bf16",
-              "decay_ptr": "*fp32", "step_ptr": "*fp32", "M": "i32", "N": "i32",
-              **{f"s{name}": "i32" for name in ("q_b", "q_m", "q_k", "x_b", "x_k", "x_n", "w_b", "w_m", "w_n", "l_b",
-                                               "l_m", "l_n")}}
+              "decay_ptr": "*fp32", "step_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024),
+              **{f"s{t}_{a}": ("i32", s) for t, axes, dims in (("q", "bmk", square), ("x", "bkn", wide),
+                                                               ("w", "bmn", wide), ("l", "bmn", wide))
+                 for a, s in zip(axes, dims)}}
     for bn, tiles, w, q16 in ((64, 1, 8, False), (64, 1, 8, True), (64, 1, 16, False), (32, 1, 16, False),
                               (128, 1, 16, False), (64, 4, 8, False)):
         sig = {**update, "q_ptr": "*fp16"} if q16 else update
         yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}",
                ns_update._qx_update_kernel, sig,
                dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w)
-    chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": "i32",
-             **{f"s{t}_{a}": "i32" for t in "ro" for a in "bmn"}, "a": "fp32", "b": "fp32", "c": "fp32"}
+    chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": ("i32", 128),
+             **{f"s{t}_{a}": ("i32", s) for t in "ro" for a, s in zip("bmn", square)}, "a": "fp32", "b": "fp32",
+             "c": "fp32"}
     yield ("expert gram chain", "2 + 3 steps, 8 warps", EM._chain_kernel, chain,
            dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False), 8)
 

@@ -1,0 +1,37 @@
+"""bench/kernel_registers.py compiles the project's Triton kernels for sm_90 without a GPU (the
+Triton wheel's ptxas). These check that it compiles them as a launch would (`specialised`: the
+JIT's alignment and unit-stride specialisation, without which the 2026-12 reports overstated
+registers and spills) and that every kernel's case still matches its kernel's signature (the
+weight-gradient case had fallen behind a new constexpr unnoticed)."""
+import pytest
+
+pytest.importorskip("triton")
+KR = pytest.importorskip("bench.kernel_registers")
+
+
+def test_specialised_marks_what_a_launch_would():
+    from vpmoe.train import ns_update
+
+    sig = {"q_ptr": "*bf16", "M": ("i32", 128), "N": ("i32", 1000), "sq_k": ("i32", 1), "sx_b": "i32"}
+    full, consts, attrs = KR.specialised(ns_update._qx_update_kernel, sig, {"BM": 128})
+    names = ns_update._qx_update_kernel.arg_names
+    assert consts == {"BM": 128, "sq_k": 1} and full["sq_k"] == "constexpr" and full["BM"] == "constexpr"
+    div16 = {names[i] for (i,), a in attrs.items() if a == [["tt.divisibility", 16]]}
+    assert div16 == {"q_ptr", "M"}  # 1000 is not 16-divisible; a bare type stays unknown
+    assert full["N"] == "i32" and full["sx_b"] == "i32" and "sq_k" not in {names[i] for (i,) in attrs}
+
+
+def test_every_kernel_case_compiles():
+    """The first configuration of each kernel the report lists compiles and reports registers."""
+    seen = {}
+    cases = [(*c, 3) for c in [*KR.prologue_cases(), *KR.row_cases(), *KR.ns_cases(), *KR.expert_muon_cases()]]
+    for name, config, kernel, sig, consts, warps, stages in cases + list(KR.moe_cases()):
+        if name not in seen:
+            seen[name] = KR.ptxas_report(kernel, sig, consts, warps, num_stages=stages)
+    assert sorted(seen) == sorted([
+        "tpa prologue forward", "tpa prologue backward", "loss row logsumexp", "loss rest gradient",
+        "ns gram segment", "expert momentum gram", "expert update", "expert gram chain", "moe up (gather x)",
+        "moe down (act, scale, scatter)", "moe down backward (gather gy)", "moe up dgrad (scatter)",
+        "moe down wgrad (act, gather gy)", "moe up wgrad (gather x)"])
+    for name, report in seen.items():
+        assert 16 <= report["registers"] <= 255 and report["warps_per_sm"] >= 4, (name, report)
