@@ -19,7 +19,8 @@ Design choices:
   rotation), the TPA rank is unrolled into up to four slots of such tiles, heads are a loop (one
   head's tiles live at a time), offsets are int32. The first version's [BN, R, D/2] tiles took
   191-255 registers per thread (ptxas, sm_90) in every configuration, spilling in half of them;
-  this one 114-188 in the backward, none spilling. H200, per local layer per 8k tokens: backward
+  this one 114-188 in the backward, none spilling (80-128 as a launch compiles it:
+  bench/kernel_registers.py since 2026-12-06). H200, per local layer per 8k tokens: backward
   215 -> 179 us, forward 33 -> 21 us (bench/RESULTS.md, 2026-12-01 14:46), still several times
   its memory traffic.
 - Reductions over tokens (bias and norm-weight gradients): each backward program sums them over
