@@ -32,8 +32,10 @@ from vpmoe.train.ns_gram import bmm_f32  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed, gram_scale  # noqa: E402
 
 # (momentum kernel's (columns, warps, stages), the update's (columns, tiles per program, warps));
-# the first pair is the modules' default (bench/kernel_registers.py: registers and spills of each)
-CONFIGS = [((64, 16, 2), (64, 1, 8)), ((128, 16, 2), (64, 1, 8))]
+# the first pair is the modules' default. At 2 stages Triton pipelines the momentum kernel's loads
+# through one shared-memory buffer, so the next tile's copy starts only after this tile's math; 3
+# stages give two buffers (the TTGIR on the CPU, Triton 3.9, 2026-12-06)
+CONFIGS = [((64, 16, 2), (64, 1, 8)), ((64, 16, 3), (64, 1, 8)), ((64, 16, 4), (64, 1, 8))]
 
 
 def case(shape, seed=0):

@@ -59,12 +59,12 @@ def set_inductor_options(spec: str) -> None:
         setattr(obj, path[-1], ast.literal_eval(value))
 
 
-EXPERT_KERNEL_KEYS = ("cols", "mwarps", "ucols", "uwarps")  # the experts' streaming Muon kernels' tiles and warps
+EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "ucols", "uwarps")  # the experts' streaming Muon kernels' launch shapes
 
 
 def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
-    """The experts' streaming Muon kernels' launch shapes from {cols, mwarps} (the momentum kernel's
-    columns per tile and warps, `expert_muon.CONFIGS`) and {ucols, uwarps} (the update's,
+    """The experts' streaming Muon kernels' launch shapes from {cols, mwarps, mstages} (the momentum
+    kernel's columns per tile, warps and pipeline stages, `expert_muon.CONFIGS`) and {ucols, uwarps} (the update's,
     `ns_update.UPDATE_CONFIG`), ints; keys not given keep the modules' defaults (not what an earlier
     call set)."""
     from vpmoe.train import expert_muon, ns_update
@@ -72,6 +72,6 @@ def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     if bad:
         raise SystemExit(f"{flag}: expected {'/'.join(EXPERT_KERNEL_KEYS)}=N (N >= 1), got {bad}")
     bn, warps, stages = expert_muon.DEFAULT_CONFIGS["momentum"]
-    expert_muon.CONFIGS["momentum"] = (given.get("cols", bn), given.get("mwarps", warps), stages)
+    expert_muon.CONFIGS["momentum"] = (given.get("cols", bn), given.get("mwarps", warps), given.get("mstages", stages))
     bn, tiles, warps = ns_update.DEFAULT_UPDATE_CONFIG
     ns_update.UPDATE_CONFIG = (given.get("ucols", bn), tiles, given.get("uwarps", warps))
