@@ -28,8 +28,7 @@ from bench.timing import cuda_time  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
-from vpmoe.train.ns_gram import bmm_f32  # noqa: E402
-from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed, gram_scale  # noqa: E402
+from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
 # (momentum kernel's (columns, warps, stages), the update's (columns, tiles per program, warps));
 # the first pair is the modules' default. At 2 stages Triton pipelines the momentum kernel's loads
@@ -47,12 +46,12 @@ def case(shape, seed=0):
                 step=torch.tensor(-0.02, device="cuda"))
 
 
-def paths(t, transposed: bool) -> dict:
+def paths(t, transposed: bool) -> tuple[dict, object]:
     """One step of each path on the tensors of `case`: the packed torch path (compiled), the
     streaming kernels (`expert_muon.CONFIGS` and `ns_update.UPDATE_CONFIG` as they stand at each
     call) and a probe, `hybrid`: the packed path's momentum pass and a cuBLAS Gram in place of
     `momentum_gram`, then the kernels' chain and update (the same values as the kernels' step up
-    to the Gram's summation order)."""
+    to the Gram's summation order). Returns (the steps by path, the hybrid's momentum half alone)."""
     pre, ns, post = _Compiled(_muon_pre, True), _Compiled(gram_newton_schulz_packed, True), _Compiled(_muon_post, True)
     a, b, c = NS_COEFFS
 
@@ -65,16 +64,13 @@ def paths(t, transposed: bool) -> dict:
 
     def hybrid_momentum():
         u = pre(t["g"], t["buf"], t["coef"], 0.95, True, torch.bfloat16)
-        x = u.mT if transposed else u
-        r = bmm_f32(x, x.mT)
-        scale = gram_scale(r, 1e-7)
-        return x, r * scale[:, None, None] ** 2, scale
+        return (u, *EM.normalised_gram(u, transposed))
 
     def hybrid_step():
-        x, r, scale = hybrid_momentum()
+        u, r, scale = hybrid_momentum()
         hi, lo = EM.gram_chain(r, scale, 2, 3, a, b, c)
-        ns_update.qx_update(t["w"], hi, x, t["decay"], t["step"], transposed, t["low"], lo)
-    return {"torch": torch_step, "kernels": kernels_step, "hybrid": hybrid_step, "hybrid_momentum": hybrid_momentum}
+        ns_update.qx_update(t["w"], hi, u.mT if transposed else u, t["decay"], t["step"], transposed, t["low"], lo)
+    return {"torch": torch_step, "kernels": kernels_step, "hybrid": hybrid_step}, hybrid_momentum
 
 
 def time_kernels(t, step, transposed: bool) -> dict:
@@ -96,8 +92,6 @@ def print_top(steps: dict, transposed: bool, rows: int) -> None:
     """Each path's largest kernels for one step (the kernels at the modules' defaults)."""
     from bench.optim_step import top_kernels
     for name, fn in steps.items():
-        if name == "hybrid_momentum":
-            continue
         fn()
         print(f"# {name} path, transposed={transposed}: kernels of one step")
         print("\n".join(top_kernels(fn, rows)), flush=True)
@@ -112,11 +106,11 @@ def main():
     for shape in ((256, 1024, 128), (256, 128, 1024)):
         n = torch.Size(shape).numel()
         t = case(shape)
-        steps = paths(t, shape[1] > shape[2])
+        steps, hybrid_momentum = paths(t, shape[1] > shape[2])
         rows.append(dict(shape="x".join(map(str, shape)), path="torch",
                          step_us=cuda_time(steps["torch"], warmup=3, iters=20) * 1e6))
         print(rows[-1], flush=True)
-        momentum_us = cuda_time(steps["hybrid_momentum"], warmup=3, iters=20) * 1e6
+        momentum_us = cuda_time(hybrid_momentum, warmup=3, iters=20) * 1e6
         rows.append(dict(shape="x".join(map(str, shape)), path="hybrid", momentum_us=momentum_us,
                          step_us=cuda_time(steps["hybrid"], warmup=3, iters=20) * 1e6,
                          momentum_tbs=14 * n / momentum_us / 1e6))

@@ -172,16 +172,17 @@ def ns_cases():
 
 def expert_muon_cases():
     """The experts' streaming Muon kernels at vpMoE's 128-row tiles: the momentum kernel per column
-    tile and warps, the update per tiling (and with an fp16 Q, rounded in the kernel), the n x n
-    chain with its restart."""
+    tile, warps and pipeline stages (its launches use `expert_muon.CONFIGS`' 2), the update per
+    tiling (and with an fp16 Q, rounded in the kernel), the n x n chain with its restart; the last
+    two launch at Triton's default 3 stages."""
     # the down projection's orientation: [256, 128, 1024] contiguous, R [256, 128, 128]
     wide, square = (128 * 1024, 1024, 1), (128 * 128, 128, 1)
     strides = {f"s{t}_{a}": ("i32", s) for t in "gbur" for a, s in zip("bmn", square if t == "r" else wide)}
     first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp32", "scale_ptr": "*fp32",
              "coef_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024), "mu": "fp32", "eps": "fp32", **strides}
-    for bn, w in ((64, 16), (128, 16), (64, 32), (32, 32), (32, 8), (16, 8)):
-        yield ("expert momentum gram", f"BN {bn}, {w} warps", EM._momentum_gram_kernel, first,
-               dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w)
+    for bn, w, st in ((64, 16, 2), (64, 16, 3), (128, 16, 2), (64, 32, 2), (32, 32, 2), (32, 8, 2), (16, 8, 2)):
+        yield ("expert momentum gram", f"BN {bn}, {w} warps, {st} stages", EM._momentum_gram_kernel, first,
+               dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w, st)
     update = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "low_ptr": "*bf16",
               "decay_ptr": "*fp32", "step_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024),
               **{f"s{t}_{a}": ("i32", s) for t, axes, dims in (("q", "bmk", square), ("x", "bkn", wide),
@@ -192,12 +193,12 @@ def expert_muon_cases():
         sig = {**update, "q_ptr": "*fp16"} if q16 else update
         yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}",
                ns_update._qx_update_kernel, sig,
-               dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w)
+               dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w, 3)
     chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": ("i32", 128),
              **{f"s{t}_{a}": ("i32", s) for t in "ro" for a, s in zip("bmn", square)}, "a": "fp32", "b": "fp32",
              "c": "fp32"}
     yield ("expert gram chain", "2 + 3 steps, 8 warps", EM._chain_kernel, chain,
-           dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False), 8)
+           dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False), 8, 3)
 
 
 def main():
@@ -211,7 +212,7 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
     rows = []
-    cases = [(*c, 3) for c in [*prologue_cases(), *row_cases(), *ns_cases(), *expert_muon_cases()]] + list(moe_cases())
+    cases = [(*c, 3) for c in [*prologue_cases(), *row_cases(), *ns_cases()]] + [*expert_muon_cases(), *moe_cases()]
     for name, config, kernel, sig, consts, warps, stages in cases:
         if a.only not in name:
             continue

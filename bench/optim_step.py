@@ -14,8 +14,7 @@ the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matric
 A/B), the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`) and the
 experts' step as streaming kernels (`gram:256:float32:stream=1`, `expert_muon.py`; `cols=128` sets its
 momentum kernel's columns per tile, `mwarps=N` / `mstages=N` its warps and pipeline stages, `ucols=N` /
-`uwarps=N` the update's,
-`expert_muon.CONFIGS` and `ns_update.UPDATE_CONFIG`).
+`uwarps=N` the update's: `expert_muon.CONFIGS` and `ns_update.UPDATE_CONFIG`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
@@ -35,12 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.options import EXPERT_KERNEL_KEYS, set_expert_kernels  # noqa: E402
 from bench.timing import cuda_time, graph_time, host_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model.model import VpMoE  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
-from bench.options import EXPERT_KERNEL_KEYS, set_expert_kernels  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer  # noqa: E402
 from vpmoe.train.optim_fast import FastMuonAdamW, _Compiled, _muon_matrices, orthogonalise  # noqa: E402
 

@@ -64,8 +64,8 @@ except ImportError:  # CPU-only installs: the packed torch path
 
 MAX_M = 128  # the short side held whole per program
 # `momentum_gram`'s (columns per tile, warps, pipeline stages) at 128 rows: the [128, 128] fp32
-# accumulator is 64 registers a thread at 8 warps (at 16 warps 112 registers in all, no spills, as a
-# launch compiles it: bench/kernel_registers.py). 64 columns at 16 warps timed fastest on an H100
+# accumulator is 64 registers a thread at 8 warps (at 16 warps and 2 stages 121 registers in all, no
+# spills, as a launch compiles it: bench/kernel_registers.py, Triton 3.9). 64 columns at 16 warps timed fastest on an H100
 # (2026-12-05 20:20 and 21:32, bench/expert_muon.py, which times the alternatives), and in the
 # 20-layer optimizer step against 128 columns and 32 columns x 32 warps (H100, 2026-12-06 00:28-00:38)
 CONFIGS = {"momentum": (64, 16, 2)}
@@ -77,16 +77,22 @@ def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.mT if transposed else t
 
 
-def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed: bool, eps: float = 1e-7):
-    """U = `_muon_pre` (buf updated in place), then R = U U^T (fp32 sums), the scale
-    1 / (||U|| + eps) from its trace; returns (U, R * scale^2 in fp32, scale)."""
+def normalised_gram(u: torch.Tensor, transposed: bool, eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+    """R = U U^T of the bf16 U (fp32 sums) and the scale 1 / (||U|| + eps) from its trace; returns
+    (R * scale^2 in fp32, scale): `momentum_gram`'s second half in torch."""
     # here, not at the top: optim_fast imports this module
-    from vpmoe.train.optim_fast import _muon_pre, gram_scale
-    u = _muon_pre(g, buf, coef, mu, nesterov, torch.bfloat16)
+    from vpmoe.train.optim_fast import gram_scale
     x = _oriented(u, transposed)
     r = bmm_f32(x, x.mT)
     scale = gram_scale(r, eps)
-    return u, r * scale[:, None, None] ** 2, scale
+    return r * scale[:, None, None] ** 2, scale
+
+
+def momentum_gram_reference(g, buf, coef, mu: float, nesterov: bool, transposed: bool, eps: float = 1e-7):
+    """U = `_muon_pre` (buf updated in place), then `normalised_gram`; returns (U, R, scale)."""
+    from vpmoe.train.optim_fast import _muon_pre
+    u = _muon_pre(g, buf, coef, mu, nesterov, torch.bfloat16)
+    return u, *normalised_gram(u, transposed, eps)
 
 
 def gram_chain_reference(r0, scale, steps1: int, steps2: int, a: float, b: float, c: float):

@@ -82,7 +82,8 @@ from vpmoe.train.optim import GRAM_RESTART_AT, NS_COEFFS, MuonAdamW, muon_scale,
 # AdamW tensors at least this big (the embedding and head) get a compiled update of their own; the
 # many small ones share `_fused_adamw_`'s multi-tensor launches
 ADAMW_ALONE = 1 << 22
-# `FastMuonAdamW(stream_experts=None)` takes this (on: the (a) step 52.80 -> 52.24 ms on an H200, 2026-12-05)
+# `FastMuonAdamW(stream_experts=None)` takes this (on: the (a) step 52.80 -> 52.24 ms on an H200,
+# 2026-12-05; 61.22 -> 58.55 ms on an H100, 2026-12-06)
 STREAM_EXPERTS = True
 HALF = (torch.bfloat16, torch.float16)  # gradients in these are widened to fp32 before any arithmetic
 
