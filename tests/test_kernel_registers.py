@@ -6,7 +6,7 @@ weight-gradient case had fallen behind a new constexpr unnoticed)."""
 import pytest
 
 pytest.importorskip("triton")  # a test extra: the CPU-only install has no Triton to compile with
-import bench.kernel_registers as KR  # noqa: E402 - an import failure here is a failure, not a skip
+import bench.kernel_registers as KR  # an import failure here is a failure, not a skip
 
 
 def test_specialised_marks_what_a_launch_would():
