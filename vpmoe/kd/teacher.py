@@ -252,7 +252,7 @@ class VLLMTeacher:
         self.stopping = False
         pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
         try:
-            futures = [pool.submit(self._score_group, [docs[i] for i in g]) for g in groups]
+            futures = [pool.submit(self._score_group_or_stop, [docs[i] for i in g]) for g in groups]
             for group, future in zip(groups, futures):
                 for i, s in zip(group, future.result()):
                     results[i] = s
@@ -262,6 +262,16 @@ class VLLMTeacher:
             raise
         pool.shutdown()
         return results
+
+    def _score_group_or_stop(self, docs) -> list[DocScores]:
+        """`_score_group` in a worker: a failure sets `stopping` here, before this worker takes the
+        next queued request (set only by `score_docs`, it raced the worker on a loaded machine and
+        one queued request could still go out)."""
+        try:
+            return self._score_group(docs)
+        except BaseException:
+            self.stopping = True
+            raise
 
     def _score_group(self, docs) -> list[DocScores]:
         body = {"model": self.cfg.model, "prompt": [[int(t) for t in tokens] for tokens, _ in docs],
