@@ -82,16 +82,31 @@ if triton is not None:
                 q_lo = q_lo.to(tl.float32)
         decay = tl.load(decay_ptr)
         step = tl.load(step_ptr)
+        first = tl.program_id(1) * TILES * BN
+        # with several tiles, W's is loaded one tile ahead (a register prefetch): the pipeliner streams
+        # x, the dots' operand, through shared memory, but leaves W's load (used only pointwise) where
+        # it stands. One tile loads W after the products (W first was not faster, H100 2026-12-06)
+        w_next = tl.zeros((BM, BN), dtype=tl.float32)
+        if TILES > 1:
+            w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + (first + tl.arange(0, BN))[None, :] * sw_n,
+                             mask=row_ok[:, None] & ((first + tl.arange(0, BN)) < N)[None, :], other=0.0)
         for t in range(TILES):  # Q loaded once for TILES column tiles
-            cols = (tl.program_id(1) * TILES + t) * BN + tl.arange(0, BN)
+            cols = first + t * BN + tl.arange(0, BN)
             tile_ok = row_ok[:, None] & (cols < N)[None, :]
+            w = w_next
+            if TILES > 1:  # the prefetch past the program's last tile is masked off (no traffic)
+                ahead = cols + BN
+                ahead_ok = row_ok[:, None] & ((ahead < N) & (t + 1 < TILES))[None, :]
+                w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + ahead[None, :] * sw_n, mask=ahead_ok, other=0.0)
             x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
             acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
             if HAS_LO:  # Q's low part (a near-fp32 Q as two bf16 operands), in the same fp32 sums
                 acc = tl.dot(q_lo, x.to(tl.float32) if F32_DOT else x, acc)
             o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
             w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
-            w = tl.load(w_tile, mask=tile_ok, other=0.0) * decay + o * step
+            if TILES == 1:
+                w = tl.load(w_tile, mask=tile_ok, other=0.0)
+            w = w * decay + o * step
             tl.store(w_tile, w, mask=tile_ok)
             if HAS_LOW:  # the kept bf16 copy, from the stored fp32 value (rounded as torch's copy_ rounds)
                 tl.store(low_ptr + b * sl_b + rows[:, None] * sl_m + cols[None, :] * sl_n,
