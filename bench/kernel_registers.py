@@ -172,7 +172,7 @@ def ns_cases():
 
 def expert_muon_cases():
     """The experts' streaming Muon kernels at vpMoE's 128-row tiles: the momentum kernel per column
-    tile, warps and pipeline stages (its launches use `expert_muon.CONFIGS`' 2), the update per
+    tile, warps and pipeline stages (its launches use `expert_muon.CONFIGS`' 3), the update per
     tiling (and with an fp16 Q, rounded in the kernel), the n x n chain with its restart; the last
     two launch at Triton's default 3 stages."""
     # the down projection's orientation: [256, 128, 1024] contiguous, R [256, 128, 128]
@@ -180,7 +180,7 @@ def expert_muon_cases():
     strides = {f"s{t}_{a}": ("i32", s) for t in "gbur" for a, s in zip("bmn", square if t == "r" else wide)}
     first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp32", "scale_ptr": "*fp32",
              "coef_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024), "mu": "fp32", "eps": "fp32", **strides}
-    for bn, w, st in ((64, 16, 2), (64, 16, 3), (128, 16, 2), (64, 32, 2), (32, 32, 2), (32, 8, 2), (16, 8, 2)):
+    for bn, w, st in ((64, 16, 3), (64, 16, 2), (128, 16, 2), (64, 32, 2), (32, 32, 2), (32, 8, 2), (16, 8, 2)):
         yield ("expert momentum gram", f"BN {bn}, {w} warps, {st} stages", EM._momentum_gram_kernel, first,
                dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w, st)
     update = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "low_ptr": "*bf16",
@@ -188,8 +188,8 @@ def expert_muon_cases():
               **{f"s{t}_{a}": ("i32", s) for t, axes, dims in (("q", "bmk", square), ("x", "bkn", wide),
                                                                ("w", "bmn", wide), ("l", "bmn", wide))
                  for a, s in zip(axes, dims)}}
-    for bn, tiles, w, q16 in ((64, 1, 8, False), (64, 1, 8, True), (64, 1, 16, False), (32, 1, 16, False),
-                              (128, 1, 16, False), (64, 4, 8, False)):
+    for bn, tiles, w, q16 in ((64, 16, 8, False), (64, 16, 8, True), (64, 1, 8, False), (64, 1, 16, False),
+                              (32, 1, 16, False), (128, 1, 16, False), (64, 4, 8, False), (64, 16, 16, False)):
         sig = {**update, "q_ptr": "*fp16"} if q16 else update
         yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}",
                ns_update._qx_update_kernel, sig,

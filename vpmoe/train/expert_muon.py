@@ -64,11 +64,14 @@ except ImportError:  # CPU-only installs: the packed torch path
 
 MAX_M = 128  # the short side held whole per program
 # `momentum_gram`'s (columns per tile, warps, pipeline stages) at 128 rows: the [128, 128] fp32
-# accumulator is 64 registers a thread at 8 warps (at 16 warps and 2 stages 121 registers in all, no
+# accumulator is 64 registers a thread at 8 warps (at 16 warps and 3 stages 112 registers in all, no
 # spills, as a launch compiles it: bench/kernel_registers.py, Triton 3.9). 64 columns at 16 warps timed fastest on an H100
 # (2026-12-05 20:20 and 21:32, bench/expert_muon.py, which times the alternatives), and in the
-# 20-layer optimizer step against 128 columns and 32 columns x 32 warps (H100, 2026-12-06 00:28-00:38)
-CONFIGS = {"momentum": (64, 16, 2)}
+# 20-layer optimizer step against 128 columns and 32 columns x 32 warps (H100, 2026-12-06 00:28-00:38).
+# 3 stages, not 2: at 2 Triton pipelines the loads through one shared-memory buffer, so the next
+# tile's copy waits for this tile's math; 3 give two buffers (148 -> 131 us a launch in the 20-layer
+# optimizer step, H200, 2026-12-06 03:11)
+CONFIGS = {"momentum": (64, 16, 3)}
 DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
 
 

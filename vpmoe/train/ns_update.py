@@ -39,11 +39,13 @@ except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel upd
     triton = None
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
-# (columns per tile, tiles per program, warps): more tiles per program read Q fewer times, yet 2 or 4
-# tiles (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38, bench/expert_muon.py);
-# W's tile loaded before the products, or U and W with evict_first (so L2 keeps Q), made no
-# difference in the 20-layer optimizer step (H100, 2026-12-06 00:27)
-UPDATE_CONFIG = (64, 1, 8)
+# (columns per tile, tiles per program, warps): one program per 128 x 1024 matrix, Q loaded once, x
+# streamed by the pipeliner and W loaded one tile ahead: 138 -> 112 us a launch in the 20-layer
+# optimizer step against one tile per program (H200, 2026-12-06 03:11; at 16 warps 131 us). Before W's
+# prefetch, 2 or 4 tiles a program (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38);
+# W's tile loaded before the products with one tile a program, or U and W with evict_first (so L2
+# keeps Q), made no difference (H100, 2026-12-06 00:27)
+UPDATE_CONFIG = (64, 16, 8)
 DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
 
 
