@@ -12,8 +12,10 @@ written or read, 4 of the ~36 bytes per expert parameter the optimizer moves per
 a near-fp32 Q, both dots summed in one fp32 accumulator) or in fp16 (rounded to bf16 as it loads).
 
 Design choices:
-- One program per (matrix, BN columns); Q's tile is loaded whole (m <= 128, vpMoE's expert width:
-  a 256 x 256 tile would not fit on chip with its operand), so there is no K loop.
+- One program per (matrix, TILES x BN columns); Q's tile is loaded whole (m <= 128, vpMoE's expert
+  width: a 256 x 256 tile would not fit on chip with its operand), so there is no K loop. The
+  default is one program per 128 x 1024 matrix (Q loaded once): the loop over its column tiles is
+  pipelined for x by Triton and for W by hand (its tile loaded one ahead).
 - Weights stored transposed (the down projection's [E, 1024, 128], orthogonalised as its
   [128, 1024] transpose) use the same kernel with W's strides swapped.
 - decay and step are 0-dim device tensors, read in the kernel: a captured graph follows the
