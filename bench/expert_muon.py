@@ -7,7 +7,8 @@ Shapes: vpMoE's expert tensors, 256 matrices of 1024 x 128 (the up projection, o
 its transpose) and 128 x 1024 (down). Columns: `path` (`kernels` or `torch`: `_muon_pre`, the
 compiled packed Gram-side Newton-Schulz with its Gram kernel, `_muon_post`, one tensor per call),
 the kernels' configurations ((columns, warps, stages) of the momentum kernel; (columns, tiles per
-program, warps) of the update), the whole step's time (`step_us`, CUDA events, median of 20), each
+program, warps) of the update), the whole step's time (`step_us`: replayed from a CUDA graph of 10 calls,
+median of 20 replays, per call; `timing` says "eager" where capture failed), each
 kernel alone (`momentum_us`, `chain_us`: the n x n chain with its restart, `update_us`; kernels
 path only) and the streaming kernels' bandwidth by the bytes they must move (`momentum_tbs`: 12
 bytes per parameter, `update_tbs`: 12). The `hybrid` rows (a probe, see `paths`; not ahead on an
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append_results  # noqa: E402
-from bench.timing import cuda_time  # noqa: E402
+from bench.timing import graph_time  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
@@ -76,19 +77,35 @@ def paths(t, transposed: bool) -> tuple[dict, object]:
     return {"torch": torch_step, "kernels": kernels_step, "hybrid": hybrid_step}, hybrid_momentum
 
 
+REPEAT = 10  # calls per captured graph, so the replay's own launch is spread over them
+
+
+def replayed_us(fn) -> tuple[float, str]:
+    """Microseconds of GPU time per call of fn, replayed from a CUDA graph of REPEAT calls, and how it
+    was timed ("graph", or "eager" where capture failed). Until 2026-12-06 each launch was timed
+    eagerly with CUDA events, which read about twice the kernel times of the 20-layer step's profile
+    (H200, 03:09-03:11), most likely the host's dispatch of the custom op and its Triton launch
+    (the GPU idles between the start event and the kernel); a graph replay leaves only GPU time."""
+    def calls():
+        for _ in range(REPEAT):
+            fn()
+    seconds, how = graph_time(calls, iters=20)
+    return seconds / REPEAT * 1e6, how
+
+
 def time_kernels(t, step, transposed: bool) -> dict:
     """The kernels' whole step (`step`) and each of its three launches alone, in microseconds."""
     a, b, c = NS_COEFFS
-    whole = cuda_time(step, warmup=3, iters=20) * 1e6
+    whole, how = replayed_us(step)
     u, r, scale = EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed, 1e-7)
     hi, lo = EM.gram_chain(r, scale, 2, 3, a, b, c)
     uo = u.mT if transposed else u
-    return dict(step_us=whole,
-                momentum_us=cuda_time(lambda: EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed,
-                                                               1e-7), warmup=3, iters=20) * 1e6,
-                chain_us=cuda_time(lambda: EM.gram_chain(r, scale, 2, 3, a, b, c), warmup=3, iters=20) * 1e6,
-                update_us=cuda_time(lambda: ns_update.qx_update(t["w"], hi, uo, t["decay"], t["step"], transposed,
-                                                                t["low"], lo), warmup=3, iters=20) * 1e6)
+    times = dict(momentum_us=lambda: EM.momentum_gram(t["g"], t["buf"], t["coef"], 0.95, True, transposed, 1e-7),
+                 chain_us=lambda: EM.gram_chain(r, scale, 2, 3, a, b, c),
+                 update_us=lambda: ns_update.qx_update(t["w"], hi, uo, t["decay"], t["step"], transposed, t["low"], lo))
+    got = {name: replayed_us(fn) for name, fn in times.items()}
+    hows = {how, *(h for _, h in got.values())}
+    return dict(step_us=whole, **{name: us for name, (us, _) in got.items()}, timing="/".join(sorted(hows)))
 
 
 def print_top(steps: dict, transposed: bool, rows: int) -> None:
@@ -110,13 +127,12 @@ def main():
         n = torch.Size(shape).numel()
         t = case(shape)
         steps, hybrid_momentum = paths(t, shape[1] > shape[2])
-        rows.append(dict(shape="x".join(map(str, shape)), path="torch",
-                         step_us=cuda_time(steps["torch"], warmup=3, iters=20) * 1e6))
+        step_us, how = replayed_us(steps["torch"])
+        rows.append(dict(shape="x".join(map(str, shape)), path="torch", step_us=step_us, timing=how))
         print(rows[-1], flush=True)
-        momentum_us = cuda_time(hybrid_momentum, warmup=3, iters=20) * 1e6
-        rows.append(dict(shape="x".join(map(str, shape)), path="hybrid", momentum_us=momentum_us,
-                         step_us=cuda_time(steps["hybrid"], warmup=3, iters=20) * 1e6,
-                         momentum_tbs=14 * n / momentum_us / 1e6))
+        (momentum_us, how), (step_us, how_step) = replayed_us(hybrid_momentum), replayed_us(steps["hybrid"])
+        rows.append(dict(shape="x".join(map(str, shape)), path="hybrid", momentum_us=momentum_us, step_us=step_us,
+                         momentum_tbs=14 * n / momentum_us / 1e6, timing="/".join(sorted({how, how_step}))))
         print(rows[-1], flush=True)
         if a.top:
             print_top(steps, shape[1] > shape[2], a.top)
