@@ -32,10 +32,10 @@ from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
 # (momentum kernel's (columns, warps, stages), the update's (columns, tiles per program, warps));
-# the first pair is the modules' default (since 2026-12-06 03:15), the second the one before. At 2 stages Triton pipelines the momentum kernel's loads
-# through one shared-memory buffer, so the next tile's copy starts only after this tile's math; 3
-# stages give two buffers (the TTGIR on the CPU, Triton 3.9, 2026-12-06). Update programs of several
-# tiles load W one tile ahead (since 2026-12-06) while the pipeliner streams x
+# the first pair is the modules' default (since 2026-12-06 03:15), the second the one before. At 2
+# stages Triton pipelines the momentum kernel's loads through one shared-memory buffer, so the next
+# tile's copy starts only after this tile's math; 3 stages give two buffers (the TTGIR on the CPU,
+# Triton 3.9). Update programs of several tiles load W one tile ahead while the pipeliner streams x
 CONFIGS = [((64, 16, 3), (64, 16, 8)), ((64, 16, 2), (64, 1, 8)), ((64, 16, 3), (64, 1, 8)),
            ((64, 16, 4), (64, 1, 8)), ((32, 16, 4), (64, 1, 8)), ((64, 16, 3), (64, 4, 8)),
            ((64, 16, 3), (64, 16, 16)), ((64, 16, 3), (32, 32, 8)), ((64, 16, 3), (64, 8, 8))]
