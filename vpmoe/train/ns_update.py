@@ -90,15 +90,14 @@ if triton is not None:
         # with several tiles, W's is loaded one tile ahead (a register prefetch): the pipeliner streams
         # x, the dots' operand, through shared memory, but leaves W's load (used only pointwise) where
         # it stands. One tile loads W after the products (W first was not faster, H100 2026-12-06)
-        w_next = tl.zeros((BM, BN), dtype=tl.float32)
         if TILES > 1:
             w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + (first + tl.arange(0, BN))[None, :] * sw_n,
                              mask=row_ok[:, None] & ((first + tl.arange(0, BN)) < N)[None, :], other=0.0)
         for t in range(TILES):  # Q loaded once for TILES column tiles
             cols = first + t * BN + tl.arange(0, BN)
             tile_ok = row_ok[:, None] & (cols < N)[None, :]
-            w = w_next
             if TILES > 1:  # the prefetch past the program's last tile is masked off (no traffic)
+                w = w_next
                 ahead = cols + BN
                 ahead_ok = row_ok[:, None] & ((ahead < N) & (t + 1 < TILES))[None, :]
                 w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + ahead[None, :] * sw_n, mask=ahead_ok, other=0.0)
