@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append_results, markdown_table  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
-from vpmoe.train.optim import NS_COEFFS  # noqa: E402
+from vpmoe.train.optim import NS_COEFFS, newton_schulz  # noqa: E402
 from vpmoe.train.optim_fast import gram_newton_schulz  # noqa: E402
 
 
@@ -35,15 +35,6 @@ def spectrum(kind: str, batch: int, gen: torch.Generator, m: int = 128, n: int =
           "log 1..1e-5": torch.logspace(0, -5, m, dtype=torch.float64),
           "rank 4 + 1e-3": torch.cat([torch.ones(4, dtype=torch.float64), torch.full((m - 4,), 1e-3, dtype=torch.float64)])}[kind]
     return (u * sv) @ v * 10
-
-
-def float64_iteration(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    a, b, c = NS_COEFFS
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        r = x @ x.mT
-        x = a * x + (b * r + c * r @ r) @ x
-    return x
 
 
 def small_side(u: torch.Tensor) -> torch.Tensor:
@@ -67,7 +58,7 @@ def main():
     rows = []
     for kind in ("gaussian", "log 1..1e-2", "log 1..1e-5", "rank 4 + 1e-3"):
         u = spectrum(kind, a.batch, gen).to(device=device, dtype=torch.bfloat16)
-        exact = float64_iteration(u.double())
+        exact = newton_schulz(u.double(), 5, dtype=torch.float64)
         big = gram_newton_schulz(u, 5, small_dtype=torch.float16)
         row = {"spectrum": kind}
         for name, out in (("big_side", big), ("small_side", small_side(u))):

@@ -9,7 +9,7 @@ import torch
 
 from tests.triton_interpreter import run_in_interpreter
 from vpmoe.train.ns_gram import gram_segment_reference
-from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer
+from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer, newton_schulz
 
 SEED = 0  # the token ids of the optimizer comparisons (the model's weights have their own seed)
 BF16_ULP = 2.0 ** -7  # one bf16 ulp, relative to the value (8 significant bits)
@@ -106,15 +106,6 @@ def check_muon_step_against_reference_and_float64() -> None:
     against float64: the orthogonalised update of a float64 Newton-Schulz of the same U, within
     the half-precision iteration's error; the momentum, weight and kept copy all written."""
     from vpmoe.train import expert_muon as X
-    from vpmoe.train.optim import NS_COEFFS
-
-    def ns_float64(x):  # the quintic iteration in float64, on the wide orientation
-        a, b_, c = NS_COEFFS
-        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        for _ in range(5):
-            gram = x @ x.mT
-            x = a * x + (b_ * gram + c * gram @ gram) @ x
-        return x
 
     gen = torch.Generator().manual_seed(5)
     b, m, n, mu = 2, 16, 64, 0.9
@@ -134,7 +125,7 @@ def check_muon_step_against_reference_and_float64() -> None:
         assert torch.equal(got[2], got[1].bfloat16())
         # float64: the same U (bf16) through the float64 quintic iteration
         u64 = (g.double() * 0.5 + mu * (buf0.double() * mu + g.double() * 0.5)).bfloat16().double()
-        o64 = ns_float64(u64.mT).mT if transposed else ns_float64(u64)
+        o64 = newton_schulz(u64, 5, dtype=torch.float64)
         rel = (upd.double() - o64).norm() / o64.norm()
         assert rel < 1.5e-2, rel  # 6e-3 and 8e-3 here; on the H200 the torch path read 4.5e-3 (Gaussian)
     print("checked")
@@ -315,13 +306,13 @@ def test_small_side_restart_is_closer_to_float64_than_the_big_side():
     """bench/restart_accuracy.py's comparison, two matrices per spectrum: the streaming path's
     reference functions (the restart from the small side, a near-fp32 Q) against the packed path's
     big-side restart, both against a float64 iteration of the same bf16 U."""
-    from bench.restart_accuracy import float64_iteration, small_side, spectrum
+    from bench.restart_accuracy import small_side, spectrum
     from vpmoe.train.optim_fast import gram_newton_schulz
 
     gen = torch.Generator().manual_seed(1)
     for kind, factor in (("gaussian", 0.8), ("rank 4 + 1e-3", 0.5)):
         u = spectrum(kind, 2, gen).bfloat16()
-        exact = float64_iteration(u.double())
+        exact = newton_schulz(u.double(), 5, dtype=torch.float64)
         big = ((gram_newton_schulz(u, 5, small_dtype=torch.float16).double() - exact).norm() / exact.norm()).item()
         small = ((small_side(u).double() - exact).norm() / exact.norm()).item()
         assert small < factor * big and small < 2e-2, (kind, small, big)

@@ -79,14 +79,16 @@ class OptimConfig:
             raise ConfigError("grad_clip / weight decays: must be >= 0")
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximately orthogonalise each matrix in g [..., m, n]: U S V^T -> U S' V^T with S' near 1.
 
     Batched over leading dims; each matrix is normalised by its own Frobenius norm, so the result
-    for a batch equals the result for each matrix alone.
+    for a batch equals the result for each matrix alone. `dtype`: the iteration's (None: bf16 on
+    CUDA, fp32 on the CPU); torch.float64 is the fast paths' accuracy reference.
     """
     a, b, c = NS_COEFFS
-    dtype = torch.bfloat16 if g.is_cuda else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if g.is_cuda else torch.float32
     x = g.to(dtype)
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
