@@ -47,7 +47,7 @@ def check_kernel_against_reference_and_float64() -> None:
         low_one, low_several = (torch.empty(w0.shape, dtype=torch.bfloat16) for _ in range(2))
         ns_update.qx_update(one, q16.bfloat16(), x, decay, step, transposed, low_one)
         try:
-            ns_update.UPDATE_CONFIG = (16, 2, 4)  # 40 columns: tiles 0-1, then 2 and one wholly past n
+            ns_update.UPDATE_CONFIG = (16, 2, 4, 3)  # 40 columns: tiles 0-1, then 2 and one wholly past n
             ns_update.qx_update(several, q16, x, decay, step, transposed, low_several)
         finally:
             ns_update.UPDATE_CONFIG = saved

@@ -41,13 +41,13 @@ except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel upd
     triton = None
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
-# (columns per tile, tiles per program, warps): one program per 128 x 1024 matrix, Q loaded once, x
+# (columns per tile, tiles per program, warps, pipeline stages): one program per 128 x 1024 matrix, Q loaded once, x
 # streamed by the pipeliner and W loaded one tile ahead: 138 -> 112 us a launch in the 20-layer
 # optimizer step against one tile per program (H200, 2026-12-06 03:11; at 16 warps 131 us). Before W's
 # prefetch, 2 or 4 tiles a program (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38);
 # W's tile loaded before the products with one tile a program, or U and W with evict_first (so L2
 # keeps Q), made no difference (H100, 2026-12-06 00:27)
-UPDATE_CONFIG = (64, 16, 8)
+UPDATE_CONFIG = (64, 16, 8, 3)
 DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
 
 
@@ -149,12 +149,12 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()
     sl_m, sl_n = (sl_2, sl_1) if transposed else (sl_1, sl_2)
     bm = max(16, triton.next_power_of_2(m))
-    bn, tiles, warps = UPDATE_CONFIG
+    bn, tiles, warps, stages = UPDATE_CONFIG
     bn = 16 if interpreting() else bn
     _qx_update_kernel[(bsz, triton.cdiv(n, bn * tiles))](
         q, q if q_lo is None else q_lo, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(),
         sw_b, sw_m, sw_n, sl_b, sl_m, sl_n, HAS_LOW=low is not None, HAS_LO=q_lo is not None, BM=bm, BN=bn,
-        TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, num_warps=warps)
+        TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, num_warps=warps, num_stages=stages)
 
 
 @qx_update.register_fake
