@@ -55,16 +55,18 @@ def specialised(kernel, signature: dict, constexprs: dict) -> tuple[dict, dict, 
     return {**sig, **{k: "constexpr" for k in consts}}, consts, attrs
 
 
-def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
-    """Compile `kernel` for sm_<arch> as a launch would (`specialised`) and read ptxas -v:
-    registers, spills, stack."""
+def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int = 90, num_stages: int = 3,
+                 maxnreg: int = 0) -> dict:
+    """Compile `kernel` for sm_<arch> as a launch would (`specialised`; `maxnreg` > 0: that register
+    cap) and read ptxas -v: registers, spills, stack, and Triton's shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig, consts, attrs = specialised(kernel, signature, constexprs)
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})})
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     text = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +89,7 @@ def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch
     stack = re.search(r"(\d+) bytes stack frame", info)
     warps = min(64, (65536 // (regs * 32 * num_warps)) * num_warps)
     return {"registers": regs, "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
-            "stack_bytes": int(stack.group(1)), "warps_per_sm": warps}
+            "stack_bytes": int(stack.group(1)), "warps_per_sm": warps, "shared_kib": compiled.metadata.shared // 1024}
 
 
 def prologue_cases():
@@ -180,9 +182,10 @@ def expert_muon_cases():
     strides = {f"s{t}_{a}": ("i32", s) for t in "gbur" for a, s in zip("bmn", square if t == "r" else wide)}
     first = {"g_ptr": "*bf16", "buf_ptr": "*fp32", "u_ptr": "*bf16", "r_ptr": "*fp32", "scale_ptr": "*fp32",
              "coef_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024), "mu": "fp32", "eps": "fp32", **strides}
-    for bn, w, st in ((64, 16, 3), (64, 16, 2), (128, 16, 2), (64, 32, 2), (32, 32, 2), (32, 8, 2), (16, 8, 2)):
-        yield ("expert momentum gram", f"BN {bn}, {w} warps, {st} stages", EM._momentum_gram_kernel, first,
-               dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w, st)
+    for bn, w, st, cap in ((64, 16, 3, 0), (64, 16, 2, 0), (128, 16, 2, 0), (64, 32, 2, 0), (32, 32, 2, 0),
+                           (32, 8, 3, 0), (32, 8, 3, 128), (32, 8, 4, 128), (16, 8, 3, 128)):
+        yield ("expert momentum gram", f"BN {bn}, {w} warps, {st} stages" + (f", cap {cap}" if cap else ""),
+               EM._momentum_gram_kernel, first, dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w, st, cap)
     update = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "low_ptr": "*bf16",
               "decay_ptr": "*fp32", "step_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024),
               **{f"s{t}_{a}": ("i32", s) for t, axes, dims in (("q", "bmk", square), ("x", "bkn", wide),
@@ -193,12 +196,19 @@ def expert_muon_cases():
         sig = {**update, "q_ptr": "*fp16"} if q16 else update
         yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}",
                ns_update._qx_update_kernel, sig,
-               dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w, 3)
+               dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w, 3, 0)
     chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": ("i32", 128),
              **{f"s{t}_{a}": ("i32", s) for t in "ro" for a, s in zip("bmn", square)}, "a": "fp32", "b": "fp32",
              "c": "fp32"}
     yield ("expert gram chain", "2 + 3 steps, 8 warps", EM._chain_kernel, chain,
-           dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False), 8, 3)
+           dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False), 8, 3, 0)
+
+
+def all_cases() -> list[tuple]:
+    """Every case as (kernel name, configuration label, kernel, signature, constexprs, warps, stages,
+    register cap or 0)."""
+    return [(*c, 3, 0) for c in [*prologue_cases(), *row_cases(), *ns_cases()]] + [*expert_muon_cases()] + \
+        [(*c, 0) for c in moe_cases()]
 
 
 def main():
@@ -212,11 +222,10 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
     rows = []
-    cases = [(*c, 3) for c in [*prologue_cases(), *row_cases(), *ns_cases()]] + [*expert_muon_cases(), *moe_cases()]
-    for name, config, kernel, sig, consts, warps, stages in cases:
+    for name, config, kernel, sig, consts, warps, stages, cap in all_cases():
         if a.only not in name:
             continue
-        row = {"kernel": name, "config": config, **ptxas_report(kernel, sig, consts, warps, a.arch, stages)}
+        row = {"kernel": name, "config": config, **ptxas_report(kernel, sig, consts, warps, a.arch, stages, cap)}
         print(row, flush=True)
         rows.append(row)
     if a.record:

@@ -63,15 +63,18 @@ except ImportError:  # CPU-only installs: the packed torch path
     triton = None
 
 MAX_M = 128  # the short side held whole per program
-# `momentum_gram`'s (columns per tile, warps, pipeline stages) at 128 rows: the [128, 128] fp32
+# `momentum_gram`'s (columns per tile, warps, pipeline stages, register cap or 0 for the compiler's
+# choice) at 128 rows: the [128, 128] fp32
 # accumulator is 64 registers a thread at 8 warps (at 16 warps and 3 stages 112 registers in all, no
 # spills, as a launch compiles it: bench/kernel_registers.py, Triton 3.9). 64 columns at 16 warps timed fastest on an H100
 # (2026-12-05 20:20 and 21:32, bench/expert_muon.py, which times the alternatives), and in the
 # 20-layer optimizer step against 128 columns and 32 columns x 32 warps (H100, 2026-12-06 00:28-00:38).
 # 3 stages, not 2: at 2 Triton pipelines the loads through one shared-memory buffer, so the next
 # tile's copy waits for this tile's math; 3 give two buffers (148 -> 131 us a launch in the 20-layer
-# optimizer step, H200, 2026-12-06 03:11)
-CONFIGS = {"momentum": (64, 16, 3)}
+# optimizer step, H200, 2026-12-06 03:11). A cap of 128 registers at 8 warps and 32 columns (no
+# spills, 64 KiB of shared memory at 3 stages) lets two programs share an SM, so all 256 matrices
+# run in one wave; not yet timed (bench `mregs`)
+CONFIGS = {"momentum": (64, 16, 3, 0)}
 DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
 
 
@@ -201,11 +204,12 @@ def momentum_gram(g: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mu: fl
     r = torch.empty(bsz, m, m, device=g.device, dtype=torch.float32)
     scale = torch.empty(bsz, device=g.device, dtype=torch.float32)
     gv, bv, uv = (_oriented(t, transposed) for t in (g, buf, u))
-    bn, warps, stages = CONFIGS["momentum"]
+    bn, warps, stages, max_regs = CONFIGS["momentum"]
+    cap = {"maxnreg": max_regs} if max_regs and not interpreting() else {}
     _momentum_gram_kernel[(bsz,)](
         gv, bv, uv, r, scale, coef, m, n, float(mu), float(eps), *gv.stride(), *bv.stride(), *uv.stride(),
         *r.stride(), NESTEROV=bool(nesterov), BUF_BF16=buf.dtype == torch.bfloat16, F32_DOT=_f32_dot(),
-        BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps, num_stages=stages)
+        BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps, num_stages=stages, **cap)
     return u, r, scale
 
 
