@@ -73,7 +73,8 @@ MAX_M = 128  # the short side held whole per program
 # tile's copy waits for this tile's math; 3 give two buffers (148 -> 131 us a launch in the 20-layer
 # optimizer step, H200, 2026-12-06 03:11). A cap of 128 registers at 8 warps and 32 columns (no
 # spills, 64 KiB of shared memory at 3 stages) lets two programs share an SM, so all 256 matrices
-# run in one wave; not yet timed (bench `mregs`)
+# run in one wave: not ahead (20-layer optimizer step 24.25 / 23.99 ms at 3 / 4 stages against
+# 24.05, H100, 2026-12-06 06:05; bench `mregs`), nor were 4 stages or 32 columns x 4 (05:46)
 CONFIGS = {"momentum": (64, 16, 3, 0)}
 DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
 
