@@ -47,7 +47,8 @@ MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
 # prefetch, 2 or 4 tiles a program (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38);
 # W's tile loaded before the products with one tile a program, or U and W with evict_first (so L2
 # keeps Q), made no difference (H100, 2026-12-06 00:27); nor, in the 20-layer optimizer step, did two
-# programs per matrix (23.77 against 23.61 ms) or 4 stages (23.92; H100, 2026-12-06 05:46)
+# programs per matrix (23.77 against 23.61 ms), 4 stages (23.92; H100, 2026-12-06 05:46) or W two
+# tiles ahead (24.34 against 23.95, also at 4 stages; 06:16)
 UPDATE_CONFIG = (64, 16, 8, 3, 1)
 DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
 
