@@ -7,7 +7,7 @@ Shapes: vpMoE's expert tensors, 256 matrices of 1024 x 128 (the up projection, o
 its transpose) and 128 x 1024 (down). Columns: `path` (`kernels` or `torch`: `_muon_pre`, the
 compiled packed Gram-side Newton-Schulz with its Gram kernel, `_muon_post`, one tensor per call),
 the kernels' configurations ((columns, warps, stages, register cap) of the momentum kernel; (columns, tiles per
-program, warps, stages, W's prefetch depth) of the update), the whole step's time (`step_us`: replayed from a CUDA graph of 10 calls,
+program, warps, stages) of the update), the whole step's time (`step_us`: replayed from a CUDA graph of 10 calls,
 median of 20 replays, per call; `timing` says "eager" where capture failed), each
 kernel alone (`momentum_us`, `chain_us`: the n x n chain with its restart, `update_us`; kernels
 path only) and the streaming kernels' bandwidth by the bytes they must move (`momentum_tbs`: 12
@@ -31,15 +31,14 @@ from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
-# (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program, warps,
-# stages, W's prefetch depth in tiles));
+# (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program, warps, stages));
 # the first pair is the modules' default (since 2026-12-06 03:15), the second the one before. At 2
 # stages Triton pipelines the momentum kernel's loads through one shared-memory buffer, so the next
 # tile's copy starts only after this tile's math; 3 stages give two buffers (the TTGIR on the CPU,
 # Triton 3.9). Update programs of several tiles load W one tile ahead while the pipeliner streams x
-CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3, 1)), ((64, 16, 2, 0), (64, 1, 8, 3, 1)), ((64, 16, 3, 0), (64, 16, 8, 3, 2)),
-           ((64, 16, 3, 0), (64, 16, 8, 4, 2)), ((64, 16, 3, 0), (64, 8, 8, 3, 2)), ((32, 8, 4, 128), (64, 16, 8, 3, 1)),
-           ((64, 16, 3, 0), (64, 16, 8, 4, 1))]
+CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3)), ((64, 16, 2, 0), (64, 1, 8, 3)), ((32, 8, 3, 128), (64, 16, 8, 3)),
+           ((32, 8, 4, 128), (64, 16, 8, 3)), ((16, 8, 3, 128), (64, 16, 8, 3)), ((32, 8, 3, 0), (64, 16, 8, 3)),
+           ((64, 16, 4, 0), (64, 16, 8, 3)), ((64, 16, 3, 0), (64, 16, 8, 4)), ((64, 16, 3, 0), (64, 8, 8, 3))]
 
 
 def case(shape, seed=0):

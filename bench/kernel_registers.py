@@ -191,15 +191,12 @@ def expert_muon_cases():
               **{f"s{t}_{a}": ("i32", s) for t, axes, dims in (("q", "bmk", square), ("x", "bkn", wide),
                                                                ("w", "bmn", wide), ("l", "bmn", wide))
                  for a, s in zip(axes, dims)}}
-    for bn, tiles, w, q16, ahead in ((64, 16, 8, False, 1), (64, 16, 8, True, 1), (64, 16, 8, False, 2),
-                                     (64, 16, 16, False, 2), (64, 1, 8, False, 1), (64, 1, 16, False, 1),
-                                     (32, 1, 16, False, 1), (128, 1, 16, False, 1), (64, 4, 8, False, 1),
-                                     (64, 16, 16, False, 1)):
+    for bn, tiles, w, q16 in ((64, 16, 8, False), (64, 16, 8, True), (64, 1, 8, False), (64, 1, 16, False),
+                              (32, 1, 16, False), (128, 1, 16, False), (64, 4, 8, False), (64, 16, 16, False)):
         sig = {**update, "q_ptr": "*fp16"} if q16 else update
-        yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}"
-               + (f", W {ahead} tiles ahead" if ahead > 1 else ""), ns_update._qx_update_kernel, sig,
-               dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16, AHEAD=ahead),
-               w, 3, 0)
+        yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}",
+               ns_update._qx_update_kernel, sig,
+               dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w, 3, 0)
     chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": ("i32", 128),
              **{f"s{t}_{a}": ("i32", s) for t in "ro" for a, s in zip("bmn", square)}, "a": "fp32", "b": "fp32",
              "c": "fp32"}

@@ -59,13 +59,13 @@ def set_inductor_options(spec: str) -> None:
         setattr(obj, path[-1], ast.literal_eval(value))
 
 
-EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "ucols", "utiles", "uwarps", "ustages", "uahead")  # the experts' streaming Muon kernels' launch shapes
+EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "ucols", "utiles", "uwarps", "ustages")  # the experts' streaming Muon kernels' launch shapes
 
 
 def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     """The experts' streaming Muon kernels' launch shapes from {cols, mwarps, mstages, mregs} (the
-    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`) and {ucols, utiles, uwarps, ustages,
-    uahead} (the update's columns per tile, tiles per program, warps, pipeline stages and W's prefetch depth,
+    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`) and {ucols, utiles, uwarps, ustages}
+    (the update's columns per tile, tiles per program, warps and pipeline stages,
     `ns_update.UPDATE_CONFIG`), ints; keys not given keep the modules' defaults (not what an earlier
     call set)."""
     from vpmoe.train import expert_muon, ns_update
@@ -75,6 +75,6 @@ def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     bn, warps, stages, regs = expert_muon.DEFAULT_CONFIGS["momentum"]
     expert_muon.CONFIGS["momentum"] = (given.get("cols", bn), given.get("mwarps", warps), given.get("mstages", stages),
                                        given.get("mregs", regs))
-    bn, tiles, warps, stages, ahead = ns_update.DEFAULT_UPDATE_CONFIG
+    bn, tiles, warps, stages = ns_update.DEFAULT_UPDATE_CONFIG
     ns_update.UPDATE_CONFIG = (given.get("ucols", bn), given.get("utiles", tiles), given.get("uwarps", warps),
-                               given.get("ustages", stages), given.get("uahead", ahead))
+                               given.get("ustages", stages))

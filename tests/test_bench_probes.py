@@ -195,9 +195,9 @@ def test_expert_kernel_shapes_set_from_defaults_and_refuse_bad_keys():
     from vpmoe.train import expert_muon, ns_update
 
     try:
-        set_expert_kernels({"cols": 32, "uwarps": 16, "utiles": 4, "ustages": 4, "uahead": 2})
+        set_expert_kernels({"cols": 32, "uwarps": 16, "utiles": 4, "ustages": 4})
         assert expert_muon.CONFIGS["momentum"] == (32, *expert_muon.DEFAULT_CONFIGS["momentum"][1:])
-        assert ns_update.UPDATE_CONFIG == (ns_update.DEFAULT_UPDATE_CONFIG[0], 4, 16, 4, 2)
+        assert ns_update.UPDATE_CONFIG == (ns_update.DEFAULT_UPDATE_CONFIG[0], 4, 16, 4)
         set_expert_kernels({"mwarps": 32, "mstages": 3, "mregs": 128})  # the others back to the defaults, not to the last call's
         assert expert_muon.CONFIGS["momentum"] == (expert_muon.DEFAULT_CONFIGS["momentum"][0], 32, 3, 128)
         assert ns_update.UPDATE_CONFIG == ns_update.DEFAULT_UPDATE_CONFIG

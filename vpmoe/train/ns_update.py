@@ -41,15 +41,15 @@ except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel upd
     triton = None
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
-# (columns per tile, tiles per program, warps, pipeline stages, W's prefetch depth in tiles): one program per 128 x 1024 matrix, Q loaded once, x
+# (columns per tile, tiles per program, warps, pipeline stages): one program per 128 x 1024 matrix, Q loaded once, x
 # streamed by the pipeliner and W loaded one tile ahead: 138 -> 112 us a launch in the 20-layer
 # optimizer step against one tile per program (H200, 2026-12-06 03:11; at 16 warps 131 us). Before W's
 # prefetch, 2 or 4 tiles a program (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38);
 # W's tile loaded before the products with one tile a program, or U and W with evict_first (so L2
 # keeps Q), made no difference (H100, 2026-12-06 00:27); nor, in the 20-layer optimizer step, did two
-# programs per matrix (23.77 against 23.61 ms), 4 stages (23.92; H100, 2026-12-06 05:46) or W two
-# tiles ahead (24.34 against 23.95, also at 4 stages; 06:16)
-UPDATE_CONFIG = (64, 16, 8, 3, 1)
+# programs per matrix (23.77 against 23.61 ms), 4 stages (23.92; H100, 2026-12-06 05:46) or W's
+# tile loaded two tiles ahead (a trial, removed: 24.34 against 23.95, also at 4 stages; 06:16)
+UPDATE_CONFIG = (64, 16, 8, 3)
 DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
 
 
@@ -69,7 +69,7 @@ if triton is not None:
     def _qx_update_kernel(q_ptr, q_lo_ptr, x_ptr, w_ptr, low_ptr, decay_ptr, step_ptr, M, N,
                           sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n, sl_b, sl_m, sl_n,
                           HAS_LOW: tl.constexpr, HAS_LO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          TILES: tl.constexpr, F32_DOT: tl.constexpr, Q_FP16: tl.constexpr, AHEAD: tl.constexpr):
+                          TILES: tl.constexpr, F32_DOT: tl.constexpr, Q_FP16: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
@@ -89,35 +89,26 @@ if triton is not None:
         decay = tl.load(decay_ptr)
         step = tl.load(step_ptr)
         first = tl.program_id(1) * TILES * BN
-        # with several tiles, W's is loaded AHEAD (1 or 2) tiles ahead (a register prefetch): the
-        # pipeliner streams x, the dots' operand, through shared memory, but leaves W's load (used only
-        # pointwise) where it stands. One tile loads W after the products (W first was not faster, H100
-        # 2026-12-06)
-        w_rows = w_ptr + b * sw_b + rows[:, None] * sw_m
+        # with several tiles, W's is loaded one tile ahead (a register prefetch): the pipeliner streams
+        # x, the dots' operand, through shared memory, but leaves W's load (used only pointwise) where
+        # it stands. One tile loads W after the products (W first was not faster, H100 2026-12-06)
         if TILES > 1:
-            c0 = first + tl.arange(0, BN)
-            w_next = tl.load(w_rows + c0[None, :] * sw_n, mask=row_ok[:, None] & (c0 < N)[None, :], other=0.0)
-            if AHEAD > 1:
-                w_next2 = tl.load(w_rows + (c0 + BN)[None, :] * sw_n,
-                                  mask=row_ok[:, None] & (c0 + BN < N)[None, :], other=0.0)
+            w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + (first + tl.arange(0, BN))[None, :] * sw_n,
+                             mask=row_ok[:, None] & ((first + tl.arange(0, BN)) < N)[None, :], other=0.0)
         for t in range(TILES):  # Q loaded once for TILES column tiles
             cols = first + t * BN + tl.arange(0, BN)
             tile_ok = row_ok[:, None] & (cols < N)[None, :]
             if TILES > 1:  # the prefetch past the program's last tile is masked off (no traffic)
                 w = w_next
-                ahead = cols + AHEAD * BN
-                ahead_ok = row_ok[:, None] & ((ahead < N) & (t + AHEAD < TILES))[None, :]
-                if AHEAD > 1:
-                    w_next = w_next2
-                    w_next2 = tl.load(w_rows + ahead[None, :] * sw_n, mask=ahead_ok, other=0.0)
-                else:
-                    w_next = tl.load(w_rows + ahead[None, :] * sw_n, mask=ahead_ok, other=0.0)
+                ahead = cols + BN
+                ahead_ok = row_ok[:, None] & ((ahead < N) & (t + 1 < TILES))[None, :]
+                w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + ahead[None, :] * sw_n, mask=ahead_ok, other=0.0)
             x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
             acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
             if HAS_LO:  # Q's low part (a near-fp32 Q as two bf16 operands), in the same fp32 sums
                 acc = tl.dot(q_lo, x.to(tl.float32) if F32_DOT else x, acc)
             o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
-            w_tile = w_rows + cols[None, :] * sw_n
+            w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
             if TILES == 1:
                 w = tl.load(w_tile, mask=tile_ok, other=0.0)
             w = w * decay + o * step
@@ -160,13 +151,12 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()
     sl_m, sl_n = (sl_2, sl_1) if transposed else (sl_1, sl_2)
     bm = max(16, triton.next_power_of_2(m))
-    bn, tiles, warps, stages, ahead = UPDATE_CONFIG
+    bn, tiles, warps, stages = UPDATE_CONFIG
     bn = 16 if interpreting() else bn
     _qx_update_kernel[(bsz, triton.cdiv(n, bn * tiles))](
         q, q if q_lo is None else q_lo, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(),
         sw_b, sw_m, sw_n, sl_b, sl_m, sl_n, HAS_LOW=low is not None, HAS_LO=q_lo is not None, BM=bm, BN=bn,
-        TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, AHEAD=ahead, num_warps=warps,
-        num_stages=stages)
+        TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, num_warps=warps, num_stages=stages)
 
 
 @qx_update.register_fake
