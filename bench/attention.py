@@ -117,12 +117,8 @@ def main():
         for name in a.variants.split(","):
             rows += time_variant(cfg, model, batch, name, spec, a.kinds.split(","), n_global)
     K.FLEX_KERNEL_OPTIONS.update({"local": None, "global": None})
-    if a.record:
-        from bench.results import append_results
-        append_results("attention", "python bench/attention.py " + " ".join(sys.argv[1:]), rows)
-    else:
-        from bench.results import markdown_table
-        print(markdown_table(rows))
+    from bench.results import report
+    report("attention", rows, a.record)
 
 
 if __name__ == "__main__":

@@ -114,11 +114,8 @@ def main():
         rows.append(json.loads(lines[-1]) if lines else
                     {"variant": variant, "error": f"child exited {out.returncode}: "
                                                        f"{(out.stderr.strip().splitlines() or [''])[-1][-200:]}"})
-    from bench.results import append_results, markdown_table
-    if a.record:
-        append_results("capture_threads", "python bench/capture_threads.py " + " ".join(sys.argv[1:]), rows)
-    else:
-        print(markdown_table(rows))
+    from bench.results import report
+    report("capture_threads", rows, a.record)
 
 
 if __name__ == "__main__":

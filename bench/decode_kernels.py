@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.results import append_results, markdown_table
+from bench.results import report
 from vpmoe.config import load_model_config
 from vpmoe.model import kernels as K
 from vpmoe.model.cache import StaticKVCache
@@ -117,11 +117,7 @@ def main():
     rows = [{"layers": a.layers, "rows": a.rows, "counted": "CUDA kernels" if cuda else "launching aten ops (CPU)",
              "per_step": total, "per_layer": total / a.layers}]
     rows += [{"source": src, "per_step": n, "per_layer": n / a.layers} for src, n in by_source.most_common(a.top)]
-    cmd = "python bench/decode_kernels.py " + " ".join(sys.argv[1:])
-    if a.record:
-        append_results("decode_kernels", cmd, rows)
-    else:
-        print(markdown_table(rows))
+    report("decode_kernels", rows, a.record)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,9 @@ def main():
     summary = (f"all six: biased {total['biased']:.0f} us, plain {total['plain']:.0f} us, as the step runs them "
                f"{total['step']:.0f} us")
     print("# " + summary, flush=True)
-    if a.record:
-        from bench.results import append_results
-        append_results("expert_gemms", "python bench/expert_gemms.py " + " ".join(sys.argv[1:]), rows,
-                       notes=f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert "
-                             f"{a.load_imbalance:.1f}x the mean rows), d {d}, width {H}; {summary}")
+    from bench.results import report
+    report("expert_gemms", rows, a.record, notes=f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert "
+           f"{a.load_imbalance:.1f}x the mean rows), d {d}, width {H}; {summary}")
 
 
 if __name__ == "__main__":

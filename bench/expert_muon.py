@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.results import append_results  # noqa: E402
+from bench.results import report  # noqa: E402
 from bench.timing import graph_time  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
@@ -148,12 +148,8 @@ def main():
             rows.append(dict(shape="x".join(map(str, shape)), path="kernels", **config, **got,
                              momentum_tbs=12 * n / got["momentum_us"] / 1e6, update_tbs=12 * n / got["update_us"] / 1e6))
             print(rows[-1], flush=True)
-    if a.record:
-        append_results("expert_muon", "python bench/expert_muon.py " + " ".join(sys.argv[1:]), rows,
-                       notes="one expert tensor's Muon step; the torch path one tensor per call (the step packs 4)")
-    else:
-        from bench.results import markdown_table
-        print(markdown_table(rows))
+    report("expert_muon", rows, a.record,
+           notes="one expert tensor's Muon step; the torch path one tensor per call (the step packs 4)")
 
 
 if __name__ == "__main__":

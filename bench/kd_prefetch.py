@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import append_results, markdown_table  # noqa: E402
+from bench.results import report  # noqa: E402
 from vpmoe.kd.cache import MANIFEST, CacheSpec, ShardWriter, new_manifest, write_json  # noqa: E402
 from vpmoe.kd.losses import LossSpec  # noqa: E402
 from vpmoe.kd.objective import KDConfig, KDObjective  # noqa: E402
@@ -105,12 +105,8 @@ def main():
             rows.append({"rows": a.rows, "seq": a.seq, "k": a.k, "positions": positions, "stage_ms": stage * 1e3,
                          "pos_per_s": positions / stage, "device_ms": device_ms, "sync_ms": sync * 1e3,
                          "prefetch_ms": pref * 1e3, "data_wait_ms": statistics.median(waits[1:]) * 1e3})
-    cmd = "python bench/kd_prefetch.py " + " ".join(sys.argv[1:])
-    if a.record:
-        append_results("kd_prefetch", cmd, rows, notes="synthetic cache in the real format; one micro-batch "
-                       "per step; see bench/kd_prefetch.py for columns")
-    else:
-        print(markdown_table(rows))
+    report("kd_prefetch", rows, a.record,
+           notes="synthetic cache in the real format; one micro-batch per step; see bench/kd_prefetch.py for columns")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.results import append_results  # noqa: E402
+from bench.results import report  # noqa: E402
 from vpmoe.kd import row_kernels as RK  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import tpa_fused as TF  # noqa: E402
@@ -228,10 +228,9 @@ def main():
         row = {"kernel": name, "config": config, **ptxas_report(kernel, sig, consts, warps, a.arch, stages, cap)}
         print(row, flush=True)
         rows.append(row)
-    if a.record:
-        import triton
-        append_results("kernel_registers", "python bench/kernel_registers.py " + " ".join(sys.argv[1:]), rows,
-                       notes=f"ptxas -v for sm_{a.arch}a from the Triton {triton.__version__} wheel; compiled without a GPU")
+    import triton
+    report("kernel_registers", rows, a.record,
+           notes=f"ptxas -v for sm_{a.arch}a from the Triton {triton.__version__} wheel; compiled without a GPU")
 
 
 if __name__ == "__main__":

@@ -82,12 +82,8 @@ def main():
                 print(f"# variant {name} failed: {e!r:.600}", flush=True)
                 row = dict(variant=name, tokens=tokens, error=repr(e)[:160])
             rows.append(row)
-    if a.record:
-        from bench.results import append_results
-        append_results("moe", "python bench/moe.py " + " ".join(sys.argv[1:]), rows)
-    else:
-        from bench.results import markdown_table
-        print(markdown_table(rows))
+    from bench.results import report
+    report("moe", rows, a.record)
 
 
 if __name__ == "__main__":

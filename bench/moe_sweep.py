@@ -93,10 +93,9 @@ def main():
                     offsets, out_y, 0, out_y, d, M, K=H, E=E, E_P2=E, TOPK=k, GATHER_A=False, ACT_A=True,
                     HAS_BIAS=True, SCALE=True, SCATTER=True, DOWN_BACKWARD=False, FP32=False, BN=bn, **cfg)
             add("down", f"act+scatter {str(wdt)[6:]} weights", name, down)
-    if a.record:
-        from bench.results import append_results
-        append_results("moe_sweep", "python bench/moe_sweep.py " + " ".join(sys.argv[1:]), rows,
-                       notes=f"{N} tokens, top-{k} of {E} experts, d {d}, width {H}; flops = 2 * rows * d * width")
+    from bench.results import report
+    report("moe_sweep", rows, a.record,
+           notes=f"{N} tokens, top-{k} of {E} experts, d {d}, width {H}; flops = 2 * rows * d * width")
 
 
 if __name__ == "__main__":

@@ -177,12 +177,8 @@ def main():
     rows = []
     for n in (int(x) for x in a.layers.split(",")):
         rows += run(n, a.methods.split(","), a.top)
-    if a.record:
-        from bench.results import append_results
-        append_results("optim_step", "python bench/optim_step.py " + " ".join(sys.argv[1:]), rows)
-    else:
-        from bench.results import markdown_table
-        print(markdown_table(rows))
+    from bench.results import report
+    report("optim_step", rows, a.record)
 
 
 if __name__ == "__main__":

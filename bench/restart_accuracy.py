@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.results import append_results, markdown_table  # noqa: E402
+from bench.results import report  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS, newton_schulz  # noqa: E402
@@ -65,11 +65,7 @@ def main():
             row[name] = ((out.double() - exact).norm() / exact.norm()).item()
         rows.append(row)
         print(row, flush=True)
-    if a.record:
-        append_results("restart_accuracy", "python bench/restart_accuracy.py " + " ".join(sys.argv[1:]), rows,
-                       notes=f"{a.batch} matrices of 128 x 1024 per spectrum, bf16 inputs, on {device}")
-    else:
-        print(markdown_table(rows))
+    report("restart_accuracy", rows, a.record, notes=f"{a.batch} matrices of 128 x 1024 per spectrum, bf16 inputs, on {device}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Append a benchmark's figures to bench/RESULTS.md with device, date and git sha.
 
-Every benchmark prints its table and calls `append_results(name, command, rows)`; the file is
-append-only history, newest at the bottom, so figures from different runs are never mixed up.
+Every benchmark prints its table and calls `append_results(name, command, rows)` (most through
+`report`, which does that under `--record` and only prints otherwise); the file is append-only
+history, newest at the bottom, so figures from different runs are never mixed up.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import platform
+import sys
 from pathlib import Path
 
 from vpmoe.utils import git_sha
@@ -61,3 +63,19 @@ def append_results(name: str, command: str, rows: list[dict], notes: str = "") -
     with open(path, "a") as f:
         f.write(text)
     return text
+
+
+def this_command() -> str:
+    """The benchmark's command line as it was run (for a section's `command`)."""
+    return f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+
+
+def report(name: str, rows: list[dict], record: bool, notes: str = "", command: str | None = None) -> None:
+    """A benchmark's ending: with `record`, append its section (`append_results`, which prints the
+    table); without, print the notes and the table."""
+    if record:
+        append_results(name, command or this_command(), rows, notes)
+        return
+    if notes:
+        print(notes)
+    print(markdown_table(rows))

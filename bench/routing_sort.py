@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.results import append_results  # noqa: E402
+from bench.results import report  # noqa: E402
 from bench.timing import graph_time  # noqa: E402
 from bench.train_step import routing_fields  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
@@ -43,12 +43,7 @@ def main():
                          ("routing_us", routing)):
             row[name] = graph_time(fn, iters=20)[0] * 1e6
         rows.append(row)
-    cmd = "python bench/routing_sort.py " + " ".join(sys.argv[1:])
-    if a.record:
-        append_results("routing_sort", cmd, rows)
-    else:
-        from bench.results import markdown_table
-        print(markdown_table(rows))
+    report("routing_sort", rows, a.record)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,9 @@ def main():
         for r in rows:
             print(f"#   {r}", flush=True)
             all_rows.append(dict(block=kind, **r))
-    if a.record:
-        from bench.results import append_results
-        append_results("saved_activations", "python bench/saved_activations.py " + " ".join(sys.argv[1:]), all_rows,
-                       notes=f"{tokens} tokens per micro-batch, saves {a.saves}; per token: " +
-                             ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in totals.items()))
+    from bench.results import report
+    report("saved_activations", all_rows, a.record, notes=f"{tokens} tokens per micro-batch, saves {a.saves}; per token: "
+           + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in totals.items()))
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(a.config, base_sets)
     except ConfigError as e:
         raise SystemExit(f"scaling: {e}") from None
-    from bench.results import append_results, markdown_table
+    from bench.results import report
     command = "python3 bench/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = (f"{cfg.model.n_layers} layers, {cfg.data.micro_batch_size} rows x {cfg.train.grad_accum} "
              f"micro-batches of {cfg.data.seq_len} tokens per GPU; overrides: {' '.join(base_sets[1:])}")
@@ -248,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = any(r["result"] != "pass" for r in checks)
             tables.append(("scaling check", checks))
     for name, rows in tables:
-        if a.record:
-            append_results(name, command, rows, notes=notes)
-        else:
-            print(markdown_table(rows))
+        report(name, rows, a.record, notes=notes, command=command)
     effs = [r["efficiency"] for r in tables[0][1] if r["gpus"] > 1 and "efficiency" in r]
     if effs:
         print(f"weak-scaling efficiency: {statistics.median(effs):.1%} median over {len(effs)} point(s)")

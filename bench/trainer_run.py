@@ -128,12 +128,8 @@ def main() -> int:
     row = {"layers": cfg.model.n_layers, "rows": cfg.data.micro_batch_size, "micro": cfg.train.grad_accum,
            "seq": cfg.data.seq_len, **row}
     command = "python3 bench/trainer_run.py " + " ".join(sys.argv[1:])
-    if a.record:
-        from bench.results import append_results
-        append_results("trainer_run", command, [row], notes=f"{compute}; overrides: {' '.join(sets)}")
-    else:
-        from bench.results import markdown_table
-        print(markdown_table([row]))
+    from bench.results import report
+    report("trainer_run", [row], a.record, notes=f"{compute}; overrides: {' '.join(sets)}", command=command)
     print(compute)
     return 0
 

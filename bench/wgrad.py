@@ -76,13 +76,8 @@ def main():
         print(row, flush=True)
     notes = (f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert {a.load_imbalance:.1f}x the mean "
              f"rows), d {d}, width {H}; fill of the 134 MB output {fill_us:.1f} us; `listed`: in WGRAD_CONFIGS")
-    if a.record:
-        from bench.results import append_results
-        append_results("wgrad", "python bench/wgrad.py " + " ".join(sys.argv[1:]), rows, notes=notes)
-    else:
-        from bench.results import markdown_table
-        print(notes)
-        print(markdown_table(rows))
+    from bench.results import report
+    report("wgrad", rows, a.record, notes=notes)
 
 
 if __name__ == "__main__":

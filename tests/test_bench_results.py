@@ -1,8 +1,10 @@
-"""bench/results.py: the host CPU read from cpuinfo, and `append_results` adding a section with
-device, date, git sha and command after what the file already holds."""
+"""bench/results.py: the host CPU read from cpuinfo, `append_results` adding a section with
+device, date, git sha and command after what the file already holds, and `report` (a benchmark's
+ending) recording only when asked."""
 import platform
+import sys
 
-from bench.results import append_results, host_cpu
+from bench.results import append_results, host_cpu, report
 
 
 def test_host_cpu_reads_the_model_name_and_falls_back(tmp_path):
@@ -27,3 +29,19 @@ def test_append_results_keeps_history_and_names_device_git_command(tmp_path, mon
     assert "- device: " in section and host_cpu() in section and "- git: " in section  # CPU or GPU host
     assert "- command: `python3 bench/x.py --y`\n- notes: n1\n" in section
     assert section.endswith("| ms | name |\n|---|---|\n| 1.235 | z |\n| 2 |  |\n")
+
+
+def test_report_records_only_when_asked_with_the_command_as_run(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "RESULTS.md"
+    monkeypatch.setenv("VPMOE_RESULTS", str(path))
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bench/probe.py", "--cases", "a", "--record"])
+    rows = [{"ms": 1.5}]
+    report("probe", rows, record=False, notes="n2")
+    assert not path.exists()
+    assert capsys.readouterr().out == "n2\n| ms |\n|---|\n| 1.5 |\n\n"
+    report("probe", rows, record=True, notes="n2")
+    section = path.read_text().split("\n## probe: ")[1]
+    assert "- command: `python bench/probe.py --cases a --record`\n- notes: n2\n" in section
+    assert section.endswith("| ms |\n|---|\n| 1.5 |\n")
+    report("other", rows, record=True, command="python3 bench/probe.py --given")
+    assert "- command: `python3 bench/probe.py --given`\n\n" in path.read_text().split("\n## other: ")[1]
