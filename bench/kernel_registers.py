@@ -156,13 +156,9 @@ def moe_cases():
         sig = {"a_ptr": f"*{a_t}", "stride_a": ("i32", ka), "b_ptr": f"*{b_t}", "stride_b": ("i32", nb),
                "order_ptr": "*i64", "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*bf16", "db_ptr": "*fp32",
                "sq_ptr": "*fp32", "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
-        # the autotuner's candidates, then row tiles per program (MT) as bench/wgrad.py tries them
-        for bm, bn, bk, w, st, *mt in [*W.WGRAD_CONFIGS, (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 3, 8)]:
-            mt = mt[0] if mt else 1
-            consts = dict(off, **flags, TOPK=4, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, LOW=True, BM=bm, BN=bn, BK=bk,
-                          MT=mt)
-            yield (name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages" + (f", {mt} row tiles a program" if mt > 1 else ""),
-                   W._wgrad_kernel, sig, consts, w, st)
+        for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
+            consts = dict(off, **flags, TOPK=4, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, LOW=True, BM=bm, BN=bn, BK=bk)
+            yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", W._wgrad_kernel, sig, consts, w, st
 
 
 def ns_cases():

@@ -23,10 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.moe_sweep import routed_case  # noqa: E402
 from bench.timing import cuda_time  # noqa: E402
 
-# (BM, BN, BK, warps, stages[, MT: row tiles a program]); the last three stream MT tiles of A past one
-# load of an expert's indices and B tile (the kernel's one-chunk path)
 EXTRA_CONFIGS = [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2),
-                 (64, 128, 128, 4, 2), (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 3, 4), (64, 128, 64, 4, 3, 16)]
+                 (64, 128, 128, 4, 2)]  # (BM, BN, BK, warps, stages)
 
 
 def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
@@ -42,7 +40,7 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
 
 def launch(config, a, b, index, offsets, dw, db, gather_a: bool) -> None:
     """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
-    at one tiling configuration (BM, BN, BK, warps, stages[, MT]) instead of the autotuner's pick."""
+    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick."""
     from vpmoe.model import wgrad as W
 
     W.launch(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 # the same test for every Triton op
-from vpmoe.model.tpa_fused import available, interpreting
+from vpmoe.model.tpa_fused import autotuned, available, interpreting
 
 try:
     import triton
@@ -87,8 +87,7 @@ if triton is not None:
     def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr, sq_ptr,
                       KA, NB, M, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
                       GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
-                      FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      MT: tl.constexpr):
+                      FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
         A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
         gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile). M (all
@@ -97,89 +96,48 @@ if triton is not None:
         SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum do
         not depend on the tiling the autotuner picks and no slot is left unwritten. LOW: dW is bf16,
         rounded to nearest here (the interpreter's own conversion truncates), and the sums of squares
-        are the rounded values', so they are exactly the stored gradient's. MT: row tiles (of BM) per
-        program; an expert of at most BK rows (most, at (a)'s 64 rows an expert) loads its token
-        indices and its B tile once and streams A's MT tiles past them (a loop the pipeliner
-        overlaps), any other loops over its rows for each tile."""
+        are the rounded values', so they are exactly the stored gradient's."""
         e = tl.program_id(0)
         start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(offsets_ptr + e)
+        ms = tl.program_id(1) * BM + tl.arange(0, BM)
         ns = tl.program_id(2) * BN + tl.arange(0, BN)
-        n_ok = ns < NB
-        if end - start <= BK:  # one row chunk: B, its column sums and the indices once for all MT tiles
-            rows = start + tl.arange(0, BK)
+        m_ok, n_ok = ms < KA, ns < NB
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        db = tl.zeros([BN], dtype=tl.float32)
+        for r0 in range(start, end, BK):
+            rows = r0 + tl.arange(0, BK)
             ok = rows < end
             flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
             a_rows = (flat // TOPK) if GATHER_A else rows
-            b = _b_chunk(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK, GATHER_B, SCALE_B)
-            for mt in range(MT):
-                m_tile = tl.program_id(1) * MT + mt
-                ms = m_tile * BM + tl.arange(0, BM)
-                a = _a_chunk(a_ptr, stride_a, a_rows, ok, ms, ms < KA, ACT_A)
-                acc = tile_dot(tl.trans(a), b, tl.zeros([BM, BN], dtype=tl.float32), FP32)
-                _store_tile(dw_ptr, sq_ptr, e, acc, m_tile, ms, ns, KA, NB, HAS_SQ, SQ, LOW, BM, BN)
-            if HAS_DB:  # noqa: SIM102 - a constexpr test of its own: Triton drops the branch
-                if tl.program_id(1) == 0:  # the bias gradient once per column tile
-                    tl.store(db_ptr + e * NB + ns, tl.sum(b.to(tl.float32), 0), mask=n_ok)
-        else:
-            for mt in range(MT):
-                m_tile = tl.program_id(1) * MT + mt
-                ms = m_tile * BM + tl.arange(0, BM)
-                m_ok = ms < KA
-                acc = tl.zeros([BM, BN], dtype=tl.float32)
-                db = tl.zeros([BN], dtype=tl.float32)
-                for r0 in range(start, end, BK):
-                    rows = r0 + tl.arange(0, BK)
-                    ok = rows < end
-                    flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
-                    a = _a_chunk(a_ptr, stride_a, (flat // TOPK) if GATHER_A else rows, ok, ms, m_ok, ACT_A)
-                    b = _b_chunk(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK, GATHER_B, SCALE_B)
-                    if HAS_DB:
-                        db += tl.sum(b.to(tl.float32), 0)
-                    acc = tile_dot(tl.trans(a), b, acc, FP32)
-                _store_tile(dw_ptr, sq_ptr, e, acc, m_tile, ms, ns, KA, NB, HAS_SQ, SQ, LOW, BM, BN)
-                if HAS_DB:  # noqa: SIM102 - a constexpr test of its own: Triton drops the branch
-                    if m_tile == 0:  # the bias gradient once per column tile
-                        tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
-
-    @triton.jit
-    def _a_chunk(a_ptr, stride_a, a_rows, ok, ms, m_ok, ACT_A: tl.constexpr):
-        """A's rows `a_rows` (masked by `ok`) at columns `ms`, squared-ReLU'd for ACT_A."""
-        a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :], other=0.0)
-        if ACT_A:
-            r = tl.maximum(a.to(tl.float32), 0.0)
-            a = r * r
-        return a
-
-    @triton.jit
-    def _b_chunk(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK: tl.constexpr, GATHER_B: tl.constexpr,
-                 SCALE_B: tl.constexpr):
-        """B's rows (gathered through `flat` for GATHER_B) at columns `ns`, times the rows' routing
-        weights for SCALE_B."""
-        b_rows = (flat // TOPK) if GATHER_B else rows
-        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
-        if SCALE_B:
-            b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
-        return b
-
-    @triton.jit
-    def _store_tile(dw_ptr, sq_ptr, e, acc, m_tile, ms, ns, KA, NB, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
-                    LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        """dW's tile (bf16-rounded for LOW) and, for HAS_SQ, its sum of squares (`_store_sq`)."""
+            b_rows = (flat // TOPK) if GATHER_B else rows
+            a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :], other=0.0)
+            if ACT_A:
+                r = tl.maximum(a.to(tl.float32), 0.0)
+                a = r * r
+            b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
+            if SCALE_B:
+                b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
+            if HAS_DB:
+                db += tl.sum(b.to(tl.float32), 0)
+            acc = tile_dot(tl.trans(a), b, acc, FP32)
         if LOW:
             acc = bf16_rounded(acc)
-        tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=(ms < KA)[:, None] & (ns < NB)[None, :])
+        tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        if HAS_DB:
+            if tl.program_id(1) == 0:  # the bias gradient once per column tile
+                tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
         if HAS_SQ:
-            _store_sq(sq_ptr, e, acc, m_tile, KA, NB, SQ, BM, BN)
+            _store_sq(sq_ptr, e, acc, KA, NB, SQ, BM, BN)
 
     @triton.jit
-    def _store_sq(sq_ptr, e, acc, m_tile, KA, NB, SQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _store_sq(sq_ptr, e, acc, KA, NB, SQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """The tile's sum of squares in the first SQ-square slot it covers, zeros in its others
         (`sq_shape`); masked loads left zeros outside the weight, so acc's squares are the tile's own."""
         total = tl.sum(tl.sum(acc * acc, 1), 0)
         g1, g2 = (KA + SQ - 1) // SQ, (NB + SQ - 1) // SQ
         j1, j2 = tl.arange(0, BM // SQ), tl.arange(0, BN // SQ)
-        s1, s2 = m_tile * (BM // SQ) + j1, tl.program_id(2) * (BN // SQ) + j2
+        s1, s2 = tl.program_id(1) * (BM // SQ) + j1, tl.program_id(2) * (BN // SQ) + j2
         first = (j1 == 0)[:, None] & (j2 == 0)[None, :]
         tl.store(sq_ptr + e * g1 * g2 + s1[:, None] * g2 + s2[None, :], tl.where(first, total, 0.0),
                  mask=(s1 < g1)[:, None] & (s2 < g2)[None, :])
@@ -193,26 +151,23 @@ _kernel = None
 
 
 def _tuned():
-    """The kernel, autotuned per shape and flags on CUDA over `WGRAD_CONFIGS` ((BM, BN, BK, warps,
-    stages[, MT]), MT 1 where not given); the interpreter runs small tiles (`_untuned_config`) so
-    that tests cross tile and expert boundaries."""
+    """The kernel, autotuned per shape and flags on CUDA; the interpreter runs small tiles
+    (`_untuned_config`) so that tests cross tile and expert boundaries."""
     global _kernel
     if _kernel is None:
-        _kernel = _wgrad_kernel if interpreting() else triton.autotune(
-            [triton.Config({"BM": bm, "BN": bn, "BK": bk, "MT": mt[0] if mt else 1}, num_warps=w, num_stages=st)
-             for bm, bn, bk, w, st, *mt in WGRAD_CONFIGS], key=_WGRAD_KEY)(_wgrad_kernel)
+        _kernel = autotuned(_wgrad_kernel, WGRAD_CONFIGS, _WGRAD_KEY)
     return _kernel
 
 
 def _untuned_config() -> dict:
-    return {"BM": 16, "BN": 16, "BK": 16, "MT": 1} if interpreting() else {}
+    return {"BM": 16, "BN": 16, "BK": 16} if interpreting() else {}
 
 
 def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
            scale=None, config=None, sq=None):
-    """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages[, MT]) at that
-    tiling (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares
-    too. dw fp32 or bf16 (then rounded to nearest in the kernel)."""
+    """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
+    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too.
+    dw fp32 or bf16 (then rounded to nearest in the kernel)."""
     E, KA, NB = dw.shape
     M = order.numel()
     if sq is not None and tuple(sq.shape) != sq_shape(E, KA, NB):
@@ -220,10 +175,9 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     if config is None:
         kernel, meta = _tuned(), _untuned_config()
     else:
-        bm, bn, bk, warps, stages, *mt = config
-        kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "MT": mt[0] if mt else 1, "num_warps": warps,
-                                       "num_stages": stages}
-    kernel[lambda m: (E, triton.cdiv(triton.cdiv(KA, m["BM"]), m["MT"]), triton.cdiv(NB, m["BN"]))](
+        bm, bn, bk, warps, stages = config
+        kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
+    kernel[lambda m: (E, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
         dw if sq is None else sq, KA, NB, M=M, TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
         SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32,
