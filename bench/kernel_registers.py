@@ -66,7 +66,8 @@ def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch
     sig, consts, attrs = specialised(kernel, signature, constexprs)
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})})
+                              options={"num_warps": num_warps, "num_stages": num_stages,
+                                       **({"maxnreg": maxnreg} if maxnreg else {})})
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     text = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +186,8 @@ def expert_muon_cases():
     for bn, w, st, cap in ((64, 16, 3, 0), (64, 16, 2, 0), (128, 16, 2, 0), (64, 32, 2, 0), (32, 32, 2, 0),
                            (32, 8, 3, 0), (32, 8, 3, 128), (32, 8, 4, 128), (16, 8, 3, 128)):
         yield ("expert momentum gram", f"BN {bn}, {w} warps, {st} stages" + (f", cap {cap}" if cap else ""),
-               EM._momentum_gram_kernel, first, dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False), w, st, cap)
+               EM._momentum_gram_kernel, first, dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False),
+               w, st, cap)
     update = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "low_ptr": "*bf16",
               "decay_ptr": "*fp32", "step_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024),
               **{f"s{t}_{a}": ("i32", s) for t, axes, dims in (("q", "bmk", square), ("x", "bkn", wide),

@@ -13,8 +13,9 @@ fields not given keep FastMuonAdamW's defaults, packs of 4 on 3 streams, which t
 the 2-D matrices' step compiled (the default) or eager (`gram:256:float32:matrices=eager`, the
 A/B), the CUDA streams the step's pieces spread over (`gram:256:float32:streams=3`) and the
 experts' step as streaming kernels (`gram:256:float32:stream=1`, `expert_muon.py`; `cols=128` sets its
-momentum kernel's columns per tile, `mwarps=N` / `mstages=N` / `mregs=N` its warps, pipeline stages and register cap, `ucols=N` /
-`utiles=N` / `uwarps=N` / `ustages=N` the update's: `expert_muon.CONFIGS` and `ns_update.UPDATE_CONFIG`).
+momentum kernel's columns per tile, `mwarps=N` / `mstages=N` / `mregs=N` its warps, pipeline stages
+and register cap, `ucols=N` / `utiles=N` / `uwarps=N` / `ustages=N` the update's: `expert_muon.CONFIGS`
+and `ns_update.UPDATE_CONFIG`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
@@ -100,7 +101,8 @@ def parse_method(spec: str) -> tuple[str, int, str, dict, str]:
                 or (key == "matrices" and value not in ("compiled", "eager")) \
                 or (key in flags and value not in ("0", "1")):
             sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager, "
-                     "gram_kernel=0|1, stream=0|1, cols=N, mwarps=N, mstages=N, mregs=N, ucols=N, utiles=N, uwarps=N, ustages=N)")
+                     "gram_kernel=0|1, stream=0|1, cols=N, mwarps=N, mstages=N, mregs=N, ucols=N, utiles=N, uwarps=N, "
+                     "ustages=N)")
         given[key] = value
     kwargs = {name: int(given[key]) for key, name in (("pack", "ns_pack"), ("streams", "streams"),
                                                       *((k, k) for k in EXPERT_KERNEL_KEYS)) if key in given}

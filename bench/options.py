@@ -59,13 +59,15 @@ def set_inductor_options(spec: str) -> None:
         setattr(obj, path[-1], ast.literal_eval(value))
 
 
-EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "ucols", "utiles", "uwarps", "ustages")  # the experts' streaming Muon kernels' launch shapes
+# the experts' streaming Muon kernels' launch shapes
+EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "ucols", "utiles", "uwarps", "ustages")
 
 
 def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     """The experts' streaming Muon kernels' launch shapes from {cols, mwarps, mstages, mregs} (the
-    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`) and {ucols, utiles, uwarps, ustages}
-    (the update's columns per tile, tiles per program, warps and pipeline stages,
+    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`)
+    and {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
+    pipeline stages,
     `ns_update.UPDATE_CONFIG`), ints; keys not given keep the modules' defaults (not what an earlier
     call set)."""
     from vpmoe.train import expert_muon, ns_update

@@ -65,7 +65,8 @@ def main():
             row[name] = ((out.double() - exact).norm() / exact.norm()).item()
         rows.append(row)
         print(row, flush=True)
-    report("restart_accuracy", rows, a.record, notes=f"{a.batch} matrices of 128 x 1024 per spectrum, bf16 inputs, on {device}")
+    report("restart_accuracy", rows, a.record,
+           notes=f"{a.batch} matrices of 128 x 1024 per spectrum, bf16 inputs, on {device}")
 
 
 if __name__ == "__main__":

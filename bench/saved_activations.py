@@ -87,7 +87,8 @@ def main():
             print(f"#   {r}", flush=True)
             all_rows.append(dict(block=kind, **r))
     from bench.results import report
-    report("saved_activations", all_rows, a.record, notes=f"{tokens} tokens per micro-batch, saves {a.saves}; per token: "
+    report("saved_activations", all_rows, a.record,
+           notes=f"{tokens} tokens per micro-batch, saves {a.saves}; per token: "
            + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in totals.items()))
 
 

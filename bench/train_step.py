@@ -490,7 +490,8 @@ def main():
                     help="what the compiled blocks keep for backward: the partitioner's default (FastBody's) or LEAN_SAVES (train.lean_saves)")
     ap.add_argument("--opt", default="", help="FastMuonAdamW keyword arguments, KEY=VALUE,... (e.g. ns_pack=4,streams=3)")
     ap.add_argument("--expert-kernels", default="", help="the experts' streaming Muon kernels' tiles and warps, "
-                    "cols=N,mwarps=N,mstages=N,mregs=N,ucols=N,utiles=N,uwarps=N,ustages=N (bench/options.set_expert_kernels); unset: the modules' defaults")
+                    "cols=N,mwarps=N,mstages=N,mregs=N,ucols=N,utiles=N,uwarps=N,ustages=N "
+                    "(bench/options.set_expert_kernels); unset: the modules' defaults")
     ap.add_argument("--overlap-probe", action="store_true",
                     help="graphed cases: an optimizer step replayed beside a forward + backward (an upper bound; a second model)")
     ap.add_argument("--rows-probe", action="store_true",

@@ -198,7 +198,8 @@ def test_expert_kernel_shapes_set_from_defaults_and_refuse_bad_keys():
         set_expert_kernels({"cols": 32, "uwarps": 16, "utiles": 4, "ustages": 4})
         assert expert_muon.CONFIGS["momentum"] == (32, *expert_muon.DEFAULT_CONFIGS["momentum"][1:])
         assert ns_update.UPDATE_CONFIG == (ns_update.DEFAULT_UPDATE_CONFIG[0], 4, 16, 4)
-        set_expert_kernels({"mwarps": 32, "mstages": 3, "mregs": 128})  # the others back to the defaults, not to the last call's
+        # the others back to the defaults, not to the last call's
+        set_expert_kernels({"mwarps": 32, "mstages": 3, "mregs": 128})
         assert expert_muon.CONFIGS["momentum"] == (expert_muon.DEFAULT_CONFIGS["momentum"][0], 32, 3, 128)
         assert ns_update.UPDATE_CONFIG == ns_update.DEFAULT_UPDATE_CONFIG
         with pytest.raises(SystemExit, match="--expert-kernels: expected"):

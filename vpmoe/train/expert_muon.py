@@ -210,7 +210,8 @@ def momentum_gram(g: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mu: fl
     _momentum_gram_kernel[(bsz,)](
         gv, bv, uv, r, scale, coef, m, n, float(mu), float(eps), *gv.stride(), *bv.stride(), *uv.stride(),
         *r.stride(), NESTEROV=bool(nesterov), BUF_BF16=buf.dtype == torch.bfloat16, F32_DOT=_f32_dot(),
-        BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps, num_stages=stages, **cap)
+        BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps, num_stages=stages,
+        **cap)
     return u, r, scale
 
 
