@@ -34,11 +34,15 @@ from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton
 # (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program, warps, stages));
 # the first pair is the modules' default (since 2026-12-06 03:15), the second the one before. At 2
 # stages Triton pipelines the momentum kernel's loads through one shared-memory buffer, so the next
-# tile's copy starts only after this tile's math; 3 stages give two buffers (the TTGIR on the CPU,
-# Triton 3.9). Update programs of several tiles load W one tile ahead while the pipeliner streams x
-CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3)), ((64, 16, 2, 0), (64, 1, 8, 3)), ((32, 8, 3, 128), (64, 16, 8, 3)),
-           ((32, 8, 4, 128), (64, 16, 8, 3)), ((16, 8, 3, 128), (64, 16, 8, 3)), ((32, 8, 3, 0), (64, 16, 8, 3)),
-           ((64, 16, 4, 0), (64, 16, 8, 3)), ((64, 16, 3, 0), (64, 16, 8, 4)), ((64, 16, 3, 0), (64, 8, 8, 3))]
+# tile's copy waits for this tile's math; 3 stages give two buffers (the TTGIR on the CPU, Triton 3.9).
+# Update programs of several tiles load W one tile ahead while the pipeliner streams x. The others
+# (2026-12-06 07:40): wider contiguous runs in the [256, 128, 1024] tensor's rows (256 B of fp32 at
+# 64 columns), whose momentum kernel slowed with every narrower tile (245 us at 16 columns against
+# 157 at 64, H100 06:09) where the transposed tensor's did not; and fewer tiles per update program,
+# a matrix's column programs adjacent in launch order (so they run side by side on its rows)
+CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3)), ((64, 16, 2, 0), (64, 1, 8, 3)), ((128, 16, 2, 0), (64, 16, 8, 3)),
+           ((64, 16, 3, 0), (64, 1, 8, 3)), ((64, 16, 3, 0), (64, 2, 8, 3)), ((64, 16, 3, 0), (64, 4, 8, 3)),
+           ((64, 16, 3, 0), (128, 1, 8, 3)), ((64, 16, 3, 0), (128, 1, 16, 3)), ((64, 16, 3, 0), (32, 1, 8, 3))]
 
 
 def case(shape, seed=0):

@@ -70,7 +70,7 @@ if triton is not None:
                           sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n, sl_b, sl_m, sl_n,
                           HAS_LOW: tl.constexpr, HAS_LO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           TILES: tl.constexpr, F32_DOT: tl.constexpr, Q_FP16: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
         q_tile = b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k
@@ -88,7 +88,7 @@ if triton is not None:
                 q_lo = q_lo.to(tl.float32)
         decay = tl.load(decay_ptr)
         step = tl.load(step_ptr)
-        first = tl.program_id(1) * TILES * BN
+        first = tl.program_id(0) * TILES * BN
         # with several tiles, W's is loaded one tile ahead (a register prefetch): the pipeliner streams
         # x, the dots' operand, through shared memory, but leaves W's load (used only pointwise) where
         # it stands. One tile loads W after the products (W first was not faster, H100 2026-12-06)
@@ -153,7 +153,7 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     bm = max(16, triton.next_power_of_2(m))
     bn, tiles, warps, stages = UPDATE_CONFIG
     bn = 16 if interpreting() else bn
-    _qx_update_kernel[(bsz, triton.cdiv(n, bn * tiles))](
+    _qx_update_kernel[(triton.cdiv(n, bn * tiles), bsz)](
         q, q if q_lo is None else q_lo, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(),
         sw_b, sw_m, sw_n, sl_b, sl_m, sl_n, HAS_LOW=low is not None, HAS_LO=q_lo is not None, BM=bm, BN=bn,
         TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, num_warps=warps, num_stages=stages)
