@@ -39,7 +39,8 @@ from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton
 # (2026-12-06 07:40): wider contiguous runs in the [256, 128, 1024] tensor's rows (256 B of fp32 at
 # 64 columns), whose momentum kernel slowed with every narrower tile (245 us at 16 columns against
 # 157 at 64, H100 06:09) where the transposed tensor's did not; and fewer tiles per update program,
-# a matrix's column programs adjacent in launch order (so they run side by side on its rows)
+# a matrix's column programs adjacent in launch order (so they run side by side on its rows). One tile
+# a program was the fastest update alone (H100, 07:25) but slower in the 20-layer optimizer step (07:28)
 CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3)), ((64, 16, 2, 0), (64, 1, 8, 3)), ((128, 16, 2, 0), (64, 16, 8, 3)),
            ((64, 16, 3, 0), (64, 1, 8, 3)), ((64, 16, 3, 0), (64, 2, 8, 3)), ((64, 16, 3, 0), (64, 4, 8, 3)),
            ((64, 16, 3, 0), (128, 1, 8, 3)), ((64, 16, 3, 0), (128, 1, 16, 3)), ((64, 16, 3, 0), (32, 1, 8, 3))]

@@ -15,7 +15,9 @@ Design choices:
 - One program per (matrix, TILES x BN columns); Q's tile is loaded whole (m <= 128, vpMoE's expert
   width: a 256 x 256 tile would not fit on chip with its operand), so there is no K loop. The
   default is one program per 128 x 1024 matrix (Q loaded once): the loop over its column tiles is
-  pipelined for x by Triton and for W by hand (its tile loaded one ahead).
+  pipelined for x by Triton and for W by hand (its tile loaded one ahead). Where a matrix has
+  several programs they are adjacent in launch order (grid axis 0), so they run side by side on
+  its rows and share Q in L2.
 - Weights stored transposed (the down projection's [E, 1024, 128], orthogonalised as its
   [128, 1024] transpose) use the same kernel with W's strides swapped.
 - decay and step are 0-dim device tensors, read in the kernel: a captured graph follows the
@@ -48,7 +50,10 @@ MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
 # W's tile loaded before the products with one tile a program, or U and W with evict_first (so L2
 # keeps Q), made no difference (H100, 2026-12-06 00:27); nor, in the 20-layer optimizer step, did two
 # programs per matrix (23.77 against 23.61 ms), 4 stages (23.92; H100, 2026-12-06 05:46) or W's
-# tile loaded two tiles ahead (a trial, removed: 24.34 against 23.95, also at 4 stages; 06:16)
+# tile loaded two tiles ahead (a trial, removed: 24.34 against 23.95, also at 4 stages; 06:16). With a
+# matrix's programs adjacent in launch order, one tile a program is the fastest launch alone (165.7 /
+# 177.7 us up / down against 173.4 / 185.1) but not in the step, where three streams share the GPU
+# (24.60 against 23.87 ms; H100, 2026-12-06 07:25-07:28)
 UPDATE_CONFIG = (64, 16, 8, 3)
 DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
 
