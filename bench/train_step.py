@@ -179,11 +179,13 @@ class Trainer:
         if "kd_gate" in batch:  # offline KD's gated loss (fkl + 0.2 CE), as the trainer captures it
             spec, gate = LossSpec(kind="fkl", ce_weight=0.2), batch["kd_gate"]
             target = SparseTarget(batch["kd_ids"], batch["kd_logprobs"], batch["kd_rest"], batch["kd_label_logprob"])
-        # the fp32 master head, as `vpmoe train` passes it: the loss casts each use to the hidden
-        # state's dtype and accumulates its gradient in fp32 inside the GEMM (kd/fused.py)
+        # the fp32 master head, as `vpmoe train` passes it: the loss casts it to the hidden state's
+        # dtype (or takes the body's kept copy: graphed.WEIGHT_COPIES) and accumulates its gradient
+        # in fp32 inside the GEMM (kd/fused.py)
         loss, _ = fused_span_loss(hidden.reshape(-1, d), self.model.lm_head.weight,
                                   batch["labels"].flatten(), batch["span_id"].flatten(), spec, target,
-                                  chunk_size=self.loss_chunk, static=True, kd_gate=gate)
+                                  chunk_size=self.loss_chunk, static=True, kd_gate=gate,
+                                  head_low=self.body.head_low())
         return loss * scale
 
     def step(self, micro: list[dict]):

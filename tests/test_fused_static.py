@@ -175,3 +175,23 @@ def test_kd_gate_refusals():
         fused_span_loss(hidden, weight, labels, span, LossSpec(), None, static=True, kd_gate=gate)
     with pytest.raises(ValueError, match="0-d tensor"):
         fused_span_loss(hidden, weight, labels, span, LossSpec(kind="fkl"), target, static=True, kd_gate=gate[None])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_head_low_stands_in_for_the_cast_head(static):
+    """`head_low` (the kept bf16 head, `FastBody.head_low`): equal to the cast, the same loss, stats
+    and gradients bit for bit, the head's gradient still fp32 on the master; a different copy is
+    what the products read (so it is used, not re-cast); a wrong shape or dtype is refused."""
+    hidden, weight, labels, span, target = make_problem(torch.float32, seed=11)
+    hidden = hidden.bfloat16()
+    spec = LossSpec(kind="fkl", temperature=1.5, ce_weight=0.2)
+    kw = {"chunk_size": CHUNK, "static": static}
+    ref = run(hidden, weight, labels, span, spec, target, **kw)
+    out = run(hidden, weight, labels, span, spec, target, head_low=weight.bfloat16(), **kw)
+    assert out[2].dtype == torch.float32
+    assert_same(out, ref, 0.0)
+    other = run(hidden, weight, labels, span, spec, target, head_low=(weight * 1.5).bfloat16(), **kw)
+    assert not torch.equal(other[0], ref[0])
+    for bad in (weight.bfloat16()[:-1], weight):  # one row short; fp32, not hidden's dtype
+        with pytest.raises(ValueError, match="head_low"):
+            run(hidden, weight, labels, span, spec, target, head_low=bad, **kw)

@@ -1,24 +1,31 @@
-"""The kept bf16 expert weights (`FastBody.use_weight_copies`, written by `FastMuonAdamW` with each
-update, `graphed.WEIGHT_COPIES`) against the default path that casts the fp32 masters in every
-forward: the same bits everywhere, copies only where a block keeps its activations, and a master
-changed outside the optimizer cast again before the next forward. CPU, bf16 bodies (the copies'
-dtype); the GPU's graphed step: tests/gpu/test_gpu_graphed.py."""
+"""The kept bf16 expert and head weights (`FastBody.use_weight_copies`, written by `FastMuonAdamW`
+with each update, `graphed.WEIGHT_COPIES`; the head's read by the loss as `head_low`) against the
+default path that casts the fp32 masters in every forward: the same bits everywhere, expert copies
+only where a block keeps its activations, and a master changed outside the optimizer cast again
+before the next forward. CPU, bf16 bodies (the copies' dtype); the GPU's graphed step:
+tests/gpu/test_gpu_graphed.py."""
 import copy
 
 import pytest
 import torch
 
 from tests.test_model import randomize, small
+from vpmoe.kd.fused import fused_span_loss
+from vpmoe.kd.losses import LossSpec
 from vpmoe.model.fast import FastBody
 from vpmoe.model.model import VpMoE
+from vpmoe.train import optim_fast
 from vpmoe.train.optim import OptimConfig, build_optimizer
 from vpmoe.train.optim_fast import FastMuonAdamW
 
 
-def _setup(checkpoint=False, compiled=False):
+def _setup(checkpoint=False, compiled=False, monkeypatch=None):
     torch._dynamo.reset()
     cfg = small(n_layers=4, d_model=32, expert_ffn=16, n_experts=8)
     m0 = randomize(VpMoE(cfg), seed=6)
+    if monkeypatch is not None:  # the head's AdamW on its own in both runs, as at vpMoE's size (a kept
+        # copy sends it there: the multi-tensor kernel rounds differently)
+        monkeypatch.setattr(optim_fast, "ADAMW_ALONE", m0.lm_head.weight.numel())
     runs = []
     for keep in (False, True):
         model = copy.deepcopy(m0)
@@ -31,21 +38,30 @@ def _setup(checkpoint=False, compiled=False):
 
 
 def _step(model, body, opt, tokens, doc):
+    """One step: the body, then the head and CE loss through the fused loss (taking the body's kept
+    head copy where it has one), the update."""
     model.zero_grad(set_to_none=True)
     hidden, aux, _ = body(tokens, doc)
-    (hidden.float().square().mean() + aux).backward()
+    labels = torch.roll(tokens, -1, 1).flatten()
+    span = torch.ones_like(labels)
+    span[::7] = 2
+    loss, _ = fused_span_loss(hidden.flatten(0, 1), model.lm_head.weight, labels, span, LossSpec(kind="ce"),
+                              head_low=body.head_low())
+    (loss + hidden.float().square().mean() + aux).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     opt.step()
     body.mark_copies_current()
-    return hidden.detach(), grads
+    return torch.cat([hidden.detach().flatten().float(), loss.detach().float()[None]]), grads
 
 
 def assert_copies_exact(body):
-    """Every kept copy is its master's bf16 cast, at the master's current version."""
-    for layer in body.copies.values():
-        for master, low, version in layer.values():
-            assert low.dtype == torch.bfloat16 and torch.equal(low, master.detach().to(torch.bfloat16))
-            assert version == master._version
+    """Every kept copy (the experts' and the head's) is its master's bf16 cast, at the master's
+    current version."""
+    entries = [entry for layer in body.copies.values() for entry in layer.values()]
+    entries += [] if body.head_copy is None else [body.head_copy]
+    for master, low, version in entries:
+        assert low.dtype == torch.bfloat16 and torch.equal(low, master.detach().to(torch.bfloat16))
+        assert version == master._version
 
 
 @pytest.mark.parametrize("checkpoint,compiled,above_row_limit", [(False, False, False), (2, False, False),
@@ -60,12 +76,13 @@ def test_kept_bf16_weights_give_the_cast_path_bit_for_bit(checkpoint, compiled, 
 
     if above_row_limit:
         monkeypatch.setattr(K, "GATHERED_WGRAD_MAX_ROWS", 0)
-    cfg, (plain, kept) = _setup(checkpoint, compiled)
+    cfg, (plain, kept) = _setup(checkpoint, compiled, monkeypatch)
     moe = [i for i in range(cfg.n_layers) if cfg.is_moe(i)]
     first_kept = checkpoint or 0
-    assert plain[1].copies == {}
+    assert plain[1].copies == {} and plain[1].head_low() is None
     assert sorted(kept[1].copies) == [i for i in moe if i >= first_kept] and kept[1].copies
-    assert len(kept[2].weight_copies) == 2 * len(kept[1].copies)
+    assert kept[1].head_copy[0] is kept[0].lm_head.weight  # the head's copy, checkpointing or not
+    assert len(kept[2].weight_copies) == 2 * len(kept[1].copies) + 1
     gen = torch.Generator().manual_seed(3)
     doc = torch.tensor([[0] * 9 + [1] * 11, [0] * 20])
     for step in range(3):
@@ -116,10 +133,13 @@ def test_no_copies_where_they_do_not_apply():
     cfg = small(n_layers=4, d_model=32, expert_ffn=16, n_experts=8)
     model = VpMoE(cfg)
     assert FastBody(model, compile=False, dtype=torch.float32).use_weight_copies(True) == {}  # fp32 body
-    assert FastBody(model, compile=False, dtype=torch.bfloat16, checkpoint=True).use_weight_copies(True) == {}
+    head = model.lm_head.weight
+    # every block checkpointed: no expert copies (their casts are transient), the head's only
+    only_head = FastBody(model, compile=False, dtype=torch.bfloat16, checkpoint=True).use_weight_copies(True)
+    assert list(only_head) == [id(head)] and torch.equal(only_head[id(head)], head.detach().bfloat16())
     body = FastBody(model, compile=False, dtype=torch.bfloat16)
-    assert len(body.use_weight_copies(True)) == 2 * len(body.copies) > 0
-    assert body.use_weight_copies(False) == {} and body.copies == {}
+    assert len(body.use_weight_copies(True)) == 2 * len(body.copies) + 1 > 1
+    assert body.use_weight_copies(False) == {} and body.copies == {} and body.head_low() is None
 
 
 def test_auto_keeps_copies_only_where_memory_is_plainly_spare():
@@ -130,7 +150,7 @@ def test_auto_keeps_copies_only_where_memory_is_plainly_spare():
     cfg = small(n_layers=4, d_model=32, expert_ffn=16, n_experts=8)
     model = VpMoE(cfg)
     body = FastBody(model, compile=False, dtype=torch.bfloat16)
-    need = sum(2 * (m.w_up.numel() + m.w_down.numel()) for m in model.moe_layers())
+    need = 2 * model.lm_head.weight.numel() + sum(2 * (m.w_up.numel() + m.w_down.numel()) for m in model.moe_layers())
     assert need > 0
     limit = need / G.COPIES_AUTO_SHARE  # the least device memory that takes them
     assert G.copies_wanted(body, "auto", total_memory=int(limit) + 1)

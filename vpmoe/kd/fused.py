@@ -328,7 +328,7 @@ class _FusedSpanLoss(torch.autograd.Function):
         sel, labels, target, spec, chunk, need_grad = (plan.sel, plan.labels, plan.target, plan.spec,
                                                       plan.chunk, plan.need_grad)
         cdtype = hidden.dtype
-        w = weight.to(cdtype)
+        w = weight.to(cdtype) if plan.head_low is None else plan.head_low
         h_sel = hidden if sel is None else hidden[sel]  # static: all N rows
         coef = plan.coef.to(_acc(cdtype))
         if sel is None:
@@ -405,13 +405,14 @@ class _Plan:
     grad_weight: bool
     keys: tuple[str, ...]  # the stats this call reports (losses.stat_keys)
     kd_gate: torch.Tensor | None = None  # static KD only: 0-d, 1 = KD step, 0 = CE step
+    head_low: torch.Tensor | None = None  # the head already in hidden's dtype (a kept copy), else cast here
 
 
 def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
                     span_id: torch.Tensor, spec: LossSpec, target=None, w_r: float = 1.0,
                     w_f: float = 1.0, chunk_size: int | None = None,
                     span_token_counts: torch.Tensor | None = None, static: bool = False,
-                    kd_gate: torch.Tensor | None = None):
+                    kd_gate: torch.Tensor | None = None, head_low: torch.Tensor | None = None):
     """Span-normalised CE/KD loss from hidden [N, d] and head [V, d]; returns (loss, stats).
 
     `target`: SparseTarget / DenseTarget with N rows or M rows (supervised positions only, in
@@ -424,10 +425,18 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     target ids in range (the caller validates); targets must be sparse with N rows;
     `span_token_counts`, if given, should be a device tensor. `kd_gate` (static, sparse KD only):
     a 0-d device tensor, 1 for the configured KD loss, 0 for plain CE (module docstring).
+
+    `head_low`: `head_weight` already in hidden's dtype (`FastBody.head_low()`, the copy the
+    optimizer writes with each update), used in place of casting the head in each call; the
+    gradient still goes to `head_weight`. The caller keeps it equal to the cast (only its shape
+    and dtype are checked).
     """
+    if head_low is not None and (head_low.shape != head_weight.shape or head_low.dtype != hidden.dtype):
+        raise ValueError(f"fused_span_loss: head_low must be head_weight's shape {tuple(head_weight.shape)} in "
+                         f"hidden's dtype {hidden.dtype}; got {tuple(head_low.shape)} {head_low.dtype}")
     if static:
         return _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, w_r, w_f,
-                                       chunk_size, span_token_counts, kd_gate)
+                                       chunk_size, span_token_counts, kd_gate, head_low)
     if kd_gate is not None:
         raise ValueError("fused_span_loss: kd_gate is for static=True (choose spec and target per call otherwise)")
     sel = check_inputs(hidden, head_weight, labels, span_id, spec, target)
@@ -442,7 +451,7 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, dense, hidden.is_cuda)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     plan = _Plan(sel, span_sel, labels[sel], coef, target, spec, chunk, need_grad, hidden.requires_grad,
-                 head_weight.requires_grad, stat_keys(spec, target))
+                 head_weight.requires_grad, stat_keys(spec, target), head_low=head_low)
     loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
     stats = {"count": count_span_tokens(span_sel)}
     stats.update({k: packed[i] for i, k in enumerate(plan.keys)})
@@ -450,7 +459,7 @@ def fused_span_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
 
 
 def _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, w_r, w_f, chunk_size,
-                            span_token_counts, kd_gate=None):
+                            span_token_counts, kd_gate=None, head_low=None):
     _check_static(hidden, head_weight, labels, span_id, spec, target)
     if kd_gate is not None and (spec.kind == "ce" or kd_gate.dim() != 0):
         raise ValueError("fused_span_loss: kd_gate must be a 0-d tensor and needs a KD loss kind (not 'ce')")
@@ -462,7 +471,7 @@ def _fused_span_loss_static(hidden, head_weight, labels, span_id, spec, target, 
     chunk = chunk_size or auto_chunk_size(head_weight.shape[0], hidden.dtype, False, hidden.is_cuda)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     plan = _Plan(None, span_id, torch.where(sup, labels, 0), coef, target, spec, chunk, need_grad,
-                 hidden.requires_grad, head_weight.requires_grad, stat_keys(spec, target), kd_gate)
+                 hidden.requires_grad, head_weight.requires_grad, stat_keys(spec, target), kd_gate, head_low)
     loss, packed = _FusedSpanLoss.apply(hidden, head_weight, plan)
     stats = {"count": count_span_tokens(span_id)}
     stats.update({k: packed[i] for i, k in enumerate(plan.keys)})

@@ -105,8 +105,9 @@ class KDObjective:
 
     def __call__(self, hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict, step: int,
                  w_r: float = 1.0, w_f: float = 1.0, span_token_counts: torch.Tensor | None = None,
-                 kd: bool | None = None, static: bool = False):
-        """(loss, stats) for one micro-batch. hidden [B, T, d] (final-normed), head_weight [V, d];
+                 kd: bool | None = None, static: bool = False, head_low: torch.Tensor | None = None):
+        """(loss, stats) for one micro-batch. hidden [B, T, d] (final-normed), head_weight [V, d]
+        (`head_low`: its kept copy in hidden's dtype, see fused_span_loss);
         batch: tokens, labels, loss_mask, span_id, doc_ids, sample_index (docs/interfaces.md).
         `span_token_counts` ([3], index = span id): global-batch normalisers for exact gradient
         accumulation (see fused_span_loss). `kd` overrides the per-step KD/CE choice. `static`:
@@ -126,7 +127,7 @@ class KDObjective:
             loss, stats = fused_span_loss(hidden.reshape(b * t, d), head_weight, labels, span.reshape(-1),
                                           self.cfg.loss, target, w_r, w_f, chunk_size=self.cfg.chunk_size or None,
                                           span_token_counts=span_token_counts, static=True,
-                                          kd_gate=batch["kd_gate"])
+                                          kd_gate=batch["kd_gate"], head_low=head_low)
             stats["kd"] = batch["kd_gate"]
             return loss, stats
         target, spec = None, LossSpec(kind="ce")
@@ -137,7 +138,7 @@ class KDObjective:
             target = self._target(batch, mask, span)
         loss, stats = fused_span_loss(hidden.reshape(b * t, d), head_weight, labels, span.reshape(-1), spec,
                                       target, w_r, w_f, chunk_size=self.cfg.chunk_size or None,
-                                      span_token_counts=span_token_counts, static=static)
+                                      span_token_counts=span_token_counts, static=static, head_low=head_low)
         stats["kd"] = torch.tensor(int(kd))
         return loss, stats
 

@@ -341,6 +341,7 @@ class FastBody:
         self.embed_tokens: torch.Tensor | None = None
         # use_weight_copies: {layer: {name: [master, copy in the GEMM dtype, master's version at the copy]}}
         self.copies: dict[int, dict[str, list]] = {}
+        self.head_copy: list | None = None  # the output head's, the same [master, copy, version]
         self.holders: dict[int, dict[str, tuple]] = {}  # use_low_grads: {layer: {name: (master, holder)}}
         # compiled, the lookup's backward is an atomic scatter-add kernel: no host sync, so the
         # backward can be captured in a CUDA graph (the eager CUDA embedding backward may sync)
@@ -383,12 +384,18 @@ class FastBody:
         the GEMM dtype, instead of casting the fp32 masters in every forward (a checkpointed block
         keeps casting: its cast is transient). The copies are memory of their own (+2.15 GiB at
         the (a) bench's 20 layers, for -2.0% step time; graphed.WEIGHT_COPIES): the compiled blocks
-        evidently recompute the cast in backward rather than keep it. The same bits as the cast:
+        evidently recompute the cast in backward rather than keep it. The output head's weight
+        too (`head_low()`, for the loss's `head_low`): the loss casts it whole in each forward,
+        a transient as large as the copy at the step's peak. The same bits as the cast:
         whoever updates a master must write its copy (FastMuonAdamW.weight_copies, the returned
         {id(master): copy}) and then `mark_copies_current()`; a master changed any other way (its
         version counter moved) is cast again before the next forward or captured replay
-        (`refresh_stale_copies`). Only for bf16 bodies on the grouped path; else nothing is kept."""
-        self.copies = {}
+        (`refresh_stale_copies`). Only for bf16 bodies (the experts' on the grouped path); else
+        nothing is kept."""
+        self.copies, self.head_copy = {}, None
+        if on and self.dtype == torch.bfloat16:
+            head = self.model.lm_head.weight
+            self.head_copy = [head, torch.empty_like(head, dtype=self.dtype), -1]
         if on and self.dtype == torch.bfloat16 and not self.fused_moe:
             for i in range(len(self.model.layers)):
                 if self.kind_of[i][1] and i >= self.checkpoint:
@@ -424,8 +431,14 @@ class FastBody:
             for _, holder in layer.values():
                 holder.grad = None
 
+    def head_low(self) -> torch.Tensor | None:
+        """The output head's kept bf16 copy (`use_weight_copies`), current as of the last forward's
+        refresh, or None: what the loss takes as `head_low` instead of casting the head."""
+        return None if self.head_copy is None else self.head_copy[1]
+
     def _copy_entries(self) -> list[list]:
-        return [entry for layer in self.copies.values() for entry in layer.values()]
+        head = [] if self.head_copy is None else [self.head_copy]
+        return [entry for layer in self.copies.values() for entry in layer.values()] + head
 
     def refresh_stale_copies(self) -> int:
         """Cast again every copy whose master changed since it was written; returns how many."""

@@ -64,6 +64,10 @@ Design choices:
   changed outside the step (its version counter moved) is cast again before the next replay. Kept
   at every micro-batch size since 2026-12-05 (before, only within the gathered weight-gradient
   kernel's row limit, `kernels.gathered_wgrad_serves`: above it the weights were cast again).
+  With them the output head's bf16 copy (`FastBody.head_low`, the loss's `head_low`), written by
+  its AdamW pass: the loss's forward no longer casts the [V, d] head (~1.2 GB of traffic at V =
+  201,088) for the copy's 0.4 GB write, and the copy stands where the cast's transient stood at
+  the step's peak (since 2026-12-06).
 - `LOW_GRADS` (True by default: one micro-batch): the expert weights' gradients in bf16, taken
   by 2-byte holder leaves (`FastBody.use_low_grads`, `FastBody.low_grads`) instead of the masters:
   the weight-gradient kernel rounds its fp32 sums once and writes half the bytes, the optimizer's
@@ -123,8 +127,8 @@ def low_grads_wanted(micro: int, setting: bool | str | None = None) -> bool:
 
 
 def copies_wanted(body: FastBody, setting: bool | str | None = None, total_memory: int | None = None) -> bool:
-    """Whether to keep the bf16 expert weights (`WEIGHT_COPIES`, or `setting`): True / False as
-    given; "auto" only for a body that checkpoints no block, on a device whose memory
+    """Whether to keep the bf16 expert and head weights (`WEIGHT_COPIES`, or `setting`): True /
+    False as given; "auto" only for a body that checkpoints no block, on a device whose memory
     (`total_memory` bytes, read from the device when None) is at least 1 / `COPIES_AUTO_SHARE`
     times the copies' bytes."""
     setting = WEIGHT_COPIES if setting is None else setting
@@ -135,8 +139,8 @@ def copies_wanted(body: FastBody, setting: bool | str | None = None, total_memor
     device = body.model.embed.weight.device
     if total_memory is None:
         total_memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-    need = sum(2 * body.params[i][f"ffn.{w}"].numel()
-               for i, kind in enumerate(body.kind_of) if kind[1] for w in ("w_up", "w_down"))
+    experts = [body.params[i][f"ffn.{w}"] for i, kind in enumerate(body.kind_of) if kind[1] for w in ("w_up", "w_down")]
+    need = 2 * sum(p.numel() for p in [body.model.lm_head.weight, *experts])
     return body.checkpoint == 0 and need <= COPIES_AUTO_SHARE * total_memory
 
 

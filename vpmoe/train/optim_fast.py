@@ -50,7 +50,8 @@ Design choices:
 - AdamW: `torch._fused_adamw_` (one multi-tensor kernel per group) with the clip factor passed as
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
-  bandwidth than the multi-tensor kernel.
+  bandwidth than the multi-tensor kernel, and so does a tensor with a kept bf16 copy (the head's,
+  `weight_copies`): its pass writes the copy, so the loss's forward does not cast the head.
 - Row gradients (`step(row_grads=...)`, `FastBody.embedding_row_grads`): after one backward the
   embedding's gradient is non-zero only on the step's tokens' rows, so it can come as those rows
   and a row map instead of a [V, d] tensor; its compiled AdamW gathers them in its one pass
@@ -255,11 +256,13 @@ def _muon_matrices(ps, grads, bufs, coef, mu: float, nesterov: bool, decay, step
     torch._foreach_add_(ps, ortho.unbind(0))
 
 
-def _adamw_update(w, g, m, v, t, lr, coef, beta1: float, beta2: float, wd: float, eps: float) -> None:
+def _adamw_update(w, g, m, v, t, lr, coef, beta1: float, beta2: float, wd: float, eps: float,
+                  low: torch.Tensor | None = None) -> None:
     """`MuonAdamW`'s AdamW on one tensor, in place, with the clip coefficient applied to g and the
     step count t (after this step) a 0-dim device tensor: one fused pass when compiled (the big
     embedding and head tensors: Inductor's pointwise kernel streams them faster than the
-    multi-tensor `_fused_adamw_`, ~2.8 TB/s in the 09:12 profile)."""
+    multi-tensor `_fused_adamw_`, ~2.8 TB/s in the 09:12 profile). `low`: w's kept copy in a
+    narrower dtype (`FastBody.use_weight_copies`: the head's), written in the same pass."""
     g = g * coef
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -267,16 +270,18 @@ def _adamw_update(w, g, m, v, t, lr, coef, beta1: float, beta2: float, wd: float
     if wd:
         w.mul_(1 - lr * wd)
     w.add_(m / denom * (-lr / (1 - beta1 ** t)))
+    if low is not None:
+        low.copy_(w)
 
 
 def _adamw_rows_update(w, rowmap, rows, m, v, t, lr, coef, beta1: float, beta2: float, wd: float,
-                       eps: float) -> None:
+                       eps: float, low: torch.Tensor | None = None) -> None:
     """`_adamw_update` with the gradient given as rows (`fast.embedding_rows`: row i of w's gradient
     is rows[rowmap[i]], or zero where rowmap[i] < 0). Compiled, the gather is part of the update's
     one pass, so no [V, d] gradient is ever written: the pass reads w, m and v (and the few rows),
     24 bytes per element against 28 with a dense fp32 gradient."""
     g = torch.where((rowmap >= 0)[:, None], rows[rowmap.clamp_min(0)], 0.0)
-    _adamw_update(w, g, m, v, t, lr, coef, beta1, beta2, wd, eps)
+    _adamw_update(w, g, m, v, t, lr, coef, beta1, beta2, wd, eps, low)
 
 
 def _grad_of(p: torch.Tensor, given: dict[int, torch.Tensor]) -> torch.Tensor | None:
@@ -339,7 +344,8 @@ class FastMuonAdamW:
         # the experts' step as streaming kernels (expert_muon.py); None: the module's STREAM_EXPERTS
         self.stream_experts = STREAM_EXPERTS if stream_experts is None else bool(stream_experts)
         self._matrices = _Compiled(_muon_matrices, use_compile)  # the 2-D matrices, one graph per shape
-        self._adamw_one = _Compiled(_adamw_update, use_compile)  # AdamW tensors of >= ADAMW_ALONE elements
+        # AdamW tensors of >= ADAMW_ALONE elements or with a kept copy
+        self._adamw_one = _Compiled(_adamw_update, use_compile)
         self._adamw_rows = _Compiled(_adamw_rows_update, use_compile)  # gradients given as rows (the embedding)
         # {id(param): its copy in the GEMM dtype} (`FastBody.use_weight_copies`): written with each update
         self.weight_copies: dict[int, torch.Tensor] = {}
@@ -534,14 +540,15 @@ class FastMuonAdamW:
         beta1, beta2 = group["betas"]
         by_dtype, jobs = defaultdict(list), []
         for p, s, t in zip(ps, states, steps):
+            low = self.weight_copies.get(id(p))  # a kept copy (the head's) is written in the tensor's own pass
             if id(p) in rowed:
-                jobs.append(lambda p=p, s=s, t=t: self._adamw_rows(
+                jobs.append(lambda p=p, s=s, t=t, low=low: self._adamw_rows(
                     p, *rowed[id(p)], s["exp_avg"], s["exp_avg_sq"], t, lr, coef, beta1, beta2,
-                    group["weight_decay"], group["eps"]))
-            elif p.numel() >= ADAMW_ALONE:
-                jobs.append(lambda p=p, s=s, t=t: self._adamw_one(
+                    group["weight_decay"], group["eps"], low))
+            elif p.numel() >= ADAMW_ALONE or low is not None:
+                jobs.append(lambda p=p, s=s, t=t, low=low: self._adamw_one(
                     p, p.grad, s["exp_avg"], s["exp_avg_sq"], t, lr, coef, beta1, beta2, group["weight_decay"],
-                    group["eps"]))
+                    group["eps"], low))
             else:
                 by_dtype[p.dtype].append((p, s, t))
 

@@ -202,7 +202,8 @@ class Trainer:
             hidden = hidden.to(self.amp_dtype)
         loss, stats = self.objective(hidden, self.model.lm_head.weight, batch, self.step,
                                      w_r=self.cfg.train.w_reasoning, w_f=self.cfg.train.w_final,
-                                     span_token_counts=self._graph_counts, kd=False, static=True)
+                                     span_token_counts=self._graph_counts, kd=False, static=True,
+                                     head_low=None if self.body is None else self.body.head_low())
         return loss, pack_stats(stats)
 
     def _graph_batches(self, micro_batches: list[dict]) -> list[dict]:
