@@ -18,7 +18,7 @@ Design choices:
   pipelined for x by Triton and for W by hand (its tile loaded one ahead). Where a matrix has
   several programs they are adjacent in launch order (grid axis 0), so they run side by side on
   its rows and share Q in L2.
-- Weights stored transposed (the down projection's [E, 1024, 128], orthogonalised as its
+- Weights stored transposed (the up projection's [E, 1024, 128], orthogonalised as its
   [128, 1024] transpose) use the same kernel with W's strides swapped.
 - decay and step are 0-dim device tensors, read in the kernel: a captured graph follows the
   learning-rate schedule.
