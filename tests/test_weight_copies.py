@@ -114,10 +114,11 @@ def test_a_master_changed_outside_the_optimizer_is_cast_again(above_row_limit, m
         assert not torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
         kept[1].copies[layer]["w_up"][1].div_(2)
         assert torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
-    with torch.no_grad():  # e.g. a checkpoint load into the live model
+    with torch.no_grad():  # e.g. a checkpoint load into the live model (the head's copy too)
         for model in (plain[0], kept[0]):
             model.layers[layer].ffn.w_up.add_(0.25)
-    assert kept[1].refresh_stale_copies() == 1
+            model.lm_head.weight.mul_(1.5)
+    assert kept[1].refresh_stale_copies() == 2
     assert_copies_exact(kept[1])
     with torch.no_grad():
         assert torch.equal(plain[1](tokens)[0], kept[1](tokens)[0])
