@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import append_results, markdown_table  # noqa: E402
+from bench.results import report  # noqa: E402
 from vpmoe.kd.cache import CacheSpec, decode_row, encode_row, reconstruct_logprobs  # noqa: E402
 from vpmoe.kd.losses import SparseTarget  # noqa: E402
 from vpmoe.kd.teacher import targets_from_logits  # noqa: E402
@@ -119,10 +119,8 @@ def main(argv=None) -> None:
             print(f"{name:22s} H={entropy:5.2f} k={k:2d}+{tail} {codec:5s} {bits}b  {r['B/tok']:6.1f} B/tok  "
                   f"KLq={r['KL quant']:.2e}  KLfull={r['KL full']:.3f}  mass={r['top-k mass']:.3f}", flush=True)
     notes = f"{args.positions} positions per teacher; CPU; see bench/kd_cache.py docstring for columns"
-    if args.no_record:
-        print(markdown_table(rows))
-    else:
-        append_results("kd_cache", f"python bench/kd_cache.py --positions {args.positions}", rows, notes)
+    report("kd_cache", rows, not args.no_record, notes,
+           command=f"python bench/kd_cache.py --positions {args.positions}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import append_results  # noqa: E402
+from bench.results import report  # noqa: E402
 from vpmoe.kd.fused import fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import DenseTarget, LossSpec, SparseTarget, span_loss_reference  # noqa: E402
 
@@ -176,12 +176,7 @@ def main(argv=None) -> None:
              f"on {device.type}; median of {args.iters} after {args.warmup} warm-up"
              + ("; SMOKE sizes" if args.smoke else ""))
     command = "python bench/kd_loss.py" + (" --smoke" if args.smoke else "")
-    if args.no_record:
-        from bench.results import markdown_table
-
-        print(markdown_table(rows))
-    else:
-        append_results("kd_loss" + (" (smoke)" if args.smoke else ""), command, rows, notes)
+    report("kd_loss" + (" (smoke)" if args.smoke else ""), rows, not args.no_record, notes, command=command)
 
 
 if __name__ == "__main__":
