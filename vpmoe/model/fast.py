@@ -396,9 +396,8 @@ class FastBody:
         if on and self.dtype == torch.bfloat16:
             head = self.model.lm_head.weight
             self.head_copy = [head, torch.empty_like(head, dtype=self.dtype), -1]
-        if on and self.dtype == torch.bfloat16 and not self.fused_moe:
             for i in range(len(self.model.layers)):
-                if self.kind_of[i][1] and i >= self.checkpoint:
+                if self.kind_of[i][1] and i >= self.checkpoint and not self.fused_moe:
                     masters = {w: self.params[i][f"ffn.{w}"] for w in ("w_up", "w_down")}
                     self.copies[i] = {w: [m, torch.empty_like(m, dtype=self.dtype), -1] for w, m in masters.items()}
         self.refresh_stale_copies()
