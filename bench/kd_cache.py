@@ -12,7 +12,7 @@ setting the exact top-k + rest is encoded, decoded and compared:
   the other ids (what a cache of this k cannot know: the tail's shape);
 - `top-k mass`: mean teacher mass inside the known ids; `dec pos/s`: decode speed (numpy, 1 core).
 
-    python bench/kd_cache.py [--positions 1024]     # CPU; appends to bench/RESULTS.md
+    python bench/kd_cache.py [--positions 1024]     # CPU; a multiple of 256; --no-record prints only
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ from vpmoe.kd.teacher import targets_from_logits  # noqa: E402
 V = 201088
 
 
+TEACHER_SEQ = 256  # the tiny teacher scores whole sequences of this length
+
+
 def tiny_teacher_logprobs(positions: int, head_scale: float, seed: int = 0) -> torch.Tensor:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -44,8 +47,7 @@ def tiny_teacher_logprobs(positions: int, head_scale: float, seed: int = 0) -> t
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(head_scale)
-        seq = 256
-        tokens = torch.randint(0, 50000, (positions // seq, seq))  # common-token range, like real text
+        tokens = torch.randint(0, 50000, (positions // TEACHER_SEQ, TEACHER_SEQ))  # common-token range, like real text
         out = []
         for row in tokens:
             out.append(torch.log_softmax(model(row[None]).logits[0].double(), -1))
@@ -102,6 +104,9 @@ def main(argv=None) -> None:
     p.add_argument("--positions", type=int, default=1024)
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
+    if args.positions < TEACHER_SEQ or args.positions % TEACHER_SEQ:
+        p.error(f"--positions {args.positions}: must be a positive multiple of {TEACHER_SEQ} "
+                f"(the tiny teacher scores whole {TEACHER_SEQ}-token sequences)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     teachers = {"tiny-qwen3 head x10": lambda: tiny_teacher_logprobs(args.positions, 10.0),
                 "tiny-qwen3 head x40": lambda: tiny_teacher_logprobs(args.positions, 40.0),

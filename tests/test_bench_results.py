@@ -4,6 +4,8 @@ ending) recording only when asked."""
 import platform
 import sys
 
+import pytest
+
 from bench.results import append_results, host_cpu, report
 
 
@@ -45,3 +47,14 @@ def test_report_records_only_when_asked_with_the_command_as_run(tmp_path, monkey
     assert section.endswith("| ms |\n|---|\n| 1.5 |\n")
     report("other", rows, record=True, command="python3 bench/probe.py --given")
     assert "- command: `python3 bench/probe.py --given`\n\n" in path.read_text().split("\n## other: ")[1]
+
+
+def test_kd_cache_bench_names_a_bad_positions_flag(capsys):
+    """--positions must cover whole teacher sequences: under 256 it used to die in torch.cat."""
+    from bench.kd_cache import main
+
+    for bad in ("100", "300"):
+        with pytest.raises(SystemExit) as err:
+            main(["--positions", bad, "--no-record"])
+        assert err.value.code == 2
+        assert f"--positions {bad}: must be a positive multiple of 256" in capsys.readouterr().err
