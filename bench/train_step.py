@@ -443,6 +443,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="a,b,c", help="comma list of a,b,c; case:variant picks one variant")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=0,
+                    help="every case at this many layers (0: the case's own); e.g. (d) at 40 layers fits an H100")
     ap.add_argument("--ns-chunk", type=int, default=256)
     ap.add_argument("--peer", default="", help="JSON lines file with the peer's results, to add the ratio")
     ap.add_argument("--breakdown", default="a", help="cases that get the component breakdown")
@@ -499,6 +501,10 @@ def main():
     ap.add_argument("--rows-probe", action="store_true",
                     help="graphed cases: the rows as two halves on two streams (an upper bound; two more models)")
     a = ap.parse_args()
+    if a.layers < 0:
+        ap.error(f"--layers {a.layers}: must be >= 0 (0 keeps each case's own)")
+    if a.layers:  # a case's per-layer figures at a depth this GPU holds (the rows record the layers)
+        CASES.update({k: (a.layers, *v[1:]) for k, v in CASES.items()})
     set_inductor_options(a.inductor)
     K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
     K.FLEX_KERNEL_OPTIONS["global"] = flex_options(a.flex_global, "--flex-global")
