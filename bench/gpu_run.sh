@@ -5,7 +5,7 @@
 # tests' dataset and teacher cache: `bash bench/gpu_carry.sh` here first, then carry [".carry"].
 # Usage: bash bench/gpu_run.sh [cases] [steps]
 # Env: SKIP_TESTS=1, TESTS_AFTER=1 (tests after the benchmark), SKIP_PEER=1, SKIP_BENCH=1 (tests only), PEER_STEPS=12 (the peer's steps; its median moved ~45% between runs at 6), BREAKDOWN=a,b (cases with the component breakdown), OPT_SWEEP=1,
-#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), LAYERS=N (every case at N layers: (d) at 40 fits an H100), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), SCALING=1 (bench/scaling.py on every GPU of the machine; SCALING_GPUS=1,8, SCALING_ARGS="--check --modes fsdp,ep --set ..."), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS, ATTN_TOKENS, ATTN_KINDS, ATTN_FLEX: its --flex-options), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), SAVED_BENCH=1 (bench/saved_activations.py; SAVED_ROWS), GEMM_BENCH=1 (bench/expert_gemms.py; GEMM_SKEWS="0 1.5"), WGRAD_BENCH=1 (bench/wgrad.py; WGRAD_SKEWS="0 1", WGRAD_TOKENS=4096), SORT_BENCH=1 (bench/routing_sort.py), EXPERT_MUON_BENCH=1 (bench/expert_muon.py; EXPERT_MUON_ARGS="--top 12"), OPTIM_BENCH=gram:256,gram:256:float32:stream=1 (bench/optim_step.py --methods; OPTIM_LAYERS), GEN_BENCH=1 (bench/generate.py; GEN_LAYERS, GEN_ROWS, GEN_ARGS="--prompt 4096 --new 256 --paths grouped,captured"), DECODE_KERNELS=1 (bench/decode_kernels.py at GEN_LAYERS), MOE=fused (the train step with moe_fused; MOE=grouped_mm_wgrad: the grouped path with grouped-GEMM weight gradients, FUSED_WGRAD off), ROUTING=balanced (router biases balanced before timing), INDUCTOR=combo_kernels=True (torch._inductor.config settings for the train step, comma list), GRAD_SQ=off (the clipping norm reads the expert and embedding gradients whole, graphed.GRAD_SQ off), EMBED_ROWS=off (the embedding's dense [V, d] gradient instead of its rows, graphed.EMBED_ROWS off), LOW_GRADS=off|always (graphed.LOW_GRADS: fp32 expert gradients on the masters, or bf16 ones at every micro-batch count), LOSS_CHUNK=4096 (the fused loss's rows per chunk; default: its 1 GiB budget), MASK_TABLES=dense (Flex block tables by create_block_mask, kernels.TABLES_FROM_RUNS off), WEIGHT_COPIES=on|off (bf16 expert weights written by the update, graphed.WEIGHT_COPIES; default auto: where memory is plainly spare), FLEX_LOCAL=bwd_BLOCK_M1=32,... (Flex kernel_options for the windowed layers in the train step; `default`: torch's tiles), FLEX_GLOBAL (the same for the global layers), OPT=ns_pack=4,streams=3 (FastMuonAdamW keyword arguments in the train step), EXPERT_KERNELS=cols=32,mwarps=32,mstages=3,utiles=16,uwarps=16 (the experts' streaming Muon kernels' tiles and warps in the train step), PROBE=1 (the optimizer overlapped with the next forward + backward: an upper bound), ROWS_PROBE=1 (the rows as two halves on two streams: an upper bound), SAVES=lean (FastBody's LEAN_SAVES, train.lean_saves, instead of the partitioner's default: train step and saved_activations), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression).
+#      KD_BENCH=1 (also bench/kd_loss.py), KD_K=64 (train steps as offline-KD steps, top-64 targets), AC=1 (activation checkpointing), AC_BLOCKS=N (checkpoint the first N blocks only), MOMENTUM=bfloat16 (Muon momentum dtype), MICRO=N (micro-batches per step, every case), LAYERS=N (every case at N layers: (d) at 40 fits an H100), PROFILE=1 (top kernels), TRAINER_RUN=1 (bench/trainer_run.py: `vpmoe train` timed; TRAINER_STEPS, TRAINER_ARGS), SCALING=1 (bench/scaling.py on every GPU of the machine; SCALING_GPUS=1,8, SCALING_ARGS="--check --modes fsdp,ep --set ..."), ATTN_BENCH=1 (bench/attention.py; ATTN_VARIANTS, ATTN_TOKENS, ATTN_KINDS, ATTN_FLEX: its --flex-options), MOE_BENCH=1 (bench/moe.py; MOE_TOKENS), SAVED_BENCH=1 (bench/saved_activations.py; SAVED_ROWS), GEMM_BENCH=1 (bench/expert_gemms.py; GEMM_SKEWS="0 1.5"), WGRAD_BENCH=1 (bench/wgrad.py; WGRAD_SKEWS="0 1", WGRAD_TOKENS=4096), SORT_BENCH=1 (bench/routing_sort.py), EXPERT_MUON_BENCH=1 (bench/expert_muon.py; EXPERT_MUON_ARGS="--top 12"), OPTIM_BENCH=gram:256,gram:256:float32:stream=1 (bench/optim_step.py --methods; OPTIM_LAYERS), GEN_BENCH=1 (bench/generate.py; GEN_LAYERS, GEN_ROWS, GEN_ARGS="--prompt 4096 --new 256 --paths grouped,captured"), DECODE_KERNELS=1 (bench/decode_kernels.py at GEN_LAYERS), MOE=fused (the train step with moe_fused; MOE=grouped_mm_wgrad: the grouped path with grouped-GEMM weight gradients, FUSED_WGRAD off), ROUTING=balanced (router biases balanced before timing), INDUCTOR=combo_kernels=True (torch._inductor.config settings for the train step, comma list), GRAD_SQ=off (the clipping norm reads the expert and embedding gradients whole, graphed.GRAD_SQ off), EMBED_ROWS=off (the embedding's dense [V, d] gradient instead of its rows, graphed.EMBED_ROWS off), LOW_GRADS=off|always (graphed.LOW_GRADS: fp32 expert gradients on the masters, or bf16 ones at every micro-batch count), LOSS_CHUNK=4096 (the fused loss's rows per chunk; default: its 1 GiB budget), MASK_TABLES=dense (Flex block tables by create_block_mask, kernels.TABLES_FROM_RUNS off), WEIGHT_COPIES=on|off (bf16 expert weights written by the update, graphed.WEIGHT_COPIES; default auto: where memory is plainly spare), FLEX_LOCAL=bwd_BLOCK_M1=32,... (Flex kernel_options for the windowed layers in the train step; `default`: torch's tiles), FLEX_GLOBAL (the same for the global layers), OPT=ns_pack=4,streams=3 (FastMuonAdamW keyword arguments in the train step), EXPERT_KERNELS=cols=32,mwarps=32,mstages=3,utiles=16,uwarps=16 (the experts' streaming Muon kernels' tiles and warps in the train step), PROBE=1 (the optimizer overlapped with the next forward + backward: an upper bound), ROWS_PROBE=1 (the rows as two halves on two streams: an upper bound), SAVES=lean (FastBody's LEAN_SAVES, train.lean_saves, instead of the partitioner's default: train step and saved_activations), RECORD=0, NS_CHUNK=256, TESTS=tests/gpu (pytest paths), TEST_K (pytest -k expression), COMPILE_CACHE=0 (no carried compile caches).
 set -uo pipefail
 cases=${1:-a,b,c}
 steps=${2:-8}
@@ -26,6 +26,22 @@ fi
 export VPMOE_RESULTS="$out/RESULTS.md"
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# Compile caches carried between calls, one folder per GPU kind: Inductor's (graphs, generated kernels,
+# their autotuning) and Triton's (the project's kernels, with TRITON_CACHE_AUTOTUNING their tuning too).
+# On a fresh machine they cut (a)'s first step from ~110 s to ~15 s (the cache-warm reading on one
+# machine) when the code is unchanged. The end of this script packs them into $OUT as
+# compile_cache.tgz.N; `bash bench/gpu_carry.sh FOLDER` unpacks those into .carry/ for the next call.
+# COMPILE_CACHE=0: the machine's own default caches, nothing packed.
+cache_root=$PWD/.carry/compile_cache
+gpu_kind=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '_')
+if [ "${COMPILE_CACHE:-1}" = 1 ]; then
+  export TORCHINDUCTOR_CACHE_DIR=$cache_root/$gpu_kind/inductor TRITON_CACHE_DIR=$cache_root/$gpu_kind/triton
+  export TRITON_CACHE_AUTOTUNING=1 VPMOE_COMPILE_CACHE=cold
+  if [ -d "$cache_root/$gpu_kind" ]; then
+    VPMOE_COMPILE_CACHE=carried
+    echo "# compile cache carried: $(du -sm "$cache_root/$gpu_kind" | cut -f1) MB for $gpu_kind"
+  fi
+fi
 python3 -c "from bench.results import host_cpu; import os; print('host', host_cpu(), 'x%d' % os.cpu_count())"  # the eager peer is host-bound
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run_tests() {
@@ -149,4 +165,17 @@ if [ "${KD_BENCH:-0}" = 1 ]; then
 fi
 [ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" = 1 ] && run_tests
 [ -s "$out/peer.jsonl" ] || rm -f "$out/peer.jsonl"  # the device returns at most 8 files per call
+if [ "${COMPILE_CACHE:-1}" = 1 ] && [ -d "$cache_root/$gpu_kind" ]; then
+  # parts of <= 15 MiB (16 MiB a file comes back); only where the call's other files leave room (8 files, 64 MiB)
+  tar -C "$cache_root" -czf /tmp/compile_cache.tgz "$gpu_kind"
+  mb=$(( $(stat -c %s /tmp/compile_cache.tgz) / 1048576 + 1 ))
+  parts=$(( (mb + 14) / 15 ))
+  if [ $(( $(find "$out" -type f | wc -l) + parts )) -le 8 ] && [ "$mb" -le 45 ]; then
+    split -b 15M -d -a 1 /tmp/compile_cache.tgz "$out/compile_cache.tgz."
+    echo "# compile cache packed: ${mb} MB in $parts part(s); here: bash bench/gpu_carry.sh <the call's files folder>"
+  else
+    echo "# compile cache not packed: ${mb} MB compressed, or too many files in \$OUT already"
+  fi
+  rm -f /tmp/compile_cache.tgz
+fi
 true

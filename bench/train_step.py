@@ -47,6 +47,7 @@ import argparse
 import gc
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -530,6 +531,8 @@ def main():
                 peer[(r.get("layers"), r.get("batch"), r.get("impl"))] = r.get("tokens_per_s", r.get("error"))
     cmd = "python3 bench/train_step.py " + " ".join(sys.argv[1:]) + " (run by bench/gpu_run.sh)"
     notes = f"peer (HF Afmoe grouped_mm, same run): {json.dumps({str(k): v for k, v in peer.items()})}"
+    if os.environ.get("VPMOE_COMPILE_CACHE"):  # first_step_s is mostly compilation unless the caches hit
+        notes += f"; compile caches: {os.environ['VPMOE_COMPILE_CACHE']} (bench/gpu_run.sh)"
     rows = []
     for spec in a.cases.split(","):
         name, _, variant = spec.partition(":")
