@@ -169,6 +169,9 @@ if [ "${COMPILE_CACHE:-1}" = 1 ] && [ -d "$cache_root/$gpu_kind" ]; then
   # parts of <= 15 MiB (16 MiB a file comes back); only where the call's other files leave room (8 files, 64 MiB)
   tar -C "$cache_root" -czf /tmp/compile_cache.tgz "$gpu_kind"
   mb=$(( $(stat -c %s /tmp/compile_cache.tgz) / 1048576 + 1 ))
+  # Triton's cache records absolute paths (a kernel whose recorded files are missing is compiled
+  # again), so the caches hit only where the repository's root is the same path on the next machine
+  echo "# compile cache: $(du -sm "$cache_root/$gpu_kind" | cut -f1) MB raw, ${mb} MB packed, root $PWD"
   parts=$(( (mb + 14) / 15 ))
   if [ $(( $(find "$out" -type f | wc -l) + parts )) -le 8 ] && [ "$mb" -le 45 ]; then
     split -b 15M -d -a 1 /tmp/compile_cache.tgz "$out/compile_cache.tgz."
