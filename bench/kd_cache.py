@@ -32,8 +32,6 @@ from vpmoe.kd.losses import SparseTarget  # noqa: E402
 from vpmoe.kd.teacher import targets_from_logits  # noqa: E402
 
 V = 201088
-
-
 TEACHER_SEQ = 256  # the tiny teacher scores whole sequences of this length
 
 

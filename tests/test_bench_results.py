@@ -1,6 +1,7 @@
 """bench/results.py: the host CPU read from cpuinfo, `append_results` adding a section with
 device, date, git sha and command after what the file already holds, and `report` (a benchmark's
-ending) recording only when asked."""
+ending) recording only when asked; a benchmark refusing a bad flag by name before any work
+(bench/kd_cache.py --positions)."""
 import platform
 import sys
 
