@@ -199,11 +199,12 @@ def expert_muon_cases():
         yield ("expert update", f"BN {bn} x {tiles} tiles, {w} warps{', fp16 Q' if q16 else ''}",
                ns_update._qx_update_kernel, sig,
                dict(HAS_LOW=True, HAS_LO=True, BM=128, BN=bn, TILES=tiles, F32_DOT=False, Q_FP16=q16), w, 3, 0)
-    chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "N": ("i32", 128),
+    chain = {"r_ptr": "*fp32", "scale_ptr": "*fp32", "hi_ptr": "*bf16", "lo_ptr": "*bf16", "B": "i32", "N": ("i32", 128),
              **{f"s{t}_{a}": ("i32", s) for t in "ro" for a, s in zip("bmn", square)}, "a": "fp32", "b": "fp32",
              "c": "fp32"}
-    yield ("expert gram chain", "2 + 3 steps, 8 warps", EM._chain_kernel, chain,
-           dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False), 8, 3, 0)
+    for shared in (False, True):
+        yield ("expert gram chain", "2 + 3 steps, 8 warps" + (", programs shared" if shared else ""),
+               EM._chain_kernel, chain, dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False, SHARED=shared), 8, 3, 0)
 
 
 def all_cases() -> list[tuple]:

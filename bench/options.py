@@ -60,7 +60,7 @@ def set_inductor_options(spec: str) -> None:
 
 
 # the experts' streaming Muon kernels' launch shapes
-EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "ucols", "utiles", "uwarps", "ustages")
+EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "ucols", "utiles", "uwarps", "ustages", "cprogs")
 
 
 def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
@@ -68,8 +68,8 @@ def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`)
     and {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
     pipeline stages,
-    `ns_update.UPDATE_CONFIG`), ints; keys not given keep the modules' defaults (not what an earlier
-    call set)."""
+    `ns_update.UPDATE_CONFIG`) and {cprogs} (`gram_chain`'s programs, each taking its share of the
+    matrices), ints; keys not given keep the modules' defaults (not what an earlier call set)."""
     from vpmoe.train import expert_muon, ns_update
     bad = [k for k, v in given.items() if k not in EXPERT_KERNEL_KEYS or not isinstance(v, int) or v < 1]
     if bad:
@@ -77,6 +77,7 @@ def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     bn, warps, stages, regs = expert_muon.DEFAULT_CONFIGS["momentum"]
     expert_muon.CONFIGS["momentum"] = (given.get("cols", bn), given.get("mwarps", warps), given.get("mstages", stages),
                                        given.get("mregs", regs))
+    expert_muon.CONFIGS["chain"] = (given.get("cprogs", expert_muon.DEFAULT_CONFIGS["chain"][0]),)
     bn, tiles, warps, stages = ns_update.DEFAULT_UPDATE_CONFIG
     ns_update.UPDATE_CONFIG = (given.get("ucols", bn), given.get("utiles", tiles), given.get("uwarps", warps),
                                given.get("ustages", stages))

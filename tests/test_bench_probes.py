@@ -195,13 +195,15 @@ def test_expert_kernel_shapes_set_from_defaults_and_refuse_bad_keys():
     from vpmoe.train import expert_muon, ns_update
 
     try:
-        set_expert_kernels({"cols": 32, "uwarps": 16, "utiles": 4, "ustages": 4})
+        set_expert_kernels({"cols": 32, "uwarps": 16, "utiles": 4, "ustages": 4, "cprogs": 32})
         assert expert_muon.CONFIGS["momentum"] == (32, *expert_muon.DEFAULT_CONFIGS["momentum"][1:])
+        assert expert_muon.CONFIGS["chain"] == (32,)
         assert ns_update.UPDATE_CONFIG == (ns_update.DEFAULT_UPDATE_CONFIG[0], 4, 16, 4)
         # the others back to the defaults, not to the last call's
         set_expert_kernels({"mwarps": 32, "mstages": 3, "mregs": 128})
         assert expert_muon.CONFIGS["momentum"] == (expert_muon.DEFAULT_CONFIGS["momentum"][0], 32, 3, 128)
         assert ns_update.UPDATE_CONFIG == ns_update.DEFAULT_UPDATE_CONFIG
+        assert expert_muon.CONFIGS["chain"] == expert_muon.DEFAULT_CONFIGS["chain"]
         with pytest.raises(SystemExit, match="--expert-kernels: expected"):
             set_expert_kernels({"warps": 8})
         with pytest.raises(SystemExit, match="--expert-kernels: expected"):

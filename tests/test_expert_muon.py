@@ -28,7 +28,8 @@ def check_kernels_against_reference_and_float64() -> None:
     16-column tiles), both weight orientations, fp32 and bf16 momentum, bf16 and fp32 gradients,
     with and without Nesterov: every output against the torch path and R against float64. Then
     gram_chain (n = 128 and a padded n = 40, with and without the restart) against its torch
-    reference and against float64; and qx_update with Q's low part."""
+    reference and against float64, and with fewer programs than matrices against one per matrix;
+    and qx_update with Q's low part."""
     from vpmoe.train import expert_muon as X
     from vpmoe.train import ns_update
 
@@ -82,6 +83,20 @@ def check_kernels_against_reference_and_float64() -> None:
         print(f"gram_chain n={side} steps {steps1}+{steps2}: vs float64 {err:.2e} (reference {err_r:.2e})")
     with pytest.raises(ValueError, match="gram_chain: wants"):
         X.gram_chain(r0n.half(), scale, 2, 3, a, b_, c)
+    # fewer programs than matrices (CONFIGS["chain"]): each takes its share in turn, the same bits
+    x = torch.randn(5, 40, 160, generator=gen, dtype=torch.float64)
+    r5 = x @ x.mT
+    r5 = (r5 / r5.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]).float()
+    s5 = torch.rand(5, generator=gen) + 0.5
+    per_matrix = X.gram_chain(r5, s5, 2, 3, a, b_, c)
+    try:
+        X.CONFIGS["chain"] = (2,)
+        shared = X.gram_chain(r5, s5, 2, 3, a, b_, c)
+    finally:
+        X.CONFIGS["chain"] = X.DEFAULT_CONFIGS["chain"]
+    assert all(torch.equal(p, q) for p, q in zip(per_matrix, shared))
+    ref5 = X.gram_chain_reference(r5, s5, 2, 3, a, b_, c)
+    assert ((per_matrix[0].double() - ref5[0].double()).norm() / ref5[0].double().norm()).item() < 1e-2
 
     # the update with Q's low part: Q_hi X + Q_lo X in one fp32 sum, against the torch reference
     q_hi = (torch.randn(3, 24, 24, generator=gen) * 0.3).bfloat16()

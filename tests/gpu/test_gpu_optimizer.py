@@ -286,6 +286,25 @@ def test_expert_muon_step_at_vpmoe_shapes():
         assert apart < 5e-3 and err_k < 1.25 * err_r + 1e-3 and err_k < err_p, (apart, err_k, err_r, err_p)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("programs", [16, 100])
+def test_gram_chain_shared_programs_match_one_per_matrix(programs, monkeypatch):
+    """`gram_chain` with fewer programs than matrices (`expert_muon.CONFIGS["chain"]`, each program
+    taking its share in turn; 100 leaves a remainder over 256) gives the same bits as one program
+    per matrix, at vpMoE's 256 x 128 x 128 Gram matrices."""
+    from vpmoe.train import expert_muon
+    from vpmoe.train.optim import NS_COEFFS
+    torch.manual_seed(5)
+    x = torch.randn(256, 128, 1024, device=DEV)
+    r0 = x @ x.mT
+    r0 = r0 / r0.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    scale = torch.rand(256, device=DEV) + 0.5
+    per_matrix = expert_muon.gram_chain(r0, scale, 2, 3, *NS_COEFFS)
+    monkeypatch.setitem(expert_muon.CONFIGS, "chain", (programs,))
+    shared = expert_muon.gram_chain(r0, scale, 2, 3, *NS_COEFFS)
+    assert all(torch.equal(p, q) for p, q in zip(per_matrix, shared))
+
+
 def test_fast_optimizer_gram_kernel_matches_torch_path(monkeypatch):
     """`gram_kernel` (each restart segment of the packed experts' Gram-side iteration as one Triton
     kernel; the default) captured and replayed against the torch path (`gram_kernel=False`) run

@@ -30,7 +30,9 @@ Design choices:
   program, so one program per SM (its loads wait on each tile's math: ~1.8-2.0 TB/s alone, where a
   plain pointwise pass reaches ~3.0; a software prefetch did not help, 2026-12-05).
 - `gram_chain` reuses `ns_gram.segment` (the same fp16 roundings as `gram_segment`) and reloads R0
-  from memory (L2) for the restart rather than holding it through the first segment.
+  from memory (L2) for the restart rather than holding it through the first segment. One program
+  per matrix by default; `CONFIGS["chain"]` can give fewer programs, each taking its share of the
+  matrices in turn (the same bits), so the chain's compute leaves SMs to the other streams' kernels.
 - The references (`momentum_gram_reference`, `gram_chain_reference`, `ns_update.qx_update_reference`)
   make the same roundings in torch: the test oracle under the Triton interpreter
   (tests/test_expert_muon.py) beside float64, and the path where the kernels do not apply.
@@ -75,7 +77,12 @@ MAX_M = 128  # the short side held whole per program
 # spills, 64 KiB of shared memory at 3 stages) lets two programs share an SM, so all 256 matrices
 # run in one wave: not ahead (20-layer optimizer step 24.25 / 23.99 ms at 3 / 4 stages against
 # 24.05, H100, 2026-12-06 06:05; bench `mregs`), nor were 4 stages or 32 columns x 4 (05:46)
-CONFIGS = {"momentum": (64, 16, 3, 0)}
+# `gram_chain`'s (programs, 0 for one per matrix): the chain is compute on the tensor cores at one
+# program per SM (~255 registers at 8 warps), so at one program per matrix it holds every SM for
+# its ~56 us a launch while the other streams' bandwidth-bound kernels wait for SMs; fewer programs,
+# each taking its share of the matrices in turn, leave the rest of the SMs to them. Opt-in, not yet
+# timed (bench `cprogs=N`); its loop costs registers (652 bytes of spills at 8 warps against 120)
+CONFIGS = {"momentum": (64, 16, 3, 0), "chain": (0,)}
 DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
 
 
@@ -162,9 +169,9 @@ if triton is not None:
         return hi, (t - hi.to(tl.float32)).to(tl.float16)
 
     @triton.jit
-    def _chain_kernel(r_ptr, scale_ptr, hi_ptr, lo_ptr, N, sr_b, sr_m, sr_n, so_b, so_m, so_n, a, b, c,
-                      STEPS1: tl.constexpr, STEPS2: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
+    def _chain_one(pid, r_ptr, scale_ptr, hi_ptr, lo_ptr, N, sr_b, sr_m, sr_n, so_b, so_m, so_n, a, b, c,
+                   STEPS1: tl.constexpr, STEPS2: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+        """Matrix `pid`'s chain: Q1 from R0, the restart R1 = Q1 R0 Q1^T, Q = Q2 Q1 * scale as bf16 hi + lo."""
         idx = tl.arange(0, BN)
         ok = (idx < N)[:, None] & (idx < N)[None, :]
         r_tile = r_ptr + pid * sr_b + idx[:, None] * sr_m + idx[None, :] * sr_n
@@ -182,6 +189,23 @@ if triton is not None:
         out = pid * so_b + idx[:, None] * so_m + idx[None, :] * so_n
         tl.store(hi_ptr + out, hi.to(tl.bfloat16), mask=ok)
         tl.store(lo_ptr + out, _round_bf16(qs - hi).to(tl.bfloat16), mask=ok)
+
+    @triton.jit
+    def _chain_kernel(r_ptr, scale_ptr, hi_ptr, lo_ptr, B, N, sr_b, sr_m, sr_n, so_b, so_m, so_n, a, b, c,
+                      STEPS1: tl.constexpr, STEPS2: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr,
+                      SHARED: tl.constexpr):
+        # one matrix per program; SHARED (fewer programs than matrices: CONFIGS["chain"]): each program
+        # takes its share in turn, leaving the other SMs to the bandwidth-bound kernels beside it (the
+        # loop costs registers: 652 bytes of spills at 8 warps against 128, bench/kernel_registers.py)
+        pid = tl.program_id(0).to(tl.int64)
+        if SHARED:
+            while pid < B:
+                _chain_one(pid, r_ptr, scale_ptr, hi_ptr, lo_ptr, N, sr_b, sr_m, sr_n, so_b, so_m, so_n, a, b, c,
+                           STEPS1, STEPS2, BN, F32_DOT)
+                pid += tl.num_programs(0)
+        else:
+            _chain_one(pid, r_ptr, scale_ptr, hi_ptr, lo_ptr, N, sr_b, sr_m, sr_n, so_b, so_m, so_n, a, b, c,
+                       STEPS1, STEPS2, BN, F32_DOT)
 
 
 def applies(device: torch.device, w_dtype: torch.dtype, m: int) -> bool:
@@ -234,9 +258,10 @@ def gram_chain(r0: torch.Tensor, scale: torch.Tensor, steps1: int, steps2: int, 
                          f"{r0.device}, steps {steps1}, {steps2}")
     hi = torch.empty(bsz, m, m, device=r0.device, dtype=torch.bfloat16)
     lo = torch.empty_like(hi)
-    _chain_kernel[(bsz,)](r0, scale, hi, lo, m, *r0.stride(), *hi.stride(), float(a), float(b), float(c),
-                          STEPS1=steps1, STEPS2=steps2, BN=max(16, triton.next_power_of_2(m)), F32_DOT=_f32_dot(),
-                          num_warps=8)
+    programs = min(CONFIGS["chain"][0] or bsz, bsz)
+    _chain_kernel[(programs,)](r0, scale, hi, lo, bsz, m, *r0.stride(), *hi.stride(), float(a), float(b), float(c),
+                               STEPS1=steps1, STEPS2=steps2, BN=max(16, triton.next_power_of_2(m)), F32_DOT=_f32_dot(),
+                               SHARED=programs < bsz, num_warps=8)
     return hi, lo
 
 
