@@ -46,7 +46,8 @@ python3 -c "from bench.results import host_cpu; import os; print('host', host_cp
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run_tests() {
   # -v: each test's PASSED/FAILED is in the log as it ends, so a run cut by the timeout still names them
-  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -v -s -p no:cacheprovider ${TESTS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} 2>&1 \
+  # the tests compile with the machine's own caches: the carried ones stay the benchmarks' (smaller)
+  timeout "${TEST_TIMEOUT:-480}" env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR -u TRITON_CACHE_AUTOTUNING python3 -m pytest -v -s -p no:cacheprovider ${TESTS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} 2>&1 \
     | tee "$out/gpu_tests.log" | grep -e '::' -e 'rel err' -e 'max err' -e passed -e failed -e PASSED -e FAILED -e Error -e '^E ' \
     | cut -c1-600 | tail -40
   echo "# tests done at +$(( $(date +%s) - t0 ))s"
