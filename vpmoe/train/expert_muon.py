@@ -196,7 +196,7 @@ if triton is not None:
                       SHARED: tl.constexpr):
         # one matrix per program; SHARED (fewer programs than matrices: CONFIGS["chain"]): each program
         # takes its share in turn, leaving the other SMs to the bandwidth-bound kernels beside it (the
-        # loop costs registers: 652 bytes of spills at 8 warps against 128, bench/kernel_registers.py)
+        # loop costs registers: 652 bytes of spills at 8 warps against 120, bench/kernel_registers.py)
         pid = tl.program_id(0).to(tl.int64)
         if SHARED:
             while pid < B:
