@@ -5,22 +5,20 @@
 # `vpmoe teacher score`), and the SYNTH sample at 2048 tokens (bench/trainer_run.py). Then: run
 # `bash bench/gpu_run.sh ...` on the device with carry [".carry"].
 # .carry/ must be listed in .git/info/exclude. Idempotent; reuses what is already there.
-# `bash bench/gpu_carry.sh FOLDER`: also unpack the compile caches a call brought back (FOLDER holds its
-# $OUT files compile_cache.tgz.N), replacing that GPU kind's folder in .carry/compile_cache.
+# `bash bench/gpu_carry.sh FOLDER`: also keep the compile caches a call brought back (FOLDER holds its
+# $OUT files compile_cache.tgz.N), replacing that GPU kind's archive .carry/compile_cache/<kind>.tgz.
 set -euo pipefail
 back=${1:+$(cd "$1" && pwd)}
 cd "$(dirname "$0")/.."
 if [ -n "$back" ]; then
   parts=("$back"/compile_cache.tgz.[0-9])
   [ -e "${parts[0]}" ] || { echo "gpu_carry: no compile_cache.tgz.N in $back (the call packed none)" >&2; exit 1; }
-  tmp=$(mktemp -d)
-  cat "${parts[@]}" | tar -xzf - -C "$tmp"
+  # they stay packed here (~23 MB against ~185 MB unpacked; the carry limit is 64 MiB): gpu_run.sh unpacks
+  kind=$(cat "${parts[@]}" | tar -tzf - | awk -F/ 'NR == 1 {print $1}')  # awk reads it all: no SIGPIPE
+  [ -n "$kind" ] || { echo "gpu_carry: the archive in $back lists no GPU kind folder" >&2; exit 1; }
   mkdir -p .carry/compile_cache
-  for kind in "$tmp"/*; do
-    rm -rf ".carry/compile_cache/$(basename "$kind")" && mv "$kind" .carry/compile_cache/
-    echo "compile cache for $(basename "$kind"): $(du -sm ".carry/compile_cache/$(basename "$kind")" | cut -f1) MB"
-  done
-  rm -rf "$tmp"
+  cat "${parts[@]}" > ".carry/compile_cache/$kind.tgz.tmp" && mv ".carry/compile_cache/$kind.tgz.tmp" ".carry/compile_cache/$kind.tgz"
+  echo "compile cache for $kind: $(du -sm ".carry/compile_cache/$kind.tgz" | cut -f1) MB packed"
 fi
 mkdir -p .carry
 cp ../shared/bench/peer_hf_afmoe.py .carry/
@@ -44,6 +42,6 @@ if not (carry / "synth2048" / "manifest.json").exists():
 PY
 rm -rf .carry/syn192_kd/teacher  # only the cache travels (the teacher is 50 MB)
 carried=$(du -sm .carry | cut -f1)  # the repo and .carry travel together, 64 MiB at most
-[ "$carried" -le 56 ] || echo "gpu_carry: .carry is ${carried} MB; drop .carry/compile_cache/<kind> folders to fit 64 MiB" >&2
+[ "$carried" -le 56 ] || echo "gpu_carry: .carry is ${carried} MB; drop .carry/compile_cache/<kind>.tgz archives to fit 64 MiB" >&2
 du -sh .carry
 echo "carry ready: $(cat .carry/GIT_SHA)"

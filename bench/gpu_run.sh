@@ -26,18 +26,23 @@ fi
 export VPMOE_RESULTS="$out/RESULTS.md"
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# Compile caches carried between calls, one folder per GPU kind: Inductor's (graphs, generated kernels,
-# their autotuning) and Triton's (the project's kernels, with TRITON_CACHE_AUTOTUNING their tuning too).
-# On a fresh machine they cut (a)'s first step from ~110 s to ~15 s (the cache-warm reading on one
-# machine) when the code is unchanged. The end of this script packs them into $OUT as
-# compile_cache.tgz.N; `bash bench/gpu_carry.sh FOLDER` unpacks those into .carry/ for the next call.
-# COMPILE_CACHE=0: the machine's own default caches, nothing packed.
-cache_root=$PWD/.carry/compile_cache
+# Compile caches carried between calls, one archive per GPU kind: Inductor's (graphs, generated
+# kernels, their autotuning) and Triton's (the project's kernels, with TRITON_CACHE_AUTOTUNING their
+# tuning too). They travel packed (.carry/compile_cache/<GPU kind>.tgz, ~23 MB against ~185 MB
+# unpacked: the carry limit is 64 MiB) and are unpacked here into a fixed path, the same on every
+# machine. The end of this script packs them into $OUT as compile_cache.tgz.N; `bash
+# bench/gpu_carry.sh FOLDER` joins those into .carry/ for the next call. COMPILE_CACHE=0: the
+# machine's own default caches, nothing packed.
+cache_root=/tmp/vpmoe_compile_cache
 gpu_kind=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '_')
 if [ "${COMPILE_CACHE:-1}" = 1 ]; then
   export TORCHINDUCTOR_CACHE_DIR=$cache_root/$gpu_kind/inductor TRITON_CACHE_DIR=$cache_root/$gpu_kind/triton
   export TRITON_CACHE_AUTOTUNING=1 VPMOE_COMPILE_CACHE=cold
-  if [ -d "$cache_root/$gpu_kind" ]; then
+  if [ -d "$cache_root/$gpu_kind" ]; then  # a warm machine's earlier call left them (the carried ones and more)
+    VPMOE_COMPILE_CACHE=kept
+    echo "# compile cache kept from an earlier call on this machine: $(du -sm "$cache_root/$gpu_kind" | cut -f1) MB"
+  elif [ -f ".carry/compile_cache/$gpu_kind.tgz" ]; then
+    mkdir -p "$cache_root" && tar -C "$cache_root" -xzf ".carry/compile_cache/$gpu_kind.tgz"
     VPMOE_COMPILE_CACHE=carried
     echo "# compile cache carried: $(du -sm "$cache_root/$gpu_kind" | cut -f1) MB for $gpu_kind"
   fi
@@ -170,8 +175,8 @@ if [ "${COMPILE_CACHE:-1}" = 1 ] && [ -d "$cache_root/$gpu_kind" ]; then
   # parts of <= 15 MiB (16 MiB a file comes back); only where the call's other files leave room (8 files, 64 MiB)
   tar -C "$cache_root" -czf /tmp/compile_cache.tgz "$gpu_kind"
   mb=$(( $(stat -c %s /tmp/compile_cache.tgz) / 1048576 + 1 ))
-  # Triton's cache records absolute paths (a kernel whose recorded files are missing is compiled
-  # again), so the caches hit only where the repository's root is the same path on the next machine
+  # Triton's cache records absolute paths of the sources it compiled: the caches hit only where the
+  # repository's root is the same path on the next machine (/work/main on every call so far)
   echo "# compile cache: $(du -sm "$cache_root/$gpu_kind" | cut -f1) MB raw, ${mb} MB packed, root $PWD"
   parts=$(( (mb + 14) / 15 ))
   if [ $(( $(find "$out" -type f | wc -l) + parts )) -le 8 ] && [ "$mb" -le 45 ]; then

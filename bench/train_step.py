@@ -389,7 +389,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
         row["first_step_s"] = time.perf_counter() - t0
         if tr.graphed is not None:  # what --weight-copies (auto by default) chose
             row["weight_copies"] = "on" if tr.fopt.weight_copies else "off"
-            # what --low-grads (on by default: one micro-batch) gave: bf16 expert gradients
+            # what --low-grads (on by default: up to 4 micro-batches) gave: bf16 expert gradients
             low = "always" if graphed_module.LOW_GRADS == "always" else "on"
             row["low_grads"] = low if tr.body.low_grads() else "off"
         it = iter(range(10 ** 6))
@@ -480,8 +480,9 @@ def main():
                     help="graphed one-micro-batch steps: the embedding's gradient as its rows of the batch's tokens, "
                          "gathered inside its AdamW pass (graphed.EMBED_ROWS, the default), or the dense [V, d] tensor")
     ap.add_argument("--low-grads", default="on", choices=["on", "off", "always"],
-                    help="graphed steps: the expert weights' gradients in bf16 with one micro-batch (graphed.LOW_GRADS, "
-                         "the default), at every micro-batch count (always: accumulated in bf16), or fp32 (off)")
+                    help="graphed steps: the expert weights' gradients in bf16 at up to graphed.LOW_GRADS_MAX_MICRO "
+                         "micro-batches, accumulated in bf16 (graphed.LOW_GRADS, the default), at every micro-batch "
+                         "count (always), or fp32 (off)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")

@@ -140,8 +140,9 @@ def test_micro_batches_add_into_the_bf16_gradients_in_place(copies, checkpoint):
 
 
 def test_low_grads_setting():
-    assert [G.low_grads_wanted(m, s) for m, s in [(1, True), (2, True), (2, "always"), (1, "always"), (1, False)]] \
-        == [True, False, True, True, False]
+    cases = [(1, True), (2, True), (G.LOW_GRADS_MAX_MICRO, True), (G.LOW_GRADS_MAX_MICRO + 1, True),
+             (2, "always"), (64, "always"), (1, False), (2, False)]
+    assert [G.low_grads_wanted(m, s) for m, s in cases] == [True, True, True, False, True, True, False, False]
     with pytest.raises(ValueError, match="graphed.LOW_GRADS must be True, False or 'always'"):
         G.low_grads_wanted(1, "on")
     model = VpMoE(small(n_layers=2, d_model=32, expert_ffn=16, n_experts=8))

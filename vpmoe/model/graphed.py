@@ -68,19 +68,19 @@ Design choices:
   its AdamW pass: the loss's forward no longer casts the [V, d] head (~1.2 GB of traffic at V =
   201,088) for the copy's 0.4 GB write, and the copy stands where the cast's transient stood at
   the step's peak (since 2026-12-06).
-- `LOW_GRADS` (True by default: one micro-batch): the expert weights' gradients in bf16, taken
-  by 2-byte holder leaves (`FastBody.use_low_grads`, `FastBody.low_grads`) instead of the masters:
-  the weight-gradient kernel rounds its fp32 sums once and writes half the bytes, the optimizer's
-  momentum pass reads half (and computes in fp32 as before), and the fp32 gradients (~5 GB at 20
-  layers) are never allocated. The clipping norm's partial sums are the rounded values'. The one
-  numerical change: each expert gradient element rounded to bf16 (relative 2^-9) before the
-  momentum, as in bf16 mixed-precision training. Measured at (a) with the copies: -1.03 ms,
-  -1.45 GiB (H200, 2026-12-05). "always": at every micro-batch count, later micro-batches adding
-  into the bf16 gradients in place (one more rounding of the running sum per micro-batch; bf16
-  gradient accumulation): at the one-GPU 80-layer recipe (2 micro-batches, 50 blocks
-  checkpointed) it takes the ~20 GiB of fp32 expert gradients to ~10 and drops the grouped-GEMM
-  path's widening cast and fp32 accumulation (~-29 ms per ~2.4 s step by bytes, an estimate; not
-  yet measured, so not the default). False: fp32 gradients on the masters.
+- `LOW_GRADS` (True by default: up to `LOW_GRADS_MAX_MICRO` = 4 micro-batches): the expert weights'
+  gradients in bf16, taken by 2-byte holder leaves (`FastBody.use_low_grads`, `FastBody.low_grads`)
+  instead of the masters: the weight-gradient kernel rounds its fp32 sums once and writes half the
+  bytes, the optimizer's momentum pass reads half (and computes in fp32 as before), and the fp32
+  gradients (~5 GB at 20 layers) are never allocated. The clipping norm's partial sums are the
+  rounded values'. The numerical change: each expert gradient element rounded to bf16 (relative
+  2^-9) before the momentum, as in bf16 mixed-precision training; with more micro-batches each
+  later one adds into the bf16 gradients in place (bf16 gradient accumulation: one more rounding
+  of the running sum per micro-batch, so at most 3 at the cap; above it the sums stay fp32).
+  Measured: at (a) with the copies -1.03 ms, -1.45 GiB (H200, 2026-12-05); at 40 layers x 64 rows
+  in 2 micro-batches, 25 blocks checkpointed (H100, 2026-12-06) -14 ms of 1,513 and -4.9 GiB, and
+  spent on 22 checkpointed blocks at the same peak, -41 ms (-2.7%). "always": at every
+  micro-batch count. False: fp32 gradients on the masters.
 - Replicas (`parallel.data_parallel = "replicate"`, several ranks each running this step): the
   gradients and expert loads are summed over the ranks by the caller's `reduce`, eagerly, between
   the last micro-batch's graph and the update's, in the static buffers both graphs use; no
@@ -105,9 +105,10 @@ EMBED_ROWS = True  # one micro-batch: the embedding's gradient as its rows of th
 # True / False: always / never (module docstring)
 WEIGHT_COPIES: bool | str = "auto"
 COPIES_AUTO_SHARE = 0.05  # "auto" keeps copies of at most this share of the device's memory
-# the expert weights' gradients in bf16 (module docstring): True = with one micro-batch, "always" =
-# at every micro-batch count (accumulated in bf16), False = never (fp32 on the masters)
+# the expert weights' gradients in bf16 (module docstring): True = at up to LOW_GRADS_MAX_MICRO
+# micro-batches (accumulated in bf16), "always" = at every count, False = never (fp32 on the masters)
 LOW_GRADS: bool | str = True
+LOW_GRADS_MAX_MICRO = 4  # each micro-batch after the first rounds the bf16 running sum once more
 CAPTURE_LOCK = threading.Lock()  # held while capturing; other threads pin host memory outside it
 
 
@@ -123,7 +124,7 @@ def low_grads_wanted(micro: int, setting: bool | str | None = None) -> bool:
     setting = LOW_GRADS if setting is None else setting
     if setting not in (True, False, "always"):
         raise ValueError(f"graphed.LOW_GRADS must be True, False or 'always', got {setting!r}")
-    return setting == "always" or (setting is True and micro == 1)
+    return setting == "always" or (setting is True and micro <= LOW_GRADS_MAX_MICRO)
 
 
 def copies_wanted(body: FastBody, setting: bool | str | None = None, total_memory: int | None = None) -> bool:
