@@ -62,8 +62,9 @@ run_tests() {
 [ -f "$out/peer.jsonl" ] || : > "$out/peer.jsonl"
 if [ "${SKIP_PEER:-0}" != 1 ]; then
   : > "$out/peer.jsonl"
+  letters=",$(echo "$cases" | tr ',' '\n' | cut -d: -f1 | paste -sd,),"  # "d:graphed" holds an a, not case a
   for spec in a:2 b:8; do
-    case "$cases" in *${spec%%:*}*)
+    case "$letters" in *,${spec%%:*},*)
       timeout 240 python3 .carry/peer_hf_afmoe.py --layers 20 --batch ${spec##*:} --seq 2048 --impl grouped_mm --steps ${PEER_STEPS:-12} 2>&1 \
         | grep '^{' | tee -a "$out/peer.jsonl" | cut -c1-300;;
     esac

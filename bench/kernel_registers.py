@@ -153,7 +153,7 @@ def moe_cases():
             yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", MF._rows_kernel, sig, consts, w, st
     off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False, HAS_DB=False)
     for name, (a_t, b_t, (ka, nb), flags) in MOE_WGRAD.items():
-        # (a)'s 4,096 tokens x top-4; bf16 dW (`LOW`: graphed.LOW_GRADS, the default at one micro-batch)
+        # (a)'s 4,096 tokens x top-4; bf16 dW (`LOW`: graphed.LOW_GRADS, the default at up to 4 micro-batches)
         sig = {"a_ptr": f"*{a_t}", "stride_a": ("i32", ka), "b_ptr": f"*{b_t}", "stride_b": ("i32", nb),
                "order_ptr": "*i64", "scale_ptr": "*fp32", "offsets_ptr": "*i32", "dw_ptr": "*bf16", "db_ptr": "*fp32",
                "sq_ptr": "*fp32", "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
