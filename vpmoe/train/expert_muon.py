@@ -32,7 +32,8 @@ Design choices:
 - `gram_chain` reuses `ns_gram.segment` (the same fp16 roundings as `gram_segment`) and reloads R0
   from memory (L2) for the restart rather than holding it through the first segment. One program
   per matrix by default; `CONFIGS["chain"]` can give fewer programs, each taking its share of the
-  matrices in turn (the same bits), so the chain's compute leaves SMs to the other streams' kernels.
+  matrices in turn (the same bits), so the chain's compute leaves SMs to the other streams' kernels
+  (measured: no gain on an H100, 2026-12-06).
 - The references (`momentum_gram_reference`, `gram_chain_reference`, `ns_update.qx_update_reference`)
   make the same roundings in torch: the test oracle under the Triton interpreter
   (tests/test_expert_muon.py) beside float64, and the path where the kernels do not apply.
@@ -80,8 +81,9 @@ MAX_M = 128  # the short side held whole per program
 # `gram_chain`'s (programs, 0 for one per matrix): the chain is compute on the tensor cores at one
 # program per SM (~255 registers at 8 warps), so at one program per matrix it holds every SM for
 # its ~56 us a launch while the other streams' bandwidth-bound kernels wait for SMs; fewer programs,
-# each taking its share of the matrices in turn, leave the rest of the SMs to them. Opt-in, not yet
-# timed (bench `cprogs=N`); its loop costs registers (652 bytes of spills at 8 warps against 120)
+# each taking its share of the matrices in turn, leave the rest of the SMs to them. Opt-in: not
+# ahead (20-layer optimizer step 26.53 / 24.42 / 23.74 ms at 16 / 32 / 64 programs against 23.67
+# per matrix, H100, 2026-12-06 11:57; bench `cprogs=N`); its loop spills 652 bytes at 8 warps (120)
 CONFIGS = {"momentum": (64, 16, 3, 0), "chain": (0,)}
 DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
 
