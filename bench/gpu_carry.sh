@@ -14,10 +14,12 @@ if [ -n "$back" ]; then
   parts=("$back"/compile_cache.tgz.[0-9])
   [ -e "${parts[0]}" ] || { echo "gpu_carry: no compile_cache.tgz.N in $back (the call packed none)" >&2; exit 1; }
   # they stay packed here (~23 MB against ~185 MB unpacked; the carry limit is 64 MiB): gpu_run.sh unpacks
-  kind=$(cat "${parts[@]}" | tar -tzf - | awk -F/ 'NR == 1 {print $1}')  # awk reads it all: no SIGPIPE
-  [ -n "$kind" ] || { echo "gpu_carry: the archive in $back lists no GPU kind folder" >&2; exit 1; }
   mkdir -p .carry/compile_cache
-  cat "${parts[@]}" > ".carry/compile_cache/$kind.tgz.tmp" && mv ".carry/compile_cache/$kind.tgz.tmp" ".carry/compile_cache/$kind.tgz"
+  joined=.carry/compile_cache/joining.tmp
+  cat "${parts[@]}" > "$joined"
+  kind=$(tar -tzf "$joined" | awk -F/ 'NR == 1 {print $1}') || kind=""  # awk reads it all: no SIGPIPE
+  [ -n "$kind" ] || { rm -f "$joined"; echo "gpu_carry: the archive in $back is unreadable or lists no GPU kind folder" >&2; exit 1; }
+  mv "$joined" ".carry/compile_cache/$kind.tgz"
   echo "compile cache for $kind: $(du -sm ".carry/compile_cache/$kind.tgz" | cut -f1) MB packed"
 fi
 mkdir -p .carry
