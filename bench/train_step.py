@@ -483,6 +483,9 @@ def main():
                     help="graphed steps: the expert weights' gradients in bf16 at up to graphed.LOW_GRADS_MAX_MICRO "
                          "micro-batches, accumulated in bf16 (graphed.LOW_GRADS, the default), at every micro-batch "
                          "count (always), or fp32 (off)")
+    ap.add_argument("--wgrad-order", default="busiest", choices=["busiest", "expert"],
+                    help="the gathered weight-gradient kernel's programs take the experts busiest first "
+                         "(kernels.WGRAD_BUSIEST_FIRST, the default) or in id order")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
@@ -519,6 +522,7 @@ def main():
     graphed_module.EMBED_ROWS = a.embed_rows == "on"
     graphed_module.LOW_GRADS = {"on": True, "off": False, "always": "always"}[a.low_grads]
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
+    K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -556,6 +560,8 @@ def main():
                 row["embed_rows"] = "off"
             if a.mask_tables == "dense":
                 row["mask_tables"] = "dense"
+            if a.wgrad_order != "busiest":
+                row["wgrad_order"] = a.wgrad_order
             if a.opt:
                 row["opt"] = a.opt
             if a.expert_kernels:

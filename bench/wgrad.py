@@ -10,7 +10,9 @@ bias gradient) and the down gradient (dW [E, 128, 1024] from u [N*k, 128] and g 
 through the index), each checked against fp32 torch of the same bf16 operands (`rel_err`). The
 floor: a plain fill of the output's 134 MB of fp32 (`fill_us`). `--tokens 4096` is the (a) step's
 micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
-74-98 us against a 39 us fill; fewer pipeline stages won.
+74-98 us against a 39 us fill; fewer pipeline stages won. Each configuration runs with fp32 and bf16
+output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRADS` has the kernel
+write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`).
 """
 from __future__ import annotations
 
@@ -38,13 +40,14 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
     return out
 
 
-def launch(config, a, b, index, offsets, dw, db, gather_a: bool) -> None:
+def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None) -> None:
     """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
-    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick."""
+    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick;
+    `busiest`: the experts' order (`wgrad.busiest_first`), else id order."""
     from vpmoe.model import wgrad as W
 
     W.launch(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
-             config=config)
+             config=config, busiest=busiest)
 
 
 def main():
@@ -62,18 +65,22 @@ def main():
     out = torch.empty(E * d * H, device="cuda")
     fill_us = cuda_time(lambda: out.fill_(1.0), warmup=3, iters=20) * 1e6
     print(f"# fill of the output's {out.numel() * 4 / 1e6:.0f} MB of fp32: {fill_us:.1f} us", flush=True)
+    busiest = W.busiest_first(offsets)
     rows = []
     for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
-        row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS)
-        for name, (aa, bb, gather_a) in cases.items():
-            dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda")
-            db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
-            run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a:
-                   launch(config, aa, bb, token, offsets, dw, db, gather_a))
-            row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
-            row[f"{name}_rel_err"] = ((dw - refs[name]).norm() / refs[name].norm()).item()
-        rows.append(row)
-        print(row, flush=True)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            for order in ("expert", "busiest"):
+                row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order)
+                for name, (aa, bb, gather_a) in cases.items():
+                    dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda", dtype=out_dtype)
+                    db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
+                    run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a,
+                           perm=busiest if order == "busiest" else None:
+                           launch(config, aa, bb, token, offsets, dw, db, gather_a, perm))
+                    row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
+                    row[f"{name}_rel_err"] = ((dw.float() - refs[name]).norm() / refs[name].norm()).item()
+                rows.append(row)
+                print(row, flush=True)
     notes = (f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert {a.load_imbalance:.1f}x the mean "
              f"rows), d {d}, width {H}; fill of the 134 MB output {fill_us:.1f} us; `listed`: in WGRAD_CONFIGS")
     from bench.results import report

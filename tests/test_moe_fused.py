@@ -154,9 +154,34 @@ def check_gathered_wgrad() -> None:
         torch.testing.assert_close(dw.double(), _wgrad_reference(u, gy, r.token, r.offsets, False)[0], rtol=tol,
                                    atol=tol)
 
+    # busiest experts first: the order is a plain sort by (-rows, id); the programs in that order
+    # write the same bits (both forms, bias and sums of squares, a tiling with several tiles per expert)
+    counts = torch.diff(r.offsets, prepend=r.offsets.new_zeros(1)).tolist()
+    busiest = W.busiest_first(r.offsets)
+    assert busiest.dtype == torch.int32 and busiest.tolist() == sorted(range(E), key=lambda e: (-counts[e], e))
+    assert busiest[0] == 0 and busiest[-1] == 1, busiest  # the crowded expert first, the empty one last
+    for a, b, gather_a in ((x, g, True), (u, gy, False)):
+        for config in (None, (16, 16, 16, 4, 2)):
+            outs = []
+            for order in (None, busiest):
+                dw = torch.full((E, a.shape[1], b.shape[1]), float("nan"))
+                sq = torch.full(W.sq_shape(*dw.shape), float("nan"))
+                db = torch.full((E, b.shape[1]), float("nan")) if gather_a else None
+                W.launch(a, b, r.token, r.offsets, dw, db, 1, False, gather_a=gather_a, gather_b=not gather_a,
+                         config=config, sq=sq, busiest=order)
+                outs.append([t for t in (dw, db, sq) if t is not None])
+            assert not any(t.isnan().any() for t in outs[1]), config
+            assert all(torch.equal(p, q) for p, q in zip(*outs)), (gather_a, config)
+        torch.testing.assert_close(outs[1][0].double(), _wgrad_reference(a, b, r.token, r.offsets, gather_a)[0],
+                                   rtol=1e-5, atol=1e-5)
+    # the kernel reads the order: every program pointed at expert 2 leaves the others unwritten
+    dw = torch.full((E, d, H), float("nan"))
+    W.launch(x, g, r.token, r.offsets, dw, None, 1, False, gather_a=True, busiest=torch.full_like(busiest, 2))
+    assert not dw[2].isnan().any() and dw[torch.arange(E) != 2].isnan().all()
+
     calls = []
     original = W.launch
-    W.launch = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    W.launch = lambda *a, **kw: calls.append(kw.get("busiest")) or original(*a, **kw)
     f64 = {"dtype": torch.float64, "generator": gen}
     leaves64 = [torch.randn(N, d, **f64), torch.randn(E, d, H, **f64) / d**0.5, torch.randn(E, H, **f64),
                 torch.randn(N * k, H, **f64), torch.rand(N, k, **f64), torch.randn(E, H, d, **f64) / H**0.5,
@@ -201,6 +226,7 @@ def check_gathered_wgrad() -> None:
         y = K.routed_experts(x, idx, weight, *ws, probes=probes)
         (y * gy.float()).sum().backward()
         assert len(calls) == launches, (limit, calls)
+        assert all(torch.equal(order, busiest) for order in calls)  # routed_experts hands the kernel the order
         assert all((p.grad is not None) == bool(launches) for p in probes), limit
         assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in ws), limit
         if launches:

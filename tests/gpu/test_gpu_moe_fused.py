@@ -85,7 +85,8 @@ def test_moe_fused_in_a_captured_graph():
 def test_gathered_wgrad_cuda_against_float64_and_grouped_gemm(gather_a):
     """The grouped path's weight gradients (`gathered_wgrad`, fp32 out) at the model's dims and the (a)
     step's 4,096 tokens: within fp32-sum rounding of float64 over the same bf16 operands, and within
-    bf16 rounding of the grouped GEMM it replaced (which rounds its output to bf16)."""
+    bf16 rounding of the grouped GEMM it replaced (which rounds its output to bf16); the experts
+    taken busiest first give the same bits."""
     from tests.test_moe_fused import _wgrad_reference
 
     N, k, d, H, E = 4096, 4, 1024, 128, 256
@@ -104,6 +105,9 @@ def test_gathered_wgrad_cuda_against_float64_and_grouped_gemm(gather_a):
     sq_err = abs(sq.double().sum() / dw.double().square().sum() - 1).item()
     assert sq_err < 1e-6, sq_err
     assert torch.equal(W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a)[0], dw)
+    # the experts taken busiest first (the grouped path's default order): the same bits
+    busy = W.gathered_wgrad(a, b, r.token, r.offsets, gather_a, gather_a, True, False, W.busiest_first(r.offsets))
+    assert all(torch.equal(p, q) for p, q in zip(busy, (dw, db, sq)))
     assert dw.dtype == torch.float32 and rel(dw, ref_w) < 1e-5, rel(dw, ref_w)
     rows_a, rows_b = (a[r.token], b) if gather_a else (a, b[r.token])
     old = K.grouped_mm_wgrad(rows_a, rows_b, r.offsets)

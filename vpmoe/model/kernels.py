@@ -258,6 +258,9 @@ FUSED_WGRAD = True
 # 2,443 ms), H200, 2026-12-04 21:00-21:20 (bench/RESULTS.md). The crossover itself is not
 # measured: a straight line through the per-call differences at (a) and (b) puts it near 27k.
 GATHERED_WGRAD_MAX_ROWS = 24576
+# ... and its programs take the experts busiest first (`wgrad.busiest_first`, one small sort per MoE
+# layer in the forward, kept for both weight gradients): the longest row loops start first.
+WGRAD_BUSIEST_FIRST = True
 
 
 def gathered_wgrad_serves(rows: int) -> bool:
@@ -284,31 +287,33 @@ class _GatherGemm(torch.autograd.Function):
     (optional): w already in x's dtype (a kept copy, `FastBody.use_weight_copies`), used instead
     of casting w here. `grad_to` (optional, `wgrad.grad_holder`): takes w's gradient in its own dtype
     (bf16: the kernel rounds its fp32 sums once; its sums of squares are the rounded values'), and
-    w none; else w takes it."""
+    w none; else w takes it. `busiest` (optional, `wgrad.busiest_first(offsets)`): the order the
+    kernel takes the experts in."""
 
     @staticmethod
-    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None, w_lo=None, grad_to=None):
+    def forward(ctx, x, w, b, token, expert, inverse, offsets, k: int, probe=None, w_lo=None, grad_to=None,
+                busiest=None):
         ctx.low_grad = W.takes_grad(ctx, grad_to, 10)
         w_lo = w.to(x.dtype) if w_lo is None else w_lo
-        ctx.save_for_backward(x, w_lo, token, inverse, offsets)
+        ctx.save_for_backward(x, w_lo, token, inverse, offsets, busiest)
         ctx.k, ctx.w_dtype, ctx.b_dtype, ctx.probe = k, w.dtype, b.dtype, probe is not None
         acc = _acc(x)  # h in x's dtype: the squared ReLU's backward keeps it (2 KB per token in fp32)
         return (grouped_mm(x[token], w_lo, offsets).to(acc) + b.to(acc)[expert]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, w, token, inverse, offsets = ctx.saved_tensors
+        x, w, token, inverse, offsets, busiest = ctx.saved_tensors
         a = x.shape[1]
         g = g.to(w.dtype).contiguous()
         g_sq = None  # the probe's gradient: only where the kernel writes the weight's own gradient
         if gathered_wgrad_serves(token.numel()) and W.wgrad_applies(x, g, offsets.numel()):
-            g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe, ctx.low_grad)
+            g_w, g_b, g_sq = W.gathered_wgrad(x, g, token, offsets, True, True, ctx.probe, ctx.low_grad, busiest)
         else:
             g_wb = grouped_mm_wgrad(gather_rows_with_ones(x, token, _round8(a + 1)), g, offsets)
             g_w, g_b = g_wb[:, :a].contiguous(), g_wb[:, a]
         g_x = sum_slots(grouped_mm_t(g, w, offsets), inverse, ctx.k).to(x.dtype)
         g_w, g_sq, g_low = W.route_weight_grads(ctx, g_w, g_sq)
-        return g_x, g_w, g_b.to(ctx.b_dtype), None, None, None, None, None, g_sq, None, g_low
+        return g_x, g_w, g_b.to(ctx.b_dtype), None, None, None, None, None, g_sq, None, g_low, None
 
 
 class _DownSum(torch.autograd.Function):
@@ -327,13 +332,13 @@ class _DownSum(torch.autograd.Function):
     the rows' gradients are gathered from g again. w is cast to u's dtype here (the fp32 master
     weight arrives with FUSED_WGRAD); its gradient comes from a grouped GEMM, or with `FUSED_WGRAD`
     where Triton serves in fp32 from `wgrad.gathered_wgrad` (reading g's rows through `token`);
-    `probe`, `w_lo` and `grad_to` as in `_GatherGemm`."""
+    `probe`, `w_lo`, `grad_to` and `busiest` as in `_GatherGemm`."""
 
     @staticmethod
-    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None, w_lo=None, grad_to=None):
+    def forward(ctx, u, c, w, b, e_tok, inverse, token, offsets, probe=None, w_lo=None, grad_to=None, busiest=None):
         ctx.low_grad = W.takes_grad(ctx, grad_to, 10)
         w_dtype, w = w.dtype, (w.to(u.dtype) if w_lo is None else w_lo)
-        ctx.save_for_backward(u, c, w, b, e_tok, token, offsets)
+        ctx.save_for_backward(u, c, w, b, e_tok, token, offsets, busiest)
         ctx.w_dtype, ctx.probe = w_dtype, probe is not None
         acc = _acc(u)
         # the bias term in (token, slot) order, a reduction over each token's k rows of b
@@ -342,14 +347,14 @@ class _DownSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        u, c, w, b, e_tok, token, offsets = ctx.saved_tensors
+        u, c, w, b, e_tok, token, offsets, busiest = ctx.saved_tensors
         dt = u.dtype
         g_lo = g.to(dt)
         g_rows = g_lo[token]
         g_u = grouped_mm_t(g_rows, w, offsets)
         g_sq = None
         if gathered_wgrad_serves(token.numel()) and W.wgrad_applies(u, g_lo, offsets.numel()):
-            g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe, ctx.low_grad)
+            g_w, _, g_sq = W.gathered_wgrad(u, g_lo, token, offsets, False, False, ctx.probe, ctx.low_grad, busiest)
         else:
             g_w = grouped_mm_wgrad(u, g_rows, offsets)
         dense = torch.zeros(g.shape[0], b.shape[0], dtype=dt, device=g.device).scatter_(
@@ -357,7 +362,7 @@ class _DownSum(torch.autograd.Function):
         g_b = dense.t() @ g_lo
         g_c = (g_lo @ b.to(dt).t()).gather(1, e_tok)
         g_w, g_sq, g_low = W.route_weight_grads(ctx, g_w, g_sq)
-        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None, g_sq, None, g_low
+        return g_u, g_c.to(c.dtype), g_w, g_b.to(b.dtype), None, None, None, None, g_sq, None, g_low, None
 
 
 def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up, b_up, w_down,
@@ -380,14 +385,16 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     # or bf16 to a holder) where the gathered kernel serves or copies are kept; else the weights
     # are cast here and the cast's backward widens their bf16 gradients, if a holder does not take
     # them (a compiled block's partitioner may then recompute the cast rather than keep it)
-    if not gathered_wgrad_serves(r.token.numel()) and low[0] is None:
+    serves = gathered_wgrad_serves(r.token.numel())
+    if not serves and low[0] is None:
         w_up, w_down = w_up.to(dt), w_down.to(dt)
+    busiest = W.busiest_first(r.offsets) if serves and WGRAD_BUSIEST_FIRST and W.available(x.device) else None
     h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0], low[0],
-                          grad_to[0])
+                          grad_to[0], busiest)
     row_weight = topk_weight.flatten()[r.order].to(acc)
     u = (M.squared_relu(h.to(acc)) * row_weight.unsqueeze(-1)).to(dt)
     return _DownSum.apply(u, topk_weight, w_down, b_down, topk_idx - first, r.inverse, r.token, r.offsets, probes[1],
-                          low[1], grad_to[1])
+                          low[1], grad_to[1], busiest)
 
 
 def sq_probe(w: torch.Tensor) -> torch.Tensor:

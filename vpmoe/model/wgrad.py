@@ -19,6 +19,10 @@ Design choices:
 - No row splitting: cutting a busy expert's rows into parts (a workspace and an in-order fix-up
   kernel) was built and timed on 2026-12-04 and was slower alone under balanced and skewed routing
   alike (docs/performance.md, what was tried).
+- Busiest experts first (`busiest`, from `busiest_first`): the grid is flat, each expert's tiles
+  consecutive, and the experts taken in decreasing row count, so the longest row loops start in the
+  first wave rather than the last (longest-processing-time-first; at init the busiest expert has
+  ~11x the mean rows). The same programs in another order: the result is bit-identical.
 - Offsets are int32 (`wgrad_applies` refuses more than 2^31 elements per operand).
 - Tests: tests/test_moe_fused.py (the Triton interpreter against float64, `check_gathered_wgrad`,
   `check_grad_sq`); on the GPU, tests/gpu/test_gpu_moe_fused.py.
@@ -84,24 +88,32 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr, sq_ptr,
-                      KA, NB, M, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
-                      GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
+    def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, busiest_ptr, dw_ptr, db_ptr,
+                      sq_ptr, KA, NB, M, TOPK: tl.constexpr, BUSIEST: tl.constexpr, GATHER_A: tl.constexpr,
+                      ACT_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
                       FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
         A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
-        gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile). M (all
-        experts' rows) is only the autotuning key. HAS_SQ: each program also writes its tile's sum
-        of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)] (`sq_shape`, SQ = SQ_TILE): in the first
-        SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum do
-        not depend on the tiling the autotuner picks and no slot is left unwritten. LOW: dW is bf16,
+        gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile) on a flat
+        grid, an expert's tiles consecutive; BUSIEST: the experts in the order busiest_ptr lists them
+        (`busiest_first`), else in id order. M (all experts' rows) is only the autotuning key. HAS_SQ:
+        each program also writes its tile's sum of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)]
+        (`sq_shape`, SQ = SQ_TILE): in the first SQ-square slot it covers, zeros in its other slots,
+        so the buffer's shape and sum do not depend on the tiling the autotuner picks and no slot is
+        left unwritten. LOW: dW is bf16,
         rounded to nearest here (the interpreter's own conversion truncates), and the sums of squares
         are the rounded values', so they are exactly the stored gradient's."""
-        e = tl.program_id(0)
+        tiles_n = tl.cdiv(NB, BN)
+        tiles = tl.cdiv(KA, BM) * tiles_n
+        pid = tl.program_id(0)
+        e = pid // tiles
+        if BUSIEST:
+            e = tl.load(busiest_ptr + e)
+        tile_m, tile_n = (pid % tiles) // tiles_n, pid % tiles_n
         start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(offsets_ptr + e)
-        ms = tl.program_id(1) * BM + tl.arange(0, BM)
-        ns = tl.program_id(2) * BN + tl.arange(0, BN)
+        ms = tile_m * BM + tl.arange(0, BM)
+        ns = tile_n * BN + tl.arange(0, BN)
         m_ok, n_ok = ms < KA, ns < NB
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         db = tl.zeros([BN], dtype=tl.float32)
@@ -125,19 +137,19 @@ if triton is not None:
             acc = bf16_rounded(acc)
         tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         if HAS_DB:
-            if tl.program_id(1) == 0:  # the bias gradient once per column tile
+            if tile_m == 0:  # the bias gradient once per column tile
                 tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
         if HAS_SQ:
-            _store_sq(sq_ptr, e, acc, KA, NB, SQ, BM, BN)
+            _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ, BM, BN)
 
     @triton.jit
-    def _store_sq(sq_ptr, e, acc, KA, NB, SQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """The tile's sum of squares in the first SQ-square slot it covers, zeros in its others
         (`sq_shape`); masked loads left zeros outside the weight, so acc's squares are the tile's own."""
         total = tl.sum(tl.sum(acc * acc, 1), 0)
         g1, g2 = (KA + SQ - 1) // SQ, (NB + SQ - 1) // SQ
         j1, j2 = tl.arange(0, BM // SQ), tl.arange(0, BN // SQ)
-        s1, s2 = tl.program_id(1) * (BM // SQ) + j1, tl.program_id(2) * (BN // SQ) + j2
+        s1, s2 = tile_m * (BM // SQ) + j1, tile_n * (BN // SQ) + j2
         first = (j1 == 0)[:, None] & (j2 == 0)[None, :]
         tl.store(sq_ptr + e * g1 * g2 + s1[:, None] * g2 + s2[None, :], tl.where(first, total, 0.0),
                  mask=(s1 < g1)[:, None] & (s2 < g2)[None, :])
@@ -146,7 +158,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # launches
 
-_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "LOW"]
+_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "LOW", "BUSIEST"]
 _kernel = None
 
 
@@ -163,10 +175,18 @@ def _untuned_config() -> dict:
     return {"BM": 16, "BN": 16, "BK": 16} if interpreting() else {}
 
 
+def busiest_first(offsets: torch.Tensor) -> torch.Tensor:
+    """The expert ids int32 in decreasing order of their row counts (ties by id), from the group ends
+    `offsets` [E]: the order `_wgrad_kernel` takes them in (`busiest`). On the device, no sync."""
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+
+
 def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
-           scale=None, config=None, sq=None):
+           scale=None, config=None, sq=None, busiest=None):
     """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
-    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too.
+    (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too;
+    `busiest` [E] int32 (`busiest_first`): the experts' order, busiest first (else by id).
     dw fp32 or bf16 (then rounded to nearest in the kernel)."""
     E, KA, NB = dw.shape
     M = order.numel()
@@ -177,9 +197,10 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     else:
         bm, bn, bk, warps, stages = config
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
-    kernel[lambda m: (E, triton.cdiv(KA, m["BM"]), triton.cdiv(NB, m["BN"]))](
-        a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets, dw, dw if db is None else db,
-        dw if sq is None else sq, KA, NB, M=M, TOPK=topk, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
+    kernel[lambda m: (E * triton.cdiv(KA, m["BM"]) * triton.cdiv(NB, m["BN"]),)](
+        a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets,
+        offsets if busiest is None else busiest, dw, dw if db is None else db, dw if sq is None else sq, KA, NB,
+        M=M, TOPK=topk, BUSIEST=busiest is not None, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
         SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32,
         LOW=dw.dtype != torch.float32, **meta)
 
@@ -193,7 +214,8 @@ def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
 
 @torch.library.custom_op("vpmoe::gathered_wgrad", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, gather_a: bool,
-                   bias: bool, sq: bool = False, low: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   bias: bool, sq: bool = False, low: bool = False,
+                   busiest: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The weight gradient of a grouped GEMM whose rows are sorted by expert, in fp32 (or bf16), straight from
     `_wgrad_kernel`: dW[e] = sum over e's rows r of A'[r]^T B'[r], where the operand named by
     `gather_a` is read through `index` (A'[r] = A[index[r]], else B'[r] = B[index[r]]), so neither
@@ -202,13 +224,14 @@ def gathered_wgrad(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, offset
     the kernel's registers, so the optimizer's clipping norm need not read dW again. With `low`,
     dW is in the operands' dtype (bf16: the gradients `grad_holder`s take, `FastBody.use_low_grads`),
     rounded to nearest from the fp32 sums, and the sums of squares are of the rounded values.
+    `busiest` (optional, `busiest_first(offsets)`): the programs take the experts busiest first.
     The grouped-GEMM path's form (`kernels._GatherGemm`, `kernels._DownSum`) wrote a bf16
     gradient (and for the up GEMM first gathered its rows with a ones column), which the
     compiled backward then cast to fp32 for the master weight: three passes where this is one."""
     a, b = a.contiguous(), b.contiguous()
     dw, db, sq_parts = _wgrad_outputs(a, b, offsets, bias, sq, low)
     launch(a, b, index, offsets, dw, db if bias else None, 1, a.dtype == torch.float32, gather_a=gather_a,
-           gather_b=not gather_a, sq=sq_parts if sq else None)
+           gather_b=not gather_a, sq=sq_parts if sq else None, busiest=busiest)
     return dw, db, sq_parts
 
 
@@ -220,7 +243,7 @@ def _wgrad_outputs(a, b, offsets, bias: bool, sq: bool, low: bool = False):
 
 
 @gathered_wgrad.register_fake
-def _(a, b, index, offsets, gather_a, bias, sq=False, low=False):
+def _(a, b, index, offsets, gather_a, bias, sq=False, low=False, busiest=None):
     return _wgrad_outputs(a, b, offsets, bias, sq, low)
 
 
