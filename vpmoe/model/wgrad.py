@@ -100,9 +100,9 @@ if triton is not None:
         each program also writes its tile's sum of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)]
         (`sq_shape`, SQ = SQ_TILE): in the first SQ-square slot it covers, zeros in its other slots,
         so the buffer's shape and sum do not depend on the tiling the autotuner picks and no slot is
-        left unwritten. LOW: dW is bf16,
-        rounded to nearest here (the interpreter's own conversion truncates), and the sums of squares
-        are the rounded values', so they are exactly the stored gradient's."""
+        left unwritten. LOW: dW is bf16, rounded to nearest here (the interpreter's own conversion
+        truncates), and the sums of squares are the rounded values', so they are exactly the stored
+        gradient's."""
         tiles_n = tl.cdiv(NB, BN)
         tiles = tl.cdiv(KA, BM) * tiles_n
         pid = tl.program_id(0)
