@@ -235,6 +235,15 @@ def check_gathered_wgrad() -> None:
             for name, a, b in zip(["w_up", "b_up", "w_down", "b_down"], [w.grad for w in ws], served):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     K.GATHERED_WGRAD_MAX_ROWS = default_limit
+    # no backward, no order: sampling's forward steps launch no sort for it
+    sorts, real_sort = [], W.busiest_first
+    W.busiest_first = lambda offsets: sorts.append(1) or real_sort(offsets)
+    with torch.no_grad():
+        K.routed_experts(x, idx, weight, w_up, b_up, w_down, b_down)
+    assert sorts == []
+    K.routed_experts(x, idx, weight, w_up.requires_grad_(), b_up, w_down, b_down)
+    assert sorts == [1]
+    W.busiest_first = real_sort
     print("checked")
 
 

@@ -388,7 +388,9 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     serves = gathered_wgrad_serves(r.token.numel())
     if not serves and low[0] is None:
         w_up, w_down = w_up.to(dt), w_down.to(dt)
-    busiest = W.busiest_first(r.offsets) if serves and WGRAD_BUSIEST_FIRST and W.available(x.device) else None
+    # the order only where a backward will use it (no sort in sampling's forward steps)
+    wanted = serves and WGRAD_BUSIEST_FIRST and torch.is_grad_enabled() and W.available(x.device)
+    busiest = W.busiest_first(r.offsets) if wanted else None
     h = _GatherGemm.apply(x, w_up, b_up, r.token, r.expert, r.inverse, r.offsets, r.k, probes[0], low[0],
                           grad_to[0], busiest)
     row_weight = topk_weight.flatten()[r.order].to(acc)
