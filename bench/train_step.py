@@ -440,6 +440,11 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     return row, extra
 
 
+# the options a row names only where a run set them off their defaults (the rows' columns, in order)
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "opt", "expert_kernels",
+                  "flex_local", "flex_global")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="a,b,c", help="comma list of a,b,c; case:variant picks one variant")
@@ -552,24 +557,9 @@ def main():
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
             row["bf16_peak_tflops"] = peak
-            if a.inductor:
-                row["inductor"] = a.inductor
-            if a.grad_sq == "off":
-                row["grad_sq"] = "off"
-            if a.embed_rows == "off":
-                row["embed_rows"] = "off"
-            if a.mask_tables == "dense":
-                row["mask_tables"] = "dense"
-            if a.wgrad_order != "busiest":
-                row["wgrad_order"] = a.wgrad_order
-            if a.opt:
-                row["opt"] = a.opt
-            if a.expert_kernels:
-                row["expert_kernels"] = a.expert_kernels
-            if a.flex_local:
-                row["flex_local"] = a.flex_local
-            if a.flex_global:
-                row["flex_global"] = a.flex_global
+            for option in MARKED_OPTIONS:  # a column only where the run left the default
+                if getattr(a, option) != ap.get_default(option):
+                    row[option] = getattr(a, option)
             row.pop("compile", None)
             rows.append(row)
             if a.record:  # one section per case, written as soon as it is measured (a cut run keeps it)
