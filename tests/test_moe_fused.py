@@ -178,6 +178,12 @@ def check_gathered_wgrad() -> None:
     dw = torch.full((E, d, H), float("nan"))
     W.launch(x, g, r.token, r.offsets, dw, None, 1, False, gather_a=True, busiest=torch.full_like(busiest, 2))
     assert not dw[2].isnan().any() and dw[torch.arange(E) != 2].isnan().all()
+    for bad in (busiest[:-1], busiest.long()):  # one short, or int64: refused before any launch
+        try:
+            W.launch(x, g, r.token, r.offsets, dw, None, 1, False, gather_a=True, busiest=bad)
+            raise AssertionError(f"busiest {bad.dtype} {tuple(bad.shape)} was accepted")
+        except ValueError as e:
+            assert "busiest is" in str(e) and f"int32 ({E},)" in str(e), e
 
     calls = []
     original = W.launch

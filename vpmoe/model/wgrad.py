@@ -192,6 +192,10 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     M = order.numel()
     if sq is not None and tuple(sq.shape) != sq_shape(E, KA, NB):
         raise ValueError(f"wgrad.launch: sq has shape {tuple(sq.shape)}, dW {tuple(dw.shape)} needs {sq_shape(E, KA, NB)}")
+    if busiest is not None and (tuple(busiest.shape) != (E,) or busiest.dtype != torch.int32):
+        # the kernel reads E entries through it: a shorter or wider one would read past its end
+        raise ValueError(f"wgrad.launch: busiest is {busiest.dtype} {tuple(busiest.shape)}, dW {tuple(dw.shape)} needs "
+                         f"int32 ({E},) (wgrad.busiest_first)")
     if config is None:
         kernel, meta = _tuned(), _untuned_config()
     else:
