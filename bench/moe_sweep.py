@@ -24,8 +24,9 @@ from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.kernels import sort_by_expert  # noqa: E402
 
 
-def routed_case(doc: str, script: str, E: int = 256, k: int = 4):
-    """The MoE GEMM benchmarks' command line (--tokens, --skew, --record) and routing (top-k of E
+def routed_case(doc: str, script: str, E: int = 256, k: int = 4, options=None):
+    """The MoE GEMM benchmarks' command line (--tokens, --skew, --record, and what `options(parser)`
+    adds) and routing (top-k of E
     experts at random, seeded; uniform, or with --skew S each expert's popularity exp(S z), z
     normal: S = 1.5 gave a busiest expert 37x the mean at 65k tokens; a random-init model's router
     gives 10-33x):
@@ -34,6 +35,8 @@ def routed_case(doc: str, script: str, E: int = 256, k: int = 4):
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--skew", type=float, default=0.0)
     ap.add_argument("--record", action="store_true")
+    if options is not None:
+        options(ap)
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit(f"bench/{script} needs a CUDA GPU")

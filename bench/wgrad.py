@@ -12,7 +12,9 @@ floor: a plain fill of the output's 134 MB of fp32 (`fill_us`). `--tokens 4096` 
 micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
 74-98 us against a 39 us fill; fewer pipeline stages won. Each configuration runs with fp32 and bf16
 output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRADS` has the kernel
-write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`).
+write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`); `--outs
+bfloat16 --orders busiest` keeps the step's defaults only. A configuration's sixth entry is TILES, the
+tiles each program takes (`wgrad._wgrad_tiles`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,13 @@ from bench.moe_sweep import routed_case  # noqa: E402
 from bench.timing import cuda_time  # noqa: E402
 
 EXTRA_CONFIGS = [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2),
-                 (64, 128, 128, 4, 2)]  # (BM, BN, BK, warps, stages)
+                 (64, 128, 128, 4, 2), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 8), (64, 128, 64, 4, 3, 4),
+                 (64, 128, 64, 4, 2, 8), (64, 128, 64, 4, 3, 16)]  # (BM, BN, BK, warps, stages[, TILES])
+
+
+def options(ap) -> None:
+    ap.add_argument("--outs", default="float32,bfloat16", help="dW dtypes to time (comma list)")
+    ap.add_argument("--orders", default="expert,busiest", help="expert orders to time (comma list)")
 
 
 def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
@@ -42,7 +50,7 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
 
 def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None) -> None:
     """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
-    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick;
+    at one tiling configuration (BM, BN, BK, warps, stages[, TILES]) instead of the autotuner's pick;
     `busiest`: the experts' order (`wgrad.busiest_first`), else id order."""
     from vpmoe.model import wgrad as W
 
@@ -53,7 +61,7 @@ def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None) -
 def main():
     from vpmoe.model import wgrad as W
 
-    a, g, (order, offsets) = routed_case(__doc__, "wgrad.py")
+    a, g, (order, offsets) = routed_case(__doc__, "wgrad.py", options=options)
     N, d, H, E, k = a.tokens, 1024, 128, 256, 4
     token = order // k  # the token of each sorted row, as `kernels.Routing` makes it
     x = torch.randn(N, d, device="cuda", generator=g).bfloat16()
@@ -68,8 +76,8 @@ def main():
     busiest = W.busiest_first(offsets)
     rows = []
     for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
-        for out_dtype in (torch.float32, torch.bfloat16):
-            for order in ("expert", "busiest"):
+        for out_dtype in (getattr(torch, name) for name in a.outs.split(",")):
+            for order in a.orders.split(","):
                 row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order)
                 for name, (aa, bb, gather_a) in cases.items():
                     dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda", dtype=out_dtype)
