@@ -159,11 +159,10 @@ def moe_cases():
                "order_ptr": "*i64", "scale_ptr": "*fp32", "offsets_ptr": "*i32", "busiest_ptr": "*i32",
                "dw_ptr": "*bf16", "db_ptr": "*fp32",
                "sq_ptr": "*fp32", "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
-        for bm, bn, bk, w, st, tiles in ((*c, 1)[:6] for c in W.WGRAD_CONFIGS):
+        for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
             consts = dict(off, **flags, TOPK=4, BUSIEST=True, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, LOW=True,
-                          BM=bm, BN=bn, BK=bk, TILES=tiles)
-            yield (name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages" + (f", {tiles} tiles" if tiles > 1 else ""),
-                   W._wgrad_kernel, sig, consts, w, st)
+                          BM=bm, BN=bn, BK=bk)
+            yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", W._wgrad_kernel, sig, consts, w, st
 
 
 def ns_cases():

@@ -13,8 +13,7 @@ micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores t
 74-98 us against a 39 us fill; fewer pipeline stages won. Each configuration runs with fp32 and bf16
 output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRADS` has the kernel
 write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`); `--outs
-bfloat16 --orders busiest` keeps the step's defaults only. A configuration's sixth entry is TILES, the
-tiles each program takes (`wgrad._wgrad_tiles`).
+bfloat16 --orders busiest` keeps the step's defaults only.
 """
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ from bench.moe_sweep import routed_case  # noqa: E402
 from bench.timing import cuda_time  # noqa: E402
 
 EXTRA_CONFIGS = [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2),
-                 (64, 128, 128, 4, 2), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 8), (64, 128, 64, 4, 3, 4),
-                 (64, 128, 64, 4, 2, 8), (64, 128, 64, 4, 3, 16)]  # (BM, BN, BK, warps, stages[, TILES])
+                 (64, 128, 128, 4, 2)]  # (BM, BN, BK, warps, stages)
 
 
 def options(ap) -> None:
@@ -50,7 +48,7 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
 
 def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None) -> None:
     """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
-    at one tiling configuration (BM, BN, BK, warps, stages[, TILES]) instead of the autotuner's pick;
+    at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick;
     `busiest`: the experts' order (`wgrad.busiest_first`), else id order."""
     from vpmoe.model import wgrad as W
 

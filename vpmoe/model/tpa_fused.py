@@ -100,14 +100,12 @@ def interpreting() -> bool:
 
 
 def autotuned(kernel, configs, key: list[str]):
-    """`kernel` autotuned over `configs` ((BM, BN, BK, warps, stages) each, or with a sixth, TILES) per
-    `key` on CUDA; as it is under the interpreter, which has no driver to time with (its callers pass
-    small tiles)."""
+    """`kernel` autotuned over `configs` ((BM, BN, BK, warps, stages) each) per `key` on CUDA; as it
+    is under the interpreter, which has no driver to time with (its callers pass small tiles)."""
     if interpreting():
         return kernel
-    return triton.autotune([triton.Config({"BM": bm, "BN": bn, "BK": bk, **dict(zip(["TILES"], tiles))}, num_warps=w,
-                                          num_stages=s)
-                            for bm, bn, bk, w, s, *tiles in configs], key=key)(kernel)
+    return triton.autotune([triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                            for bm, bn, bk, w, s in configs], key=key)(kernel)
 
 
 def column_layout(H: int, G: int, D: int, Rq: int, Rkv: int) -> list[int]:

@@ -23,10 +23,6 @@ Design choices:
   consecutive, and the experts taken in decreasing row count, so the longest row loops start in the
   first wave rather than the last (longest-processing-time-first; at init the busiest expert has
   ~11x the mean rows). The same programs in another order: the result is bit-identical.
-- Several tiles a program (a config's TILES): at (a)'s ~64 rows an expert each tile is one row chunk,
-  so one tile a program is a chain of dependent loads (offsets, the sort order, the gathered rows)
-  with nothing to hide it; a loop over (tile, chunk) lets the pipeliner fetch the next tile's rows
-  during this tile's product, as a persistent GEMM does. The sums run in the same order either way.
 - Offsets are int32 (`wgrad_applies` refuses more than 2^31 elements per operand).
 - Tests: tests/test_moe_fused.py (the Triton interpreter against float64, `check_gathered_wgrad`,
   `check_grad_sq`); on the GPU, tests/gpu/test_gpu_moe_fused.py.
@@ -48,12 +44,9 @@ except ImportError:  # CPU-only installs: callers use the grouped GEMMs
 # leave shared memory for more resident programs. Alone at (a)'s shapes on H200s (2026-12-04, the up
 # gradient, two machines, balanced and skewed routing, us): (64, 128, 64, 4, 2) 74-144, (64, 128, 64, 4, 4)
 # 118-146, (128, 128, 64, 8, 3) 86-163. The deeper-pipelined ones stay for long row loops (the 80-layer
-# step's 65k-token micro-batches, not re-timed): the autotuner picks per shape. A sixth entry, TILES > 1:
-# each program takes that many of its expert's tiles in one pipelined loop (`_wgrad_tiles`), for the
-# short row loops of small micro-batches (at (a) ~64 rows an expert: one chunk a tile).
+# step's 65k-token micro-batches, not re-timed): the autotuner picks per shape.
 WGRAD_CONFIGS = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 5),
-                 (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-                 (128, 128, 64, 8, 3, 4), (64, 128, 64, 4, 3, 8), (128, 128, 32, 8, 4, 4)]
+                 (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
 # the granularity of the weight gradient's sums of squares (`sq_shape`): every BM and BN is a multiple
 SQ_TILE = 16
 
@@ -98,8 +91,7 @@ if triton is not None:
     def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, busiest_ptr, dw_ptr, db_ptr,
                       sq_ptr, KA, NB, M, TOPK: tl.constexpr, BUSIEST: tl.constexpr, GATHER_A: tl.constexpr,
                       ACT_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
-                      FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      TILES: tl.constexpr = 1):
+                      FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
         A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
         gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile) on a flat
@@ -110,91 +102,37 @@ if triton is not None:
         so the buffer's shape and sum do not depend on the tiling the autotuner picks and no slot is
         left unwritten. LOW: dW is bf16, rounded to nearest here (the interpreter's own conversion
         truncates), and the sums of squares are the rounded values', so they are exactly the stored
-        gradient's. TILES > 1: each program takes TILES consecutive tiles of its expert in one
-        flattened loop over (tile, row chunk), so the pipeliner loads the next tile's rows while this
-        tile's are multiplied (`_wgrad_tiles`); 1: one tile a program, its row loop alone."""
+        gradient's."""
         tiles_n = tl.cdiv(NB, BN)
         tiles = tl.cdiv(KA, BM) * tiles_n
-        groups = tl.cdiv(tiles, TILES)  # programs per expert
         pid = tl.program_id(0)
-        e = pid // groups
+        e = pid // tiles
         if BUSIEST:
             e = tl.load(busiest_ptr + e)
+        tile_m, tile_n = (pid % tiles) // tiles_n, pid % tiles_n
         start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(offsets_ptr + e)
-        if TILES == 1:
-            tile_m, tile_n = (pid % tiles) // tiles_n, pid % tiles_n
-            ms = tile_m * BM + tl.arange(0, BM)
-            ns = tile_n * BN + tl.arange(0, BN)
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            db = tl.zeros([BN], dtype=tl.float32)
-            for r0 in range(start, end, BK):
-                acc, db = _wgrad_chunk(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, r0, end, ms, ns, KA, NB,
-                                       acc, db, TOPK, GATHER_A, ACT_A, GATHER_B, SCALE_B, HAS_DB, FP32, BK)
-            _store_tile(dw_ptr, db_ptr, sq_ptr, e, tile_m, tile_n, ms, ns, acc, db, KA, NB, HAS_DB, HAS_SQ, SQ, LOW, BM, BN)
-        else:
-            _wgrad_tiles(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, dw_ptr, db_ptr, sq_ptr, e,
-                         (pid % groups) * TILES, tiles, tiles_n, start, end, KA, NB, TOPK, GATHER_A, ACT_A, GATHER_B,
-                         SCALE_B, HAS_DB, HAS_SQ, SQ, FP32, LOW, BM, BN, BK, TILES)
-
-    @triton.jit
-    def _wgrad_tiles(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, dw_ptr, db_ptr, sq_ptr, e, first, tiles,
-                     tiles_n, start, end, KA, NB, TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr,
-                     GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr,
-                     SQ: tl.constexpr, FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, TILES: tl.constexpr):
-        """Tiles first .. first + TILES - 1 of expert e (those that exist) in one loop over (tile, row
-        chunk): a short row loop (at (a) ~64 rows an expert, one chunk) otherwise leaves each program
-        a chain of dependent loads with nothing to overlap it. A tile's sums and stores happen at its
-        last chunk, then the sums restart: the persistent-GEMM pattern, in the same order of sums as
-        one tile a program (the same bits). An expert without rows still takes one (masked) chunk a
-        tile, so its zeros are written."""
-        chunks = tl.maximum(tl.cdiv(end - start, BK), 1)
-        count = tl.minimum(tiles - first, TILES) * chunks
+        ms = tile_m * BM + tl.arange(0, BM)
+        ns = tile_n * BN + tl.arange(0, BN)
+        m_ok, n_ok = ms < KA, ns < NB
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         db = tl.zeros([BN], dtype=tl.float32)
-        for it in range(count):
-            t = first + it // chunks
-            c = it % chunks
-            tile_m, tile_n = t // tiles_n, t % tiles_n
-            ms = tile_m * BM + tl.arange(0, BM)
-            ns = tile_n * BN + tl.arange(0, BN)
-            acc, db = _wgrad_chunk(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, start + c * BK, end, ms, ns,
-                                   KA, NB, acc, db, TOPK, GATHER_A, ACT_A, GATHER_B, SCALE_B, HAS_DB, FP32, BK)
-            if c == chunks - 1:
-                _store_tile(dw_ptr, db_ptr, sq_ptr, e, tile_m, tile_n, ms, ns, acc, db, KA, NB, HAS_DB, HAS_SQ, SQ, LOW,
-                            BM, BN)
-                acc = tl.zeros([BM, BN], dtype=tl.float32)
-                db = tl.zeros([BN], dtype=tl.float32)
-
-    @triton.jit
-    def _wgrad_chunk(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, r0, end, ms, ns, KA, NB, acc, db,
-                     TOPK: tl.constexpr, GATHER_A: tl.constexpr, ACT_A: tl.constexpr, GATHER_B: tl.constexpr,
-                     SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, FP32: tl.constexpr, BK: tl.constexpr):
-        """acc + A'[r0 : r0 + BK]^T B'[same rows] for the tile's columns (rows at or past `end` masked), and
-        db + the rows' sum of B' (HAS_DB)."""
-        rows = r0 + tl.arange(0, BK)
-        ok = rows < end
-        m_ok, n_ok = ms < KA, ns < NB
-        flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
-        a_rows = (flat // TOPK) if GATHER_A else rows
-        b_rows = (flat // TOPK) if GATHER_B else rows
-        a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :], other=0.0)
-        if ACT_A:
-            r = tl.maximum(a.to(tl.float32), 0.0)
-            a = r * r
-        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
-        if SCALE_B:
-            b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
-        if HAS_DB:
-            db += tl.sum(b.to(tl.float32), 0)
-        return tile_dot(tl.trans(a), b, acc, FP32), db
-
-    @triton.jit
-    def _store_tile(dw_ptr, db_ptr, sq_ptr, e, tile_m, tile_n, ms, ns, acc, db, KA, NB, HAS_DB: tl.constexpr,
-                    HAS_SQ: tl.constexpr, SQ: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        """The tile's dW (rounded to bf16 under LOW), its bias gradient (once per column tile) and sums of squares."""
-        m_ok, n_ok = ms < KA, ns < NB
+        for r0 in range(start, end, BK):
+            rows = r0 + tl.arange(0, BK)
+            ok = rows < end
+            flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
+            a_rows = (flat // TOPK) if GATHER_A else rows
+            b_rows = (flat // TOPK) if GATHER_B else rows
+            a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :], other=0.0)
+            if ACT_A:
+                r = tl.maximum(a.to(tl.float32), 0.0)
+                a = r * r
+            b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
+            if SCALE_B:
+                b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
+            if HAS_DB:
+                db += tl.sum(b.to(tl.float32), 0)
+            acc = tile_dot(tl.trans(a), b, acc, FP32)
         if LOW:
             acc = bf16_rounded(acc)
         tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -246,7 +184,7 @@ def busiest_first(offsets: torch.Tensor) -> torch.Tensor:
 
 def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
            scale=None, config=None, sq=None, busiest=None):
-    """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages[, TILES]) at that tiling
+    """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
     (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too;
     `busiest` [E] int32 (`busiest_first`): the experts' order, busiest first (else by id).
     dw fp32 or bf16 (then rounded to nearest in the kernel)."""
@@ -261,10 +199,9 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     if config is None:
         kernel, meta = _tuned(), _untuned_config()
     else:
-        bm, bn, bk, warps, stages, tiles = (*config, 1)[:6]
-        kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "TILES": tiles, "num_warps": warps,
-                                       "num_stages": stages}
-    kernel[lambda m: (E * triton.cdiv(triton.cdiv(KA, m["BM"]) * triton.cdiv(NB, m["BN"]), m.get("TILES", 1)),)](
+        bm, bn, bk, warps, stages = config
+        kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
+    kernel[lambda m: (E * triton.cdiv(KA, m["BM"]) * triton.cdiv(NB, m["BN"]),)](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets,
         offsets if busiest is None else busiest, dw, dw if db is None else db, dw if sq is None else sq, KA, NB,
         M=M, TOPK=topk, BUSIEST=busiest is not None, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
