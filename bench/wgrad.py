@@ -13,7 +13,8 @@ micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores t
 74-98 us against a 39 us fill; fewer pipeline stages won. Each configuration runs with fp32 and bf16
 output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRADS` has the kernel
 write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`); `--outs
-bfloat16 --orders busiest` keeps the step's defaults only.
+bfloat16 --orders busiest` keeps the step's defaults only. `--sq`: each also with the tiles' sums of
+squares written, as the train step's launches do (`up_sq_us`, `down_sq_us`; `graphed.GRAD_SQ`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ EXTRA_CONFIGS = [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2)
 def options(ap) -> None:
     ap.add_argument("--outs", default="float32,bfloat16", help="dW dtypes to time (comma list)")
     ap.add_argument("--orders", default="expert,busiest", help="expert orders to time (comma list)")
+    ap.add_argument("--sq", action="store_true", help="also time each with the sums of squares (the step's launch)")
 
 
 def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
@@ -46,14 +48,14 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
     return out
 
 
-def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None) -> None:
+def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None, sq=None) -> None:
     """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
     at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick;
-    `busiest`: the experts' order (`wgrad.busiest_first`), else id order."""
+    `busiest`: the experts' order (`wgrad.busiest_first`), else id order; `sq`: the sums of squares."""
     from vpmoe.model import wgrad as W
 
     W.launch(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
-             config=config, busiest=busiest)
+             config=config, busiest=busiest, sq=sq)
 
 
 def main():
@@ -81,10 +83,13 @@ def main():
                     dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda", dtype=out_dtype)
                     db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
                     run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a,
-                           perm=busiest if order == "busiest" else None:
-                           launch(config, aa, bb, token, offsets, dw, db, gather_a, perm))
+                           perm=busiest if order == "busiest" else None, sq=None:
+                           launch(config, aa, bb, token, offsets, dw, db, gather_a, perm, sq))
                     row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
                     row[f"{name}_rel_err"] = ((dw.float() - refs[name]).norm() / refs[name].norm()).item()
+                    if a.sq:
+                        sq = torch.empty(W.sq_shape(*dw.shape), device="cuda")
+                        row[f"{name}_sq_us"] = cuda_time(lambda run=run, sq=sq: run(sq=sq), warmup=3, iters=20) * 1e6
                 rows.append(row)
                 print(row, flush=True)
     notes = (f"{N} tokens, top-{k} of {E} experts (skew {a.skew}: busiest expert {a.load_imbalance:.1f}x the mean "
