@@ -12,8 +12,10 @@ ints at vpMoE's shapes, 1 a constant and 16-divisible values marked so, as `trit
 reports before 2026-12-06 lacked this and overstated registers and spills (the experts' update
 180 registers where a launch gets 94, the momentum kernel 296 bytes of spills where it has none;
 the fused-MoE GEMMs' ints are still unspecialised). Columns: kernel,
-configuration, registers per thread, spill stores/loads (bytes), stack frame (bytes), and the
-resident warps per SM that the registers allow (65,536 registers per SM, 64 warps at most).
+configuration, registers per thread, spill stores/loads (bytes), stack frame (bytes), the
+resident warps per SM that the registers allow (65,536 registers per SM, 64 warps at most),
+Triton's shared memory, and from the TTGIR the loads pipelined through shared memory, the plain
+loads and the layout conversions (`ttgir_counts`).
 """
 from __future__ import annotations
 
@@ -90,7 +92,19 @@ def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch
     stack = re.search(r"(\d+) bytes stack frame", info)
     warps = min(64, (65536 // (regs * 32 * num_warps)) * num_warps)
     return {"registers": regs, "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
-            "stack_bytes": int(stack.group(1)), "warps_per_sm": warps, "shared_kib": compiled.metadata.shared // 1024}
+            "stack_bytes": int(stack.group(1)), "warps_per_sm": warps, "shared_kib": compiled.metadata.shared // 1024,
+            **ttgir_counts(compiled.asm["ttgir"])}
+
+
+def ttgir_counts(ttgir: str) -> dict:
+    """What the compiler made of the kernel's data movement, counted in its TTGIR (each op once,
+    wherever it sits): `async_copies`, loads the pipeliner streams through shared memory (cp.async);
+    `plain_loads`, loads straight to registers; `layout_converts`, tiles moved between register
+    layouts through shared memory (e.g. a dot's output to the layout a coalesced store wants: the
+    experts' update converts three tiles a column tile, 2026-12-06)."""
+    ops = re.findall(r"= (?:\"?)([a-z_]+\.[a-z_]+)", ttgir) + re.findall(r"^\s*([a-z_]+\.[a-z_]+) ", ttgir, flags=re.M)
+    return {"async_copies": ops.count("ttg.async_copy_global_to_local"), "plain_loads": ops.count("tt.load"),
+            "layout_converts": ops.count("ttg.convert_layout")}
 
 
 def prologue_cases():

@@ -40,3 +40,21 @@ def test_every_kernel_case_compiles():
         "moe down wgrad (act, gather gy)", "moe up wgrad (gather x)"])
     for name, report in seen.items():
         assert 16 <= report["registers"] <= 255 and report["warps_per_sm"] >= 4, (name, report)
+    # what the TTGIR shows of the data movement: the momentum kernel's g and momentum pipelined through
+    # shared memory (two loads, one buffer per stage); the update's dot output converted to W's layout
+    assert seen["expert momentum gram"]["async_copies"] >= 2 and seen["expert momentum gram"]["plain_loads"] <= 2
+    assert seen["expert update"]["layout_converts"] >= 1 and seen["expert update"]["async_copies"] >= 1
+
+
+def test_ttgir_counts_reads_ops_in_both_forms():
+    """Ops with results (`%x = op ...`, generic form `%x = "tt.reduce"(...)`) and without (`tt.store ...`)."""
+    text = """
+    %a = tt.load %p : !tt.ptr<f32>
+    %b = ttg.async_copy_global_to_local %q, %buf : tensor<64x!tt.ptr<i64>> -> <64xi64>
+    %c = ttg.convert_layout %a : tensor<128xf32, #blocked> -> tensor<128xf32, #mma>
+    %d = ttg.convert_layout %c : tensor<128xf32, #mma> -> tensor<128xf32, #blocked>
+    %e = "tt.reduce"(%d) <{axis = 0 : i32}> ({
+    tt.store %p, %d : tensor<128x!tt.ptr<f32>>
+    %f = tt.load %p : !tt.ptr<f32>
+"""
+    assert KR.ttgir_counts(text) == {"async_copies": 1, "plain_loads": 2, "layout_converts": 2}
