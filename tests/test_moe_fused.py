@@ -463,7 +463,7 @@ def test_embedding_grad_sq_matches_float64():
 def check_wgrad_bench_launch() -> None:
     """bench/wgrad.py's launch (`wgrad.launch` at a forced tiling configuration instead of the
     autotuner's pick) gives `gathered_wgrad`'s result and its own fp32 reference's, both operand sides
-    gathered, at two configurations and ragged expert groups."""
+    gathered, at two configurations and ragged expert groups; with the sums of squares (`--sq`) too."""
     from bench.wgrad import launch, reference
     from vpmoe.model import wgrad as W
     from vpmoe.model.kernels import Routing
@@ -484,6 +484,13 @@ def check_wgrad_bench_launch() -> None:
             torch.testing.assert_close(dw, op_w, rtol=1e-5, atol=1e-5)
             if gather_a:
                 torch.testing.assert_close(db, op_b, rtol=1e-5, atol=1e-5)
+            # `--sq`: the same launch with the sums of squares, busiest first (the step's): the same dW,
+            # every slot written, summing to ||dW||^2
+            sq = torch.full(W.sq_shape(*dw.shape), float("nan"))
+            dw_sq = torch.full_like(dw, float("nan"))
+            launch(config, a, b, r.token, r.offsets, dw_sq, None, gather_a, W.busiest_first(r.offsets), sq)
+            assert torch.equal(dw_sq, dw) and not sq.isnan().any(), config
+            torch.testing.assert_close(sq.double().sum(), dw.double().square().sum(), rtol=1e-6, atol=0)
     print("checked")
 
 
