@@ -99,9 +99,10 @@ def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int, arch
 def ttgir_counts(ttgir: str) -> dict:
     """What the compiler made of the kernel's data movement, counted in its TTGIR (each op once,
     wherever it sits): `async_copies`, loads the pipeliner streams through shared memory (cp.async);
-    `plain_loads`, loads straight to registers; `layout_converts`, tiles moved between register
-    layouts through shared memory (e.g. a dot's output to the layout a coalesced store wants: the
-    experts' update converts three tiles a column tile, 2026-12-06)."""
+    `plain_loads`, loads straight to registers; `layout_converts`, tensors moved between register
+    layouts (through shared memory or by shuffles: a count, not a cost; a [128, 64] tile from a dot's
+    layout to the one a coalesced store wants costs far more than a 64-element sum's; the experts'
+    update converts three tiles a column tile, 2026-12-06)."""
     ops = re.findall(r"= (?:\"?)([a-z_]+\.[a-z_]+)", ttgir) + re.findall(r"^\s*([a-z_]+\.[a-z_]+) ", ttgir, flags=re.M)
     return {"async_copies": ops.count("ttg.async_copy_global_to_local"), "plain_loads": ops.count("tt.load"),
             "layout_converts": ops.count("ttg.convert_layout")}
