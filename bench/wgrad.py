@@ -18,6 +18,7 @@ squares written, as the train step's launches do (`up_sq_us`, `down_sq_us`; `gra
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -31,9 +32,21 @@ EXTRA_CONFIGS = [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 2)
                  (64, 128, 128, 4, 2)]  # (BM, BN, BK, warps, stages)
 
 
+def comma_list(*known: str):
+    """An argparse type: a comma list of `known` names (argparse names the flag in its error)."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        if not set(names) <= set(known):
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(known)}")
+        return names
+    return parse
+
+
 def options(ap) -> None:
-    ap.add_argument("--outs", default="float32,bfloat16", help="dW dtypes to time (comma list)")
-    ap.add_argument("--orders", default="expert,busiest", help="expert orders to time (comma list)")
+    ap.add_argument("--outs", type=comma_list("float32", "bfloat16"), default="float32,bfloat16",
+                    help="dW dtypes to time (comma list)")
+    ap.add_argument("--orders", type=comma_list("expert", "busiest"), default="expert,busiest",
+                    help="expert orders to time (comma list)")
     ap.add_argument("--sq", action="store_true", help="also time each with the sums of squares (the step's launch)")
 
 
@@ -76,8 +89,8 @@ def main():
     busiest = W.busiest_first(offsets)
     rows = []
     for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
-        for out_dtype in (getattr(torch, name) for name in a.outs.split(",")):
-            for order in a.orders.split(","):
+        for out_dtype in (getattr(torch, name) for name in a.outs):
+            for order in a.orders:
                 row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order)
                 for name, (aa, bb, gather_a) in cases.items():
                     dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda", dtype=out_dtype)

@@ -496,3 +496,15 @@ def check_wgrad_bench_launch() -> None:
 
 def test_wgrad_bench_launch_matches_the_op_under_interpreter():
     run_in_interpreter("tests.test_moe_fused", "check_wgrad_bench_launch", timeout=600)
+
+
+def test_wgrad_bench_lists_refuse_unknown_names():
+    """bench/wgrad.py's --outs / --orders: a comma list of known names, else argparse's error naming the value."""
+    import argparse
+
+    from bench.wgrad import comma_list
+
+    parse = comma_list("expert", "busiest")
+    assert parse("busiest") == ["busiest"] and parse("expert,busiest") == ["expert", "busiest"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'busiest,x': a comma list of expert, busiest"):
+        parse("busiest,x")
