@@ -74,7 +74,7 @@ if triton is not None:
     def _qx_update_kernel(q_ptr, q_lo_ptr, x_ptr, w_ptr, low_ptr, decay_ptr, step_ptr, M, N,
                           sq_b, sq_m, sq_k, sx_b, sx_k, sx_n, sw_b, sw_m, sw_n, sl_b, sl_m, sl_n,
                           HAS_LOW: tl.constexpr, HAS_LO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          TILES: tl.constexpr, F32_DOT: tl.constexpr, Q_FP16: tl.constexpr):
+                          TILES: tl.constexpr, F32_DOT: tl.constexpr, Q_FP16: tl.constexpr, STAGES: tl.constexpr):
         b = tl.program_id(1).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
@@ -94,28 +94,20 @@ if triton is not None:
         decay = tl.load(decay_ptr)
         step = tl.load(step_ptr)
         first = tl.program_id(0) * TILES * BN
-        # with several tiles, W's is loaded one tile ahead (a register prefetch): the pipeliner streams
-        # x, the dots' operand, through shared memory, but leaves W's load (used only pointwise) where
-        # it stands. One tile loads W after the products (W first was not faster, H100 2026-12-06)
-        if TILES > 1:
-            w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + (first + tl.arange(0, BN))[None, :] * sw_n,
-                             mask=row_ok[:, None] & ((first + tl.arange(0, BN)) < N)[None, :], other=0.0)
-        for t in range(TILES):  # Q loaded once for TILES column tiles
+        # the loop is pipelined at the launch's stages for both loads (x, the dots' operand, and W, used
+        # only pointwise): both stream through shared memory ahead of their tile, and W is read from
+        # there straight into the products' register layout (with W loaded to registers by hand one
+        # tile ahead, Triton moved it through shared memory anyway, and a fp32 tile back for the store)
+        for t in tl.range(TILES, num_stages=STAGES):  # Q loaded once for TILES column tiles
             cols = first + t * BN + tl.arange(0, BN)
             tile_ok = row_ok[:, None] & (cols < N)[None, :]
-            if TILES > 1:  # the prefetch past the program's last tile is masked off (no traffic)
-                w = w_next
-                ahead = cols + BN
-                ahead_ok = row_ok[:, None] & ((ahead < N) & (t + 1 < TILES))[None, :]
-                w_next = tl.load(w_ptr + b * sw_b + rows[:, None] * sw_m + ahead[None, :] * sw_n, mask=ahead_ok, other=0.0)
             x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
+            w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
+            w = tl.load(w_tile, mask=tile_ok, other=0.0)
             acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
             if HAS_LO:  # Q's low part (a near-fp32 Q as two bf16 operands), in the same fp32 sums
                 acc = tl.dot(q_lo, x.to(tl.float32) if F32_DOT else x, acc)
             o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
-            w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
-            if TILES == 1:
-                w = tl.load(w_tile, mask=tile_ok, other=0.0)
             w = w * decay + o * step
             tl.store(w_tile, w, mask=tile_ok)
             if HAS_LOW:  # the kept bf16 copy, from the stored fp32 value (rounded as torch's copy_ rounds)
@@ -161,7 +153,8 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
     _qx_update_kernel[(triton.cdiv(n, bn * tiles), bsz)](
         q, q if q_lo is None else q_lo, x, w, w if low is None else low, decay, step, m, n, *q.stride(), *x.stride(),
         sw_b, sw_m, sw_n, sl_b, sl_m, sl_n, HAS_LOW=low is not None, HAS_LO=q_lo is not None, BM=bm, BN=bn,
-        TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, num_warps=warps, num_stages=stages)
+        TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, STAGES=stages, num_warps=warps,
+        num_stages=stages)
 
 
 @qx_update.register_fake
