@@ -102,7 +102,8 @@ def ttgir_counts(ttgir: str) -> dict:
     `plain_loads`, loads straight to registers; `layout_converts`, tensors moved between register
     layouts (through shared memory or by shuffles: a count, not a cost; a [128, 64] tile from a dot's
     layout to the one a coalesced store wants costs far more than a 64-element sum's; the experts'
-    update converts three tiles a column tile, 2026-12-06)."""
+    update converted three tiles a column tile until its W load was pipelined too, two since:
+    2026-12-06)."""
     ops = re.findall(r"= (?:\"?)([a-z_]+\.[a-z_]+)", ttgir) + re.findall(r"^\s*([a-z_]+\.[a-z_]+) ", ttgir, flags=re.MULTILINE)
     return {"async_copies": ops.count("ttg.async_copy_global_to_local"), "plain_loads": ops.count("tt.load"),
             "layout_converts": ops.count("ttg.convert_layout")}

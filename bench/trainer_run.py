@@ -6,7 +6,7 @@ data (data path, prefetch thread, logging, evaluation and the final checkpoint i
 reads the run's own metrics.jsonl. Design choices:
 - The run is a subprocess (`python -m vpmoe.cli train`), exactly what a user types; overrides come
   through `--set`, so any recipe can be timed (the default is the one-GPU stage-1 recipe of
-  configs/stage1.toml: activation checkpointing, bf16 Muon momentum, 16 rows x 4 micro-batches).
+  configs/stage1.toml: the first 70 blocks checkpointed, bf16 Muon momentum, 16 rows x 4 micro-batches).
 - Steady state = the median over steps after the first `--skip` (compilation, graph capture).
 - MFU is the run's own: against the matmul rate the trainer measures at its start (the default
   `train.peak_flops = 0`), named in its `compute:` line.
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ONE_GPU_RECIPE = ["train.activation_checkpointing=true", "optim.muon_momentum_dtype=\"bfloat16\"",
+ONE_GPU_RECIPE = ["train.activation_checkpointing=70", "optim.muon_momentum_dtype=\"bfloat16\"",
                   "data.micro_batch_size=16", "train.grad_accum=4"]
 
 

@@ -41,9 +41,11 @@ def test_every_kernel_case_compiles():
     for name, report in seen.items():
         assert 16 <= report["registers"] <= 255 and report["warps_per_sm"] >= 4, (name, report)
     # what the TTGIR shows of the data movement: the momentum kernel's g and momentum pipelined through
-    # shared memory (two loads, one buffer per stage); the update's dot output converted to W's layout
+    # shared memory (two loads, one buffer per stage); the update's x and W both pipelined (W read from
+    # shared memory into the products' layout: only the two outputs converted; a hand prefetch of W
+    # gave 3 copies and 3 conversions, the layout of x alone)
     assert seen["expert momentum gram"]["async_copies"] >= 2 and seen["expert momentum gram"]["plain_loads"] <= 2
-    assert seen["expert update"]["layout_converts"] >= 1 and seen["expert update"]["async_copies"] >= 1
+    assert seen["expert update"]["async_copies"] >= 4 and 1 <= seen["expert update"]["layout_converts"] <= 2
 
 
 def test_ttgir_counts_reads_ops_in_both_forms():

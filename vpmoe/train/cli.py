@@ -87,7 +87,7 @@ def out_of_memory_advice(cfg, step: int | None, world: int) -> str:
                      "keeps only its input: ~1.7 GiB less per block for vpMoE at 32 x 2048 tokens per micro-batch)")
     if ac != "on":
         fixes.append("--set train.activation_checkpointing=true (every block keeps only its input; "
-                     "with bf16 momentum the 80-layer model peaks at 71.4 GiB at 16 x 2048 tokens per micro-batch)")
+                     "with bf16 momentum the 80-layer model peaked at 61.8 GiB at 16 x 2048 tokens per micro-batch)")
     if cfg.optim.muon_momentum_dtype == "float32":
         fixes.append("--set optim.muon_momentum_dtype=bfloat16 (half the Muon state: -11.2 GB for vpMoE)")
     if rows > 1:

@@ -15,7 +15,9 @@ Design choices:
 - One program per (matrix, TILES x BN columns); Q's tile is loaded whole (m <= 128, vpMoE's expert
   width: a 256 x 256 tile would not fit on chip with its operand), so there is no K loop. The
   default is one program per 128 x 1024 matrix (Q loaded once): the loop over its column tiles is
-  pipelined for x by Triton and for W by hand (its tile loaded one ahead). Where a matrix has
+  pipelined by Triton for both x and W (`tl.range` at the launch's stages; W is read from shared
+  memory straight into the products' layout: two layout conversions a tile, both of outputs, where
+  a hand prefetch of W to registers had three; -0.46 ms at (a), H100, 2026-12-06). Where a matrix has
   several programs they are adjacent in launch order (grid axis 0), so they run side by side on
   its rows and share Q in L2.
 - Weights stored transposed (the up projection's [E, 1024, 128], orthogonalised as its
@@ -44,8 +46,10 @@ except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel upd
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
 # (columns per tile, tiles per program, warps, pipeline stages): one program per 128 x 1024 matrix, Q loaded once, x
-# streamed by the pipeliner and W loaded one tile ahead: 138 -> 112 us a launch in the 20-layer
-# optimizer step against one tile per program (H200, 2026-12-06 03:11; at 16 warps 131 us). Before W's
+# and W streamed by the pipeliner (since 2026-12-06 20:00: the 20-layer optimizer step 24.04 -> 23.92 / 23.88
+# ms, 24.55 at 2 stages; (a) 56.14 -> 55.68 ms; H100). Before that, with W loaded one tile ahead by hand:
+# 138 -> 112 us a launch in the 20-layer optimizer step against one tile per program (H200, 2026-12-06
+# 03:11; at 16 warps 131 us). Before W's
 # prefetch, 2 or 4 tiles a program (and 128-column tiles) timed slower on an H100 (2026-12-05 21:38);
 # W's tile loaded before the products with one tile a program, or U and W with evict_first (so L2
 # keeps Q), made no difference (H100, 2026-12-06 00:27); nor, in the 20-layer optimizer step, did two
@@ -96,8 +100,8 @@ if triton is not None:
         first = tl.program_id(0) * TILES * BN
         # the loop is pipelined at the launch's stages for both loads (x, the dots' operand, and W, used
         # only pointwise): both stream through shared memory ahead of their tile, and W is read from
-        # there straight into the products' register layout (with W loaded to registers by hand one
-        # tile ahead, Triton moved it through shared memory anyway, and a fp32 tile back for the store)
+        # there straight into the products' register layout (W loaded to registers by hand one tile
+        # ahead cost a third conversion a tile: Triton moved it through shared memory anyway)
         for t in tl.range(TILES, num_stages=STAGES):  # Q loaded once for TILES column tiles
             cols = first + t * BN + tl.arange(0, BN)
             tile_ok = row_ok[:, None] & (cols < N)[None, :]
