@@ -287,6 +287,45 @@ def test_expert_muon_step_at_vpmoe_shapes():
 
 
 @torch.no_grad()
+def test_update_tma_kernel_matches_pointer_kernel(monkeypatch):
+    """The experts' update through the Tensor Memory Accelerator (`ns_update.TMA`, the default on
+    Hopper) against the pointer kernel at vpMoE's tensors (the down weight [256, 128, 1024] and the up
+    weight stored [256, 1024, 128] with U in its layout): the same W and kept copy bit for bit, run
+    eagerly and replayed from a CUDA graph (descriptors captured with the launch), the TMA kernel
+    having served both orientations."""
+    from vpmoe.train import ns_update
+    calls, launch = [], ns_update._launch_tma
+    monkeypatch.setattr(ns_update, "_launch_tma", lambda *a: calls.append(a[5]) or launch(*a))
+    torch.manual_seed(6)
+    decay, step = torch.tensor(0.999, device=DEV), torch.tensor(-0.01, device=DEV)
+    for transposed in (False, True):
+        stored = (256, 1024, 128) if transposed else (256, 128, 1024)
+        q_hi = (torch.randn(256, 128, 128, device=DEV) * 0.1).bfloat16()
+        q_lo = (torch.randn(256, 128, 128, device=DEV) * 1e-3).bfloat16()
+        u = torch.randn(stored, device=DEV).bfloat16()
+        uo = u.mT if transposed else u
+        w0 = torch.randn(stored, device=DEV)
+        results = {}
+        for tma in (True, False):
+            monkeypatch.setattr(ns_update, "TMA", tma)
+            w, low = w0.clone(), torch.empty(stored, device=DEV, dtype=torch.bfloat16)
+            ns_update.qx_update(w, q_hi, uo, decay, step, transposed, low, q_lo)
+            graph_w, graph_low = w0.clone(), torch.empty_like(low)
+            ns_update.qx_update(graph_w.clone(), q_hi, uo, decay, step, transposed, graph_low.clone(), q_lo)  # warm
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                ns_update.qx_update(graph_w, q_hi, uo, decay, step, transposed, graph_low, q_lo)
+            graph_w.copy_(w0)
+            graph.replay()
+            results[tma] = (w, low, graph_w, graph_low)
+        for a, b in zip(results[True], results[False]):
+            assert torch.equal(a, b), transposed
+        assert torch.equal(results[True][0], results[True][2]) and torch.equal(results[True][1], w.bfloat16())
+        assert (results[True][0] != w0).float().mean() > 0.99
+    assert sorted(set(calls)) == [False, True], calls
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("programs", [16, 100])
 def test_gram_chain_shared_programs_match_one_per_matrix(programs, monkeypatch):
     """`gram_chain` with fewer programs than matrices (`expert_muon.CONFIGS["chain"]`, each program
