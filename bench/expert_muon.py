@@ -7,7 +7,7 @@ Shapes: vpMoE's expert tensors, 256 matrices of 1024 x 128 (the up projection, o
 its transpose) and 128 x 1024 (down). Columns: `path` (`kernels` or `torch`: `_muon_pre`, the
 compiled packed Gram-side Newton-Schulz with its Gram kernel, `_muon_post`, one tensor per call),
 the kernels' configurations ((columns, warps, stages, register cap) of the momentum kernel; (columns, tiles per
-program, warps, stages) of the update, "tma" where its TMA kernel ran), the whole step's time (`step_us`: replayed from a CUDA graph of 10 calls,
+program, warps, stages) of the update, "tma" where a kernel's TMA form ran), the whole step's time (`step_us`: replayed from a CUDA graph of 10 calls,
 median of 20 replays, per call; `timing` says "eager" where capture failed), each
 kernel alone (`momentum_us`, `chain_us`: the n x n chain with its restart, `update_us`; kernels
 path only) and the streaming kernels' bandwidth by the bytes they must move (`momentum_tbs`: 12
@@ -32,16 +32,17 @@ from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
 # (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program, warps, stages),
-# the update's kernel: TMA or pointers); the first is the modules' default. At 2 stages Triton pipelines the
-# momentum kernel's loads through one shared-memory buffer, so the next tile's copy waits for this tile's
-# math; 3 stages give two buffers (the TTGIR on the CPU, Triton 3.9). The pointer update's other launch
-# shapes (more tiles a program, wider tiles, 16 warps) were timed on 2026-12-06 (07:25, H100): one program
-# per matrix stayed its default. The TMA update (2026-12-07) holds Q (64 KB) and three stages of x and W in
-# shared memory at 64 columns (229 KB: one program an SM); 32 columns leave room for a fourth stage
-CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3), True), ((64, 16, 3, 0), (64, 16, 8, 3), False),
-           ((64, 16, 3, 0), (64, 16, 8, 2), True), ((64, 16, 3, 0), (32, 32, 8, 3), True),
-           ((64, 16, 3, 0), (32, 32, 8, 4), True), ((64, 16, 3, 0), (64, 4, 8, 3), True),
-           ((64, 16, 3, 0), (64, 1, 8, 3), True), ((64, 16, 3, 0), (64, 16, 4, 3), True)]
+# TMA for the momentum kernel, TMA for the update); the first is the modules' default, the second the
+# pointer kernels at their defaults. At 2 stages Triton pipelines the momentum kernel's loads through one
+# shared-memory buffer, so the next tile's copy waits for this tile's math; 3 stages give two buffers
+# (the TTGIR on the CPU, Triton 3.9). The pointer update's other launch shapes (more tiles a program,
+# wider tiles, 16 warps) were timed on 2026-12-06 (07:25, H100): one program per matrix stayed its
+# default. The TMA update (2026-12-06 night) holds Q (64 KB) and three stages of x and W in shared memory
+# at 64 columns (224 KiB: one program an SM); 32 columns leave room for a fourth stage
+CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3), True, True), ((64, 16, 3, 0), (64, 16, 8, 3), False, False),
+           ((64, 16, 2, 0), (64, 16, 8, 2), True, True), ((32, 8, 4, 0), (32, 32, 8, 4), True, True),
+           ((64, 16, 3, 0), (64, 4, 8, 3), True, True), ((64, 16, 3, 0), (64, 1, 8, 3), True, True),
+           ((64, 16, 3, 0), (64, 16, 4, 3), True, True)]
 
 def case(shape, seed=0):
     torch.manual_seed(seed)
@@ -138,11 +139,11 @@ def main():
         print(rows[-1], flush=True)
         if a.top:
             print_top(steps, shape[1] > shape[2], a.top)
-        for mom, upd, tma in CONFIGS:
+        for mom, upd, mtma, utma in CONFIGS:
             EM.CONFIGS["momentum"] = mom
             ns_update.UPDATE_CONFIG = ns_update.TMA_CONFIG = upd
-            ns_update.TMA = tma
-            config = dict(momentum=str(mom), update=("tma " if tma else "") + str(upd))
+            EM.TMA, ns_update.TMA = mtma, utma
+            config = dict(momentum=("tma " if mtma else "") + str(mom), update=("tma " if utma else "") + str(upd))
             try:
                 got = time_kernels(t, steps["kernels"], shape[1] > shape[2])
             except Exception as e:  # noqa: BLE001 - a configuration that does not launch is a row, not a stop
@@ -153,6 +154,7 @@ def main():
             print(rows[-1], flush=True)
     ns_update.UPDATE_CONFIG, ns_update.TMA_CONFIG, ns_update.TMA = (ns_update.DEFAULT_UPDATE_CONFIG,
                                                                     ns_update.DEFAULT_TMA_CONFIG, True)
+    EM.CONFIGS["momentum"], EM.TMA = EM.DEFAULT_CONFIGS["momentum"], True
     report("expert_muon", rows, a.record,
            notes="one expert tensor's Muon step; the torch path one tensor per call (the step packs 4)")
 

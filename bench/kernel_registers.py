@@ -209,6 +209,16 @@ def expert_muon_cases():
         yield ("expert momentum gram", f"BN {bn}, {w} warps, {st} stages" + (f", cap {cap}" if cap else ""),
                EM._momentum_gram_kernel, first, dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False),
                w, st, cap)
+    for bn, w, st in ((64, 16, 3), (64, 16, 2), (32, 8, 4)):
+        for trans in (False, True):
+            blk = f"[1, {bn}, 128]" if trans else f"[1, 128, {bn}]"
+            sig = {"g_desc": f"tensordesc<bf16{blk}>", "buf_desc": f"tensordesc<fp32{blk}>",
+                   "u_desc": f"tensordesc<bf16{blk}>", "r_ptr": "*fp32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
+                   "M": ("i32", 128), "N": ("i32", 1024), "mu": "fp32", "eps": "fp32", "sr_b": ("i32", 128 * 128),
+                   "sr_m": ("i32", 128), "sr_n": ("i32", 1)}
+            yield ("expert momentum gram (TMA)", f"BN {bn}, {w} warps, {st} stages" + (", up" if trans else ""),
+                   EM._momentum_gram_tma_kernel, sig,
+                   {"NESTEROV": True, "BUF_BF16": False, "T": trans, "BM": 128, "BN": bn, "F32_DOT": False}, w, st, 0)
     for bn, tiles, w, st in ((64, 16, 8, 3), (64, 16, 8, 2), (32, 32, 8, 4), (64, 16, 4, 3)):
         for trans in (False, True):  # the down tensor [b, 128, 1024]; the up one, stored [b, 1024, 128]
             blk = f"[1, {bn}, 128]" if trans else f"[1, 128, {bn}]"

@@ -235,22 +235,25 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
         num_stages=stages)
 
 
-def _tma_applies(w: torch.Tensor, x: torch.Tensor, low: torch.Tensor | None, transposed: bool) -> bool:
-    """Whether `_qx_update_tma_kernel` takes these operands: TensorDescriptor in this Triton, a GPU of
-    compute capability 9 or more (or the interpreter), and x, w and low each contiguous along one
-    matrix axis (w and low along their last) with 16-byte aligned starts and strides."""
-    if TensorDescriptor is None:
-        return False
-    if not interpreting() and torch.cuda.get_device_capability(w.device)[0] < 9:
-        return False
-    if x.stride(2) != 1 and x.stride(1) != 1:
+def tma_takes(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can move these tensors (the update's and `expert_muon`'s momentum
+    kernel's): TensorDescriptor in this Triton, a GPU of compute capability 9 or more (or the
+    interpreter), each tensor's last axis contiguous and its start and other strides 16-byte aligned."""
+    if TensorDescriptor is None or not (interpreting() or torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
         return False
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
-               for t in (w, x.mT if x.stride(2) != 1 else x, *(() if low is None else (low,))))
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
 
 
-def _descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+def _tma_applies(w: torch.Tensor, x: torch.Tensor, low: torch.Tensor | None, transposed: bool) -> bool:
+    """Whether `_qx_update_tma_kernel` takes these operands: `tma_takes` them, x in either of its
+    memory orders (contiguous along n, or along m as the transposed weights' U comes)."""
+    if x.stride(2) != 1 and x.stride(1) != 1:
+        return False
+    return tma_takes(w, x.mT if x.stride(2) != 1 else x, *(() if low is None else (low,)))
+
+
+def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     """A 3-D descriptor of t [b, r, c] (last axis contiguous) in tiles of [1, rows, cols]."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, cols])
 
@@ -261,10 +264,10 @@ def _launch_tma(w, q, x, decay, step, transposed: bool, low, q_lo) -> None:
     bn, tiles, warps, stages = TMA_CONFIG
     bn = 16 if interpreting() else bn
     x_t = x.stride(2) != 1  # x read in its own memory order, [b, n, m]
-    x_desc = _descriptor(x.mT, bn, bm) if x_t else _descriptor(x, bm, bn)
+    x_desc = descriptor(x.mT, bn, bm) if x_t else descriptor(x, bm, bn)
     w_rows, w_cols = (bn, bm) if transposed else (bm, bn)
-    w_desc = _descriptor(w, w_rows, w_cols)
-    low_desc = w_desc if low is None else _descriptor(low, w_rows, w_cols)
+    w_desc = descriptor(w, w_rows, w_cols)
+    low_desc = w_desc if low is None else descriptor(low, w_rows, w_cols)
     _qx_update_tma_kernel[(triton.cdiv(n, bn * tiles), bsz)](
         q, q if q_lo is None else q_lo, x_desc, w_desc, low_desc, decay, step, m, *q.stride(),
         HAS_LOW=low is not None, HAS_LO=q_lo is not None, X_T=x_t, W_T=transposed, BM=bm, BN=bn, TILES=tiles,
