@@ -331,7 +331,8 @@ def test_momentum_gram_tma_kernel_matches_pointer_kernel(buf_dtype, monkeypatch)
     """`expert_muon.momentum_gram` through the Tensor Memory Accelerator (`expert_muon.TMA`, the
     default on Hopper) against its pointer kernel at vpMoE's tensors, both orientations, fp32 and
     bf16 momentum (`BUF_BF16`), bf16 gradients: the same momentum and U bit for bit, R and the scale
-    to the order of the Gram's fp32 sums, eagerly and replayed from a CUDA graph."""
+    to the order of the Gram's fp32 sums, eagerly and replayed from a CUDA graph; and both against
+    the torch reference (`momentum_gram_reference`): the momentum and U within an ulp of their dtypes."""
     from vpmoe.train import expert_muon
     torch.manual_seed(7)
     coef = torch.tensor(0.8, device=DEV)
@@ -359,6 +360,17 @@ def test_momentum_gram_tma_kernel_matches_pointer_kernel(buf_dtype, monkeypatch)
                 assert torch.equal(a, b), (shape, i)
         assert torch.equal(results[True][0], results[True][4]) and torch.equal(results[True][1], results[True][5])
         assert not torch.equal(results[True][0], buf0)
+        buf_r = buf0.clone()
+        u_r, r_r, scale_r = expert_muon.momentum_gram_reference(g, buf_r, coef, 0.95, True, transposed)
+        # the kernels' fp32 arithmetic may fuse a multiply-add that torch rounds twice: a unit in the last
+        # place of the fp32 momentum, which can move a bf16 rounding (of U, or of a bf16 momentum) by one ulp
+        for got, ref in ((results[True][0], buf_r), (results[True][1], u_r)):
+            ulp = 2.0 ** -7 if got.dtype == torch.bfloat16 else 2.0 ** -22
+            assert ((got.double() - ref.double()).abs() <= ulp * ref.double().abs() + 1e-30).all(), got.dtype
+            if got.dtype == torch.bfloat16:  # a rounding of its own: nearly all equal
+                assert (got == ref).float().mean() > 0.9
+        torch.testing.assert_close(results[True][2], r_r, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(results[True][3], scale_r, rtol=1e-5, atol=0)
 
 
 @torch.no_grad()
