@@ -31,14 +31,15 @@ from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
-# (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program, warps, stages),
-# TMA for the momentum kernel, TMA for the update); the first is the modules' default, the second the
-# pointer kernels at their defaults. At 2 stages Triton pipelines the momentum kernel's loads through one
-# shared-memory buffer, so the next tile's copy waits for this tile's math; 3 stages give two buffers
-# (the TTGIR on the CPU, Triton 3.9). The pointer update's other launch shapes (more tiles a program,
-# wider tiles, 16 warps) were timed on 2026-12-06 (07:25, H100): one program per matrix stayed its
-# default. The TMA update (2026-12-06 night) holds Q (64 KB) and three stages of x and W in shared memory
-# at 64 columns (224 KiB: one program an SM); 32 columns leave room for a fourth stage
+# (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program,
+# warps, stages), TMA for the momentum kernel, TMA for the update). The first two: the modules' launch
+# shapes with the TMA kernels (opt-in, `expert_muon.TMA`, `ns_update.TMA`) and with the pointer kernels.
+# At 2 stages Triton pipelines the momentum kernel's loads through one shared-memory buffer, so the next
+# tile's copy waits for this tile's math; 3 stages give two buffers (the TTGIR on the CPU, Triton 3.9).
+# The pointer update's other launch shapes (more tiles a program, wider tiles, 16 warps) were timed on
+# 2026-12-06 (07:25, H100): one program per matrix stayed its default. The TMA update holds Q (64 KB)
+# and three stages of x and W in shared memory at 64 columns (224 KiB: one program an SM); 32 columns
+# leave room for a fourth stage
 CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3), True, True), ((64, 16, 3, 0), (64, 16, 8, 3), False, False),
            ((64, 16, 2, 0), (64, 16, 8, 2), True, True), ((32, 8, 4, 0), (32, 32, 8, 4), True, True),
            ((64, 16, 3, 0), (64, 4, 8, 3), True, True), ((64, 16, 3, 0), (64, 1, 8, 3), True, True),
@@ -152,9 +153,8 @@ def main():
             rows.append(dict(shape="x".join(map(str, shape)), path="kernels", **config, **got,
                              momentum_tbs=12 * n / got["momentum_us"] / 1e6, update_tbs=12 * n / got["update_us"] / 1e6))
             print(rows[-1], flush=True)
-    ns_update.UPDATE_CONFIG, ns_update.TMA_CONFIG, ns_update.TMA = (ns_update.DEFAULT_UPDATE_CONFIG,
-                                                                    ns_update.DEFAULT_TMA_CONFIG, True)
-    EM.CONFIGS["momentum"], EM.TMA = EM.DEFAULT_CONFIGS["momentum"], True
+    ns_update.UPDATE_CONFIG, ns_update.TMA_CONFIG = ns_update.DEFAULT_UPDATE_CONFIG, ns_update.DEFAULT_TMA_CONFIG
+    EM.CONFIGS["momentum"], EM.TMA, ns_update.TMA = EM.DEFAULT_CONFIGS["momentum"], EM.DEFAULT_TMA, ns_update.DEFAULT_TMA
     report("expert_muon", rows, a.record,
            notes="one expert tensor's Muon step; the torch path one tensor per call (the step packs 4)")
 

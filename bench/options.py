@@ -67,9 +67,9 @@ EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "mtma", "ucols", "ut
 def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     """The experts' streaming Muon kernels' launch shapes from {cols, mwarps, mstages, mregs} (the
     momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`;
-    mtma 0: its pointer kernel where the TMA one would serve, `expert_muon.TMA`) and {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
-    pipeline stages, `ns_update.UPDATE_CONFIG` and `TMA_CONFIG` alike), {utma} (0: the update's pointer
-    kernel where the TMA one would serve, `ns_update.TMA`) and {cprogs} (`gram_chain`'s programs, each
+    mtma 1 / 0: its TMA kernel where it applies or the pointer kernel, `expert_muon.TMA`) and {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
+    pipeline stages, `ns_update.UPDATE_CONFIG` and `TMA_CONFIG` alike), {utma} (1 / 0: the update's TMA
+    kernel where it applies or its pointer kernel, `ns_update.TMA`) and {cprogs} (`gram_chain`'s programs, each
     taking its share of the matrices), ints; keys not given keep the modules' defaults (not what an
     earlier call set)."""
     from vpmoe.train import expert_muon, ns_update
@@ -81,11 +81,11 @@ def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     expert_muon.CONFIGS["momentum"] = (given.get("cols", bn), given.get("mwarps", warps), given.get("mstages", stages),
                                        given.get("mregs", regs))
     expert_muon.CONFIGS["chain"] = (given.get("cprogs", expert_muon.DEFAULT_CONFIGS["chain"][0]),)
-    expert_muon.TMA = bool(given.get("mtma", 1))
+    expert_muon.TMA = bool(given.get("mtma", expert_muon.DEFAULT_TMA))
     bn, tiles, warps, stages = ns_update.DEFAULT_UPDATE_CONFIG
     ns_update.UPDATE_CONFIG = (given.get("ucols", bn), given.get("utiles", tiles), given.get("uwarps", warps),
                                given.get("ustages", stages))
     bn, tiles, warps, stages = ns_update.DEFAULT_TMA_CONFIG
     ns_update.TMA_CONFIG = (given.get("ucols", bn), given.get("utiles", tiles), given.get("uwarps", warps),
                             given.get("ustages", stages))
-    ns_update.TMA = bool(given.get("utma", 1))
+    ns_update.TMA = bool(given.get("utma", ns_update.DEFAULT_TMA))

@@ -52,6 +52,7 @@ def check_kernels_against_reference_and_float64() -> None:
     coef = torch.tensor(0.7)
     launched, tma_kernel = [], X._momentum_gram_tma_kernel
     X._momentum_gram_tma_kernel = _Counted(tma_kernel, launched)  # a fresh process: nothing to restore
+    X.TMA = True  # opt-in (`expert_muon.TMA`)
     for transposed, buf_dtype, g_dtype, nesterov in ((False, torch.float32, torch.bfloat16, True),
                                                     (True, torch.float32, torch.float32, True),
                                                     (True, torch.bfloat16, torch.bfloat16, False)):

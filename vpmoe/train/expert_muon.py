@@ -92,8 +92,9 @@ CONFIGS = {"momentum": (64, 16, 3, 0), "chain": (0,)}
 DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
 # `momentum_gram` through the Tensor Memory Accelerator (`_momentum_gram_tma_kernel`) where it applies
 # (`ns_update.tma_takes`: Hopper or later, each tensor's last axis contiguous, 16-byte aligned); False:
-# the pointer kernel everywhere. The same launch shape (CONFIGS["momentum"])
-TMA = True
+# the pointer kernel everywhere. The same launch shape (CONFIGS["momentum"]). Opt-in as `ns_update.TMA`
+TMA = False
+DEFAULT_TMA = TMA
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:

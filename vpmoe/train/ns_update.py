@@ -74,8 +74,10 @@ UPDATE_CONFIG = (64, 16, 8, 3)
 DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
 # the Tensor Memory Accelerator's form (`_qx_update_tma_kernel`) where it applies (`_tma_applies`: a
 # Hopper-or-later GPU, each tensor contiguous along one of its matrix axes, 16-byte aligned); False:
-# the pointer kernel everywhere. (columns per tile, tiles per program, warps, stages) as UPDATE_CONFIG
-TMA = True
+# the pointer kernel everywhere. Opt-in until it has run on a GPU (built 2026-12-06 without one: the
+# interpreter's tests and the sm_90 compile only). (columns per tile, tiles per program, warps, stages)
+TMA = False
+DEFAULT_TMA = TMA
 TMA_CONFIG = (64, 16, 8, 3)
 DEFAULT_TMA_CONFIG = TMA_CONFIG
 
