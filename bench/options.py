@@ -66,12 +66,12 @@ EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "mtma", "ucols", "ut
 
 def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     """The experts' streaming Muon kernels' launch shapes from {cols, mwarps, mstages, mregs} (the
-    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`;
-    mtma 1 / 0: its TMA kernel where it applies or the pointer kernel, `expert_muon.TMA`) and {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
-    pipeline stages, `ns_update.UPDATE_CONFIG` and `TMA_CONFIG` alike), {utma} (1 / 0: the update's TMA
-    kernel where it applies or its pointer kernel, `ns_update.TMA`) and {cprogs} (`gram_chain`'s programs, each
-    taking its share of the matrices), ints; keys not given keep the modules' defaults (not what an
-    earlier call set)."""
+    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`),
+    {mtma} (1 / 0: its TMA kernel where it applies, or the pointer kernel; `expert_muon.TMA`),
+    {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
+    pipeline stages, `ns_update.UPDATE_CONFIG` and `TMA_CONFIG` alike), {utma} (the same choice for the
+    update, `ns_update.TMA`) and {cprogs} (`gram_chain`'s programs, each taking its share of the
+    matrices), ints; keys not given keep the modules' defaults (not what an earlier call set)."""
     from vpmoe.train import expert_muon, ns_update
     bad = [k for k, v in given.items() if k not in EXPERT_KERNEL_KEYS or not isinstance(v, int)
            or not (v in (0, 1) if k in ("mtma", "utma") else v >= 1)]

@@ -39,10 +39,10 @@ Design choices:
   (tests/test_expert_muon.py) beside float64, and the path where the kernels do not apply.
 - Strides are taken as given: the transposed up weights are read and written in their own layout
   (U and W share it), so no transposed copies.
-- On Hopper the momentum kernel and the update move their tiles with the Tensor Memory Accelerator
-  (`TMA`, `ns_update.TMA`): 3-D descriptors in each tensor's own memory order, swizzled shared
-  buffers both ways, no layout conversion inside the loop; the pointer kernels serve elsewhere and
-  are the A/B (bench `mtma=0` / `utma=0`).
+- Opt-in until measured on a GPU (`TMA`, `ns_update.TMA`; bench `mtma=1` / `utma=1`): on Hopper the
+  momentum kernel and the update move their tiles with the Tensor Memory Accelerator: 3-D
+  descriptors in each tensor's own memory order, swizzled shared buffers both ways, no layout
+  conversion inside the loop. The pointer kernels serve elsewhere and are the A/B.
 - Custom ops (capturable in CUDA graphs: fixed grids for fixed shapes); `muon_step` runs the chain
   for one tensor and applies where the kernels do (`applies`: CUDA or the interpreter, bf16
   Newton-Schulz, fp32 weights, m <= 128).

@@ -20,10 +20,10 @@ Design choices:
   a hand prefetch of W to registers had three; -0.46 ms at (a), H100, 2026-12-06). Where a matrix has
   several programs they are adjacent in launch order (grid axis 0), so they run side by side on
   its rows and share Q in L2.
-- On Hopper, the Tensor Memory Accelerator's form (`_qx_update_tma_kernel`, `TMA`): x, W and the
-  copy move as [1, 128, 64] tiles through 3-D descriptors into swizzled shared buffers and back, so
-  W is read in the products' register layout without bank conflicts and nothing is converted
-  between layouts. The pointer kernel reads W from an unswizzled buffer in that layout (by count an
+- On Hopper, opt-in until measured on a GPU, the Tensor Memory Accelerator's form
+  (`_qx_update_tma_kernel`, `TMA`): x, W and the copy move as [1, 128, 64] tiles through 3-D
+  descriptors into swizzled shared buffers and back, so W is read in the products' register layout
+  without bank conflicts and nothing is converted between layouts. The pointer kernel reads W from an unswizzled buffer in that layout (by count an
   8-way bank conflict on the down tensor, 4-way on the up one) and converts both outputs for
   coalesced stores (TTGIR of both: bench/kernel_registers.py). Operands TMA cannot take (strides not
   16-byte aligned, no unit-stride axis, an older GPU) go to the pointer kernel.
