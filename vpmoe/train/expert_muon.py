@@ -154,20 +154,22 @@ if triton is not None:
             cols = n0 + tl.arange(0, BN)
             ok = row_ok[:, None] & (cols < N)[None, :]
             g = tl.load(g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :] * sg_n, mask=ok, other=0.0)
-            g = g.to(tl.float32) * coef
             bp = buf_ptr + b * sb_b + rows[:, None] * sb_m + cols[None, :] * sb_n
-            m = tl.load(bp, mask=ok, other=0.0).to(tl.float32) * mu + g
-            if BUF_BF16:
-                tl.store(bp, _round_bf16(m).to(tl.bfloat16), mask=ok)
-            else:
-                tl.store(bp, m, mask=ok)
-            if NESTEROV:
-                u = _round_bf16(g + mu * m)
-            else:
-                u = _round_bf16(m)
+            kept, u = _momentum_tile(g, tl.load(bp, mask=ok, other=0.0), coef, mu, NESTEROV, BUF_BF16)
+            tl.store(bp, kept, mask=ok)
             tl.store(u_ptr + b * su_b + rows[:, None] * su_m + cols[None, :] * su_n, u.to(tl.bfloat16), mask=ok)
             acc += _dot(u, tl.trans(u), F32_DOT)
         _store_gram(acc, r_ptr, scale_ptr, b, M, eps, sr_b, sr_m, sr_n, BM)
+
+    @triton.jit
+    def _momentum_tile(g, buf, coef, mu, NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr):
+        """One tile's momentum step: (the momentum as stored, in buf's dtype; U rounded to bf16, kept
+        in fp32) from the loaded gradient and momentum, m = buf * mu + g * coef."""
+        g = g.to(tl.float32) * coef
+        m = buf.to(tl.float32) * mu + g
+        kept = _round_bf16(m).to(tl.bfloat16) if BUF_BF16 else m
+        u = _round_bf16(g + mu * m) if NESTEROV else _round_bf16(m)
+        return kept, u
 
     @triton.jit
     def _store_gram(acc, r_ptr, scale_ptr, b, M, eps, sr_b, sr_m, sr_n, BM: tl.constexpr):
@@ -194,19 +196,11 @@ if triton is not None:
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for n0 in range(0, N, BN):
             if T:
-                g = tl.reshape(g_desc.load([b, n0, 0]), [BN, BM]).to(tl.float32) * coef
-                m = tl.reshape(buf_desc.load([b, n0, 0]), [BN, BM]).to(tl.float32) * mu + g
+                kept, u = _momentum_tile(tl.reshape(g_desc.load([b, n0, 0]), [BN, BM]),
+                                         tl.reshape(buf_desc.load([b, n0, 0]), [BN, BM]), coef, mu, NESTEROV, BUF_BF16)
             else:
-                g = tl.reshape(g_desc.load([b, 0, n0]), [BM, BN]).to(tl.float32) * coef
-                m = tl.reshape(buf_desc.load([b, 0, n0]), [BM, BN]).to(tl.float32) * mu + g
-            if BUF_BF16:
-                kept = _round_bf16(m).to(tl.bfloat16)
-            else:
-                kept = m
-            if NESTEROV:
-                u = _round_bf16(g + mu * m)
-            else:
-                u = _round_bf16(m)
+                kept, u = _momentum_tile(tl.reshape(g_desc.load([b, 0, n0]), [BM, BN]),
+                                         tl.reshape(buf_desc.load([b, 0, n0]), [BM, BN]), coef, mu, NESTEROV, BUF_BF16)
             if T:
                 buf_desc.store([b, n0, 0], tl.reshape(kept, [1, BN, BM]))
                 u_desc.store([b, n0, 0], tl.reshape(u.to(tl.bfloat16), [1, BN, BM]))
