@@ -7,7 +7,7 @@ Shapes: vpMoE's expert tensors, 256 matrices of 1024 x 128 (the up projection, o
 its transpose) and 128 x 1024 (down). Columns: `path` (`kernels` or `torch`: `_muon_pre`, the
 compiled packed Gram-side Newton-Schulz with its Gram kernel, `_muon_post`, one tensor per call),
 the kernels' configurations ((columns, warps, stages, register cap) of the momentum kernel; (columns, tiles per
-program, warps, stages) of the update, "tma" where a kernel's TMA form ran), the whole step's time (`step_us`: replayed from a CUDA graph of 10 calls,
+program, warps, stages) of the update), the whole step's time (`step_us`: replayed from a CUDA graph of 10 calls,
 median of 20 replays, per call; `timing` says "eager" where capture failed), each
 kernel alone (`momentum_us`, `chain_us`: the n x n chain with its restart, `update_us`; kernels
 path only) and the streaming kernels' bandwidth by the bytes they must move (`momentum_tbs`: 12
@@ -31,19 +31,20 @@ from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS  # noqa: E402
 from vpmoe.train.optim_fast import _Compiled, _muon_post, _muon_pre, gram_newton_schulz_packed  # noqa: E402
 
-# (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program,
-# warps, stages), TMA for the momentum kernel, TMA for the update). The first two: the modules' launch
-# shapes with the TMA kernels (opt-in, `expert_muon.TMA`, `ns_update.TMA`) and with the pointer kernels.
-# At 2 stages Triton pipelines the momentum kernel's loads through one shared-memory buffer, so the next
+# (momentum kernel's (columns, warps, stages, register cap), the update's (columns, tiles per program, warps, stages));
+# the first pair is the modules' default (since 2026-12-06 03:15), the second the one before. At 2
+# stages Triton pipelines the momentum kernel's loads through one shared-memory buffer, so the next
 # tile's copy waits for this tile's math; 3 stages give two buffers (the TTGIR on the CPU, Triton 3.9).
-# The pointer update's other launch shapes (more tiles a program, wider tiles, 16 warps) were timed on
-# 2026-12-06 (07:25, H100): one program per matrix stayed its default. The TMA update holds Q (64 KB)
-# and three stages of x and W in shared memory at 64 columns (224 KiB: one program an SM); 32 columns
-# leave room for a fourth stage
-CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3), True, True), ((64, 16, 3, 0), (64, 16, 8, 3), False, False),
-           ((64, 16, 2, 0), (64, 16, 8, 2), True, True), ((32, 8, 4, 0), (32, 32, 8, 4), True, True),
-           ((64, 16, 3, 0), (64, 4, 8, 3), True, True), ((64, 16, 3, 0), (64, 1, 8, 3), True, True),
-           ((64, 16, 3, 0), (64, 16, 4, 3), True, True)]
+# Update programs of several tiles load W one tile ahead while the pipeliner streams x. The others
+# (2026-12-06 07:40): wider contiguous runs in the [256, 128, 1024] tensor's rows (256 B of fp32 at
+# 64 columns), whose momentum kernel slowed with every narrower tile (245 us at 16 columns against
+# 157 at 64, H100 06:09) where the transposed tensor's did not; and fewer tiles per update program,
+# a matrix's column programs adjacent in launch order (so they run side by side on its rows). One tile
+# a program was the fastest update alone (H100, 07:25) but slower in the 20-layer optimizer step (07:28)
+CONFIGS = [((64, 16, 3, 0), (64, 16, 8, 3)), ((64, 16, 2, 0), (64, 1, 8, 3)), ((128, 16, 2, 0), (64, 16, 8, 3)),
+           ((64, 16, 3, 0), (64, 1, 8, 3)), ((64, 16, 3, 0), (64, 2, 8, 3)), ((64, 16, 3, 0), (64, 4, 8, 3)),
+           ((64, 16, 3, 0), (128, 1, 8, 3)), ((64, 16, 3, 0), (128, 1, 16, 3)), ((64, 16, 3, 0), (32, 1, 8, 3))]
+
 
 def case(shape, seed=0):
     torch.manual_seed(seed)
@@ -140,11 +141,10 @@ def main():
         print(rows[-1], flush=True)
         if a.top:
             print_top(steps, shape[1] > shape[2], a.top)
-        for mom, upd, mtma, utma in CONFIGS:
+        for mom, upd in CONFIGS:
             EM.CONFIGS["momentum"] = mom
-            ns_update.UPDATE_CONFIG = ns_update.TMA_CONFIG = upd
-            EM.TMA, ns_update.TMA = mtma, utma
-            config = dict(momentum=("tma " if mtma else "") + str(mom), update=("tma " if utma else "") + str(upd))
+            ns_update.UPDATE_CONFIG = upd
+            config = dict(momentum=str(mom), update=str(upd))
             try:
                 got = time_kernels(t, steps["kernels"], shape[1] > shape[2])
             except Exception as e:  # noqa: BLE001 - a configuration that does not launch is a row, not a stop
@@ -153,8 +153,6 @@ def main():
             rows.append(dict(shape="x".join(map(str, shape)), path="kernels", **config, **got,
                              momentum_tbs=12 * n / got["momentum_us"] / 1e6, update_tbs=12 * n / got["update_us"] / 1e6))
             print(rows[-1], flush=True)
-    ns_update.UPDATE_CONFIG, ns_update.TMA_CONFIG = ns_update.DEFAULT_UPDATE_CONFIG, ns_update.DEFAULT_TMA_CONFIG
-    EM.CONFIGS["momentum"], EM.TMA, ns_update.TMA = EM.DEFAULT_CONFIGS["momentum"], EM.DEFAULT_TMA, ns_update.DEFAULT_TMA
     report("expert_muon", rows, a.record,
            notes="one expert tensor's Muon step; the torch path one tensor per call (the step packs 4)")
 

@@ -15,7 +15,7 @@ the fused-MoE GEMMs' ints are still unspecialised). Columns: kernel,
 configuration, registers per thread, spill stores/loads (bytes), stack frame (bytes), the
 resident warps per SM that the registers allow (65,536 registers per SM, 64 warps at most),
 Triton's shared memory, and from the TTGIR the loads pipelined through shared memory, the plain
-loads, the layout conversions and the Tensor Memory Accelerator's loads and stores (`ttgir_counts`).
+loads and the layout conversions (`ttgir_counts`).
 """
 from __future__ import annotations
 
@@ -106,9 +106,7 @@ def ttgir_counts(ttgir: str) -> dict:
     2026-12-06)."""
     ops = re.findall(r"= (?:\"?)([a-z_]+\.[a-z_]+)", ttgir) + re.findall(r"^\s*([a-z_]+\.[a-z_]+) ", ttgir, flags=re.MULTILINE)
     return {"async_copies": ops.count("ttg.async_copy_global_to_local"), "plain_loads": ops.count("tt.load"),
-            "layout_converts": ops.count("ttg.convert_layout"),
-            "tma_loads": ops.count("ttng.async_tma_copy_global_to_local"),
-            "tma_stores": ops.count("ttng.async_tma_copy_local_to_global")}
+            "layout_converts": ops.count("ttg.convert_layout")}
 
 
 def prologue_cases():
@@ -209,27 +207,6 @@ def expert_muon_cases():
         yield ("expert momentum gram", f"BN {bn}, {w} warps, {st} stages" + (f", cap {cap}" if cap else ""),
                EM._momentum_gram_kernel, first, dict(NESTEROV=True, BUF_BF16=False, BM=128, BN=bn, F32_DOT=False),
                w, st, cap)
-    for bn, w, st in ((64, 16, 3), (64, 16, 2), (32, 8, 4)):
-        for trans in (False, True):
-            blk = f"[1, {bn}, 128]" if trans else f"[1, 128, {bn}]"
-            sig = {"g_desc": f"tensordesc<bf16{blk}>", "buf_desc": f"tensordesc<fp32{blk}>",
-                   "u_desc": f"tensordesc<bf16{blk}>", "r_ptr": "*fp32", "scale_ptr": "*fp32", "coef_ptr": "*fp32",
-                   "M": ("i32", 128), "N": ("i32", 1024), "mu": "fp32", "eps": "fp32", "sr_b": ("i32", 128 * 128),
-                   "sr_m": ("i32", 128), "sr_n": ("i32", 1)}
-            yield ("expert momentum gram (TMA)", f"BN {bn}, {w} warps, {st} stages" + (", up" if trans else ""),
-                   EM._momentum_gram_tma_kernel, sig,
-                   {"NESTEROV": True, "BUF_BF16": False, "T": trans, "BM": 128, "BN": bn, "F32_DOT": False}, w, st, 0)
-    for bn, tiles, w, st in ((64, 16, 8, 3), (64, 16, 8, 2), (32, 32, 8, 4), (64, 16, 4, 3)):
-        for trans in (False, True):  # the down tensor [b, 128, 1024]; the up one, stored [b, 1024, 128]
-            blk = f"[1, {bn}, 128]" if trans else f"[1, 128, {bn}]"
-            sig = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_desc": f"tensordesc<bf16{blk}>",
-                   "w_desc": f"tensordesc<fp32{blk}>", "low_desc": f"tensordesc<bf16{blk}>", "decay_ptr": "*fp32",
-                   "step_ptr": "*fp32", "M": ("i32", 128), "sq_b": ("i32", 128 * 128), "sq_m": ("i32", 128),
-                   "sq_k": ("i32", 1)}
-            yield ("expert update (TMA)", f"BN {bn} x {tiles} tiles, {w} warps, {st} stages" + (", up" if trans else ""),
-                   ns_update._qx_update_tma_kernel, sig,
-                   {"HAS_LOW": True, "HAS_LO": True, "X_T": trans, "W_T": trans, "BM": 128, "BN": bn, "TILES": tiles,
-                    "F32_DOT": False, "Q_FP16": False, "STAGES": st}, w, st, 0)
     update = {"q_ptr": "*bf16", "q_lo_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "low_ptr": "*bf16",
               "decay_ptr": "*fp32", "step_ptr": "*fp32", "M": ("i32", 128), "N": ("i32", 1024),
               **{f"s{t}_{a}": ("i32", s) for t, axes, dims in (("q", "bmk", square), ("x", "bkn", wide),

@@ -142,8 +142,8 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
                    matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.gram_kernel,
-                   stream_experts=fast.stream_experts, momentum_config=("tma " if EM.TMA else "") + str(EM.CONFIGS["momentum"]),
-                   update_config=(f"tma {ns_update.TMA_CONFIG}" if ns_update.TMA else str(ns_update.UPDATE_CONFIG)), chain_programs=EM.CONFIGS["chain"][0] or "per matrix",
+                   stream_experts=fast.stream_experts, momentum_config=str(EM.CONFIGS["momentum"]),
+                   update_config=str(ns_update.UPDATE_CONFIG), chain_programs=EM.CONFIGS["chain"][0] or "per matrix",
                    step_ms=graphed * 1e3,
                    eager_ms=eager, host_ms=host, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

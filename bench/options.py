@@ -60,32 +60,24 @@ def set_inductor_options(spec: str) -> None:
 
 
 # the experts' streaming Muon kernels' launch shapes
-EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "mtma", "ucols", "utiles", "uwarps", "ustages", "utma",
-                      "cprogs")
+EXPERT_KERNEL_KEYS = ("cols", "mwarps", "mstages", "mregs", "ucols", "utiles", "uwarps", "ustages", "cprogs")
 
 
 def set_expert_kernels(given: dict, flag: str = "--expert-kernels") -> None:
     """The experts' streaming Muon kernels' launch shapes from {cols, mwarps, mstages, mregs} (the
-    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`),
-    {mtma} (1 / 0: its TMA kernel where it applies, or the pointer kernel; `expert_muon.TMA`),
-    {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
-    pipeline stages, `ns_update.UPDATE_CONFIG` and `TMA_CONFIG` alike), {utma} (the same choice for the
-    update, `ns_update.TMA`) and {cprogs} (`gram_chain`'s programs, each taking its share of the
+    momentum kernel's columns per tile, warps, pipeline stages and register cap, `expert_muon.CONFIGS`)
+    and {ucols, utiles, uwarps, ustages} (the update's columns per tile, tiles per program, warps and
+    pipeline stages,
+    `ns_update.UPDATE_CONFIG`) and {cprogs} (`gram_chain`'s programs, each taking its share of the
     matrices), ints; keys not given keep the modules' defaults (not what an earlier call set)."""
     from vpmoe.train import expert_muon, ns_update
-    bad = [k for k, v in given.items() if k not in EXPERT_KERNEL_KEYS or not isinstance(v, int)
-           or not (v in (0, 1) if k in ("mtma", "utma") else v >= 1)]
+    bad = [k for k, v in given.items() if k not in EXPERT_KERNEL_KEYS or not isinstance(v, int) or v < 1]
     if bad:
-        raise SystemExit(f"{flag}: expected {'/'.join(EXPERT_KERNEL_KEYS)}=N (N >= 1; mtma, utma 0 or 1), got {bad}")
+        raise SystemExit(f"{flag}: expected {'/'.join(EXPERT_KERNEL_KEYS)}=N (N >= 1), got {bad}")
     bn, warps, stages, regs = expert_muon.DEFAULT_CONFIGS["momentum"]
     expert_muon.CONFIGS["momentum"] = (given.get("cols", bn), given.get("mwarps", warps), given.get("mstages", stages),
                                        given.get("mregs", regs))
     expert_muon.CONFIGS["chain"] = (given.get("cprogs", expert_muon.DEFAULT_CONFIGS["chain"][0]),)
-    expert_muon.TMA = bool(given.get("mtma", expert_muon.DEFAULT_TMA))
     bn, tiles, warps, stages = ns_update.DEFAULT_UPDATE_CONFIG
     ns_update.UPDATE_CONFIG = (given.get("ucols", bn), given.get("utiles", tiles), given.get("uwarps", warps),
                                given.get("ustages", stages))
-    bn, tiles, warps, stages = ns_update.DEFAULT_TMA_CONFIG
-    ns_update.TMA_CONFIG = (given.get("ucols", bn), given.get("utiles", tiles), given.get("uwarps", warps),
-                            given.get("ustages", stages))
-    ns_update.TMA = bool(given.get("utma", ns_update.DEFAULT_TMA))

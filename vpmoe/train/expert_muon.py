@@ -39,10 +39,6 @@ Design choices:
   (tests/test_expert_muon.py) beside float64, and the path where the kernels do not apply.
 - Strides are taken as given: the transposed up weights are read and written in their own layout
   (U and W share it), so no transposed copies.
-- Opt-in until measured on a GPU (`TMA`, `ns_update.TMA`; bench `mtma=1` / `utma=1`): on Hopper the
-  momentum kernel and the update move their tiles with the Tensor Memory Accelerator: 3-D
-  descriptors in each tensor's own memory order, swizzled shared buffers both ways, no layout
-  conversion inside the loop. The pointer kernels serve elsewhere and are the A/B.
 - Custom ops (capturable in CUDA graphs: fixed grids for fixed shapes); `muon_step` runs the chain
   for one tensor and applies where the kernels do (`applies`: CUDA or the interpreter, bf16
   Newton-Schulz, fp32 weights, m <= 128).
@@ -90,11 +86,6 @@ MAX_M = 128  # the short side held whole per program
 # per matrix, H100, 2026-12-06 11:57; bench `cprogs=N`); its loop spills 652 bytes at 8 warps (120)
 CONFIGS = {"momentum": (64, 16, 3, 0), "chain": (0,)}
 DEFAULT_CONFIGS = dict(CONFIGS)  # for benchmarks that set others per run
-# `momentum_gram` through the Tensor Memory Accelerator (`_momentum_gram_tma_kernel`) where it applies
-# (`ns_update.tma_takes`: Hopper or later, each tensor's last axis contiguous, 16-byte aligned); False:
-# the pointer kernel everywhere. The same launch shape (CONFIGS["momentum"]). Opt-in as `ns_update.TMA`
-TMA = False
-DEFAULT_TMA = TMA
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -154,62 +145,24 @@ if triton is not None:
             cols = n0 + tl.arange(0, BN)
             ok = row_ok[:, None] & (cols < N)[None, :]
             g = tl.load(g_ptr + b * sg_b + rows[:, None] * sg_m + cols[None, :] * sg_n, mask=ok, other=0.0)
+            g = g.to(tl.float32) * coef
             bp = buf_ptr + b * sb_b + rows[:, None] * sb_m + cols[None, :] * sb_n
-            kept, u = _momentum_tile(g, tl.load(bp, mask=ok, other=0.0), coef, mu, NESTEROV, BUF_BF16)
-            tl.store(bp, kept, mask=ok)
+            m = tl.load(bp, mask=ok, other=0.0).to(tl.float32) * mu + g
+            if BUF_BF16:
+                tl.store(bp, _round_bf16(m).to(tl.bfloat16), mask=ok)
+            else:
+                tl.store(bp, m, mask=ok)
+            if NESTEROV:
+                u = _round_bf16(g + mu * m)
+            else:
+                u = _round_bf16(m)
             tl.store(u_ptr + b * su_b + rows[:, None] * su_m + cols[None, :] * su_n, u.to(tl.bfloat16), mask=ok)
             acc += _dot(u, tl.trans(u), F32_DOT)
-        _store_gram(acc, r_ptr, scale_ptr, b, M, eps, sr_b, sr_m, sr_n, BM)
-
-    @triton.jit
-    def _momentum_tile(g, buf, coef, mu, NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr):
-        """One tile's momentum step: (the momentum as stored, in buf's dtype; U rounded to bf16, kept
-        in fp32) from the loaded gradient and momentum, m = buf * mu + g * coef."""
-        g = g.to(tl.float32) * coef
-        m = buf.to(tl.float32) * mu + g
-        kept = _round_bf16(m).to(tl.bfloat16) if BUF_BF16 else m
-        u = _round_bf16(g + mu * m) if NESTEROV else _round_bf16(m)
-        return kept, u
-
-    @triton.jit
-    def _store_gram(acc, r_ptr, scale_ptr, b, M, eps, sr_b, sr_m, sr_n, BM: tl.constexpr):
-        """R = acc * scale^2 and scale = 1 / (sqrt(trace acc) + eps), matrix b's."""
-        rows = tl.arange(0, BM)
-        row_ok = rows < M
         trace = tl.sum(tl.sum(tl.where(rows[:, None] == rows[None, :], acc, 0.0), axis=1), axis=0)
         scale = 1.0 / (tl.sqrt(tl.maximum(trace, 0.0)) + eps)
         tl.store(r_ptr + b * sr_b + rows[:, None] * sr_m + rows[None, :] * sr_n, acc * (scale * scale),
                  mask=row_ok[:, None] & row_ok[None, :])
         tl.store(scale_ptr + b, scale)
-
-    @triton.jit
-    def _momentum_gram_tma_kernel(g_desc, buf_desc, u_desc, r_ptr, scale_ptr, coef_ptr, M, N, mu, eps, sr_b, sr_m, sr_n,
-                                  NESTEROV: tl.constexpr, BUF_BF16: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
-                                  BN: tl.constexpr, F32_DOT: tl.constexpr):
-        """`_momentum_gram_kernel` with g, the momentum and U moved by the Tensor Memory Accelerator
-        (Hopper): 3-D descriptors in the tensors' own memory order, [B, M, N], or [B, N, M] where T
-        (the transposed up weights: each tile [BN, BM], its Gram taken as tile^T tile); tiles land in
-        swizzled shared buffers and leave from them, rows and columns past the matrix read as zeros
-        and are not written."""
-        b = tl.program_id(0)
-        coef = tl.load(coef_ptr)
-        acc = tl.zeros((BM, BM), dtype=tl.float32)
-        for n0 in range(0, N, BN):
-            if T:
-                kept, u = _momentum_tile(tl.reshape(g_desc.load([b, n0, 0]), [BN, BM]),
-                                         tl.reshape(buf_desc.load([b, n0, 0]), [BN, BM]), coef, mu, NESTEROV, BUF_BF16)
-            else:
-                kept, u = _momentum_tile(tl.reshape(g_desc.load([b, 0, n0]), [BM, BN]),
-                                         tl.reshape(buf_desc.load([b, 0, n0]), [BM, BN]), coef, mu, NESTEROV, BUF_BF16)
-            if T:
-                buf_desc.store([b, n0, 0], tl.reshape(kept, [1, BN, BM]))
-                u_desc.store([b, n0, 0], tl.reshape(u.to(tl.bfloat16), [1, BN, BM]))
-                acc += _dot(tl.trans(u), u, F32_DOT)
-            else:
-                buf_desc.store([b, 0, n0], tl.reshape(kept, [1, BM, BN]))
-                u_desc.store([b, 0, n0], tl.reshape(u.to(tl.bfloat16), [1, BM, BN]))
-                acc += _dot(u, tl.trans(u), F32_DOT)
-        _store_gram(acc, r_ptr, scale_ptr, b.to(tl.int64), M, eps, sr_b, sr_m, sr_n, BM)
 
     @triton.jit
     def _split16(t):
@@ -277,21 +230,14 @@ def momentum_gram(g: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mu: fl
     u = torch.empty_like(g, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
     r = torch.empty(bsz, m, m, device=g.device, dtype=torch.float32)
     scale = torch.empty(bsz, device=g.device, dtype=torch.float32)
+    gv, bv, uv = (_oriented(t, transposed) for t in (g, buf, u))
     bn, warps, stages, max_regs = CONFIGS["momentum"]
     cap = {"maxnreg": max_regs} if max_regs and not interpreting() else {}
-    bm, bn = max(16, triton.next_power_of_2(m)), 16 if interpreting() else bn
-    if TMA and ns_update.tma_takes(g, buf, u):
-        rows, cols = (bn, bm) if transposed else (bm, bn)
-        _momentum_gram_tma_kernel[(bsz,)](
-            *(ns_update.descriptor(t, rows, cols) for t in (g, buf, u)), r, scale, coef, m, n, float(mu), float(eps),
-            *r.stride(), NESTEROV=bool(nesterov), BUF_BF16=buf.dtype == torch.bfloat16, T=transposed, BM=bm, BN=bn,
-            F32_DOT=_f32_dot(), num_warps=warps, num_stages=stages, **cap)
-        return u, r, scale
-    gv, bv, uv = (_oriented(t, transposed) for t in (g, buf, u))
     _momentum_gram_kernel[(bsz,)](
         gv, bv, uv, r, scale, coef, m, n, float(mu), float(eps), *gv.stride(), *bv.stride(), *uv.stride(),
         *r.stride(), NESTEROV=bool(nesterov), BUF_BF16=buf.dtype == torch.bfloat16, F32_DOT=_f32_dot(),
-        BM=bm, BN=bn, num_warps=warps, num_stages=stages, **cap)
+        BM=max(16, triton.next_power_of_2(m)), BN=16 if interpreting() else bn, num_warps=warps, num_stages=stages,
+        **cap)
     return u, r, scale
 
 

@@ -20,16 +20,8 @@ Design choices:
   a hand prefetch of W to registers had three; -0.46 ms at (a), H100, 2026-12-06). Where a matrix has
   several programs they are adjacent in launch order (grid axis 0), so they run side by side on
   its rows and share Q in L2.
-- On Hopper, opt-in until measured on a GPU, the Tensor Memory Accelerator's form
-  (`_qx_update_tma_kernel`, `TMA`): x, W and the copy move as [1, 128, 64] tiles through 3-D
-  descriptors into swizzled shared buffers and back, so W is read in the products' register layout
-  without bank conflicts and nothing is converted between layouts. The pointer kernel reads W from an unswizzled buffer in that layout (by count an
-  8-way bank conflict on the down tensor, 4-way on the up one) and converts both outputs for
-  coalesced stores (TTGIR of both: bench/kernel_registers.py). Operands TMA cannot take (strides not
-  16-byte aligned, no unit-stride axis, an older GPU) go to the pointer kernel.
 - Weights stored transposed (the up projection's [E, 1024, 128], orthogonalised as its
-  [128, 1024] transpose) use the same kernels with W's strides swapped (the TMA one reads them in
-  their own [E, 1024, 128] order and transposes the tile on chip).
+  [128, 1024] transpose) use the same kernel with W's strides swapped.
 - decay and step are 0-dim device tensors, read in the kernel: a captured graph follows the
   learning-rate schedule.
 - `qx_update` is a `torch.library.custom_op` mutating W (capturable in CUDA graphs: fixed grid for
@@ -51,10 +43,6 @@ try:
     from vpmoe.model.router_fused import _round_bf16
 except ImportError:  # CPU-only installs: FastMuonAdamW keeps the two-kernel update
     triton = None
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # a Triton without host-side descriptors: the pointer kernel
-    TensorDescriptor = None
 
 MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
 # (columns per tile, tiles per program, warps, pipeline stages): one program per 128 x 1024 matrix, Q loaded once, x
@@ -72,14 +60,6 @@ MAX_M = 128  # the short side the kernel takes (Q's tile is held whole)
 # (24.60 against 23.87 ms; H100, 2026-12-06 07:25-07:28)
 UPDATE_CONFIG = (64, 16, 8, 3)
 DEFAULT_UPDATE_CONFIG = UPDATE_CONFIG  # for benchmarks that set others per run
-# the Tensor Memory Accelerator's form (`_qx_update_tma_kernel`) where it applies (`_tma_applies`: a
-# Hopper-or-later GPU, each tensor contiguous along one of its matrix axes, 16-byte aligned); False:
-# the pointer kernel everywhere. Opt-in until it has run on a GPU (built 2026-12-06 without one: the
-# interpreter's tests and the sm_90 compile only). (columns per tile, tiles per program, warps, stages)
-TMA = False
-DEFAULT_TMA = TMA
-TMA_CONFIG = (64, 16, 8, 3)
-DEFAULT_TMA_CONFIG = TMA_CONFIG
 
 
 def qx_update_reference(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Tensor,
@@ -102,7 +82,19 @@ if triton is not None:
         b = tl.program_id(1).to(tl.int64)
         rows = tl.arange(0, BM)
         row_ok = rows < M
-        q, q_lo = _load_q(q_ptr, q_lo_ptr, b, M, sq_b, sq_m, sq_k, HAS_LO, BM, F32_DOT, Q_FP16)
+        q_tile = b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k
+        ok_q = row_ok[:, None] & row_ok[None, :]
+        # a bf16 Q goes to the products as loaded (no fp32 copy in registers); an fp16 one is rounded
+        # to bf16 as torch's .to() rounds
+        q = tl.load(q_ptr + q_tile, mask=ok_q, other=0.0)
+        if Q_FP16:
+            q = _round_bf16(q.to(tl.float32)).to(tl.bfloat16)
+        if F32_DOT:
+            q = q.to(tl.float32)
+        if HAS_LO:  # bf16
+            q_lo = tl.load(q_lo_ptr + q_tile, mask=ok_q, other=0.0)
+            if F32_DOT:
+                q_lo = q_lo.to(tl.float32)
         decay = tl.load(decay_ptr)
         step = tl.load(step_ptr)
         first = tl.program_id(0) * TILES * BN
@@ -116,80 +108,15 @@ if triton is not None:
             x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_k + cols[None, :] * sx_n, mask=tile_ok, other=0.0)
             w_tile = w_ptr + b * sw_b + rows[:, None] * sw_m + cols[None, :] * sw_n
             w = tl.load(w_tile, mask=tile_ok, other=0.0)
-            w = _updated(w, q, q_lo, x, decay, step, HAS_LO, F32_DOT)
+            acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
+            if HAS_LO:  # Q's low part (a near-fp32 Q as two bf16 operands), in the same fp32 sums
+                acc = tl.dot(q_lo, x.to(tl.float32) if F32_DOT else x, acc)
+            o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
+            w = w * decay + o * step
             tl.store(w_tile, w, mask=tile_ok)
             if HAS_LOW:  # the kept bf16 copy, from the stored fp32 value (rounded as torch's copy_ rounds)
                 tl.store(low_ptr + b * sl_b + rows[:, None] * sl_m + cols[None, :] * sl_n,
                          _round_bf16(w).to(tl.bfloat16), mask=tile_ok)
-
-    @triton.jit
-    def _load_q(q_ptr, q_lo_ptr, b, M, sq_b, sq_m, sq_k, HAS_LO: tl.constexpr, BM: tl.constexpr,
-                F32_DOT: tl.constexpr, Q_FP16: tl.constexpr):
-        """Q's [BM, BM] tile (rows and columns past M zero), and Q_lo's where HAS_LO (else Q again)."""
-        rows = tl.arange(0, BM)
-        row_ok = rows < M
-        q_tile = b * sq_b + rows[:, None] * sq_m + rows[None, :] * sq_k
-        ok_q = row_ok[:, None] & row_ok[None, :]
-        # a bf16 Q goes to the products as loaded (no fp32 copy in registers); an fp16 one is rounded
-        # to bf16 as torch's .to() rounds
-        q = tl.load(q_ptr + q_tile, mask=ok_q, other=0.0)
-        if Q_FP16:
-            q = _round_bf16(q.to(tl.float32)).to(tl.bfloat16)
-        if F32_DOT:
-            q = q.to(tl.float32)
-        q_lo = q
-        if HAS_LO:  # bf16
-            q_lo = tl.load(q_lo_ptr + q_tile, mask=ok_q, other=0.0)
-            if F32_DOT:
-                q_lo = q_lo.to(tl.float32)
-        return q, q_lo
-
-    @triton.jit
-    def _updated(w, q, q_lo, x, decay, step, HAS_LO: tl.constexpr, F32_DOT: tl.constexpr):
-        """W's tile after the update: W * decay + step * bf16(Q X (+ Q_lo X))."""
-        acc = tl.dot(q, x.to(tl.float32) if F32_DOT else x)
-        if HAS_LO:  # Q's low part (a near-fp32 Q as two bf16 operands), in the same fp32 sums
-            acc = tl.dot(q_lo, x.to(tl.float32) if F32_DOT else x, acc)
-        o = _round_bf16(acc)  # the bf16 product the two-kernel path writes
-        return w * decay + o * step
-
-    @triton.jit
-    def _qx_update_tma_kernel(q_ptr, q_lo_ptr, x_desc, w_desc, low_desc, decay_ptr, step_ptr, M, sq_b, sq_m, sq_k,
-                              HAS_LOW: tl.constexpr, HAS_LO: tl.constexpr, X_T: tl.constexpr, W_T: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, F32_DOT: tl.constexpr,
-                              Q_FP16: tl.constexpr, STAGES: tl.constexpr):
-        """The same update with x, W and the copy moved by the Tensor Memory Accelerator (Hopper):
-        3-D descriptors in each tensor's own memory order ([B, M, N], or [B, N, M] where X_T / W_T:
-        the transposed up weights), tiles [1, BM, BN] (or [1, BN, BM]); rows and columns past the
-        matrix read as zeros and are not written. TMA lands each tile in a swizzled shared buffer,
-        which W is read from in the products' layout without bank conflicts, and the results go
-        back from swizzled buffers too: no layout conversion at all (the pointer kernel has two and
-        reads W from an unswizzled buffer)."""
-        b = tl.program_id(1)
-        q, q_lo = _load_q(q_ptr, q_lo_ptr, b.to(tl.int64), M, sq_b, sq_m, sq_k, HAS_LO, BM, F32_DOT, Q_FP16)
-        decay = tl.load(decay_ptr)
-        step = tl.load(step_ptr)
-        first = tl.program_id(0) * TILES * BN
-        for t in tl.range(TILES, num_stages=STAGES):
-            col = first + t * BN
-            if X_T:
-                x = tl.trans(tl.reshape(x_desc.load([b, col, 0]), [BN, BM]))
-            else:
-                x = tl.reshape(x_desc.load([b, 0, col]), [BM, BN])
-            if W_T:
-                w = tl.trans(tl.reshape(w_desc.load([b, col, 0]), [BN, BM]))
-            else:
-                w = tl.reshape(w_desc.load([b, 0, col]), [BM, BN])
-            w = _updated(w, q, q_lo, x, decay, step, HAS_LO, F32_DOT)
-            low = _round_bf16(w).to(tl.bfloat16)
-            if W_T:
-                w_desc.store([b, col, 0], tl.reshape(tl.trans(w), [1, BN, BM]))
-                if HAS_LOW:
-                    low_desc.store([b, col, 0], tl.reshape(tl.trans(low), [1, BN, BM]))
-            else:
-                w_desc.store([b, 0, col], tl.reshape(w, [1, BM, BN]))
-                if HAS_LOW:
-                    low_desc.store([b, 0, col], tl.reshape(low, [1, BM, BN]))
 
 
 def applies(device: torch.device, ns_dtype: torch.dtype, w_dtype: torch.dtype, m: int) -> bool:
@@ -220,9 +147,6 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
         raise ValueError(f"qx_update: wants bf16 or fp16 q [b, m, m] (m <= {MAX_M}), bf16 x [b, m, n], fp32 w {want}, "
                          f"low None or bf16 of w's shape, q_lo None or bf16 of q's shape and strides; got q "
                          f"{tuple(q.shape)} {q.dtype}, x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}{got_low}")
-    if TMA and _tma_applies(w, x, low, transposed):
-        _launch_tma(w, q, x, decay, step, transposed, low, q_lo)
-        return
     sw_b, sw_1, sw_2 = w.stride()
     sw_m, sw_n = (sw_2, sw_1) if transposed else (sw_1, sw_2)
     sl_b, sl_1, sl_2 = (0, 0, 0) if low is None else low.stride()
@@ -235,45 +159,6 @@ def qx_update(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, decay: torch.Te
         sw_b, sw_m, sw_n, sl_b, sl_m, sl_n, HAS_LOW=low is not None, HAS_LO=q_lo is not None, BM=bm, BN=bn,
         TILES=tiles, F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, STAGES=stages, num_warps=warps,
         num_stages=stages)
-
-
-def tma_takes(*tensors: torch.Tensor) -> bool:
-    """Whether TMA descriptors can move these tensors (the update's and `expert_muon`'s momentum
-    kernel's): TensorDescriptor in this Triton, a GPU of compute capability 9 or more (or the
-    interpreter), each tensor's last axis contiguous and its start and other strides 16-byte aligned."""
-    if TensorDescriptor is None or not (interpreting() or torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
-        return False
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
-
-
-def _tma_applies(w: torch.Tensor, x: torch.Tensor, low: torch.Tensor | None, transposed: bool) -> bool:
-    """Whether `_qx_update_tma_kernel` takes these operands: `tma_takes` them, x in either of its
-    memory orders (contiguous along n, or along m as the transposed weights' U comes)."""
-    if x.stride(2) != 1 and x.stride(1) != 1:
-        return False
-    return tma_takes(w, x.mT if x.stride(2) != 1 else x, *(() if low is None else (low,)))
-
-
-def descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
-    """A 3-D descriptor of t [b, r, c] (last axis contiguous) in tiles of [1, rows, cols]."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, cols])
-
-
-def _launch_tma(w, q, x, decay, step, transposed: bool, low, q_lo) -> None:
-    bsz, m, n = x.shape
-    bm = max(16, triton.next_power_of_2(m))
-    bn, tiles, warps, stages = TMA_CONFIG
-    bn = 16 if interpreting() else bn
-    x_t = x.stride(2) != 1  # x read in its own memory order, [b, n, m]
-    x_desc = descriptor(x.mT, bn, bm) if x_t else descriptor(x, bm, bn)
-    w_rows, w_cols = (bn, bm) if transposed else (bm, bn)
-    w_desc = descriptor(w, w_rows, w_cols)
-    low_desc = w_desc if low is None else descriptor(low, w_rows, w_cols)
-    _qx_update_tma_kernel[(triton.cdiv(n, bn * tiles), bsz)](
-        q, q if q_lo is None else q_lo, x_desc, w_desc, low_desc, decay, step, m, *q.stride(),
-        HAS_LOW=low is not None, HAS_LO=q_lo is not None, X_T=x_t, W_T=transposed, BM=bm, BN=bn, TILES=tiles,
-        F32_DOT=_f32_dot(), Q_FP16=q.dtype == torch.float16, STAGES=stages, num_warps=warps, num_stages=stages)
 
 
 @qx_update.register_fake
