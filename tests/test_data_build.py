@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +252,43 @@ def test_interrupted_build_resumes_to_identical_output(built, tmp_path, monkeypa
     build(sample_dir() / "synth_train.parquet", out, workers=2, **SETTINGS)  # resume, other worker count
     assert (out / "train-00000.tokens.bin").stat().st_mtime_ns == first_chunk_mtime  # reused, not redone
     assert _files(out) == _files(reference)  # byte-identical to the uninterrupted 1-worker build
+
+
+_PROCESS_CHUNK = build_module.process_chunk
+
+
+def _chunk_whose_worker_dies(chunk):
+    """`process_chunk`, except that the worker given chunk 1 exits at once, as a process the kernel's
+    out-of-memory killer ends would (module level: the pool pickles it by name)."""
+    if chunk.index == 1:
+        os._exit(9)
+    return _PROCESS_CHUNK(chunk)
+
+
+def test_a_dead_worker_fails_the_build_and_a_rerun_finishes_it(built, tmp_path, monkeypatch):
+    """A worker process that dies mid-build ends the build with an error naming what happened (within
+    a minute: `multiprocessing.Pool` lost the chunk and waited for it forever), and the same command
+    then finishes the build, byte-identical to an uninterrupted one."""
+    reference, _ = built
+    out = tmp_path / "ds"
+    monkeypatch.setattr(build_module, "process_chunk", _chunk_whose_worker_dies)
+    raised = []
+
+    def run():
+        try:
+            build(sample_dir() / "synth_train.parquet", out, workers=2, **SETTINGS)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            raised.append(e)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the build hung after its worker died"
+    assert len(raised) == 1 and isinstance(raised[0], DataError), raised
+    assert "a build worker process died before chunk" in str(raised[0]) and "Rerun" in str(raised[0])
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(build_module, "process_chunk", _PROCESS_CHUNK)
+    build(sample_dir() / "synth_train.parquet", out, workers=2, **SETTINGS)
+    assert _files(out) == _files(reference)
 
 
 def test_rebuild_with_other_settings_is_refused(built):

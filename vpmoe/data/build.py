@@ -212,23 +212,48 @@ def _claim(out: Path, cfg: BuildConfig, described: dict) -> None:
 
 
 def _run_chunks(chunks, workers: int, settings: dict):
-    """Yield markers of processed chunks; at most 2 chunks per worker in flight (bounded memory)."""
+    """Yield markers of processed chunks; at most 2 chunks per worker in flight (bounded memory).
+
+    A process pool from `concurrent.futures`, not `multiprocessing.Pool`: when a chunk fails (a
+    `--strict` error) or the caller stops early, the pool is shut down by letting the workers finish
+    the chunks they hold and cancelling the rest. `Pool`'s exit terminates its workers instead, and a
+    worker killed while holding the result queue's lock left the pool's task thread waiting on that
+    lock forever: a build that hung after its error (seen once in the test suite, 2026-12-07). A
+    worker that dies (Ctrl-C reaches the whole process group) breaks the pool, which fails the
+    outstanding chunks rather than waiting for them."""
     _init_worker(settings)
     if workers <= 1:
         for chunk in chunks:
             yield process_chunk(chunk)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                               initargs=(settings,))
+    pending: deque = deque()
+    try:
         for chunk in chunks:
-            pending.append(pool.apply_async(process_chunk, (chunk,)))
+            pending.append((chunk, pool.submit(process_chunk, chunk)))
             while len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield _result(*pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _result(*pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(chunk, future):
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise DataError(f"{chunk.label}: a build worker process died before chunk {chunk.index} (rows from "
+                        f"{chunk.first_row}) was finished: killed, or out of memory (fewer --workers or a "
+                        "smaller --chunk-rows use less). Rerun the same command: chunks already written are "
+                        "kept") from None
 
 
 def duplicate_row_ids(out: Path, markers: list[dict], limit: int = 5) -> tuple[int, list[str]]:
