@@ -216,9 +216,9 @@ def _run_chunks(chunks, workers: int, settings: dict):
 
     A process pool from `concurrent.futures`, not `multiprocessing.Pool`: when a chunk fails (a
     `--strict` error) or the caller stops early, the pool is shut down by letting the workers finish
-    the chunks they hold and cancelling the rest. `Pool`'s exit terminates its workers instead, and a
-    worker killed while holding the result queue's lock left the pool's task thread waiting on that
-    lock forever: a build that hung after its error (seen once in the test suite, 2026-12-07). A
+    the chunks they hold and cancelling the rest. `Pool`'s exit terminates its workers instead, which
+    once left its task thread waiting forever on a queue's inter-process lock (a worker killed while
+    holding it, by the stack): a build that hung after its error (the test suite, 2026-12-07). A
     worker that dies (Ctrl-C reaches the whole process group) breaks the pool, which fails the
     outstanding chunks rather than waiting for them."""
     _init_worker(settings)
@@ -245,6 +245,7 @@ def _run_chunks(chunks, workers: int, settings: dict):
 
 
 def _result(chunk, future):
+    """The chunk's marker; a pool broken by a dead worker as a `DataError` that says what to do."""
     from concurrent.futures.process import BrokenProcessPool
 
     try:
