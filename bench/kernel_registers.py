@@ -151,8 +151,8 @@ MOE_ROWS = {  # name: (A dtype, out dtype, N, K, flags)
 }
 MOE_WGRAD = {  # name: (A dtype, B dtype, A's and B's widths (KA, NB), flags)
     "moe down wgrad (act, gather gy)": ("bf16", "fp32", (128, 1024),
-                                        dict(ACT_A=True, GATHER_B=True, SCALE_B=True, HAS_DB=True)),
-    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=True)),
+                                        dict(ACT_A=True, GATHER_B=True, SCALE_B=True)),
+    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True)),
 }
 
 
@@ -167,13 +167,13 @@ def moe_cases():
             bn = n if flags.get("DOWN_BACKWARD") else min(bn, n)
             consts = dict(off, **flags, K=k, E=256, E_P2=256, TOPK=4, FP32=False, BM=bm, BN=bn, BK=bk)
             yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", MF._rows_kernel, sig, consts, w, st
-    off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False, HAS_DB=False)
+    off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False)
     for name, (a_t, b_t, (ka, nb), flags) in MOE_WGRAD.items():
         # (a)'s 4,096 tokens x top-4; bf16 dW (`LOW`: graphed.LOW_GRADS, the default at up to 4 micro-batches);
         # the experts busiest first (`BUSIEST`: kernels.WGRAD_BUSIEST_FIRST, the default)
         sig = {"a_ptr": f"*{a_t}", "stride_a": ("i32", ka), "b_ptr": f"*{b_t}", "stride_b": ("i32", nb),
                "order_ptr": "*i64", "scale_ptr": "*fp32", "offsets_ptr": "*i32", "busiest_ptr": "*i32",
-               "dw_ptr": "*bf16", "db_ptr": "*fp32",
+               "dw_ptr": "*bf16",
                "sq_ptr": "*fp32", "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
         for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
             consts = dict(off, **flags, TOPK=4, BUSIEST=True, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, LOW=True,

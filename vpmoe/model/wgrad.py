@@ -23,6 +23,10 @@ Design choices:
   consecutive, and the experts taken in decreasing row count, so the longest row loops start in the
   first wave rather than the last (longest-processing-time-first; at init the busiest expert has
   ~11x the mean rows). The same programs in another order: the result is bit-identical.
+- The bias gradient db[e] = sum_r B'[r] is a launch of its own (`_bias_grad_kernel`, one program per
+  expert and column tile): inside the weight-gradient kernel every (expert, row tile) program summed
+  B again and all but the first threw the sum away, 8-38 us of the up gradient's ~107 at (a)'s shape
+  (H100, 2026-12-07); alone it reads B once (4 MB there).
 - Offsets are int32 (`wgrad_applies` refuses more than 2^31 elements per operand).
 - Tests: tests/test_moe_fused.py (the Triton interpreter against float64, `check_gathered_wgrad`,
   `check_grad_sq`); on the GPU, tests/gpu/test_gpu_moe_fused.py.
@@ -88,12 +92,13 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, busiest_ptr, dw_ptr, db_ptr,
+    def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, busiest_ptr, dw_ptr,
                       sq_ptr, KA, NB, M, TOPK: tl.constexpr, BUSIEST: tl.constexpr, GATHER_A: tl.constexpr,
-                      ACT_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr, HAS_SQ: tl.constexpr, SQ: tl.constexpr,
-                      FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r]; db[e] = sum_r B'[r].
-        A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
+                      ACT_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_SQ: tl.constexpr,
+                      SQ: tl.constexpr, FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr):
+        """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r] (the bias gradient:
+        `_bias_grad_kernel`). A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
         gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile) on a flat
         grid, an expert's tiles consecutive; BUSIEST: the experts in the order busiest_ptr lists them
         (`busiest_first`), else in id order. M (all experts' rows) is only the autotuning key. HAS_SQ:
@@ -116,7 +121,6 @@ if triton is not None:
         ns = tile_n * BN + tl.arange(0, BN)
         m_ok, n_ok = ms < KA, ns < NB
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        db = tl.zeros([BN], dtype=tl.float32)
         for r0 in range(start, end, BK):
             rows = r0 + tl.arange(0, BK)
             ok = rows < end
@@ -127,20 +131,42 @@ if triton is not None:
             if ACT_A:
                 r = tl.maximum(a.to(tl.float32), 0.0)
                 a = r * r
-            b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
-            if SCALE_B:
-                b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
-            if HAS_DB:
-                db += tl.sum(b.to(tl.float32), 0)
+            b = _b_rows(b_ptr, stride_b, scale_ptr, flat, b_rows, ok, ns, n_ok, SCALE_B)
             acc = tile_dot(tl.trans(a), b, acc, FP32)
         if LOW:
             acc = bf16_rounded(acc)
         tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
-        if HAS_DB:
-            if tile_m == 0:  # the bias gradient once per column tile
-                tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
         if HAS_SQ:
             _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ, BM, BN)
+
+    @triton.jit
+    def _b_rows(b_ptr, stride_b, scale_ptr, flat, b_rows, ok, ns, n_ok, SCALE_B: tl.constexpr):
+        """B' for a row tile: B's rows `b_rows` (zeros where not `ok`), times scale[flat] where SCALE_B."""
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
+        if SCALE_B:
+            b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
+        return b
+
+    @triton.jit
+    def _bias_grad_kernel(b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, db_ptr, NB, TOPK: tl.constexpr,
+                          GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """db[e] = sum over expert e's sorted rows r of B'[r] (B' as `_wgrad_kernel` reads it), fp32;
+        one program per (expert, column tile)."""
+        e = tl.program_id(0)
+        ns = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = ns < NB
+        start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(offsets_ptr + e)
+        db = tl.zeros([BN], dtype=tl.float32)
+        for r0 in range(start, end, BK):
+            rows = r0 + tl.arange(0, BK)
+            ok = rows < end
+            flat = rows
+            if GATHER_B or SCALE_B:  # the up gradient's B (not gathered, not scaled) needs no order
+                flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
+            b = _b_rows(b_ptr, stride_b, scale_ptr, flat, (flat // TOPK) if GATHER_B else rows, ok, ns, n_ok, SCALE_B)
+            db += tl.sum(b.to(tl.float32), 0)
+        tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
 
     @triton.jit
     def _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -203,10 +229,15 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
     kernel[lambda m: (E * triton.cdiv(KA, m["BM"]) * triton.cdiv(NB, m["BN"]),)](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets,
-        offsets if busiest is None else busiest, dw, dw if db is None else db, dw if sq is None else sq, KA, NB,
+        offsets if busiest is None else busiest, dw, dw if sq is None else sq, KA, NB,
         M=M, TOPK=topk, BUSIEST=busiest is not None, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
-        SCALE_B=scale is not None, HAS_DB=db is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32,
-        LOW=dw.dtype != torch.float32, **meta)
+        SCALE_B=scale is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32, LOW=dw.dtype != torch.float32,
+        **meta)
+    if db is not None:
+        bn = 16 if interpreting() else min(128, triton.next_power_of_2(NB))
+        _bias_grad_kernel[(E, triton.cdiv(NB, bn))](
+            b, b.stride(0), order, db if scale is None else scale, offsets, db, NB, TOPK=topk, GATHER_B=gather_b,
+            SCALE_B=scale is not None, BN=bn, BK=16 if interpreting() else 64, num_warps=4)
 
 
 def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
