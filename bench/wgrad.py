@@ -6,8 +6,8 @@ configuration:
 
 Per configuration (`wgrad.WGRAD_CONFIGS`, the autotuner's candidates, and a few others): the up
 gradient (dW [E, 1024, 128] from x [N, 1024] read through the token index and g [N*k, 128], with the
-bias gradient) and the down gradient (dW [E, 128, 1024] from u [N*k, 128] and g [N, 1024] read
-through the index), each checked against fp32 torch of the same bf16 operands (`rel_err`). The
+bias gradient: a second launch since 2026-12-07, `_bias_grad_kernel`) and the down gradient (dW
+[E, 128, 1024] from u [N*k, 128] and g [N, 1024] read through the index), each checked against fp32 torch of the same bf16 operands (`rel_err`). The
 floor: a plain fill of the output's 134 MB of fp32 (`fill_us`). `--tokens 4096` is the (a) step's
 micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
 74-98 us against a 39 us fill; fewer pipeline stages won. Each configuration runs with fp32 and bf16
@@ -62,7 +62,7 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
 
 
 def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None, sq=None) -> None:
-    """`wgrad.gathered_wgrad`'s launch (one index level, the bias gradient into `db` if given)
+    """`wgrad.gathered_wgrad`'s launches (one index level; the bias gradient's own into `db` if given)
     at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick;
     `busiest`: the experts' order (`wgrad.busiest_first`), else id order; `sq`: the sums of squares."""
     from vpmoe.model import wgrad as W
