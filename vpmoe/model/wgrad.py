@@ -98,16 +98,15 @@ if triton is not None:
                       SQ: tl.constexpr, FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r] (the bias gradient:
-        `_bias_grad_kernel`). A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r] likewise
-        gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile) on a flat
-        grid, an expert's tiles consecutive; BUSIEST: the experts in the order busiest_ptr lists them
-        (`busiest_first`), else in id order. M (all experts' rows) is only the autotuning key. HAS_SQ:
-        each program also writes its tile's sum of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)]
-        (`sq_shape`, SQ = SQ_TILE): in the first SQ-square slot it covers, zeros in its other slots,
-        so the buffer's shape and sum do not depend on the tiling the autotuner picks and no slot is
-        left unwritten. LOW: dW is bf16, rounded to nearest here (the interpreter's own conversion
-        truncates), and the sums of squares are the rounded values', so they are exactly the stored
-        gradient's."""
+        `_bias_grad_kernel`). A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r]
+        likewise gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile) on a
+        flat grid, an expert's tiles consecutive; BUSIEST: the experts in the order busiest_ptr lists them
+        (`busiest_first`), else in id order. M (all experts' rows) is only the autotuning key. HAS_SQ: each
+        program also writes its tile's sum of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)] (`sq_shape`, SQ =
+        SQ_TILE): in the first SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum
+        do not depend on the tiling the autotuner picks and no slot is left unwritten. LOW: dW is bf16, rounded
+        to nearest here (the interpreter's own conversion truncates), and the sums of squares are the rounded
+        values', so they are exactly the stored gradient's."""
         tiles_n = tl.cdiv(NB, BN)
         tiles = tl.cdiv(KA, BM) * tiles_n
         pid = tl.program_id(0)
