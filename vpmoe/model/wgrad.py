@@ -114,8 +114,7 @@ if triton is not None:
         if BUSIEST:
             e = tl.load(busiest_ptr + e)
         tile_m, tile_n = (pid % tiles) // tiles_n, pid % tiles_n
-        start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
-        end = tl.load(offsets_ptr + e)
+        start, end = _expert_span(offsets_ptr, e)
         ms = tile_m * BM + tl.arange(0, BM)
         ns = tile_n * BN + tl.arange(0, BN)
         m_ok, n_ok = ms < KA, ns < NB
@@ -125,12 +124,11 @@ if triton is not None:
             ok = rows < end
             flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
             a_rows = (flat // TOPK) if GATHER_A else rows
-            b_rows = (flat // TOPK) if GATHER_B else rows
             a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :], other=0.0)
             if ACT_A:
                 r = tl.maximum(a.to(tl.float32), 0.0)
                 a = r * r
-            b = _b_rows(b_ptr, stride_b, scale_ptr, flat, b_rows, ok, ns, n_ok, SCALE_B)
+            b = _b_rows(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK, GATHER_B, SCALE_B)
             acc = tile_dot(tl.trans(a), b, acc, FP32)
         if LOW:
             acc = bf16_rounded(acc)
@@ -139,8 +137,16 @@ if triton is not None:
             _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ, BM, BN)
 
     @triton.jit
-    def _b_rows(b_ptr, stride_b, scale_ptr, flat, b_rows, ok, ns, n_ok, SCALE_B: tl.constexpr):
-        """B' for a row tile: B's rows `b_rows` (zeros where not `ok`), times scale[flat] where SCALE_B."""
+    def _expert_span(offsets_ptr, e):
+        """(first, end) of expert e's sorted rows, from the group ends `offsets`."""
+        return tl.load(offsets_ptr + e - 1, mask=e > 0, other=0), tl.load(offsets_ptr + e)
+
+    @triton.jit
+    def _b_rows(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK: tl.constexpr, GATHER_B: tl.constexpr,
+                SCALE_B: tl.constexpr):
+        """B' for a row tile of sorted rows `rows` (`flat`: their order entries): B's rows, or the rows
+        order // TOPK where GATHER_B (zeros where not `ok`), times scale[flat] where SCALE_B."""
+        b_rows = (flat // TOPK) if GATHER_B else rows
         b = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
         if SCALE_B:
             b = b.to(tl.float32) * tl.load(scale_ptr + flat, mask=ok, other=0.0).to(tl.float32)[:, None]
@@ -154,8 +160,7 @@ if triton is not None:
         e = tl.program_id(0)
         ns = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = ns < NB
-        start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
-        end = tl.load(offsets_ptr + e)
+        start, end = _expert_span(offsets_ptr, e)
         db = tl.zeros([BN], dtype=tl.float32)
         for r0 in range(start, end, BK):
             rows = r0 + tl.arange(0, BK)
@@ -163,7 +168,7 @@ if triton is not None:
             flat = rows
             if GATHER_B or SCALE_B:  # the up gradient's B (not gathered, not scaled) needs no order
                 flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
-            b = _b_rows(b_ptr, stride_b, scale_ptr, flat, (flat // TOPK) if GATHER_B else rows, ok, ns, n_ok, SCALE_B)
+            b = _b_rows(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK, GATHER_B, SCALE_B)
             db += tl.sum(b.to(tl.float32), 0)
         tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
 
