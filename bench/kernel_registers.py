@@ -174,12 +174,11 @@ def moe_cases():
         sig = {"a_ptr": f"*{a_t}", "stride_a": ("i32", ka), "b_ptr": f"*{b_t}", "stride_b": ("i32", nb),
                "order_ptr": "*i64", "scale_ptr": "*fp32", "offsets_ptr": "*i32", "busiest_ptr": "*i32",
                "dw_ptr": "*bf16",
-               "sq_ptr": "*fp32", "E": ("i32", 256), "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
-        for (bm, bn, bk, w, st), tma in ((c, t) for c in W.WGRAD_CONFIGS for t in (False, True)):
+               "sq_ptr": "*fp32", "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
+        for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
             consts = dict(off, **flags, TOPK=4, BUSIEST=True, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, LOW=True,
-                          TMA_OUT=tma, BM=bm, BN=bn, BK=bk)
-            yield (name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages{', TMA store' if tma else ''}", W._wgrad_kernel,
-                   sig, consts, w, st)
+                          BM=bm, BN=bn, BK=bk)
+            yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", W._wgrad_kernel, sig, consts, w, st
 
 
 def ns_cases():

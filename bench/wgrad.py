@@ -13,8 +13,7 @@ micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores t
 74-98 us against a 39 us fill; fewer pipeline stages won. Each configuration runs with fp32 and bf16
 output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRADS` has the kernel
 write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`); `--outs
-bfloat16 --orders busiest` keeps the step's defaults only. Each also with dW's tiles stored through a
-TMA descriptor (`stores`: pointer or tma, `wgrad.TMA_STORE`). `--sq`: each also with the tiles' sums of
+bfloat16 --orders busiest` keeps the step's defaults only. `--sq`: each also with the tiles' sums of
 squares written, as the train step's launches do (`up_sq_us`, `down_sq_us`; `graphed.GRAD_SQ`).
 """
 from __future__ import annotations
@@ -49,9 +48,6 @@ def options(ap) -> None:
     ap.add_argument("--orders", type=comma_list("expert", "busiest"), default="expert,busiest",
                     help="expert orders to time (comma list)")
     ap.add_argument("--sq", action="store_true", help="also time each with the sums of squares (the step's launch)")
-    ap.add_argument("--stores", type=comma_list("pointer", "tma"), default="pointer,tma",
-                    help="how the kernel stores dW's tiles (comma list): pointer stores, or a TMA descriptor "
-                         "(wgrad.TMA_STORE; Hopper and later)")
 
 
 def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
@@ -65,15 +61,14 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
     return out
 
 
-def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None, sq=None, tma=False) -> None:
+def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None, sq=None) -> None:
     """`wgrad.gathered_wgrad`'s launches (one index level; the bias gradient's own into `db` if given)
     at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick;
-    `busiest`: the experts' order (`wgrad.busiest_first`), else id order; `sq`: the sums of squares;
-    `tma`: dW's tiles stored through a TMA descriptor."""
+    `busiest`: the experts' order (`wgrad.busiest_first`), else id order; `sq`: the sums of squares."""
     from vpmoe.model import wgrad as W
 
     W.launch(a, b, index, offsets, dw, db, 1, a.dtype == torch.float32, gather_a=gather_a, gather_b=not gather_a,
-             config=config, busiest=busiest, sq=sq, tma=tma)
+             config=config, busiest=busiest, sq=sq)
 
 
 def main():
@@ -95,15 +90,14 @@ def main():
     rows = []
     for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
         for out_dtype in (getattr(torch, name) for name in a.outs):
-            for order, stores in ((o, st) for o in a.orders for st in a.stores):
-                row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order,
-                           stores=stores)
+            for order in a.orders:
+                row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order)
                 for name, (aa, bb, gather_a) in cases.items():
                     dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda", dtype=out_dtype)
                     db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
                     run = (lambda config=config, aa=aa, bb=bb, dw=dw, db=db, gather_a=gather_a,
-                           perm=busiest if order == "busiest" else None, sq=None, tma=stores == "tma":
-                           launch(config, aa, bb, token, offsets, dw, db, gather_a, perm, sq, tma))
+                           perm=busiest if order == "busiest" else None, sq=None:
+                           launch(config, aa, bb, token, offsets, dw, db, gather_a, perm, sq))
                     row[f"{name}_us"] = cuda_time(run, warmup=3, iters=20) * 1e6
                     row[f"{name}_rel_err"] = ((dw.float() - refs[name]).norm() / refs[name].norm()).item()
                     if a.sq:

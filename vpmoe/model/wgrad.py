@@ -93,10 +93,10 @@ if triton is not None:
 
     @triton.jit
     def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, busiest_ptr, dw_ptr,
-                      sq_ptr, E, KA, NB, M, TOPK: tl.constexpr, BUSIEST: tl.constexpr, GATHER_A: tl.constexpr,
+                      sq_ptr, KA, NB, M, TOPK: tl.constexpr, BUSIEST: tl.constexpr, GATHER_A: tl.constexpr,
                       ACT_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_SQ: tl.constexpr,
-                      SQ: tl.constexpr, FP32: tl.constexpr, LOW: tl.constexpr, TMA_OUT: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      SQ: tl.constexpr, FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr):
         """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r] (the bias gradient:
         `_bias_grad_kernel`). A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r]
         likewise gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile) on a
@@ -106,10 +106,7 @@ if triton is not None:
         SQ_TILE): in the first SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum
         do not depend on the tiling the autotuner picks and no slot is left unwritten. LOW: dW is bf16, rounded
         to nearest here (the interpreter's own conversion truncates), and the sums of squares are the rounded
-        values', so they are exactly the stored gradient's. TMA_OUT: the tile leaves through a TMA descriptor
-        of dW [E, KA, NB] (`tma_store_applies`): written to shared memory straight from the MMA's
-        registers, no conversion to a store layout (the pointer store's, bank-conflicted 8-9 ways on an
-        H100 by Nsight Compute, 2026-12-07); E is only its bound."""
+        values', so they are exactly the stored gradient's."""
         tiles_n = tl.cdiv(NB, BN)
         tiles = tl.cdiv(KA, BM) * tiles_n
         pid = tl.program_id(0)
@@ -135,12 +132,7 @@ if triton is not None:
             acc = tile_dot(tl.trans(a), b, acc, FP32)
         if LOW:
             acc = bf16_rounded(acc)
-        if TMA_OUT:
-            out = tl.make_tensor_descriptor(dw_ptr, shape=[E, KA, NB], strides=[KA * NB, NB, 1],
-                                            block_shape=[1, BM, BN])
-            out.store([e, tile_m * BM, tile_n * BN], acc.to(dw_ptr.dtype.element_ty).reshape(1, BM, BN))
-        else:
-            tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         if HAS_SQ:
             _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ, BM, BN)
 
@@ -196,9 +188,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # launches
 
-_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "LOW", "BUSIEST", "TMA_OUT"]
-# the tile stored through a TMA descriptor (`_wgrad_kernel`'s TMA_OUT) where `tma_store_applies`
-TMA_STORE = False
+_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "LOW", "BUSIEST"]
 _kernel = None
 
 
@@ -222,32 +212,13 @@ def busiest_first(offsets: torch.Tensor) -> torch.Tensor:
     return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
 
 
-def tma_store_applies(dw: torch.Tensor) -> bool:
-    """Whether `_wgrad_kernel` can store into dW through a TMA descriptor: descriptors in this Triton,
-    a GPU of compute capability 9 or more (or the interpreter), dW contiguous with a 16-byte aligned
-    start and rows a multiple of 16 bytes (the hardware's rules)."""
-    return (hasattr(tl, "make_tensor_descriptor") and dw.is_contiguous() and dw.data_ptr() % 16 == 0
-            and dw.shape[-1] * dw.element_size() % 16 == 0
-            and (interpreting() or (dw.is_cuda and torch.cuda.get_device_capability(dw.device)[0] >= 9)))
-
-
-def _descriptor_scratch(size: int, alignment: int, stream):
-    """Triton's allocator for descriptors made inside a kernel (128 bytes a program), on the current
-    device; under CUDA-graph capture it comes from the graph's pool like any tensor."""
-    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
-
-
 def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=False, act=False, gather_b=False,
-           scale=None, config=None, sq=None, busiest=None, tma=None):
+           scale=None, config=None, sq=None, busiest=None):
     """`_wgrad_kernel` autotuned, or with `config` = (BM, BN, BK, warps, stages) at that tiling
     (bench/wgrad.py times each configuration); `sq` [`sq_shape`]: the tiles' sums of squares too;
     `busiest` [E] int32 (`busiest_first`): the experts' order, busiest first (else by id).
-    dw fp32 or bf16 (then rounded to nearest in the kernel). `tma`: dW's tiles stored through a TMA
-    descriptor (None: `TMA_STORE`), where `tma_store_applies`."""
+    dw fp32 or bf16 (then rounded to nearest in the kernel)."""
     E, KA, NB = dw.shape
-    tma_out = (TMA_STORE if tma is None else tma) and tma_store_applies(dw)
-    if tma_out:
-        triton.set_allocator(_descriptor_scratch)
     M = order.numel()
     if sq is not None and tuple(sq.shape) != sq_shape(E, KA, NB):
         raise ValueError(f"wgrad.launch: sq has shape {tuple(sq.shape)}, dW {tuple(dw.shape)} needs {sq_shape(E, KA, NB)}")
@@ -262,10 +233,10 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
     kernel[lambda m: (E * triton.cdiv(KA, m["BM"]) * triton.cdiv(NB, m["BN"]),)](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets,
-        offsets if busiest is None else busiest, dw, dw if sq is None else sq, E, KA, NB,
+        offsets if busiest is None else busiest, dw, dw if sq is None else sq, KA, NB,
         M=M, TOPK=topk, BUSIEST=busiest is not None, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
         SCALE_B=scale is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32, LOW=dw.dtype != torch.float32,
-        TMA_OUT=tma_out, **meta)
+        **meta)
     if db is not None:
         bn = 16 if interpreting() else min(128, triton.next_power_of_2(NB))
         _bias_grad_kernel[(E, triton.cdiv(NB, bn))](
