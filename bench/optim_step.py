@@ -18,7 +18,8 @@ and register cap, `ucols=N` / `utiles=N` / `uwarps=N` / `ustages=N` the update's
 and `ns_update.UPDATE_CONFIG`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
-Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
+`--timeline`: one graphed step's kernels per stream, with the time no stream and one stream alone is
+busy and the kernels that run alone (bench/timeline.py). Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
 host's time in one eager step: launching, not waiting; near `eager_ms` when host-bound), `kernels`
 (launches per step, from the profiler), `ns_ms` (one expert tensor's Newton-Schulz, 256 matrices
 of 128 x 1024, compiled as in the step) and `ns_err` (its relative error against the same
@@ -112,7 +113,18 @@ def parse_method(spec: str) -> tuple[str, int, str, dict, str]:
     return method, int(chunk), momentum, kwargs, given.get("matrices", "compiled")
 
 
-def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
+def timeline(step, label: str) -> None:
+    """The step captured in a CUDA graph and one replay's kernels summarised per stream (bench/timeline.py):
+    the time no stream or one stream alone is busy, and the kernels that run alone."""
+    from bench.timeline import stream_timeline, summary_lines
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    print("\n".join(f"#  {label}: {line}" for line in summary_lines(stream_timeline(g.replay), top=16)), flush=True)
+
+
+def run(layers: int, methods: list[str], top: int = 10, with_timeline: bool = False) -> list[dict]:
     # fresh compile caches per model: many variants in one process would pass Dynamo's per-function
     # limit, and calls past it run eagerly without a word (rows timed as compiled would not be)
     torch._dynamo.reset()
@@ -139,6 +151,8 @@ def run(layers: int, methods: list[str], top: int = 10) -> list[dict]:
         kernels = kernel_count(fast.step)
         print("\n".join(f"#  {spec}: {line}" for line in top_kernels(fast.step, top)), flush=True)
         graphed, timing = graph_time(fast.step)
+        if with_timeline:
+            timeline(fast.step, spec)
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
                    matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.gram_kernel,
@@ -171,6 +185,8 @@ def main():
                          "fields not given: FastMuonAdamW's defaults, which the trainer runs)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--top", type=int, default=10, help="kernels listed per variant (by GPU time)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also one graphed step's kernels per stream: idle and one-stream-alone time (bench/timeline.py)")
     a = ap.parse_args()
     for spec in a.methods.split(","):  # every spec checked before any GPU time is spent
         parse_method(spec)
@@ -178,7 +194,7 @@ def main():
         sys.exit("bench/optim_step.py needs a CUDA GPU")
     rows = []
     for n in (int(x) for x in a.layers.split(",")):
-        rows += run(n, a.methods.split(","), a.top)
+        rows += run(n, a.methods.split(","), a.top, a.timeline)
     from bench.results import report
     report("optim_step", rows, a.record)
 
