@@ -271,3 +271,37 @@ def test_gram_kernel_setting_reaches_packed_newton_schulz():
         fast.step()
         assert fast.gram_kernel is want
         assert len(seen) >= 2 and set(seen) == {want}, (given, seen)
+
+
+def test_adamw_jobs_first_or_last_give_the_same_step():
+    """`FastMuonAdamW(adamw_first=...)`: the AdamW jobs run before the Muon ones (the default) or after
+    them, and the order changes nothing else: two steps leave every parameter and state bit-equal."""
+    import copy
+
+    from tests.test_kernels import randomize, small
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train.optim_fast import FastMuonAdamW
+
+    base = randomize(VpMoE(small()))
+    runs = {}
+    for first in (True, False):
+        model = copy.deepcopy(base)
+        opt = build_optimizer(model, OptimConfig(lr=0.02))
+        fast = FastMuonAdamW(opt, max_grad_norm=1.0, adamw_first=first)
+        log = []
+        for kind in ("_muon", "_adamw"):  # each job notes its kind when it runs
+            made = getattr(fast, kind)
+            setattr(fast, kind, lambda *a, made=made, kind=kind, log=log: [
+                (lambda job=job, log=log: log.append(kind) or job()) for job in made(*a)])
+        for seed in range(2):
+            _random_grads(model, seed)
+            fast.step()
+        half = len(log) // 2
+        kinds = ["_adamw", "_muon"] if first else ["_muon", "_adamw"]
+        assert log[:half] == sorted(log[:half], key=kinds.index) and set(log) == set(kinds), (first, log)
+        runs[first] = model, opt
+    (m1, o1), (m2, o2) = runs[True], runs[False]
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+        for key, value in o1.state[p].items():
+            assert torch.equal(value, o2.state[q][key]), key

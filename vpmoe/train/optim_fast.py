@@ -30,6 +30,10 @@ Design choices:
   Newton-Schulz launches overlap the bandwidth-bound momentum and update kernels instead of waiting
   for them. On the CPU it runs in order. Measured at 20 layers (optimizer alone, graphed): 27.2 ms
   on one stream, 26.6 on three, 25.8 on three with packs of four; at 80 layers 95.8 ms.
+- `adamw_first` (on): the AdamW jobs (the embedding's and head's passes, ~1.9 ms each at 20 layers on
+  an H100) are queued before the Muon ones. Queued last, they ran after every other job, one stream
+  alone for ~3.8 ms of the 20-layer step's 24 (bench/optim_step.py --timeline, 2026-12-07); first,
+  the experts' latency-bound pieces (the n x n chains, the 2-D Newton-Schulz) run beside them.
 - `fuse_update` (off until measured): the packed experts' update W <- W * decay + step * Q X is
   applied in the epilogue of Newton-Schulz's last product (`ns_update.qx_update`, a Triton kernel),
   so the bf16 product is never written and read back (4 of ~36 bytes per expert parameter). Where
@@ -313,7 +317,8 @@ def supported(opt: torch.optim.Optimizer) -> bool:
 class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
-                 fuse_update: bool = False, gram_kernel: bool = True, stream_experts: bool | None = None):
+                 fuse_update: bool = False, gram_kernel: bool = True, stream_experts: bool | None = None,
+                 adamw_first: bool = True):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
@@ -323,6 +328,7 @@ class FastMuonAdamW:
         if not supported(opt):
             raise ValueError("FastMuonAdamW needs a MuonAdamW over plain (non-DTensor) parameters")
         self.opt, self.max_norm, self.ns_chunk, self.ns_pack = opt, float(max_grad_norm), int(ns_chunk), int(ns_pack)
+        self.adamw_first = bool(adamw_first)  # the AdamW jobs queued before the Muon ones (`_run`'s order)
         p0 = opt.param_groups[0]["params"][0]
         self.device = p0.device
         self.side_streams = [torch.cuda.Stream(self.device) for _ in range(streams - 1)] if p0.is_cuda else []
@@ -399,15 +405,15 @@ class FastMuonAdamW:
             coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
         else:
             coef = torch.ones((), device=self.device)
-        jobs = []  # independent pieces of the step: their small scalar ops are queued while they are made
+        muon, adamw = [], []  # independent pieces of the step: their small scalar ops are queued while they are made
         for group, lr in zip(self.opt.param_groups, self.lr_tensors):
             if group["kind"] == "muon":
-                jobs += self._muon(group, lr, coef, given)
+                muon += self._muon(group, lr, coef, given)
             elif group["kind"] == "adamw":
-                jobs += self._adamw(group, lr, coef, row_grads)
+                adamw += self._adamw(group, lr, coef, row_grads)
             else:
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
-        self._run(jobs)
+        self._run(adamw + muon if self.adamw_first else muon + adamw)
         return norm
 
     def _check_apart(self, apart: dict, kind: str, what: str, whose: str) -> None:
