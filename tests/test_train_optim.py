@@ -274,8 +274,8 @@ def test_gram_kernel_setting_reaches_packed_newton_schulz():
 
 
 def test_adamw_jobs_first_or_last_give_the_same_step():
-    """`FastMuonAdamW(adamw_first=...)`: the AdamW jobs run before the Muon ones (the default) or after
-    them, and the order changes nothing else: two steps leave every parameter and state bit-equal."""
+    """`FastMuonAdamW(adamw_first=...)`: the AdamW jobs run before the Muon ones or after them (the
+    default), and the order changes nothing else: two steps leave every parameter and state bit-equal."""
     import copy
 
     from tests.test_kernels import randomize, small

@@ -30,10 +30,11 @@ Design choices:
   Newton-Schulz launches overlap the bandwidth-bound momentum and update kernels instead of waiting
   for them. On the CPU it runs in order. Measured at 20 layers (optimizer alone, graphed): 27.2 ms
   on one stream, 26.6 on three, 25.8 on three with packs of four; at 80 layers 95.8 ms.
-- `adamw_first` (on): the AdamW jobs (the embedding's and head's passes, ~1.9 ms each at 20 layers on
-  an H100) are queued before the Muon ones. Queued last, they ran after every other job, one stream
-  alone for ~3.8 ms of the 20-layer step's 24 (bench/optim_step.py --timeline, 2026-12-07); first,
-  the experts' latency-bound pieces (the n x n chains, the 2-D Newton-Schulz) run beside them.
+- `adamw_first` (off until measured): the AdamW jobs (the embedding's and head's passes, ~1.9 ms each
+  at 20 layers on an H100) queued before the Muon ones. Queued last, as by default, they run after
+  every other job, one stream alone for ~3.8 ms of the 20-layer step's 24 (bench/optim_step.py
+  --timeline, 2026-12-07); first, the experts' latency-bound pieces (the n x n chains, the 2-D
+  Newton-Schulz) would run beside them. Not yet timed on a GPU (docs/performance.md, Next item 0).
 - `fuse_update` (off until measured): the packed experts' update W <- W * decay + step * Q X is
   applied in the epilogue of Newton-Schulz's last product (`ns_update.qx_update`, a Triton kernel),
   so the bf16 product is never written and read back (4 of ~36 bytes per expert parameter). Where
@@ -318,7 +319,7 @@ class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
                  fuse_update: bool = False, gram_kernel: bool = True, stream_experts: bool | None = None,
-                 adamw_first: bool = True):
+                 adamw_first: bool = False):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
