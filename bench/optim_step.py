@@ -20,7 +20,8 @@ and `ns_update.UPDATE_CONFIG`), and the AdamW jobs queued before the Muon ones
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 `--timeline`: one graphed step's kernels per stream, with the time no stream and one stream alone is
-busy and the kernels that run alone (bench/timeline.py). Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
+busy and the kernels that run alone (bench/timeline.py).
+Columns: `step_ms` (replayed from a CUDA graph, as the trainer runs it), `eager_ms`, `host_ms` (the
 host's time in one eager step: launching, not waiting; near `eager_ms` when host-bound), `kernels`
 (launches per step, from the profiler), `ns_ms` (one expert tensor's Newton-Schulz, 256 matrices
 of 128 x 1024, compiled as in the step) and `ns_err` (its relative error against the same

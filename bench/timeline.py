@@ -4,9 +4,10 @@
     spans = stream_timeline(graph.replay)      # [(start_us, end_us, stream, kernel name), ...]
     print("\n".join(summary_lines(spans)))
 
-Why: the optimizer step spreads its pieces over three streams (`FastMuonAdamW`); its bandwidth-bound
-kernels alone would take ~16 ms of the 20-layer step's ~24 (H100, by their bytes), so the question is
-which stretches run one stream alone, or none, and which kernels they are. `summary_lines` gives the
+Why: the optimizer step spreads its pieces over three streams (`FastMuonAdamW`); the bytes of its
+bandwidth-bound kernels need ~13-16 ms of the 20-layer step's ~24 on an H100 (an estimate from their
+byte counts), so the question is which stretches run one stream alone, or none, and which kernels
+they are. `summary_lines` gives the
 step's span, each stream's busy time, the time no stream is busy, and the time exactly one stream is
 busy broken down by that kernel's name (the serial part: where reordering or splitting could help).
 Kernel names are cut at the first '(' and at 60 characters, so a kernel's launches group together.
@@ -36,8 +37,12 @@ def stream_timeline(fn) -> list[tuple[float, float, int, str]]:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    spans = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), int(e.get("args", {}).get("stream", e.get("tid", 0))),
-              e["name"].split("(")[0][:60]) for e in events if e.get("cat") == "kernel"]
+    spans = []
+    for e in events:
+        if e.get("cat") == "kernel":
+            start = float(e["ts"])
+            stream = int(e.get("args", {}).get("stream", e.get("tid", 0)))
+            spans.append((start, start + float(e.get("dur", 0)), stream, e["name"].split("(")[0][:60]))
     return sorted(spans)
 
 
