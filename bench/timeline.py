@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from collections import defaultdict
+from itertools import pairwise
 
 
 def stream_timeline(fn) -> list[tuple[float, float, int, str]]:
@@ -60,7 +61,7 @@ def summary_lines(spans: list[tuple[float, float, int, str]], top: int = 12) -> 
     alone = defaultdict(float)
     running: list[tuple[float, float, int, str]] = []
     i = 0
-    for left, right in zip(points, points[1:]):
+    for left, right in pairwise(points):
         while i < len(spans) and spans[i][0] <= left:
             running.append(spans[i])
             i += 1
@@ -70,8 +71,8 @@ def summary_lines(spans: list[tuple[float, float, int, str]], top: int = 12) -> 
             idle += right - left
         elif len(streams) == 1:
             alone[running[0][3]] += right - left
-    lines = [f"# timeline: {len(spans)} kernels over {(t1 - t0) / 1e3:.3f} ms; no stream busy {idle / 1e3:.3f} ms; "
-             f"one stream alone {sum(alone.values()) / 1e3:.3f} ms"]
+    lines = [(f"# timeline: {len(spans)} kernels over {(t1 - t0) / 1e3:.3f} ms; no stream busy {idle / 1e3:.3f} ms; "
+              f"one stream alone {sum(alone.values()) / 1e3:.3f} ms")]
     lines += [f"#   stream {s}: busy {b / 1e3:.3f} ms, {sum(1 for x in spans if x[2] == s)} kernels"
               for s, b in sorted(busy.items(), key=lambda kv: -kv[1])]
     lines += [f"#   alone {us / 1e3:8.3f} ms  {name}" for name, us in sorted(alone.items(), key=lambda kv: -kv[1])[:top]]
