@@ -90,7 +90,9 @@ def copy_sources(events, rows: int = 20) -> list[str]:
 
 
 def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
-    """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files."""
+    """Top kernels by GPU time over two steps (and over one optimizer step) -> stdout + files; for a
+    graphed step, also the update graph's timeline as the step runs it (bench/timeline.py: the time
+    one stream alone is busy, by kernel; its clipping norm reads the kernels' sums of squares)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -138,6 +140,10 @@ def profile(tr, micro: list[dict], out_dir: str, tag: str) -> None:
             f.write("\nkernels by family:\n" + "\n".join(families) + "\n")
 
     top(lambda: [tr.step(micro) for _ in range(2)], "2steps")
+    if tr.graphed is not None and tr.graphed.graphs is not None:  # (first, rest, update) after a step
+        from bench.timeline import stream_timeline, summary_lines
+        for line in summary_lines(stream_timeline(tr.graphed.graphs[2].replay), top=16):
+            print(f"# profile {tag} update graph: {line}", flush=True)
     release_graphs(tr)  # the optimizer alone, with gradients of its own: the step's graphs' memory back first
     try:
         for p in tr.model.parameters():
