@@ -8,8 +8,8 @@ Per configuration (`wgrad.WGRAD_CONFIGS`, the autotuner's candidates, and a few 
 gradient (dW [E, 1024, 128] from x [N, 1024] read through the token index and g [N*k, 128], with the
 bias gradient: a second launch since 2026-12-07, `_bias_grad_kernel`) and the down gradient (dW
 [E, 128, 1024] from u [N*k, 128] and g [N, 1024] read through the index), each checked against fp32
-torch of the same bf16 operands (`rel_err`). The floor: a plain fill of the output's 134 MB of fp32 (`fill_us`). `--tokens 4096` is the (a) step's
-micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
+torch of the same bf16 operands (`rel_err`). The floor: a plain fill of the output's 134 MB of fp32
+(`fill_us`). `--tokens 4096` is the (a) step's micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
 74-98 us against a 39 us fill; fewer pipeline stages won. Each configuration runs with fp32 and bf16
 output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRADS` has the kernel
 write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`); `--outs
