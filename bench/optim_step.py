@@ -15,8 +15,9 @@ A/B), the CUDA streams the step's pieces spread over (`gram:256:float32:streams=
 experts' step as streaming kernels (`gram:256:float32:stream=1`, `expert_muon.py`; `cols=128` sets its
 momentum kernel's columns per tile, `mwarps=N` / `mstages=N` / `mregs=N` its warps, pipeline stages
 and register cap, `ucols=N` / `utiles=N` / `uwarps=N` / `ustages=N` the update's: `expert_muon.CONFIGS`
-and `ns_update.UPDATE_CONFIG`), and the AdamW jobs queued before the Muon ones
-(`gram:256:float32:adamw_first=1`) or after them (the default).
+and `ns_update.UPDATE_CONFIG`), and which stream takes which job (`gram:256:float32:order=adamw_first`:
+the AdamW jobs queued before the Muon ones; `order=balanced`: every job by decreasing bytes to the
+least loaded stream; the default `muon_first`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 `--timeline`: one graphed step's kernels per stream, with the time no stream and one stream alone is
@@ -45,7 +46,7 @@ from vpmoe.model.model import VpMoE  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
 from vpmoe.train import ns_update  # noqa: E402
 from vpmoe.train.optim import NS_COEFFS, OptimConfig, build_optimizer  # noqa: E402
-from vpmoe.train.optim_fast import FastMuonAdamW, _Compiled, _muon_matrices, orthogonalise  # noqa: E402
+from vpmoe.train.optim_fast import ORDERS, FastMuonAdamW, _Compiled, _muon_matrices, orthogonalise  # noqa: E402
 
 
 def ns_exact(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -99,19 +100,21 @@ def parse_method(spec: str) -> tuple[str, int, str, dict, str]:
     for field in parts[3:]:
         key, _, value = field.rpartition("=")
         key = key or "pack"
-        flags = ("gram_kernel", "stream", "adamw_first")
-        if key not in ("pack", "streams", "matrices", *EXPERT_KERNEL_KEYS, *flags) or (key != "matrices" and not value.isdigit()) \
-                or (key == "matrices" and value not in ("compiled", "eager")) \
+        flags, named = ("gram_kernel", "stream"), {"matrices": ("compiled", "eager"), "order": ORDERS}
+        if key not in ("pack", "streams", *named, *EXPERT_KERNEL_KEYS, *flags) \
+                or (key in named and value not in named[key]) or (key not in named and not value.isdigit()) \
                 or (key in flags and value not in ("0", "1")):
             sys.exit(f"method {spec!r}: bad field {field!r} (pack=N, streams=N, matrices=compiled|eager, "
-                     "gram_kernel=0|1, stream=0|1, adamw_first=0|1, cols=N, mwarps=N, mstages=N, mregs=N, ucols=N, utiles=N, uwarps=N, "
-                     "ustages=N, cprogs=N)")
+                     f"gram_kernel=0|1, stream=0|1, order={'|'.join(ORDERS)}, cols=N, mwarps=N, mstages=N, mregs=N, "
+                     "ucols=N, utiles=N, uwarps=N, ustages=N, cprogs=N)")
         given[key] = value
     kwargs = {name: int(given[key]) for key, name in (("pack", "ns_pack"), ("streams", "streams"),
                                                       *((k, k) for k in EXPERT_KERNEL_KEYS)) if key in given}
-    for key, name in (("gram_kernel", "gram_kernel"), ("stream", "stream_experts"), ("adamw_first", "adamw_first")):
+    for key, name in (("gram_kernel", "gram_kernel"), ("stream", "stream_experts")):
         if key in given:
             kwargs[name] = given[key] == "1"
+    if "order" in given:
+        kwargs["order"] = given["order"]
     return method, int(chunk), momentum, kwargs, given.get("matrices", "compiled")
 
 
@@ -158,7 +161,7 @@ def run(layers: int, methods: list[str], top: int = 10, with_timeline: bool = Fa
         ns_ms, ns_err = ns_alone(method)
         row = dict(layers=layers, params_b=n_params / 1e9, ns_method=method, ns_chunk=chunk, ns_pack=pack,
                    matrices=matrices, streams=streams, momentum=momentum, gram_kernel=fast.gram_kernel,
-                   stream_experts=fast.stream_experts, adamw_first=fast.adamw_first, momentum_config=str(EM.CONFIGS["momentum"]),
+                   stream_experts=fast.stream_experts, order=fast.order, momentum_config=str(EM.CONFIGS["momentum"]),
                    update_config=str(ns_update.UPDATE_CONFIG), chain_programs=EM.CONFIGS["chain"][0] or "per matrix",
                    step_ms=graphed * 1e3,
                    eager_ms=eager, host_ms=host, kernels=kernels, ns_ms=ns_ms, ns_err=ns_err, timing=timing,
