@@ -15,9 +15,8 @@ A/B), the CUDA streams the step's pieces spread over (`gram:256:float32:streams=
 experts' step as streaming kernels (`gram:256:float32:stream=1`, `expert_muon.py`; `cols=128` sets its
 momentum kernel's columns per tile, `mwarps=N` / `mstages=N` / `mregs=N` its warps, pipeline stages
 and register cap, `ucols=N` / `utiles=N` / `uwarps=N` / `ustages=N` the update's: `expert_muon.CONFIGS`
-and `ns_update.UPDATE_CONFIG`), and which stream takes which job (`gram:256:float32:order=adamw_first`:
-the AdamW jobs queued before the Muon ones; `order=balanced`: every job by decreasing bytes to the
-least loaded stream; the default `muon_first`).
+and `ns_update.UPDATE_CONFIG`), and the AdamW jobs queued before the Muon ones (the default) or
+after them (`gram:256:float32:order=muon_first`).
 Packing several layers' tensors into one call by concatenating them (chunks of 1024 and 2048) was
 measured slower and dropped (docs/LOG.md); `ns_pack` concatenates only the small n x n side.
 `--timeline`: one graphed step's kernels per stream, with the time no stream and one stream alone is

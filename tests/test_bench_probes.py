@@ -188,7 +188,7 @@ def test_optim_step_methods_parse_the_gram_kernel_field():
         parse_method("gram:256:float32:cols=wide")
     with pytest.raises(SystemExit, match="bad field 'gram_kernel=yes'"):
         parse_method("gram:256:float32:gram_kernel=yes")
-    assert parse_method("gram:256:float32:order=balanced:matrices=eager")[3:] == ({"order": "balanced"}, "eager")
+    assert parse_method("gram:256:float32:order=muon_first:matrices=eager")[3:] == ({"order": "muon_first"}, "eager")
     with pytest.raises(SystemExit, match="bad field 'order=last'"):
         parse_method("gram:256:float32:order=last")
 

@@ -30,14 +30,14 @@ Design choices:
   Newton-Schulz launches overlap the bandwidth-bound momentum and update kernels instead of waiting
   for them. On the CPU it runs in order. Measured at 20 layers (optimizer alone, graphed): 27.2 ms
   on one stream, 26.6 on three, 25.8 on three with packs of four; at 80 layers 95.8 ms.
-- `order` (which job each stream takes): "muon_first" (the default) queues the Muon jobs round-robin
-  and the AdamW ones (the embedding's and head's passes, ~1.9 ms each at 20 layers on an H100)
-  after them, so they run after every other job: one stream alone for ~3.8 ms of the 20-layer
-  step's 24 (bench/optim_step.py --timeline, 2026-12-07). "adamw_first" queues them first, so the
-  experts' latency-bound pieces (the n x n chains, the 2-D Newton-Schulz) run beside them;
-  "balanced" gives each job, largest first, to the stream with the fewest bytes queued
-  (`balanced_streams`, longest-processing-time-first by the bytes each job moves). The same bits
-  every order (the jobs are independent). Not yet timed on a GPU (docs/performance.md, Next item 0).
+- `order` ("adamw_first", the default): the AdamW jobs (the embedding's and head's passes, ~1.9 ms
+  each at 20 layers on an H100) are queued before the Muon ones, so the experts' latency-bound
+  pieces (the n x n chains, the 2-D Newton-Schulz) run beside them. Queued last ("muon_first"),
+  they ran after every other job, one stream alone for ~3.8 ms of the 20-layer step's 24
+  (bench/optim_step.py --timeline). H100, 2026-12-07, interleaved in one lease: (a) 55.80 / 55.80
+  / 55.84 ms against 56.58 / 56.49 / 56.47 for "muon_first"; the optimizer alone 23.04 against
+  23.50 ms. Jobs by decreasing bytes, each onto the least loaded stream (longest-processing-time
+  first), read 56.14 / 56.32 ms and were removed. The same bits either order (independent jobs).
 - `fuse_update` (off until measured): the packed experts' update W <- W * decay + step * Q X is
   applied in the epilogue of Newton-Schulz's last product (`ns_update.qx_update`, a Triton kernel),
   so the bf16 product is never written and read back (4 of ~36 bytes per expert parameter). Where
@@ -95,11 +95,7 @@ ADAMW_ALONE = 1 << 22
 # 2026-12-05; 61.22 -> 58.55 ms on an H100, 2026-12-06)
 STREAM_EXPERTS = True
 HALF = (torch.bfloat16, torch.float16)  # gradients in these are widened to fp32 before any arithmetic
-# `FastMuonAdamW(order=)`: which stream takes which job
-ORDERS = ("muon_first", "adamw_first", "balanced")
-# bytes a job moves per parameter element, its cost in `balanced_streams` (estimates from the passes):
-# the experts' streaming kernels 24; the packed and 2-D Muon paths ~36; AdamW's pass 28 (+2 for a kept copy)
-JOB_BYTES = {"expert": 24, "muon": 36, "adamw": 30}
+ORDERS = ("adamw_first", "muon_first")  # `FastMuonAdamW(order=)`: the AdamW jobs queued first or last
 
 
 def newton_schulz_batched(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -311,24 +307,6 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         ([*torch._foreach_norm(half, 2, dtype=torch.float32)] if half else [])
 
 
-def balanced_streams(costs: list[float], streams: int) -> list[tuple[int, int]]:
-    """(job index, stream) pairs, longest-processing-time-first: the jobs by decreasing cost (ties in
-    index order), each to the stream with the least cost so far (the lowest index on ties), listed
-    in that launch order. Its makespan is within 4/3 of the best assignment's."""
-    loads, placed = [0.0] * streams, []
-    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        k = min(range(streams), key=lambda k: loads[k])
-        placed.append((i, k))
-        loads[k] += costs[i]
-    return placed
-
-
-def _costed(cost: float, job):
-    """The job (a closure for `FastMuonAdamW._run`) with its cost in bytes moved, for `balanced_streams`."""
-    job.cost = float(cost)
-    return job
-
-
 def streams_for(activation_checkpointing: bool | int) -> dict:
     """FastMuonAdamW keyword arguments for a run: one stream where blocks are checkpointed (memory is
     the constraint there: the streams' temporaries cannot share memory, +1.7 GiB reserved, and the
@@ -345,7 +323,7 @@ class FastMuonAdamW:
     def __init__(self, opt: MuonAdamW, max_grad_norm: float = 0.0, ns_chunk: int = 256,
                  compile: bool | None = None, ns_method: str = "gram", ns_pack: int = 4, streams: int = 3,
                  fuse_update: bool = False, gram_kernel: bool = True, stream_experts: bool | None = None,
-                 order: str = "muon_first"):
+                 order: str = "adamw_first"):
         if ns_method not in ("gram", "standard"):
             raise ValueError(f"ns_method: 'gram' or 'standard', got {ns_method!r}")
         if ns_pack < 1:
@@ -356,7 +334,7 @@ class FastMuonAdamW:
             raise ValueError("FastMuonAdamW needs a MuonAdamW over plain (non-DTensor) parameters")
         self.opt, self.max_norm, self.ns_chunk, self.ns_pack = opt, float(max_grad_norm), int(ns_chunk), int(ns_pack)
         if order not in ORDERS:
-            raise ValueError(f"order: one of {ORDERS} (which stream takes which job), got {order!r}")
+            raise ValueError(f"order: one of {ORDERS} (the AdamW jobs queued first or last), got {order!r}")
         self.order = order
         p0 = opt.param_groups[0]["params"][0]
         self.device = p0.device
@@ -475,16 +453,10 @@ class FastMuonAdamW:
         return sq.sqrt()
 
     def _run(self, jobs) -> None:
-        """Run the jobs spread over `streams` CUDA streams (forked from and joined back to the current
-        one, so a CUDA-graph capture takes them as parallel branches): round-robin in order, or by
-        `balanced_streams` (order="balanced"). On the CPU, one after another in that launch order."""
-        width = 1 + len(self.side_streams)
-        if self.order == "balanced":
-            placed = [(jobs[i], k) for i, k in balanced_streams([job.cost for job in jobs], width)]
-        else:
-            placed = [(job, i % width) for i, job in enumerate(jobs)]
+        """Run the jobs in order, or spread round-robin over `streams` CUDA streams (forked from and
+        joined back to the current one, so a CUDA-graph capture takes them as parallel branches)."""
         if not self.side_streams:
-            for job, _ in placed:
+            for job in jobs:
                 job()
             return
         main = torch.cuda.current_stream(self.device)
@@ -492,8 +464,8 @@ class FastMuonAdamW:
         for s in self.side_streams:
             s.wait_stream(main)
         try:
-            for job, k in placed:
-                with torch.cuda.stream(streams[k]):
+            for i, job in enumerate(jobs):
+                with torch.cuda.stream(streams[i % len(streams)]):
                     job()
         finally:  # joined even when a job fails, so a capture reports that error, not an unjoined stream
             for s in self.side_streams:
@@ -520,9 +492,8 @@ class FastMuonAdamW:
             low = self.weight_copies.get(id(p))
             low = None if low is None else low.view(-1, *p.shape[-2:])
             if self._streams(w):
-                jobs.append(_costed(JOB_BYTES["expert"] * w.numel(), lambda g=g, buf=buf, w=w, step=step, low=low:
-                                    expert_muon.muon_step(g, buf, w, low, coef, mu, nesterov, decay, step, steps,
-                                                          gram_kernel=self.gram_kernel)))
+                jobs.append(lambda g=g, buf=buf, w=w, step=step, low=low: expert_muon.muon_step(
+                    g, buf, w, low, coef, mu, nesterov, decay, step, steps, gram_kernel=self.gram_kernel))
                 continue
             if self._packs(g):
                 packs[(tuple(g.shape[-2:]), p.dtype)].append((g, buf, w, step, low))
@@ -534,7 +505,7 @@ class FastMuonAdamW:
                     u = self._pre(g[c0:c1], buf[c0:c1], coef, mu, nesterov, self.ns_dtype)
                     self._post(w[c0:c1], self._ns(u, steps, self.ns_method), decay, step,
                                None if low is None else low[c0:c1])
-            jobs.append(_costed(JOB_BYTES["muon"] * w.numel(), chunks))
+            jobs.append(chunks)
         for items in packs.values():  # whole tensors, `ns_pack` per Newton-Schulz call
             for c0 in range(0, len(items), self.ns_pack):
                 def packed(pack=items[c0:c0 + self.ns_pack]):
@@ -547,17 +518,15 @@ class FastMuonAdamW:
                         return
                     for (_, _, w, step, low), ortho in zip(pack, self._ns_packed(us, steps, kernel=self.gram_kernel)):
                         self._post(w, ortho, decay, step, low)
-                jobs.append(_costed(JOB_BYTES["muon"] * sum(w.numel() for _, _, w, _, _ in items[c0:c0 + self.ns_pack]),
-                                    packed))
+                jobs.append(packed)
         for (shape, _), items in flat2d.items():
             ps, gs, bufs = [p for p, _, _ in items], [g for _, g, _ in items], [b for _, _, b in items]
             step = neg_lr * muon_scale(shape)
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
-                jobs.append(_costed(JOB_BYTES["muon"] * sum(p.numel() for p in ps[sl]),
-                                    lambda ps=ps[sl], gs=gs[sl], bufs=bufs[sl], step=step: self._matrices(
-                                        ps, gs, bufs, coef, mu, nesterov, decay if wd else None, step, steps,
-                                        self.ns_method, self.ns_dtype)))
+                jobs.append(lambda ps=ps[sl], gs=gs[sl], bufs=bufs[sl], step=step: self._matrices(
+                    ps, gs, bufs, coef, mu, nesterov, decay if wd else None, step, steps,
+                    self.ns_method, self.ns_dtype))
         return jobs
 
     def _streams(self, w: torch.Tensor) -> bool:
@@ -586,13 +555,13 @@ class FastMuonAdamW:
         for p, s, t in zip(ps, states, steps):
             low = self.weight_copies.get(id(p))  # a kept copy (the head's) is written in the tensor's own pass
             if id(p) in rowed:
-                jobs.append(_costed(JOB_BYTES["adamw"] * p.numel(), lambda p=p, s=s, t=t, low=low: self._adamw_rows(
+                jobs.append(lambda p=p, s=s, t=t, low=low: self._adamw_rows(
                     p, *rowed[id(p)], s["exp_avg"], s["exp_avg_sq"], t, lr, coef, beta1, beta2,
-                    group["weight_decay"], group["eps"], low)))
+                    group["weight_decay"], group["eps"], low))
             elif p.numel() >= ADAMW_ALONE or low is not None:
-                jobs.append(_costed(JOB_BYTES["adamw"] * p.numel(), lambda p=p, s=s, t=t, low=low: self._adamw_one(
+                jobs.append(lambda p=p, s=s, t=t, low=low: self._adamw_one(
                     p, p.grad, s["exp_avg"], s["exp_avg_sq"], t, lr, coef, beta1, beta2, group["weight_decay"],
-                    group["eps"], low)))
+                    group["eps"], low))
             else:
                 by_dtype[p.dtype].append((p, s, t))
 
@@ -602,8 +571,7 @@ class FastMuonAdamW:
                                 [t for _, _, t in items], lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                                 maximize=False, grad_scale=1.0 / coef, found_inf=None)
-        return jobs + [_costed(JOB_BYTES["adamw"] * sum(p.numel() for p, _, _ in items),
-                               lambda items=items: adamw(items)) for items in by_dtype.values()]
+        return jobs + [lambda items=items: adamw(items) for items in by_dtype.values()]
 
 
 class _Compiled:
