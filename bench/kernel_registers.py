@@ -151,8 +151,9 @@ MOE_ROWS = {  # name: (A dtype, out dtype, N, K, flags)
 }
 MOE_WGRAD = {  # name: (A dtype, B dtype, A's and B's widths (KA, NB), flags)
     "moe down wgrad (act, gather gy)": ("bf16", "fp32", (128, 1024),
-                                        dict(ACT_A=True, GATHER_B=True, SCALE_B=True)),
-    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True)),
+                                        dict(ACT_A=True, GATHER_B=True, SCALE_B=True, HAS_DB=False)),
+    # the up gradient's launch with the bias tiles, as the grouped path launches it
+    "moe up wgrad (gather x, bias)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=True)),
 }
 
 
@@ -173,7 +174,7 @@ def moe_cases():
         # the experts busiest first (`BUSIEST`: kernels.WGRAD_BUSIEST_FIRST, the default)
         sig = {"a_ptr": f"*{a_t}", "stride_a": ("i32", ka), "b_ptr": f"*{b_t}", "stride_b": ("i32", nb),
                "order_ptr": "*i64", "scale_ptr": "*fp32", "offsets_ptr": "*i32", "busiest_ptr": "*i32",
-               "dw_ptr": "*bf16",
+               "dw_ptr": "*bf16", "db_ptr": "*fp32",
                "sq_ptr": "*fp32", "KA": ("i32", ka), "NB": ("i32", nb), "M": ("i32", 4 * 4096)}
         for bm, bn, bk, w, st in W.WGRAD_CONFIGS:
             consts = dict(off, **flags, TOPK=4, BUSIEST=True, HAS_SQ=True, SQ=W.SQ_TILE, FP32=False, LOW=True,

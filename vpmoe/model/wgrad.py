@@ -23,10 +23,13 @@ Design choices:
   consecutive, and the experts taken in decreasing row count, so the longest row loops start in the
   first wave rather than the last (longest-processing-time-first; at init the busiest expert has
   ~11x the mean rows). The same programs in another order: the result is bit-identical.
-- The bias gradient db[e] = sum_r B'[r] is a launch of its own (`_bias_grad_kernel`, one program per
-  expert and column tile): inside the weight-gradient kernel every (expert, row tile) program summed
-  B again and all but the first threw the sum away, 8-38 us of the up gradient's ~107 at (a)'s shape
-  (H100, 2026-12-07); alone it reads B once (4 MB there).
+- The bias gradient db[e] = sum_r B'[r] comes from one more row of tiles per expert in the same grid
+  (`_bias_tile`: those programs sum B' alone, no product), taken busiest first with the expert's
+  other tiles. Summed inside every dW program (until 2026-12-07) it cost the up gradient 8-38 us of
+  ~107 at (a)'s shape (all but the first row tile threw the sum away); as a launch of its own
+  (one program per expert, 55b75c6) it cost 83 us a launch inside the (a) step (H100 profile,
+  2026-12-07 07:29): at init routing the busiest expert has ~11x the mean rows, and its one
+  program's loop ran alone after every other expert's.
 - Offsets are int32 (`wgrad_applies` refuses more than 2^31 elements per operand).
 - Tests: tests/test_moe_fused.py (the Triton interpreter against float64, `check_gathered_wgrad`,
   `check_grad_sq`); on the GPU, tests/gpu/test_gpu_moe_fused.py.
@@ -93,48 +96,56 @@ if triton is not None:
 
     @triton.jit
     def _wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, busiest_ptr, dw_ptr,
-                      sq_ptr, KA, NB, M, TOPK: tl.constexpr, BUSIEST: tl.constexpr, GATHER_A: tl.constexpr,
-                      ACT_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_SQ: tl.constexpr,
-                      SQ: tl.constexpr, FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr):
-        """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r] (the bias gradient:
-        `_bias_grad_kernel`). A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r], squared-ReLU'd (ACT_A); B'[r]
-        likewise gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One program per (expert, tile) on a
-        flat grid, an expert's tiles consecutive; BUSIEST: the experts in the order busiest_ptr lists them
-        (`busiest_first`), else in id order. M (all experts' rows) is only the autotuning key. HAS_SQ: each
-        program also writes its tile's sum of squares into sq [E, cdiv(KA, SQ), cdiv(NB, SQ)] (`sq_shape`, SQ =
-        SQ_TILE): in the first SQ-square slot it covers, zeros in its other slots, so the buffer's shape and sum
-        do not depend on the tiling the autotuner picks and no slot is left unwritten. LOW: dW is bf16, rounded
-        to nearest here (the interpreter's own conversion truncates), and the sums of squares are the rounded
-        values', so they are exactly the stored gradient's."""
+                      db_ptr, sq_ptr, KA, NB, M, TOPK: tl.constexpr, BUSIEST: tl.constexpr, GATHER_A: tl.constexpr,
+                      ACT_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, HAS_DB: tl.constexpr,
+                      HAS_SQ: tl.constexpr, SQ: tl.constexpr, FP32: tl.constexpr, LOW: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr):
+        """dW[e] [KA, NB] = sum over expert e's sorted rows r of A'[r]^T B'[r], and with HAS_DB the bias
+        gradient db[e] [NB] = sum_r B'[r] (fp32). A'[r] = A[order[r] // TOPK] (GATHER_A) or A[r],
+        squared-ReLU'd (ACT_A); B'[r] likewise gathered (GATHER_B) and times scale[order[r]] (SCALE_B). One
+        program per (expert, tile) on a flat grid, an expert's tiles consecutive; with HAS_DB each expert has
+        one more row of tiles, whose programs sum B' for db (`_bias_tile`). BUSIEST: the experts in the order
+        busiest_ptr lists them (`busiest_first`), else in id order. M (all experts' rows) is only the
+        autotuning key. HAS_SQ: each dW program also writes its tile's sum of squares into sq [E, cdiv(KA, SQ),
+        cdiv(NB, SQ)] (`sq_shape`, SQ = SQ_TILE): in the first SQ-square slot it covers, zeros in its other
+        slots, so the buffer's shape and sum do not depend on the tiling the autotuner picks and no slot is
+        left unwritten. LOW: dW is bf16, rounded to nearest here (the interpreter's own conversion truncates),
+        and the sums of squares are the rounded values', so they are exactly the stored gradient's."""
         tiles_n = tl.cdiv(NB, BN)
-        tiles = tl.cdiv(KA, BM) * tiles_n
+        tiles_m = tl.cdiv(KA, BM)
+        tiles = (tiles_m + (1 if HAS_DB else 0)) * tiles_n
         pid = tl.program_id(0)
         e = pid // tiles
         if BUSIEST:
             e = tl.load(busiest_ptr + e)
         tile_m, tile_n = (pid % tiles) // tiles_n, pid % tiles_n
         start, end = _expert_span(offsets_ptr, e)
-        ms = tile_m * BM + tl.arange(0, BM)
         ns = tile_n * BN + tl.arange(0, BN)
-        m_ok, n_ok = ms < KA, ns < NB
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for r0 in range(start, end, BK):
-            rows = r0 + tl.arange(0, BK)
-            ok = rows < end
-            flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
-            a_rows = (flat // TOPK) if GATHER_A else rows
-            a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :], other=0.0)
-            if ACT_A:
-                r = tl.maximum(a.to(tl.float32), 0.0)
-                a = r * r
-            b = _b_rows(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK, GATHER_B, SCALE_B)
-            acc = tile_dot(tl.trans(a), b, acc, FP32)
-        if LOW:
-            acc = bf16_rounded(acc)
-        tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
-        if HAS_SQ:
-            _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ, BM, BN)
+        n_ok = ns < NB
+        if HAS_DB and tile_m == tiles_m:  # the bias tile (without HAS_DB this branch is not compiled)
+            _bias_tile(b_ptr, stride_b, order_ptr, scale_ptr, db_ptr, e, start, end, ns, n_ok, NB, TOPK, GATHER_B,
+                       SCALE_B, BN, BK)
+        else:
+            ms = tile_m * BM + tl.arange(0, BM)
+            m_ok = ms < KA
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for r0 in range(start, end, BK):
+                rows = r0 + tl.arange(0, BK)
+                ok = rows < end
+                flat = tl.load(order_ptr + rows, mask=ok, other=0).to(tl.int32)
+                a_rows = (flat // TOPK) if GATHER_A else rows
+                a = tl.load(a_ptr + a_rows[:, None] * stride_a + ms[None, :], mask=ok[:, None] & m_ok[None, :],
+                            other=0.0)
+                if ACT_A:
+                    r = tl.maximum(a.to(tl.float32), 0.0)
+                    a = r * r
+                b = _b_rows(b_ptr, stride_b, scale_ptr, flat, rows, ok, ns, n_ok, TOPK, GATHER_B, SCALE_B)
+                acc = tile_dot(tl.trans(a), b, acc, FP32)
+            if LOW:
+                acc = bf16_rounded(acc)
+            tl.store(dw_ptr + e * KA * NB + ms[:, None] * NB + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+            if HAS_SQ:
+                _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ, BM, BN)
 
     @triton.jit
     def _expert_span(offsets_ptr, e):
@@ -153,14 +164,9 @@ if triton is not None:
         return b
 
     @triton.jit
-    def _bias_grad_kernel(b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, db_ptr, NB, TOPK: tl.constexpr,
-                          GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """db[e] = sum over expert e's sorted rows r of B'[r] (B' as `_wgrad_kernel` reads it), fp32;
-        one program per (expert, column tile)."""
-        e = tl.program_id(0)
-        ns = tl.program_id(1) * BN + tl.arange(0, BN)
-        n_ok = ns < NB
-        start, end = _expert_span(offsets_ptr, e)
+    def _bias_tile(b_ptr, stride_b, order_ptr, scale_ptr, db_ptr, e, start, end, ns, n_ok, NB, TOPK: tl.constexpr,
+                   GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """db[e, ns] = sum over expert e's sorted rows r of B'[r] (B' as `_wgrad_kernel` reads it), fp32."""
         db = tl.zeros([BN], dtype=tl.float32)
         for r0 in range(start, end, BK):
             rows = r0 + tl.arange(0, BK)
@@ -188,7 +194,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # launches
 
-_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "FP32", "LOW", "BUSIEST"]
+_WGRAD_KEY = ["KA", "NB", "M", "GATHER_A", "ACT_A", "GATHER_B", "SCALE_B", "HAS_DB", "FP32", "LOW", "BUSIEST"]
 _kernel = None
 
 
@@ -231,17 +237,13 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     else:
         bm, bn, bk, warps, stages = config
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
-    kernel[lambda m: (E * triton.cdiv(KA, m["BM"]) * triton.cdiv(NB, m["BN"]),)](
+    has_db = db is not None
+    kernel[lambda m: (E * (triton.cdiv(KA, m["BM"]) + has_db) * triton.cdiv(NB, m["BN"]),)](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets,
-        offsets if busiest is None else busiest, dw, dw if sq is None else sq, KA, NB,
+        offsets if busiest is None else busiest, dw, db if has_db else dw, dw if sq is None else sq, KA, NB,
         M=M, TOPK=topk, BUSIEST=busiest is not None, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
-        SCALE_B=scale is not None, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32, LOW=dw.dtype != torch.float32,
-        **meta)
-    if db is not None:
-        bn = 16 if interpreting() else min(128, triton.next_power_of_2(NB))
-        _bias_grad_kernel[(E, triton.cdiv(NB, bn))](
-            b, b.stride(0), order, db if scale is None else scale, offsets, db, NB, TOPK=topk, GATHER_B=gather_b,
-            SCALE_B=scale is not None, BN=bn, BK=16 if interpreting() else 64, num_warps=4)
+        SCALE_B=scale is not None, HAS_DB=has_db, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32,
+        LOW=dw.dtype != torch.float32, **meta)
 
 
 def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
