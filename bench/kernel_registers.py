@@ -152,8 +152,9 @@ MOE_ROWS = {  # name: (A dtype, out dtype, N, K, flags)
 MOE_WGRAD = {  # name: (A dtype, B dtype, A's and B's widths (KA, NB), flags)
     "moe down wgrad (act, gather gy)": ("bf16", "fp32", (128, 1024),
                                         dict(ACT_A=True, GATHER_B=True, SCALE_B=True, HAS_DB=False)),
-    # the up gradient's launch with the bias tiles, as the grouped path launches it
-    "moe up wgrad (gather x, bias)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=True)),
+    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=False)),
+    # with the bias gradient's row of tiles (wgrad.BIAS_TILES; off: a launch of its own)
+    "moe up wgrad (gather x, bias tiles)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=True)),
 }
 
 
