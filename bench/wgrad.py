@@ -16,6 +16,10 @@ output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRAD
 write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`); `--outs
 bfloat16 --orders busiest` keeps the step's defaults only. `--sq`: each also with the tiles' sums of
 squares written, as the train step's launches do (`up_sq_us`, `down_sq_us`; `graphed.GRAD_SQ`).
+`--bias launch,tiles`: the up gradient with its bias gradient as a launch of its own and as one more
+row of tiles in the grid (`wgrad.BIAS_TILES`). Init routing is skewed (`load_imbalance` 11.46 in the
+(a) step): `--skew 1` gives a busiest expert 16.5x the mean at 4,096 tokens, `--skew 0` 1.3x (the
+bias launch of its own was judged at skew 0 alone, 2026-12-07 03:00).
 """
 from __future__ import annotations
 
@@ -51,6 +55,9 @@ def options(ap) -> None:
     ap.add_argument("--orders", type=comma_list("expert", "busiest"), default="expert,busiest",
                     help="expert orders to time (comma list)")
     ap.add_argument("--sq", action="store_true", help="also time each with the sums of squares (the step's launch)")
+    ap.add_argument("--bias", type=comma_list("launch", "tiles"), default="launch",
+                    help="the up bias gradient's forms to time (comma list): its own launch, or one more row of "
+                         "tiles in the weight-gradient grid (wgrad.BIAS_TILES)")
 
 
 def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
@@ -93,8 +100,10 @@ def main():
     rows = []
     for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
         for out_dtype in (getattr(torch, name) for name in a.outs):
-            for order in a.orders:
-                row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order)
+            for order, bias in ((o, f) for o in a.orders for f in a.bias):
+                W.BIAS_TILES = bias == "tiles"
+                row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order,
+                           bias=bias)
                 for name, (aa, bb, gather_a) in cases.items():
                     dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda", dtype=out_dtype)
                     db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None
