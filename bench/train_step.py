@@ -375,7 +375,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
                            saves == "lean")
         tr = make_trainer()
         row["opt_streams"] = 1 + len(tr.fopt.side_streams)  # one where blocks are checkpointed (as the trainer)
-        row["opt_order"] = tr.fopt.order  # which stream takes which optimizer job (FastMuonAdamW.order)
+        row["opt_order"] = tr.fopt.order  # the optimizer's AdamW jobs queued first or last (FastMuonAdamW.order)
         row["gram_kernel"] = tr.fopt.gram_kernel  # FastMuonAdamW.gram_kernel (on unless --opt gram_kernel=False)
         # the experts' step as expert_muon's kernels where they apply (on unless --opt stream_experts=False)
         row["stream_experts"] = any(tr.fopt._streams(p) for p in tr.model.parameters() if p.ndim == 3)
