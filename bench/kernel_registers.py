@@ -151,8 +151,8 @@ MOE_ROWS = {  # name: (A dtype, out dtype, N, K, flags)
 }
 MOE_WGRAD = {  # name: (A dtype, B dtype, A's and B's widths (KA, NB), flags)
     "moe down wgrad (act, gather gy)": ("bf16", "fp32", (128, 1024),
-                                        dict(ACT_A=True, GATHER_B=True, SCALE_B=True, HAS_DB=False)),
-    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=False)),
+                                        dict(ACT_A=True, GATHER_B=True, SCALE_B=True)),
+    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True)),
     # with the bias gradient's row of tiles (wgrad.BIAS_TILES; off: a launch of its own)
     "moe up wgrad (gather x, bias tiles)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=True)),
 }
@@ -169,7 +169,7 @@ def moe_cases():
             bn = n if flags.get("DOWN_BACKWARD") else min(bn, n)
             consts = dict(off, **flags, K=k, E=256, E_P2=256, TOPK=4, FP32=False, BM=bm, BN=bn, BK=bk)
             yield name, f"{bm}x{bn}x{bk}, {w} warps, {st} stages", MF._rows_kernel, sig, consts, w, st
-    off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False)
+    off = dict(GATHER_A=False, ACT_A=False, GATHER_B=False, SCALE_B=False, HAS_DB=False)
     for name, (a_t, b_t, (ka, nb), flags) in MOE_WGRAD.items():
         # (a)'s 4,096 tokens x top-4; bf16 dW (`LOW`: graphed.LOW_GRADS, the default at up to 4 micro-batches);
         # the experts busiest first (`BUSIEST`: kernels.WGRAD_BUSIEST_FIRST, the default)

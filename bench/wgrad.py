@@ -6,8 +6,8 @@ configuration:
 
 Per configuration (`wgrad.WGRAD_CONFIGS`, the autotuner's candidates, and a few others): the up
 gradient (dW [E, 1024, 128] from x [N, 1024] read through the token index and g [N*k, 128], with the
-bias gradient: one more row of tiles per expert in the same launch, `_bias_tile`, since 2026-12-07)
-and the down gradient (dW
+bias gradient: a second launch by default, `_bias_grad_kernel`; `--bias tiles`: one more row of tiles
+per expert in the same grid, `wgrad.BIAS_TILES`) and the down gradient (dW
 [E, 128, 1024] from u [N*k, 128] and g [N, 1024] read through the index), each checked against fp32
 torch of the same bf16 operands (`rel_err`). The floor: a plain fill of the output's 134 MB of fp32
 (`fill_us`). `--tokens 4096` is the (a) step's micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its

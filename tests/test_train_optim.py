@@ -287,6 +287,7 @@ def test_job_orders_give_the_same_step():
     for order in ("adamw_first", "muon_first"):
         model = copy.deepcopy(base)
         opt = build_optimizer(model, OptimConfig(lr=0.02))
+        # "adamw_first" left unnamed: the default itself is what is checked
         fast = FastMuonAdamW(opt, max_grad_norm=1.0, **({"order": order} if order == "muon_first" else {}))
         log = []
         for kind in ("_muon", "_adamw"):  # each job notes its kind when it runs
