@@ -152,8 +152,7 @@ MOE_ROWS = {  # name: (A dtype, out dtype, N, K, flags)
 MOE_WGRAD = {  # name: (A dtype, B dtype, A's and B's widths (KA, NB), flags)
     "moe down wgrad (act, gather gy)": ("bf16", "fp32", (128, 1024),
                                         dict(ACT_A=True, GATHER_B=True, SCALE_B=True)),
-    "moe up wgrad (gather x)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True)),
-    # with the bias gradient's row of tiles (wgrad.BIAS_TILES; off: a launch of its own)
+    # with the bias gradient's row of tiles per expert (`_bias_tile`)
     "moe up wgrad (gather x, bias tiles)": ("bf16", "bf16", (1024, 128), dict(GATHER_A=True, HAS_DB=True)),
 }
 

@@ -442,7 +442,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 
 
 # the options a row names only where a run set them off their defaults (the rows' columns, in order)
-MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "wgrad_bias", "opt",
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "opt",
                   "expert_kernels", "flex_local", "flex_global")
 
 
@@ -492,9 +492,6 @@ def main():
     ap.add_argument("--wgrad-order", default="busiest", choices=["busiest", "expert"],
                     help="the gathered weight-gradient kernel's programs take the experts busiest first "
                          "(kernels.WGRAD_BUSIEST_FIRST, the default) or in id order")
-    ap.add_argument("--wgrad-bias", default="launch", choices=["launch", "tiles"],
-                    help="the experts' up bias gradient as a launch of its own (the default) or as one more row of "
-                         "tiles per expert in the weight-gradient grid (wgrad.BIAS_TILES)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
@@ -532,7 +529,6 @@ def main():
     graphed_module.LOW_GRADS = {"on": True, "off": False, "always": "always"}[a.low_grads]
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
     K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
-    wgrad_module.BIAS_TILES = a.wgrad_bias == "tiles"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

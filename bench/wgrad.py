@@ -6,8 +6,7 @@ configuration:
 
 Per configuration (`wgrad.WGRAD_CONFIGS`, the autotuner's candidates, and a few others): the up
 gradient (dW [E, 1024, 128] from x [N, 1024] read through the token index and g [N*k, 128], with the
-bias gradient: a second launch by default, `_bias_grad_kernel`; `--bias tiles`: one more row of tiles
-per expert in the same grid, `wgrad.BIAS_TILES`) and the down gradient (dW
+bias gradient as one more row of tiles per expert in the same grid) and the down gradient (dW
 [E, 128, 1024] from u [N*k, 128] and g [N, 1024] read through the index), each checked against fp32
 torch of the same bf16 operands (`rel_err`). The floor: a plain fill of the output's 134 MB of fp32
 (`fill_us`). `--tokens 4096` is the (a) step's micro-batch. On 2026-12-04 (docs/performance.md, H200) the kernel's own stores took 55-73 us of its
@@ -16,10 +15,9 @@ output (`out`: the master weights' gradients, or the bf16 ones `graphed.LOW_GRAD
 write) and with the experts in id order or busiest first (`order`, `wgrad.busiest_first`); `--outs
 bfloat16 --orders busiest` keeps the step's defaults only. `--sq`: each also with the tiles' sums of
 squares written, as the train step's launches do (`up_sq_us`, `down_sq_us`; `graphed.GRAD_SQ`).
-`--bias launch,tiles`: the up gradient with its bias gradient as a launch of its own and as one more
-row of tiles in the grid (`wgrad.BIAS_TILES`). Init routing is skewed (`load_imbalance` 11.46 in the
-(a) step): `--skew 1` gives a busiest expert 16.5x the mean at 4,096 tokens, `--skew 0` 1.3x (the
-bias launch of its own was judged at skew 0 alone, 2026-12-07 03:00).
+Init routing is skewed (`load_imbalance` 11.46 in the (a) step): `--skew 1` gives a busiest expert
+16.5x the mean at 4,096 tokens, `--skew 0` 1.3x. (The bias gradient's launch of its own, timed
+against the tiles with `--bias launch,tiles` until 2026-12-07, is gone: bench/RESULTS.md 09:36.)
 """
 from __future__ import annotations
 
@@ -55,9 +53,6 @@ def options(ap) -> None:
     ap.add_argument("--orders", type=comma_list("expert", "busiest"), default="expert,busiest",
                     help="expert orders to time (comma list)")
     ap.add_argument("--sq", action="store_true", help="also time each with the sums of squares (the step's launch)")
-    ap.add_argument("--bias", type=comma_list("launch", "tiles"), default="launch",
-                    help="the up bias gradient's forms to time (comma list): its own launch, or one more row of "
-                         "tiles in the weight-gradient grid (wgrad.BIAS_TILES)")
 
 
 def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
@@ -72,7 +67,7 @@ def reference(a, b, index, offsets, gather_a: bool) -> torch.Tensor:
 
 
 def launch(config, a, b, index, offsets, dw, db, gather_a: bool, busiest=None, sq=None) -> None:
-    """`wgrad.gathered_wgrad`'s launches (one index level; the bias gradient's own into `db` if given)
+    """`wgrad.gathered_wgrad`'s launch (one index level; the bias gradient into `db` if given)
     at one tiling configuration (BM, BN, BK, warps, stages) instead of the autotuner's pick;
     `busiest`: the experts' order (`wgrad.busiest_first`), else id order; `sq`: the sums of squares."""
     from vpmoe.model import wgrad as W
@@ -100,10 +95,8 @@ def main():
     rows = []
     for config in W.WGRAD_CONFIGS + [c for c in EXTRA_CONFIGS if c not in W.WGRAD_CONFIGS]:
         for out_dtype in (getattr(torch, name) for name in a.outs):
-            for order, bias in ((o, f) for o in a.orders for f in a.bias):
-                W.BIAS_TILES = bias == "tiles"
-                row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order,
-                           bias=bias)
+            for order in a.orders:
+                row = dict(config=str(config), listed=config in W.WGRAD_CONFIGS, out=str(out_dtype)[6:], order=order)
                 for name, (aa, bb, gather_a) in cases.items():
                     dw = torch.empty(E, aa.shape[1], bb.shape[1], device="cuda", dtype=out_dtype)
                     db = torch.empty(E, bb.shape[1], device="cuda") if name == "up" else None

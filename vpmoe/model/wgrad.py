@@ -23,13 +23,13 @@ Design choices:
   consecutive, and the experts taken in decreasing row count, so the longest row loops start in the
   first wave rather than the last (longest-processing-time-first; at init the busiest expert has
   ~11x the mean rows). The same programs in another order: the result is bit-identical.
-- The bias gradient db[e] = sum_r B'[r]: a launch of its own (`_bias_grad_kernel`, one program per
-  expert and column tile, since 55b75c6), or with `BIAS_TILES` one more row of tiles per expert in
-  the weight-gradient grid (`_bias_tile`: those programs sum B' alone, no product), taken busiest
-  first with the expert's other tiles. Summed inside every dW program (until 2026-12-07) it cost the
-  up gradient 8-38 us of ~107 at (a)'s shape (all but the first row tile threw the sum away); the
-  launch of its own took 83 us a launch inside the (a) step (H100 profile, 2026-12-07 07:29): at
-  init routing the busiest expert has ~11x the mean rows, and its one program loops over them alone.
+- The bias gradient db[e] = sum_r B'[r]: one more row of tiles per expert in the weight-gradient
+  grid (`_bias_tile`: those programs sum B' alone, no product), taken busiest first with the
+  expert's other tiles. Summed inside every dW program (until 2026-12-07) it cost the up gradient
+  8-38 us of ~107 at (a)'s shape (all but the first row tile threw the sum away); as a launch of its
+  own (55b75c6 to 2026-12-07) it took 83 us a launch inside the (a) step, the busiest expert's one
+  program looping over ~11x the mean rows alone at init routing. As tiles: the (a) step 54.36/54.43
+  ms against 55.97/56.07 with the launch (H100, interleaved, 2026-12-07 09:33).
 - Offsets are int32 (`wgrad_applies` refuses more than 2^31 elements per operand).
 - Tests: tests/test_moe_fused.py (the Triton interpreter against float64, `check_gathered_wgrad`,
   `check_grad_sq`); on the GPU, tests/gpu/test_gpu_moe_fused.py.
@@ -54,12 +54,6 @@ except ImportError:  # CPU-only installs: callers use the grouped GEMMs
 # step's 65k-token micro-batches, not re-timed): the autotuner picks per shape.
 WGRAD_CONFIGS = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 5),
                  (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
-# the bias gradient as one more row of tiles per expert in the weight-gradient grid (`_bias_tile`, taken
-# busiest first with the expert's other tiles) instead of a launch of its own (`_bias_grad_kernel`, one
-# program per expert). Off until measured on a GPU (docs/performance.md, Next item 0): the launch took
-# 83 us inside the (a) step (H100 profile, 2026-12-07 07:29), where the busiest expert's one program
-# loops over ~11x the mean rows alone; bench/train_step.py --wgrad-bias tiles (WGRAD_BIAS=tiles).
-BIAS_TILES = False
 # the granularity of the weight gradient's sums of squares (`sq_shape`): every BM and BN is a multiple
 SQ_TILE = 16
 
@@ -185,17 +179,6 @@ if triton is not None:
         tl.store(db_ptr + e * NB + ns, db, mask=n_ok)
 
     @triton.jit
-    def _bias_grad_kernel(b_ptr, stride_b, order_ptr, scale_ptr, offsets_ptr, db_ptr, NB, TOPK: tl.constexpr,
-                          GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """db[e] = sum over expert e's sorted rows r of B'[r] (B' as `_wgrad_kernel` reads it), fp32;
-        one program per (expert, column tile): the launch of its own (`BIAS_TILES` off)."""
-        e = tl.program_id(0)
-        ns = tl.program_id(1) * BN + tl.arange(0, BN)
-        start, end = _expert_span(offsets_ptr, e)
-        _bias_tile(b_ptr, stride_b, order_ptr, scale_ptr, db_ptr, e, start, end, ns, ns < NB, NB, TOPK, GATHER_B,
-                   SCALE_B, BN, BK)
-
-    @triton.jit
     def _store_sq(sq_ptr, e, tile_m, tile_n, acc, KA, NB, SQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """The tile's sum of squares in the first SQ-square slot it covers, zeros in its others
         (`sq_shape`); masked loads left zeros outside the weight, so acc's squares are the tile's own."""
@@ -254,18 +237,13 @@ def launch(a, b, order, offsets, dw, db, topk: int, fp32: bool, *, gather_a=Fals
     else:
         bm, bn, bk, warps, stages = config
         kernel, meta = _wgrad_kernel, {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
-    has_db = db is not None and BIAS_TILES
+    has_db = db is not None
     kernel[lambda m: (E * (triton.cdiv(KA, m["BM"]) + has_db) * triton.cdiv(NB, m["BN"]),)](
         a, a.stride(0), b, b.stride(0), order, dw if scale is None else scale, offsets,
         offsets if busiest is None else busiest, dw, db if has_db else dw, dw if sq is None else sq, KA, NB,
         M=M, TOPK=topk, BUSIEST=busiest is not None, GATHER_A=gather_a, ACT_A=act, GATHER_B=gather_b,
         SCALE_B=scale is not None, HAS_DB=has_db, HAS_SQ=sq is not None, SQ=SQ_TILE, FP32=fp32,
         LOW=dw.dtype != torch.float32, **meta)
-    if db is not None and not has_db:
-        bn = 16 if interpreting() else min(128, triton.next_power_of_2(NB))
-        _bias_grad_kernel[(E, triton.cdiv(NB, bn))](
-            b, b.stride(0), order, db if scale is None else scale, offsets, db, NB, TOPK=topk, GATHER_B=gather_b,
-            SCALE_B=scale is not None, BN=bn, BK=16 if interpreting() else 64, num_warps=4)
 
 
 def wgrad_applies(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> bool:
