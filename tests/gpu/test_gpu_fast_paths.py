@@ -228,11 +228,16 @@ def test_fast_body_fp32_matches_reference(fused_moe):
         assert rel_err(y, x) < 2e-3, (name, rel_err(y, x))
 
 
-def test_fast_body_bf16_compiled_no_worse_than_reference_bf16():
+@pytest.mark.parametrize("f32_weight_grads", [False, True])
+def test_fast_body_bf16_compiled_no_worse_than_reference_bf16(f32_weight_grads, monkeypatch):
     """bf16: the compiled fast body's error against fp32 is at most ~1.5x the reference's own
     bf16-autocast error (+ a small floor), forward and backward, averaged over three random models
     (one model alone is noisy: a few flipped expert choices move a small gradient such as the
-    sinks' by 2x either way); and it compiles without breaks."""
+    sinks' by 2x either way); and it compiles without breaks. Also with the dense layers' weight
+    gradients in fp32 from the GEMM (`fast.F32_WEIGHT_GRADS`, opt-in until timed)."""
+    from vpmoe.model import fast as FB
+
+    monkeypatch.setattr(FB, "F32_WEIGHT_GRADS", f32_weight_grads)
     cfg = small_cfg()
     torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the process's setting
     errs: dict[str, list] = {}

@@ -15,6 +15,8 @@ Design choices:
 - Compute: GEMMs in bf16 with fp32 accumulation; norms, TPA products, rotary, softmax gates,
   routing, biases and activations in fp32, fused by Inductor around the GEMMs; the residual
   stream stays fp32 like the reference's under autocast.
+  Opt-in `F32_WEIGHT_GRADS`: the dense layers' weight gradients come out of their GEMM in fp32
+  (`_LinearF32Grads`) instead of bf16 widened by a cast kernel (not yet timed on a GPU).
 - Attention projections are one GEMM per layer: local layers concatenate the six TPA factor
   matrices (1064 output columns), global layers wq/wk/wv. On CUDA the local layers' TPA
   contraction, bias, QK-norm and GRAPE rotation are one Triton kernel each way
@@ -78,8 +80,39 @@ def tpa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out / a.shape[-1]
 
 
+# The dense layers' weight gradients straight from their GEMM in fp32 (`_LinearF32Grads`) instead of a
+# bf16 product that a kernel of its own widens to the fp32 master's dtype: the (a) step's generated
+# backward of a local MoE block has five such casts (0.25-1.6M elements, ~2 us each plus a launch).
+# Off until an A/B on a GPU (docs/performance.md, Next; bench/train_step.py --linear-grads f32).
+F32_WEIGHT_GRADS = False
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
+    if F32_WEIGHT_GRADS and w.dtype == torch.float32 and dt in (torch.bfloat16, torch.float16):
+        return _LinearF32Grads.apply(x, w, b, dt)
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
+
+
+class _LinearF32Grads(torch.autograd.Function):
+    """`linear` with the same forward (x, w and b cast to `dt`), w an fp32 master: dW = g^T x with fp32
+    sums and an fp32 result (`kernels.mm_f32`, one GEMM, no rounding to dt), db = the rows of g summed
+    in fp32, dx = g w in dt, returned in x's dtype (what the casts' and F.linear's backward give)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, dt):
+        x_lo, w_lo = x.to(dt), w.to(dt)
+        ctx.save_for_backward(x_lo, w_lo)
+        ctx.x_dtype, ctx.b_dtype = x.dtype, None if b is None else b.dtype
+        return F.linear(x_lo, w_lo, None if b is None else b.to(dt))
+
+    @staticmethod
+    def backward(ctx, g):
+        x_lo, w_lo = ctx.saved_tensors
+        g = g.to(w_lo.dtype)
+        rows = g.reshape(-1, g.shape[-1])
+        g_w = K.mm_f32(rows.t(), x_lo.reshape(-1, x_lo.shape[-1]))
+        g_b = None if ctx.b_dtype is None else rows.sum(0, dtype=torch.float32).to(ctx.b_dtype)
+        return (g @ w_lo).to(ctx.x_dtype), g_w, g_b, None
 
 
 def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False, fused_prologue: bool = False,
