@@ -12,13 +12,17 @@ launched; on the CPU, where ops launch nothing, it counts the aten ops that woul
 innermost aten ops, less views and allocations, with `_grouped_mm` as one (its CPU fallback loops
 over experts). The CPU count is an estimate of the GPU's: composite ops (`rms_norm` among them)
 split into more pieces there. Columns: the total and per layer, then the sources with the most,
-each by the innermost frame under vpmoe/ (file and line of the function).
+each by the innermost frame under vpmoe/ (file and line of the function), or, where the profiler
+keeps no Python frames (torch 2.11 on the GPU), by the innermost module around the op
+(`module_ranges`: "module layers.*.ffn.router", layer indices dropped).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -52,8 +56,9 @@ def _under(e, name: str) -> bool:
 
 def _source(e) -> str:
     """The innermost Python frame under vpmoe/ of an op: from its parents in the profiler's tree (the
-    CPU's torch 2.13), else from its recorded stack (on the GPU's torch 2.11 the tree gave no Python
-    parents: every kernel read "(outside vpmoe)", 2026-12-05)."""
+    CPU's torch 2.13), else from its recorded stack, else the innermost module range around it
+    (`module_ranges`): on the GPU's torch 2.11 the tree had no Python parents and the stacks no
+    vpmoe/ frames (every kernel read "(outside vpmoe)", 2026-12-05 and 2026-12-07)."""
     p = e.cpu_parent
     while p is not None:
         if "vpmoe/" in p.name:
@@ -62,7 +67,46 @@ def _source(e) -> str:
     for frame in e.stack or ():  # innermost first
         if "vpmoe/" in frame:
             return frame.split("vpmoe/")[-1]
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith(MODULE_RANGE):
+            return p.name
+        p = p.cpu_parent
     return "(outside vpmoe)"
+
+
+MODULE_RANGE = "module "  # the profiler ranges `module_ranges` opens
+
+
+@contextlib.contextmanager
+def module_ranges(model: torch.nn.Module):
+    """A profiler range around every submodule's forward, named "module <its name>" with the layer
+    index dropped ("module layers.*.ffn"): user annotations (`record_function`), which the profiler's
+    tree should keep where it keeps no Python frames, so kernels can be charged to the module that
+    launched them (not yet run on the GPU)."""
+    handles, open_ranges = [], []
+
+    def enter(name):
+        label = MODULE_RANGE + name
+
+        def hook(module, args):
+            rf = torch.profiler.record_function(label)
+            rf.__enter__()
+            open_ranges.append(rf)
+        return hook
+
+    def leave(module, args, out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(enter(re.sub(r"\.\d+(?=\.|$)", ".*", name))))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def count(prof, cuda: bool) -> collections.Counter:
@@ -108,7 +152,7 @@ def main():
         model(ids, cache=cache)
         model(ids[:, -1:], cache=cache)  # warm-up: lazy initialisation, first launches
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities, with_stack=True) as prof:
+        with profile(activities=activities, with_stack=True) as prof, module_ranges(model):
             model(ids[:, -1:], cache=cache)
             if cuda:
                 torch.cuda.synchronize()

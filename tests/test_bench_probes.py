@@ -251,3 +251,36 @@ def test_decode_kernel_source_from_parents_else_from_the_recorded_stack():
         "/t/torch/nn/functional.py(10): linear", "/w/vpmoe/model/model.py(311): mlp", "/w/vpmoe/model/model.py(400): forward"])
     assert _source(stacked) == "model/model.py(311): mlp"
     assert _source(SimpleNamespace(cpu_parent=None, stack=[])) == "(outside vpmoe)"
+
+
+def test_decode_kernel_source_from_module_ranges():
+    """Where neither the tree nor the stack has a vpmoe/ frame (the GPU's torch 2.11), an op is charged
+    to the innermost `module_ranges` range around it, layer indices dropped; the hooks go afterwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.decode_kernels import _source, count, module_ranges
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.act = torch.nn.Linear(8, 4), torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.up(x)) * 2  # addmm in "up", relu in "act", the product in the block
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Block(), Block()])
+    x = torch.randn(3, 8)
+    # no Python frames recorded, as on the GPU (a second with_stack profile in one process also read
+    # a garbage event name in torch 2.13's parser: a UnicodeDecodeError, not this code's)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, module_ranges(model):
+        for block in model.layers:
+            x = torch.cat([block(x), block(x)], -1)  # the cat outside every module
+    assert count(prof, cuda=False) == {"module layers.*.up": 4, "module layers.*.act": 4, "module layers.*": 4,
+                                       "(outside vpmoe)": 2}
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    frame = lambda name, parent=None: SimpleNamespace(name=name, cpu_parent=parent)
+    ranged = frame("aten::mm", frame("module layers.*.ffn", frame("module layers.*")))
+    assert _source(SimpleNamespace(cpu_parent=ranged.cpu_parent, stack=[])) == "module layers.*.ffn"
+    framed = frame("module layers.*.ffn", frame("vpmoe/model/model.py(311): mlp"))
+    assert _source(SimpleNamespace(cpu_parent=framed, stack=[])) == "model/model.py(311): mlp"  # frames first
