@@ -81,8 +81,8 @@ def tpa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # The dense layers' weight gradients straight from their GEMM in fp32 (`_LinearF32Grads`) instead of a
-# bf16 product that a kernel of its own widens to the fp32 master's dtype: the (a) step's generated
-# backward of a local MoE block has five such casts (0.25-1.6M elements, ~2 us each plus a launch).
+# bf16 product that a kernel of its own widens to the fp32 master's dtype: in the (a) step's generated
+# backward of an MoE block four such casts (0.52-1.6M elements, ~2 us each plus a launch) are these.
 # Off until an A/B on a GPU (docs/performance.md, Next; bench/train_step.py --linear-grads f32).
 F32_WEIGHT_GRADS = False
 
