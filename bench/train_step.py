@@ -66,7 +66,6 @@ from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model.fast import FastBody, embedding_rows, make_block_fn, update_router_biases  # noqa: E402
-from vpmoe.model import fast as fast_module
 from vpmoe.model import graphed as graphed_module
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model import wgrad as wgrad_module  # noqa: E402
@@ -443,7 +442,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 
 
 # the options a row names only where a run set them off their defaults (the rows' columns, in order)
-MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "linear_grads", "opt",
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "opt",
                   "expert_kernels", "flex_local", "flex_global")
 
 
@@ -493,9 +492,6 @@ def main():
     ap.add_argument("--wgrad-order", default="busiest", choices=["busiest", "expert"],
                     help="the gathered weight-gradient kernel's programs take the experts busiest first "
                          "(kernels.WGRAD_BUSIEST_FIRST, the default) or in id order")
-    ap.add_argument("--linear-grads", default="cast", choices=["cast", "f32"],
-                    help="the dense layers' weight gradients as a bf16 GEMM widened by a cast kernel (the default) "
-                         "or straight from the GEMM in fp32 (fast.F32_WEIGHT_GRADS)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
@@ -533,7 +529,6 @@ def main():
     graphed_module.LOW_GRADS = {"on": True, "off": False, "always": "always"}[a.low_grads]
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
     K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
-    fast_module.F32_WEIGHT_GRADS = a.linear_grads == "f32"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

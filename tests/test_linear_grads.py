@@ -1,5 +1,5 @@
 """The fast body's dense layers with fp32 weight gradients from the GEMM (`fast._LinearF32Grads`,
-under `fast.F32_WEIGHT_GRADS`) against float64 and against the plain cast-then-linear path."""
+under `fast.F32_WEIGHT_GRADS`, the default) against float64 and against the plain cast-then-linear path."""
 import copy
 
 import pytest

@@ -234,7 +234,7 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16(f32_weight_grads, 
     bf16-autocast error (+ a small floor), forward and backward, averaged over three random models
     (one model alone is noisy: a few flipped expert choices move a small gradient such as the
     sinks' by 2x either way); and it compiles without breaks. Also with the dense layers' weight
-    gradients in fp32 from the GEMM (`fast.F32_WEIGHT_GRADS`, opt-in until timed)."""
+    gradients as a bf16 GEMM widened by a cast (`fast.F32_WEIGHT_GRADS` off; on is the default)."""
     from vpmoe.model import fast as FB
 
     monkeypatch.setattr(FB, "F32_WEIGHT_GRADS", f32_weight_grads)
