@@ -149,6 +149,7 @@ def balance_routing(model, batch, iters: int = 40) -> tuple[float, float]:
 
 # FastMuonAdamW keyword arguments from --opt (e.g. ns_pack=4,streams=3), for an A/B against its defaults
 OPT_KWARGS: dict = {}
+ADAMW_MOMENTS = ["float32"]  # optim.adamw_moments_dtype, from --adamw-moments
 
 
 class Trainer:
@@ -161,7 +162,8 @@ class Trainer:
         self.cfg, self.variant = cfg, variant
         with torch.device("cuda"):  # drawn on the GPU: a host-side 6B init cost device time
             self.model = VpMoE(cfg)
-        self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype))
+        self.opt = build_optimizer(self.model, OptimConfig(muon_momentum_dtype=momentum_dtype,
+                                                           adamw_moments_dtype=ADAMW_MOMENTS[0]))
         # the trainer's streams for this checkpointing, unless --opt says otherwise
         self.fopt = FastMuonAdamW(self.opt, max_grad_norm=1.0, ns_chunk=ns_chunk,
                                   **{**streams_for(checkpoint), **OPT_KWARGS})
@@ -442,7 +444,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 
 
 # the options a row names only where a run set them off their defaults (the rows' columns, in order)
-MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "opt",
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "adamw_moments", "opt",
                   "expert_kernels", "flex_local", "flex_global")
 
 
@@ -492,6 +494,8 @@ def main():
     ap.add_argument("--wgrad-order", default="busiest", choices=["busiest", "expert"],
                     help="the gathered weight-gradient kernel's programs take the experts busiest first "
                          "(kernels.WGRAD_BUSIEST_FIRST, the default) or in id order")
+    ap.add_argument("--adamw-moments", default="float32", choices=["float32", "bfloat16"],
+                    help="the embedding's and head's AdamW moments' storage (optim.adamw_moments_dtype)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
@@ -528,6 +532,7 @@ def main():
     graphed_module.EMBED_ROWS = a.embed_rows == "on"
     graphed_module.LOW_GRADS = {"on": True, "off": False, "always": "always"}[a.low_grads]
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
+    ADAMW_MOMENTS[0] = a.adamw_moments
     K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer

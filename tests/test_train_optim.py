@@ -196,9 +196,76 @@ def test_bf16_momentum_is_the_rounded_fp32_recurrence(fast, tmp_path):
             assert b.dtype == torch.bfloat16 and torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_adamw_moments_are_the_rounded_fp32_recurrences(fast, tmp_path):
+    """adamw_moments_dtype = bfloat16: the embedding's and head's AdamW moments (their own group)
+    are stored in bf16 and equal, bit for bit, m = bf16(lerp(m, g, 1 - b1)) and
+    v = bf16(b2 v + (1 - b2) g^2) computed in fp32 from the stored values (an independent loop);
+    every other tensor's state stays fp32 and its step is the fp32 run's; those two tables move as
+    with fp32 moments up to that rounding; a checkpoint round trip keeps the dtype and values, and
+    an fp32-moment checkpoint resumed with bf16 configured stores its moments rounded once."""
+    import copy
+
+    from vpmoe.model.model import VpMoE
+    from vpmoe.train import checkpoint as ckpt
+    from vpmoe.train.optim import ADAMW_ONLY
+    from vpmoe.train.optim_fast import FastMuonAdamW
+
+    torch.manual_seed(0)
+    m16 = VpMoE(TINY)
+    m32 = copy.deepcopy(m16)
+    o16 = build_optimizer(m16, OptimConfig(adamw_moments_dtype="bfloat16"))
+    o32 = build_optimizer(m32, OptimConfig())
+    assert [g["kind"] for g in o16.param_groups] == ["muon", "adamw", "adamw"]
+    assert [n for n, p in m16.named_parameters() if any(p is q for q in o16.param_groups[2]["params"])] == \
+        sorted(ADAMW_ONLY)
+    step16 = FastMuonAdamW(o16).step if fast else o16.step
+    step32 = FastMuonAdamW(o32).step if fast else o32.step
+    m_ref = copy.deepcopy(m32)  # the reference step with bf16 moments, for the fast one
+    o_ref = build_optimizer(m_ref, OptimConfig(adamw_moments_dtype="bfloat16"))
+    mirror = {n: (torch.zeros_like(p, dtype=torch.bfloat16), torch.zeros_like(p, dtype=torch.bfloat16))
+              for n, p in m16.named_parameters() if n in ADAMW_ONLY}
+    w0 = [p.detach().clone() for p in m16.parameters()]
+    for seed in range(3):
+        _random_grads(m16, seed)
+        _random_grads(m32, seed)
+        _random_grads(m_ref, seed)
+        o_ref.step()
+        for name, (m, v) in mirror.items():
+            g = dict(m16.named_parameters())[name].grad
+            mirror[name] = (m.float().lerp(g, 0.1).bfloat16(), v.float().mul(0.95).addcmul(g, g, value=0.05).bfloat16())
+        step16()
+        step32()
+    for (name, p), p32, p0, p_ref in zip(m16.named_parameters(), m32.parameters(), w0, m_ref.parameters()):
+        state = o16.state[p]
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)  # fast == reference (the update unrounded)
+        if name in ADAMW_ONLY:
+            assert (state["exp_avg"].dtype, state["exp_avg_sq"].dtype) == (torch.bfloat16, torch.bfloat16), name
+            assert torch.equal(state["exp_avg"], mirror[name][0]) and torch.equal(state["exp_avg_sq"], mirror[name][1])
+            err = (p - p32).norm() / (p32 - p0).norm()
+            assert 0 < err < 0.02, (name, float(err))  # the same step up to the moments' rounding
+        else:
+            assert all(t.dtype == torch.float32 for k, t in state.items() if k != "step"), name
+            torch.testing.assert_close(p, p32, rtol=1e-6, atol=1e-7)
+    saved = ckpt.save_checkpoint(tmp_path / "a", 3, m16, o16, {"step": 3, "tokens": 0, "elapsed": 0.0}, {}, {}, keep=1)
+    saved32 = ckpt.save_checkpoint(tmp_path / "b", 3, m32, o32, {"step": 3, "tokens": 0, "elapsed": 0.0}, {}, {},
+                                   keep=1)
+    for path, source, settings in ((saved, o16, []), (saved32, o32, ["adamw.state_dtype 'float32' -> 'bfloat16'"])):
+        m_new = VpMoE(TINY)
+        o_new = build_optimizer(m_new, OptimConfig(adamw_moments_dtype="bfloat16"))
+        ckpt.load_checkpoint(path, m_new, o_new)
+        assert o_new.changed_on_load == settings
+        for p, q in zip(source.param_groups[2]["params"], o_new.param_groups[2]["params"]):
+            for key in ("exp_avg", "exp_avg_sq"):
+                a, b = source.state[p][key], o_new.state[q][key]
+                assert b.dtype == torch.bfloat16 and torch.equal(b, a.bfloat16()), key
+
+
 def test_momentum_dtype_refused_with_the_field_named():
     with pytest.raises(ConfigError, match="muon_momentum_dtype: expected one of"):
         OptimConfig(muon_momentum_dtype="fp8").validate()
+    with pytest.raises(ConfigError, match="adamw_moments_dtype: expected one of"):
+        OptimConfig(adamw_moments_dtype="float16").validate()
 
 
 def test_resume_uses_the_configs_optimizer_settings(tmp_path):

@@ -235,6 +235,7 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     assert "ran out of memory after 2 completed steps (2 rows x 192 tokens per micro-batch, 2 micro-batches" in err
     assert "--set data.micro_batch_size=1 --set train.grad_accum=4 (the same 4 rows per step" in err
     assert "train.activation_checkpointing=true" in err and "optim.muon_momentum_dtype=bfloat16" in err
+    assert "optim.adamw_moments_dtype=bfloat16" in err
     assert err.strip().endswith("--resume.") and "Traceback" not in err
     latest = latest_checkpoint(tmp_path / "oom")
     assert latest.name == "step_000002" and verify_checkpoint(latest)["step"] == 2
@@ -242,7 +243,8 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     monkeypatch.setattr(Trainer, "launch_step", real_step)
     # the advice taken: the resumed run uses the new settings (bf16 momentum is what gets written)
     assert main("train", str(cfg), "--resume", "--set", "data.micro_batch_size=1", "--set", "train.grad_accum=4",
-                "--set", "train.activation_checkpointing=true", "--set", 'optim.muon_momentum_dtype="bfloat16"') == 0
+                "--set", "train.activation_checkpointing=true", "--set", 'optim.muon_momentum_dtype="bfloat16"',
+                "--set", 'optim.adamw_moments_dtype="bfloat16"') == 0
     out = capsys.readouterr().out
     assert "optimizer settings changed since the checkpoint: muon.momentum_dtype 'float32' -> 'bfloat16'" in out
     final = latest_checkpoint(tmp_path / "oom")
@@ -252,11 +254,17 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     momentum = {k: m.properties.dtype for k, m in meta.items()
                 if k.startswith("optim.") and k.endswith(".momentum") and hasattr(m, "properties")}
     assert momentum and set(momentum.values()) == {torch.bfloat16}, momentum
+    moments = {k: m.properties.dtype for k, m in meta.items()
+               if k.startswith("optim.") and k.endswith((".exp_avg", ".exp_avg_sq")) and hasattr(m, "properties")}
+    tables = {k: d for k, d in moments.items() if "embed.weight" in k or "lm_head.weight" in k}
+    assert len(tables) == 4 and set(tables.values()) == {torch.bfloat16}, moments
+    assert {d for k, d in moments.items() if k not in tables} == {torch.float32}, moments
 
     run = load_run_config(cfg)
     run = dataclasses.replace(run, data=dataclasses.replace(run.data, micro_batch_size=1),
                               train=dataclasses.replace(run.train, activation_checkpointing=True),
-                              optim=dataclasses.replace(run.optim, muon_momentum_dtype="bfloat16"))
+                              optim=dataclasses.replace(run.optim, muon_momentum_dtype="bfloat16",
+                                                        adamw_moments_dtype="bfloat16"))
     advice = out_of_memory_advice(run, None, 8)
     assert advice.startswith("the GPU ran out of memory while building the model and optimizer (1 rows")
     assert "To fit, try: more GPUs" in advice and "--set" not in advice

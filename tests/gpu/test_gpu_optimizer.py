@@ -388,3 +388,37 @@ def test_adamw_from_rows_compiled_matches_dense():
     for a, b, name in zip(*runs, ("weight", "exp_avg", "exp_avg_sq")):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
     assert not torch.equal(runs[1][0], w0)
+
+
+def test_adamw_bf16_moments_compiled_matches_reference():
+    """`adamw_moments_dtype = bfloat16` on the GPU: the compiled big-tensor update (`_adamw_update`,
+    one fused pass, as the embedding and head take it) against `MuonAdamW`'s eager AdamW with the
+    same stored dtype, over three steps with a clip coefficient: the weights within fp32 rounding,
+    the stored moments bf16 and within one bf16 step of the reference's (a recurrence at a rounding
+    tie may land on either side)."""
+    from vpmoe.train.optim import MuonAdamW
+    from vpmoe.train.optim_fast import ADAMW_ALONE, _adamw_update
+
+    torch.manual_seed(6)
+    V, d = 8192, 1024
+    assert V * d >= ADAMW_ALONE
+    fn = torch.compile(_adamw_update, dynamic=False)
+    w0 = torch.randn(V, d, device=DEV)
+    ref = torch.nn.Parameter(w0.clone())
+    opt = MuonAdamW([{"params": [ref], "kind": "adamw", "lr": 1e-3, "base_lr": 1e-3, "weight_decay": 0.1,
+                      "betas": (0.9, 0.95), "eps": 1e-8, "state_dtype": "bfloat16"}])
+    w, m, v = w0.clone(), torch.zeros(V, d, device=DEV, dtype=torch.bfloat16), torch.zeros(V, d, device=DEV,
+                                                                                          dtype=torch.bfloat16)
+    coef = torch.tensor(0.8, device=DEV)
+    for step in range(1, 4):
+        g = torch.randn(V, d, device=DEV) * 1e-2
+        ref.grad = g * coef
+        opt.step()
+        fn(w, g, m, v, torch.tensor(float(step), device=DEV), torch.tensor(1e-3, device=DEV), coef, 0.9, 0.95, 0.1,
+           1e-8)
+    state = opt.state[ref]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    torch.testing.assert_close(w, ref.detach(), rtol=1e-5, atol=1e-7)
+    for name, a, b in (("exp_avg", state["exp_avg"], m), ("exp_avg_sq", state["exp_avg_sq"], v)):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=1e-12, msg=name)
+    assert not torch.equal(w, w0)

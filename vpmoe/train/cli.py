@@ -90,6 +90,8 @@ def out_of_memory_advice(cfg, step: int | None, world: int) -> str:
                      "with bf16 momentum the 80-layer model peaked at 61.8 GiB at 16 x 2048 tokens per micro-batch)")
     if cfg.optim.muon_momentum_dtype == "float32":
         fixes.append("--set optim.muon_momentum_dtype=bfloat16 (half the Muon state: -11.2 GB for vpMoE)")
+    if cfg.optim.adamw_moments_dtype == "float32":
+        fixes.append("--set optim.adamw_moments_dtype=bfloat16 (the embedding's and head's AdamW moments: -1.6 GB)")
     if rows > 1:
         smaller = rows // 2 if rows % 2 == 0 else 1  # divides rows: the global batch is kept exactly
         fixes.append(f"--set data.micro_batch_size={smaller} --set train.grad_accum={accum * rows // smaller} "

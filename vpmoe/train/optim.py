@@ -20,6 +20,11 @@ Design choices:
   recurrence is computed in fp32 from the stored value and rounded once when stored; the Nesterov
   update uses the unrounded value. Muon orthogonalises the update, so its direction matters, not
   the last bits (NS itself runs in bf16 on CUDA).
+- `adamw_moments_dtype = "bfloat16"` stores the AdamW moments of the input embedding and the output
+  head in bf16 (their own param group: 2 x 206M parameters in vpMoE, all but ~0.1% of the AdamW
+  state; the small tensors keep fp32 moments). Same treatment: each recurrence computed in fp32
+  from the stored value, rounded once when stored, the update from the unrounded values. Bf16
+  moments are what DeepSeek-V3 trains with (its report: no observable degradation); masters stay fp32.
 - FSDP2 / expert parallelism: parameters may be DTensors. All arithmetic runs on local shards;
   optimizer state is created with `zeros_like(param)` so it carries the same placements and DCP
   saves it sharded. A tensor sharded only on dim 0 with 3+ dims (experts under FSDP2 or EP) holds
@@ -44,7 +49,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic iteration tuned for fast conver
 GRAM_RESTART_AT = (2,)
 ADAMW_ONLY = ("embed.weight", "lm_head.weight")
 EXPERT_BIASES = ("b_up", "b_down")  # [E, width]: a vector per expert, not a matrix
-MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # stored optimizer state (fp32 params)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_momentum_dtype: str = "float32"  # float32 | bfloat16 (the stored Muon momentum; see above)
+    adamw_moments_dtype: str = "float32"  # float32 | bfloat16 (the embedding's and head's AdamW moments)
     ns_steps: int = 5
     muon_weight_decay: float = 0.1
     adamw_weight_decay: float = 0.0
@@ -70,9 +76,9 @@ class OptimConfig:
             raise ConfigError(f"betas: expected two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
-        if self.muon_momentum_dtype not in MOMENTUM_DTYPES:
-            raise ConfigError(f"muon_momentum_dtype: expected one of {sorted(MOMENTUM_DTYPES)}, "
-                              f"got {self.muon_momentum_dtype!r}")
+        for name in ("muon_momentum_dtype", "adamw_moments_dtype"):
+            if getattr(self, name) not in STATE_DTYPES:
+                raise ConfigError(f"{name}: expected one of {sorted(STATE_DTYPES)}, got {getattr(self, name)!r}")
         if self.ns_steps < 1:
             raise ConfigError(f"ns_steps: must be >= 1, got {self.ns_steps}")
         if self.grad_clip < 0 or self.muon_weight_decay < 0 or self.adamw_weight_decay < 0:
@@ -156,17 +162,17 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict]):
         defaults = dict(lr=1e-3, base_lr=1e-3, weight_decay=0.0, kind="adamw", betas=(0.9, 0.95), eps=1e-8,
-                        momentum=0.95, nesterov=True, ns_steps=5, momentum_dtype="float32")
+                        momentum=0.95, nesterov=True, ns_steps=5, momentum_dtype="float32", state_dtype="float32")
         super().__init__(param_groups, defaults)
         self.changed_on_load: list[str] = []  # settings the run config changed since the loaded checkpoint
 
     def load_state_dict(self, state_dict: dict) -> None:
         """State tensors come from the checkpoint; settings (lr, decay, betas, momentum, Newton-Schulz
-        steps, the momentum's dtype) stay this optimizer's, i.e. the run config's: torch would
+        steps, the state's dtypes) stay this optimizer's, i.e. the run config's: torch would
         otherwise restore the saved ones and silently ignore a changed config on resume (e.g. bf16
         momentum chosen to fit memory). What changed is kept in `changed_on_load` for the log.
-        The Muon momentum is then stored in the configured dtype (torch loads floating state in the
-        parameter's dtype; bf16 -> fp32 -> bf16 is exact, fp32 -> bf16 rounds once)."""
+        The Muon momentum and AdamW moments are then stored in the configured dtypes (torch loads
+        floating state in the parameter's dtype; bf16 -> fp32 -> bf16 is exact, fp32 -> bf16 rounds once)."""
         mine = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
         self.changed_on_load = []
@@ -175,11 +181,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 if key != "lr" and group.get(key) != value:  # lr: the schedule's current value
                     self.changed_on_load.append(f"{group['kind']}.{key} {group.get(key)!r} -> {value!r}")
                 group[key] = value
-            for p in group["params"] if group["kind"] == "muon" else ():
+            muon = group["kind"] == "muon"
+            dtype = STATE_DTYPES[group.get("momentum_dtype" if muon else "state_dtype", "float32")]
+            for p in group["params"]:
                 state = self.state.get(p, {})
-                dtype = MOMENTUM_DTYPES[group.get("momentum_dtype", "float32")]
-                if "momentum" in state and p.dtype == torch.float32 and state["momentum"].dtype != dtype:
-                    state["momentum"] = state["momentum"].to(dtype)
+                for key in ("momentum",) if muon else ("exp_avg", "exp_avg_sq"):
+                    if key in state and p.dtype == torch.float32 and state[key].dtype != dtype:
+                        state[key] = state[key].to(dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -220,13 +228,19 @@ class MuonAdamW(torch.optim.Optimizer):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"], state["exp_avg_sq"] = new_moments(p, group)
             state["step"] += 1
             t = state["step"].item()
             g, m, v, w = _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(p)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if m.dtype == g.dtype:
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            else:  # narrower stored moments: each recurrence in the gradient's precision, one rounding
+                m_stored, v_stored = m, v
+                m = m_stored.to(g.dtype).lerp_(g, 1 - beta1)
+                v = v_stored.to(g.dtype).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                m_stored.copy_(m)
+                v_stored.copy_(v)
             denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
             if wd:
                 w.mul_(1 - lr * wd)
@@ -235,21 +249,34 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def new_momentum(p: torch.Tensor, group: dict) -> torch.Tensor:
     """Zero Muon momentum for p in the group's stored dtype (same placements as p under FSDP2/EP)."""
-    dtype = MOMENTUM_DTYPES[group.get("momentum_dtype", "float32")]
+    dtype = STATE_DTYPES[group.get("momentum_dtype", "float32")]
     return torch.zeros_like(p, dtype=dtype if p.dtype == torch.float32 else p.dtype)
 
 
+def new_moments(p: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero AdamW moments for p in the group's stored dtype (fp32 params only; same placements as p)."""
+    dtype = STATE_DTYPES[group.get("state_dtype", "float32")]
+    dtype = dtype if p.dtype == torch.float32 else p.dtype
+    return torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
+    """Groups: Muon; AdamW for the small tensors (fp32 moments); AdamW for the embedding and head
+    (`ADAMW_ONLY`, moments in `adamw_moments_dtype`). Empty groups are left out."""
     muon, adamw = split_params(model, cfg.router_muon)
+    tables = [(n, p) for n, p in adamw if n in ADAMW_ONLY]
+    adamw = [(n, p) for n, p in adamw if n not in ADAMW_ONLY]
     groups = []
     if muon:
         groups.append(dict(params=[p for _, p in muon], kind="muon", lr=cfg.lr, base_lr=cfg.lr,
                            weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum,
                            nesterov=cfg.muon_nesterov, ns_steps=cfg.ns_steps,
                            momentum_dtype=cfg.muon_momentum_dtype))
-    if adamw:
-        groups.append(dict(params=[p for _, p in adamw], kind="adamw", lr=cfg.adamw_lr, base_lr=cfg.adamw_lr,
-                           weight_decay=cfg.adamw_weight_decay, betas=tuple(cfg.betas), eps=cfg.eps))
+    for params, state_dtype in ((adamw, "float32"), (tables, cfg.adamw_moments_dtype)):
+        if params:
+            groups.append(dict(params=[p for _, p in params], kind="adamw", lr=cfg.adamw_lr, base_lr=cfg.adamw_lr,
+                               weight_decay=cfg.adamw_weight_decay, betas=tuple(cfg.betas), eps=cfg.eps,
+                               state_dtype=state_dtype))
     return MuonAdamW(groups)
 
 

@@ -59,7 +59,8 @@ Design choices:
   its `grad_scale` and `step` kept as a device tensor; tensors of `ADAMW_ALONE` elements or more
   (the embedding and head) get a compiled update each (`_adamw_update`), which streams at a higher
   bandwidth than the multi-tensor kernel, and so does a tensor with a kept bf16 copy (the head's,
-  `weight_copies`): its pass writes the copy, so the loss's forward does not cast the head.
+  `weight_copies`): its pass writes the copy, so the loss's forward does not cast the head, and so
+  does a tensor with bf16 moments (`adamw_moments_dtype`: the multi-tensor kernel takes one dtype).
 - Row gradients (`step(row_grads=...)`, `FastBody.embedding_row_grads`): after one backward the
   embedding's gradient is non-zero only on the step's tokens' rows, so it can come as those rows
   and a row map instead of a [V, d] tensor; its compiled AdamW gathers them in its one pass
@@ -85,7 +86,7 @@ from torch.distributed.tensor import DTensor
 
 from vpmoe.train import expert_muon, ns_gram, ns_update
 from vpmoe.train.ns_gram import bmm_f32
-from vpmoe.train.optim import GRAM_RESTART_AT, NS_COEFFS, MuonAdamW, muon_scale, new_momentum
+from vpmoe.train.optim import GRAM_RESTART_AT, NS_COEFFS, MuonAdamW, muon_scale, new_moments, new_momentum
 
 
 # AdamW tensors at least this big (the embedding and head) get a compiled update of their own; the
@@ -273,8 +274,15 @@ def _adamw_update(w, g, m, v, t, lr, coef, beta1: float, beta2: float, wd: float
     multi-tensor `_fused_adamw_`, ~2.8 TB/s in the 09:12 profile). `low`: w's kept copy in a
     narrower dtype (`FastBody.use_weight_copies`: the head's), written in the same pass."""
     g = g * coef
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if m.dtype == g.dtype:
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    else:  # bf16 moments (`adamw_moments_dtype`): the recurrences in fp32, stored rounded, used unrounded
+        m_new = m.to(g.dtype).lerp(g, 1 - beta1)
+        v_new = v.to(g.dtype).mul(beta2).addcmul(g, g, value=1 - beta2)
+        m.copy_(m_new)
+        v.copy_(v_new)
+        m, v = m_new, v_new
     denom = (v / (1 - beta2 ** t)).sqrt() + eps
     if wd:
         w.mul_(1 - lr * wd)
@@ -379,8 +387,7 @@ class FastMuonAdamW:
         else:
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"], state["exp_avg_sq"] = new_moments(p, group)
             if state["step"].device != p.device:  # the reference keeps it on the CPU
                 state["step"] = state["step"].to(p.device)
         return state
@@ -558,7 +565,7 @@ class FastMuonAdamW:
                 jobs.append(lambda p=p, s=s, t=t, low=low: self._adamw_rows(
                     p, *rowed[id(p)], s["exp_avg"], s["exp_avg_sq"], t, lr, coef, beta1, beta2,
                     group["weight_decay"], group["eps"], low))
-            elif p.numel() >= ADAMW_ALONE or low is not None:
+            elif p.numel() >= ADAMW_ALONE or low is not None or s["exp_avg"].dtype != p.dtype:
                 jobs.append(lambda p=p, s=s, t=t, low=low: self._adamw_one(
                     p, p.grad, s["exp_avg"], s["exp_avg_sq"], t, lr, coef, beta1, beta2, group["weight_decay"],
                     group["eps"], low))
