@@ -161,8 +161,8 @@ def test_bf16_momentum_is_the_rounded_fp32_recurrence(fast, tmp_path):
     torch.manual_seed(0)
     m16 = VpMoE(TINY)
     m32 = copy.deepcopy(m16)
-    o16 = build_optimizer(m16, OptimConfig(lr=0.02, muon_momentum_dtype="bfloat16"))
-    o32 = build_optimizer(m32, OptimConfig(lr=0.02))
+    o16 = build_optimizer(m16, OptimConfig(lr=0.02, muon_momentum_dtype="bfloat16", adamw_moments_dtype="float32"))
+    o32 = build_optimizer(m32, OptimConfig(lr=0.02, muon_momentum_dtype="float32", adamw_moments_dtype="float32"))
     step16 = FastMuonAdamW(o16).step if fast else o16.step
     step32 = FastMuonAdamW(o32).step if fast else o32.step
     muon_params = {id(p) for p in o16.param_groups[0]["params"]}
@@ -188,7 +188,7 @@ def test_bf16_momentum_is_the_rounded_fp32_recurrence(fast, tmp_path):
             torch.testing.assert_close(p, p32, rtol=1e-6, atol=1e-7)
     saved = ckpt.save_checkpoint(tmp_path, 3, m16, o16, {"step": 3, "tokens": 0, "elapsed": 0.0}, {}, {}, keep=1)
     m_new = VpMoE(TINY)
-    o_new = build_optimizer(m_new, OptimConfig(lr=0.02, muon_momentum_dtype="bfloat16"))
+    o_new = build_optimizer(m_new, OptimConfig(lr=0.02, muon_momentum_dtype="bfloat16", adamw_moments_dtype="float32"))
     ckpt.load_checkpoint(saved, m_new, o_new)
     for (name, p), q in zip(m16.named_parameters(), m_new.parameters()):
         if id(p) in muon_params:
@@ -201,7 +201,7 @@ def test_bf16_adamw_moments_are_the_rounded_fp32_recurrences(fast, tmp_path):
     """adamw_moments_dtype = bfloat16: the embedding's and head's AdamW moments (their own group)
     are stored in bf16 and equal, bit for bit, m = bf16(lerp(m, g, 1 - b1)) and
     v = bf16(b2 v + (1 - b2) g^2) computed in fp32 from the stored values (an independent loop);
-    every other tensor's state stays fp32 and its step is the fp32 run's; those two tables move as
+    every other tensor's state and step are the fp32-moment run's; those two tables move as
     with fp32 moments up to that rounding; a checkpoint round trip keeps the dtype and values, and
     an fp32-moment checkpoint resumed with bf16 configured stores its moments rounded once."""
     import copy
@@ -215,7 +215,7 @@ def test_bf16_adamw_moments_are_the_rounded_fp32_recurrences(fast, tmp_path):
     m16 = VpMoE(TINY)
     m32 = copy.deepcopy(m16)
     o16 = build_optimizer(m16, OptimConfig(adamw_moments_dtype="bfloat16"))
-    o32 = build_optimizer(m32, OptimConfig())
+    o32 = build_optimizer(m32, OptimConfig(adamw_moments_dtype="float32"))
     assert [g["kind"] for g in o16.param_groups] == ["muon", "adamw", "adamw"]
     assert [n for n, p in m16.named_parameters() if any(p is q for q in o16.param_groups[2]["params"])] == \
         sorted(ADAMW_ONLY)
@@ -245,7 +245,7 @@ def test_bf16_adamw_moments_are_the_rounded_fp32_recurrences(fast, tmp_path):
             err = (p - p32).norm() / (p32 - p0).norm()
             assert 0 < err < 0.02, (name, float(err))  # the same step up to the moments' rounding
         else:
-            assert all(t.dtype == torch.float32 for k, t in state.items() if k != "step"), name
+            assert all(t.dtype == o32.state[p32][k].dtype for k, t in state.items()), name  # only the tables differ
             torch.testing.assert_close(p, p32, rtol=1e-6, atol=1e-7)
     saved = ckpt.save_checkpoint(tmp_path / "a", 3, m16, o16, {"step": 3, "tokens": 0, "elapsed": 0.0}, {}, {}, keep=1)
     saved32 = ckpt.save_checkpoint(tmp_path / "b", 3, m32, o32, {"step": 3, "tokens": 0, "elapsed": 0.0}, {}, {},
@@ -279,7 +279,7 @@ def test_resume_uses_the_configs_optimizer_settings(tmp_path):
 
     torch.manual_seed(0)
     model = VpMoE(TINY)
-    opt = build_optimizer(model, OptimConfig(lr=0.02, muon_weight_decay=0.1))
+    opt = build_optimizer(model, OptimConfig(lr=0.02, muon_weight_decay=0.1, muon_momentum_dtype="float32"))
     for seed in range(2):
         _random_grads(model, seed)
         opt.step()
@@ -298,7 +298,7 @@ def test_resume_uses_the_configs_optimizer_settings(tmp_path):
     saved16 = ckpt.save_checkpoint(tmp_path / "b", 2, m16, o16, {"step": 2, "tokens": 0, "elapsed": 0.0}, {}, {},
                                    keep=1)
     m32 = VpMoE(TINY)
-    o32 = build_optimizer(m32, OptimConfig(lr=0.02, muon_weight_decay=0.05))
+    o32 = build_optimizer(m32, OptimConfig(lr=0.02, muon_weight_decay=0.05, muon_momentum_dtype="float32"))
     ckpt.load_checkpoint(saved16, m32, o32)
     assert o32.changed_on_load == ["muon.momentum_dtype 'bfloat16' -> 'float32'"]
     for p, q in zip(o16.param_groups[0]["params"], o32.param_groups[0]["params"]):

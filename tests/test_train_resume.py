@@ -229,7 +229,8 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         return real_step(self, batches)
     monkeypatch.setattr(Trainer, "launch_step", launch_step)
-    code = main("train", str(cfg), "--set", "checkpoint.every=1")
+    code = main("train", str(cfg), "--set", "checkpoint.every=1", "--set", 'optim.muon_momentum_dtype="float32"',
+                "--set", 'optim.adamw_moments_dtype="float32"')
     err = capsys.readouterr().err
     assert code == 4, err
     assert "ran out of memory after 2 completed steps (2 rows x 192 tokens per micro-batch, 2 micro-batches" in err
