@@ -138,21 +138,24 @@ def eager_steps_vs_captured(m1, f1, m2, f2, grads):
     torch.testing.assert_close(torch.stack(norms2), torch.stack(norms1), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("state", ["float32", "bfloat16"])
 @pytest.mark.parametrize("ns_pack,streams,stream_experts", [(1, 1, False), (2, 1, False), (2, 3, False), (2, 3, True)])
-def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, stream_experts, monkeypatch):
+def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, stream_experts, state, monkeypatch):
     """FastMuonAdamW (compiled fused kernels, chunked bf16 Newton-Schulz, Q@X form; with ns_pack 2
     the experts' Gram-side iterations packed two tensors per call; with streams 3 its pieces on
     three CUDA streams; with stream_experts the experts' step as expert_muon's kernels, the
     default) vs clip_grad_norm_ +
     MuonAdamW.step on the GPU, both against the reference step in fp32 on the CPU: the fast
-    update's error is at most ~1.5x the reference GPU step's own bf16 error."""
+    update's error is at most ~1.5x the reference GPU step's own bf16 error. `state`: the Muon momentum's
+    and the embedding's and head's AdamW moments' dtype (bf16, the default, or fp32)."""
     from vpmoe.train import optim_fast
     monkeypatch.setattr(optim_fast, "ADAMW_ALONE", 1 << 20)  # the embedding and head: the compiled AdamW
     cfg = small_cfg(n_layers=3)
     torch.manual_seed(1)
     m_ref = VpMoE(cfg).to(DEV)
     m_fast, m_cpu = copy.deepcopy(m_ref), copy.deepcopy(m_ref).cpu()
-    o_ref, o_fast, o_cpu = (build_optimizer(m, OptimConfig()) for m in (m_ref, m_fast, m_cpu))
+    ocfg = OptimConfig(muon_momentum_dtype=state, adamw_moments_dtype=state)
+    o_ref, o_fast, o_cpu = (build_optimizer(m, ocfg) for m in (m_ref, m_fast, m_cpu))
     # chunks of 16 of the 64 experts; packing takes whole tensors
     fast = FastMuonAdamW(o_fast, max_grad_norm=1.0, ns_chunk=16 if ns_pack == 1 else 64, ns_pack=ns_pack,
                          streams=streams, stream_experts=stream_experts)
@@ -176,8 +179,9 @@ def test_fast_optimizer_no_worse_than_reference_step(ns_pack, streams, stream_ex
         exact = c.to(DEV) - p
         e_ref, e_fast = rel_err(a - p, exact), rel_err(b - p, exact)
         worst.append((e_fast - 1.5 * e_ref, name, e_ref, e_fast))
-        assert e_fast <= 1.5 * e_ref + 1e-3, (name, e_ref, e_fast)
-    print("optimizer: worst (fast - 1.5 ref) margin:", max(worst))
+    print("optimizer: worst (fast - 1.5 ref) margins:", sorted(worst)[-4:])
+    bad = [(name, e_ref, e_fast) for margin, name, e_ref, e_fast in worst if margin > 1e-3]
+    assert not bad, bad
 
 
 def test_fast_optimizer_on_streams_replays_from_a_graph_as_one_stream():
@@ -393,9 +397,9 @@ def test_adamw_from_rows_compiled_matches_dense():
 def test_adamw_bf16_moments_compiled_matches_reference():
     """`adamw_moments_dtype = bfloat16` on the GPU: the compiled big-tensor update (`_adamw_update`,
     one fused pass, as the embedding and head take it) against `MuonAdamW`'s eager AdamW with the
-    same stored dtype, over three steps with a clip coefficient: the weights within fp32 rounding,
-    the stored moments bf16 and within one bf16 step of the reference's (a recurrence at a rounding
-    tie may land on either side)."""
+    same stored dtype, over three steps with a clip coefficient: the stored moments bf16 and within
+    one bf16 step of the reference's (the fused pass's fp32 recurrence can round to the other side
+    of a tie: 6 of 8.4M weights differed on an H200), the weights within what one such step moves."""
     from vpmoe.train.optim import MuonAdamW
     from vpmoe.train.optim_fast import ADAMW_ALONE, _adamw_update
 
@@ -418,7 +422,8 @@ def test_adamw_bf16_moments_compiled_matches_reference():
            1e-8)
     state = opt.state[ref]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
-    torch.testing.assert_close(w, ref.detach(), rtol=1e-5, atol=1e-7)
+    # a moment one bf16 step apart moves that element's update by ~2^-8 of lr: well under lr / 64
+    torch.testing.assert_close(w, ref.detach(), rtol=1e-5, atol=1e-3 / 64)
     for name, a, b in (("exp_avg", state["exp_avg"], m), ("exp_avg_sq", state["exp_avg_sq"], v)):
         torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=1e-12, msg=name)
     assert not torch.equal(w, w0)
