@@ -15,10 +15,13 @@ Design choices:
   with 5 quintic Newton-Schulz iterations, scale by `0.2 * sqrt(max(rows, cols))` so its RMS
   matches AdamW's (Moonlight's rule: one lr works for both kinds), decoupled weight decay.
   Newton-Schulz runs in bf16 on CUDA (as in the public Muon implementations) and fp32 on CPU.
-- Optimizer state in bf16 by default, masters fp32 (why bf16 loses nothing here: every stored state is
-  an exponential average whose per-step change is (1 - beta) = 5-10% of its size, far above bf16's
-  2^-9 relative rounding, so nothing stagnates; a 300-step CPU comparison agreed, docs/LOG.md
-  2026-12-07 12:00-). `"float32"` keeps either in fp32.
+- Why bf16 optimizer state loses nothing here (masters stay fp32): every stored state is an
+  exponential average whose per-step change is (1 - beta) = 5-10% of its size, far above bf16's
+  2^-9 relative rounding, so nothing stagnates; a 300-step CPU comparison agreed (docs/LOG.md,
+  2026-12-07). Both stay opt-in (fp32 by default) while the GPU's whole-step test with bf16 state
+  fails unexplained (docs/training.md), and because bf16 state turns two paths' fp32 rounding
+  differences into whole bf16 steps of a moment, which the path-equivalence tests (1 rank against
+  2, fast against reference) would have to allow for.
 - `muon_momentum_dtype = "bfloat16"` stores the Muon momentum in bf16 (2 bytes per Muon parameter
   instead of 4: -11 GB for vpMoE's 5.6B Muon parameters, and less optimizer memory traffic). The
   recurrence is computed in fp32 from the stored value and rounded once when stored; the Nesterov
@@ -64,8 +67,8 @@ class OptimConfig:
     eps: float = 1e-8
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
-    muon_momentum_dtype: str = "bfloat16"  # bfloat16 | float32 (the stored Muon momentum; see above)
-    adamw_moments_dtype: str = "bfloat16"  # bfloat16 | float32 (the embedding's and head's AdamW moments)
+    muon_momentum_dtype: str = "float32"  # float32 | bfloat16 (the stored Muon momentum; see above)
+    adamw_moments_dtype: str = "float32"  # float32 | bfloat16 (the embedding's and head's AdamW moments)
     ns_steps: int = 5
     muon_weight_decay: float = 0.1
     adamw_weight_decay: float = 0.0
