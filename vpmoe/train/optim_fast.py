@@ -243,20 +243,23 @@ def _muon_post(w, ortho, decay, step, low=None):
 
 
 def _muon_matrices(ps, grads, bufs, coef, mu: float, nesterov: bool, decay, step, steps: int, method: str,
-                   ns_dtype: torch.dtype) -> None:
+                   ns_dtype: torch.dtype) -> list | None:
     """Muon on a list of same-shape 2-D matrices, in place: momentum and Nesterov as multi-tensor
-    ops (as `_muon_pre`: one rounding where the stored momentum is narrower), one batched
-    Newton-Schulz over the stacked updates, then w <- w * decay + step * ortho (decay None: no
-    weight decay). Compiled on CUDA as one graph per shape: eager, these few hundred small tensors
-    cost ~8 pointwise launches per Newton-Schulz iteration plus the stack, casts and updates."""
+    ops, one batched Newton-Schulz over the stacked updates, then w <- w * decay + step * ortho
+    (decay None: no weight decay). Compiled on CUDA as one graph per shape: eager, these few
+    hundred small tensors cost ~8 pointwise launches per Newton-Schulz iteration plus the stack,
+    casts and updates. A narrower stored momentum (bf16) is not written here: the new momentum is
+    returned unrounded and the caller stores it (`_store_momentum`, eager). Written inside the
+    compiled graph (`_foreach_copy_` into the bf16 buffers), Inductor's CUDA combo kernel computed
+    the Nesterov update as g + mu * (mu * m_new + g), the recurrence applied twice (the generated
+    code of 2026-12-07; the GPU's whole-step test failed with it, the CPU's compiled code was right)."""
     scaled = torch._foreach_mul(grads, coef)
     if bufs[0].dtype == scaled[0].dtype:
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, scaled)
-        ms = bufs
+        ms, out = bufs, None
     else:
-        ms = torch._foreach_add(torch._foreach_mul([b.to(s.dtype) for b, s in zip(bufs, scaled)], mu), scaled)
-        torch._foreach_copy_(bufs, ms)
+        ms = out = torch._foreach_add(torch._foreach_mul([b.to(s.dtype) for b, s in zip(bufs, scaled)], mu), scaled)
     upd = torch._foreach_add(scaled, ms, alpha=mu) if nesterov else ms
     ortho = orthogonalise(torch.stack(upd).to(ns_dtype), steps, method)
     # converted and scaled as one stacked tensor; its slices are views, added by one multi-tensor op
@@ -264,6 +267,13 @@ def _muon_matrices(ps, grads, bufs, coef, mu: float, nesterov: bool, decay, step
     if decay is not None:
         torch._foreach_mul_(ps, decay)
     torch._foreach_add_(ps, ortho.unbind(0))
+    return out
+
+
+def _store_momentum(bufs: list, ms: list | None) -> None:
+    """`_muon_matrices`' new momentum into the narrower stored buffers (one rounding), eagerly."""
+    if ms is not None:
+        torch._foreach_copy_(bufs, ms)
 
 
 def _adamw_update(w, g, m, v, t, lr, coef, beta1: float, beta2: float, wd: float, eps: float,
@@ -531,9 +541,9 @@ class FastMuonAdamW:
             step = neg_lr * muon_scale(shape)
             for c0 in range(0, len(ps), max(1, self.ns_chunk)):
                 sl = slice(c0, c0 + max(1, self.ns_chunk))
-                jobs.append(lambda ps=ps[sl], gs=gs[sl], bufs=bufs[sl], step=step: self._matrices(
+                jobs.append(lambda ps=ps[sl], gs=gs[sl], bufs=bufs[sl], step=step: _store_momentum(bufs, self._matrices(
                     ps, gs, bufs, coef, mu, nesterov, decay if wd else None, step, steps,
-                    self.ns_method, self.ns_dtype))
+                    self.ns_method, self.ns_dtype)))
         return jobs
 
     def _streams(self, w: torch.Tensor) -> bool:
