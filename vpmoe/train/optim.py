@@ -188,12 +188,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 if key != "lr" and group.get(key) != value:  # lr: the schedule's current value
                     self.changed_on_load.append(f"{group['kind']}.{key} {group.get(key)!r} -> {value!r}")
                 group[key] = value
-            muon = group["kind"] == "muon"
-            dtype = STATE_DTYPES[group.get("momentum_dtype" if muon else "state_dtype", "float32")]
             for p in group["params"]:
-                state = self.state.get(p, {})
-                for key in ("momentum",) if muon else ("exp_avg", "exp_avg_sq"):
-                    if key in state and p.dtype == torch.float32 and state[key].dtype != dtype:
+                state, dtype = self.state.get(p, {}), stored_dtype(p, group)
+                for key in ("momentum",) if group["kind"] == "muon" else ("exp_avg", "exp_avg_sq"):
+                    if key in state and state[key].dtype != dtype:
                         state[key] = state[key].to(dtype)
 
     @torch.no_grad()
@@ -254,17 +252,21 @@ class MuonAdamW(torch.optim.Optimizer):
             w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
 
 
+def stored_dtype(p: torch.Tensor, group: dict) -> torch.dtype:
+    """The dtype p's optimizer state is stored in: for an fp32 parameter the group's setting (Muon:
+    `momentum_dtype`, AdamW: `state_dtype`), else p's own."""
+    key = "momentum_dtype" if group["kind"] == "muon" else "state_dtype"
+    return STATE_DTYPES[group.get(key, "float32")] if p.dtype == torch.float32 else p.dtype
+
+
 def new_momentum(p: torch.Tensor, group: dict) -> torch.Tensor:
     """Zero Muon momentum for p in the group's stored dtype (same placements as p under FSDP2/EP)."""
-    dtype = STATE_DTYPES[group.get("momentum_dtype", "float32")]
-    return torch.zeros_like(p, dtype=dtype if p.dtype == torch.float32 else p.dtype)
+    return torch.zeros_like(p, dtype=stored_dtype(p, group))
 
 
 def new_moments(p: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero AdamW moments for p in the group's stored dtype (fp32 params only; same placements as p)."""
-    dtype = STATE_DTYPES[group.get("state_dtype", "float32")]
-    dtype = dtype if p.dtype == torch.float32 else p.dtype
-    return torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)
+    """Zero AdamW moments for p in the group's stored dtype (same placements as p)."""
+    return torch.zeros_like(p, dtype=stored_dtype(p, group)), torch.zeros_like(p, dtype=stored_dtype(p, group))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
