@@ -138,13 +138,11 @@ def eager_steps_vs_captured(m1, f1, m2, f2, grads):
     torch.testing.assert_close(torch.stack(norms2), torch.stack(norms1), rtol=1e-6, atol=0)
 
 
-# (Muon momentum, AdamW tables' moments): the defaults (fp32); bf16 table moments; bf16 momentum, which failed on an H200 on
-# 2026-12-07 (layers.0.attn.a_q: 0.107 against the reference's 0.032): the compiled 2-D path's generated code
-# applied the recurrence twice in the update; the bf16 store now happens outside the graph (`_store_momentum`),
-# not yet run on a GPU: xfail until it passes there (test_matrices_bf16_momentum_compiled_matches_eager)
-STATES = [("float32", "float32"), ("float32", "bfloat16"),
-          pytest.param(("bfloat16", "bfloat16"), marks=pytest.mark.xfail(reason="open: bf16 Muon momentum on the GPU's "
-                                                                          "fast path, docs/training.md", strict=False))]
+# (Muon momentum, AdamW tables' moments): fp32; bf16 table moments; bf16 both, the defaults. The last failed on an
+# H200 on 2026-12-07 (layers.0.attn.a_q: 0.107 against the reference's 0.032): the compiled 2-D path's generated
+# code applied the recurrence twice in the update; the bf16 store now happens outside the graph (`_store_momentum`,
+# 51b4210), and all four cases passed on an H100 at 15:04 the same day
+STATES = [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
 
 
 @pytest.mark.parametrize("state", STATES)
@@ -406,9 +404,11 @@ def test_adamw_from_rows_compiled_matches_dense():
 def test_adamw_bf16_moments_compiled_matches_reference():
     """`adamw_moments_dtype = bfloat16` on the GPU: the compiled big-tensor update (`_adamw_update`,
     one fused pass, as the embedding and head take it) against `MuonAdamW`'s eager AdamW with the
-    same stored dtype, over three steps with a clip coefficient: the stored moments bf16 and within
-    one bf16 step of the reference's (the fused pass's fp32 recurrence can round to the other side
-    of a tie: 6 of 8.4M weights differed on an H200), the weights within what one such step moves."""
+    same stored dtype, over three steps with a clip coefficient: the stored moments bf16 and each
+    within a bound carried through the recurrence (the fused pass's fp32 arithmetic can round a
+    moment to the other bf16 neighbour, and a moment one step apart stays apart, times beta, in the
+    next step; where the next step's terms cancel, that is far more than 2^-7 of the new moment: a
+    relative tolerance failed on an H100), the weights within what such a step moves."""
     from vpmoe.train.optim import MuonAdamW
     from vpmoe.train.optim_fast import ADAMW_ALONE, _adamw_update
 
@@ -423,18 +423,34 @@ def test_adamw_bf16_moments_compiled_matches_reference():
     w, m, v = w0.clone(), torch.zeros(V, d, device=DEV, dtype=torch.bfloat16), torch.zeros(V, d, device=DEV,
                                                                                           dtype=torch.bfloat16)
     coef = torch.tensor(0.8, device=DEV)
+    # per element, how far the fused pass's moments may be from the reference's: bound_t = beta bound_(t-1)
+    # (a difference carried) + one bf16 step of the new moment (at most 2^-7 of it: a rounding to the other
+    # neighbour) + a few fp32 ulps of the recurrence's terms (the two passes' fp32 arithmetic in another order).
+    # On the CPU (1024 x 1024) the worst gap is 0.57 of its bound; with beta1 0.895 in the fused pass, 86% of
+    # the elements are past it
+    bounds = {"exp_avg": torch.zeros(V, d, device=DEV), "exp_avg_sq": torch.zeros(V, d, device=DEV)}
     for step in range(1, 4):
         g = torch.randn(V, d, device=DEV) * 1e-2
         ref.grad = g * coef
+        before = {k: t.float().clone() for k, t in opt.state[ref].items() if k in bounds}
         opt.step()
         fn(w, g, m, v, torch.tensor(float(step), device=DEV), torch.tensor(1e-3, device=DEV), coef, 0.9, 0.95, 0.1,
            1e-8)
+        gc = (g * coef).abs()
+        for name, beta, term in (("exp_avg", 0.9, gc), ("exp_avg_sq", 0.95, gc * gc)):
+            new = opt.state[ref][name].float()
+            old = before.get(name, torch.zeros_like(new)).abs()
+            bounds[name] = beta * bounds[name] + 2 ** -7 * new.abs() + 2 ** -20 * (beta * old + (1 - beta) * term)
     state = opt.state[ref]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
     # a moment one bf16 step apart moves that element's update by ~2^-8 of lr: well under lr / 64
     torch.testing.assert_close(w, ref.detach(), rtol=1e-5, atol=1e-3 / 64)
-    for name, a, b in (("exp_avg", state["exp_avg"], m), ("exp_avg_sq", state["exp_avg_sq"], v)):
-        torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=1e-12, msg=name)
+    for name, b in (("exp_avg", m), ("exp_avg_sq", v)):
+        a = state[name].float()
+        gap = (b.float() - a).abs()
+        print(f"{name}: {int((gap > 0).sum())} of {gap.numel()} differ; worst gap / bound "
+              f"{float((gap / bounds[name].clamp_min(1e-30)).max()):.3g}")
+        assert bool((gap <= bounds[name]).all()), f"{name}: {int((gap > bounds[name]).sum())} elements past the bound"
     assert not torch.equal(w, w0)
 
 
