@@ -7,8 +7,8 @@ Usage (a GPU node; the dataset from `vpmoe data build` at the config's seq_len):
   python bench/scaling.py --data DATA --gpus 1,2 --set model.n_layers=20 ...       # any recipe via --set
 On a CPU (gloo, tests/test_scaling_bench.py) the same runs with `--set train.device="cpu"`.
 The 1-GPU point holds the whole model, as do the replicas: on 80 GB GPUs add the one-GPU recipe's
-memory settings (`--set train.activation_checkpointing=true --set optim.muon_momentum_dtype=
-\"bfloat16\"`, configs/stage1.toml's header) to every run, so all points train the same way.
+memory settings (`--set train.activation_checkpointing=true`, configs/stage1.toml's header) to every
+run, so all points train the same way.
 
 Design choices:
 - Each point is the real command, `torchrun --standalone --nproc-per-node N -m vpmoe.cli train CONFIG`

@@ -6,8 +6,8 @@ taken in one run (bench/gpu_run.sh). Cases:
   (c) 80 layers (the full model), 8 x 2048 tokens as 2 micro-batches of 4 x 2048
   (d) 80 layers, the stage-1 global batch: 64 x 2048 tokens per optimizer step, 16 micro-batches
 Options: --ac (activation checkpointing: what lets the 80-layer model train on an 80 GB GPU), --routing,
---momentum-dtype bfloat16 (Muon momentum in bf16), --adamw-moments bfloat16 (the embedding's and head's
-AdamW moments in bf16), --kd K (offline-KD steps).
+--momentum-dtype float32 (Muon momentum in fp32; bf16 is the default), --adamw-moments float32 (the
+embedding's and head's AdamW moments in fp32; bf16 is the default), --kd K (offline-KD steps).
 Variants: `graphed` (vpmoe.model.graphed: per micro-batch one CUDA graph for forward + loss +
 backward, one for the optimizer) and `compiled` (the same compiled blocks launched from Python).
 
@@ -150,14 +150,14 @@ def balance_routing(model, batch, iters: int = 40) -> tuple[float, float]:
 
 # FastMuonAdamW keyword arguments from --opt (e.g. ns_pack=4,streams=3), for an A/B against its defaults
 OPT_KWARGS: dict = {}
-ADAMW_MOMENTS = ["float32"]  # optim.adamw_moments_dtype, from --adamw-moments
+ADAMW_MOMENTS = [OptimConfig.adamw_moments_dtype]  # optim.adamw_moments_dtype, from --adamw-moments
 
 
 class Trainer:
     """Model + optimizer + one step variant."""
 
     def __init__(self, cfg, variant: str, ns_chunk: int, micro: int = 1, loss_chunk: int | None = None,
-                 checkpoint: bool | int = False, momentum_dtype: str = "float32", fused_moe: bool = False,
+                 checkpoint: bool | int = False, momentum_dtype: str = OptimConfig.muon_momentum_dtype, fused_moe: bool = False,
                  lean_saves: bool = False):
         torch.manual_seed(0)
         self.cfg, self.variant = cfg, variant
@@ -359,7 +359,7 @@ def autotuned(which: str) -> dict:
 
 
 def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profile_dir="",
-             loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype="float32",
+             loss_chunk=None, kd_k=0, checkpoint=False, momentum_dtype=OptimConfig.muon_momentum_dtype,
              micro_override=0, moe="grouped", routing="init", saves="default", probe=False,
              probe_rows=False) -> tuple[dict, list]:
     layers, batch_size, seq, micro = CASES[name]
@@ -465,7 +465,7 @@ def main():
     ap.add_argument("--kd", type=int, default=0, help="top-k of an offline KD loss (0: CE), as a KD step")
     ap.add_argument("--ac", nargs="?", type=int, const=-1, default=0,
                     help="activation checkpointing: --ac every block (FastBody recomputes each), --ac N the first N")
-    ap.add_argument("--momentum-dtype", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--momentum-dtype", default=OptimConfig.muon_momentum_dtype, choices=["float32", "bfloat16"],
                     help="Muon momentum storage (optim.muon_momentum_dtype)")
     ap.add_argument("--micro", type=int, default=0,
                     help="micro-batches per step for every case (0: the case's own; with --ac, fewer fit)")
@@ -495,7 +495,7 @@ def main():
     ap.add_argument("--wgrad-order", default="busiest", choices=["busiest", "expert"],
                     help="the gathered weight-gradient kernel's programs take the experts busiest first "
                          "(kernels.WGRAD_BUSIEST_FIRST, the default) or in id order")
-    ap.add_argument("--adamw-moments", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--adamw-moments", default=OptimConfig.adamw_moments_dtype, choices=["float32", "bfloat16"],
                     help="the embedding's and head's AdamW moments' storage (optim.adamw_moments_dtype)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
                     help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "

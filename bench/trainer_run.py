@@ -35,8 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ONE_GPU_RECIPE = ["train.activation_checkpointing=70", "optim.muon_momentum_dtype=\"bfloat16\"",
-                  "data.micro_batch_size=16", "train.grad_accum=4"]
+ONE_GPU_RECIPE = ["train.activation_checkpointing=70", "data.micro_batch_size=16", "train.grad_accum=4"]
 
 
 def run_passthrough(cmd: list[str], prefix: str = "  | ", timeout: float | None = None) -> tuple[int, list[str]]:

@@ -359,7 +359,10 @@ def test_fast_optimizer_matches_reference_step(ns_chunk, ns_method, ns_pack, ada
     cfg = small()
     m1 = randomize(VpMoE(cfg))
     m2 = copy.deepcopy(m1)
-    ocfg = OptimConfig(adamw_weight_decay=0.1 if adamw_alone is not None else 0.0)  # with it: AdamW's decay too
+    # fp32 state: bf16 state would turn the two paths' fp32 rounding differences into whole bf16 steps (the bf16
+    # paths are compared in test_train_optim's rounded-recurrence tests)
+    ocfg = OptimConfig(adamw_weight_decay=0.1 if adamw_alone is not None else 0.0,  # with it: AdamW's decay too
+                       muon_momentum_dtype="float32", adamw_moments_dtype="float32")
     o1, o2 = build_optimizer(m1, ocfg), build_optimizer(m2, ocfg)
     fast = FastMuonAdamW(o2, max_grad_norm=0.2, ns_chunk=ns_chunk, ns_method=ns_method, ns_pack=ns_pack)
     expert_tensors = [p for p in m2.parameters() if p.ndim == 3]

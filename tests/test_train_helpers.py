@@ -203,8 +203,15 @@ def require_shared() -> Path:
                 "(set VPMOE_NO_SHARED=1 to skip them deliberately)")
 
 
-def write_config(path: Path, data: Path, run_dir: Path, steps: int = 4, extra: str = "") -> Path:
-    path.write_text(TEST_MODEL + TEST_RUN.format(data=data, run_dir=run_dir, steps=steps) + extra)
+# the optimizer state stored in fp32 (bf16 is the default): for runs compared with another path at fp32
+# rounding, which bf16 state would turn into whole bf16 steps of a moment
+FP32_STATE = 'muon_momentum_dtype = "float32"\nadamw_moments_dtype = "float32"'
+
+
+def write_config(path: Path, data: Path, run_dir: Path, steps: int = 4, extra: str = "", optim: str = "") -> Path:
+    """A run config over the test model; `optim`: lines added to its [optim] table, `extra`: tables appended."""
+    run = TEST_RUN.format(data=data, run_dir=run_dir, steps=steps).replace("adamw_lr = 0.01\n", f"adamw_lr = 0.01\n{optim}\n")
+    path.write_text(TEST_MODEL + run + extra)
     return path
 
 

@@ -15,13 +15,13 @@ Design choices:
   with 5 quintic Newton-Schulz iterations, scale by `0.2 * sqrt(max(rows, cols))` so its RMS
   matches AdamW's (Moonlight's rule: one lr works for both kinds), decoupled weight decay.
   Newton-Schulz runs in bf16 on CUDA (as in the public Muon implementations) and fp32 on CPU.
-- Why bf16 optimizer state loses nothing here (masters stay fp32): every stored state is an
-  exponential average whose per-step change is (1 - beta) = 5-10% of its size, far above bf16's
-  2^-9 relative rounding, so nothing stagnates; a 300-step CPU comparison agreed (docs/LOG.md,
-  2026-12-07). Both stay opt-in (fp32 by default) while the GPU's whole-step test with bf16 state
-  fails unexplained (docs/training.md), and because bf16 state turns two paths' fp32 rounding
-  differences into whole bf16 steps of a moment, which the path-equivalence tests (1 rank against
-  2, fast against reference) would have to allow for.
+- Optimizer state is stored in bf16 by default (masters stay fp32). Why that loses nothing here:
+  every stored state is an exponential average whose per-step change is (1 - beta) = 5-10% of its
+  size, far above bf16's 2^-9 relative rounding, so nothing stagnates; a 300-step CPU comparison
+  agreed with fp32 state within the seeds' spread (docs/LOG.md, 2026-12-07). What it buys: 4 GiB
+  and 5% of the 20-layer one-GPU step (docs/performance.md), 12.8 GB at 80 layers. `float32` keeps
+  the old storage (the path-equivalence tests use it: bf16 state turns two paths' fp32 rounding
+  differences into whole bf16 steps of a moment).
 - `muon_momentum_dtype = "bfloat16"` stores the Muon momentum in bf16 (2 bytes per Muon parameter
   instead of 4: -11 GB for vpMoE's 5.6B Muon parameters, and less optimizer memory traffic). The
   recurrence is computed in fp32 from the stored value and rounded once when stored; the Nesterov
@@ -31,7 +31,7 @@ Design choices:
   head in bf16 (their own param group: 2 x 206M parameters in vpMoE, all but ~0.1% of the AdamW
   state; the small tensors keep fp32 moments). Same treatment: each recurrence computed in fp32
   from the stored value, rounded once when stored, the update from the unrounded values. Bf16
-  moments are what DeepSeek-V3 trains with (its report: no observable degradation); masters stay fp32.
+  moments are what DeepSeek-V3 trains with (its report: no observable degradation).
 - FSDP2 / expert parallelism: parameters may be DTensors. All arithmetic runs on local shards;
   optimizer state is created with `zeros_like(param)` so it carries the same placements and DCP
   saves it sharded. A tensor sharded only on dim 0 with 3+ dims (experts under FSDP2 or EP) holds
@@ -67,8 +67,8 @@ class OptimConfig:
     eps: float = 1e-8
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
-    muon_momentum_dtype: str = "float32"  # float32 | bfloat16 (the stored Muon momentum; see above)
-    adamw_moments_dtype: str = "float32"  # float32 | bfloat16 (the embedding's and head's AdamW moments)
+    muon_momentum_dtype: str = "bfloat16"  # bfloat16 | float32 (the stored Muon momentum; see above)
+    adamw_moments_dtype: str = "bfloat16"  # bfloat16 | float32 (the embedding's and head's AdamW moments)
     ns_steps: int = 5
     muon_weight_decay: float = 0.1
     adamw_weight_decay: float = 0.0
