@@ -445,7 +445,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 
 
 # the options a row names only where a run set them off their defaults (the rows' columns, in order)
-MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "adamw_moments", "opt",
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "opt",
                   "expert_kernels", "flex_local", "flex_global")
 
 
@@ -564,6 +564,8 @@ def main():
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
             row["bf16_peak_tflops"] = peak
+            # always a column, as muon_momentum is: its default changed (fp32 until 2026-12-07 15:30, bf16 since)
+            row["adamw_moments"] = a.adamw_moments
             for option in MARKED_OPTIONS:  # a column only where the run left the default
                 if getattr(a, option) != ap.get_default(option):
                     row[option] = getattr(a, option)
