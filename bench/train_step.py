@@ -564,7 +564,7 @@ def main():
             if isinstance(p, float) and "tokens_per_s" in row:
                 row["x_peer_grouped_mm"] = row["tokens_per_s"] / p
             row["bf16_peak_tflops"] = peak
-            # always a column, as muon_momentum is: its default changed (fp32 until 2026-12-07 15:30, bf16 since)
+            # always a column, as muon_momentum is: its default changed (fp32 until b30d99e, 2026-12-07, bf16 since)
             row["adamw_moments"] = a.adamw_moments
             for option in MARKED_OPTIONS:  # a column only where the run left the default
                 if getattr(a, option) != ap.get_default(option):
