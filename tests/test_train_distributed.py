@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_helpers import FP32_STATE, metrics, synth_data, train_losses, vpmoe, write_config  # noqa: F401
+from tests.test_train_helpers import (FP32_STATE, metrics, optimizer_state_dtypes, synth_data,  # noqa: F401
+                                     train_losses, vpmoe, write_config)
 
 STEPS = 4
 
@@ -139,13 +140,7 @@ def test_bf16_state_two_ranks_and_resume_track_one_rank(runs):
     differences can round a moment to the other bf16 neighbour, which is a subset of what storing it in
     bf16 at all does; the final weights, tensor by tensor, too (measured: at most 0.02 of the fp32-state
     run's distance)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    final = max((runs["ep16"] / "checkpoints").glob("step_*"))
-    meta = FileSystemReader(str(final)).read_metadata().state_dict_metadata
-    state = {k: m.properties.dtype for k, m in meta.items() if k.startswith("optim.") and hasattr(m, "properties")}
-    momentum = {k: d for k, d in state.items() if k.endswith(".momentum")}
-    tables = {k: d for k, d in state.items() if k.endswith((".exp_avg", ".exp_avg_sq"))
-              and ("embed.weight" in k or "lm_head.weight" in k)}
+    momentum, tables, _ = optimizer_state_dtypes(max((runs["ep16"] / "checkpoints").glob("step_*")))
     assert momentum and set(momentum.values()) == {torch.bfloat16}, momentum
     assert len(tables) == 4 and set(tables.values()) == {torch.bfloat16}, tables
     one16, one32 = train_losses(runs["one16"]), train_losses(runs["one"])

@@ -215,6 +215,18 @@ def write_config(path: Path, data: Path, run_dir: Path, steps: int = 4, extra: s
     return path
 
 
+def optimizer_state_dtypes(checkpoint: Path) -> tuple[dict, dict, dict]:
+    """(Muon momentum, the embedding's and head's AdamW moments, the other AdamW moments): each
+    {checkpoint key: dtype}, read from a DCP checkpoint's metadata (sharded tensors included)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    state = {k: m.properties.dtype for k, m in meta.items() if k.startswith("optim.") and hasattr(m, "properties")}
+    momentum = {k: d for k, d in state.items() if k.endswith(".momentum")}
+    moments = {k: d for k, d in state.items() if k.endswith((".exp_avg", ".exp_avg_sq"))}
+    tables = {k: d for k, d in moments.items() if "embed.weight" in k or "lm_head.weight" in k}
+    return momentum, tables, {k: d for k, d in moments.items() if k not in tables}
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.test_train_helpers import (ROOT, env, metrics, snapshot, synth_data, train_losses, vpmoe,  # noqa: F401
-                                      write_config)
+from tests.test_train_helpers import (ROOT, env, metrics, optimizer_state_dtypes, snapshot, synth_data,  # noqa: F401
+                                      train_losses, vpmoe, write_config)
 
 STEPS = 8
 
@@ -250,16 +250,10 @@ def test_out_of_memory_stops_with_advice_and_resumes(synth_data, tmp_path, capsy
     assert "optimizer settings changed since the checkpoint: muon.momentum_dtype 'float32' -> 'bfloat16'" in out
     final = latest_checkpoint(tmp_path / "oom")
     assert final.name == "step_000004"
-    from torch.distributed.checkpoint import FileSystemReader
-    meta = FileSystemReader(str(final)).read_metadata().state_dict_metadata
-    momentum = {k: m.properties.dtype for k, m in meta.items()
-                if k.startswith("optim.") and k.endswith(".momentum") and hasattr(m, "properties")}
+    momentum, tables, other = optimizer_state_dtypes(final)
     assert momentum and set(momentum.values()) == {torch.bfloat16}, momentum
-    moments = {k: m.properties.dtype for k, m in meta.items()
-               if k.startswith("optim.") and k.endswith((".exp_avg", ".exp_avg_sq")) and hasattr(m, "properties")}
-    tables = {k: d for k, d in moments.items() if "embed.weight" in k or "lm_head.weight" in k}
-    assert len(tables) == 4 and set(tables.values()) == {torch.bfloat16}, moments
-    assert {d for k, d in moments.items() if k not in tables} == {torch.float32}, moments
+    assert len(tables) == 4 and set(tables.values()) == {torch.bfloat16}, tables
+    assert set(other.values()) == {torch.float32}, other
 
     run = load_run_config(cfg)
     run = dataclasses.replace(run, data=dataclasses.replace(run.data, micro_batch_size=1),

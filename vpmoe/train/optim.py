@@ -266,7 +266,8 @@ def new_momentum(p: torch.Tensor, group: dict) -> torch.Tensor:
 
 def new_moments(p: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero AdamW moments for p in the group's stored dtype (same placements as p)."""
-    return torch.zeros_like(p, dtype=stored_dtype(p, group)), torch.zeros_like(p, dtype=stored_dtype(p, group))
+    dtype = stored_dtype(p, group)
+    return torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MuonAdamW:
