@@ -19,9 +19,9 @@ Design choices:
   every stored state is an exponential average whose per-step change is (1 - beta) = 5-10% of its
   size, far above bf16's 2^-9 relative rounding, so nothing stagnates; a 300-step CPU comparison
   agreed with fp32 state within the seeds' spread (docs/LOG.md, 2026-12-07). What it buys: 4 GiB
-  and 5% of the 20-layer one-GPU step (measured, docs/performance.md), 12.8 GB at 80 layers (by count). `float32` keeps
-  the old storage (the path-equivalence tests use it: bf16 state turns two paths' fp32 rounding
-  differences into whole bf16 steps of a moment).
+  and 5% of the 20-layer one-GPU step (measured, docs/performance.md), 12.8 GB at 80 layers (by
+  count). `float32` keeps the old storage (the path-equivalence tests use it: bf16 state turns two
+  paths' fp32 rounding differences into whole bf16 steps of a moment).
 - `muon_momentum_dtype = "bfloat16"` stores the Muon momentum in bf16 (2 bytes per Muon parameter
   instead of 4: -11 GB for vpMoE's 5.6B Muon parameters, and less optimizer memory traffic). The
   recurrence is computed in fp32 from the stored value and rounded once when stored; the Nesterov
