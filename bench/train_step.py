@@ -66,11 +66,12 @@ from vpmoe.kd.fused import fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
+from vpmoe.model import route_fused as RS
 from vpmoe.model.fast import FastBody, embedding_rows, make_block_fn, update_router_biases  # noqa: E402
 from vpmoe.model import graphed as graphed_module
 from vpmoe.model.graphed import GraphedTrainStep  # noqa: E402
 from vpmoe.model import wgrad as wgrad_module  # noqa: E402
-from vpmoe.model.model import VpMoE, positions_from_docs, route_reference, sequence_aux_loss  # noqa: E402
+from vpmoe.model.model import VpMoE, positions_from_docs, route_reference  # noqa: E402
 from vpmoe.model.params import count_params  # noqa: E402
 from vpmoe.train.metrics import measure_matmul_flops  # noqa: E402
 from vpmoe.train.optim import OptimConfig, build_optimizer  # noqa: E402
@@ -266,9 +267,9 @@ def breakdown(tr: Trainer, batch, micro: int = 1) -> dict:
     moe = tr.model.moe_layers()[0]
     flat = torch.randn(N, d, device=dev, requires_grad=True)
 
-    def router(x):  # the fast path's router (bf16x3 logits where available, fusable top-k)
-        idx, w, scores = K.route_fast(x, moe.router.weight, moe.expert_bias, cfg, body.bf16x3)
-        return w, sequence_aux_loss(scores, idx, B, cfg)
+    def router(x):  # the fast path's router (bf16x3 logits where available, its selection and statistics)
+        _, w, aux, _ = RS.route_with_stats(x, moe.router.weight, moe.expert_bias, cfg, B, body.bf16x3)
+        return w, aux
     timed("router", fwd_bwd(torch.compile(router, dynamic=False), [flat], [moe.router.weight]), L)
     # parts of the columns above, for finding where their time goes (not in the share's sums)
     logits = torch.compile(lambda x: K.router_logits(x, moe.router.weight, body.bf16x3), dynamic=False)
@@ -445,7 +446,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 
 
 # the options a row names only where a run set them off their defaults (the rows' columns, in order)
-MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "opt",
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "route_kernel", "opt",
                   "expert_kernels", "flex_local", "flex_global")
 
 
@@ -495,6 +496,9 @@ def main():
     ap.add_argument("--wgrad-order", default="busiest", choices=["busiest", "expert"],
                     help="the gathered weight-gradient kernel's programs take the experts busiest first "
                          "(kernels.WGRAD_BUSIEST_FIRST, the default) or in id order")
+    ap.add_argument("--route-kernel", default="off", choices=["on", "off"],
+                    help="the router's selection, aux loss and load counts by route_fused's Triton kernels "
+                         "(route_fused.ROUTE_KERNEL) or as torch work for Inductor (off, the default)")
     ap.add_argument("--adamw-moments", default=OptimConfig.adamw_moments_dtype, choices=["float32", "bfloat16"],
                     help="the embedding's and head's AdamW moments' storage (optim.adamw_moments_dtype)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
@@ -535,6 +539,7 @@ def main():
     K.TABLES_FROM_RUNS = a.mask_tables == "runs"
     ADAMW_MOMENTS[0] = a.adamw_moments
     K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
+    RS.ROUTE_KERNEL = a.route_kernel == "on"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

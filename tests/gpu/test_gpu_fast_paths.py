@@ -200,6 +200,47 @@ def test_route_fast_cuda_matches_reference():
     torch.testing.assert_close(got[1][same], ref[1][same])
 
 
+def test_route_kernel_cuda_matches_torch_path():
+    """`route_fused.route_with_stats` with the kernels against the same function on the torch path
+    (ROUTE_KERNEL off, eager) at vpMoE's routing (2 rows x 2048 tokens, 256 experts): the same
+    experts except at near-ties (the kernel's sigmoid may round by an ulp), the same loads up to those
+    tokens, weights, aux loss and the gradients of x and the router weight to fp32 rounding, then
+    the kernels compiled inside a graph give the eager kernels' bits."""
+    from vpmoe.model import route_fused as RS
+
+    cfg = small_cfg(n_experts=256)
+    torch.manual_seed(0)
+    x0 = torch.randn(4096, cfg.d_model, device=DEV)
+    w0 = torch.randn(cfg.n_experts, cfg.d_model, device=DEV) * 0.05
+    bias = torch.randn(cfg.n_experts, device=DEV) * 0.01
+    gw = torch.randn(4096, cfg.top_k, device=DEV)
+    runs = []
+    for on in (False, True):
+        RS.ROUTE_KERNEL = on
+        try:
+            x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+            out = RS.route_with_stats(x, w, bias, cfg, 2)
+            ((out[1] * gw).sum() + 100 * out[2]).backward()
+            runs.append((*out, x.grad, w.grad))
+        finally:
+            RS.ROUTE_KERNEL = False
+    (i0, w_0, a0, l0, gx0, gw0), (i1, w_1, a1, l1, gx1, gw1) = runs
+    same = (i0 == i1).all(-1)
+    assert same.float().mean() > 0.998, same.float().mean()
+    assert (l0 - l1).abs().sum() <= 2 * cfg.top_k * (~same).sum()
+    torch.testing.assert_close(w_1[same], w_0[same])
+    torch.testing.assert_close(a1, a0, rtol=1e-5, atol=0)
+    assert rel_err(gx1[same], gx0[same]) < 1e-5, rel_err(gx1[same], gx0[same])  # a token's own routing
+    if same.all():  # the weight's gradient sums every token's
+        assert rel_err(gw1, gw0) < 1e-5, rel_err(gw1, gw0)
+    RS.ROUTE_KERNEL = True
+    try:
+        compiled = torch.compile(lambda a, b: RS.route_with_stats(a, b, bias, cfg, 2), dynamic=False)(x0, w0)
+    finally:
+        RS.ROUTE_KERNEL = False
+    assert torch.equal(compiled[0], i1) and torch.equal(compiled[1], w_1) and torch.equal(compiled[3], l1)
+
+
 def test_routing_sort_cuda_matches_cpu():
     """The narrow-key stable sort on CUDA (uint8 keys, CUB radix sort), eager and compiled, gives
     the CPU's order, experts and group ends at the step's size (65,536 tokens x top-4 of 256)."""

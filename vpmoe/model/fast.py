@@ -58,6 +58,7 @@ from vpmoe.config import checkpointed_blocks
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
 from vpmoe.model import moe_fused as MF
+from vpmoe.model import route_fused as RS
 from vpmoe.model import tpa_fused as TF
 from vpmoe.model import wgrad as W
 
@@ -191,11 +192,7 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         if not is_moe:
             return x + ffn(p, "ffn.", h), v_raw, None, None
         flat = h.view(B * T, d)
-        idx, weight, scores = K.route_fast(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg, bf16x3)
-        aux = M.sequence_aux_loss(scores, idx, B, cfg) if cfg.aux_loss_coef > 0 else scores.new_zeros(())
-        flat_idx = idx.flatten()
-        load = torch.zeros(cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat_idx, torch.ones_like(flat_idx))
+        idx, weight, aux, load = RS.route_with_stats(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg, B, bf16x3)
         w_args = (p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"], p["ffn.b_down"])
         if any(f"{kind}.w_up" in p for kind in ("sq_probe", "low", "grad_to")):  # FastBody's grad_sq,
             routed = K.routed_experts(flat.to(dt), idx, weight, *w_args,  # use_weight_copies, use_low_grads

@@ -174,12 +174,17 @@ def route_fast(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.
                bf16x3: bool = False):
     """`model.route_reference` (same contract and math: fp32 sigmoid scores, bias for selection
     only, group-limited top-k, weights from unbiased scores scaled to route_scale) with the three
-    `torch.topk` calls replaced by fusable work: the group score as the sum of the top
-    `top_k // topk_groups` entries by rounds of max, the kept groups by pairwise rank (a group is
-    kept if fewer than `topk_groups` groups beat it; ties go to the lower index), the experts by
-    rounds of argmax. Selections equal the reference's except on exact ties. `bf16x3`: the logits
-    GEMMs on tensor cores at near-fp32 precision (`router_logits`)."""
-    scores = torch.sigmoid(router_logits(x, router_weight, bf16x3))
+    `torch.topk` calls replaced by fusable work (`select_experts`). `bf16x3`: the logits GEMMs on
+    tensor cores at near-fp32 precision (`router_logits`)."""
+    return select_experts(torch.sigmoid(router_logits(x, router_weight, bf16x3)), expert_bias, cfg)
+
+
+def select_experts(scores: torch.Tensor, expert_bias: torch.Tensor, cfg):
+    """(topk_idx, topk_weight, scores) from the sigmoid scores [N, E]: the group score as the sum of
+    the top `top_k // topk_groups` entries by rounds of max, the kept groups by pairwise rank (a
+    group is kept if fewer than `topk_groups` groups beat it; ties go to the lower index), the
+    experts by rounds of argmax. Selections equal the reference's except on exact ties. The
+    reference of `route_fused`'s kernels too."""
     N, E = scores.shape
     G, per = cfg.n_groups, E // cfg.n_groups
     biased = scores + expert_bias.to(scores.dtype)
@@ -191,7 +196,7 @@ def route_fast(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.
         gidx = _top_by_max(grouped.reshape(N * G, per), m).view(N, G, m)
         group_score = grouped.gather(-1, gidx).sum(-1)
     a, b = group_score.unsqueeze(-1), group_score.unsqueeze(-2)  # [N, G, 1] vs [N, 1, G]
-    lower = torch.arange(G, device=x.device)
+    lower = torch.arange(G, device=scores.device)
     beats = (b > a) | ((b == a) & (lower[None, None, :] < lower[None, :, None]))
     keep = beats.sum(-1) < cfg.topk_groups  # [N, G]
     masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
