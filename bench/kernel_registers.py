@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import report  # noqa: E402
 from vpmoe.kd import row_kernels as RK  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
+from vpmoe.model import route_fused as RS
 from vpmoe.model import tpa_fused as TF  # noqa: E402
 from vpmoe.model import wgrad as W  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
@@ -227,10 +228,25 @@ def expert_muon_cases():
                EM._chain_kernel, chain, dict(STEPS1=2, STEPS2=3, BN=128, F32_DOT=False, SHARED=shared), 8, 3, 0)
 
 
+def route_cases():
+    """The router's selection kernels (`route_fused`) at vpMoE's routing: (a)'s 2 x 2048 tokens, 256
+    experts in 8 groups, top 4 of the 4 best, 16 tokens a program."""
+    common = {"T": ("i32", 2048), "J": ("i32", 128), "scale": "fp32"}
+    fwd = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32", "prob_ptr": "*fp32",
+           "count_ptr": "*i32", **common}
+    bwd = {"logits_ptr": "*fp32", "idx_ptr": "*i64", "gw_ptr": "*fp32", "gprob_ptr": "*fp32", "glogits_ptr": "*fp32",
+           **common}
+    BN = RS._tokens_per_program(256)
+    for w in (4, RS.WARPS):
+        yield ("route select", f"{BN} tokens, {w} warps", RS._select_kernel, fwd, dict(E=256, G=8, KG=4, K=4, BN=BN), w)
+        yield ("route select backward", f"{BN} tokens, {w} warps", RS._select_backward_kernel, bwd,
+               dict(E=256, K=4, BN=BN), w)
+
+
 def all_cases() -> list[tuple]:
     """Every case as (kernel name, configuration label, kernel, signature, constexprs, warps, stages,
     register cap or 0)."""
-    return [(*c, 3, 0) for c in [*prologue_cases(), *row_cases(), *ns_cases()]] + [*expert_muon_cases()] + \
+    return [(*c, 3, 0) for c in [*prologue_cases(), *row_cases(), *ns_cases(), *route_cases()]] + [*expert_muon_cases()] + \
         [(*c, 0) for c in moe_cases()]
 
 

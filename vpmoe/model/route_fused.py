@@ -56,9 +56,12 @@ def applies(logits: torch.Tensor, cfg) -> bool:
             and cfg.top_k // cfg.topk_groups == 1 and cfg.top_k <= E // G * cfg.topk_groups)
 
 
+WARPS = 8  # 16 tokens x 256 experts: 16 fp32 values a thread per [tokens, E] tensor
+
+
 def _tokens_per_program(E: int) -> int:
-    """Tokens per program: 16 x 256 fp32 values are 16 per thread at 8 warps (the interpreter
-    takes the same, so tests cross partial blocks with short rows)."""
+    """Tokens per program (16 at E = 256; the interpreter takes the same, so tests cross partial
+    blocks with short rows)."""
     return max(1, min(16, 4096 // E))
 
 
@@ -165,7 +168,7 @@ def route_select(logits: torch.Tensor, bias: torch.Tensor, T: int, top_k: int, n
     idx, weight, prob_part, count_part = _outputs(logits, T, top_k)
     B, J, BN = _grid(logits, T)
     _select_kernel[(B, J)](logits.contiguous(), bias.float().contiguous(), idx, weight, prob_part, count_part, T, J,
-                           route_scale, E=logits.shape[1], G=n_groups, KG=topk_groups, K=top_k, BN=BN)
+                           route_scale, E=logits.shape[1], G=n_groups, KG=topk_groups, K=top_k, BN=BN, num_warps=WARPS)
     return idx, weight, prob_part, count_part
 
 
@@ -183,7 +186,7 @@ def route_select_backward(logits: torch.Tensor, idx: torch.Tensor, g_weight: tor
     B, J, BN = _grid(logits, T)
     _select_backward_kernel[(B, J)](logits.contiguous(), idx.contiguous(), g_weight.float().contiguous(),
                                     g_prob.float().contiguous(), glogits, T, J, route_scale,
-                                    E=logits.shape[1], K=idx.shape[1], BN=BN)
+                                    E=logits.shape[1], K=idx.shape[1], BN=BN, num_warps=WARPS)
     return glogits
 
 
