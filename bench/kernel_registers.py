@@ -238,9 +238,10 @@ def route_cases():
            **common}
     BN = RS._tokens_per_program(256)
     for w in (4, RS.WARPS):
-        yield ("route select", f"{BN} tokens, {w} warps", RS._select_kernel, fwd, dict(E=256, G=8, KG=4, K=4, BN=BN), w)
+        yield ("route select", f"{BN} tokens, {w} warps", RS._select_kernel, fwd,
+               {"E": 256, "G": 8, "KG": 4, "K": 4, "BN": BN}, w)
         yield ("route select backward", f"{BN} tokens, {w} warps", RS._select_backward_kernel, bwd,
-               dict(E=256, K=4, BN=BN), w)
+               {"E": 256, "K": 4, "BN": BN}, w)
 
 
 def all_cases() -> list[tuple]:
