@@ -496,9 +496,9 @@ def main():
     ap.add_argument("--wgrad-order", default="busiest", choices=["busiest", "expert"],
                     help="the gathered weight-gradient kernel's programs take the experts busiest first "
                          "(kernels.WGRAD_BUSIEST_FIRST, the default) or in id order")
-    ap.add_argument("--route-kernel", default="off", choices=["on", "off"],
+    ap.add_argument("--route-kernel", default="on", choices=["on", "off"],
                     help="the router's selection, aux loss and load counts by route_fused's Triton kernels "
-                         "(route_fused.ROUTE_KERNEL) or as torch work for Inductor (off, the default)")
+                         "(route_fused.ROUTE_KERNEL, the default) or as torch work for Inductor (off)")
     ap.add_argument("--adamw-moments", default=OptimConfig.adamw_moments_dtype, choices=["float32", "bfloat16"],
                     help="the embedding's and head's AdamW moments' storage (optim.adamw_moments_dtype)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],

@@ -97,7 +97,6 @@ def check_route_with_stats_paths_agree() -> None:
         idx, weight, aux, load = RS.route_with_stats(x, w, bias, cfg, B)
         ((weight * gw).sum() + 50 * aux).backward()
         outs.append((idx, weight, aux, load, x.grad, w.grad))
-    RS.ROUTE_KERNEL = False
     (i0, w0_, a0, l0, gx0, gw0), (i1, w1, a1, l1, gx1, gw1) = outs
     assert torch.equal(i0, i1) and torch.equal(l0, l1)
     assert _rel(w1, w0_) < 1e-6 and abs(a1.item() - a0.item()) < 1e-6 * a0.item()
@@ -117,6 +116,7 @@ def check_fast_body_step_with_the_kernels() -> None:
     model = randomize(VpMoE(small(n_layers=3)))
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
     doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 3 + [1] * 17])
+    RS.ROUTE_KERNEL = False
     _, want = fast_body_step(copy.deepcopy(model), ids, doc, fused_prologue=False)
     RS.ROUTE_KERNEL = True
     _, got = fast_body_step(model, ids, doc, fused_prologue=False)

@@ -214,7 +214,7 @@ def test_route_kernel_cuda_matches_torch_path():
     w0 = torch.randn(cfg.n_experts, cfg.d_model, device=DEV) * 0.05
     bias = torch.randn(cfg.n_experts, device=DEV) * 0.01
     gw = torch.randn(4096, cfg.top_k, device=DEV)
-    runs = []
+    runs, default = [], RS.ROUTE_KERNEL
     for on in (False, True):
         RS.ROUTE_KERNEL = on
         try:
@@ -223,7 +223,7 @@ def test_route_kernel_cuda_matches_torch_path():
             ((out[1] * gw).sum() + 100 * out[2]).backward()
             runs.append((*out, x.grad, w.grad))
         finally:
-            RS.ROUTE_KERNEL = False
+            RS.ROUTE_KERNEL = default
     (i0, w_0, a0, l0, gx0, gw0), (i1, w_1, a1, l1, gx1, gw1) = runs
     same = (i0 == i1).all(-1)
     assert same.float().mean() > 0.998, same.float().mean()
@@ -237,7 +237,7 @@ def test_route_kernel_cuda_matches_torch_path():
     try:
         compiled = torch.compile(lambda a, b: RS.route_with_stats(a, b, bias, cfg, 2), dynamic=False)(x0, w0)
     finally:
-        RS.ROUTE_KERNEL = False
+        RS.ROUTE_KERNEL = default
     assert torch.equal(compiled[0], i1) and torch.equal(compiled[1], w_1) and torch.equal(compiled[3], l1)
 
 

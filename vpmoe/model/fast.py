@@ -25,8 +25,9 @@ Design choices:
   work for Inductor to fuse around the GEMMs.
 - Attention: FlexAttention with the sink folded in through the LSE (`kernels.flex_with_sinks`);
   the CPU path (tests) uses the reference attention.
-- MoE: the router (`kernels.route_fast`: the reference's math, fp32 sigmoid, bias, group-limited
-  top-k by fusable rounds of max instead of `torch.topk`) traced into the block, then
+- MoE: the router (`route_fused.route_with_stats`: the reference's math, fp32 logits, sigmoid, bias,
+  group-limited top-k, the aux loss and the load counts; on CUDA one Triton kernel each way after
+  the logits GEMM, elsewhere `kernels.select_experts`' fusable rounds of max for Inductor), then
   `kernels.routed_experts` (device-side sort, grouped GEMMs, gathers only, nothing [N*k, d] kept), or with
   `fused_moe=True` `moe_fused.routed_experts` (Triton grouped GEMMs that gather the token rows,
   scale and scatter the outputs themselves, keeping only the [N*k, 128] expert activations for
