@@ -4,6 +4,7 @@ logits' gradient), on the CPU through the Triton interpreter (each check in a fr
 tests/triton_interpreter.py). The GPU runs them compiled: tests/gpu/test_gpu_fast_paths.py."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tests.triton_interpreter import run_in_interpreter
@@ -109,7 +110,12 @@ def check_fast_body_step_with_the_kernels() -> None:
     best) with `ROUTE_KERNEL` on against off: hidden states, aux loss, loads and every gradient."""
     import copy
 
-    from tests.test_model import assert_same_fast_body_step, fast_body_step, randomize, small
+    from tests.test_model import (
+        assert_same_fast_body_step,
+        fast_body_step,
+        randomize,
+        small,
+    )
     from vpmoe.model import route_fused as RS
     from vpmoe.model.model import VpMoE
 
@@ -125,16 +131,10 @@ def check_fast_body_step_with_the_kernels() -> None:
     print("checked")
 
 
-def test_route_select_against_torch_and_float64():
-    run_in_interpreter("tests.test_route_fused", "check_against_reference", timeout=600)
-
-
-def test_route_with_stats_kernel_and_torch_paths_agree():
-    run_in_interpreter("tests.test_route_fused", "check_route_with_stats_paths_agree", timeout=600)
-
-
-def test_fast_body_step_with_the_kernels_matches_torch_routing():
-    run_in_interpreter("tests.test_route_fused", "check_fast_body_step_with_the_kernels", timeout=600)
+@pytest.mark.parametrize("check", ["check_against_reference", "check_route_with_stats_paths_agree",
+                                   "check_fast_body_step_with_the_kernels"])
+def test_in_triton_interpreter(check):
+    run_in_interpreter("tests.test_route_fused", check, timeout=600)
 
 
 def test_applies_only_to_power_of_two_single_expert_groups(monkeypatch):
