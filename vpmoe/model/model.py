@@ -285,7 +285,13 @@ def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_rows: int,
     counts = torch.zeros(n_rows, E, device=scores.device, dtype=scores.dtype)
     counts.scatter_add_(1, topk_idx.view(n_rows, T * cfg.top_k),
                         torch.ones(n_rows, T * cfg.top_k, device=scores.device, dtype=scores.dtype))
-    f = counts * E / (cfg.top_k * T)
+    return balance_loss(probs, counts, T, cfg)
+
+
+def balance_loss(probs: torch.Tensor, counts: torch.Tensor, T: int, cfg: ModelConfig) -> torch.Tensor:
+    """sum_e f_e P_e averaged over rows, from each row's P [rows, E] and selection counts [rows, E]
+    (f_e = E / (k * T) * counts): `sequence_aux_loss`'s last step, shared with the fused router's."""
+    f = counts.to(probs.dtype) * probs.shape[-1] / (cfg.top_k * T)
     return (f * probs).sum(-1).mean()
 
 

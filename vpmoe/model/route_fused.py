@@ -208,7 +208,8 @@ def _backward(ctx, _g_idx, g_weight, g_prob, _g_count):
     # an output that did not reach the loss (the aux loss off) has no gradient: zeros
     g_weight = torch.zeros(idx.shape, device=logits.device) if g_weight is None else g_weight
     if g_prob is None:
-        g_prob = torch.zeros(_outputs(logits, ctx.T, idx.shape[1])[2].shape, device=logits.device)
+        B, J, _ = _grid(logits, ctx.T)
+        g_prob = torch.zeros(B * J, logits.shape[1], device=logits.device)
     return route_select_backward(logits, idx, g_weight, g_prob, ctx.T, ctx.route_scale), None, None, None, None, None, None
 
 
@@ -225,9 +226,7 @@ def stats_from_parts(prob_part: torch.Tensor, count_part: torch.Tensor, n_rows: 
     load = counts.sum(0)
     if cfg.aux_loss_coef <= 0:
         return prob_part.new_zeros(()), load
-    probs = prob_part.view(n_rows, -1, E).sum(1) / T
-    f = counts.to(probs.dtype) * (E / (cfg.top_k * T))
-    return (f * probs).sum(-1).mean(), load
+    return M.balance_loss(prob_part.view(n_rows, -1, E).sum(1) / T, counts, T, cfg), load
 
 
 # The fast body's routing by these kernels (`route_with_stats`) instead of `kernels.select_experts` +
