@@ -64,6 +64,7 @@ from bench.timing import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.kd.fused import fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
+from vpmoe.model import dense_linear as DL  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import route_fused as RS
@@ -446,8 +447,8 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 
 
 # the options a row names only where a run set them off their defaults (the rows' columns, in order)
-MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "route_kernel", "opt",
-                  "expert_kernels", "flex_local", "flex_global")
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "route_kernel", "dense_copies",
+                  "opt", "expert_kernels", "flex_local", "flex_global")
 
 
 def main():
@@ -499,6 +500,9 @@ def main():
     ap.add_argument("--route-kernel", default="on", choices=["on", "off"],
                     help="the router's selection, aux loss and load counts by route_fused's Triton kernels "
                          "(route_fused.ROUTE_KERNEL, the default) or as torch work for Inductor (off)")
+    ap.add_argument("--dense-copies", default="on", choices=["on", "off"],
+                    help="the dense weights cast once per forward by one multi-tensor copy (dense_linear.DENSE_COPIES, "
+                         "the default) or by each block's compiled forward (off)")
     ap.add_argument("--adamw-moments", default=OptimConfig.adamw_moments_dtype, choices=["float32", "bfloat16"],
                     help="the embedding's and head's AdamW moments' storage (optim.adamw_moments_dtype)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
@@ -540,6 +544,7 @@ def main():
     ADAMW_MOMENTS[0] = a.adamw_moments
     K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
     RS.ROUTE_KERNEL = a.route_kernel == "on"
+    DL.DENSE_COPIES = a.dense_copies == "on"
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

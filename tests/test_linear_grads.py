@@ -1,12 +1,12 @@
-"""The fast body's dense layers with fp32 weight gradients from the GEMM (`fast._LinearF32Grads`,
-under `fast.F32_WEIGHT_GRADS`, the default) against float64 and against the plain cast-then-linear path."""
+"""The fast body's dense layers with fp32 weight gradients from the GEMM (`dense_linear._LinearF32Grads`,
+under `dense_linear.F32_WEIGHT_GRADS`, the default) against float64 and against the plain cast-then-linear path."""
 import copy
 
 import pytest
 import torch
 
 from tests.test_model import randomize, small
-from vpmoe.model import fast as FB
+from vpmoe.model import dense_linear as DL
 from vpmoe.model.model import VpMoE
 
 
@@ -30,7 +30,7 @@ def test_linear_f32_grads_against_float64_and_the_cast_path(x_dtype):
     w, b = torch.randn(40, 48, generator=gen) / 7, torch.randn(40, generator=gen)
     g = torch.randn(3, 37, 40, generator=gen).bfloat16()
     dt = torch.bfloat16
-    y_new, (gx_new, gw_new, gb_new) = _grads(lambda x, w, b: FB._LinearF32Grads.apply(x, w, b, dt), x, w, b, g)
+    y_new, (gx_new, gw_new, gb_new) = _grads(lambda x, w, b: DL._LinearF32Grads.apply(x, w, b, dt), x, w, b, g)
     y_old, (gx_old, gw_old, gb_old) = _grads(
         lambda x, w, b: torch.nn.functional.linear(x.to(dt), w.to(dt), b.to(dt)), x, w, b, g)
     assert y_new.dtype == dt and torch.equal(y_new, y_old)
@@ -43,7 +43,7 @@ def test_linear_f32_grads_against_float64_and_the_cast_path(x_dtype):
     assert rel(gb_old, ref_b) < 1e-2  # the plain path's bias gradient: bf16-rounded sums
     # no bias: the same weight gradient, and no bias gradient asked
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w)]
-    y = FB._LinearF32Grads.apply(leaves[0], leaves[1], None, dt)
+    y = DL._LinearF32Grads.apply(leaves[0], leaves[1], None, dt)
     gx, gw = torch.autograd.grad(y, leaves, g)
     assert torch.equal(gw, gw_new) and torch.equal(gx, gx_new)
 
@@ -57,12 +57,13 @@ def test_fast_body_bf16_with_f32_weight_grads(monkeypatch):
     base = randomize(VpMoE(cfg))
     ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 3 + [1] * 17])
+    monkeypatch.setattr(DL, "DENSE_COPIES", False)  # each block casts (the copies: tests/test_dense_copies.py)
     calls = []
-    apply = FB._LinearF32Grads.apply
-    monkeypatch.setattr(FB._LinearF32Grads, "apply", lambda *a: calls.append(a[1].shape) or apply(*a))
+    apply = DL._LinearF32Grads.apply
+    monkeypatch.setattr(DL._LinearF32Grads, "apply", lambda *a: calls.append(a[1].shape) or apply(*a))
     runs = []
     for flag in (False, True):
-        monkeypatch.setattr(FB, "F32_WEIGHT_GRADS", flag)
+        monkeypatch.setattr(DL, "F32_WEIGHT_GRADS", flag)
         model = copy.deepcopy(base)
         hidden, aux, _ = FastBody(model, compile=False, dtype=torch.bfloat16)(ids, doc)
         g = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2)).to(hidden.dtype)

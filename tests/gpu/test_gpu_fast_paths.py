@@ -275,10 +275,11 @@ def test_fast_body_bf16_compiled_no_worse_than_reference_bf16(f32_weight_grads, 
     bf16-autocast error (+ a small floor), forward and backward, averaged over three random models
     (one model alone is noisy: a few flipped expert choices move a small gradient such as the
     sinks' by 2x either way); and it compiles without breaks. Also with the dense layers' weight
-    gradients as a bf16 GEMM widened by a cast (`fast.F32_WEIGHT_GRADS` off; on is the default)."""
-    from vpmoe.model import fast as FB
+    gradients as a bf16 GEMM widened by a cast and each block casting its own dense weights
+    (`dense_linear.F32_WEIGHT_GRADS` off; on is the default, with `DenseCopies`)."""
+    from vpmoe.model import dense_linear as DL
 
-    monkeypatch.setattr(FB, "F32_WEIGHT_GRADS", f32_weight_grads)
+    monkeypatch.setattr(DL, "F32_WEIGHT_GRADS", f32_weight_grads)
     cfg = small_cfg()
     torch.backends.cuda.matmul.allow_tf32 = False  # conftest restores the process's setting
     errs: dict[str, list] = {}

@@ -15,9 +15,9 @@ Design choices:
 - Compute: GEMMs in bf16 with fp32 accumulation; norms, TPA products, rotary, softmax gates,
   routing, biases and activations in fp32, fused by Inductor around the GEMMs; the residual
   stream stays fp32 like the reference's under autocast.
-  The dense layers' weight gradients come out of their GEMM in fp32 (`_LinearF32Grads`) instead of
-  bf16 widened to the fp32 master's dtype by a cast kernel: no bf16 rounding of dW, and four cast
-  launches fewer per MoE block backward (the (a) step -0.19 ms, H100, 2026-12-07).
+  The dense linears are `dense_linear`'s: their weight gradients come out of their GEMM in fp32
+  (no bf16 rounding of dW, no widening casts), and their weights are cast to bf16 once per
+  forward for every block by one multi-tensor copy (`DenseCopies`) instead of ~7 tiny casts a block.
 - Attention projections are one GEMM per layer: local layers concatenate the six TPA factor
   matrices (1064 output columns), global layers wq/wk/wv. On CUDA the local layers' TPA
   contraction, bias, QK-norm and GRAPE rotation are one Triton kernel each way
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from vpmoe.config import checkpointed_blocks
+from vpmoe.model import dense_linear as DL
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
 from vpmoe.model import moe_fused as MF
@@ -83,42 +84,6 @@ def tpa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out / a.shape[-1]
 
 
-# The dense layers' weight gradients straight from their GEMM in fp32 (`_LinearF32Grads`) instead of a
-# bf16 product that a kernel of its own widens to the fp32 master's dtype: in the (a) step's generated
-# backward of an MoE block four such casts (0.52-1.6M elements, ~2 us each plus a launch) were these.
-# A/B on an H100 (2026-12-07 12:05): (a) 54.98 / 54.85 ms off, 54.74 / 54.71 on. False: the plain
-# cast-then-linear path, kept as the tests' second code path.
-F32_WEIGHT_GRADS = True
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
-    if F32_WEIGHT_GRADS and w.dtype == torch.float32 and dt in (torch.bfloat16, torch.float16):
-        return _LinearF32Grads.apply(x, w, b, dt)
-    return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
-
-
-class _LinearF32Grads(torch.autograd.Function):
-    """`linear` with the same forward (x, w and b cast to `dt`), w an fp32 master: dW = g^T x with fp32
-    sums and an fp32 result (`kernels.mm_f32`, one GEMM, no rounding to dt), db = the rows of g summed
-    in fp32, dx = g w in dt, returned in x's dtype (what the casts' and F.linear's backward give)."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, dt):
-        x_lo, w_lo = x.to(dt), w.to(dt)
-        ctx.save_for_backward(x_lo, w_lo)
-        ctx.x_dtype, ctx.b_dtype = x.dtype, None if b is None else b.dtype
-        return F.linear(x_lo, w_lo, None if b is None else b.to(dt))
-
-    @staticmethod
-    def backward(ctx, g):
-        x_lo, w_lo = ctx.saved_tensors
-        g = g.to(w_lo.dtype)
-        rows = g.reshape(-1, g.shape[-1])
-        g_w = K.mm_f32(rows.t(), x_lo.reshape(-1, x_lo.shape[-1]))
-        g_b = None if ctx.b_dtype is None else rows.sum(0, dtype=torch.float32).to(ctx.b_dtype)
-        return (g @ w_lo).to(ctx.x_dtype), g_w, g_b, None
-
-
 def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = False, fused_prologue: bool = False,
                   fused_moe: bool = False):
     """The whole block as a function of (params dict, x, positions, doc, v_first, mask, slopes) ->
@@ -130,7 +95,10 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
     is_global, is_moe, first = cfg.is_global(layer), cfg.is_moe(layer), layer == 0
     window = None if is_global else cfg.window
     routed_experts = MF.routed_experts if fused_moe else K.routed_experts
-    tpa_names = ("a_q", "b_q", "a_k", "b_k", "a_v", "b_v")  # tpa_fused.column_layout's order
+    groups = DL.dense_groups(cfg, layer)  # the block's dense linears: their weight and bias parts
+
+    def dense(p, x, name):
+        return DL.group_linear(p, x, name, groups[name], dt)
     dims = [H, G, D, Rq, Rkv]
 
     def project(p, h, pos):
@@ -140,12 +108,10 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         B, T, _ = h.shape
         acc = _acc(h)
         if is_global:
-            w = torch.cat([p["attn.wq.weight"], p["attn.wk.weight"], p["attn.wv.weight"]])
-            b = torch.cat([p["attn.wq.bias"], p["attn.wk.bias"], p["attn.wv.bias"]])
-            q, k, v = linear(h, w, b, dt).to(acc).split([H * D, G * D, G * D], dim=-1)
+            q, k, v = dense(p, h, "attn.qkv").to(acc).split([H * D, G * D, G * D], dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
         else:
-            proj = linear(h, torch.cat([p[f"attn.{n}.weight"] for n in tpa_names]), None, dt)
+            proj = dense(p, h, "attn.tpa")
             freq = torch.exp(p["attn.log_freq"].to(acc) / cfg.grape_log_scale)
             angles = pos.to(acc)[:, :, None] * freq  # [B, T, D/2]
             cos, sin = angles.cos(), angles.sin()
@@ -176,11 +142,11 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         else:
             out = M.attention_reference(q, k, v, p["attn.sinks"], pos, pos, doc, doc, window, slopes)
         out = out.transpose(1, 2).reshape(B, T, H * D)
-        return linear(out, p["attn.wo.weight"], p["attn.wo.bias"], dt).to(_acc(h)), v_raw
+        return dense(p, out, "attn.wo").to(_acc(h)), v_raw
 
     def ffn(p, prefix, h):
-        up = linear(h, p[f"{prefix}up.weight"], p[f"{prefix}up.bias"], dt).to(_acc(h))
-        return linear(M.squared_relu(up), p[f"{prefix}down.weight"], p[f"{prefix}down.bias"], dt).to(_acc(h))
+        up = dense(p, h, f"{prefix}up").to(_acc(h))
+        return dense(p, M.squared_relu(up), f"{prefix}down").to(_acc(h))
 
     def block(p, x, pos, doc, v_first, mask, slopes):
         B, T, _ = x.shape
@@ -359,6 +325,9 @@ class FastBody:
                                                 use_compile, compile_backend, _partitioner_options(kind[3]))
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
+        # the dense weights in the GEMM dtype, cast once per forward for every block (DL.DenseCopies)
+        self.dense_copies = (DL.DenseCopies(self.cfg, self.params, self.dtype)
+                             if DL.wants_copies(self.dtype, p0.dtype) else None)
         # grad_sq (set by a caller that steps after one backward, e.g. GraphedTrainStep with one
         # micro-batch): each MoE block of a forward with grad gets fresh probes (`kernels.sq_probe`),
         # whose gradients carry the expert weight gradients' squares, and the forward's tokens are
@@ -526,6 +495,8 @@ class FastBody:
         # the embedding's part of the norm comes from the rows of these tokens (`known_grad_sq`)
         self.sq_tokens = tokens if self.grad_sq and torch.is_grad_enabled() else None
         self.refresh_stale_copies()
+        if self.dense_copies is not None:
+            self.dense_copies.cast()  # the masters may have changed since the last forward
         for i, block in enumerate(model.layers):
             kind = self.kind_of[i]
             mask, slopes = (glob, self.slopes) if kind[0] else (local, None)
@@ -534,6 +505,8 @@ class FastBody:
                 probes = {f"sq_probe.{w}": K.sq_probe(params[f"ffn.{w}"]) for w in ("w_up", "w_down")}
                 self.sq_probes += [(params[f"ffn.{w}"], probes[f"sq_probe.{w}"]) for w in ("w_up", "w_down")]
                 params = {**params, **probes}
+            if self.dense_copies is not None:
+                params = {**params, **self.dense_copies.entries(i)}
             if i in self.copies:
                 params = {**params, **{f"low.{w}": e[1] for w, e in self.copies[i].items()}}
             if i in self.holders:  # (with no grad too: the same compiled graph, no second compile)
