@@ -126,3 +126,20 @@ def test_no_copies_for_fp32_bodies_or_masters():
     expected = sum(p.numel() for i, blk in enumerate(body.params) for ws, bs in DL.dense_groups(model.cfg, i).values()
                    for p in (blk[n] for n in ws + bs)) * 2
     assert body.dense_copies.nbytes() == expected
+
+
+def test_router_copies_for_the_bf16x3_router():
+    """With `router=True` (a body whose router runs bf16x3, on CUDA) every MoE block also keeps its
+    router weight's bf16 cast, refreshed by the same `cast()`; dense blocks have none."""
+    cfg = small(n_layers=3)
+    model = randomize(VpMoE(cfg))
+    body = FastBody(model, compile=False, dtype=torch.bfloat16)
+    copies = DL.DenseCopies(cfg, body.params, torch.bfloat16, router=True)
+    with torch.no_grad():
+        model.layers[1].ffn.router.weight.mul_(1.5)  # a master changed before the cast
+    copies.cast()
+    for i, p in enumerate(body.params):
+        low = copies.entries(i).get("low.ffn.router.weight")
+        assert (low is not None) == cfg.is_moe(i)
+        if low is not None:
+            assert torch.equal(low, p["ffn.router.weight"].bfloat16())

@@ -101,16 +101,17 @@ def test_gather_gemm_and_down_sum_match_indexing_autograd():
         torch.testing.assert_close(got, want)
 
 
-def test_router_logits_near_fp32_forward_bf16_gradients():
+@pytest.mark.parametrize("given_low", [False, True])
+def test_router_logits_near_fp32_forward_bf16_gradients(given_low):
     """`_RouterLogits` (the CPU runs its math with widened operands): the logits within 5e-5 of
     float64 (bf16 alone: ~3e-3); each gradient equal to the float64 product of the bf16-rounded
     operands (so it is one bf16 GEMM with fp32 sums, nothing more lost), hence within bf16 rounding
-    of the exact gradient."""
+    of the exact gradient. The same with w's bf16 cast given (`dense_linear.DenseCopies`' copy)."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(512, 256, generator=g, requires_grad=True)
     w = (torch.randn(64, 256, generator=g) * 0.05).requires_grad_()
     gy = torch.randn(512, 64, generator=g)
-    out = K._RouterLogits.apply(x, w)
+    out = K._RouterLogits.apply(x, w, w.detach().bfloat16() if given_low else None)
     out.backward(gy)
 
     def rel(a, b):

@@ -24,7 +24,7 @@ def check_against_bf16x3_and_float64() -> None:
     big = torch.randn(N, D + 8, generator=g) * torch.logspace(-2, 1, D + 8)
     x = big[:, :D]  # row stride D + 8
     w = torch.randn(E, D, generator=g) * 0.05
-    got = RF.router_logits_fused(x, *RF.split_weight(w))
+    got = RF.router_logits_fused(x, w)
     exact = x.double() @ w.double().t()
     assert _rel(got, K.mm_bf16x3(x, w.t())) < 1e-6, _rel(got, K.mm_bf16x3(x, w.t()))
     assert _rel(got, exact) < 5e-5, _rel(got, exact)
@@ -32,13 +32,13 @@ def check_against_bf16x3_and_float64() -> None:
     # NaN propagates (CUDA's NaN 0x7FFFFFFF would round to -0.0 through the integer rounding unguarded)
     x_nan = x.clone()
     x_nan[3, 5] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
-    got_nan = RF.router_logits_fused(x_nan, *RF.split_weight(w))
+    got_nan = RF.router_logits_fused(x_nan, w)
     assert got_nan[3].isnan().all() and torch.equal(got_nan[torch.arange(N) != 3], got[torch.arange(N) != 3])
 
     xs = x.clone().requires_grad_(True)
     ws = w.clone().requires_grad_(True)
     gy = torch.randn(N, E, generator=g)
-    out = K._RouterLogits.apply(xs, ws)
+    out = K._RouterLogits.apply(xs, ws, None)
     out.backward(gy)
     bf = lambda t: t.bfloat16().double()  # noqa: E731
     assert torch.equal(out, got)

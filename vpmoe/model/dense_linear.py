@@ -132,9 +132,11 @@ class _LinearParts(torch.autograd.Function):
 class DenseCopies:
     """Every block's dense weights and biases in the GEMM dtype (module docstring): `cast()` refreshes
     them all from the masters (one multi-tensor copy; call it before each forward), `entries(i)` is
-    block i's {`low.<linear>.weight` / `.bias`: copy} for its parameter dict (`group_linear`)."""
+    block i's {`low.<linear>.weight` / `.bias`: copy} for its parameter dict (`group_linear`).
+    `router`: the MoE blocks' router weights too (`low.ffn.router.weight`), for the bf16x3 router's
+    backward (`kernels._RouterLogits`)."""
 
-    def __init__(self, cfg, block_params: list[dict], dtype: torch.dtype):
+    def __init__(self, cfg, block_params: list[dict], dtype: torch.dtype, router: bool = False):
         self.blocks: list[dict[str, torch.Tensor]] = []
         self.dst: list[torch.Tensor] = []
         self.src: list[torch.Tensor] = []
@@ -150,6 +152,11 @@ class DenseCopies:
                     self.dst += list(buf.split([m.shape[0] for m in masters]))
                     self.src += masters
                     entries[f"low.{name}.{kind}"] = buf
+            if router and cfg.is_moe(i):  # the bf16x3 router's backward GEMM takes w in bf16 (kernels._RouterLogits)
+                w = p["ffn.router.weight"]
+                entries["low.ffn.router.weight"] = torch.empty_like(w, dtype=dtype)
+                self.dst.append(entries["low.ffn.router.weight"])
+                self.src.append(w)
             self.blocks.append(entries)
 
     def cast(self) -> None:

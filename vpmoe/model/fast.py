@@ -159,7 +159,8 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
         if not is_moe:
             return x + ffn(p, "ffn.", h), v_raw, None, None
         flat = h.view(B * T, d)
-        idx, weight, aux, load = RS.route_with_stats(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg, B, bf16x3)
+        idx, weight, aux, load = RS.route_with_stats(flat, p["ffn.router.weight"], p["ffn.expert_bias"], cfg, B, bf16x3,
+                                                     p.get("low.ffn.router.weight"))
         w_args = (p["ffn.w_up"], p["ffn.b_up"], p["ffn.w_down"], p["ffn.b_down"])
         if any(f"{kind}.w_up" in p for kind in ("sq_probe", "low", "grad_to")):  # FastBody's grad_sq,
             routed = K.routed_experts(flat.to(dt), idx, weight, *w_args,  # use_weight_copies, use_low_grads
@@ -326,7 +327,7 @@ class FastBody:
             self.kind_of.append(kind)
         self.params = [self._block_params(b) for b in model.layers]
         # the dense weights in the GEMM dtype, cast once per forward for every block (DL.DenseCopies)
-        self.dense_copies = (DL.DenseCopies(self.cfg, self.params, self.dtype)
+        self.dense_copies = (DL.DenseCopies(self.cfg, self.params, self.dtype, router=self.bf16x3)
                              if DL.wants_copies(self.dtype, p0.dtype) else None)
         # grad_sq (set by a caller that steps after one backward, e.g. GraphedTrainStep with one
         # micro-batch): each MoE block of a forward with grad gets fresh probes (`kernels.sq_probe`),

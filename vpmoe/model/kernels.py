@@ -130,18 +130,19 @@ class _RouterLogits(torch.autograd.Function):
     tokens)."""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, w_low):
         xh = x.to(torch.bfloat16)  # the experts' input too: one tensor kept for both
-        ctx.save_for_backward(xh, w.to(torch.bfloat16))
-        if RF.available(x.device) and x.stride(-1) == 1:  # split in registers: x read once
-            return RF.router_logits_fused(x, *RF.split_weight(w))
+        # w_low: w's bf16 cast made before the blocks (`dense_linear.DenseCopies`), else cast here
+        ctx.save_for_backward(xh, w.to(torch.bfloat16) if w_low is None else w_low)
+        if RF.available(x.device) and x.stride(-1) == 1 and w.stride(-1) == 1:  # x and w split in registers
+            return RF.router_logits_fused(x, w)
         return mm_bf16x3(x, w.t())
 
     @staticmethod
     def backward(ctx, g):
         xh, wh = ctx.saved_tensors
         gh = g.to(torch.bfloat16)
-        return mm_f32(gh, wh), mm_f32(gh.t(), xh)
+        return mm_f32(gh, wh), mm_f32(gh.t(), xh), None
 
 
 _BF16X3_OK: bool | None = None
@@ -161,12 +162,13 @@ def bf16x3_available(device: torch.device) -> bool:
     return _BF16X3_OK
 
 
-def router_logits(x: torch.Tensor, w: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
+def router_logits(x: torch.Tensor, w: torch.Tensor, bf16x3: bool = False,
+                  w_low: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 router logits x @ w^T (autocast off): plain fp32, or on CUDA where asked the
-    bf16x3 forward with bf16 gradients (`_RouterLogits`)."""
+    bf16x3 forward with bf16 gradients (`_RouterLogits`; `w_low`: w already cast to bf16)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         if bf16x3 and x.is_cuda and x.dtype == torch.float32:
-            return _RouterLogits.apply(x, w.float())
+            return _RouterLogits.apply(x, w.float(), w_low)
         return M.wide(x) @ M.wide(w).t()
 
 

@@ -236,12 +236,13 @@ ROUTE_KERNEL = True
 
 
 def route_with_stats(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, cfg, n_rows: int,
-                     bf16x3: bool = False):
+                     bf16x3: bool = False, router_low: torch.Tensor | None = None):
     """(topk_idx [N, k], topk_weight [N, k], aux loss, load [E] int64) for x [n_rows * T, d]: the
     routing of `kernels.route_fast`, `model.sequence_aux_loss` over the n_rows batch rows (zero
     when `aux_loss_coef` is 0) and the selections per expert; with `ROUTE_KERNEL` where the kernels
-    apply, all of it from the same logits by `route_select`."""
-    logits = K.router_logits(x, router_weight, bf16x3)
+    apply, all of it from the same logits by `route_select`. `router_low`: the router weight's bf16
+    cast made before the blocks (`dense_linear.DenseCopies`), for the logits' backward."""
+    logits = K.router_logits(x, router_weight, bf16x3, router_low)
     T = x.shape[0] // n_rows
     if ROUTE_KERNEL and applies(logits, cfg):
         idx, weight, prob_part, count_part = route_select(logits, expert_bias, T, cfg.top_k, cfg.n_groups,

@@ -13,8 +13,10 @@ together with the router's bf16 gradients: the router component at 20 layers x 1
 Design choices:
 - Forward only. The gradients are single bf16 GEMMs (`kernels._RouterLogits`), which cuBLAS runs
   well; only the forward's precision needed the split.
-- w's split (wh, wl: [d, E] bf16 each, 1 MiB at vpMoE's dims) is made by torch once per call; x's
-  is made per tile. All loads are masked, so any N, d and E work (tests cross every tile edge).
+- w is split per tile too (since 2026-12-07; before, torch split it into two [d, E] bf16 tensors
+  each call: a kernel of its own, and a cast of w for backward beside it): the kernel reads the
+  fp32 master [E, d] as it is (4 B per value, the two halves' bytes). All loads are masked, so any
+  N, d and E work (tests cross every tile edge).
 - `router_logits_fused` is a `torch.library.custom_op`: opaque to torch.compile, capturable in CUDA
   graphs (fixed grid for fixed shapes), autotuned per (d, E, power-of-two bucket of the token count)
   at a bucket's first call, on that call's own tensors (no buffers of the tuner's; a training step's
@@ -58,7 +60,7 @@ if triton is not None:
         return tl.where(v != v, v, b.to(tl.float32, bitcast=True))
 
     @triton.jit
-    def _logits_kernel(x_ptr, wh_ptr, wl_ptr, out_ptr, N, D, E, stride_x, N_BUCKET,
+    def _logits_kernel(x_ptr, w_ptr, out_ptr, N, D, E, stride_x, stride_w, N_BUCKET,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32_DOT: tl.constexpr):
         """N_BUCKET (`rows_bucket(N)`) is read only by the autotuner: part of its key."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -66,22 +68,22 @@ if triton is not None:
         ks = tl.arange(0, BK)
         row_ok, col_ok = rows < N, cols < E
         x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+        w_col = w_ptr + cols.to(tl.int64)[None, :] * stride_w  # w is [E, d]: the tile is w^T's
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, D, BK):
             k_ok = (k0 + ks) < D
             x = tl.load(x_row + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             xh = _round_bf16(x)
             xl = _round_bf16(x - xh)
-            w_off = (k0 + ks)[:, None] * E + cols[None, :]
-            w_ok = k_ok[:, None] & col_ok[None, :]
-            wh = tl.load(wh_ptr + w_off, mask=w_ok, other=0.0)
-            wl = tl.load(wl_ptr + w_off, mask=w_ok, other=0.0)
+            w = tl.load(w_col + (k0 + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            wh = _round_bf16(w)
+            wl = _round_bf16(w - wh)
             if F32_DOT:  # the interpreter: the same exact products of bf16 values, fp32 sums
-                wh, wl = wh.to(tl.float32), wl.to(tl.float32)
                 acc = tl.dot(xh, wh, acc, input_precision="ieee")
                 acc = tl.dot(xh, wl, acc, input_precision="ieee")
                 acc = tl.dot(xl, wh, acc, input_precision="ieee")
             else:  # bf16 MMAs (xh, xl hold bf16 values exactly: the casts are exact)
+                wh, wl = wh.to(tl.bfloat16), wl.to(tl.bfloat16)
                 acc = tl.dot(xh.to(tl.bfloat16), wh, acc)
                 acc = tl.dot(xh.to(tl.bfloat16), wl, acc)
                 acc = tl.dot(xl.to(tl.bfloat16), wh, acc)
@@ -122,31 +124,27 @@ def split_hi_lo(t: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[t
     return hi, (t - hi.float()).to(dtype)
 
 
-def split_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [E, d] fp32 -> (wh, wl), each [d, E] bf16 and contiguous: the kernel's B operands."""
-    wh, wl = split_hi_lo(w.t().float())
-    return wh.contiguous(), wl.contiguous()
-
-
 @torch.library.custom_op("vpmoe::router_logits_fused", mutates_args=())
-def router_logits_fused(x: torch.Tensor, wh: torch.Tensor, wl: torch.Tensor) -> torch.Tensor:
-    """x [N, d] fp32 (unit column stride) @ (wh + wl) [d, E] -> [N, E] fp32, x split into bf16
-    pairs per tile (see the module docstring). Same function as `kernels.mm_bf16x3(x, w.t())`."""
+def router_logits_fused(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [N, d] @ w [E, d]^T -> [N, E] fp32, both fp32 with unit column stride, each split into bf16
+    pairs per tile in registers (see the module docstring). Same function as
+    `kernels.mm_bf16x3(x, w.t())`."""
     if triton is None:
         raise RuntimeError("router_logits_fused: Triton is not installed (use kernels.mm_bf16x3)")
-    if x.dtype != torch.float32 or x.stride(-1) != 1 or wh.shape != wl.shape or wh.shape[0] != x.shape[1]:
-        raise ValueError(f"router_logits_fused: wants fp32 x [N, d] with unit column stride and two [d, E] "
-                         f"bf16 weights; got x {tuple(x.shape)} {x.dtype} stride {x.stride()}, "
-                         f"wh {tuple(wh.shape)}, wl {tuple(wl.shape)}")
+    if (x.dtype != torch.float32 or w.dtype != torch.float32 or x.stride(-1) != 1 or w.stride(-1) != 1
+            or w.ndim != 2 or w.shape[1] != x.shape[1]):
+        raise ValueError(f"router_logits_fused: wants fp32 x [N, d] and w [E, d], each with unit column stride; "
+                         f"got x {tuple(x.shape)} {x.dtype} stride {x.stride()}, w {tuple(w.shape)} {w.dtype} "
+                         f"stride {w.stride()}")
     N, D = x.shape
-    E = wh.shape[1]
+    E = w.shape[0]
     out = x.new_empty(N, E)
     _tuned()[lambda meta: (triton.cdiv(N, meta["BM"]), triton.cdiv(E, meta["BN"]))](
-        x, wh.contiguous(), wl.contiguous(), out, N, D, E, x.stride(0), rows_bucket(N),
+        x, w, out, N, D, E, x.stride(0), w.stride(0), rows_bucket(N),
         F32_DOT=_f32_dot(), **_untuned_config())
     return out
 
 
 @router_logits_fused.register_fake
-def _(x, wh, wl):
-    return x.new_empty(x.shape[0], wh.shape[1])
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
