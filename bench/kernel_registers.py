@@ -32,6 +32,7 @@ from bench.results import report  # noqa: E402
 from vpmoe.kd import row_kernels as RK  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import route_fused as RS
+from vpmoe.model import router_fused as RF  # noqa: E402
 from vpmoe.model import tpa_fused as TF  # noqa: E402
 from vpmoe.model import wgrad as W  # noqa: E402
 from vpmoe.train import expert_muon as EM  # noqa: E402
@@ -244,11 +245,21 @@ def route_cases():
                {"E": 256, "K": 4, "BN": BN}, w)
 
 
+def router_logits_cases():
+    """The router's bf16x3 logits GEMM (`router_fused`) per autotuning configuration, at (a)'s 4,096
+    tokens, d = 1024, 256 experts (x and the fp32 weight each split into bf16 pairs in registers)."""
+    sig = {"x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "N": ("i32", 4096), "D": ("i32", 1024),
+           "E": ("i32", 256), "stride_x": ("i32", 1024), "stride_w": ("i32", 1024), "N_BUCKET": ("i32", 4096)}
+    for bm, bn, bk, w, st in RF.CONFIGS:
+        yield ("router logits", f"{bm} x {bn} x {bk}, {w} warps, {st} stages", RF._logits_kernel, sig,
+               dict(BM=bm, BN=bn, BK=bk, F32_DOT=False), w, st, 0)
+
+
 def all_cases() -> list[tuple]:
     """Every case as (kernel name, configuration label, kernel, signature, constexprs, warps, stages,
     register cap or 0)."""
     return [(*c, 3, 0) for c in [*prologue_cases(), *row_cases(), *ns_cases(), *route_cases()]] + [*expert_muon_cases()] + \
-        [(*c, 0) for c in moe_cases()]
+        [(*c, 0) for c in moe_cases()] + [*router_logits_cases()]
 
 
 def main():

@@ -38,7 +38,7 @@ def test_every_kernel_case_compiles():
         "ns gram segment", "expert momentum gram", "expert update", "expert gram chain", "moe up (gather x)",
         "moe down (act, scale, scatter)", "moe down backward (gather gy)", "moe up dgrad (scatter)",
         "moe down wgrad (act, gather gy)", "moe up wgrad (gather x, bias tiles)", "route select",
-        "route select backward"])
+        "route select backward", "router logits"])
     for name, report in seen.items():
         assert 16 <= report["registers"] <= 255 and report["warps_per_sm"] >= 4, (name, report)
     # what the TTGIR shows of the data movement: the momentum kernel's g and momentum pipelined through

@@ -73,20 +73,20 @@ if triton is not None:
         for k0 in range(0, D, BK):
             k_ok = (k0 + ks) < D
             x = tl.load(x_row + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            xh = _round_bf16(x)
-            xl = _round_bf16(x - xh)
             w = tl.load(w_col + (k0 + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            wh = _round_bf16(w)
-            wl = _round_bf16(w - wh)
-            if F32_DOT:  # the interpreter: the same exact products of bf16 values, fp32 sums
+            if F32_DOT:  # the interpreter: its casts truncate, so the rounding is spelled out; the
+                # same exact products of bf16 values, fp32 sums
+                xh, wh = _round_bf16(x), _round_bf16(w)
+                xl, wl = _round_bf16(x - xh), _round_bf16(w - wh)
                 acc = tl.dot(xh, wh, acc, input_precision="ieee")
                 acc = tl.dot(xh, wl, acc, input_precision="ieee")
                 acc = tl.dot(xl, wh, acc, input_precision="ieee")
-            else:  # bf16 MMAs (xh, xl hold bf16 values exactly: the casts are exact)
-                wh, wl = wh.to(tl.bfloat16), wl.to(tl.bfloat16)
-                acc = tl.dot(xh.to(tl.bfloat16), wh, acc)
-                acc = tl.dot(xh.to(tl.bfloat16), wl, acc)
-                acc = tl.dot(xl.to(tl.bfloat16), wh, acc)
+            else:  # CUDA's fp32 -> bf16 casts round to nearest even, as torch's split; bf16 MMAs
+                xh, wh = x.to(tl.bfloat16), w.to(tl.bfloat16)
+                xl, wl = (x - xh.to(tl.float32)).to(tl.bfloat16), (w - wh.to(tl.float32)).to(tl.bfloat16)
+                acc = tl.dot(xh, wh, acc)
+                acc = tl.dot(xh, wl, acc)
+                acc = tl.dot(xl, wh, acc)
         out = out_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :]
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
