@@ -242,13 +242,29 @@ def test_weight_copies_match_casting(micro, monkeypatch):
     which must read the copies the released graphs' update wrote."""
     monkeypatch.setattr(K, "FUSED_WGRAD", True)
     monkeypatch.setattr(G, "LOW_GRADS", False)  # fp32 gradients in both (test_low_grads_match_fp32_grads)
+
+    def check(runs):
+        # kept from the first micro-batch's staging on (its rows decide whether they would be read)
+        assert not runs[0].body.copies and len(runs[1].body.copies) == len(runs[1].model.moe_layers())
+        assert_copies_exact(runs[1].body)  # the update kept them equal to the masters' casts
+
+    _assert_graphed_runs_agree(micro, lambda copies: monkeypatch.setattr(G, "WEIGHT_COPIES", copies), {}, check)
+
+
+def _assert_graphed_runs_agree(micro: int, setting, trainer_kw: dict, check=None) -> None:
+    """Two graphed bench trainers of `small_cfg`, built after `setting(False)` and `setting(True)`:
+    five steps of 2 x 512 tokens in `micro` micro-batches (warm-up, capture, replays; with two the
+    graphs are released after the fourth step and captured again at the fifth) agree to 1e-6
+    (relative) in loss, clipping norm and every parameter after every step, the second run's
+    embedding aligned to the first's before each step (its atomic scatter-add's last bits reach
+    every update through the clipping norm); `check(runs)` after each step."""
     cfg = small_cfg()
     batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5)]
     batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
     runs = []
-    for copies in (False, True):
-        monkeypatch.setattr(G, "WEIGHT_COPIES", copies)
-        runs.append(Trainer(cfg, "graphed", 16, micro))
+    for on in (False, True):
+        setting(on)
+        runs.append(Trainer(cfg, "graphed", 16, micro, **trainer_kw))
     for i, b in enumerate(batches):
         if micro == 2 and i == 4:
             for tr in runs:
@@ -257,14 +273,13 @@ def test_weight_copies_match_casting(micro, monkeypatch):
             with torch.no_grad():
                 runs[1].model.embed.weight.copy_(runs[0].model.embed.weight)
         losses = [float(tr.step(b)) for tr in runs]
-        # kept from the first micro-batch's staging on (its rows decide whether they would be read)
-        assert not runs[0].body.copies and len(runs[1].body.copies) == len(runs[1].model.moe_layers())
         norms = [float(tr.graphed.grad_norm) for tr in runs]
         assert abs(losses[1] - losses[0]) <= 1e-6 * abs(losses[0]), (i, losses)
         assert abs(norms[1] - norms[0]) <= 1e-6 * abs(norms[0]), (i, norms)
         for (name, p), q in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
             assert rel_err(q, p) <= 1e-6, (i, name, rel_err(q, p))
-        assert_copies_exact(runs[1].body)  # the update kept them equal to the masters' casts
+        if check is not None:
+            check(runs)
     assert runs[1].graphed.graphs is not None
 
 
@@ -275,32 +290,13 @@ def test_dense_copies_match_casting(micro, ac, monkeypatch):
     graphed steps with and without it agree to 1e-6 (relative) in loss, clipping norm and every
     parameter over five steps (warm-up, capture, replays; with two micro-batches and checkpointed
     blocks, whose recompute reads the copies, the graphs released after the fourth step and captured
-    again), the embedding aligned each step as in test_weight_copies_match_casting (its atomic
-    scatter-add's last bits). A copy one step stale would move the parameters by ~1e-3 or more."""
+    again). A copy one step stale would move the parameters by ~1e-3 or more."""
     from vpmoe.model import dense_linear as DL
 
-    cfg = small_cfg()
-    batches = [make_batch(2, 512, seed=s, vocab=cfg.vocab_size) for s in range(5)]
-    batches = [[{k: v[i::micro] for k, v in b.items()} for i in range(micro)] for b in batches]
-    runs = []
-    for copies in (False, True):
-        monkeypatch.setattr(DL, "DENSE_COPIES", copies)
-        runs.append(Trainer(cfg, "graphed", 16, micro, checkpoint=ac))
-        assert (runs[-1].body.dense_copies is not None) == copies
-    for i, b in enumerate(batches):
-        if micro == 2 and i == 4:
-            for tr in runs:
-                tr.graphed.release()
-        if i:
-            with torch.no_grad():
-                runs[1].model.embed.weight.copy_(runs[0].model.embed.weight)
-        losses = [float(tr.step(b)) for tr in runs]
-        norms = [float(tr.graphed.grad_norm) for tr in runs]
-        assert abs(losses[1] - losses[0]) <= 1e-6 * abs(losses[0]), (i, losses)
-        assert abs(norms[1] - norms[0]) <= 1e-6 * abs(norms[0]), (i, norms)
-        for (name, p), q in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
-            assert rel_err(q, p) <= 1e-6, (i, name, rel_err(q, p))
-    assert runs[1].graphed.graphs is not None
+    def check(runs):
+        assert [tr.body.dense_copies is not None for tr in runs] == [False, True]
+
+    _assert_graphed_runs_agree(micro, lambda on: monkeypatch.setattr(DL, "DENSE_COPIES", on), {"checkpoint": ac}, check)
 
 
 @pytest.mark.parametrize("ac,accum", [(False, 2), (True, 2), (False, 1)])
