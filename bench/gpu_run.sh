@@ -184,8 +184,9 @@ if [ "${COMPILE_CACHE:-1}" = 1 ] && [ -d "$cache_root/$gpu_kind" ]; then
   # repository's root is the same path on the next machine (/work/main on every call so far)
   echo "# compile cache: $(du -sm "$cache_root/$gpu_kind" | cut -f1) MB raw, ${mb} MB packed, root $PWD"
   parts=$(( (mb + 14) / 15 ))
-  rm -f "$out"/compile_cache.tgz.*  # an earlier run of this call packed an older archive: this one replaces it
-  if [ $(( $(find "$out" -type f | wc -l) + parts )) -le 8 ] && [ "$mb" -le 45 ]; then
+  old=$(find "$out" -maxdepth 1 -name 'compile_cache.tgz.*' | wc -l)  # an earlier run of this call packed them
+  if [ $(( $(find "$out" -type f | wc -l) - old + parts )) -le 8 ] && [ "$mb" -le 45 ]; then
+    rm -f "$out"/compile_cache.tgz.*  # this run's archive holds all of theirs and more
     split -b 15M -d -a 1 /tmp/compile_cache.tgz "$out/compile_cache.tgz."
     echo "# compile cache packed: ${mb} MB in $parts part(s); here: bash bench/gpu_carry.sh <the call's files folder>"
   else
