@@ -99,6 +99,7 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
 
     def dense(p, x, name):
         return DL.group_linear(p, x, name, groups[name], dt)
+
     dims = [H, G, D, Rq, Rkv]
 
     def project(p, h, pos):
