@@ -1,4 +1,4 @@
-"""The router's near-fp32 logits x @ w^T as one Triton GEMM that splits x into bf16 pairs in
+"""The router's near-fp32 logits x @ w^T as one Triton GEMM that splits x (and w) into bf16 pairs in
 registers (bf16x3: x = xh + xl, w = wh + wl; x @ w ~ xh@wh + xh@wl + xl@wh, ~2^-16 relative).
 
 In torch, bf16x3 is a split kernel that writes [N, 3d] bf16 (xh | xh | xl, the concatenated K)
