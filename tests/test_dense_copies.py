@@ -1,6 +1,6 @@
 """The dense weights cast once per forward (`dense_linear.DenseCopies`, `DENSE_COPIES`, the default for
 bf16 bodies) against each block casting its own (`DENSE_COPIES` off): `_LinearParts` against
-`_LinearF32Grads` of the concatenation and float64, and whole bf16 fast bodies (eager, compiled,
+`linear` (the same function, one part) of the concatenation and float64, and whole bf16 fast bodies (eager, compiled,
 checkpointed) bit-equal forward and backward, also after the masters change between forwards."""
 import copy
 
@@ -21,7 +21,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_linear_parts_equals_the_cast_concatenation(x_dtype, bias):
     """Three weight parts of different heights (and their biases) given as one cast copy: the same
-    output and input gradient bits as `_LinearF32Grads` on the fp32 concatenation, each part's
+    output and input gradient bits as `linear` on the fp32 concatenation, each part's
     gradient its rows of that dW (fp32, within fp32 rounding of float64 of the rounded operands)."""
     gen = torch.Generator().manual_seed(3)
     dt = torch.bfloat16
@@ -38,7 +38,7 @@ def test_linear_parts_equals_the_cast_concatenation(x_dtype, bias):
     x2 = x.clone().requires_grad_()
     w_cat = torch.cat(ws).requires_grad_()
     b_cat = torch.cat(bs).requires_grad_() if bias else None
-    y2 = DL._LinearF32Grads.apply(x2, w_cat, b_cat, dt)
+    y2 = DL.linear(x2, w_cat, b_cat, dt)
     want = torch.autograd.grad(y2, [x2, w_cat] + ([b_cat] if bias else []), g)
 
     assert y1.dtype == dt and torch.equal(y1, y2)
@@ -73,13 +73,13 @@ def test_fast_body_with_dense_copies_matches_casting(compiled, checkpoint, monke
     tokens = torch.randint(0, cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(5))
     doc = torch.tensor([[0] * 10 + [1] * 8, [0] * 4 + [1] * 14])
     calls = {"parts": 0, "f32": 0}
-    parts_apply, f32_apply = DL._LinearParts.call, DL._LinearF32Grads.apply
+    parts_apply, linear = DL._LinearParts.call, DL.linear
 
     def counted(kind, fn):
         return lambda *a: calls.__setitem__(kind, calls[kind] + 1) or fn(*a)
     if not compiled:  # (a wrapped apply is no autograd.Function to Dynamo: it would break the graph)
         monkeypatch.setattr(DL._LinearParts, "call", counted("parts", parts_apply))
-        monkeypatch.setattr(DL._LinearF32Grads, "apply", counted("f32", f32_apply))
+        monkeypatch.setattr(DL, "linear", counted("f32", linear))
     runs = []
     for keep in (False, True):
         monkeypatch.setattr(DL, "DENSE_COPIES", keep)

@@ -1,4 +1,4 @@
-"""The fast body's dense layers with fp32 weight gradients from the GEMM (`dense_linear._LinearF32Grads`,
+"""The fast body's dense layers with fp32 weight gradients from the GEMM (`dense_linear.linear`,
 under `dense_linear.F32_WEIGHT_GRADS`, the default) against float64 and against the plain cast-then-linear path."""
 import copy
 
@@ -30,7 +30,7 @@ def test_linear_f32_grads_against_float64_and_the_cast_path(x_dtype):
     w, b = torch.randn(40, 48, generator=gen) / 7, torch.randn(40, generator=gen)
     g = torch.randn(3, 37, 40, generator=gen).bfloat16()
     dt = torch.bfloat16
-    y_new, (gx_new, gw_new, gb_new) = _grads(lambda x, w, b: DL._LinearF32Grads.apply(x, w, b, dt), x, w, b, g)
+    y_new, (gx_new, gw_new, gb_new) = _grads(lambda x, w, b: DL.linear(x, w, b, dt), x, w, b, g)
     y_old, (gx_old, gw_old, gb_old) = _grads(
         lambda x, w, b: torch.nn.functional.linear(x.to(dt), w.to(dt), b.to(dt)), x, w, b, g)
     assert y_new.dtype == dt and torch.equal(y_new, y_old)
@@ -43,7 +43,7 @@ def test_linear_f32_grads_against_float64_and_the_cast_path(x_dtype):
     assert rel(gb_old, ref_b) < 1e-2  # the plain path's bias gradient: bf16-rounded sums
     # no bias: the same weight gradient, and no bias gradient asked
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w)]
-    y = DL._LinearF32Grads.apply(leaves[0], leaves[1], None, dt)
+    y = DL.linear(leaves[0], leaves[1], None, dt)
     gx, gw = torch.autograd.grad(y, leaves, g)
     assert torch.equal(gw, gw_new) and torch.equal(gx, gx_new)
 
@@ -59,8 +59,8 @@ def test_fast_body_bf16_with_f32_weight_grads(monkeypatch):
     doc = torch.tensor([[0] * 12 + [1] * 8, [0] * 3 + [1] * 17])
     monkeypatch.setattr(DL, "DENSE_COPIES", False)  # each block casts (the copies: tests/test_dense_copies.py)
     calls = []
-    apply = DL._LinearF32Grads.apply
-    monkeypatch.setattr(DL._LinearF32Grads, "apply", lambda *a: calls.append(a[1].shape) or apply(*a))
+    call = DL._LinearParts.call
+    monkeypatch.setattr(DL._LinearParts, "call", lambda *a: calls.append(a[1].shape) or call(*a))
     runs = []
     for flag in (False, True):
         monkeypatch.setattr(DL, "F32_WEIGHT_GRADS", flag)

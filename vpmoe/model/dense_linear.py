@@ -2,7 +2,7 @@
 bf16 GEMMs on fp32 masters, with fp32 weight gradients, and the weights cast once per forward.
 
 Design choices:
-- fp32 weight gradients from the GEMM (`_LinearF32Grads`, `F32_WEIGHT_GRADS`): dW = g^T x as one
+- fp32 weight gradients from the GEMM (`_LinearParts`, `F32_WEIGHT_GRADS`): dW = g^T x as one
   GEMM with an fp32 result and db summed in fp32, instead of a bf16 product that a kernel of its
   own widens to the master's dtype. In the (a) step's generated backward of an MoE block four such
   casts (0.52-1.6M elements, ~2 us each plus a launch) were these. A/B on an H100 (2026-12-07
@@ -17,7 +17,8 @@ Design choices:
   them at the start of each forward with one multi-tensor copy (`torch._foreach_copy_`): the same
   bytes, a few launches instead of ~7 a layer. The copies are memory of their own (~4.8 MB a
   layer at vpMoE's dims, ~0.4 GB at 80 layers) and the same bits as the casts; `_LinearParts`
-  takes a copy and its masters, and hands each master its slice of the fp32 gradient. Measured at
+  takes a copy and its masters, and hands each master its slice of the fp32 gradient (`linear`'s
+  uncopied path is the same function with one part). Measured at
   (a) on an H100 (2026-12-07 22:06-22:10, interleaved): 51.43 / 51.59 ms off, 51.39 / 51.34 on
   (-0.15 ms, where the launch count predicted -0.4). The bf16x3 router's weight is kept too
   (`router=True`), for its backward's GEMM.
@@ -51,9 +52,11 @@ def dense_groups(cfg, layer: int) -> dict[str, tuple[tuple[str, ...], tuple[str,
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor:
-    """x @ w^T + b with x, w and b cast to `dt` (the GEMM dtype)."""
+    """x @ w^T + b with x, w and b cast to `dt` (the GEMM dtype): an fp32 master's gradients in fp32
+    from the GEMM (`_LinearParts` with one part, `F32_WEIGHT_GRADS`), else the cast-then-linear path."""
     if F32_WEIGHT_GRADS and w.dtype == torch.float32 and dt in HALF:
-        return _LinearF32Grads.apply(x, w, b, dt)
+        return _LinearParts.call(x, w.detach().to(dt), None if b is None else b.detach().to(dt),
+                                 [w], [] if b is None else [b])
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
 
 
@@ -70,40 +73,15 @@ def group_linear(p: dict, x: torch.Tensor, name: str, parts: tuple, dt: torch.dt
     return linear(x, w, b, dt)
 
 
-def _grads_back(ctx, g: torch.Tensor, x_lo: torch.Tensor, w_lo: torch.Tensor, bias: bool):
-    """(dx in x's dtype, dW fp32 from one GEMM, db summed in fp32 or None) of y = x_lo @ w_lo^T + b."""
-    g = g.to(w_lo.dtype)
-    rows = g.reshape(-1, g.shape[-1])
-    g_w = K.mm_f32(rows.t(), x_lo.reshape(-1, x_lo.shape[-1]))
-    g_b = rows.sum(0, dtype=torch.float32) if bias else None
-    return (g @ w_lo).to(ctx.x_dtype), g_w, g_b
-
-
-class _LinearF32Grads(torch.autograd.Function):
-    """`linear` with the same forward (x, w and b cast to `dt`), w an fp32 master: dW = g^T x with fp32
-    sums and an fp32 result (`kernels.mm_f32`, one GEMM, no rounding to dt), db = the rows of g summed
-    in fp32, dx = g w in dt, returned in x's dtype (what the casts' and F.linear's backward give)."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, dt):
-        x_lo, w_lo = x.to(dt), w.to(dt)
-        ctx.save_for_backward(x_lo, w_lo)
-        ctx.x_dtype, ctx.b_dtype = x.dtype, None if b is None else b.dtype
-        return F.linear(x_lo, w_lo, None if b is None else b.to(dt))
-
-    @staticmethod
-    def backward(ctx, g):
-        x_lo, w_lo = ctx.saved_tensors
-        g_x, g_w, g_b = _grads_back(ctx, g, x_lo, w_lo, ctx.b_dtype is not None)
-        return g_x, g_w, None if g_b is None else g_b.to(ctx.b_dtype), None
-
-
 class _LinearParts(torch.autograd.Function):
-    """`_LinearF32Grads` of the parts' concatenation, the weight and bias given already concatenated
-    and cast (`w_low`, `b_low`: `DenseCopies`' buffers): the forward casts nothing; up to six weight
-    parts and three bias parts (the masters; None past the last), each of which gets its rows of the
-    fp32 dW / db. A fixed signature: Dynamo traced a `*masters` forward under no_grad as a plain
-    call with the arguments shifted (torch 2.13: "save_for_backward is not defined on FakeTensor")."""
+    """y = x @ w^T + b in the GEMM dtype from the weight and bias already cast (and concatenated:
+    `w_low`, `b_low`, `DenseCopies`' buffers or `linear`'s casts; the forward casts only x), with the
+    fp32 masters' gradients: dW = g^T x with fp32 sums and an fp32 result (`kernels.mm_f32`, one
+    GEMM, no rounding to the GEMM dtype), db = the rows of g summed in fp32, each of the up to six
+    weight parts and three bias parts (the masters; None past the last) getting its rows of them;
+    dx = g w in the GEMM dtype, returned in x's dtype (what the casts' and F.linear's backward give).
+    A fixed signature: Dynamo traced a `*masters` forward under no_grad as a plain call with the
+    arguments shifted (torch 2.13: "save_for_backward is not defined on FakeTensor")."""
 
     @staticmethod
     def forward(ctx, x, w_low, b_low, w0, w1, w2, w3, w4, w5, b0, b1, b2):
@@ -117,11 +95,14 @@ class _LinearParts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_lo, w_low = ctx.saved_tensors
-        g_x, g_w, g_b = _grads_back(ctx, g, x_lo, w_low, bool(ctx.b_parts))
-        g_ws = list(g_w.split(ctx.w_rows))
-        g_bs = [] if g_b is None else [part.to(dtype) for part, (_, dtype) in
-                                       zip(g_b.split([n for n, _ in ctx.b_parts]), ctx.b_parts)]
-        return (g_x, None, None, *g_ws, *[None] * (6 - len(g_ws)), *g_bs, *[None] * (3 - len(g_bs)))
+        g = g.to(w_low.dtype)
+        rows = g.reshape(-1, g.shape[-1])
+        g_ws = list(K.mm_f32(rows.t(), x_lo.reshape(-1, x_lo.shape[-1])).split(ctx.w_rows))
+        g_bs = [] if not ctx.b_parts else [
+            part.to(dtype) for part, (_, dtype) in
+            zip(rows.sum(0, dtype=torch.float32).split([n for n, _ in ctx.b_parts]), ctx.b_parts)]
+        return ((g @ w_low).to(ctx.x_dtype), None, None, *g_ws, *[None] * (6 - len(g_ws)),
+                *g_bs, *[None] * (3 - len(g_bs)))
 
     @staticmethod
     def call(x, w_low, b_low, weights: list, biases: list) -> torch.Tensor:
@@ -145,7 +126,10 @@ class DenseCopies:
         self.src: list[torch.Tensor] = []
         for i, p in enumerate(block_params):
             entries = {}
-            for name, (ws, bs) in dense_groups(cfg, i).items():
+            groups = dense_groups(cfg, i)
+            if router and cfg.is_moe(i):  # the bf16x3 router's backward GEMM takes w in bf16 (kernels._RouterLogits)
+                groups["ffn.router"] = (("ffn.router.weight",), ())
+            for name, (ws, bs) in groups.items():
                 for kind, names in (("weight", ws), ("bias", bs)):
                     if not names:
                         continue
@@ -155,11 +139,6 @@ class DenseCopies:
                     self.dst += list(buf.split([m.shape[0] for m in masters]))
                     self.src += masters
                     entries[f"low.{name}.{kind}"] = buf
-            if router and cfg.is_moe(i):  # the bf16x3 router's backward GEMM takes w in bf16 (kernels._RouterLogits)
-                w = p["ffn.router.weight"]
-                entries["low.ffn.router.weight"] = torch.empty_like(w, dtype=dtype)
-                self.dst.append(entries["low.ffn.router.weight"])
-                self.src.append(w)
             self.blocks.append(entries)
 
     def cast(self) -> None:
@@ -175,5 +154,5 @@ class DenseCopies:
 
 def wants_copies(dtype: torch.dtype, master_dtype: torch.dtype) -> bool:
     """Whether a body keeps `DenseCopies`: asked for, a half-precision GEMM dtype and fp32 masters
-    (the fp32-gradient path `_LinearParts` extends)."""
+    (the fp32-gradient path, `F32_WEIGHT_GRADS`, that `_LinearParts` is)."""
     return DENSE_COPIES and F32_WEIGHT_GRADS and dtype in HALF and master_dtype == torch.float32
