@@ -62,7 +62,7 @@ from bench.options import flex_options, literal_values, parse_opt, set_expert_ke
 from bench.step_probes import opt_sweep, overlap_probe, profile, release_graphs, rows_probe  # noqa: E402
 from bench.timing import cuda_time, graph_time  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
-from vpmoe.kd.fused import fused_span_loss  # noqa: E402
+from vpmoe.kd.fused import auto_chunk_size, fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import dense_linear as DL  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
@@ -367,11 +367,14 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
     layers, batch_size, seq, micro = CASES[name]
     micro = micro_override or micro
     cfg = dataclasses.replace(load_model_config(ROOT / "configs/vpmoe.toml"), n_layers=layers)
+    # the trainer's choice where --loss-chunk is not given (vpmoe train: the budget doubles without checkpointing)
+    loss_chunk = loss_chunk or auto_chunk_size(cfg.vocab_size, torch.bfloat16, False, True, kept=not checkpoint)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     row = {"case": name, "variant": variant, "layers": layers, "batch": batch_size, "seq": seq, "micro": micro,
            "loss": f"kd-fkl-top{kd_k}" if kd_k else "ce", "activation_checkpointing": checkpoint,
-           "muon_momentum": momentum_dtype, "moe": moe, "routing": routing, "saves": saves}
+           "muon_momentum": momentum_dtype, "moe": moe, "routing": routing, "saves": saves,
+           "loss_chunk": loss_chunk}
     extra = []
     tr = None
     try:
@@ -447,7 +450,7 @@ def run_case(name, variant, steps, peak, ns_chunk, do_breakdown, do_sweep, profi
 
 
 # the options a row names only where a run set them off their defaults (the rows' columns, in order)
-MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "route_kernel", "dense_copies",
+MARKED_OPTIONS = ("inductor", "grad_sq", "embed_rows", "mask_tables", "wgrad_order", "route_kernel", "dense_copies", "expand_kv",
                   "opt", "expert_kernels", "flex_local", "flex_global")
 
 
@@ -463,7 +466,7 @@ def main():
     ap.add_argument("--opt-sweep", action="store_true", help="NS chunk-size sweep of the optimizer on case a")
     ap.add_argument("--profile", default="", help="folder: profile each case's first variant into it")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    ap.add_argument("--loss-chunk", type=int, default=0, help="rows per fused-loss chunk (0: auto)")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="rows per fused-loss chunk (0: the trainer's choice, kd/fused.auto_chunk_size)")
     ap.add_argument("--kd", type=int, default=0, help="top-k of an offline KD loss (0: CE), as a KD step")
     ap.add_argument("--ac", nargs="?", type=int, const=-1, default=0,
                     help="activation checkpointing: --ac every block (FastBody recomputes each), --ac N the first N")
@@ -503,6 +506,9 @@ def main():
     ap.add_argument("--dense-copies", default="on", choices=["on", "off"],
                     help="the dense weights cast once per forward by one multi-tensor copy (dense_linear.DENSE_COPIES, "
                          "the default) or by each block's compiled forward (off)")
+    ap.add_argument("--expand-kv", default="on", choices=["on", "off", "local", "global"],
+                    help="Flex's k/v copied out to one kv head per query head where its backward would have few "
+                         "programs (kernels.EXPAND_KV, the default for both layer kinds), for one kind, or never")
     ap.add_argument("--adamw-moments", default=OptimConfig.adamw_moments_dtype, choices=["float32", "bfloat16"],
                     help="the embedding's and head's AdamW moments' storage (optim.adamw_moments_dtype)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
@@ -545,6 +551,7 @@ def main():
     K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
     RS.ROUTE_KERNEL = a.route_kernel == "on"
     DL.DENSE_COPIES = a.dense_copies == "on"
+    K.EXPAND_KV.update({kind: a.expand_kv in ("on", kind) for kind in K.EXPAND_KV})
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

@@ -311,3 +311,23 @@ def test_rest_without_removes_a_named_ids_mass():
     torch.testing.assert_close(out[[0, 3]].exp(), torch.tensor([0.3, 1e-3 - 1e-9], dtype=torch.float64), rtol=1e-6, atol=0)
     assert (out[1:3] - rest[1:3].double()).exp().max() <= 1.01e-30
     assert rest_without(torch.tensor([-99.0]), torch.tensor([-99.0])).item() == TEACHER_LOGP_FLOOR
+
+
+def test_auto_chunk_rows_follow_the_byte_budgets():
+    """Rows per chunk: the largest power of two whose [C, V] logits fit the budget, a quarter of it
+    for dense targets, and twice the CUDA budget where the step keeps every block's activations
+    (what `vpmoe train` and bench/train_step.py pass without checkpointing)."""
+    from vpmoe.kd import fused as KF
+
+    auto_chunk_size = KF.auto_chunk_size
+
+    V = 201088  # one bf16 logits row: 402,176 bytes
+    assert auto_chunk_size(V, torch.bfloat16, False, cuda=True) == 2048  # 1 GiB / row = 2669.8
+    assert auto_chunk_size(V, torch.bfloat16, False, cuda=True, kept=True) == 4096  # 2 GiB / row = 5339.6
+    assert auto_chunk_size(V, torch.bfloat16, True, cuda=True, kept=True) == 1024  # a quarter: 1334.9
+    assert auto_chunk_size(V, torch.float32, False, cuda=False) == 256  # 256 MiB / 804,352 = 333.7
+    assert auto_chunk_size(V, torch.float32, False, cuda=False, kept=True) == 256  # kept: CUDA only
+    for budget, kw in ((KF.CHUNK_BYTES, {}), (KF.CUDA_CHUNK_BYTES, {"cuda": True}),
+                       (KF.CUDA_KEPT_CHUNK_BYTES, {"cuda": True, "kept": True})):
+        rows = auto_chunk_size(50_000, torch.bfloat16, False, **kw)
+        assert rows * 50_000 * 2 <= budget < 2 * rows * 50_000 * 2

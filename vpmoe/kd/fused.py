@@ -61,13 +61,20 @@ CHUNK_BYTES = 256 * 2**20  # budget for one [C, V] logits chunk in the compute d
 # head gradient, so fewer chunks move less (measured on an H200 at 4096 tokens, bench/RESULTS.md:
 # 512 rows 15.0 ms, 2048 rows 13.7 ms, 4096 rows 13.4 ms); 1 GiB = 2048 rows at V = 201088 bf16
 CUDA_CHUNK_BYTES = 2**30
+# with no activation checkpointing the step keeps every block's activations, and a chunk twice that
+# is a small share of its peak: 2 GiB = 4096 rows, one chunk at (a)'s 2 x 2048 tokens (-0.16 ms on
+# an H100, -0.19 on an H200, bench/RESULTS.md 2026-12-06). Checkpointed runs are the memory-tight
+# ones, so they keep 1 GiB. The caller says which (`kept`): the loss cannot tell.
+CUDA_KEPT_CHUNK_BYTES = 2**31
 NEG_INF = float("-inf")
 _KD_ROWS = ("kd_sum", "kl_sum", "teacher_logp_sum")  # per-token quantities a CE step does not report
 
 
-def auto_chunk_size(vocab: int, dtype: torch.dtype, dense: bool, cuda: bool = False) -> int:
-    """Largest power-of-two row count whose [C, V] logits fit the byte budget (a quarter for dense)."""
-    rows = (CUDA_CHUNK_BYTES if cuda else CHUNK_BYTES) // (vocab * dtype.itemsize) // (4 if dense else 1)
+def auto_chunk_size(vocab: int, dtype: torch.dtype, dense: bool, cuda: bool = False, kept: bool = False) -> int:
+    """Largest power-of-two row count whose [C, V] logits fit the byte budget (a quarter for dense);
+    `kept`: on CUDA, the step keeps every block's activations (CUDA_KEPT_CHUNK_BYTES)."""
+    budget = (CUDA_KEPT_CHUNK_BYTES if kept else CUDA_CHUNK_BYTES) if cuda else CHUNK_BYTES
+    rows = budget // (vocab * dtype.itemsize) // (4 if dense else 1)
     return 1 << int(math.log2(max(16, rows)))
 
 

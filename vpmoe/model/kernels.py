@@ -439,6 +439,22 @@ HOPPER_FLEX_OPTIONS = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 6
                        "bwd_num_warps": 4}
 
 
+# Flex's backward runs one dK/dV program per (key block, batch row, kv head) that visits the kv
+# head's query heads in turn (GQA), so at a few thousand tokens it has ~128 programs of 4-head
+# chains on 132 SMs. With k and v copied out to one kv head per query head the programs are 4x as
+# many and a quarter as long; the copy and its gradient's sum are a few small kernels. Only where
+# those programs would be under two per SM (training; forwards are unaffected by the head ratio).
+EXPAND_KV = {"local": True, "global": True}
+
+
+def expand_kv_pays(kind: str, k: torch.Tensor, n_heads: int, block_n: int) -> bool:
+    """Whether `flex_with_sinks` copies k/v [B, G, T, D] out to `n_heads` heads for this layer kind."""
+    if not (EXPAND_KV[kind] and k.is_cuda and k.requires_grad and torch.is_grad_enabled() and n_heads > k.shape[1]):
+        return False
+    B, G, T, _ = k.shape
+    return B * G * -(-T // block_n) < 2 * torch.cuda.get_device_properties(k.device).multi_processor_count
+
+
 def flex_kernel_options(kind: str, device: torch.device) -> dict:
     """The Flex kernel_options a layer kind ("local" / "global") traces with on `device`."""
     options = FLEX_KERNEL_OPTIONS[kind]
@@ -582,7 +598,10 @@ def flex_with_sinks(q, k, v, sinks, block_mask, slopes=None) -> torch.Tensor:
         def score_mod(score, b, h, q_idx, kv_idx):  # ALiBi; index distance = position distance in a doc
             return score - slopes[h] * (q_idx - kv_idx).to(score.dtype)
 
-    options = flex_kernel_options("local" if slopes is None else "global", q.device)
+    kind = "local" if slopes is None else "global"
+    options = flex_kernel_options(kind, q.device)
+    if expand_kv_pays(kind, k, q.shape[1], options.get("bwd_BLOCK_N1", 128)):
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     if torch.compiler.is_compiling():
         from torch.nn.attention.flex_attention import flex_attention as flex
     else:

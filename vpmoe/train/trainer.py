@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from vpmoe.config import ConfigError, checkpointed_blocks, config_hash, settings_changed
+from vpmoe.kd.fused import auto_chunk_size
 from vpmoe.kd.losses import count_span_tokens, span_means
 from vpmoe.kd.objective import KDObjective, is_kd_step
 from vpmoe.model import kernels as K
@@ -140,6 +141,10 @@ class Trainer:
         kd_cfg = cfg.kd_config()
         if not kd_cfg.chunk_size:
             kd_cfg.chunk_size = cfg.train.loss_chunk_rows
+        if not kd_cfg.chunk_size and self.device.type == "cuda" and kd_cfg.mode != "online":
+            # the loss's own CUDA budget, doubled where every block keeps its activations (kd/fused.py)
+            kd_cfg.chunk_size = auto_chunk_size(cfg.model.vocab_size, self.amp_dtype or torch.float32, False, True,
+                                                kept=not cfg.train.activation_checkpointing)
         self.kd_mode = kd_cfg.mode
         self.objective = KDObjective(kd_cfg, data_dir=cfg.data.path, split=cfg.data.train_split,
                                      device=self.device, subset=self.subset)
