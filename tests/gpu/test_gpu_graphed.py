@@ -274,10 +274,14 @@ def _assert_graphed_runs_agree(micro: int, setting, trainer_kw: dict, check=None
                 runs[1].model.embed.weight.copy_(runs[0].model.embed.weight)
         losses = [float(tr.step(b)) for tr in runs]
         norms = [float(tr.graphed.grad_norm) for tr in runs]
+        errs = {name: rel_err(q, p) for (name, p), q in zip(runs[0].model.named_parameters(), runs[1].model.parameters())}
+        worst = max(errs, key=errs.get)
+        # printed before the asserts (-s): a run cut by a time limit before pytest's report still shows them
+        print(f"step {i}: losses {losses}, norms {norms}, worst parameter {worst} {errs[worst]:.2e}", flush=True)
         assert abs(losses[1] - losses[0]) <= 1e-6 * abs(losses[0]), (i, losses)
         assert abs(norms[1] - norms[0]) <= 1e-6 * abs(norms[0]), (i, norms)
-        for (name, p), q in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
-            assert rel_err(q, p) <= 1e-6, (i, name, rel_err(q, p))
+        for name, err in errs.items():
+            assert err <= 1e-6, (i, name, err)
         if check is not None:
             check(runs)
     assert runs[1].graphed.graphs is not None
