@@ -14,7 +14,7 @@ Global layers have no TPA; their rows are the same code in every variant.
 Tried and dropped (docs/LOG.md): 64 x 64 block masks for the window-128 layers; torch 2.11's Flex
 rejects them (no valid backward kernel / block size not divisible).
 `--flex-options` sweeps Flex's tile options with the 128-token block masks kept
-(`kernels.FLEX_KERNEL_OPTIONS`, both layer kinds; `;`-separated, each `auto` (the project's choice:
+(`flex.FLEX_KERNEL_OPTIONS`, both layer kinds; `;`-separated, each `auto` (the project's choice:
 smaller backward tiles for local layers on Hopper), `default` (torch's tiles) or `key=value,...`, e.g.
 `bwd_BLOCK_M1=64,bwd_BLOCK_N1=64,bwd_BLOCK_M2=64,bwd_BLOCK_N2=64`): at the (a) step's 4,096 tokens
 the backward's default 128-key tiles give only 64 key-block programs (2 rows x 2 KV heads x 16),
@@ -38,7 +38,7 @@ from bench.timing import graph_time  # noqa: E402
 from bench.train_step import make_batch  # noqa: E402
 from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.model import fast as F  # noqa: E402
-from vpmoe.model import kernels as K  # noqa: E402
+from vpmoe.model import flex as FX  # noqa: E402
 from vpmoe.model.model import VpMoE, positions_from_docs  # noqa: E402
 
 
@@ -112,11 +112,11 @@ def main():
     n_global = sum(cfg.is_global(i) for i in range(80))
     rows = []
     for spec, options in option_sets:  # both kinds (each is timed on its own row)
-        K.FLEX_KERNEL_OPTIONS.update({"local": options, "global": options})
+        FX.FLEX_KERNEL_OPTIONS.update({"local": options, "global": options})
         torch._dynamo.reset()  # the options are read while tracing: every set compiles afresh
         for name in a.variants.split(","):
             rows += time_variant(cfg, model, batch, name, spec, a.kinds.split(","), n_global)
-    K.FLEX_KERNEL_OPTIONS.update({"local": None, "global": None})
+    FX.FLEX_KERNEL_OPTIONS.update({"local": None, "global": None})
     from bench.results import report
     report("attention", rows, a.record)
 

@@ -39,7 +39,7 @@ def parse_opt(spec: str) -> dict:
 
 def flex_options(spec: str, flag: str = "--flex-local") -> dict | None:
     """FlexAttention kernel_options, KEY=VALUE,...; "" or `auto`: None (the project's choice for
-    the device, `kernels.flex_kernel_options`); `default`: {} (torch's own tiles)."""
+    the device, `flex.flex_kernel_options`); `default`: {} (torch's own tiles)."""
     spec = spec.strip()
     if spec in ("", "auto"):
         return None

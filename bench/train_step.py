@@ -65,6 +65,7 @@ from vpmoe.config import load_model_config  # noqa: E402
 from vpmoe.kd.fused import auto_chunk_size, fused_span_loss  # noqa: E402
 from vpmoe.kd.losses import LossSpec, SparseTarget  # noqa: E402
 from vpmoe.model import dense_linear as DL  # noqa: E402
+from vpmoe.model import flex as FX  # noqa: E402
 from vpmoe.model import kernels as K  # noqa: E402
 from vpmoe.model import moe_fused as MF  # noqa: E402
 from vpmoe.model import route_fused as RS
@@ -508,11 +509,11 @@ def main():
                          "the default) or by each block's compiled forward (off)")
     ap.add_argument("--expand-kv", default="on", choices=["on", "off", "local", "global"],
                     help="Flex's k/v copied out to one kv head per query head where its backward would have few "
-                         "programs (kernels.EXPAND_KV, the default for both layer kinds), for one kind, or never")
+                         "programs (flex.EXPAND_KV, the default for both layer kinds), for one kind, or never")
     ap.add_argument("--adamw-moments", default=OptimConfig.adamw_moments_dtype, choices=["float32", "bfloat16"],
                     help="the embedding's and head's AdamW moments' storage (optim.adamw_moments_dtype)")
     ap.add_argument("--mask-tables", default="runs", choices=["runs", "dense"],
-                    help="Flex block tables from the document runs' block ends (kernels.TABLES_FROM_RUNS, the "
+                    help="Flex block tables from the document runs' block ends (flex.TABLES_FROM_RUNS, the "
                          "default) or by create_block_mask over the [B, T, T] grid (dense): the same tables")
     ap.add_argument("--inductor", default="",
                     help="torch._inductor.config settings for every compile, KEY=VALUE,... (e.g. combo_kernels=True)")
@@ -536,8 +537,8 @@ def main():
     if a.layers:  # a case's per-layer figures at a depth this GPU holds (the rows record the layers)
         CASES.update({k: (a.layers, *v[1:]) for k, v in CASES.items()})
     set_inductor_options(a.inductor)
-    K.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
-    K.FLEX_KERNEL_OPTIONS["global"] = flex_options(a.flex_global, "--flex-global")
+    FX.FLEX_KERNEL_OPTIONS["local"] = flex_options(a.flex_local)
+    FX.FLEX_KERNEL_OPTIONS["global"] = flex_options(a.flex_global, "--flex-global")
     OPT_KWARGS.update(parse_opt(a.opt))
     set_expert_kernels(literal_values(a.expert_kernels, "--expert-kernels"))
     K.FUSED_WGRAD = a.moe != "grouped_mm_wgrad"
@@ -546,12 +547,12 @@ def main():
     graphed_module.GRAD_SQ = a.grad_sq == "on"
     graphed_module.EMBED_ROWS = a.embed_rows == "on"
     graphed_module.LOW_GRADS = {"on": True, "off": False, "always": "always"}[a.low_grads]
-    K.TABLES_FROM_RUNS = a.mask_tables == "runs"
+    FX.TABLES_FROM_RUNS = a.mask_tables == "runs"
     ADAMW_MOMENTS[0] = a.adamw_moments
     K.WGRAD_BUSIEST_FIRST = a.wgrad_order == "busiest"
     RS.ROUTE_KERNEL = a.route_kernel == "on"
     DL.DENSE_COPIES = a.dense_copies == "on"
-    K.EXPAND_KV.update({kind: a.expand_kv in ("on", kind) for kind in K.EXPAND_KV})
+    FX.EXPAND_KV.update({kind: a.expand_kv in ("on", kind) for kind in FX.EXPAND_KV})
     graphed_module.WEIGHT_COPIES = {"auto": "auto", "on": True, "off": False}[a.weight_copies]
     # no TF32: fp32 matmuls (the router's logits) stay fp32, as in the trainer
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

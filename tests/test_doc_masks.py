@@ -1,4 +1,4 @@
-"""Flex block masks built from document runs (`kernels.DocMasks`, `doc_block_tables`) against
+"""Flex block masks built from document runs (`flex.DocMasks`, `doc_block_tables`) against
 FlexAttention's own `create_block_mask` evaluating the document mask over the whole [B, T, T]
 grid, on the CPU: every table of the BlockMask equal, and the mask functions equal element by
 element, for packed layouts (one document, many short ones, boundaries on and off the 128-token
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
-from vpmoe.model import kernels as K
+from vpmoe.model import flex as FX
 
 T = 1024
 
@@ -51,7 +51,7 @@ def test_doc_masks_equal_create_block_mask(window):
     from torch.nn.attention.flex_attention import BlockMask
 
     for name, doc in layouts():
-        dm = K.DocMasks(tuple(doc.shape), "cpu", window)
+        dm = FX.DocMasks(tuple(doc.shape), "cpu", window)
         local, glob = dm.update(doc)
         B = doc.shape[0]
         for got, win in ((local, window), (glob, None)):
@@ -70,17 +70,17 @@ def test_doc_masks_rebuild_in_place_and_fall_back():
     """static=True: a second layout's tables are copied into the first masks' tensors (what a
     captured graph reads); a length that is not a multiple of the block takes create_block_mask."""
     docs = [d for _, d in layouts()][:3]
-    dm = K.DocMasks(tuple(docs[0].shape), "cpu", 128, static=True)
+    dm = FX.DocMasks(tuple(docs[0].shape), "cpu", 128, static=True)
     first_local, first_glob = dm.update(docs[0])
     before = first_glob.kv_num_blocks.clone()
     local, glob = dm.update(docs[2])
     assert local is first_local and glob is first_glob
-    fresh = K.DocMasks(tuple(docs[2].shape), "cpu", 128).update(docs[2])
+    fresh = FX.DocMasks(tuple(docs[2].shape), "cpu", 128).update(docs[2])
     assert torch.equal(glob.kv_indices, fresh[1].kv_indices) and torch.equal(local.q_indices, fresh[0].q_indices)
     assert not torch.equal(before, glob.kv_num_blocks)
     odd = torch.zeros(2, 300, dtype=torch.long)
     odd[:, 170:] = 1
-    got = K.DocMasks((2, 300), "cpu", 128).update(odd)[1]
+    got = FX.DocMasks((2, 300), "cpu", 128).update(odd)[1]
     want = create_block_mask(doc_mod(odd, None), 2, None, 300, 300, device="cpu")
     assert torch.equal(got.kv_indices, want.kv_indices) and torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
 
@@ -91,9 +91,9 @@ def test_dense_switch_gives_the_same_tables(monkeypatch):
     from torch.nn.attention.flex_attention import BlockMask
 
     doc = [d for _, d in layouts()][-1]
-    runs = K.DocMasks(tuple(doc.shape), "cpu", 128).update(doc)
-    monkeypatch.setattr(K, "TABLES_FROM_RUNS", False)
-    dense = K.DocMasks(tuple(doc.shape), "cpu", 128).update(doc)
+    runs = FX.DocMasks(tuple(doc.shape), "cpu", 128).update(doc)
+    monkeypatch.setattr(FX, "TABLES_FROM_RUNS", False)
+    dense = FX.DocMasks(tuple(doc.shape), "cpu", 128).update(doc)
     for a, b in zip(runs, dense):
         for attr in BlockMask._TENSOR_ATTRS:
             x, y = getattr(a, attr, None), getattr(b, attr, None)
@@ -103,4 +103,4 @@ def test_dense_switch_gives_the_same_tables(monkeypatch):
 def test_doc_runs_restart_on_a_returning_id():
     """A run is a document: an id that returns after another is a new run (as positions restart)."""
     doc = torch.tensor([[0, 0, 1, 1, 0, 0, 2]])
-    assert K.doc_runs(doc).tolist() == [[0, 0, 1, 1, 2, 2, 3]]
+    assert FX.doc_runs(doc).tolist() == [[0, 0, 1, 1, 2, 2, 3]]

@@ -460,17 +460,17 @@ def test_sort_by_expert_narrow_keys_match_stable_argsort(n_experts):
 def test_flex_kernel_options_per_kind_and_device(monkeypatch):
     """Both layer kinds get the smaller backward tiles on Hopper only; other devices keep torch's
     tiles; an explicit setting (the benches' sweeps) wins everywhere."""
-    from vpmoe.model import kernels as K
+    from vpmoe.model import flex as FX
 
     cuda = torch.device("cuda", 0)
-    for major, tiles in ((9, K.HOPPER_FLEX_OPTIONS), (8, {}), (10, {})):
+    for major, tiles in ((9, FX.HOPPER_FLEX_OPTIONS), (8, {}), (10, {})):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
-        assert K.flex_kernel_options("local", cuda) == tiles
-        assert K.flex_kernel_options("global", cuda) == tiles
-    assert K.flex_kernel_options("local", torch.device("cpu")) == {}
-    assert K.flex_kernel_options("global", torch.device("cpu")) == {}
-    monkeypatch.setitem(K.FLEX_KERNEL_OPTIONS, "local", {})
-    monkeypatch.setitem(K.FLEX_KERNEL_OPTIONS, "global", {"bwd_BLOCK_N1": 64})
-    assert K.flex_kernel_options("local", cuda) == {}
-    got = K.flex_kernel_options("global", torch.device("cpu"))
-    assert got == {"bwd_BLOCK_N1": 64} and got is not K.FLEX_KERNEL_OPTIONS["global"]  # a copy Flex may keep
+        assert FX.flex_kernel_options("local", cuda) == tiles
+        assert FX.flex_kernel_options("global", cuda) == tiles
+    assert FX.flex_kernel_options("local", torch.device("cpu")) == {}
+    assert FX.flex_kernel_options("global", torch.device("cpu")) == {}
+    monkeypatch.setitem(FX.FLEX_KERNEL_OPTIONS, "local", {})
+    monkeypatch.setitem(FX.FLEX_KERNEL_OPTIONS, "global", {"bwd_BLOCK_N1": 64})
+    assert FX.flex_kernel_options("local", cuda) == {}
+    got = FX.flex_kernel_options("global", torch.device("cpu"))
+    assert got == {"bwd_BLOCK_N1": 64} and got is not FX.FLEX_KERNEL_OPTIONS["global"]  # a copy Flex may keep

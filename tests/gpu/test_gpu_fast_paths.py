@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.gpu.helpers import DEV, rel_err, small_cfg
+from vpmoe.model import flex as FX
 from vpmoe.model import kernels as K
 from vpmoe.model.fast import FastBody
 from vpmoe.model.model import MoE, VpMoE, alibi_slopes, attention_reference, experts_loop, positions_from_docs
@@ -21,15 +22,15 @@ from vpmoe.model.model import MoE, VpMoE, alibi_slopes, attention_reference, exp
 @pytest.mark.parametrize("window,alibi", [(128, False), (None, True)])
 def test_flex_attention_matches_reference(window, alibi, expand, monkeypatch):
     """Flex with sinks (and ALiBi) against the reference, forward and backward; with k/v copied out
-    to one kv head per query head (`K.EXPAND_KV`, taken at this size) and with Flex's own GQA."""
+    to one kv head per query head (`FX.EXPAND_KV`, taken at this size) and with Flex's own GQA."""
     kind = "local" if window else "global"
-    monkeypatch.setitem(K.EXPAND_KV, kind, expand)
+    monkeypatch.setitem(FX.EXPAND_KV, kind, expand)
     B, H, G, T, D = 2, 8, 2, 1024, 128
     probe = torch.empty(B, G, T, D, device=DEV, requires_grad=True)
-    block_n = K.flex_kernel_options(kind, probe.device).get("bwd_BLOCK_N1", 128)
-    assert K.expand_kv_pays(kind, probe, H, block_n) == expand
+    block_n = FX.flex_kernel_options(kind, probe.device).get("bwd_BLOCK_N1", 128)
+    assert FX.expand_kv_pays(kind, probe, H, block_n) == expand
     with torch.no_grad():  # forwards alone never copy
-        assert not K.expand_kv_pays(kind, probe, H, block_n)
+        assert not FX.expand_kv_pays(kind, probe, H, block_n)
     doc = torch.zeros(B, T, dtype=torch.long, device=DEV)
     doc[0, 300:] = 1
     doc[0, 700:] = 2
@@ -41,7 +42,7 @@ def test_flex_attention_matches_reference(window, alibi, expand, monkeypatch):
     sinks = torch.randn(H, device=DEV, requires_grad=True)
     slopes = alibi_slopes(H).to(DEV) if alibi else None
     grads = []
-    for fn in (attention_reference, K.attention_flex):
+    for fn in (attention_reference, FX.attention_flex):
         for t in (q, k, v, sinks):
             t.grad = None
         out = fn(q, k, v, sinks, pos, pos, doc, doc, window, slopes)

@@ -13,6 +13,7 @@ import torch
 from bench.train_step import Trainer, make_batch
 from tests.gpu.helpers import DEV, rel_err, small_cfg
 from tests.test_weight_copies import assert_copies_exact
+from vpmoe.model import flex as FX
 from vpmoe.model import graphed as G
 from vpmoe.model import kernels as K
 
@@ -97,7 +98,7 @@ def test_graphed_step_matches_eager_step(micro, ac, release, fused_wgrad, monkey
     captured = runs[2].body._masks[tuple(probe[0]["doc_ids"].shape)]
     before = tables(captured)
     runs[2].graphed.accumulate(probe)
-    fresh = K.DocMasks(tuple(doc.shape), DEV, cfg.window)
+    fresh = FX.DocMasks(tuple(doc.shape), DEV, cfg.window)
     fresh.update(probe[-1]["doc_ids"])
     want = tables(fresh)
     assert all(torch.equal(a, b) for a, b in zip(tables(captured), want))

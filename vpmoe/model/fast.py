@@ -23,7 +23,7 @@ Design choices:
   contraction, bias, QK-norm and GRAPE rotation are one Triton kernel each way
   (`tpa_fused.local_qkv`, `fused_prologue`); elsewhere (and on global layers) they are pointwise
   work for Inductor to fuse around the GEMMs.
-- Attention: FlexAttention with the sink folded in through the LSE (`kernels.flex_with_sinks`);
+- Attention: FlexAttention with the sink folded in through the LSE (`flex.flex_with_sinks`);
   the CPU path (tests) uses the reference attention.
 - MoE: the router (`route_fused.route_with_stats`: the reference's math, fp32 logits, sigmoid, bias,
   group-limited top-k, the aux loss and the load counts; on CUDA one Triton kernel each way after
@@ -57,6 +57,7 @@ import torch.utils.checkpoint
 
 from vpmoe.config import checkpointed_blocks
 from vpmoe.model import dense_linear as DL
+from vpmoe.model import flex as FX
 from vpmoe.model import kernels as K
 from vpmoe.model import model as M
 from vpmoe.model import moe_fused as MF
@@ -139,7 +140,7 @@ def make_block_fn(cfg, layer: int, dt: torch.dtype, flex: bool, bf16x3: bool = F
             lam = p["attn.value_mix"].to(v.dtype)
             v = lam * v + (1 - lam) * v_first
         if flex:
-            out = K.flex_with_sinks(q.to(dt), k.to(dt), v.to(dt), p["attn.sinks"], mask, slopes)
+            out = FX.flex_with_sinks(q.to(dt), k.to(dt), v.to(dt), p["attn.sinks"], mask, slopes)
         else:
             out = M.attention_reference(q, k, v, p["attn.sinks"], pos, pos, doc, doc, window, slopes)
         out = out.transpose(1, 2).reshape(B, T, H * D)
@@ -469,7 +470,7 @@ class FastBody:
         key = tuple(doc_ids.shape)
         dm = self._masks.get(key)
         if dm is None:
-            dm = self._masks[key] = K.DocMasks(key, doc_ids.device, self.cfg.window, static=self.static_masks)
+            dm = self._masks[key] = FX.DocMasks(key, doc_ids.device, self.cfg.window, static=self.static_masks)
         dm.update(doc_ids)
         return dm.doc, dm.local, dm.glob
 
