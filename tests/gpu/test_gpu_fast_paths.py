@@ -27,10 +27,9 @@ def test_flex_attention_matches_reference(window, alibi, expand, monkeypatch):
     monkeypatch.setitem(FX.EXPAND_KV, kind, expand)
     B, H, G, T, D = 2, 8, 2, 1024, 128
     probe = torch.empty(B, G, T, D, device=DEV, requires_grad=True)
-    block_n = FX.flex_kernel_options(kind, probe.device).get("bwd_BLOCK_N1", 128)
-    assert FX.expand_kv_pays(kind, probe, H, block_n) == expand
+    assert FX.expand_kv_pays(kind, probe, H) == expand
     with torch.no_grad():  # forwards alone never copy
-        assert not FX.expand_kv_pays(kind, probe, H, block_n)
+        assert not FX.expand_kv_pays(kind, probe, H)
     doc = torch.zeros(B, T, dtype=torch.long, device=DEV)
     doc[0, 300:] = 1
     doc[0, 700:] = 2

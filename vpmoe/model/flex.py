@@ -58,11 +58,13 @@ HOPPER_FLEX_OPTIONS = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 6
 EXPAND_KV = {"local": True, "global": True}
 
 
-def expand_kv_pays(kind: str, k: torch.Tensor, n_heads: int, block_n: int) -> bool:
-    """Whether `flex_with_sinks` copies k/v [B, G, T, D] out to `n_heads` heads for this layer kind."""
+def expand_kv_pays(kind: str, k: torch.Tensor, n_heads: int) -> bool:
+    """Whether `flex_with_sinks` copies k/v [B, G, T, D] out to `n_heads` heads for this layer kind
+    (key blocks of the backward's dK/dV tile: `flex_kernel_options`, else torch's 128)."""
     if not (EXPAND_KV[kind] and k.is_cuda and k.requires_grad and torch.is_grad_enabled() and n_heads > k.shape[1]):
         return False
     B, G, T, _ = k.shape
+    block_n = flex_kernel_options(kind, k.device).get("bwd_BLOCK_N1", 128)
     return B * G * -(-T // block_n) < 2 * torch.cuda.get_device_properties(k.device).multi_processor_count
 
 
@@ -211,7 +213,7 @@ def flex_with_sinks(q, k, v, sinks, block_mask, slopes=None) -> torch.Tensor:
 
     kind = "local" if slopes is None else "global"
     options = flex_kernel_options(kind, q.device)
-    if expand_kv_pays(kind, k, q.shape[1], options.get("bwd_BLOCK_N1", 128)):
+    if expand_kv_pays(kind, k, q.shape[1]):
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     if torch.compiler.is_compiling():
         from torch.nn.attention.flex_attention import flex_attention as flex
