@@ -125,7 +125,52 @@ def check_compiled_block() -> None:
     print("checked")
 
 
-@pytest.mark.parametrize("check", ["check_kernels", "check_fast_body", "check_compiled_block"])
+def check_padded_projection_passes_through() -> None:
+    """Inductor pads the projection GEMM's output rows (vpMoE's 1064 columns to a 1088-column
+    stride); the ops' layout tag lets that buffer reach the kernel as it is, where the default
+    (exact traced strides) copied it into a dense one first. Compiled with Inductor on the CPU, its
+    padding switched on as on a GPU and its caches off (a cached graph would hide a tag change): the
+    forward's code passes the GEMM's own output to the op and its saved copy to the backward op;
+    the gradients equal the eager op's on a dense projection."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from vpmoe.model import tpa_fused as TF
+
+    dims, T, B = [8, 2, 128, 4, 2], 16, 2  # vpMoE's local layers: 1064 columns
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(B * T, 256, generator=gen)
+    w = torch.randn(sum(TF.column_layout(*dims)), 256, generator=gen) / 16
+    rest = random_inputs(B * T, dims, gen)[1:]
+
+    def loss(x, w):
+        q, k, v = TF.tpa_prologue(x @ w.t(), *rest, T, 1e-5, dims)
+        return (q * 1.5).sum() + k.square().sum() + (v * v.detach()).sum()
+
+    torch._dynamo.reset()
+    with inductor_config.patch(disable_padding_cpu=False, force_disable_caches=True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+        _, (fwd, bwd) = run_and_get_code(lambda: torch.compile(loss, fullgraph=True)(*leaves).backward())
+    gemm_out = re.search(r"extern_kernels\.mm\(.*out=(buf\d+)\)", fwd).group(1)
+    assert re.search(r"empty_strided_cpu\(\(32, 1064\), \(1088, 1\)", fwd), "Inductor did not pad the rows"
+    assert f"torch.ops.vpmoe.tpa_prologue.default({gemm_out}," in fwd, fwd
+    assert "vpmoe.tpa_prologue_backward.default(" in bwd
+    # a projection with strided columns (column-major) is copied and gives the dense one's outputs
+    dense = x @ w.t()
+    for a, b in zip(TF.tpa_prologue(dense.t().contiguous().t(), *rest, T, 1e-5, dims),
+                    TF.tpa_prologue(dense, *rest, T, 1e-5, dims)):
+        assert torch.equal(a, b)
+    eager = [t.clone().requires_grad_(True) for t in (x, w)]
+    loss(*eager).backward()
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    print("checked")
+
+
+@pytest.mark.parametrize("check", ["check_kernels", "check_fast_body", "check_compiled_block",
+                                   "check_padded_projection_passes_through"])
 def test_in_triton_interpreter(check):
     _in_interpreter(check)
 

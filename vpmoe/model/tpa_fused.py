@@ -31,6 +31,12 @@ Design choices:
   dtypes) at first use on CUDA (`triton.autotune`; the tuning runs reset the partial sums). Short
   programs (8 or fewer tokens) are tried only where they launch at most SHORT_MAX_PROGRAMS
   (`backward_configs`), which bounds the partial-sum buffer; they serve small batches.
+- Both ops are tagged `needs_fixed_stride_order` (Inductor's default for a custom op is its traced
+  strides exactly): Inductor pads the projection GEMM's rows (1064 -> 1088 columns in bf16) and with
+  exact strides copied them into a 1064-wide buffer before the op, an 8.7 MB copy per local layer
+  forward at (a) (seen in the H100's generated code, 2026-12-07); the kernels take any row stride,
+  so the padded buffer is passed as it is (tests/test_tpa_fused.py compiles the pair on the CPU with
+  Inductor's padding on and checks the call). A projection whose columns are strided is copied.
 - cos/sin [N, D/2] are inputs (computed by torch from positions and the learnable GRAPE
   frequencies), so the op returns their gradients and autograd carries them to `log_freq`.
 - Math in fp32 whatever the storage dtype. `tpa_prologue_reference` is the same function in plain
@@ -418,9 +424,14 @@ def _check(proj: torch.Tensor, T: int, dims: list[int]) -> None:
     if proj.shape[0] * max(proj.stride(0), (H + 2 * G) * D) >= 2**31:  # the kernels' offsets are int32
         raise ValueError(f"tpa_prologue: {proj.shape[0]} tokens is too many for one call (int32 offsets); "
                          f"split the batch")
-    if proj.stride(-1) != 1 or proj.shape[-1] != sum(column_layout(*dims)) or proj.shape[0] % T:
+    if proj.shape[-1] != sum(column_layout(*dims)) or proj.shape[0] % T:
         raise ValueError(f"tpa_prologue: proj {tuple(proj.shape)} (stride {proj.stride()}) does not match "
                          f"{dims} with T={T}")
+
+
+def _unit_columns(proj: torch.Tensor) -> torch.Tensor:
+    """proj with unit column stride (the kernels index columns densely, rows by their stride)."""
+    return proj if proj.stride(-1) == 1 else proj.contiguous()
 
 
 def _outputs(proj: torch.Tensor, T: int, dims: list[int]):
@@ -430,13 +441,14 @@ def _outputs(proj: torch.Tensor, T: int, dims: list[int]):
             proj.new_empty(B, G, T, D, dtype=torch.float64 if proj.dtype == torch.float64 else torch.float32))
 
 
-@torch.library.custom_op("vpmoe::tpa_prologue", mutates_args=())
+@torch.library.custom_op("vpmoe::tpa_prologue", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def tpa_prologue(proj: torch.Tensor, q_bias: torch.Tensor, k_bias: torch.Tensor, v_bias: torch.Tensor,
                  q_w: torch.Tensor, k_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, eps: float,
                  dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, H, T, D], k [B, G, T, D] (proj's dtype) and v [B, G, T, D] (fp32) from the local layer's
     projection; see the module docstring. Same function as `tpa_prologue_reference`."""
     _check(proj, T, dims)
+    proj = _unit_columns(proj)
     H, G, D, Rq, Rkv = dims
     q, k, v = _outputs(proj, T, dims)
     N = proj.shape[0]
@@ -452,13 +464,14 @@ def _(proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin, T, eps, dims):
     return _outputs(proj, T, dims)
 
 
-@torch.library.custom_op("vpmoe::tpa_prologue_backward", mutates_args=())
+@torch.library.custom_op("vpmoe::tpa_prologue_backward", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def tpa_prologue_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, proj: torch.Tensor,
                           q_bias: torch.Tensor, k_bias: torch.Tensor, v_bias: torch.Tensor, q_w: torch.Tensor,
                           k_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, eps: float,
                           dims: list[int]) -> list[torch.Tensor]:
     """Gradients of `tpa_prologue` for (proj, q_bias, k_bias, v_bias, q_w, k_w, cos, sin)."""
     _check(proj, T, dims)
+    proj = _unit_columns(proj)
     H, G, D, Rq, Rkv = dims
     N = proj.shape[0]
     # room for the most programs any tried config launches; rows past the chosen config's stay zero
