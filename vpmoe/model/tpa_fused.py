@@ -33,10 +33,11 @@ Design choices:
   (`backward_configs`), which bounds the partial-sum buffer; they serve small batches.
 - Both ops are tagged `needs_fixed_stride_order` (Inductor's default for a custom op is its traced
   strides exactly): Inductor pads the projection GEMM's rows (1064 -> 1088 columns in bf16) and with
-  exact strides copied them into a 1064-wide buffer before the op, an 8.7 MB copy per local layer
-  forward at (a) (seen in the H100's generated code, 2026-12-07); the kernels take any row stride,
-  so the padded buffer is passed as it is (tests/test_tpa_fused.py compiles the pair on the CPU with
-  Inductor's padding on and checks the call). A projection whose columns are strided is copied.
+  exact strides copied them into a 1064-wide buffer before the op (seen in the H100's generated code,
+  2026-12-07) and, on the CPU, again before the backward op: 8.7 MB a copy per local layer at (a).
+  The kernels take any row stride, so the padded buffer is passed as it is (tests/test_tpa_fused.py
+  compiles the pair on the CPU with Inductor's padding on and checks both calls). A projection whose
+  columns are strided is copied.
 - cos/sin [N, D/2] are inputs (computed by torch from positions and the learnable GRAPE
   frequencies), so the op returns their gradients and autograd carries them to `log_freq`.
 - Math in fp32 whatever the storage dtype. `tpa_prologue_reference` is the same function in plain
