@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vpmoe import ops
 from vpmoe.kd import row_kernels as RK
 from vpmoe.kd.losses import (STAT_KEYS, TEACHER_LOGP_FLOOR, DenseTarget, LossSpec, SparseTarget,
                              check_inputs, check_shapes, check_target, count_span_tokens, span_coefficients,
@@ -198,6 +199,7 @@ def _fast(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     compiled = _COMPILED.get(fn)
     if compiled is None:
+        ops.salt_compile_cache()  # compiled graphs keyed on the project's ops as they are now
         compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True)
     if compiled is not False:
         try:

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from vpmoe import ops
 from vpmoe.config import checkpointed_blocks
 from vpmoe.model import dense_linear as DL
 from vpmoe.model import flex as FX
@@ -266,6 +267,8 @@ class _CompileLadder:
         self.fn = fn
         self.partitioner = partitioner or {}
         backend = _backend_with(backend, self.partitioner)
+        if enabled:
+            ops.salt_compile_cache()  # compiled graphs keyed on the project's ops as they are now
         self.rungs = ([("fullgraph", torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)),
                        ("graph-breaks", torch.compile(fn, dynamic=False, backend=backend))]
                       if enabled else []) + [("eager", fn)]

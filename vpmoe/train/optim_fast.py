@@ -84,6 +84,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import DTensor
 
+from vpmoe import ops
 from vpmoe.train import expert_muon, ns_gram, ns_update
 from vpmoe.train.ns_gram import bmm_f32
 from vpmoe.train.optim import GRAM_RESTART_AT, NS_COEFFS, MuonAdamW, muon_scale, new_moments, new_momentum
@@ -596,6 +597,8 @@ class _Compiled:
 
     def __init__(self, fn, use_compile: bool):
         self.fn = fn
+        if use_compile:
+            ops.salt_compile_cache()  # compiled graphs keyed on the project's ops as they are now
         self.compiled = torch.compile(fn, dynamic=False) if use_compile else None
 
     def __call__(self, *args, **kwargs):
