@@ -7,8 +7,9 @@ copy the tag removes); with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` the new graph. A st
 layout handling its op had when it was compiled, so after a tag change it could hand a kernel
 strides the kernel no longer expects. `salt_compile_cache()` adds a digest of every vpmoe op's
 schema and tags to `torch.compiler.config.cache_key_tag` (part of that key), so graphs compiled
-against other op definitions are not reused. Each place that compiles calls it first; it is cheap
-after the first call. Schemas and tags only: an op's Python or Triton code is read at run time (and
+against other op definitions are not reused. The places that compile graphs which may hold these ops
+call it first (FastBody's blocks, FastMuonAdamW's compiled pieces, the fused loss; not flex.py's
+compiled `flex_attention`, which holds none); it is cheap after the first call. Schemas and tags only: an op's Python or Triton code is read at run time (and
 Triton keys its own cache on the kernel's source), and a changed fake (output strides) fails loudly
 at `assert_size_stride`, so neither needs a new key; keying on source would recompile every graph
 after any edit of those modules.
