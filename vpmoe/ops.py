@@ -8,8 +8,8 @@ layout handling its op had when it was compiled, so after a tag change it could 
 strides the kernel no longer expects. `salt_compile_cache()` adds a digest of every vpmoe op's
 schema and tags to `torch.compiler.config.cache_key_tag` (part of that key), so graphs compiled
 against other op definitions are not reused. The places that compile graphs which may hold these ops
-call it first (FastBody's blocks, FastMuonAdamW's compiled pieces, the fused loss; not flex.py's
-compiled `flex_attention`, which holds none); it is cheap after the first call. Schemas and tags only: an op's Python or Triton code is read at run time (and
+do it through `salted_compile` (FastBody's blocks, FastMuonAdamW's compiled pieces, the fused loss;
+not flex.py's compiled `flex_attention`, which holds none); salting again is cheap. Schemas and tags only: an op's Python or Triton code is read at run time (and
 Triton keys its own cache on the kernel's source), and a changed fake (output strides) fails loudly
 at `assert_size_stride`, so neither needs a new key; keying on source would recompile every graph
 after any edit of those modules.
@@ -57,3 +57,10 @@ def salt_compile_cache() -> str:
     parts = [p for p in torch.compiler.config.cache_key_tag.split("|") if p and not p.startswith(_TAG_PREFIX)]
     torch.compiler.config.cache_key_tag = "|".join(parts + [ours])
     return torch.compiler.config.cache_key_tag
+
+
+def salted_compile(fn, **kwargs):
+    """`torch.compile(fn, **kwargs)` after `salt_compile_cache()`: how the project compiles graphs
+    that may hold its ops, so their cached forms are keyed on the ops as they are now."""
+    salt_compile_cache()
+    return torch.compile(fn, **kwargs)

@@ -199,8 +199,7 @@ def _fast(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     compiled = _COMPILED.get(fn)
     if compiled is None:
-        ops.salt_compile_cache()  # compiled graphs keyed on the project's ops as they are now
-        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        compiled = _COMPILED[fn] = ops.salted_compile(fn, dynamic=True)
     if compiled is not False:
         try:
             return compiled(*args, **kwargs)

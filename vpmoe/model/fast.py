@@ -267,10 +267,8 @@ class _CompileLadder:
         self.fn = fn
         self.partitioner = partitioner or {}
         backend = _backend_with(backend, self.partitioner)
-        if enabled:
-            ops.salt_compile_cache()  # compiled graphs keyed on the project's ops as they are now
-        self.rungs = ([("fullgraph", torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)),
-                       ("graph-breaks", torch.compile(fn, dynamic=False, backend=backend))]
+        self.rungs = ([("fullgraph", ops.salted_compile(fn, dynamic=False, fullgraph=True, backend=backend)),
+                       ("graph-breaks", ops.salted_compile(fn, dynamic=False, backend=backend))]
                       if enabled else []) + [("eager", fn)]
         self.failures: list[str] = []
 

@@ -597,9 +597,7 @@ class _Compiled:
 
     def __init__(self, fn, use_compile: bool):
         self.fn = fn
-        if use_compile:
-            ops.salt_compile_cache()  # compiled graphs keyed on the project's ops as they are now
-        self.compiled = torch.compile(fn, dynamic=False) if use_compile else None
+        self.compiled = ops.salted_compile(fn, dynamic=False) if use_compile else None
 
     def __call__(self, *args, **kwargs):
         if self.compiled is not None:
